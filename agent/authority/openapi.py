@@ -1,0 +1,161 @@
+"""The OpenAPI 3.1 description of the authority's `/v1/` API, served at /v1/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import __version__
+
+_ERROR = {
+    "description": "Refused: a stable `code`, a human `message`, and a `hint` saying what to do.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+}
+
+_ISSUED = {
+    "description": "The host's certificate chain (leaf first) and the mesh trust bundle.",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Issued"}}},
+}
+
+
+def _json_body(schema: str) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+    }
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "meshagent authority",
+        "version": __version__,
+        "description": (
+            "Enrolls hosts into the mesh: join tokens for certificates, renewal by proof of possession."
+        ),
+    },
+    "paths": {
+        "/v1/authority": {
+            "get": {
+                "summary": "The authority's trust domain, its API CA (checked against a token's pin), clock",
+                "responses": {
+                    "200": {
+                        "description": "Authority info",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/AuthorityInfo"}}
+                        },
+                    }
+                },
+            }
+        },
+        "/v1/enroll": {
+            "post": {
+                "summary": "Exchange a single-use join token and a CSR for a certificate",
+                "requestBody": _json_body("EnrollRequest"),
+                "responses": {"200": _ISSUED, "400": _ERROR, "401": _ERROR, "403": _ERROR},
+            }
+        },
+        "/v1/renew": {
+            "post": {
+                "summary": "Renew with proof of possession of the current key (never the join token)",
+                "requestBody": _json_body("RenewRequest"),
+                "responses": {"200": _ISSUED, "400": _ERROR, "403": _ERROR},
+            }
+        },
+        "/v1/trust-bundle": {
+            "get": {
+                "summary": "The current mesh trust bundle (one or more roots)",
+                "responses": {
+                    "200": {
+                        "description": "PEM bundle",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"trust_bundle": {"type": "string"}},
+                                }
+                            }
+                        },
+                    }
+                },
+            }
+        },
+    },
+    "components": {
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {
+                    "code": {
+                        "type": "string",
+                        "examples": ["token_used", "token_expired", "host_revoked"],
+                    },
+                    "message": {"type": "string"},
+                    "hint": {"type": "string"},
+                },
+            },
+            "AuthorityInfo": {
+                "type": "object",
+                "properties": {
+                    "version": {"type": "string"},
+                    "trust_domain": {"type": "string"},
+                    "mesh": {"type": "string"},
+                    "api_ca": {
+                        "type": "string",
+                        "description": "PEM of the API CA; its SPKI sha256 is the token's pin",
+                    },
+                    "ca_pin": {"type": "string"},
+                    "server_time": {
+                        "type": "number",
+                        "description": "Unix time, for clock-skew checks",
+                    },
+                },
+            },
+            "EnrollRequest": {
+                "type": "object",
+                "required": ["token_secret", "csr", "host_name", "addresses"],
+                "properties": {
+                    "token_secret": {
+                        "type": "string",
+                        "description": "The secret part of the join token",
+                    },
+                    "csr": {
+                        "type": "string",
+                        "description": "PEM CSR for an ECDSA P-256 key made on the host",
+                    },
+                    "host_name": {"type": "string"},
+                    "addresses": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "RenewRequest": {
+                "type": "object",
+                "required": ["certificate_chain", "csr", "timestamp", "signature"],
+                "properties": {
+                    "certificate_chain": {
+                        "type": "string",
+                        "description": "The current certificate (PEM, leaf first)",
+                    },
+                    "csr": {"type": "string", "description": "PEM CSR for the new key"},
+                    "timestamp": {"type": "integer", "description": "Unix time of the request"},
+                    "signature": {
+                        "type": "string",
+                        "description": "base64 ECDSA-SHA256 by the current key over "
+                        "'meshagent-renew-v1\\n' + timestamp + '\\n' + sha256(csr)",
+                    },
+                },
+            },
+            "Issued": {
+                "type": "object",
+                "properties": {
+                    "host_id": {"type": "string"},
+                    "spiffe_id": {"type": "string"},
+                    "dns_name": {"type": "string"},
+                    "certificate_chain": {"type": "string"},
+                    "trust_bundle": {"type": "string"},
+                    "not_after": {"type": "string", "format": "date-time"},
+                    "server_time": {"type": "number"},
+                },
+            },
+        }
+    },
+}

@@ -1,0 +1,315 @@
+"""The authority's registry of join tokens and enrolled hosts.
+
+One small interface (`Registry`) and one implementation on SQLite in WAL mode. Every state
+change is one transaction, so concurrent enrollments neither lose nor duplicate records, and a
+crash mid-way leaves either the old state or the new one. A shared SQL database for several
+replicas is another implementation of the same interface.
+
+Token consumption and host creation commit together with the signed certificate: a signing
+failure leaves the token unused, and a host that lost the response can retry with the same
+token *and the same key* and gets the same certificate back (SPIRE's spire#2454 burned tokens
+on interrupted attestation).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from agent.errors import RejectedError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tokens (
+    hash        TEXT PRIMARY KEY,
+    identity    TEXT NOT NULL,          -- NAMESPACE/NAME
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    used_at     REAL,
+    used_by_key TEXT,                   -- sha256 of the enrolling key's SPKI
+    host_id     TEXT
+);
+CREATE TABLE IF NOT EXISTS hosts (
+    id              TEXT PRIMARY KEY,
+    identity        TEXT NOT NULL,
+    host_name       TEXT NOT NULL,
+    addresses       TEXT NOT NULL,      -- JSON list
+    serial          TEXT NOT NULL,      -- current certificate (hex)
+    previous_serial TEXT,               -- accepted for renewal if the last response was lost
+    not_after       REAL NOT NULL,
+    cert_pem        TEXT NOT NULL,
+    enrolled_at     REAL NOT NULL,
+    last_renewal    REAL,
+    revoked_at      REAL
+);
+CREATE INDEX IF NOT EXISTS hosts_serial ON hosts(serial);
+CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
+"""
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    hash: str
+    identity: str
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+    host_id: str | None
+
+
+@dataclass(frozen=True)
+class HostRecord:
+    id: str
+    identity: str
+    host_name: str
+    addresses: tuple[str, ...]
+    serial: str
+    not_after: datetime
+    cert_pem: str
+    enrolled_at: datetime
+    last_renewal: datetime | None
+    revoked_at: datetime | None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What a signing callback returns: the new certificate's serial, expiry and PEM."""
+
+    serial: str
+    not_after: datetime
+    cert_pem: str
+
+
+@dataclass(frozen=True)
+class NewHost:
+    host_name: str
+    addresses: tuple[str, ...]
+
+
+class Registry(Protocol):
+    def add_token(self, token_hash: str, identity: str, now: datetime, expires_at: datetime) -> None: ...
+
+    def list_tokens(self) -> list[TokenRecord]: ...
+
+    def enroll(
+        self,
+        token_hash: str,
+        key_fingerprint: str,
+        host: NewHost,
+        now: datetime,
+        sign: Callable[[str], Issued],
+    ) -> HostRecord: ...
+
+    def find_by_serial(self, serial: str) -> HostRecord | None: ...
+
+    def renew(self, host_id: str, presented_serial: str, now: datetime, issued: Issued) -> HostRecord: ...
+
+    def list_hosts(self) -> list[HostRecord]: ...
+
+    def revoke(self, ref: str, now: datetime) -> HostRecord: ...
+
+
+def _ts(value: datetime) -> float:
+    return value.timestamp()
+
+
+def _dt(value: float | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value, UTC)
+
+
+def _host(row: sqlite3.Row) -> HostRecord:
+    return HostRecord(
+        id=row["id"],
+        identity=row["identity"],
+        host_name=row["host_name"],
+        addresses=tuple(json.loads(row["addresses"])),
+        serial=row["serial"],
+        not_after=datetime.fromtimestamp(row["not_after"], UTC),
+        cert_pem=row["cert_pem"],
+        enrolled_at=datetime.fromtimestamp(row["enrolled_at"], UTC),
+        last_renewal=_dt(row["last_renewal"]),
+        revoked_at=_dt(row["revoked_at"]),
+    )
+
+
+class SqliteRegistry:
+    """The registry in one SQLite file (WAL: readers never block the writer)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # IMMEDIATE: take the write lock up front so two writers never both read "unused".
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def add_token(self, token_hash: str, identity: str, now: datetime, expires_at: datetime) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO tokens (hash, identity, created_at, expires_at) VALUES (?, ?, ?, ?)",
+                (token_hash, identity, _ts(now), _ts(expires_at)),
+            )
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._db.execute("SELECT * FROM tokens ORDER BY created_at").fetchall()
+        return [
+            TokenRecord(
+                hash=r["hash"],
+                identity=r["identity"],
+                created_at=datetime.fromtimestamp(r["created_at"], UTC),
+                expires_at=datetime.fromtimestamp(r["expires_at"], UTC),
+                used_at=_dt(r["used_at"]),
+                host_id=r["host_id"],
+            )
+            for r in rows
+        ]
+
+    def enroll(
+        self,
+        token_hash: str,
+        key_fingerprint: str,
+        host: NewHost,
+        now: datetime,
+        sign: Callable[[str], Issued],
+    ) -> HostRecord:
+        """Consume the token and record the host, atomically. `sign(identity)` issues the cert."""
+        with self._transaction() as db:
+            token = db.execute("SELECT * FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
+            if token is None:
+                raise RejectedError(
+                    "the join token is not known to this authority",
+                    "create a token on this authority: meshagent authority token create",
+                    code="token_unknown",
+                )
+            if token["used_at"] is not None:
+                if token["used_by_key"] == key_fingerprint and token["host_id"]:
+                    # The same host retrying with the same key: hand back what it was issued.
+                    row = db.execute("SELECT * FROM hosts WHERE id = ?", (token["host_id"],)).fetchone()
+                    if row is not None and row["revoked_at"] is None:
+                        return _host(row)
+                raise RejectedError(
+                    "the join token was already used",
+                    "tokens are single-use: create a new one with meshagent authority token create",
+                    code="token_used",
+                )
+            if token["expires_at"] <= _ts(now):
+                raise RejectedError(
+                    "the join token has expired",
+                    "create a new one (meshagent authority token create --ttl ...)",
+                    code="token_expired",
+                )
+            issued = sign(token["identity"])
+            host_id = "h-" + secrets.token_hex(6)
+            db.execute(
+                "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
+                " enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    host_id,
+                    token["identity"],
+                    host.host_name,
+                    json.dumps(list(host.addresses)),
+                    issued.serial,
+                    _ts(issued.not_after),
+                    issued.cert_pem,
+                    _ts(now),
+                ),
+            )
+            db.execute(
+                "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
+                (_ts(now), key_fingerprint, host_id, token_hash),
+            )
+            row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
+            return _host(row)
+
+    def find_by_serial(self, serial: str) -> HostRecord | None:
+        row = self._db.execute(
+            "SELECT * FROM hosts WHERE serial = ? OR previous_serial = ?", (serial, serial)
+        ).fetchone()
+        return None if row is None else _host(row)
+
+    def renew(self, host_id: str, presented_serial: str, now: datetime, issued: Issued) -> HostRecord:
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
+            if row is None or row["revoked_at"] is not None:
+                raise RejectedError(
+                    "this host has been revoked",
+                    code="host_revoked",
+                    hint="enroll again with a new join token if it should be back",
+                )
+            if presented_serial not in (row["serial"], row["previous_serial"]):
+                raise RejectedError(
+                    "the presented certificate is not this host's current one",
+                    code="stale_certificate",
+                    hint="enroll again with a new join token",
+                )
+            # A retry with the previous cert (the response was lost) keeps `previous_serial` valid.
+            previous = row["serial"] if presented_serial == row["serial"] else row["previous_serial"]
+            db.execute(
+                "UPDATE hosts SET serial = ?, previous_serial = ?, not_after = ?, cert_pem = ?,"
+                " last_renewal = ? WHERE id = ?",
+                (
+                    issued.serial,
+                    previous,
+                    _ts(issued.not_after),
+                    issued.cert_pem,
+                    _ts(now),
+                    host_id,
+                ),
+            )
+            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
+
+    def list_hosts(self) -> list[HostRecord]:
+        rows = self._db.execute("SELECT * FROM hosts ORDER BY enrolled_at").fetchall()
+        return [_host(r) for r in rows]
+
+    def revoke(self, ref: str, now: datetime) -> HostRecord:
+        """Revoke by host id, or by host name when exactly one unrevoked host has it."""
+        with self._transaction() as db:
+            rows = db.execute("SELECT * FROM hosts WHERE id = ?", (ref,)).fetchall()
+            if not rows:
+                rows = db.execute(
+                    "SELECT * FROM hosts WHERE host_name = ? AND revoked_at IS NULL", (ref,)
+                ).fetchall()
+            if not rows:
+                raise RejectedError(
+                    f"no enrolled host with id or name {ref!r}",
+                    code="host_unknown",
+                    hint="list hosts with: meshagent authority hosts",
+                )
+            if len(rows) > 1:
+                ids = ", ".join(r["id"] for r in rows)
+                raise RejectedError(
+                    f"{len(rows)} hosts are named {ref!r} ({ids})",
+                    code="host_ambiguous",
+                    hint="revoke by host id instead",
+                )
+            db.execute(
+                "UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (_ts(now), rows[0]["id"]),
+            )
+            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (rows[0]["id"],)).fetchone())

@@ -1,0 +1,309 @@
+"""`meshagent authority ...`: the cluster-side commands (init, serve, tokens, hosts, revoke)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import click
+
+from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority
+from agent.authority.service import Authority, open_registry
+from agent.authority.storage import HostRecord
+from agent.identity.pki import spki_pin, utcnow
+
+from .output import Duration, emit_json, human_duration, rfc3339, table
+
+dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(path_type=Path, file_okay=False),
+    required=True,
+    envvar="MESHAGENT_AUTHORITY_DIR",
+    help="The authority's directory (keys and registry). [env: MESHAGENT_AUTHORITY_DIR]",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+@click.group()
+def authority() -> None:
+    """The cluster-side enrollment authority: CA material, join tokens, the host registry."""
+
+
+@authority.command("init")
+@dir_option
+@click.option("--trust-domain", required=True, help="The mesh's trust domain, e.g. cluster.local.")
+@click.option(
+    "--mesh",
+    default="linkerd",
+    show_default=True,
+    help="Mesh name in DNS identities (<sa>.<ns>.serviceaccount.identity.<mesh>.<td>).",
+)
+@click.option(
+    "--trust-anchor",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Adopt: the mesh's trust anchor(s), PEM (e.g. Linkerd's ca.crt).",
+)
+@click.option(
+    "--issuer-cert",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Adopt: an issuer certificate signed by the trust anchor.",
+)
+@click.option(
+    "--issuer-key",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Adopt: the issuer's private key (PEM, unencrypted).",
+)
+@click.option(
+    "--san",
+    "sans",
+    multiple=True,
+    help="Name or IP for the API's serving certificate (repeatable) [default: localhost, "
+    "loopback, this host's names].",
+)
+@click.option(
+    "--cert-lifetime",
+    type=Duration(),
+    default="24h",
+    show_default=True,
+    help="Lifetime of host certificates.",
+)
+@click.option(
+    "--max-lifetime",
+    type=Duration(),
+    default="7d",
+    show_default=True,
+    help="No host certificate lives longer than this.",
+)
+@json_option
+def init_cmd(
+    directory: Path,
+    trust_domain: str,
+    mesh: str,
+    trust_anchor: Path | None,
+    issuer_cert: Path | None,
+    issuer_key: Path | None,
+    sans: tuple[str, ...],
+    cert_lifetime: timedelta,
+    max_lifetime: timedelta,
+    as_json: bool,
+) -> None:
+    """Create an authority: a new trust anchor and issuer, or adopt the mesh's issuer.
+
+    \b
+    New mesh:     meshagent authority init --dir DIR --trust-domain cluster.local
+    Existing one: meshagent authority init --dir DIR --trust-domain cluster.local \\
+                    --trust-anchor ca.crt --issuer-cert issuer.crt --issuer-key issuer.key
+    Adopting the issuer the mesh's proxies already trust (Linkerd's identity issuer) makes
+    enrolled hosts trusted by in-cluster proxies with no change on the cluster.
+    """
+    adopt_parts = (trust_anchor, issuer_cert, issuer_key)
+    if any(adopt_parts) and not all(adopt_parts):
+        raise click.UsageError("adopting needs all three of --trust-anchor, --issuer-cert, --issuer-key")
+    settings = AuthoritySettings(
+        trust_domain=trust_domain,
+        mesh=mesh,
+        cert_lifetime_s=int(cert_lifetime.total_seconds()),
+        max_lifetime_s=int(max_lifetime.total_seconds()),
+    )
+    adopt = (trust_anchor, issuer_cert, issuer_key) if all(adopt_parts) else None
+    material = init_authority(directory, settings, list(sans) or default_sans(), adopt)  # type: ignore[arg-type]
+    doc = {
+        "dir": str(directory),
+        "trust_domain": trust_domain,
+        "issuer": material.issuer_cert.subject.rfc4514_string(),
+        "issuer_not_after": rfc3339(material.issuer_cert.not_valid_after_utc),
+        "adopted": adopt is not None,
+        "ca_pin": spki_pin(material.api_ca_cert),
+        "trust_bundle_file": str(material.trust_bundle_file),
+    }
+    if as_json:
+        emit_json(doc)
+        return
+    click.echo(f"authority created in {directory} ({'adopted issuer' if adopt else 'new trust anchor'})")
+    click.echo(f"  issuer       {doc['issuer']} (until {doc['issuer_not_after']})")
+    click.echo(f"  trust bundle {doc['trust_bundle_file']}  <- give this to the mesh if the anchor is new")
+    click.echo(f"  API CA pin   {doc['ca_pin']}")
+    click.echo(f"next: meshagent authority serve --dir {directory} --listen 0.0.0.0:8443")
+
+
+@authority.command("serve")
+@dir_option
+@click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT for the HTTPS API.")
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Worker processes sharing the port (they share the registry).",
+)
+def serve_cmd(directory: Path, listen: str, workers: int) -> None:
+    """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM)."""
+    from agent.authority.server import parse_listen, serve
+    from agent.logs import configure
+
+    try:
+        parse_listen(listen)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--listen") from None
+    configure("info")
+    serve(directory, listen, workers)
+
+
+@authority.group("token")
+def token_group() -> None:
+    """Join tokens: one-time, expiring, bound to one identity."""
+
+
+@token_group.command("create")
+@dir_option
+@click.option("--identity", required=True, help="NAMESPACE/NAME the host will be, e.g. shop/billing.")
+@click.option(
+    "--url",
+    required=True,
+    envvar="MESHAGENT_AUTHORITY_URL",
+    help="https://HOST:PORT at which hosts reach this authority. [env: MESHAGENT_AUTHORITY_URL]",
+)
+@click.option(
+    "--ttl",
+    type=Duration(),
+    default="1h",
+    show_default=True,
+    help="How long the token stays valid.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(1, 100000),
+    default=1,
+    show_default=True,
+    help="How many tokens to print (one per line), for a fleet of the same identity.",
+)
+@json_option
+def token_create_cmd(
+    directory: Path, identity: str, url: str, ttl: timedelta, count: int, as_json: bool
+) -> None:
+    """Print join token(s). Only their hash is stored; each works once, before it expires."""
+    auth = Authority.open(directory)
+    tokens = auth.create_tokens(identity, url, ttl, count)
+    if as_json:
+        workload = auth.identity(identity)
+        emit_json(
+            {
+                "identity": workload.short,
+                "spiffe_id": workload.spiffe_id,
+                "expires_at": rfc3339(utcnow() + ttl),
+                "tokens": [{"id": t.token_id, "token": t.encode()} for t in tokens],
+            }
+        )
+        return
+    for t in tokens:
+        click.echo(t.encode())
+
+
+@token_group.command("list")
+@dir_option
+@json_option
+def token_list_cmd(directory: Path, as_json: bool) -> None:
+    """List tokens (by id; the secrets are not stored): identity, expiry, use."""
+    load_authority(directory)
+    now = utcnow()
+    records = open_registry(directory).list_tokens()
+    docs = [
+        {
+            "id": r.hash[:12],
+            "identity": r.identity,
+            "created_at": rfc3339(r.created_at),
+            "expires_at": rfc3339(r.expires_at),
+            "used_at": rfc3339(r.used_at),
+            "host_id": r.host_id,
+            "state": "used" if r.used_at else ("expired" if r.expires_at <= now else "unused"),
+        }
+        for r in records
+    ]
+    if as_json:
+        emit_json(docs)
+        return
+    click.echo(
+        table(
+            ["ID", "IDENTITY", "STATE", "EXPIRES", "HOST"],
+            [(d["id"], d["identity"], d["state"], d["expires_at"], d["host_id"]) for d in docs],
+        )
+    )
+
+
+def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
+    ns, _, name = h.identity.partition("/")
+    return {
+        "id": h.id,
+        "identity": h.identity,
+        "spiffe_id": f"spiffe://{td}/ns/{ns}/sa/{name}",
+        "host_name": h.host_name,
+        "addresses": list(h.addresses),
+        "serial": h.serial,
+        "not_after": rfc3339(h.not_after),
+        "enrolled_at": rfc3339(h.enrolled_at),
+        "last_renewal": rfc3339(h.last_renewal),
+        "revoked": h.revoked,
+        "revoked_at": rfc3339(h.revoked_at),
+    }
+
+
+@authority.command("hosts")
+@dir_option
+@json_option
+def hosts_cmd(directory: Path, as_json: bool) -> None:
+    """List enrolled hosts: identity, name, addresses, certificate, renewal, revocation."""
+    td = load_authority(directory).settings.trust_domain
+    hosts = open_registry(directory).list_hosts()
+    docs = [_host_doc(h, td) for h in hosts]
+    if as_json:
+        emit_json(docs)
+        return
+    now = utcnow()
+    click.echo(
+        table(
+            [
+                "ID",
+                "IDENTITY",
+                "HOST",
+                "ADDRESSES",
+                "SERIAL",
+                "EXPIRES IN",
+                "LAST RENEWAL",
+                "REVOKED",
+            ],
+            [
+                (
+                    h.id,
+                    h.identity,
+                    h.host_name,
+                    ",".join(h.addresses) or "-",
+                    h.serial[:12],
+                    human_duration((h.not_after - now).total_seconds()),
+                    rfc3339(h.last_renewal),
+                    "yes" if h.revoked else "no",
+                )
+                for h in hosts
+            ],
+        )
+    )
+
+
+@authority.command("revoke")
+@click.argument("host")
+@dir_option
+@json_option
+def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
+    """Revoke HOST (its id, or its name if unique): it can no longer renew.
+
+    Takes effect at once on a running authority; no restart.
+    """
+    td = load_authority(directory).settings.trust_domain
+    record = open_registry(directory).revoke(host, utcnow())
+    if as_json:
+        emit_json(_host_doc(record, td))
+    else:
+        click.echo(
+            f"revoked {record.id} ({record.host_name}, {record.identity}); "
+            f"its current certificate expires {rfc3339(record.not_after)}"
+        )

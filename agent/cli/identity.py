@@ -1,0 +1,237 @@
+"""Host-side identity commands: `enroll`, `status`, `renew`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.config import load_config
+from agent.errors import ExitCode, MeshagentError, NotEnrolledError
+from agent.identity import enroll as flows
+from agent.identity.pki import utcnow
+from agent.identity.rotation import Rotator, renewal_time
+from agent.identity.store import IdentityStore, StoredIdentity
+
+from .output import emit_json, human_duration, progress, rfc3339
+
+
+def _store(state_dir: Path | None, config: Path | None) -> IdentityStore:
+    if state_dir is not None:
+        return IdentityStore(state_dir)
+    return IdentityStore(load_config(config, required=config is not None).identity.state_dir)
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path),
+    envvar="MESHAGENT_STATE_DIR",
+    help="Where the identity lives [default: identity.state_dir from the config, /var/lib/meshagent].",
+)
+config_option = click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    envvar="MESHAGENT_CONFIG",
+    help="Agent config file [default: /etc/meshagent/agent.toml if present].",
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def identity_doc(store: IdentityStore, identity: StoredIdentity) -> dict[str, Any]:
+    s = identity.summary
+    now = utcnow()
+    record = store.renewal_record()
+    try:
+        authority_url: str | None = store.load_authority().url
+    except MeshagentError:
+        authority_url = None
+    return {
+        "spiffe_id": identity.workload.spiffe_id,
+        "dns_name": identity.workload.dns_name,
+        "identity": identity.workload.short,
+        "trust_domain": identity.workload.trust_domain,
+        "serial": s.serial,
+        "issuer": s.issuer,
+        "not_before": rfc3339(s.not_before),
+        "not_after": rfc3339(s.not_after),
+        "seconds_left": int((s.not_after - now).total_seconds()),
+        "expired": now >= s.not_after,
+        "renew_after": rfc3339(renewal_time(s.not_before, s.not_after, jitter=0.0)),
+        "authority_url": authority_url,
+        "cert_file": str(store.cert_file),
+        "key_file": str(store.key_file),
+        "bundle_file": str(store.bundle_file),
+        "trust_bundle_roots": len(identity.bundle),
+        "last_renewal": record.get("last_attempt"),
+        "last_renewal_result": record.get("last_result"),
+        "last_renewal_detail": record.get("last_detail"),
+        "last_successful_renewal": record.get("last_success"),
+    }
+
+
+def _print_identity(doc: dict[str, Any]) -> None:
+    left = "EXPIRED" if doc["expired"] else human_duration(doc["seconds_left"])
+    rows = [
+        ("SPIFFE ID", doc["spiffe_id"]),
+        ("DNS name", doc["dns_name"]),
+        ("serial", doc["serial"]),
+        ("valid", f"{doc['not_before']} .. {doc['not_after']} ({left} left)"),
+        ("renews after", f"{doc['renew_after']} (about 70% of lifetime)"),
+        ("authority", doc["authority_url"]),
+        ("trust bundle", f"{doc['trust_bundle_roots']} root(s)  {doc['bundle_file']}"),
+        ("certificate", doc["cert_file"]),
+        ("key", doc["key_file"]),
+        (
+            "last renewal",
+            f"{doc['last_renewal'] or '-'} {doc['last_renewal_result'] or ''} "
+            f"{doc['last_renewal_detail'] or ''}".rstrip(),
+        ),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _read_token(token: str | None, token_file: Path | None) -> str:
+    if token_file is not None:
+        text = sys.stdin.read() if str(token_file) == "-" else token_file.read_text()
+        return text.strip()
+    if token:
+        return token
+    env = os.environ.get("MESHAGENT_TOKEN", "")
+    if env:
+        return env
+    raise click.UsageError(
+        "give the join token as an argument, with --token-file FILE (- for stdin), or in MESHAGENT_TOKEN"
+    )
+
+
+@click.command("enroll")
+@click.argument("token", required=False)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, allow_dash=True),
+    help="Read the token from a file (or - for stdin) so it stays out of `ps`.",
+)
+@state_dir_option
+@config_option
+@click.option("--host-name", help="Name to register this host under [default: the system host name].")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    help="An address peers reach this host at (repeatable) [default: discovered].",
+)
+@click.option("--force", is_flag=True, help="Replace an existing identity.")
+@json_option
+def enroll_cmd(
+    token: str | None,
+    token_file: Path | None,
+    state_dir: Path | None,
+    config: Path | None,
+    host_name: str | None,
+    addresses: tuple[str, ...],
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Join the mesh with a one-time TOKEN from `meshagent authority token create`.
+
+    Makes an ECDSA P-256 key on this host (it never leaves), verifies the authority through the
+    pin inside the token, and stores key, certificate chain and trust bundle in the state
+    directory. If the answer is lost, running the same command again with the same token
+    finishes the enrollment (the key in flight is kept for that).
+    """
+    text = _read_token(token, token_file)
+    store = _store(state_dir, config)
+    if store.exists() and not force:
+        try:
+            current = store.load()
+            if utcnow() < current.summary.not_after:
+                raise MeshagentError(
+                    f"this host is already enrolled as {current.workload.spiffe_id}",
+                    "pass --force to replace that identity, or `meshagent status` to see it",
+                    code="already_enrolled",
+                )
+        except NotEnrolledError:
+            pass
+    started = utcnow()
+    identity = flows.enroll(
+        text,
+        store,
+        host_name,
+        list(addresses) or None,
+        progress=(lambda _m: None) if as_json else progress,
+    )
+    doc = identity_doc(store, identity)
+    doc["enroll_seconds"] = round((utcnow() - started).total_seconds(), 3)
+    if as_json:
+        emit_json(doc)
+    else:
+        click.echo(f"enrolled as {doc['spiffe_id']} in {doc['enroll_seconds']}s")
+        _print_identity(doc)
+
+
+@click.command("status")
+@state_dir_option
+@config_option
+@json_option
+def status_cmd(state_dir: Path | None, config: Path | None, as_json: bool) -> None:
+    """Show this host's identity: names, validity, files, last renewal.
+
+    Exits 0 with a valid identity, 1 if it has expired, 4 if the host is not enrolled.
+    """
+    store = _store(state_dir, config)
+    doc = identity_doc(store, store.load())
+    if as_json:
+        emit_json(doc)
+    else:
+        _print_identity(doc)
+    if doc["expired"]:
+        sys.exit(int(ExitCode.FAILURE))
+
+
+@click.command("renew")
+@state_dir_option
+@config_option
+@click.option(
+    "--loop",
+    is_flag=True,
+    help="Keep renewing at ~70% of each lifetime until SIGTERM/Ctrl-C (what `run` does).",
+)
+@json_option
+def renew_cmd(state_dir: Path | None, config: Path | None, loop: bool, as_json: bool) -> None:
+    """Renew this host's certificate now, proving possession of the current key.
+
+    A new key is made for every renewal; the join token is never needed again. With --loop,
+    failures are retried with backoff while the current certificate keeps serving.
+    """
+    store = _store(state_dir, config)
+    if not loop:
+        identity = flows.renew(store)
+        doc = identity_doc(store, identity)
+        if as_json:
+            emit_json(doc)
+        else:
+            click.echo(f"renewed: serial {doc['serial']}, valid until {doc['not_after']}")
+        return
+    asyncio.run(_renew_loop(store))
+
+
+async def _renew_loop(store: IdentityStore) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    def announce(identity: StoredIdentity) -> None:
+        click.echo(
+            f"renewed: serial {identity.summary.serial}, valid until {rfc3339(identity.summary.not_after)}",
+            err=True,
+        )
+
+    await Rotator(store, on_renewed=announce).run(stop)

@@ -1,0 +1,83 @@
+"""`meshagent`: the entry point. Errors become a message, a hint and an exit code here, once."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.errors import ExitCode, MeshagentError
+from agent.logs import configure
+
+from .authority import authority
+from .identity import enroll_cmd, renew_cmd, status_cmd
+from .output import error_text
+
+
+class MeshagentGroup(click.Group):
+    """Maps `MeshagentError` to its message, hint and exit code; --json callers get JSON."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except MeshagentError as exc:
+            if "--json" in sys.argv:
+                click.echo(json.dumps({"error": exc.as_dict()}, indent=2))
+            click.echo(error_text(exc), err=True)
+            ctx.exit(int(exc.exit_code))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=MeshagentGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="meshagent")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    envvar="MESHAGENT_LOG_LEVEL",
+    show_default=True,
+    help="Log verbosity on stderr.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["logfmt", "json"]),
+    default="logfmt",
+    envvar="MESHAGENT_LOG_FORMAT",
+    show_default=True,
+    help="Log line format.",
+)
+def cli(log_level: str, log_format: str) -> None:
+    """meshagent brings this host into a Kubernetes service mesh: a workload identity,
+    mutual TLS on every connection, and golden metrics, without changing the app.
+
+    \b
+    Join a host (cluster side first):
+      meshagent authority init --dir ./ca --trust-domain cluster.local
+      meshagent authority serve --dir ./ca --listen 0.0.0.0:8443 &
+      meshagent authority token create --dir ./ca --identity shop/billing --url https://AUTHORITY:8443
+    then on the host:
+      meshagent enroll <TOKEN>
+      meshagent status
+
+    Exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 not enrolled, 5 authority unreachable,
+    6 refused by the authority, 7 authority not trusted, 8 clock skew, 9 state directory unusable.
+    """
+    configure(log_level, log_format)
+
+
+cli.add_command(enroll_cmd)
+cli.add_command(status_cmd)
+cli.add_command(renew_cmd)
+cli.add_command(authority)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=True)
+    except SystemExit as exc:
+        sys.exit(exc.code if exc.code is not None else int(ExitCode.OK))

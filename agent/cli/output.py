@@ -1,0 +1,71 @@
+"""Printing for people (aligned tables, progress on stderr) and for scripts (--json on stdout)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import click
+
+from agent.errors import MeshagentError
+
+
+def emit_json(doc: Any) -> None:
+    click.echo(json.dumps(doc, indent=2, default=str))
+
+
+def progress(message: str) -> None:
+    click.echo(f"  - {message}", err=True)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[("-" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
+
+
+def rfc3339(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def human_duration(seconds: float) -> str:
+    sign = "-" if seconds < 0 else ""
+    s = int(abs(seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    parts = [
+        f"{d}d" if d else "",
+        f"{h}h" if h else "",
+        f"{m}m" if m and not d else "",
+        f"{s}s" if not (d or h) else "",
+    ]
+    return sign + ("".join(parts) or "0s")
+
+
+_DURATION = re.compile(r"(\d+)(d|h|m|s)")
+
+
+class Duration(click.ParamType):  # type: ignore[type-arg]
+    """`90s`, `15m`, `1h30m`, `7d`."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
+        if isinstance(value, timedelta):
+            return value
+        text = str(value).strip()
+        if not text or _DURATION.sub("", text) != "":
+            self.fail(f"{value!r} is not a duration like 90s, 15m, 1h30m or 7d", param, ctx)
+        units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+        return timedelta(seconds=sum(int(n) * units[u] for n, u in _DURATION.findall(text)))
+
+
+def error_text(exc: MeshagentError) -> str:
+    text = f"error: {exc.message}"
+    if exc.hint:
+        text += f"\n  hint: {exc.hint}"
+    return text

@@ -1,0 +1,116 @@
+"""The two ways a host gets a certificate: enroll with a join token, renew with the current key."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from agent.errors import MeshagentError, StateError
+from agent.identity.pki import load_certs, make_csr, same_public_key, sign_possession, utcnow
+from agent.logs import get_logger
+
+from .client import AuthorityClient
+from .store import IdentityStore, StoredIdentity
+
+log = get_logger("meshagent.identity")
+
+Progress = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def host_addresses() -> list[str]:
+    """This host's global unicast addresses (no loopback, link-local or multicast)."""
+    found: list[str] = []
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            try:
+                ip = ipaddress.ip_address(addr.address.split("%")[0])
+            except ValueError:
+                continue
+            if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
+                found.append(str(ip))
+    return sorted(set(found))
+
+
+def _store_issued(store: IdentityStore, key: Any, doc: dict[str, Any]) -> StoredIdentity:
+    try:
+        chain = load_certs(str(doc["certificate_chain"]).encode())
+        bundle = load_certs(str(doc["trust_bundle"]).encode())
+    except (KeyError, MeshagentError) as exc:
+        raise StateError(f"the authority's answer lacks a readable certificate: {exc}") from None
+    if not same_public_key(chain[0], key):
+        raise StateError(
+            "the authority returned a certificate for another key",
+            "report this: the authority is misbehaving",
+        )
+    identity = store.save(key, chain, bundle)
+    store.drop_pending_key()
+    return identity
+
+
+def enroll(
+    token_text: str,
+    store: IdentityStore,
+    host_name: str | None = None,
+    addresses: list[str] | None = None,
+    progress: Progress = _quiet,
+) -> StoredIdentity:
+    from agent.authority.tokens import parse_token  # token format is shared with the authority
+
+    token = parse_token(token_text)
+    progress(f"verifying the authority at {token.authority_url} against the token's pin")
+    with AuthorityClient.discover(token.authority_url, token.ca_pin) as client:
+        store.save_authority(client.ref)
+        key = store.pending_key()  # made here, kept across retries, never sent
+        progress("key made on this host (ECDSA P-256); sending the signing request")
+        doc = client.enroll(
+            token.secret,
+            make_csr(key),
+            host_name or socket.gethostname(),
+            host_addresses() if addresses is None else addresses,
+        )
+    identity = _store_issued(store, key, doc)
+    store.record_renewal(utcnow(), True, "enrolled")
+    log.info(
+        "identity.enrolled",
+        spiffe_id=identity.workload.spiffe_id,
+        serial=identity.summary.serial,
+        not_after=identity.summary.not_after.isoformat(),
+    )
+    return identity
+
+
+def renew(store: IdentityStore) -> StoredIdentity:
+    """Get a new certificate for a new key, proving possession of the current one."""
+    current = store.load()
+    ref = store.load_authority()
+    new_key = store.pending_key()
+    csr = make_csr(new_key)
+    ts = int(time.time())
+    signature = sign_possession(current.key, csr, ts)
+    try:
+        with AuthorityClient(ref) as client:
+            doc = client.renew(current.chain_pem, csr, ts, signature)
+        identity = _store_issued(store, new_key, doc)
+    except MeshagentError as exc:
+        store.record_renewal(utcnow(), False, f"{exc.code}: {exc.message}")
+        raise
+    store.record_renewal(utcnow(), True, "renewed")
+    log.info(
+        "identity.renewed",
+        spiffe_id=identity.workload.spiffe_id,
+        serial=identity.summary.serial,
+        not_after=identity.summary.not_after.isoformat(),
+        bundle_roots=len(identity.bundle),
+    )
+    return identity

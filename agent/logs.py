@@ -1,0 +1,88 @@
+"""Structured logs: an event name plus fields, rendered as logfmt (people) or JSON (machines).
+
+    log = get_logger("meshagent.identity")
+    log.info("renew.failed", reason=str(err), retry_in_s=4.0)
+
+prints `ts=... level=info logger=meshagent.identity event=renew.failed reason="..." retry_in_s=4.0`
+on stderr (journald adds its own timestamp and keeps the line as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+_FIELDS = "fields"
+
+
+class StructLogger:
+    """A thin front on a stdlib logger that takes fields as keyword arguments."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._logger = logger
+
+    def _log(self, level: int, event: str, fields: dict[str, Any]) -> None:
+        if self._logger.isEnabledFor(level):
+            self._logger.log(level, event, extra={_FIELDS: fields})
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._log(logging.INFO, event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._log(logging.WARNING, event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._log(logging.ERROR, event, fields)
+
+
+def get_logger(name: str) -> StructLogger:
+    return StructLogger(logging.getLogger(name))
+
+
+def _logfmt_value(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' ="\n'):
+        return json.dumps(text)
+    return text
+
+
+class LogfmtFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"ts={ts}.{int(record.msecs):03d}Z",
+            f"level={record.levelname.lower()}",
+            f"logger={record.name}",
+            f"event={_logfmt_value(record.getMessage())}",
+        ]
+        for key, value in getattr(record, _FIELDS, {}).items():
+            parts.append(f"{key}={_logfmt_value(value)}")
+        return " ".join(parts)
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        doc.update(getattr(record, _FIELDS, {}))
+        return json.dumps(doc, default=str)
+
+
+def configure(level: str = "info", fmt: str = "logfmt") -> None:
+    """Send meshagent's logs to stderr in the chosen format (idempotent)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    root = logging.getLogger("meshagent")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
