@@ -10,6 +10,7 @@ used to reach it.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
 from typing import Any
@@ -101,7 +102,9 @@ class AuthorityClient:
         """Fetch the authority's CA, check it against `pin`, return a client that trusts only it."""
         try:
             with httpx.Client(verify=_unverified_context(), timeout=TIMEOUT) as insecure:
+                sent = time.time()
                 response = insecure.get(f"{url}/v1/authority")
+                received = time.time()
         except httpx.HTTPError as exc:
             raise _transport_error(url, exc) from None
         if response.status_code != 200:
@@ -119,6 +122,10 @@ class AuthorityClient:
                 "the token belongs to another authority, or something intercepts this connection: "
                 "create a new token on the authority you mean to join",
             )
+        # A skewed clock makes every certificate look not-yet-valid or expired: say so first,
+        # rather than as a confusing verification failure.
+        with contextlib.suppress(KeyError, TypeError, ValueError):
+            check_clock(float(info["server_time"]), sent, received)
         client = cls(AuthorityRef(url, pin, info["api_ca"], str(info["trust_domain"]), str(info["mesh"])))
         # Prove the server holds the pinned CA's certificate (the CA itself is public), and
         # check the clocks agree before anything is signed.

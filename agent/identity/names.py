@@ -63,7 +63,10 @@ class WorkloadIdentity:
                 f"identity {value!r} is not of the form NAMESPACE/NAME",
                 "for example: --identity shop/billing",
             )
-        return cls(trust_domain, parts[0], parts[1], mesh)
+        try:
+            return cls(trust_domain, parts[0], parts[1], mesh)
+        except InvalidName as exc:
+            raise InvalidName(f"identity {value!r}: {exc.message}", exc.hint) from None
 
     @classmethod
     def from_spiffe_id(cls, uri: str, mesh: str = DEFAULT_MESH) -> WorkloadIdentity:

@@ -1,0 +1,5 @@
+"""`python -m agent.cli` is `meshagent`."""
+
+from agent.cli.main import main
+
+main()

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_config
+from agent.errors import ConfigError
+
+
+def test_missing_default_file_means_defaults(tmp_path: Path) -> None:
+    cfg = load_config(tmp_path / "absent.toml")
+    assert cfg.identity.state_dir == Path("/var/lib/meshagent")
+    assert cfg.source is None
+
+
+def test_values_are_read(tmp_path: Path) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text('[identity]\nstate_dir = "/srv/ma"\n[log]\nformat = "json"\n')
+    cfg = load_config(f)
+    assert cfg.identity.state_dir == Path("/srv/ma")
+    assert cfg.log.format == "json"
+    assert cfg.source == f
+
+
+@pytest.mark.parametrize(
+    ("text", "needle", "hint"),
+    [
+        ('[identity]\nstate_dri = "/x"\n', "identity.state_dri", "identity.state_dir"),
+        ('[identiti]\nstate_dir = "/x"\n', "[identiti]", "[identity]"),
+        ("[identity]\nstate_dir = 3\n", "identity.state_dir", ""),
+        ('[log]\nlevel = "loud"\n', "log.level", ""),
+        ("[identity\n", "not valid TOML", ""),
+    ],
+    ids=["typo-key", "typo-section", "wrong-type", "bad-choice", "bad-toml"],
+)
+def test_errors_name_file_key_and_fix(tmp_path: Path, text: str, needle: str, hint: str) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f)
+    assert str(f) in err.value.message
+    assert needle in err.value.message
+    assert hint in err.value.hint
+
+
+def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_config(tmp_path / "absent.toml", required=True)
