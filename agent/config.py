@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +40,154 @@ class LogSettings:
             raise ConfigError(f"log.format {self.format!r} is not one of logfmt, json")
 
 
+PortSpec = int | str
+"""A port (`22`) or an inclusive range (`"8000-8100"`)."""
+
+
+def _check_port(value: int, where: str, *, allow_zero: bool = False) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or not (0 if allow_zero else 1) <= value <= 65535
+    ):
+        raise ConfigError(f"{where} must be a port number 1..65535, got {value!r}")
+
+
+def _port_specs(value: Any, where: str) -> tuple[PortSpec, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f'{where} must be a list of ports or ranges like [22, "8000-8100"]')
+    out: list[PortSpec] = []
+    for item in value:
+        if isinstance(item, str):
+            lo, sep, hi = item.partition("-")
+            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit():
+                raise ConfigError(f'{where}: {item!r} is not a port or a range like "8000-8100"')
+            _check_port(int(lo), where)
+            _check_port(int(hi), where)
+            if int(lo) > int(hi):
+                raise ConfigError(f"{where}: range {item!r} runs backwards")
+            out.append(f"{int(lo)}-{int(hi)}")
+        else:
+            _check_port(item, where)
+            out.append(item)
+    return tuple(out)
+
+
+def _cidrs(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f'{where} must be a list of addresses or CIDRs like ["10.0.0.0/8", "fd00::/8"]')
+    out: list[str] = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{where}: {item!r} is not an IP address or CIDR") from None
+    return tuple(out)
+
+
+def _ids(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32 for v in value
+    ):
+        raise ConfigError(f"{where} must be a list of numeric ids like [0, 1000]")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class InterceptSettings:
+    """`[intercept]`: which TCP traffic the kernel sends through the agent's proxy.
+
+    Empty capture lists mean "all". SSH, the admin port and the authority are never captured
+    unless the matching `capture_*` switch is set; the proxy's own uid and mark never are.
+    """
+
+    enabled: bool = True
+    """Apply the rules when `meshagent run` starts (and remove them when it stops)."""
+    backend: str = "auto"
+    """auto, nft, iptables-nft or iptables-legacy. auto: legacy if this host already has legacy
+    iptables rules, else native nft, else iptables-nft."""
+    inbound_mode: str = "redirect"
+    """redirect (NAT; the proxy reads SO_ORIGINAL_DST) or tproxy (keeps the destination address;
+    needs the proxy listener to set IP_TRANSPARENT)."""
+    ipv6: bool = True
+    """Capture IPv6 as well as IPv4."""
+    inbound_port: int = 4143
+    """Where captured inbound connections are sent (the proxy's inbound listener)."""
+    outbound_port: int = 4140
+    """Where captured outbound connections are sent (the proxy's outbound listener)."""
+    admin_port: int = 4191
+    """The agent's admin port (/metrics, /ready): never captured."""
+    proxy_user: int | str = "meshagent"
+    """The proxy's user (name or uid): its own connections are never captured."""
+    proxy_mark: int = 0x4D41
+    """SO_MARK the proxy may set on its sockets: marked connections are never captured (0: none)."""
+    inbound_ports: tuple[PortSpec, ...] = ()
+    """Local ports whose inbound connections are captured; empty: all."""
+    inbound_skip_ports: tuple[PortSpec, ...] = ()
+    """Local ports never captured inbound."""
+    inbound_skip_cidrs: tuple[str, ...] = ()
+    """Source networks whose inbound connections are never captured."""
+    outbound_ports: tuple[PortSpec, ...] = ()
+    """Destination ports captured outbound; empty: all."""
+    outbound_skip_ports: tuple[PortSpec, ...] = ()
+    """Destination ports never captured outbound."""
+    outbound_cidrs: tuple[str, ...] = ()
+    """Destination networks captured outbound; empty: all."""
+    outbound_skip_cidrs: tuple[str, ...] = ()
+    """Destination networks never captured outbound."""
+    skip_uids: tuple[int, ...] = ()
+    """Users whose outbound connections are never captured (uids)."""
+    skip_gids: tuple[int, ...] = ()
+    """Groups whose outbound connections are never captured (gids)."""
+    ssh_ports: tuple[int, ...] = (22,)
+    """SSH ports: never captured in either direction unless capture_ssh is set."""
+    capture_ssh: bool = False
+    capture_admin_port: bool = False
+    authority_addresses: tuple[str, ...] = ()
+    """The authority's addresses, never captured outbound (the enrolled authority is added too)."""
+    capture_authority: bool = False
+    tproxy_mark: int = 0x4D54
+    """Firewall mark for TPROXY-diverted packets (tproxy mode only)."""
+    tproxy_table: int = 4143
+    """Routing table holding `local default dev lo` for marked packets (tproxy mode only)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nft", "iptables-nft", "iptables-legacy"):
+            raise ConfigError(
+                f"intercept.backend {self.backend!r} is not one of auto, nft, iptables-nft, iptables-legacy"
+            )
+        if self.inbound_mode not in ("redirect", "tproxy"):
+            raise ConfigError(f"intercept.inbound_mode {self.inbound_mode!r} is not one of redirect, tproxy")
+        for name in ("inbound_port", "outbound_port", "admin_port"):
+            _check_port(getattr(self, name), f"intercept.{name}")
+        if isinstance(self.proxy_user, bool) or not isinstance(self.proxy_user, int | str):
+            raise ConfigError("intercept.proxy_user must be a user name or a numeric uid")
+        for name in ("proxy_mark", "tproxy_mark", "tproxy_table"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+                raise ConfigError(f"intercept.{name} must be an integer 0..2^32-1, got {value!r}")
+        fix = {
+            **{n: _port_specs(getattr(self, n), f"intercept.{n}") for n in _PORT_LISTS},
+            **{n: _cidrs(getattr(self, n), f"intercept.{n}") for n in _CIDR_LISTS},
+            **{n: _ids(getattr(self, n), f"intercept.{n}") for n in ("skip_uids", "skip_gids")},
+        }
+        ssh = _port_specs(self.ssh_ports, "intercept.ssh_ports")
+        if not all(isinstance(p, int) for p in ssh):
+            raise ConfigError("intercept.ssh_ports must be a list of port numbers")
+        fix["ssh_ports"] = ssh
+        for name, value in fix.items():
+            object.__setattr__(self, name, value)
+
+
+_PORT_LISTS = ("inbound_ports", "inbound_skip_ports", "outbound_ports", "outbound_skip_ports")
+_CIDR_LISTS = ("inbound_skip_cidrs", "outbound_cidrs", "outbound_skip_cidrs", "authority_addresses")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     log: LogSettings = field(default_factory=LogSettings)
+    intercept: InterceptSettings = field(default_factory=InterceptSettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
 
 
