@@ -22,7 +22,6 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-
 from agent.authority.service import Authority
 from agent.identity.pki import generate_key, make_csr
 from tests.support import MESHAGENT, running_authority
@@ -36,8 +35,10 @@ def percentile(values: list[float], p: float) -> float:
 
 
 def _request(host: str, body: bytes) -> bytes:
-    head = (f"POST /v1/enroll HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n")
+    head = (
+        f"POST /v1/enroll HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
     return head.encode() + body
 
 
@@ -52,7 +53,9 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def fire(url: str, ca_file: str, secrets: list[str], csrs: list[str], concurrency: int) -> tuple[float, int]:
+async def fire(
+    url: str, ca_file: str, secrets: list[str], csrs: list[str], concurrency: int
+) -> tuple[float, int]:
     """Send every enrollment over `concurrency` keep-alive TLS connections; (seconds, failures).
 
     A deliberately small HTTP/1.1 client: the requests are pre-encoded so the client's own CPU
@@ -62,8 +65,10 @@ async def fire(url: str, ca_file: str, secrets: list[str], csrs: list[str], conc
     host, port = host_port.rsplit(":", 1)
     ctx = ssl.create_default_context(cafile=ca_file)
     requests = [
-        _request(host_port, json.dumps({"token_secret": s, "csr": c, "host_name": f"bench-{i}",
-                                        "addresses": []}).encode())
+        _request(
+            host_port,
+            json.dumps({"token_secret": s, "csr": c, "host_name": f"bench-{i}", "addresses": []}).encode(),
+        )
         for i, (s, c) in enumerate(zip(secrets, csrs, strict=True))
     ]
     queue = iter(requests)
@@ -105,8 +110,11 @@ def main() -> None:
             for i in range(args.cli_runs):
                 token = auth.token("bench/cli")
                 started = time.perf_counter()
-                subprocess.run([*MESHAGENT, "enroll", token, "--state-dir", str(root / f"cli-{i}")],
-                               check=True, capture_output=True)
+                subprocess.run(
+                    [*MESHAGENT, "enroll", token, "--state-dir", str(root / f"cli-{i}")],
+                    check=True,
+                    capture_output=True,
+                )
                 cli_times.append(time.perf_counter() - started)
 
     result = {

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -63,6 +64,11 @@ class AuthorityProcess:
         """The API CA: tests verify the authority like any client would (its SANs include 127.0.0.1)."""
         return str(self.directory / "api-ca.crt")
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """For httpx: verify the authority against its API CA."""
+        return ssl.create_default_context(cafile=self.ca_file)
+
     def start(self) -> None:
         port = int(self.url.rsplit(":", 1)[1])
         self.log_path = self.directory.parent / f"authority-{port}.log"
@@ -89,7 +95,7 @@ class AuthorityProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"authority exited: {self.log_path.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/healthz", verify=self.ca_file, timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", verify=self.tls, timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
         self.stop()

@@ -120,7 +120,7 @@ def test_the_authority_decides_the_names_not_the_csr(authority: AuthorityProcess
     token = parse_token(authority.token("shop/web"))
     r = httpx.post(
         f"{authority.url}/v1/enroll",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={
             "token_secret": token.secret,
             "csr": evil.decode(),
@@ -212,7 +212,7 @@ def test_tampered_csr_is_refused(authority: AuthorityProcess) -> None:
     token = parse_token(authority.token())
     r = httpx.post(
         f"{authority.url}/v1/enroll",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={"token_secret": token.secret, "csr": pem, "host_name": "x", "addresses": []},
     )
     assert r.status_code == 400
@@ -225,7 +225,7 @@ def test_tampered_csr_is_refused(authority: AuthorityProcess) -> None:
     )
     r = httpx.post(
         f"{authority.url}/v1/enroll",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={
             "token_secret": token.secret,
             "csr": good.public_bytes(serialization.Encoding.PEM).decode(),
@@ -271,7 +271,7 @@ def test_renewal_needs_possession_of_the_current_key(authority: AuthorityProcess
     ts = int(time.time())
     r = httpx.post(
         f"{authority.url}/v1/renew",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={
             "certificate_chain": chain,
             "csr": csr.decode(),
@@ -296,7 +296,7 @@ def test_interrupted_enrollment_can_finish_with_the_same_token(
 
     r = httpx.post(
         f"{authority.url}/v1/enroll",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={
             "token_secret": parse_token(token).secret,
             "csr": make_csr(key).decode(),
@@ -319,7 +319,13 @@ def test_status_without_identity(tmp_path: Path) -> None:
     assert "meshagent enroll" in proc.stderr
 
 
-def test_two_hundred_concurrent_enrollments(authority: AuthorityProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "two-processes-one-registry"])
+def test_two_hundred_concurrent_enrollments(tmp_path: Path, workers: int) -> None:
+    with running_authority(tmp_path / "authority", workers=workers) as authority:
+        _two_hundred_concurrent_enrollments(authority, tmp_path)
+
+
+def _two_hundred_concurrent_enrollments(authority: AuthorityProcess, tmp_path: Path) -> None:
     tokens = run_cli(
         "authority",
         "token",
@@ -465,16 +471,16 @@ def test_adopted_issuer_chains_to_the_meshs_anchor(tmp_path: Path) -> None:
 
 
 def test_api_errors_are_json_and_documented(authority: AuthorityProcess) -> None:
-    spec = httpx.get(f"{authority.url}/v1/openapi.json", verify=authority.ca_file).json()
+    spec = httpx.get(f"{authority.url}/v1/openapi.json", verify=authority.tls).json()
     assert spec["openapi"].startswith("3.")
     assert {"/v1/enroll", "/v1/renew", "/v1/authority"} <= set(spec["paths"])
-    r = httpx.get(f"{authority.url}/v1/nope", verify=authority.ca_file)
+    r = httpx.get(f"{authority.url}/v1/nope", verify=authority.tls)
     assert r.status_code == 404 and r.json()["code"] == "not_found"
-    r = httpx.post(f"{authority.url}/v1/enroll", verify=authority.ca_file, content=b"{not json")
+    r = httpx.post(f"{authority.url}/v1/enroll", verify=authority.tls, content=b"{not json")
     assert r.status_code == 400 and r.json()["code"] == "invalid_request"
     r = httpx.post(
         f"{authority.url}/v1/enroll",
-        verify=authority.ca_file,
+        verify=authority.tls,
         json={"token_secret": "x" * 43, "csr": "", "host_name": "h", "addresses": []},
     )
     assert r.status_code == 400 and r.json()["code"] == "invalid_csr"
