@@ -14,6 +14,7 @@ from agent.logs import configure
 
 from .authority import authority
 from .identity import enroll_cmd, renew_cmd, status_cmd
+from .intercept import intercept
 from .output import error_text
 
 
@@ -74,6 +75,7 @@ cli.add_command(enroll_cmd)
 cli.add_command(status_cmd)
 cli.add_command(renew_cmd)
 cli.add_command(authority)
+cli.add_command(intercept)
 
 
 def main() -> None:

@@ -1,0 +1,217 @@
+"""Apply, remove and inspect a Plan: the library face of interception (`meshagent run` calls this).
+
+    backend = detect_backend(settings.backend)
+    state = apply_plan(plan, backend)        # atomic, idempotent; twice = once
+    ...
+    remove_all()                             # every backend, no config needed
+
+`apply_plan` also removes leftovers of ours from the *other* backends (a host that switched
+from iptables to nft must not capture twice). `plan_steps` returns exactly what `apply_plan`
+would run, for `--dry-run`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from agent.logs import get_logger
+
+from . import iptables, netlink
+from .errors import InterceptError
+from .nft import NftBackend
+from .plan import Plan
+from .tools import Step, which
+
+log = get_logger("meshagent.intercept")
+
+BACKEND_NAMES = ("nft", "iptables-nft", "iptables-legacy")
+
+
+class Backend(Protocol):
+    name: str
+
+    def render(self, plan: Plan) -> str: ...
+
+    def steps(self, plan: Plan | None) -> list[Step]: ...
+
+    def run(self, steps: list[Step]) -> None: ...
+
+    def owned(self) -> dict[str, Any]: ...
+
+
+def get_backend(name: str) -> Backend | None:
+    """The named backend if its tools are installed, else None."""
+    if name == "nft":
+        nft = which("nft")
+        return NftBackend(nft) if nft else None
+    if name in ("iptables-nft", "iptables-legacy"):
+        tools = iptables.find_tools("nft" if name == "iptables-nft" else "legacy")
+        return iptables.IptablesBackend(tools) if tools else None
+    raise InterceptError(
+        f"unknown intercept backend {name!r}", f"use one of auto, {', '.join(BACKEND_NAMES)}"
+    )
+
+
+def available_backends() -> list[Backend]:
+    return [b for b in (get_backend(n) for n in BACKEND_NAMES) if b is not None]
+
+
+def detect_backend(preference: str = "auto") -> Backend:
+    """The configured backend, or for `auto`: iptables-legacy when this host already has legacy
+    rules (its firewall lives there), else native nft, else iptables-nft, else iptables-legacy."""
+    if preference != "auto":
+        backend = get_backend(preference)
+        if backend is None:
+            raise InterceptError(
+                f"intercept.backend is {preference!r} but its tools are not installed",
+                'install nftables or iptables, or set intercept.backend = "auto"',
+            )
+        return backend
+    legacy = get_backend("iptables-legacy")
+    if legacy is not None and any(iptables.legacy_tables(f) for f in (4, 6)):
+        assert isinstance(legacy, iptables.IptablesBackend)
+        if any("\n-A " in legacy.save(f) for f in (4, 6)):
+            return legacy
+    for name in ("nft", "iptables-nft", "iptables-legacy"):
+        backend = get_backend(name)
+        if backend is not None:
+            return backend
+    raise InterceptError("neither nft nor iptables is installed", "install the nftables package")
+
+
+@dataclass(frozen=True)
+class AppliedState:
+    """What `apply_plan` did: for `meshagent status`, `/status` and `intercept apply --json`."""
+
+    backend: str
+    families: tuple[int, ...]
+    inbound_mode: str
+    rules: int
+    digest: str
+    """sha256 of the rendered plan: equal digests, equal rules."""
+    steps: tuple[Step, ...]
+    routes: tuple[str, ...] = ()
+    cleaned: tuple[str, ...] = ()
+    """Other backends from which leftovers of ours were removed."""
+    applied_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "families": list(self.families),
+            "inbound_mode": self.inbound_mode,
+            "rules": self.rules,
+            "digest": self.digest,
+            "routes": list(self.routes),
+            "cleaned": list(self.cleaned),
+            "applied_at": self.applied_at,
+            "steps": [{"argv": list(s.argv), "what": s.what, "stdin": s.stdin} for s in self.steps],
+        }
+
+
+@dataclass(frozen=True)
+class RemovedState:
+    backends: tuple[str, ...]
+    """Backends that held rules of ours (now removed)."""
+    routes: int
+    steps: tuple[Step, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "removed_from": list(self.backends),
+            "routes_removed": self.routes,
+            "steps": [{"argv": list(s.argv), "what": s.what, "stdin": s.stdin} for s in self.steps],
+        }
+
+
+def digest(plan: Plan, backend: Backend) -> str:
+    return hashlib.sha256(backend.render(plan).encode()).hexdigest()
+
+
+def plan_steps(plan: Plan, backend: Backend) -> tuple[list[Step], list[str]]:
+    """Exactly what `apply_plan` would run: backend steps (including removal of our leftovers in
+    other backends) and the policy-routing changes in `ip` words. Reads the kernel, changes nothing."""
+    steps: list[Step] = []
+    for other in available_backends():
+        if other.name != backend.name:
+            steps += other.steps(None)
+    steps += backend.steps(plan)
+    routes = [line for r in plan.routes for line in netlink.describe(r)]
+    return steps, routes
+
+
+def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
+    """Make the kernel hold exactly `plan` (in `backend`): atomic per table, idempotent."""
+    cleaned: list[str] = []
+    ran: list[Step] = []
+    for other in available_backends():
+        if other.name != backend.name:
+            leftovers = other.steps(None)
+            if leftovers:
+                other.run(leftovers)
+                ran += leftovers
+                cleaned.append(other.name)
+                log.warning("intercept.leftovers_removed", backend=other.name)
+    routes = netlink.apply_routes(plan.routes) if plan.routes else []
+    if not plan.routes:
+        netlink.remove_routes()
+    steps = backend.steps(plan)
+    backend.run(steps)
+    ran += steps
+    state = AppliedState(
+        backend=backend.name,
+        families=plan.families,
+        inbound_mode=plan.inbound_mode,
+        rules=len(plan.rules),
+        digest=digest(plan, backend),
+        steps=tuple(ran),
+        routes=tuple(routes),
+        cleaned=tuple(cleaned),
+    )
+    log.info(
+        "intercept.applied",
+        backend=backend.name,
+        rules=state.rules,
+        mode=plan.inbound_mode,
+        families=",".join(map(str, plan.families)),
+        digest=state.digest[:12],
+    )
+    return state
+
+
+def remove_steps(backends: Sequence[Backend] | None = None) -> list[Step]:
+    """What `remove_all` would run (reads the kernel, changes nothing)."""
+    return [s for b in (backends if backends is not None else available_backends()) for s in b.steps(None)]
+
+
+def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
+    """Remove every rule, chain, table and route of ours, from every available backend.
+
+    Needs no config: ours are found by chain prefix, comment, table name and route protocol.
+    Removing when nothing is there changes nothing.
+    """
+    touched: list[str] = []
+    ran: list[Step] = []
+    for backend in backends if backends is not None else available_backends():
+        steps = backend.steps(None)
+        if steps:
+            backend.run(steps)
+            ran += steps
+            touched.append(backend.name)
+    routes = netlink.remove_routes()
+    log.info("intercept.removed", backends=",".join(touched) or "-", routes=routes)
+    return RemovedState(tuple(touched), routes, tuple(ran))
+
+
+def status() -> dict[str, Any]:
+    """What of ours the kernel holds now, per backend, plus our policy routes."""
+    doc: dict[str, Any] = {}
+    for backend in available_backends():
+        owned = backend.owned()
+        if owned:
+            doc[backend.name] = owned
+    return {"backends": doc, "routes": netlink.current(), "applied": bool(doc)}

@@ -1,0 +1,122 @@
+"""The iptables backend: `iptables-restore --noflush` in the nft or the legacy flavour.
+
+Finds the flavour's binaries (`iptables-nft-restore`, `iptables-legacy-save`, ...; on hosts with
+only unsuffixed ones, such as RHEL 8, the plain binary if its `--version` names the flavour),
+reads the current ruleset with `*-save`, and feeds one `render_iptables.transaction` per address
+family to `*-restore --noflush`: one atomic commit per table, others' rules never named.
+
+The legacy flavour's tables are only read when the kernel already has them
+(`/proc/net/ip_tables_names`), so looking never creates a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from . import render_iptables
+from .errors import InterceptError
+from .plan import Family, Plan
+from .tools import Step, read, run, which
+
+Flavour = Literal["nft", "legacy"]
+_VERSION_TAG: dict[Flavour, str] = {"nft": "(nf_tables)", "legacy": "(legacy)"}
+_BASE: dict[Family, str] = {4: "iptables", 6: "ip6tables"}
+_LEGACY_NAMES: dict[Family, Path] = {
+    4: Path("/proc/net/ip_tables_names"),
+    6: Path("/proc/net/ip6_tables_names"),
+}
+
+
+@dataclass(frozen=True)
+class IptablesTools:
+    flavour: Flavour
+    save: dict[Family, str] = field(default_factory=dict)
+    restore: dict[Family, str] = field(default_factory=dict)
+
+
+def find_tools(flavour: Flavour) -> IptablesTools | None:
+    """The flavour's save/restore binaries per family, or None when IPv4 ones are missing."""
+    tools = IptablesTools(flavour)
+    for family, base in _BASE.items():
+        save, restore = which(f"{base}-{flavour}-save"), which(f"{base}-{flavour}-restore")
+        if not (save and restore):
+            plain = which(base)
+            if plain and _VERSION_TAG[flavour] in _version(plain):
+                save, restore = which(f"{base}-save"), which(f"{base}-restore")
+        if save and restore:
+            tools.save[family] = save
+            tools.restore[family] = restore
+    return tools if 4 in tools.save else None
+
+
+def _version(binary: str) -> str:
+    try:
+        return read([binary, "--version"])
+    except InterceptError:
+        return ""
+
+
+def legacy_tables(family: Family) -> list[str]:
+    """Legacy (x_tables) tables the kernel has in this network namespace."""
+    try:
+        return _LEGACY_NAMES[family].read_text().split()
+    except OSError:
+        return []
+
+
+class IptablesBackend:
+    """`iptables-restore` in one flavour."""
+
+    def __init__(self, tools: IptablesTools) -> None:
+        self.tools = tools
+        self.name = f"iptables-{tools.flavour}"
+
+    def save(self, family: Family) -> str:
+        """`iptables-save` (or ip6tables-save) output; "" when this flavour has nothing to show."""
+        if family not in self.tools.save:
+            return ""
+        if self.tools.flavour == "legacy" and not legacy_tables(family):
+            return ""
+        return read([self.tools.save[family]])
+
+    def render(self, plan: Plan) -> str:
+        out = []
+        for family in plan.families:
+            out.append(f"# {_BASE[family]}-restore --noflush\n{render_iptables.render(plan, family)}")
+        return "".join(out)
+
+    def steps(self, plan: Plan | None) -> list[Step]:
+        """What `apply` (plan) or `remove` (None) would run, computed from the live ruleset."""
+        steps = []
+        for family in (4, 6):
+            fam: Family = 4 if family == 4 else 6
+            if fam not in self.tools.restore:
+                if plan is not None and fam in plan.families:
+                    raise InterceptError(
+                        f"{_BASE[fam]}-restore ({self.tools.flavour}) is not installed",
+                        "install it, or set intercept.ipv6 = false",
+                    )
+                continue
+            text = render_iptables.transaction(plan, self.save(fam), fam)
+            if text:
+                what = f"{'apply' if plan else 'remove'} IPv{fam} rules ({self.name})"
+                steps.append(Step((self.tools.restore[fam], "-w", "--noflush"), text, what))
+        return steps
+
+    def run(self, steps: list[Step]) -> None:
+        for step in steps:
+            run(step)
+
+    def owned(self) -> dict[str, Any]:
+        """Our chains and jumps per family, as the kernel has them now."""
+        doc: dict[str, Any] = {}
+        for fam in (4, 6):
+            family: Family = 4 if fam == 4 else 6
+            tables = render_iptables.owned(self.save(family))
+            if tables:
+                doc[f"ipv{family}"] = {
+                    name: {"chains": t.chains, "jumps": t.builtin_rules} for name, t in tables.items()
+                }
+        return doc

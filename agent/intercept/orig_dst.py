@@ -1,0 +1,74 @@
+"""Where a captured connection was going: the kernel knows, the proxy never guesses.
+
+- REDIRECT (NAT): conntrack keeps the pre-NAT destination; `getsockopt(SOL_IP, SO_ORIGINAL_DST)`
+  returns it as a `sockaddr_in`, `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` as a
+  `sockaddr_in6`. A dual-stack (`::`) listener accepting IPv4 has a v4-mapped local address;
+  its conntrack entry is IPv4, so it is asked at SOL_IP.
+- TPROXY (or a connection that was not redirected): no NAT entry (ENOENT); the accepted
+  socket's own address *is* the original destination.
+
+`OriginalDst.via` says which, so the proxy can refuse a connection that was made straight to
+its own listener (via="socket" and port == its own port) instead of looping to itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Literal
+
+SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
+IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
+SOL_IP = 0
+SOL_IPV6 = 41
+_SOCKADDR_IN = struct.Struct("!2xH4s8x")  # family (host order, skipped), port, addr, zero
+_SOCKADDR_IN6 = struct.Struct("!2xHI16sI")  # family, port, flowinfo, addr, scope id
+
+
+@dataclass(frozen=True)
+class OriginalDst:
+    host: str
+    port: int
+    via: Literal["nat", "socket"]
+    """nat: read from conntrack (REDIRECT); socket: the socket's own address (TPROXY, or not redirected)."""
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _v4(raw: bytes) -> tuple[str, int]:
+    port, addr = _SOCKADDR_IN.unpack(raw[: _SOCKADDR_IN.size])
+    return socket.inet_ntop(socket.AF_INET, addr), port
+
+
+def _v6(raw: bytes) -> tuple[str, int]:
+    port, _flow, addr, _scope = _SOCKADDR_IN6.unpack(raw[: _SOCKADDR_IN6.size])
+    return socket.inet_ntop(socket.AF_INET6, addr), port
+
+
+def _unmapped(host: str) -> str:
+    ip = ipaddress.ip_address(host.split("%")[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def original_dst(sock: socket.socket) -> OriginalDst:
+    """The destination the client asked for, for an accepted TCP socket."""
+    local = sock.getsockname()
+    host = _unmapped(local[0])
+    try:
+        if sock.family == socket.AF_INET or ":" not in host:
+            raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
+            orig_host, orig_port = _v4(raw)
+        else:
+            raw = sock.getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST, _SOCKADDR_IN6.size)
+            orig_host, orig_port = _v6(raw)
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+        return OriginalDst(host, int(local[1]), "socket")
+    return OriginalDst(orig_host, orig_port, "nat")

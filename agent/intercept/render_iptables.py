@@ -1,0 +1,214 @@
+"""Plan -> `iptables-restore` / `ip6tables-restore` text (the same text for nft and legacy flavours).
+
+Two pure functions:
+
+- `render(plan, family)`: the plan's own rules, as a fresh table section each (what `show` prints
+  and what the golden files hold);
+- `transaction(plan, saved, family)`: the exact `--noflush` input that turns the current ruleset
+  (`saved`, from `iptables-save`) into "current minus ours plus the plan" in one commit per
+  table. Our built-in-chain jumps are deleted with the very lines `iptables-save` printed, our
+  chains are declared (which creates or flushes them), stale ones deleted, then the plan's rules
+  appended. `plan=None` is `remove`. Nothing that is not ours is named, so nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .plan import (
+    BUILTIN_CHAINS,
+    CHAIN_PREFIX,
+    COMMENT_PREFIX,
+    MULTIPORT_MAX,
+    DstNet,
+    DstPorts,
+    Family,
+    GidOwner,
+    InIface,
+    Jump,
+    Mark,
+    Match,
+    OutIface,
+    Plan,
+    PortRange,
+    Redirect,
+    Return,
+    Rule,
+    SetMark,
+    SrcNet,
+    TProxy,
+    TransparentSocket,
+    UidOwner,
+)
+
+TABLE_ORDER = ("raw", "mangle", "nat", "filter", "security")
+
+
+def _port(p: PortRange) -> str:
+    return str(p.lo) if p.lo == p.hi else f"{p.lo}:{p.hi}"
+
+
+def _port_chunks(ports: tuple[PortRange, ...]) -> Iterator[tuple[PortRange, ...]]:
+    chunk: list[PortRange] = []
+    used = 0
+    for p in ports:
+        if used + p.slots > MULTIPORT_MAX:
+            yield tuple(chunk)
+            chunk, used = [], 0
+        chunk.append(p)
+        used += p.slots
+    if chunk:
+        yield tuple(chunk)
+
+
+def _match_args(match: Match) -> list[str]:
+    if isinstance(match, InIface):
+        return ["-i", match.name]
+    if isinstance(match, OutIface):
+        return ["-o", match.name]
+    if isinstance(match, SrcNet):
+        return ["-s", match.net]
+    if isinstance(match, DstNet):
+        return ["-d", match.net]
+    if isinstance(match, UidOwner):
+        return ["-m", "owner", "--uid-owner", str(match.uid)]
+    if isinstance(match, GidOwner):
+        return ["-m", "owner", "--gid-owner", str(match.gid)]
+    if isinstance(match, Mark):
+        return ["-m", "mark", "--mark", f"{match.value:#x}/{match.mask:#x}"]
+    if isinstance(match, TransparentSocket):
+        return ["-m", "socket", "--transparent"]
+    if isinstance(match, DstPorts):
+        if len(match.ports) == 1:
+            return ["-m", "tcp", "--dport", _port(match.ports[0])]
+        return ["-m", "multiport", "--dports", ",".join(_port(p) for p in match.ports)]
+    raise TypeError(f"unknown match {match!r}")
+
+
+def _action_args(rule: Rule) -> list[str]:
+    action = rule.action
+    if isinstance(action, Return):
+        return ["-j", "RETURN"]
+    if isinstance(action, Jump):
+        return ["-j", action.chain]
+    if isinstance(action, Redirect):
+        return ["-j", "REDIRECT", "--to-ports", str(action.port)]
+    if isinstance(action, TProxy):
+        return [
+            "-j",
+            "TPROXY",
+            "--on-port",
+            str(action.port),
+            "--tproxy-mark",
+            f"{action.mark:#x}/{action.mark:#x}",
+        ]
+    if isinstance(action, SetMark):
+        return ["-j", "MARK", "--set-xmark", f"{action.mark:#x}/{action.mark:#x}"]
+    raise TypeError(f"unknown action {action!r}")
+
+
+def rule_lines(rule: Rule) -> list[str]:
+    """`-A CHAIN ...` lines for one rule (several when a port list overflows multiport)."""
+    variants: list[list[Match]] = [[]]
+    for match in rule.matches:
+        if isinstance(match, DstPorts) and len(match.ports) > 1:
+            variants = [[*v, DstPorts(chunk)] for v in variants for chunk in _port_chunks(match.ports)]
+        else:
+            variants = [[*v, match] for v in variants]
+    lines = []
+    for matches in variants:
+        args = ["-A", rule.chain, "-p", "tcp"]
+        for match in matches:
+            args += _match_args(match)
+        args += ["-m", "comment", "--comment", f'"{rule.comment}"']
+        args += _action_args(rule)
+        lines.append(" ".join(args))
+    return lines
+
+
+def _table_rules(plan: Plan, table: str, family: Family) -> list[Rule]:
+    return [r for r in plan.rules if r.table == table and r.applies_to(family)]
+
+
+def render(plan: Plan, family: Family) -> str:
+    """The plan's rules for one family as `iptables-restore` input (empty when the family is off)."""
+    if family not in plan.families:
+        return ""
+    out: list[str] = []
+    for table in plan.tables():
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in plan.own_chains(table)]
+        for rule in _table_rules(plan, table, family):
+            out += rule_lines(rule)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
+
+
+# -- reading iptables-save -------------------------------------------------------------------
+
+
+@dataclass
+class OwnedTable:
+    """What of ours one table holds, as `iptables-save` printed it."""
+
+    chains: list[str] = field(default_factory=list)
+    builtin_rules: list[str] = field(default_factory=list)  # "-A PREROUTING ..." lines, verbatim
+    foreign_refs: list[str] = field(default_factory=list)  # others' rules jumping into our chains
+
+
+def is_ours(line: str) -> bool:
+    """A rule line that carries our comment or jumps to one of our chains."""
+    return (
+        f'--comment "{COMMENT_PREFIX}:' in line
+        or f"--comment {COMMENT_PREFIX}:" in line
+        or f"-j {CHAIN_PREFIX}" in line
+        or f"-g {CHAIN_PREFIX}" in line
+    )
+
+
+def owned(saved: str) -> dict[str, OwnedTable]:
+    """Our chains and built-in-chain rules per table in an `iptables-save` dump."""
+    tables: dict[str, OwnedTable] = {}
+    current: OwnedTable | None = None
+    for raw in saved.splitlines():
+        line = raw.strip()
+        if line.startswith("*"):
+            current = tables.setdefault(line[1:], OwnedTable())
+        elif current is None or not line or line.startswith("#"):
+            continue
+        elif line.startswith(":" + CHAIN_PREFIX):
+            current.chains.append(line[1:].split()[0])
+        elif line.startswith("-A ") and is_ours(line):
+            chain = line.split()[1]
+            if chain in BUILTIN_CHAINS:
+                current.builtin_rules.append(line)
+            elif not chain.startswith(CHAIN_PREFIX):
+                current.foreign_refs.append(line)
+    return {name: t for name, t in tables.items() if t.chains or t.builtin_rules or t.foreign_refs}
+
+
+def transaction(plan: Plan | None, saved: str, family: Family) -> str:
+    """`--noflush` restore input: current ruleset minus ours, plus `plan` (None: just remove).
+
+    Returns "" when there is nothing to do. Others' rules that jump into our chains (someone
+    hand-added one) are deleted too, or the chain could not be removed; `foreign_refs` lists them.
+    """
+    have = owned(saved)
+    active = plan if plan is not None and family in plan.families else None
+    wanted = active.tables() if active else []
+    tables = [t for t in TABLE_ORDER if t in wanted or t in have]
+    out: list[str] = []
+    for table in tables:
+        current = have.get(table, OwnedTable())
+        chains = active.own_chains(table) if active and table in wanted else []
+        stale = [c for c in current.chains if c not in chains]
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in [*chains, *stale]]
+        out += ["-D" + line[2:] for line in [*current.builtin_rules, *current.foreign_refs]]
+        out += [f"-X {chain}" for chain in stale]
+        if active is not None:
+            for rule in _table_rules(active, table, family):
+                out += rule_lines(rule)
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
