@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -155,3 +156,20 @@ def running_authority(directory: Path, *init_args: str, workers: int = 1) -> Ite
         yield auth
     finally:
         auth.stop()
+
+
+def issue_identity(authority_dir: Path, identity: str, state_dir: Path, lifetime: str | None = None) -> Any:
+    """Enroll `state_dir` as `identity` in-process (no HTTP): for data-plane tests."""
+    from agent.authority.service import Authority
+    from agent.identity.pki import generate_key, load_certs, make_csr
+    from agent.identity.store import IdentityStore
+
+    if not (authority_dir / "authority.json").exists():
+        extra = ["--cert-lifetime", lifetime] if lifetime else []
+        init_authority(authority_dir, *extra)
+    authority = Authority.open(authority_dir)
+    token = authority.create_tokens(identity, "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    key = generate_key()
+    result = authority.enroll(token.secret, make_csr(key).decode(), "test", [])
+    store = IdentityStore(state_dir)
+    return store.save(key, load_certs(result.chain_pem), load_certs(result.trust_bundle_pem))

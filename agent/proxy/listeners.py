@@ -1,0 +1,378 @@
+"""The asyncio shell of the proxy: accept, decide, connect, pair. All I/O of the data plane.
+
+Inbound (peers -> this host's app): the first bytes decide. A TLS ClientHello naming this
+host's identity is terminated (client certificate required), the client's identity is read
+and authorized for the port, and the connection goes on to the app at its original
+destination. Anything else (plaintext, or the app's own TLS) is a client without a mesh
+identity: the port's policy admits or refuses it.
+
+Outbound (the app -> elsewhere): the original destination is looked up in the catalog. Meshed
+destinations get mTLS with the expected identity as SNI and a verified server certificate;
+others pass through untouched, or are refused, by config.
+
+The upstream sockets carry the proxy's SO_MARK so interception never captures them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.logs import get_logger
+
+from .catalog import Catalog, CatalogEntry
+from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
+from .policy import InboundPolicy
+from .relay import Leg, TlsLeg
+from .tls import Credentials, peer_spiffe_id
+
+log = get_logger("meshagent.proxy")
+
+Address = tuple[str, int]
+OrigDstFn = Callable[[socket.socket], Address]
+Direction = Literal["inbound", "outbound"]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    inbound: Address = ("::", 4143)
+    outbound: Address = ("::", 4140)
+    mark: int = 0
+    connect_timeout_s: float = 5.0
+    handshake_timeout_s: float = 10.0
+    detect_timeout_s: float = 1.0
+    """How long an inbound client may stay silent before it is taken as a server-speaks-first
+    protocol (SMTP, MySQL): plaintext, without a mesh identity."""
+    skip_detect_ports: frozenset[int] = frozenset({25, 587, 3306})
+    unmeshed_outbound: Literal["pass", "refuse"] = "pass"
+
+
+@dataclass
+class ProxyStats:
+    """What `status` shows of the data plane; metrics proper are the telemetry plane's."""
+
+    opened: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    failures: Counter[str] = field(default_factory=Counter)
+    last_errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
+    active: int = 0
+
+    def error(self, kind: str, **fields: Any) -> None:
+        self.failures[kind] += 1
+        self.last_errors.append({"at": time.time(), "kind": kind, **fields})
+
+
+def _set_mark(sock: socket.socket, mark: int) -> None:
+    if mark:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
+
+
+class Proxy:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        credentials: Credentials,
+        policy: InboundPolicy,
+        catalog: Catalog,
+        orig_dst: OrigDstFn,
+    ) -> None:
+        self.settings = settings
+        self.credentials = credentials
+        self.policy = policy
+        self.catalog = catalog
+        self.orig_dst = orig_dst
+        self.stats = ProxyStats()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._legs: set[Leg] = set()
+        self._drained = asyncio.Event()  # set when the last connection closes
+        self.listening: dict[str, Address] = {}
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name, address, factory in (
+            ("inbound", self.settings.inbound, lambda: _InboundDetect(self)),
+            ("outbound", self.settings.outbound, lambda: _OutboundAccept(self)),
+        ):
+            server = await loop.create_server(
+                factory, host=address[0], port=address[1], reuse_address=True, backlog=4096
+            )
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname()
+            self.listening[name] = (bound[0], bound[1])
+            log.info("proxy.listening", direction=name, address=f"{bound[0]}:{bound[1]}")
+
+    async def stop(self, drain_timeout_s: float = 10.0) -> None:
+        """Stop accepting, let open connections finish for up to `drain_timeout_s`, then close."""
+        for server in self._servers:
+            server.close()
+        if self._legs:
+            self._drained.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+        for leg in list(self._legs):
+            leg.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        log.info("proxy.stopped", dropped=len(self._legs))
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- connection bookkeeping ----------------------------------------------------------
+
+    def track(self, leg: Leg) -> None:
+        self._legs.add(leg)
+        leg.on_closed = self._closed
+
+    def _closed(self, leg: Leg, exc: BaseException | None) -> None:
+        self._legs.discard(leg)
+        if not self._legs:
+            self._drained.set()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._legs) // 2
+
+    async def connect(self, address: Address, leg: Leg) -> Leg:
+        """Connect to `address` with our mark; `leg` becomes the socket's protocol."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            _set_mark(sock, self.settings.mark)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.wait_for(loop.sock_connect(sock, address), self.settings.connect_timeout_s)
+            await loop.create_connection(lambda: leg, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        self.track(leg)
+        return leg
+
+    def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
+        self.stats.refused[f"{direction}:{reason}"] += 1
+        log.warning("connection.refused", direction=direction, reason=reason, **fields)
+
+
+def _peer(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if peer else "?"
+
+
+def _unmap(host: str) -> str:
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+class _InboundDetect(asyncio.Protocol):
+    """The first protocol of an inbound connection: reads until the first bytes tell what it is."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.orig: Address = ("", 0)
+        self.done = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        try:
+            host, port = self.proxy.orig_dst(sock)
+        except OSError as exc:
+            self.proxy.refuse("inbound", "no_original_destination", peer=_peer(transport), error=str(exc))
+            transport.abort()
+            return
+        self.orig = (_unmap(host), port)
+        if port == self.proxy.listening.get("inbound", ("", -1))[1]:
+            # Someone connected straight to the listener: relaying would loop into ourselves.
+            self.proxy.refuse("inbound", "loop", peer=_peer(transport))
+            transport.abort()
+            return
+        if port in self.proxy.settings.skip_detect_ports:
+            self._dispatch(Detected(Protocol.OPAQUE))
+            return
+        self.timer = asyncio.get_running_loop().call_later(
+            self.proxy.settings.detect_timeout_s, self._dispatch, Detected(Protocol.OPAQUE)
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        result = detect(self.buffer)
+        if result is NEED_DATA and len(self.buffer) < MAX_PEEK:
+            return
+        self._dispatch(result if isinstance(result, Detected) else Detected(Protocol.OPAQUE))
+
+    def eof_received(self) -> bool:
+        if not self.done:
+            self._dispatch(Detected(Protocol.OPAQUE))
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.done = True
+
+    def _dispatch(self, detected: Detected) -> None:
+        if self.done or self.transport is None:
+            return
+        self.done = True
+        if self.timer is not None:
+            self.timer.cancel()
+        proxy, transport = self.proxy, self.transport
+        our_name = proxy.credentials.identity.workload.dns_name
+        if detected.protocol is Protocol.TLS and detected.sni == our_name:
+            tls = TlsLeg(proxy.credentials.server, server_side=True)
+            proxy.track(tls)
+            transport.set_protocol(tls)
+            tls.connection_made(transport)
+            tls.data_received(self.buffer)
+            proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport)), "inbound-mtls")
+            return
+        decision = proxy.policy.authorize(self.orig[1], None)
+        if not decision.allowed:
+            proxy.refuse(
+                "inbound",
+                decision.reason,
+                peer=_peer(transport),
+                port=self.orig[1],
+                protocol=detected.protocol.value,
+            )
+            transport.close()
+            return
+        leg = Leg()
+        proxy.track(leg)
+        transport.set_protocol(leg)
+        leg.connection_made(transport)
+        proxy.spawn(_inbound_plain(proxy, leg, self.buffer, self.orig, _peer(transport)), "inbound-plain")
+
+
+async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> None:
+    try:
+        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), proxy.settings.handshake_timeout_s)
+    except (TimeoutError, OSError, asyncio.CancelledError) as exc:
+        proxy.stats.error("inbound_tls_handshake", peer=peer, reason=_tls_reason(exc))
+        log.warning("tls.handshake_failed", direction="inbound", peer=peer, reason=_tls_reason(exc))
+        tls.abort()
+        return
+    client_id = peer_spiffe_id(tls.peer_cert)
+    decision = proxy.policy.authorize(orig[1], client_id)
+    if not decision.allowed:
+        proxy.refuse("inbound", decision.reason, peer=peer, port=orig[1], client_id=client_id or "")
+        tls.send_eof()
+        tls.close()
+        return
+    try:
+        upstream = await proxy.connect(orig, Leg())
+    except (OSError, TimeoutError) as exc:
+        proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
+        tls.close()
+        return
+    proxy.stats.opened["inbound:mtls"] += 1
+    tls.pair(upstream)
+
+
+async def _inbound_plain(proxy: Proxy, leg: Leg, early: bytes, orig: Address, peer: str) -> None:
+    try:
+        upstream = await proxy.connect(orig, Leg())
+    except (OSError, TimeoutError) as exc:
+        proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
+        leg.close()
+        return
+    proxy.stats.opened["inbound:plaintext"] += 1
+    if early:
+        upstream.send(early)
+        leg.rx += len(early)
+    leg.pair(upstream)
+
+
+class _OutboundAccept(Leg):
+    """The app's side of an outbound connection."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__()
+        self.proxy = proxy
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # paused until paired
+        proxy = self.proxy
+        proxy.track(self)
+        sock = transport.get_extra_info("socket")
+        try:
+            host, port = proxy.orig_dst(sock)
+        except OSError as exc:
+            proxy.refuse("outbound", "no_original_destination", error=str(exc))
+            self.abort()
+            return
+        orig = (_unmap(host), port)
+        if port == proxy.listening.get("outbound", ("", -1))[1]:
+            proxy.refuse("outbound", "loop")
+            self.abort()
+            return
+        entry = proxy.catalog.lookup(orig[0], orig[1])
+        proxy.spawn(_outbound(proxy, self, orig, entry), "outbound")
+
+
+async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry | None) -> None:
+    dst = f"{orig[0]}:{orig[1]}"
+    if entry is None:
+        if proxy.settings.unmeshed_outbound == "refuse":
+            proxy.refuse("outbound", "not_meshed", dst=dst)
+            app.close()
+            return
+        try:
+            upstream = await proxy.connect(orig, Leg())
+        except (OSError, TimeoutError) as exc:
+            proxy.stats.error("outbound_connect", dst=dst, reason=str(exc) or "timeout")
+            app.abort()
+            return
+        proxy.stats.opened["outbound:passthrough"] += 1
+        app.pair(upstream)
+        return
+    tls = TlsLeg(proxy.credentials.client, server_side=False, server_hostname=entry.server_name)
+    try:
+        await proxy.connect(orig, tls)
+        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), proxy.settings.handshake_timeout_s)
+    except (OSError, TimeoutError, asyncio.CancelledError) as exc:
+        reason = _tls_reason(exc)
+        proxy.stats.error("outbound_tls", dst=dst, server_id=entry.identity, reason=reason)
+        log.warning(
+            "tls.handshake_failed", direction="outbound", dst=dst, server_id=entry.identity, reason=reason
+        )
+        tls.abort()
+        app.abort()
+        return
+    server_id = peer_spiffe_id(tls.peer_cert)
+    if server_id != entry.identity:
+        proxy.stats.error("outbound_identity", dst=dst, expected=entry.identity, got=server_id or "")
+        log.warning("tls.wrong_identity", dst=dst, expected=entry.identity, got=server_id or "")
+        tls.abort()
+        app.abort()
+        return
+    proxy.stats.opened["outbound:mtls"] += 1
+    app.pair(tls)
+
+
+def _tls_reason(exc: BaseException) -> str:
+    """A short sentence for logs and status from an OpenSSL error or a timeout."""
+    if isinstance(exc, TimeoutError):
+        return "handshake timed out"
+    text = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+    with contextlib.suppress(Exception):
+        text = str(text).replace("_", " ").lower()
+    return str(text) or exc.__class__.__name__

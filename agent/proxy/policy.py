@@ -1,0 +1,59 @@
+"""Inbound authorization: per port, a default and allow-lists of client identities.
+
+The semantics of Linkerd's Server + AuthorizationPolicy (and SMI TrafficTarget):
+- `all-unauthenticated`: anyone, including plaintext clients outside the mesh;
+- `all-authenticated`: any client with a valid mesh certificate;
+- `deny`: nobody.
+An allow-list entry is a SPIFFE ID or a glob (`spiffe://cluster.local/ns/shop/*`); a port with
+an allow-list admits exactly the identities on it, whatever the default says.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class DefaultPolicy(Enum):
+    ALL_UNAUTHENTICATED = "all-unauthenticated"
+    ALL_AUTHENTICATED = "all-authenticated"
+    DENY = "deny"
+
+
+@dataclass(frozen=True)
+class PortPolicy:
+    default: DefaultPolicy
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str  # a closed set of words, usable as a metric label
+
+
+@dataclass(frozen=True)
+class InboundPolicy:
+    default: PortPolicy = PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)
+    ports: dict[int, PortPolicy] = field(default_factory=dict)
+
+    def for_port(self, port: int) -> PortPolicy:
+        return self.ports.get(port, self.default)
+
+    def authorize(self, port: int, client_id: str | None) -> Decision:
+        """`client_id` is the peer's SPIFFE ID, or None for a client without mesh TLS."""
+        policy = self.for_port(port)
+        if policy.allow:
+            if client_id is None:
+                return Decision(False, "unauthenticated")
+            if any(fnmatch.fnmatchcase(client_id, pattern) for pattern in policy.allow):
+                return Decision(True, "allow_list")
+            return Decision(False, "not_authorized")
+        if policy.default is DefaultPolicy.ALL_UNAUTHENTICATED:
+            return Decision(True, "unauthenticated_allowed" if client_id is None else "authenticated")
+        if policy.default is DefaultPolicy.DENY:
+            return Decision(False, "denied")
+        if client_id is None:
+            return Decision(False, "unauthenticated")
+        return Decision(True, "authenticated")

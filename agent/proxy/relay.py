@@ -1,0 +1,242 @@
+"""The hot path: two legs of one proxied connection, relaying bytes with backpressure.
+
+A `Leg` is an asyncio Protocol on one socket; `TlsLeg` runs TLS itself over memory BIOs
+rather than asyncio's SSL transport because asyncio cannot half-close a TLS stream
+(`can_write_eof()` is False): here an EOF on one side becomes a TLS 1.3 close_notify on the
+other (which still reads), and a close_notify becomes a FIN, so request/response protocols
+that shut down their write side work through the mesh.
+
+Per chunk: one read, one write, one counter update. No logging, no lookups, no allocation
+beyond the chunk itself. Backpressure: when one leg's transport buffer passes its high-water
+mark, the other leg stops reading until it drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+READ_SIZE = 256 * 1024
+WRITE_HIGH_WATER = 512 * 1024
+
+
+class Leg(asyncio.Protocol):
+    """A plaintext side. `peer` is the other leg once the connection is paired."""
+
+    __slots__ = ("closed", "on_closed", "peer", "read_eof", "rx", "transport", "tx", "write_eof_sent")
+
+    def __init__(self, on_closed: Callable[[Leg, BaseException | None], None] | None = None) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: Leg | None = None
+        self.rx = 0  # application bytes read from this side
+        self.tx = 0  # application bytes written to this side
+        self.read_eof = False
+        self.write_eof_sent = False
+        self.closed = False
+        self.on_closed = on_closed
+
+    # --- asyncio callbacks ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        if self.peer is None:
+            transport.pause_reading()  # until paired: bytes wait in the kernel
+
+    def data_received(self, data: bytes) -> None:
+        self.rx += len(data)
+        self.peer.send(data)  # type: ignore[union-attr]  # reading only resumes once paired
+
+    def eof_received(self) -> bool:
+        self.read_eof = True
+        if self.peer is not None:
+            self.peer.send_eof()
+            self._maybe_finish()
+        return True  # keep our write side open: half-close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closed = True
+        if self.peer is not None and not self.peer.closed:
+            self.peer.close()
+        if self.on_closed is not None:
+            self.on_closed(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None and not self.peer.read_eof:
+            self.peer.transport.resume_reading()
+
+    # --- called by the peer --------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        self.tx += len(data)
+        self.transport.write(data)  # type: ignore[union-attr]
+
+    def send_eof(self) -> None:
+        if self.write_eof_sent or self.transport is None or self.transport.is_closing():
+            return
+        self.write_eof_sent = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()  # flushes what is buffered, then closes
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- pairing -------------------------------------------------------------------------
+
+    def pair(self, other: Leg) -> None:
+        """Join two legs and let bytes flow both ways."""
+        self.peer, other.peer = other, self
+        self.start()
+        other.start()
+
+    def start(self) -> None:
+        if self.transport is not None and not self.read_eof:
+            self.transport.resume_reading()
+
+    def _maybe_finish(self) -> None:
+        if self.read_eof and self.peer is not None and self.peer.read_eof:
+            self.close()
+            self.peer.close()
+
+
+class TlsLeg(Leg):
+    """A TLS side: TLS 1.3 over memory BIOs on a plain TCP transport."""
+
+    __slots__ = ("handshake_error", "handshake_waiter", "incoming", "outgoing", "sslobj")
+
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        server_side: bool,
+        server_hostname: str | None = None,
+        on_closed: Callable[[Leg, BaseException | None], None] | None = None,
+    ) -> None:
+        super().__init__(on_closed)
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.handshake_error: BaseException | None = None
+
+    @property
+    def peer_cert(self) -> dict[str, Any] | None:
+        return self.sslobj.getpeercert()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._handshake()  # the client's first flight; a server just waits for data
+
+    def data_received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        if not self.handshake_waiter.done():
+            self._handshake()
+        if self.peer is not None:
+            self._read_records()
+
+    def eof_received(self) -> bool:
+        # A FIN without close_notify: treat as end of stream (ragged EOF, common and harmless
+        # for length-delimited protocols), after whatever was already decrypted.
+        self.incoming.write_eof()
+        if not self.handshake_waiter.done():
+            self._fail(ConnectionResetError("peer closed during the TLS handshake"))
+            return False
+        if self.peer is not None:
+            self._read_records()
+        self._end_of_stream()
+        return True
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if not self.handshake_waiter.done():
+            self._fail(exc or ConnectionResetError("connection closed during the TLS handshake"))
+        super().connection_lost(exc)
+
+    def _handshake(self) -> None:
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()  # send the alert, so the peer learns why
+            self._fail(exc)
+            return
+        self._flush()
+        if self.peer is None and self.transport is not None:
+            self.transport.pause_reading()  # app data waits in the kernel until paired
+        self.handshake_waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.handshake_error = exc
+        if not self.handshake_waiter.done():
+            self.handshake_waiter.set_exception(exc)
+            self.handshake_waiter.exception()  # retrieved: the listener reports it, not asyncio
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _read_records(self) -> None:
+        peer = self.peer
+        assert peer is not None
+        read = self.sslobj.read
+        try:
+            while True:
+                chunk = read(READ_SIZE)
+                if not chunk:
+                    self._end_of_stream()
+                    break
+                self.rx += len(chunk)
+                peer.send(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLZeroReturnError:  # close_notify: the peer finished writing
+            self._end_of_stream()
+        except ssl.SSLError:
+            self.abort()
+            return
+        if self.outgoing.pending:  # post-handshake messages (tickets, key updates)
+            self._flush()
+
+    def _end_of_stream(self) -> None:
+        if self.read_eof:
+            return
+        self.read_eof = True
+        if self.peer is not None:
+            self.peer.send_eof()
+            self._maybe_finish()
+
+    def start(self) -> None:
+        super().start()
+        if self.incoming.pending or self.sslobj.pending():
+            self._read_records()  # records that arrived with the handshake's last flight
+
+    def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+    def send(self, data: bytes) -> None:
+        self.tx += len(data)
+        self.sslobj.write(data)
+        self.transport.write(self.outgoing.read())  # type: ignore[union-attr]
+
+    def send_eof(self) -> None:
+        if self.write_eof_sent or self.transport is None or self.transport.is_closing():
+            return
+        self.write_eof_sent = True
+        with contextlib.suppress(ssl.SSLError):  # WantRead: close_notify sent, read side stays open
+            self.sslobj.unwrap()
+        self._flush()

@@ -1,0 +1,261 @@
+"""The data plane on loopback: two proxies, mTLS between them, real sockets, no interception.
+
+The original destination, which the kernel supplies under interception (tests/netns), is given
+here by a fixed resolver, so these tests exercise detection, TLS, identity checks,
+authorization and the relay itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from agent.identity.store import IdentityStore
+from agent.proxy.catalog import Catalog, CatalogEntry
+from agent.proxy.listeners import Proxy, ProxySettings
+from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.tls import Credentials
+from tests.support import issue_identity
+
+TD = "cluster.local"
+WEB = f"spiffe://{TD}/ns/shop/sa/web"
+DB = f"spiffe://{TD}/ns/shop/sa/db"
+DB_NAME = "db.shop.serviceaccount.identity.linkerd.cluster.local"
+
+
+async def echo_server() -> tuple[asyncio.AbstractServer, int]:
+    """Echoes everything, and closes its write side after the client's EOF (half-close)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # until the client's EOF
+        writer.write(b"echo:" + data)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+class World:
+    """Host A (web, outbound proxy) and host B (db, inbound proxy) on loopback."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        issue_identity(tmp / "authority", "shop/web", tmp / "a")
+        issue_identity(tmp / "authority", "shop/db", tmp / "b")
+        self.proxies: list[Proxy] = []
+
+    async def start(
+        self,
+        app_port: int,
+        policy: InboundPolicy | None = None,
+        catalog_identity: str = DB,
+        server_name: str = DB_NAME,
+    ) -> tuple[Proxy, Proxy]:
+        b = Proxy(
+            ProxySettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(self.tmp / "b")),
+            policy or InboundPolicy(),
+            Catalog([]),
+            lambda sock: ("127.0.0.1", app_port),
+        )
+        await b.start()
+        b_in = b.listening["inbound"][1]
+        catalog = Catalog(
+            [
+                CatalogEntry.from_doc(
+                    {
+                        "cidr": "127.0.0.1/32",
+                        "ports": [b_in],
+                        "identity": catalog_identity,
+                        "server_name": server_name,
+                    }
+                )
+            ]
+        )
+        a = Proxy(
+            ProxySettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(self.tmp / "a")),
+            InboundPolicy(),
+            catalog,
+            lambda sock: ("127.0.0.1", b_in),
+        )
+        await a.start()
+        self.proxies += [a, b]
+        return a, b
+
+    async def stop(self) -> None:
+        for p in self.proxies:
+            await p.stop(0.5)
+
+
+def run(tmp: Path, body: Callable[[World], Awaitable[None]]) -> None:
+    async def main() -> None:
+        world = World(tmp)
+        try:
+            await asyncio.wait_for(body(world), 30)
+        finally:
+            await world.stop()
+
+    asyncio.run(main())
+
+
+async def request(port: int, payload: bytes) -> bytes:
+    """Send `payload`, half-close, read to EOF; a refused or reset connection reads as b""."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def test_outbound_to_inbound_is_mtls_with_half_close(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port)
+        payload = b"x" * 3_000_000  # larger than every buffer on the way: backpressure
+        assert await request(a.listening["outbound"][1], payload) == b"echo:" + payload
+        assert a.stats.opened["outbound:mtls"] == 1
+        assert b.stats.opened["inbound:mtls"] == 1
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_many_concurrent_connections(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, _ = await world.start(app_port)
+        port = a.listening["outbound"][1]
+        results = await asyncio.gather(*(request(port, f"req-{i}".encode()) for i in range(200)))
+        assert results == [f"echo:req-{i}".encode() for i in range(200)]
+        await asyncio.sleep(0.2)
+        assert a.open_connections == 0  # every leg closed: no fd leak
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_wrong_server_identity_is_refused(tmp_path: Path) -> None:
+    """The catalog expects shop/web at B's address, B proves shop/db: no connection."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, _ = await world.start(
+            app_port,
+            catalog_identity=WEB,
+            server_name="web.shop.serviceaccount.identity.linkerd.cluster.local",
+        )
+        assert await request(a.listening["outbound"][1], b"hello") == b""
+        assert a.stats.failures["outbound_tls"] + a.stats.failures["outbound_identity"] == 1
+        server.close()
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("policy", "allowed"),
+    [
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED), True),
+        (PortPolicy(DefaultPolicy.DENY), False),
+        (PortPolicy(DefaultPolicy.DENY, allow=(f"spiffe://{TD}/ns/shop/*",)), True),
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED, allow=(f"spiffe://{TD}/ns/other/*",)), False),
+    ],
+    ids=["authenticated", "deny", "allow-glob", "not-on-allow-list"],
+)
+def test_inbound_authorization(tmp_path: Path, policy: PortPolicy, allowed: bool) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port, policy=InboundPolicy(default=policy))
+        got = await request(a.listening["outbound"][1], b"hi")
+        assert got == (b"echo:hi" if allowed else b"")
+        assert sum(b.stats.refused.values()) == (0 if allowed else 1)
+        server.close()
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize(
+    ("default", "allowed"),
+    [(DefaultPolicy.ALL_UNAUTHENTICATED, True), (DefaultPolicy.ALL_AUTHENTICATED, False)],
+    ids=["permissive", "strict"],
+)
+def test_plaintext_client_by_policy(tmp_path: Path, default: DefaultPolicy, allowed: bool) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        _, b = await world.start(app_port, policy=InboundPolicy(default=PortPolicy(default)))
+        got = await request(b.listening["inbound"][1], b"GET / HTTP/1.1\r\n\r\n")
+        assert got == (b"echo:GET / HTTP/1.1\r\n\r\n" if allowed else b"")
+        assert b.stats.opened["inbound:plaintext"] == (1 if allowed else 0)
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_foreign_ca_client_certificate_is_refused(tmp_path: Path) -> None:
+    """A client certificate from another CA, with the right SNI, fails the handshake."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        _, b = await world.start(app_port)
+        issue_identity(tmp_path / "other-authority", "shop/web", tmp_path / "intruder")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.load_cert_chain(tmp_path / "intruder/identity/cert.pem", tmp_path / "intruder/identity/key.pem")
+        ctx.load_verify_locations(tmp_path / "b/identity/bundle.pem")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", b.listening["inbound"][1], ssl=ctx, server_hostname=DB_NAME
+        )
+        writer.write(b"hi")
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            data = await reader.read()
+            if not data:
+                raise ConnectionResetError("closed")
+        await asyncio.sleep(0.1)
+        assert b.stats.failures["inbound_tls_handshake"] == 1
+        writer.close()
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_rotation_swaps_contexts_and_open_connections_stay_up(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(1024):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        a, b = await world.start(server.sockets[0].getsockname()[1])
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        writer.write(b"before")
+        assert await reader.readexactly(6) == b"before"
+        # Rotate both hosts' identities (new keys), swap the contexts.
+        serials = {}
+        for proxy, name, ident in ((a, "a", "shop/web"), (b, "b", "shop/db")):
+            old = proxy.credentials.identity.summary.serial
+            fresh = issue_identity(tmp_path / "authority", ident, tmp_path / name)
+            proxy.credentials.reload(IdentityStore(tmp_path / name), fresh)
+            serials[name] = fresh.summary.serial
+            assert serials[name] != old
+        writer.write(b"after")
+        assert await reader.readexactly(5) == b"after"  # the old connection lives on
+        assert a.credentials.identity.summary.serial == serials["a"]
+        # A new connection handshakes with the new certificates.
+        r2, w2 = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        w2.write(b"new")
+        assert await r2.readexactly(3) == b"new"
+        w2.close()
+        writer.close()
+        server.close()
+
+    run(tmp_path, body)
