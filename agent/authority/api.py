@@ -6,6 +6,7 @@ served at `/v1/openapi.json`.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,7 @@ MAX_BODY = 64 * 1024
 # HTTP status per refusal code; anything unlisted is a 400.
 STATUS = {
     "token_unknown": 401,
+    "unauthenticated": 401,
     "token_used": 403,
     "token_expired": 403,
     "host_revoked": 403,
@@ -65,6 +67,24 @@ async def _body(request: Request, fields: dict[str, type]) -> dict[str, Any]:
         if not isinstance(doc.get(name), kind):
             raise RejectedError(f"field {name!r} is missing or not a {kind.__name__}", code="invalid_request")
     return doc
+
+
+AUTH_SCHEME = "Meshagent-PoP"
+
+
+def parse_auth_header(value: str) -> tuple[str, int, str]:
+    """`Meshagent-PoP chain=<base64 PEM>,ts=<unix>,sig=<base64>` -> (chain PEM, ts, signature)."""
+    scheme, _, params = value.partition(" ")
+    fields = dict(p.strip().split("=", 1) for p in params.split(",") if "=" in p)
+    try:
+        if scheme != AUTH_SCHEME:
+            raise ValueError(scheme)
+        return base64.b64decode(fields["chain"]).decode(), int(fields["ts"]), fields["sig"]
+    except (KeyError, ValueError, UnicodeDecodeError):
+        raise RejectedError(
+            f"this endpoint needs an Authorization: {AUTH_SCHEME} header signed by an enrolled host",
+            code="unauthenticated",
+        ) from None
 
 
 def _issued(authority: Authority, result: EnrollResult) -> dict[str, Any]:
@@ -125,6 +145,12 @@ def create_app(authority: Authority) -> Starlette:
         result = authority.renew(doc["certificate_chain"], doc["csr"], doc["timestamp"], doc["signature"])
         return JSONResponse(_issued(authority, result))
 
+    @refusals
+    async def host_config(request: Request) -> Response:
+        chain, timestamp, signature = parse_auth_header(request.headers.get("authorization", ""))
+        host = authority.authenticate(chain, timestamp, signature, request.method, request.url.path)
+        return JSONResponse(authority.host_config(host))
+
     async def trust_bundle(request: Request) -> Response:
         return JSONResponse({"trust_bundle": authority.trust_bundle.pem().decode()})
 
@@ -152,6 +178,7 @@ def create_app(authority: Authority) -> Starlette:
             Route("/v1/authority", info, methods=["GET"]),
             Route("/v1/enroll", enroll, methods=["POST"]),
             Route("/v1/renew", renew, methods=["POST"]),
+            Route("/v1/host/config", host_config, methods=["GET"]),
             Route("/v1/trust-bundle", trust_bundle, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),

@@ -61,6 +61,22 @@ OPENAPI: dict[str, Any] = {
                 "responses": {"200": _ISSUED, "400": _ERROR, "403": _ERROR},
             }
         },
+        "/v1/host/config": {
+            "get": {
+                "summary": "The catalog of meshed destinations and this host's authorization policy",
+                "description": "Authorization: Meshagent-PoP chain=<base64 PEM chain>,ts=<unix time>,"
+                "sig=<base64 ECDSA-SHA256 by the current key over "
+                "'meshagent-request-v1\\n' + ts + '\\nGET /v1/host/config'>",
+                "responses": {
+                    "200": {
+                        "description": "catalog, policy, trust bundle",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "401": _ERROR,
+                    "403": _ERROR,
+                },
+            }
+        },
         "/v1/trust-bundle": {
             "get": {
                 "summary": "The current mesh trust bundle (one or more roots)",

@@ -7,21 +7,32 @@ the same functions for the operator's local commands.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
 from agent.errors import RejectedError
 from agent.identity.names import WorkloadIdentity
-from agent.identity.pki import certs_to_pem, load_certs, spki_pin, utcnow, verify_possession
+from agent.identity.pki import (
+    certs_to_pem,
+    load_certs,
+    request_message,
+    spki_pin,
+    utcnow,
+    verify_message,
+    verify_possession,
+)
 from agent.logs import get_logger
+from agent.proxy.policy import DefaultPolicy
 
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .signing import issue_leaf, parse_csr, public_key_der
-from .storage import HostRecord, Issued, NewHost, Registry, SqliteRegistry
+from .storage import HostRecord, Issued, NewHost, PolicyRecord, Registry, SqliteRegistry, StaticEntry
 from .tokens import JoinToken, hash_secret, new_token
 
 log = get_logger("meshagent.authority")
@@ -119,17 +130,17 @@ class Authority:
             host, host.cert_pem.encode(), self.trust_bundle.pem(), self.identity(host.identity)
         )
 
-    def renew(self, chain_pem: str, csr_pem: str, timestamp: int, signature: str) -> EnrollResult:
-        now = self.clock()
+    def _current_certificate(self, chain_pem: str, timestamp: int, now: datetime) -> x509.Certificate:
+        """The host's presented certificate, if this authority issued it, it is valid and fresh."""
         try:
             current = load_certs(chain_pem.encode())[0]
-        except Exception:
+        except Exception:  # any parse failure is the same refusal
             raise RejectedError(
                 "the presented certificate is not readable PEM", code="invalid_certificate"
             ) from None
         try:
             current.verify_directly_issued_by(self.material.issuer_cert)
-        except Exception:
+        except Exception:  # InvalidSignature, ValueError, TypeError
             raise RejectedError(
                 "the presented certificate was not issued by this authority",
                 "enroll again with a join token from this authority",
@@ -143,18 +154,14 @@ class Authority:
             )
         if abs(now.timestamp() - timestamp) > POSSESSION_WINDOW.total_seconds():
             raise RejectedError(
-                "the renewal request's timestamp is too far from the authority's clock",
+                "the request's timestamp is too far from the authority's clock",
                 "check this host's clock (timedatectl) and retry",
                 code="clock_skew",
             )
-        csr = parse_csr(csr_pem)
-        if not verify_possession(current, csr_pem.encode(), timestamp, signature):
-            raise RejectedError(
-                "proof of possession failed: the request is not signed by the certificate's key",
-                code="possession_failed",
-            )
-        serial = format(current.serial_number, "x")
-        host = self.registry.find_by_serial(serial)
+        return current
+
+    def _host_of(self, cert: x509.Certificate) -> HostRecord:
+        host = self.registry.find_by_serial(format(cert.serial_number, "x"))
         if host is None:
             raise RejectedError(
                 "no enrolled host holds this certificate",
@@ -167,7 +174,105 @@ class Authority:
                 code="host_revoked",
                 hint="enroll again with a new join token if it should be back",
             )
+        return host
+
+    def renew(self, chain_pem: str, csr_pem: str, timestamp: int, signature: str) -> EnrollResult:
+        now = self.clock()
+        current = self._current_certificate(chain_pem, timestamp, now)
+        csr = parse_csr(csr_pem)
+        if not verify_possession(current, csr_pem.encode(), timestamp, signature):
+            raise RejectedError(
+                "proof of possession failed: the request is not signed by the certificate's key",
+                code="possession_failed",
+            )
+        host = self._host_of(current)
         workload = self.identity(host.identity)
-        updated = self.registry.renew(host.id, serial, now, self._issue(workload, csr))
+        updated = self.registry.renew(
+            host.id, format(current.serial_number, "x"), now, self._issue(workload, csr)
+        )
         log.info("host.renewed", host_id=host.id, serial=updated.serial)
         return EnrollResult(updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload)
+
+    def authenticate(
+        self, chain_pem: str, timestamp: int, signature: str, method: str, path: str
+    ) -> HostRecord:
+        """The enrolled, unrevoked host that signed this request with its current key."""
+        current = self._current_certificate(chain_pem, timestamp, self.clock())
+        if not verify_message(current, request_message(method, path, timestamp), signature):
+            raise RejectedError(
+                "the request is not signed by the certificate's key", code="possession_failed"
+            )
+        return self._host_of(current)
+
+    # --- catalog and policy --------------------------------------------------------------
+
+    def add_static_entry(self, cidr: str, ports: tuple[int, ...], identity: str) -> StaticEntry:
+        try:
+            network = ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise RejectedError(f"{cidr!r} is not an address or network", code="invalid_request") from None
+        if any(not 0 < p < 65536 for p in ports):
+            raise RejectedError("ports must be 1..65535", code="invalid_request")
+        return self.registry.add_static_entry(
+            str(network), ports, self.identity(identity).short, self.clock()
+        )
+
+    def set_policy(self, identity: str, port: int, default: str, allow: tuple[str, ...]) -> PolicyRecord:
+        try:
+            DefaultPolicy(default)
+        except ValueError:
+            choices = ", ".join(p.value for p in DefaultPolicy)
+            raise RejectedError(
+                f"policy {default!r} is not one of {choices}", code="invalid_request"
+            ) from None
+        record = PolicyRecord(self.identity(identity).short, port, default, allow)
+        self.registry.set_policy(record)
+        return record
+
+    def catalog(self) -> list[dict[str, Any]]:
+        """Every meshed destination: unrevoked hosts' addresses (all ports) and static entries."""
+        catalog: list[dict[str, Any]] = []
+        for other in self.registry.list_hosts():
+            if other.revoked:
+                continue
+            workload = self.identity(other.identity)
+            for address in other.addresses:
+                prefix = 32 if ":" not in address else 128
+                catalog.append(
+                    {
+                        "cidr": f"{address}/{prefix}",
+                        "ports": [],
+                        "identity": workload.spiffe_id,
+                        "server_name": workload.dns_name,
+                        "source": f"host:{other.id}",
+                    }
+                )
+        for entry in self.registry.static_entries():
+            workload = self.identity(entry.identity)
+            catalog.append(
+                {
+                    "cidr": entry.cidr,
+                    "ports": list(entry.ports),
+                    "identity": workload.spiffe_id,
+                    "server_name": workload.dns_name,
+                    "source": f"static:{entry.id}",
+                }
+            )
+        return catalog
+
+    def host_config(self, host: HostRecord) -> dict[str, Any]:
+        """What an enrolled host needs to route and authorize: the catalog and its own policy."""
+        policy: dict[str, Any] = {"ports": {}}
+        for record in self.registry.policies(host.identity):
+            doc = {"default": record.default_policy, "allow": list(record.allow)}
+            if record.port == 0:
+                policy["default"] = doc
+            else:
+                policy["ports"][str(record.port)] = doc
+        return {
+            "host_id": host.id,
+            "catalog": self.catalog(),
+            "policy": policy,
+            "trust_bundle": self.trust_bundle.pem().decode(),
+            "generated_at": self.clock().timestamp(),
+        }

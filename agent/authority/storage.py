@@ -48,6 +48,20 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_renewal    REAL,
     revoked_at      REAL
 );
+CREATE TABLE IF NOT EXISTS catalog (
+    id          TEXT PRIMARY KEY,
+    cidr        TEXT NOT NULL,
+    ports       TEXT NOT NULL,          -- JSON list, empty: every port
+    identity    TEXT NOT NULL,          -- NAMESPACE/NAME the destination proves
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policies (
+    identity    TEXT NOT NULL,          -- the hosts (NAMESPACE/NAME) this policy applies to
+    port        INTEGER NOT NULL,       -- 0: the default for every other port
+    default_policy TEXT NOT NULL,
+    allow       TEXT NOT NULL,          -- JSON list of SPIFFE IDs or globs
+    PRIMARY KEY (identity, port)
+);
 CREATE INDEX IF NOT EXISTS hosts_serial ON hosts(serial);
 CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
 """
@@ -91,6 +105,24 @@ class Issued:
 
 
 @dataclass(frozen=True)
+class StaticEntry:
+    """An operator's catalog entry: a network (and ports) where a destination proves `identity`."""
+
+    id: str
+    cidr: str
+    ports: tuple[int, ...]
+    identity: str
+
+
+@dataclass(frozen=True)
+class PolicyRecord:
+    identity: str
+    port: int  # 0: default
+    default_policy: str
+    allow: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class NewHost:
     host_name: str
     addresses: tuple[str, ...]
@@ -117,6 +149,20 @@ class Registry(Protocol):
     def list_hosts(self) -> list[HostRecord]: ...
 
     def revoke(self, ref: str, now: datetime) -> HostRecord: ...
+
+    def add_static_entry(
+        self, cidr: str, ports: tuple[int, ...], identity: str, now: datetime
+    ) -> StaticEntry: ...
+
+    def remove_static_entry(self, entry_id: str) -> None: ...
+
+    def static_entries(self) -> list[StaticEntry]: ...
+
+    def set_policy(self, record: PolicyRecord) -> None: ...
+
+    def remove_policy(self, identity: str, port: int) -> None: ...
+
+    def policies(self, identity: str | None = None) -> list[PolicyRecord]: ...
 
 
 def _ts(value: datetime) -> float:
@@ -313,3 +359,60 @@ class SqliteRegistry:
                 (_ts(now), rows[0]["id"]),
             )
             return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (rows[0]["id"],)).fetchone())
+
+    # --- catalog and policy (operator-managed) -------------------------------------------
+
+    def add_static_entry(
+        self, cidr: str, ports: tuple[int, ...], identity: str, now: datetime
+    ) -> StaticEntry:
+        entry = StaticEntry("c-" + secrets.token_hex(4), cidr, ports, identity)
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO catalog (id, cidr, ports, identity, created_at) VALUES (?, ?, ?, ?, ?)",
+                (entry.id, cidr, json.dumps(list(ports)), identity, _ts(now)),
+            )
+        return entry
+
+    def remove_static_entry(self, entry_id: str) -> None:
+        with self._transaction() as db:
+            if db.execute("DELETE FROM catalog WHERE id = ?", (entry_id,)).rowcount == 0:
+                raise RejectedError(
+                    f"no catalog entry {entry_id!r}",
+                    code="entry_unknown",
+                    hint="list entries with: meshagent authority catalog list",
+                )
+
+    def static_entries(self) -> list[StaticEntry]:
+        rows = self._db.execute("SELECT * FROM catalog ORDER BY created_at").fetchall()
+        return [StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"]) for r in rows]
+
+    def set_policy(self, record: PolicyRecord) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO policies (identity, port, default_policy, allow) VALUES (?, ?, ?, ?)",
+                (record.identity, record.port, record.default_policy, json.dumps(list(record.allow))),
+            )
+
+    def remove_policy(self, identity: str, port: int) -> None:
+        with self._transaction() as db:
+            if (
+                db.execute("DELETE FROM policies WHERE identity = ? AND port = ?", (identity, port)).rowcount
+                == 0
+            ):
+                raise RejectedError(
+                    f"no policy for {identity} port {port or 'default'}",
+                    code="policy_unknown",
+                    hint="list policies with: meshagent authority policy list",
+                )
+
+    def policies(self, identity: str | None = None) -> list[PolicyRecord]:
+        if identity is None:
+            rows = self._db.execute("SELECT * FROM policies ORDER BY identity, port").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM policies WHERE identity = ? ORDER BY port", (identity,)
+            ).fetchall()
+        return [
+            PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
+            for r in rows
+        ]

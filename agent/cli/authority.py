@@ -307,3 +307,133 @@ def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
             f"revoked {record.id} ({record.host_name}, {record.identity}); "
             f"its current certificate expires {rfc3339(record.not_after)}"
         )
+
+
+@authority.group("catalog")
+def catalog_group() -> None:
+    """Meshed destinations: enrolled hosts are in it by themselves; add in-cluster services here."""
+
+
+@catalog_group.command("add")
+@dir_option
+@click.option("--cidr", required=True, help="Address or network of the destination, e.g. 10.96.0.0/12.")
+@click.option(
+    "--port",
+    "ports",
+    type=click.IntRange(1, 65535),
+    multiple=True,
+    help="Destination port (repeatable) [default: every port].",
+)
+@click.option("--identity", required=True, help="NAMESPACE/NAME the destination proves, e.g. shop/orders.")
+@json_option
+def catalog_add_cmd(directory: Path, cidr: str, ports: tuple[int, ...], identity: str, as_json: bool) -> None:
+    """Declare that connections to CIDR[:PORT] must reach a server proving IDENTITY over mTLS."""
+    entry = Authority.open(directory).add_static_entry(cidr, ports, identity)
+    if as_json:
+        emit_json(entry.__dict__)
+    else:
+        click.echo(f"added {entry.id}: {entry.cidr} ports {list(entry.ports) or 'all'} -> {entry.identity}")
+
+
+@catalog_group.command("list")
+@dir_option
+@json_option
+def catalog_list_cmd(directory: Path, as_json: bool) -> None:
+    """The catalog hosts receive: enrolled hosts' addresses and static entries."""
+    entries = Authority.open(directory).catalog()
+    if as_json:
+        emit_json(entries)
+        return
+    click.echo(
+        table(
+            ["SOURCE", "CIDR", "PORTS", "IDENTITY"],
+            [
+                (e["source"], e["cidr"], ",".join(map(str, e["ports"])) or "all", e["identity"])
+                for e in entries
+            ],
+        )
+    )
+
+
+@catalog_group.command("remove")
+@click.argument("entry_id")
+@dir_option
+def catalog_remove_cmd(entry_id: str, directory: Path) -> None:
+    """Remove a static entry (by the id `catalog list` shows as static:<id>)."""
+    open_registry(directory).remove_static_entry(entry_id.removeprefix("static:"))
+    click.echo(f"removed {entry_id}")
+
+
+@authority.group("policy")
+def policy_group() -> None:
+    """Inbound authorization for enrolled hosts, by their identity and port."""
+
+
+@policy_group.command("set")
+@dir_option
+@click.option("--identity", required=True, help="Hosts enrolled as NAMESPACE/NAME get this policy.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), help="The port it applies to [default: all other ports]."
+)
+@click.option(
+    "--default",
+    "default_policy",
+    required=True,
+    type=click.Choice(["all-unauthenticated", "all-authenticated", "deny"]),
+    help="Who may connect when the allow-list is empty.",
+)
+@click.option(
+    "--allow",
+    multiple=True,
+    help="A client SPIFFE ID or glob (spiffe://TD/ns/shop/*), repeatable: only these may connect.",
+)
+@json_option
+def policy_set_cmd(
+    directory: Path,
+    identity: str,
+    port: int | None,
+    default_policy: str,
+    allow: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Set who may connect to hosts enrolled as IDENTITY (on PORT, or by default).
+
+    Hosts pick it up at their next refresh (30 s by default); no restart anywhere.
+    """
+    record = Authority.open(directory).set_policy(identity, port or 0, default_policy, allow)
+    if as_json:
+        emit_json(record.__dict__)
+    else:
+        click.echo(
+            f"{record.identity} port {record.port or 'default'}: {record.default_policy}"
+            + (f", allow {', '.join(record.allow)}" if record.allow else "")
+        )
+
+
+@policy_group.command("list")
+@dir_option
+@json_option
+def policy_list_cmd(directory: Path, as_json: bool) -> None:
+    """Every policy, by identity and port."""
+    load_authority(directory)
+    records = open_registry(directory).policies()
+    if as_json:
+        emit_json([r.__dict__ for r in records])
+        return
+    click.echo(
+        table(
+            ["IDENTITY", "PORT", "DEFAULT", "ALLOW"],
+            [(r.identity, r.port or "default", r.default_policy, ", ".join(r.allow) or "-") for r in records],
+        )
+    )
+
+
+@policy_group.command("remove")
+@dir_option
+@click.option("--identity", required=True)
+@click.option("--port", type=click.IntRange(1, 65535))
+def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
+    """Remove the policy for IDENTITY on PORT (or its default)."""
+    auth = Authority.open(directory)
+    auth.registry.remove_policy(auth.identity(identity).short, port or 0)
+    click.echo(f"removed {identity} port {port or 'default'}")

@@ -10,6 +10,7 @@ used to reach it.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ssl
 import time
@@ -19,9 +20,9 @@ import httpx
 from cryptography import x509
 
 from agent.errors import ClockSkewError, RejectedError, TrustError, UnreachableError
-from agent.identity.pki import load_certs, spki_pin
+from agent.identity.pki import load_certs, request_message, sign_message, spki_pin
 
-from .store import AuthorityRef
+from .store import AuthorityRef, StoredIdentity
 
 MAX_CLOCK_SKEW_S = 60.0
 TIMEOUT = httpx.Timeout(10.0, connect=5.0)
@@ -132,9 +133,15 @@ class AuthorityClient:
         client.check_clock()
         return client
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         try:
-            response = self._http.request(method, path, json=body)
+            response = self._http.request(method, path, json=body, headers=headers)
         except httpx.HTTPError as exc:
             raise _transport_error(self.ref.url, exc) from None
         if response.status_code != 200:
@@ -161,6 +168,15 @@ class AuthorityClient:
                 "addresses": addresses,
             },
         )
+
+    def host_config(self, identity: StoredIdentity) -> dict[str, Any]:
+        """The catalog and this host's policy, authenticated by a signature of the current key."""
+        path = "/v1/host/config"
+        ts = int(time.time())
+        sig = sign_message(identity.key, request_message("GET", path, ts))
+        chain = base64.b64encode(identity.chain_pem).decode()
+        auth = f"Meshagent-PoP chain={chain},ts={ts},sig={sig}"
+        return self._call("GET", path, headers={"Authorization": auth})
 
     def renew(self, chain_pem: bytes, csr_pem: bytes, timestamp: int, signature: str) -> dict[str, Any]:
         return self._call(

@@ -136,24 +136,33 @@ def possession_message(csr_pem: bytes, timestamp: int) -> bytes:
     return b"meshagent-renew-v1\n" + str(timestamp).encode() + b"\n" + hashlib.sha256(csr_pem).digest()
 
 
-def sign_possession(key: PrivateKey, csr_pem: bytes, timestamp: int) -> str:
-    sig = key.sign(possession_message(csr_pem, timestamp), ec.ECDSA(hashes.SHA256()))
-    return base64.b64encode(sig).decode()
+# The same scheme authenticates a host's other requests (its catalog and policy): the
+# signature covers the method and path instead of a CSR.
+def request_message(method: str, path: str, timestamp: int) -> bytes:
+    return f"meshagent-request-v1\n{timestamp}\n{method.upper()} {path}".encode()
 
 
-def verify_possession(cert: x509.Certificate, csr_pem: bytes, timestamp: int, signature: str) -> bool:
+def sign_message(key: PrivateKey, message: bytes) -> str:
+    return base64.b64encode(key.sign(message, ec.ECDSA(hashes.SHA256()))).decode()
+
+
+def verify_message(cert: x509.Certificate, message: bytes, signature: str) -> bool:
     pub = cert.public_key()
     if not isinstance(pub, ec.EllipticCurvePublicKey):
         return False
     try:
-        pub.verify(
-            base64.b64decode(signature),
-            possession_message(csr_pem, timestamp),
-            ec.ECDSA(hashes.SHA256()),
-        )
+        pub.verify(base64.b64decode(signature), message, ec.ECDSA(hashes.SHA256()))
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def sign_possession(key: PrivateKey, csr_pem: bytes, timestamp: int) -> str:
+    return sign_message(key, possession_message(csr_pem, timestamp))
+
+
+def verify_possession(cert: x509.Certificate, csr_pem: bytes, timestamp: int, signature: str) -> bool:
+    return verify_message(cert, possession_message(csr_pem, timestamp), signature)
 
 
 def utcnow() -> datetime:

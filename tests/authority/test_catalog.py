@@ -1,0 +1,88 @@
+"""Catalog and policy served to enrolled hosts, authenticated by their current key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+
+from agent.errors import RejectedError
+from agent.identity.client import AuthorityClient
+from agent.identity.store import IdentityStore
+from tests.support import AuthorityProcess, cli_json, run_cli
+
+
+def _enroll(auth: AuthorityProcess, state: Path, identity: str, address: str) -> IdentityStore:
+    run_cli("enroll", auth.token(identity), "--state-dir", str(state), "--address", address, check=True)
+    return IdentityStore(state)
+
+
+def test_hosts_get_the_catalog_and_their_policy(authority: AuthorityProcess, tmp_path: Path) -> None:
+    d = str(authority.directory)
+    web = _enroll(authority, tmp_path / "web", "shop/web", "198.18.0.10")
+    db = _enroll(authority, tmp_path / "db", "shop/db", "198.18.0.20")
+    cli_json(
+        "authority",
+        "catalog",
+        "add",
+        "--dir",
+        d,
+        "--cidr",
+        "10.96.0.0/12",
+        "--port",
+        "5432",
+        "--identity",
+        "orders/api",
+    )
+    cli_json(
+        "authority",
+        "policy",
+        "set",
+        "--dir",
+        d,
+        "--identity",
+        "shop/db",
+        "--port",
+        "5432",
+        "--default",
+        "deny",
+        "--allow",
+        "spiffe://cluster.local/ns/shop/*",
+    )
+    cli_json(
+        "authority", "policy", "set", "--dir", d, "--identity", "shop/db", "--default", "all-authenticated"
+    )
+
+    with AuthorityClient(db.load_authority()) as client:
+        config = client.host_config(db.load())
+    catalog = {(e["cidr"], tuple(e["ports"])): e["identity"] for e in config["catalog"]}
+    assert catalog == {
+        ("198.18.0.10/32", ()): "spiffe://cluster.local/ns/shop/sa/web",
+        ("198.18.0.20/32", ()): "spiffe://cluster.local/ns/shop/sa/db",
+        ("10.96.0.0/12", (5432,)): "spiffe://cluster.local/ns/orders/sa/api",
+    }
+    assert config["policy"] == {
+        "default": {"default": "all-authenticated", "allow": []},
+        "ports": {"5432": {"default": "deny", "allow": ["spiffe://cluster.local/ns/shop/*"]}},
+    }
+    with AuthorityClient(web.load_authority()) as client:
+        assert client.host_config(web.load())["policy"] == {"ports": {}}  # policies are per identity
+
+    # Revocation: the host leaves the catalog, and its requests are refused, at once.
+    hosts = cli_json("authority", "hosts", "--dir", d)
+    web_id = next(h["id"] for h in hosts if h["identity"] == "shop/web")
+    cli_json("authority", "revoke", web_id, "--dir", d)
+    with AuthorityClient(db.load_authority()) as client:
+        cidrs = {e["cidr"] for e in client.host_config(db.load())["catalog"]}
+    assert "198.18.0.10/32" not in cidrs
+    with AuthorityClient(web.load_authority()) as client:
+        try:
+            client.host_config(web.load())
+            raise AssertionError("a revoked host was served")
+        except RejectedError as exc:
+            assert exc.code == "host_revoked"
+
+
+def test_host_config_needs_a_signed_request(authority: AuthorityProcess) -> None:
+    r = httpx.get(f"{authority.url}/v1/host/config", verify=authority.tls)
+    assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
