@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+
+from agent.proxy.catalog import Catalog, CatalogEntry
+from agent.proxy.directory import merge
+from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+
+TD = "spiffe://cluster.local"
+SHOP_WEB = f"{TD}/ns/shop/sa/web"
+OTHER = f"{TD}/ns/other/sa/x"
+
+
+@pytest.mark.parametrize(
+    ("policy", "client", "allowed", "reason"),
+    [
+        (PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED), None, True, "unauthenticated_allowed"),
+        (PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED), SHOP_WEB, True, "authenticated"),
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED), None, False, "unauthenticated"),
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED), SHOP_WEB, True, "authenticated"),
+        (PortPolicy(DefaultPolicy.DENY), SHOP_WEB, False, "denied"),
+        (PortPolicy(DefaultPolicy.DENY, (f"{TD}/ns/shop/*",)), SHOP_WEB, True, "allow_list"),
+        (PortPolicy(DefaultPolicy.DENY, (f"{TD}/ns/shop/*",)), OTHER, False, "not_authorized"),
+        (PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED, (SHOP_WEB,)), None, False, "unauthenticated"),
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED, (SHOP_WEB,)), OTHER, False, "not_authorized"),
+    ],
+    ids=[
+        "open-plain",
+        "open-mtls",
+        "strict-plain",
+        "strict-mtls",
+        "deny",
+        "glob-hit",
+        "glob-miss",
+        "allow-list-beats-open",
+        "allow-list-exact-miss",
+    ],
+)
+def test_authorization_table(policy: PortPolicy, client: str | None, allowed: bool, reason: str) -> None:
+    decision = InboundPolicy(ports={5432: policy}).authorize(5432, client)
+    assert (decision.allowed, decision.reason) == (allowed, reason)
+
+
+def test_ports_without_policy_use_the_default() -> None:
+    policy = InboundPolicy(
+        PortPolicy(DefaultPolicy.DENY), {80: PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)}
+    )
+    assert policy.authorize(80, None).allowed
+    assert not policy.authorize(81, SHOP_WEB).allowed
+
+
+def _entry(cidr: str, ports: list[int], ident: str) -> CatalogEntry:
+    return CatalogEntry.from_doc({"cidr": cidr, "ports": ports, "identity": ident, "server_name": ident})
+
+
+@pytest.mark.parametrize(
+    ("address", "port", "expected"),
+    [
+        ("198.18.0.20", 5432, "host"),
+        ("198.18.0.20", 6379, "host"),
+        ("198.18.5.5", 5432, "net-5432"),
+        ("198.18.5.5", 80, "net-any"),
+        ("::ffff:198.18.5.5", 80, "net-any"),
+        ("203.0.113.1", 80, None),
+        ("2001:db8::5", 443, "v6"),
+    ],
+    ids=["host-exact", "host-any-port", "port-specific-wins", "network", "v4-mapped", "miss", "ipv6"],
+)
+def test_catalog_lookup_prefers_the_most_specific(address: str, port: int, expected: str | None) -> None:
+    catalog = Catalog(
+        [
+            _entry("198.18.0.0/15", [], "net-any"),
+            _entry("198.18.0.0/15", [5432], "net-5432"),
+            _entry("198.18.0.20/32", [], "host"),
+            _entry("2001:db8::/64", [443], "v6"),
+        ]
+    )
+    hit = catalog.lookup(address, port)
+    assert (hit.identity if hit else None) == expected
+
+
+def test_authority_policy_overrides_local() -> None:
+    local = InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED), {80: PortPolicy(DefaultPolicy.DENY)})
+    remote = {
+        "catalog": [{"cidr": "198.18.0.20/32", "ports": [], "identity": SHOP_WEB, "server_name": "w"}],
+        "policy": {
+            "default": {"default": "all-authenticated", "allow": []},
+            "ports": {"5432": {"default": "deny", "allow": [SHOP_WEB]}},
+        },
+    }
+    directory = merge([], local, remote)
+    assert directory.policy.for_port(5432) == PortPolicy(DefaultPolicy.DENY, (SHOP_WEB,))
+    assert directory.policy.for_port(80) == PortPolicy(DefaultPolicy.DENY)  # local kept
+    assert directory.policy.for_port(9999).default is DefaultPolicy.ALL_AUTHENTICATED
+    assert len(directory.catalog) == 1
+    assert merge([], local, None).policy == local
