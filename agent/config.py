@@ -119,7 +119,7 @@ class InterceptSettings:
     """The agent's admin port (/metrics, /ready): never captured."""
     proxy_user: int | str = "meshagent"
     """The proxy's user (name or uid): its own connections are never captured."""
-    proxy_mark: int = 0x4D41
+    proxy_mark: int = 0x1000000
     """SO_MARK the proxy may set on its sockets: marked connections are never captured (0: none)."""
     inbound_ports: tuple[PortSpec, ...] = ()
     """Local ports whose inbound connections are captured; empty: all."""
@@ -146,7 +146,7 @@ class InterceptSettings:
     authority_addresses: tuple[str, ...] = ()
     """The authority's addresses, never captured outbound (the enrolled authority is added too)."""
     capture_authority: bool = False
-    tproxy_mark: int = 0x4D54
+    tproxy_mark: int = 0x2000000
     """Firewall mark for TPROXY-diverted packets (tproxy mode only)."""
     tproxy_table: int = 4143
     """Routing table holding `local default dev lo` for marked packets (tproxy mode only)."""

@@ -1,22 +1,10 @@
 """Traffic interception: the rule plan (pure), its renderings, and the kernel backends.
 
-Library entry points for `meshagent run`: `build_plan`, `detect_backend`, `apply_plan`,
-`remove_all`, `status`; for the proxy: `orig_dst.original_dst`.
+Entry points, each in its own module so importers pay only for what they use (the proxy needs
+`orig_dst` alone, with no pyroute2 or subprocess behind it):
+
+- `plan.build_plan(settings) -> Plan | PlanError` (pure);
+- `apply.detect_backend`, `apply.apply_plan(plan, backend) -> AppliedState`,
+  `apply.remove_all() -> RemovedState`, `apply.status()` (what `meshagent run` calls);
+- `orig_dst.original_dst(sock) -> OriginalDst` (the proxy).
 """
-
-from .apply import AppliedState, RemovedState, apply_plan, detect_backend, remove_all, status
-from .errors import InterceptError, PlanError
-from .plan import Plan, build_plan
-
-__all__ = [
-    "AppliedState",
-    "InterceptError",
-    "Plan",
-    "PlanError",
-    "RemovedState",
-    "apply_plan",
-    "build_plan",
-    "detect_backend",
-    "remove_all",
-    "status",
-]

@@ -4,8 +4,9 @@
   returns it as a `sockaddr_in`, `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` as a
   `sockaddr_in6`. A dual-stack (`::`) listener accepting IPv4 has a v4-mapped local address;
   its conntrack entry is IPv4, so it is asked at SOL_IP.
-- TPROXY (or a connection that was not redirected): no NAT entry (ENOENT); the accepted
-  socket's own address *is* the original destination.
+- TPROXY (or a connection that was not redirected): the accepted socket's own address *is* the
+  original destination. Conntrack may still know the connection (ENOENT only when it does not);
+  its answer is then the same address.
 
 `OriginalDst.via` says which, so the proxy can refuse a connection that was made straight to
 its own listener (via="socket" and port == its own port) instead of looping to itself.
@@ -33,7 +34,8 @@ class OriginalDst:
     host: str
     port: int
     via: Literal["nat", "socket"]
-    """nat: read from conntrack (REDIRECT); socket: the socket's own address (TPROXY, or not redirected)."""
+    """nat: conntrack says the destination was rewritten (REDIRECT); socket: it was not (TPROXY, or
+    a connection made straight to this socket), so the socket's own address is the answer."""
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -70,5 +72,7 @@ def original_dst(sock: socket.socket) -> OriginalDst:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+        return OriginalDst(host, int(local[1]), "socket")
+    if (orig_host, orig_port) == (host, int(local[1])):
         return OriginalDst(host, int(local[1]), "socket")
     return OriginalDst(orig_host, orig_port, "nat")

@@ -12,6 +12,8 @@ run that text. Invariants every plan keeps (and `tests/intercept` checks):
   stays on the host and never enters the proxy twice);
 - SSH, the admin port and the authority are skipped unless a `capture_*` switch insists,
   and `Plan.exclusions` says so in words;
+- inbound capture only takes connections addressed to this host (forwarded traffic, e.g. to
+  containers, passes untouched);
 - all TCP only. UDP (DNS included) is never touched.
 
 Outbound is always NAT `REDIRECT` in `nat OUTPUT` (the proxy reads SO_ORIGINAL_DST). Inbound
@@ -118,11 +120,34 @@ class Mark:
 
 
 @dataclass(frozen=True)
+class LocalDst:
+    """The destination is one of this host's own addresses (forwarded traffic, e.g. to containers,
+    is never captured)."""
+
+
+@dataclass(frozen=True)
+class Established:
+    """Conntrack says the packet belongs to a known connection (ESTABLISHED or RELATED)."""
+
+
+@dataclass(frozen=True)
 class TransparentSocket:
     """The packet belongs to an established socket with IP_TRANSPARENT (a TPROXY'd connection)."""
 
 
-Match = InIface | OutIface | DstPorts | SrcNet | DstNet | UidOwner | GidOwner | Mark | TransparentSocket
+Match = (
+    InIface
+    | OutIface
+    | DstPorts
+    | SrcNet
+    | DstNet
+    | UidOwner
+    | GidOwner
+    | Mark
+    | LocalDst
+    | Established
+    | TransparentSocket
+)
 
 
 # -- actions ---------------------------------------------------------------------------------
@@ -469,6 +494,9 @@ def build_plan(
         tm = settings.tproxy_mark
         b.add(table, INBOUND, [TransparentSocket()], SetMark(tm), "established tproxy connection: mark")
         b.add(table, INBOUND, [TransparentSocket()], Return(), "established tproxy connection: done")
+        # TPROXY would take any packet addressed here, replies to this host's own outbound
+        # connections too, and drop those (their socket is not transparent): new connections only
+        b.add(table, INBOUND, [Established()], Return(), "known connections (replies to ours) pass")
     if not settings.capture_ssh:
         b.skip(table, INBOUND, DstPorts(ssh), "ssh never captured", None)
     if not settings.capture_admin_port:
@@ -498,7 +526,9 @@ def build_plan(
             "skip local ports",
             Exclusion("inbound", "ports", _join(ports), "intercept.inbound_skip_ports"),
         )
-    in_match: list[Match] = [DstPorts(_ports(settings.inbound_ports))] if settings.inbound_ports else []
+    in_match: list[Match] = [LocalDst()]
+    if settings.inbound_ports:
+        in_match.append(DstPorts(_ports(settings.inbound_ports)))
     if tproxy:
         action: Action = TProxy(settings.inbound_port, settings.tproxy_mark)
     else:

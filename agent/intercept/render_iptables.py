@@ -23,10 +23,12 @@ from .plan import (
     MULTIPORT_MAX,
     DstNet,
     DstPorts,
+    Established,
     Family,
     GidOwner,
     InIface,
     Jump,
+    LocalDst,
     Mark,
     Match,
     OutIface,
@@ -79,6 +81,10 @@ def _match_args(match: Match) -> list[str]:
         return ["-m", "mark", "--mark", f"{match.value:#x}/{match.mask:#x}"]
     if isinstance(match, TransparentSocket):
         return ["-m", "socket", "--transparent"]
+    if isinstance(match, Established):
+        return ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"]
+    if isinstance(match, LocalDst):
+        return ["-m", "addrtype", "--dst-type", "LOCAL"]
     if isinstance(match, DstPorts):
         if len(match.ports) == 1:
             return ["-m", "tcp", "--dport", _port(match.ports[0])]

@@ -16,9 +16,11 @@ from .plan import (
     PREROUTING,
     DstNet,
     DstPorts,
+    Established,
     GidOwner,
     InIface,
     Jump,
+    LocalDst,
     Mark,
     Match,
     OutIface,
@@ -80,6 +82,10 @@ def _match(match: Match) -> str:
         return f"meta mark & {match.mask:#x} == {match.value:#x}"
     if isinstance(match, TransparentSocket):
         return "socket transparent 1"
+    if isinstance(match, Established):
+        return "ct state established,related"
+    if isinstance(match, LocalDst):
+        return "fib daddr type local"
     if isinstance(match, DstPorts):
         if len(match.ports) == 1:
             return f"tcp dport {match.ports[0]}"
