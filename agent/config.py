@@ -183,11 +183,146 @@ _PORT_LISTS = ("inbound_ports", "inbound_skip_ports", "outbound_ports", "outboun
 _CIDR_LISTS = ("inbound_skip_cidrs", "outbound_cidrs", "outbound_skip_cidrs", "authority_addresses")
 
 
+_POLICIES = ("all-unauthenticated", "all-authenticated", "deny")
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{where} {value!r} is not one of {', '.join(choices)}")
+
+
+def _float_range(value: float, lo: float, hi: float, where: str) -> None:
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where} must be between {lo} and {hi}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """The data plane: listeners, timeouts, and what happens when the agent stops."""
+
+    listen: str = "::"
+    """Address of the inbound and outbound listeners (:: is dual-stack; 0.0.0.0 is used if the
+    host has no IPv6). Their ports are intercept.inbound_port and intercept.outbound_port."""
+    connect_timeout_s: float = 5.0
+    """How long connecting to a destination (or the local app) may take."""
+    handshake_timeout_s: float = 10.0
+    """How long a TLS handshake may take."""
+    detect_timeout_s: float = 1.0
+    """How long an inbound client may stay silent before it counts as plaintext (server-speaks-first)."""
+    skip_detect_ports: tuple[int, ...] = (25, 587, 3306)
+    """Inbound ports whose protocol speaks first from the server (SMTP, MySQL): no detection wait."""
+    unmeshed_outbound: str = "pass"
+    """Outbound to a destination not in the catalog: pass (plain, untouched) or refuse."""
+    drain_timeout_s: float = 10.0
+    """On SIGTERM, how long open connections may finish before they are closed."""
+    on_stop: str = "remove-rules"
+    """remove-rules (fail open: the app keeps working without the mesh while the agent is down) or
+    keep-rules (fail closed: intercepted traffic fails until the agent is back)."""
+    refresh_interval_s: float = 30.0
+    """How often the catalog and policy are fetched from the authority (cached on disk)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.unmeshed_outbound, ("pass", "refuse"), "proxy.unmeshed_outbound")
+        _choice(self.on_stop, ("remove-rules", "keep-rules"), "proxy.on_stop")
+        _float_range(self.connect_timeout_s, 0.1, 300, "proxy.connect_timeout_s")
+        _float_range(self.handshake_timeout_s, 0.1, 300, "proxy.handshake_timeout_s")
+        _float_range(self.detect_timeout_s, 0.01, 60, "proxy.detect_timeout_s")
+        _float_range(self.drain_timeout_s, 0, 3600, "proxy.drain_timeout_s")
+        _float_range(self.refresh_interval_s, 1, 86400, "proxy.refresh_interval_s")
+        ports = tuple(self.skip_detect_ports)
+        for port in ports:
+            _check_port(port, "proxy.skip_detect_ports")
+        object.__setattr__(self, "skip_detect_ports", ports)
+
+
+@dataclass(frozen=True)
+class InboundPortPolicy:
+    port: int
+    policy: str = "all-authenticated"
+    allow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    """Who may connect to this host's ports (the authority's policy, when set, wins)."""
+
+    default_policy: str = "all-unauthenticated"
+    """all-unauthenticated (permissive: clients outside the mesh too), all-authenticated (strict:
+    mesh identities only) or deny."""
+    ports: tuple[InboundPortPolicy, ...] = ()
+    """Per port: [[inbound.ports]] port = 5432, policy = "deny", allow = ["spiffe://TD/ns/shop/*"]."""
+
+    def __post_init__(self) -> None:
+        _choice(self.default_policy, _POLICIES, "inbound.default_policy")
+        parsed = []
+        for i, doc in enumerate(self.ports):
+            where = f"inbound.ports[{i}]"
+            if isinstance(doc, InboundPortPolicy):
+                parsed.append(doc)
+                continue
+            if not isinstance(doc, dict) or set(doc) - {"port", "policy", "allow"} or "port" not in doc:
+                raise ConfigError(
+                    f"{where} must be a table with port, policy and allow",
+                    'e.g. [[inbound.ports]] port = 5432, policy = "all-authenticated"',
+                )
+            _check_port(doc["port"], f"{where}.port")
+            _choice(doc.get("policy", "all-authenticated"), _POLICIES, f"{where}.policy")
+            allow = doc.get("allow", [])
+            if not isinstance(allow, list) or not all(
+                isinstance(a, str) and a.startswith("spiffe://") for a in allow
+            ):
+                raise ConfigError(f"{where}.allow must be a list of SPIFFE IDs or globs (spiffe://...)")
+            parsed.append(
+                InboundPortPolicy(doc["port"], doc.get("policy", "all-authenticated"), tuple(allow))
+            )
+        object.__setattr__(self, "ports", tuple(parsed))
+
+
+@dataclass(frozen=True)
+class CatalogEntrySettings:
+    cidr: str
+    identity: str
+    ports: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutboundSettings:
+    """Local additions to the catalog of meshed destinations (the authority's come on top)."""
+
+    catalog: tuple[CatalogEntrySettings, ...] = ()
+    """[[outbound.catalog]] cidr = "10.96.0.0/12", ports = [5432], identity = "spiffe://TD/ns/NS/sa/NAME"."""
+
+    def __post_init__(self) -> None:
+        parsed = []
+        for i, doc in enumerate(self.catalog):
+            where = f"outbound.catalog[{i}]"
+            if isinstance(doc, CatalogEntrySettings):
+                parsed.append(doc)
+                continue
+            if (
+                not isinstance(doc, dict)
+                or set(doc) - {"cidr", "ports", "identity"}
+                or not {"cidr", "identity"} <= set(doc)
+            ):
+                raise ConfigError(f"{where} must be a table with cidr, identity and optional ports")
+            cidr = _cidrs([doc["cidr"]], f"{where}.cidr")[0]
+            if not str(doc["identity"]).startswith("spiffe://"):
+                raise ConfigError(f"{where}.identity must be a SPIFFE ID (spiffe://TD/ns/NS/sa/NAME)")
+            ports = doc.get("ports", [])
+            for port in ports:
+                _check_port(port, f"{where}.ports")
+            parsed.append(CatalogEntrySettings(cidr, str(doc["identity"]), tuple(ports)))
+        object.__setattr__(self, "catalog", tuple(parsed))
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     log: LogSettings = field(default_factory=LogSettings)
     intercept: InterceptSettings = field(default_factory=InterceptSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    inbound: InboundSettings = field(default_factory=InboundSettings)
+    outbound: OutboundSettings = field(default_factory=OutboundSettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
 
 

@@ -16,6 +16,7 @@ from .authority import authority
 from .identity import enroll_cmd, renew_cmd, status_cmd
 from .intercept import intercept
 from .output import error_text
+from .run import run_cmd
 
 
 class MeshagentGroup(click.Group):
@@ -74,6 +75,7 @@ def cli(log_level: str, log_format: str) -> None:
 cli.add_command(enroll_cmd)
 cli.add_command(status_cmd)
 cli.add_command(renew_cmd)
+cli.add_command(run_cmd)
 cli.add_command(authority)
 cli.add_command(intercept)
 

@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from agent.logs import get_logger
 
@@ -40,7 +40,7 @@ Direction = Literal["inbound", "outbound"]
 
 
 @dataclass(frozen=True)
-class ProxySettings:
+class ListenerSettings:
     inbound: Address = ("::", 4143)
     outbound: Address = ("::", 4140)
     mark: int = 0
@@ -76,7 +76,7 @@ def _set_mark(sock: socket.socket, mark: int) -> None:
 class Proxy:
     def __init__(
         self,
-        settings: ProxySettings,
+        settings: ListenerSettings,
         credentials: Credentials,
         policy: InboundPolicy,
         catalog: Catalog,
@@ -102,8 +102,11 @@ class Proxy:
             ("inbound", self.settings.inbound, lambda: _InboundDetect(self)),
             ("outbound", self.settings.outbound, lambda: _OutboundAccept(self)),
         ):
+            # "::" means every address of both families: asyncio makes one socket per family
+            # (its IPv6 sockets are V6ONLY), which host=None asks for.
+            host = None if address[0] in ("::", "") else address[0]
             server = await loop.create_server(
-                factory, host=address[0], port=address[1], reuse_address=True, backlog=4096
+                factory, host=host, port=address[1], reuse_address=True, backlog=4096
             )
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
@@ -189,8 +192,7 @@ class _InboundDetect(asyncio.Protocol):
         self.done = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's, not a subclass
         sock = transport.get_extra_info("socket")
         try:
             host, port = self.proxy.orig_dst(sock)

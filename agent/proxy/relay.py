@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
@@ -26,7 +26,17 @@ WRITE_HIGH_WATER = 512 * 1024
 class Leg(asyncio.Protocol):
     """A plaintext side. `peer` is the other leg once the connection is paired."""
 
-    __slots__ = ("closed", "on_closed", "peer", "read_eof", "rx", "transport", "tx", "write_eof_sent")
+    __slots__ = (
+        "closed",
+        "early",
+        "on_closed",
+        "peer",
+        "read_eof",
+        "rx",
+        "transport",
+        "tx",
+        "write_eof_sent",
+    )
 
     def __init__(self, on_closed: Callable[[Leg, BaseException | None], None] | None = None) -> None:
         self.transport: asyncio.Transport | None = None
@@ -37,19 +47,24 @@ class Leg(asyncio.Protocol):
         self.write_eof_sent = False
         self.closed = False
         self.on_closed = on_closed
+        self.early: list[bytes] = []  # bytes read before pairing
 
     # --- asyncio callbacks ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         if self.peer is None:
             transport.pause_reading()  # until paired: bytes wait in the kernel
 
     def data_received(self, data: bytes) -> None:
         self.rx += len(data)
-        self.peer.send(data)  # type: ignore[union-attr]  # reading only resumes once paired
+        peer = self.peer
+        if peer is None:  # a read already in flight when reading was paused: keep it for pairing
+            self.early.append(data)
+            return
+        peer.send(data)
 
     def eof_received(self) -> bool:
         self.read_eof = True
@@ -103,7 +118,15 @@ class Leg(asyncio.Protocol):
         other.start()
 
     def start(self) -> None:
-        if self.transport is not None and not self.read_eof:
+        if self.early and self.peer is not None:
+            for chunk in self.early:
+                self.peer.send(chunk)
+            self.early.clear()
+        if self.read_eof:  # the client finished writing before we were paired
+            if self.peer is not None:
+                self.peer.send_eof()
+                self._maybe_finish()
+        elif self.transport is not None:
             self.transport.resume_reading()
 
     def _maybe_finish(self) -> None:
@@ -136,8 +159,8 @@ class TlsLeg(Leg):
         return self.sslobj.getpeercert()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self._handshake()  # the client's first flight; a server just waits for data
 

@@ -16,7 +16,7 @@ import pytest
 
 from agent.identity.store import IdentityStore
 from agent.proxy.catalog import Catalog, CatalogEntry
-from agent.proxy.listeners import Proxy, ProxySettings
+from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
 from tests.support import issue_identity
@@ -57,7 +57,7 @@ class World:
         server_name: str = DB_NAME,
     ) -> tuple[Proxy, Proxy]:
         b = Proxy(
-            ProxySettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
             Credentials.load(IdentityStore(self.tmp / "b")),
             policy or InboundPolicy(),
             Catalog([]),
@@ -78,7 +78,7 @@ class World:
             ]
         )
         a = Proxy(
-            ProxySettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
             Credentials.load(IdentityStore(self.tmp / "a")),
             InboundPolicy(),
             catalog,

@@ -1,0 +1,246 @@
+"""`meshagent run`: the host daemon. Wires identity, interception, the proxy and rotation.
+
+Start: load the identity (refuse to start without one), start the listeners, apply the
+interception rules (so redirected traffic always finds a listener), tell systemd READY.
+Run: renew the certificate and swap the TLS contexts; refresh the catalog and policy from the
+authority and cache them on disk (a restart works with the authority down).
+Stop (SIGTERM/SIGINT): remove the rules first when `proxy.on_stop = "remove-rules"` (the
+default: fail open, the app keeps working without the mesh while the agent is down), then drain
+open connections for up to `proxy.drain_timeout_s`, then exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import pwd
+import random
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from agent.config import AgentConfig
+from agent.errors import ConfigError, MeshagentError
+from agent.fsutil import write_atomic
+from agent.identity.client import AuthorityClient
+from agent.identity.names import WorkloadIdentity
+from agent.identity.rotation import Rotator
+from agent.identity.store import IdentityStore, StoredIdentity
+from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
+from agent.intercept.orig_dst import original_dst
+from agent.intercept.plan import Plan, build_plan
+from agent.logs import get_logger
+from agent.proxy.catalog import CatalogEntry
+from agent.proxy.directory import Directory, merge
+from agent.proxy.listeners import ListenerSettings, Proxy
+from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.tls import Credentials
+from agent.sdnotify import notify, watchdog_interval_s
+
+log = get_logger("meshagent.daemon")
+
+HOST_CONFIG_CACHE = "host-config.json"
+
+
+@dataclass
+class DaemonState:
+    """Everything `status` and the admin server show about the running daemon."""
+
+    rules: AppliedState | None = None
+    directory_source: str = "local"
+    directory_updated_at: float | None = None
+    last_errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def error(self, kind: str, message: str) -> None:
+        self.last_errors = [*self.last_errors[-19:], {"kind": kind, "message": message}]
+
+
+def local_directory(config: AgentConfig) -> tuple[list[CatalogEntry], InboundPolicy]:
+    entries = []
+    for e in config.outbound.catalog:
+        workload = WorkloadIdentity.from_spiffe_id(e.identity)
+        entries.append(
+            CatalogEntry.from_doc(
+                {
+                    "cidr": e.cidr,
+                    "ports": list(e.ports),
+                    "identity": e.identity,
+                    "server_name": workload.dns_name,
+                }
+            )
+        )
+    default = PortPolicy(DefaultPolicy(config.inbound.default_policy))
+    ports = {p.port: PortPolicy(DefaultPolicy(p.policy), p.allow) for p in config.inbound.ports}
+    return entries, InboundPolicy(default, ports)
+
+
+def listener_settings(config: AgentConfig) -> ListenerSettings:
+    p, i = config.proxy, config.intercept
+    return ListenerSettings(
+        inbound=(p.listen, i.inbound_port),
+        outbound=(p.listen, i.outbound_port),
+        mark=i.proxy_mark,
+        connect_timeout_s=p.connect_timeout_s,
+        handshake_timeout_s=p.handshake_timeout_s,
+        detect_timeout_s=p.detect_timeout_s,
+        skip_detect_ports=frozenset(p.skip_detect_ports),
+        unmeshed_outbound="refuse" if p.unmeshed_outbound == "refuse" else "pass",
+    )
+
+
+def _lookup_user(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+class Daemon:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.store = IdentityStore(config.identity.state_dir)
+        self.state = DaemonState()
+        self.stop_event = asyncio.Event()
+        self.credentials: Credentials | None = None
+        self.proxy: Proxy | None = None
+
+    # --- directory (catalog + policy) ----------------------------------------------------
+
+    def _cached_directory_doc(self) -> dict[str, Any] | None:
+        try:
+            doc = json.loads((self.store.state_dir / HOST_CONFIG_CACHE).read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
+    def _directory(self, remote: dict[str, Any] | None) -> Directory:
+        entries, policy = local_directory(self.config)
+        return merge(entries, policy, remote)
+
+    def _fetch_directory(self, identity: StoredIdentity) -> dict[str, Any]:
+        with AuthorityClient(self.store.load_authority()) as client:
+            return client.host_config(identity)
+
+    async def _refresh_loop(self) -> None:
+        interval = self.config.proxy.refresh_interval_s
+        while not self.stop_event.is_set():
+            assert self.credentials is not None and self.proxy is not None
+            try:
+                doc = await asyncio.to_thread(self._fetch_directory, self.credentials.identity)
+                directory = self._directory(doc)
+                self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
+                await asyncio.to_thread(
+                    write_atomic, self.store.state_dir / HOST_CONFIG_CACHE, json.dumps(doc).encode(), 0o600
+                )
+                self.state.directory_source, self.state.directory_updated_at = (
+                    "authority",
+                    doc.get("generated_at"),
+                )
+                log.debug("directory.refreshed", catalog=len(directory.catalog))
+            except MeshagentError as exc:
+                self.state.error("directory_refresh", f"{exc.code}: {exc.message}")
+                log.warning(
+                    "directory.refresh_failed",
+                    code=exc.code,
+                    reason=exc.message,
+                    using=self.state.directory_source,
+                )
+            jitter = random.uniform(0.9, 1.1)  # noqa: S311 - spread a fleet's refreshes
+            try:
+                await asyncio.wait_for(self.stop_event.wait(), interval * jitter)
+            except TimeoutError:
+                continue
+
+    # --- interception --------------------------------------------------------------------
+
+    def _plan(self) -> Plan:
+        authority: list[str] = []
+        try:
+            host = urlparse(self.store.load_authority().url).hostname
+            if host:
+                authority.append(host)
+        except MeshagentError:
+            pass
+        plan = build_plan(self.config.intercept, authority=authority, lookup_user=_lookup_user)
+        if not isinstance(plan, Plan):
+            raise ConfigError(plan.message, plan.hint)
+        return plan
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)
+
+        self.credentials = await asyncio.to_thread(Credentials.load, self.store)
+        cached = self._cached_directory_doc()
+        directory = self._directory(cached)
+        if cached is not None:
+            self.state.directory_source = "cache"
+        self.proxy = Proxy(
+            listener_settings(self.config),
+            self.credentials,
+            directory.policy,
+            directory.catalog,
+            lambda sock: _orig_dst(sock),
+        )
+        await self.proxy.start()
+
+        intercept = self.config.intercept
+        if intercept.enabled:
+            plan = self._plan()
+            backend = detect_backend(intercept.backend)
+            self.state.rules = await asyncio.to_thread(apply_plan, plan, backend)
+            log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
+
+        rotator = Rotator(self.store, on_renewed=self._renewed)
+        tasks = [
+            asyncio.create_task(rotator.run(self.stop_event), name="rotation"),
+            asyncio.create_task(self._refresh_loop(), name="directory-refresh"),
+        ]
+        watchdog = watchdog_interval_s()
+        if watchdog:
+            tasks.append(asyncio.create_task(self._watchdog(watchdog), name="watchdog"))
+        ident = self.credentials.identity
+        notify("READY=1", f"STATUS=serving as {ident.workload.spiffe_id}")
+        log.info(
+            "daemon.ready",
+            spiffe_id=ident.workload.spiffe_id,
+            inbound=self.proxy.listening.get("inbound"),
+            outbound=self.proxy.listening.get("outbound"),
+        )
+
+        await self.stop_event.wait()
+        notify("STOPPING=1", "STATUS=draining")
+        log.info("daemon.stopping", on_stop=self.config.proxy.on_stop)
+        if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
+            await asyncio.to_thread(remove_all)
+        await self.proxy.stop(self.config.proxy.drain_timeout_s)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("daemon.stopped")
+        return 0
+
+    async def _renewed(self, identity: StoredIdentity) -> None:
+        assert self.credentials is not None
+        await asyncio.to_thread(self.credentials.reload, self.store, identity)
+
+    async def _watchdog(self, interval: float) -> None:
+        while not self.stop_event.is_set():
+            notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+def _orig_dst(sock: Any) -> tuple[str, int]:
+    dst = original_dst(sock)
+    return dst.host, dst.port
+
+
+def run_daemon(config: AgentConfig) -> int:
+    """Run until SIGTERM on uvloop; returns the exit code."""
+    try:
+        import uvloop
+
+        return uvloop.run(Daemon(config).run())
+    except ImportError:
+        return asyncio.run(Daemon(config).run())

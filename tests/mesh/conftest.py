@@ -1,0 +1,168 @@
+"""A small mesh in network namespaces: an authority "cluster" host and two agent hosts.
+
+    cl (authority, unmeshed client) --198.18.1.0/24-- a (meshed client)
+    cl --198.18.2.0/24-- b (legacy server)        a --198.18.3.0/24-- b
+
+Each agent host is enrolled at the authority and runs `meshagent run` with interception.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from subprocess import Popen
+
+import pytest
+
+from tests.netns.netns import Host, Lab, netns_supported
+from tests.support import MESHAGENT
+
+AUTH_PORT = 8443
+
+
+@dataclass
+class Agent:
+    host: Host
+    state: Path
+    config: Path
+    log: Path
+    proc: Popen[str] | None = None
+
+    def start(self) -> None:
+        out = open(self.log, "a")  # noqa: SIM115 - lives as long as the process
+        self.proc = self.host.popen(*MESHAGENT, "run", "--config", str(self.config), stdout=out, stderr=out)
+        wait_for(lambda: "daemon.ready" in self.log.read_text(), f"{self.host.name}: agent ready", self)
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(timeout=30)
+
+
+def wait_for(check: object, what: str, agent: Agent | None = None, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        if agent is not None and agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"{what}: agent exited {agent.proc.returncode}:\n{agent.log.read_text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}" + (f":\n{agent.log.read_text()}" if agent else ""))
+
+
+@dataclass
+class Mesh:
+    lab: Lab
+    tmp: Path
+    cl: Host
+    a: Host
+    b: Host
+    agents: dict[str, Agent] = field(default_factory=dict)
+
+    @property
+    def authority_dir(self) -> Path:
+        return self.tmp / "authority"
+
+    def cli(self, host: Host, *args: str) -> str:
+        return host.run(*MESHAGENT, *args).stdout
+
+    def enroll(
+        self,
+        host: Host,
+        identity: str,
+        url_ip: str,
+        addresses: list[str],
+        inbound_policy: str = "all-unauthenticated",
+        extra_config: str = "",
+    ) -> Agent:
+        token = self.cli(
+            self.cl,
+            "authority",
+            "token",
+            "create",
+            "--dir",
+            str(self.authority_dir),
+            "--identity",
+            identity,
+            "--url",
+            f"https://{url_ip}:{AUTH_PORT}",
+        ).strip()
+        state = self.tmp / f"state-{host.name}"
+        self.cli(
+            host,
+            "enroll",
+            token,
+            "--state-dir",
+            str(state),
+            "--host-name",
+            host.name,
+            *[f"--address={a}" for a in addresses],
+        )
+        config = self.tmp / f"agent-{host.name}.toml"
+        config.write_text(
+            f'[identity]\nstate_dir = "{state}"\n'
+            '[log]\nlevel = "debug"\n'
+            # Test clients run as root: only the proxy's mark exempts its own traffic.
+            "[intercept]\nproxy_user = 65534\n"
+            "[proxy]\nrefresh_interval_s = 1.0\ndrain_timeout_s = 2.0\n"
+            f'[inbound]\ndefault_policy = "{inbound_policy}"\n' + extra_config
+        )
+        agent = Agent(host, state, config, self.tmp / f"agent-{host.name}.log")
+        self.agents[host.name] = agent
+        return agent
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    reason = netns_supported()
+    if reason:
+        pytest.skip(reason)
+    with Lab("mm") as lab:
+        cl, a, b = lab.host("cl"), lab.host("a"), lab.host("b")
+        lab.link(cl, a)
+        lab.link(cl, b)
+        lab.link(a, b)
+        m = Mesh(lab, tmp_path, cl, a, b)
+        cl.run(
+            *MESHAGENT,
+            "authority",
+            "init",
+            "--dir",
+            str(m.authority_dir),
+            "--trust-domain",
+            "cluster.local",
+            "--san",
+            "198.18.1.1",
+            "--san",
+            "198.18.2.1",
+        )
+        log = open(tmp_path / "authority.log", "a")  # noqa: SIM115
+        cl.popen(
+            *MESHAGENT,
+            "authority",
+            "serve",
+            "--dir",
+            str(m.authority_dir),
+            "--listen",
+            f"0.0.0.0:{AUTH_PORT}",
+            stdout=log,
+            stderr=log,
+        )
+        wait_for(
+            lambda: (
+                cl.run("curl", "-sfk", f"https://198.18.1.1:{AUTH_PORT}/healthz", check=False).returncode == 0
+            ),
+            "authority up",
+        )
+        try:
+            yield m
+        finally:
+            for agent in m.agents.values():
+                if agent.proc is not None and agent.proc.poll() is None:
+                    agent.stop()
+
+
+PY = sys.executable
