@@ -8,6 +8,7 @@ Each agent host is enrolled at the authority and runs `meshagent run` with inter
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -61,10 +62,18 @@ class Mesh:
     a: Host
     b: Host
     agents: dict[str, Agent] = field(default_factory=dict)
+    cleanup: list[Path] = field(default_factory=list)  # directories outside tmp_path to delete
 
     @property
     def authority_dir(self) -> Path:
         return self.tmp / "authority"
+
+    def iface(self, host: Host, link: int) -> str:
+        """The veth device of `host` on link N (see tests/netns/netns.py's naming)."""
+        side = (
+            "a" if host.addr4[[int(x.split(".")[2]) for x in host.addr4].index(link)].endswith(".1") else "b"
+        )
+        return f"{self.lab.tag[-9:]}{side}{link}"
 
     def cli(self, host: Host, *args: str) -> str:
         return host.run(*MESHAGENT, *args).stdout
@@ -163,6 +172,9 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
             for agent in m.agents.values():
                 if agent.proc is not None and agent.proc.poll() is None:
                     agent.stop()
+            lab.close()  # ends every process before their directories go
+            for path in m.cleanup:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 PY = sys.executable
