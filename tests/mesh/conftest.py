@@ -8,6 +8,7 @@ Each agent host is enrolled at the authority and runs `meshagent run` with inter
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 import time
@@ -124,11 +125,9 @@ class Mesh:
         return agent
 
 
-@pytest.fixture
-def mesh(tmp_path: Path) -> Iterator[Mesh]:
-    reason = netns_supported()
-    if reason:
-        pytest.skip(reason)
+@contextlib.contextmanager
+def build_mesh(tmp_path: Path, *init_args: str) -> Iterator[Mesh]:
+    """The three hosts, the authority serving in `cl`; everything removed on exit."""
     with Lab("mm") as lab:
         cl, a, b = lab.host("cl"), lab.host("a"), lab.host("b")
         lab.link(cl, a)
@@ -147,6 +146,7 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
             "198.18.1.1",
             "--san",
             "198.18.2.1",
+            *init_args,
         )
         log = open(tmp_path / "authority.log", "a")  # noqa: SIM115
         cl.popen(
@@ -175,6 +175,15 @@ def mesh(tmp_path: Path) -> Iterator[Mesh]:
             lab.close()  # ends every process before their directories go
             for path in m.cleanup:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def mesh(tmp_path: Path) -> Iterator[Mesh]:
+    reason = netns_supported()
+    if reason:
+        pytest.skip(reason)
+    with build_mesh(tmp_path) as m:
+        yield m
 
 
 PY = sys.executable

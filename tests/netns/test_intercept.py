@@ -29,6 +29,7 @@ from .intercept_support import (
     write_config,
 )
 from .netns import Host, Lab
+from .sshd import start_sshd
 
 pytestmark = pytest.mark.netns
 
@@ -147,26 +148,7 @@ def test_sshd_reachable_through_apply_and_remove(
     throughout."""
     a, b = two_hosts
     require_backend(a, backend)
-    keys = tmp_path / "ssh"
-    keys.mkdir()
-    for name in ("host_key", "client_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(keys / name)], check=True)
-    (keys / "authorized_keys").write_text((keys / "client_key.pub").read_text())
-    (keys / "sshd_config").write_text(
-        f"Port 22\nListenAddress {a.ip4}\nListenAddress {a.ip6}\nHostKey {keys / 'host_key'}\n"
-        f"AuthorizedKeysFile {keys / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        "PidFile none\nPrintMotd no\n"
-    )
-    # sshd wants /run/sshd: give it one on a tmpfs in this process's own mount namespace
-    # (ip netns exec makes one), so the machine's /run is not touched.
-    start = "mount -t tmpfs tmpfs /run && mkdir -m 755 /run/sshd && exec /usr/sbin/sshd -D -e -f"
-    sshd = a.popen("sh", "-c", f"{start} {keys / 'sshd_config'}")
-    ssh = [
-        "ssh", "-F", "/dev/null", "-i", str(keys / "client_key"), "-o", "BatchMode=yes",
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=10",
-        "-o", "ConnectionAttempts=10",
-    ]  # fmt: skip
+    sshd, ssh = start_sshd(a, tmp_path / "ssh", [a.ip4, a.ip6])
 
     def login(ip: str) -> str:
         return b.run(*ssh, f"root@{ip}", "echo", "ssh-ok", timeout=60).stdout.strip()

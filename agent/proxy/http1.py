@@ -1,0 +1,227 @@
+"""HTTP/1.x request accounting, sans-IO: watches a connection's two byte streams as they are
+relayed (never changes or holds them) and reports each finished exchange.
+
+For each request: the method, the response's status code, and the latency from the request's
+head to the end of the response (what linkerd's `response_latency_ms` measures). It follows
+message framing only: Content-Length, chunked transfer coding, responses without a body
+(HEAD, 1xx, 204, 304) and bodies that end with the connection; pipelined requests queue up.
+A `101 Switching Protocols`, a CONNECT, or a head over 64 KiB ends accounting for the
+connection (the bytes still flow; they are just not counted as requests).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+MAX_HEAD: Final = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Exchange:
+    method: str
+    status: int  # 0: the connection ended before a response
+    latency_s: float
+
+
+class _Framing:
+    """One direction's message framing: head, then a body of known or chunked length."""
+
+    __slots__ = ("buf", "chunk_left", "length", "mode")
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.mode = "head"  # head | length | chunk-size | chunk-data | chunk-crlf | trailers | eof | off
+        self.length = 0
+        self.chunk_left = 0
+
+    def body(self, headers: dict[bytes, bytes], has_body: bool) -> None:
+        if not has_body:
+            self.mode = "head"
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            self.mode = "chunk-size"
+        elif b"content-length" in headers:
+            try:
+                self.length = int(headers[b"content-length"])
+            except ValueError:
+                self.mode = "off"
+                return
+            self.mode = "length" if self.length > 0 else "head"
+        else:
+            self.mode = "eof"
+
+    def consume_body(self, data: bytes, pos: int) -> tuple[int, bool]:
+        """Advance through body bytes from `pos`; returns (new pos, message complete)."""
+        end = len(data)
+        while pos < end:
+            mode = self.mode
+            if mode == "length":
+                take = min(self.length, end - pos)
+                self.length -= take
+                pos += take
+                if self.length == 0:
+                    self.mode = "head"
+                    return pos, True
+            elif mode == "chunk-size":
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self.buf += data[pos:]
+                    return end, False
+                line = (self.buf + data[pos:nl]).split(b";", 1)[0].strip()
+                self.buf = b""
+                pos = nl + 1
+                try:
+                    size = int(line, 16)
+                except ValueError:
+                    self.mode = "off"
+                    return end, False
+                self.chunk_left = size
+                self.mode = "chunk-data" if size else "trailers"
+            elif mode == "chunk-data":
+                take = min(self.chunk_left, end - pos)
+                self.chunk_left -= take
+                pos += take
+                if self.chunk_left == 0:
+                    self.mode = "chunk-crlf"
+            elif mode == "chunk-crlf":
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    return end, False
+                pos = nl + 1
+                self.mode = "chunk-size"
+            elif mode == "trailers":
+                nl = data.find(b"\n", pos)
+                if nl < 0:
+                    self.buf += data[pos:]
+                    return end, False
+                line = (self.buf + data[pos:nl]).strip()
+                self.buf = b""
+                pos = nl + 1
+                if not line:
+                    self.mode = "head"
+                    return pos, True
+            else:  # eof: everything until the connection closes; off: not accounting
+                return end, False
+        return pos, False
+
+
+def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
+    lines = head.split(b"\r\n")
+    headers: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return lines[0].split(b" ", 2), headers
+
+
+class Http1Accounting:
+    """Feed it `client(data)` and `server(data)` as bytes cross; `on_exchange` gets each result."""
+
+    def __init__(
+        self, on_exchange: Callable[[Exchange], None], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.on_exchange = on_exchange
+        self.clock = clock
+        self.requests = _Framing()
+        self.responses = _Framing()
+        self.pending: deque[tuple[str, float]] = deque()
+        self.status = 0
+        self.active = True
+
+    def _stop(self) -> None:
+        self.active = False
+        self.requests.mode = self.responses.mode = "off"
+
+    def client(self, data: bytes) -> None:
+        f = self.requests
+        pos = 0
+        while self.active and pos < len(data):
+            if f.mode == "head":
+                pos = self._head(f, data, pos, self._request_head)
+            else:
+                pos, _ = f.consume_body(data, pos)
+                if f.mode in ("off", "eof"):
+                    return
+
+    def server(self, data: bytes) -> None:
+        f = self.responses
+        pos = 0
+        while self.active and pos < len(data):
+            if f.mode == "head":
+                pos = self._head(f, data, pos, self._response_head)
+            else:
+                pos, done = f.consume_body(data, pos)
+                if done:
+                    self._finish()
+                if f.mode in ("off", "eof"):
+                    return
+
+    def closed(self) -> None:
+        """The connection ended: a body that runs to the close is complete; the rest never got one."""
+        if self.responses.mode == "eof" and self.pending:
+            self._finish()
+        while self.pending:
+            method, started = self.pending.popleft()
+            self.on_exchange(Exchange(method, 0, self.clock() - started))
+        self._stop()
+
+    def _head(self, f: _Framing, data: bytes, pos: int, handle: Callable[[bytes], None]) -> int:
+        """Collect a head up to its blank line; returns where the rest of `data` starts."""
+        if f.buf:  # a head split across reads: the terminator may straddle them
+            joined = f.buf + data[pos:]
+            end = joined.find(b"\r\n\r\n")
+            if end < 0:
+                f.buf = joined
+                if len(joined) > MAX_HEAD:
+                    self._stop()
+                return len(data)
+            f.buf = b""
+            handle(joined[:end])
+            return len(data) - (len(joined) - end - 4)
+        end = data.find(b"\r\n\r\n", pos)
+        if end < 0:
+            f.buf = data[pos:]
+            return len(data)
+        handle(data[pos:end])
+        return end + 4
+
+    def _request_head(self, head: bytes) -> None:
+        start, headers = _parse_head(head.lstrip(b"\r\n"))
+        method = start[0].decode("latin-1") if start and start[0] else "?"
+        if method == "CONNECT":
+            self._stop()
+            return
+        self.pending.append((method, self.clock()))
+        self.requests.body(headers, True)
+        if self.requests.mode == "eof":  # a request body is never delimited by the close
+            self.requests.mode = "head"
+
+    def _response_head(self, head: bytes) -> None:
+        start, headers = _parse_head(head.lstrip(b"\r\n"))
+        try:
+            status = int(start[1])
+        except (IndexError, ValueError):
+            self._stop()
+            return
+        self.status = status
+        if status == 101:  # the connection is now another protocol: count this, then stop
+            self._finish()
+            self._stop()
+            return
+        if 100 <= status < 200:
+            return  # interim: the real response follows
+        method = self.pending[0][0] if self.pending else ""
+        has_body = method != "HEAD" and status not in (204, 304)
+        self.responses.body(headers, has_body)
+        if self.responses.mode == "head":
+            self._finish()
+
+    def _finish(self) -> None:
+        if not self.pending:
+            return
+        method, started = self.pending.popleft()
+        self.on_exchange(Exchange(method, self.status, self.clock() - started))

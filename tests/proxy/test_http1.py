@@ -1,0 +1,94 @@
+"""HTTP/1 accounting replayed on byte streams, split at every possible point."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.proxy.http1 import Exchange, Http1Accounting
+
+
+def run(client: list[bytes], server: list[bytes], close: bool = True) -> list[tuple[str, int]]:
+    got: list[Exchange] = []
+    acct = Http1Accounting(got.append, clock=lambda: 0.0)
+    for c in client:
+        acct.client(c)
+    for s in server:
+        acct.server(s)
+    if close:
+        acct.closed()
+    return [(e.method, e.status) for e in got]
+
+
+def split_everywhere(data: bytes) -> list[list[bytes]]:
+    return [[data[:i], data[i:]] for i in range(1, len(data))]
+
+
+GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nX-T: 1\r\n\r\n"
+)
+POST = b"POST /p HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
+POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [
+        ([GET], [OK], [("GET", 200)]),
+        ([GET], [CHUNKED], [("GET", 200)]),
+        ([POST], [b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"], [("POST", 201)]),
+        ([POST_CHUNKED], [b"HTTP/1.1 500 Oops\r\nContent-Length: 2\r\n\r\nno"], [("POST", 500)]),
+        (
+            [GET + GET + b"HEAD / HTTP/1.1\r\n\r\n"],
+            [OK + CHUNKED + b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"],
+            [("GET", 200), ("GET", 200), ("HEAD", 200)],
+        ),
+        ([GET], [b"HTTP/1.1 100 Continue\r\n\r\n" + OK], [("GET", 200)]),
+        ([GET], [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"], [("GET", 304)]),
+        ([GET], [b"HTTP/1.0 200 OK\r\n\r\nbody until close"], [("GET", 200)]),
+        ([GET], [], [("GET", 0)]),
+        (
+            [b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"],
+            [b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello"],
+            [("GET", 101)],
+        ),
+    ],
+    ids=[
+        "content-length",
+        "chunked-with-trailers",
+        "post",
+        "chunked-request",
+        "pipelined-with-head",
+        "100-continue",
+        "304-no-body",
+        "body-until-close",
+        "no-response",
+        "upgrade-stops",
+    ],
+)
+def test_exchanges(client: list[bytes], server: list[bytes], expected: list[tuple[str, int]]) -> None:
+    assert run(client, server) == expected
+
+
+def test_every_split_point_gives_the_same_answer() -> None:
+    for request in split_everywhere(GET + POST_CHUNKED):
+        for response in split_everywhere(OK + CHUNKED):
+            assert run(request, response) == [("GET", 200), ("POST", 200)], (request, response)
+
+
+def test_huge_head_stops_accounting_without_error() -> None:
+    assert run([b"GET / HTTP/1.1\r\nX: " + b"a" * 70000], [OK]) == []
+
+
+def test_latency_runs_from_request_head_to_response_end() -> None:
+    now = [0.0]
+    got: list[Exchange] = []
+    acct = Http1Accounting(got.append, clock=lambda: now[0])
+    acct.client(GET)
+    now[0] = 0.25
+    acct.server(OK[:-2])
+    now[0] = 0.5
+    acct.server(OK[-2:])
+    assert got == [Exchange("GET", 200, 0.5)]
