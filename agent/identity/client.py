@@ -1,4 +1,4 @@
-"""The host's HTTPS client for the authority: discovery by pin, enroll, renew.
+"""The host's HTTPS client for the authority: discovery by pin, enroll, renew, host config.
 
 The join token carries the authority's URL and the sha256 pin of its API CA. Discovery reads
 the CA once without verification, accepts it only if its public key matches the pin, and from
@@ -6,17 +6,23 @@ then on every request (the token's secret included) goes over TLS verified again
 The hostname is not checked: the pinned CA is the authority's own and signs nothing else, so a
 certificate it issued proves the peer is the authority whatever name or NAT address the host
 used to reach it.
+
+The transport is the standard library's `http.client`: a handful of small JSON requests a day
+do not need more, and the daemon, which renews through this client, stays lean.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
+import json
 import ssl
 import time
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
-import httpx
 from cryptography import x509
 
 from agent.errors import ClockSkewError, RejectedError, TrustError, UnreachableError
@@ -25,7 +31,7 @@ from agent.identity.pki import load_certs, request_message, sign_message, spki_p
 from .store import AuthorityRef, StoredIdentity
 
 MAX_CLOCK_SKEW_S = 60.0
-TIMEOUT = httpx.Timeout(10.0, connect=5.0)
+TIMEOUT_S = 10.0
 
 
 def _verified_context(ca_pem: str) -> ssl.SSLContext:
@@ -43,28 +49,59 @@ def _unverified_context() -> ssl.SSLContext:
     return ctx
 
 
-def _transport_error(url: str, exc: httpx.HTTPError) -> Exception:
-    text = str(exc) or exc.__class__.__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text or isinstance(exc.__context__, ssl.SSLCertVerificationError):
-        return TrustError(
+@dataclass(frozen=True)
+class _Response:
+    status: int
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def _request(
+    url: str,
+    context: ssl.SSLContext,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> _Response:
+    """One HTTPS request; transport failures become UnreachableError / TrustError."""
+    parsed = urlparse(url)
+    conn = http.client.HTTPSConnection(
+        parsed.hostname or "", parsed.port or 443, timeout=TIMEOUT_S, context=context
+    )
+    payload = None if body is None else json.dumps(body).encode()
+    all_headers = {"Accept": "application/json", **(headers or {})}
+    if payload is not None:
+        all_headers["Content-Type"] = "application/json"
+    try:
+        conn.request(method, path, body=payload, headers=all_headers)
+        response = conn.getresponse()
+        return _Response(response.status, response.read())
+    except ssl.SSLCertVerificationError:
+        raise TrustError(
             f"the server at {url} presented a certificate not issued by the pinned authority CA",
             "the token's pin does not match this server: check the URL, "
             "or create a token on the right authority",
-        )
-    return UnreachableError(
-        f"cannot reach the authority at {url}: {text}",
-        "check the URL (from the token), that `meshagent authority serve` runs there, and that "
-        "this host can reach that address and port",
-    )
+        ) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise UnreachableError(
+            f"cannot reach the authority at {url}: {exc or exc.__class__.__name__}",
+            "check the URL (from the token), that `meshagent authority serve` runs there, and that "
+            "this host can reach that address and port",
+        ) from None
+    finally:
+        conn.close()
 
 
-def _refusal(response: httpx.Response) -> RejectedError:
+def _refusal(response: _Response) -> RejectedError:
     try:
         doc = response.json()
         return RejectedError(str(doc["message"]), str(doc.get("hint", "")), code=str(doc["code"]))
     except (ValueError, KeyError, TypeError):
         return RejectedError(
-            f"the authority answered HTTP {response.status_code} without an error body",
+            f"the authority answered HTTP {response.status} without an error body",
             "check that the URL points at a meshagent authority",
             code="bad_response",
         )
@@ -87,10 +124,10 @@ def check_clock(server_time: float, sent: float, received: float) -> float:
 class AuthorityClient:
     def __init__(self, ref: AuthorityRef) -> None:
         self.ref = ref
-        self._http = httpx.Client(base_url=ref.url, verify=_verified_context(ref.ca_pem), timeout=TIMEOUT)
+        self._context = _verified_context(ref.ca_pem)
 
     def close(self) -> None:
-        self._http.close()
+        pass  # one connection per request: nothing stays open
 
     def __enter__(self) -> AuthorityClient:
         return self
@@ -101,14 +138,10 @@ class AuthorityClient:
     @classmethod
     def discover(cls, url: str, pin: str) -> AuthorityClient:
         """Fetch the authority's CA, check it against `pin`, return a client that trusts only it."""
-        try:
-            with httpx.Client(verify=_unverified_context(), timeout=TIMEOUT) as insecure:
-                sent = time.time()
-                response = insecure.get(f"{url}/v1/authority")
-                received = time.time()
-        except httpx.HTTPError as exc:
-            raise _transport_error(url, exc) from None
-        if response.status_code != 200:
+        sent = time.time()
+        response = _request(url, _unverified_context(), "GET", "/v1/authority")
+        received = time.time()
+        if response.status != 200:
             raise _refusal(response)
         try:
             info = response.json()
@@ -140,11 +173,8 @@ class AuthorityClient:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        try:
-            response = self._http.request(method, path, json=body, headers=headers)
-        except httpx.HTTPError as exc:
-            raise _transport_error(self.ref.url, exc) from None
-        if response.status_code != 200:
+        response = _request(self.ref.url, self._context, method, path, body, headers)
+        if response.status != 200:
             raise _refusal(response)
         doc = response.json()
         assert isinstance(doc, dict)
