@@ -236,6 +236,18 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class TelemetrySettings:
+    """The metrics plane and the admin server (its port is intercept.admin_port, 4191)."""
+
+    admin_listen: str = "::"
+    """Address of the admin server (/metrics, /ready, /live, /status, /stat); :: is every address."""
+    metrics: bool = True
+    """Record linkerd-compatible metrics for every proxied connection."""
+    http_accounting: bool = True
+    """Detect HTTP/1 and count requests, responses and latencies (needs metrics)."""
+
+
+@dataclass(frozen=True)
 class InboundPortPolicy:
     port: int
     policy: str = "all-authenticated"
@@ -323,6 +335,7 @@ class AgentConfig:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     inbound: InboundSettings = field(default_factory=InboundSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
+    telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
 
 

@@ -12,10 +12,12 @@ open connections for up to `proxy.drain_timeout_s`, then exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import pwd
 import random
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
@@ -25,6 +27,7 @@ from agent.errors import ConfigError, MeshagentError
 from agent.fsutil import write_atomic
 from agent.identity.client import AuthorityClient
 from agent.identity.names import WorkloadIdentity
+from agent.identity.pki import utcnow
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityStore, StoredIdentity
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
@@ -37,6 +40,10 @@ from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
+from agent.telemetry.admin import Handler, Reply, json_reply
+from agent.telemetry.process import render_process
+from agent.telemetry.proxy_metrics import ProxyMetrics
+from agent.telemetry.stat import StatWindow
 
 log = get_logger("meshagent.daemon")
 
@@ -86,6 +93,7 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         detect_timeout_s=p.detect_timeout_s,
         skip_detect_ports=frozenset(p.skip_detect_ports),
         unmeshed_outbound="refuse" if p.unmeshed_outbound == "refuse" else "pass",
+        http_accounting=config.telemetry.metrics and config.telemetry.http_accounting,
     )
 
 
@@ -101,6 +109,11 @@ class Daemon:
         self.stop_event = asyncio.Event()
         self.credentials: Credentials | None = None
         self.proxy: Proxy | None = None
+        self.metrics = ProxyMetrics() if config.telemetry.metrics else None
+        self.stat = StatWindow(self.metrics) if self.metrics is not None else None
+        self.rotator: Rotator | None = None
+        self.admin: asyncio.AbstractServer | None = None
+        self.started_at = time.time()
 
     # --- directory (catalog + policy) ----------------------------------------------------
 
@@ -192,11 +205,13 @@ class Daemon:
             self.state.rules = await asyncio.to_thread(apply_plan, plan, backend)
             log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
 
-        rotator = Rotator(self.store, on_renewed=self._renewed)
+        self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed)
         tasks = [
             asyncio.create_task(rotator.run(self.stop_event), name="rotation"),
             asyncio.create_task(self._refresh_loop(), name="directory-refresh"),
         ]
+        if self.stat is not None:
+            tasks.append(asyncio.create_task(self._snapshots(), name="stat-snapshots"))
         watchdog = watchdog_interval_s()
         if watchdog:
             tasks.append(asyncio.create_task(self._watchdog(watchdog), name="watchdog"))
@@ -215,6 +230,8 @@ class Daemon:
         if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
             await asyncio.to_thread(remove_all)
         await self.proxy.stop(self.config.proxy.drain_timeout_s)
+        if self.admin is not None:
+            self.admin.close()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -224,6 +241,103 @@ class Daemon:
     async def _renewed(self, identity: StoredIdentity) -> None:
         assert self.credentials is not None
         await asyncio.to_thread(self.credentials.reload, self.store, identity)
+        self._identity_changed(identity)
+
+    def _identity_changed(self, identity: StoredIdentity) -> None:
+        if self.metrics is not None:
+            self.metrics.set_cert_expiry(identity.summary.not_after.timestamp())
+
+    async def _snapshots(self) -> None:
+        assert self.stat is not None
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), 5.0)
+            self.stat.snapshot()
+
+    # --- admin endpoints -----------------------------------------------------------------
+
+    def _routes(self) -> dict[str, Handler]:
+        return {
+            "/metrics": self._metrics,
+            "/live": lambda _q: Reply(200, b"live\n"),
+            "/ready": self._ready,
+            "/status": lambda _q: json_reply(self.status()),
+            "/stat": self._stat,
+        }
+
+    def _metrics(self, _query: dict[str, list[str]]) -> Reply:
+        lines: list[str] = []
+        if self.metrics is not None and self.proxy is not None:
+            lines.extend(self.metrics.render(self.proxy.live_legs()))
+        lines.extend(render_process())
+        return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def not_ready(self) -> list[str]:
+        """Why the agent cannot serve mTLS right now (empty: ready)."""
+        reasons = []
+        if self.credentials is None or self.credentials.identity.summary.not_after <= utcnow():
+            reasons.append("identity: no valid certificate")
+        if self.config.intercept.enabled and self.state.rules is None:
+            reasons.append("intercept: rules not applied")
+        if self.proxy is None or len(self.proxy.listening) < 2:
+            reasons.append("proxy: listeners not up")
+        return reasons
+
+    def _ready(self, _query: dict[str, list[str]]) -> Reply:
+        reasons = self.not_ready()
+        return (
+            Reply(503, ("not ready: " + "; ".join(reasons) + "\n").encode())
+            if reasons
+            else Reply(200, b"ready\n")
+        )
+
+    def _stat(self, query: dict[str, list[str]]) -> Reply:
+        if self.stat is None:
+            return json_reply({"error": "metrics are off (telemetry.metrics = false)"}, 503)
+        try:
+            window = float(query.get("window", ["60"])[0])
+        except ValueError:
+            window = 60.0
+        return json_reply({"window_s": window, "rows": self.stat.query(window)})
+
+    def status(self) -> dict[str, Any]:
+        """Everything the daemon knows, for `/status` and `meshagent status`."""
+        ident = self.credentials.identity if self.credentials else None
+        proxy = self.proxy
+        now = utcnow()
+        return {
+            "ready": not self.not_ready(),
+            "not_ready_reasons": self.not_ready(),
+            "started_at": self.started_at,
+            "identity": None
+            if ident is None
+            else {
+                "spiffe_id": ident.workload.spiffe_id,
+                "dns_name": ident.workload.dns_name,
+                "serial": ident.summary.serial,
+                "not_after": ident.summary.not_after.isoformat(),
+                "seconds_left": int((ident.summary.not_after - now).total_seconds()),
+                "renewals": self.rotator.renewals if self.rotator else 0,
+                "renewal_failures": self.rotator.failures if self.rotator else 0,
+                "last_renewal_error": self.rotator.last_error if self.rotator else "",
+            },
+            "rules": None
+            if self.state.rules is None
+            else {k: v for k, v in self.state.rules.to_dict().items() if k != "steps"},
+            "listeners": {} if proxy is None else {k: f"{h}:{p}" for k, (h, p) in proxy.listening.items()},
+            "catalog": {
+                "entries": 0 if proxy is None else len(proxy.catalog),
+                "source": self.state.directory_source,
+                "updated_at": self.state.directory_updated_at,
+            },
+            "connections": {
+                "open": 0 if proxy is None else proxy.open_connections,
+                "opened": {} if proxy is None else dict(proxy.stats.opened),
+                "refused": {} if proxy is None else dict(proxy.stats.refused),
+                "failures": {} if proxy is None else dict(proxy.stats.failures),
+            },
+            "last_errors": self.state.last_errors + ([] if proxy is None else list(proxy.stats.last_errors)),
+        }
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stop_event.is_set():

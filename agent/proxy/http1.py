@@ -161,7 +161,10 @@ class Http1Accounting:
                     return
 
     def closed(self) -> None:
-        """The connection ended: a body that runs to the close is complete; the rest never got one."""
+        """The connection ended: a body that runs to the close is complete; the rest never got one.
+        Idempotent: either side of the connection may report the end."""
+        if not self.active and not self.pending:
+            return
         if self.responses.mode == "eof" and self.pending:
             self._finish()
         while self.pending:

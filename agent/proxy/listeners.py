@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 from agent.logs import get_logger
+from agent.telemetry.metrics import join, labels
+from agent.telemetry.proxy_metrics import LOOPBACK, ProxyMetrics, target, tls_accept, tls_connect
 
 from .catalog import Catalog, CatalogEntry
 from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
+from .http1 import Http1Accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .tls import Credentials, peer_spiffe_id
@@ -51,6 +54,8 @@ class ListenerSettings:
     protocol (SMTP, MySQL): plaintext, without a mesh identity."""
     skip_detect_ports: frozenset[int] = frozenset({25, 587, 3306})
     unmeshed_outbound: Literal["pass", "refuse"] = "pass"
+    http_accounting: bool = True
+    """Detect HTTP/1 on connections and count requests (metrics); off: bytes and connections only."""
 
 
 @dataclass
@@ -81,8 +86,10 @@ class Proxy:
         policy: InboundPolicy,
         catalog: Catalog,
         orig_dst: OrigDstFn,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.credentials = credentials
         self.policy = policy
         self.catalog = catalog
@@ -166,6 +173,56 @@ class Proxy:
         self.track(leg)
         return leg
 
+    def live_legs(self) -> list[Leg]:
+        return list(self._legs)
+
+    def observe(self, leg: Leg, base: str) -> None:
+        """Give `leg` its transport metrics (labels `base`), if metrics are on."""
+        if self.metrics is not None:
+            leg.metrics = self.metrics.connection(base)
+
+    def tls_failed(self, direction: Direction, exc: BaseException) -> None:
+        if self.metrics is not None:
+            reason = (
+                "timeout" if isinstance(exc, TimeoutError) else str(getattr(exc, "reason", None) or "error")
+            )
+            self.metrics.tls_failures.child(labels(("direction", direction), ("reason", reason))).value += 1
+
+    def watch_http(
+        self, client: Leg, server: Leg, base: str, known: Protocol | None, early: bytes = b""
+    ) -> None:
+        """Count HTTP/1 requests on this connection if its client speaks HTTP/1 (detected from the
+        first bytes unless `known`). Opaque connections keep no tap at all after the first read."""
+        metrics = self.metrics
+        if metrics is None or not self.settings.http_accounting:
+            return
+
+        def install() -> Http1Accounting:
+            http = metrics.http(base)
+            acct = Http1Accounting(lambda e: http.exchange(e.status, e.latency_s))
+            client.tap, server.tap = acct.client, acct.server
+            client.accounting = server.accounting = acct
+            return acct
+
+        if known is not None:
+            if known is Protocol.HTTP1:
+                acct = install()
+                if early:
+                    acct.client(early)
+            return
+        seen = bytearray()
+
+        def first_bytes(data: bytes) -> None:
+            seen.extend(data)
+            result = detect(bytes(seen))
+            if result is NEED_DATA and len(seen) < 64:
+                return
+            client.tap = None
+            if isinstance(result, Detected) and result.protocol is Protocol.HTTP1:
+                install().client(bytes(seen))
+
+        client.tap = first_bytes
+
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
         self.stats.refused[f"{direction}:{reason}"] += 1
         log.warning("connection.refused", direction=direction, reason=reason, **fields)
@@ -247,6 +304,12 @@ class _InboundDetect(asyncio.Protocol):
             proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport)), "inbound-mtls")
             return
         decision = proxy.policy.authorize(self.orig[1], None)
+        sni = detected.sni if detected.protocol is Protocol.TLS else None
+        _authz(
+            proxy,
+            decision.allowed,
+            join(target(*self.orig), labels(("srv_port", str(self.orig[1]))), tls_accept(None, False, sni)),
+        )
         if not decision.allowed:
             proxy.refuse(
                 "inbound",
@@ -261,7 +324,22 @@ class _InboundDetect(asyncio.Protocol):
         proxy.track(leg)
         transport.set_protocol(leg)
         leg.connection_made(transport)
-        proxy.spawn(_inbound_plain(proxy, leg, self.buffer, self.orig, _peer(transport)), "inbound-plain")
+        proxy.spawn(
+            _inbound_plain(proxy, leg, self.buffer, self.orig, _peer(transport), detected), "inbound-plain"
+        )
+
+
+INBOUND_SRC = labels(("direction", "inbound"), ("peer", "src"))
+INBOUND_DST = join(labels(("direction", "inbound"), ("peer", "dst")), LOOPBACK)
+OUTBOUND_SRC = labels(("direction", "outbound"), ("peer", "src"))
+OUTBOUND_DST = labels(("direction", "outbound"), ("peer", "dst"))
+INBOUND = labels(("direction", "inbound"))
+OUTBOUND = labels(("direction", "outbound"))
+
+
+def _authz(proxy: Proxy, allowed: bool, key: str) -> None:
+    if proxy.metrics is not None:
+        (proxy.metrics.authz_allow if allowed else proxy.metrics.authz_deny).child(key).value += 1
 
 
 async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> None:
@@ -269,33 +347,46 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> 
         await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), proxy.settings.handshake_timeout_s)
     except (TimeoutError, OSError, asyncio.CancelledError) as exc:
         proxy.stats.error("inbound_tls_handshake", peer=peer, reason=_tls_reason(exc))
+        proxy.tls_failed("inbound", exc)
         log.warning("tls.handshake_failed", direction="inbound", peer=peer, reason=_tls_reason(exc))
         tls.abort()
         return
     client_id = peer_spiffe_id(tls.peer_cert)
     decision = proxy.policy.authorize(orig[1], client_id)
+    where, tls_labels = join(target(*orig), labels(("srv_port", str(orig[1])))), tls_accept(client_id, True)
+    _authz(proxy, decision.allowed, join(where, tls_labels))
     if not decision.allowed:
         proxy.refuse("inbound", decision.reason, peer=peer, port=orig[1], client_id=client_id or "")
         tls.send_eof()
         tls.close()
         return
+    proxy.observe(tls, join(INBOUND_SRC, where, tls_labels))
     try:
         upstream = await proxy.connect(orig, Leg())
     except (OSError, TimeoutError) as exc:
         proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
         tls.close()
         return
+    proxy.observe(upstream, INBOUND_DST)
+    proxy.watch_http(tls, upstream, join(INBOUND, where, tls_labels), None)
     proxy.stats.opened["inbound:mtls"] += 1
     tls.pair(upstream)
 
 
-async def _inbound_plain(proxy: Proxy, leg: Leg, early: bytes, orig: Address, peer: str) -> None:
+async def _inbound_plain(
+    proxy: Proxy, leg: Leg, early: bytes, orig: Address, peer: str, detected: Detected
+) -> None:
+    where = join(target(*orig), labels(("srv_port", str(orig[1]))))
+    tls_labels = tls_accept(None, False, detected.sni if detected.protocol is Protocol.TLS else None)
+    proxy.observe(leg, join(INBOUND_SRC, where, tls_labels))
     try:
         upstream = await proxy.connect(orig, Leg())
     except (OSError, TimeoutError) as exc:
         proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
         leg.close()
         return
+    proxy.observe(upstream, INBOUND_DST)
+    proxy.watch_http(leg, upstream, join(INBOUND, where, tls_labels), detected.protocol, early)
     proxy.stats.opened["inbound:plaintext"] += 1
     if early:
         upstream.send(early)
@@ -332,6 +423,8 @@ class _OutboundAccept(Leg):
 
 async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry | None) -> None:
     dst = f"{orig[0]}:{orig[1]}"
+    where = target(*orig)
+    proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
     if entry is None:
         if proxy.settings.unmeshed_outbound == "refuse":
             proxy.refuse("outbound", "not_meshed", dst=dst)
@@ -343,6 +436,9 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
             proxy.stats.error("outbound_connect", dst=dst, reason=str(exc) or "timeout")
             app.abort()
             return
+        tls_labels = tls_connect(None)
+        proxy.observe(upstream, join(OUTBOUND_DST, where, tls_labels))
+        proxy.watch_http(app, upstream, join(OUTBOUND, where, tls_labels), None)
         proxy.stats.opened["outbound:passthrough"] += 1
         app.pair(upstream)
         return
@@ -353,6 +449,7 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
     except (OSError, TimeoutError, asyncio.CancelledError) as exc:
         reason = _tls_reason(exc)
         proxy.stats.error("outbound_tls", dst=dst, server_id=entry.identity, reason=reason)
+        proxy.tls_failed("outbound", exc)
         log.warning(
             "tls.handshake_failed", direction="outbound", dst=dst, server_id=entry.identity, reason=reason
         )
@@ -366,6 +463,9 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
         tls.abort()
         app.abort()
         return
+    tls_labels = tls_connect(server_id)
+    proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
+    proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls"] += 1
     app.pair(tls)
 

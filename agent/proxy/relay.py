@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
@@ -23,16 +24,25 @@ READ_SIZE = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
 
 
+def errno_name(exc: BaseException | None) -> str:
+    """`ECONNRESET` for a reset, "" for a clean close (the tcp_close_total `errno` label)."""
+    code = getattr(exc, "errno", None)
+    return errno.errorcode.get(code, "") if isinstance(code, int) else ""
+
+
 class Leg(asyncio.Protocol):
     """A plaintext side. `peer` is the other leg once the connection is paired."""
 
     __slots__ = (
+        "accounting",
         "closed",
         "early",
+        "metrics",
         "on_closed",
         "peer",
         "read_eof",
         "rx",
+        "tap",
         "transport",
         "tx",
         "write_eof_sent",
@@ -48,6 +58,11 @@ class Leg(asyncio.Protocol):
         self.closed = False
         self.on_closed = on_closed
         self.early: list[bytes] = []  # bytes read before pairing
+        # Telemetry, all optional: per-connection children (closed() at the end), a tap that
+        # sees every chunk read from this side (protocol detection, HTTP accounting).
+        self.metrics: Any = None
+        self.tap: Callable[[bytes], None] | None = None
+        self.accounting: Any = None
 
     # --- asyncio callbacks ---------------------------------------------------------------
 
@@ -60,6 +75,8 @@ class Leg(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.rx += len(data)
+        if self.tap is not None:
+            self.tap(data)
         peer = self.peer
         if peer is None:  # a read already in flight when reading was paused: keep it for pairing
             self.early.append(data)
@@ -77,6 +94,11 @@ class Leg(asyncio.Protocol):
         self.closed = True
         if self.peer is not None and not self.peer.closed:
             self.peer.close()
+        if self.metrics is not None:
+            self.metrics.closed(self.rx, self.tx, errno_name(exc))
+        if self.accounting is not None:
+            self.accounting.closed()
+            self.accounting = None
         if self.on_closed is not None:
             self.on_closed(self, exc)
 
@@ -120,6 +142,8 @@ class Leg(asyncio.Protocol):
     def start(self) -> None:
         if self.early and self.peer is not None:
             for chunk in self.early:
+                if self.tap is not None:
+                    self.tap(chunk)
                 self.peer.send(chunk)
             self.early.clear()
         if self.read_eof:  # the client finished writing before we were paired
@@ -222,6 +246,8 @@ class TlsLeg(Leg):
                     self._end_of_stream()
                     break
                 self.rx += len(chunk)
+                if self.tap is not None:
+                    self.tap(chunk)
                 peer.send(chunk)
         except ssl.SSLWantReadError:
             pass

@@ -1,0 +1,1 @@
+"""The metrics plane: linkerd-compatible metric families, process metrics, the admin server."""

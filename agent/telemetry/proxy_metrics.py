@@ -1,0 +1,207 @@
+"""linkerd-proxy's metric families, named, typed, labelled and bucketed as the proxy does, so
+dashboards and queries written for Linkerd work for meshed hosts unchanged.
+
+Facts from linkerd/linkerd2-proxy (linkerd/metrics/src/latency.rs, transport-metrics,
+http/metrics, app/core/src/transport/labels.rs): latency buckets 1..50000 ms; transport label
+sets per leg (`peer="src"` for accepted connections, `peer="dst"` for the proxy's own);
+`tls="true",client_id=...` inbound and `tls="true",server_id=...` outbound, otherwise
+`tls="no_identity",no_tls_reason=...`; classification `failure` for 5xx. Two families the
+current proxy dropped but dashboards still query are kept: `tcp_connection_duration_ms` and
+`identity_cert_expiration_timestamp_seconds` (alongside today's `control_identity_cert_*`).
+
+Recording: a connection resolves its children once (`connection()`), then the relay only adds
+integers; bytes of open connections are read from the live legs at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any, Final, Protocol
+
+from .metrics import Family, join, labels
+
+LATENCY_BOUNDS_MS: Final = (
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
+    1000, 2000, 3000, 4000, 5000, 10000, 20000, 30000, 40000, 50000,
+)  # fmt: skip
+
+
+class LiveLeg(Protocol):
+    rx: int
+    tx: int
+    metrics: Any
+
+
+def target(host: str, port: int) -> str:
+    addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return labels(("target_addr", addr), ("target_ip", host), ("target_port", str(port)))
+
+
+def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None) -> str:
+    """Server-side `tls` labels (inbound accepted connections, inbound HTTP)."""
+    if mtls:
+        return labels(("tls", "true"), ("client_id", client_id or ""))
+    if sni is not None:
+        return labels(("tls", "opaque"))  # the app's own TLS; its SNI is not ours to label by
+    return labels(("tls", "no_identity"), ("no_tls_reason", "no_tls_from_remote"))
+
+
+def tls_connect(server_id: str | None) -> str:
+    """Client-side `tls` labels (outbound connections to destinations, outbound HTTP)."""
+    if server_id:
+        return labels(("tls", "true"), ("server_id", server_id))
+    return labels(("tls", "no_identity"), ("no_tls_reason", "not_provided_by_service_discovery"))
+
+
+LOOPBACK = labels(("tls", "no_identity"), ("no_tls_reason", "loopback"))
+
+
+class ConnMetrics:
+    """One leg's transport children, resolved when the leg opens."""
+
+    __slots__ = ("base", "opened_at", "owner", "read", "write")
+
+    def __init__(self, owner: ProxyMetrics, base: str) -> None:
+        self.owner = owner
+        self.base = base
+        self.opened_at = time.monotonic()
+        owner.tcp_open_total.child(base).value += 1
+        owner.tcp_open_connections.child(base).value += 1
+        self.read = owner.tcp_read_bytes_total.child(base)
+        self.write = owner.tcp_write_bytes_total.child(base)
+
+    def closed(self, rx: int, tx: int, errno: str) -> None:
+        o = self.owner
+        self.read.value += rx
+        self.write.value += tx
+        o.tcp_open_connections.child(self.base).value -= 1
+        with_errno = join(self.base, labels(("errno", errno)))
+        o.tcp_close_total.child(with_errno).value += 1
+        o.tcp_connection_duration_ms.child(with_errno).observe((time.monotonic() - self.opened_at) * 1000)
+
+
+class HttpMetrics:
+    """One connection's HTTP children; status-dependent ones are looked up per response."""
+
+    __slots__ = ("base", "owner", "requests")
+
+    def __init__(self, owner: ProxyMetrics, base: str) -> None:
+        self.owner = owner
+        self.base = base
+        self.requests = owner.request_total.child(base)
+
+    def exchange(self, status: int, latency_s: float) -> None:
+        self.requests.value += 1
+        o = self.owner
+        if status == 0:
+            key = join(
+                self.base,
+                labels(("classification", "failure"), ("grpc_status", ""), ("error", "unclassified")),
+            )
+            o.response_total.child(key).value += 1
+            return
+        code = labels(("status_code", str(status)))
+        klass = "failure" if 500 <= status <= 599 else "success"
+        o.response_total.child(
+            join(self.base, code, labels(("classification", klass), ("grpc_status", ""), ("error", "")))
+        ).value += 1
+        o.response_latency_ms.child(join(self.base, code)).observe(latency_s * 1000)
+
+
+class ProxyMetrics:
+    def __init__(self) -> None:
+        f = Family
+        self.request_total = f("request_total", "Total count of HTTP requests.", "counter")
+        self.response_total = f("response_total", "Total count of HTTP responses.", "counter")
+        self.response_latency_ms = f(
+            "response_latency_ms",
+            "Elapsed times between a request's headers being received and its response stream completing",
+            "histogram",
+            LATENCY_BOUNDS_MS,
+        )
+        self.tcp_open_total = f("tcp_open_total", "Total count of opened connections", "counter")
+        self.tcp_open_connections = f("tcp_open_connections", "Number of currently-open connections", "gauge")
+        self.tcp_read_bytes_total = f(
+            "tcp_read_bytes_total", "Total count of bytes read from peers", "counter"
+        )
+        self.tcp_write_bytes_total = f(
+            "tcp_write_bytes_total", "Total count of bytes written to peers", "counter"
+        )
+        self.tcp_close_total = f("tcp_close_total", "Total count of closed connections", "counter")
+        self.tcp_connection_duration_ms = f(
+            "tcp_connection_duration_ms", "Connection lifetimes", "histogram", LATENCY_BOUNDS_MS
+        )
+        self.authz_allow = f(
+            "inbound_tcp_authz_allow_total",
+            "The total number of inbound TCP connections that were authorized",
+            "counter",
+        )
+        self.authz_deny = f(
+            "inbound_tcp_authz_deny_total",
+            "The total number of inbound TCP connections that were denied",
+            "counter",
+        )
+        self.tls_failures = f(
+            "meshagent_tls_handshake_failures_total",
+            "TLS handshakes that failed, by direction and reason",
+            "counter",
+        )
+        self.cert_expiry = f(
+            "identity_cert_expiration_timestamp_seconds",
+            "Time when the this proxy's current mTLS identity certificate will expire "
+            "(in seconds since the UNIX epoch).",
+            "gauge",
+            retain_idle_s=None,
+        )
+        self.control_cert_expiry = f(
+            "control_identity_cert_expiration_timestamp_seconds",
+            "Time when this proxy's current mTLS identity certificate will expire "
+            "(in seconds since the UNIX epoch).",
+            "gauge",
+            retain_idle_s=None,
+        )
+
+    def families(self) -> list[Family]:
+        return [
+            self.request_total,
+            self.response_total,
+            self.response_latency_ms,
+            self.tcp_open_total,
+            self.tcp_close_total,
+            self.tcp_open_connections,
+            self.tcp_read_bytes_total,
+            self.tcp_write_bytes_total,
+            self.tcp_connection_duration_ms,
+            self.authz_allow,
+            self.authz_deny,
+            self.tls_failures,
+            self.cert_expiry,
+            self.control_cert_expiry,
+        ]
+
+    def connection(self, base: str) -> ConnMetrics:
+        return ConnMetrics(self, base)
+
+    def http(self, base: str) -> HttpMetrics:
+        return HttpMetrics(self, base)
+
+    def set_cert_expiry(self, not_after_unix: float) -> None:
+        self.cert_expiry.child("").value = not_after_unix
+        self.control_cert_expiry.child("").value = not_after_unix
+
+    def render(self, legs: Iterable[LiveLeg]) -> Iterator[str]:
+        read: dict[str, float] = {}
+        write: dict[str, float] = {}
+        for leg in legs:
+            m = leg.metrics
+            if m is not None:
+                read[m.base] = read.get(m.base, 0.0) + leg.rx
+                write[m.base] = write.get(m.base, 0.0) + leg.tx
+        for family in self.families():
+            if family is self.tcp_read_bytes_total:
+                yield from family.render(lambda key: read.get(key, 0.0))
+            elif family is self.tcp_write_bytes_total:
+                yield from family.render(lambda key: write.get(key, 0.0))
+            else:
+                yield from family.render()
