@@ -151,6 +151,14 @@ def create_app(authority: Authority) -> Starlette:
         host = authority.authenticate(chain, timestamp, signature, request.method, request.url.path)
         return JSONResponse(authority.host_config(host))
 
+    @refusals
+    async def prometheus_targets(request: Request) -> Response:
+        try:
+            port = int(request.query_params.get("port", "4191"))
+        except ValueError:
+            raise RejectedError("port must be a number", code="invalid_request") from None
+        return JSONResponse(authority.prometheus_targets(port))
+
     async def trust_bundle(request: Request) -> Response:
         return JSONResponse({"trust_bundle": authority.trust_bundle.pem().decode()})
 
@@ -180,6 +188,7 @@ def create_app(authority: Authority) -> Starlette:
             Route("/v1/renew", renew, methods=["POST"]),
             Route("/v1/host/config", host_config, methods=["GET"]),
             Route("/v1/trust-bundle", trust_bundle, methods=["GET"]),
+            Route("/v1/prometheus/targets", prometheus_targets, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
         ],

@@ -77,6 +77,21 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/v1/prometheus/targets": {
+            "get": {
+                "summary": "Prometheus http_sd_configs: every enrolled, unrevoked host's metrics endpoint",
+                "parameters": [
+                    {"name": "port", "in": "query", "schema": {"type": "integer", "default": 4191}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "[{targets: [host:port], labels: "
+                        "{namespace, serviceaccount, identity, host, host_id}}]",
+                        "content": {"application/json": {"schema": {"type": "array"}}},
+                    }
+                },
+            }
+        },
         "/v1/trust-bundle": {
             "get": {
                 "summary": "The current mesh trust bundle (one or more roots)",

@@ -260,6 +260,29 @@ class Authority:
             )
         return catalog
 
+    def prometheus_targets(self, metrics_port: int) -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery: every enrolled, unrevoked host's admin endpoint."""
+        groups = []
+        for host in self.registry.list_hosts():
+            if host.revoked or not host.addresses:
+                continue
+            workload = self.identity(host.identity)
+            address = host.addresses[0]
+            target = f"[{address}]:{metrics_port}" if ":" in address else f"{address}:{metrics_port}"
+            groups.append(
+                {
+                    "targets": [target],
+                    "labels": {
+                        "namespace": workload.namespace,
+                        "serviceaccount": workload.name,
+                        "identity": workload.spiffe_id,
+                        "host": host.host_name,
+                        "host_id": host.id,
+                    },
+                }
+            )
+        return groups
+
     def host_config(self, host: HostRecord) -> dict[str, Any]:
         """What an enrolled host needs to route and authorize: the catalog and its own policy."""
         policy: dict[str, Any] = {"ports": {}}

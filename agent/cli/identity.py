@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -97,6 +98,44 @@ def _print_identity(doc: dict[str, Any]) -> None:
         click.echo(f"{key.ljust(width)}  {value}")
 
 
+def _daemon_status(config: Path | None) -> dict[str, Any] | None:
+    """The running agent's /status, or None when no agent answers on this host."""
+    from .stat import admin_get
+
+    try:
+        port = load_config(config, required=config is not None).intercept.admin_port
+        code, body = admin_get(port, "/status", timeout=1.0)
+        doc = json.loads(body)
+    except (MeshagentError, ValueError):
+        return None
+    return doc if code == 200 and isinstance(doc, dict) else None
+
+
+def _print_daemon(doc: dict[str, Any] | None) -> None:
+    if doc is None:
+        click.echo("agent         not running (no answer on the admin port)")
+        return
+    rules = doc.get("rules") or {}
+    conns = doc.get("connections") or {}
+    state = "ready" if doc.get("ready") else "NOT READY: " + "; ".join(doc["not_ready_reasons"])
+    click.echo(f"agent         {state}")
+    click.echo(
+        f"rules         {rules.get('backend', '-')} {rules.get('inbound_mode', '')} "
+        f"{rules.get('rules', 0)} rules"
+        if rules
+        else "rules         none applied"
+    )
+    click.echo(f"listeners     {', '.join(f'{k} {v}' for k, v in (doc.get('listeners') or {}).items())}")
+    catalog = doc.get("catalog") or {}
+    click.echo(f"catalog       {catalog.get('entries', 0)} entries from {catalog.get('source', '-')}")
+    click.echo(
+        f"connections   {conns.get('open', 0)} open; refused {sum((conns.get('refused') or {}).values())}; "
+        f"failures {sum((conns.get('failures') or {}).values())}"
+    )
+    for error in (doc.get("last_errors") or [])[-3:]:
+        click.echo(f"last error    {error}")
+
+
 def _read_token(token: str | None, token_file: Path | None) -> str:
     if token_file is not None:
         text = sys.stdin.read() if str(token_file) == "-" else token_file.read_text()
@@ -187,10 +226,12 @@ def status_cmd(state_dir: Path | None, config: Path | None, as_json: bool) -> No
     """
     store = _store(state_dir, config)
     doc = identity_doc(store, store.load())
+    doc["daemon"] = _daemon_status(config)
     if as_json:
         emit_json(doc)
     else:
         _print_identity(doc)
+        _print_daemon(doc["daemon"])
     if doc["expired"]:
         sys.exit(int(ExitCode.FAILURE))
 

@@ -17,6 +17,7 @@ from .identity import enroll_cmd, renew_cmd, status_cmd
 from .intercept import intercept
 from .output import error_text
 from .run import run_cmd
+from .stat import stat_cmd
 
 
 class MeshagentGroup(click.Group):
@@ -76,6 +77,7 @@ cli.add_command(enroll_cmd)
 cli.add_command(status_cmd)
 cli.add_command(renew_cmd)
 cli.add_command(run_cmd)
+cli.add_command(stat_cmd)
 cli.add_command(authority)
 cli.add_command(intercept)
 
