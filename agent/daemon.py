@@ -40,7 +40,7 @@ from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
-from agent.telemetry.admin import Handler, Reply, json_reply
+from agent.telemetry.admin import Handler, Reply, json_reply, start_admin
 from agent.telemetry.process import render_process
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
@@ -195,8 +195,13 @@ class Daemon:
             directory.policy,
             directory.catalog,
             lambda sock: _orig_dst(sock),
+            self.metrics,
         )
+        self._identity_changed(self.credentials.identity)
         await self.proxy.start()
+        listen = self.config.telemetry.admin_listen
+        admin_host = None if listen in ("::", "") else listen
+        self.admin = await start_admin(admin_host, self.config.intercept.admin_port, self._routes())
 
         intercept = self.config.intercept
         if intercept.enabled:

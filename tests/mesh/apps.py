@@ -30,7 +30,10 @@ http {{
   access_log off;
   client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
   fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
-  server {{ listen {port} reuseport; listen [::]:{port}; root {root}/www; }}
+  server {{
+    listen {port} reuseport; listen [::]:{port}; root {root}/www;
+    location /fail {{ return 500; }}
+  }}
 }}
 """)
     host.popen("nginx", "-c", str(conf), "-p", str(root))

@@ -1,0 +1,155 @@
+"""The metrics plane for real: Prometheus discovers the hosts through the authority, scrapes
+them, and Linkerd's queries return what the test's traffic implies; `meshagent stat` agrees."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+
+from tests.mesh import apps
+from tests.mesh.conftest import AUTH_PORT, MESHAGENT, Mesh, wait_for
+
+pytestmark = pytest.mark.netns
+
+OK_REQUESTS, FAILED_REQUESTS = 150, 50
+TD = "spiffe://cluster.local"
+
+
+def prometheus(mesh: Mesh) -> str:
+    """Prometheus in the cluster host, discovering targets from the authority every second."""
+    d = mesh.tmp / "prometheus"
+    d.mkdir()
+    (d / "prometheus.yml").write_text(f"""
+global: {{scrape_interval: 1s, evaluation_interval: 1s}}
+scrape_configs:
+  - job_name: meshagent
+    http_sd_configs:
+      - url: https://198.18.1.1:{AUTH_PORT}/v1/prometheus/targets
+        refresh_interval: 1s
+        tls_config: {{ca_file: {mesh.authority_dir / "api-ca.crt"}}}
+""")
+    mesh.cl.popen(
+        "prometheus",
+        f"--config.file={d / 'prometheus.yml'}",
+        f"--storage.tsdb.path={d / 'data'}",
+        "--web.listen-address=198.18.1.1:9090",
+        "--log.level=warn",
+    )
+    url = "http://198.18.1.1:9090"
+    wait_for(
+        lambda: mesh.cl.run("curl", "-sf", f"{url}/-/ready", check=False).returncode == 0,
+        "prometheus up",
+        timeout=30,
+    )
+    return url
+
+
+def query(mesh: Mesh, url: str, promql: str) -> list[dict[str, object]]:
+    out = mesh.cl.run("curl", "-sf", f"{url}/api/v1/query", "--data-urlencode", f"query={promql}").stdout
+    doc = json.loads(out)
+    assert doc["status"] == "success", doc
+    result = doc["data"]["result"]
+    assert isinstance(result, list)
+    return result
+
+
+def scalar(mesh: Mesh, url: str, promql: str) -> float:
+    result = query(mesh, url, promql)
+    assert len(result) == 1, f"{promql}: {result}"
+    return float(result[0]["value"][1])  # type: ignore[index]
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus (scripts/bootstrap)")
+def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh: Mesh) -> None:
+    apps.nginx(mesh.b, mesh.tmp, 8080)
+    a = mesh.enroll(mesh.a, "shop/web", "198.18.1.1", ["198.18.1.2", "198.18.3.1"])
+    b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.2.2", "198.18.3.2"])
+    b.start()
+    a.start()
+    wait_for(lambda: (a.state / "host-config.json").exists(), "a's catalog", a)
+    url = prometheus(mesh)
+    # One request first, so every series exists before the measured traffic (rate() and
+    # increase() only count from a series' first sample).
+    mesh.a.run("curl", "-sf", "http://198.18.3.2:8080/")
+    try:
+        wait_for(
+            lambda: len(query(mesh, url, 'up{job="meshagent"} == 1')) == 2, "both hosts scraped", timeout=30
+        )
+        first = 'sum(request_total{direction="inbound"})'
+        wait_for(lambda: len(query(mesh, url, first)) == 1, "first request scraped", timeout=30)
+        time.sleep(2)
+    except AssertionError:
+        targets = mesh.cl.run("curl", "-s", f"{url}/api/v1/targets", check=False).stdout
+        raise AssertionError(f"prometheus targets: {targets}") from None
+
+    # The traffic: 150 successes and 50 server errors from web to legacy, timed by the client.
+    script = (
+        "import time, urllib.request, urllib.error, json\n"
+        "lat = []\n"
+        f"for i in range({OK_REQUESTS + FAILED_REQUESTS}):\n"
+        f"    path = '/fail' if i % 4 == 3 else '/'\n"
+        "    t = time.perf_counter()\n"
+        "    try:\n"
+        "        urllib.request.urlopen('http://198.18.3.2:8080' + path, timeout=5).read()\n"
+        "    except urllib.error.HTTPError as e:\n"
+        "        assert e.code == 500\n"
+        "    lat.append((time.perf_counter() - t) * 1000)\n"
+        "print(json.dumps(sorted(lat)))\n"
+    )
+    latencies = json.loads(mesh.a.run("python3", "-c", script, timeout=120).stdout)
+    time.sleep(3)  # two scrapes after the last request
+
+    inbound = 'direction="inbound"'
+    ok = scalar(mesh, url, f'sum(response_total{{{inbound},classification="success"}})')
+    failed = scalar(mesh, url, f'sum(response_total{{{inbound},classification="failure"}})')
+    assert (ok, failed) == (OK_REQUESTS + 1, FAILED_REQUESTS)
+    assert (
+        scalar(mesh, url, f'sum(request_total{{{inbound},tls="true",client_id="{TD}/ns/shop/sa/web"}})')
+        == 201
+    )
+    assert (
+        scalar(mesh, url, f'sum(response_total{{direction="outbound",server_id="{TD}/ns/shop/sa/legacy"}})')
+        == 201
+    )
+    # Linkerd's dashboard queries.
+    success_rate = scalar(
+        mesh,
+        url,
+        f'sum(rate(response_total{{classification="success",{inbound},namespace="shop"}}[1m])) '
+        f'/ sum(rate(response_total{{{inbound},namespace="shop"}}[1m]))',
+    )
+    assert success_rate == pytest.approx(0.75, abs=0.02)
+    requests_in_window = scalar(mesh, url, f"sum(increase(request_total{{{inbound}}}[1m]))")
+    assert requests_in_window == pytest.approx(200, rel=0.15)  # increase() extrapolates a little
+    p99 = scalar(
+        mesh, url, f"histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{inbound}}}[1m])) by (le))"
+    )
+    # The proxy's p99 lies within the bucket holding the client's own p99 (client >= proxy, bucketed).
+    client_p99 = latencies[int(len(latencies) * 0.99) - 1]
+    assert 0 < p99 <= max(5.0, client_p99 * 2)
+    assert scalar(mesh, url, "count(identity_cert_expiration_timestamp_seconds > time())") == 2
+
+    # promtool parses the exposition (exit 1 would be a format error). Its only lint remarks
+    # are the two `_ms` names, which are linkerd-proxy's own and kept for compatibility (exit 3).
+    exposition = mesh.cl.run("curl", "-sf", "http://198.18.2.2:4191/metrics").stdout
+    check = mesh.cl.run("promtool", "check", "metrics", input=exposition, check=False)
+    remarks = sorted(line for line in (check.stdout + check.stderr).splitlines() if line.strip())
+    assert check.returncode in (0, 3), remarks
+    assert remarks == [
+        "response_latency_ms metric names should not contain abbreviated units",
+        "tcp_connection_duration_ms metric names should not contain abbreviated units",
+    ]
+
+    # meshagent stat on the legacy host agrees with what the client did.
+    doc = json.loads(mesh.b.run(*MESHAGENT, "stat", "--json", "--config", str(b.config)).stdout)
+    row = next(
+        r for r in doc["rows"] if r["direction"] == "inbound" and r["peer_identity"].endswith("/sa/web")
+    )
+    assert row["requests"] == 201, doc
+    assert row["success_rate"] == pytest.approx(151 / 201), doc
+    assert row["latency_p50_ms"] is not None and row["latency_p50_ms"] <= max(5.0, latencies[100] * 2)
+    table = mesh.b.run(*MESHAGENT, "stat", "--config", str(b.config)).stdout
+    assert f"{151 / 201 * 100:.2f}%" in table and f"{TD}/ns/shop/sa/web" in table
