@@ -74,11 +74,12 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     # One request first, so every series exists before the measured traffic (rate() and
     # increase() only count from a series' first sample).
     mesh.a.run("curl", "-sf", "http://198.18.3.2:8080/")
+    mesh.a.run("curl", "-s", "http://198.18.3.2:8080/fail")
     try:
         wait_for(
             lambda: len(query(mesh, url, 'up{job="meshagent"} == 1')) == 2, "both hosts scraped", timeout=30
         )
-        first = 'sum(request_total{direction="inbound"})'
+        first = 'sum(response_total{direction="inbound"}) >= 2'
         wait_for(lambda: len(query(mesh, url, first)) == 1, "first request scraped", timeout=30)
         time.sleep(2)
     except AssertionError:
@@ -105,14 +106,14 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     inbound = 'direction="inbound"'
     ok = scalar(mesh, url, f'sum(response_total{{{inbound},classification="success"}})')
     failed = scalar(mesh, url, f'sum(response_total{{{inbound},classification="failure"}})')
-    assert (ok, failed) == (OK_REQUESTS + 1, FAILED_REQUESTS)
+    assert (ok, failed) == (OK_REQUESTS + 1, FAILED_REQUESTS + 1)
     assert (
         scalar(mesh, url, f'sum(request_total{{{inbound},tls="true",client_id="{TD}/ns/shop/sa/web"}})')
-        == 201
+        == 202
     )
     assert (
         scalar(mesh, url, f'sum(response_total{{direction="outbound",server_id="{TD}/ns/shop/sa/legacy"}})')
-        == 201
+        == 202
     )
     # Linkerd's dashboard queries.
     success_rate = scalar(
@@ -148,8 +149,8 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     row = next(
         r for r in doc["rows"] if r["direction"] == "inbound" and r["peer_identity"].endswith("/sa/web")
     )
-    assert row["requests"] == 201, doc
-    assert row["success_rate"] == pytest.approx(151 / 201), doc
+    assert row["requests"] == 202, doc
+    assert row["success_rate"] == pytest.approx(151 / 202), doc
     assert row["latency_p50_ms"] is not None and row["latency_p50_ms"] <= max(5.0, latencies[100] * 2)
     table = mesh.b.run(*MESHAGENT, "stat", "--config", str(b.config)).stdout
-    assert f"{151 / 201 * 100:.2f}%" in table and f"{TD}/ns/shop/sa/web" in table
+    assert f"{151 / 202 * 100:.2f}%" in table and f"{TD}/ns/shop/sa/web" in table
