@@ -13,6 +13,7 @@ from agent.errors import ExitCode, MeshagentError
 from agent.logs import configure
 
 from .authority import authority
+from .demo import demo
 from .identity import enroll_cmd, renew_cmd, status_cmd
 from .intercept import intercept
 from .output import error_text
@@ -80,6 +81,7 @@ cli.add_command(run_cmd)
 cli.add_command(stat_cmd)
 cli.add_command(authority)
 cli.add_command(intercept)
+cli.add_command(demo)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""`meshagent demo`: the whole story on one machine, in network namespaces."""
