@@ -215,6 +215,8 @@ class ProxySettings:
     """Outbound to a destination not in the catalog: pass (plain, untouched) or refuse."""
     drain_timeout_s: float = 10.0
     """On SIGTERM, how long open connections may finish before they are closed."""
+    idle_timeout_s: float = 3600.0
+    """A proxied connection that moves no byte either way for this long is closed (0: never)."""
     on_stop: str = "remove-rules"
     """remove-rules (fail open: the app keeps working without the mesh while the agent is down) or
     keep-rules (fail closed: intercepted traffic fails until the agent is back)."""
@@ -228,6 +230,7 @@ class ProxySettings:
         _float_range(self.handshake_timeout_s, 0.1, 300, "proxy.handshake_timeout_s")
         _float_range(self.detect_timeout_s, 0.01, 60, "proxy.detect_timeout_s")
         _float_range(self.drain_timeout_s, 0, 3600, "proxy.drain_timeout_s")
+        _float_range(self.idle_timeout_s, 0, 7 * 86400, "proxy.idle_timeout_s")
         _float_range(self.refresh_interval_s, 1, 86400, "proxy.refresh_interval_s")
         ports = tuple(self.skip_detect_ports)
         for port in ports:

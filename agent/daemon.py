@@ -94,6 +94,7 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         skip_detect_ports=frozenset(p.skip_detect_ports),
         unmeshed_outbound="refuse" if p.unmeshed_outbound == "refuse" else "pass",
         http_accounting=config.telemetry.metrics and config.telemetry.http_accounting,
+        idle_timeout_s=p.idle_timeout_s,
     )
 
 

@@ -54,6 +54,8 @@ class ListenerSettings:
     protocol (SMTP, MySQL): plaintext, without a mesh identity."""
     skip_detect_ports: frozenset[int] = frozenset({25, 587, 3306})
     unmeshed_outbound: Literal["pass", "refuse"] = "pass"
+    idle_timeout_s: float = 3600.0
+    """A connection that moves no byte either way for this long is closed (0: never)."""
     http_accounting: bool = True
     """Detect HTTP/1 on connections and count requests (metrics); off: bytes and connections only."""
 
@@ -119,6 +121,30 @@ class Proxy:
             bound = server.sockets[0].getsockname()
             self.listening[name] = (bound[0], bound[1])
             log.info("proxy.listening", direction=name, address=f"{bound[0]}:{bound[1]}")
+        if self.settings.idle_timeout_s > 0:
+            self.spawn(self._close_idle(), "idle-sweep")
+
+    async def _close_idle(self) -> None:
+        """Close connections idle past the timeout. A sweep compares byte counters the relay keeps
+        anyway, so the hot path pays nothing for it."""
+        timeout = self.settings.idle_timeout_s
+        interval = min(30.0, max(0.5, timeout / 4))
+        last: dict[Leg, tuple[int, int, float]] = {}
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            seen: dict[Leg, tuple[int, int, float]] = {}
+            for leg in list(self._legs):
+                rx, tx, since = last.get(leg, (-1, -1, now))
+                if (leg.rx, leg.tx) != (rx, tx):
+                    since = now
+                elif now - since >= timeout and leg.peer is not None:
+                    log.info("connection.idle_closed", idle_s=round(now - since, 1))
+                    leg.close()
+                    leg.peer.close()
+                    continue
+                seen[leg] = (leg.rx, leg.tx, since)
+            last = seen
 
     async def stop(self, drain_timeout_s: float = 10.0) -> None:
         """Stop accepting, let open connections finish for up to `drain_timeout_s`, then close."""

@@ -55,9 +55,12 @@ class World:
         policy: InboundPolicy | None = None,
         catalog_identity: str = DB,
         server_name: str = DB_NAME,
+        idle_timeout_s: float = 3600.0,
     ) -> tuple[Proxy, Proxy]:
         b = Proxy(
-            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            ListenerSettings(
+                inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), idle_timeout_s=idle_timeout_s
+            ),
             Credentials.load(IdentityStore(self.tmp / "b")),
             policy or InboundPolicy(),
             Catalog([]),
@@ -78,7 +81,9 @@ class World:
             ]
         )
         a = Proxy(
-            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            ListenerSettings(
+                inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), idle_timeout_s=idle_timeout_s
+            ),
             Credentials.load(IdentityStore(self.tmp / "a")),
             InboundPolicy(),
             catalog,
@@ -255,6 +260,24 @@ def test_rotation_swaps_contexts_and_open_connections_stay_up(tmp_path: Path) ->
         w2.write(b"new")
         assert await r2.readexactly(3) == b"new"
         w2.close()
+        writer.close()
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_idle_connections_are_closed(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read()  # never answers
+            writer.close()
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        a, _ = await world.start(server.sockets[0].getsockname()[1], idle_timeout_s=1.0)
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        writer.write(b"hello")
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the idle sweep
+        assert a.open_connections == 0
         writer.close()
         server.close()
 
