@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +341,7 @@ class AgentConfig:
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
+    sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> file path or "env VAR"
 
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
@@ -373,9 +375,30 @@ def _section(cls: type[Any], doc: dict[str, Any], name: str, path: Path) -> Any:
         raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
 
 
-def load_config(path: Path | None, required: bool = False) -> AgentConfig:
-    """Load `path`; a missing default file means built-in defaults, a missing explicit one is an error."""
-    path = path or DEFAULT_CONFIG_FILE
+ENV_PREFIX = "MESHAGENT_"
+
+
+def env_name(section: str, key: str) -> str:
+    """`proxy.on_stop` -> `MESHAGENT_PROXY_ON_STOP`."""
+    return f"{ENV_PREFIX}{section}_{key}".upper()
+
+
+def _env_value(name: str, text: str) -> Any:
+    """An environment override is a TOML value (`3`, `true`, `[22, 2222]`, `"x"`) or a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _sections() -> dict[str, type[Any]]:
+    hints = get_type_hints(AgentConfig)
+    return {
+        f.name: hints[f.name] for f in dataclasses.fields(AgentConfig) if f.name not in ("source", "sources")
+    }
+
+
+def _read_file(path: Path, required: bool) -> dict[str, Any] | None:
     try:
         raw = tomllib.loads(path.read_text())
     except FileNotFoundError:
@@ -384,17 +407,31 @@ def load_config(path: Path | None, required: bool = False) -> AgentConfig:
                 f"config file {path} does not exist",
                 "create it (see the README's configuration reference) or drop --config",
             ) from None
-        return AgentConfig()
+        return None
     except PermissionError:
         raise ConfigError(
             f"config file {path} is not readable", "run as root or as the meshagent user"
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
-    sections = {f.name: f for f in dataclasses.fields(AgentConfig) if f.name != "source"}
-    hints = get_type_hints(AgentConfig)
-    values: dict[str, Any] = {}
-    for name, doc in raw.items():
+    return raw
+
+
+def load_config(
+    path: Path | None, required: bool = False, environ: dict[str, str] | None = None
+) -> AgentConfig:
+    """Defaults, then the TOML file, then `MESHAGENT_<SECTION>_<KEY>` environment overrides.
+
+    A missing default file means defaults (and the environment); a missing explicit one is an
+    error. `sources` records where every value that is not a default came from.
+    """
+    path = path or DEFAULT_CONFIG_FILE
+    env = os.environ if environ is None else environ
+    raw = _read_file(path, required)
+    sections = _sections()
+    merged: dict[str, dict[str, Any]] = {}
+    sources: dict[str, str] = {}
+    for name, doc in (raw or {}).items():
         if name not in sections:
             close = difflib.get_close_matches(name, sections, n=1)
             hint = (
@@ -403,5 +440,42 @@ def load_config(path: Path | None, required: bool = False) -> AgentConfig:
             raise ConfigError(f"{path}: unknown section [{name}]", hint)
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: {name} must be a table ([{name}])")
-        values[name] = _section(hints[name], doc, name, path)
-    return AgentConfig(**values, source=path)
+        merged[name] = dict(doc)
+        sources.update({f"{name}.{key}": str(path) for key in doc})
+    for name, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            var = env_name(name, f.name)
+            if var in env:
+                merged.setdefault(name, {})[f.name] = _env_value(var, env[var])
+                sources[f"{name}.{f.name}"] = f"env {var}"
+    values = {name: _section(sections[name], doc, name, path) for name, doc in merged.items()}
+    return AgentConfig(**values, source=path if raw is not None else None, sources=sources)
+
+
+def describe(config: AgentConfig) -> list[dict[str, Any]]:
+    """Every setting, its effective value and where it came from (`meshagent config show`)."""
+    rows = []
+    for name in _sections():
+        section = getattr(config, name)
+        for f in dataclasses.fields(section):
+            key = f"{name}.{f.name}"
+            value = getattr(section, f.name)
+            rows.append(
+                {
+                    "key": key,
+                    "value": _plain(value),
+                    "source": config.sources.get(key, "default"),
+                    "env": env_name(name, f.name),
+                }
+            )
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    return value

@@ -13,6 +13,7 @@ from agent.errors import ExitCode, MeshagentError
 from agent.logs import configure
 
 from .authority import authority
+from .config_cmd import config_group
 from .demo import demo
 from .identity import enroll_cmd, renew_cmd, status_cmd
 from .intercept import intercept
@@ -82,6 +83,7 @@ cli.add_command(stat_cmd)
 cli.add_command(authority)
 cli.add_command(intercept)
 cli.add_command(demo)
+cli.add_command(config_group)
 
 
 def main() -> None:

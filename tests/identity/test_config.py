@@ -47,3 +47,32 @@ def test_errors_name_file_key_and_fix(tmp_path: Path, text: str, needle: str, hi
 def test_explicit_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError):
         load_config(tmp_path / "absent.toml", required=True)
+
+
+def test_environment_overrides_the_file_and_says_so(tmp_path: Path) -> None:
+    from agent.config import describe
+
+    f = tmp_path / "agent.toml"
+    f.write_text('[proxy]\non_stop = "keep-rules"\nidle_timeout_s = 60\n')
+    cfg = load_config(
+        f,
+        environ={
+            "MESHAGENT_PROXY_IDLE_TIMEOUT_S": "600",
+            "MESHAGENT_INTERCEPT_SSH_PORTS": "[22, 2222]",
+            "MESHAGENT_LOG_FORMAT": "json",
+        },
+    )
+    assert cfg.proxy.on_stop == "keep-rules"
+    assert cfg.proxy.idle_timeout_s == 600.0
+    assert cfg.intercept.ssh_ports == (22, 2222)
+    assert cfg.log.format == "json"
+    sources = {r["key"]: r["source"] for r in describe(cfg)}
+    assert sources["proxy.on_stop"] == str(f)
+    assert sources["proxy.idle_timeout_s"] == "env MESHAGENT_PROXY_IDLE_TIMEOUT_S"
+    assert sources["proxy.drain_timeout_s"] == "default"
+
+
+def test_a_bad_environment_value_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "none.toml", environ={"MESHAGENT_PROXY_ON_STOP": "sometimes"})
+    assert "proxy.on_stop" in err.value.message
