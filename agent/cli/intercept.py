@@ -170,13 +170,23 @@ def apply_cmd(config: Path | None, backend: str | None, dry_run: bool, as_json: 
 @config_option
 @dry_run_option
 @json_option
-def remove_cmd(config: Path | None, dry_run: bool, as_json: bool) -> None:
+@click.option("--quiet", is_flag=True, help="Print nothing when there was nothing to remove.")
+@click.option(
+    "--after-stop",
+    is_flag=True,
+    help="For the unit's ExecStopPost: keep the rules when the config says proxy.on_stop = "
+    '"keep-rules" (fail closed); a config that cannot be read means remove.',
+)
+def remove_cmd(config: Path | None, dry_run: bool, as_json: bool, quiet: bool, after_stop: bool) -> None:
     """Remove every meshagent rule, chain, table and policy route; other rules stay exactly as they are.
 
-    Never reads the config (it may be broken or gone): ours are found by name and comment in
-    every installed backend.
+    Never needs the config (it may be broken or gone): ours are found by name and comment in
+    every installed backend. Only --after-stop looks at it, to honour a fail-closed choice.
     """
-    del config  # accepted for symmetry; deliberately unused
+    if after_stop and _fails_closed(config):
+        if not quiet:
+            click.echo("proxy.on_stop = keep-rules: rules kept (fail closed)")
+        return
     if dry_run:
         steps = lib.remove_steps()
         routes = netlink.current()
@@ -202,5 +212,15 @@ def remove_cmd(config: Path | None, dry_run: bool, as_json: bool) -> None:
     elif removed.backends or removed.routes:
         where = ", ".join(removed.backends) or "no firewall backend"
         click.echo(f"removed meshagent rules from {where}; {removed.routes} policy route entries")
-    else:
+    elif not quiet:
         click.echo("nothing to remove")
+
+
+def _fails_closed(config: Path | None) -> bool:
+    from agent.config import load_config
+    from agent.errors import MeshagentError
+
+    try:
+        return load_config(config).proxy.on_stop == "keep-rules"
+    except MeshagentError:
+        return False  # unreadable config: the safe side is to remove (fail open)

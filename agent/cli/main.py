@@ -16,6 +16,7 @@ from .authority import authority
 from .config_cmd import config_group
 from .demo import demo
 from .identity import enroll_cmd, renew_cmd, status_cmd
+from .install import install_cmd, uninstall_cmd
 from .intercept import intercept
 from .output import error_text
 from .run import run_cmd
@@ -84,6 +85,8 @@ cli.add_command(authority)
 cli.add_command(intercept)
 cli.add_command(demo)
 cli.add_command(config_group)
+cli.add_command(install_cmd)
+cli.add_command(uninstall_cmd)
 
 
 def main() -> None:

@@ -111,11 +111,24 @@ class IdentityStore:
                 "run as root or as the meshagent user, or pass --state-dir",
             ) from None
 
+    def _hand_over(self) -> None:
+        """Root enrolling for the agent's own user: give the files to the state directory's owner
+        (systemd's StateDirectory= makes it the meshagent user), so the service can read its key."""
+        if os.geteuid() != 0:
+            return
+        st = self.state_dir.stat()
+        if st.st_uid == 0:
+            return
+        for root, dirs, files in os.walk(self.state_dir):
+            for name in dirs + files:
+                os.lchown(os.path.join(root, name), st.st_uid, st.st_gid)
+
     # --- the authority this host belongs to ----------------------------------------------
 
     def save_authority(self, ref: AuthorityRef) -> None:
         self._ensure_dir()
         write_atomic(self.state_dir / "authority.json", json.dumps(ref.__dict__, indent=2).encode(), 0o644)
+        self._hand_over()
 
     def load_authority(self) -> AuthorityRef:
         path = self.state_dir / "authority.json"
@@ -139,6 +152,7 @@ class IdentityStore:
             return key_from_pem(path.read_bytes())
         key = generate_key()
         write_atomic(path, key_to_pem(key), 0o600)
+        self._hand_over()
         return key
 
     def drop_pending_key(self) -> None:
@@ -176,6 +190,7 @@ class IdentityStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._drop_old_generations(keep=gen.name)
+        self._hand_over()
         return StoredIdentity(key, tuple(chain), tuple(bundle), workload, gen)
 
     def _drop_old_generations(self, keep: str) -> None:
@@ -226,6 +241,7 @@ class IdentityStore:
         if ok:
             doc["last_success"] = when.isoformat()
         write_atomic(self.state_dir / "renewal.json", json.dumps(doc, indent=2).encode(), 0o644)
+        self._hand_over()
 
     def renewal_record(self) -> dict[str, Any]:
         try:
