@@ -13,6 +13,7 @@ from agent.errors import ExitCode, MeshagentError
 from agent.logs import configure
 
 from .authority import authority
+from .check import check_cmd
 from .config_cmd import config_group
 from .demo import demo
 from .identity import enroll_cmd, renew_cmd, status_cmd
@@ -86,6 +87,7 @@ cli.add_command(intercept)
 cli.add_command(demo)
 cli.add_command(config_group)
 cli.add_command(install_cmd)
+cli.add_command(check_cmd)
 cli.add_command(uninstall_cmd)
 
 

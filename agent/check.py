@@ -1,0 +1,149 @@
+"""`meshagent check`: pre-flight and post-install checks, in the spirit of `linkerd check`.
+
+Each check is independent and returns pass/fail with a detail and, on failure, a hint. The
+whole run fails if any check fails. Nothing here changes the host.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import pwd
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+from agent.config import AgentConfig
+from agent.errors import MeshagentError
+from agent.identity.pki import utcnow
+from agent.identity.store import IdentityStore
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    name: str
+    ok: bool
+    detail: str
+    hint: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _check(name: str, fn: Callable[[], tuple[bool, str, str]]) -> CheckResult:
+    try:
+        ok, detail, hint = fn()
+    except MeshagentError as exc:
+        return CheckResult(name, False, exc.message, exc.hint)
+    except Exception as exc:  # a check must report, never crash the run
+        return CheckResult(name, False, f"{exc.__class__.__name__}: {exc}", "")
+    return CheckResult(name, ok, detail, "" if ok else hint)
+
+
+def run_checks(config: AgentConfig) -> list[CheckResult]:
+    store = IdentityStore(config.identity.state_dir)
+    icfg = config.intercept
+
+    def backend() -> tuple[bool, str, str]:
+        from agent.intercept.apply import detect_backend
+
+        chosen = detect_backend(icfg.backend)
+        chosen.owned()  # reads the live ruleset: proves the tool and kernel support work
+        return True, f"{chosen.name} (configured: {icfg.backend})", ""
+
+    def user() -> tuple[bool, str, str]:
+        if isinstance(icfg.proxy_user, int):
+            return True, f"proxy uid {icfg.proxy_user}", ""
+        try:
+            entry = pwd.getpwnam(icfg.proxy_user)
+        except KeyError:
+            return False, f"user {icfg.proxy_user!r} does not exist", "run: meshagent install"
+        return True, f"{entry.pw_name} (uid {entry.pw_uid}, shell {entry.pw_shell})", ""
+
+    def state_dir() -> tuple[bool, str, str]:
+        if not store.state_dir.exists():
+            return False, f"{store.state_dir} does not exist", "run: meshagent install (then enroll)"
+        st = store.state_dir.stat()
+        mode = stat.S_IMODE(st.st_mode)
+        owner = pwd.getpwuid(st.st_uid).pw_name
+        ok = mode == 0o700
+        return ok, f"{store.state_dir} mode {mode:o} owner {owner}", f"chmod 700 {store.state_dir}"
+
+    def identity() -> tuple[bool, str, str]:
+        ident = store.load()
+        s = ident.summary
+        left = (s.not_after - utcnow()).total_seconds()
+        lifetime = (s.not_after - s.not_before).total_seconds()
+        ok = left > 0.1 * lifetime
+        return (
+            ok,
+            f"{ident.workload.spiffe_id}, {int(left)}s left of {int(lifetime)}s",
+            (
+                "the certificate is about to expire: is the agent running and the authority reachable? "
+                "(meshagent renew)"
+            ),
+        )
+
+    def authority() -> tuple[bool, str, str]:
+        from agent.identity.client import AuthorityClient
+
+        ref = store.load_authority()
+        with AuthorityClient(ref) as client:
+            skew = client.check_clock()
+        return True, f"{ref.url} answers; clock skew {skew:+.1f}s", ""
+
+    def rules() -> tuple[bool, str, str]:
+        from agent.intercept.apply import status
+
+        doc = status()
+        if not icfg.enabled:
+            return True, "interception disabled in the config", ""
+        applied = doc["applied"]
+        where = ", ".join(doc["backends"]) or "nowhere"
+        return applied, f"rules present in {where}", "start the agent: systemctl start meshagent"
+
+    def admin() -> tuple[bool, str, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", icfg.admin_port, timeout=2)
+        try:
+            conn.request("GET", "/ready")
+            response = conn.getresponse()
+            body = response.read().decode().strip()
+        except OSError as exc:
+            return False, f"admin port {icfg.admin_port}: {exc}", "start the agent: systemctl start meshagent"
+        finally:
+            conn.close()
+        return response.status == 200, f"/ready: {body}", "see `meshagent status` for what is missing"
+
+    def ports() -> tuple[bool, str, str]:
+        busy = []
+        for port in (icfg.inbound_port, icfg.outbound_port, icfg.admin_port):
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    busy.append(port)
+        # Either all three are ours (the agent runs) or none is taken.
+        ok = len(busy) in (0, 3)
+        return (
+            ok,
+            f"listening: {busy or 'none'}",
+            (f"another program holds port(s) {busy}: free them or change intercept.*_port"),
+        )
+
+    def root() -> tuple[bool, str, str]:
+        return (
+            os.geteuid() == 0,
+            "running as root" if os.geteuid() == 0 else "not root",
+            "run as root: the checks read the firewall and the agent's files",
+        )
+
+    return [
+        _check("privileges", root),
+        _check("kernel: netfilter backend", backend),
+        _check("user", user),
+        _check("state directory", state_dir),
+        _check("identity", identity),
+        _check("authority reachable, clock in sync", authority),
+        _check("interception rules", rules),
+        _check("ports 4143/4140/4191", ports),
+        _check("admin /ready", admin),
+    ]
