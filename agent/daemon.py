@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from agent.config import AgentConfig
+from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError
 from agent.fsutil import write_atomic
 from agent.identity.client import AuthorityClient
@@ -33,7 +33,7 @@ from agent.identity.store import IdentityStore, StoredIdentity
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
 from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
-from agent.logs import get_logger
+from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
 from agent.proxy.directory import Directory, merge
 from agent.proxy.listeners import ListenerSettings, Proxy
@@ -114,6 +114,7 @@ class Daemon:
         self.stat = StatWindow(self.metrics) if self.metrics is not None else None
         self.rotator: Rotator | None = None
         self.admin: asyncio.AbstractServer | None = None
+        self._reloads: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
 
     # --- directory (catalog + policy) ----------------------------------------------------
@@ -184,6 +185,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop_event.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn_reload())
 
         self.credentials = await asyncio.to_thread(Credentials.load, self.store)
         cached = self._cached_directory_doc()
@@ -243,6 +245,58 @@ class Daemon:
         await asyncio.gather(*tasks, return_exceptions=True)
         log.info("daemon.stopped")
         return 0
+
+    # --- SIGHUP: reload the config without dropping a connection ------------------------
+
+    def spawn_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def reload(self) -> None:
+        """Re-read the config file: policy, local catalog, log settings and the interception plan
+        take effect at once; listener ports and the state directory need a restart."""
+        assert self.proxy is not None
+        try:
+            fresh = await asyncio.to_thread(load_config, self.config.source, self.config.source is not None)
+        except MeshagentError as exc:
+            self.state.error("reload", f"{exc.code}: {exc.message}")
+            log.error("reload.refused", code=exc.code, reason=exc.message, hint=exc.hint)
+            return
+        needs_restart = [
+            key
+            for key, old, new in (
+                ("intercept.inbound_port", self.config.intercept.inbound_port, fresh.intercept.inbound_port),
+                (
+                    "intercept.outbound_port",
+                    self.config.intercept.outbound_port,
+                    fresh.intercept.outbound_port,
+                ),
+                ("intercept.admin_port", self.config.intercept.admin_port, fresh.intercept.admin_port),
+                ("identity.state_dir", self.config.identity.state_dir, fresh.identity.state_dir),
+            )
+            if old != new
+        ]
+        old_intercept = self.config.intercept
+        self.config = fresh
+        configure(fresh.log.level, fresh.log.format)
+        directory = self._directory(self._cached_directory_doc())
+        self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
+        if fresh.intercept != old_intercept and fresh.intercept.enabled:
+            plan = self._plan()
+            self.state.rules = await asyncio.to_thread(
+                apply_plan, plan, detect_backend(fresh.intercept.backend)
+            )
+        log.info(
+            "reload.done",
+            catalog=len(directory.catalog),
+            rules_reapplied=fresh.intercept != old_intercept,
+            needs_restart=",".join(needs_restart),
+        )
+        notify(
+            "STATUS=config reloaded"
+            + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
+        )
 
     async def _renewed(self, identity: StoredIdentity) -> None:
         assert self.credentials is not None

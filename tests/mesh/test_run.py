@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+
 import pytest
 
 from tests.mesh.conftest import PY, Mesh, wait_for
@@ -45,3 +48,47 @@ def test_client_to_legacy_server_is_mtls_and_strict_policy_refuses_plaintext(mes
     # Without the agent (fail open), the app is reached directly again.
     again = mesh.cl.run("curl", "-sS", "--max-time", "5", "http://198.18.2.2:8080/hello.txt", check=False)
     assert again.stdout == "hello from the legacy host\n"
+
+
+def test_sighup_reloads_policy_without_dropping_connections(mesh: Mesh) -> None:
+    _http_server(mesh)
+    a = mesh.enroll(mesh.a, "shop/web", "198.18.1.1", ["198.18.3.1"])
+    b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.3.2", "198.18.2.2"])
+    b.start()
+    a.start()
+    wait_for(lambda: (a.state / "host-config.json").exists(), "a's catalog", a)
+    url = "http://198.18.2.2:8080/hello.txt"
+    assert mesh.cl.run("curl", "-sS", "--max-time", "5", url, check=False).returncode == 0  # permissive
+
+    # A keep-alive connection from the meshed client, open across the reload.
+    keepalive = mesh.a.popen(
+        PY,
+        "-c",
+        (
+            "import http.client, sys\n"
+            "c = http.client.HTTPConnection('198.18.3.2', 8080, timeout=10)\n"
+            "for _ in range(2):\n"
+            "    c.request('GET', '/hello.txt'); r = c.getresponse(); r.read(); print(r.status, flush=True)\n"
+            "    sys.stdin.readline()\n"
+        ),
+        stdin=subprocess.PIPE,
+    )
+    assert keepalive.stdout is not None and keepalive.stdin is not None
+    assert keepalive.stdout.readline().strip() == "200"
+
+    b.config.write_text(
+        b.config.read_text().replace(
+            'default_policy = "all-unauthenticated"', 'default_policy = "all-authenticated"'
+        )
+    )
+    assert b.proc is not None
+    b.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload.done" in b.log.read_text(), "reload", b)
+
+    assert mesh.cl.run("curl", "-sS", "--max-time", "5", url, check=False).returncode != 0  # strict now
+    keepalive.stdin.write("\n")
+    keepalive.stdin.flush()
+    assert keepalive.stdout.readline().strip() == "200"  # the open connection lived through it
+    keepalive.stdin.write("\n")
+    keepalive.stdin.flush()
+    assert keepalive.wait(timeout=10) == 0
