@@ -26,8 +26,10 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 _counter = itertools.count(1)
@@ -206,6 +208,13 @@ def remove_by_prefix(prefix: str) -> list[str]:
         ).stdout.split()
         for pid in pids:
             _end(int(pid), None)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in pids:
+            if Path(f"/proc/{pid}").exists():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         removed.append(ns)
     return removed

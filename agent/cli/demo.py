@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import sys
 import time
@@ -151,8 +152,10 @@ def demo(ctx: click.Context, as_json: bool, duration: float | None, keep: bool) 
 @demo.command("down")
 def demo_down() -> None:
     """Remove a world left up by `meshagent demo --keep`."""
-    from agent.demo.world import PREFIX
+    from agent.demo.world import PREFIX, kept_workdirs
     from agent.netlab import remove_by_prefix
 
     removed = remove_by_prefix(PREFIX)
+    for workdir in kept_workdirs():
+        shutil.rmtree(workdir, ignore_errors=True)
     click.echo(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))

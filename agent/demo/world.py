@@ -94,6 +94,11 @@ def build_world(keep: bool) -> World:
     return World(lab, workdir, cluster, web, cache)
 
 
+def kept_workdirs() -> list[Path]:
+    """Work directories of worlds left up with --keep (they hold a world.json)."""
+    return [p.parent for p in Path(tempfile.gettempdir()).glob("meshagent-demo-*/world.json")]
+
+
 def start_authority(world: World) -> None:
     world.cli(
         world.cluster,

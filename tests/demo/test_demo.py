@@ -67,3 +67,25 @@ def test_demo_proves_every_plane_and_leaves_nothing(tmp_path: object) -> None:
     assert (
         "meshagent" not in subprocess.run(["nft", "list", "ruleset"], capture_output=True, text=True).stdout
     )
+
+
+def test_keep_then_down_removes_the_world() -> None:
+    if netns_supported():
+        pytest.skip(str(netns_supported()))
+    before = set(namespaces())
+    proc = subprocess.run(
+        [*MESHAGENT, "demo", "--json", "--keep", "--duration", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    try:
+        doc = json.loads(proc.stdout)
+        assert doc["ok"], proc.stdout[-2000:]
+        kept = next(s for s in doc["steps"] if s["step"] == "kept")
+        assert set(kept["namespaces"]) <= set(namespaces())  # still up for exploring
+    finally:
+        down = subprocess.run([*MESHAGENT, "demo", "down"], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "removed 3 namespaces" in down.stdout
+    assert set(namespaces()) == before
+    assert _demo_processes() == []
