@@ -14,14 +14,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 MAX_HEAD: Final = 64 * 1024
 
 
-@dataclass(frozen=True)
-class Exchange:
+class Exchange(NamedTuple):  # a tuple: made once per request, on the relay's hot path
     method: str
     status: int  # 0: the connection ended before a response
     latency_s: float
@@ -38,18 +36,17 @@ class _Framing:
         self.length = 0
         self.chunk_left = 0
 
-    def body(self, headers: dict[bytes, bytes], has_body: bool) -> None:
+    def body(self, chunked: bool, length: int | None, has_body: bool) -> None:
         if not has_body:
             self.mode = "head"
-        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        elif chunked:
             self.mode = "chunk-size"
-        elif b"content-length" in headers:
-            try:
-                self.length = int(headers[b"content-length"])
-            except ValueError:
+        elif length is not None:
+            if length < 0:
                 self.mode = "off"
                 return
-            self.mode = "length" if self.length > 0 else "head"
+            self.length = length
+            self.mode = "length" if length > 0 else "head"
         else:
             self.mode = "eof"
 
@@ -108,14 +105,28 @@ class _Framing:
         return pos, False
 
 
-def _parse_head(head: bytes) -> tuple[list[bytes], dict[bytes, bytes]]:
-    lines = head.split(b"\r\n")
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, sep, value = line.partition(b":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return lines[0].split(b" ", 2), headers
+def _header(lower_head: bytes, name: bytes) -> bytes | None:
+    """The value of header `name` (given as b"\\r\\nname:") in a lowercased head, if present."""
+    at = lower_head.find(name)
+    if at < 0:
+        return None
+    start = at + len(name)
+    end = lower_head.find(b"\r\n", start)
+    return lower_head[start : end if end >= 0 else len(lower_head)].strip()
+
+
+def _parse_head(head: bytes) -> tuple[list[bytes], bool, int | None]:
+    """(start line words, chunked, content length): only what framing needs, without building
+    a header dict; -1 for a content length that is not a number."""
+    nl = head.find(b"\r\n")
+    start = (head if nl < 0 else head[:nl]).split(b" ", 2)
+    lower = head.lower()
+    encoding = _header(lower, b"\r\ntransfer-encoding:")
+    length_text = _header(lower, b"\r\ncontent-length:")
+    length: int | None = None
+    if length_text is not None:
+        length = int(length_text) if length_text.isdigit() else -1
+    return start, encoding is not None and b"chunked" in encoding, length
 
 
 class Http1Accounting:
@@ -193,18 +204,18 @@ class Http1Accounting:
         return end + 4
 
     def _request_head(self, head: bytes) -> None:
-        start, headers = _parse_head(head.lstrip(b"\r\n"))
+        start, chunked, length = _parse_head(head.lstrip(b"\r\n"))
         method = start[0].decode("latin-1") if start and start[0] else "?"
         if method == "CONNECT":
             self._stop()
             return
         self.pending.append((method, self.clock()))
-        self.requests.body(headers, True)
+        self.requests.body(chunked, length, True)
         if self.requests.mode == "eof":  # a request body is never delimited by the close
             self.requests.mode = "head"
 
     def _response_head(self, head: bytes) -> None:
-        start, headers = _parse_head(head.lstrip(b"\r\n"))
+        start, chunked, length = _parse_head(head.lstrip(b"\r\n"))
         try:
             status = int(start[1])
         except (IndexError, ValueError):
@@ -219,7 +230,7 @@ class Http1Accounting:
             return  # interim: the real response follows
         method = self.pending[0][0] if self.pending else ""
         has_body = method != "HEAD" and status not in (204, 304)
-        self.responses.body(headers, has_body)
+        self.responses.body(chunked, length, has_body)
         if self.responses.mode == "head":
             self._finish()
 

@@ -38,10 +38,11 @@ def fmt(value: float) -> str:
 
 
 class CounterChild:
-    __slots__ = ("touched", "value")
+    __slots__ = ("seen", "touched", "value")
 
     def __init__(self) -> None:
         self.value = 0.0
+        self.seen = 0.0  # the value at the last render: a change there also counts as use
         self.touched = time.monotonic()
 
 
@@ -50,13 +51,14 @@ class GaugeChild(CounterChild):
 
 
 class HistogramChild:
-    __slots__ = ("bounds", "count", "counts", "sum", "touched")
+    __slots__ = ("bounds", "count", "counts", "seen", "sum", "touched")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
         self.count = 0
+        self.seen = 0
         self.touched = time.monotonic()
 
     def observe(self, value: float) -> None:
@@ -96,9 +98,16 @@ class Family:
     def render(self, live: Callable[[str], float] | None = None) -> Iterator[str]:
         """Exposition lines. `live(key)` adds not-yet-settled amounts (open connections' bytes)."""
         if self.retain_idle_s is not None:
-            cutoff = time.monotonic() - self.retain_idle_s
-            for key in [k for k, c in self.children.items() if c.touched < cutoff and _settled(c)]:
-                del self.children[key]
+            # Children are updated through references held by connections, not through child():
+            # a value that moved since the last render is in use too.
+            now = time.monotonic()
+            cutoff = now - self.retain_idle_s
+            for key, c in list(self.children.items()):
+                current = c.count if isinstance(c, HistogramChild) else c.value
+                if current != c.seen:
+                    c.seen, c.touched = current, now
+                elif c.touched < cutoff and _settled(c):
+                    del self.children[key]
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         for key, c in self.children.items():

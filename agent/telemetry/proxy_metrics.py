@@ -82,31 +82,41 @@ class ConnMetrics:
 
 
 class HttpMetrics:
-    """One connection's HTTP children; status-dependent ones are looked up per response."""
+    """One connection's HTTP children. Status-dependent children are resolved once per status
+    code the connection sees (a keep-alive connection pays the label work once, not per request)."""
 
-    __slots__ = ("base", "owner", "requests")
+    __slots__ = ("base", "by_status", "owner", "requests")
 
     def __init__(self, owner: ProxyMetrics, base: str) -> None:
         self.owner = owner
         self.base = base
         self.requests = owner.request_total.child(base)
+        self.by_status: dict[int, tuple[Any, Any]] = {}
 
-    def exchange(self, status: int, latency_s: float) -> None:
-        self.requests.value += 1
+    def _children(self, status: int) -> tuple[Any, Any]:
         o = self.owner
         if status == 0:
             key = join(
                 self.base,
                 labels(("classification", "failure"), ("grpc_status", ""), ("error", "unclassified")),
             )
-            o.response_total.child(key).value += 1
-            return
+            return o.response_total.child(key), None
         code = labels(("status_code", str(status)))
         klass = "failure" if 500 <= status <= 599 else "success"
-        o.response_total.child(
+        response = o.response_total.child(
             join(self.base, code, labels(("classification", klass), ("grpc_status", ""), ("error", "")))
-        ).value += 1
-        o.response_latency_ms.child(join(self.base, code)).observe(latency_s * 1000)
+        )
+        return response, o.response_latency_ms.child(join(self.base, code))
+
+    def exchange(self, status: int, latency_s: float) -> None:
+        self.requests.value += 1
+        children = self.by_status.get(status)
+        if children is None:
+            children = self.by_status[status] = self._children(status)
+        response, latency = children
+        response.value += 1
+        if latency is not None:
+            latency.observe(latency_s * 1000)
 
 
 class ProxyMetrics:

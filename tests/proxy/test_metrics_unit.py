@@ -1,0 +1,65 @@
+"""The metric primitives: exposition, retention of idle series, live bytes."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.telemetry import metrics as m
+from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS, ProxyMetrics
+
+
+def test_histogram_exposition_is_cumulative_with_inf() -> None:
+    fam = m.Family("response_latency_ms", "help", "histogram", (1, 5, 10))
+    child = fam.child('direction="inbound"')
+    for value in (0.5, 3, 3, 7, 50):
+        child.observe(value)
+    lines = list(fam.render())
+    assert 'response_latency_ms_bucket{direction="inbound",le="1"} 1' in lines
+    assert 'response_latency_ms_bucket{direction="inbound",le="5"} 3' in lines
+    assert 'response_latency_ms_bucket{direction="inbound",le="10"} 4' in lines
+    assert 'response_latency_ms_bucket{direction="inbound",le="+Inf"} 5' in lines
+    assert 'response_latency_ms_count{direction="inbound"} 5' in lines
+    assert 'response_latency_ms_sum{direction="inbound"} 63.5' in lines
+
+
+def test_label_values_are_escaped() -> None:
+    assert m.labels(("a", 'x"y\\z\n')) == 'a="x\\"y\\\\z\\n"'
+
+
+@pytest.mark.parametrize("in_use", [True, False], ids=["updated-through-a-reference", "idle"])
+def test_idle_series_are_dropped_but_used_ones_stay(monkeypatch: pytest.MonkeyPatch, in_use: bool) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    fam = m.Family("request_total", "help", "counter", retain_idle_s=600)
+    child = fam.child('direction="inbound"')  # a connection holds this reference
+    child.value += 1
+    list(fam.render())
+    now[0] += 700
+    if in_use:
+        child.value += 1
+    text = "\n".join(fam.render())
+    assert ('request_total{direction="inbound"}' in text) is in_use
+
+
+def test_open_connection_bytes_count_before_close() -> None:
+    pm = ProxyMetrics()
+
+    class Leg:
+        rx, tx = 0, 0
+        metrics = pm.connection('direction="inbound",peer="src"')
+
+    leg = Leg()
+    leg.rx, leg.tx = 100, 40
+    text = "\n".join(pm.render([leg]))
+    assert 'tcp_read_bytes_total{direction="inbound",peer="src"} 100' in text
+    assert 'tcp_open_connections{direction="inbound",peer="src"} 1' in text
+    leg.metrics.closed(leg.rx, leg.tx, "")
+    text = "\n".join(pm.render([]))
+    assert 'tcp_read_bytes_total{direction="inbound",peer="src"} 100' in text
+    assert 'tcp_close_total{direction="inbound",peer="src",errno=""} 1' in text
+    assert 'tcp_open_connections{direction="inbound",peer="src"} 0' in text
+
+
+def test_linkerd_latency_buckets() -> None:
+    assert LATENCY_BOUNDS_MS[:6] == (1, 2, 3, 4, 5, 10) and LATENCY_BOUNDS_MS[-1] == 50000
+    assert len(LATENCY_BOUNDS_MS) == 25
