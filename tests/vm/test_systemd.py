@@ -1,0 +1,259 @@
+"""The systemd unit on real Debian 12 VMs (qemu, TCG): install, enroll, mTLS, crash, reboot,
+check, uninstall — one pair of VMs for every step, SSH asserted after each.
+
+    vm-authority 198.18.0.1: `meshagent install --authority`, the authority's unit, nginx (the
+                             app), and an enrolled agent (identity web/nginx) in front of it
+    vm-legacy    198.18.0.2: the legacy host, enrolled as shop/legacy; its curl to nginx must
+                             arrive at vm-authority's agent as mTLS with client_id shop/legacy
+
+The measured figures are printed and written to <cache>/last-run.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.harness import CACHE, Vm, build_image, missing_prerequisites, vm_pair
+
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+AUTH_URL = "https://198.18.0.1:8443"
+LEGACY_ID = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"
+APP_URL = "http://198.18.0.1/"
+MESHAGENT = "/usr/local/bin/meshagent"
+
+# What "the host as it was" means: firewall, users, units, files.
+SNAPSHOT = r"""
+set -u
+echo '## nft'; nft list ruleset
+echo '## iptables-nft'; iptables-nft-save 2>/dev/null | grep -v '^#'
+echo '## iptables-legacy'; iptables-legacy-save 2>/dev/null | grep -v '^#'
+echo '## ip6tables-nft'; ip6tables-nft-save 2>/dev/null | grep -v '^#'
+echo '## ip rule'; ip rule; ip -6 rule
+echo '## passwd'; cat /etc/passwd
+echo '## group'; cat /etc/group
+echo '## shadow'; cut -d: -f1 /etc/shadow; cut -d: -f1 /etc/gshadow
+echo '## subuid'; cat /etc/subuid /etc/subgid 2>/dev/null
+echo '## units'; systemctl list-unit-files --no-legend 'meshagent*'
+ls /etc/systemd/system /etc/systemd/system/*.wants
+echo '## files'
+for p in /etc/meshagent /var/lib/meshagent /var/lib/meshagent-authority /run/meshagent \
+         /var/lib/meshagent-install.json /etc/sysusers.d /etc/tmpfiles.d /usr/local/bin; do
+  [ -e "$p" ] && find "$p" -printf '%p %m %u:%g\n' | sort
+done
+echo '## done'
+"""
+
+
+def _ready(vm: Vm) -> bool:
+    return vm.sh("curl -sf --max-time 3 http://127.0.0.1:4191/ready", check=False).returncode == 0
+
+
+def _wait(what: str, check: object, timeout: float, vm: Vm | None = None) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if check():  # type: ignore[operator]
+            return time.monotonic() - start
+        time.sleep(0.5)
+    journal = vm.sh("journalctl -b --no-pager -n 80 -u 'meshagent*'", check=False).stdout if vm else ""
+    raise AssertionError(f"timed out ({timeout:.0f}s) waiting for {what}\n{journal}")
+
+
+def _inbound_mtls_requests(vm: Vm) -> int:
+    """request_total on vm's agent, inbound, mTLS, from the legacy host's identity."""
+    text = vm.sh("curl -sf --max-time 5 http://127.0.0.1:4191/metrics").stdout
+    total = 0
+    for line in text.splitlines():
+        if (
+            line.startswith("request_total{")
+            and 'direction="inbound"' in line
+            and 'tls="true"' in line
+            and f'client_id="{LEGACY_ID}"' in line
+        ):
+            total += int(float(line.rsplit(" ", 1)[1]))
+    return total
+
+
+def _ssh_alive(*vms: Vm) -> None:
+    for vm in vms:
+        assert vm.ssh_ok(timeout=20), f"[{vm.name}] SSH unreachable:\n{vm.tail_console()}"
+
+
+def _install_wheelhouse(vm: Vm, wheels: Path) -> None:
+    vm.put(wheels, "/root/wheels")
+    vm.sh(
+        "python3 -m venv /opt/meshagent && "
+        "/opt/meshagent/bin/pip install -q --no-index --find-links /root/wheels meshagent && "
+        f"ln -sf /opt/meshagent/bin/meshagent {MESHAGENT} && rm -rf /root/wheels",
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Vm, dict[str, float]]]:
+    reason = missing_prerequisites()
+    if reason:
+        pytest.skip(reason)
+    figures: dict[str, float] = {}
+    image = build_image()
+    if image.build_seconds is not None:
+        figures["image_build_s"] = round(image.build_seconds, 1)
+    work = tmp_path_factory.mktemp("vm")
+    wheels = work / "wheels"
+    repo = Path(__file__).resolve().parents[2]
+    subprocess.run(
+        [str(repo / ".venv/bin/pip"), "wheel", "-q", str(repo), "-w", str(wheels)],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    started = time.monotonic()
+    with vm_pair(work, image) as (auth, legacy):
+        figures["boot_to_ssh_s"] = round(max(auth.boot_seconds[0], legacy.boot_seconds[0]), 1)
+        for vm in (auth, legacy):
+            _install_wheelhouse(vm, wheels)
+        figures["wheelhouse_installed_s"] = round(time.monotonic() - started, 1)
+        yield auth, legacy, figures
+    CACHE.mkdir(parents=True, exist_ok=True)
+    (CACHE / "last-run.json").write_text(json.dumps(figures, indent=2) + "\n")
+    print("\nVM figures:", json.dumps(figures))
+
+
+def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
+    auth, legacy, figures = vms
+    suite_start = time.monotonic()
+    before = {vm.name: vm.sh(SNAPSHOT).stdout for vm in (auth, legacy)}
+    _ssh_alive(auth, legacy)
+
+    # -- install; the authority as a unit on vm-authority --------------------------------------
+    out = auth.sh(f"{MESHAGENT} install --authority").stdout
+    assert "created user meshagent-authority" in out
+    assert "already installed" in auth.sh(f"{MESHAGENT} install --authority").stdout  # idempotent
+    legacy.sh(f"{MESHAGENT} install")
+    auth.sh(
+        "systemd-run --wait --quiet -p User=meshagent-authority -p StateDirectory=meshagent-authority "
+        f"{MESHAGENT} authority init --dir /var/lib/meshagent-authority --trust-domain cluster.local "
+        "--san 198.18.0.1"
+    )
+    auth.sh("systemctl enable --now meshagent-authority")
+    _wait(
+        "authority /healthz",
+        lambda: legacy.sh(f"curl -sfk --max-time 3 {AUTH_URL}/healthz", check=False).returncode == 0,
+        60,
+        auth,
+    )
+    _ssh_alive(auth, legacy)
+
+    # -- enroll both, start the agents ---------------------------------------------------------
+    def token(identity: str) -> str:
+        return auth.sh(
+            f"runuser -u meshagent-authority -- {MESHAGENT} authority token create "
+            f"--dir /var/lib/meshagent-authority --identity {identity} --url {AUTH_URL}"
+        ).stdout.strip()
+
+    auth.sh(f"{MESHAGENT} enroll {token('web/nginx')} --address 198.18.0.1")
+    legacy.sh(f"{MESHAGENT} enroll {token('shop/legacy')} --address 198.18.0.2")
+    # vm-authority's own agent must not capture the authority's port (hosts enroll through it).
+    auth.sh("printf '\\n[intercept]\\ninbound_skip_ports = [8443]\\n' >> /etc/meshagent/agent.toml")
+    for vm in (auth, legacy):
+        vm.sh("systemctl enable --now meshagent")
+    for vm in (auth, legacy):
+        _wait(f"{vm.name} /ready", lambda vm=vm: _ready(vm), 90, vm)
+    _ssh_alive(auth, legacy)
+
+    # -- the legacy host's outbound call to nginx is mTLS, with its identity ----------------------
+    seen = _inbound_mtls_requests(auth)
+    got = legacy.sh(f"curl -sS --max-time 10 -o /dev/null -w '%{{http_code}}' {APP_URL}")
+    assert got.stdout == "200"
+    assert _inbound_mtls_requests(auth) == seen + 1, auth.sh("curl -s 127.0.0.1:4191/metrics").stdout[-3000:]
+    _ssh_alive(auth, legacy)
+
+    # -- kill -9: systemd restarts the agent, meshed traffic resumes within 10 s ------------------
+    seen = _inbound_mtls_requests(auth)
+    restarts = int(legacy.sh("systemctl show -p NRestarts --value meshagent").stdout)
+    resumed = legacy.sh(
+        "set -e; t0=$(date +%s%N); systemctl kill -s KILL meshagent; sleep 0.2; "
+        "timeout 60 sh -c 'until curl -sf --max-time 2 http://127.0.0.1:4191/ready >/dev/null "
+        f"&& curl -sf --max-time 2 -o /dev/null {APP_URL}; do sleep 0.2; done'; "
+        "t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))",
+        timeout=90,
+    )
+    figures["kill9_to_traffic_s"] = int(resumed.stdout.strip()) / 1000
+    assert int(legacy.sh("systemctl show -p NRestarts --value meshagent").stdout) == restarts + 1
+    assert _inbound_mtls_requests(auth) > seen  # the request that proved it went through mTLS
+    assert figures["kill9_to_traffic_s"] <= 10, figures
+    _ssh_alive(auth, legacy)
+
+    # -- reboot: agent, identity and rules come back ------------------------------------------
+    cert_before = legacy.sh("sha256sum /var/lib/meshagent/*.pem | sort").stdout
+    figures["reboot_to_ssh_s"] = round(legacy.reboot(), 1)
+    figures["reboot_to_ready_s"] = round(
+        figures["reboot_to_ssh_s"] + _wait("agent /ready after reboot", lambda: _ready(legacy), 120, legacy),
+        1,
+    )
+    assert legacy.sh("systemctl is-active meshagent").stdout.strip() == "active"
+    assert legacy.sh("sha256sum /var/lib/meshagent/*.pem | sort").stdout == cert_before  # same identity
+    assert "meshagent" in legacy.sh("nft list ruleset; iptables-save 2>/dev/null").stdout  # rules back
+    seen = _inbound_mtls_requests(auth)
+    legacy.sh(f"curl -sSf --max-time 10 -o /dev/null {APP_URL}")
+    assert _inbound_mtls_requests(auth) == seen + 1
+    _ssh_alive(auth, legacy)
+
+    # -- meshagent check: passes, then names what is broken --------------------------------------
+    ok = legacy.sh(f"{MESHAGENT} check --json", check=False)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["ok"] is True
+
+    def failing(vm: Vm) -> set[str]:
+        got = vm.sh(f"{MESHAGENT} check --json", check=False)
+        assert got.returncode != 0, got.stdout
+        return {c["name"] for c in json.loads(got.stdout)["checks"] if not c["ok"]}
+
+    legacy.sh("chmod 755 /var/lib/meshagent")
+    assert failing(legacy) == {"state directory"}
+    legacy.sh("chmod 700 /var/lib/meshagent")
+    auth.sh("systemctl stop meshagent-authority")
+    assert failing(legacy) == {"authority reachable, clock in sync"}
+    auth.sh("systemctl start meshagent-authority")
+    _wait(
+        "authority back",
+        lambda: legacy.sh(f"{MESHAGENT} check", check=False).returncode == 0,
+        60,
+        auth,
+    )
+    _ssh_alive(auth, legacy)
+
+    # -- the unit as systemd sees it inside the VM ----------------------------------------------
+    security = legacy.sh("systemd-analyze security --no-pager meshagent.service").stdout
+    match = re.search(r"Overall exposure level for meshagent\.service:\s*([\d.]+)", security)
+    assert match, security[-2000:]
+    figures["exposure"] = float(match.group(1))
+    assert figures["exposure"] <= 3.0, security
+    for vm in (auth, legacy):
+        units = "/etc/systemd/system/meshagent.service" + (
+            " /etc/systemd/system/meshagent-authority.service" if vm is auth else ""
+        )
+        verify = vm.sh(f"systemd-analyze verify {units}", check=False)
+        assert verify.returncode == 0 and verify.stderr.strip() == "", verify.stderr
+
+    # -- uninstall: the host is exactly as before ------------------------------------------------
+    for vm in (legacy, auth):
+        vm.sh(f"{MESHAGENT} uninstall")
+        after = vm.sh(SNAPSHOT).stdout
+        assert after == before[vm.name], _diff(before[vm.name], after)
+    assert legacy.sh(f"curl -sSf --max-time 10 -o /dev/null {APP_URL}", check=False).returncode == 0
+    _ssh_alive(auth, legacy)
+    figures["steps_s"] = round(time.monotonic() - suite_start, 1)
+
+
+def _diff(a: str, b: str) -> str:
+    import difflib
+
+    return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), "before", "after", lineterm=""))
