@@ -14,15 +14,9 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Final, NamedTuple
+from typing import Final
 
 MAX_HEAD: Final = 64 * 1024
-
-
-class Exchange(NamedTuple):  # a tuple: made once per request, on the relay's hot path
-    method: str
-    status: int  # 0: the connection ended before a response
-    latency_s: float
 
 
 class _Framing:
@@ -130,16 +124,17 @@ def _parse_head(head: bytes) -> tuple[list[bytes], bool, int | None]:
 
 
 class Http1Accounting:
-    """Feed it `client(data)` and `server(data)` as bytes cross; `on_exchange` gets each result."""
+    """Feed it `client(data)` and `server(data)` as bytes cross; `on_exchange(method, status,
+    latency_s)` is called once per finished exchange (status 0: no response came)."""
 
     def __init__(
-        self, on_exchange: Callable[[Exchange], None], clock: Callable[[], float] = time.monotonic
+        self, on_exchange: Callable[[bytes, int, float], None], clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.on_exchange = on_exchange
         self.clock = clock
         self.requests = _Framing()
         self.responses = _Framing()
-        self.pending: deque[tuple[str, float]] = deque()
+        self.pending: deque[tuple[bytes, float]] = deque()
         self.status = 0
         self.active = True
 
@@ -149,6 +144,16 @@ class Http1Accounting:
 
     def client(self, data: bytes) -> None:
         f = self.requests
+        if f.mode == "head" and not f.buf and data.endswith(b"\r\n\r\n"):
+            # Fast path, the common shape: exactly one whole bodiless request head in this read.
+            end = data.find(b"\r\n\r\n")
+            if end == len(data) - 4:
+                low = data.lower()
+                if b"\r\ncontent-length:" not in low and b"\r\ntransfer-encoding:" not in low:
+                    method = data[: data.find(b" ")]
+                    if method != b"CONNECT":
+                        self.pending.append((method, self.clock()))
+                        return
         pos = 0
         while self.active and pos < len(data):
             if f.mode == "head":
@@ -160,6 +165,27 @@ class Http1Accounting:
 
     def server(self, data: bytes) -> None:
         f = self.responses
+        if f.mode == "head" and not f.buf and self.pending and data.startswith(b"HTTP/1."):
+            # Fast path: a whole response (head and Content-Length body) in this read.
+            end = data.find(b"\r\n\r\n")
+            status_text = data[9:12]
+            if end > 0 and status_text.isdigit() and status_text[0] != 49:  # not 1xx
+                low = data[:end].lower()
+                at = low.find(b"\r\ncontent-length:")
+                if at > 0 and b"\r\ntransfer-encoding:" not in low and self.pending[0][0] != b"HEAD":
+                    eol = low.find(b"\r\n", at + 17)
+                    length_text = low[at + 17 : eol if eol > 0 else end].strip()
+                    if length_text.isdigit():
+                        self.status = status = int(status_text)
+                        body = 0 if status in (204, 304) else int(length_text)  # never a body
+                        rest = end + 4 + body - len(data)
+                        if rest == 0:
+                            method, started = self.pending.popleft()
+                            self.on_exchange(method, status, self.clock() - started)
+                            return
+                        if rest > 0:  # the body follows in later reads
+                            f.length, f.mode = rest, "length"
+                            return
         pos = 0
         while self.active and pos < len(data):
             if f.mode == "head":
@@ -180,7 +206,7 @@ class Http1Accounting:
             self._finish()
         while self.pending:
             method, started = self.pending.popleft()
-            self.on_exchange(Exchange(method, 0, self.clock() - started))
+            self.on_exchange(method, 0, self.clock() - started)
         self._stop()
 
     def _head(self, f: _Framing, data: bytes, pos: int, handle: Callable[[bytes], None]) -> int:
@@ -205,8 +231,8 @@ class Http1Accounting:
 
     def _request_head(self, head: bytes) -> None:
         start, chunked, length = _parse_head(head.lstrip(b"\r\n"))
-        method = start[0].decode("latin-1") if start and start[0] else "?"
-        if method == "CONNECT":
+        method = start[0] if start and start[0] else b"?"
+        if method == b"CONNECT":
             self._stop()
             return
         self.pending.append((method, self.clock()))
@@ -228,8 +254,8 @@ class Http1Accounting:
             return
         if 100 <= status < 200:
             return  # interim: the real response follows
-        method = self.pending[0][0] if self.pending else ""
-        has_body = method != "HEAD" and status not in (204, 304)
+        method = self.pending[0][0] if self.pending else b""
+        has_body = method != b"HEAD" and status not in (204, 304)
         self.responses.body(chunked, length, has_body)
         if self.responses.mode == "head":
             self._finish()
@@ -238,4 +264,4 @@ class Http1Accounting:
         if not self.pending:
             return
         method, started = self.pending.popleft()
-        self.on_exchange(Exchange(method, self.status, self.clock() - started))
+        self.on_exchange(method, self.status, self.clock() - started)

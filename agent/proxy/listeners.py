@@ -225,7 +225,7 @@ class Proxy:
 
         def install() -> Http1Accounting:
             http = metrics.http(base)
-            acct = Http1Accounting(lambda e: http.exchange(e.status, e.latency_s))
+            acct = Http1Accounting(http.exchange)
             client.tap, server.tap = acct.client, acct.server
             client.accounting = server.accounting = acct
             return acct

@@ -238,10 +238,10 @@ class TlsLeg(Leg):
     def _read_records(self) -> None:
         peer = self.peer
         assert peer is not None
-        read = self.sslobj.read
+        sslobj, incoming = self.sslobj, self.incoming
         try:
             while True:
-                chunk = read(READ_SIZE)
+                chunk = sslobj.read(READ_SIZE)
                 if not chunk:
                     self._end_of_stream()
                     break
@@ -249,6 +249,8 @@ class TlsLeg(Leg):
                 if self.tap is not None:
                     self.tap(chunk)
                 peer.send(chunk)
+                if not incoming.pending and not sslobj.pending():
+                    break  # all consumed: skip the SSLWantReadError another read would raise
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:  # close_notify: the peer finished writing

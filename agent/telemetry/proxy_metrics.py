@@ -108,7 +108,8 @@ class HttpMetrics:
         )
         return response, o.response_latency_ms.child(join(self.base, code))
 
-    def exchange(self, status: int, latency_s: float) -> None:
+    def exchange(self, method: bytes, status: int, latency_s: float) -> None:
+        """One finished HTTP exchange (the `Http1Accounting` callback; the method is not a label)."""
         self.requests.value += 1
         children = self.by_status.get(status)
         if children is None:

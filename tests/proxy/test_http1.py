@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import pytest
 
-from agent.proxy.http1 import Exchange, Http1Accounting
+from agent.proxy.http1 import Http1Accounting
+
+
+class Exchange(NamedTuple):
+    method: str
+    status: int
+    latency_s: float
 
 
 def run(client: list[bytes], server: list[bytes], close: bool = True) -> list[tuple[str, int]]:
     got: list[Exchange] = []
-    acct = Http1Accounting(got.append, clock=lambda: 0.0)
+    acct = Http1Accounting(lambda *e: got.append(Exchange(e[0].decode(), e[1], e[2])), clock=lambda: 0.0)
     for c in client:
         acct.client(c)
     for s in server:
@@ -46,6 +54,8 @@ POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody
             [("GET", 200), ("GET", 200), ("HEAD", 200)],
         ),
         ([GET], [b"HTTP/1.1 100 Continue\r\n\r\n" + OK], [("GET", 200)]),
+        ([b"HEAD / HTTP/1.1\r\n\r\n"], [b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"], [("HEAD", 200)]),
+        ([GET], [OK[:-1]], [("GET", 0)]),  # truncated: no complete response
         ([GET], [b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"], [("GET", 304)]),
         ([GET], [b"HTTP/1.0 200 OK\r\n\r\nbody until close"], [("GET", 200)]),
         ([GET], [], [("GET", 0)]),
@@ -62,6 +72,8 @@ POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody
         "chunked-request",
         "pipelined-with-head",
         "100-continue",
+        "head-has-no-body",
+        "body-short-at-close",
         "304-no-body",
         "body-until-close",
         "no-response",
@@ -85,7 +97,7 @@ def test_huge_head_stops_accounting_without_error() -> None:
 def test_latency_runs_from_request_head_to_response_end() -> None:
     now = [0.0]
     got: list[Exchange] = []
-    acct = Http1Accounting(got.append, clock=lambda: now[0])
+    acct = Http1Accounting(lambda *e: got.append(Exchange(e[0].decode(), e[1], e[2])), clock=lambda: now[0])
     acct.client(GET)
     now[0] = 0.25
     acct.server(OK[:-2])
