@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 from agent.config import AgentConfig
 from agent.errors import MeshagentError
-from agent.identity.pki import utcnow
+from agent.identity.certinfo import utcnow
 from agent.identity.store import IdentityStore
 
 

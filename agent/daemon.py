@@ -17,6 +17,8 @@ import json
 import pwd
 import random
 import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,11 +27,11 @@ from urllib.parse import urlparse
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError
 from agent.fsutil import write_atomic
+from agent.identity.certinfo import utcnow
 from agent.identity.client import AuthorityClient
 from agent.identity.names import WorkloadIdentity
-from agent.identity.pki import utcnow
 from agent.identity.rotation import Rotator
-from agent.identity.store import IdentityStore, StoredIdentity
+from agent.identity.store import IdentityInfo, IdentityStore
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
 from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
@@ -130,16 +132,16 @@ class Daemon:
         entries, policy = local_directory(self.config)
         return merge(entries, policy, remote)
 
-    def _fetch_directory(self, identity: StoredIdentity) -> dict[str, Any]:
+    def _fetch_directory(self) -> dict[str, Any]:
         with AuthorityClient(self.store.load_authority()) as client:
-            return client.host_config(identity)
+            return client.host_config(self.store.api_token())
 
     async def _refresh_loop(self) -> None:
         interval = self.config.proxy.refresh_interval_s
         while not self.stop_event.is_set():
             assert self.credentials is not None and self.proxy is not None
             try:
-                doc = await asyncio.to_thread(self._fetch_directory, self.credentials.identity)
+                doc = await asyncio.to_thread(self._fetch_directory)
                 directory = self._directory(doc)
                 self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
                 await asyncio.to_thread(
@@ -213,7 +215,7 @@ class Daemon:
             self.state.rules = await asyncio.to_thread(apply_plan, plan, backend)
             log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
 
-        self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed)
+        self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=renew_in_subprocess)
         tasks = [
             asyncio.create_task(rotator.run(self.stop_event), name="rotation"),
             asyncio.create_task(self._refresh_loop(), name="directory-refresh"),
@@ -298,12 +300,12 @@ class Daemon:
             + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
         )
 
-    async def _renewed(self, identity: StoredIdentity) -> None:
+    async def _renewed(self, identity: IdentityInfo) -> None:
         assert self.credentials is not None
         await asyncio.to_thread(self.credentials.reload, self.store, identity)
         self._identity_changed(identity)
 
-    def _identity_changed(self, identity: StoredIdentity) -> None:
+    def _identity_changed(self, identity: IdentityInfo) -> None:
         if self.metrics is not None:
             self.metrics.set_cert_expiry(identity.summary.not_after.timestamp())
 
@@ -403,6 +405,25 @@ class Daemon:
         while not self.stop_event.is_set():
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def renew_in_subprocess(store: IdentityStore) -> IdentityInfo:
+    """Renew with a short-lived `meshagent renew`: making keys and CSRs needs `cryptography`,
+    which the long-running daemon never loads (it would cost ~13 MB of RSS for good)."""
+    argv = [sys.executable, "-m", "agent.cli", "renew", "--json", "--state-dir", str(store.state_dir)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        raise MeshagentError("the renewal did not finish within 120 s", code="renew_timeout") from None
+    if proc.returncode != 0:
+        try:
+            err = json.loads(proc.stdout)["error"]
+            raise MeshagentError(err["message"], err.get("hint", ""), code=err["code"])
+        except (ValueError, KeyError, TypeError):
+            raise MeshagentError(
+                f"meshagent renew exited {proc.returncode}: {proc.stderr.strip()[-300:]}", code="renew_failed"
+            ) from None
+    return store.load_info()
 
 
 def _orig_dst(sock: Any) -> tuple[str, int]:

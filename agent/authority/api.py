@@ -6,7 +6,6 @@ served at `/v1/openapi.json`.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -69,24 +68,6 @@ async def _body(request: Request, fields: dict[str, type]) -> dict[str, Any]:
     return doc
 
 
-AUTH_SCHEME = "Meshagent-PoP"
-
-
-def parse_auth_header(value: str) -> tuple[str, int, str]:
-    """`Meshagent-PoP chain=<base64 PEM>,ts=<unix>,sig=<base64>` -> (chain PEM, ts, signature)."""
-    scheme, _, params = value.partition(" ")
-    fields = dict(p.strip().split("=", 1) for p in params.split(",") if "=" in p)
-    try:
-        if scheme != AUTH_SCHEME:
-            raise ValueError(scheme)
-        return base64.b64decode(fields["chain"]).decode(), int(fields["ts"]), fields["sig"]
-    except (KeyError, ValueError, UnicodeDecodeError):
-        raise RejectedError(
-            f"this endpoint needs an Authorization: {AUTH_SCHEME} header signed by an enrolled host",
-            code="unauthenticated",
-        ) from None
-
-
 def _issued(authority: Authority, result: EnrollResult) -> dict[str, Any]:
     return {
         "host_id": result.host.id,
@@ -96,6 +77,7 @@ def _issued(authority: Authority, result: EnrollResult) -> dict[str, Any]:
         "trust_bundle": result.trust_bundle_pem.decode(),
         "not_after": result.host.not_after.isoformat(),
         "server_time": authority.clock().timestamp(),
+        "api_token": result.api_token,
     }
 
 
@@ -147,8 +129,13 @@ def create_app(authority: Authority) -> Starlette:
 
     @refusals
     async def host_config(request: Request) -> Response:
-        chain, timestamp, signature = parse_auth_header(request.headers.get("authorization", ""))
-        host = authority.authenticate(chain, timestamp, signature, request.method, request.url.path)
+        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not bearer:
+            raise RejectedError(
+                "this endpoint needs Authorization: Bearer <the host token issued with its certificate>",
+                code="unauthenticated",
+            )
+        host = authority.authenticate(bearer.strip())
         return JSONResponse(authority.host_config(host))
 
     @refusals

@@ -31,8 +31,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.errors import ConfigError, MeshagentError
 from agent.fsutil import ensure_private_dir, write_atomic
+from agent.identity.certinfo import utcnow
 from agent.identity.names import DEFAULT_MESH, validate_trust_domain
-from agent.identity.pki import certs_to_pem, generate_key, key_to_pem, load_certs, utcnow
+from agent.identity.pki import certs_to_pem, generate_key, key_to_pem, load_certs
 
 IssuerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 

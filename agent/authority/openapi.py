@@ -64,9 +64,8 @@ OPENAPI: dict[str, Any] = {
         "/v1/host/config": {
             "get": {
                 "summary": "The catalog of meshed destinations and this host's authorization policy",
-                "description": "Authorization: Meshagent-PoP chain=<base64 PEM chain>,ts=<unix time>,"
-                "sig=<base64 ECDSA-SHA256 by the current key over "
-                "'meshagent-request-v1\\n' + ts + '\\nGET /v1/host/config'>",
+                "description": "Authorization: Bearer <api_token>, the host token returned with every "
+                "certificate (enroll and renew); a renewal supersedes the previous one.",
                 "responses": {
                     "200": {
                         "description": "catalog, policy, trust bundle",
@@ -185,6 +184,7 @@ OPENAPI: dict[str, Any] = {
                     "trust_bundle": {"type": "string"},
                     "not_after": {"type": "string", "format": "date-time"},
                     "server_time": {"type": "number"},
+                    "api_token": {"type": "string", "description": "Bearer token for /v1/host/config"},
                 },
             },
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -17,14 +18,12 @@ from typing import Any
 from cryptography import x509
 
 from agent.errors import RejectedError
+from agent.identity.certinfo import utcnow
 from agent.identity.names import WorkloadIdentity
 from agent.identity.pki import (
     certs_to_pem,
     load_certs,
-    request_message,
     spki_pin,
-    utcnow,
-    verify_message,
     verify_possession,
 )
 from agent.logs import get_logger
@@ -47,6 +46,7 @@ class EnrollResult:
     chain_pem: bytes
     trust_bundle_pem: bytes
     identity: WorkloadIdentity
+    api_token: str  # the host's bearer token for catalog and policy reads; a new one each time
 
 
 def open_registry(directory: Path) -> SqliteRegistry:
@@ -127,7 +127,11 @@ class Authority:
             serial=host.serial,
         )
         return EnrollResult(
-            host, host.cert_pem.encode(), self.trust_bundle.pem(), self.identity(host.identity)
+            host,
+            host.cert_pem.encode(),
+            self.trust_bundle.pem(),
+            self.identity(host.identity),
+            self._api_token(host),
         )
 
     def _current_certificate(self, chain_pem: str, timestamp: int, now: datetime) -> x509.Certificate:
@@ -191,18 +195,33 @@ class Authority:
             host.id, format(current.serial_number, "x"), now, self._issue(workload, csr)
         )
         log.info("host.renewed", host_id=host.id, serial=updated.serial)
-        return EnrollResult(updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload)
+        return EnrollResult(
+            updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload, self._api_token(updated)
+        )
 
-    def authenticate(
-        self, chain_pem: str, timestamp: int, signature: str, method: str, path: str
-    ) -> HostRecord:
-        """The enrolled, unrevoked host that signed this request with its current key."""
-        current = self._current_certificate(chain_pem, timestamp, self.clock())
-        if not verify_message(current, request_message(method, path, timestamp), signature):
+    def _api_token(self, host: HostRecord) -> str:
+        """A fresh bearer token for the host's catalog and policy reads (only its hash is kept).
+        It rides with every certificate, so it rotates with it and dies with revocation."""
+        token = secrets.token_urlsafe(32)
+        self.registry.set_api_token(host.id, hash_secret(token))
+        return token
+
+    def authenticate(self, bearer: str) -> HostRecord:
+        """The enrolled, unrevoked host holding this bearer token."""
+        host = self.registry.find_by_api_token(hash_secret(bearer)) if bearer else None
+        if host is None:
             raise RejectedError(
-                "the request is not signed by the certificate's key", code="possession_failed"
+                "the host token is not valid (superseded by a renewal, or never issued)",
+                "renew (meshagent renew) or enroll again",
+                code="unauthenticated",
             )
-        return self._host_of(current)
+        if host.revoked:
+            raise RejectedError(
+                "this host has been revoked",
+                code="host_revoked",
+                hint="enroll again with a new join token if it should be back",
+            )
+        return host
 
     # --- catalog and policy --------------------------------------------------------------
 

@@ -46,7 +46,8 @@ CREATE TABLE IF NOT EXISTS hosts (
     cert_pem        TEXT NOT NULL,
     enrolled_at     REAL NOT NULL,
     last_renewal    REAL,
-    revoked_at      REAL
+    revoked_at      REAL,
+    api_token_hash  TEXT                -- sha256 of the host's bearer token for catalog/policy reads
 );
 CREATE TABLE IF NOT EXISTS catalog (
     id          TEXT PRIMARY KEY,
@@ -63,6 +64,7 @@ CREATE TABLE IF NOT EXISTS policies (
     PRIMARY KEY (identity, port)
 );
 CREATE INDEX IF NOT EXISTS hosts_serial ON hosts(serial);
+CREATE INDEX IF NOT EXISTS hosts_api_token ON hosts(api_token_hash);
 CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
 """
 
@@ -144,6 +146,10 @@ class Registry(Protocol):
 
     def find_by_serial(self, serial: str) -> HostRecord | None: ...
 
+    def set_api_token(self, host_id: str, token_hash: str) -> None: ...
+
+    def find_by_api_token(self, token_hash: str) -> HostRecord | None: ...
+
     def renew(self, host_id: str, presented_serial: str, now: datetime, issued: Issued) -> HostRecord: ...
 
     def list_hosts(self) -> list[HostRecord]: ...
@@ -198,6 +204,9 @@ class SqliteRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
         self._db.execute("PRAGMA busy_timeout=30000")
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(hosts)")}
+        if columns and "api_token_hash" not in columns:  # a registry from before the column
+            self._db.execute("ALTER TABLE hosts ADD COLUMN api_token_hash TEXT")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -291,6 +300,14 @@ class SqliteRegistry:
             )
             row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
             return _host(row)
+
+    def set_api_token(self, host_id: str, token_hash: str) -> None:
+        with self._transaction() as db:
+            db.execute("UPDATE hosts SET api_token_hash = ? WHERE id = ?", (token_hash, host_id))
+
+    def find_by_api_token(self, token_hash: str) -> HostRecord | None:
+        row = self._db.execute("SELECT * FROM hosts WHERE api_token_hash = ?", (token_hash,)).fetchone()
+        return None if row is None else _host(row)
 
     def find_by_serial(self, serial: str) -> HostRecord | None:
         row = self._db.execute(

@@ -10,7 +10,8 @@ import click
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority
 from agent.authority.service import Authority, open_registry
 from agent.authority.storage import HostRecord
-from agent.identity.pki import spki_pin, utcnow
+from agent.identity.certinfo import utcnow
+from agent.identity.pki import spki_pin
 
 from .output import Duration, emit_json, human_duration, rfc3339, table
 

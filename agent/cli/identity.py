@@ -15,7 +15,7 @@ import click
 from agent.config import load_config
 from agent.errors import ExitCode, MeshagentError, NotEnrolledError
 from agent.identity import enroll as flows
-from agent.identity.pki import utcnow
+from agent.identity.certinfo import utcnow
 from agent.identity.rotation import Rotator, renewal_time
 from agent.identity.store import IdentityStore, StoredIdentity
 

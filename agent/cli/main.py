@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from typing import Any
@@ -12,20 +13,41 @@ from agent import __version__
 from agent.errors import ExitCode, MeshagentError
 from agent.logs import configure
 
-from .authority import authority
-from .check import check_cmd
-from .config_cmd import config_group
-from .demo import demo
-from .identity import enroll_cmd, renew_cmd, status_cmd
-from .install import install_cmd, uninstall_cmd
-from .intercept import intercept
 from .output import error_text
-from .run import run_cmd
-from .stat import stat_cmd
+
+# name -> "module:attribute". Commands are imported when used, so `meshagent run` (the
+# long-running daemon) never loads what only the other commands need (cryptography, sqlite).
+COMMANDS = {
+    "enroll": "agent.cli.identity:enroll_cmd",
+    "status": "agent.cli.identity:status_cmd",
+    "renew": "agent.cli.identity:renew_cmd",
+    "run": "agent.cli.run:run_cmd",
+    "stat": "agent.cli.stat:stat_cmd",
+    "check": "agent.cli.check:check_cmd",
+    "config": "agent.cli.config_cmd:config_group",
+    "intercept": "agent.cli.intercept:intercept",
+    "install": "agent.cli.install:install_cmd",
+    "uninstall": "agent.cli.install:uninstall_cmd",
+    "authority": "agent.cli.authority:authority",
+    "demo": "agent.cli.demo:demo",
+}
 
 
 class MeshagentGroup(click.Group):
-    """Maps `MeshagentError` to its message, hint and exit code; --json callers get JSON."""
+    """Maps `MeshagentError` to its message, hint and exit code; --json callers get JSON.
+    Loads each command's module only when that command runs (or when help lists it)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module, _, attribute = target.partition(":")
+        command = getattr(importlib.import_module(module), attribute)
+        assert isinstance(command, click.Command)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -75,20 +97,6 @@ def cli(log_level: str, log_format: str) -> None:
     6 refused by the authority, 7 authority not trusted, 8 clock skew, 9 state directory unusable.
     """
     configure(log_level, log_format)
-
-
-cli.add_command(enroll_cmd)
-cli.add_command(status_cmd)
-cli.add_command(renew_cmd)
-cli.add_command(run_cmd)
-cli.add_command(stat_cmd)
-cli.add_command(authority)
-cli.add_command(intercept)
-cli.add_command(demo)
-cli.add_command(config_group)
-cli.add_command(install_cmd)
-cli.add_command(check_cmd)
-cli.add_command(uninstall_cmd)
 
 
 def main() -> None:

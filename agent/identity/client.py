@@ -13,7 +13,6 @@ do not need more, and the daemon, which renews through this client, stays lean.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.client
 import json
@@ -23,12 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
-from cryptography import x509
-
 from agent.errors import ClockSkewError, RejectedError, TrustError, UnreachableError
-from agent.identity.pki import load_certs, request_message, sign_message, spki_pin
 
-from .store import AuthorityRef, StoredIdentity
+from .store import AuthorityRef
 
 MAX_CLOCK_SKEW_S = 60.0
 TIMEOUT_S = 10.0
@@ -138,6 +134,8 @@ class AuthorityClient:
     @classmethod
     def discover(cls, url: str, pin: str) -> AuthorityClient:
         """Fetch the authority's CA, check it against `pin`, return a client that trusts only it."""
+        from agent.identity.pki import load_certs, spki_pin  # enrollment only: the daemon never runs this
+
         sent = time.time()
         response = _request(url, _unverified_context(), "GET", "/v1/authority")
         received = time.time()
@@ -145,7 +143,7 @@ class AuthorityClient:
             raise _refusal(response)
         try:
             info = response.json()
-            ca: x509.Certificate = load_certs(info["api_ca"].encode())[0]
+            ca = load_certs(info["api_ca"].encode())[0]
         except Exception:
             raise TrustError(
                 f"{url} did not answer like a meshagent authority", "check the URL in the token"
@@ -199,14 +197,9 @@ class AuthorityClient:
             },
         )
 
-    def host_config(self, identity: StoredIdentity) -> dict[str, Any]:
-        """The catalog and this host's policy, authenticated by a signature of the current key."""
-        path = "/v1/host/config"
-        ts = int(time.time())
-        sig = sign_message(identity.key, request_message("GET", path, ts))
-        chain = base64.b64encode(identity.chain_pem).decode()
-        auth = f"Meshagent-PoP chain={chain},ts={ts},sig={sig}"
-        return self._call("GET", path, headers={"Authorization": auth})
+    def host_config(self, api_token: str) -> dict[str, Any]:
+        """The catalog and this host's policy, authorized by the host token from its last certificate."""
+        return self._call("GET", "/v1/host/config", headers={"Authorization": f"Bearer {api_token}"})
 
     def renew(self, chain_pem: bytes, csr_pem: bytes, timestamp: int, signature: str) -> dict[str, Any]:
         return self._call(

@@ -11,7 +11,8 @@ from typing import Any
 import psutil
 
 from agent.errors import MeshagentError, StateError
-from agent.identity.pki import load_certs, make_csr, same_public_key, sign_possession, utcnow
+from agent.identity.certinfo import utcnow
+from agent.identity.pki import load_certs, make_csr, same_public_key, sign_possession
 from agent.logs import get_logger
 
 from .client import AuthorityClient
@@ -54,6 +55,8 @@ def _store_issued(store: IdentityStore, key: Any, doc: dict[str, Any]) -> Stored
             "report this: the authority is misbehaving",
         )
     identity = store.save(key, chain, bundle)
+    if isinstance(doc.get("api_token"), str):
+        store.save_api_token(doc["api_token"])
     store.drop_pending_key()
     return identity
 

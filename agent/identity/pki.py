@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 from agent.errors import MeshagentError
+from agent.identity.certinfo import CertSummary
 
 PrivateKey = ec.EllipticCurvePrivateKey
 
@@ -95,18 +94,6 @@ def same_public_key(cert: x509.Certificate, key: PrivateKey) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class CertSummary:
-    """What `status` and the registry show of a leaf certificate."""
-
-    serial: str
-    not_before: datetime
-    not_after: datetime
-    spiffe_ids: tuple[str, ...]
-    dns_names: tuple[str, ...]
-    issuer: str
-
-
 def summarize(cert: x509.Certificate) -> CertSummary:
     uris: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
@@ -136,12 +123,6 @@ def possession_message(csr_pem: bytes, timestamp: int) -> bytes:
     return b"meshagent-renew-v1\n" + str(timestamp).encode() + b"\n" + hashlib.sha256(csr_pem).digest()
 
 
-# The same scheme authenticates a host's other requests (its catalog and policy): the
-# signature covers the method and path instead of a CSR.
-def request_message(method: str, path: str, timestamp: int) -> bytes:
-    return f"meshagent-request-v1\n{timestamp}\n{method.upper()} {path}".encode()
-
-
 def sign_message(key: PrivateKey, message: bytes) -> str:
     return base64.b64encode(key.sign(message, ec.ECDSA(hashes.SHA256()))).decode()
 
@@ -163,7 +144,3 @@ def sign_possession(key: PrivateKey, csr_pem: bytes, timestamp: int) -> str:
 
 def verify_possession(cert: x509.Certificate, csr_pem: bytes, timestamp: int, signature: str) -> bool:
     return verify_message(cert, possession_message(csr_pem, timestamp), signature)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -12,13 +12,14 @@ import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import Any, Protocol
 
 from agent.errors import MeshagentError
-from agent.identity.pki import utcnow
+from agent.identity.certinfo import utcnow
 from agent.logs import get_logger
 
-from .enroll import renew
-from .store import IdentityStore, StoredIdentity
+from .certinfo import CertSummary
+from .store import IdentityStore
 
 log = get_logger("meshagent.rotation")
 
@@ -53,8 +54,21 @@ def backoff_delay(attempt: int, lifetime: timedelta, rng: random.Random | None =
     return max(0.5, r.uniform(0, ceiling))
 
 
-RenewFn = Callable[[IdentityStore], StoredIdentity]
-OnRenewed = Callable[[StoredIdentity], Awaitable[None] | None]
+class HasSummary(Protocol):
+    """An identity as the rotator sees it: its certificate's validity (StoredIdentity, IdentityInfo)."""
+
+    @property
+    def summary(self) -> CertSummary: ...
+
+
+def renew_in_process(store: IdentityStore) -> HasSummary:
+    from .enroll import renew  # makes keys and CSRs: imports `cryptography`
+
+    return renew(store)
+
+
+RenewFn = Callable[[IdentityStore], HasSummary]
+OnRenewed = Callable[[Any], Awaitable[None] | None]
 
 
 class Rotator:
@@ -64,7 +78,7 @@ class Rotator:
         self,
         store: IdentityStore,
         on_renewed: OnRenewed | None = None,
-        renew_fn: RenewFn = renew,
+        renew_fn: RenewFn = renew_in_process,
         clock: Callable[[], datetime] = utcnow,
         rng: random.Random | None = None,
     ) -> None:
@@ -78,7 +92,7 @@ class Rotator:
         self.renewals = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        identity = await asyncio.to_thread(self.store.load)
+        identity: HasSummary = await asyncio.to_thread(self.store.load_info)
         while not stop.is_set():
             s = identity.summary
             renew_at = renewal_time(s.not_before, s.not_after, self.rng)
@@ -93,7 +107,7 @@ class Rotator:
                 return
             identity = await self._renew_until_done(identity, stop)
 
-    async def _renew_until_done(self, identity: StoredIdentity, stop: asyncio.Event) -> StoredIdentity:
+    async def _renew_until_done(self, identity: HasSummary, stop: asyncio.Event) -> HasSummary:
         lifetime = identity.summary.not_after - identity.summary.not_before
         attempt = 0
         while not stop.is_set():

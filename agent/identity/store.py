@@ -25,25 +25,17 @@ import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import NotEnrolledError, StateError
 from agent.fsutil import ensure_private_dir, fsync_dir, write_atomic
+from agent.identity.certinfo import CertSummary, read_leaf
 from agent.identity.names import WorkloadIdentity
-from agent.identity.pki import (
-    CertSummary,
-    PkiError,
-    PrivateKey,
-    certs_to_pem,
-    generate_key,
-    key_from_pem,
-    key_to_pem,
-    load_certs,
-    same_public_key,
-    summarize,
-)
+
+if TYPE_CHECKING:  # `cryptography` is imported where keys are made or read, not by the daemon
+    from cryptography import x509
+
+    from agent.identity.pki import PrivateKey
 
 DEFAULT_STATE_DIR = Path("/var/lib/meshagent")
 
@@ -74,11 +66,25 @@ class StoredIdentity:
 
     @property
     def summary(self) -> CertSummary:
+        from agent.identity.pki import summarize
+
         return summarize(self.leaf)
 
     @property
     def chain_pem(self) -> bytes:
+        from agent.identity.pki import certs_to_pem
+
         return certs_to_pem(self.chain)
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    """The current identity's names and validity, read without `cryptography` (the daemon's view;
+    TLS contexts load the files themselves)."""
+
+    workload: WorkloadIdentity
+    summary: CertSummary
+    directory: Path
 
 
 class IdentityStore:
@@ -142,10 +148,26 @@ class IdentityStore:
         except (OSError, ValueError, TypeError) as exc:
             raise StateError(f"{path} is unreadable: {exc}", "enroll again with a new token") from None
 
+    # --- the host token (bearer for catalog and policy reads), rotated with each certificate ---
+
+    def save_api_token(self, token: str) -> None:
+        write_atomic(self.state_dir / "api-token", token.encode(), 0o600)
+        self._hand_over()
+
+    def api_token(self) -> str:
+        try:
+            return (self.state_dir / "api-token").read_text().strip()
+        except FileNotFoundError:
+            raise NotEnrolledError(
+                f"no host token in {self.state_dir}", "renew once (meshagent renew) to get one"
+            ) from None
+
     # --- the pending key of an enrollment or renewal in flight ---------------------------
 
     def pending_key(self) -> PrivateKey:
         """The key for the next certificate: reused if a previous attempt was interrupted."""
+        from agent.identity.pki import PkiError, generate_key, key_from_pem, key_to_pem
+
         self._ensure_dir()
         path = self.state_dir / "pending-key.pem"
         with contextlib.suppress(FileNotFoundError, PkiError):
@@ -165,9 +187,11 @@ class IdentityStore:
         self, key: PrivateKey, chain: list[x509.Certificate], bundle: list[x509.Certificate]
     ) -> StoredIdentity:
         """Write a new generation and make it current in one rename."""
+        from agent.identity.pki import certs_to_pem, key_to_pem, same_public_key, summarize
+
         if not chain or not same_public_key(chain[0], key):
             raise StateError("refusing to store a certificate that does not match its key")
-        workload = _workload_of(chain[0])
+        workload = _workload_of(summarize(chain[0]))
         self._ensure_dir()
         serial = format(chain[0].serial_number, "x")
         tmp = Path(tempfile.mkdtemp(dir=self.state_dir, prefix=".gen-"))
@@ -201,7 +225,32 @@ class IdentityStore:
     def exists(self) -> bool:
         return self.current.exists()
 
+    def load_info(self) -> IdentityInfo:
+        """Names and validity of the current identity, without reading the key."""
+        gen = self._current_generation()
+        try:
+            summary = read_leaf(gen / "cert.pem")
+        except PermissionError as exc:
+            raise StateError(
+                f"cannot read {exc.filename}: permission denied", "run as root or as the meshagent user"
+            ) from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise StateError(
+                f"the certificate in {gen} is unreadable: {exc}", "enroll again with a new token"
+            ) from None
+        return IdentityInfo(_workload_of(summary), summary, gen)
+
+    def _current_generation(self) -> Path:
+        if not self.current.exists():
+            raise NotEnrolledError(
+                f"no identity in {self.state_dir}",
+                "enroll with: meshagent enroll <TOKEN> (or pass the right --state-dir)",
+            )
+        return self.current.resolve()
+
     def load(self) -> StoredIdentity:
+        from agent.identity.pki import PkiError, key_from_pem, load_certs, same_public_key, summarize
+
         if not self.current.exists():
             raise NotEnrolledError(
                 f"no identity in {self.state_dir}",
@@ -225,7 +274,7 @@ class IdentityStore:
             raise StateError(
                 f"the key and certificate in {gen} do not match", "enroll again with a new token"
             )
-        return StoredIdentity(key, tuple(chain), tuple(bundle), _workload_of(chain[0]), gen)
+        return StoredIdentity(key, tuple(chain), tuple(bundle), _workload_of(summarize(chain[0])), gen)
 
     # --- renewal outcome, for status -----------------------------------------------------
 
@@ -255,8 +304,7 @@ class IdentityStore:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def _workload_of(leaf: x509.Certificate) -> WorkloadIdentity:
-    s = summarize(leaf)
+def _workload_of(s: CertSummary) -> WorkloadIdentity:
     if not s.spiffe_ids:
         raise StateError("the certificate has no SPIFFE ID (URI SAN)")
     mesh = "linkerd"

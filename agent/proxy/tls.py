@@ -11,8 +11,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from agent.identity.pki import same_public_key
-from agent.identity.store import IdentityStore, StoredIdentity
+from agent.identity.store import IdentityInfo, IdentityStore
 from agent.logs import get_logger
 
 log = get_logger("meshagent.proxy.tls")
@@ -60,17 +59,18 @@ def peer_spiffe_id(cert: dict[str, Any] | None) -> str | None:
 class Credentials:
     """The contexts new connections use; replaced as a whole on rotation."""
 
-    identity: StoredIdentity
+    identity: IdentityInfo
     server: ssl.SSLContext
     client: ssl.SSLContext
 
     @classmethod
     def load(cls, store: IdentityStore) -> Credentials:
-        identity = store.load()
+        identity = store.load_info()
         return cls(identity, server_context(store), client_context(store))
 
-    def reload(self, store: IdentityStore, identity: StoredIdentity) -> None:
-        """Swap in contexts for a renewed identity, after checking it is still us."""
+    def reload(self, store: IdentityStore, identity: IdentityInfo) -> None:
+        """Swap in contexts for a renewed identity, after checking it is still us. Loading the
+        chain also proves key and certificate match (OpenSSL refuses a mismatched pair)."""
         if identity.workload != self.identity.workload:
             log.error(
                 "tls.reload_refused",
@@ -79,10 +79,11 @@ class Credentials:
                 new=str(identity.workload),
             )
             return
-        if not same_public_key(identity.leaf, identity.key):
-            log.error("tls.reload_refused", reason="key does not match certificate")
+        try:
+            server, client = server_context(store), client_context(store)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("tls.reload_refused", reason=str(exc))
             return
-        server, client = server_context(store), client_context(store)
         self.identity, self.server, self.client = identity, server, client
         log.info(
             "tls.reloaded", serial=identity.summary.serial, not_after=identity.summary.not_after.isoformat()

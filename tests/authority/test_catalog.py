@@ -54,7 +54,7 @@ def test_hosts_get_the_catalog_and_their_policy(authority: AuthorityProcess, tmp
     )
 
     with AuthorityClient(db.load_authority()) as client:
-        config = client.host_config(db.load())
+        config = client.host_config(db.api_token())
     catalog = {(e["cidr"], tuple(e["ports"])): e["identity"] for e in config["catalog"]}
     assert catalog == {
         ("198.18.0.10/32", ()): "spiffe://cluster.local/ns/shop/sa/web",
@@ -66,23 +66,36 @@ def test_hosts_get_the_catalog_and_their_policy(authority: AuthorityProcess, tmp
         "ports": {"5432": {"default": "deny", "allow": ["spiffe://cluster.local/ns/shop/*"]}},
     }
     with AuthorityClient(web.load_authority()) as client:
-        assert client.host_config(web.load())["policy"] == {"ports": {}}  # policies are per identity
+        assert client.host_config(web.api_token())["policy"] == {"ports": {}}  # policies are per identity
 
     # Revocation: the host leaves the catalog, and its requests are refused, at once.
     hosts = cli_json("authority", "hosts", "--dir", d)
     web_id = next(h["id"] for h in hosts if h["identity"] == "shop/web")
     cli_json("authority", "revoke", web_id, "--dir", d)
     with AuthorityClient(db.load_authority()) as client:
-        cidrs = {e["cidr"] for e in client.host_config(db.load())["catalog"]}
+        cidrs = {e["cidr"] for e in client.host_config(db.api_token())["catalog"]}
     assert "198.18.0.10/32" not in cidrs
     with AuthorityClient(web.load_authority()) as client:
         try:
-            client.host_config(web.load())
+            client.host_config(web.api_token())
             raise AssertionError("a revoked host was served")
         except RejectedError as exc:
             assert exc.code == "host_revoked"
 
 
-def test_host_config_needs_a_signed_request(authority: AuthorityProcess) -> None:
+def test_host_config_needs_the_current_host_token(authority: AuthorityProcess, tmp_path: Path) -> None:
     r = httpx.get(f"{authority.url}/v1/host/config", verify=authority.tls)
     assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+    store = _enroll(authority, tmp_path / "h", "shop/web", "198.18.0.10")
+    first = store.api_token()
+    ok = httpx.get(
+        f"{authority.url}/v1/host/config", verify=authority.tls, headers={"Authorization": f"Bearer {first}"}
+    )
+    assert ok.status_code == 200
+    # A renewal brings a new token and retires the old one.
+    run_cli("renew", "--state-dir", str(tmp_path / "h"), check=True)
+    assert store.api_token() != first
+    old = httpx.get(
+        f"{authority.url}/v1/host/config", verify=authority.tls, headers={"Authorization": f"Bearer {first}"}
+    )
+    assert old.status_code == 401

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.identity.pki import utcnow
+from agent.identity.certinfo import utcnow
 from agent.identity.store import IdentityStore
 from tests.support import MESHAGENT, run_cli, running_authority
 

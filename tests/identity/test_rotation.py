@@ -68,7 +68,7 @@ def test_rotator_keeps_retrying_then_swaps(tmp_path: object) -> None:
         summary = FakeSummary()
 
     class FakeStore:
-        def load(self) -> FakeIdentity:
+        def load_info(self) -> FakeIdentity:
             return FakeIdentity()
 
     def renew_fn(_: object) -> FakeIdentity:

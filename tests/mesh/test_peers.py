@@ -11,8 +11,9 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.authority.ca import load_authority
 from agent.authority.signing import issue_leaf
+from agent.identity.certinfo import utcnow
 from agent.identity.names import WorkloadIdentity
-from agent.identity.pki import certs_to_pem, generate_key, key_to_pem, make_csr, utcnow
+from agent.identity.pki import certs_to_pem, generate_key, key_to_pem, make_csr
 from tests.mesh import apps
 from tests.mesh.conftest import Agent, Mesh, wait_for
 from tests.support import issue_identity
