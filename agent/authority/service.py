@@ -172,13 +172,7 @@ class Authority:
                 code="host_unknown",
                 hint="enroll again with a new join token",
             )
-        if host.revoked:
-            raise RejectedError(
-                "this host has been revoked",
-                code="host_revoked",
-                hint="enroll again with a new join token if it should be back",
-            )
-        return host
+        return _active(host)
 
     def renew(self, chain_pem: str, csr_pem: str, timestamp: int, signature: str) -> EnrollResult:
         now = self.clock()
@@ -215,13 +209,7 @@ class Authority:
                 "renew (meshagent renew) or enroll again",
                 code="unauthenticated",
             )
-        if host.revoked:
-            raise RejectedError(
-                "this host has been revoked",
-                code="host_revoked",
-                hint="enroll again with a new join token if it should be back",
-            )
-        return host
+        return _active(host)
 
     # --- catalog and policy --------------------------------------------------------------
 
@@ -318,3 +306,14 @@ class Authority:
             "trust_bundle": self.trust_bundle.pem().decode(),
             "generated_at": self.clock().timestamp(),
         }
+
+
+def _active(host: HostRecord) -> HostRecord:
+    """`host`, unless it has been revoked."""
+    if host.revoked:
+        raise RejectedError(
+            "this host has been revoked",
+            code="host_revoked",
+            hint="enroll again with a new join token if it should be back",
+        )
+    return host

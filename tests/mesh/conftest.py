@@ -19,7 +19,7 @@ from subprocess import Popen
 
 import pytest
 
-from tests.netns.netns import Host, Lab, netns_supported
+from agent.netlab import Host, Lab, netns_supported
 from tests.support import MESHAGENT
 
 AUTH_PORT = 8443
@@ -70,7 +70,7 @@ class Mesh:
         return self.tmp / "authority"
 
     def iface(self, host: Host, link: int) -> str:
-        """The veth device of `host` on link N (see tests/netns/netns.py's naming)."""
+        """The veth device of `host` on link N (see agent/netlab.py's naming)."""
         side = (
             "a" if host.addr4[[int(x.split(".")[2]) for x in host.addr4].index(link)].endswith(".1") else "b"
         )

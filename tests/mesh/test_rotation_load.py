@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from agent.netlab import netns_supported
 from tests.mesh import apps
 from tests.mesh.conftest import PY, build_mesh, wait_for
-from tests.netns.netns import netns_supported
 
 LOOP = str(Path(__file__).parent / "tools" / "http_loop.py")
 B = "198.18.3.2"

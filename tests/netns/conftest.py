@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .netns import Host, Lab, namespaces, netns_supported
+from agent.netlab import Host, Lab, namespaces, netns_supported
 
 
 @pytest.fixture(scope="session", autouse=True)

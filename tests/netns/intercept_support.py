@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from .netns import Host
+from agent.netlab import Host
 
 TOOLS = Path(__file__).parent / "tools"
 WHO = str(TOOLS / "tcp_who.py")

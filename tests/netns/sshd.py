@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .netns import Host
+from agent.netlab import Host
 
 
 def start_sshd(host: Host, keys: Path, listen: list[str]) -> tuple[subprocess.Popen[str], list[str]]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from agent.netlab import Host, Lab
+
 from .intercept_support import (
     BACKENDS,
     PLAIN_UID,
@@ -28,7 +30,6 @@ from .intercept_support import (
     who,
     write_config,
 )
-from .netns import Host, Lab
 from .sshd import start_sshd
 
 pytestmark = pytest.mark.netns
