@@ -134,7 +134,13 @@ class Daemon:
 
     def _fetch_directory(self) -> dict[str, Any]:
         with AuthorityClient(self.store.load_authority()) as client:
-            return client.host_config(self.store.api_token())
+            try:
+                return client.host_config(self.store.api_token())
+            except MeshagentError as exc:
+                if exc.code != "unauthenticated":
+                    raise
+                # A renewal replaced the token between our read and the request: read it again.
+                return client.host_config(self.store.api_token())
 
     async def _refresh_loop(self) -> None:
         interval = self.config.proxy.refresh_interval_s

@@ -118,6 +118,8 @@ class Fleet:
                         "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR"
                     ),
                     "ansible_python_interpreter": "/usr/bin/python3",
+                    # We log in as root and the image has no sudo: the playbooks' become is moot.
+                    "ansible_become": False,
                 },
                 "children": {
                     "meshagent": {
