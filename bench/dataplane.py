@@ -1,0 +1,1106 @@
+"""Benchmark: meshagent's data plane against haproxy and stunnel doing the same two mTLS hops.
+
+    .venv/bin/python -m bench.dataplane [--duration 10] [--rounds 3] [--rate 1000] [--quick]
+                                        [--profile] [--no-pin] [--haproxy-threads 1]   (as root)
+
+Everything runs in network namespaces made for the run and deleted at the end (even on Ctrl-C
+or a failure); the root namespace is never touched and traffic stays on 198.18.0.0/15:
+
+    cl (authority) ──198.18.1.0/24── a (client side) ──198.18.3.0/24── b (server side)
+         └───────────────────198.18.2.0/24──────────────────────────────────┘
+
+    b: nginx (1 worker) on :8080 (the port meshagent captures) and :8081 (the same server,
+       never captured), serving /small.txt (128 B) and /big.bin (256 MiB, fallocate).
+    1. direct     wrk on a -> 198.18.3.2:8081                                    (no proxy)
+    2. haproxy    wrk -> 127.0.0.1:15001 haproxy(a) =TLS=> :9443 haproxy(b) -> :8081
+    3. stunnel    wrk -> 127.0.0.1:15002 stunnel(a) =TLS=> :9444 stunnel(b) -> :8081
+    4. meshagent  wrk -> 198.18.3.2:8080, redirected by a's rules to meshagent(a) =TLS=>
+                  redirected by b's rules to meshagent(b) -> :8080
+
+The TLS hop is the same for all three: TLS 1.3 only, each side presenting the ECDSA P-256
+certificate the meshagent authority issued to its host (a: bench/client, b: bench/server),
+each verifying the other's chain to the authority's bundle, the client checking the server's
+mesh DNS name (and SNI = that name); session resumption off everywhere (tickets and session
+caches), so every new connection is a full handshake; one thread/process per proxy
+(haproxy `nbthread 1`, stunnel's own threads, meshagent's single event loop); no per-connection
+logs. haproxy and stunnel are L4 relays here (haproxy `mode tcp`), as meshagent is.
+Every process of host a (clients, proxy) runs on CPU 0 and every one of b (proxy, nginx) on
+CPU 1 (taskset), so the two "hosts" are two one-core machines and runs repeat; --no-pin
+leaves placement to the scheduler.
+
+Measures (each target in turn, the order rotating per round; with --rounds N the median):
+- requests/s: `wrk -t1 -c50 -dD` on keep-alive connections, GET /small.txt; plus the CPU
+  seconds the two proxy processes used meanwhile (psutil), per request.
+- new TLS connections/s: the same with `-H "Connection: close"` (one request per connection,
+  so one full TLS 1.3 handshake per request through both hops).
+- latency: bench.loadgen's open-loop constant-rate client (wrk2-style, corrected for
+  coordinated omission) at --rate requests/s over 10 keep-alive connections, p50/p99.
+- bulk: `curl -o /dev/null` of /big.bin, MB/s (10^6 bytes), median of a few transfers.
+- memory: RSS (psutil, process plus children) of each proxy process idle after start (before
+  any connection), with 1,000 open keep-alive connections through it (bench.loadgen hold), and
+  idle again after the load. meshagent: the `meshagent run` process on each host.
+- --profile adds a pass after the measures (not in the figures): py-spy (--gil) on both
+  daemons under the keep-alive and the Connection: close load; the collapsed stacks go to
+  bench/results/dataplane-profile-*.txt and the top frames to the JSON and the output.
+
+Around every measure the CPU used by processes outside the benchmark is recorded
+(`others_cpu_pct`; a shared machine is the usual cause of an odd figure), and before each one
+the run waits (up to --wait-quiet seconds, 10 minutes in all) while they use more than 10 % of
+a CPU.
+
+Prints a table with meshagent's ratios to haproxy, stunnel and direct; writes
+bench/results/dataplane.json. Needs root, iproute2, nftables, nginx, haproxy, stunnel4, wrk, curl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import select
+import shutil
+import signal
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from agent.identity.store import IdentityStore
+from agent.netlab import Host, Lab, namespaces, netns_supported
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MESHAGENT = [PY, "-m", "agent.cli"]
+PY_SPY = str(Path(sys.executable).parent / "py-spy")
+
+B_IP = "198.18.3.2"  # b's address on the a-b link (a is .1)
+APP_PORT = 8080  # nginx, captured by meshagent
+PLAIN_PORT = 8081  # the same nginx, never captured
+HAPROXY_IN, HAPROXY_TLS = 15001, 9443
+STUNNEL_IN, STUNNEL_TLS = 15002, 9444
+AUTH_PORT = 8443
+SMALL, BIG = "/small.txt", "/big.bin"
+TARGETS = ("direct", "haproxy", "stunnel", "meshagent")
+PROXIES = TARGETS[1:]
+WRK_CONNECTIONS = 50
+LATENCY_CONNECTIONS = 10
+
+
+class BenchError(Exception):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise BenchError(f"timed out waiting for {what}")
+
+
+@dataclass
+class Target:
+    name: str
+    host: str
+    port: int
+    procs: list[psutil.Process] = field(default_factory=list)  # the proxy on a, then on b
+
+    def url(self, path: str) -> str:
+        return f"http://{self.host}:{self.port}{path}"
+
+
+@dataclass
+class Setup:
+    lab: Lab
+    tmp: Path
+    cl: Host
+    a: Host
+    b: Host
+    targets: dict[str, Target] = field(default_factory=dict)
+    logs: list[Path] = field(default_factory=list)
+    server_name: str = ""
+    pin: bool = True
+
+    def cpu(self, host: Host) -> list[str]:
+        """`taskset` for a process of host a (CPU 0) or b (CPU 1): two one-core "machines"."""
+        if not self.pin or (host is not self.a and host is not self.b):
+            return []
+        return ["taskset", "-c", "0" if host is self.a else "1"]
+
+    def logfile(self, name: str) -> Any:
+        path = self.tmp / f"{name}.log"
+        self.logs.append(path)
+        return open(path, "a")  # lives as long as the process writing it
+
+    def popen(self, host: Host, name: str, *argv: str, **kw: Any) -> subprocess.Popen[str]:
+        out = self.logfile(name)
+        proc = host.popen(*argv, stdout=out, stderr=out, **kw)
+        time.sleep(0.05)
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited {proc.returncode}: {self.tail(name)}")
+        return proc
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.tmp / f"{name}.log"
+        if not path.exists():
+            return ""
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _process(popen: subprocess.Popen[str]) -> psutil.Process:
+    """`ip netns exec`, `setpriv` and `taskset` all exec: the pid is the program's own."""
+    return psutil.Process(popen.pid)
+
+
+def rss_mb(procs: list[psutil.Process]) -> float:
+    total = 0
+    for proc in procs:
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                continue
+    return total / 2**20
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for proc in procs:
+        times = proc.cpu_times()
+        total += times.user + times.system
+    return total
+
+
+class Neighbours:
+    """CPU used by processes that are not this benchmark's (say, a test suite someone runs on the
+    same machine): measured around every measure, and waited out before it when asked."""
+
+    def __init__(self, s: Setup, budget_s: float = 600) -> None:
+        self.s = s
+        self.budget_s = budget_s  # over the whole run, so a busy machine cannot stretch it forever
+
+    def _ours(self) -> set[int]:
+        pids = {os.getpid()}
+        with contextlib.suppress(psutil.Error):
+            pids |= {p.pid for p in psutil.Process().children(recursive=True)}
+        for host in self.s.lab.hosts:
+            got = subprocess.run(["ip", "netns", "pids", host.ns], capture_output=True, text=True, timeout=10)
+            pids |= {int(x) for x in got.stdout.split()}
+        return pids
+
+    def snapshot(self) -> dict[int, tuple[psutil.Process, float]]:
+        ours, snap = self._ours(), {}
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if proc.pid in ours or proc.pid == 2 or proc.ppid() == 2:  # ours, kernel threads
+                    continue
+                times = proc.cpu_times()
+                snap[proc.pid] = (proc, times.user + times.system)
+        return snap
+
+    def since(self, snap: dict[int, tuple[psutil.Process, float]], seconds: float) -> tuple[float, list[str]]:
+        """Percent of one CPU the processes of `snap` used since it was taken (still-running ones),
+        and the busiest of them."""
+        used: list[tuple[float, str]] = []
+        ours = self._ours()
+        for pid, (proc, before) in snap.items():
+            with contextlib.suppress(psutil.Error):
+                if pid not in ours:
+                    times = proc.cpu_times()
+                    used.append((times.user + times.system - before, f"{proc.name()}[{pid}]"))
+        scale = 100 / max(seconds, 1e-3)
+        top = [
+            f"{name} {cpu * scale:.0f}%" for cpu, name in sorted(used, reverse=True)[:3] if cpu * scale >= 2
+        ]
+        return round(sum(cpu for cpu, _ in used) * scale, 1), top
+
+    def wait_quiet(self, limit_s: float, threshold: float = 10.0) -> float:
+        """Wait (at most `limit_s`) until others use under `threshold` % of a CPU; seconds waited."""
+        started = time.monotonic()
+        limit_s = min(limit_s, self.budget_s)
+        told = False
+        while True:
+            snap = self.snapshot()
+            time.sleep(1.0)
+            busy, top = self.since(snap, 1.0)
+            waited = time.monotonic() - started
+            if busy < threshold or waited >= limit_s:
+                self.budget_s -= waited
+                return round(waited, 1)
+            if not told:
+                log(f"other processes use {busy}% CPU ({', '.join(top)}): waiting up to {limit_s:g} s")
+                told = True
+
+
+# --- building the lab ----------------------------------------------------------------------
+
+
+def build_network(lab: Lab) -> tuple[Host, Host, Host]:
+    cl, a, b = lab.host("cl"), lab.host("a"), lab.host("b")
+    lab.link(cl, a)  # 198.18.1.0/24
+    lab.link(cl, b)  # 198.18.2.0/24
+    lab.link(a, b)  # 198.18.3.0/24
+    for host in (a, b):
+        # Namespace-local knobs so 10 s of new connections do not run out of ports.
+        for key, value in (
+            ("net.ipv4.ip_local_port_range", "1024 65000"),
+            ("net.ipv4.tcp_tw_reuse", "1"),
+            ("net.core.somaxconn", "8192"),
+            ("net.ipv4.tcp_max_syn_backlog", "8192"),
+        ):
+            host.run("sysctl", "-q", "-w", f"{key}={value}")
+    return cl, a, b
+
+
+def start_nginx(s: Setup, big_mib: int) -> None:
+    www = s.tmp / "www"
+    www.mkdir()
+    (www / "small.txt").write_text(("meshagent benchmark " * 7)[:127] + "\n")
+    subprocess.run(["fallocate", "-l", f"{big_mib}M", str(www / "big.bin")], check=True)
+    nginx = s.tmp / "nginx"
+    nginx.mkdir()
+    conf = nginx / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process on;
+worker_processes 1;
+user root root;
+pid {nginx}/nginx.pid;
+error_log {nginx}/error.log warn;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+    access_log off;
+    client_body_temp_path {nginx}/body;
+    proxy_temp_path {nginx}/proxy;
+    fastcgi_temp_path {nginx}/fastcgi;
+    uwsgi_temp_path {nginx}/uwsgi;
+    scgi_temp_path {nginx}/scgi;
+    types {{ text/plain txt; application/octet-stream bin; }}
+    sendfile on;
+    tcp_nopush on;
+    keepalive_timeout 600s;
+    keepalive_requests 100000000;
+    server {{
+        listen {APP_PORT} backlog=8192;
+        listen {PLAIN_PORT} backlog=8192;
+        root {www};
+    }}
+}}
+"""
+    )
+    s.popen(
+        s.b, "nginx", *s.cpu(s.b), "nginx", "-c", str(conf), "-p", str(nginx), "-e", str(nginx / "error.log")
+    )
+    wait_for(
+        lambda: (
+            s.b.run(
+                "curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{PLAIN_PORT}{SMALL}", check=False
+            ).returncode
+            == 0
+        ),
+        "nginx up",
+    )
+
+
+def start_authority(s: Setup) -> Path:
+    directory = s.tmp / "authority"
+    s.cl.run(
+        *MESHAGENT,
+        "authority",
+        "init",
+        "--dir",
+        str(directory),
+        "--trust-domain",
+        "cluster.local",
+        "--san",
+        "198.18.1.1",
+        "--san",
+        "198.18.2.1",
+    )
+    s.popen(
+        s.cl,
+        "authority",
+        *MESHAGENT,
+        "authority",
+        "serve",
+        "--dir",
+        str(directory),
+        "--listen",
+        f"0.0.0.0:{AUTH_PORT}",
+    )
+    wait_for(
+        lambda: (
+            s.cl.run("curl", "-sfk", f"https://198.18.1.1:{AUTH_PORT}/healthz", check=False).returncode == 0
+        ),
+        "authority up",
+    )
+    return directory
+
+
+def enroll(s: Setup, authority: Path, host: Host, identity: str, url_ip: str, addresses: list[str]) -> Path:
+    token = s.cl.run(
+        *MESHAGENT,
+        "authority",
+        "token",
+        "create",
+        "--dir",
+        str(authority),
+        "--identity",
+        identity,
+        "--url",
+        f"https://{url_ip}:{AUTH_PORT}",
+    ).stdout.strip()
+    state = s.tmp / f"state-{host.name}"
+    host.run(
+        *MESHAGENT,
+        "enroll",
+        token,
+        "--state-dir",
+        str(state),
+        "--host-name",
+        host.name,
+        *[f"--address={a}" for a in addresses],
+    )
+    return state
+
+
+def start_agent(s: Setup, host: Host, state: Path, src: Path | None) -> psutil.Process:
+    config = s.tmp / f"agent-{host.name}.toml"
+    config.write_text(
+        f'[identity]\nstate_dir = "{state}"\n'
+        '[log]\nlevel = "info"\n'
+        # The benchmark clients run as root: only the proxy's SO_MARK exempts its own traffic.
+        # Only the app port is captured, so the haproxy and stunnel pairs run beside it untouched.
+        f"[intercept]\nproxy_user = 65534\ninbound_ports = [{APP_PORT}]\noutbound_ports = [{APP_PORT}]\n"
+        "[proxy]\ndrain_timeout_s = 1.0\n"
+        '[inbound]\ndefault_policy = "all-authenticated"\n'
+    )
+    name = f"meshagent-{host.name}"
+    # --agent-src: import `agent` from another tree (cwd is the first entry of sys.path).
+    kw = {"cwd": str(src), "env": {**os.environ, "PYTHONPATH": str(src)}} if src else {}
+    proc = s.popen(host, name, *s.cpu(host), *MESHAGENT, "run", "--config", str(config), **kw)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited {proc.returncode}: {s.tail(name)}")
+        return "daemon.ready" in (s.tmp / f"{name}.log").read_text()
+
+    wait_for(ready, f"{name} ready")
+    return _process(proc)
+
+
+def identity_files(state: Path) -> dict[str, Path]:
+    d = state / "identity"
+    return {"cert": d / "cert.pem", "key": d / "key.pem", "bundle": d / "bundle.pem"}
+
+
+def start_haproxy(s: Setup, files_a: dict[str, Path], files_b: dict[str, Path], threads: int) -> Target:
+    procs = []
+    for host, files, role in ((s.a, files_a, "a"), (s.b, files_b, "b")):
+        pem = s.tmp / f"haproxy-{role}.pem"
+        pem.write_text(files["cert"].read_text() + files["key"].read_text())
+        pem.chmod(0o600)
+        if role == "a":
+            section = (
+                f"listen out\n    bind 127.0.0.1:{HAPROXY_IN}\n"
+                f"    server b {B_IP}:{HAPROXY_TLS} ssl crt {pem} ca-file {files['bundle']} verify required"
+                f" verifyhost {s.server_name} sni str({s.server_name}) ssl-min-ver TLSv1.3 no-ssl-reuse\n"
+            )
+        else:
+            section = (
+                f"listen in\n    bind 0.0.0.0:{HAPROXY_TLS} ssl crt {pem} ca-file {files['bundle']}"
+                " verify required ssl-min-ver TLSv1.3 no-tls-tickets\n"
+                f"    server app {B_IP}:{PLAIN_PORT}\n"
+            )
+        cfg = s.tmp / f"haproxy-{role}.cfg"
+        cfg.write_text(
+            f"global\n    nbthread {threads}\n    maxconn 8000\n    tune.ssl.cachesize 0\n"
+            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n"
+            "    timeout server 600s\n" + section
+        )
+        host.run("haproxy", "-c", "-q", "-f", str(cfg))
+        procs.append(
+            _process(s.popen(host, f"haproxy-{role}", *s.cpu(host), "haproxy", "-db", "-f", str(cfg)))
+        )
+    return Target("haproxy", "127.0.0.1", HAPROXY_IN, procs)
+
+
+def start_stunnel(s: Setup, files_a: dict[str, Path], files_b: dict[str, Path]) -> Target:
+    procs = []
+    for host, files, role in ((s.a, files_a, "a"), (s.b, files_b, "b")):
+        common = (
+            f"cert = {files['cert']}\nkey = {files['key']}\nCAfile = {files['bundle']}\n"
+            "verifyChain = yes\nsslVersionMin = TLSv1.3\nsessionResume = no\noptions = NO_TICKET\n"
+            "socket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n"
+        )
+        if role == "a":
+            service = (
+                f"[out]\nclient = yes\naccept = 127.0.0.1:{STUNNEL_IN}\nconnect = {B_IP}:{STUNNEL_TLS}\n"
+                f"checkHost = {s.server_name}\nsni = {s.server_name}\n"
+            )
+        else:
+            service = (
+                f"[in]\naccept = 0.0.0.0:{STUNNEL_TLS}\nconnect = {B_IP}:{PLAIN_PORT}\nrequireCert = yes\n"
+            )
+        conf = s.tmp / f"stunnel-{role}.conf"
+        conf.write_text(
+            f"foreground = yes\npid =\ndebug = 3\noutput = {s.tmp}/stunnel-{role}.out\n" + service + common
+        )
+        s.logs.append(s.tmp / f"stunnel-{role}.out")
+        procs.append(_process(s.popen(host, f"stunnel-{role}", *s.cpu(host), "stunnel", str(conf))))
+    return Target("stunnel", "127.0.0.1", STUNNEL_IN, procs)
+
+
+def check_target(s: Setup, target: Target, big_bytes: int) -> None:
+    """Each path serves both files, byte counts right, before anything is measured."""
+
+    def ok() -> bool:
+        got = s.a.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", target.url(SMALL), check=False)
+        return got.stdout == "200"
+
+    wait_for(ok, f"{target.name}: GET {SMALL} through it", timeout=20)
+    got = s.a.run(
+        "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", target.url(BIG), timeout=120
+    ).stdout.split()
+    if got != ["200", str(big_bytes)]:
+        raise BenchError(f"{target.name}: GET {BIG} gave {got}")
+
+
+def tls_summary(s: Setup, files_a: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """What each server side negotiates with a client holding a's certificate (from cl)."""
+    out: dict[str, dict[str, str]] = {}
+    for name, port in (("haproxy", HAPROXY_TLS), ("stunnel", STUNNEL_TLS), ("meshagent", APP_PORT)):
+        got = s.cl.run(
+            "openssl",
+            "s_client",
+            "-brief",
+            "-verify_return_error",
+            "-connect",
+            f"198.18.2.2:{port}",
+            "-servername",
+            s.server_name,
+            "-verify_hostname",
+            s.server_name,
+            "-cert",
+            str(files_a["cert"]),
+            "-key",
+            str(files_a["key"]),
+            "-CAfile",
+            str(files_a["bundle"]),
+            input="",
+            check=False,
+            timeout=20,
+        )
+        fields = {}
+        for line in got.stderr.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() in (
+                "Protocol version",
+                "Ciphersuite",
+                "Peer signature type",
+                "Negotiated TLS1.3 group",
+                "Server Temp Key",
+                "Verification",
+            ):
+                fields[key.strip()] = value.strip()
+        if fields.get("Protocol version") != "TLSv1.3":
+            raise BenchError(f"{name}: TLS check failed:\n{got.stderr}")
+        out[name] = fields
+    return out
+
+
+@contextmanager
+def lab_setup(args: argparse.Namespace) -> Iterator[Setup]:
+    with tempfile.TemporaryDirectory(prefix="meshagent-dataplane-") as tmpdir, Lab("db") as lab:
+        tmp = Path(tmpdir)
+        tmp.chmod(0o755)
+        cl, a, b = build_network(lab)
+        s = Setup(lab, tmp, cl, a, b, pin=not args.no_pin)
+        try:
+            log(f"namespaces {', '.join(h.ns for h in lab.hosts)}; nginx with a {args.big_mib} MiB file")
+            start_nginx(s, args.big_mib)
+            log("authority, enrollment of a (bench/client) and b (bench/server)")
+            authority = start_authority(s)
+            state_a = enroll(s, authority, a, "bench/client", "198.18.1.1", ["198.18.3.1", "198.18.1.2"])
+            state_b = enroll(s, authority, b, "bench/server", "198.18.2.1", [B_IP, "198.18.2.2"])
+            s.server_name = IdentityStore(state_b).load().workload.dns_name
+            files_a, files_b = identity_files(state_a), identity_files(state_b)
+            s.targets["direct"] = Target("direct", B_IP, PLAIN_PORT)
+            log(f"haproxy pair (nbthread {args.haproxy_threads}), stunnel pair")
+            s.targets["haproxy"] = start_haproxy(s, files_a, files_b, args.haproxy_threads)
+            s.targets["stunnel"] = start_stunnel(s, files_a, files_b)
+            log("meshagent run on b, then a")
+            agent_b = start_agent(s, b, state_b, args.agent_src)
+            agent_a = start_agent(s, a, state_a, args.agent_src)
+            wait_for(lambda: (state_a / "host-config.json").exists(), "a's catalog from the authority")
+            s.targets["meshagent"] = Target("meshagent", B_IP, APP_PORT, [agent_a, agent_b])
+            yield s
+        except Exception:
+            for path in s.logs:
+                if path.exists() and path.stat().st_size:
+                    tail = "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+                    print(f"--- {path.name}\n{tail}", file=sys.stderr)
+            raise
+
+
+# --- measures ------------------------------------------------------------------------------
+
+_WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(m?s)")
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+
+
+def wrk(s: Setup, target: Target, duration: int, close: bool) -> dict[str, Any]:
+    argv = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{duration}s", "--timeout", "5s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    cpu0 = cpu_seconds(target.procs)
+    got = s.a.run(*s.cpu(s.a), *argv, target.url(SMALL), timeout=duration + 60)
+    cpu = cpu_seconds(target.procs) - cpu0
+    text = got.stdout
+    rps, total = _WRK_RPS.search(text), _WRK_TOTAL.search(text)
+    if rps is None or total is None:
+        raise BenchError(f"wrk output not understood:\n{text}\n{got.stderr}")
+    requests = int(total.group(1))
+    sock = _WRK_SOCKET.search(text)
+    non2xx = _WRK_NON2XX.search(text)
+    errors = (sum(int(x) for x in sock.groups()) if sock else 0) + (int(non2xx.group(1)) if non2xx else 0)
+    result: dict[str, Any] = {"rps": float(rps.group(1)), "requests": requests, "errors": errors}
+    if target.procs:
+        result["proxy_cpu_s"] = round(cpu, 3)
+        result["proxy_cpu_us_per_req"] = round(cpu * 1e6 / max(1, requests), 1)
+    return result
+
+
+def latency(s: Setup, target: Target, rate: float, duration: int) -> dict[str, Any]:
+    got = s.a.run(
+        *s.cpu(s.a),
+        PY,
+        "-m",
+        "bench.loadgen",
+        "rate",
+        target.host,
+        str(target.port),
+        SMALL,
+        "--rate",
+        str(rate),
+        "--duration",
+        str(duration),
+        "--connections",
+        str(LATENCY_CONNECTIONS),
+        timeout=duration + 90,
+        env={"PYTHONPATH": str(REPO)},
+    )
+    return dict(json.loads(got.stdout))
+
+
+def bulk(s: Setup, target: Target, runs: int) -> dict[str, Any]:
+    speeds = []
+    for _ in range(runs):
+        got = s.a.run(
+            *s.cpu(s.a),
+            "curl",
+            "-sS",
+            "--max-time",
+            "300",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{speed_download}",
+            target.url(BIG),
+            timeout=320,
+        )
+        code, _size, speed = got.stdout.split()
+        if code != "200":
+            raise BenchError(f"{target.name}: bulk GET answered {code}")
+        speeds.append(float(speed) / 1e6)
+    return {"mb_s": round(statistics.median(speeds), 1), "runs_mb_s": [round(x, 1) for x in speeds]}
+
+
+def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
+    """RSS of the proxy processes with `connections` keep-alive connections open through them."""
+    proc = s.a.popen(
+        *s.cpu(s.a),
+        PY,
+        "-m",
+        "bench.loadgen",
+        "hold",
+        target.host,
+        str(target.port),
+        SMALL,
+        "--connections",
+        str(connections),
+        "--max-hold",
+        "120",
+        stdin=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else ""
+        if not line:
+            raise BenchError(
+                f"{target.name}: hold client gave nothing: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        opened = json.loads(line)
+        time.sleep(1.0)
+        result = {
+            **opened,
+            "rss_a_mb": round(rss_mb(target.procs[:1]), 1),
+            "rss_b_mb": round(rss_mb(target.procs[1:]), 1),
+        }
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        s.lab.processes.remove(proc)  # reaped: the Lab must not signal its pid again
+    return result
+
+
+def profile(s: Setup, target: Target, duration: int, close: bool, out: Path) -> dict[str, Any]:
+    """py-spy on both daemons while wrk runs (a separate pass: sampling costs CPU)."""
+    spies = []
+    for proc, side in zip(target.procs, "ab", strict=True):
+        raw = out / f"dataplane-profile-{'cps' if close else 'rps'}-{side}.txt"
+        cmd = [
+            PY_SPY,
+            "record",
+            "-p",
+            str(proc.pid),
+            "-d",
+            str(duration),
+            "-r",
+            "250",
+            "-f",
+            "raw",
+            "-o",
+            str(raw),
+            "--gil",  # time holding the GIL: the Python side of the event loop, not its waits
+        ]
+        spies.append((side, raw, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+    try:
+        got = wrk(s, target, duration, close)
+    finally:
+        for _, _, spy in spies:
+            try:
+                spy.wait(timeout=duration + 30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait(timeout=10)
+    result: dict[str, Any] = {"rps": got["rps"]}
+    for side, raw, _ in spies:
+        result[side] = {"file": str(raw.relative_to(REPO)), "top": top_frames(raw)}
+    return result
+
+
+def top_frames(raw: Path, n: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """From py-spy's collapsed stacks, in percent of samples: self time per innermost frame,
+    and inclusive time per data-plane function (agent/proxy/...)."""
+    own: dict[str, int] = {}
+    inclusive: dict[str, int] = {}
+    total = 0
+    if not raw.exists():
+        return {"self": [], "agent_inclusive": []}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]  # per function, not line
+        own[frames[-1]] = own.get(frames[-1], 0) + int(count)
+        for frame in set(frames):
+            if "agent/proxy/" in frame:
+                inclusive[frame] = inclusive.get(frame, 0) + int(count)
+        total += int(count)
+
+    def ranked(counts: dict[str, int]) -> list[tuple[str, float]]:
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:n]
+        return [(frame, round(100 * c / max(1, total), 1)) for frame, c in top]
+
+    return {"self": ranked(own), "agent_inclusive": ranked(inclusive)}
+
+
+def idle_rss(targets: dict[str, Target]) -> dict[str, dict[str, float]]:
+    return {
+        name: {"rss_a_mb": round(rss_mb(t.procs[:1]), 1), "rss_b_mb": round(rss_mb(t.procs[1:]), 1)}
+        for name, t in targets.items()
+        if t.procs
+    }
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    started = time.monotonic()
+    with lab_setup(args) as s:
+        time.sleep(2)
+        rss_idle = idle_rss(s.targets)  # started, not one connection through them yet
+        log(f"idle RSS: {rss_idle}")
+        big_bytes = args.big_mib * 2**20
+        for target in s.targets.values():
+            check_target(s, target, big_bytes)
+        tls = tls_summary(s, identity_files(s.tmp / "state-a"))
+        log(f"all four paths serve; TLS: {json.dumps(tls['meshagent'])}")
+        setup_s = time.monotonic() - started
+
+        order = list(TARGETS)
+        raw: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in TARGETS}
+        log("warm-up: 2 s of wrk on each path")
+        for name in order:
+            wrk(s, s.targets[name], 2, close=False)
+        measures: list[tuple[str, Callable[[Target], dict[str, Any]]]] = [
+            ("rps", lambda t: wrk(s, t, args.duration, close=False)),
+            ("cps", lambda t: wrk(s, t, args.duration, close=True)),
+            ("latency", lambda t: latency(s, t, args.rate, args.duration)),
+            ("bulk", lambda t: bulk(s, t, args.bulk_runs)),
+        ]
+        neighbours = Neighbours(s)
+        for r in range(args.rounds):
+            turn = order[r % len(order) :] + order[: r % len(order)]
+            for measure, fn in measures:
+                for name in turn:
+                    waited = neighbours.wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
+                    snap, t0 = neighbours.snapshot(), time.monotonic()
+                    got = fn(s.targets[name])
+                    got["others_cpu_pct"], got["others_top"] = neighbours.since(snap, time.monotonic() - t0)
+                    got["waited_for_quiet_s"] = waited
+                    raw[name].setdefault(measure, []).append(got)
+                    log(f"round {r + 1} {measure:8} {name:10} {_brief(measure, got)}")
+        profiles = {}
+        if args.profile:
+            log("profile pass: py-spy on both meshagent daemons under wrk (not part of the figures)")
+            for close in (False, True):
+                prof = profile(s, s.targets["meshagent"], args.duration, close, RESULTS)
+                profiles["cps" if close else "rps"] = prof
+        log(f"holding {args.hold} connections through each proxy")
+        held = {name: hold(s, s.targets[name], args.hold) for name in PROXIES}
+        time.sleep(2)
+        rss_after = idle_rss(s.targets)
+        bench_s = time.monotonic() - started - setup_s
+    result = summarize(args, raw, rss_idle, held, rss_after, tls)
+    if profiles:
+        result["profile"] = profiles
+    result["timing_s"] = {
+        "setup": round(setup_s, 1),
+        "measure": round(bench_s, 1),
+        "total_with_teardown": round(time.monotonic() - started, 1),
+    }
+    return result
+
+
+def _brief(measure: str, got: dict[str, Any]) -> str:
+    others = got.get("others_cpu_pct", 0)
+    top = ", ".join(got.get("others_top", []))
+    return _brief_measure(measure, got) + (
+        f"  [other processes: {others}% CPU: {top}]" if others >= 10 else ""
+    )
+
+
+def _brief_measure(measure: str, got: dict[str, Any]) -> str:
+    if measure in ("rps", "cps"):
+        extra = f" cpu {got['proxy_cpu_us_per_req']} us/req" if "proxy_cpu_us_per_req" in got else ""
+        return f"{got['rps']:.0f}/s errors {got['errors']}{extra}"
+    if measure == "latency":
+        return (
+            f"p50 {got['p50_ms']} ms p99 {got['p99_ms']} ms achieved {got['achieved_rps']}/s "
+            f"queued {got['queued']} lost {got['lost']}"
+        )
+    return f"{got['mb_s']} MB/s {got['runs_mb_s']}"
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def summarize(
+    args: argparse.Namespace,
+    raw: dict[str, dict[str, list[dict[str, Any]]]],
+    rss_idle: dict[str, dict[str, float]],
+    held: dict[str, dict[str, Any]],
+    rss_after: dict[str, dict[str, float]],
+    tls: dict[str, dict[str, str]],
+) -> dict[str, Any]:
+    table: dict[str, dict[str, float | None]] = {}
+
+    def row(label: str, values: dict[str, float | None]) -> None:
+        table[label] = {t: values.get(t) for t in TARGETS}
+
+    row("requests/s (keep-alive, c=50)", {t: _median(raw[t]["rps"], "rps") for t in TARGETS})
+    row(
+        "proxy CPU us/request (a+b)",
+        {t: _median(raw[t]["rps"], "proxy_cpu_us_per_req") for t in PROXIES},
+    )
+    row("new TLS connections/s (c=50)", {t: _median(raw[t]["cps"], "rps") for t in TARGETS})
+    row(
+        "proxy CPU us/connection (a+b)",
+        {t: _median(raw[t]["cps"], "proxy_cpu_us_per_req") for t in PROXIES},
+    )
+    row(f"p50 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p50_ms") for t in TARGETS})
+    row(f"p99 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p99_ms") for t in TARGETS})
+    row(f"bulk MB/s ({args.big_mib} MiB)", {t: _median(raw[t]["bulk"], "mb_s") for t in TARGETS})
+    row("RSS idle MB, a", {t: rss_idle[t]["rss_a_mb"] for t in PROXIES})
+    row("RSS idle MB, b", {t: rss_idle[t]["rss_b_mb"] for t in PROXIES})
+    row(f"RSS {args.hold} conns MB, a", {t: held[t]["rss_a_mb"] for t in PROXIES})
+    row(f"RSS {args.hold} conns MB, b", {t: held[t]["rss_b_mb"] for t in PROXIES})
+    row("RSS idle after load MB, a", {t: rss_after[t]["rss_a_mb"] for t in PROXIES})
+    row("RSS idle after load MB, b", {t: rss_after[t]["rss_b_mb"] for t in PROXIES})
+
+    ratios: dict[str, dict[str, float | None]] = {}
+    for label, values in table.items():
+        mesh = values["meshagent"]
+        ratios[label] = {
+            other: (round(mesh / ref, 2) if mesh is not None and ref else None)
+            for other in ("haproxy", "stunnel", "direct")
+            for ref in [values[other]]
+        }
+    rps_label, bulk_label = "requests/s (keep-alive, c=50)", f"bulk MB/s ({args.big_mib} MiB)"
+    p99_label = f"p99 ms @ {args.rate:g} req/s"
+    rss_idle_max = max(rss_idle["meshagent"].values())
+    goals = {
+        "requests_per_s_vs_haproxy": _goal(ratios[rps_label]["haproxy"], ">=", 1.0, floor=0.8),
+        "bulk_vs_haproxy": _goal(ratios[bulk_label]["haproxy"], ">=", 1.0, floor=0.8),
+        "p99_vs_haproxy": _goal(ratios[p99_label]["haproxy"], "<=", 1.5),
+        "rss_idle_mb": _goal(rss_idle_max, "<", 40.0),
+    }
+    errors = {
+        t: {
+            m: sum(int(r.get("errors", 0)) + int(r.get("lost", 0)) for r in runs)
+            for m, runs in raw[t].items()
+        }
+        for t in TARGETS
+    }
+    max_rps = min(table[rps_label][t] or 0.0 for t in TARGETS)
+    disturbed = [
+        f"{t}/{m}/round {i + 1}: {r['others_cpu_pct']}%"
+        for t in TARGETS
+        for m, runs in raw[t].items()
+        for i, r in enumerate(runs)
+        if r.get("others_cpu_pct", 0) >= 10
+    ]
+    return {
+        "config": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "rate": args.rate,
+            "latency_connections": LATENCY_CONNECTIONS,
+            "wrk_connections": WRK_CONNECTIONS,
+            "big_mib": args.big_mib,
+            "bulk_runs": args.bulk_runs,
+            "hold_connections": args.hold,
+            "haproxy_threads": args.haproxy_threads,
+            "pinned": "no" if args.no_pin else "a: CPU 0, b: CPU 1",
+            "agent_src": str(args.agent_src) if args.agent_src else "this checkout",
+            "wait_quiet_s": args.wait_quiet,
+            "rate_vs_slowest_max": round(args.rate / max_rps, 3) if max_rps else None,
+        },
+        "environment": environment(),
+        "tls": tls,
+        "table": table,
+        "ratios_meshagent_to": ratios,
+        "goals": goals,
+        "errors": errors,
+        "disturbed": disturbed,
+        "held": held,
+        "raw": raw,
+    }
+
+
+def _goal(value: float | None, op: str, target: float, floor: float | None = None) -> dict[str, Any]:
+    if value is None:
+        return {"value": None, "met": False}
+    met = value >= target if op == ">=" else value <= target if op == "<=" else value < target
+    out: dict[str, Any] = {"value": value, "goal": f"{op} {target:g}", "met": met}
+    if floor is not None:
+        out["below_floor"] = value < floor
+    return out
+
+
+def environment() -> dict[str, Any]:
+    def first_line(*argv: str) -> str:
+        got = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (got.stdout + got.stderr).strip().splitlines()[0] if (got.stdout + got.stderr).strip() else ""
+
+    try:
+        import uvloop
+
+        uvloop_version = uvloop.__version__
+    except ImportError:
+        uvloop_version = "none"
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
+    ).stdout.strip()
+    return {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "commit": commit,
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "python_ssl": ssl.OPENSSL_VERSION,
+        "uvloop": uvloop_version,
+        "haproxy": first_line("haproxy", "-v"),
+        "stunnel": next(
+            (
+                line
+                for line in subprocess.run(
+                    ["stunnel", "-version"], capture_output=True, text=True, timeout=10
+                ).stderr.splitlines()
+                if line.startswith("stunnel")
+            ),
+            "",
+        ),
+        "nginx": first_line("nginx", "-v"),
+        "wrk": first_line("wrk", "-v"),
+        "openssl": first_line("openssl", "version"),
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    table, ratios = result["table"], result["ratios_meshagent_to"]
+    width = max(len(k) for k in table)
+    head = f"{'':{width}}  " + "".join(f"{t:>11}" for t in TARGETS) + "   mesh/hap  mesh/stun  mesh/dir"
+    print(head)
+    print("-" * len(head))
+    for label, values in table.items():
+        cells = "".join(f"{_fmt(values[t]):>11}" for t in TARGETS)
+        r = ratios[label]
+        rcells = "".join(f"{_fmt(r[o], ratio=True):>11}" for o in ("haproxy", "stunnel", "direct"))
+        print(f"{label:{width}}  {cells}{rcells}")
+    print()
+    for name, goal in result["goals"].items():
+        mark = "met" if goal["met"] else "NOT met"
+        floor = " (below the 0.8x floor)" if goal.get("below_floor") else ""
+        print(f"goal {name}: {goal['value']} {goal.get('goal', '')} -> {mark}{floor}")
+    errors = {t: {m: n for m, n in e.items() if n} for t, e in result["errors"].items()}
+    if any(errors.values()):
+        print(f"errors seen: {errors}")
+    if result["disturbed"]:
+        print(f"measures during which other processes used >= 10% of a CPU: {result['disturbed']}")
+    for kind, prof in result.get("profile", {}).items():
+        for side in "ab":
+            top = ", ".join(f"{frame} {pct}%" for frame, pct in prof[side]["top"]["self"][:6])
+            print(f"profile {kind} {side}: {top}")
+    for name, fields in result["tls"].items():
+        print(f"tls {name}: {', '.join(f'{k}: {v}' for k, v in fields.items())}")
+    print(f"timing: {result['timing_s']}")
+
+
+def _fmt(value: float | None, ratio: bool = False) -> str:
+    if value is None:
+        return "-"
+    if ratio:
+        return f"{value:.2f}x"
+    if value >= 1000:
+        return f"{value:,.0f}"
+    if value >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value < 1 else f"{value:.1f}"
+
+
+def _stop(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    log(f"{signal.Signals(signum).name}: stopping, tearing the lab down")
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk/latency run")
+    parser.add_argument("--rounds", type=int, default=3, help="repeat every measure; medians reported")
+    parser.add_argument("--rate", type=float, default=1000, help="requests/s of the latency measure")
+    parser.add_argument("--big-mib", type=int, default=256, help="size of the bulk file")
+    parser.add_argument("--bulk-runs", type=int, default=3)
+    parser.add_argument("--hold", type=int, default=1000, help="open connections for the RSS measure")
+    parser.add_argument("--haproxy-threads", type=int, default=1)
+    parser.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="let the scheduler place all processes (default: a's on CPU 0, b's on CPU 1)",
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=60,
+        metavar="S",
+        help="before each measure, wait up to S s (10 min in all) while other processes use >10%% "
+        "of a CPU (0: never)",
+    )
+    parser.add_argument(
+        "--agent-src",
+        type=Path,
+        help="run the daemons from this tree's agent/ (e.g. `git archive REV agent | tar -x -C DIR`), "
+        "to compare a change against the same baselines",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one round of 3 s runs, a 64 MiB file, one transfer"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="afterwards, py-spy both daemons under wrk (needs py-spy)"
+    )
+    args = parser.parse_args()
+    if args.quick:
+        args.duration, args.rounds, args.big_mib, args.bulk_runs = 3, 1, 64, 1
+    reason = netns_supported()
+    for tool in ("nginx", "haproxy", "stunnel", "wrk", "curl", "openssl", "nft", "fallocate"):
+        if shutil.which(tool) is None:
+            reason = reason or f"{tool} is not installed"
+    if not args.no_pin and (os.cpu_count() or 1) < 2:
+        reason = reason or "pinning a and b to CPUs 0 and 1 needs two CPUs (or pass --no-pin)"
+    if args.profile and not Path(PY_SPY).exists():
+        reason = reason or f"--profile needs py-spy ({PY_SPY}): .venv/bin/pip install py-spy"
+    if args.agent_src and not (args.agent_src / "agent" / "cli" / "__main__.py").exists():
+        reason = reason or f"--agent-src {args.agent_src} has no agent/cli/__main__.py"
+    if args.agent_src:
+        args.agent_src = args.agent_src.resolve()
+    if reason:
+        raise SystemExit(f"bench.dataplane: {reason}")
+    RESULTS.mkdir(exist_ok=True)
+
+    # Ctrl-C or SIGTERM ends the run through the finally blocks that tear the lab down, and a
+    # second one cannot interrupt that teardown.
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)  # even if we were started with SIGINT ignored
+    # 1,000 held connections are ~2,000 sockets per proxy: lift the soft limit for our children.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+    try:
+        result = run(args)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    finally:
+        ours = f"db{os.getpid() % 100000}x"
+        left = [ns for ns in namespaces() if ns.startswith(ours)]
+        if left:
+            print(f"bench.dataplane: namespaces left behind: {left}", file=sys.stderr)
+    (RESULTS / "dataplane.json").write_text(json.dumps(result, indent=2) + "\n")
+    print_table(result)
+
+
+if __name__ == "__main__":
+    main()
