@@ -61,7 +61,7 @@ BOOT_TIMEOUT = 240.0  # TCG, with another VM (and maybe a benchmark) on the same
 
 # Written into the image: applies the per-VM settings from the kernel command line at each boot.
 SETUP_SCRIPT = r"""#!/bin/sh
-# meshvm-setup: per-VM settings from the kernel command line (meshvm.ip=, meshvm.key=).
+# meshvm-setup: per-VM settings from the kernel command line (meshvm.ip=A/N[,B/N], meshvm.key=).
 set -eu
 ip=""; key=""
 for arg in $(cat /proc/cmdline); do
@@ -83,12 +83,10 @@ MACAddress=52:54:00:00:00:01
 Address=10.0.2.15/24
 EOF
 if [ -n "$ip" ]; then
-cat > /etc/systemd/network/20-mesh.network <<EOF
-[Match]
-MACAddress=52:54:00:00:01:02
-[Network]
-Address=$ip
-EOF
+  {
+    printf '[Match]\nMACAddress=52:54:00:00:01:02\n[Network]\n'
+    for addr in $(printf '%s' "$ip" | tr ',' ' '); do printf 'Address=%s\n' "$addr"; done
+  } > /etc/systemd/network/20-mesh.network
 fi
 """
 
@@ -187,6 +185,9 @@ def build_image() -> Image:
             if out.exists():
                 shutil.rmtree(out)
             tmp_out.rename(out)
+            for old in CACHE.glob("bookworm-*"):  # images of older package lists
+                if old != out:
+                    shutil.rmtree(old, ignore_errors=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         return Image(disk, kernel, initrd, time.monotonic() - started)
@@ -257,6 +258,7 @@ class Vm:
     workdir: Path
     key: Path
     ssh_port: int
+    extra_ips: tuple[str, ...] = ()
     proc: subprocess.Popen[bytes] | None = None
     boot_seconds: list[float] = field(default_factory=list)
 
@@ -305,6 +307,16 @@ class Vm:
                 f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
             )
         return proc
+
+    def session(self, script: str) -> subprocess.Popen[str]:
+        """A long-lived SSH session (like an operator's) running `script`; the caller waits."""
+        return subprocess.Popen(
+            [*self._ssh_base(20), script],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def ssh_ok(self, timeout: float = 15) -> bool:
         try:
@@ -406,7 +418,7 @@ def _start(vm: Vm, image: Image, mesh_netdev: str) -> None:
             "net.ifnames=0",
             "quiet",
             f"systemd.hostname={vm.name}",
-            f"meshvm.ip={vm.mesh_ip}/15",
+            "meshvm.ip=" + ",".join(f"{ip}/15" for ip in (vm.mesh_ip, *vm.extra_ips)),
             f"meshvm.key={pub[0]}:{pub[1]}",
         ]
     )
@@ -453,12 +465,14 @@ def _start(vm: Vm, image: Image, mesh_netdev: str) -> None:
 
 @contextlib.contextmanager
 def vm_pair(workdir: Path, image: Image) -> Iterator[tuple[Vm, Vm]]:
-    """Two VMs, 198.18.0.1 and 198.18.0.2, joined by a qemu UDP socket link; always shut down."""
+    """Two VMs, 198.18.0.1 (+ .3) and 198.18.0.2, joined by a qemu UDP socket link; always shut down."""
     key = workdir / "id_ed25519"
     if not key.exists():
         _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "meshvm-test", "-f", str(key), timeout=30)
     a_port, b_port = free_port(), free_port()
-    a = Vm("vm-authority", "198.18.0.1", workdir, key, free_port())
+    # vm-authority's second address is the authority's own (the cluster's API, say): a mesh
+    # host never captures its authority's address, so the app must live at another one.
+    a = Vm("vm-authority", "198.18.0.1", workdir, key, free_port(), extra_ips=("198.18.0.3",))
     b = Vm("vm-legacy", "198.18.0.2", workdir, key, free_port())
     vms = [a, b]
     try:

@@ -1,8 +1,9 @@
 """The systemd unit on real Debian 12 VMs (qemu, TCG): install, enroll, mTLS, crash, reboot,
 check, uninstall — one pair of VMs for every step, SSH asserted after each.
 
-    vm-authority 198.18.0.1: `meshagent install --authority`, the authority's unit, nginx (the
-                             app), and an enrolled agent (identity web/nginx) in front of it
+    vm-authority 198.18.0.1: `meshagent install --authority`, the authority's unit (on its own
+                 198.18.0.3  address, .3: hosts never capture the authority's address), nginx
+                             (the app), and an enrolled agent (identity web/nginx) in front of it
     vm-legacy    198.18.0.2: the legacy host, enrolled as shop/legacy; its curl to nginx must
                              arrive at vm-authority's agent as mTLS with client_id shop/legacy
 
@@ -24,7 +25,7 @@ from tests.vm.harness import CACHE, Vm, build_image, missing_prerequisites, vm_p
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
-AUTH_URL = "https://198.18.0.1:8443"
+AUTH_URL = "https://198.18.0.3:8443"  # vm-authority's second address
 LEGACY_ID = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"
 APP_URL = "http://198.18.0.1/"
 MESHAGENT = "/usr/local/bin/meshagent"
@@ -140,7 +141,7 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     auth.sh(
         "systemd-run --wait --quiet -p User=meshagent-authority -p StateDirectory=meshagent-authority "
         f"{MESHAGENT} authority init --dir /var/lib/meshagent-authority --trust-domain cluster.local "
-        "--san 198.18.0.1"
+        "--san 198.18.0.3"
     )
     auth.sh("systemctl enable --now meshagent-authority")
     _wait(
@@ -162,11 +163,20 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     legacy.sh(f"{MESHAGENT} enroll {token('shop/legacy')} --address 198.18.0.2")
     # vm-authority's own agent must not capture the authority's port (hosts enroll through it).
     auth.sh("printf '\\n[intercept]\\ninbound_skip_ports = [8443]\\n' >> /etc/meshagent/agent.toml")
+    # An SSH session opened before the agent starts (an operator's) should outlive the start.
+    probe = legacy.session("for i in $(seq 40); do echo tick $i; sleep 1; done")
+    time.sleep(3)
     for vm in (auth, legacy):
-        vm.sh("systemctl enable --now meshagent")
+        vm.sh("systemctl enable --now --no-block meshagent")
     for vm in (auth, legacy):
         _wait(f"{vm.name} /ready", lambda vm=vm: _ready(vm), 90, vm)
     _ssh_alive(auth, legacy)
+    try:
+        probe_out, _ = probe.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        probe.kill()
+        probe_out, _ = probe.communicate(timeout=10)
+    session_survived = probe.returncode == 0 and "tick 40" in probe_out
 
     # -- the legacy host's outbound call to nginx is mTLS, with its identity ----------------------
     seen = _inbound_mtls_requests(auth)
@@ -179,16 +189,24 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     seen = _inbound_mtls_requests(auth)
     restarts = int(legacy.sh("systemctl show -p NRestarts --value meshagent").stdout)
     resumed = legacy.sh(
-        "set -e; t0=$(date +%s%N); systemctl kill -s KILL meshagent; sleep 0.2; "
-        "timeout 60 sh -c 'until curl -sf --max-time 2 http://127.0.0.1:4191/ready >/dev/null "
-        f"&& curl -sf --max-time 2 -o /dev/null {APP_URL}; do sleep 0.2; done'; "
-        "t1=$(date +%s%N); echo $(( (t1 - t0) / 1000000 ))",
+        "t0=$(date +%s%N); systemctl kill -s KILL meshagent; sleep 0.3; plain=; meshed=; "
+        "end=$((t0 + 60000000000)); "
+        'while [ -z "$meshed" ] && [ "$(date +%s%N)" -lt "$end" ]; do '
+        "  ready=0; curl -sf --max-time 1 http://127.0.0.1:4191/ready >/dev/null && ready=1; "
+        f"  if curl -sf --max-time 2 -o /dev/null {APP_URL}; then "
+        '    now=$(date +%s%N); [ -z "$plain" ] && plain=$now; [ $ready = 1 ] && meshed=$now; '
+        "  fi; sleep 0.2; "
+        "done; "
+        "echo $(( (${plain:-$end} - t0) / 1000000 )) $(( (${meshed:-$end} - t0) / 1000000 ))",
         timeout=90,
     )
-    figures["kill9_to_traffic_s"] = int(resumed.stdout.strip()) / 1000
+    plain_ms, meshed_ms = map(int, resumed.stdout.split())
+    figures["kill9_to_app_traffic_s"] = plain_ms / 1000  # fail open: rules gone by ExecStopPost
+    figures["kill9_to_mtls_traffic_s"] = meshed_ms / 1000  # restarted, ready, meshed again
     assert int(legacy.sh("systemctl show -p NRestarts --value meshagent").stdout) == restarts + 1
-    assert _inbound_mtls_requests(auth) > seen  # the request that proved it went through mTLS
-    assert figures["kill9_to_traffic_s"] <= 10, figures
+    assert _inbound_mtls_requests(auth) > seen  # the request after /ready went through mTLS
+    assert figures["kill9_to_app_traffic_s"] <= 10, figures
+    assert figures["kill9_to_mtls_traffic_s"] <= 10, figures
     _ssh_alive(auth, legacy)
 
     # -- reboot: agent, identity and rules come back ------------------------------------------
@@ -251,6 +269,13 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     assert legacy.sh(f"curl -sSf --max-time 10 -o /dev/null {APP_URL}", check=False).returncode == 0
     _ssh_alive(auth, legacy)
     figures["steps_s"] = round(time.monotonic() - suite_start, 1)
+    figures["ssh_session_survived_agent_start"] = float(session_survived)
+    if not session_survived:
+        pytest.xfail(
+            "an SSH session opened while the agent was down stalled when its rules went in "
+            "(conntrack picks it up mid-stream as NEW and the outbound NAT redirects sshd's "
+            f"replies): needs the plan to capture only SYN packets\n{probe_out[-500:]}"
+        )
 
 
 def _diff(a: str, b: str) -> str:
