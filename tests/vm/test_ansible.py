@@ -1,8 +1,8 @@
 """The Ansible role and playbooks against two real Debian 12 VMs (qemu, TCG), driven from this
 machine over SSH on the VMs' 127.0.0.1 hostfwd ports — one pair of VMs for every step:
 
-    vm-authority 198.18.0.1: runs the authority (its own venv, a transient unit, outside the
-                             role's reach) and is also a fleet host (identity web/nginx)
+    vm-authority 198.18.0.1: a fleet host (identity web/nginx); at 198.18.0.3 it also runs the
+                             authority (its own venv, a transient unit, outside the role's reach)
     vm-legacy    198.18.0.2: a fleet host (identity shop/legacy)
 
 Steps: rollout from bare VMs in batches of one (both enrolled, /ready, listed by the authority;
@@ -35,7 +35,9 @@ pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1500)]
 
 ANSIBLE = REPO / "ansible"
 PLAYBOOK = REPO / ".venv/bin/ansible-playbook"
-AUTH_URL = "https://198.18.0.1:8443"
+# The authority listens on vm-authority's second address (the harness gives it 198.18.0.3):
+# a mesh host never captures its authority's address.
+AUTH_URL = "https://198.18.0.3:8443"
 AUTH_VENV = "/opt/meshagent-authority"
 AUTH_DIR = "/srv/meshagent-authority"
 AUTH_CMD = f"{AUTH_VENV}/bin/meshagent"
@@ -151,7 +153,10 @@ class Fleet:
             "ANSIBLE_HOST_KEY_CHECKING": "False",
             "ANSIBLE_LOCAL_TEMP": str(self.work / "ansible-local"),
             "ANSIBLE_SSH_CONTROL_PATH_DIR": str(self.work / "cp"),
-            "ANSIBLE_SSH_ARGS": "-o ControlMaster=auto -o ControlPersist=30s",
+            "ANSIBLE_SSH_ARGS": (
+                "-o ControlMaster=auto -o ControlPersist=30s "
+                "-o ServerAliveInterval=5 -o ServerAliveCountMax=3"
+            ),
             "PATH": f"{PLAYBOOK.parent}:{os.environ.get('PATH', '')}",
         }
         started = time.monotonic()
@@ -207,9 +212,9 @@ def _start_authority(auth: Vm, wheels: Path) -> None:
     auth.sh(
         f"python3 -m venv {AUTH_VENV} && {AUTH_VENV}/bin/pip install -q --no-cache-dir --no-index "
         f"--find-links /root/wheels meshagent=={VERSION} && rm -rf /root/wheels && "
-        f"{AUTH_CMD} authority init --dir {AUTH_DIR} --trust-domain cluster.local --san 198.18.0.1 "
+        f"{AUTH_CMD} authority init --dir {AUTH_DIR} --trust-domain cluster.local --san 198.18.0.3 "
         f">/dev/null && systemd-run --unit meshagent-authority-test --quiet "
-        f"{AUTH_CMD} authority serve --dir {AUTH_DIR} --listen 0.0.0.0:8443",
+        f"{AUTH_CMD} authority serve --dir {AUTH_DIR} --listen 198.18.0.3:8443",
         timeout=600,
     )
     deadline = time.monotonic() + 90
