@@ -59,6 +59,7 @@ class Manifest:
     files: list[str] = field(default_factory=list)
     users: list[str] = field(default_factory=list)
     units: list[str] = field(default_factory=list)
+    dirs: list[str] = field(default_factory=list)  # directories install made (e.g. /etc/sysusers.d)
 
     @classmethod
     def load(cls) -> Manifest:
@@ -103,11 +104,21 @@ def _user_exists(name: str) -> bool:
     return True
 
 
+def _mkdirs(path: Path, manifest: Manifest) -> None:
+    """Make `path` and its missing parents, recording each so uninstall takes them away again
+    (a minimal Debian has no /etc/sysusers.d, for one)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o755)
+        if str(directory) not in manifest.dirs:
+            manifest.dirs.append(str(directory))
+
+
 def _write(path: Path, text: str, manifest: Manifest, mode: int = 0o644) -> bool:
     """Write if different; returns whether something changed."""
     if path.exists() and path.read_text() == text:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdirs(path.parent, manifest)
     path.write_text(text)
     os.chmod(path, mode)
     if str(path) not in manifest.files:
@@ -203,6 +214,10 @@ def uninstall(keep_state: bool = False) -> list[str]:
         elif path.exists() or path.is_symlink():
             path.unlink()
             done.append(f"removed {path}")
+    for directory in reversed(manifest.dirs):  # deepest first; only if nothing else moved in
+        with contextlib.suppress(OSError):
+            Path(directory).rmdir()
+            done.append(f"removed {directory}")
     for user in manifest.users or ["meshagent"]:
         if _user_exists(user):
             _run("userdel", user, check=False)
