@@ -31,7 +31,7 @@ import pytest
 
 from tests.vm.harness import CACHE, REPO, Vm, build_image, missing_prerequisites, vm_pair
 
-pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 ANSIBLE = REPO / "ansible"
 PLAYBOOK = REPO / ".venv/bin/ansible-playbook"
