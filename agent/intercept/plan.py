@@ -131,6 +131,13 @@ class Established:
 
 
 @dataclass(frozen=True)
+class Syn:
+    """A connection's opening packet (SYN without ACK). Capture rules take only these: a
+    connection that was open before the rules went in (conntrack may pick it up mid-stream as
+    NEW, e.g. an SSH session's replies on a host that had no conntrack before) is never redirected."""
+
+
+@dataclass(frozen=True)
 class TransparentSocket:
     """The packet belongs to an established socket with IP_TRANSPARENT (a TPROXY'd connection)."""
 
@@ -146,6 +153,7 @@ Match = (
     | Mark
     | LocalDst
     | Established
+    | Syn
     | TransparentSocket
 )
 
@@ -482,9 +490,9 @@ def build_plan(
         if not captured:
             warnings.append("intercept.outbound_cidrs has no address of an enabled family: nothing captured")
         for net, fam in captured:
-            b.add("nat", OUTBOUND, [DstNet(net), *port_match], redirect_out, f"capture to {net}", fam)
+            b.add("nat", OUTBOUND, [Syn(), DstNet(net), *port_match], redirect_out, f"capture to {net}", fam)
     else:
-        b.add("nat", OUTBOUND, port_match, redirect_out, "capture outbound to the proxy")
+        b.add("nat", OUTBOUND, [Syn(), *port_match], redirect_out, "capture outbound to the proxy")
 
     # ---- inbound: nat PREROUTING (redirect) or mangle PREROUTING (tproxy) -------------------
     table: Table = "mangle" if tproxy else "nat"
@@ -526,7 +534,7 @@ def build_plan(
             "skip local ports",
             Exclusion("inbound", "ports", _join(ports), "intercept.inbound_skip_ports"),
         )
-    in_match: list[Match] = [LocalDst()]
+    in_match: list[Match] = [Syn(), LocalDst()]
     if settings.inbound_ports:
         in_match.append(DstPorts(_ports(settings.inbound_ports)))
     if tproxy:

@@ -39,6 +39,7 @@ from .plan import (
     Rule,
     SetMark,
     SrcNet,
+    Syn,
     TProxy,
     TransparentSocket,
     UidOwner,
@@ -83,6 +84,8 @@ def _match_args(match: Match) -> list[str]:
         return ["-m", "socket", "--transparent"]
     if isinstance(match, Established):
         return ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"]
+    if isinstance(match, Syn):
+        return ["-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"]
     if isinstance(match, LocalDst):
         return ["-m", "addrtype", "--dst-type", "LOCAL"]
     if isinstance(match, DstPorts):

@@ -30,6 +30,7 @@ from .plan import (
     Rule,
     SetMark,
     SrcNet,
+    Syn,
     Table,
     TProxy,
     TransparentSocket,
@@ -84,6 +85,8 @@ def _match(match: Match) -> str:
         return "socket transparent 1"
     if isinstance(match, Established):
         return "ct state established,related"
+    if isinstance(match, Syn):
+        return "tcp flags & (fin | syn | rst | ack) == syn"
     if isinstance(match, LocalDst):
         return "fib daddr type local"
     if isinstance(match, DstPorts):

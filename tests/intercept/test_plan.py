@@ -23,6 +23,7 @@ from agent.intercept.plan import (
     PortRange,
     Redirect,
     Return,
+    Syn,
     TProxy,
     UidOwner,
     build_plan,
@@ -91,11 +92,16 @@ CASES = [
         lambda p: (
             [(r.family, r.matches) for r in outbound(p) if isinstance(r.action, Redirect)]
             == [
-                (4, (DstNet("198.18.0.0/15"), DstPorts((PortRange(80, 80), PortRange(8000, 8100))))),
-                (6, (DstNet("2001:db8::/32"), DstPorts((PortRange(80, 80), PortRange(8000, 8100))))),
+                (4, (Syn(), DstNet("198.18.0.0/15"), DstPorts((PortRange(80, 80), PortRange(8000, 8100))))),
+                (6, (Syn(), DstNet("2001:db8::/32"), DstPorts((PortRange(80, 80), PortRange(8000, 8100))))),
             ]
         ),
         id="capture-only-listed-cidrs-and-ports",
+    ),
+    pytest.param(
+        {},
+        lambda p: all(Syn() in r.matches for r in p.rules if isinstance(r.action, Redirect | TProxy)),
+        id="only-opening-packets-are-captured",
     ),
     pytest.param(
         {"ipv6": False, "outbound_cidrs": ["2001:db8::/32"]},
@@ -131,7 +137,7 @@ CASES = [
     ),
     pytest.param(
         {"inbound_ports": [8080]},
-        lambda p: p.rules[-1].matches == (LocalDst(), DstPorts((PortRange(8080, 8080),))),
+        lambda p: p.rules[-1].matches == (Syn(), LocalDst(), DstPorts((PortRange(8080, 8080),))),
         id="inbound-only-listed-ports-addressed-here",
     ),
     pytest.param(
