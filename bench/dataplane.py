@@ -37,8 +37,9 @@ Measures (each target in turn, the order rotating per round; with --rounds N the
   coordinated omission) at --rate requests/s over 10 keep-alive connections, p50/p99.
 - bulk: `curl -o /dev/null` of /big.bin, MB/s (10^6 bytes), median of a few transfers.
 - memory: RSS (psutil, process plus children) of each proxy process idle after start (before
-  any connection), with 1,000 open keep-alive connections through it (bench.loadgen hold), and
-  idle again after the load. meshagent: the `meshagent run` process on each host.
+  any connection), then with 1,000 open keep-alive connections through it (bench.loadgen hold;
+  still before any load), and idle again after all the load. meshagent: the `meshagent run`
+  process on each host.
 - --profile adds a pass after the measures (not in the figures): py-spy (--gil) on both
   daemons under the keep-alive and the Connection: close load; the collapsed stacks go to
   bench/results/dataplane-profile-*.txt and the top frames to the JSON and the output.
@@ -384,7 +385,7 @@ def enroll(s: Setup, authority: Path, host: Host, identity: str, url_ip: str, ad
     return state
 
 
-def start_agent(s: Setup, host: Host, state: Path, src: Path | None) -> psutil.Process:
+def start_agent(s: Setup, host: Host, state: Path, src: Path | None, extra: str) -> psutil.Process:
     config = s.tmp / f"agent-{host.name}.toml"
     config.write_text(
         f'[identity]\nstate_dir = "{state}"\n'
@@ -393,7 +394,7 @@ def start_agent(s: Setup, host: Host, state: Path, src: Path | None) -> psutil.P
         # Only the app port is captured, so the haproxy and stunnel pairs run beside it untouched.
         f"[intercept]\nproxy_user = 65534\ninbound_ports = [{APP_PORT}]\noutbound_ports = [{APP_PORT}]\n"
         "[proxy]\ndrain_timeout_s = 1.0\n"
-        '[inbound]\ndefault_policy = "all-authenticated"\n'
+        '[inbound]\ndefault_policy = "all-authenticated"\n' + extra.replace("\\n", "\n") + "\n"
     )
     name = f"meshagent-{host.name}"
     # --agent-src: import `agent` from another tree (cwd is the first entry of sys.path).
@@ -471,14 +472,15 @@ def start_stunnel(s: Setup, files_a: dict[str, Path], files_b: dict[str, Path]) 
     return Target("stunnel", "127.0.0.1", STUNNEL_IN, procs)
 
 
-def check_target(s: Setup, target: Target, big_bytes: int) -> None:
-    """Each path serves both files, byte counts right, before anything is measured."""
-
+def check_small(s: Setup, target: Target) -> None:
     def ok() -> bool:
         got = s.a.run("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", target.url(SMALL), check=False)
         return got.stdout == "200"
 
     wait_for(ok, f"{target.name}: GET {SMALL} through it", timeout=20)
+
+
+def check_big(s: Setup, target: Target, big_bytes: int) -> None:
     got = s.a.run(
         "curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", target.url(BIG), timeout=120
     ).stdout.split()
@@ -550,8 +552,8 @@ def lab_setup(args: argparse.Namespace) -> Iterator[Setup]:
             s.targets["haproxy"] = start_haproxy(s, files_a, files_b, args.haproxy_threads)
             s.targets["stunnel"] = start_stunnel(s, files_a, files_b)
             log("meshagent run on b, then a")
-            agent_b = start_agent(s, b, state_b, args.agent_src)
-            agent_a = start_agent(s, a, state_a, args.agent_src)
+            agent_b = start_agent(s, b, state_b, args.agent_src, args.agent_config)
+            agent_a = start_agent(s, a, state_a, args.agent_src, args.agent_config)
             wait_for(lambda: (state_a / "host-config.json").exists(), "a's catalog from the authority")
             s.targets["meshagent"] = Target("meshagent", B_IP, APP_PORT, [agent_a, agent_b])
             yield s
@@ -656,14 +658,14 @@ def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
         stdin=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.stdout is not None and proc.stdin is not None
+    assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         line = proc.stdout.readline() if ready else ""
         if not line:
-            raise BenchError(
-                f"{target.name}: hold client gave nothing: {proc.stderr.read() if proc.stderr else ''}"
-            )
+            proc.kill()
+            proc.wait(timeout=10)
+            return {"error": f"hold client gave nothing: {proc.stderr.read()[-500:]}"}
         opened = json.loads(line)
         time.sleep(1.0)
         result = {
@@ -671,6 +673,8 @@ def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
             "rss_a_mb": round(rss_mb(target.procs[:1]), 1),
             "rss_b_mb": round(rss_mb(target.procs[1:]), 1),
         }
+        if opened["ok"] < connections:
+            result["error"] = f"{connections - opened['ok']} of {connections} connections got no 200"
     finally:
         proc.stdin.close()
         try:
@@ -761,9 +765,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)
         rss_idle = idle_rss(s.targets)  # started, not one connection through them yet
         log(f"idle RSS: {rss_idle}")
-        big_bytes = args.big_mib * 2**20
         for target in s.targets.values():
-            check_target(s, target, big_bytes)
+            check_small(s, target)
+        # Memory per connection on fresh processes: before any load has grown their heaps.
+        log(f"holding {args.hold} connections through each proxy")
+        held = {name: hold(s, s.targets[name], args.hold) for name in PROXIES}
+        for target in s.targets.values():
+            check_big(s, target, args.big_mib * 2**20)
         tls = tls_summary(s, identity_files(s.tmp / "state-a"))
         log(f"all four paths serve; TLS: {json.dumps(tls['meshagent'])}")
         setup_s = time.monotonic() - started
@@ -772,7 +780,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raw: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in TARGETS}
         log("warm-up: 2 s of wrk on each path")
         for name in order:
-            wrk(s, s.targets[name], 2, close=False)
+            try:
+                wrk(s, s.targets[name], 2, close=False)
+            except (BenchError, AssertionError, subprocess.TimeoutExpired) as exc:
+                log(f"warm-up of {name} failed: {str(exc)[-300:]}")
         measures: list[tuple[str, Callable[[Target], dict[str, Any]]]] = [
             ("rps", lambda t: wrk(s, t, args.duration, close=False)),
             ("cps", lambda t: wrk(s, t, args.duration, close=True)),
@@ -786,7 +797,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name in turn:
                     waited = neighbours.wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
                     snap, t0 = neighbours.snapshot(), time.monotonic()
-                    got = fn(s.targets[name])
+                    try:
+                        got = fn(s.targets[name])
+                    except (BenchError, AssertionError, subprocess.TimeoutExpired, ValueError) as exc:
+                        # One path failing a measure is a result, not the end of the run.
+                        got = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
                     got["others_cpu_pct"], got["others_top"] = neighbours.since(snap, time.monotonic() - t0)
                     got["waited_for_quiet_s"] = waited
                     raw[name].setdefault(measure, []).append(got)
@@ -795,10 +810,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.profile:
             log("profile pass: py-spy on both meshagent daemons under wrk (not part of the figures)")
             for close in (False, True):
-                prof = profile(s, s.targets["meshagent"], args.duration, close, RESULTS)
+                try:
+                    prof = profile(s, s.targets["meshagent"], args.duration, close, RESULTS)
+                except (BenchError, AssertionError, subprocess.TimeoutExpired) as exc:
+                    log(f"profile pass failed: {str(exc)[-300:]}")
+                    continue
                 profiles["cps" if close else "rps"] = prof
-        log(f"holding {args.hold} connections through each proxy")
-        held = {name: hold(s, s.targets[name], args.hold) for name in PROXIES}
         time.sleep(2)
         rss_after = idle_rss(s.targets)
         bench_s = time.monotonic() - started - setup_s
@@ -814,6 +831,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _brief(measure: str, got: dict[str, Any]) -> str:
+    if "error" in got:
+        return f"FAILED: {got['error']}"
     others = got.get("others_cpu_pct", 0)
     top = ", ".join(got.get("others_top", []))
     return _brief_measure(measure, got) + (
@@ -833,8 +852,10 @@ def _brief_measure(measure: str, got: dict[str, Any]) -> str:
     return f"{got['mb_s']} MB/s {got['runs_mb_s']}"
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float:
-    return float(statistics.median(r[key] for r in runs))
+def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The median over the rounds that produced the value (failed runs have none)."""
+    values = [r[key] for r in runs if key in r and "error" not in r]
+    return float(statistics.median(values)) if values else None
 
 
 def summarize(
@@ -865,8 +886,8 @@ def summarize(
     row(f"bulk MB/s ({args.big_mib} MiB)", {t: _median(raw[t]["bulk"], "mb_s") for t in TARGETS})
     row("RSS idle MB, a", {t: rss_idle[t]["rss_a_mb"] for t in PROXIES})
     row("RSS idle MB, b", {t: rss_idle[t]["rss_b_mb"] for t in PROXIES})
-    row(f"RSS {args.hold} conns MB, a", {t: held[t]["rss_a_mb"] for t in PROXIES})
-    row(f"RSS {args.hold} conns MB, b", {t: held[t]["rss_b_mb"] for t in PROXIES})
+    row(f"RSS {args.hold} conns MB, a", {t: held[t].get("rss_a_mb") for t in PROXIES})
+    row(f"RSS {args.hold} conns MB, b", {t: held[t].get("rss_b_mb") for t in PROXIES})
     row("RSS idle after load MB, a", {t: rss_after[t]["rss_a_mb"] for t in PROXIES})
     row("RSS idle after load MB, b", {t: rss_after[t]["rss_b_mb"] for t in PROXIES})
 
@@ -887,13 +908,24 @@ def summarize(
         "p99_vs_haproxy": _goal(ratios[p99_label]["haproxy"], "<=", 1.5),
         "rss_idle_mb": _goal(rss_idle_max, "<", 40.0),
     }
-    errors = {
+    errors: dict[str, dict[str, Any]] = {
         t: {
             m: sum(int(r.get("errors", 0)) + int(r.get("lost", 0)) for r in runs)
             for m, runs in raw[t].items()
         }
         for t in TARGETS
     }
+    for t in TARGETS:
+        failed = [
+            f"{m}/round {i + 1}: {r['error']}"
+            for m, runs in raw[t].items()
+            for i, r in enumerate(runs)
+            if "error" in r
+        ]
+        if "error" in held.get(t, {}):
+            failed.append(f"hold: {held[t]['error']}")
+        if failed:
+            errors[t]["failed"] = failed
     max_rps = min(table[rps_label][t] or 0.0 for t in TARGETS)
     disturbed = [
         f"{t}/{m}/round {i + 1}: {r['others_cpu_pct']}%"
@@ -915,6 +947,7 @@ def summarize(
             "haproxy_threads": args.haproxy_threads,
             "pinned": "no" if args.no_pin else "a: CPU 0, b: CPU 1",
             "agent_src": str(args.agent_src) if args.agent_src else "this checkout",
+            "agent_config_extra": args.agent_config,
             "wait_quiet_s": args.wait_quiet,
             "rate_vs_slowest_max": round(args.rate / max_rps, 3) if max_rps else None,
         },
@@ -1055,6 +1088,12 @@ def main() -> None:
         type=Path,
         help="run the daemons from this tree's agent/ (e.g. `git archive REV agent | tar -x -C DIR`), "
         "to compare a change against the same baselines",
+    )
+    parser.add_argument(
+        "--agent-config",
+        default="",
+        metavar="TOML",
+        help="appended to both agents' config, e.g. '[telemetry]\\nhttp_accounting = false'",
     )
     parser.add_argument(
         "--quick", action="store_true", help="one round of 3 s runs, a 64 MiB file, one transfer"
