@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -112,8 +113,13 @@ def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Vm, dict
     work = tmp_path_factory.mktemp("vm")
     wheels = work / "wheels"
     repo = Path(__file__).resolve().parents[2]
+    source = work / "src"  # a copy, so the build leaves nothing (build/, egg-info) in the repo
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(repo / name, source / name)
+    shutil.copytree(repo / "agent", source / "agent", ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(
-        [str(repo / ".venv/bin/pip"), "wheel", "-q", str(repo), "-w", str(wheels)],
+        [str(repo / ".venv/bin/pip"), "wheel", "-q", str(source), "-w", str(wheels)],
         check=True,
         timeout=600,
         capture_output=True,
