@@ -33,7 +33,7 @@ from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
 from .http1 import Http1Accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
-from .tls import Credentials, peer_spiffe_id
+from .tls import Credentials, peer_identity_name, peer_spiffe_id
 
 log = get_logger("meshagent.proxy")
 
@@ -379,7 +379,8 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> 
         return
     client_id = peer_spiffe_id(tls.peer_cert)
     decision = proxy.policy.authorize(orig[1], client_id)
-    where, tls_labels = join(target(*orig), labels(("srv_port", str(orig[1])))), tls_accept(client_id, True)
+    where = join(target(*orig), labels(("srv_port", str(orig[1]))))
+    tls_labels = tls_accept(peer_identity_name(tls.peer_cert), True)
     _authz(proxy, decision.allowed, join(where, tls_labels))
     if not decision.allowed:
         proxy.refuse("inbound", decision.reason, peer=peer, port=orig[1], client_id=client_id or "")
@@ -489,7 +490,7 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
         tls.abort()
         app.abort()
         return
-    tls_labels = tls_connect(server_id)
+    tls_labels = tls_connect(peer_identity_name(tls.peer_cert))
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls"] += 1

@@ -55,6 +55,17 @@ def peer_spiffe_id(cert: dict[str, Any] | None) -> str | None:
     return None
 
 
+def peer_identity_name(cert: dict[str, Any] | None) -> str | None:
+    """The peer's identity as linkerd-proxy labels it (`client_id`/`server_id`): the mesh DNS
+    name (`web.shop.serviceaccount.identity.linkerd.cluster.local`), else the SPIFFE ID."""
+    if not cert:
+        return None
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS" and isinstance(value, str) and ".serviceaccount.identity." in value:
+            return value
+    return peer_spiffe_id(cert)
+
+
 @dataclass
 class Credentials:
     """The contexts new connections use; replaced as a whole on rotation."""

@@ -58,7 +58,7 @@ def test_demo_proves_every_plane_and_leaves_nothing(tmp_path: object) -> None:
     assert steps["traffic"]["http"] == {"ok": 90, "server_errors": 10}
     assert steps["wire"]["tls13_handshakes"] >= 100 and steps["wire"]["payload_in_clear"] is False
     inbound = [r for r in steps["stat"]["rows"] if r["direction"] == "inbound"]
-    assert inbound[0]["peer_identity"] == "spiffe://cluster.local/ns/demo/sa/client"
+    assert inbound[0]["peer_identity"] == "client.demo.serviceaccount.identity.linkerd.cluster.local"
     assert inbound[0]["requests"] >= 101 and 0.85 < inbound[0]["success_rate"] < 0.95
     assert steps["refused"]["reason"].startswith("not_authorized")
 

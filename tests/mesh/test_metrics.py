@@ -15,7 +15,9 @@ from tests.mesh.conftest import AUTH_PORT, MESHAGENT, Mesh, wait_for
 pytestmark = pytest.mark.netns
 
 OK_REQUESTS, FAILED_REQUESTS = 150, 50
-TD = "spiffe://cluster.local"
+# client_id / server_id carry the mesh DNS name, as linkerd-proxy's do.
+WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
+LEGACY = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"
 
 
 def prometheus(mesh: Mesh) -> str:
@@ -107,14 +109,8 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     ok = scalar(mesh, url, f'sum(response_total{{{inbound},classification="success"}})')
     failed = scalar(mesh, url, f'sum(response_total{{{inbound},classification="failure"}})')
     assert (ok, failed) == (OK_REQUESTS + 1, FAILED_REQUESTS + 1)
-    assert (
-        scalar(mesh, url, f'sum(request_total{{{inbound},tls="true",client_id="{TD}/ns/shop/sa/web"}})')
-        == 202
-    )
-    assert (
-        scalar(mesh, url, f'sum(response_total{{direction="outbound",server_id="{TD}/ns/shop/sa/legacy"}})')
-        == 202
-    )
+    assert scalar(mesh, url, f'sum(request_total{{{inbound},tls="true",client_id="{WEB}"}})') == 202
+    assert scalar(mesh, url, f'sum(response_total{{direction="outbound",server_id="{LEGACY}"}})') == 202
     # Linkerd's dashboard queries.
     success_rate = scalar(
         mesh,
@@ -146,11 +142,9 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
 
     # meshagent stat on the legacy host agrees with what the client did.
     doc = json.loads(mesh.b.run(*MESHAGENT, "stat", "--json", "--config", str(b.config)).stdout)
-    row = next(
-        r for r in doc["rows"] if r["direction"] == "inbound" and r["peer_identity"].endswith("/sa/web")
-    )
+    row = next(r for r in doc["rows"] if r["direction"] == "inbound" and r["peer_identity"] == WEB)
     assert row["requests"] == 202, doc
     assert row["success_rate"] == pytest.approx(151 / 202), doc
     assert row["latency_p50_ms"] is not None and row["latency_p50_ms"] <= max(5.0, latencies[100] * 2)
     table = mesh.b.run(*MESHAGENT, "stat", "--config", str(b.config)).stdout
-    assert f"{151 / 202 * 100:.2f}%" in table and f"{TD}/ns/shop/sa/web" in table
+    assert f"{151 / 202 * 100:.2f}%" in table and WEB in table

@@ -29,7 +29,7 @@ from tests.vm.harness import CACHE, Vm, build_image, missing_prerequisites, vm_p
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
 AUTH_URL = "https://198.18.0.3:8443"  # vm-authority's second address
-LEGACY_ID = "spiffe://cluster.local/ns/shop/sa/legacy"  # client_id as the agent labels it
+LEGACY_ID = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"  # client_id, as linkerd labels it
 APP_URL = "http://198.18.0.1/"
 MESHAGENT = "/usr/local/bin/meshagent"
 MTLS_RESUME_LIMIT_S = float(os.environ.get("MESHAGENT_VM_MTLS_RESUME_LIMIT", "30"))  # TCG; see below
