@@ -370,6 +370,7 @@ def run_demo(report: Report, duration: float | None, keep: bool, wait_forever: C
                 "step": "ready",
                 "ok": True,
                 "elapsed_seconds": round(time.monotonic() - started, 1),
+                "duration": duration,
                 "try": try_commands(world),
             }
         )
