@@ -761,6 +761,7 @@ def idle_rss(targets: dict[str, Target]) -> dict[str, dict[str, float]]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.monotonic()
+    env = environment()  # the commit the daemons start from, not the one at the end
     with lab_setup(args) as s:
         time.sleep(2)
         rss_idle = idle_rss(s.targets)  # started, not one connection through them yet
@@ -819,7 +820,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(2)
         rss_after = idle_rss(s.targets)
         bench_s = time.monotonic() - started - setup_s
-    result = summarize(args, raw, rss_idle, held, rss_after, tls)
+    result = summarize(args, raw, rss_idle, held, rss_after, tls, env)
     if profiles:
         result["profile"] = profiles
     result["timing_s"] = {
@@ -865,6 +866,7 @@ def summarize(
     held: dict[str, dict[str, Any]],
     rss_after: dict[str, dict[str, float]],
     tls: dict[str, dict[str, str]],
+    env: dict[str, Any],
 ) -> dict[str, Any]:
     table: dict[str, dict[str, float | None]] = {}
 
@@ -951,7 +953,7 @@ def summarize(
             "wait_quiet_s": args.wait_quiet,
             "rate_vs_slowest_max": round(args.rate / max_rps, 3) if max_rps else None,
         },
-        "environment": environment(),
+        "environment": env,
         "tls": tls,
         "table": table,
         "ratios_meshagent_to": ratios,
@@ -1096,6 +1098,9 @@ def main() -> None:
         help="appended to both agents' config, e.g. '[telemetry]\\nhttp_accounting = false'",
     )
     parser.add_argument(
+        "--out", type=Path, default=RESULTS / "dataplane.json", help="where the JSON goes [%(default)s]"
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="one round of 3 s runs, a 64 MiB file, one transfer"
     )
     parser.add_argument(
@@ -1137,7 +1142,8 @@ def main() -> None:
         left = [ns for ns in namespaces() if ns.startswith(ours)]
         if left:
             print(f"bench.dataplane: namespaces left behind: {left}", file=sys.stderr)
-    (RESULTS / "dataplane.json").write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
 
 
