@@ -20,7 +20,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-READ_SIZE = 256 * 1024
+READ_SIZE = 16 * 1024  # one TLS record at most: a larger buffer is an mmap+munmap per read (glibc threshold)
 WRITE_HIGH_WATER = 512 * 1024
 
 
