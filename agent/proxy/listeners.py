@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import time
 from collections import Counter, deque
@@ -259,6 +260,16 @@ def _peer(transport: asyncio.BaseTransport) -> str:
     return f"{peer[0]}:{peer[1]}" if peer else "?"
 
 
+def _bytes_waiting(sock: Any) -> bool:
+    """Whether the kernel holds unread bytes for this socket (a non-blocking peek on a duplicate
+    descriptor: the event loop's socket object does not offer recv)."""
+    try:
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            return bool(dup.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing there; anything else: treat as silent
+        return False
+
+
 def _unmap(host: str) -> str:
     return host[7:] if host.startswith("::ffff:") and "." in host else host
 
@@ -293,8 +304,24 @@ class _InboundDetect(asyncio.Protocol):
             self._dispatch(Detected(Protocol.OPAQUE))
             return
         self.timer = asyncio.get_running_loop().call_later(
-            self.proxy.settings.detect_timeout_s, self._dispatch, Detected(Protocol.OPAQUE)
+            self.proxy.settings.detect_timeout_s, self._timed_out
         )
+
+    def _timed_out(self) -> None:
+        """The client stayed silent — or the loop was too busy to read what it sent: an event
+        loop runs due timers before it polls sockets, so under a burst a ClientHello can sit
+        unread in the socket when the timer fires. Bytes waiting there are read first."""
+        self.timer = None
+        if self.done or self.transport is None:
+            return
+        if _bytes_waiting(self.transport.get_extra_info("socket")):
+            # The loop reads them next (data_received decides); a client that stops mid-way
+            # still gets only one more period.
+            self.timer = asyncio.get_running_loop().call_later(
+                self.proxy.settings.detect_timeout_s, self._dispatch, Detected(Protocol.OPAQUE)
+            )
+            return
+        self._dispatch(Detected(Protocol.OPAQUE))
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data

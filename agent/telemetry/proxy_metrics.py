@@ -28,9 +28,12 @@ LATENCY_BOUNDS_MS: Final = (
 
 
 class LiveLeg(Protocol):
-    rx: int
-    tx: int
-    metrics: Any
+    @property
+    def rx(self) -> int: ...
+    @property
+    def tx(self) -> int: ...
+    @property
+    def metrics(self) -> Any: ...
 
 
 def target(host: str, port: int) -> str:

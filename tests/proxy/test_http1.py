@@ -64,6 +64,18 @@ POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody
             [b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello"],
             [("GET", 101)],
         ),
+        (
+            [b"GET /ws HTTP/1.1\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n\x81\x05hello" + GET],
+            [b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n" + OK],
+            [("GET", 101)],
+        ),
+        ([b"CONNECT db:5432 HTTP/1.1\r\n\r\n\x00\x01"], [b"HTTP/1.1 200 OK\r\n\r\n\x00\x02"], []),
+        (
+            [b"HEAD / HTTP/1.1\r\n\r\n" + GET + POST_CHUNKED],
+            [b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + CHUNKED + b"HTTP/1.1 204 No\r\n\r\n"],
+            [("HEAD", 200), ("GET", 200), ("POST", 204)],
+        ),
+        ([GET], [b"SSH-2.0-OpenSSH_9.2\r\n"], [("GET", 0)]),
     ],
     ids=[
         "content-length",
@@ -78,6 +90,10 @@ POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody
         "body-until-close",
         "no-response",
         "upgrade-stops",
+        "upgrade-request-stops",
+        "connect-is-a-tunnel",
+        "keep-alive-after-head",
+        "not-http-stops",
     ],
 )
 def test_exchanges(client: list[bytes], server: list[bytes], expected: list[tuple[str, int]]) -> None:
@@ -88,6 +104,19 @@ def test_every_split_point_gives_the_same_answer() -> None:
     for request in split_everywhere(GET + POST_CHUNKED):
         for response in split_everywhere(OK + CHUNKED):
             assert run(request, response) == [("GET", 200), ("POST", 200)], (request, response)
+
+
+def test_head_behind_an_open_response_stops_counting_rather_than_guess() -> None:
+    # The first response is still arriving when HEAD is sent: its framing cannot be taken over.
+    acct_got: list[tuple[str, int]] = []
+    acct = Http1Accounting(lambda *e: acct_got.append((e[0].decode(), e[1])), clock=lambda: 0.0)
+    acct.client(GET)
+    acct.server(OK[:-2])
+    acct.client(b"HEAD / HTTP/1.1\r\n\r\n")
+    acct.server(OK[-2:] + b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n")
+    acct.closed()
+    assert acct_got == [("GET", 0), ("HEAD", 0)]  # never a made-up status
+    assert not acct.active
 
 
 def test_huge_head_stops_accounting_without_error() -> None:

@@ -8,11 +8,14 @@ authorization and the relay itself.
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from agent.identity.store import IdentityStore
 from agent.proxy.catalog import Catalog, CatalogEntry
@@ -56,10 +59,14 @@ class World:
         catalog_identity: str = DB,
         server_name: str = DB_NAME,
         idle_timeout_s: float = 3600.0,
+        detect_timeout_s: float = 1.0,
     ) -> tuple[Proxy, Proxy]:
         b = Proxy(
             ListenerSettings(
-                inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), idle_timeout_s=idle_timeout_s
+                inbound=("127.0.0.1", 0),
+                outbound=("127.0.0.1", 0),
+                idle_timeout_s=idle_timeout_s,
+                detect_timeout_s=detect_timeout_s,
             ),
             Credentials.load(IdentityStore(self.tmp / "b")),
             policy or InboundPolicy(),
@@ -98,7 +105,7 @@ class World:
             await p.stop(0.5)
 
 
-def run(tmp: Path, body: Callable[[World], Awaitable[None]]) -> None:
+def run(tmp: Path, body: Callable[[World], Awaitable[None]], on_uvloop: bool = False) -> None:
     async def main() -> None:
         world = World(tmp)
         try:
@@ -106,7 +113,8 @@ def run(tmp: Path, body: Callable[[World], Awaitable[None]]) -> None:
         finally:
             await world.stop()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop if on_uvloop else None) as runner:
+        runner.run(main())
 
 
 async def request(port: int, payload: bytes) -> bytes:
@@ -282,3 +290,42 @@ def test_idle_connections_are_closed(tmp_path: Path) -> None:
         server.close()
 
     run(tmp_path, body)
+
+
+def test_a_client_hello_waiting_when_the_detect_timer_fires_is_still_mtls(tmp_path: Path) -> None:
+    """uvloop runs due timers before it polls sockets: on a loop too busy to read, the detect
+    timer fires with the ClientHello already in the socket. It must not be taken for plaintext
+    (strict: refused; permissive: relayed to the app as if it were)."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        strict = InboundPolicy(default=PortPolicy(DefaultPolicy.ALL_AUTHENTICATED))
+        _, b = await world.start(app_port, policy=strict, detect_timeout_s=0.2)
+        hello = ssl.MemoryBIO(), ssl.MemoryBIO()
+        client = Credentials.load(IdentityStore(world.tmp / "a")).client
+        tls = client.wrap_bio(*hello, server_side=False, server_hostname=DB_NAME)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        loop = asyncio.get_running_loop()
+        with socket.create_connection(("127.0.0.1", b.listening["inbound"][1])) as sock:
+            await asyncio.sleep(0.05)  # b accepts: its detect timer runs from here (due at 0.2 s)
+            ping, pong = socket.socketpair()
+
+            def busy() -> None:
+                # An I/O callback (after this turn's poll) sends the ClientHello and keeps the
+                # loop busy past 0.2 s: the next turn runs the due timer before it polls again.
+                loop.remove_reader(pong)
+                sock.sendall(hello[1].read())
+                time.sleep(0.4)
+
+            loop.add_reader(pong, busy)
+            ping.send(b"!")
+            sock.setblocking(False)
+            first = await asyncio.wait_for(loop.sock_recv(sock, 1), 5)
+            ping.close()
+            pong.close()
+        assert first == b"\x16", f"b answered {first!r}, not a TLS handshake record"
+        assert not b.stats.refused, b.stats.refused
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
