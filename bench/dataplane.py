@@ -397,6 +397,8 @@ def start_agent(s: Setup, host: Host, state: Path, src: Path | None, extra: str)
         '[inbound]\ndefault_policy = "all-authenticated"\n' + extra.replace("\\n", "\n") + "\n"
     )
     name = f"meshagent-{host.name}"
+    log_path = s.tmp / f"{name}.log"
+    seen = log_path.stat().st_size if log_path.exists() else 0  # a restart appends to the log
     # --agent-src: import `agent` from another tree (cwd is the first entry of sys.path).
     kw = {"cwd": str(src), "env": {**os.environ, "PYTHONPATH": str(src)}} if src else {}
     proc = s.popen(host, name, *s.cpu(host), *MESHAGENT, "run", "--config", str(config), **kw)
@@ -404,10 +406,58 @@ def start_agent(s: Setup, host: Host, state: Path, src: Path | None, extra: str)
     def ready() -> bool:
         if proc.poll() is not None:
             raise BenchError(f"{name} exited {proc.returncode}: {s.tail(name)}")
-        return "daemon.ready" in (s.tmp / f"{name}.log").read_text()
+        return "daemon.ready" in log_path.read_text()[seen:]
 
     wait_for(ready, f"{name} ready")
     return _process(proc)
+
+
+METRICS_OFF = "[telemetry]\nmetrics = false"
+
+
+def restart_agents(s: Setup, args: argparse.Namespace, extra: str) -> None:
+    """Stop both meshagent daemons (SIGTERM: they remove their rules) and start them again with
+    `extra` appended to their config."""
+    target = s.targets["meshagent"]
+    for proc in target.procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(target.procs, timeout=15)
+    for proc in alive:
+        proc.kill()
+    agent_b = start_agent(s, s.b, s.tmp / "state-b", args.agent_src, extra)
+    agent_a = start_agent(s, s.a, s.tmp / "state-a", args.agent_src, extra)
+    target.procs = [agent_a, agent_b]
+
+
+def metrics_cost(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> dict[str, Any]:
+    """requests/s and proxy CPU per request with metrics on and off, the daemons restarted for
+    each run, on and off alternating (off first in even rounds) so drift hits both alike."""
+    runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
+    for r in range(args.rounds):
+        for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            extra = args.agent_config + ("\n" + METRICS_OFF if mode == "off" else "")
+            restart_agents(s, args, extra)
+            wrk(s, s.targets["meshagent"], 2, close=False)  # warm-up
+            waited = neighbours.wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
+            snap, t0 = neighbours.snapshot(), time.monotonic()
+            got = wrk(s, s.targets["meshagent"], args.duration, close=False)
+            got["others_cpu_pct"], got["others_top"] = neighbours.since(snap, time.monotonic() - t0)
+            got["waited_for_quiet_s"] = waited
+            runs[mode].append(got)
+            log(f"round {r + 1} metrics {mode:3}  {_brief('rps', got)}")
+    restart_agents(s, args, args.agent_config)  # as configured, for whatever runs next
+    rps = {mode: _median(runs[mode], "rps") or 0.0 for mode in runs}
+    cpu = {mode: _median(runs[mode], "proxy_cpu_us_per_req") or 0.0 for mode in runs}
+    return {
+        "rps_on": rps["on"],
+        "rps_off": rps["off"],
+        "cpu_us_per_req_on": cpu["on"],
+        "cpu_us_per_req_off": cpu["off"],
+        # The cost: requests/s lost, and CPU per request added, by turning metrics on.
+        "rps_cost_pct": round(100 * (1 - rps["on"] / rps["off"]), 1) if rps["off"] else None,
+        "cpu_cost_pct": round(100 * (cpu["on"] / cpu["off"] - 1), 1) if cpu["off"] else None,
+        "raw": runs,
+    }
 
 
 def identity_files(state: Path) -> dict[str, Path]:
@@ -819,8 +869,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profiles["cps" if close else "rps"] = prof
         time.sleep(2)
         rss_after = idle_rss(s.targets)
+        cost = None
+        if args.metrics_cost:
+            log("metrics cost: meshagent's requests/s with metrics on and off (daemons restarted)")
+            cost = metrics_cost(s, args, neighbours)
         bench_s = time.monotonic() - started - setup_s
     result = summarize(args, raw, rss_idle, held, rss_after, tls, env)
+    if cost is not None:
+        result["metrics_cost"] = cost
+        result["goals"]["metrics_cost_pct"] = _goal(cost["rps_cost_pct"], "<", 5.0)
     if profiles:
         result["profile"] = profiles
     result["timing_s"] = {
@@ -1030,6 +1087,13 @@ def print_table(result: dict[str, Any]) -> None:
         mark = "met" if goal["met"] else "NOT met"
         floor = " (below the 0.8x floor)" if goal.get("below_floor") else ""
         print(f"goal {name}: {goal['value']} {goal.get('goal', '')} -> {mark}{floor}")
+    cost = result.get("metrics_cost")
+    if cost:
+        print(
+            f"metrics on/off: {cost['rps_on']:,.0f} / {cost['rps_off']:,.0f} requests/s "
+            f"(cost {cost['rps_cost_pct']}%), proxy CPU {cost['cpu_us_per_req_on']} / "
+            f"{cost['cpu_us_per_req_off']} us/request (cost {cost['cpu_cost_pct']}%)"
+        )
     errors = {t: {m: n for m, n in e.items() if n} for t, e in result["errors"].items()}
     if any(errors.values()):
         print(f"errors seen: {errors}")
@@ -1106,6 +1170,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", action="store_true", help="afterwards, py-spy both daemons under wrk (needs py-spy)"
     )
+    parser.add_argument(
+        "--no-metrics-cost",
+        dest="metrics_cost",
+        action="store_false",
+        help="skip the last pass: meshagent's requests/s with metrics on and off, --rounds times",
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.big_mib, args.bulk_runs = 3, 1, 64, 1
@@ -1121,6 +1191,8 @@ def main() -> None:
         reason = reason or f"--agent-src {args.agent_src} has no agent/cli/__main__.py"
     if args.agent_src:
         args.agent_src = args.agent_src.resolve()
+    if args.metrics_cost and "[telemetry]" in args.agent_config.replace("\\n", "\n"):
+        reason = reason or "--agent-config sets [telemetry]: add --no-metrics-cost"
     if reason:
         raise SystemExit(f"bench.dataplane: {reason}")
     RESULTS.mkdir(exist_ok=True)
