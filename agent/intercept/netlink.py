@@ -93,16 +93,7 @@ def apply_routes(routes: Sequence[PolicyRoute]) -> list[str]:
             keep_tables = {r.table for r in want}
             for route in installed:
                 if route.get("RTA_TABLE") not in keep_tables:
-                    _call(
-                        ipr.route,
-                        "del",
-                        family=_AF[fam],
-                        dst=_DEFAULT[fam],
-                        table=route.get("RTA_TABLE"),
-                        type="local",
-                        oif=lo,
-                        scope=SCOPE_HOST,
-                    )
+                    _delete_route(ipr, fam, route)
             present = {
                 (r.get("FRA_FWMARK"), r.get("FRA_TABLE") or r["table"], r.get("FRA_PRIORITY"))
                 for r in _ours(ipr, fam)[0]
@@ -165,20 +156,25 @@ def remove_routes() -> int:
                 _delete_rule(ipr, fam, rule)
                 removed += 1
             for route in routes:
-                _call(
-                    ipr.route,
-                    "del",
-                    family=_AF[fam],
-                    dst=_DEFAULT[fam],
-                    table=route.get("RTA_TABLE"),
-                    type="local",
-                    oif=route.get("RTA_OIF"),
-                    scope=SCOPE_HOST,
-                )
+                _delete_route(ipr, fam, route)
                 removed += 1
     if removed:
         log.info("intercept.routes_removed", count=removed)
     return removed
+
+
+def _delete_route(ipr: Any, family: Family, route: Any) -> None:
+    """Delete one of our local default routes, as the kernel listed it."""
+    _call(
+        ipr.route,
+        "del",
+        family=_AF[family],
+        dst=_DEFAULT[family],
+        table=route.get("RTA_TABLE"),
+        type="local",
+        oif=route.get("RTA_OIF"),
+        scope=SCOPE_HOST,
+    )
 
 
 def _delete_rule(ipr: Any, family: Family, rule: Any) -> None:

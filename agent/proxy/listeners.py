@@ -414,17 +414,7 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> 
         tls.send_eof()
         tls.close()
         return
-    proxy.observe(tls, join(INBOUND_SRC, where, tls_labels))
-    try:
-        upstream = await proxy.connect(orig, Leg())
-    except (OSError, TimeoutError) as exc:
-        proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
-        tls.close()
-        return
-    proxy.observe(upstream, INBOUND_DST)
-    proxy.watch_http(tls, upstream, join(INBOUND, where, tls_labels), None)
-    proxy.stats.opened["inbound:mtls"] += 1
-    tls.pair(upstream)
+    await _to_app(proxy, tls, orig, where, tls_labels, "mtls")
 
 
 async def _inbound_plain(
@@ -432,20 +422,35 @@ async def _inbound_plain(
 ) -> None:
     where = join(target(*orig), labels(("srv_port", str(orig[1]))))
     tls_labels = tls_accept(None, False, detected.sni if detected.protocol is Protocol.TLS else None)
-    proxy.observe(leg, join(INBOUND_SRC, where, tls_labels))
+    await _to_app(proxy, leg, orig, where, tls_labels, "plaintext", detected.protocol, early)
+
+
+async def _to_app(
+    proxy: Proxy,
+    client: Leg,
+    orig: Address,
+    where: str,
+    tls_labels: str,
+    kind: str,
+    known: Protocol | None = None,
+    early: bytes = b"",
+) -> None:
+    """An admitted inbound connection's last step: connect to the app at the original
+    destination and relay (`early`: bytes already read by detection)."""
+    proxy.observe(client, join(INBOUND_SRC, where, tls_labels))
     try:
         upstream = await proxy.connect(orig, Leg())
     except (OSError, TimeoutError) as exc:
         proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
-        leg.close()
+        client.close()
         return
     proxy.observe(upstream, INBOUND_DST)
-    proxy.watch_http(leg, upstream, join(INBOUND, where, tls_labels), detected.protocol, early)
-    proxy.stats.opened["inbound:plaintext"] += 1
+    proxy.watch_http(client, upstream, join(INBOUND, where, tls_labels), known, early)
+    proxy.stats.opened[f"inbound:{kind}"] += 1
     if early:
         upstream.send(early)
-        leg.rx += len(early)
-    leg.pair(upstream)
+        client.rx += len(early)
+    client.pair(upstream)
 
 
 class _OutboundAccept(Leg):
