@@ -22,7 +22,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlparse
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError
@@ -33,6 +32,7 @@ from agent.identity.names import WorkloadIdentity
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
+from agent.intercept.authority import enrolled as enrolled_authority
 from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
@@ -175,13 +175,7 @@ class Daemon:
     # --- interception --------------------------------------------------------------------
 
     def _plan(self) -> Plan:
-        authority: list[str] = []
-        try:
-            host = urlparse(self.store.load_authority().url).hostname
-            if host:
-                authority.append(host)
-        except MeshagentError:
-            pass
+        authority = enrolled_authority(self.config.identity.state_dir)
         plan = build_plan(self.config.intercept, authority=authority, lookup_user=_lookup_user)
         if not isinstance(plan, Plan):
             raise ConfigError(plan.message, plan.hint)

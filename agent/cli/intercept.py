@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import ipaddress
 import pwd
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 
 from agent.config import load_config
 from agent.errors import MeshagentError
-from agent.identity.store import IdentityStore
 from agent.intercept import apply as lib
 from agent.intercept import netlink
+from agent.intercept.authority import enrolled as enrolled_authority
 from agent.intercept.errors import PlanError
 from agent.intercept.plan import Plan, build_plan
 
@@ -42,28 +39,9 @@ def _uid(name: str) -> int:
     return pwd.getpwnam(name).pw_uid
 
 
-def _authority_addresses(state_dir: Path) -> list[str]:
-    """The enrolled authority's addresses (an IP literal, or what its name resolves to now)."""
-    try:
-        host = urlsplit(IdentityStore(state_dir).load_authority().url).hostname
-    except (MeshagentError, OSError, ValueError):
-        return []
-    if not host:
-        return []
-    try:
-        return [str(ipaddress.ip_address(host))]
-    except ValueError:
-        pass
-    try:
-        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
-    except OSError:
-        return []
-    return sorted({str(info[4][0]) for info in infos})
-
-
 def _plan(config: Path | None, backend: str | None) -> tuple[Plan, lib.Backend]:
     cfg = load_config(config, required=config is not None)
-    plan = build_plan(cfg.intercept, authority=_authority_addresses(cfg.identity.state_dir), lookup_user=_uid)
+    plan = build_plan(cfg.intercept, authority=enrolled_authority(cfg.identity.state_dir), lookup_user=_uid)
     if isinstance(plan, PlanError):
         raise plan
     return plan, lib.detect_backend(backend or cfg.intercept.backend)

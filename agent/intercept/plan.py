@@ -318,12 +318,13 @@ class _Builder:
         self,
         table: Table,
         chain: str,
-        match: Match,
+        match: Match | list[Match],
         comment: str,
         exclusion: Exclusion | None,
         family: Family | None = None,
     ) -> None:
-        self.add(table, chain, [match], Return(), comment, family)
+        """RETURN (leave uncaptured) what matches: one match, or all of a list of them."""
+        self.add(table, chain, match if isinstance(match, list) else [match], Return(), comment, family)
         if exclusion is not None and exclusion not in self.exclusions:
             self.exclusions.append(exclusion)
 
@@ -350,12 +351,13 @@ def _resolve_uid(user: int | str, lookup_user: Callable[[str], int] | None) -> i
 def build_plan(
     settings: InterceptSettings,
     *,
-    authority: Sequence[str] = (),
+    authority: Sequence[tuple[str, int]] = (),
     lookup_user: Callable[[str], int] | None = None,
 ) -> Plan | PlanError:
     """Turn `[intercept]` settings into a Plan, or say in a PlanError what is wrong and how to fix it.
 
-    `authority`: addresses of the enrolled authority (added to `authority_addresses`).
+    `authority`: (address, port) of the enrolled authority: that port of that address is never
+    captured (the whole of each `authority_addresses` entry is not).
     `lookup_user`: name -> uid (e.g. `pwd.getpwnam(n).pw_uid`); raise KeyError for an unknown name.
     """
     uid = _resolve_uid(settings.proxy_user, lookup_user)
@@ -384,7 +386,7 @@ def build_plan(
                 "pick a table id not in 0, 253 (default), 254 (main), 255 (local), e.g. 4143",
             )
     try:
-        authority_nets = [str(ipaddress.ip_network(a, strict=False)) for a in authority]
+        authority_eps = [(str(ipaddress.ip_network(a, strict=False)), port) for a, port in authority]
     except ValueError as exc:
         return PlanError(f"authority address is not an IP address: {exc}")
     families: tuple[Family, ...] = (4, 6) if settings.ipv6 else (4,)
@@ -451,18 +453,32 @@ def build_plan(
             "both", "admin port", _join(admin), "the agent's own admin port (/metrics, /ready)"
         )
         b.skip("nat", OUTBOUND, DstPorts(admin), "agent admin port never captured", admin_x)
-    authority_all = nets([*settings.authority_addresses, *authority_nets])
+    authority_nets = nets(settings.authority_addresses)
+    authority_eps = [(net, port) for net, port in authority_eps if family_of(net) in families]
     if settings.capture_authority:
-        if authority_all:
+        if authority_nets or authority_eps:
             warnings.append("intercept.capture_authority is set: enrollment and renewal go through the proxy")
     else:
-        for net, fam in authority_all:
+        why = "enrollment and renewal must reach the authority"
+        for net, fam in authority_nets:
             b.skip(
                 "nat",
                 OUTBOUND,
                 DstNet(net),
                 f"authority {net} never captured",
-                Exclusion("outbound", "authority", net, "enrollment and renewal must reach the authority"),
+                Exclusion("outbound", "authority", net, why),
+                fam,
+            )
+        for net, port in authority_eps:
+            fam = family_of(net)
+            address = net.split("/")[0]
+            where = f"[{address}]:{port}" if fam == 6 else f"{address}:{port}"
+            b.skip(
+                "nat",
+                OUTBOUND,
+                [DstNet(net), DstPorts((PortRange(port, port),))],
+                f"authority {where} never captured",
+                Exclusion("outbound", "authority", where, why),
                 fam,
             )
     for net, fam in nets(settings.outbound_skip_cidrs):

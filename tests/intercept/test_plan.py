@@ -229,3 +229,18 @@ def test_config_normalises() -> None:
     s = InterceptSettings(inbound_ports=[80, "8000-8100"], outbound_skip_cidrs=["10.1.2.3"])
     assert s.inbound_ports == (80, "8000-8100")
     assert s.outbound_skip_cidrs == ("10.1.2.3/32",)
+
+
+def test_enrolled_authority_is_skipped_by_address_and_port() -> None:
+    result = build_plan(
+        InterceptSettings(),
+        authority=[("198.18.9.9", 8443), ("2001:db8::9", 8443)],
+        lookup_user={"meshagent": 999}.__getitem__,
+    )
+    assert isinstance(result, Plan)
+    skips = [r.matches for r in outbound(result) if DstNet("198.18.9.9/32") in r.matches]
+    assert skips == [(DstNet("198.18.9.9/32"), DstPorts((PortRange(8443, 8443),)))], skips
+    assert {e.value for e in result.exclusions if e.what == "authority"} == {
+        "198.18.9.9:8443",
+        "[2001:db8::9]:8443",
+    }

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from agent.identity.store import AuthorityRef, IdentityStore
 from agent.netlab import Host, Lab
 
 from .intercept_support import (
@@ -269,3 +270,27 @@ def test_native_nft_is_exact_from_an_empty_ruleset(
     meshagent(a, "intercept", "apply", "--config", str(config(tmp_path, mode, "nft")))
     meshagent(a, "intercept", "remove")
     assert ruleset(a) == before
+
+
+def test_only_the_authoritys_port_is_left_alone(hosts: tuple[Host, Host], tmp_path: Path) -> None:
+    """The enrolled authority is reached directly (enrollment and renewal cannot depend on the
+    proxy), but other services on its address are meshed like any destination."""
+    a, b = hosts
+    require_backend(a, "nft")
+    start_servers(a, b, "redirect")
+    start_who(b, "authority-b", ":::8443")
+    state = tmp_path / "state"
+    IdentityStore(state).save_authority(
+        AuthorityRef(f"https://{b.ip(4)}:8443", "sha256:none", "", "cluster.local", "linkerd")
+    )
+    cfg = config(tmp_path, "redirect", "nft")
+    cfg.write_text(f'[identity]\nstate_dir = "{state}"\n' + cfg.read_text())
+    meshagent(a, "intercept", "apply", "--config", str(cfg))
+    try:
+        assert who(a, b.ip(4), 8443)["role"] == "authority-b"
+        assert who(a, b.ip(4), APP_PORT)["role"] == "outbound"
+        shown = meshagent_json(a, "intercept", "show", "--config", str(cfg))
+        excluded = [e["value"] for e in shown["plan"]["exclusions"] if e["what"] == "authority"]
+        assert excluded == [f"{b.ip(4)}:8443"], excluded
+    finally:
+        meshagent(a, "intercept", "remove")
