@@ -213,10 +213,10 @@ class TlsLeg(Leg):
 
     def data_received(self, data: bytes) -> None:
         self.incoming.write(data)
-        if not self.handshake_waiter.done():
-            self._handshake()
-        if self.peer is not None:
+        if self.forward is not None:  # paired: the handshake is over
             self._read_records()
+        elif not self.handshake_waiter.done():
+            self._handshake()  # records after it wait in `incoming` until start()
 
     def eof_received(self) -> bool:
         # A FIN without close_notify: treat as end of stream (ragged EOF, common and harmless
