@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import os
 import shlex
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -485,3 +486,93 @@ def vm_pair(workdir: Path, image: Image) -> Iterator[tuple[Vm, Vm]]:
     finally:
         for vm in vms:
             vm.shutdown()
+
+
+# -- what the VM suites share -------------------------------------------------------------------
+
+# Where meshagent (and the tests around it) leave things on a host: "the host as it was" means
+# these, the firewall, users and units are as they were (host_snapshot).
+SNAPSHOT_PATHS = (
+    "/etc/meshagent",
+    "/var/lib/meshagent",
+    "/var/lib/meshagent-authority",
+    "/run/meshagent",
+    "/var/lib/meshagent-install.json",
+    "/etc/sysusers.d",
+    "/etc/tmpfiles.d",
+    "/usr/local/bin",
+)
+
+
+def host_snapshot(paths: Iterable[str] = SNAPSHOT_PATHS, maxdepth: int | None = None) -> str:
+    """A shell script printing what uninstall must restore: firewall (nft, iptables), ip rules,
+    users and groups, meshagent's units, and each path's files with mode and owner (`maxdepth`
+    levels deep, or all)."""
+    depth = f"-maxdepth {maxdepth} " if maxdepth is not None else ""
+    return rf"""
+set -u
+echo '## nft'; nft list ruleset
+echo '## iptables-nft'; iptables-nft-save 2>/dev/null | grep -v '^#'
+echo '## iptables-legacy'; iptables-legacy-save 2>/dev/null | grep -v '^#'
+echo '## ip6tables-nft'; ip6tables-nft-save 2>/dev/null | grep -v '^#'
+echo '## ip rule'; ip rule; ip -6 rule
+echo '## passwd'; cat /etc/passwd
+echo '## group'; cat /etc/group
+echo '## shadow'; cut -d: -f1 /etc/shadow; cut -d: -f1 /etc/gshadow
+echo '## subuid'; cat /etc/subuid /etc/subgid 2>/dev/null
+echo '## units'; systemctl list-unit-files --no-legend 'meshagent*'
+ls /etc/systemd/system /etc/systemd/system/*.wants
+echo '## files'
+for p in {" ".join(shlex.quote(p) for p in paths)}; do
+  [ -e "$p" ] && find "$p" {depth}-printf '%p %m %u:%g\n' | sort
+done
+echo '## done'
+"""
+
+
+def diff(before: str, after: str) -> str:
+    """A unified diff of two snapshots, for assertion messages."""
+    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after", lineterm="")
+    return "\n".join(lines)
+
+
+def ready(vm: Vm) -> bool:
+    """The agent on `vm` answers /ready."""
+    return vm.sh("curl -sf --max-time 3 http://127.0.0.1:4191/ready", check=False).returncode == 0
+
+
+def build_wheels(dest: Path, scratch: Path, version: str | None = None, deps: bool = True) -> list[Path]:
+    """meshagent (and, with `deps`, its dependencies) as wheels in `dest`, built from a copy of
+    the sources under `scratch` so the build leaves nothing (build/, egg-info) in the repo.
+    With `version`, the copy is that version (an upgrade's "new release" of the same code)."""
+    source = scratch / f"src-{version or 'repo'}"
+    source.mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
+    shutil.copytree(REPO / "agent", source / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    if version is not None:
+        current = next(
+            line.split('"')[1]
+            for line in (source / "pyproject.toml").read_text().splitlines()
+            if line.startswith("version = ")
+        )
+        for path, old, new in (
+            (source / "pyproject.toml", f'version = "{current}"', f'version = "{version}"'),
+            (source / "agent/__init__.py", f'__version__ = "{current}"', f'__version__ = "{version}"'),
+        ):
+            text = path.read_text()
+            assert old in text, f"{path} has no {old!r}"
+            path.write_text(text.replace(old, new))
+    before = set(dest.glob("*.whl")) if dest.exists() else set()
+    _sh(
+        str(REPO / ".venv/bin/pip"),
+        "wheel",
+        "-q",
+        *([] if deps else ["--no-deps"]),
+        str(source),
+        "-w",
+        str(dest),
+        timeout=600,
+    )
+    shutil.rmtree(source, ignore_errors=True)
+    return sorted(set(dest.glob("*.whl")) - before)

@@ -29,7 +29,19 @@ from typing import Any
 
 import pytest
 
-from tests.vm.harness import CACHE, REPO, Vm, build_image, missing_prerequisites, vm_pair
+from tests.vm.harness import (
+    CACHE,
+    REPO,
+    SNAPSHOT_PATHS,
+    Vm,
+    build_image,
+    build_wheels,
+    diff,
+    host_snapshot,
+    missing_prerequisites,
+    ready,
+    vm_pair,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -44,27 +56,12 @@ AUTH_CMD = f"{AUTH_VENV}/bin/meshagent"
 VERSION, NEXT_VERSION = "0.1.0", "0.1.1"
 IDENTITIES = {"vm-legacy": "shop/legacy", "vm-authority": "web/nginx"}
 
-# What "the host as it was" means: firewall, users, units, files — and what the role adds.
-SNAPSHOT = r"""
-set -u
-echo '## nft'; nft list ruleset
-echo '## iptables-nft'; iptables-nft-save 2>/dev/null | grep -v '^#'
-echo '## iptables-legacy'; iptables-legacy-save 2>/dev/null | grep -v '^#'
-echo '## ip6tables-nft'; ip6tables-nft-save 2>/dev/null | grep -v '^#'
-echo '## ip rule'; ip rule; ip -6 rule
-echo '## passwd'; cat /etc/passwd
-echo '## group'; cat /etc/group
-echo '## shadow'; cut -d: -f1 /etc/shadow; cut -d: -f1 /etc/gshadow
-echo '## units'; systemctl list-unit-files --no-legend 'meshagent*'
-ls /etc/systemd/system /etc/systemd/system/*.wants
-echo '## files'
-for p in /etc/meshagent /var/lib/meshagent /run/meshagent /var/lib/meshagent-install.json \
-         /etc/sysusers.d /etc/tmpfiles.d /usr/local/bin /opt /var/cache/meshagent-wheelhouse \
-         /root/.cache; do
-  [ -e "$p" ] && find "$p" -maxdepth 2 -printf '%p %m %u:%g\n' | sort
-done
-echo '## done'
-"""
+# What "the host as it was" means: firewall, users, units, files — and what the role adds
+# (the venv under /opt, the pushed wheelhouse, pip's cache); two levels deep (/opt also holds
+# the test's authority venv).
+SNAPSHOT = host_snapshot(
+    (*SNAPSHOT_PATHS, "/opt", "/var/cache/meshagent-wheelhouse", "/root/.cache"), maxdepth=2
+)
 
 RECAP = re.compile(
     r"^(?P<host>\S+)\s+:\s+ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)"
@@ -80,9 +77,18 @@ class Run:
     out: str
     recap: dict[str, dict[str, int]]
     seconds: float
+    times: list[dict[str, Any]]  # one entry per task and host (callback_plugins/task_timer.py)
 
     def changed(self) -> dict[str, int]:
         return {host: r["changed"] for host, r in self.recap.items()}
+
+    def slowest(self, n: int = 8) -> dict[str, list[str]]:
+        """Per host, the n tasks that took longest: "seconds task"."""
+        out: dict[str, list[str]] = {}
+        for host in sorted({t["host"] for t in self.times}):
+            mine = sorted((t for t in self.times if t["host"] == host), key=lambda t: -t["s"])
+            out[host] = [f"{t['s']:.1f} {t['task']}" for t in mine[:n]]
+        return out
 
 
 @dataclass
@@ -145,6 +151,7 @@ class Fleet:
         return path
 
     def play(self, playbook: str, inventory: Path, *args: str, timeout: float = 900) -> Run:
+        times = self.work / f"times-{len(list(self.work.glob('times-*')))}.jsonl"
         env = {
             **os.environ,
             "ANSIBLE_CONFIG": str(ANSIBLE / "ansible.cfg"),
@@ -158,6 +165,9 @@ class Fleet:
                 "-o ServerAliveInterval=5 -o ServerAliveCountMax=3"
             ),
             "PATH": f"{PLAYBOOK.parent}:{os.environ.get('PATH', '')}",
+            "ANSIBLE_CALLBACK_PLUGINS": str(Path(__file__).parent / "callback_plugins"),
+            "ANSIBLE_CALLBACKS_ENABLED": "task_timer",
+            "MESHAGENT_ANSIBLE_TIMES": str(times),
         }
         started = time.monotonic()
         proc = subprocess.run(
@@ -175,34 +185,19 @@ class Fleet:
             m["host"]: {k: int(m[k]) for k in ("ok", "changed", "unreachable", "failed")}
             for m in RECAP.finditer(out.split("PLAY RECAP", 1)[-1])
         }
-        return Run(proc.returncode, out, recap, time.monotonic() - started)
+        timed = [json.loads(line) for line in times.read_text().splitlines()] if times.exists() else []
+        with (self.work / "ansible-times.jsonl").open("a") as log:
+            log.writelines(json.dumps({"playbook": playbook, **t}) + "\n" for t in timed)
+        return Run(proc.returncode, out, recap, time.monotonic() - started, timed)
 
 
 def _build_wheels(work: Path) -> Path:
     """meshagent and its dependencies as wheels, plus the same code as version NEXT_VERSION."""
     wheels = work / "wheels"
-    pip = str(REPO / ".venv/bin/pip")
-    subprocess.run(
-        [pip, "wheel", "-q", str(REPO), "-w", str(wheels)], check=True, timeout=600, capture_output=True
-    )
-    src = work / "src-next"
-    shutil.copytree(REPO / "agent", src / "agent", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO / name, src / name)
-    for path, old, new in (
-        (src / "pyproject.toml", f'version = "{VERSION}"', f'version = "{NEXT_VERSION}"'),
-        (src / "agent/__init__.py", f'__version__ = "{VERSION}"', f'__version__ = "{NEXT_VERSION}"'),
-    ):
-        text = path.read_text()
-        assert old in text, f"{path} has no {old!r}"
-        path.write_text(text.replace(old, new))
-    subprocess.run(
-        [pip, "wheel", "-q", "--no-deps", str(src), "-w", str(wheels)],
-        check=True,
-        timeout=600,
-        capture_output=True,
-    )
-    assert list(wheels.glob(f"meshagent-{NEXT_VERSION}-*.whl")), sorted(p.name for p in wheels.iterdir())
+    build_wheels(wheels, work)
+    assert [p.name for p in build_wheels(wheels, work, NEXT_VERSION, deps=False)] == [
+        f"meshagent-{NEXT_VERSION}-py3-none-any.whl"
+    ], sorted(p.name for p in wheels.iterdir())
     return wheels
 
 
@@ -251,9 +246,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         CACHE.mkdir(parents=True, exist_ok=True)
         (CACHE / "last-ansible-run.json").write_text(json.dumps(figures, indent=2) + "\n")
         print("\nAnsible VM figures:", json.dumps(figures))
-        log = work / "ansible.log"
-        if log.exists():
-            shutil.copy2(log, CACHE / "last-ansible-run.log")
+        for name in ("ansible.log", "ansible-times.jsonl"):
+            if (work / name).exists():
+                shutil.copy2(work / name, CACHE / f"last-{name.replace('ansible', 'ansible-run')}")
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -262,10 +257,6 @@ def _ok(run: Run, what: str) -> None:
         f"{what} failed (rc {run.rc}):\n{run.out[-6000:]}"
     )
     assert set(run.recap) == set(IDENTITIES), run.recap
-
-
-def _ready(vm: Vm) -> bool:
-    return vm.sh("curl -sf --max-time 3 http://127.0.0.1:4191/ready", check=False).returncode == 0
 
 
 def _status(vm: Vm) -> dict[str, Any]:
@@ -284,12 +275,6 @@ def _unit(vm: Vm) -> str:
     return vm.sh("systemctl show -p InvocationID --value meshagent").stdout.strip()
 
 
-def _diff(a: str, b: str) -> str:
-    import difflib
-
-    return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), "before", "after", lineterm=""))
-
-
 def test_ansible_fleet_on_real_vms(fleet: Fleet) -> None:
     auth, legacy, figures = fleet.auth, fleet.legacy, fleet.figures
     before = {vm.name: vm.sh(SNAPSHOT).stdout for vm in fleet.vms}
@@ -304,8 +289,10 @@ def test_ansible_fleet_on_real_vms(fleet: Fleet) -> None:
     meshed = {m["host"]: float(m["s"]) for m in MESHED.finditer(run.out)}
     assert set(meshed) == set(IDENTITIES), run.out[-4000:]
     figures["bare_to_meshed_s"] = meshed
+    figures["rollout_slowest_tasks"] = run.slowest()
+    print("\nRollout, slowest tasks per host:", json.dumps(run.slowest(), indent=1))
     for vm in fleet.vms:
-        assert _ready(vm), vm.sh("journalctl -u meshagent --no-pager -n 60", check=False).stdout
+        assert ready(vm), vm.sh("journalctl -u meshagent --no-pager -n 60", check=False).stdout
         assert _status(vm)["identity"] == IDENTITIES[vm.name]
         assert vm.sh("systemctl is-enabled meshagent").stdout.strip() == "enabled"
     listed = {h["identity"]: h for h in _hosts(auth)}
@@ -326,7 +313,7 @@ def test_ansible_fleet_on_real_vms(fleet: Fleet) -> None:
     assert set(run.changed().values()) == {0}, run.out[-6000:]
 
     # -- upgrade host by host: new version, service restarted, identity kept -----------------------
-    old = {
+    old: dict[str, dict[str, Any]] = {
         vm.name: {
             "status": _status(vm),
             "unit": _unit(vm),
@@ -340,7 +327,7 @@ def test_ansible_fleet_on_real_vms(fleet: Fleet) -> None:
     for vm in fleet.vms:
         assert vm.sh("/opt/meshagent/bin/meshagent --version").stdout.split()[-1] == NEXT_VERSION
         assert _unit(vm) != old[vm.name]["unit"], f"{vm.name}: meshagent was not restarted"
-        assert _ready(vm)
+        assert ready(vm)
         now = _status(vm)
         assert now["spiffe_id"] == old[vm.name]["status"]["spiffe_id"]
         # The state directory is untouched: the same key and the same certificate.
@@ -371,7 +358,7 @@ def test_ansible_fleet_on_real_vms(fleet: Fleet) -> None:
     figures["uninstall_s"] = round(run.seconds, 1)
     for vm in fleet.vms:
         after = vm.sh(SNAPSHOT).stdout
-        assert after == before[vm.name], _diff(before[vm.name], after)
+        assert after == before[vm.name], diff(before[vm.name], after)
     revoked = {h["identity"]: h["revoked"] for h in _hosts(auth)}
     assert revoked["web/nginx"] is True, revoked  # enrolled at uninstall time: revoked first
     assert auth.ssh_ok() and legacy.ssh_ok()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,7 +23,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.vm.harness import CACHE, Vm, build_image, missing_prerequisites, vm_pair
+from tests.vm.harness import (
+    CACHE,
+    Vm,
+    build_image,
+    build_wheels,
+    diff,
+    host_snapshot,
+    missing_prerequisites,
+    ready,
+    vm_pair,
+)
 
 pytestmark = [pytest.mark.vm, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -34,31 +43,8 @@ APP_URL = "http://198.18.0.1/"
 MESHAGENT = "/usr/local/bin/meshagent"
 MTLS_RESUME_LIMIT_S = float(os.environ.get("MESHAGENT_VM_MTLS_RESUME_LIMIT", "30"))  # TCG; see below
 
-# What "the host as it was" means: firewall, users, units, files.
-SNAPSHOT = r"""
-set -u
-echo '## nft'; nft list ruleset
-echo '## iptables-nft'; iptables-nft-save 2>/dev/null | grep -v '^#'
-echo '## iptables-legacy'; iptables-legacy-save 2>/dev/null | grep -v '^#'
-echo '## ip6tables-nft'; ip6tables-nft-save 2>/dev/null | grep -v '^#'
-echo '## ip rule'; ip rule; ip -6 rule
-echo '## passwd'; cat /etc/passwd
-echo '## group'; cat /etc/group
-echo '## shadow'; cut -d: -f1 /etc/shadow; cut -d: -f1 /etc/gshadow
-echo '## subuid'; cat /etc/subuid /etc/subgid 2>/dev/null
-echo '## units'; systemctl list-unit-files --no-legend 'meshagent*'
-ls /etc/systemd/system /etc/systemd/system/*.wants
-echo '## files'
-for p in /etc/meshagent /var/lib/meshagent /var/lib/meshagent-authority /run/meshagent \
-         /var/lib/meshagent-install.json /etc/sysusers.d /etc/tmpfiles.d /usr/local/bin; do
-  [ -e "$p" ] && find "$p" -printf '%p %m %u:%g\n' | sort
-done
-echo '## done'
-"""
-
-
-def _ready(vm: Vm) -> bool:
-    return vm.sh("curl -sf --max-time 3 http://127.0.0.1:4191/ready", check=False).returncode == 0
+# What "the host as it was" means: firewall, users, units, files (harness.SNAPSHOT_PATHS).
+SNAPSHOT = host_snapshot()
 
 
 def _wait(what: str, check: object, timeout: float, vm: Vm | None = None) -> float:
@@ -112,18 +98,7 @@ def vms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Vm, Vm, dict
         figures["image_build_s"] = round(image.build_seconds, 1)
     work = tmp_path_factory.mktemp("vm")
     wheels = work / "wheels"
-    repo = Path(__file__).resolve().parents[2]
-    source = work / "src"  # a copy, so the build leaves nothing (build/, egg-info) in the repo
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(repo / name, source / name)
-    shutil.copytree(repo / "agent", source / "agent", ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(
-        [str(repo / ".venv/bin/pip"), "wheel", "-q", str(source), "-w", str(wheels)],
-        check=True,
-        timeout=600,
-        capture_output=True,
-    )
+    build_wheels(wheels, work)
     started = time.monotonic()
     with vm_pair(work, image) as (auth, legacy):
         figures["boot_to_ssh_s"] = round(max(auth.boot_seconds[0], legacy.boot_seconds[0]), 1)
@@ -178,7 +153,7 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     for vm in (auth, legacy):
         vm.sh("systemctl enable --now --no-block meshagent")
     for vm in (auth, legacy):
-        _wait(f"{vm.name} /ready", lambda vm=vm: _ready(vm), 90, vm)
+        _wait(f"{vm.name} /ready", lambda vm=vm: ready(vm), 90, vm)
     _ssh_alive(auth, legacy)
     try:
         probe_out, _ = probe.communicate(timeout=90)
@@ -224,7 +199,7 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     cert_before = legacy.sh("sha256sum /var/lib/meshagent/*.pem | sort").stdout
     figures["reboot_to_ssh_s"] = round(legacy.reboot(), 1)
     figures["reboot_to_ready_s"] = round(
-        figures["reboot_to_ssh_s"] + _wait("agent /ready after reboot", lambda: _ready(legacy), 120, legacy),
+        figures["reboot_to_ssh_s"] + _wait("agent /ready after reboot", lambda: ready(legacy), 120, legacy),
         1,
     )
     assert legacy.sh("systemctl is-active meshagent").stdout.strip() == "active"
@@ -276,7 +251,7 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     for vm in (legacy, auth):
         vm.sh(f"{MESHAGENT} uninstall")
         after = vm.sh(SNAPSHOT).stdout
-        assert after == before[vm.name], _diff(before[vm.name], after)
+        assert after == before[vm.name], diff(before[vm.name], after)
     assert legacy.sh(f"curl -sSf --max-time 10 -o /dev/null {APP_URL}", check=False).returncode == 0
     _ssh_alive(auth, legacy)
     figures["steps_s"] = round(time.monotonic() - suite_start, 1)
@@ -287,9 +262,3 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
             "(conntrack picks it up mid-stream as NEW and the outbound NAT redirects sshd's "
             f"replies): needs the plan to capture only SYN packets\n{probe_out[-500:]}"
         )
-
-
-def _diff(a: str, b: str) -> str:
-    import difflib
-
-    return "\n".join(difflib.unified_diff(a.splitlines(), b.splitlines(), "before", "after", lineterm=""))
