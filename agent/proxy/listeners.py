@@ -227,8 +227,7 @@ class Proxy:
         def install() -> Http1Accounting:
             http = metrics.http(base)
             acct = Http1Accounting(http.exchange)
-            client.tap, server.tap = acct.client, acct.server
-            client.accounting = server.accounting = acct
+            acct.attach(client, server)
             return acct
 
         if known is not None:

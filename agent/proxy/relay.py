@@ -65,7 +65,7 @@ class Leg(asyncio.Protocol):
         # Telemetry, all optional: per-connection children (closed() at the end), a tap that
         # sees every chunk read from this side (protocol detection, HTTP accounting).
         self.metrics: Any = None
-        self.tap: Callable[[bytes], None] | None = None
+        self.tap: Callable[[bytes], object] | None = None
         self.accounting: Any = None
 
     @property
@@ -86,7 +86,10 @@ class Leg(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.rx += len(data)
         if self.tap is not None:
-            self.tap(data)
+            try:
+                self.tap(data)
+            except Exception as exc:
+                self.tap_failed(exc)
         forward = self.forward
         if forward is None:  # a read already in flight when reading was paused: keep it for pairing
             self.early.append(data)
@@ -117,6 +120,13 @@ class Leg(asyncio.Protocol):
         # collector, closed connections' TLS state piled up to ~80 MB under connection churn.
         self.peer = self.forward = self.tap = self.accounting = self.metrics = None
         self.early.clear()
+
+    def tap_failed(self, exc: Exception) -> None:
+        """The tap (HTTP accounting's parser) refused these bytes: accounting decides what that
+        means; the bytes are relayed all the same."""
+        if self.accounting is None:
+            raise exc
+        self.accounting.failed(self, exc)
 
     def pause_writing(self) -> None:
         if self.peer is not None and self.peer.transport is not None:
@@ -166,7 +176,10 @@ class Leg(asyncio.Protocol):
         if self.early and self.forward is not None:
             for chunk in self.early:
                 if self.tap is not None:
-                    self.tap(chunk)
+                    try:
+                        self.tap(chunk)
+                    except Exception as exc:
+                        self.tap_failed(exc)
                 self.forward(chunk)
             self.early.clear()
         if self.read_eof:  # the client finished writing before we were paired
@@ -274,7 +287,10 @@ class TlsLeg(Leg):
                     break
                 self.rx += len(chunk)
                 if self.tap is not None:
-                    self.tap(chunk)
+                    try:
+                        self.tap(chunk)
+                    except Exception as exc:
+                        self.tap_failed(exc)
                 chunks.append(chunk)
                 if not incoming.pending and not sslobj.pending():
                     break  # all consumed: skip the SSLWantReadError another read would raise

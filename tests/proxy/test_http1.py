@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -133,3 +133,57 @@ def test_latency_runs_from_request_head_to_response_end() -> None:
     now[0] = 0.5
     acct.server(OK[-2:])
     assert got == [Exchange("GET", 200, 0.5)]
+
+
+class FakeLeg:
+    """A relay leg as `attach` sees it, feeding its tap the way Leg.data_received does."""
+
+    def __init__(self) -> None:
+        self.tap: Any = None
+        self.accounting: Any = None
+
+    def read(self, data: bytes) -> None:
+        if self.tap is not None:
+            try:
+                self.tap(data)
+            except Exception as exc:
+                self.accounting.failed(self, exc)
+
+
+def test_attached_legs_feed_the_parsers_and_taps_follow_the_state() -> None:
+    got: list[tuple[str, int]] = []
+    acct = Http1Accounting(lambda *e: got.append((e[0].decode(), e[1])), clock=lambda: 0.0)
+    client, server = FakeLeg(), FakeLeg()
+    acct.attach(client, server)
+    client.read(GET)
+    server.read(OK)
+    assert got == [("GET", 200)]
+    client.read(GET)
+    server.read(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")  # not HTTP: accounting stops, the taps go
+    assert client.tap is None and server.tap is None
+    client.read(GET)
+    acct.closed()
+    assert got == [("GET", 200), ("GET", 0)]
+
+
+def test_after_head_the_server_tap_is_the_python_framer() -> None:
+    got: list[tuple[str, int]] = []
+    acct = Http1Accounting(lambda *e: got.append((e[0].decode(), e[1])), clock=lambda: 0.0)
+    client, server = FakeLeg(), FakeLeg()
+    acct.attach(client, server)
+    parser_tap = server.tap
+    client.read(b"HEAD / HTTP/1.1\r\n\r\n" + GET)
+    assert server.tap is not parser_tap
+    server.read(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n" + OK)
+    assert got == [("HEAD", 200), ("GET", 200)]
+
+
+def test_a_connect_through_attached_legs_stops_accounting() -> None:
+    got: list[tuple[str, int]] = []
+    acct = Http1Accounting(lambda *e: got.append((e[0].decode(), e[1])), clock=lambda: 0.0)
+    client, server = FakeLeg(), FakeLeg()
+    acct.attach(client, server)
+    client.read(b"CONNECT db:5432 HTTP/1.1\r\n\r\n\x00\x01")
+    assert client.tap is None and server.tap is None
+    acct.closed()
+    assert got == []
