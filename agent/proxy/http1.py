@@ -43,9 +43,8 @@ class Http1Accounting:
         "active",
         "client_on",
         "clock",
-        "eof_body",
         "head_framer",
-        "in_response",
+        "idle",
         "legs",
         "on_exchange",
         "pending",
@@ -58,9 +57,10 @@ class Http1Accounting:
         self.on_exchange = on_exchange
         self.clock = clock
         self.pending: deque[tuple[bytes, float]] = deque()  # requests awaiting their response
-        self.status = 0  # of the response being read
-        self.in_response = False  # a response's head has arrived and its body has not ended
-        self.eof_body = False  # ... and its body runs until the connection closes
+        self.status = 0  # of the response being completed
+        # Empty while a response is in progress: the parser's on_message_begin is this list's
+        # clear (a C call, no Python frame per response), on_message_complete refills it.
+        self.idle: list[bool] = [True]
         self.active = True
         self.client_on = True  # off after an Upgrade request: what follows may not be HTTP
         self.requests: HttpRequestParser | None = HttpRequestParser(_RequestEvents(self))
@@ -130,8 +130,16 @@ class Http1Accounting:
     def closed(self) -> None:
         """The connection ended: a body that runs to the close is complete; the rest never got a
         response. Idempotent: either side of the connection may report the end."""
-        if self.active and self.in_response and self.eof_body and self.status >= 200:
-            self._finish()
+        if not self.active:
+            pass
+        elif self.head_framer is not None:
+            if self.head_framer.mode == "eof":
+                self._finish()
+        elif not self.idle and not self.responses.should_keep_alive():  # type: ignore[union-attr]
+            # A response in progress whose framing needs the close: HTTP/1.0 style, no length.
+            self.status = self.responses.get_status_code()  # type: ignore[union-attr]
+            if self.status >= 200:
+                self._finish()
         self.status = 0
         while self.pending:
             self._finish()
@@ -142,7 +150,7 @@ class Http1Accounting:
     def _head_sent(self) -> None:
         if self.head_framer is not None:
             return
-        if self.in_response:  # cannot take over in the middle of a response: stop counting
+        if not self.idle:  # cannot take over in the middle of a response: stop counting
             self._stop()
         else:
             self.head_framer = _ResponseFramer(self)
@@ -182,22 +190,16 @@ class _RequestEvents:
 
 
 class _ResponseEvents:
-    __slots__ = ("acct",)
+    __slots__ = ("acct", "on_message_begin")
 
     def __init__(self, acct: Http1Accounting) -> None:
         self.acct = acct
-
-    def on_headers_complete(self) -> None:
-        acct = self.acct
-        acct.in_response = True  # from its head on: a head still arriving is not seen (one callback less)
-        parser = acct.responses
-        acct.status = parser.get_status_code()  # type: ignore[union-attr]
-        acct.eof_body = not parser.should_keep_alive()  # type: ignore[union-attr]
+        self.on_message_begin = acct.idle.clear
 
     def on_message_complete(self) -> None:
         acct = self.acct
-        acct.in_response = False
-        status = acct.status
+        acct.idle.append(True)
+        status = acct.status = acct.responses.get_status_code()  # type: ignore[union-attr]
         # Other 1xx are interim: the response follows.
         if (status >= 200 or status == 101) and acct.pending:
             method, started = acct.pending.popleft()
@@ -270,8 +272,7 @@ class _ResponseFramer:
             else:
                 self.mode, self.length = "length", int(length)
         else:
-            self.mode = "eof"
-            acct.in_response = acct.eof_body = True
+            self.mode = "eof"  # until the close: closed() completes it
 
     def _body(self, data: bytes, pos: int) -> int:
         """Advance through body bytes from `pos`; returns where the rest starts."""
