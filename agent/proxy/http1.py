@@ -5,14 +5,15 @@ For each request: the method, the response's status code, and the latency from t
 head to the end of the response (what linkerd's `response_latency_ms` measures). It follows
 message framing only: Content-Length, chunked transfer coding, responses without a body
 (HEAD, 1xx, 204, 304) and bodies that end with the connection; pipelined requests queue up.
-A `101 Switching Protocols`, a CONNECT, a malformed message or a head over 64 KiB ends
-accounting for the connection (the bytes still flow; they are just not counted as requests).
+A `101 Switching Protocols`, a CONNECT or a message that is not HTTP/1 ends accounting for the
+connection (the bytes still flow; they are just not counted as requests).
 
 Parsing is llhttp's, through httptools, and it runs for every request of every connection on
 both proxies, so Python frames are what it costs: `attach()` makes the relay's legs call the
-parsers' `feed_data` themselves (C), and an exchange runs three short callbacks. httptools cannot
-be told that a response answers a HEAD (no body, whatever its Content-Length says), so once a
-connection sends HEAD its responses are framed by the small Python framer below.
+parsers' `feed_data` themselves (C), and an exchange runs one Python callback for its request and
+one for its response. httptools cannot be told that a response answers a HEAD (no body, whatever
+its Content-Length says), so once a connection sends HEAD its responses are framed by the small
+Python framer below (which gives up on a head over 64 KiB).
 """
 
 from __future__ import annotations
@@ -129,14 +130,15 @@ class Http1Accounting:
 
     def closed(self) -> None:
         """The connection ended: a body that runs to the close is complete; the rest never got a
-        response. Idempotent: either side of the connection may report the end."""
-        if not self.active:
-            pass
-        elif self.head_framer is not None:
+        response. Idempotent: either side of the connection may report the end.
+
+        A response in progress that is not keep-alive is taken as one whose body ran to the close
+        (HTTP/1.0 style, no length): llhttp does not say whether a `Connection: close` response
+        with a Content-Length was cut short, which then counts with its status rather than 0."""
+        if self.active and self.head_framer is not None:
             if self.head_framer.mode == "eof":
                 self._finish()
-        elif not self.idle and not self.responses.should_keep_alive():  # type: ignore[union-attr]
-            # A response in progress whose framing needs the close: HTTP/1.0 style, no length.
+        elif self.active and not self.idle and not self.responses.should_keep_alive():  # type: ignore[union-attr]
             self.status = self.responses.get_status_code()  # type: ignore[union-attr]
             if self.status >= 200:
                 self._finish()
