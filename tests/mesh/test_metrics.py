@@ -120,7 +120,9 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     )
     assert success_rate == pytest.approx(0.75, abs=0.02)
     requests_in_window = scalar(mesh, url, f"sum(increase(request_total{{{inbound}}}[1m]))")
-    assert requests_in_window == pytest.approx(200, rel=0.15)  # increase() extrapolates a little
+    # increase() extrapolates to the window's edges by up to 1.1 scrape intervals (1 s) each side
+    # of a sample span of a few seconds: up to ~+30 % here (230 seen once). Exact counts: above.
+    assert 200 * 0.95 <= requests_in_window <= 200 * 1.35
     p99 = scalar(
         mesh, url, f"histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{inbound}}}[1m])) by (le))"
     )
