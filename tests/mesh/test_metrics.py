@@ -122,7 +122,7 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     requests_in_window = scalar(mesh, url, f"sum(increase(request_total{{{inbound}}}[1m]))")
     # increase() extrapolates to the window's edges by up to 1.1 scrape intervals (1 s) each side
     # of a sample span of a few seconds: up to ~+30 % here (230 seen once). Exact counts: above.
-    assert 200 * 0.95 <= requests_in_window <= 200 * 1.35
+    assert 200 * 0.85 <= requests_in_window <= 200 * 1.35
     p99 = scalar(
         mesh, url, f"histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{inbound}}}[1m])) by (le))"
     )
