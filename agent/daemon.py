@@ -38,6 +38,7 @@ from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
 from agent.proxy.directory import Directory, merge
+from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
@@ -113,7 +114,7 @@ class Daemon:
         self.credentials: Credentials | None = None
         self.proxy: Proxy | None = None
         self.metrics = ProxyMetrics() if config.telemetry.metrics else None
-        self.stat = StatWindow(self.metrics) if self.metrics is not None else None
+        self.stat = StatWindow(self.metrics, settle=self._settle) if self.metrics is not None else None
         self.rotator: Rotator | None = None
         self.admin: asyncio.AbstractServer | None = None
         self._reloads: set[asyncio.Task[None]] = set()
@@ -232,6 +233,7 @@ class Daemon:
             spiffe_id=ident.workload.spiffe_id,
             inbound=self.proxy.listening.get("inbound"),
             outbound=self.proxy.listening.get("outbound"),
+            http_accounting=self._http_accounting(),
         )
 
         await self.stop_event.wait()
@@ -308,6 +310,10 @@ class Daemon:
     def _identity_changed(self, identity: IdentityInfo) -> None:
         if self.metrics is not None:
             self.metrics.set_cert_expiry(identity.summary.not_after.timestamp())
+
+    def _settle(self) -> None:
+        if self.metrics is not None and self.proxy is not None:
+            self.metrics.settle(self.proxy.live_legs())
 
     async def _snapshots(self) -> None:
         assert self.stat is not None
@@ -398,8 +404,14 @@ class Daemon:
                 "refused": {} if proxy is None else dict(proxy.stats.refused),
                 "failures": {} if proxy is None else dict(proxy.stats.failures),
             },
+            "http_accounting": self._http_accounting(),
             "last_errors": self.state.last_errors + ([] if proxy is None else list(proxy.stats.last_errors)),
         }
+
+    def _http_accounting(self) -> str:
+        """off, or which implementation counts requests: compiled, or python (not built)."""
+        t = self.config.telemetry
+        return HTTP1_IMPLEMENTATION if t.metrics and t.http_accounting else "off"
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stop_event.is_set():

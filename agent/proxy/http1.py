@@ -1,4 +1,6 @@
-"""HTTP/1.x request accounting, sans-IO: watches a connection's two byte streams as they are
+"""HTTP/1.x request accounting, sans-IO: `new_accounting()` picks the compiled implementation
+(http1_framer.pyx: no Python runs per request) when it was built, else the pure-Python one in
+this module, which watches a connection's two byte streams as they are
 relayed (never changes or holds them) and reports each finished exchange.
 
 For each request: the method, the response's status code, and the latency from the request's
@@ -33,6 +35,42 @@ from httptools import (
 MAX_HEAD: Final = 64 * 1024
 
 OnExchange = Callable[[bytes, int, float], None]
+
+
+class HttpSink(Protocol):
+    """Where results go (`HttpMetrics`): one exchange at a time from the Python accounting, or
+    totals per status code (buckets: the latency histogram's, None for status 0) from the
+    compiled one's drain."""
+
+    def exchange(self, method: bytes, status: int, latency_s: float) -> None: ...
+    def add(self, status: int, count: int, buckets: list[int] | None, sum_ms: float) -> None: ...
+
+
+class Accounting(Protocol):
+    """What the proxy uses of either implementation."""
+
+    @property
+    def active(self) -> bool: ...
+    def attach(self, client: Tapped, server: Tapped) -> None: ...
+    def client(self, data: bytes) -> None: ...
+    def server(self, data: bytes) -> None: ...
+    def closed(self) -> None: ...
+    def drain(self) -> None: ...
+
+
+try:
+    from . import http1_framer as _compiled
+except ImportError:  # built without Cython or a C compiler: see setup.py
+    _compiled = None  # type: ignore[assignment]
+
+IMPLEMENTATION: Final = "compiled" if _compiled is not None else "python"
+
+
+def new_accounting(sink: HttpSink, clock: Callable[[], float] | None = None) -> Accounting:
+    """HTTP/1 accounting for one connection, reporting to `sink`."""
+    if _compiled is not None:
+        return _compiled.Http1Accounting(sink, clock)
+    return Http1Accounting(sink.exchange, clock or time.monotonic)
 
 
 class Http1Accounting:
@@ -95,6 +133,9 @@ class Http1Accounting:
             self.responses.feed_data(data)  # type: ignore[union-attr]
         except (HttpParserUpgrade, HttpParserError):
             self._stop()
+
+    def drain(self) -> None:
+        """Nothing is kept back here: each exchange went to `on_exchange` as it finished."""
 
     def failed(self, leg: Tapped, exc: Exception) -> None:
         """A parser fed by `leg` raised (see `attach`)."""

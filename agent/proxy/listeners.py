@@ -31,7 +31,7 @@ from agent.telemetry.proxy_metrics import LOOPBACK, ProxyMetrics, target, tls_ac
 
 from .catalog import Catalog, CatalogEntry
 from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
-from .http1 import Http1Accounting
+from .http1 import Accounting, new_accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .tls import Credentials, peer_identity_name, peer_spiffe_id
@@ -224,9 +224,8 @@ class Proxy:
         if metrics is None or not self.settings.http_accounting:
             return
 
-        def install() -> Http1Accounting:
-            http = metrics.http(base)
-            acct = Http1Accounting(http.exchange)
+        def install() -> Accounting:
+            acct = new_accounting(metrics.http(base))
             acct.attach(client, server)
             return acct
 

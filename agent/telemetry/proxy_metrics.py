@@ -10,7 +10,8 @@ current proxy dropped but dashboards still query are kept: `tcp_connection_durat
 `identity_cert_expiration_timestamp_seconds` (alongside today's `control_identity_cert_*`).
 
 Recording: a connection resolves its children once (`connection()`), then the relay only adds
-integers; bytes of open connections are read from the live legs at scrape time.
+integers; bytes of open connections are read from the live legs at scrape time, and the compiled
+HTTP accounting's totals are drained from them then (`settle`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class LiveLeg(Protocol):
     def tx(self) -> int: ...
     @property
     def metrics(self) -> Any: ...
+    @property
+    def accounting(self) -> Any: ...
 
 
 def target(host: str, port: int) -> str:
@@ -126,6 +129,22 @@ class HttpMetrics:
             latency.sum += ms
             latency.count += 1
 
+    def add(self, status: int, count: int, buckets: list[int] | None, sum_ms: float) -> None:
+        """`count` exchanges that ended with `status`, their latencies already bucketed (the
+        compiled accounting's drain; buckets None for status 0)."""
+        self.requests.value += count
+        children = self.by_status.get(status)
+        if children is None:
+            children = self.by_status[status] = self._children(status)
+        response, latency = children
+        response.value += count
+        if latency is not None and buckets is not None:
+            counts = latency.counts
+            for i, n in enumerate(buckets):
+                counts[i] += n
+            latency.sum += sum_ms
+            latency.count += count
+
 
 class ProxyMetrics:
     def __init__(self) -> None:
@@ -208,7 +227,16 @@ class ProxyMetrics:
         self.cert_expiry.child("").value = not_after_unix
         self.control_cert_expiry.child("").value = not_after_unix
 
+    def settle(self, legs: Iterable[LiveLeg]) -> None:
+        """Bring in what open connections' HTTP accounting kept back (see `HttpMetrics.add`)."""
+        for leg in legs:
+            accounting = leg.accounting
+            if accounting is not None:
+                accounting.drain()  # both legs share one: the second drain finds nothing
+
     def render(self, legs: Iterable[LiveLeg]) -> Iterator[str]:
+        legs = list(legs)
+        self.settle(legs)
         read: dict[str, float] = {}
         write: dict[str, float] = {}
         for leg in legs:

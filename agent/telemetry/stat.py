@@ -62,15 +62,22 @@ def quantile(q: float, counts: list[int], bounds: tuple[float, ...] = LATENCY_BO
 
 class StatWindow:
     def __init__(
-        self, metrics: ProxyMetrics, clock: Callable[[], float] = time.monotonic, keep_s: float = 120.0
+        self,
+        metrics: ProxyMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        keep_s: float = 120.0,
+        settle: Callable[[], None] | None = None,
     ) -> None:
         self.metrics = metrics
+        self.settle = settle  # brings open connections' kept-back counts in (ProxyMetrics.settle)
         self.clock = clock
         self.keep_s = keep_s
         self.ring: deque[Snapshot] = deque()
         self.snapshot()
 
     def _take(self) -> Snapshot:
+        if self.settle is not None:
+            self.settle()
         success: dict[tuple[str, str], float] = {}
         failure: dict[tuple[str, str], float] = {}
         buckets: dict[tuple[str, str], list[int]] = {}

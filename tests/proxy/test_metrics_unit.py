@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from agent.proxy.http1 import new_accounting
 from agent.telemetry import metrics as m
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS, ProxyMetrics
 
@@ -47,6 +50,7 @@ def test_open_connection_bytes_count_before_close() -> None:
     class Leg:
         rx, tx = 0, 0
         metrics = pm.connection('direction="inbound",peer="src"')
+        accounting = None
 
     leg = Leg()
     leg.rx, leg.tx = 100, 40
@@ -58,6 +62,30 @@ def test_open_connection_bytes_count_before_close() -> None:
     assert 'tcp_read_bytes_total{direction="inbound",peer="src"} 100' in text
     assert 'tcp_close_total{direction="inbound",peer="src",errno=""} 1' in text
     assert 'tcp_open_connections{direction="inbound",peer="src"} 0' in text
+
+
+def test_open_connections_requests_count_before_close() -> None:
+    # The compiled accounting keeps totals in C until drained: a scrape drains the live legs.
+    pm = ProxyMetrics()
+    acct = new_accounting(pm.http('direction="inbound"'))
+
+    class Leg:
+        rx, tx, metrics = 0, 0, None
+        tap: Any = None
+        accounting: Any = None
+
+    client, server = Leg(), Leg()
+    acct.attach(client, server)
+    for _ in range(3):
+        client.tap(b"GET / HTTP/1.1\r\n\r\n")
+        server.tap(b"HTTP/1.1 503 No\r\nContent-Length: 0\r\n\r\n")
+    text = "\n".join(pm.render([client, server]))
+    assert 'request_total{direction="inbound"} 3' in text
+    assert 'response_total{direction="inbound",status_code="503",classification="failure"' in text
+    assert 'response_latency_ms_count{direction="inbound",status_code="503"} 3' in text
+    acct.closed()
+    text = "\n".join(pm.render([]))
+    assert 'request_total{direction="inbound"} 3' in text  # drained once, not twice
 
 
 def test_linkerd_latency_buckets() -> None:

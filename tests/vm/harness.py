@@ -547,9 +547,11 @@ def build_wheels(dest: Path, scratch: Path, version: str | None = None, deps: bo
     With `version`, the copy is that version (an upgrade's "new release" of the same code)."""
     source = scratch / f"src-{version or 'repo'}"
     source.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy2(REPO / name, source / name)
-    shutil.copytree(REPO / "agent", source / "agent", ignore=shutil.ignore_patterns("__pycache__"))
+    # The compiled accounting is built from its .pyx, not copied from this checkout's build.
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.c", "*.html")
+    shutil.copytree(REPO / "agent", source / "agent", ignore=ignore)
     if version is not None:
         current = next(
             line.split('"')[1]
