@@ -3,6 +3,7 @@ split at every possible point."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +63,18 @@ def test_the_compiled_accounting_is_the_one_in_use() -> None:
     # scripts/bootstrap builds it: a build that silently fell back to Python fails here.
     assert http1.IMPLEMENTATION == "compiled"
     assert isinstance(http1.new_accounting(Recorder()), http1_framer.Http1Accounting)
+
+
+def test_without_the_extension_the_python_accounting_reports_each_exchange(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http1, "_compiled", None)
+    sink = Recorder()
+    acct = http1.new_accounting(sink)
+    assert isinstance(acct, http1.Http1Accounting)
+    acct.client(GET)
+    acct.server(OK)
+    assert sink.statuses == [200]  # at once: nothing waits for a drain
 
 
 GET = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -299,3 +312,44 @@ def test_an_upgrade_request_leaves_only_the_response_side_read(impl: str) -> Non
     assert server.tap is None
     acct.closed()
     assert sink.statuses == [101]
+
+
+def _conversation(rng: random.Random) -> tuple[bytes, bytes, list[int]]:
+    """Random keep-alive traffic: requests with and without bodies, responses of every framing."""
+    requests, responses, expected = [], [], []
+    for _ in range(rng.randint(1, 6)):
+        method = rng.choice([b"GET", b"HEAD", b"POST", b"DELETE"])
+        body = b"x" * rng.choice([0, rng.randint(1, 40)])
+        if method == b"POST" and body and rng.random() < 0.5:
+            chunks = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+            requests.append(b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks)
+        else:
+            head = b"%s /r HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (method, len(body))
+            requests.append(head + body)
+        status = rng.choice([200, 201, 204, 304, 404, 500, 503])
+        interim = b"HTTP/1.1 100 Continue\r\n\r\n" if rng.random() < 0.2 else b""
+        payload = b"" if status in (204, 304) else b"z" * rng.randint(0, 50)
+        if status not in (204, 304) and rng.random() < 0.5:
+            fields = b"Transfer-Encoding: chunked\r\n\r\n"
+            sent = (b"%x\r\n%s\r\n" % (len(payload), payload) if payload else b"") + b"0\r\n\r\n"
+        else:
+            fields, sent = b"Content-Length: %d\r\n\r\n" % len(payload), payload
+        if method == b"HEAD":
+            sent = b""  # the fields describe the body a GET would get
+        responses.append(interim + b"HTTP/1.1 %d X\r\nServer: t\r\n" % status + fields + sent)
+        expected.append(status)
+    return b"".join(requests), b"".join(responses), sorted(expected)
+
+
+def _chop(rng: random.Random, data: bytes) -> list[bytes]:
+    cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 6))))
+    return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def test_both_implementations_agree_on_random_traffic_read_in_random_pieces() -> None:
+    rng = random.Random(20261125)
+    for _ in range(400):
+        requests, responses, expected = _conversation(rng)
+        for impl in IMPLEMENTATIONS:
+            got = run(impl, _chop(rng, requests), _chop(rng, responses))
+            assert got == expected, (impl, requests, responses)
