@@ -436,7 +436,7 @@ def metrics_cost(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> 
     round's on/off ratio: the two runs of a round are next to each other in time, so drift in
     the machine's speed (seen to be 20% within minutes on this VM) cancels."""
     runs: dict[str, list[dict[str, Any]]] = {"on": [], "off": []}
-    for r in range(max(args.rounds, COST_ROUNDS)):
+    for r in range(max(args.rounds, args.cost_rounds)):
         for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
             extra = args.agent_config + ("\n" + METRICS_OFF if mode == "off" else "")
             restart_agents(s, args, extra)
@@ -1188,6 +1188,13 @@ def main() -> None:
         dest="metrics_cost",
         action="store_false",
         help="skip the last pass: meshagent's requests/s with metrics on and off, in at least 5 on/off pairs",
+    )
+    parser.add_argument(
+        "--cost-rounds",
+        type=int,
+        default=COST_ROUNDS,
+        metavar="N",
+        help="on/off pairs of the metrics-cost pass, at least (more pairs: a tighter median) [%(default)s]",
     )
     args = parser.parse_args()
     if args.quick:
