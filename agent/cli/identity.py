@@ -132,6 +132,8 @@ def _print_daemon(doc: dict[str, Any] | None) -> None:
         f"connections   {conns.get('open', 0)} open; refused {sum((conns.get('refused') or {}).values())}; "
         f"failures {sum((conns.get('failures') or {}).values())}"
     )
+    if "http_accounting" in doc:  # off, compiled, or python (the extension was not built)
+        click.echo(f"http counting {doc['http_accounting']}")
     for error in (doc.get("last_errors") or [])[-3:]:
         click.echo(f"last error    {error}")
 

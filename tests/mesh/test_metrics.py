@@ -150,3 +150,7 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     assert row["latency_p50_ms"] is not None and row["latency_p50_ms"] <= max(5.0, latencies[100] * 2)
     table = mesh.b.run(*MESHAGENT, "stat", "--config", str(b.config)).stdout
     assert f"{151 / 202 * 100:.2f}%" in table and WEB in table
+
+    # Those counts are the compiled accounting's (status says which one the daemon runs).
+    status = json.loads(mesh.b.run(*MESHAGENT, "status", "--json", "--config", str(b.config)).stdout)
+    assert status["daemon"]["http_accounting"] == "compiled", status["daemon"]

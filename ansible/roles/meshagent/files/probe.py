@@ -14,18 +14,38 @@ import os
 import ssl
 import subprocess
 import sys
+import sysconfig
 import urllib.request
 
 venv, state_dir, service, authority_url = sys.argv[1:5]
 out = {"python": "{}.{}".format(*sys.version_info[:2])}
 
 try:  # what `python3 -m venv` needs (Debian ships them apart, in python3-venv)
-    import ensurepip  # noqa: F401
+    import ensurepip
     import venv as _venv  # noqa: F401
 
     out["venv"] = True
 except ImportError:
     out["venv"] = False
+
+
+# A pip wheel that came with this Python (the distribution's python3-pip-whl / python3-pip-wheel,
+# or Python's own bundled one). With it the role makes the venv without pip, since ensurepip is
+# most of what `python3 -m venv` costs, and runs pip from the wheel instead. pip 22 or later:
+# older ones predate Python 3.11.
+def _pip_version(path):
+    try:
+        return tuple(int(n) for n in os.path.basename(path).split("-")[1].split(".")[:2])
+    except (IndexError, ValueError):
+        return (0,)
+
+
+wheel_dirs = [sysconfig.get_config_var("WHEEL_PKG_DIR") or "", "/usr/share/python-wheels"]
+if out["venv"]:
+    wheel_dirs.append(os.path.join(os.path.dirname(ensurepip.__file__), "_bundled"))
+pips = [w for d in wheel_dirs if d for w in glob.glob(os.path.join(d, "pip-*.whl"))]
+pips = sorted((w for w in pips if _pip_version(w) >= (22,)), key=_pip_version)
+out["pip_wheel"] = pips[-1] if pips else ""
 
 # The OS family as Ansible names it, from os-release.
 release = {}
