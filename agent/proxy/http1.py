@@ -20,6 +20,7 @@ Python framer below (which gives up on a head over 64 KiB).
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from httptools import (
 )
 
 MAX_HEAD: Final = 64 * 1024
+_STATUS: Final = re.compile(rb"[0-9]{3}")
+_CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 OnExchange = Callable[[bytes, int, float], None]
 
@@ -288,11 +291,10 @@ class _ResponseFramer:
         acct = self.acct
         lines = head.split(b"\r\n")
         start = lines[0].split(b" ", 2)
-        try:
-            status = int(start[1])
-        except (IndexError, ValueError):
-            acct._stop()
+        if len(start) < 2 or not start[0].startswith(b"HTTP/1.") or not _STATUS.fullmatch(start[1]):
+            acct._stop()  # not an HTTP/1 status line
             return
+        status = int(start[1])
         acct.status = status
         if status == 101:  # the connection is now another protocol: count this, then stop
             acct._finish()
@@ -335,15 +337,17 @@ class _ResponseFramer:
         nl = data.find(b"\n", pos)  # chunk-size, chunk-crlf, trailers: line by line
         if nl < 0:
             self.buf += data[pos:]
+            if len(self.buf) > MAX_HEAD:
+                self.acct._stop()
             return end
         line = (self.buf + data[pos:nl]).strip()
         self.buf = b""
         if mode == "chunk-size":
-            try:
-                self.chunk_left = int(line.split(b";", 1)[0], 16)
-            except ValueError:
+            size = line.split(b";", 1)[0].rstrip()
+            if not _CHUNK_SIZE.fullmatch(size):  # int() would take -5, 0x5 or 1_0
                 self.acct._stop()
                 return end
+            self.chunk_left = int(size, 16)
             self.mode = "chunk-data" if self.chunk_left else "trailers"
         elif mode == "chunk-crlf":
             self.mode = "chunk-size"

@@ -103,12 +103,12 @@ cdef class Http1Accounting:
         client.tap = self.client
         server.tap = self.server
 
-    def client(self, bytes data):
+    def client(self, bytes data not None):
         """Bytes from the client (requests)."""
         if self.req.mode != OFF:
             self._feed(&self.req, True, data)
 
-    def server(self, bytes data):
+    def server(self, bytes data not None):
         """Bytes from the server (responses)."""
         if self.resp.mode != OFF:
             self._feed(&self.resp, False, data)
@@ -167,6 +167,9 @@ cdef class Http1Accounting:
                 s.scanned = 0
                 if used < 0:
                     return self._stash(s, request, data, pos)
+                if used > MAX_STASH:
+                    self._stop()  # as if it had come in pieces
+                    return 0
                 if request:
                     self._request_head(p + pos, used)
                 else:
@@ -198,7 +201,7 @@ cdef class Http1Accounting:
             self._stop()
             return 0
         if s.mode == HEAD:
-            s.scanned = left - 3 if left > 3 else 0  # the head's end is not in there
+            s.scanned = left - 2 if left > 2 else 0  # the head's end is not in there
         rest = data[pos:]
         if request:
             self.req_stash = rest
@@ -208,10 +211,10 @@ cdef class Http1Accounting:
 
     cdef int _request_head(self, const char* p, Py_ssize_t n) except -1:
         cdef Py_ssize_t method = 0
-        while method < n and c'A' <= p[method] <= c'Z':
+        while method < n and is_tchar(p[method]):
             method += 1
         cdef const char* eol = <const char*>memchr(p, c'\n', n)
-        cdef Py_ssize_t line = eol - p  # eol: there is one, the head ends with CRLFCRLF
+        cdef Py_ssize_t line = eol - p  # eol: there is one, the head ends with an empty line
         if line > 0 and p[line - 1] == c'\r':
             line -= 1
         if (
@@ -246,7 +249,7 @@ cdef class Http1Accounting:
 
     cdef int _response_head(self, const char* p, Py_ssize_t n) except -1:
         cdef int status, i
-        if n < 13 or memcmp(p, b"HTTP/1.", 7) != 0 or p[8] != c' ':
+        if n < 13 or memcmp(p, b"HTTP/1.", 7) != 0 or not c'0' <= p[7] <= c'9' or p[8] != c' ':
             self._stop()  # the server does not speak HTTP/1
             return 0
         status = 0
@@ -255,6 +258,9 @@ cdef class Http1Accounting:
                 self._stop()
                 return 0
             status = status * 10 + (p[i] - c'0')
+        if p[12] != c' ' and p[12] != c'\r' and p[12] != c'\n':
+            self._stop()  # not a three-digit status code
+            return 0
         cdef const char* eol = <const char*>memchr(p, c'\n', n)
         cdef Framing f = read_fields(eol + 1, n - (eol + 1 - p))
         if f.invalid:
@@ -280,19 +286,26 @@ cdef class Http1Accounting:
         return 0
 
     cdef int _line(self, Stream* s, bint request, const char* p, Py_ssize_t n) except -1:
-        cdef Py_ssize_t i = 0
+        cdef Py_ssize_t i = 0, start
         cdef long long size = 0
         cdef int digit
         cdef bint empty = n == 1 or (n == 2 and p[0] == c'\r')
         if s.mode == CHUNK_SIZE:
-            while i < n and i < 16:
+            while i < n - 1 and p[i] == c'0':
+                i += 1  # leading zeros do not count against the size's length
+            start = i
+            while i < n:
                 digit = hex_value(p[i])
                 if digit < 0:
                     break
                 size = size * 16 + digit
                 i += 1
-            if i == 0 or i > 15:
-                self._stop()  # no size, or one that does not fit
+            if (
+                i == 0
+                or i - start > 15  # more than fits
+                or not (p[i] == c';' or p[i] == c' ' or p[i] == c'\t' or p[i] == c'\r' or p[i] == c'\n')
+            ):
+                self._stop()  # not a chunk size (the line ends in LF: p[i] is inside it)
                 return 0
             s.left = size
             s.mode = CHUNK_DATA if size else TRAILERS
@@ -367,16 +380,19 @@ cdef class Http1Accounting:
 
 
 cdef Py_ssize_t head_length(const char* p, Py_ssize_t n, Py_ssize_t start) noexcept:
-    """Bytes up to and including the CRLFCRLF that ends a head; -1 if it is not in `p`."""
+    """Bytes up to and including the empty line that ends a head (CRLF CRLF, or a bare LF on
+    either side, as servers tolerate); -1 if it is not in `p`."""
     cdef Py_ssize_t i = start
-    cdef const char* cr
-    while i + 3 < n:
-        cr = <const char*>memchr(p + i, c'\r', n - 3 - i)
-        if cr == NULL:
+    cdef const char* lf
+    while i + 1 < n:
+        lf = <const char*>memchr(p + i, c'\n', n - 1 - i)
+        if lf == NULL:
             return -1
-        i = cr - p
-        if cr[1] == c'\n' and cr[2] == c'\r' and cr[3] == c'\n':
-            return i + 4
+        i = lf - p
+        if lf[1] == c'\n':
+            return i + 2
+        if lf[1] == c'\r' and i + 2 < n and lf[2] == c'\n':
+            return i + 3
         i += 1
     return -1
 
@@ -401,6 +417,9 @@ cdef Framing read_fields(const char* p, Py_ssize_t n) noexcept:
         colon = <const char*>memchr(p + pos, c':', value_end - pos)
         if colon != NULL:
             name = colon - (p + pos)
+            if name == 0 or p[pos + name - 1] == c' ' or p[pos + name - 1] == c'\t':
+                f.invalid = True  # RFC 9112, 5.1: no whitespace between name and colon
+                break
             value = colon - p + 1
             while value < value_end and (p[value] == c' ' or p[value] == c'\t'):
                 value += 1
@@ -413,8 +432,10 @@ cdef Framing read_fields(const char* p, Py_ssize_t n) noexcept:
                 f.length = length
             elif name == 17 and strncasecmp(p + pos, b"transfer-encoding", 17) == 0:
                 f.coded = True
-                f.chunked = (
-                    value_end - value >= 7 and strncasecmp(p + value_end - 7, b"chunked", 7) == 0
+                f.chunked = (  # chunked must be the last coding, as a whole token
+                    value_end - value >= 7
+                    and strncasecmp(p + value_end - 7, b"chunked", 7) == 0
+                    and (value_end - value == 7 or is_separator(p[value_end - 8]))
                 )
             elif name == 10 and strncasecmp(p + pos, b"connection", 10) == 0:
                 f.connection_upgrade = f.connection_upgrade or contains_upgrade(p + value, value_end - value)
@@ -438,11 +459,27 @@ cdef long long parse_length(const char* p, Py_ssize_t n) noexcept:
 
 
 cdef bint contains_upgrade(const char* p, Py_ssize_t n) noexcept:
+    """Whether a Connection value lists the token `upgrade`."""
     cdef Py_ssize_t i
     for i in range(n - 6):
-        if strncasecmp(p + i, b"upgrade", 7) == 0:
+        if (
+            strncasecmp(p + i, b"upgrade", 7) == 0
+            and (i == 0 or is_separator(p[i - 1]))
+            and (i + 7 == n or is_separator(p[i + 7]))
+        ):
             return True
     return False
+
+
+cdef bint is_separator(char c) noexcept:
+    return c == c',' or c == c' ' or c == c'\t'
+
+
+cdef bint is_tchar(char c) noexcept:
+    """A character of a method token (RFC 9110, 5.6.2)."""
+    if c'A' <= c <= c'Z' or c'a' <= c <= c'z' or c'0' <= c <= c'9':
+        return True
+    return c != 0 and memchr(b"!#$%&'*+-.^_`|~", c, 15) != NULL
 
 
 cdef int hex_value(char c) noexcept:

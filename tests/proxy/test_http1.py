@@ -353,3 +353,66 @@ def test_both_implementations_agree_on_random_traffic_read_in_random_pieces() ->
         for impl in IMPLEMENTATIONS:
             got = run(impl, _chop(rng, requests), _chop(rng, responses))
             assert got == expected, (impl, requests, responses)
+
+
+EMPTY_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("client", "server", "expected"),
+    [
+        ([GET], [b"HTTP/1.1 2000 X\r\nContent-Length: 0\r\n\r\n"], [0]),
+        ([GET], [b"HTTP/1.1 200X\r\nContent-Length: 0\r\n\r\n"], [0]),
+        ([GET], [b"HTTP/1.x 200 OK\r\nContent-Length: 0\r\n\r\n"], [0]),
+        ([GET], [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5zz\r\nhello\r\n0\r\n\r\n"], [0]),
+        ([GET], [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\nhello\r\n0\r\n\r\n"], [0]),
+        (
+            [GET],
+            [
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + b"0" * 17
+                + b"5\r\nhello\r\n0\r\n\r\n"
+            ],
+            [200],
+        ),
+        (
+            [b"HEAD / HTTP/1.1\r\n\r\n" + GET],
+            [EMPTY_OK + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\nhello\r\n0\r\n\r\n"],
+            [0, 200],
+        ),
+        ([GET], [b"HTTP/1.1 200 OK\r\nContent-Length : 0\r\n\r\n"], [0]),
+        (
+            [b"GET / HTTP/1.1\r\nConnection: noupgrade\r\nUpgrade: x\r\n\r\n" + GET],
+            [EMPTY_OK + EMPTY_OK],
+            [200, 200],
+        ),
+        ([b"M-SEARCH * HTTP/1.1\r\nHost: h\r\n\r\n"], [EMPTY_OK], [200]),
+    ],
+    ids=[
+        "four-digit-status",
+        "status-run-on",
+        "not-a-version",
+        "junk-after-chunk-size",
+        "0x-chunk-size",
+        "leading-zeros-in-chunk-size",
+        "negative-chunk-size-after-head",
+        "space-before-colon",
+        "upgrade-only-as-a-whole-token",
+        "method-with-a-dash",
+    ],
+)
+def test_odd_or_hostile_framing(
+    impl: str, client: list[bytes], server: list[bytes], expected: list[int]
+) -> None:
+    assert run(impl, client, server) == expected
+
+
+def test_compiled_ends_heads_at_a_bare_lf_empty_line() -> None:
+    # llhttp (the Python accounting) rejects bare LF; the compiled one frames it as servers do,
+    # and must not run the next message's head into this one.
+    lf_ok = b"HTTP/1.1 200 OK\nContent-Length: 0\n\n"
+    got = run("compiled", [GET + GET], [lf_ok + b"HTTP/1.1 500 X\r\nContent-Length: 0\r\n\r\n"])
+    assert got == [200, 500]
+    got = run("compiled", [b"POST / HTTP/1.1\nContent-Length: 2\n\nab" + GET], [EMPTY_OK + EMPTY_OK])
+    assert got == [200, 200]
