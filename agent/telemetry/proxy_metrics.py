@@ -101,27 +101,28 @@ class HttpMetrics:
         self.by_status: dict[int, tuple[Any, Any]] = {}
 
     def _children(self, status: int) -> tuple[Any, Any]:
+        """The response counter and latency histogram for `status` (none for 0), resolved once."""
         o = self.owner
         if status == 0:
             key = join(
                 self.base,
                 labels(("classification", "failure"), ("grpc_status", ""), ("error", "unclassified")),
             )
-            return o.response_total.child(key), None
-        code = labels(("status_code", str(status)))
-        klass = "failure" if 500 <= status <= 599 else "success"
-        response = o.response_total.child(
-            join(self.base, code, labels(("classification", klass), ("grpc_status", ""), ("error", "")))
-        )
-        return response, o.response_latency_ms.child(join(self.base, code))
+            children = o.response_total.child(key), None
+        else:
+            code = labels(("status_code", str(status)))
+            klass = "failure" if 500 <= status <= 599 else "success"
+            response = o.response_total.child(
+                join(self.base, code, labels(("classification", klass), ("grpc_status", ""), ("error", "")))
+            )
+            children = response, o.response_latency_ms.child(join(self.base, code))
+        self.by_status[status] = children
+        return children
 
     def exchange(self, method: bytes, status: int, latency_s: float) -> None:
         """One finished HTTP exchange (the `Http1Accounting` callback; the method is not a label)."""
         self.requests.value += 1
-        children = self.by_status.get(status)
-        if children is None:
-            children = self.by_status[status] = self._children(status)
-        response, latency = children
+        response, latency = self.by_status.get(status) or self._children(status)
         response.value += 1
         if latency is not None:  # HistogramChild.observe, inline: this runs for every request
             ms = latency_s * 1000
@@ -133,10 +134,7 @@ class HttpMetrics:
         """`count` exchanges that ended with `status`, their latencies already bucketed (the
         compiled accounting's drain; buckets None for status 0)."""
         self.requests.value += count
-        children = self.by_status.get(status)
-        if children is None:
-            children = self.by_status[status] = self._children(status)
-        response, latency = children
+        response, latency = self.by_status.get(status) or self._children(status)
         response.value += count
         if latency is not None and buckets is not None:
             counts = latency.counts

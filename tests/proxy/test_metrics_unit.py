@@ -9,6 +9,7 @@ import pytest
 from agent.proxy.http1 import new_accounting
 from agent.telemetry import metrics as m
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS, ProxyMetrics
+from agent.telemetry.stat import StatWindow
 
 
 def test_histogram_exposition_is_cumulative_with_inf() -> None:
@@ -86,6 +87,28 @@ def test_open_connections_requests_count_before_close() -> None:
     acct.closed()
     text = "\n".join(pm.render([]))
     assert 'request_total{direction="inbound"} 3' in text  # drained once, not twice
+
+
+def test_stat_snapshots_include_open_connections_requests() -> None:
+    pm = ProxyMetrics()
+    base = 'direction="inbound",tls="true",client_id="web.shop.serviceaccount.identity.linkerd.cluster.local"'
+    acct = new_accounting(pm.http(base))
+
+    class Leg:
+        rx, tx, metrics = 0, 0, None
+        tap: Any = None
+        accounting: Any = None
+
+    legs = [Leg(), Leg()]
+    acct.attach(*legs)
+    now = [0.0]
+    window = StatWindow(pm, clock=lambda: now[0], settle=lambda: pm.settle(legs))
+    for status in (200, 200, 502):
+        legs[0].tap(b"GET / HTTP/1.1\r\n\r\n")
+        legs[1].tap(b"HTTP/1.1 %d X\r\nContent-Length: 0\r\n\r\n" % status)
+    now[0] = 10.0
+    (row,) = window.query(60)  # the connection is still open: its counts were drained for this
+    assert (row["requests"], row["success_rate"]) == (3, 2 / 3)
 
 
 def test_linkerd_latency_buckets() -> None:
