@@ -268,7 +268,9 @@ class Authority:
         return catalog
 
     def prometheus_targets(self, metrics_port: int) -> list[dict[str, Any]]:
-        """Prometheus HTTP service discovery: every enrolled, unrevoked host's admin endpoint."""
+        """Prometheus HTTP service discovery: every enrolled, unrevoked host's admin endpoint.
+        Besides its own labels, a host gets the two Linkerd's dashboards select by: it shows as
+        `pod` (its host name) of a `deployment` named after its service account."""
         groups = []
         for host in self.registry.list_hosts():
             if host.revoked or not host.addresses:
@@ -285,6 +287,8 @@ class Authority:
                         "identity": workload.spiffe_id,
                         "host": host.host_name,
                         "host_id": host.id,
+                        "deployment": workload.name,
+                        "pod": host.host_name,
                     },
                 }
             )

@@ -27,12 +27,22 @@ from typing import Any, Literal, cast
 
 from agent.logs import get_logger
 from agent.telemetry.metrics import join, labels
-from agent.telemetry.proxy_metrics import LOOPBACK, ProxyMetrics, target, tls_accept, tls_connect
+from agent.telemetry.proxy_metrics import (
+    DEFAULT_ROUTE,
+    LOOPBACK,
+    ProxyMetrics,
+    authz_labels,
+    dst_labels,
+    server_labels,
+    target,
+    tls_accept,
+    tls_connect,
+)
 
 from .catalog import Catalog, CatalogEntry
 from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
 from .http1 import Accounting, new_accounting
-from .policy import InboundPolicy
+from .policy import Decision, InboundPolicy
 from .relay import Leg, TlsLeg
 from .tls import Credentials, peer_identity_name, peer_spiffe_id
 
@@ -216,16 +226,36 @@ class Proxy:
             self.metrics.tls_failures.child(labels(("direction", direction), ("reason", reason))).value += 1
 
     def watch_http(
-        self, client: Leg, server: Leg, base: str, known: Protocol | None, early: bytes = b""
+        self,
+        client: Leg,
+        server: Leg,
+        base: str,
+        known: Protocol | None,
+        early: bytes = b"",
+        authz: tuple[str, str] | None = None,
     ) -> None:
         """Count HTTP/1 requests on this connection if its client speaks HTTP/1 (detected from the
-        first bytes unless `known`). Opaque connections keep no tap at all after the first read."""
+        first bytes unless `known`). Opaque connections keep no tap at all after the first read.
+        `authz` (inbound): the connection's tcp and http authorization label sets; as linkerd, an
+        HTTP connection's requests are counted as authorized, any other connection once."""
         metrics = self.metrics
-        if metrics is None or not self.settings.http_accounting:
+        if metrics is None:
+            return
+        tcp_authz, http_authz = authz if authz is not None else (None, None)
+
+        def opaque() -> None:
+            if tcp_authz is not None:
+                metrics.authz_allow.child(tcp_authz).value += 1
+
+        if not self.settings.http_accounting:
+            opaque()  # requests are not counted: the connection is the unit
             return
 
         def install() -> Accounting:
-            acct = new_accounting(metrics.http(base))
+            http = metrics.http(base, http_authz)
+            if client.metrics is not None:
+                client.metrics.http = http  # held while the connection is open
+            acct = new_accounting(http)
             acct.attach(client, server)
             return acct
 
@@ -234,6 +264,8 @@ class Proxy:
                 acct = install()
                 if early:
                     acct.client(early)
+            else:
+                opaque()
             return
         seen = bytearray()
 
@@ -245,6 +277,8 @@ class Proxy:
             client.tap = None
             if isinstance(result, Detected) and result.protocol is Protocol.HTTP1:
                 install().client(bytes(seen))
+            else:
+                opaque()
 
         client.tap = first_bytes
 
@@ -355,13 +389,14 @@ class _InboundDetect(asyncio.Protocol):
             proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport)), "inbound-mtls")
             return
         decision = proxy.policy.authorize(self.orig[1], None)
-        sni = detected.sni if detected.protocol is Protocol.TLS else None
-        _authz(
-            proxy,
-            decision.allowed,
-            join(target(*self.orig), labels(("srv_port", str(self.orig[1]))), tls_accept(None, False, sni)),
-        )
+        if detected.protocol is Protocol.TLS:
+            tls_labels = tls_accept(None, False, detected.sni)
+        else:
+            skipped = self.orig[1] in proxy.settings.skip_detect_ports
+            tls_labels = tls_accept(None, False, reason="port_skipped" if skipped else "")
+        where = _where(proxy, self.orig)
         if not decision.allowed:
+            _denied(proxy, join(where, tls_labels))
             proxy.refuse(
                 "inbound",
                 decision.reason,
@@ -375,9 +410,9 @@ class _InboundDetect(asyncio.Protocol):
         proxy.track(leg)
         transport.set_protocol(leg)
         leg.connection_made(transport)
-        proxy.spawn(
-            _inbound_plain(proxy, leg, self.buffer, self.orig, _peer(transport), detected), "inbound-plain"
-        )
+        admitted = _Admitted(self.orig, where, tls_labels, decision)
+        relay = _to_app(proxy, leg, admitted, "plaintext", detected.protocol, self.buffer)
+        proxy.spawn(relay, "inbound-plain")
 
 
 INBOUND_SRC = labels(("direction", "inbound"), ("peer", "src"))
@@ -388,9 +423,31 @@ INBOUND = labels(("direction", "inbound"))
 OUTBOUND = labels(("direction", "outbound"))
 
 
-def _authz(proxy: Proxy, allowed: bool, key: str) -> None:
+@dataclass(frozen=True)
+class _Admitted:
+    """An inbound connection the policy admitted, and its metric labels."""
+
+    orig: Address
+    where: str  # target_* and srv_* labels
+    tls_labels: str
+    decision: Decision
+
+    def authz_keys(self) -> tuple[str, str]:
+        """The connection's `inbound_tcp_authz_allow_total` and `inbound_http_authz_allow_total`
+        label sets (linkerd counts one for opaque connections, the other per HTTP request)."""
+        authz = authz_labels(self.decision.rule, self.decision.reason != "allow_list")
+        tcp = join(self.where, authz, self.tls_labels)
+        return tcp, join(self.where, DEFAULT_ROUTE, authz, self.tls_labels)
+
+
+def _where(proxy: Proxy, orig: Address) -> str:
+    return join(target(*orig), server_labels(orig[1], proxy.policy.for_port(orig[1]).default.value))
+
+
+def _denied(proxy: Proxy, key: str) -> None:
+    """Denials are per connection (a refused client gets no bytes through at all)."""
     if proxy.metrics is not None:
-        (proxy.metrics.authz_allow if allowed else proxy.metrics.authz_deny).child(key).value += 1
+        proxy.metrics.authz_deny.child(key).value += 1
 
 
 async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> None:
@@ -404,37 +461,28 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> 
         return
     client_id = peer_spiffe_id(tls.peer_cert)
     decision = proxy.policy.authorize(orig[1], client_id)
-    where = join(target(*orig), labels(("srv_port", str(orig[1]))))
+    where = _where(proxy, orig)
     tls_labels = tls_accept(peer_identity_name(tls.peer_cert), True)
-    _authz(proxy, decision.allowed, join(where, tls_labels))
     if not decision.allowed:
+        _denied(proxy, join(where, tls_labels))
         proxy.refuse("inbound", decision.reason, peer=peer, port=orig[1], client_id=client_id or "")
         tls.send_eof()
         tls.close()
         return
-    await _to_app(proxy, tls, orig, where, tls_labels, "mtls")
-
-
-async def _inbound_plain(
-    proxy: Proxy, leg: Leg, early: bytes, orig: Address, peer: str, detected: Detected
-) -> None:
-    where = join(target(*orig), labels(("srv_port", str(orig[1]))))
-    tls_labels = tls_accept(None, False, detected.sni if detected.protocol is Protocol.TLS else None)
-    await _to_app(proxy, leg, orig, where, tls_labels, "plaintext", detected.protocol, early)
+    await _to_app(proxy, tls, _Admitted(orig, where, tls_labels, decision), "mtls")
 
 
 async def _to_app(
     proxy: Proxy,
     client: Leg,
-    orig: Address,
-    where: str,
-    tls_labels: str,
+    admitted: _Admitted,
     kind: str,
     known: Protocol | None = None,
     early: bytes = b"",
 ) -> None:
     """An admitted inbound connection's last step: connect to the app at the original
     destination and relay (`early`: bytes already read by detection)."""
+    orig, where, tls_labels = admitted.orig, admitted.where, admitted.tls_labels
     proxy.observe(client, join(INBOUND_SRC, where, tls_labels))
     try:
         upstream = await proxy.connect(orig, Leg())
@@ -443,7 +491,7 @@ async def _to_app(
         client.close()
         return
     proxy.observe(upstream, INBOUND_DST)
-    proxy.watch_http(client, upstream, join(INBOUND, where, tls_labels), known, early)
+    proxy.watch_http(client, upstream, join(INBOUND, where, tls_labels), known, early, admitted.authz_keys())
     proxy.stats.opened[f"inbound:{kind}"] += 1
     if early:
         upstream.send(early)
@@ -520,7 +568,7 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
         tls.abort()
         app.abort()
         return
-    tls_labels = tls_connect(peer_identity_name(tls.peer_cert))
+    tls_labels = join(tls_connect(peer_identity_name(tls.peer_cert)), dst_labels(entry.identity))
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls"] += 1

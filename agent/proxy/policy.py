@@ -31,6 +31,7 @@ class PortPolicy:
 class Decision:
     allowed: bool
     reason: str  # a closed set of words, usable as a metric label
+    rule: str = ""  # what admitted the client: the default policy's name or the allow-list pattern
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,15 @@ class InboundPolicy:
         if policy.allow:
             if client_id is None:
                 return Decision(False, "unauthenticated")
-            if any(fnmatch.fnmatchcase(client_id, pattern) for pattern in policy.allow):
-                return Decision(True, "allow_list")
+            for pattern in policy.allow:
+                if fnmatch.fnmatchcase(client_id, pattern):
+                    return Decision(True, "allow_list", pattern)
             return Decision(False, "not_authorized")
+        name = policy.default.value
         if policy.default is DefaultPolicy.ALL_UNAUTHENTICATED:
-            return Decision(True, "unauthenticated_allowed" if client_id is None else "authenticated")
+            return Decision(True, "unauthenticated_allowed" if client_id is None else "authenticated", name)
         if policy.default is DefaultPolicy.DENY:
             return Decision(False, "denied")
         if client_id is None:
             return Decision(False, "unauthenticated")
-        return Decision(True, "authenticated")
+        return Decision(True, "authenticated", name)

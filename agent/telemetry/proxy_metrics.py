@@ -45,13 +45,14 @@ def target(host: str, port: int) -> str:
     return labels(("target_addr", addr), ("target_ip", host), ("target_port", str(port)))
 
 
-def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None) -> str:
-    """Server-side `tls` labels (inbound accepted connections, inbound HTTP)."""
+def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None, reason: str = "") -> str:
+    """Server-side `tls` labels (inbound accepted connections, inbound HTTP). `reason`: why there
+    is no TLS, when it is not the remote's choice (`port_skipped`: detection is off there)."""
     if mtls:
         return labels(("tls", "true"), ("client_id", client_id or ""))
     if sni is not None:
-        return labels(("tls", "opaque"))  # the app's own TLS; its SNI is not ours to label by
-    return labels(("tls", "no_identity"), ("no_tls_reason", "no_tls_from_remote"))
+        return labels(("tls", "opaque"), ("sni", sni))  # the app's own TLS, passed through
+    return labels(("tls", "no_identity"), ("no_tls_reason", reason or "no_tls_from_remote"))
 
 
 def tls_connect(server_id: str | None) -> str:
@@ -61,22 +62,58 @@ def tls_connect(server_id: str | None) -> str:
     return labels(("tls", "no_identity"), ("no_tls_reason", "not_provided_by_service_discovery"))
 
 
+def server_labels(port: int, policy_name: str) -> str:
+    """linkerd's `srv_*` labels on inbound series: a port's policy is a default Server."""
+    server = (("srv_group", ""), ("srv_kind", "default"), ("srv_name", policy_name))
+    return labels(*server, ("srv_port", str(port)))
+
+
+# Every inbound request takes the one default route, as under linkerd's default policies.
+DEFAULT_ROUTE = labels(("route_group", ""), ("route_kind", "default"), ("route_name", "default"))
+
+
+def authz_labels(rule: str, default_policy: bool) -> str:
+    """linkerd's `authz_*` labels: a default policy (`authz_kind="default"`) or the allow-list
+    entry that admitted the client (`authz_kind="allowlist"`, named by its pattern)."""
+    kind = "default" if default_policy else "allowlist"
+    return labels(("authz_group", ""), ("authz_kind", kind), ("authz_name", rule))
+
+
+def dst_labels(spiffe_id: str) -> str:
+    """linkerd's `dst_namespace` / `dst_serviceaccount` on outbound series, from the identity the
+    catalog expects at the destination (`spiffe://TD/ns/NS/sa/NAME`); "" if it has another shape."""
+    parts = spiffe_id.split("/")
+    if len(parts) != 7 or parts[3] != "ns" or parts[5] != "sa":
+        return ""
+    return labels(("dst_namespace", parts[4]), ("dst_serviceaccount", parts[6]))
+
+
 LOOPBACK = labels(("tls", "no_identity"), ("no_tls_reason", "loopback"))
 
 
 class ConnMetrics:
-    """One leg's transport children, resolved when the leg opens."""
+    """One leg's transport children, resolved when the leg opens. The leg holds them (and its
+    connection's `HttpMetrics`, if any) until it closes: `keep` tells the families they are in
+    use, so a quiet but open connection's series are never dropped as idle."""
 
-    __slots__ = ("base", "opened_at", "owner", "read", "write")
+    __slots__ = ("base", "http", "opened", "opened_at", "owner", "read", "write")
 
     def __init__(self, owner: ProxyMetrics, base: str) -> None:
         self.owner = owner
         self.base = base
         self.opened_at = time.monotonic()
-        owner.tcp_open_total.child(base).value += 1
+        self.opened = owner.tcp_open_total.child(base)
+        self.opened.value += 1
         owner.tcp_open_connections.child(base).value += 1
         self.read = owner.tcp_read_bytes_total.child(base)
         self.write = owner.tcp_write_bytes_total.child(base)
+        self.http: HttpMetrics | None = None
+
+    def keep(self, now: float) -> None:
+        """Mark every child this open connection will still update as in use (at scrape time)."""
+        self.opened.touched = self.read.touched = self.write.touched = now
+        if self.http is not None:
+            self.http.keep(now)
 
     def closed(self, rx: int, tx: int, errno: str) -> None:
         o = self.owner
@@ -90,15 +127,27 @@ class ConnMetrics:
 
 class HttpMetrics:
     """One connection's HTTP children. Status-dependent children are resolved once per status
-    code the connection sees (a keep-alive connection pays the label work once, not per request)."""
+    code the connection sees (a keep-alive connection pays the label work once, not per request).
+    `authz` (inbound only) is the `inbound_http_authz_allow_total` child: the connection was
+    authorized once, and linkerd counts every request it carries."""
 
-    __slots__ = ("base", "by_status", "owner", "requests")
+    __slots__ = ("authz", "base", "by_status", "owner", "requests")
 
-    def __init__(self, owner: ProxyMetrics, base: str) -> None:
+    def __init__(self, owner: ProxyMetrics, base: str, authz_key: str | None = None) -> None:
         self.owner = owner
         self.base = base
         self.requests = owner.request_total.child(base)
+        self.authz = owner.http_authz_allow.child(authz_key) if authz_key is not None else None
         self.by_status: dict[int, tuple[Any, Any]] = {}
+
+    def keep(self, now: float) -> None:
+        self.requests.touched = now
+        if self.authz is not None:
+            self.authz.touched = now
+        for response, latency in self.by_status.values():
+            response.touched = now
+            if latency is not None:
+                latency.touched = now
 
     def _children(self, status: int) -> tuple[Any, Any]:
         """The response counter and latency histogram for `status` (none for 0), resolved once."""
@@ -122,10 +171,12 @@ class HttpMetrics:
     def exchange(self, method: bytes, status: int, latency_s: float) -> None:
         """One finished HTTP exchange (the `Http1Accounting` callback; the method is not a label)."""
         self.requests.value += 1
+        if self.authz is not None:
+            self.authz.value += 1
         response, latency = self.by_status.get(status) or self._children(status)
         response.value += 1
         if latency is not None:  # HistogramChild.observe, inline: this runs for every request
-            ms = latency_s * 1000
+            ms = int(latency_s * 1000)  # whole milliseconds, truncated, as linkerd records them
             latency.counts[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
             latency.sum += ms
             latency.count += 1
@@ -134,6 +185,8 @@ class HttpMetrics:
         """`count` exchanges that ended with `status`, their latencies already bucketed (the
         compiled accounting's drain; buckets None for status 0)."""
         self.requests.value += count
+        if self.authz is not None:
+            self.authz.value += count
         response, latency = self.by_status.get(status) or self._children(status)
         response.value += count
         if latency is not None and buckets is not None:
@@ -166,6 +219,11 @@ class ProxyMetrics:
         self.tcp_close_total = f("tcp_close_total", "Total count of closed connections", "counter")
         self.tcp_connection_duration_ms = f(
             "tcp_connection_duration_ms", "Connection lifetimes", "histogram", LATENCY_BOUNDS_MS
+        )
+        self.http_authz_allow = f(
+            "inbound_http_authz_allow_total",
+            "The total number of inbound HTTP requests that were authorized",
+            "counter",
         )
         self.authz_allow = f(
             "inbound_tcp_authz_allow_total",
@@ -208,6 +266,7 @@ class ProxyMetrics:
             self.tcp_read_bytes_total,
             self.tcp_write_bytes_total,
             self.tcp_connection_duration_ms,
+            self.http_authz_allow,
             self.authz_allow,
             self.authz_deny,
             self.tls_failures,
@@ -218,8 +277,8 @@ class ProxyMetrics:
     def connection(self, base: str) -> ConnMetrics:
         return ConnMetrics(self, base)
 
-    def http(self, base: str) -> HttpMetrics:
-        return HttpMetrics(self, base)
+    def http(self, base: str, authz_key: str | None = None) -> HttpMetrics:
+        return HttpMetrics(self, base, authz_key)
 
     def set_cert_expiry(self, not_after_unix: float) -> None:
         self.cert_expiry.child("").value = not_after_unix
@@ -235,11 +294,13 @@ class ProxyMetrics:
     def render(self, legs: Iterable[LiveLeg]) -> Iterator[str]:
         legs = list(legs)
         self.settle(legs)
+        now = time.monotonic()
         read: dict[str, float] = {}
         write: dict[str, float] = {}
         for leg in legs:
             m = leg.metrics
             if m is not None:
+                m.keep(now)  # before the families drop idle children: these are held
                 read[m.base] = read.get(m.base, 0.0) + leg.rx
                 write[m.base] = write.get(m.base, 0.0) + leg.tx
         for family in self.families():

@@ -32,6 +32,8 @@ scrape_configs:
       - url: https://198.18.1.1:{AUTH_PORT}/v1/prometheus/targets
         refresh_interval: 1s
         tls_config: {{ca_file: {mesh.authority_dir / "api-ca.crt"}}}
+    relabel_configs:  # the README's optional line: Linkerd's Health dashboard selects this job
+      - {{target_label: job, replacement: linkerd-proxy}}
 """)
     mesh.cl.popen(
         "prometheus",
@@ -79,7 +81,9 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     mesh.a.run("curl", "-s", "http://198.18.3.2:8080/fail")
     try:
         wait_for(
-            lambda: len(query(mesh, url, 'up{job="meshagent"} == 1')) == 2, "both hosts scraped", timeout=30
+            lambda: len(query(mesh, url, 'up{job="linkerd-proxy"} == 1')) == 2,
+            "both hosts scraped",
+            timeout=30,
         )
         first = 'sum(response_total{direction="inbound"}) >= 2'
         wait_for(lambda: len(query(mesh, url, first)) == 1, "first request scraped", timeout=30)
@@ -111,6 +115,19 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     assert (ok, failed) == (OK_REQUESTS + 1, FAILED_REQUESTS + 1)
     assert scalar(mesh, url, f'sum(request_total{{{inbound},tls="true",client_id="{WEB}"}})') == 202
     assert scalar(mesh, url, f'sum(response_total{{direction="outbound",server_id="{LEGACY}"}})') == 202
+    # Discovery labels a host as a pod of a deployment named after its service account.
+    target = query(mesh, url, 'up{namespace="shop",deployment="legacy"}')
+    assert [t["metric"]["pod"] for t in target] == [mesh.b.name], target  # type: ignore[index]
+    # linkerd's Server / authorization labels, per request for HTTP; outbound, the destination's.
+    server = 'srv_group="",srv_kind="default",srv_name="all-unauthenticated",srv_port="8080"'
+    authz = 'authz_group="",authz_kind="default",authz_name="all-unauthenticated"'
+    route = 'route_group="",route_kind="default",route_name="default"'
+    assert scalar(mesh, url, f"sum(request_total{{{inbound},{server}}})") == 202
+    http_authz = f'inbound_http_authz_allow_total{{{server},{route},{authz},client_id="{WEB}"}}'
+    assert scalar(mesh, url, f"sum({http_authz})") == 202
+    assert query(mesh, url, f'inbound_tcp_authz_allow_total{{client_id="{WEB}"}}') == []  # HTTP: per request
+    outbound_dst = 'direction="outbound",dst_namespace="shop",dst_serviceaccount="legacy"'
+    assert scalar(mesh, url, f"sum(request_total{{{outbound_dst}}})") == 202
     # Linkerd's dashboard queries.
     success_rate = scalar(
         mesh,

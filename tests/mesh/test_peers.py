@@ -146,6 +146,23 @@ def test_in_cluster_clients_with_mesh_certificates(mesh: Mesh) -> None:
     assert "expired" in log
     assert "unknown ca" in log or "unable to get local issuer" in log or "certificate verify failed" in log
 
+    # The same decisions in linkerd's authorization metrics: each allowed request under the
+    # allow-list entry that admitted it, the refused identity once, as a connection.
+    text = mesh.cl.run("curl", "-sf", f"http://{B}:4191/metrics").stdout
+    server = 'srv_group="",srv_kind="default",srv_name="deny",srv_port="8080"'
+    allowed = (
+        f'inbound_http_authz_allow_total{{target_addr="{B}:8080",target_ip="{B}",target_port="8080",'
+        f'{server},route_group="",route_kind="default",route_name="default",authz_group="",'
+        f'authz_kind="allowlist",authz_name="{TD}/ns/shop/sa/incluster",tls="true",'
+        'client_id="incluster.shop.serviceaccount.identity.linkerd.cluster.local"} 2'
+    )
+    assert allowed in text.splitlines(), text
+    denied = (
+        f'inbound_tcp_authz_deny_total{{target_addr="{B}:8080",target_ip="{B}",target_port="8080",'
+        f'{server},tls="true",client_id="other.shop.serviceaccount.identity.linkerd.cluster.local"}} 1'
+    )
+    assert denied in text.splitlines(), text
+
 
 def test_openssl_s_server_with_a_mesh_certificate_is_a_valid_destination(mesh: Mesh) -> None:
     """A's agent originates mTLS to a server that is not meshagent; a wrong identity is refused."""

@@ -8,6 +8,7 @@ import pytest
 
 from agent.proxy.http1 import new_accounting
 from agent.telemetry import metrics as m
+from agent.telemetry import proxy_metrics as pmod
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS, ProxyMetrics
 from agent.telemetry.stat import StatWindow
 
@@ -43,6 +44,56 @@ def test_idle_series_are_dropped_but_used_ones_stay(monkeypatch: pytest.MonkeyPa
         child.value += 1
     text = "\n".join(fam.render())
     assert ('request_total{direction="inbound"}' in text) is in_use
+
+
+def test_a_quiet_open_connection_keeps_its_series_past_the_idle_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A pooled keep-alive connection that is silent for longer than retain_idle: its children are
+    # held, so what it carries later (and its bytes, settled at close) still count.
+    now = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    pm = ProxyMetrics()
+    conn = pm.connection('direction="inbound",peer="src"')
+    http = pm.http('direction="inbound"')
+    conn.http = http
+    acct = new_accounting(http)
+
+    class Leg:
+        rx, tx = 0, 0
+        tap: Any = None
+        accounting: Any = None
+        metrics: Any = None
+
+    client, server = Leg(), Leg()
+    client.metrics = conn
+    acct.attach(client, server)
+
+    def exchange() -> None:
+        client.tap(b"GET / HTTP/1.1\r\n\r\n")
+        server.tap(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+
+    exchange()
+    list(pm.render([client, server]))
+    for _ in range(3):  # half an hour of silence, scraped every ten minutes
+        now[0] += 700
+        text = "\n".join(pm.render([client, server]))
+        assert 'tcp_open_total{direction="inbound",peer="src"} 1' in text
+        assert 'request_total{direction="inbound"} 1' in text
+    exchange()
+    exchange()
+    client.rx = 9000
+    conn.closed(9000, 120, "")
+    acct.closed()
+    text = "\n".join(pm.render([]))
+    assert 'request_total{direction="inbound"} 3' in text
+    assert 'response_total{direction="inbound",status_code="200",classification="success"' in text
+    assert 'tcp_read_bytes_total{direction="inbound",peer="src"} 9000' in text
+    # Closed and then idle: now they go.
+    now[0] += 1300
+    list(pm.render([]))
+    text = "\n".join(pm.render([]))
+    assert "request_total{" not in text and "tcp_read_bytes_total{" not in text
 
 
 def test_open_connection_bytes_count_before_close() -> None:
@@ -114,3 +165,15 @@ def test_stat_snapshots_include_open_connections_requests() -> None:
 def test_linkerd_latency_buckets() -> None:
     assert LATENCY_BOUNDS_MS[:6] == (1, 2, 3, 4, 5, 10) and LATENCY_BOUNDS_MS[-1] == 50000
     assert len(LATENCY_BOUNDS_MS) == 25
+
+
+def test_linkerd_tls_and_destination_labels() -> None:
+    assert pmod.tls_accept(None, False, sni="shop.example") == 'tls="opaque",sni="shop.example"'
+    assert pmod.tls_accept(None, False, reason="port_skipped") == (
+        'tls="no_identity",no_tls_reason="port_skipped"'
+    )
+    assert pmod.tls_accept(None, False) == 'tls="no_identity",no_tls_reason="no_tls_from_remote"'
+    assert pmod.dst_labels("spiffe://cluster.local/ns/shop/sa/legacy") == (
+        'dst_namespace="shop",dst_serviceaccount="legacy"'
+    )
+    assert pmod.dst_labels("spiffe://cluster.local/workload/x") == ""
