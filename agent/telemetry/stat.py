@@ -37,10 +37,13 @@ def group_of(labels: dict[str, str]) -> tuple[str, str] | None:
 
 @dataclass
 class Snapshot:
+    """The counters at one moment, per series (label string): a window's difference is taken
+    per series, so a series dropped as idle in between (its delta is zero) takes nothing away,
+    and one that restarted from zero counts from zero, as Prometheus' rate() treats resets."""
+
     at: float
-    success: dict[tuple[str, str], float]
-    failure: dict[tuple[str, str], float]
-    buckets: dict[tuple[str, str], list[int]]
+    responses: dict[str, float]
+    buckets: dict[str, list[int]]
 
 
 def quantile(q: float, counts: list[int], bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> float | None:
@@ -58,6 +61,10 @@ def quantile(q: float, counts: list[int], bounds: tuple[float, ...] = LATENCY_BO
             return lower + (float(bounds[i]) - lower) * (rank - cumulative) / count
         cumulative += count
     return float(bounds[-1])
+
+
+def _delta(now: float, then: float | None) -> float:
+    return now if then is None or now < then else now - then
 
 
 class StatWindow:
@@ -78,24 +85,13 @@ class StatWindow:
     def _take(self) -> Snapshot:
         if self.settle is not None:
             self.settle()
-        success: dict[tuple[str, str], float] = {}
-        failure: dict[tuple[str, str], float] = {}
-        buckets: dict[tuple[str, str], list[int]] = {}
-        for key, child in self.metrics.response_total.children.items():
-            labels = parse_labels(key)
-            group = group_of(labels)
-            if group is None:
-                continue
-            target = success if labels.get("classification") == "success" else failure
-            target[group] = target.get(group, 0.0) + child.value
-        for key, child in self.metrics.response_latency_ms.children.items():
-            group = group_of(parse_labels(key))
-            if group is None or not isinstance(child, HistogramChild):
-                continue
-            acc = buckets.setdefault(group, [0] * len(child.counts))
-            for i, c in enumerate(child.counts):
-                acc[i] += c
-        return Snapshot(self.clock(), success, failure, buckets)
+        responses = {key: child.value for key, child in self.metrics.response_total.children.items()}
+        buckets = {
+            key: list(child.counts)
+            for key, child in self.metrics.response_latency_ms.children.items()
+            if isinstance(child, HistogramChild)
+        }
+        return Snapshot(self.clock(), responses, buckets)
 
     def snapshot(self) -> None:
         self.ring.append(self._take())
@@ -121,16 +117,31 @@ class StatWindow:
             if snap.at <= now.at - window_s:
                 start = snap
         elapsed = max(now.at - start.at, 1e-9)
+        success: dict[tuple[str, str], float] = {}
+        failure: dict[tuple[str, str], float] = {}
+        for key, value in now.responses.items():
+            labels = parse_labels(key)
+            group = group_of(labels)
+            if group is not None:
+                into = success if labels.get("classification") == "success" else failure
+                into[group] = into.get(group, 0.0) + _delta(value, start.responses.get(key))
+        latency: dict[tuple[str, str], list[int]] = {}
+        for key, counts in now.buckets.items():
+            group = group_of(parse_labels(key))
+            if group is None:
+                continue
+            then = start.buckets.get(key)
+            if then is not None and sum(then) > sum(counts):
+                then = None  # restarted
+            acc = latency.setdefault(group, [0] * len(counts))
+            for i, c in enumerate(counts):
+                acc[i] += c - (then[i] if then is not None else 0)
         tcp = self._open_connections()
-        groups = set(now.success) | set(now.failure) | set(tcp)
         rows = []
-        for group in sorted(groups):
-            ok = now.success.get(group, 0.0) - start.success.get(group, 0.0)
-            bad = now.failure.get(group, 0.0) - start.failure.get(group, 0.0)
+        for group in sorted(set(success) | set(failure) | set(tcp)):
+            ok, bad = success.get(group, 0.0), failure.get(group, 0.0)
             total = ok + bad
-            new = now.buckets.get(group, [])
-            old = start.buckets.get(group, [0] * len(new))
-            delta = [a - b for a, b in zip(new, old, strict=False)]
+            delta = latency.get(group, [])
             p50, p95, p99 = (quantile(q, delta) for q in (0.5, 0.95, 0.99))
             rows.append(
                 {

@@ -177,3 +177,25 @@ def test_linkerd_tls_and_destination_labels() -> None:
         'dst_namespace="shop",dst_serviceaccount="legacy"'
     )
     assert pmod.dst_labels("spiffe://cluster.local/workload/x") == ""
+
+
+def test_stat_window_is_not_thrown_by_a_series_dropped_as_idle(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(m.time, "monotonic", lambda: now[0])
+    pm = ProxyMetrics()
+    http = pm.http('direction="inbound",tls="true",client_id="web"')
+    one_ms = [1] + [0] * len(LATENCY_BOUNDS_MS)
+    http.add(200, 5, [5] + [0] * len(LATENCY_BOUNDS_MS), 5.0)
+    http.add(500, 1, one_ms, 1.0)
+    list(pm.render([]))
+    window = StatWindow(pm, clock=lambda: now[0])
+    now[0] += 650
+    http.add(500, 1, one_ms, 1.0)
+    window.snapshot()  # the window's start: 5 successes, 2 failures
+    list(pm.render([]))  # the 200 series, idle for 650 s, is dropped here
+    assert not any('status_code="200"' in key for key in pm.response_total.children)
+    now[0] += 10
+    http.add(500, 2, [2] + [0] * len(LATENCY_BOUNDS_MS), 2.0)
+    (row,) = window.query(10)
+    assert (row["requests"], row["success_rate"], row["rps"]) == (2, 0.0, 0.2)
+    assert row["latency_p99_ms"] is not None and row["latency_p99_ms"] <= 1
