@@ -9,12 +9,14 @@ import time
 
 import pytest
 
+from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS
 from tests.mesh import apps
 from tests.mesh.conftest import AUTH_PORT, MESHAGENT, Mesh, wait_for
 
 pytestmark = pytest.mark.netns
 
 OK_REQUESTS, FAILED_REQUESTS = 150, 50
+PACED_RPS, PACED_S = 20, 24  # the steady traffic that requests/s and latency are read against
 # client_id / server_id carry the mesh DNS name, as linkerd-proxy's do.
 WEB = "web.shop.serviceaccount.identity.linkerd.cluster.local"
 LEGACY = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"
@@ -58,6 +60,24 @@ def query(mesh: Mesh, url: str, promql: str) -> list[dict[str, object]]:
     result = doc["data"]["result"]
     assert isinstance(result, list)
     return result
+
+
+def bucket_bound(ms: float) -> float:
+    """The upper bound of the latency bucket that holds `ms` (what a bucketed quantile can say)."""
+    return float(next((b for b in LATENCY_BOUNDS_MS if ms <= b), LATENCY_BOUNDS_MS[-1]))
+
+
+PACED_CLIENT = f"""
+import json, time, urllib.request
+lat, n, start = [], 0, time.perf_counter()
+while time.perf_counter() - start < {PACED_S}:
+    time.sleep(max(0.0, start + n / {PACED_RPS} - time.perf_counter()))
+    t = time.perf_counter()
+    urllib.request.urlopen("http://198.18.3.2:8080/", timeout=5).read()
+    lat.append((time.perf_counter() - t) * 1000)
+    n += 1
+print(json.dumps({{"rps": n / (time.perf_counter() - start), "latencies": sorted(lat)}}))
+"""
 
 
 def scalar(mesh: Mesh, url: str, promql: str) -> float:
@@ -167,6 +187,35 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     assert row["latency_p50_ms"] is not None and row["latency_p50_ms"] <= max(5.0, latencies[100] * 2)
     table = mesh.b.run(*MESHAGENT, "stat", "--config", str(b.config)).stdout
     assert f"{151 / 202 * 100:.2f}%" in table and WEB in table
+
+    # Steady traffic paced by the client: while it runs, Linkerd's requests/s and p99 queries
+    # and `meshagent stat` (a 10 s window) read what the client measured. Each request's time
+    # in the proxies is part of the client's, so bucketed p99s stay within the client's bucket.
+    load = mesh.a.popen("python3", "-c", PACED_CLIENT)
+    time.sleep(PACED_S - 6)  # past stat's 10 s window plus a 5 s snapshot interval of traffic
+    prom_rps = scalar(mesh, url, f"sum(rate(request_total{{{inbound}}}[10s]))")
+    prom_p99 = scalar(
+        mesh,
+        url,
+        f"histogram_quantile(0.99, sum(rate(response_latency_ms_bucket{{{inbound}}}[10s])) by (le))",
+    )
+    stat = json.loads(
+        mesh.b.run(*MESHAGENT, "stat", "--json", "--window", "10", "--config", str(b.config)).stdout
+    )
+    out, err = load.communicate(timeout=60)
+    assert load.returncode == 0, err
+    client = json.loads(out)
+    row = next(r for r in stat["rows"] if r["direction"] == "inbound" and r["peer_identity"] == WEB)
+    client_p99 = bucket_bound(client["latencies"][int(len(client["latencies"]) * 0.99) - 1])
+    print(
+        f"\npaced: client {client['rps']:.2f} req/s (p99 bucket {client_p99} ms), prometheus {prom_rps:.2f}"
+    )
+    print(f"req/s (p99 {prom_p99:.2f} ms), stat {row['rps']:.2f} req/s (p99 {row['latency_p99_ms']:.2f} ms)")
+    assert prom_rps == pytest.approx(client["rps"], rel=0.15), (prom_rps, client["rps"])
+    assert row["rps"] == pytest.approx(client["rps"], rel=0.15), (row, client["rps"])
+    assert row["success_rate"] == 1.0, row
+    assert 0 < prom_p99 <= client_p99 and 0 < row["latency_p99_ms"] <= client_p99, (prom_p99, row)
+    assert 0 < row["latency_p50_ms"] <= bucket_bound(client["latencies"][len(client["latencies"]) // 2])
 
     # Those counts are the compiled accounting's (status says which one the daemon runs).
     status = json.loads(mesh.b.run(*MESHAGENT, "status", "--json", "--config", str(b.config)).stdout)
