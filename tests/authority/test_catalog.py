@@ -99,3 +99,28 @@ def test_host_config_needs_the_current_host_token(authority: AuthorityProcess, t
         f"{authority.url}/v1/host/config", verify=authority.tls, headers={"Authorization": f"Bearer {first}"}
     )
     assert old.status_code == 401
+
+
+def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess, tmp_path: Path) -> None:
+    def targets(query: str = "") -> httpx.Response:
+        return httpx.get(f"{authority.url}/v1/prometheus/targets{query}", verify=authority.tls)
+
+    empty = targets()  # the whole list each time, `[]` when there is nobody (http_sd_configs)
+    assert (empty.status_code, empty.headers["content-type"], empty.json()) == (200, "application/json", [])
+    _enroll(authority, tmp_path / "web", "shop/web", "198.18.0.10")
+    _enroll(authority, tmp_path / "db", "shop/db", "2001:db8::20")
+    hosts = {h["identity"]: h for h in cli_json("authority", "hosts", "--dir", str(authority.directory))}
+    doc = targets("?port=9191").json()
+    assert sorted(group["targets"][0] for group in doc) == ["198.18.0.10:9191", "[2001:db8::20]:9191"]
+    db = next(group["labels"] for group in doc if group["labels"]["serviceaccount"] == "db")
+    assert db == {
+        "namespace": "shop",
+        "serviceaccount": "db",
+        "identity": "spiffe://cluster.local/ns/shop/sa/db",
+        "host": hosts["shop/db"]["host_name"],
+        "host_id": hosts["shop/db"]["id"],
+        "deployment": "db",  # Linkerd's dashboards: the service account's hosts are its pods
+        "pod": hosts["shop/db"]["host_name"],
+    }
+    cli_json("authority", "revoke", hosts["shop/web"]["id"], "--dir", str(authority.directory))
+    assert [group["labels"]["serviceaccount"] for group in targets().json()] == ["db"]
