@@ -3,19 +3,25 @@
 this module, which watches a connection's two byte streams as they are
 relayed (never changes or holds them) and reports each finished exchange.
 
-For each request: the method, the response's status code, and the latency from the request's
-head to the end of the response (what linkerd's `response_latency_ms` measures). It follows
-message framing only: Content-Length, chunked transfer coding, responses without a body
-(HEAD, 1xx, 204, 304) and bodies that end with the connection; pipelined requests queue up.
-A `101 Switching Protocols`, a CONNECT or a message that is not HTTP/1 ends accounting for the
-connection (the bytes still flow; they are just not counted as requests).
+For each request: the method, the response's status code, and the latency linkerd's
+`response_latency_ms` measures: from the end of the request's head to the first byte of the
+response's body (the read that brings it), or to the end of the response when it has no body
+bytes (HEAD, 204, 304, an empty body, a 101); linkerd records it at the response body's
+first frame (linkerd/http/metrics/src/requests/service.rs). The sink makes that whole
+milliseconds, truncated, as linkerd does. An exchange is reported when its response ends (one
+cut short after its head: status 0, no response, as before). It follows message framing only:
+Content-Length, chunked transfer coding, responses without a body (HEAD, 1xx, 204, 304) and
+bodies that end with the connection; pipelined requests queue up, each response answering (and
+timed from) the oldest. A `101 Switching Protocols`, a CONNECT or a message that is not HTTP/1
+ends accounting for the connection (the bytes still flow; they are just not counted as requests).
 
 Parsing is llhttp's, through httptools, and it runs for every request of every connection on
 both proxies, so Python frames are what it costs: `attach()` makes the relay's legs call the
 parsers' `feed_data` themselves (C), and an exchange runs one Python callback for its request and
-one for its response. httptools cannot be told that a response answers a HEAD (no body, whatever
-its Content-Length says), so once a connection sends HEAD its responses are framed by the small
-Python framer below (which gives up on a head over 64 KiB).
+one for its response, plus one for each span of response body bytes in a read (llhttp's
+`on_body`, which times the first body byte). httptools cannot be told that a response answers a
+HEAD (no body, whatever its Content-Length says), so once a connection sends HEAD its responses
+are framed by the small Python framer below (which gives up on a head over 64 KiB).
 """
 
 from __future__ import annotations
@@ -41,9 +47,10 @@ OnExchange = Callable[[bytes, int, float], None]
 
 
 class HttpSink(Protocol):
-    """Where results go (`HttpMetrics`): one exchange at a time from the Python accounting, or
-    totals per status code (buckets: the latency histogram's, None for status 0) from the
-    compiled one's drain."""
+    """Where results go (`HttpMetrics`): one exchange at a time from the Python accounting (its
+    latency in seconds, which the sink truncates to whole milliseconds), or totals per status code
+    from the compiled one's drain (buckets: the latency histogram's, None for status 0; the
+    latencies were truncated to whole milliseconds before they were bucketed and summed)."""
 
     def exchange(self, method: bytes, status: int, latency_s: float) -> None: ...
     def add(self, status: int, count: int, buckets: list[int] | None, sum_ms: float) -> None: ...
@@ -78,11 +85,13 @@ def new_accounting(sink: HttpSink, clock: Callable[[], float] | None = None) -> 
 
 class Http1Accounting:
     """Feed it `client(data)` and `server(data)` as bytes cross; `on_exchange(method, status,
-    latency_s)` is called once per finished exchange (status 0: no response came). `closed()`
-    at the end settles what is still open."""
+    latency_s)` is called once per finished exchange (status 0: no response came), `latency_s`
+    running from the request's head to its response's first body byte (or end, if it had none).
+    `closed()` at the end settles what is still open."""
 
     __slots__ = (
         "active",
+        "answered",
         "client_on",
         "clock",
         "head_framer",
@@ -100,6 +109,7 @@ class Http1Accounting:
         self.clock = clock
         self.pending: deque[tuple[bytes, float]] = deque()  # requests awaiting their response
         self.status = 0  # of the response being completed
+        self.answered: float | None = None  # when the response in progress's first body byte came
         # Empty while a response is in progress: the parser's on_message_begin is this list's
         # clear (a C call, no Python frame per response), on_message_complete refills it.
         self.idle: list[bool] = [True]
@@ -203,9 +213,17 @@ class Http1Accounting:
             self._retap()
 
     def _finish(self) -> None:
+        """The response in progress ended: it answers the oldest waiting request."""
+        answered, self.answered = self.answered, None
         if self.pending:
             method, started = self.pending.popleft()
-            self.on_exchange(method, self.status, self.clock() - started)
+            ended = self.clock() if answered is None else answered
+            self.on_exchange(method, self.status, ended - started)
+
+    def _answered(self) -> None:
+        """A body byte of the response in progress: the first one ends its latency."""
+        if self.answered is None:
+            self.answered = self.clock()
 
     def _stop(self) -> None:
         self.active = self.client_on = False
@@ -242,19 +260,28 @@ class _ResponseEvents:
         self.acct = acct
         self.on_message_begin = acct.idle.clear
 
+    def on_body(self, body: bytes) -> None:
+        acct = self.acct
+        if acct.answered is None:  # the first body bytes: the latency ends here
+            acct.answered = acct.clock()
+
     def on_message_complete(self) -> None:
         acct = self.acct
         acct.idle.append(True)
         status = acct.status = acct.responses.get_status_code()  # type: ignore[union-attr]
-        # Other 1xx are interim: the response follows.
-        if (status >= 200 or status == 101) and acct.pending:
-            method, started = acct.pending.popleft()
-            acct.on_exchange(method, status, acct.clock() - started)
+        # Other 1xx are interim: the response follows (they have no body). `_finish`, inline.
+        if status >= 200 or status == 101:
+            answered, acct.answered = acct.answered, None
+            if acct.pending:
+                method, started = acct.pending.popleft()
+                ended = acct.clock() if answered is None else answered
+                acct.on_exchange(method, status, ended - started)
 
 
 class _ResponseFramer:
     """Response framing in Python, for connections that sent HEAD: head, then a body of known,
-    chunked or close-delimited length, or none (HEAD, 1xx, 204, 304)."""
+    chunked or close-delimited length, or none (HEAD, 1xx, 204, 304). The first body byte it
+    passes over ends the response's latency (`_answered`)."""
 
     __slots__ = ("acct", "buf", "chunk_left", "length", "mode")
 
@@ -271,6 +298,7 @@ class _ResponseFramer:
             if self.mode == "head":
                 pos = self._head(data, pos)
             elif self.mode == "eof":  # everything until the close
+                self.acct._answered()
                 return
             else:
                 pos = self._body(data, pos)
@@ -323,12 +351,14 @@ class _ResponseFramer:
         """Advance through body bytes from `pos`; returns where the rest starts."""
         mode, end = self.mode, len(data)
         if mode == "length":
+            self.acct._answered()
             take = min(self.length, end - pos)
             self.length -= take
             if self.length == 0:
                 self._done()
             return pos + take
         if mode == "chunk-data":
+            self.acct._answered()
             take = min(self.chunk_left, end - pos)
             self.chunk_left -= take
             if self.chunk_left == 0:

@@ -11,13 +11,20 @@ a count, the latency histogram's buckets and their sum. Nothing in Python runs p
 `drain()` hands those totals to the sink (`HttpMetrics.add`); the connection's end drains, and
 so do /metrics and the stat snapshots, through the live legs (`ProxyMetrics.settle`).
 
-Latency runs from the end of a request's head to the end of its response, as linkerd's
-`response_latency_ms`. A CONNECT, an Upgrade request or a 101 response, bytes that are not
-HTTP/1, a head or chunk line over 64 KiB, or more than 64 requests awaiting their responses
-end accounting for the connection (its bytes still flow).
+Latency is linkerd's `response_latency_ms`: from the end of a request's head to the first byte of
+its response's body (the read that brings it), or to the end of the response when it has no body
+bytes (HEAD, 204, 304, an empty Content-Length or chunked body, a 101), in whole milliseconds,
+truncated: linkerd/http/metrics/src/requests/service.rs records it at the response body's first
+frame, linkerd/metrics/src/latency.rs makes the Duration whole milliseconds, and those go into
+the buckets and the sum. An exchange is still counted when its response ends: one cut short
+after its head counts as no response (status 0), as before. Pipelined requests wait in a ring;
+each response answers, and is timed from, the oldest. A CONNECT, an Upgrade request or a 101
+response, bytes that are not HTTP/1, a head or chunk line over 64 KiB, or more than 64 requests
+awaiting their responses end accounting for the connection (its bytes still flow).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.math cimport llround
 from libc.string cimport memchr, memcmp, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -36,7 +43,7 @@ cdef enum:
 
 
 assert len(LATENCY_BOUNDS_MS) == NBOUNDS
-cdef double BOUNDS_MS[NBOUNDS]
+cdef long long BOUNDS_MS[NBOUNDS]
 for _i, _bound in enumerate(LATENCY_BOUNDS_MS):
     BOUNDS_MS[_i] = _bound
 
@@ -70,21 +77,24 @@ cdef struct Framing:
 cdef struct Slot:
     int status
     long long count
-    double sum_ms
+    double sum_ms  # of whole milliseconds
     long long buckets[NBOUNDS + 1]
 
 
 cdef class Http1Accounting:
     """Feed it `client(data)` and `server(data)` (or `attach` it to the relay's legs);
     `closed()` at the end. Results go to `sink.add(status, count, buckets, sum_ms)` on
-    `drain()` (buckets None for status 0: no response came)."""
+    `drain()` (buckets None for status 0: no response came; latencies bucketed and summed in
+    whole milliseconds, truncated, as linkerd's)."""
 
     cdef Stream req, resp
     cdef bytes req_stash, resp_stash  # the unfinished head or line at the end of the last read
-    cdef double started[PIPELINE]  # ring of requests awaiting their response: head's time
+    cdef long long started[PIPELINE]  # ring of requests awaiting their response: head's time (ns)
     cdef bint to_head[PIPELINE]  # ... and whether it was HEAD (its response has no body)
     cdef int first, waiting
     cdef int status  # of the response being read
+    cdef long long answered  # ... when its first body byte came (ns), if `has_answered`
+    cdef bint has_answered
     cdef Slot slots[SLOTS]
     cdef int nslots
     cdef readonly bint active
@@ -176,6 +186,8 @@ cdef class Http1Accounting:
                     self._response_head(p + pos, used)
                 pos += used
             elif mode == LENGTH or mode == CHUNK_DATA:
+                if not request and not self.has_answered:
+                    self._answered()  # the response's first body byte: its latency ends here
                 used = n - pos if s.left > n - pos else <Py_ssize_t>s.left
                 s.left -= used
                 pos += used
@@ -184,7 +196,11 @@ cdef class Http1Accounting:
                         self._message_done(s, request)
                     else:
                         s.mode = CHUNK_END
-            elif mode == UNTIL_CLOSE or mode == OFF:
+            elif mode == UNTIL_CLOSE:
+                if not self.has_answered:  # (only responses run to the close)
+                    self._answered()
+                return 0
+            elif mode == OFF:
                 return 0
             else:  # CHUNK_SIZE, CHUNK_END, TRAILERS: a line at a time
                 nl = <const char*>memchr(p + pos, c'\n', n - pos)
@@ -326,11 +342,20 @@ cdef class Http1Accounting:
 
     # --- results ------------------------------------------------------------------------
 
+    cdef int _answered(self) except -1:
+        self.answered = self._now()
+        self.has_answered = True
+        return 0
+
     cdef int _complete(self, int status) except -1:
-        """The oldest waiting request got its answer (status 0: none)."""
+        """The oldest waiting request got its answer (status 0: none). Its latency ends at the
+        response's first body byte, or now if it had none (linkerd records it at the body's first
+        frame, which for a bodiless response is its end)."""
+        cdef bint had_body = self.has_answered
+        self.has_answered = False  # the next response starts afresh, whatever happens here
         if self.waiting == 0:
             return 0  # a response nobody asked for (a 408 before closing, say): not an exchange
-        cdef double started = self.started[self.first]
+        cdef long long started = self.started[self.first]
         self.first = (self.first + 1) % PIPELINE
         self.waiting -= 1
         cdef int i = 0
@@ -346,7 +371,9 @@ cdef class Http1Accounting:
         slot.count += 1
         if status == 0:
             return 0
-        cdef double ms = (self._now() - started) * 1000.0
+        cdef long long elapsed = (self.answered if had_body else self._now()) - started
+        # Whole milliseconds, truncated, as linkerd's `Ms` into u64 (saturating at zero).
+        cdef long long ms = elapsed // 1000000 if elapsed > 0 else 0
         cdef int bucket = 0
         while bucket < NBOUNDS and BOUNDS_MS[bucket] < ms:
             bucket += 1
@@ -354,12 +381,13 @@ cdef class Http1Accounting:
         slot.sum_ms += ms
         return 0
 
-    cdef double _now(self) except? -1.0:
+    cdef long long _now(self) except? -1:
+        """Monotonic time in nanoseconds (a test's clock gives seconds)."""
         cdef timespec ts
         if self.clock is not None:
-            return self.clock()
+            return llround(self.clock() * 1e9)
         clock_gettime(CLOCK_MONOTONIC, &ts)
-        return ts.tv_sec + ts.tv_nsec * 1e-9
+        return ts.tv_sec * 1000000000LL + ts.tv_nsec
 
     cdef int _stop(self) except -1:
         self.req.mode = self.resp.mode = OFF

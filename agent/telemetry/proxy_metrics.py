@@ -176,7 +176,9 @@ class HttpMetrics:
         response, latency = self.by_status.get(status) or self._children(status)
         response.value += 1
         if latency is not None:  # HistogramChild.observe, inline: this runs for every request
-            ms = int(latency_s * 1000)  # whole milliseconds, truncated, as linkerd records them
+            # Whole milliseconds, truncated, as linkerd records them (via nanoseconds: 1.001 - 1.0
+            # is 0.00099999... in floats, and must still be 1 ms).
+            ms = round(latency_s * 1e9) // 1_000_000
             latency.counts[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
             latency.sum += ms
             latency.count += 1

@@ -4,33 +4,49 @@ split at every possible point."""
 from __future__ import annotations
 
 import random
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from agent.proxy import http1, http1_framer
+from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS, ProxyMetrics
 
 IMPLEMENTATIONS = ["compiled", "python"]
 
 
 class Recorder:
-    """A sink (HttpMetrics' interface) that keeps the status code of every exchange it hears of."""
+    """A sink (HttpMetrics' interface) that keeps the status code of every exchange it hears of,
+    and the latency histogram and sums per status code. The Python accounting hands it seconds,
+    which it makes whole milliseconds, truncated, as HttpMetrics.exchange does (here by way of
+    whole nanoseconds, as linkerd's Duration, so that the tests' decimal clock times do not come
+    out a float's hair under a whole millisecond); the compiled one's totals come in whole
+    milliseconds already."""
 
     def __init__(self) -> None:
         self.statuses: list[int] = []
         self.sum_ms = 0.0
+        self.sums: dict[int, float] = {}  # status: sum of latencies (ms)
+        self.buckets = [0] * (len(LATENCY_BOUNDS_MS) + 1)
 
     def exchange(self, method: bytes, status: int, latency_s: float) -> None:
         self.statuses.append(status)
         if status:
-            self.sum_ms += latency_s * 1000
+            ms = round(latency_s * 1e9) // 1_000_000
+            self.buckets[bisect_left(LATENCY_BOUNDS_MS, ms)] += 1
+            self.sum_ms += ms
+            self.sums[status] = self.sums.get(status, 0) + ms
 
     def add(self, status: int, count: int, buckets: list[int] | None, sum_ms: float) -> None:
         assert (buckets is None) == (status == 0)
         assert buckets is None or sum(buckets) == count
+        assert sum_ms == int(sum_ms)  # whole milliseconds
         self.statuses.extend([status] * count)
-        self.sum_ms += sum_ms
+        if buckets is not None:
+            self.buckets = [a + b for a, b in zip(self.buckets, buckets, strict=True)]
+            self.sum_ms += sum_ms
+            self.sums[status] = self.sums.get(status, 0) + sum_ms
 
 
 def make(impl: str, sink: Recorder, clock: Callable[[], float] = lambda: 0.0) -> Any:
@@ -85,6 +101,7 @@ CHUNKED = (
 )
 POST = b"POST /p HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody"
 POST_CHUNKED = b"POST /p HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\n\r\n"
+EMPTY_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -193,19 +210,187 @@ def test_huge_head_stops_accounting_without_error(impl: str) -> None:
     assert run(impl, [b"GET / HTTP/1.1\r\nX: " + b"a" * 70000], [OK]) == []
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-def test_latency_runs_from_request_head_to_response_end(impl: str) -> None:
-    now = [0.0]
-    sink = Recorder()
-    acct = make(impl, sink, clock=lambda: now[0])
-    acct.client(GET)
-    now[0] = 0.25
-    acct.server(OK[:-2])
-    now[0] = 0.5
-    acct.server(OK[-2:])
+class Clock:
+    """A test clock: `at(ms)` sets the time the next reads happen at."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def at(self, ms: float) -> None:
+        self.now = ms / 1000
+
+
+def run_timed(impl: str, steps: list[tuple[float, str, bytes]], close_at: float | None = None) -> Recorder:
+    """Each step's bytes are read at its time (ms, from 0), by "client" or "server"; then the
+    connection closes (at `close_at`) and the totals are drained."""
+    sink, clock = Recorder(), Clock()
+    acct = make(impl, sink, clock)
+    for ms, side, data in steps:
+        clock.at(ms)
+        getattr(acct, side)(data)
+    if close_at is not None:
+        clock.at(close_at)
+        acct.closed()
     acct.drain()
-    assert sink.statuses == [200]
-    assert sink.sum_ms == 500.0
+    return sink
+
+
+TEN_MS_FRAMINGS = [
+    # (request, response head with its first body bytes, the rest of the body)
+    (GET, b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe", b"llo"),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe", b"llo\r\n0\r\n\r\n"),
+    (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n", b"0\r\nX: 1\r\n\r\n"),
+    # After a HEAD the Python accounting frames responses itself (_ResponseFramer).
+    (
+        b"HEAD / HTTP/1.1\r\n\r\n" + GET,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe",
+        b"llo",
+    ),
+    (
+        b"HEAD / HTTP/1.1\r\n\r\n" + GET,
+        b"HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhe",
+        b"llo\r\n0\r\n\r\n",
+    ),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("request_", "head", "rest"),
+    TEN_MS_FRAMINGS,
+    ids=["length", "chunked", "chunked-trailers", "after-head-length", "after-head-chunked"],
+)
+def test_latency_ends_when_the_response_head_and_first_body_bytes_are_in(
+    impl: str, request_: bytes, head: bytes, rest: bytes
+) -> None:
+    # linkerd records response_latency_ms at the response body's first frame, not at its end:
+    # a response whose head (and first body bytes) came at 10 ms and whose body ended at 500 ms
+    # is a 10 ms response.
+    sink = run_timed(impl, [(0, "client", request_), (10, "server", head), (500, "server", rest)])
+    exchanges = request_.count(b"HTTP/1.1")  # the HEAD's response has no body: 10 ms too
+    assert sink.statuses == [200] * exchanges
+    assert sink.sum_ms == 10.0 * exchanges
+    assert sink.buckets[LATENCY_BOUNDS_MS.index(10)] == exchanges
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_latency_ends_at_the_first_body_byte_when_the_head_came_alone(impl: str) -> None:
+    # The body's first frame is its first bytes: a head alone at 10 ms, "5\r\n" at 20 ms (no data
+    # yet), the first data at 40 ms, the end at 500 ms: 40 ms.
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    steps = [(0, "client", GET), (10, "server", head), (20, "server", b"5\r\n")]
+    steps += [(40, "server", b"he"), (500, "server", b"llo\r\n0\r\n\r\n")]
+    assert run_timed(impl, steps).sum_ms == 40.0
+    steps = [(0, "client", GET), (10, "server", OK[:-5]), (40, "server", OK[-5:-2])]
+    assert run_timed(impl, [*steps, (500, "server", OK[-2:])]).sum_ms == 40.0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("request_", "response"),
+    [
+        (GET, EMPTY_OK),
+        (GET, b"HTTP/1.1 204 No Content\r\n\r\n"),
+        (GET, b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+        (GET, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        (b"HEAD / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"),
+        (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", b"HTTP/1.1 101 Switching Protocols\r\n\r\n"),
+    ],
+    ids=["empty", "204", "304", "empty-chunked", "head", "101"],
+)
+def test_a_response_without_body_bytes_ends_its_latency_at_its_end(
+    impl: str, request_: bytes, response: bytes
+) -> None:
+    steps = [(0, "client", request_), (3, "server", b"HTTP/1.1 100 Continue\r\n\r\n")]
+    sink = run_timed(impl, [*steps, (10, "server", response[:-2]), (12, "server", response[-2:])])
+    assert len(sink.statuses) == 1 and sink.sum_ms == 12.0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_body_that_runs_to_the_close(impl: str) -> None:
+    head = b"HTTP/1.0 200 OK\r\n\r\n"
+    sink = run_timed(impl, [(0, "client", GET), (10, "server", head), (25, "server", b"body")], close_at=500)
+    assert sink.statuses == [200] and sink.sum_ms == 25.0
+    sink = run_timed(impl, [(0, "client", GET), (10, "server", head)], close_at=500)
+    assert sink.statuses == [200] and sink.sum_ms == 500.0  # no body bytes: its end, the close
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_response_cut_short_after_its_first_bytes_is_still_no_response(impl: str) -> None:
+    sink = run_timed(impl, [(0, "client", GET), (10, "server", OK[:-2])], close_at=500)
+    assert sink.statuses == [0] and sink.sum_ms == 0.0
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_response_nobody_asked_for_does_not_time_the_next(impl: str) -> None:
+    steps = [(0, "server", b"HTTP/1.1 408 Timeout\r\nContent-Length: 2\r\n\r\nno")]
+    steps += [(1000, "client", GET), (1010, "server", EMPTY_OK)]
+    sink = run_timed(impl, steps)
+    assert sink.statuses == [200] and sink.sum_ms == 10.0
+
+
+def reply(status: int, body: bytes = b"") -> bytes:
+    return b"HTTP/1.1 %d X\r\nContent-Length: %d\r\n\r\n" % (status, len(body)) + body
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("first", "answer"),
+    [(GET, reply(200, b"abc")), (b"HEAD / HTTP/1.1\r\n\r\n", reply(200, b"abc")[:-3])],
+    ids=["get", "head"],  # after a HEAD, the Python accounting frames responses itself
+)
+def test_pipelined_responses_are_timed_from_their_own_requests(
+    impl: str, first: bytes, answer: bytes
+) -> None:
+    # Three requests at 0, 5 and 12 ms; the responses (200, 201, 202, so that the compiled totals
+    # tell them apart) come in two reads: all of the first and the head and first bytes of the
+    # second at 30 ms, the rest of the second and all of the third at 45 ms.
+    second = reply(201, b"0123456789")
+    steps = [(0, "client", first), (5, "client", GET), (12, "client", GET)]
+    steps += [(30, "server", answer + second[:-6]), (45, "server", second[-6:] + reply(202, b"ok"))]
+    sink = run_timed(impl, steps)
+    assert sink.sums == {200: 30.0, 201: 25.0, 202: 33.0}  # ended at 30 - 0, 30 - 5, 45 - 12
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize(
+    ("latency_ms", "le"),
+    [
+        (0.5, 1),
+        (1.0, 1),
+        (1.5, 1),
+        (1.999, 1),
+        (2.0, 2),
+        (5.9, 5),
+        (10.5, 10),
+        (50000.9, 50000),
+        (50001, None),
+    ],
+)
+def test_latency_is_whole_milliseconds_truncated_as_linkerd_records_it(
+    impl: str, latency_ms: float, le: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # linkerd/metrics/src/latency.rs: `Ms` into u64 is as_secs * 1000 + subsec_nanos / 1_000_000,
+    # and histogram.rs buckets that integer (value <= le) and adds it to the sum. Through the real
+    # HttpMetrics, for either implementation (the clock starts at 0: HttpMetrics truncates
+    # latency_s * 1000, and a difference of two decimal times can be a hair under the value).
+    if impl == "python":
+        monkeypatch.setattr(http1, "_compiled", None)
+    pm = ProxyMetrics()
+    clock = Clock()
+    acct = http1.new_accounting(pm.http('direction="inbound"'), clock)
+    assert isinstance(acct, http1.Http1Accounting if impl == "python" else http1_framer.Http1Accounting)
+    acct.client(GET)
+    clock.at(latency_ms)
+    acct.server(OK)
+    acct.closed()
+    (child,) = pm.response_latency_ms.children.values()
+    bucket = len(LATENCY_BOUNDS_MS) if le is None else LATENCY_BOUNDS_MS.index(le)
+    assert child.counts[bucket] == 1 and sum(child.counts) == 1
+    assert child.sum == int(latency_ms)
 
 
 def test_compiled_totals_bucket_latency_as_linkerd_does_and_drain_once() -> None:
@@ -217,7 +402,7 @@ def test_compiled_totals_bucket_latency_as_linkerd_does_and_drain_once() -> None
             added.append((status, count, buckets, sum_ms))
 
     acct = make("compiled", Sink(), clock=lambda: now[0])
-    for latency_ms in (0.5, 1.0, 7.0, 60000.0):  # <= 1 ms twice, then (5, 10], then +Inf
+    for latency_ms in (0.5, 1.5, 7.0, 60000.0):  # 0 and 1 ms: <= 1 twice, 7: (5, 10], then +Inf
         acct.client(GET)
         now[0] += latency_ms / 1000
         acct.server(OK)
@@ -228,7 +413,7 @@ def test_compiled_totals_bucket_latency_as_linkerd_does_and_drain_once() -> None
     assert len(added) == 1
     status, count, got_buckets, sum_ms = added[0]
     assert (status, count, got_buckets) == (200, 4, buckets)
-    assert sum_ms == pytest.approx(60008.5)
+    assert sum_ms == 60008.0  # 0 + 1 + 7 + 60000: whole milliseconds
 
 
 def test_compiled_makes_room_for_a_fifth_status_code() -> None:
@@ -355,7 +540,22 @@ def test_both_implementations_agree_on_random_traffic_read_in_random_pieces() ->
             assert got == expected, (impl, requests, responses)
 
 
-EMPTY_OK = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+def test_both_implementations_time_random_traffic_alike() -> None:
+    # The same reads at the same times give the same latencies: per status code, the histogram
+    # and the sum (a few milliseconds between reads; the requests first, as pipelined).
+    rng = random.Random(20261126)
+    for _ in range(400):
+        requests, responses, expected = _conversation(rng)
+        reads = [("client", piece) for piece in _chop(rng, requests)]
+        reads += [("server", piece) for piece in _chop(rng, responses)]
+        times = [rng.randint(0, 40) for _ in reads]
+        got = []
+        for impl in IMPLEMENTATIONS:
+            steps = [(sum(times[: i + 1]), side, data) for i, (side, data) in enumerate(reads)]
+            sink = run_timed(impl, steps, close_at=sum(times) + 7)
+            got.append((sorted(sink.statuses), sink.sums, sink.buckets))
+        assert got[0] == got[1], (requests, responses, times)
+        assert got[0][0] == expected
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
