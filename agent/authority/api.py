@@ -21,6 +21,7 @@ from agent import __version__
 from agent.errors import MeshagentError, RejectedError
 from agent.logs import get_logger
 
+from . import discovery
 from .openapi import OPENAPI
 from .service import Authority, EnrollResult
 
@@ -41,6 +42,7 @@ STATUS = {
     "certificate_expired": 403,
     "possession_failed": 403,
     "clock_skew": 403,
+    "discovery_disabled": 404,
     "not_found": 404,
     "method_not_allowed": 405,
     "body_too_large": 413,
@@ -140,6 +142,7 @@ def create_app(authority: Authority) -> Starlette:
 
     @refusals
     async def prometheus_targets(request: Request) -> Response:
+        discovery.authorize(authority.material.directory, request.headers.get("authorization", ""))
         try:
             port = int(request.query_params.get("port", "4191"))
         except ValueError:

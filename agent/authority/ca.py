@@ -13,6 +13,7 @@ Layout of the authority directory:
     issuer.crt issuer.key
     api-ca.crt api-ca.key api.crt api.key
     registry.db          tokens and hosts (see storage.py)
+    prometheus-token     bearer token for the target list (see discovery.py; made by `authority init`)
 """
 
 from __future__ import annotations

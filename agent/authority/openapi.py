@@ -79,15 +79,19 @@ OPENAPI: dict[str, Any] = {
         "/v1/prometheus/targets": {
             "get": {
                 "summary": "Prometheus http_sd_configs: every enrolled, unrevoked host's metrics endpoint",
+                "description": "Needs Authorization: Bearer <the token in the authority directory's "
+                "prometheus-token file> (meshagent authority prometheus-token).",
                 "parameters": [
                     {"name": "port", "in": "query", "schema": {"type": "integer", "default": 4191}}
                 ],
                 "responses": {
                     "200": {
                         "description": "[{targets: [host:port], labels: "
-                        "{namespace, serviceaccount, identity, host, host_id}}]",
+                        "{namespace, serviceaccount, identity, host, host_id, deployment, pod}}]",
                         "content": {"application/json": {"schema": {"type": "array"}}},
-                    }
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
                 },
             }
         },

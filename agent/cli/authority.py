@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority
+from agent.authority import discovery
+from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
 from agent.authority.service import Authority, open_registry
 from agent.authority.storage import HostRecord
 from agent.identity.certinfo import utcnow
@@ -117,6 +118,7 @@ def init_cmd(
         "adopted": adopt is not None,
         "ca_pin": spki_pin(material.api_ca_cert),
         "trust_bundle_file": str(material.trust_bundle_file),
+        "prometheus_token_file": str(discovery.ensure_token(directory)[0]),
     }
     if as_json:
         emit_json(doc)
@@ -125,6 +127,7 @@ def init_cmd(
     click.echo(f"  issuer       {doc['issuer']} (until {doc['issuer_not_after']})")
     click.echo(f"  trust bundle {doc['trust_bundle_file']}  <- give this to the mesh if the anchor is new")
     click.echo(f"  API CA pin   {doc['ca_pin']}")
+    click.echo(f"  Prometheus   {doc['prometheus_token_file']}  <- bearer token for the target list")
     click.echo(f"next: meshagent authority serve --dir {directory} --listen 0.0.0.0:8443")
 
 
@@ -149,6 +152,31 @@ def serve_cmd(directory: Path, listen: str, workers: int) -> None:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     configure("info")
     serve(directory, listen, workers)
+
+
+@authority.command("prometheus-token")
+@dir_option
+@click.option("--rotate", is_flag=True, help="Replace the token (the old one stops working at once).")
+@json_option
+def prometheus_token_cmd(directory: Path, rotate: bool, as_json: bool) -> None:
+    """The bearer token Prometheus reads the fleet's target list with (/v1/prometheus/targets).
+
+    \b
+    Creates it if missing (`authority init` makes one), and prints where it is. In Prometheus:
+      http_sd_configs:
+        - url: https://AUTHORITY:8443/v1/prometheus/targets
+          authorization: {credentials_file: /etc/prometheus/meshagent-token}  # a copy of it
+          tls_config: {ca_file: /etc/prometheus/meshagent-api-ca.crt}
+    """
+    load_settings(directory)  # an authority directory, or a clear error
+    path, written = discovery.ensure_token(directory, rotate)
+    doc = {"prometheus_token_file": str(path), "created": written, "rotated": rotate}
+    if as_json:
+        emit_json(doc)
+    elif rotate:
+        click.echo(f"rotated {path}: copy it to Prometheus again (the old token is refused from now)")
+    else:
+        click.echo(f"{'created' if written else 'exists'}: {path}")
 
 
 @authority.group("token")

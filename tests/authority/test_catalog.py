@@ -102,9 +102,18 @@ def test_host_config_needs_the_current_host_token(authority: AuthorityProcess, t
 
 
 def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess, tmp_path: Path) -> None:
-    def targets(query: str = "") -> httpx.Response:
-        return httpx.get(f"{authority.url}/v1/prometheus/targets{query}", verify=authority.tls)
+    token_file = authority.directory / "prometheus-token"  # made by `authority init`
+    assert token_file.stat().st_mode & 0o777 == 0o600
 
+    def targets(query: str = "", token: str | None = None) -> httpx.Response:
+        secret = token_file.read_text().strip() if token is None else token
+        auth = {"Authorization": f"Bearer {secret}"}
+        return httpx.get(f"{authority.url}/v1/prometheus/targets{query}", verify=authority.tls, headers=auth)
+
+    # The list names every host: it is served only with the authority's discovery token.
+    bare = httpx.get(f"{authority.url}/v1/prometheus/targets", verify=authority.tls)
+    assert (bare.status_code, bare.json()["code"]) == (401, "unauthenticated")
+    assert targets(token="wrong").status_code == 401
     empty = targets()  # the whole list each time, `[]` when there is nobody (http_sd_configs)
     assert (empty.status_code, empty.headers["content-type"], empty.json()) == (200, "application/json", [])
     _enroll(authority, tmp_path / "web", "shop/web", "198.18.0.10")
@@ -124,3 +133,13 @@ def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess,
     }
     cli_json("authority", "revoke", hosts["shop/web"]["id"], "--dir", str(authority.directory))
     assert [group["labels"]["serviceaccount"] for group in targets().json()] == ["db"]
+
+    # Rotation: the old token is refused at once, without a restart; no token file: discovery off.
+    old_token = token_file.read_text().strip()
+    rotated = cli_json("authority", "prometheus-token", "--rotate", "--dir", str(authority.directory))
+    assert rotated["prometheus_token_file"] == str(token_file)
+    assert targets(token=old_token).status_code == 401 and targets().status_code == 200
+    token_file.unlink()
+    off = targets(token=old_token)
+    assert (off.status_code, off.json()["code"]) == (404, "discovery_disabled")
+    assert "meshagent authority prometheus-token" in off.json()["hint"]

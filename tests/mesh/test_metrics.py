@@ -33,6 +33,7 @@ scrape_configs:
     http_sd_configs:
       - url: https://198.18.1.1:{AUTH_PORT}/v1/prometheus/targets
         refresh_interval: 1s
+        authorization: {{credentials_file: {mesh.authority_dir / "prometheus-token"}}}
         tls_config: {{ca_file: {mesh.authority_dir / "api-ca.crt"}}}
     relabel_configs:  # the README's optional line: Linkerd's Health dashboard selects this job
       - {{target_label: job, replacement: linkerd-proxy}}
