@@ -23,7 +23,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 from agent.logs import get_logger
 from agent.telemetry.metrics import join, labels
@@ -68,7 +68,8 @@ class ListenerSettings:
     idle_timeout_s: float = 3600.0
     """A connection that moves no byte either way for this long is closed (0: never)."""
     http_accounting: bool = True
-    """Detect HTTP/1 on connections and count requests (metrics); off: bytes and connections only."""
+    """Detect HTTP/1 and HTTP/2 on connections and count requests (metrics); off: bytes and
+    connections only."""
 
 
 @dataclass
@@ -234,8 +235,8 @@ class Proxy:
         early: bytes = b"",
         authz: tuple[str, str] | None = None,
     ) -> None:
-        """Count HTTP/1 requests on this connection if its client speaks HTTP/1 (detected from the
-        first bytes unless `known`). Opaque connections keep no tap at all after the first read.
+        """Count requests on this connection if its client speaks HTTP/1 or HTTP/2 (detected from
+        the first bytes unless `known`). Opaque connections keep no tap at all after the first read.
         `authz` (inbound): the connection's tcp and http authorization label sets; as linkerd, an
         HTTP connection's requests are counted as authorized, any other connection once."""
         metrics = self.metrics
@@ -251,17 +252,22 @@ class Proxy:
             opaque()  # requests are not counted: the connection is the unit
             return
 
-        def install() -> Accounting:
+        def install(protocol: Protocol) -> Accounting:
             http = metrics.http(base, http_authz)
             if client.metrics is not None:
                 client.metrics.http = http  # held while the connection is open
-            acct = new_accounting(http)
+            if protocol is Protocol.HTTP1:
+                acct = new_accounting(http)
+            else:  # imported on first use: a host that never sees HTTP/2 never loads hpack
+                from .http2 import Http2Accounting
+
+                acct = Http2Accounting(http)
             acct.attach(client, server)
             return acct
 
         if known is not None:
-            if known is Protocol.HTTP1:
-                acct = install()
+            if known in COUNTED:
+                acct = install(known)
                 if early:
                     acct.client(early)
             else:
@@ -275,8 +281,8 @@ class Proxy:
             if result is NEED_DATA and len(seen) < 64:
                 return
             client.tap = None
-            if isinstance(result, Detected) and result.protocol is Protocol.HTTP1:
-                install().client(bytes(seen))
+            if isinstance(result, Detected) and result.protocol in COUNTED:
+                install(result.protocol).client(bytes(seen))
             else:
                 opaque()
 
@@ -285,6 +291,10 @@ class Proxy:
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
         self.stats.refused[f"{direction}:{reason}"] += 1
         log.warning("connection.refused", direction=direction, reason=reason, **fields)
+
+
+# Protocols whose requests are counted; the others are connections and bytes only.
+COUNTED: Final = (Protocol.HTTP1, Protocol.HTTP2)
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

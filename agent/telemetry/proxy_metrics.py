@@ -29,6 +29,11 @@ LATENCY_BOUNDS_MS: Final = (
 )  # fmt: skip
 
 
+# linkerd's default gRPC failure codes (client-policy grpc::Codes::default): UNKNOWN,
+# DEADLINE_EXCEEDED, PERMISSION_DENIED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+GRPC_FAILURES: Final = frozenset({2, 4, 7, 13, 14, 15})
+
+
 class LiveLeg(Protocol):
     @property
     def rx(self) -> int: ...
@@ -138,7 +143,7 @@ class HttpMetrics:
         self.base = base
         self.requests = owner.request_total.child(base)
         self.authz = owner.http_authz_allow.child(authz_key) if authz_key is not None else None
-        self.by_status: dict[int, tuple[Any, Any]] = {}
+        self.by_status: dict[int | tuple[int, int], tuple[Any, Any]] = {}
 
     def keep(self, now: float) -> None:
         self.requests.touched = now
@@ -149,8 +154,9 @@ class HttpMetrics:
             if latency is not None:
                 latency.touched = now
 
-    def _children(self, status: int) -> tuple[Any, Any]:
-        """The response counter and latency histogram for `status` (none for 0), resolved once."""
+    def _children(self, status: int, grpc: int | None = None) -> tuple[Any, Any]:
+        """The response counter and latency histogram for `status` (none for 0), and for a gRPC
+        response its `grpc` code, which classifies it instead, resolved once."""
         o = self.owner
         if status == 0:
             key = join(
@@ -160,20 +166,29 @@ class HttpMetrics:
             children = o.response_total.child(key), None
         else:
             code = labels(("status_code", str(status)))
-            klass = "failure" if 500 <= status <= 599 else "success"
+            if grpc is None:
+                klass, grpc_status = ("failure" if 500 <= status <= 599 else "success"), ""
+            else:
+                klass, grpc_status = ("failure" if grpc in GRPC_FAILURES else "success"), str(grpc)
             response = o.response_total.child(
-                join(self.base, code, labels(("classification", klass), ("grpc_status", ""), ("error", "")))
+                join(
+                    self.base,
+                    code,
+                    labels(("classification", klass), ("grpc_status", grpc_status), ("error", "")),
+                )
             )
             children = response, o.response_latency_ms.child(join(self.base, code))
-        self.by_status[status] = children
+        self.by_status[status if grpc is None else (status, grpc)] = children
         return children
 
-    def exchange(self, method: bytes, status: int, latency_s: float) -> None:
-        """One finished HTTP exchange (the `Http1Accounting` callback; the method is not a label)."""
+    def exchange(self, method: bytes, status: int, latency_s: float, grpc: int | None = None) -> None:
+        """One finished exchange (the Python accountings' callback; the method is not a label;
+        `grpc`: a gRPC response's status code)."""
         self.requests.value += 1
         if self.authz is not None:
             self.authz.value += 1
-        response, latency = self.by_status.get(status) or self._children(status)
+        key = status if grpc is None else (status, grpc)
+        response, latency = self.by_status.get(key) or self._children(status, grpc)
         response.value += 1
         if latency is not None:  # HistogramChild.observe, inline: this runs for every request
             # Whole milliseconds, truncated, as linkerd records them (via nanoseconds: 1.001 - 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,3 +54,67 @@ def postgres(host: Host, cleanup: list[Path], port: int = 5432) -> None:
         "postgres up",
         timeout=30,
     )
+
+
+def nginx_h2c(host: Host, workdir: Path, port: int) -> None:
+    """nginx speaking cleartext HTTP/2 (prior knowledge) on `port`: 200 at /, 500 at /fail."""
+    root = workdir / "nginx-h2c"
+    (root / "www").mkdir(parents=True, exist_ok=True)
+    (root / "www" / "index.html").write_text("h2 says hi\n")
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+daemon off;
+user root;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  server {{
+    listen {port} http2; root {root}/www;
+    location /fail {{ return 500; }}
+  }}
+}}
+""")
+    host.popen("nginx", "-c", str(conf), "-p", str(root))
+    wait_for(
+        lambda: (
+            host.run(
+                "curl", "-sf", "--http2-prior-knowledge", f"http://127.0.0.1:{port}/", check=False
+            ).returncode
+            == 0
+        ),
+        "nginx h2c up",
+    )
+
+
+GRPC_SERVER = """
+import sys, time
+from concurrent import futures
+import grpc
+
+def say(request, context):
+    if request == b"fail":
+        context.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")
+    if request == b"missing":
+        context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+    return b"hi " + request
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+handler = grpc.unary_unary_rpc_method_handler(say)
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("demo.Echo", {"Say": handler})])
+server.add_insecure_port("0.0.0.0:" + sys.argv[1])
+server.start()
+print("ready", flush=True)
+server.wait_for_termination()
+"""
+
+
+def grpc_echo(host: Host, port: int) -> None:
+    """A gRPC server (grpcio, no generated code): /demo.Echo/Say answers b"hi " + the request,
+    UNAVAILABLE for b"fail" and NOT_FOUND for b"missing"."""
+    proc = host.popen(sys.executable, "-c", GRPC_SERVER, str(port))
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr

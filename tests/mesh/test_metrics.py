@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 
 import pytest
@@ -221,3 +222,70 @@ def test_prometheus_discovers_scrapes_and_linkerd_queries_match_the_traffic(mesh
     # Those counts are the compiled accounting's (status says which one the daemon runs).
     status = json.loads(mesh.b.run(*MESHAGENT, "status", "--json", "--config", str(b.config)).stdout)
     assert status["daemon"]["http_accounting"] == "compiled", status["daemon"]
+
+
+GRPC_CLIENT = """
+import json, grpc
+channel = grpc.insecure_channel("198.18.3.2:50051")
+say = channel.unary_unary("/demo.Echo/Say")
+codes = {}
+for request in [b"x"] * 20 + [b"fail"] * 5 + [b"missing"] * 3:
+    try:
+        assert say(request, timeout=10) == b"hi " + request
+        code = 0
+    except grpc.RpcError as e:
+        code = e.code().value[0]
+    codes[code] = codes.get(code, 0) + 1
+print(json.dumps(codes))
+"""
+
+
+def test_http2_and_grpc_requests_are_counted_as_linkerd_counts_them(mesh: Mesh) -> None:
+    apps.nginx_h2c(mesh.b, mesh.tmp, 8081)
+    apps.grpc_echo(mesh.b, 50051)
+    a = mesh.enroll(mesh.a, "shop/web", "198.18.1.1", ["198.18.1.2", "198.18.3.1"])
+    b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.2.2", "198.18.3.2"])
+    b.start()
+    a.start()
+    wait_for(lambda: (a.state / "host-config.json").exists(), "a's catalog", a)
+
+    # Plain HTTP/2: four requests on one connection (curl reuses it), through both proxies.
+    urls = [f"http://198.18.3.2:8081/{path}" for path in ("", "", "fail", "")]
+    curl = mesh.a.run(
+        "curl", "-s", "--http2-prior-knowledge", "-o", "/dev/null", "-w", "%{http_code}\n", *urls
+    )
+    assert curl.stdout.split() == ["200", "200", "500", "200"]
+    # gRPC: codes as the client saw them (OK, UNAVAILABLE, NOT_FOUND), over one channel.
+    seen = json.loads(mesh.a.run(sys.executable, "-c", GRPC_CLIENT, timeout=60).stdout)
+    assert seen == {"0": 20, "14": 5, "5": 3}
+
+    def exposition(host_ip: str) -> list[str]:
+        return mesh.cl.run("curl", "-sf", f"http://{host_ip}:4191/metrics").stdout.splitlines()
+
+    def total(lines: list[str], family: str, *parts: str) -> float:
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith(family + "{") and all(p in line for p in parts)
+        )
+
+    for host_ip, direction, peer in (
+        ("198.18.2.2", 'direction="inbound"', f'client_id="{WEB}"'),
+        ("198.18.1.2", 'direction="outbound"', f'server_id="{LEGACY}"'),
+    ):
+        lines = exposition(host_ip)
+        h2 = 'target_port="8081"'
+        grpc = 'target_port="50051"'
+        assert total(lines, "request_total", direction, peer, h2) == 4, lines
+        assert total(lines, "response_total", direction, h2, 'status_code="200"', 'grpc_status=""') == 3
+        assert (
+            total(lines, "response_total", direction, h2, 'status_code="500"', 'classification="failure"')
+            == 1
+        )
+        assert total(lines, "request_total", direction, peer, grpc) == 28
+        ok, unavailable, not_found = (
+            total(lines, "response_total", direction, grpc, f'grpc_status="{c}"', f'classification="{klass}"')
+            for c, klass in ((0, "success"), (14, "failure"), (5, "success"))
+        )
+        assert (ok, unavailable, not_found) == (20, 5, 3), (host_ip, lines)
+        assert total(lines, "response_latency_ms_count", direction, grpc, 'status_code="200"') == 28
