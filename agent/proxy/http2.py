@@ -125,6 +125,9 @@ class Http2Accounting:
         """Split `data` (after what was left over) into frames for `handle`: header frames' payloads
         whole when `keep`, every other frame's header alone, its payload skipped."""
         buf = side.buf
+        if not buf and side.skip >= len(data):  # inside a DATA payload: nothing to copy or look at
+            side.skip -= len(data)
+            return
         buf += data
         pos, end = 0, len(buf)
         try:
