@@ -43,8 +43,10 @@ def authorize(directory: Path, authorization: str) -> None:
             hint="create one with `meshagent authority prometheus-token --dir DIR` and point "
             "Prometheus' authorization.credentials_file at it",
         ) from None
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+    # "Bearer TOKEN", or the token alone: Prometheus 2.42 (Debian 12's) sends the bare
+    # credentials in http_sd_configs unless the config spells out `type: Bearer`.
+    scheme, _, given = authorization.strip().rpartition(" ")
+    if scheme.lower() not in ("bearer", "") or not hmac.compare_digest(given.encode(), expected.encode()):
         raise RejectedError(
             "this endpoint needs Authorization: Bearer <the authority's discovery token>",
             code="unauthenticated",

@@ -22,6 +22,7 @@ accounting for the connection; its bytes still flow and are still counted.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -30,6 +31,8 @@ from hpack import Decoder
 from hpack.exceptions import HPACKError
 
 from .http1 import HttpSink, Tapped
+
+logging.getLogger("hpack.hpack").disabled = True  # a debug record per header: not on this path
 
 PREFACE_LEN: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_KEPT_FRAME: Final = 1 << 20
@@ -74,6 +77,7 @@ class Http2Accounting:
         "from_server",
         "last_request",
         "legs",
+        "seen",
         "sink",
         "streams",
     )
@@ -88,6 +92,7 @@ class Http2Accounting:
         # A passive reader cannot know the table size the client allowed: accept any the
         # server's encoder announces (RFC 7541 §4.2), with a bound.
         self.decoder.max_allowed_table_size = 1 << 20
+        self.seen: dict[bytes, tuple[int | None, int | None, bool]] = {}  # see _read_block
         self.from_client = _Framing(skip=PREFACE_LEN)
         self.from_server = _Framing()
         self.legs: tuple[Tapped, Tapped] | None = None
@@ -196,24 +201,49 @@ class Http2Accounting:
 
     def _header_block(self) -> None:
         side = self.from_server
-        headers = self.decoder.decode(bytes(side.block), raw=True)  # always: the table must follow
+        status, grpc, is_grpc = self._read_block(bytes(side.block))
         stream = self.streams.get(side.block_stream)
         if stream is None:
             return  # a push promise, or a stream we did not see open
-        for name, value in headers:
-            if name == b":status":
-                status = int(value)
-                if status < 200:
-                    return  # informational: the final head is still to come
-                stream.status = status
-            elif name == b"grpc-status":
-                stream.grpc = int(value)
-            elif name == b"content-type" and value.startswith(b"application/grpc"):
-                stream.is_grpc = True
+        if status is not None:
+            if status < 200:
+                return  # informational: the final head is still to come
+            stream.status = status
+        if grpc is not None:
+            stream.grpc = grpc
+        stream.is_grpc = stream.is_grpc or is_grpc
         if side.block_end_stream:  # trailers, or a head that ends the stream: its first frame
             if stream.answered is None:
                 stream.answered = self.clock()
             self._finish(side.block_stream)
+
+    def _read_block(self, block: bytes) -> tuple[int | None, int | None, bool]:
+        """`:status`, `grpc-status` and whether content-type is gRPC's, from one header block.
+
+        Every block goes through the decoder (the dynamic table must follow the encoder's), except
+        one made only of one-byte indexed fields (every byte 0x80-0xFE): that changes no table,
+        so while the table stays as it is, the same bytes mean the same headers. Steady traffic's
+        heads and trailers are such blocks (`\x88\xc0`), and then cost a dict lookup."""
+        indexed_only = bool(block) and min(block) >= 0x80 and 0xFF not in block
+        if indexed_only:
+            known = self.seen.get(block)
+            if known is not None:
+                return known
+        else:
+            self.seen.clear()  # the table may change: what indexes meant may not hold
+        status = grpc = None
+        is_grpc = False
+        for name, value in self.decoder.decode(block, raw=True):
+            if name == b":status":
+                status = int(value)
+            elif name == b"grpc-status":
+                grpc = int(value)
+            elif name == b"content-type":
+                is_grpc = value.startswith(b"application/grpc")
+        meaning = (status, grpc, is_grpc)
+        if indexed_only and len(self.seen) < 64:
+            self.seen[block] = meaning
+        return meaning
 
     def _finish(self, stream_id: int) -> None:
         stream = self.streams.pop(stream_id, None)

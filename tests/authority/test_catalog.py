@@ -114,6 +114,10 @@ def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess,
     bare = httpx.get(f"{authority.url}/v1/prometheus/targets", verify=authority.tls)
     assert (bare.status_code, bare.json()["code"]) == (401, "unauthenticated")
     assert targets(token="wrong").status_code == 401
+    bare_token = {"Authorization": token_file.read_text().strip()}  # as Prometheus 2.42 sends it
+    url = f"{authority.url}/v1/prometheus/targets"
+    assert httpx.get(url, verify=authority.tls, headers=bare_token).is_success
+    assert targets(token=f"{token_file.read_text().strip()} extra").status_code == 401
     empty = targets()  # the whole list each time, `[]` when there is nobody (http_sd_configs)
     assert (empty.status_code, empty.headers["content-type"], empty.json()) == (200, "application/json", [])
     _enroll(authority, tmp_path / "web", "shop/web", "198.18.0.10")

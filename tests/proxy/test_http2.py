@@ -223,3 +223,19 @@ def test_attach_taps_the_relay_legs_and_stopping_untaps_them() -> None:
     acct.closed()
     assert sink.exchanges == [(0, None, 0.0)]
     assert client.tap is None and server.tap is None  # the legs relay untapped from now
+
+
+def test_repeated_header_blocks_follow_the_table_as_it_changes() -> None:
+    # Trailers become one-byte dynamic-table indexes once seen; a new entry shifts what an index
+    # means. Each call's code must still be its own.
+    c = Conversation()
+    codes = [0, 0, 14, 0, 14, 14, 4, 0, 4, 14, 0, 0]
+    for code in codes:
+        stream = c.request(extra=GRPC)
+        c.head(stream, 200, GRPC)
+        c.data(stream, b"\x00\x00\x00\x00\x00")
+        c.server.send_headers(
+            stream, [(b"grpc-status", str(code).encode()), (b"x-n", b"%d" % (code * 7))], end_stream=True
+        )
+        c.flush()
+    assert [g for _, g, _ in c.sink.exchanges] == codes
