@@ -26,23 +26,30 @@ def token_path(directory: Path) -> Path:
 def ensure_token(directory: Path, rotate: bool = False) -> tuple[Path, bool]:
     """The token file, created if missing (or replaced if `rotate`); True if it was written."""
     path = token_path(directory)
-    if path.exists() and not rotate:
-        return path, False
+    if not rotate and _read(path):
+        return path, False  # (an empty file is no token: it is replaced)
     write_atomic(path, (secrets.token_urlsafe(32) + "\n").encode(), mode=0o600)
     return path, True
 
 
+def _read(path: Path) -> str:
+    """The token, or "" when the file is missing or blank (which never matches anything)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
 def authorize(directory: Path, authorization: str) -> None:
     """Refuse unless `authorization` (the request's header) carries the current token."""
-    try:
-        expected = token_path(directory).read_text().strip()
-    except FileNotFoundError:
+    expected = _read(token_path(directory))
+    if not expected:
         raise RejectedError(
             "Prometheus discovery is off: the authority has no discovery token",
             code="discovery_disabled",
             hint="create one with `meshagent authority prometheus-token --dir DIR` and point "
             "Prometheus' authorization.credentials_file at it",
-        ) from None
+        )
     # "Bearer TOKEN", or the token alone: Prometheus 2.42 (Debian 12's) sends the bare
     # credentials in http_sd_configs unless the config spells out `type: Bearer`.
     scheme, _, given = authorization.strip().rpartition(" ")

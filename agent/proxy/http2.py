@@ -36,7 +36,9 @@ logging.getLogger("hpack.hpack").disabled = True  # a debug record per header: n
 
 PREFACE_LEN: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_KEPT_FRAME: Final = 1 << 20
-DATA, HEADERS, RST_STREAM, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3, 0x5, 0x9
+DATA, HEADERS, RST_STREAM, PUSH_PROMISE, GOAWAY, CONTINUATION = 0x0, 0x1, 0x3, 0x5, 0x7, 0x9
+KEPT: Final = (HEADERS, PUSH_PROMISE, CONTINUATION, RST_STREAM, GOAWAY)  # the server's, read whole
+REFUSED_STREAM: Final = 0x7  # RST_STREAM / GOAWAY error: never processed, the client retries
 END_STREAM, END_HEADERS, PADDED, PRIORITY = 0x1, 0x4, 0x8, 0x20
 GRPC_UNKNOWN: Final = 2
 
@@ -92,6 +94,9 @@ class Http2Accounting:
         # A passive reader cannot know the table size the client allowed: accept any the
         # server's encoder announces (RFC 7541 §4.2), with a bound.
         self.decoder.max_allowed_table_size = 1 << 20
+        self.decoder.max_header_list_size = (
+            MAX_KEPT_FRAME  # (hpack's default, 64 KiB, is below real clients')
+        )
         self.seen: dict[bytes, tuple[int | None, int | None, bool]] = {}  # see _read_block
         self.from_client = _Framing(skip=PREFACE_LEN)
         self.from_server = _Framing()
@@ -148,7 +153,7 @@ class Http2Accounting:
                 length = int.from_bytes(buf[pos : pos + 3], "big")
                 kind, flags = buf[pos + 3], buf[pos + 4]
                 stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                if keep and kind in (HEADERS, PUSH_PROMISE, CONTINUATION):
+                if keep and kind in KEPT:
                     if length > MAX_KEPT_FRAME:
                         self._stop()
                         break
@@ -193,11 +198,23 @@ class Http2Accounting:
             if flags & END_HEADERS:
                 self._header_block()
         elif kind == CONTINUATION:
-            self.from_server.block += payload
-            if flags & END_HEADERS:
+            block = self.from_server.block
+            block += payload
+            if len(block) > MAX_KEPT_FRAME:  # a head that never ends: stop rather than hold it
+                self._stop()
+            elif flags & END_HEADERS:
                 self._header_block()
         elif kind == RST_STREAM:
-            self._finish(stream_id)
+            if int.from_bytes(payload[:4], "big") == REFUSED_STREAM:
+                self.streams.pop(stream_id, None)  # not processed: the client sends it again
+            else:
+                self._finish(stream_id)
+        elif kind == GOAWAY:
+            # Streams above the last one the server will process were never processed (a graceful
+            # shutdown, a max connection age): the client retries them elsewhere; not exchanges.
+            last = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
+            for unprocessed in [s for s in self.streams if s > last]:
+                del self.streams[unprocessed]
 
     def _header_block(self) -> None:
         side = self.from_server
@@ -235,9 +252,15 @@ class Http2Accounting:
         is_grpc = False
         for name, value in self.decoder.decode(block, raw=True):
             if name == b":status":
+                # Three digits, as HTTP/1's status line: anything else is not HTTP (and would be
+                # a label value of the peer's choosing).
+                if len(value) != 3 or not value.isdigit() or not b"100" <= value <= b"599":
+                    raise ValueError(f"invalid :status {value!r}")
                 status = int(value)
             elif name == b"grpc-status":
-                grpc = int(value)
+                # gRPC's codes are 0-16; anything else is UNKNOWN, as a client would read it.
+                code = int(value) if value.isdigit() and len(value) <= 2 else GRPC_UNKNOWN
+                grpc = code if code <= 16 else GRPC_UNKNOWN
             elif name == b"content-type":
                 is_grpc = value.startswith(b"application/grpc")
         meaning = (status, grpc, is_grpc)
@@ -262,6 +285,10 @@ class Http2Accounting:
     def _stop(self) -> None:
         self.active = False
         self.streams.clear()
+        self.seen.clear()
+        self.from_client.buf.clear()
+        self.from_server.buf.clear()
+        self.from_server.block.clear()
         if self.legs is not None:
             for leg in self.legs:
                 leg.tap = None

@@ -252,41 +252,47 @@ class Proxy:
             opaque()  # requests are not counted: the connection is the unit
             return
 
-        def install(protocol: Protocol) -> Accounting:
+        def counted(protocol: Protocol, first: bytes) -> None:
             http = metrics.http(base, http_authz)
+            try:
+                if protocol is Protocol.HTTP1:
+                    acct: Accounting = new_accounting(http)
+                else:  # imported on first use: a host that never sees HTTP/2 never loads hpack
+                    from .http2 import Http2Accounting
+
+                    acct = Http2Accounting(http)
+                acct.attach(client, server)
+                if first:
+                    acct.client(first)
+            except Exception as exc:  # accounting must never cost the connection
+                log.warning("http_accounting.failed", protocol=protocol.value, error=repr(exc))
+                client.tap = server.tap = client.accounting = server.accounting = None
+                return
             if client.metrics is not None:
                 client.metrics.http = http  # held while the connection is open
-            if protocol is Protocol.HTTP1:
-                acct = new_accounting(http)
-            else:  # imported on first use: a host that never sees HTTP/2 never loads hpack
-                from .http2 import Http2Accounting
-
-                acct = Http2Accounting(http)
-            acct.attach(client, server)
-            return acct
 
         if known is not None:
             if known in COUNTED:
-                acct = install(known)
-                if early:
-                    acct.client(early)
+                counted(known, early)
             else:
                 opaque()
             return
         seen = bytearray()
+        undetected = _Undetected(opaque)
 
         def first_bytes(data: bytes) -> None:
             seen.extend(data)
             result = detect(bytes(seen))
             if result is NEED_DATA and len(seen) < 64:
                 return
-            client.tap = None
+            client.tap = client.accounting = None
             if isinstance(result, Detected) and result.protocol in COUNTED:
-                install(result.protocol).client(bytes(seen))
+                counted(result.protocol, bytes(seen))
             else:
-                opaque()
+                undetected.closed()  # decided: opaque
 
         client.tap = first_bytes
+        client.accounting = undetected  # a connection that ends before it says is opaque
 
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
         self.stats.refused[f"{direction}:{reason}"] += 1
@@ -295,6 +301,29 @@ class Proxy:
 
 # Protocols whose requests are counted; the others are connections and bytes only.
 COUNTED: Final = (Protocol.HTTP1, Protocol.HTTP2)
+
+
+class _Undetected:
+    """A connection's accounting until its first bytes say what it speaks. If it ends first (or
+    detection fails), it was an opaque connection, as when linkerd's detection times out."""
+
+    __slots__ = ("on_opaque",)
+    active = False
+
+    def __init__(self, on_opaque: Callable[[], None]) -> None:
+        self.on_opaque: Callable[[], None] | None = on_opaque
+
+    def closed(self) -> None:
+        on_opaque, self.on_opaque = self.on_opaque, None
+        if on_opaque is not None:
+            on_opaque()
+
+    def drain(self) -> None:
+        """Nothing counted yet."""
+
+    def failed(self, leg: Leg, exc: Exception) -> None:
+        leg.tap = None
+        self.closed()
 
 
 def _peer(transport: asyncio.BaseTransport) -> str:

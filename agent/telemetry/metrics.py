@@ -82,6 +82,7 @@ class Family:
         self.buckets = tuple(buckets)
         self.retain_idle_s = retain_idle_s
         self.children: dict[str, Any] = {}
+        self.on_drop: Callable[[str, Any], None] | None = None  # told of each child dropped as idle
 
     def child(self, key: str) -> Any:
         """The child for this label string (created on first use); marks it as in use."""
@@ -108,6 +109,8 @@ class Family:
                     c.seen, c.touched = current, now
                 elif c.touched < cutoff and _settled(c):
                     del self.children[key]
+                    if self.on_drop is not None:
+                        self.on_drop(key, c)
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         for key, c in self.children.items():

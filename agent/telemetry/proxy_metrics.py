@@ -56,7 +56,9 @@ def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None, reason
     if mtls:
         return labels(("tls", "true"), ("client_id", client_id or ""))
     if sni is not None:
-        return labels(("tls", "opaque"), ("sni", sni))  # the app's own TLS, passed through
+        # The app's own TLS, passed through. linkerd adds `sni`: left out, as `authority` is,
+        # because any client can put anything there and every value would be a new series.
+        return labels(("tls", "opaque"))
     return labels(("tls", "no_identity"), ("no_tls_reason", reason or "no_tls_from_remote"))
 
 

@@ -35,15 +35,18 @@ def group_of(labels: dict[str, str]) -> tuple[str, str] | None:
     return direction, peer or "(no identity)"
 
 
+Group = tuple[str, str]  # (direction, peer identity)
+
+
 @dataclass
 class Snapshot:
-    """The counters at one moment, per series (label string): a window's difference is taken
-    per series, so a series dropped as idle in between (its delta is zero) takes nothing away,
-    and one that restarted from zero counts from zero, as Prometheus' rate() treats resets."""
+    """Totals per group at one moment. They only grow: a series the families drop as idle hands
+    its counts to the window's `retired` totals first (see `StatWindow`)."""
 
     at: float
-    responses: dict[str, float]
-    buckets: dict[str, list[int]]
+    success: dict[Group, float]
+    failure: dict[Group, float]
+    buckets: dict[Group, list[int]]
 
 
 def quantile(q: float, counts: list[int], bounds: tuple[float, ...] = LATENCY_BOUNDS_MS) -> float | None:
@@ -63,10 +66,6 @@ def quantile(q: float, counts: list[int], bounds: tuple[float, ...] = LATENCY_BO
     return float(bounds[-1])
 
 
-def _delta(now: float, then: float | None) -> float:
-    return now if then is None or now < then else now - then
-
-
 class StatWindow:
     def __init__(
         self,
@@ -80,26 +79,40 @@ class StatWindow:
         self.clock = clock
         self.keep_s = keep_s
         self.ring: deque[Snapshot] = deque()
+        # Counts of series dropped as idle, per group, so totals never go down (a window that
+        # spans a drop would otherwise lose the whole series' count).
+        self.retired = Snapshot(0.0, {}, {}, {})
+        metrics.response_total.on_drop = self._retire_response
+        metrics.response_latency_ms.on_drop = self._retire_latency
         self.snapshot()
+
+    def _retire_response(self, key: str, child: Any) -> None:
+        _add_response(self.retired, key, child.value)
+
+    def _retire_latency(self, key: str, child: Any) -> None:
+        _add_latency(self.retired, key, child.counts)
 
     def _take(self) -> Snapshot:
         if self.settle is not None:
             self.settle()
-        responses = {key: child.value for key, child in self.metrics.response_total.children.items()}
-        buckets = {
-            key: list(child.counts)
-            for key, child in self.metrics.response_latency_ms.children.items()
-            if isinstance(child, HistogramChild)
-        }
-        return Snapshot(self.clock(), responses, buckets)
+        r = self.retired
+        snap = Snapshot(
+            self.clock(), dict(r.success), dict(r.failure), {g: list(c) for g, c in r.buckets.items()}
+        )
+        for key, child in self.metrics.response_total.children.items():
+            _add_response(snap, key, child.value)
+        for key, child in self.metrics.response_latency_ms.children.items():
+            if isinstance(child, HistogramChild):
+                _add_latency(snap, key, child.counts)
+        return snap
 
     def snapshot(self) -> None:
         self.ring.append(self._take())
         while self.ring and self.ring[0].at < self.clock() - self.keep_s:
             self.ring.popleft()
 
-    def _open_connections(self) -> dict[tuple[str, str], int]:
-        out: dict[tuple[str, str], int] = {}
+    def _open_connections(self) -> dict[Group, int]:
+        out: dict[Group, int] = {}
         for key, child in self.metrics.tcp_open_connections.children.items():
             labels = parse_labels(key)
             # Count the peer-facing leg only: inbound from clients, outbound to servers.
@@ -117,31 +130,15 @@ class StatWindow:
             if snap.at <= now.at - window_s:
                 start = snap
         elapsed = max(now.at - start.at, 1e-9)
-        success: dict[tuple[str, str], float] = {}
-        failure: dict[tuple[str, str], float] = {}
-        for key, value in now.responses.items():
-            labels = parse_labels(key)
-            group = group_of(labels)
-            if group is not None:
-                into = success if labels.get("classification") == "success" else failure
-                into[group] = into.get(group, 0.0) + _delta(value, start.responses.get(key))
-        latency: dict[tuple[str, str], list[int]] = {}
-        for key, counts in now.buckets.items():
-            group = group_of(parse_labels(key))
-            if group is None:
-                continue
-            then = start.buckets.get(key)
-            if then is not None and sum(then) > sum(counts):
-                then = None  # restarted
-            acc = latency.setdefault(group, [0] * len(counts))
-            for i, c in enumerate(counts):
-                acc[i] += c - (then[i] if then is not None else 0)
         tcp = self._open_connections()
         rows = []
-        for group in sorted(set(success) | set(failure) | set(tcp)):
-            ok, bad = success.get(group, 0.0), failure.get(group, 0.0)
+        for group in sorted(set(now.success) | set(now.failure) | set(tcp)):
+            ok = now.success.get(group, 0.0) - start.success.get(group, 0.0)
+            bad = now.failure.get(group, 0.0) - start.failure.get(group, 0.0)
             total = ok + bad
-            delta = latency.get(group, [])
+            new = now.buckets.get(group, [])
+            old = start.buckets.get(group, [0] * len(new))
+            delta = [a - b for a, b in zip(new, old, strict=False)]
             p50, p95, p99 = (quantile(q, delta) for q in (0.5, 0.95, 0.99))
             rows.append(
                 {
@@ -158,3 +155,19 @@ class StatWindow:
                 }
             )
         return rows
+
+
+def _add_response(snap: Snapshot, key: str, value: float) -> None:
+    labels = parse_labels(key)
+    group = group_of(labels)
+    if group is not None:
+        into = snap.success if labels.get("classification") == "success" else snap.failure
+        into[group] = into.get(group, 0.0) + value
+
+
+def _add_latency(snap: Snapshot, key: str, counts: list[int]) -> None:
+    group = group_of(parse_labels(key))
+    if group is not None:
+        acc = snap.buckets.setdefault(group, [0] * len(counts))
+        for i, c in enumerate(counts):
+            acc[i] += c

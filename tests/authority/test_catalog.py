@@ -143,7 +143,17 @@ def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess,
     rotated = cli_json("authority", "prometheus-token", "--rotate", "--dir", str(authority.directory))
     assert rotated["prometheus_token_file"] == str(token_file)
     assert targets(token=old_token).status_code == 401 and targets().status_code == 200
+    # A blank token file is no token (an empty Authorization must not match it), nor is none.
+    token_file.write_text("\n")
+    for header in ({}, {"Authorization": ""}, {"Authorization": "Bearer "}):
+        off = httpx.get(url, verify=authority.tls, headers=header)
+        assert (off.status_code, off.json()["code"]) == (404, "discovery_disabled"), header
     token_file.unlink()
     off = targets(token=old_token)
     assert (off.status_code, off.json()["code"]) == (404, "discovery_disabled")
     assert "meshagent authority prometheus-token" in off.json()["hint"]
+    # `prometheus-token` makes a new one in place of a blank or missing file.
+    token_file.write_text("")
+    made = cli_json("authority", "prometheus-token", "--dir", str(authority.directory))
+    assert made["created"] and len(token_file.read_text().strip()) >= 40
+    assert targets().status_code == 200

@@ -292,3 +292,10 @@ def test_http2_and_grpc_requests_are_counted_as_linkerd_counts_them(mesh: Mesh) 
         )
         assert (ok, unavailable, not_found) == (20, 5, 3), (host_ip, lines)
         assert total(lines, "response_latency_ms_count", direction, grpc, 'status_code="200"') == 28
+
+    # A connection that ends before it says anything is an opaque one: authorized once, as a
+    # connection (the HTTP/2 connections above were counted per request instead).
+    silent = "import socket; socket.create_connection(('198.18.3.2', 8081)).close()"
+    mesh.a.run(sys.executable, "-c", silent)
+    tcp_authz = ("inbound_tcp_authz_allow_total", 'target_port="8081"', f'client_id="{WEB}"')
+    wait_for(lambda: total(exposition("198.18.2.2"), *tcp_authz) == 1, "the silent connection counted", b)

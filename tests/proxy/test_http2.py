@@ -239,3 +239,65 @@ def test_repeated_header_blocks_follow_the_table_as_it_changes() -> None:
         )
         c.flush()
     assert [g for _, g, _ in c.sink.exchanges] == codes
+
+
+def raw_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def test_priority_padding_push_promises_and_client_trailers() -> None:
+    c = Conversation()
+    # A request with priority and client trailers (gRPC client streaming ends like this).
+    stream = c.client.get_next_available_stream_id()
+    head = [(b":method", b"POST"), (b":path", b"/up"), (b":scheme", b"http"), (b":authority", b"x")]
+    c.client.send_headers(stream, head, priority_weight=200)
+    c.client.send_data(stream, b"chunk", pad_length=9)
+    c.client.send_headers(stream, [(b"x-checksum", b"1")], end_stream=True)
+    c.flush()
+    # The server pushes a resource (its PUSH_PROMISE header block moves the HPACK table), then
+    # answers with padded DATA.
+    pushed = c.server.get_next_available_stream_id()
+    c.server.push_stream(stream, pushed, [(b":method", b"GET"), (b":path", b"/style.css"), *head[2:]])
+    c.head(stream, 200, [(b"x-custom", b"after-push")])
+    c.server.send_data(stream, b"done", pad_length=20, end_stream=True)
+    c.flush()
+    c.head(pushed, 200, end=True)  # the pushed response: not a request of the client's
+    stream2 = c.request()
+    c.head(stream2, 201, [(b"x-custom", b"after-push")], end=True)  # indexed from the table
+    assert [s for s, _, _ in c.sink.exchanges] == [200, 201]
+
+
+def test_a_graceful_goaway_or_refused_stream_is_not_a_failure() -> None:
+    c = Conversation()
+    s1, _unprocessed, s3 = c.request(), c.request(), c.request()
+    c.head(s1, 200)
+    c.server.reset_stream(s3, error_code=7)  # REFUSED_STREAM: the client retries it
+    c.server.close_connection(last_stream_id=s1)  # GOAWAY: the middle one was never processed
+    c.flush()
+    c.acct.server(raw_frame(0x0, 0x1, s1, b"end"))  # s1 still finishes
+    c.acct.closed()
+    assert c.sink.exchanges == [(200, None, 0.0)]
+
+
+def test_statuses_and_codes_outside_the_protocol() -> None:
+    from hpack import Encoder
+
+    c = Conversation()
+    s1, s2 = c.request(extra=GRPC), c.request()
+    encoder = Encoder()
+    trailers_only = encoder.encode([(b":status", b"200"), *GRPC, (b"grpc-status", b"99")])
+    c.acct.server(raw_frame(0x1, 0x4 | 0x1, s1, trailers_only))
+    assert c.sink.exchanges == [(200, 2, 0.0)]  # an unknown code is UNKNOWN, as clients read it
+    c.acct.server(raw_frame(0x1, 0x4 | 0x1, s2, encoder.encode([(b":status", b"2000")])))
+    assert not c.acct.active  # not HTTP: accounting stops rather than make a label of it
+
+
+def test_a_header_block_that_never_ends_is_not_held() -> None:
+    c = Conversation()
+    stream = c.request()
+    c.acct.server(raw_frame(0x1, 0, stream, b"\x88"))  # HEADERS without END_HEADERS
+    for _ in range(80):
+        c.acct.server(raw_frame(0x9, 0, stream, b"\x00" * 16_000))  # CONTINUATION, never ending
+        if not c.acct.active:
+            break
+    assert not c.acct.active and len(c.acct.from_server.block) == 0
