@@ -145,7 +145,7 @@ def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess,
     assert targets(token=old_token).status_code == 401 and targets().status_code == 200
     # A blank token file is no token (an empty Authorization must not match it), nor is none.
     token_file.write_text("\n")
-    for header in ({}, {"Authorization": ""}, {"Authorization": "Bearer "}):
+    for header in ({}, {"Authorization": ""}, {"Authorization": "Bearer"}):
         off = httpx.get(url, verify=authority.tls, headers=header)
         assert (off.status_code, off.json()["code"]) == (404, "discovery_disabled"), header
     token_file.unlink()
