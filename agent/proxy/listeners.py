@@ -527,6 +527,8 @@ async def _to_app(
         upstream = await proxy.connect(orig, Leg())
     except (OSError, TimeoutError) as exc:
         proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
+        if proxy.metrics is not None:  # authorized all the same: counted once, as a connection
+            proxy.metrics.authz_allow.child(admitted.authz_keys()[0]).value += 1
         client.close()
         return
     proxy.observe(upstream, INBOUND_DST)

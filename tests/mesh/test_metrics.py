@@ -299,3 +299,9 @@ def test_http2_and_grpc_requests_are_counted_as_linkerd_counts_them(mesh: Mesh) 
     mesh.a.run(sys.executable, "-c", silent)
     tcp_authz = ("inbound_tcp_authz_allow_total", 'target_port="8081"', f'client_id="{WEB}"')
     wait_for(lambda: total(exposition("198.18.2.2"), *tcp_authz) == 1, "the silent connection counted", b)
+
+    # A connection to a port where the app is not listening: authorized, then refused by the
+    # host; it still counts once (the client sees the connection end).
+    mesh.a.run("curl", "-s", "--max-time", "5", "http://198.18.3.2:8099/", check=False)
+    down = ("inbound_tcp_authz_allow_total", 'target_port="8099"', f'client_id="{WEB}"')
+    wait_for(lambda: total(exposition("198.18.2.2"), *down) == 1, "the refused connection counted", b)
