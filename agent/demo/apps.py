@@ -18,12 +18,14 @@ def wait_until(check: Callable[[], bool], what: str, timeout: float = 20) -> Non
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def nginx(host: Host, workdir: Path, port: int = 8080, body: str = "hello\n") -> Path:
-    """nginx serving `body` at / and a 500 at /fail, all state under `workdir`/nginx."""
+def nginx(host: Host, workdir: Path, port: int = 8080, body: str = "hello\n", http2: bool = False) -> Path:
+    """nginx serving `body` at / and a 500 at /fail, all state under `workdir`/nginx; with
+    `http2`, cleartext HTTP/2 only (prior knowledge, h2c) on IPv4."""
     root = workdir / "nginx"
     (root / "www").mkdir(parents=True, exist_ok=True)
     (root / "www" / "index.html").write_text(body)
     conf = root / "nginx.conf"
+    listen = f"listen {port} http2;" if http2 else f"listen {port} reuseport; listen [::]:{port};"
     conf.write_text(f"""
 daemon off;
 user root;  # workers read a private temp directory
@@ -36,14 +38,16 @@ http {{
   client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
   fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
   server {{
-    listen {port} reuseport; listen [::]:{port}; root {root}/www;
+    {listen} root {root}/www;
     location /fail {{ return 500; }}
   }}
 }}
 """)
     host.popen("nginx", "-c", str(conf), "-p", str(root))
+    curl_h2 = ["--http2-prior-knowledge"] if http2 else []
     wait_until(
-        lambda: host.run("curl", "-sf", f"http://127.0.0.1:{port}/", check=False).returncode == 0, "nginx"
+        lambda: host.run("curl", "-sf", *curl_h2, f"http://127.0.0.1:{port}/", check=False).returncode == 0,
+        "nginx",
     )
     return root
 

@@ -267,6 +267,7 @@ class Proxy:
             except Exception as exc:  # accounting must never cost the connection
                 log.warning("http_accounting.failed", protocol=protocol.value, error=repr(exc))
                 client.tap = server.tap = client.accounting = server.accounting = None
+                opaque()  # admitted all the same: counted once, as a connection
                 return
             if client.metrics is not None:
                 client.metrics.http = http  # held while the connection is open

@@ -56,41 +56,6 @@ def postgres(host: Host, cleanup: list[Path], port: int = 5432) -> None:
     )
 
 
-def nginx_h2c(host: Host, workdir: Path, port: int) -> None:
-    """nginx speaking cleartext HTTP/2 (prior knowledge) on `port`: 200 at /, 500 at /fail."""
-    root = workdir / "nginx-h2c"
-    (root / "www").mkdir(parents=True, exist_ok=True)
-    (root / "www" / "index.html").write_text("h2 says hi\n")
-    conf = root / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-pid {root}/nginx.pid;
-error_log {root}/error.log;
-events {{ worker_connections 64; }}
-http {{
-  access_log off;
-  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
-  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
-  server {{
-    listen {port} http2; root {root}/www;
-    location /fail {{ return 500; }}
-  }}
-}}
-""")
-    host.popen("nginx", "-c", str(conf), "-p", str(root))
-    wait_for(
-        lambda: (
-            host.run(
-                "curl", "-sf", "--http2-prior-knowledge", f"http://127.0.0.1:{port}/", check=False
-            ).returncode
-            == 0
-        ),
-        "nginx h2c up",
-    )
-
-
 GRPC_SERVER = """
 import sys, time
 from concurrent import futures

@@ -247,7 +247,7 @@ print(json.dumps(codes))
 
 
 def test_http2_and_grpc_requests_are_counted_as_linkerd_counts_them(mesh: Mesh) -> None:
-    apps.nginx_h2c(mesh.b, mesh.tmp, 8081)
+    apps.nginx(mesh.b, mesh.tmp / "h2c", 8081, http2=True)  # cleartext HTTP/2
     apps.grpc_echo(mesh.b, 50051)
     a = mesh.enroll(mesh.a, "shop/web", "198.18.1.1", ["198.18.1.2", "198.18.3.1"])
     b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.2.2", "198.18.3.2"])
