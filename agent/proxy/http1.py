@@ -21,14 +21,16 @@ parsers' `feed_data` themselves (C), and an exchange runs one Python callback fo
 one for its response, plus one for each span of response body bytes in a read (llhttp's
 `on_body`, which times the first body byte). httptools cannot be told that a response answers a
 HEAD (no body, whatever its Content-Length says), so once a connection sends HEAD its responses
-are framed by the small Python framer below (which gives up on a head over 64 KiB).
+are framed by the small Python framer below (which gives up on a head over 64 KiB). As the
+compiled accounting, it stops for a connection with more than `PIPELINE` requests awaiting their
+responses: a client pipelining requests the app never answers cannot grow the agent.
 """
 
 from __future__ import annotations
 
 import re
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 
@@ -40,6 +42,12 @@ from httptools import (
 )
 
 MAX_HEAD: Final = 64 * 1024
+PIPELINE: Final = 64  # requests awaiting their responses, at most (as http1_framer.pyx's)
+
+# Connections whose request accounting stopped at one of its bounds, by "<protocol>:<reason>"
+# (`h2:streams`, ...): their bytes still flowed, their requests were no longer counted. Here,
+# in the module every proxy loads, for the telemetry plane and `status` to show.
+STOPPED: Final[Counter[str]] = Counter()
 _STATUS: Final = re.compile(rb"[0-9]{3}")
 _CHUNK_SIZE: Final = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -247,7 +255,12 @@ class _RequestEvents:
 
     def on_headers_complete(self) -> None:
         acct = self.acct
-        method = acct.requests.get_method()  # type: ignore[union-attr]
+        if acct.requests is None:  # stopped earlier in this read: llhttp goes on to its end
+            return
+        if len(acct.pending) >= PIPELINE:
+            acct._stop()
+            return
+        method = acct.requests.get_method()
         acct.pending.append((method, acct.clock()))
         if method == b"HEAD":
             acct._head_sent()

@@ -18,6 +18,13 @@ As linkerd-proxy does (linkerd/app/core/src/classify.rs, linkerd/http/metrics):
 
 Anything this does not understand (a frame over 1 MiB, a header block HPACK refuses) stops
 accounting for the connection; its bytes still flow and are still counted.
+
+What one connection can make this hold is bounded, whatever its peers send: at most
+`MAX_OPEN_STREAMS` streams awaiting their response (past that, accounting stops for the
+connection: a client opening streams the app never answers cannot grow the agent), one header
+block (1 MiB, with its CONTINUATION frames), the HPACK table (1 MiB, the server's to fill), a
+frame header's leftover on the client side and one kept frame on the server side, and 64 short
+cached blocks. Each stop is counted in `http1.STOPPED` (`h2:<reason>`).
 """
 
 from __future__ import annotations
@@ -30,12 +37,18 @@ from typing import Any, Final
 from hpack import Decoder
 from hpack.exceptions import HPACKError
 
-from .http1 import HttpSink, Tapped
+from .http1 import STOPPED, HttpSink, Tapped
 
 logging.getLogger("hpack.hpack").disabled = True  # a debug record per header: not on this path
 
 PREFACE_LEN: Final = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 MAX_KEPT_FRAME: Final = 1 << 20
+# Streams awaiting their response, per connection. A client may only have as many open as the
+# server's SETTINGS_MAX_CONCURRENT_STREAMS, and common servers allow 100-250 (nginx 128, hyper's
+# server, which linkerd2-proxy's is, 200; Go's net/http 250): 1,000 is 4x the largest of those,
+# about 150 KB of state. A connection past it is not one a server would serve.
+MAX_OPEN_STREAMS: Final = 1000
+MAX_CACHED_BLOCK: Final = 64  # indexed-only blocks (steady traffic's are 2-10 bytes) worth caching
 DATA, HEADERS, RST_STREAM, PUSH_PROMISE, GOAWAY, CONTINUATION = 0x0, 0x1, 0x3, 0x5, 0x7, 0x9
 KEPT: Final = (HEADERS, PUSH_PROMISE, CONTINUATION, RST_STREAM, GOAWAY)  # the server's, read whole
 REFUSED_STREAM: Final = 0x7  # RST_STREAM / GOAWAY error: never processed, the client retries
@@ -119,13 +132,13 @@ class Http2Accounting:
         """Nothing is kept back: each exchange goes to the sink as it finishes."""
 
     def failed(self, leg: Tapped, exc: Exception) -> None:
-        self._stop()
+        self._stop("failed")
 
     def closed(self) -> None:
         """The connection ended: streams with a response head count with it, the rest as none."""
         for stream_id in list(self.streams):
             self._finish(stream_id)
-        self._stop()
+        self._stop(None)
 
     # --- frames --------------------------------------------------------------------------
 
@@ -155,7 +168,7 @@ class Http2Accounting:
                 stream_id = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
                 if keep and kind in KEPT:
                     if length > MAX_KEPT_FRAME:
-                        self._stop()
+                        self._stop("frame_size")
                         break
                     if end - pos - 9 < length:
                         break  # the rest of this header block fragment comes with a later read
@@ -166,12 +179,15 @@ class Http2Accounting:
                     pos += 9
                     side.skip = length
         except (HPACKError, ValueError, IndexError):
-            self._stop()
+            self._stop("not_http2")
         del buf[:pos]
 
     def _client_frame(self, kind: int, flags: int, stream_id: int, length: Any) -> None:
         if kind == HEADERS and stream_id & 1 and stream_id > self.last_request:
             self.last_request = stream_id
+            if len(self.streams) >= MAX_OPEN_STREAMS:
+                self._stop("streams")  # the relay goes on; this connection is no longer counted
+                return
             self.streams[stream_id] = _Stream(self.clock())
         elif kind == RST_STREAM and stream_id in self.streams:
             self._finish(stream_id)
@@ -201,7 +217,7 @@ class Http2Accounting:
             block = self.from_server.block
             block += payload
             if len(block) > MAX_KEPT_FRAME:  # a head that never ends: stop rather than hold it
-                self._stop()
+                self._stop("header_block")
             elif flags & END_HEADERS:
                 self._header_block()
         elif kind == RST_STREAM:
@@ -264,7 +280,7 @@ class Http2Accounting:
             elif name == b"content-type":
                 is_grpc = value.startswith(b"application/grpc")
         meaning = (status, grpc, is_grpc)
-        if indexed_only and len(self.seen) < 64:
+        if indexed_only and len(self.seen) < 64 and len(block) <= MAX_CACHED_BLOCK:
             self.seen[block] = meaning
         return meaning
 
@@ -282,7 +298,11 @@ class Http2Accounting:
         else:
             self.sink.exchange(b"", stream.status, latency)
 
-    def _stop(self) -> None:
+    def _stop(self, reason: str | None) -> None:
+        """No more accounting for this connection (its bytes still flow); `reason`, unless the
+        connection just ended, is counted in `STOPPED`."""
+        if reason is not None and self.active:
+            STOPPED[f"h2:{reason}"] += 1
         self.active = False
         self.streams.clear()
         self.seen.clear()

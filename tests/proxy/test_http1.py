@@ -616,3 +616,20 @@ def test_compiled_ends_heads_at_a_bare_lf_empty_line() -> None:
     assert got == [200, 500]
     got = run("compiled", [b"POST / HTTP/1.1\nContent-Length: 2\n\nab" + GET], [EMPTY_OK + EMPTY_OK])
     assert got == [200, 200]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_pipelined_requests_never_answered_stop_accounting_at_the_bound(impl: str) -> None:
+    # A client pipelining requests the app never answers (the HTTP/1 side of defect 1 of #15):
+    # both implementations stop past 64 waiting requests, hold nothing more, and never raise.
+    sink = Recorder()
+    acct = make(impl, sink)
+    reads = [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 2000] * 50  # 100,000 requests
+    for data in reads:
+        acct.client(data)
+    assert not acct.active
+    if impl == "python":
+        assert len(acct.pending) <= http1.PIPELINE
+    acct.server(OK)
+    acct.closed()
+    assert sink.statuses == [0] * http1.PIPELINE  # those it held, as no response

@@ -301,3 +301,67 @@ def test_a_header_block_that_never_ends_is_not_held() -> None:
         if not c.acct.active:
             break
     assert not c.acct.active and len(c.acct.from_server.block) == 0
+
+
+def test_a_million_unanswered_streams_stop_accounting_at_the_bound() -> None:
+    # A plaintext client opening streams the app never answers (defect 1 of #15): the state
+    # stays bounded, accounting stops (counted), and feeding it never raises: the relay goes on.
+    import tracemalloc
+
+    from agent.proxy import http2
+    from agent.proxy.http1 import STOPPED
+
+    class Leg:
+        tap: Any = None
+        accounting: Any = None
+
+    # One client HEADERS frame per stream (ids 1, 3, 5...), a literal header block; sent in
+    # 64 KiB reads as the relay reads them.
+    block = b"\x82\x86\x84\x41\x01x"  # :method GET, :scheme http, :path /, :authority x
+    frames = b"".join(raw_frame(0x1, 0x4, 2 * i + 1, block) for i in range(1_000_000))
+    before = STOPPED["h2:streams"]
+    sink = Recorder()
+    acct = Http2Accounting(sink)
+    client, server = Leg(), Leg()
+    acct.attach(client, server)
+    tracemalloc.start()
+    try:
+        acct.client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        for i in range(0, len(frames), 65536):
+            acct.client(frames[i : i + 65536])  # the relay's call: returns, never raises
+            if client.tap is not None:
+                assert len(acct.streams) <= http2.MAX_OPEN_STREAMS
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not acct.active and acct.streams == {}
+    assert client.tap is None and server.tap is None  # the legs relay untapped from here
+    assert STOPPED["h2:streams"] == before + 1
+    assert peak < 2 * 1024 * 1024, peak  # a million streams held were ~150 MB
+    acct.server(raw_frame(0x1, 0x5, 1, b"\x88"))  # a late answer: ignored, no exception
+    acct.closed()
+    assert sink.exchanges == []  # the streams it stopped on are not guessed at
+
+
+def test_open_streams_below_the_bound_are_all_counted() -> None:
+    from agent.proxy import http2
+
+    c = Conversation()
+    c.client.update_settings({4: 1 << 30})
+    c.server.update_settings({3: 2 * http2.MAX_OPEN_STREAMS})
+    c.flush()
+    streams = [c.request() for _ in range(http2.MAX_OPEN_STREAMS)]
+    assert c.acct.active and len(c.acct.streams) == http2.MAX_OPEN_STREAMS
+    for stream in streams:
+        c.head(stream, 200, end=True)
+    assert c.acct.active and len(c.sink.exchanges) == http2.MAX_OPEN_STREAMS
+
+
+def test_only_short_indexed_blocks_are_cached() -> None:
+    from agent.proxy import http2
+
+    acct = Http2Accounting(Recorder())
+    long_block = b"\x88" * (http2.MAX_CACHED_BLOCK + 1)  # indexed-only, but long: not kept
+    acct._read_block(long_block)
+    acct._read_block(b"\x88")
+    assert list(acct.seen) == [b"\x88"]
