@@ -244,11 +244,26 @@ class TelemetrySettings:
     """The metrics plane and the admin server (its port is intercept.admin_port, 4191)."""
 
     admin_listen: str = "::"
-    """Address of the admin server (/metrics, /ready, /live, /status, /stat); :: is every address."""
+    """Address of the admin server (/metrics, /ready, /live, /status, /stat). The default, every
+    address, is what a Prometheus in the cluster needs to scrape /metrics; 127.0.0.1 keeps it
+    to local health checks and `meshagent status|stat`, or give the one address Prometheus reaches."""
+    admin_max_connections: int = 100
+    """Admin connections open at once; one more is closed at once (counted in /status). Far below
+    the process's file limit, so the admin port never starves the data plane."""
+    admin_timeout_s: float = 10.0
+    """An admin connection must send its request and read the reply within this time."""
     metrics: bool = True
     """Record linkerd-compatible metrics for every proxied connection."""
     http_accounting: bool = True
     """Detect HTTP/1 and count requests, responses and latencies (needs metrics)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.admin_max_connections, int) or not 1 <= self.admin_max_connections <= 10000:
+            raise ConfigError(
+                "telemetry.admin_max_connections must be between 1 and 10000, "
+                f"got {self.admin_max_connections!r}"
+            )
+        _float_range(self.admin_timeout_s, 0.1, 3600, "telemetry.admin_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -414,6 +429,16 @@ def _read_file(path: Path, required: bool) -> dict[str, Any] | None:
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (at byte {exc.start})",
+            "TOML files are UTF-8: re-save it as UTF-8 (e.g. iconv -t UTF-8)",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {path} cannot be read: {exc.strerror or exc}",
+            "give --config a readable TOML file",
+        ) from None
     return raw
 
 

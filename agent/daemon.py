@@ -16,6 +16,7 @@ import contextlib
 import json
 import pwd
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, MeshagentError
+from agent.errors import ConfigError, MeshagentError, StateError
 from agent.fsutil import write_atomic
 from agent.identity.certinfo import utcnow
 from agent.identity.client import AuthorityClient
@@ -37,13 +38,14 @@ from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
-from agent.proxy.directory import Directory, merge
+from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
-from agent.telemetry.admin import Handler, Reply, json_reply, start_admin
+from agent.tasks import Supervisor
+from agent.telemetry.admin import AdminLimits, AdminServer, Handler, Reply, json_reply, start_admin
 from agent.telemetry.process import render_process
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
@@ -60,6 +62,10 @@ class DaemonState:
     rules: AppliedState | None = None
     directory_source: str = "local"
     directory_updated_at: float | None = None
+    # Entries of the authority's document left out (the latest document's), and every distinct
+    # one seen since start: each is logged once, not on every refresh.
+    rejected: tuple[Rejected, ...] = ()
+    rejected_seen: set[Rejected] = field(default_factory=set)
     last_errors: list[dict[str, Any]] = field(default_factory=list)
 
     def error(self, kind: str, message: str) -> None:
@@ -101,6 +107,27 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
     )
 
 
+def raise_nofile_limit() -> int:
+    """Raise the soft limit on open files to the hard one (systemd's soft default is 1,024,
+    its hard 512K): every proxied connection takes two descriptors. Returns the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("daemon.nofile_not_raised", soft=soft, hard=hard, error=str(exc))
+    return soft
+
+
+def admin_limits(config: AgentConfig, nofile: int) -> AdminLimits:
+    """The configured admin limits, with the connection cap kept to at most a quarter of the
+    file limit: the admin port never takes the data plane's descriptors."""
+    t = config.telemetry
+    cap = min(t.admin_max_connections, max(8, nofile // 4))
+    return AdminLimits(max_connections=cap, timeout_s=t.admin_timeout_s)
+
+
 def _lookup_user(name: str) -> int:
     return pwd.getpwnam(name).pw_uid
 
@@ -116,8 +143,12 @@ class Daemon:
         self.metrics = ProxyMetrics() if config.telemetry.metrics else None
         self.stat = StatWindow(self.metrics, settle=self._settle) if self.metrics is not None else None
         self.rotator: Rotator | None = None
-        self.admin: asyncio.AbstractServer | None = None
-        self._reloads: set[asyncio.Task[None]] = set()
+        self.admin: AdminServer | None = None
+        self.tasks = Supervisor(
+            self.stop_event,
+            cap_s=max(1.0, min(30.0, config.proxy.refresh_interval_s)),
+            on_failure=self.state.error,
+        )
         self.started_at = time.time()
 
     # --- directory (catalog + policy) ----------------------------------------------------
@@ -131,7 +162,19 @@ class Daemon:
 
     def _directory(self, remote: dict[str, Any] | None) -> Directory:
         entries, policy = local_directory(self.config)
-        return merge(entries, policy, remote)
+        directory = merge(entries, policy, remote)
+        self.state.rejected = directory.rejected
+        for bad in directory.rejected:
+            if bad not in self.state.rejected_seen:
+                self.state.rejected_seen.add(bad)
+                log.warning(
+                    "directory.entry_rejected",
+                    where=bad.where,
+                    entry=bad.entry,
+                    reason=bad.reason,
+                    hint="every other entry applies; fix this one at the authority",
+                )
+        return directory
 
     def _fetch_directory(self) -> dict[str, Any]:
         with AuthorityClient(self.store.load_authority()) as client:
@@ -143,7 +186,22 @@ class Daemon:
                 # A renewal replaced the token between our read and the request: read it again.
                 return client.host_config(self.store.api_token())
 
+    def _write_cache(self, doc: dict[str, Any]) -> None:
+        path = self.store.state_dir / HOST_CONFIG_CACHE
+        try:
+            write_atomic(path, json.dumps(doc).encode(), 0o600)
+        except OSError as exc:
+            raise StateError(
+                f"cannot write the directory cache {path}: {exc.strerror or exc}",
+                "free space in (or make writable) the state directory's filesystem; the agent "
+                "serves the fresh catalog and policy meanwhile and retries",
+                code="state_unwritable",
+            ) from exc
+
     async def _refresh_loop(self) -> None:
+        """Fetch, apply, then cache. An authority that cannot be reached is not a failure of
+        this task (the agent keeps what it has); a cache that cannot be written is: it raises,
+        and the supervisor logs it, shows it and retries."""
         interval = self.config.proxy.refresh_interval_s
         while not self.stop_event.is_set():
             assert self.credentials is not None and self.proxy is not None
@@ -151,14 +209,15 @@ class Daemon:
                 doc = await asyncio.to_thread(self._fetch_directory)
                 directory = self._directory(doc)
                 self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
-                await asyncio.to_thread(
-                    write_atomic, self.store.state_dir / HOST_CONFIG_CACHE, json.dumps(doc).encode(), 0o600
-                )
                 self.state.directory_source, self.state.directory_updated_at = (
                     "authority",
                     doc.get("generated_at"),
                 )
+                await asyncio.to_thread(self._write_cache, doc)
+                self.tasks.ok("directory-refresh")
                 log.debug("directory.refreshed", catalog=len(directory.catalog))
+            except StateError:
+                raise
             except MeshagentError as exc:
                 self.state.error("directory_refresh", f"{exc.code}: {exc.message}")
                 log.warning(
@@ -190,6 +249,7 @@ class Daemon:
             loop.add_signal_handler(sig, self.stop_event.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn_reload())
 
+        nofile = raise_nofile_limit()
         self.credentials = await asyncio.to_thread(Credentials.load, self.store)
         cached = self._cached_directory_doc()
         directory = self._directory(cached)
@@ -207,7 +267,9 @@ class Daemon:
         await self.proxy.start()
         listen = self.config.telemetry.admin_listen
         admin_host = None if listen in ("::", "") else listen
-        self.admin = await start_admin(admin_host, self.config.intercept.admin_port, self._routes())
+        self.admin = await start_admin(
+            admin_host, self.config.intercept.admin_port, self._routes(), admin_limits(self.config, nofile)
+        )
 
         intercept = self.config.intercept
         if intercept.enabled:
@@ -217,15 +279,13 @@ class Daemon:
             log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
 
         self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=renew_in_subprocess)
-        tasks = [
-            asyncio.create_task(rotator.run(self.stop_event), name="rotation"),
-            asyncio.create_task(self._refresh_loop(), name="directory-refresh"),
-        ]
+        self.tasks.start("rotation", lambda: rotator.run(self.stop_event))
+        self.tasks.start("directory-refresh", self._refresh_loop)
         if self.stat is not None:
-            tasks.append(asyncio.create_task(self._snapshots(), name="stat-snapshots"))
+            self.tasks.start("stat-snapshots", self._snapshots)
         watchdog = watchdog_interval_s()
         if watchdog:
-            tasks.append(asyncio.create_task(self._watchdog(watchdog), name="watchdog"))
+            self.tasks.start("watchdog", lambda: self._watchdog(watchdog))
         ident = self.credentials.identity
         notify("READY=1", f"STATUS=serving as {ident.workload.spiffe_id}")
         log.info(
@@ -234,6 +294,7 @@ class Daemon:
             inbound=self.proxy.listening.get("inbound"),
             outbound=self.proxy.listening.get("outbound"),
             http_accounting=self._http_accounting(),
+            nofile=nofile,
         )
 
         await self.stop_event.wait()
@@ -244,18 +305,14 @@ class Daemon:
         await self.proxy.stop(self.config.proxy.drain_timeout_s)
         if self.admin is not None:
             self.admin.close()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.tasks.stop()
         log.info("daemon.stopped")
         return 0
 
     # --- SIGHUP: reload the config without dropping a connection ------------------------
 
     def spawn_reload(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
-        self._reloads.add(task)
-        task.add_done_callback(self._reloads.discard)
+        self.tasks.once("reload", self.reload())
 
     async def reload(self) -> None:
         """Re-read the config file: policy, local catalog, log settings and the interception plan
@@ -349,6 +406,7 @@ class Daemon:
             reasons.append("intercept: rules not applied")
         if self.proxy is None or len(self.proxy.listening) < 2:
             reasons.append("proxy: listeners not up")
+        reasons.extend(self.tasks.not_ready())
         return reasons
 
     def _ready(self, _query: dict[str, list[str]]) -> Reply:
@@ -397,7 +455,11 @@ class Daemon:
                 "entries": 0 if proxy is None else len(proxy.catalog),
                 "source": self.state.directory_source,
                 "updated_at": self.state.directory_updated_at,
+                "rejected_count": len(self.state.rejected),
+                "rejected": [r.to_dict() for r in self.state.rejected],
             },
+            "tasks": self.tasks.status(),
+            "admin": None if self.admin is None else self.admin.stats(),
             "connections": {
                 "open": 0 if proxy is None else proxy.open_connections,
                 "opened": {} if proxy is None else dict(proxy.stats.opened),

@@ -47,9 +47,10 @@ class CatalogEntry:
                 str(doc["identity"]),
                 str(doc["server_name"]),
             )
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ConfigError(
-                f"catalog entry {doc!r} is invalid: {exc}",
+                f"catalog entry {doc!r} is invalid: {what}",
                 "an entry needs cidr, identity, server_name and optional ports",
             ) from None
 

@@ -4,6 +4,10 @@ The authority's `/v1/host/config` document (catalog + this host's policy) is par
 a `Catalog` and an `InboundPolicy`. Local settings give the defaults; a policy the authority
 sets for a port (or as default) wins, so operators steer a fleet from one place. Pure: the
 daemon fetches and caches the document.
+
+Entry by entry: an entry that does not parse is left out and reported in `rejected`, every
+valid one still applies. One bad address in the fleet's catalog must never freeze every
+host's catalog and policy (a `deny` set afterwards would otherwise never arrive).
 """
 
 from __future__ import annotations
@@ -16,31 +20,88 @@ from agent.errors import ConfigError
 from .catalog import Catalog, CatalogEntry
 from .policy import DefaultPolicy, InboundPolicy, PortPolicy
 
+_SHOWN = 200  # characters of a rejected entry kept for logs and /status
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """One entry of the authority's document that was left out, and why."""
+
+    where: str  # "catalog[3]", "policy.default", "policy.ports[5432]", ...
+    entry: str  # the entry as received (repr, cut to _SHOWN characters)
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"where": self.where, "entry": self.entry, "reason": self.reason}
+
 
 @dataclass(frozen=True)
 class Directory:
     catalog: Catalog
     policy: InboundPolicy
+    rejected: tuple[Rejected, ...] = ()
 
 
-def port_policy(doc: dict[str, Any]) -> PortPolicy:
+def port_policy(doc: Any) -> PortPolicy:
     try:
-        return PortPolicy(DefaultPolicy(doc["default"]), tuple(str(a) for a in doc.get("allow", [])))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ConfigError(f"policy {doc!r} is invalid: {exc}") from None
+        allow = doc.get("allow", [])
+        if not isinstance(allow, list):
+            raise TypeError("allow must be a list")
+        return PortPolicy(DefaultPolicy(doc["default"]), tuple(str(a) for a in allow))
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ConfigError(f"policy {doc!r} is invalid: {what}") from None
+
+
+def _shown(doc: Any) -> str:
+    text = repr(doc)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
 def merge(
     local_catalog: list[CatalogEntry], local_policy: InboundPolicy, remote: dict[str, Any] | None
 ) -> Directory:
-    """Local entries and policy, overlaid with the authority's document (if any)."""
+    """Local entries and policy, overlaid with every valid entry of the authority's document."""
     entries = list(local_catalog)
     default, ports = local_policy.default, dict(local_policy.ports)
+    rejected: list[Rejected] = []
+
+    def reject(where: str, doc: Any, reason: str) -> None:
+        rejected.append(Rejected(where, _shown(doc), reason))
+
     if remote is not None:
-        entries += [CatalogEntry.from_doc(e) for e in remote.get("catalog", [])]
+        catalog = remote.get("catalog") or []
+        if not isinstance(catalog, list):
+            reject("catalog", catalog, "the catalog must be a list of entries")
+            catalog = []
+        for i, doc in enumerate(catalog):
+            try:
+                entries.append(CatalogEntry.from_doc(doc))
+            except ConfigError as exc:
+                reject(f"catalog[{i}]", doc, exc.message.rpartition(" is invalid: ")[2])
         policy = remote.get("policy") or {}
+        if not isinstance(policy, dict):
+            reject("policy", policy, "the policy must be an object")
+            policy = {}
         if "default" in policy:
-            default = port_policy(policy["default"])
-        for port, doc in (policy.get("ports") or {}).items():
-            ports[int(port)] = port_policy(doc)
-    return Directory(Catalog(entries), InboundPolicy(default, ports))
+            try:
+                default = port_policy(policy["default"])
+            except ConfigError as exc:
+                reject("policy.default", policy["default"], exc.message.rpartition(" is invalid: ")[2])
+        port_docs = policy.get("ports") or {}
+        if not isinstance(port_docs, dict):
+            reject("policy.ports", port_docs, "ports must be an object keyed by port number")
+            port_docs = {}
+        for key, doc in port_docs.items():
+            try:
+                port = int(key)
+                if not 0 < port < 65536:
+                    raise ValueError
+            except (ValueError, TypeError):
+                reject(f"policy.ports[{key!r}]", doc, f"{key!r} is not a port number (1-65535)")
+                continue
+            try:
+                ports[port] = port_policy(doc)
+            except ConfigError as exc:
+                reject(f"policy.ports[{port}]", doc, exc.message.rpartition(" is invalid: ")[2])
+    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected))

@@ -3,12 +3,18 @@
 A deliberately small HTTP/1.1 responder on the daemon's own event loop: a handful of GET
 endpoints read by Prometheus, health checks and `meshagent status|stat` need no framework, and
 this keeps the agent's memory and dependencies down. One request per connection.
+
+Bounded, so the admin port can never take the data plane's file descriptors: at most
+`max_connections` open at once (one more is closed at once, and counted), and a connection
+must have sent its request and read its reply within `timeout_s` (idle and slowloris clients
+are closed, and counted).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +36,24 @@ class Reply:
 
 Handler = Callable[[dict[str, list[str]]], Reply]
 
+
+@dataclass(frozen=True)
+class AdminLimits:
+    max_connections: int = 100
+    timeout_s: float = 10.0
+
+
+@dataclass
+class AdminStats:
+    open: int = 0
+    accepted: int = 0
+    refused_over_limit: int = 0
+    timed_out: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
 _REASONS = {
     200: "OK",
     404: "Not Found",
@@ -44,15 +68,48 @@ def json_reply(doc: Any, status: int = 200) -> Reply:
 
 
 class _AdminProtocol(asyncio.Protocol):
-    def __init__(self, routes: dict[str, Handler]) -> None:
+    def __init__(self, routes: dict[str, Handler], limits: AdminLimits, stats: AdminStats) -> None:
         self.routes = routes
+        self.limits, self.stats = limits, stats
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.counted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.stats.open >= self.limits.max_connections:
+            self.stats.refused_over_limit += 1
+            n = self.stats.refused_over_limit
+            if math.log10(n).is_integer():  # 1, 10, 100, ...: visible, never a flood
+                log.warning(
+                    "admin.connection_refused",
+                    reason="over_limit",
+                    max_connections=self.limits.max_connections,
+                    refused_total=n,
+                )
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.counted = True
+        self.stats.open += 1
+        self.stats.accepted += 1
+        self.timer = asyncio.get_running_loop().call_later(self.limits.timeout_s, self._timed_out)
+
+    def _timed_out(self) -> None:
+        self.stats.timed_out += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.counted:
+            self.counted = False
+            self.stats.open -= 1
 
     def data_received(self, data: bytes) -> None:
+        if not self.counted:
+            return
         self.buffer += data
         if b"\r\n\r\n" not in self.buffer and b"\n\n" not in self.buffer:
             if len(self.buffer) > MAX_REQUEST:
@@ -90,10 +147,38 @@ class _AdminProtocol(asyncio.Protocol):
         self.buffer = b""
 
 
-async def start_admin(host: str | None, port: int, routes: dict[str, Handler]) -> asyncio.AbstractServer:
+class AdminServer:
+    """The listening admin server and its connection counters."""
+
+    def __init__(self, server: asyncio.AbstractServer, limits: AdminLimits, stats: AdminStats) -> None:
+        self.server, self.limits, self.counters = server, limits, stats
+
+    def stats(self) -> dict[str, int | float]:
+        return {
+            **self.counters.to_dict(),
+            "max_connections": self.limits.max_connections,
+            "timeout_s": self.limits.timeout_s,
+        }
+
+    def close(self) -> None:
+        self.server.close()
+
+
+async def start_admin(
+    host: str | None, port: int, routes: dict[str, Handler], limits: AdminLimits | None = None
+) -> AdminServer:
     loop = asyncio.get_running_loop()
+    limits = limits or AdminLimits()
+    stats = AdminStats()
     server = await loop.create_server(
-        lambda: _AdminProtocol(routes), host=host, port=port, reuse_address=True
+        lambda: _AdminProtocol(routes, limits, stats), host=host, port=port, reuse_address=True
     )
-    log.info("admin.listening", port=port, endpoints=",".join(sorted(routes)))
-    return server
+    log.info(
+        "admin.listening",
+        host=host or "*",
+        port=port,
+        endpoints=",".join(sorted(routes)),
+        max_connections=limits.max_connections,
+        timeout_s=limits.timeout_s,
+    )
+    return AdminServer(server, limits, stats)

@@ -94,3 +94,71 @@ def test_authority_policy_overrides_local() -> None:
     assert directory.policy.for_port(9999).default is DefaultPolicy.ALL_AUTHENTICATED
     assert len(directory.catalog) == 1
     assert merge([], local, None).policy == local
+
+
+GOOD = {"cidr": "198.18.0.20/32", "ports": [5432], "identity": SHOP_WEB, "server_name": "w"}
+
+
+@pytest.mark.parametrize(
+    ("remote", "catalog", "port_5432", "rejected"),
+    [
+        ({"catalog": [GOOD]}, 1, DefaultPolicy.ALL_UNAUTHENTICATED, []),
+        (
+            {"catalog": [{**GOOD, "cidr": "not-an-ip/32"}, GOOD]},
+            1,
+            DefaultPolicy.ALL_UNAUTHENTICATED,
+            ["catalog[0]"],
+        ),
+        ({"catalog": [{**GOOD, "ports": [0]}, GOOD]}, 1, DefaultPolicy.ALL_UNAUTHENTICATED, ["catalog[0]"]),
+        (
+            {"catalog": [{"cidr": "10.0.0.0/8"}, "junk", None, GOOD]},
+            1,
+            DefaultPolicy.ALL_UNAUTHENTICATED,
+            ["catalog[0]", "catalog[1]", "catalog[2]"],
+        ),
+        ({"catalog": "junk"}, 0, DefaultPolicy.ALL_UNAUTHENTICATED, ["catalog"]),
+        (
+            {"catalog": [GOOD], "policy": {"ports": {"5432": {"default": "deny"}, "x": {"default": "deny"}}}},
+            1,
+            DefaultPolicy.DENY,
+            ["policy.ports['x']"],
+        ),
+        (
+            {"policy": {"ports": {"5432": {"default": "maybe"}, "99999": {"default": "deny"}}}},
+            0,
+            DefaultPolicy.ALL_UNAUTHENTICATED,
+            ["policy.ports[5432]", "policy.ports['99999']"],
+        ),
+        (
+            {
+                "policy": {
+                    "default": {"default": "deny", "allow": "x"},
+                    "ports": {"5432": {"default": "deny"}},
+                }
+            },
+            0,
+            DefaultPolicy.DENY,
+            ["policy.default"],
+        ),
+        ({"policy": ["deny"]}, 0, DefaultPolicy.ALL_UNAUTHENTICATED, ["policy"]),
+    ],
+    ids=[
+        "all-valid",
+        "bad-cidr-left-out",
+        "bad-port-left-out",
+        "several-bad-shapes",
+        "catalog-not-a-list",
+        "bad-port-key-others-apply",
+        "bad-policy-name",
+        "bad-default-port-still-applies",
+        "policy-not-an-object",
+    ],
+)
+def test_merge_applies_every_valid_entry_and_reports_the_rest(
+    remote: dict[str, object], catalog: int, port_5432: DefaultPolicy, rejected: list[str]
+) -> None:
+    directory = merge([], InboundPolicy(), remote)
+    assert len(directory.catalog) == catalog
+    assert directory.policy.for_port(5432).default is port_5432
+    assert [r.where for r in directory.rejected] == rejected
+    assert all(r.reason and r.entry for r in directory.rejected)
