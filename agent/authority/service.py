@@ -11,7 +11,7 @@ import ipaddress
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from agent.identity.names import WorkloadIdentity
 from agent.identity.pki import (
     certs_to_pem,
     load_certs,
+    possession_message,
     spki_pin,
     verify_possession,
 )
@@ -31,12 +32,22 @@ from agent.proxy.policy import DefaultPolicy
 
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .signing import issue_leaf, parse_csr, public_key_der
-from .storage import HostRecord, Issued, NewHost, PolicyRecord, Registry, SqliteRegistry, StaticEntry
+from .storage import (
+    HostRecord,
+    Issued,
+    NewHost,
+    PolicyRecord,
+    Registry,
+    RenewalRequest,
+    SqliteRegistry,
+    StaticEntry,
+)
 from .tokens import JoinToken, hash_secret, new_token
 
 log = get_logger("meshagent.authority")
 
-# A renewal's timestamp must be this fresh: bounds how long a captured request stays usable.
+# A renewal's timestamp must be this fresh: bounds how long the authority must remember a
+# request it answered (renewal requests are single-use, see storage.SqliteRegistry.renew).
 POSSESSION_WINDOW = timedelta(minutes=5)
 
 
@@ -156,7 +167,8 @@ class Authority:
                 "enroll again with a new join token",
                 code="certificate_expired",
             )
-        if abs(now.timestamp() - timestamp) > POSSESSION_WINDOW.total_seconds():
+        # Integers: a huge timestamp must be refused, not overflow a float.
+        if abs(int(now.timestamp()) - timestamp) > int(POSSESSION_WINDOW.total_seconds()):
             raise RejectedError(
                 "the request's timestamp is too far from the authority's clock",
                 "check this host's clock (timedatectl) and retry",
@@ -185,10 +197,27 @@ class Authority:
             )
         host = self._host_of(current)
         workload = self.identity(host.identity)
-        updated = self.registry.renew(
-            host.id, format(current.serial_number, "x"), now, self._issue(workload, csr)
+        serial = format(current.serial_number, "x")
+        # The proof names the signed content, not the signature: ECDSA signatures are malleable
+        # (s -> n-s), so a replayer could alter one and still verify.
+        proof = hashlib.sha256(
+            serial.encode() + b"\n" + possession_message(csr_pem.encode(), timestamp)
+        ).hexdigest()
+        request = RenewalRequest(
+            presented_serial=serial,
+            key_fingerprint=hashlib.sha256(public_key_der(csr)).hexdigest(),
+            proof=proof,
+            proof_expires_at=datetime.fromtimestamp(timestamp, UTC) + POSSESSION_WINDOW,
         )
-        log.info("host.renewed", host_id=host.id, serial=updated.serial)
+        signed: list[Issued] = []
+
+        def sign() -> Issued:
+            signed.append(self._issue(workload, csr))
+            return signed[-1]
+
+        updated = self.registry.renew(host.id, request, now, sign)
+        # No signing: the host's previous answer was lost and it got the same certificate again.
+        log.info("host.renewed", host_id=host.id, serial=updated.serial, lost_answer_retry=not signed)
         return EnrollResult(
             updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload, self._api_token(updated)
         )

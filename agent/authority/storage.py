@@ -8,7 +8,8 @@ replicas is another implementation of the same interface.
 Token consumption and host creation commit together with the signed certificate: a signing
 failure leaves the token unused, and a host that lost the response can retry with the same
 token *and the same key* and gets the same certificate back (SPIRE's spire#2454 burned tokens
-on interrupted attestation).
+on interrupted attestation). Renewal mirrors it: once serial S renewed, S can only fetch the
+certificate it was issued (same key), and each renewal request is single-use (`renewal_proofs`).
 """
 
 from __future__ import annotations
@@ -41,14 +42,22 @@ CREATE TABLE IF NOT EXISTS hosts (
     host_name       TEXT NOT NULL,
     addresses       TEXT NOT NULL,      -- JSON list
     serial          TEXT NOT NULL,      -- current certificate (hex)
-    previous_serial TEXT,               -- accepted for renewal if the last response was lost
+    previous_serial TEXT,               -- may fetch the current cert again if the answer was lost
     not_after       REAL NOT NULL,
     cert_pem        TEXT NOT NULL,
     enrolled_at     REAL NOT NULL,
     last_renewal    REAL,
     revoked_at      REAL,
-    api_token_hash  TEXT                -- sha256 of the host's bearer token for catalog/policy reads
+    api_token_hash  TEXT,               -- sha256 of the host's bearer token for catalog/policy reads
+    key_fp          TEXT                -- sha256 of the current certificate's SPKI
 );
+-- Renewal requests already answered, kept until their timestamp is too old to be accepted.
+CREATE TABLE IF NOT EXISTS renewal_proofs (
+    digest      TEXT PRIMARY KEY,       -- sha256 over the presented serial and the signed message
+    host_id     TEXT NOT NULL,
+    expires_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS renewal_proofs_expiry ON renewal_proofs(expires_at);
 CREATE TABLE IF NOT EXISTS catalog (
     id          TEXT PRIMARY KEY,
     cidr        TEXT NOT NULL,
@@ -125,6 +134,16 @@ class PolicyRecord:
 
 
 @dataclass(frozen=True)
+class RenewalRequest:
+    """A verified renewal: who asked (presented serial), for which key, and its one-time proof."""
+
+    presented_serial: str
+    key_fingerprint: str  # sha256 of the CSR's SPKI
+    proof: str  # digest identifying this exact request
+    proof_expires_at: datetime  # after this, the freshness check refuses the request anyway
+
+
+@dataclass(frozen=True)
 class NewHost:
     host_name: str
     addresses: tuple[str, ...]
@@ -150,7 +169,9 @@ class Registry(Protocol):
 
     def find_by_api_token(self, token_hash: str) -> HostRecord | None: ...
 
-    def renew(self, host_id: str, presented_serial: str, now: datetime, issued: Issued) -> HostRecord: ...
+    def renew(
+        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
+    ) -> HostRecord: ...
 
     def list_hosts(self) -> list[HostRecord]: ...
 
@@ -205,8 +226,9 @@ class SqliteRegistry:
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
         self._db.execute("PRAGMA busy_timeout=30000")
         columns = {r["name"] for r in self._db.execute("PRAGMA table_info(hosts)")}
-        if columns and "api_token_hash" not in columns:  # a registry from before the column
-            self._db.execute("ALTER TABLE hosts ADD COLUMN api_token_hash TEXT")
+        for column in ("api_token_hash", "key_fp"):  # a registry from before these columns
+            if columns and column not in columns:
+                self._db.execute(f"ALTER TABLE hosts ADD COLUMN {column} TEXT")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -282,7 +304,7 @@ class SqliteRegistry:
             host_id = "h-" + secrets.token_hex(6)
             db.execute(
                 "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
-                " enrolled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " enrolled_at, key_fp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     host_id,
                     token["identity"],
@@ -292,6 +314,7 @@ class SqliteRegistry:
                     _ts(issued.not_after),
                     issued.cert_pem,
                     _ts(now),
+                    key_fingerprint,
                 ),
             )
             db.execute(
@@ -315,8 +338,28 @@ class SqliteRegistry:
         ).fetchone()
         return None if row is None else _host(row)
 
-    def renew(self, host_id: str, presented_serial: str, now: datetime, issued: Issued) -> HostRecord:
+    def renew(
+        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
+    ) -> HostRecord:
+        """Renew `host_id` from its current certificate, or hand back what its previous one was
+        issued (the answer was lost). `sign()` issues the new certificate, inside the transaction.
+
+        Two rules make a captured request worthless (issue #15): each request is answered once
+        (its proof is kept until its timestamp leaves the freshness window, so the table stays
+        small), and the previous serial never gets a *new* certificate, only the current one and
+        only for the same key. Either alone leaves a hole: proofs alone let the old key renew
+        again with a fresh signature; serial binding alone lets an exact replay rotate the
+        host's token away from it.
+        """
         with self._transaction() as db:
+            db.execute("DELETE FROM renewal_proofs WHERE expires_at < ?", (_ts(now),))
+            if db.execute("SELECT 1 FROM renewal_proofs WHERE digest = ?", (request.proof,)).fetchone():
+                raise RejectedError(
+                    "this renewal request was already answered: a request is single-use",
+                    "a replayed or duplicated request; the host renews by itself with a new one "
+                    "(meshagent renew)",
+                    code="renewal_replayed",
+                )
             row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
             if row is None or row["revoked_at"] is not None:
                 raise RejectedError(
@@ -324,23 +367,37 @@ class SqliteRegistry:
                     code="host_revoked",
                     hint="enroll again with a new join token if it should be back",
                 )
-            if presented_serial not in (row["serial"], row["previous_serial"]):
+            presented = request.presented_serial
+            retry = presented == row["previous_serial"] and presented != row["serial"]
+            if retry and request.key_fingerprint != row["key_fp"]:
+                raise RejectedError(
+                    "the presented certificate was already renewed; only the current one can renew",
+                    "renew with the host's current certificate; a host that lost it enrolls again",
+                    code="stale_certificate",
+                )
+            if presented not in (row["serial"], row["previous_serial"]):
                 raise RejectedError(
                     "the presented certificate is not this host's current one",
                     code="stale_certificate",
                     hint="enroll again with a new join token",
                 )
-            # A retry with the previous cert (the response was lost) keeps `previous_serial` valid.
-            previous = row["serial"] if presented_serial == row["serial"] else row["previous_serial"]
+            db.execute(
+                "INSERT INTO renewal_proofs (digest, host_id, expires_at) VALUES (?, ?, ?)",
+                (request.proof, host_id, _ts(request.proof_expires_at)),
+            )
+            if retry:  # the answer was lost: the same certificate again, nothing re-signed
+                return _host(row)
+            issued = sign()
             db.execute(
                 "UPDATE hosts SET serial = ?, previous_serial = ?, not_after = ?, cert_pem = ?,"
-                " last_renewal = ? WHERE id = ?",
+                " last_renewal = ?, key_fp = ? WHERE id = ?",
                 (
                     issued.serial,
-                    previous,
+                    presented,
                     _ts(issued.not_after),
                     issued.cert_pem,
                     _ts(now),
+                    request.key_fingerprint,
                     host_id,
                 ),
             )

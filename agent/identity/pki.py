@@ -115,8 +115,9 @@ def summarize(cert: x509.Certificate) -> CertSummary:
 
 
 # --- proof of possession ---------------------------------------------------------------------
-# A renewal is signed by the *current* key over the new CSR and a timestamp. Replaying it is
-# useless: the certificate it yields binds the new CSR's key, which only the host holds.
+# A renewal is signed by the *current* key over the new CSR and a timestamp. The certificate it
+# yields binds the new CSR's key, which only the host holds; a replay could still supersede the
+# host's record and token, so the authority answers each request once (storage.renew).
 
 
 def possession_message(csr_pem: bytes, timestamp: int) -> bytes:
