@@ -5,9 +5,11 @@ endpoints read by Prometheus, health checks and `meshagent status|stat` need no 
 this keeps the agent's memory and dependencies down. One request per connection.
 
 Bounded, so the admin port can never take the data plane's file descriptors: at most
-`max_connections` open at once (one more is closed at once, and counted), and a connection
-must have sent its request and read its reply within `timeout_s` (idle and slowloris clients
-are closed, and counted).
+`max_connections` open at once, and a connection must have sent its request and read its reply
+within `timeout_s` (idle and slowloris clients are closed, and counted). At the cap a new
+connection evicts the oldest one still waiting for its request (so idle connections cannot lock
+Prometheus and health checks out); if none is waiting, the new one is closed at once. Both are
+counted.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class AdminLimits:
 class AdminStats:
     open: int = 0
     accepted: int = 0
+    evicted_idle: int = 0
     refused_over_limit: int = 0
     timed_out: int = 0
 
@@ -68,9 +71,16 @@ def json_reply(doc: Any, status: int = 200) -> Reply:
 
 
 class _AdminProtocol(asyncio.Protocol):
-    def __init__(self, routes: dict[str, Handler], limits: AdminLimits, stats: AdminStats) -> None:
+    def __init__(
+        self,
+        routes: dict[str, Handler],
+        limits: AdminLimits,
+        stats: AdminStats,
+        waiting: dict[_AdminProtocol, None],
+    ) -> None:
         self.routes = routes
         self.limits, self.stats = limits, stats
+        self.waiting = waiting  # the server's connections still waiting for a request, oldest first
         self.buffer = b""
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -78,34 +88,43 @@ class _AdminProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        if self.stats.open >= self.limits.max_connections:
-            self.stats.refused_over_limit += 1
-            n = self.stats.refused_over_limit
+        stats = self.stats
+        if stats.open >= self.limits.max_connections:
+            if self.waiting:
+                next(iter(self.waiting))._drop()
+                stats.evicted_idle += 1
+                event, n = "admin.connection_evicted", stats.evicted_idle
+            else:
+                stats.refused_over_limit += 1
+                event, n = "admin.connection_refused", stats.refused_over_limit
             if math.log10(n).is_integer():  # 1, 10, 100, ...: visible, never a flood
-                log.warning(
-                    "admin.connection_refused",
-                    reason="over_limit",
-                    max_connections=self.limits.max_connections,
-                    refused_total=n,
-                )
-            transport.abort()  # type: ignore[attr-defined]
-            return
+                log.warning(event, reason="over_limit", max_connections=self.limits.max_connections, total=n)
+            if event == "admin.connection_refused":
+                transport.abort()  # type: ignore[attr-defined]
+                return
         self.counted = True
-        self.stats.open += 1
-        self.stats.accepted += 1
+        stats.open += 1
+        stats.accepted += 1
+        self.waiting[self] = None
         self.timer = asyncio.get_running_loop().call_later(self.limits.timeout_s, self._timed_out)
 
-    def _timed_out(self) -> None:
-        self.stats.timed_out += 1
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+    def _drop(self) -> None:
+        """Close at once, and stop counting this connection now (its fd is freed by abort)."""
+        self.waiting.pop(self, None)
         if self.counted:
             self.counted = False
             self.stats.open -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _timed_out(self) -> None:
+        self.stats.timed_out += 1
+        self._drop()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._drop()
 
     def data_received(self, data: bytes) -> None:
         if not self.counted:
@@ -115,6 +134,7 @@ class _AdminProtocol(asyncio.Protocol):
             if len(self.buffer) > MAX_REQUEST:
                 self._send(Reply(400, b"request too large\n"))
             return
+        self.waiting.pop(self, None)  # answered now: no longer an idle connection to evict
         line = self.buffer.split(b"\n", 1)[0].decode("latin-1").strip()
         parts = line.split(" ")
         if len(parts) < 2:
@@ -170,8 +190,9 @@ async def start_admin(
     loop = asyncio.get_running_loop()
     limits = limits or AdminLimits()
     stats = AdminStats()
+    waiting: dict[_AdminProtocol, None] = {}
     server = await loop.create_server(
-        lambda: _AdminProtocol(routes, limits, stats), host=host, port=port, reuse_address=True
+        lambda: _AdminProtocol(routes, limits, stats, waiting), host=host, port=port, reuse_address=True
     )
     log.info(
         "admin.listening",
