@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.config import AgentConfig, load_config
-from agent.errors import ConfigError, MeshagentError, StateError
+from agent.errors import ConfigError, MeshagentError, StateError, listen_error
 from agent.fsutil import write_atomic
 from agent.identity.certinfo import utcnow
 from agent.identity.client import AuthorityClient
@@ -267,9 +267,14 @@ class Daemon:
         await self.proxy.start()
         listen = self.config.telemetry.admin_listen
         admin_host = None if listen in ("::", "") else listen
-        self.admin = await start_admin(
-            admin_host, self.config.intercept.admin_port, self._routes(), admin_limits(self.config, nofile)
-        )
+        admin_port = self.config.intercept.admin_port
+        try:
+            self.admin = await start_admin(
+                admin_host, admin_port, self._routes(), admin_limits(self.config, nofile)
+            )
+        except OSError as exc:
+            await self.proxy.stop(0)
+            raise listen_error("admin server", "intercept.admin_port", admin_host, admin_port, exc) from None
 
         intercept = self.config.intercept
         if intercept.enabled:

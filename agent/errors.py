@@ -7,6 +7,7 @@ says what to do next. The CLI maps them to exit codes in one place; nothing else
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
 
 
@@ -76,3 +77,41 @@ class ClockSkewError(MeshagentError):
 class StateError(MeshagentError):
     code = "state_invalid"
     exit_code = ExitCode.STATE
+
+
+class ListenError(MeshagentError):
+    """A port the agent must listen on is taken or not allowed (exit 1, as documented)."""
+
+    code = "listen_failed"
+
+
+def listen_error(what: str, setting: str, host: str | None, port: int, exc: OSError) -> ListenError:
+    """Why `what` could not listen on `host:port`, naming the setting and who to check."""
+    where = f"{host or '*'}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return ListenError(
+            f"cannot listen on {where} for the {what}: the port is already in use",
+            f"see who holds it: ss -ltnp 'sport = :{port}' (another meshagent?); stop it, "
+            f"or set {setting} to a free port",
+            code="port_in_use",
+        )
+    return ListenError(
+        f"cannot listen on {where} for the {what}: {exc.strerror or exc}",
+        f"check {setting} and the address it listens on",
+    )
+
+
+# Disks that are full or read-only, and permissions: the state is unusable (exit 9).
+_STATE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def os_error(exc: OSError) -> MeshagentError:
+    """An OSError that reached the CLI, as a message and exit code instead of a traceback."""
+    target = f" {exc.filename}" if exc.filename else ""
+    if exc.errno in _STATE_ERRNOS:
+        return StateError(
+            f"cannot use{target}: {exc.strerror}",
+            "free space on that file system, make it writable, or run as a user that may write it",
+            code="state_unwritable",
+        )
+    return MeshagentError(f"{exc.strerror or exc}{target and ':' + target}", code="os_error")

@@ -140,7 +140,17 @@ def _print_daemon(doc: dict[str, Any] | None) -> None:
 
 def _read_token(token: str | None, token_file: Path | None) -> str:
     if token_file is not None:
-        text = sys.stdin.read() if str(token_file) == "-" else token_file.read_text()
+        try:
+            text = sys.stdin.read() if str(token_file) == "-" else token_file.read_text()
+        except FileNotFoundError:
+            raise click.BadParameter(f"{token_file}: no such file", param_hint="--token-file") from None
+        except IsADirectoryError:
+            raise click.BadParameter(
+                f"{token_file} is a directory, not a token file", param_hint="--token-file"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise click.BadParameter(f"{token_file}: {reason}", param_hint="--token-file") from None
         return text.strip()
     if token:
         return token

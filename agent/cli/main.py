@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from agent import __version__
-from agent.errors import ExitCode, MeshagentError
+from agent.errors import ExitCode, MeshagentError, os_error
 from agent.logs import configure
 
 from .output import error_text
@@ -53,13 +53,19 @@ class MeshagentGroup(click.Group):
         try:
             return super().invoke(ctx)
         except MeshagentError as exc:
-            if "--json" in sys.argv:
-                click.echo(json.dumps({"error": exc.as_dict()}, indent=2))
-            click.echo(error_text(exc), err=True)
-            ctx.exit(int(exc.exit_code))
+            self._fail(ctx, exc)
+        except OSError as exc:  # a full or read-only disk, a file that went away: no traceback
+            self._fail(ctx, os_error(exc))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
+
+    @staticmethod
+    def _fail(ctx: click.Context, exc: MeshagentError) -> None:
+        if "--json" in sys.argv:
+            click.echo(json.dumps({"error": exc.as_dict()}, indent=2))
+        click.echo(error_text(exc), err=True)
+        ctx.exit(int(exc.exit_code))
 
 
 @click.group(cls=MeshagentGroup, context_settings={"help_option_names": ["-h", "--help"]})

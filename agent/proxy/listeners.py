@@ -25,6 +25,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
+from agent.errors import listen_error
 from agent.logs import get_logger
 from agent.telemetry.metrics import join, labels
 from agent.telemetry.proxy_metrics import (
@@ -126,9 +127,15 @@ class Proxy:
             # "::" means every address of both families: asyncio makes one socket per family
             # (its IPv6 sockets are V6ONLY), which host=None asks for.
             host = None if address[0] in ("::", "") else address[0]
-            server = await loop.create_server(
-                factory, host=host, port=address[1], reuse_address=True, backlog=4096
-            )
+            try:
+                server = await loop.create_server(
+                    factory, host=host, port=address[1], reuse_address=True, backlog=4096
+                )
+            except OSError as exc:
+                for started in self._servers:
+                    started.close()
+                setting = f"intercept.{name}_port"
+                raise listen_error(f"{name} proxy", setting, host, address[1], exc) from None
             self._servers.append(server)
             bound = server.sockets[0].getsockname()
             self.listening[name] = (bound[0], bound[1])

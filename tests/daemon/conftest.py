@@ -63,7 +63,15 @@ class RunningAgent:
 def enroll(authority: AuthorityProcess, state: Path) -> None:
     token = authority.token("shop/billing")
     run_cli(
-        "enroll", token, "--state-dir", str(state), "--host-name", "h1", "--address", "127.0.0.1", check=True
+        "enroll",
+        token,
+        "--state-dir",
+        str(state),
+        "--host-name",
+        "h1",
+        "--address",
+        "198.51.100.7",
+        check=True,
     )
 
 
