@@ -15,6 +15,7 @@ import pwd
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,48 +186,220 @@ def install(authority: bool = False) -> list[str]:
     return changes
 
 
-def uninstall(keep_state: bool = False) -> list[str]:
-    """Stop and disable the units, remove rules, keys, state, config, units and users."""
-    if os.geteuid() != 0:
-        raise InstallError("uninstalling needs root", "run: sudo meshagent uninstall")
+# What proves a file is ours when there is no install record: the header every shipped file
+# starts with (see agent/units/), or being byte-for-byte the default config we write.
+UNIT_MARKER = "Installed by `meshagent install`"
+SNIPPET_MARKER = "# meshagent's "
+# Every name the agent and `enroll` create in the state directory (agent/identity/store.py,
+# agent/daemon.py), temp files of crash-safe writes included.
+STATE_NAMES = frozenset(
+    {"identity", "authority.json", "api-token", "pending-key.pem", "renewal.json", "host-config.json"}
+)
+
+
+def _state_name_is_ours(name: str) -> bool:
+    return name in STATE_NAMES or name.startswith("gen-") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where install puts things, under `root` (/ on a real host; a temp dir in tests)."""
+
+    root: Path = Path("/")
+
+    def at(self, path: Path) -> Path:
+        return self.root / path.relative_to("/")
+
+
+@dataclass(frozen=True)
+class Left:
+    """Something uninstall did not remove, why, and how to remove it by hand."""
+
+    what: str
+    why: str
+    how: str
+
+    def __str__(self) -> str:
+        return f"left {self.what}: {self.why}; to remove it: {self.how}"
+
+
+@dataclass
+class UninstallPlan:
+    units: list[str] = field(default_factory=list)  # to stop and disable
+    paths: list[Path] = field(default_factory=list)  # files and trees to remove
+    empty_dirs: list[Path] = field(default_factory=list)  # removed only if empty, deepest first
+    users: list[str] = field(default_factory=list)
+    left: list[Left] = field(default_factory=list)
+
+
+def read_manifest(layout: Layout) -> Manifest | None:
+    """The install record, or None when there is none (or it cannot be read)."""
+    try:
+        return Manifest(**json.loads(layout.at(MANIFEST).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def _starts_with(path: Path, marker: str, lines: int = 3) -> bool:
+    try:
+        head = path.read_text(errors="replace").splitlines()[:lines]
+    except OSError:
+        return False
+    return any(marker in line for line in head)
+
+
+def plan_uninstall(layout: Layout, manifest: Manifest | None, keep_state: bool) -> UninstallPlan:
+    """What to remove and what to leave. Reads the disk, changes nothing.
+
+    With the install record: what it lists, and the state. Without it, only what can be
+    proved ours: shipped files by their header, the config if it is still our default, a
+    state directory holding nothing but the agent's own files; never a user or an authority.
+    """
+    if manifest is not None:
+        return _plan_with_record(layout, manifest, keep_state)
+    plan = UninstallPlan()
+    no_record = "no install record, so meshagent cannot prove it made it"
+    for unit in ("meshagent.service", "meshagent-authority.service"):
+        path = layout.at(UNIT_DIR / unit)
+        if not path.exists():
+            continue
+        if _starts_with(path, UNIT_MARKER):
+            plan.units.append(unit)
+            plan.paths.append(path)
+        else:
+            plan.left.append(Left(str(path), f"{no_record} (no meshagent header)", f"rm {path}"))
+    for snippet in (SYSUSERS, TMPFILES):
+        path = layout.at(snippet)
+        if not path.exists():
+            continue
+        if _starts_with(path, SNIPPET_MARKER, 1):
+            plan.paths.append(path)
+        else:
+            plan.left.append(Left(str(path), f"{no_record} (no meshagent header)", f"rm {path}"))
+    config_dir = layout.at(CONFIG_DIR)
+    if config_dir.is_dir():
+        config = config_dir / "agent.toml"
+        try:
+            default = config.read_text() == DEFAULT_CONFIG
+        except (OSError, UnicodeDecodeError):
+            default = False
+        if default:
+            plan.paths.append(config)
+        others = sorted(p.name for p in config_dir.iterdir() if not (default and p.name == "agent.toml"))
+        if others:
+            plan.left.append(
+                Left(
+                    str(config_dir),
+                    f"{no_record}, and it holds {', '.join(others)} (not the default config)",
+                    f"rm -r {config_dir}",
+                )
+            )
+        else:
+            plan.empty_dirs.append(config_dir)
+    state_dir = layout.at(STATE_DIR)
+    if state_dir.is_dir() and not keep_state:
+        foreign = sorted(p.name for p in state_dir.iterdir() if not _state_name_is_ours(p.name))
+        if not any(state_dir.iterdir()):
+            plan.left.append(Left(str(state_dir), f"{no_record}, and it is empty", f"rmdir {state_dir}"))
+        elif foreign:
+            plan.left.append(
+                Left(
+                    str(state_dir),
+                    f"{no_record}, and it holds files meshagent does not make: {', '.join(foreign[:5])}",
+                    f"rm -r {state_dir}",
+                )
+            )
+        else:
+            plan.paths.append(state_dir)
+    authority_dir = layout.at(AUTHORITY_DIR)
+    if authority_dir.exists():
+        plan.left.append(
+            Left(
+                str(authority_dir),
+                f"{no_record} (an authority's keys: never removed without it)",
+                f"rm -r {authority_dir}",
+            )
+        )
+    for user in ("meshagent", "meshagent-authority"):
+        if _user_exists(user) and layout.root == Path("/"):
+            plan.left.append(Left(f"user {user}", no_record, f"userdel {user}"))
+    return plan
+
+
+def _plan_with_record(layout: Layout, manifest: Manifest, keep_state: bool) -> UninstallPlan:
+    units = manifest.units or ["meshagent.service"]
+    plan = UninstallPlan(units=[u for u in units if layout.at(UNIT_DIR / u).exists()])
+    plan.paths = [
+        *(layout.at(UNIT_DIR / u) for u in units),
+        layout.at(SYSUSERS),
+        layout.at(TMPFILES),
+        layout.at(CONFIG_DIR),
+        *(layout.at(Path(f)) for f in manifest.files),
+    ]
+    if not keep_state:
+        plan.paths.append(layout.at(STATE_DIR))
+        if "meshagent-authority" in manifest.users:
+            plan.paths.append(layout.at(AUTHORITY_DIR))
+    plan.empty_dirs = [layout.at(Path(d)) for d in reversed(manifest.dirs)]
+    plan.users = list(manifest.users)
+    return plan
+
+
+RemoveRules = Callable[[], list[str]]
+
+
+def _remove_rules() -> list[str]:
+    """Our interception rules, found by their own tables and comments (install record or not)."""
     from agent.intercept.apply import remove_all
 
-    manifest = Manifest.load()
-    done: list[str] = []
-    units = manifest.units or ["meshagent.service", "meshagent-authority.service"]
-    if _systemd_running():
-        for unit in units:
-            if (UNIT_DIR / unit).exists():
-                _run("systemctl", "disable", "--now", unit, check=False)
-                done.append(f"stopped and disabled {unit}")
     removed = remove_all()
     if removed.backends or removed.routes:
-        done.append(f"removed interception rules ({', '.join(removed.backends) or 'routes'})")
-    paths = [*(UNIT_DIR / u for u in units), SYSUSERS, TMPFILES, CONFIG_DIR, *map(Path, manifest.files)]
-    if not keep_state:
-        paths += [STATE_DIR]
-        if "meshagent-authority" in manifest.users:
-            paths.append(AUTHORITY_DIR)
-    for path in dict.fromkeys(paths):
+        return [f"removed interception rules ({', '.join(removed.backends) or 'routes'})"]
+    return []
+
+
+def apply_uninstall(
+    plan: UninstallPlan, layout: Layout, remove_rules: RemoveRules = _remove_rules, systemd: bool = True
+) -> list[str]:
+    done: list[str] = []
+    if systemd:
+        for unit in plan.units:
+            _run("systemctl", "disable", "--now", unit, check=False)
+            done.append(f"stopped and disabled {unit}")
+    done += remove_rules()
+    for path in dict.fromkeys(plan.paths):
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
             done.append(f"removed {path}")
         elif path.exists() or path.is_symlink():
             path.unlink()
             done.append(f"removed {path}")
-    for directory in reversed(manifest.dirs):  # deepest first; only if nothing else moved in
+    for directory in plan.empty_dirs:  # deepest first; only if nothing else moved in
         with contextlib.suppress(OSError):
-            Path(directory).rmdir()
+            directory.rmdir()
             done.append(f"removed {directory}")
-    for user in manifest.users or ["meshagent"]:
+    for user in plan.users:
         if _user_exists(user):
             _run("userdel", user, check=False)
             with contextlib.suppress(OSError):
                 _run("groupdel", user, check=False)
             done.append(f"removed user {user}")
-    if _systemd_running():
+    if systemd:
         _run("systemctl", "daemon-reload", check=False)
     with contextlib.suppress(FileNotFoundError):
-        MANIFEST.unlink()
-    log.info("uninstall.done", steps=len(done))
+        layout.at(MANIFEST).unlink()
     return done
+
+
+def uninstall(keep_state: bool = False, layout: Layout | None = None) -> tuple[list[str], list[Left]]:
+    """Stop and disable the units, remove rules, keys, state, config, units and users: all of
+    it with the install record, only what is provably ours without. Returns (done, left)."""
+    if os.geteuid() != 0:
+        raise InstallError("uninstalling needs root", "run: sudo meshagent uninstall")
+    layout = layout or Layout()
+    plan = plan_uninstall(layout, read_manifest(layout), keep_state)
+    done = apply_uninstall(plan, layout, systemd=_systemd_running() and layout.root == Path("/"))
+    for left in plan.left:
+        log.info("uninstall.left", what=left.what, why=left.why, how=left.how)
+    log.info("uninstall.done", steps=len(done), left=len(plan.left))
+    return done, plan.left

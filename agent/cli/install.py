@@ -38,15 +38,26 @@ def uninstall_cmd(keep_state: bool, as_json: bool) -> None:
     """Stop and disable the unit, remove the rules, keys, state, config, units and user.
 
     Works with a broken config. Afterwards the host is as it was before `meshagent install`
-    (revoke the host on the authority too: meshagent authority revoke HOST).
+    (revoke the host on the authority too: meshagent authority revoke HOST). Without the
+    install record (/var/lib/meshagent-install.json) it removes only what it can prove it
+    made (our rules, files with our header, the untouched default config, a state directory
+    of only the agent's files), never a user, and says what it left and how to remove it.
     """
     from agent.install import uninstall
 
-    done = uninstall(keep_state)
+    done, left = uninstall(keep_state)
     if as_json:
-        emit_json({"changed": bool(done), "removed": done})
+        emit_json(
+            {
+                "changed": bool(done),
+                "removed": done,
+                "left": [{"what": x.what, "why": x.why, "how": x.how} for x in left],
+            }
+        )
         return
     for step in done:
         click.echo(step)
-    if not done:
+    for x in left:
+        click.echo(str(x))
+    if not done and not left:
         click.echo("nothing to remove")
