@@ -33,7 +33,13 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from agent.errors import ConfigError, MeshagentError
 from agent.fsutil import ensure_private_dir, write_atomic
 from agent.identity.certinfo import utcnow
-from agent.identity.names import DEFAULT_MESH, validate_trust_domain
+from agent.identity.names import (
+    DEFAULT_MESH,
+    InvalidName,
+    validate_host_name,
+    validate_mesh,
+    validate_trust_domain,
+)
 from agent.identity.pki import certs_to_pem, generate_key, key_to_pem, load_certs
 
 IssuerKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
@@ -55,6 +61,7 @@ class AuthoritySettings:
 
     def __post_init__(self) -> None:
         validate_trust_domain(self.trust_domain)
+        validate_mesh(self.mesh)
         if self.cert_lifetime_s < 30:
             raise ConfigError(
                 f"certificate lifetime {self.cert_lifetime_s}s is too short",
@@ -175,12 +182,34 @@ def _serving_cert(
     )
 
 
+def check_san(san: str) -> str:
+    """An IP address or a DNS name (a leading `*.` allowed) for the API's certificate."""
+    try:
+        return str(ipaddress.ip_address(san))
+    except ValueError:
+        pass
+    try:
+        validate_host_name(san.removeprefix("*."))
+    except InvalidName:
+        raise InvalidName(
+            f"--san {san[:80]!r} is neither an IP address nor a DNS name",
+            "give a name or address hosts reach the authority at, e.g. --san authority.example.internal",
+        ) from None
+    return san
+
+
 def default_sans() -> list[str]:
     names = ["localhost", "127.0.0.1", "::1", socket.gethostname()]
     fqdn = socket.getfqdn()
     if fqdn not in names:
         names.append(fqdn)
-    return names
+    valid = []
+    for name in names:  # this host's own names may not be DNS names (an underscore): leave them out
+        try:
+            valid.append(check_san(name))
+        except InvalidName:
+            continue
+    return valid
 
 
 def _load_issuer_key(data: bytes, source: str) -> IssuerKey:
@@ -232,6 +261,7 @@ def init_authority(
     now: datetime | None = None,
 ) -> AuthorityMaterial:
     """Create the authority directory. `adopt` = (trust anchor, issuer cert, issuer key) files."""
+    sans = [check_san(s) for s in sans]  # before anything is written
     if (directory / "authority.json").exists():
         raise AuthorityDirError(
             f"{directory} already holds an authority",

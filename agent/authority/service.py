@@ -19,7 +19,13 @@ from cryptography import x509
 
 from agent.errors import RejectedError
 from agent.identity.certinfo import utcnow
-from agent.identity.names import WorkloadIdentity
+from agent.identity.names import (
+    InvalidName,
+    WorkloadIdentity,
+    validate_host_address,
+    validate_host_addresses,
+    validate_host_name,
+)
 from agent.identity.pki import (
     certs_to_pem,
     load_certs,
@@ -75,6 +81,7 @@ class Authority:
         self.registry = registry
         self.clock = clock
         self.trust_bundle = TrustBundleFile(material.trust_bundle_file, material.trust_bundle)
+        self._skipped: set[tuple[str, str]] = set()  # stored records left out of the catalog, logged
 
     @classmethod
     def open(cls, directory: Path) -> Authority:
@@ -117,6 +124,13 @@ class Authority:
         )
 
     def enroll(self, token_secret: str, csr_pem: str, host_name: str, addresses: list[str]) -> EnrollResult:
+        # What the host claims is checked here, for the API and any other caller alike: one bad
+        # address in the catalog used to stop updates on every host (issue #15).
+        try:
+            host_name = validate_host_name(host_name)
+            claimed = validate_host_addresses(addresses)
+        except InvalidName as exc:
+            raise RejectedError(exc.message, exc.hint, code="invalid_request") from None
         csr = parse_csr(csr_pem)
         key_fp = hashlib.sha256(public_key_der(csr)).hexdigest()
 
@@ -126,7 +140,7 @@ class Authority:
         host = self.registry.enroll(
             hash_secret(token_secret),
             key_fp,
-            NewHost(host_name, tuple(addresses)),
+            NewHost(host_name, claimed),
             self.clock(),
             sign,
         )
@@ -265,14 +279,41 @@ class Authority:
         self.registry.set_policy(record)
         return record
 
+    def _skip(self, source: str, what: str, reason: str) -> None:
+        """Leave a stored record out of what hosts get, saying so once per process."""
+        if (source, what) not in self._skipped:
+            self._skipped.add((source, what))
+            log.warning("catalog.record_skipped", source=source, value=what, reason=reason)
+
+    def _served_workload(self, source: str, short: str) -> WorkloadIdentity | None:
+        try:
+            return self.identity(short)
+        except InvalidName as exc:
+            self._skip(source, short, exc.message)
+            return None
+
+    def _served_addresses(self, host: HostRecord) -> list[str]:
+        """The host's stored addresses that are valid now (rows from before validation may not be)."""
+        served = []
+        for address in host.addresses:
+            try:
+                served.append(validate_host_address(address))
+            except InvalidName as exc:
+                self._skip(f"host:{host.id}", address, exc.message)
+        return served
+
     def catalog(self) -> list[dict[str, Any]]:
-        """Every meshed destination: unrevoked hosts' addresses (all ports) and static entries."""
+        """Every meshed destination: unrevoked hosts' addresses (all ports) and static entries.
+        A stored record that is invalid is left out (and logged once): one bad row must never
+        make the catalog unusable for the whole fleet."""
         catalog: list[dict[str, Any]] = []
         for other in self.registry.list_hosts():
             if other.revoked:
                 continue
-            workload = self.identity(other.identity)
-            for address in other.addresses:
+            workload = self._served_workload(f"host:{other.id}", other.identity)
+            if workload is None:
+                continue
+            for address in self._served_addresses(other):
                 prefix = 32 if ":" not in address else 128
                 catalog.append(
                     {
@@ -284,7 +325,9 @@ class Authority:
                     }
                 )
         for entry in self.registry.static_entries():
-            workload = self.identity(entry.identity)
+            workload = self._served_workload(f"static:{entry.id}", entry.identity)
+            if workload is None:
+                continue
             catalog.append(
                 {
                     "cidr": entry.cidr,
@@ -302,10 +345,13 @@ class Authority:
         `pod` (its host name) of a `deployment` named after its service account."""
         groups = []
         for host in self.registry.list_hosts():
-            if host.revoked or not host.addresses:
+            if host.revoked:
                 continue
-            workload = self.identity(host.identity)
-            address = host.addresses[0]
+            workload = self._served_workload(f"host:{host.id}", host.identity)
+            addresses = self._served_addresses(host)
+            if workload is None or not addresses:
+                continue
+            address = addresses[0]
             target = f"[{address}]:{metrics_port}" if ":" in address else f"{address}:{metrics_port}"
             groups.append(
                 {

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
 
 import httpx
 
-from agent.errors import RejectedError
+from agent.authority.tokens import parse_token
+from agent.errors import ExitCode, RejectedError
 from agent.identity.client import AuthorityClient
+from agent.identity.pki import generate_key, make_csr
 from agent.identity.store import IdentityStore
 from tests.support import AuthorityProcess, cli_json, run_cli
 
 
-def _enroll(auth: AuthorityProcess, state: Path, identity: str, address: str) -> IdentityStore:
-    run_cli("enroll", auth.token(identity), "--state-dir", str(state), "--address", address, check=True)
+def _enroll(
+    auth: AuthorityProcess, state: Path, identity: str, address: str, token: str | None = None
+) -> IdentityStore:
+    token = token or auth.token(identity)
+    run_cli("enroll", token, "--state-dir", str(state), "--address", address, check=True)
     return IdentityStore(state)
 
 
@@ -157,3 +164,62 @@ def test_prometheus_discovery_lists_unrevoked_hosts(authority: AuthorityProcess,
     made = cli_json("authority", "prometheus-token", "--dir", str(authority.directory))
     assert made["created"] and len(token_file.read_text().strip()) >= 40
     assert targets().status_code == 200
+
+
+def test_enrollment_refuses_bad_claims_and_keeps_the_token(
+    authority: AuthorityProcess, tmp_path: Path
+) -> None:
+    """A bad address or host name is refused before anything is stored: the token stays usable."""
+    token = authority.token("shop/web")
+    secret = parse_token(token).secret
+    csr = make_csr(generate_key()).decode()
+    for host_name, addresses in (
+        ("web-1", ["not-an-ip"]),
+        ("web-1", ["10.0.0.0/8"]),
+        ("web-1", ["127.0.0.1"]),
+        ("web-1", ["169.254.169.254"]),
+        ("web\x1b[31m-1", ["198.18.0.10"]),
+        ("web-1\r\nforged=1", ["198.18.0.10"]),
+    ):
+        r = httpx.post(
+            f"{authority.url}/v1/enroll",
+            verify=authority.tls,
+            json={"token_secret": secret, "csr": csr, "host_name": host_name, "addresses": addresses},
+        )
+        assert (r.status_code, r.json()["code"]) == (400, "invalid_request"), (host_name, addresses, r.text)
+        assert r.json()["hint"]
+    proc = run_cli("enroll", token, "--state-dir", str(tmp_path / "w"), "--address", "not-an-ip", "--json")
+    assert proc.returncode == ExitCode.REJECTED
+    assert json.loads(proc.stdout)["error"]["code"] == "invalid_request"
+    assert "not-an-ip" in proc.stderr
+    assert cli_json("authority", "hosts", "--dir", str(authority.directory)) == []
+    # The same token, with good claims, still enrolls.
+    store = _enroll(authority, tmp_path / "w", "shop/web", "198.18.0.10", token=token)
+    with AuthorityClient(store.load_authority()) as client:
+        assert [e["cidr"] for e in client.host_config(store.api_token())["catalog"]] == ["198.18.0.10/32"]
+
+
+def test_a_stored_bad_record_is_left_out_of_the_catalog(authority: AuthorityProcess, tmp_path: Path) -> None:
+    """Rows from before validation (an address that is no IP, an identity with a newline) must not
+    poison the catalog every host reads: they are skipped, and logged once."""
+    good = _enroll(authority, tmp_path / "good", "shop/web", "198.18.0.10")
+    _enroll(authority, tmp_path / "bad1", "shop/db", "198.18.0.20")
+    _enroll(authority, tmp_path / "bad2", "shop/api", "198.18.0.30")
+    db = sqlite3.connect(authority.directory / "registry.db")
+    with db:
+        db.execute(
+            "UPDATE hosts SET addresses = ? WHERE identity = 'shop/db'",
+            (json.dumps(["not-an-ip", "198.18.0.20"]),),
+        )
+        db.execute("UPDATE hosts SET identity = 'shop/api\n' WHERE identity = 'shop/api'")
+    db.close()
+    for _ in range(2):
+        with AuthorityClient(good.load_authority()) as client:
+            catalog = client.host_config(good.api_token())["catalog"]
+        assert sorted(e["cidr"] for e in catalog) == ["198.18.0.10/32", "198.18.0.20/32"]
+    assert authority.log_path is not None
+    log = authority.log_path.read_text()
+    skipped = [line for line in log.splitlines() if "catalog.record_skipped" in line]
+    assert len(skipped) == 2, log  # one per bad record, not one per request
+    assert any("not-an-ip" in line for line in skipped)
+    assert all("\n" not in line.replace("\\n", "") for line in skipped)

@@ -484,3 +484,34 @@ def test_api_errors_are_json_and_documented(authority: AuthorityProcess) -> None
         json={"token_secret": "x" * 43, "csr": "", "host_name": "h", "addresses": []},
     )
     assert r.status_code == 400 and r.json()["code"] == "invalid_csr"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--trust-domain", "cluster.local\n"),
+        ("--trust-domain", "cluster.local", "--mesh", "linkerd\n"),
+        ("--trust-domain", "cluster.local", "--san", "authority.example\n"),
+        ("--trust-domain", "cluster.local", "--san", "evil\x1b[31m"),
+    ],
+    ids=["trust-domain-newline", "mesh-newline", "san-newline", "san-escape"],
+)
+def test_init_refuses_smuggled_names_and_writes_nothing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    proc = run_cli("authority", "init", "--dir", str(tmp_path / "a"), *args)
+    assert proc.returncode != 0
+    assert "error:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a" / "authority.json").exists()
+
+
+def test_token_create_refuses_an_identity_with_a_newline(tmp_path: Path) -> None:
+    init = run_cli(
+        "authority", "init", "--dir", str(tmp_path / "a"), "--trust-domain", TD, "--san", "127.0.0.1"
+    )
+    assert init.returncode == 0, init.stderr
+    proc = run_cli(
+        "authority", "token", "create", "--dir", str(tmp_path / "a"),
+        "--identity", "shop/billing\n", "--url", "https://127.0.0.1:1",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "shop/billing\\n" in proc.stderr  # the input quoted, its newline visible
+    assert cli_json("authority", "token", "list", "--dir", str(tmp_path / "a")) == []
