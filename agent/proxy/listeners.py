@@ -507,7 +507,7 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> 
         tls.abort()
         return
     client_id = peer_spiffe_id(tls.peer_cert)
-    decision = proxy.policy.authorize(orig[1], client_id)
+    decision = proxy.policy.authorize(orig[1], client_id, proxy.credentials.identity.workload.trust_domain)
     where = _where(proxy, orig)
     tls_labels = tls_accept(peer_identity_name(tls.peer_cert), True)
     if not decision.allowed:

@@ -2,7 +2,9 @@
 
 The semantics of Linkerd's Server + AuthorizationPolicy (and SMI TrafficTarget):
 - `all-unauthenticated`: anyone, including plaintext clients outside the mesh;
-- `all-authenticated`: any client with a valid mesh certificate;
+- `all-authenticated`: any client with a valid mesh certificate of this host's trust domain
+  (a certificate of another trust domain, even from the same issuer, is refused:
+  `foreign_trust_domain`);
 - `deny`: nobody.
 An allow-list entry is a SPIFFE ID or a glob (`spiffe://cluster.local/ns/shop/*`); a port with
 an allow-list admits exactly the identities on it, whatever the default says.
@@ -42,8 +44,9 @@ class InboundPolicy:
     def for_port(self, port: int) -> PortPolicy:
         return self.ports.get(port, self.default)
 
-    def authorize(self, port: int, client_id: str | None) -> Decision:
-        """`client_id` is the peer's SPIFFE ID, or None for a client without mesh TLS."""
+    def authorize(self, port: int, client_id: str | None, trust_domain: str | None = None) -> Decision:
+        """`client_id` is the peer's SPIFFE ID, or None for a client without mesh TLS;
+        `trust_domain` is this host's (None: any). An allow-list names trust domains itself."""
         policy = self.for_port(port)
         if policy.allow:
             if client_id is None:
@@ -59,4 +62,11 @@ class InboundPolicy:
             return Decision(False, "denied")
         if client_id is None:
             return Decision(False, "unauthenticated")
+        if trust_domain is not None and not in_trust_domain(client_id, trust_domain):
+            return Decision(False, "foreign_trust_domain")
         return Decision(True, "authenticated", name)
+
+
+def in_trust_domain(spiffe_id: str, trust_domain: str) -> bool:
+    """Whether `spiffe_id` names a workload of `trust_domain` (exactly: no prefix tricks)."""
+    return spiffe_id.startswith(f"spiffe://{trust_domain}/")

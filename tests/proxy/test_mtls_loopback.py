@@ -329,3 +329,60 @@ def test_a_client_hello_waiting_when_the_detect_timer_fires_is_still_mtls(tmp_pa
         server.close()
 
     run(tmp_path, body, on_uvloop=True)
+
+
+def _foreign_domain_client(tmp_path: Path) -> ssl.SSLContext:
+    """A client certificate for spiffe://evil.example/ns/shop/sa/web, signed by the very issuer
+    of this mesh (one authority issuing for two trust domains, or a mis-issue)."""
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.authority.ca import load_authority
+    from agent.authority.signing import issue_leaf, parse_csr
+    from agent.identity.certinfo import utcnow
+    from agent.identity.names import WorkloadIdentity
+    from agent.identity.pki import generate_key, make_csr
+
+    material = load_authority(tmp_path / "authority")
+    key = generate_key()
+    leaf = issue_leaf(
+        material, WorkloadIdentity("evil.example", "shop", "web"), parse_csr(make_csr(key).decode()), utcnow()
+    )
+    chain = [leaf, *material.chain_tail]
+    (tmp_path / "evil.crt").write_bytes(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain))
+    (tmp_path / "evil.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_cert_chain(tmp_path / "evil.crt", tmp_path / "evil.key")
+    ctx.load_verify_locations(tmp_path / "b/identity/bundle.pem")
+    return ctx
+
+
+def test_all_authenticated_refuses_another_trust_domain_of_the_same_issuer(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        strict = InboundPolicy(default=PortPolicy(DefaultPolicy.ALL_AUTHENTICATED))
+        a, b = await world.start(app_port, policy=strict)
+        # This trust domain's client is admitted...
+        assert await request(a.listening["outbound"][1], b"ok") == b"echo:ok"
+        # ...the same issuer's certificate for another trust domain is not.
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            b.listening["inbound"][1],
+            ssl=_foreign_domain_client(world.tmp),
+            server_hostname=DB_NAME,
+        )
+        writer.write(b"hi")
+        try:
+            got = await reader.read()
+        except (ssl.SSLError, ConnectionError):
+            got = b""
+        assert got == b""
+        assert b.stats.refused["inbound:foreign_trust_domain"] == 1
+        assert b.stats.opened["inbound:mtls"] == 1
+        writer.close()
+        server.close()
+
+    run(tmp_path, body)

@@ -162,3 +162,39 @@ def test_merge_applies_every_valid_entry_and_reports_the_rest(
     assert directory.policy.for_port(5432).default is port_5432
     assert [r.where for r in directory.rejected] == rejected
     assert all(r.reason and r.entry for r in directory.rejected)
+
+
+@pytest.mark.parametrize(
+    ("policy", "client", "allowed", "reason"),
+    [
+        (PortPolicy(DefaultPolicy.ALL_AUTHENTICATED), SHOP_WEB, True, "authenticated"),
+        (
+            PortPolicy(DefaultPolicy.ALL_AUTHENTICATED),
+            "spiffe://evil.example/ns/shop/sa/web",
+            False,
+            "foreign_trust_domain",
+        ),
+        (
+            PortPolicy(DefaultPolicy.ALL_AUTHENTICATED),
+            "spiffe://cluster.local.evil/ns/shop/sa/web",
+            False,
+            "foreign_trust_domain",
+        ),
+        (
+            PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED),
+            "spiffe://evil.example/ns/a/sa/b",
+            True,
+            "authenticated",
+        ),
+        (
+            PortPolicy(DefaultPolicy.DENY, ("spiffe://evil.example/*",)),
+            "spiffe://evil.example/ns/a/sa/b",
+            True,
+            "allow_list",
+        ),
+    ],
+    ids=["same-domain", "other-domain", "prefix-trick", "permissive-admits-anyone", "allow-list-names-it"],
+)
+def test_trust_domain_of_the_client(policy: PortPolicy, client: str, allowed: bool, reason: str) -> None:
+    decision = InboundPolicy(ports={443: policy}).authorize(443, client, "cluster.local")
+    assert (decision.allowed, decision.reason) == (allowed, reason)
