@@ -6,7 +6,8 @@
     remove_all()                             # every backend, no config needed
 
 `apply_plan` also removes leftovers of ours from the *other* backends (a host that switched
-from iptables to nft must not capture twice). `plan_steps` returns exactly what `apply_plan`
+from iptables to nft must not capture twice) and deletes stale conntrack entries that would
+let a new connection skip capture (`conntrack`). `plan_steps` returns exactly what `apply_plan`
 would run, for `--dry-run`.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from agent.logs import get_logger
 
-from . import iptables, netlink
+from . import conntrack, iptables, netlink
 from .errors import InterceptError
 from .nft import NftBackend
 from .plan import Plan
@@ -97,6 +98,10 @@ class AppliedState:
     routes: tuple[str, ...] = ()
     cleaned: tuple[str, ...] = ()
     """Other backends from which leftovers of ours were removed."""
+    conntrack_cleared: tuple[str, ...] = ()
+    """Stale conntrack entries of captured flows that were deleted (they would skip capture)."""
+    conntrack_error: str = ""
+    """Why the conntrack cleanup failed, if it did (the guard rule still refuses such flows)."""
     applied_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -108,6 +113,8 @@ class AppliedState:
             "digest": self.digest,
             "routes": list(self.routes),
             "cleaned": list(self.cleaned),
+            "conntrack_cleared": list(self.conntrack_cleared),
+            "conntrack_error": self.conntrack_error,
             "applied_at": self.applied_at,
             "steps": [{"argv": list(s.argv), "what": s.what, "stdin": s.stdin} for s in self.steps],
         }
@@ -135,19 +142,28 @@ def digest(plan: Plan, backend: Backend) -> str:
 def plan_steps(plan: Plan, backend: Backend) -> tuple[list[Step], list[str]]:
     """Exactly what `apply_plan` would run: backend steps (including removal of our leftovers in
     other backends) and the policy-routing changes in `ip` words. Reads the kernel, changes nothing."""
-    steps: list[Step] = []
+    steps = backend.steps(plan)
     for other in available_backends():
         if other.name != backend.name:
             steps += other.steps(None)
-    steps += backend.steps(plan)
     routes = [line for r in plan.routes for line in netlink.describe(r)]
     return steps, routes
 
 
 def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
-    """Make the kernel hold exactly `plan` (in `backend`): atomic per table, idempotent."""
+    """Make the kernel hold exactly `plan` (in `backend`): atomic per table, idempotent.
+
+    Rules of ours already in place (a restart with `keep-rules`) are replaced in the same
+    transaction, never removed first: there is no moment without capture. Leftovers in other
+    backends go only after the new rules are in, for the same reason. Then stale conntrack
+    entries of captured flows are deleted (`conntrack.clear_stale`)."""
+    routes = netlink.apply_routes(plan.routes) if plan.routes else []
+    if not plan.routes:
+        netlink.remove_routes()
+    steps = backend.steps(plan)
+    backend.run(steps)
+    ran = list(steps)
     cleaned: list[str] = []
-    ran: list[Step] = []
     for other in available_backends():
         if other.name != backend.name:
             leftovers = other.steps(None)
@@ -156,12 +172,7 @@ def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
                 ran += leftovers
                 cleaned.append(other.name)
                 log.warning("intercept.leftovers_removed", backend=other.name)
-    routes = netlink.apply_routes(plan.routes) if plan.routes else []
-    if not plan.routes:
-        netlink.remove_routes()
-    steps = backend.steps(plan)
-    backend.run(steps)
-    ran += steps
+    cleared = conntrack.clear_stale(plan)
     state = AppliedState(
         backend=backend.name,
         families=plan.families,
@@ -171,6 +182,8 @@ def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
         steps=tuple(ran),
         routes=tuple(routes),
         cleaned=tuple(cleaned),
+        conntrack_cleared=cleared.deleted,
+        conntrack_error=cleared.error,
     )
     log.info(
         "intercept.applied",

@@ -16,6 +16,13 @@ run that text. Invariants every plan keeps (and `tests/intercept` checks):
   containers, passes untouched);
 - all TCP only. UDP (DNS included) is never touched.
 
+A guard stands behind the capture rules (`filter OUTPUT` and `filter INPUT`, chains
+`MESHAGENT_*_GUARD`): NAT only sees a conntrack flow's first packet, so a new connection whose
+4-tuple meets a stale, un-redirected conntrack entry would skip capture and go out (or reach
+the app) in clear. The guard refuses with a TCP reset any new connection of a captured kind
+(same matches, same exclusions) that was not redirected. `conntrack_cleanup` removes such stale
+entries when the rules are applied, so the guard rarely has anything to do.
+
 Outbound is always NAT `REDIRECT` in `nat OUTPUT` (the proxy reads SO_ORIGINAL_DST). Inbound
 is `REDIRECT` in `nat PREROUTING`, or in `tproxy` mode `TPROXY` in `mangle PREROUTING` with a
 firewall mark and a policy route (`fwmark M lookup T`, `local default dev lo table T`) so the
@@ -34,7 +41,7 @@ from agent.config import InterceptSettings, PortSpec
 from .errors import PlanError
 
 Family = Literal[4, 6]
-Table = Literal["nat", "mangle"]
+Table = Literal["nat", "mangle", "filter"]
 Direction = Literal["inbound", "outbound"]
 
 CHAIN_PREFIX = "MESHAGENT_"
@@ -46,8 +53,11 @@ TPROXY_RULE_PRIORITY = 4143
 
 PREROUTING = "PREROUTING"
 OUTPUT = "OUTPUT"
+INPUT = "INPUT"
 INBOUND = "MESHAGENT_INBOUND"
 OUTBOUND = "MESHAGENT_OUTBOUND"
+INBOUND_GUARD = "MESHAGENT_INBOUND_GUARD"
+OUTBOUND_GUARD = "MESHAGENT_OUTBOUND_GUARD"
 BUILTIN_CHAINS = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 RESERVED_TABLES = (0, 253, 254, 255)
 MULTIPORT_MAX = 15  # xt_multiport slots; a range takes two
@@ -142,6 +152,18 @@ class TransparentSocket:
     """The packet belongs to an established socket with IP_TRANSPARENT (a TPROXY'd connection)."""
 
 
+@dataclass(frozen=True)
+class NotRedirected:
+    """Conntrack says the connection's destination was not rewritten (no DNAT/REDIRECT of anyone's)."""
+
+
+@dataclass(frozen=True)
+class NoMark:
+    """None of `mask`'s bits are in the packet's firewall mark (TPROXY did not take it)."""
+
+    mask: int
+
+
 Match = (
     InIface
     | OutIface
@@ -155,6 +177,8 @@ Match = (
     | Established
     | Syn
     | TransparentSocket
+    | NotRedirected
+    | NoMark
 )
 
 
@@ -189,7 +213,12 @@ class SetMark:
     mark: int
 
 
-Action = Return | Jump | Redirect | TProxy | SetMark
+@dataclass(frozen=True)
+class Reject:
+    """Refuse with a TCP reset (the sender sees ECONNREFUSED at once, not a timeout)."""
+
+
+Action = Return | Jump | Redirect | TProxy | SetMark | Reject
 
 
 @dataclass(frozen=True)
@@ -201,6 +230,9 @@ class Rule:
     comment: str
     family: Family | None = None
     """None: both families; 4 or 6 when a match is family-specific (an address)."""
+    first: bool = False
+    """Insert at the head of a built-in chain (iptables): a filter rule must come before the
+    host firewall's own ACCEPTs. nft needs nothing of the kind (our base chains stand apart)."""
 
     def applies_to(self, family: Family) -> bool:
         return self.family is None or self.family == family
@@ -244,7 +276,7 @@ class Plan:
     def tables(self) -> list[Table]:
         """Tables the plan writes to, in a fixed order."""
         used = {r.table for r in self.rules}
-        return [t for t in ("nat", "mangle") if t in used]
+        return [t for t in ("nat", "mangle", "filter") if t in used]
 
     def own_chains(self, table: Table) -> list[str]:
         """Our chains in `table`, in order of first appearance."""
@@ -558,6 +590,9 @@ def build_plan(
     else:
         action = Redirect(settings.inbound_port)
     b.add(table, INBOUND, in_match, action, "capture inbound to the proxy")
+    not_taken: Match = NoMark(settings.tproxy_mark) if tproxy else NotRedirected()
+    b.rules += _guard(b.rules, OUTBOUND, OUTBOUND_GUARD, OUTPUT, NotRedirected(), "outbound")
+    b.rules += _guard(b.rules, INBOUND, INBOUND_GUARD, INPUT, not_taken, "inbound")
     routes: tuple[PolicyRoute, ...] = ()
     if tproxy:
         routes = tuple(PolicyRoute(f, settings.tproxy_mark, settings.tproxy_table) for f in families)
@@ -582,6 +617,33 @@ def build_plan(
         warnings=tuple(warnings),
         backend=settings.backend,
     )
+
+
+def _guard(
+    rules: Sequence[Rule], chain: str, guard: str, hook: str, not_taken: Match, direction: str
+) -> list[Rule]:
+    """The guard for capture chain `chain`: its exclusions, then a reset for what it would have
+    captured but did not (a stale conntrack entry carried the connection past NAT). Only
+    connection openings that nobody redirected reach the guard chain at all."""
+    out = [
+        Rule(
+            "filter",
+            hook,
+            (Syn(), not_taken),
+            Jump(guard),
+            f"{COMMENT_PREFIX}: {direction} guard (new connections that capture missed)",
+            first=True,
+        )
+    ]
+    for rule in rules:
+        if rule.chain != chain or any(isinstance(m, Established | TransparentSocket) for m in rule.matches):
+            continue  # tproxy's bookkeeping for established connections; the guard sees SYNs only
+        if isinstance(rule.action, Return):
+            out.append(Rule("filter", guard, rule.matches, Return(), rule.comment, rule.family))
+        elif isinstance(rule.action, Redirect | TProxy):
+            comment = f"{COMMENT_PREFIX}: refuse: {direction} connection not captured (stale conntrack entry)"
+            out.append(Rule("filter", guard, (*rule.matches, not_taken), Reject(), comment, rule.family))
+    return out
 
 
 def _join(ports: Iterable[PortRange]) -> str:

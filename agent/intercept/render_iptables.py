@@ -31,10 +31,13 @@ from .plan import (
     LocalDst,
     Mark,
     Match,
+    NoMark,
+    NotRedirected,
     OutIface,
     Plan,
     PortRange,
     Redirect,
+    Reject,
     Return,
     Rule,
     SetMark,
@@ -84,6 +87,10 @@ def _match_args(match: Match) -> list[str]:
         return ["-m", "socket", "--transparent"]
     if isinstance(match, Established):
         return ["-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED"]
+    if isinstance(match, NotRedirected):
+        return ["-m", "conntrack", "!", "--ctstate", "DNAT"]
+    if isinstance(match, NoMark):
+        return ["-m", "mark", "!", "--mark", f"{match.mask:#x}/{match.mask:#x}"]
     if isinstance(match, Syn):
         return ["-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN"]
     if isinstance(match, LocalDst):
@@ -114,6 +121,8 @@ def _action_args(rule: Rule) -> list[str]:
         ]
     if isinstance(action, SetMark):
         return ["-j", "MARK", "--set-xmark", f"{action.mark:#x}/{action.mark:#x}"]
+    if isinstance(action, Reject):
+        return ["-j", "REJECT", "--reject-with", "tcp-reset"]
     raise TypeError(f"unknown action {action!r}")
 
 
@@ -127,7 +136,7 @@ def rule_lines(rule: Rule) -> list[str]:
             variants = [[*v, match] for v in variants]
     lines = []
     for matches in variants:
-        args = ["-A", rule.chain, "-p", "tcp"]
+        args = ["-I" if rule.first else "-A", rule.chain, "-p", "tcp"]
         for match in matches:
             args += _match_args(match)
         args += ["-m", "comment", "--comment", f'"{rule.comment}"']

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from .plan import (
     CHAIN_PREFIX,
+    INPUT,
     NFT_TABLE,
     OUTPUT,
     PREROUTING,
@@ -23,9 +24,12 @@ from .plan import (
     LocalDst,
     Mark,
     Match,
+    NoMark,
+    NotRedirected,
     OutIface,
     Plan,
     Redirect,
+    Reject,
     Return,
     Rule,
     SetMark,
@@ -44,6 +48,8 @@ _BASE = {
     ("nat", PREROUTING): "type nat hook prerouting priority dstnat; policy accept;",
     ("nat", OUTPUT): "type nat hook output priority -100; policy accept;",
     ("mangle", PREROUTING): "type filter hook prerouting priority mangle; policy accept;",
+    ("filter", OUTPUT): "type filter hook output priority filter; policy accept;",
+    ("filter", INPUT): "type filter hook input priority filter; policy accept;",
 }
 
 
@@ -85,6 +91,10 @@ def _match(match: Match) -> str:
         return "socket transparent 1"
     if isinstance(match, Established):
         return "ct state established,related"
+    if isinstance(match, NotRedirected):
+        return "ct status & dnat == 0"
+    if isinstance(match, NoMark):
+        return f"meta mark & {match.mask:#x} == 0"
     if isinstance(match, Syn):
         return "tcp flags & (fin | syn | rst | ack) == syn"
     if isinstance(match, LocalDst):
@@ -108,6 +118,8 @@ def _action(rule: Rule) -> str:
         return f"tproxy to :{action.port} meta mark set meta mark | {action.mark:#x} accept"
     if isinstance(action, SetMark):
         return f"meta mark set meta mark | {action.mark:#x}"
+    if isinstance(action, Reject):
+        return "reject with tcp reset"
     raise TypeError(f"unknown action {action!r}")
 
 

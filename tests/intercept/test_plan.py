@@ -19,12 +19,16 @@ from agent.intercept.plan import (
     Jump,
     LocalDst,
     Mark,
+    NoMark,
+    NotRedirected,
     Plan,
     PortRange,
     Redirect,
+    Reject,
     Return,
     Syn,
     TProxy,
+    TransparentSocket,
     UidOwner,
     build_plan,
 )
@@ -50,6 +54,10 @@ def skipped_ports(p: Plan, chain: str) -> set[int]:
 
 def outbound(p: Plan) -> list[Any]:
     return [r for r in p.rules if r.chain == "MESHAGENT_OUTBOUND"]
+
+
+def inbound(p: Plan) -> list[Any]:
+    return [r for r in p.rules if r.chain == "MESHAGENT_INBOUND"]
 
 
 CASES = [
@@ -124,8 +132,8 @@ CASES = [
     pytest.param(
         {"inbound_mode": "tproxy"},
         lambda p: (
-            p.tables() == ["nat", "mangle"]
-            and isinstance(p.rules[-1].action, TProxy)
+            p.tables() == ["nat", "mangle", "filter"]
+            and isinstance(inbound(p)[-1].action, TProxy)
             and [r.family for r in p.routes] == [4, 6]
         ),
         id="tproxy-mangle-and-routes",
@@ -137,7 +145,7 @@ CASES = [
     ),
     pytest.param(
         {"inbound_ports": [8080]},
-        lambda p: p.rules[-1].matches == (Syn(), LocalDst(), DstPorts((PortRange(8080, 8080),))),
+        lambda p: inbound(p)[-1].matches == (Syn(), LocalDst(), DstPorts((PortRange(8080, 8080),))),
         id="inbound-only-listed-ports-addressed-here",
     ),
     pytest.param(
@@ -197,15 +205,51 @@ INVARIANT_CONFIGS = [
 
 @pytest.mark.parametrize("settings", INVARIANT_CONFIGS)
 def test_invariants(settings: dict[str, Any]) -> None:
-    """Own chains only, jumps alone in built-in chains, a comment on every rule, uid skip first."""
+    """Own chains only, jumps alone in built-in chains (a guard's jump takes only un-redirected
+    connection openings), a comment on every rule, uid skip first."""
     p = plan(**settings)
+    not_taken = NoMark(0x2000000) if p.inbound_mode == "tproxy" else NotRedirected()
     for rule in p.rules:
         assert rule.comment.startswith("meshagent: ")
         assert rule.chain.startswith(CHAIN_PREFIX) or rule.chain in BUILTIN_CHAINS
         if rule.chain in BUILTIN_CHAINS:
-            assert isinstance(rule.action, Jump) and rule.matches == ()
+            assert isinstance(rule.action, Jump)
+            if rule.table == "filter":
+                assert rule.first and rule.action.chain.endswith("_GUARD")
+                expected = (Syn(), not_taken if rule.chain == "INPUT" else NotRedirected())
+                assert rule.matches == expected
+            else:
+                assert rule.matches == ()
+        if isinstance(rule.action, Reject):
+            assert rule.table == "filter" and rule.chain.endswith("_GUARD") and Syn() in rule.matches
     assert outbound(p)[0].matches == (UidOwner(4190),)
     assert p.to_dict()["rules"]
+
+
+@pytest.mark.parametrize("settings", INVARIANT_CONFIGS)
+def test_guard_mirrors_capture(settings: dict[str, Any]) -> None:
+    """Each guard chain holds its capture chain's exclusions, in order, then refuses what that
+    chain would have captured but nobody redirected."""
+    p = plan(**settings)
+    for capture, guard in (
+        ("MESHAGENT_OUTBOUND", "MESHAGENT_OUTBOUND_GUARD"),
+        ("MESHAGENT_INBOUND", "MESHAGENT_INBOUND_GUARD"),
+    ):
+        mine = [r for r in p.rules if r.chain == capture]
+        theirs = [r for r in p.rules if r.chain == guard]
+        skips = [
+            (r.matches, r.family)
+            for r in mine
+            if isinstance(r.action, Return)
+            and not any(isinstance(m, Established | TransparentSocket) for m in r.matches)
+        ]
+        assert [(r.matches, r.family) for r in theirs if isinstance(r.action, Return)] == skips
+        takes = [r for r in mine if isinstance(r.action, Redirect | TProxy)]
+        refuses = [r for r in theirs if isinstance(r.action, Reject)]
+        assert [r.matches[: len(t.matches)] for r, t in zip(refuses, takes, strict=True)] == [
+            t.matches for t in takes
+        ]
+        assert all(r.matches[-1] in (NotRedirected(), NoMark(0x2000000)) for r in refuses)
 
 
 @pytest.mark.parametrize(

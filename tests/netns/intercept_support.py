@@ -42,11 +42,22 @@ def start_who(host: Host, role: str, *listens: str, transparent: bool = False) -
     return proc
 
 
-def who(host: Host, ip: str, port: int, user: int | None = None, mark: int | None = None) -> dict[str, Any]:
-    """Connect from `host` to ip:port and return the answering server's JSON (or {"error": ...})."""
-    argv = [CLIENT_PYTHON, WHO, "connect", ip, str(port)]
+def who(
+    host: Host,
+    ip: str,
+    port: int,
+    user: int | None = None,
+    mark: int | None = None,
+    sport: int = 0,
+    timeout: float = 10.0,
+) -> dict[str, Any]:
+    """Connect from `host` to ip:port (from source port `sport`, if given) and return the
+    answering server's JSON (or {"error": ...})."""
+    argv = [CLIENT_PYTHON, WHO, "connect", ip, str(port), "--timeout", str(timeout)]
     if mark is not None:
         argv += ["--mark", hex(mark)]
+    if sport:
+        argv += ["--sport", str(sport)]
     proc = host.run(*argv, user=user, check=False)
     try:
         doc: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,258 @@
+"""Stale conntrack entries that would carry a new connection past capture, found and deleted.
+
+NAT rules only see a conntrack flow's first packet. An entry left from before our rules were in
+(the agent was stopped, a firewall's `ct state established,related accept` kept tracking) that
+was never redirected lets a later connection with the same 4-tuple skip the proxy. Right after
+the rules are applied, `clear_stale(plan)` deletes such entries, each by its exact tuple:
+
+- TCP entries only, in the default zone, that nobody NATed (so never an entry we redirected,
+  never Docker's or kube-proxy's DNAT/masquerade);
+- of a flow the plan captures: outbound from one of this host's addresses, or inbound to one,
+  on a port and address the plan takes, with its exclusions (SSH, the admin port, the
+  authority, skipped CIDRs and ports) honoured;
+- with no local socket: a live connection (opened before the rules, or the proxy's own) is
+  never touched.
+
+Never a flush. Done over netlink with pyroute2 (already a dependency for policy routing; no
+`conntrack` binary on the host, no subprocess per entry, and the unit already allows
+AF_NETLINK). The guard rule (see `plan`) refuses what slips through in between; this keeps it
+from refusing connections needlessly. Pure selection (`stale`) is apart from the I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.logs import get_logger
+
+from .plan import (
+    INBOUND,
+    OUTBOUND,
+    DstNet,
+    DstPorts,
+    Established,
+    Family,
+    InIface,
+    LocalDst,
+    Match,
+    OutIface,
+    Plan,
+    Redirect,
+    Return,
+    SrcNet,
+    Syn,
+    TProxy,
+    TransparentSocket,
+)
+
+log = get_logger("meshagent.intercept")
+
+IPS_SRC_NAT = 1 << 4
+IPS_DST_NAT = 1 << 5
+_AF: dict[Family, int] = {4: socket.AF_INET, 6: socket.AF_INET6}
+_PROC_TCP: dict[Family, Path] = {4: Path("/proc/net/tcp"), 6: Path("/proc/net/tcp6")}
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+Endpoint = tuple[Address, int]
+
+
+@dataclass(frozen=True)
+class Flow:
+    """A conntrack entry's original direction, plus what decides whether it may go."""
+
+    family: Family
+    src: Address
+    sport: int
+    dst: Address
+    dport: int
+    nat: bool
+    """Someone (we, or another program) rewrote an address or port of it."""
+    zone: int = 0
+    state: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.src}:{self.sport}->{self.dst}:{self.dport} {self.state}".strip()
+
+
+# -- selection (pure) ------------------------------------------------------------------------
+
+
+def _matches(match: Match, flow: Flow, inbound: bool, local: frozenset[Address]) -> bool | None:
+    """Whether the flow's first packet would match; None when a match cannot be judged from the
+    entry (uid, gid, mark: the socket is gone, so the no-socket rule decides instead)."""
+    if isinstance(match, DstPorts):
+        return any(p.lo <= flow.dport <= p.hi for p in match.ports)
+    if isinstance(match, DstNet):
+        return flow.dst in ipaddress.ip_network(match.net, strict=False)
+    if isinstance(match, SrcNet):
+        return flow.src in ipaddress.ip_network(match.net, strict=False)
+    if isinstance(match, OutIface | InIface):
+        # loopback: the only interface name the plan matches on; traffic between this host's
+        # own addresses (or 127/8, ::1) goes over it
+        return match.name == "lo" and _local(flow.src if inbound else flow.dst, local)
+    if isinstance(match, LocalDst):
+        return _local(flow.dst, local)
+    if isinstance(match, Syn):
+        return True
+    return None
+
+
+def _local(addr: Address, local: frozenset[Address]) -> bool:
+    return addr in local or addr.is_loopback
+
+
+def captured(plan: Plan, flow: Flow, local: frozenset[Address]) -> bool:
+    """Would the plan have redirected this flow's first packet (as far as the entry tells)?"""
+    inbound = _local(flow.dst, local) and not _local(flow.src, local)
+    outbound = _local(flow.src, local) and not _local(flow.dst, local)
+    if not (inbound or outbound):
+        return False
+    chain = INBOUND if inbound else OUTBOUND
+    for rule in plan.rules:
+        if rule.chain != chain or not rule.applies_to(flow.family):
+            continue
+        if any(isinstance(m, Established | TransparentSocket) for m in rule.matches):
+            continue  # tproxy's rules for packets of established connections
+        results = [_matches(m, flow, inbound, local) for m in rule.matches]
+        if isinstance(rule.action, Return):
+            if results and all(r is True for r in results):
+                return False  # excluded (SSH, admin port, authority, skipped CIDR or port...)
+        elif isinstance(rule.action, Redirect | TProxy) and all(r is not False for r in results):
+            return True
+    return False
+
+
+def stale(
+    plan: Plan,
+    flows: Iterable[Flow],
+    local: frozenset[Address],
+    sockets: frozenset[tuple[Endpoint, Endpoint]],
+) -> list[Flow]:
+    """The flows to delete: un-NATed, default zone, captured by the plan, no local socket.
+
+    `sockets`: (local endpoint, remote endpoint) of every TCP socket in this namespace, any state.
+    """
+    out = []
+    for flow in flows:
+        if flow.nat or flow.zone or flow.family not in plan.families:
+            continue
+        if not captured(plan, flow, local):
+            continue
+        inbound = _local(flow.dst, local)
+        ends = ((flow.dst, flow.dport), (flow.src, flow.sport))
+        if (ends if inbound else (ends[1], ends[0])) in sockets:
+            continue
+        out.append(flow)
+    return out
+
+
+# -- the kernel ------------------------------------------------------------------------------
+
+
+def _unmap(addr: Address) -> Address:
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _proc_addr(hexaddr: str) -> Address:
+    raw = bytes.fromhex(hexaddr)
+    # /proc/net/tcp* prints each 32-bit word in host (little-endian) order
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    return _unmap(ipaddress.ip_address(words))
+
+
+def local_sockets(paths: Iterable[Path] = _PROC_TCP.values()) -> frozenset[tuple[Endpoint, Endpoint]]:
+    """(local, remote) endpoints of every TCP socket of this network namespace, from /proc/net."""
+    out: set[tuple[Endpoint, Endpoint]] = set()
+    for path in paths:
+        try:
+            lines = path.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 3:
+                continue
+            (la, lp), (ra, rp) = (f.split(":") for f in fields[1:3])
+            out.add(((_proc_addr(la), int(lp, 16)), (_proc_addr(ra), int(rp, 16))))
+    return frozenset(out)
+
+
+def local_addresses() -> frozenset[Address]:
+    """This host's own addresses (loopback ones are judged by `is_loopback`)."""
+    from pyroute2 import IPRoute
+
+    found: set[Address] = set()
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            value = msg.get("IFA_LOCAL") or msg.get("IFA_ADDRESS")
+            if value:
+                found.add(_unmap(ipaddress.ip_address(value)))
+    return frozenset(found)
+
+
+def _flows(family: Family) -> Iterator[tuple[Flow, Any]]:
+    from pyroute2.conntrack import Conntrack, NFCTAttrTuple
+
+    with Conntrack(nfgen_family=_AF[family]) as ct:
+        for entry in ct.dump_entries(tuple_orig=NFCTAttrTuple(family=_AF[family], proto=socket.IPPROTO_TCP)):
+            orig = entry.tuple_orig
+            if orig.proto != socket.IPPROTO_TCP or orig.saddr is None or orig.daddr is None:
+                continue
+            flow = Flow(
+                family,
+                _unmap(ipaddress.ip_address(orig.saddr)),
+                int(orig.sport),
+                _unmap(ipaddress.ip_address(orig.daddr)),
+                int(orig.dport),
+                nat=bool((entry.status or 0) & (IPS_SRC_NAT | IPS_DST_NAT)),
+                zone=int(entry.zone or 0),
+                state=entry.protoinfo.state_name() if entry.protoinfo is not None else "",
+            )
+            yield flow, orig
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """What `clear_stale` did."""
+
+    deleted: tuple[str, ...] = ()
+    error: str = ""
+
+
+def clear_stale(plan: Plan) -> Cleared:
+    """Delete the stale conntrack entries of flows `plan` captures (call after applying it).
+
+    Never raises: the guard rule refuses what this misses, so a failure here is logged and
+    reported, and applying the rules still succeeds.
+    """
+    from pyroute2.conntrack import Conntrack
+
+    deleted: list[str] = []
+    try:
+        local = local_addresses()
+        for family in plan.families:
+            found = dict(_flows(family))
+            sockets = local_sockets()  # after the dump: a listed entry's socket exists by now
+            doomed = stale(plan, found, local, sockets)
+            if not doomed:
+                continue
+            with Conntrack(nfgen_family=_AF[family]) as ct:
+                for flow in doomed:
+                    try:
+                        ct.delete(found[flow])
+                    except Exception as exc:  # gone meanwhile (ENOENT) is fine: that is the goal
+                        if getattr(exc, "code", None) != 2:
+                            raise
+                    deleted.append(str(flow))
+    except Exception as exc:  # netlink or /proc failure: report, never fail the apply
+        log.warning("intercept.conntrack_cleanup_failed", error=str(exc), deleted=len(deleted))
+        return Cleared(tuple(deleted), str(exc))
+    if deleted:
+        log.info("intercept.conntrack_cleared", deleted=len(deleted), flows=",".join(deleted[:10]))
+    return Cleared(tuple(deleted))
