@@ -5,12 +5,17 @@
 
 prints `ts=... level=info logger=meshagent.identity event=renew.failed reason="..." retry_in_s=4.0`
 on stderr (journald adds its own timestamp and keeps the line as it is).
+
+Values come from outside (host names, request paths, refusal reasons): one record is always one
+line, and no control character reaches a terminal or a log viewer raw. Every C0 control, DEL,
+C1 control and Unicode line/paragraph separator is written as an escape in both formats.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
@@ -45,11 +50,27 @@ def get_logger(name: str) -> StructLogger:
     return StructLogger(logging.getLogger(name))
 
 
+# What json.dumps(ensure_ascii=False) leaves raw but a terminal or log viewer may act on.
+_RAW_AFTER_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
+# A value needs quotes if it has any of these: separators, quotes, backslashes, controls.
+_NEEDS_QUOTES = re.compile('[\\s="\\\\\x00-\x1f\x7f-\x9f\u2028\u2029]')
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
+
+
+def _u_escape(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
 def _logfmt_value(value: Any) -> str:
     text = str(value)
-    if text == "" or any(c in text for c in ' ="\n'):
-        return json.dumps(text)
+    if text == "" or _NEEDS_QUOTES.search(text):
+        # JSON string syntax (what logfmt readers parse); non-ASCII text stays readable.
+        return _RAW_AFTER_JSON.sub(_u_escape, json.dumps(text, ensure_ascii=False))
     return text
+
+
+def _logfmt_key(key: str) -> str:
+    return _KEY_UNSAFE.sub("_", key) or "_"
 
 
 class LogfmtFormatter(logging.Formatter):
@@ -62,7 +83,7 @@ class LogfmtFormatter(logging.Formatter):
             f"event={_logfmt_value(record.getMessage())}",
         ]
         for key, value in getattr(record, _FIELDS, {}).items():
-            parts.append(f"{key}={_logfmt_value(value)}")
+            parts.append(f"{_logfmt_key(key)}={_logfmt_value(value)}")
         return " ".join(parts)
 
 
@@ -75,6 +96,7 @@ class JsonFormatter(logging.Formatter):
             "event": record.getMessage(),
         }
         doc.update(getattr(record, _FIELDS, {}))
+        # ensure_ascii (the default) escapes everything outside printable ASCII, controls included.
         return json.dumps(doc, default=str)
 
 

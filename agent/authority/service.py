@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ log = get_logger("meshagent.authority")
 # A renewal's timestamp must be this fresh: bounds how long the authority must remember a
 # request it answered (renewal requests are single-use, see storage.SqliteRegistry.renew).
 POSSESSION_WINDOW = timedelta(minutes=5)
+# An allow-list entry: spiffe:// then printable ASCII without spaces (globs' * ? [ ] included).
+_ALLOW_PATTERN = re.compile(r"spiffe://[!-~]{1,2000}")
 
 
 @dataclass(frozen=True)
@@ -275,6 +278,14 @@ class Authority:
             raise RejectedError(
                 f"policy {default!r} is not one of {choices}", code="invalid_request"
             ) from None
+        for pattern in allow:
+            # A SPIFFE ID or glob, one token: the hosts match it against peers' IDs and log it.
+            if not _ALLOW_PATTERN.fullmatch(pattern):
+                raise RejectedError(
+                    f"allow entry {pattern[:80]!r} is not a SPIFFE ID or glob",
+                    "for example: --allow 'spiffe://cluster.local/ns/shop/*'",
+                    code="invalid_request",
+                )
         record = PolicyRecord(self.identity(identity).short, port, default, allow)
         self.registry.set_policy(record)
         return record

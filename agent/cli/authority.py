@@ -14,7 +14,7 @@ from agent.authority.storage import HostRecord
 from agent.identity.certinfo import utcnow
 from agent.identity.pki import spki_pin
 
-from .output import Duration, emit_json, human_duration, rfc3339, table
+from .output import Duration, emit_json, human_duration, printable, rfc3339, table
 
 dir_option = click.option(
     "--dir",
@@ -333,7 +333,7 @@ def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
         emit_json(_host_doc(record, td))
     else:
         click.echo(
-            f"revoked {record.id} ({record.host_name}, {record.identity}); "
+            f"revoked {record.id} ({printable(record.host_name)}, {printable(record.identity)}); "
             f"its current certificate expires {rfc3339(record.not_after)}"
         )
 
@@ -361,7 +361,11 @@ def catalog_add_cmd(directory: Path, cidr: str, ports: tuple[int, ...], identity
     if as_json:
         emit_json(entry.__dict__)
     else:
-        click.echo(f"added {entry.id}: {entry.cidr} ports {list(entry.ports) or 'all'} -> {entry.identity}")
+        click.echo(
+            printable(
+                f"added {entry.id}: {entry.cidr} ports {list(entry.ports) or 'all'} -> {entry.identity}"
+            )
+        )
 
 
 @catalog_group.command("list")
@@ -390,7 +394,7 @@ def catalog_list_cmd(directory: Path, as_json: bool) -> None:
 def catalog_remove_cmd(entry_id: str, directory: Path) -> None:
     """Remove a static entry (by the id `catalog list` shows as static:<id>)."""
     open_registry(directory).remove_static_entry(entry_id.removeprefix("static:"))
-    click.echo(f"removed {entry_id}")
+    click.echo(printable(f"removed {entry_id}"))
 
 
 @authority.group("policy")
@@ -434,8 +438,10 @@ def policy_set_cmd(
         emit_json(record.__dict__)
     else:
         click.echo(
-            f"{record.identity} port {record.port or 'default'}: {record.default_policy}"
-            + (f", allow {', '.join(record.allow)}" if record.allow else "")
+            printable(
+                f"{record.identity} port {record.port or 'default'}: {record.default_policy}"
+                + (f", allow {', '.join(record.allow)}" if record.allow else "")
+            )
         )
 
 
@@ -465,4 +471,4 @@ def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
     """Remove the policy for IDENTITY on PORT (or its default)."""
     auth = Authority.open(directory)
     auth.registry.remove_policy(auth.identity(identity).short, port or 0)
-    click.echo(f"removed {identity} port {port or 'default'}")
+    click.echo(printable(f"removed {identity} port {port or 'default'}"))

@@ -12,17 +12,35 @@ import click
 
 from agent.errors import MeshagentError
 
+# Control characters (C0, DEL, C1) and Unicode line separators: never printed raw, so a host
+# name like "web\x1b[2J" or "a\rb" cannot rewrite the operator's terminal (issue #15).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _visible(match: re.Match[str]) -> str:
+    c = match.group()
+    return _NAMED.get(c) or (f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}")
+
+
+def printable(value: object) -> str:
+    """`value` as one line of text, every control character shown as an escape (\\n, \\x1b)."""
+    return _CONTROL.sub(_visible, str(value))
+
 
 def emit_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, default=str))
+    click.echo(json.dumps(doc, indent=2, default=str))  # ensure_ascii: no control character raw
 
 
 def progress(message: str) -> None:
-    click.echo(f"  - {message}", err=True)
+    click.echo(f"  - {printable(message)}", err=True)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [[("-" if v is None else str(v)) for v in row] for row in rows]
+    """Aligned columns; each cell printable() so one row is one line whatever it holds."""
+    cells = [[printable(h) for h in headers]] + [
+        [("-" if v is None else printable(v)) for v in row] for row in rows
+    ]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells)
 
@@ -65,7 +83,7 @@ class Duration(click.ParamType):  # type: ignore[type-arg]
 
 
 def error_text(exc: MeshagentError) -> str:
-    text = f"error: {exc.message}"
+    text = f"error: {printable(exc.message)}"
     if exc.hint:
-        text += f"\n  hint: {exc.hint}"
+        text += f"\n  hint: {printable(exc.hint)}"
     return text
