@@ -56,6 +56,8 @@ log = get_logger("meshagent.authority")
 # A renewal's timestamp must be this fresh: bounds how long the authority must remember a
 # request it answered (renewal requests are single-use, see storage.SqliteRegistry.renew).
 POSSESSION_WINDOW = timedelta(minutes=5)
+# A join token is a bootstrap secret: a month covers staged rollouts; longer is a standing key.
+MAX_TOKEN_TTL = timedelta(days=30)
 # An allow-list entry: spiffe:// then printable ASCII without spaces (globs' * ? [ ] included).
 _ALLOW_PATTERN = re.compile(r"spiffe://[!-~]{1,2000}")
 
@@ -102,6 +104,12 @@ class Authority:
 
     def create_tokens(self, identity: str, url: str, ttl: timedelta, count: int = 1) -> list[JoinToken]:
         workload = self.identity(identity)  # validates before anything is stored
+        if not timedelta(0) < ttl <= MAX_TOKEN_TTL:
+            raise RejectedError(
+                f"token lifetime {ttl} is out of range",
+                f"give a lifetime above 0 and at most {MAX_TOKEN_TTL.days} days, e.g. --ttl 1h",
+                code="invalid_request",
+            )
         now = self.clock()
         tokens = []
         for _ in range(count):

@@ -9,7 +9,7 @@ import click
 
 from agent.authority import discovery
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
-from agent.authority.service import Authority, open_registry
+from agent.authority.service import MAX_TOKEN_TTL, Authority, open_registry
 from agent.authority.storage import HostRecord
 from agent.identity.certinfo import utcnow
 from agent.identity.pki import spki_pin
@@ -195,10 +195,10 @@ def token_group() -> None:
 )
 @click.option(
     "--ttl",
-    type=Duration(),
+    type=Duration(maximum=MAX_TOKEN_TTL),
     default="1h",
     show_default=True,
-    help="How long the token stays valid.",
+    help="How long the token stays valid (1s to 30d).",
 )
 @click.option(
     "--count",

@@ -64,22 +64,37 @@ def human_duration(seconds: float) -> str:
     return sign + ("".join(parts) or "0s")
 
 
-_DURATION = re.compile(r"(\d+)(d|h|m|s)")
+_DURATION = re.compile(r"([0-9]+)(d|h|m|s)")
+_MAX_DURATION = timedelta(days=3650)
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]
-    """`90s`, `15m`, `1h30m`, `7d`."""
+    """`90s`, `15m`, `1h30m`, `7d`, between `minimum` and `maximum` (a usage error naming the option)."""
 
     name = "duration"
+
+    def __init__(self, minimum: timedelta = timedelta(seconds=1), maximum: timedelta = _MAX_DURATION) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> timedelta:
         if isinstance(value, timedelta):
             return value
         text = str(value).strip()
         if not text or _DURATION.sub("", text) != "":
-            self.fail(f"{value!r} is not a duration like 90s, 15m, 1h30m or 7d", param, ctx)
+            self.fail(f"{printable(value)!r} is not a duration like 90s, 15m, 1h30m or 7d", param, ctx)
         units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
-        return timedelta(seconds=sum(int(n) * units[u] for n, u in _DURATION.findall(text)))
+        # Integer seconds, digits bounded: a huge count is out of range, never an overflow.
+        parts = _DURATION.findall(text)
+        seconds = sum(int(n) * units[u] for n, u in parts) if all(len(n) <= 12 for n, _ in parts) else -1
+        if not self.minimum.total_seconds() <= seconds <= self.maximum.total_seconds():
+            self.fail(
+                f"{text!r} is out of range: use {human_duration(self.minimum.total_seconds())} "
+                f"to {human_duration(self.maximum.total_seconds())}",
+                param,
+                ctx,
+            )
+        return timedelta(seconds=seconds)
 
 
 def error_text(exc: MeshagentError) -> str:

@@ -2,10 +2,17 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import timedelta
+from pathlib import Path
 
+import click
 import pytest
 
+from agent.authority.service import MAX_TOKEN_TTL, Authority
 from agent.authority.tokens import MalformedToken, new_token, parse_token
+from agent.cli.output import Duration
+from agent.errors import ExitCode, RejectedError
+from tests.support import init_authority, run_cli
 
 PIN = "sha256:" + "ab" * 32
 
@@ -49,3 +56,36 @@ def test_malformed_tokens_are_refused(text: str) -> None:
     with pytest.raises(MalformedToken) as err:
         parse_token(text)
     assert err.value.hint or "https" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("1s", 1), ("90s", 90), ("15m", 900), ("1h30m", 5400), ("30d", 30 * 86400)],
+    ids=["one-second", "seconds", "minutes", "compound", "max"],
+)
+def test_token_ttl_accepted(text: str, seconds: int) -> None:
+    assert Duration(maximum=MAX_TOKEN_TTL).convert(text, None, None) == timedelta(seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0s", "0d0h", "00s", "31d", "9" * 20 + "d", "9" * 5000 + "s", "-1s", "1.5h", "1h 30m", "", "٣s"],
+    ids=["zero", "zero-compound", "zero-padded", "over-max", "overflow", "giant", "negative", "fraction",
+         "space", "empty", "non-ascii-digit"],
+)  # fmt: skip
+def test_token_ttl_refused_as_usage_error(text: str) -> None:
+    with pytest.raises(click.BadParameter):
+        Duration(maximum=MAX_TOKEN_TTL).convert(text, None, None)
+
+
+def test_token_create_refuses_a_zero_ttl(tmp_path: Path) -> None:
+    directory = tmp_path / "a"
+    init_authority(directory)
+    args = ("--identity", "shop/web", "--url", "https://127.0.0.1:1")
+    proc = run_cli("authority", "token", "create", "--dir", str(directory), *args, "--ttl", "0s")
+    assert proc.returncode == ExitCode.USAGE
+    assert "--ttl" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(RejectedError) as err:  # the domain refuses it too, whoever calls
+        Authority.open(directory).create_tokens("shop/web", "https://127.0.0.1:1", timedelta(0))
+    assert err.value.code == "invalid_request"
+    assert Authority.open(directory).registry.list_tokens() == []
