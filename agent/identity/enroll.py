@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 import time
 from collections.abc import Callable
@@ -12,6 +11,7 @@ import psutil
 
 from agent.errors import MeshagentError, StateError
 from agent.identity.certinfo import utcnow
+from agent.identity.names import MAX_HOST_ADDRESSES, InvalidName, validate_host_address
 from agent.identity.pki import load_certs, make_csr, same_public_key, sign_possession
 from agent.logs import get_logger
 
@@ -28,19 +28,18 @@ def _quiet(_: str) -> None:
 
 
 def host_addresses() -> list[str]:
-    """This host's global unicast addresses (no loopback, link-local or multicast)."""
+    """This host's addresses that the authority accepts (unicast, not loopback or link-local:
+    see names.validate_host_address)."""
     found: list[str] = []
     for addrs in psutil.net_if_addrs().values():
         for addr in addrs:
             if addr.family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             try:
-                ip = ipaddress.ip_address(addr.address.split("%")[0])
-            except ValueError:
+                found.append(validate_host_address(addr.address))
+            except InvalidName:
                 continue
-            if not (ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified):
-                found.append(str(ip))
-    return sorted(set(found))
+    return sorted(set(found))[:MAX_HOST_ADDRESSES]
 
 
 def _store_issued(store: IdentityStore, key: Any, doc: dict[str, Any]) -> StoredIdentity:
