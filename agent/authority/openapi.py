@@ -16,6 +16,21 @@ _ISSUED = {
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Issued"}}},
 }
 
+# Any request body: `invalid_request` (not a JSON object of the documented fields, nested too
+# deep, a string that is not UTF-8, an integer beyond 2**53), `body_too_large` (over 64 KiB,
+# refused by Content-Length before any of it is read, or when a streamed body passes it; the
+# connection is then closed).
+_BAD_BODY = {
+    "400": _ERROR,
+    "413": {**_ERROR, "description": "body_too_large: the body is over 64 KiB (65536 bytes)."},
+}
+
+# Any request: `internal` when the authority fails unforeseen (logged as one line, no details
+# to the client).
+_ALWAYS = {
+    "500": {**_ERROR, "description": "internal: the authority failed; its log says why."},
+}
+
 
 def _json_body(schema: str) -> dict[str, Any]:
     return {
@@ -51,14 +66,14 @@ OPENAPI: dict[str, Any] = {
             "post": {
                 "summary": "Exchange a single-use join token and a CSR for a certificate",
                 "requestBody": _json_body("EnrollRequest"),
-                "responses": {"200": _ISSUED, "400": _ERROR, "401": _ERROR, "403": _ERROR},
+                "responses": {"200": _ISSUED, **_BAD_BODY, "401": _ERROR, "403": _ERROR, **_ALWAYS},
             }
         },
         "/v1/renew": {
             "post": {
                 "summary": "Renew with proof of possession of the current key (never the join token)",
                 "requestBody": _json_body("RenewRequest"),
-                "responses": {"200": _ISSUED, "400": _ERROR, "403": _ERROR},
+                "responses": {"200": _ISSUED, **_BAD_BODY, "403": _ERROR, **_ALWAYS},
             }
         },
         "/v1/host/config": {
@@ -73,6 +88,7 @@ OPENAPI: dict[str, Any] = {
                     },
                     "401": _ERROR,
                     "403": _ERROR,
+                    **_ALWAYS,
                 },
             }
         },
@@ -82,7 +98,11 @@ OPENAPI: dict[str, Any] = {
                 "description": "Needs Authorization: Bearer <the token in the authority directory's "
                 "prometheus-token file> (meshagent authority prometheus-token).",
                 "parameters": [
-                    {"name": "port", "in": "query", "schema": {"type": "integer", "default": 4191}}
+                    {
+                        "name": "port",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 65535, "default": 4191},
+                    }
                 ],
                 "responses": {
                     "200": {
@@ -90,8 +110,10 @@ OPENAPI: dict[str, Any] = {
                         "{namespace, serviceaccount, identity, host, host_id, deployment, pod}}]",
                         "content": {"application/json": {"schema": {"type": "array"}}},
                     },
+                    "400": _ERROR,
                     "401": _ERROR,
                     "404": _ERROR,
+                    **_ALWAYS,
                 },
             }
         },
@@ -122,7 +144,14 @@ OPENAPI: dict[str, Any] = {
                 "properties": {
                     "code": {
                         "type": "string",
-                        "examples": ["token_used", "token_expired", "host_revoked"],
+                        "examples": [
+                            "invalid_request",
+                            "token_used",
+                            "token_expired",
+                            "host_revoked",
+                            "body_too_large",
+                            "internal",
+                        ],
                     },
                     "message": {"type": "string"},
                     "hint": {"type": "string"},

@@ -7,12 +7,11 @@ import ssl
 from pathlib import Path
 
 import uvicorn
-from starlette.applications import Starlette
 from uvicorn.supervisors import Multiprocess
 
 from agent.logs import get_logger
 
-from .api import create_app
+from .api import Contained, create_app
 from .service import Authority
 
 log = get_logger("meshagent.authority")
@@ -20,7 +19,7 @@ log = get_logger("meshagent.authority")
 _DIR_ENV = "MESHAGENT_AUTHORITY_DIR"
 
 
-def app_from_env() -> Starlette:
+def app_from_env() -> Contained:
     """Factory used by uvicorn's worker processes (each opens its own registry connection)."""
     return create_app(Authority.open(Path(os.environ[_DIR_ENV])))
 
