@@ -141,3 +141,18 @@ def test_nft_transaction() -> None:
     assert render_nft.transaction(None, ()) == ""
     assert render_nft.transaction(None, ("inet",)) == "table inet meshagent\ndelete table inet meshagent\n"
     assert render_nft.render(make({"ipv6": False})).startswith("table ip meshagent {")
+
+
+def test_reapply_is_one_transaction() -> None:
+    """Why a keep-rules restart has no window: re-applying over our own rules is one `nft -f`
+    (delete and define the table) or one `-restore --noflush` commit per table (our chains
+    declared, which flushes them, and refilled), never a remove followed by an apply."""
+    p = make({})
+    text = render_nft.transaction(p)
+    assert text.index("delete table inet meshagent") < text.index("table inet meshagent {")
+    jump = '-A OUTPUT -p tcp -m comment --comment "meshagent: outbound capture" -j MESHAGENT_OUTBOUND'
+    saved = f"*nat\n:OUTPUT ACCEPT [0:0]\n:MESHAGENT_OUTBOUND - [0:0]\n{jump}\nCOMMIT\n"
+    nat = render_iptables.transaction(p, saved, 4).split("COMMIT\n")[0].splitlines()
+    assert nat[0] == "*nat" and ":MESHAGENT_OUTBOUND - [0:0]" in nat
+    assert nat.index("-D" + jump[2:]) < nat.index(jump)
+    assert "-X MESHAGENT_OUTBOUND" not in nat
