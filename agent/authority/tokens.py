@@ -80,7 +80,7 @@ def parse_token(text: str) -> JoinToken:
         padded = parts[1] + "=" * (-len(parts[1]) % 4)
         payload = json.loads(base64.urlsafe_b64decode(padded))
         url, pin = payload["u"], payload["p"]
-    except (binascii.Error, ValueError, KeyError, TypeError):
+    except (binascii.Error, ValueError, KeyError, TypeError, RecursionError):  # deep nesting too
         raise MalformedToken("the join token's payload is unreadable (truncated or altered?)", hint) from None
     if not isinstance(url, str) or not isinstance(pin, str) or not pin.startswith("sha256:"):
         raise MalformedToken("the join token's payload lacks the authority URL or CA pin", hint)
