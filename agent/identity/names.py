@@ -118,6 +118,8 @@ class WorkloadIdentity:
 def validate_host_name(value: str) -> str:
     """An RFC 1123 host name (one label or an FQDN, no trailing dot), at most 253 characters.
     Shown in tables, logs and Prometheus labels: nothing else may get in."""
+    if not isinstance(value, str):
+        raise InvalidName("the host name must be a string", "e.g. --host-name legacy-db-1")
     if not value or len(value) > 253 or not all(_HOST_LABEL.fullmatch(p) for p in value.split(".")):
         raise InvalidName(
             f"host name {value[:80]!r} is not a valid RFC 1123 host name",
@@ -136,6 +138,8 @@ def validate_host_address(value: str) -> str:
     (and 169.254.169.254 is the cloud metadata service); an IPv6 zone is local to one host;
     reserved ranges (IPv4 240/4, IPv4-mapped IPv6) are not a host's own.
     """
+    if not isinstance(value, str):  # ip_address() would take an integer
+        raise InvalidName(f"address {value!r} is not a string", "give addresses as text, e.g. 10.0.0.5")
     try:
         ip = ipaddress.ip_address(value)
     except ValueError:

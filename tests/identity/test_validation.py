@@ -206,3 +206,13 @@ def test_addresses_deduplicated_in_order_and_bounded() -> None:
     assert validate_host_addresses(["10.0.0.2", "10.0.0.1", "10.0.0.2"]) == ("10.0.0.2", "10.0.0.1")
     with pytest.raises(InvalidName):
         validate_host_addresses([f"10.0.{i // 250}.{i % 250 + 1}" for i in range(65)])
+
+
+@pytest.mark.parametrize(
+    "value", [167772165, None, b"10.0.0.5", ["10.0.0.5"]], ids=["int", "none", "bytes", "list"]
+)
+def test_non_strings_are_refused(value: object) -> None:
+    with pytest.raises(InvalidName):
+        validate_host_address(value)  # type: ignore[arg-type]
+    with pytest.raises(InvalidName):
+        validate_host_name(value)  # type: ignore[arg-type]
