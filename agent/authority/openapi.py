@@ -22,6 +22,7 @@ _ISSUED = {
 # connection is then closed).
 _BAD_BODY = {
     "400": _ERROR,
+    "408": {**_ERROR, "description": "request_timeout: the body did not arrive in time (10 s by default)."},
     "413": {**_ERROR, "description": "body_too_large: the body is over 64 KiB (65536 bytes)."},
 }
 
@@ -150,6 +151,7 @@ OPENAPI: dict[str, Any] = {
                             "token_expired",
                             "host_revoked",
                             "body_too_large",
+                            "request_timeout",
                             "internal",
                         ],
                     },

@@ -1,14 +1,30 @@
-"""Run the authority's API under uvicorn (uvloop + httptools), TLS with the API certificate."""
+"""Run the authority's API under uvicorn (uvloop + httptools), TLS with the API certificate.
+
+Slow clients are bounded here, below the app: uvicorn has a keep-alive idle timeout but no
+timeout for a request's head or body and no cap that a crowd of silent connections cannot fill.
+`GuardedProtocol` (uvicorn's httptools protocol plus two per-connection timers) and `_Loop` (the
+TLS handshake timeout) add them; see `Limits`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import json
 import os
+import socket
 import ssl
+from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
+from typing import Any
 
 import uvicorn
+import uvloop
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.supervisors import Multiprocess
 
+from agent.errors import MeshagentError
 from agent.logs import get_logger
 
 from .api import Contained, create_app
@@ -17,11 +33,147 @@ from .service import Authority
 log = get_logger("meshagent.authority")
 
 _DIR_ENV = "MESHAGENT_AUTHORITY_DIR"
+# How the limits reach uvicorn's worker processes (spawned: they share no memory with us).
+_LIMITS_ENV = "MESHAGENT_AUTHORITY_LIMITS"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per worker process. Defaults suit hosts on a data-centre network and the default
+    `LimitNOFILE` of 1,024 (`max_connections` leaves room for the registry and TLS files)."""
+
+    header_timeout: float = 10.0  # TLS handshake, then a request's head (also after a response)
+    body_timeout: float = 10.0  # a request's whole body once its head is in (then 408)
+    idle_timeout: int = 5  # an idle keep-alive connection between requests
+    max_connections: int = 512  # past it the connection waiting longest for a head is closed
 
 
 def app_from_env() -> Contained:
     """Factory used by uvicorn's worker processes (each opens its own registry connection)."""
     return create_app(Authority.open(Path(os.environ[_DIR_ENV])))
+
+
+@cache
+def current_limits() -> Limits:
+    raw = os.environ.get(_LIMITS_ENV)
+    return Limits(**json.loads(raw)) if raw else Limits()
+
+
+class _Loop(uvloop.Loop):
+    """uvloop with the TLS handshake bounded by the header timeout (uvicorn passes no timeout,
+    so uvloop's 60 s applied: a client that never says hello held its socket that long), and
+    the TLS shutdown by at most 5 s."""
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.AbstractServer:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", current_limits().header_timeout)
+            # A close waits for the peer's close_notify: 30 s by default, for a peer that
+            # never reads. (Shed and timed-out connections are aborted, without it.)
+            kwargs.setdefault("ssl_shutdown_timeout", min(current_limits().header_timeout, 5.0))
+        return await super().create_server(*args, **kwargs)
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """uvicorn's loop factory (`loop="agent.authority.server:new_loop"`)."""
+    return _Loop()
+
+
+class _Shed:
+    """Counts connections closed for the connection cap; logs at most once per 10 s."""
+
+    count = 0
+    logged_at = float("-inf")
+
+    @classmethod
+    def note(cls, now: float, limit: int) -> None:
+        cls.count += 1
+        if now - cls.logged_at >= 10:
+            log.warning("connections.shed", closed=cls.count, max_connections=limit)
+            cls.logged_at, cls.count = now, 0
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request's head and body and a
+    connection cap that sheds the connection waiting longest for a head.
+
+    A subclass rather than a wrapper: the parser callbacks are the only place that knows when a
+    head or a body is complete, and uvicorn takes a protocol class as its `http` setting. The
+    cap closes a waiting connection rather than refusing the newest, so silent connections
+    cannot hold the slots against real clients (which send their head at once)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = current_limits()
+        self.deadline: asyncio.TimerHandle | None = None
+        self.waiting_since: float | None = None  # loop time since it waits for a request head
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._await_head()
+        if len(self.connections) > self.limits.max_connections:
+            self._shed()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.waiting_since = None
+        super().connection_lost(exc)
+
+    def on_headers_complete(self) -> None:
+        self.waiting_since = None
+        self._arm(self.limits.body_timeout, self._body_timed_out)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        idle = self.cycle is None or self.cycle.response_complete  # (not a pipelined next one)
+        if idle and not self.transport.is_closing():
+            self._await_head()
+
+    def _await_head(self) -> None:
+        self.waiting_since = self.loop.time()
+        self._arm(self.limits.header_timeout, self._head_timed_out)
+
+    def _arm(self, seconds: float, then: Any) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(seconds, then)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _head_timed_out(self) -> None:
+        self.deadline = None
+        if self.waiting_since is not None:
+            self.transport.abort()  # (as nginx: no answer to half a request; no TLS goodbye)
+
+    def _body_timed_out(self) -> None:
+        self.deadline = None
+        if self.cycle is not None and not self.cycle.response_started and not self.transport.is_closing():
+            body = json.dumps(
+                {
+                    "code": "request_timeout",
+                    "message": f"the request body did not arrive within {self.limits.body_timeout:g} s",
+                    "hint": "send the whole body with the request",
+                }
+            ).encode()
+            self.transport.write(
+                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
+                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+            )
+        self.transport.close()  # the app's pending read then sees a disconnect
+
+    def _shed(self) -> None:
+        waiting = [
+            c for c in self.connections if isinstance(c, GuardedProtocol) and c.waiting_since is not None
+        ]
+        victim = min(waiting, key=lambda c: c.waiting_since or 0.0) if waiting else self
+        victim.transport.abort()  # now: a TLS close would wait for a peer that does not read
+        _Shed.note(self.loop.time(), self.limits.max_connections)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -31,18 +183,46 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - all interfaces is the documented default
 
 
-def serve(directory: Path, listen: str, workers: int = 1) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a busy port is a message, not uvicorn's exit 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        if exc.errno == errno.EADDRINUSE:
+            raise MeshagentError(
+                f"cannot listen on {where}: the address is already in use",
+                f"another process holds port {port} (see `ss -ltnp 'sport = :{port}'`): stop it, "
+                "or give `authority serve` another --listen",
+                code="address_in_use",
+            ) from None
+        raise MeshagentError(
+            f"cannot listen on {where}: {exc.strerror or exc}",
+            "give --listen an address of this machine (0.0.0.0:PORT for all) and a port it may bind",
+            code="listen_failed",
+        ) from None
+    sock.set_inheritable(True)  # (uvicorn's worker processes serve the same socket)
+    return sock
+
+
+def serve(directory: Path, listen: str, workers: int = 1, limits: Limits | None = None) -> None:
     authority = Authority.open(directory)  # fail fast, in this process, on a broken directory
     host, port = parse_listen(listen)
+    limits = limits or current_limits()
     os.environ[_DIR_ENV] = str(directory.resolve())
+    os.environ[_LIMITS_ENV] = json.dumps(asdict(limits))
+    current_limits.cache_clear()
+    sock = bind(host, port)
     config = uvicorn.Config(
         "agent.authority.server:app_from_env" if workers > 1 else create_app(authority),
         factory=workers > 1,
         host=host,
         port=port,
         workers=workers,
-        loop="uvloop",
-        http="httptools",
+        loop="agent.authority.server:new_loop",
+        http=GuardedProtocol,
+        timeout_keep_alive=limits.idle_timeout,
         ssl_certfile=str(authority.material.api_cert_file),
         ssl_keyfile=str(authority.material.api_key_file),
         ssl_version=ssl.PROTOCOL_TLS_SERVER,
@@ -58,10 +238,9 @@ def serve(directory: Path, listen: str, workers: int = 1) -> None:
         workers=workers,
         trust_domain=authority.material.settings.trust_domain,
         ca_pin=authority.ca_pin,
+        **asdict(limits),
     )
-    server = uvicorn.Server(config)
     if workers > 1:
-        sock = config.bind_socket()
         Multiprocess(config, sockets=[sock]).run()
     else:
-        server.run()
+        uvicorn.Server(config).run(sockets=[sock])

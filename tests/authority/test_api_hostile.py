@@ -4,16 +4,22 @@ clients are bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import resource
 import select
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.support import AuthorityProcess, run_cli
+from agent.errors import ExitCode
+from tests.support import AuthorityProcess, init_authority, run_cli, running_authority
 
 
 def _log(auth: AuthorityProcess) -> str:
@@ -198,3 +204,98 @@ def test_a_streamed_100_mb_body_stops_being_read_at_the_limit(authority: Authori
     assert _rss_kib(authority) - before < 30 * 1024
     assert httpx.get(f"{authority.url}/healthz", verify=authority.tls).status_code == 200
     assert "Traceback" not in _log(authority)
+
+
+# -- defect 4: slow clients are bounded ------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _authority_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **limits: float
+) -> Iterator[AuthorityProcess]:
+    """A real authority whose limits are set (as `authority serve` passes them to its workers)."""
+    monkeypatch.setenv("MESHAGENT_AUTHORITY_LIMITS", json.dumps(limits))
+    with running_authority(tmp_path / "authority") as auth:
+        yield auth
+
+
+def _open_fds(auth: AuthorityProcess) -> int:
+    assert auth.proc is not None
+    return len(os.listdir(f"/proc/{auth.proc.pid}/fd"))
+
+
+def test_slow_headers_do_not_stop_enrollment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """300 connections that send half a head, against an authority with 200 file descriptors:
+    the cap sheds the connections waiting longest, so a real enrollment and /healthz still get
+    through at once (the header timeout is long here: the cap is what is proven)."""
+    with _authority_with(tmp_path, monkeypatch, max_connections=50, header_timeout=60) as auth:
+        assert auth.proc is not None
+        resource.prlimit(auth.proc.pid, resource.RLIMIT_NOFILE, (200, 200))
+        slow: list[ssl.SSLSocket] = []
+        try:
+            for _ in range(300):
+                try:
+                    sock = _connect(auth, timeout=5)
+                    slow.append(sock)
+                    sock.sendall(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-")
+                except OSError:
+                    pass  # shed by the authority already: what the cap is for
+            r = httpx.get(f"{auth.url}/healthz", verify=auth.tls, timeout=10)
+            assert r.status_code == 200
+            state = tmp_path / "host"
+            proc = run_cli("enroll", auth.token(), "--state-dir", str(state), "--json", timeout=60)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+            assert _open_fds(auth) < 50 + 40
+        finally:
+            for sock in slow:
+                sock.close()
+        assert "connections.shed" in _log(auth)
+        assert "Traceback" not in _log(auth)
+
+
+def test_a_declared_but_unsent_body_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _authority_with(tmp_path, monkeypatch, body_timeout=1, header_timeout=1) as auth:
+        with _connect(auth, timeout=15) as sock:
+            sock.sendall(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+            status, doc = _read_response(sock)
+            assert status == 408 and doc["code"] == "request_timeout"
+            assert sock.recv(100) == b""  # and closed
+        # Half a head: closed without an answer.
+        with _connect(auth, timeout=15) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            assert sock.recv(100) == b""
+        # A silent TCP connection (no TLS hello) is dropped as well.
+        host, port = auth.url.removeprefix("https://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=15) as raw:
+            assert raw.recv(100) == b""
+        assert "Traceback" not in _log(auth)
+
+
+def test_serve_on_a_busy_port_says_which_and_what_to_do(tmp_path: Path) -> None:
+    init_authority(tmp_path / "authority")
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_cli(
+            "authority", "serve", "--dir", str(tmp_path / "authority"), "--listen", f"127.0.0.1:{port}"
+        )
+    assert proc.returncode == ExitCode.FAILURE, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "already in use" in proc.stderr
+    assert "--listen" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- defect 13: discovery's port -------------------------------------------------------------
+
+
+def test_discovery_port_must_be_a_tcp_port(authority: AuthorityProcess) -> None:
+    token = (authority.directory / "prometheus-token").read_text().strip()
+    url = f"{authority.url}/v1/prometheus/targets"
+    auth_header = {"authorization": f"Bearer {token}"}
+    for port in ("-1", "0", "65536", "1" + "0" * 23, "1_0", " 80", "80.0", "x", ""):
+        r = httpx.get(url, params={"port": port}, headers=auth_header, verify=authority.tls)
+        _assert_refused(r, 400, "invalid_request")
+        assert "1 to 65535" in r.json()["hint"]
+    for port in ("1", "4191", "65535"):
+        r = httpx.get(url, params={"port": port}, headers=auth_header, verify=authority.tls)
+        assert r.status_code == 200, r.text
