@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from . import render_iptables
+from . import nftobjects, render_iptables
 from .errors import InterceptError
 from .plan import Family, Plan
 from .tools import Step, read, run, which
@@ -23,6 +23,7 @@ from .tools import Step, read, run, which
 Flavour = Literal["nft", "legacy"]
 _VERSION_TAG: dict[Flavour, str] = {"nft": "(nf_tables)", "legacy": "(legacy)"}
 _BASE: dict[Family, str] = {4: "iptables", 6: "ip6tables"}
+_NFT_FAMILY: dict[Family, str] = {4: "ip", 6: "ip6"}
 _LEGACY_NAMES: dict[Family, Path] = {
     4: Path("/proc/net/ip_tables_names"),
     6: Path("/proc/net/ip6_tables_names"),
@@ -99,11 +100,33 @@ class IptablesBackend:
                         "install it, or set intercept.ipv6 = false",
                     )
                 continue
-            text = render_iptables.transaction(plan, self.save(fam), fam)
+            saved = self.save(fam)
+            created = self._created(plan, saved, fam)
+            text = render_iptables.transaction(plan, saved, fam, created)
             if text:
                 what = f"{'apply' if plan else 'remove'} IPv{fam} rules ({self.name})"
                 steps.append(Step((self.tools.restore[fam], "-w", "--noflush"), text, what))
+            for table, objects in render_iptables.to_tidy(plan, saved, fam).items():
+                what = f"delete what meshagent created in {_NFT_FAMILY[fam]} {table}, if empty ({self.name})"
+                steps.append(Step(nftobjects.tidy_argv(fam, table, objects), "", what))
         return steps
+
+    def _created(self, plan: Plan | None, saved: str, family: Family) -> dict[str, list[str]]:
+        """Tables and built-in chains that applying `plan` creates (iptables-nft only: legacy
+        tables and their chains always exist once the kernel module is in)."""
+        if self.tools.flavour != "nft" or plan is None or family not in plan.families:
+            return {}
+        have = nftobjects.chains(family)
+        out: dict[str, list[str]] = {}
+        for table in plan.tables():
+            builtins = render_iptables.builtin_chains(plan, table, family)
+            if table not in have:
+                out[table] = [nftobjects.TABLE, *builtins]
+            else:
+                missing = [c for c in builtins if c not in have[table]]
+                if missing:
+                    out[table] = missing
+        return out
 
     def run(self, steps: list[Step]) -> None:
         for step in steps:

@@ -13,7 +13,7 @@ Two pure functions:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .plan import (
@@ -49,6 +49,7 @@ from .plan import (
 )
 
 TABLE_ORDER = ("raw", "mangle", "nat", "filter", "security")
+MADE_PREFIX = f"{CHAIN_PREFIX}MADE_"
 
 
 def _port(p: PortRange) -> str:
@@ -206,11 +207,46 @@ def owned(saved: str) -> dict[str, OwnedTable]:
     return {name: t for name, t in tables.items() if t.chains or t.builtin_rules or t.foreign_refs}
 
 
-def transaction(plan: Plan | None, saved: str, family: Family) -> str:
+def marker(obj: str) -> str:
+    """The empty chain that records, in the table itself, that we created `obj` (a built-in
+    chain's name, or TABLE): iptables-nft never deletes what it created, so we do (`nftobjects`)."""
+    return f"{MADE_PREFIX}{obj}"
+
+
+def made(saved: str) -> dict[str, list[str]]:
+    """table -> objects our markers say we created, in an `iptables-save` dump."""
+    return {
+        name: [c[len(MADE_PREFIX) :] for c in t.chains if c.startswith(MADE_PREFIX)]
+        for name, t in owned(saved).items()
+        if any(c.startswith(MADE_PREFIX) for c in t.chains)
+    }
+
+
+def builtin_chains(plan: Plan, table: str, family: Family) -> list[str]:
+    """Built-in chains of `table` that the plan puts rules in."""
+    seen: dict[str, None] = {}
+    for rule in _table_rules(plan, table, family):
+        if rule.chain in BUILTIN_CHAINS:
+            seen.setdefault(rule.chain, None)
+    return list(seen)
+
+
+def to_tidy(plan: Plan | None, saved: str, family: Family) -> dict[str, list[str]]:
+    """What we created and the transaction gives up (its table is no longer used): delete once empty."""
+    active = plan if plan is not None and family in plan.families else None
+    wanted = active.tables() if active else []
+    return {table: objs for table, objs in made(saved).items() if table not in wanted}
+
+
+def transaction(
+    plan: Plan | None, saved: str, family: Family, created: Mapping[str, Sequence[str]] | None = None
+) -> str:
     """`--noflush` restore input: current ruleset minus ours, plus `plan` (None: just remove).
 
     Returns "" when there is nothing to do. Others' rules that jump into our chains (someone
     hand-added one) are deleted too, or the chain could not be removed; `foreign_refs` lists them.
+    `created`: table -> objects (built-in chains, TABLE) this apply creates; a marker chain for
+    each records it, and markers already there are kept while the table stays in use.
     """
     have = owned(saved)
     active = plan if plan is not None and family in plan.families else None
@@ -220,6 +256,10 @@ def transaction(plan: Plan | None, saved: str, family: Family) -> str:
     for table in tables:
         current = have.get(table, OwnedTable())
         chains = active.own_chains(table) if active and table in wanted else []
+        if table in wanted:
+            markers = [c for c in current.chains if c.startswith(MADE_PREFIX)]
+            markers += [marker(o) for o in (created or {}).get(table, ()) if marker(o) not in markers]
+            chains = [*chains, *markers]
         stale = [c for c in current.chains if c not in chains]
         out.append(f"*{table}")
         out += [f":{chain} - [0:0]" for chain in [*chains, *stale]]

@@ -156,3 +156,22 @@ def test_reapply_is_one_transaction() -> None:
     assert nat[0] == "*nat" and ":MESHAGENT_OUTBOUND - [0:0]" in nat
     assert nat.index("-D" + jump[2:]) < nat.index(jump)
     assert "-X MESHAGENT_OUTBOUND" not in nat
+
+
+def test_created_objects_are_marked_kept_and_tidied() -> None:
+    """What an apply creates is recorded as empty marker chains; a re-apply keeps them; remove
+    deletes them and names the objects to delete once empty."""
+    p = make({})
+    first = render_iptables.transaction(p, "", 6, {"nat": ["TABLE", "OUTPUT", "PREROUTING"]})
+    assert ":MESHAGENT_MADE_TABLE - [0:0]" in first and ":MESHAGENT_MADE_PREROUTING - [0:0]" in first
+    saved = (
+        "*nat\n:MESHAGENT_MADE_TABLE - [0:0]\n:MESHAGENT_MADE_OUTPUT - [0:0]\n"
+        ":MESHAGENT_OUTBOUND - [0:0]\nCOMMIT\n"
+    )
+    again = render_iptables.transaction(p, saved, 6, {})
+    assert ":MESHAGENT_MADE_TABLE - [0:0]" in again and "-X MESHAGENT_MADE" not in again
+    assert render_iptables.to_tidy(p, saved, 6) == {}
+    removed = render_iptables.transaction(None, saved, 6)
+    assert "-X MESHAGENT_MADE_TABLE" in removed and "-X MESHAGENT_MADE_OUTPUT" in removed
+    assert render_iptables.to_tidy(None, saved, 6) == {"nat": ["TABLE", "OUTPUT"]}
+    assert render_iptables.to_tidy(make({"ipv6": False}), saved, 6) == {"nat": ["TABLE", "OUTPUT"]}

@@ -264,7 +264,8 @@ def test_native_nft_is_exact_from_an_empty_ruleset(
     hosts: tuple[Host, Host], tmp_path: Path, mode: str
 ) -> None:
     """nft keeps our rules in a table of our own, so even a host with no ruleset at all gets back
-    exactly nothing. (The iptables flavours cannot: see docs/intercept.md, "Limits".)"""
+    exactly nothing. (So does iptables-nft, below; iptables-legacy cannot delete a table: see
+    the README, "Limits".)"""
     a, _b = hosts
     before = ruleset(a)
     meshagent(a, "intercept", "apply", "--config", str(config(tmp_path, mode, "nft")))
@@ -294,3 +295,48 @@ def test_only_the_authoritys_port_is_left_alone(hosts: tuple[Host, Host], tmp_pa
         assert excluded == [f"{b.ip(4)}:8443"], excluded
     finally:
         meshagent(a, "intercept", "remove")
+
+
+PARTIAL_RULESETS = {
+    # issue #15, defect 15: ip6tables filter rules but no ip6 nat table
+    "ip6-filter-only": [
+        ("ip6tables-nft-restore", "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -i lo -j ACCEPT\nCOMMIT\n")
+    ],
+    "nothing": [],
+    # a filter table with INPUT alone: the guard's OUTPUT and the nat table are ours to remove
+    "ip-input-only": [("iptables-nft", "-A INPUT -p tcp --dport 22 -j ACCEPT")],
+}
+
+
+@pytest.mark.parametrize("start", sorted(PARTIAL_RULESETS))
+def test_iptables_nft_removes_what_it_created(hosts: tuple[Host, Host], tmp_path: Path, start: str) -> None:
+    """iptables-nft creates tables and base chains on first use and never deletes them: remove
+    deletes those we created (and only those, only when empty), so the ruleset comes back
+    byte for byte, whatever was there before."""
+    a, b = hosts
+    for tool, text in PARTIAL_RULESETS[start]:
+        if tool.endswith("-restore"):
+            a.run(tool, input=text)
+        else:
+            a.run(tool, *text.split())
+    start_servers(a, b, "redirect")
+    before = ruleset(a)
+    modes = ("redirect", "tproxy", "redirect") if start == "nothing" else ("redirect",)
+    for mode in modes:  # with "nothing", mangle comes and goes on the way
+        meshagent(a, "intercept", "apply", "--config", str(config(tmp_path, mode, "iptables-nft")))
+    assert who(a, b.ip6, APP_PORT)["role"] == "outbound"
+    meshagent(a, "intercept", "remove")
+    assert ruleset(a) == before
+
+
+def test_iptables_nft_keeps_a_created_table_someone_else_uses(
+    hosts: tuple[Host, Host], tmp_path: Path
+) -> None:
+    """A table we created but someone else put a rule in since stays, with their rule."""
+    a, _b = hosts
+    meshagent(a, "intercept", "apply", "--config", str(config(tmp_path, "redirect", "iptables-nft")))
+    a.run("ip6tables-nft", "-t", "nat", "-A", "POSTROUTING", "-s", "fd00:d0c::/64", "-j", "MASQUERADE")
+    meshagent(a, "intercept", "remove")
+    assert "-A POSTROUTING -s fd00:d0c::/64 -j MASQUERADE" in a.run("ip6tables-nft-save").stdout
+    assert "MESHAGENT" not in a.run("ip6tables-nft-save").stdout
+    assert "chain OUTPUT" not in a.run("nft", "list", "table", "ip6", "nat").stdout
