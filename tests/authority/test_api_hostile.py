@@ -380,3 +380,27 @@ def test_bad_requests_leave_the_authoritys_memory_where_it_was(authority: Author
             assert kinds[i % len(kinds)]().status_code in (400, 401, 404, 413)
     assert _rss_kib(authority) - before < 10 * 1024
     assert "Traceback" not in _log(authority)
+
+
+def test_an_unforeseen_failure_is_a_json_500_and_one_log_line(authority: AuthorityProcess) -> None:
+    """The registry replaced by junk under a running authority: the failure nobody wrote a
+    refusal for. The client gets `internal`, the log one line naming the exception type."""
+    from agent.authority.tokens import parse_token
+    from agent.identity.pki import generate_key, make_csr
+
+    secret = parse_token(authority.token()).secret
+    for name in ("registry.db", "registry.db-wal", "registry.db-shm"):
+        path = authority.directory / name
+        if path.exists():
+            path.write_bytes(b"not a database " * 512)
+    doc = {
+        "token_secret": secret,
+        "csr": make_csr(generate_key()).decode(),
+        "host_name": "h",
+        "addresses": [],
+    }
+    r = httpx.post(f"{authority.url}/v1/enroll", json=doc, verify=authority.tls)
+    _assert_refused(r, 500, "internal")
+    lines = [line for line in _log(authority).splitlines() if "request.failed" in line]
+    assert len(lines) == 1 and "error_type=" in lines[0], lines
+    assert "Traceback" not in _log(authority)
