@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import ssl
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,23 @@ def app_from_env() -> Contained:
 def current_limits() -> Limits:
     raw = os.environ.get(_LIMITS_ENV)
     return Limits(**json.loads(raw)) if raw else Limits()
+
+
+def limits_with(
+    header_timeout: float | None = None,
+    body_timeout: float | None = None,
+    idle_timeout: int | None = None,
+    max_connections: int | None = None,
+) -> Limits:
+    """The limits in force (defaults, or what a parent `serve` passed on) with the options the
+    command line gives (None: not given)."""
+    given: dict[str, Any] = {
+        "header_timeout": header_timeout,
+        "body_timeout": body_timeout,
+        "idle_timeout": idle_timeout,
+        "max_connections": max_connections,
+    }
+    return replace(current_limits(), **{name: value for name, value in given.items() if value is not None})
 
 
 class _Loop(uvloop.Loop):
