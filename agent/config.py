@@ -340,6 +340,11 @@ class OutboundSettings:
             if not str(doc["identity"]).startswith("spiffe://"):
                 raise ConfigError(f"{where}.identity must be a SPIFFE ID (spiffe://TD/ns/NS/sa/NAME)")
             ports = doc.get("ports", [])
+            if not isinstance(ports, list | tuple):
+                raise ConfigError(
+                    f"{where}.ports must be a list of port numbers, got {ports!r}",
+                    "a list, even of one port: ports = [5432]",
+                )
             for port in ports:
                 _check_port(port, f"{where}.ports")
             parsed.append(CatalogEntrySettings(cidr, str(doc["identity"]), tuple(ports)))
@@ -359,6 +364,42 @@ class AgentConfig:
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> file path or "env VAR"
 
 
+def _list_example(cls: type[Any], key: str, elem: Any) -> str:
+    """A TOML list that fits `cls.key`, for the hint of a scalar given where a list belongs."""
+    if elem is InboundPortPolicy:
+        return '[{port = 5432, policy = "all-authenticated"}]'
+    if elem is CatalogEntrySettings:
+        return '[{cidr = "10.96.0.0/12", identity = "spiffe://TD/ns/NS/sa/NAME", ports = [5432]}]'
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
+    if isinstance(default, tuple) and default:
+        return "[" + ", ".join(str(v) for v in default) + "]"
+    if elem is str:
+        return '["10.0.0.0/8"]'
+    if elem is int:
+        return "[0, 1000]"
+    return '[22, "8000-8100"]'
+
+
+def _list_hint(cls: type[Any], name: str, key: str, value: Any, origin: str) -> str:
+    elem = get_type_hints(cls)[key].__args__[0]
+    example = _list_example(cls, key, elem)
+    if isinstance(value, int) and not isinstance(value, bool) and elem in (int, PortSpec):
+        example = f"[{value}]"  # they meant one port: the same port, as a list
+    if origin.startswith("env "):
+        return f"a list, even of one item: {origin.removeprefix('env ')}='{example}'"
+    if elem is InboundPortPolicy:
+        return (
+            'write one table per port: [[inbound.ports]] port = 5432, policy = "all-authenticated"'
+            f" (or {key} = {example})"
+        )
+    if elem is CatalogEntrySettings:
+        return (
+            f"write one table per entry: [[outbound.catalog]] cidr = ..., identity = ..., ports = [...]"
+            f" (or {key} = {example})"
+        )
+    return f"a list, even of one item: {key} = {example}"
+
+
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     if kind is Path:
         if not isinstance(value, str):
@@ -374,20 +415,35 @@ def _coerce(value: Any, kind: Any, where: str) -> Any:
     return value
 
 
-def _section(cls: type[Any], doc: dict[str, Any], name: str, path: Path) -> Any:
+def _origin(name: str, key: str, path: Path, sources: dict[str, str]) -> str:
+    """Where `name.key` came from: `env VAR` or the file's path."""
+    source = sources.get(f"{name}.{key}", str(path))
+    return source if source.startswith("env ") else str(path)
+
+
+def _section(cls: type[Any], doc: dict[str, Any], name: str, path: Path, sources: dict[str, str]) -> Any:
     hints = get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in doc.items():
+        origin = _origin(name, key, path, sources)
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {name}.{close[0]}?" if close else f"known keys: {', '.join(sorted(known))}"
-            raise ConfigError(f"{path}: unknown key {name}.{key}", hint)
-        kwargs[key] = _coerce(value, hints[key], f"{path}: {name}.{key}")
+            raise ConfigError(f"{origin}: unknown key {name}.{key}", hint)
+        if getattr(hints[key], "__origin__", None) is tuple and not isinstance(value, list):
+            # A scalar where a list belongs (`ports = 22`) must not reach the checks that iterate.
+            raise ConfigError(
+                f"{origin}: {name}.{key} must be a list, got {type(value).__name__} {value!r}",
+                _list_hint(cls, name, key, value, origin),
+            )
+        kwargs[key] = _coerce(value, hints[key], f"{origin}: {name}.{key}")
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
+        # The check names the key; say whether the file or the environment gave it.
+        key = next((k for k in doc if f"{name}.{k}" in exc.message), "")
+        raise ConfigError(f"{_origin(name, key, path, sources)}: {exc.message}", exc.hint) from None
 
 
 ENV_PREFIX = "MESHAGENT_"
@@ -473,7 +529,7 @@ def load_config(
             if var in env:
                 merged.setdefault(name, {})[f.name] = _env_value(var, env[var])
                 sources[f"{name}.{f.name}"] = f"env {var}"
-    values = {name: _section(sections[name], doc, name, path) for name, doc in merged.items()}
+    values = {name: _section(sections[name], doc, name, path, sources) for name, doc in merged.items()}
     return AgentConfig(**values, source=path if raw is not None else None, sources=sources)
 
 

@@ -166,12 +166,6 @@ def test_any_environment_override_is_a_config_or_a_config_error(environ: dict[st
     load(b"", environ)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="found by this suite: a scalar where a list setting belongs escapes load_config as "
-    "TypeError (as defect 11 of #15); agent/config.py, fixed by daemon",
-)
 @pytest.mark.parametrize(
     ("data", "environ"),
     [

@@ -76,3 +76,48 @@ def test_a_bad_environment_value_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(tmp_path / "none.toml", environ={"MESHAGENT_PROXY_ON_STOP": "sometimes"})
     assert "proxy.on_stop" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "key", "origin", "fix"),
+    [
+        ("[inbound]\nports = false\n", {}, "inbound.ports", "agent.toml", "[[inbound.ports]]"),
+        ("[outbound]\ncatalog = 3\n", {}, "outbound.catalog", "agent.toml", "[[outbound.catalog]]"),
+        ("[proxy]\nskip_detect_ports = 1.5\n", {}, "proxy.skip_detect_ports", "agent.toml", "= [25"),
+        ("[intercept]\nssh_ports = 22\n", {}, "intercept.ssh_ports", "agent.toml", "ssh_ports = [22]"),
+        (
+            '[[outbound.catalog]]\ncidr = "10.0.0.0/8"\nidentity = "spiffe://td/x"\nports = 5432\n',
+            {},
+            "outbound.catalog[0].ports",
+            "agent.toml",
+            "list",
+        ),
+        ("", {"MESHAGENT_INBOUND_PORTS": "false"}, "inbound.ports", "env MESHAGENT_INBOUND_PORTS", "'[{"),
+        (
+            "",
+            {"MESHAGENT_INTERCEPT_SSH_PORTS": "2222"},
+            "intercept.ssh_ports",
+            "env MESHAGENT_INTERCEPT_SSH_PORTS",
+            "MESHAGENT_INTERCEPT_SSH_PORTS='[2222]'",
+        ),
+    ],
+    ids=[
+        "file-table-list",
+        "file-catalog",
+        "file-float",
+        "file-int",
+        "catalog-entry-ports",
+        "env-bool",
+        "env-int",
+    ],
+)
+def test_a_scalar_for_a_list_names_key_origin_and_fix(
+    tmp_path: Path, text: str, environ: dict[str, str], key: str, origin: str, fix: str
+) -> None:
+    f = tmp_path / "agent.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(f, environ=environ)
+    assert key in err.value.message
+    assert origin in err.value.message
+    assert fix in err.value.message + err.value.hint
