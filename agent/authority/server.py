@@ -12,9 +12,10 @@ import asyncio
 import errno
 import json
 import os
+import resource
 import socket
 import ssl
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,15 +38,22 @@ _DIR_ENV = "MESHAGENT_AUTHORITY_DIR"
 _LIMITS_ENV = "MESHAGENT_AUTHORITY_LIMITS"
 
 
+def default_max_connections() -> int:
+    """4,096, or fewer when the file limit is lower: the cap must bind before accept() fails for
+    want of descriptors (64 left for the registry, TLS files and logs)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(4096, soft - 64)) if soft != resource.RLIM_INFINITY else 4096
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Per worker process. Defaults suit hosts on a data-centre network and the default
-    `LimitNOFILE` of 1,024 (`max_connections` leaves room for the registry and TLS files)."""
+    """Per worker process. The timeouts suit hosts on a data-centre network."""
 
     header_timeout: float = 10.0  # TLS handshake, then a request's head (also after a response)
     body_timeout: float = 10.0  # a request's whole body once its head is in (then 408)
     idle_timeout: int = 5  # an idle keep-alive connection between requests
-    max_connections: int = 512  # past it the connection waiting longest for a head is closed
+    # Past it the connection waiting longest for a request head is closed.
+    max_connections: int = field(default_factory=default_max_connections)
 
 
 def app_from_env() -> Contained:
