@@ -26,9 +26,11 @@ _BAD_BODY = {
     "413": {**_ERROR, "description": "body_too_large: the body is over 64 KiB (65536 bytes)."},
 }
 
-# Any request: `internal` when the authority fails unforeseen (logged as one line, no details
-# to the client).
+# Any request: `invalid_request` when it is not HTTP/1.1, `head_too_large` past 32 KiB of
+# request line and headers, `internal` when the authority fails unforeseen (logged as one line,
+# no details to the client).
 _ALWAYS = {
+    "431": {**_ERROR, "description": "head_too_large: request line and headers over 32 KiB."},
     "500": {**_ERROR, "description": "internal: the authority failed; its log says why."},
 }
 
@@ -46,7 +48,10 @@ OPENAPI: dict[str, Any] = {
         "title": "meshagent authority",
         "version": __version__,
         "description": (
-            "Enrolls hosts into the mesh: join tokens for certificates, renewal by proof of possession."
+            "Enrolls hosts into the mesh: join tokens for certificates, renewal by proof of possession. "
+            "Bounds: bodies up to 64 KiB, request line and headers up to 32 KiB; a client has 10 s "
+            "(by default) for the TLS handshake and each request head, 10 s for a body, and an "
+            "idle connection is closed after 5 s. Every error is JSON {code, message, hint}."
         ),
     },
     "paths": {
@@ -59,7 +64,8 @@ OPENAPI: dict[str, Any] = {
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/AuthorityInfo"}}
                         },
-                    }
+                    },
+                    **_ALWAYS,
                 },
             }
         },
@@ -132,7 +138,8 @@ OPENAPI: dict[str, Any] = {
                                 }
                             }
                         },
-                    }
+                    },
+                    **_ALWAYS,
                 },
             }
         },
@@ -152,6 +159,7 @@ OPENAPI: dict[str, Any] = {
                             "host_revoked",
                             "body_too_large",
                             "request_timeout",
+                            "head_too_large",
                             "internal",
                         ],
                     },

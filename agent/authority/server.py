@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import json
+import logging
 import os
 import resource
 import socket
@@ -103,18 +104,42 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return _Loop()
 
 
-class _Shed:
-    """Counts connections closed for the connection cap; logs at most once per 10 s."""
+class _Throttled:
+    """A warning that a client can cause at will: counted, logged at most once per 10 s."""
 
-    count = 0
-    logged_at = float("-inf")
+    def __init__(self, event: str) -> None:
+        self.event = event
+        self.count = 0
+        self.logged_at = float("-inf")
 
-    @classmethod
-    def note(cls, now: float, limit: int) -> None:
-        cls.count += 1
-        if now - cls.logged_at >= 10:
-            log.warning("connections.shed", closed=cls.count, max_connections=limit)
-            cls.logged_at, cls.count = now, 0
+    def note(self, now: float, **fields: Any) -> None:
+        self.count += 1
+        if now - self.logged_at >= 10:
+            log.warning(self.event, count=self.count, **fields)
+            self.logged_at, self.count = now, 0
+
+
+_shed = _Throttled("connections.shed")
+_malformed = _Throttled("requests.malformed")
+
+# uvicorn's own messages (its parser warnings would be one unstructured line per bad request):
+# errors only, through meshagent's log format.
+_uvicorn_log = logging.getLogger("meshagent.authority.http")
+_uvicorn_log.setLevel(logging.ERROR)
+
+MAX_HEAD = 32 * 1024  # a request line and headers; the API's own need a few hundred bytes
+
+
+class _HeadTooLarge(Exception):
+    pass
+
+
+def _json_refusal(status: bytes, code: str, message: str, hint: str) -> bytes:
+    body = json.dumps({"code": code, "message": message, "hint": hint}).encode()
+    return (
+        b"HTTP/1.1 %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, len(body), body)
+    )
 
 
 class GuardedProtocol(HttpToolsProtocol):
@@ -128,9 +153,12 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.logger = _uvicorn_log
         self.limits = current_limits()
         self.deadline: asyncio.TimerHandle | None = None
         self.waiting_since: float | None = None  # loop time since it waits for a request head
+        self.head_bytes = 0
+        self.head_too_large = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -142,6 +170,46 @@ class GuardedProtocol(HttpToolsProtocol):
         self._disarm()
         self.waiting_since = None
         super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self.head_bytes = 0
+        super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def _count_head(self, n: int) -> None:
+        # (httptools sets no bound of its own: a head could grow for as long as it is sent)
+        self.head_bytes += n
+        if self.head_bytes > MAX_HEAD:
+            self.head_too_large = True
+            raise _HeadTooLarge  # the parser stops; uvicorn calls send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser's refusals, as JSON like every other error (uvicorn's are text)."""
+        if self.head_too_large:
+            answer = _json_refusal(
+                b"431 Request Header Fields Too Large",
+                "head_too_large",
+                f"the request line and headers are over {MAX_HEAD} bytes",
+                "the API's requests need a few hundred bytes of headers",
+            )
+        else:
+            answer = _json_refusal(
+                b"400 Bad Request",
+                "invalid_request",
+                "not a valid HTTP/1.1 request",
+                "speak HTTPS (HTTP/1.1) to this port; see /v1/openapi.json for the API",
+            )
+        _malformed.note(self.loop.time(), client=self.client[0] if self.client else "")
+        if not self.transport.is_closing():
+            self.transport.write(answer)
+        self.transport.close()
 
     def on_headers_complete(self) -> None:
         self.waiting_since = None
@@ -179,16 +247,13 @@ class GuardedProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         self.deadline = None
         if self.cycle is not None and not self.cycle.response_started and not self.transport.is_closing():
-            body = json.dumps(
-                {
-                    "code": "request_timeout",
-                    "message": f"the request body did not arrive within {self.limits.body_timeout:g} s",
-                    "hint": "send the whole body with the request",
-                }
-            ).encode()
             self.transport.write(
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
-                b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                _json_refusal(
+                    b"408 Request Timeout",
+                    "request_timeout",
+                    f"the request body did not arrive within {self.limits.body_timeout:g} s",
+                    "send the whole body with the request",
+                )
             )
         self.transport.close()  # the app's pending read then sees a disconnect
 
@@ -198,7 +263,7 @@ class GuardedProtocol(HttpToolsProtocol):
         ]
         victim = min(waiting, key=lambda c: c.waiting_since or 0.0) if waiting else self
         victim.transport.abort()  # now: a TLS close would wait for a peer that does not read
-        _Shed.note(self.loop.time(), self.limits.max_connections)
+        _shed.note(self.loop.time(), max_connections=self.limits.max_connections)
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -74,6 +74,30 @@ def _answered(sock: ssl.SSLSocket) -> bytes | None:
         sock.setblocking(True)
 
 
+HUNDRED_MB = 100 * 1024 * 1024
+
+
+def _stream_until_refused(
+    sock: ssl.SSLSocket, head: bytes, chunk: bytes, framed: bool = True
+) -> tuple[int, bytes | None]:
+    """Send `head`, then `chunk` (chunked if `framed`), up to 100 MB or until the server
+    answers or closes: (bytes sent, what was read of the answer). One buffer is reused: the
+    test never holds the 100 MB."""
+    sock.sendall(head)
+    data = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n" if framed else chunk
+    sent = 0
+    try:
+        while sent < HUNDRED_MB:
+            answer = _answered(sock)
+            if answer is not None:
+                return sent, answer
+            sock.sendall(data)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+        return sent, b""
+    return sent, None
+
+
 def _post(auth: AuthorityProcess, path: str, content: bytes) -> httpx.Response:
     return httpx.post(
         f"{auth.url}{path}",
@@ -147,28 +171,32 @@ def test_malformed_bodies_of_every_kind_are_json_400s(authority: AuthorityProces
     assert "Traceback" not in _log(authority)
 
 
+def test_what_is_not_http_is_a_json_400_and_a_huge_head_a_431(authority: AuthorityProcess) -> None:
+    for garbage in (
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\ncontent-length: -5\r\n\r\n",
+        b"GET /\x00 HTTP/1.1\r\n\r\n",
+    ):
+        with _connect(authority) as sock:
+            sock.sendall(garbage)
+            status, doc = _read_response(sock)
+        assert status == 400 and doc["code"] == "invalid_request" and doc["hint"], garbage
+    with _connect(authority) as sock:
+        # Headers without end, refused at 32 KiB: the sending stops at the answer or the close.
+        head = b"GET /healthz HTTP/1.1\r\nhost: x\r\n"
+        sent, answer = _stream_until_refused(sock, head, b"x-a: a\r\n" * 1000, framed=False)
+        try:
+            status, doc = _read_response(sock, answer or b"")
+        except OSError:
+            status, doc = 0, {}  # a reset may overtake the answer: the close is the refusal
+    assert sent < HUNDRED_MB // 2, "the authority kept reading the head"
+    assert status in (0, 431) and doc.get("code", "head_too_large") == "head_too_large"
+    log = _log(authority)
+    assert "Traceback" not in log and "Invalid HTTP request" not in log
+    assert log.count("requests.malformed") == 1  # one line for the lot (at most one per 10 s)
+
+
 # -- defect 7: the size check comes before the body is read ----------------------------------
-
-HUNDRED_MB = 100 * 1024 * 1024
-
-
-def _stream_until_refused(sock: ssl.SSLSocket, head: bytes, chunk: bytes) -> tuple[int, bytes | None]:
-    """Send `head`, then `chunk` chunked, up to 100 MB or until the server answers or closes:
-    (body bytes sent, what was read of the answer). One buffer is reused: the test never holds
-    the 100 MB."""
-    sock.sendall(head)
-    framed = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-    sent = 0
-    try:
-        while sent < HUNDRED_MB:
-            answer = _answered(sock)
-            if answer is not None:
-                return sent, answer
-            sock.sendall(framed)
-            sent += len(chunk)
-    except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
-        return sent, b""
-    return sent, None
 
 
 def test_a_declared_100_mb_body_is_refused_before_it_is_read(authority: AuthorityProcess) -> None:
