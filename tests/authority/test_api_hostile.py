@@ -282,7 +282,7 @@ def test_slow_headers_do_not_stop_enrollment(tmp_path: Path, monkeypatch: pytest
 
 
 def test_a_declared_but_unsent_body_is_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with _authority_with(tmp_path, monkeypatch, body_timeout=1, header_timeout=1) as auth:
+    with _authority_with(tmp_path, monkeypatch, body_timeout=1, header_timeout=1, idle_timeout=1) as auth:
         with _connect(auth, timeout=15) as sock:
             sock.sendall(b"POST /v1/enroll HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
             status, doc = _read_response(sock)
@@ -291,6 +291,12 @@ def test_a_declared_but_unsent_body_is_dropped(tmp_path: Path, monkeypatch: pyte
         # Half a head: closed without an answer.
         with _connect(auth, timeout=15) as sock:
             sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+            assert sock.recv(100) == b""
+        # An idle keep-alive connection, after its request: closed.
+        with _connect(auth, timeout=15) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            status, _ = _read_response(sock)
+            assert status == 200
             assert sock.recv(100) == b""
         # A silent TCP connection (no TLS hello) is dropped as well.
         host, port = auth.url.removeprefix("https://").rsplit(":", 1)
