@@ -50,7 +50,7 @@ def default_max_connections() -> int:
 class Limits:
     """Per worker process. The timeouts suit hosts on a data-centre network."""
 
-    header_timeout: float = 10.0  # TLS handshake, then a request's head (also after a response)
+    header_timeout: float = 10.0  # TLS handshake, then a request's head (kept alive: from its first byte)
     body_timeout: float = 10.0  # a request's whole body once its head is in (then 408)
     idle_timeout: int = 5  # an idle keep-alive connection between requests
     # Past it the connection waiting longest for a request head is closed.
@@ -224,7 +224,15 @@ class GuardedProtocol(HttpToolsProtocol):
         super().on_response_complete()
         idle = self.cycle is None or self.cycle.response_complete  # (not a pipelined next one)
         if idle and not self.transport.is_closing():
-            self._await_head()
+            # Kept alive: uvicorn's idle timer runs until the next request's first byte, the
+            # head's deadline from then (data_received).
+            self._disarm()
+            self.waiting_since = self.loop.time()
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiting_since is not None and self.deadline is None:
+            self._arm(self.limits.header_timeout, self._head_timed_out)
+        super().data_received(data)
 
     def _await_head(self) -> None:
         self.waiting_since = self.loop.time()

@@ -299,6 +299,14 @@ def test_a_declared_but_unsent_body_is_dropped(tmp_path: Path, monkeypatch: pyte
             status, _ = _read_response(sock)
             assert status == 200
             assert sock.recv(100) == b""
+        # Kept alive, then half of the next head: closed too (the idle timer stops at its first
+        # byte, the head's deadline runs from there).
+        with _connect(auth, timeout=15) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+            status, _ = _read_response(sock)
+            assert status == 200
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            assert sock.recv(100) == b""
         # A silent TCP connection (no TLS hello) is dropped as well.
         host, port = auth.url.removeprefix("https://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=15) as raw:
