@@ -43,6 +43,7 @@ STATUS = {
     "host_revoked": 403,
     "host_unknown": 403,
     "stale_certificate": 403,
+    "renewal_replayed": 403,
     "foreign_certificate": 403,
     "certificate_expired": 403,
     "possession_failed": 403,

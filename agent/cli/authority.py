@@ -141,9 +141,38 @@ def init_cmd(
     show_default=True,
     help="Worker processes sharing the port (they share the registry).",
 )
-def serve_cmd(directory: Path, listen: str, workers: int) -> None:
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a client has for the TLS handshake and for each request's head. [default: 10]",
+)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0.1, 3600),
+    help="Seconds a request's body may take once its head is in; then 408. [default: 10]",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(1, 3600),
+    help="Seconds an idle keep-alive connection is kept between requests. [default: 5]",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(1, 1_000_000),
+    help="Open connections per worker; past it the one waiting longest for a request is "
+    "closed. [default: 4096, or the file limit (LimitNOFILE) less 64 if lower]",
+)
+def serve_cmd(
+    directory: Path,
+    listen: str,
+    workers: int,
+    header_timeout: float | None,
+    body_timeout: float | None,
+    idle_timeout: int | None,
+    max_connections: int | None,
+) -> None:
     """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM)."""
-    from agent.authority.server import parse_listen, serve
+    from agent.authority.server import limits_with, parse_listen, serve
     from agent.logs import configure
 
     try:
@@ -151,7 +180,13 @@ def serve_cmd(directory: Path, listen: str, workers: int) -> None:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--listen") from None
     configure("info")
-    serve(directory, listen, workers)
+    limits = limits_with(
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        idle_timeout=idle_timeout,
+        max_connections=max_connections,
+    )
+    serve(directory, listen, workers, limits)
 
 
 @authority.command("prometheus-token")
