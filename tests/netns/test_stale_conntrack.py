@@ -17,6 +17,7 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,3 +247,43 @@ def test_cleanup_spares_live_excluded_and_nated_entries(hosts: tuple[Host, Host]
     assert live.stdin is not None
     live.stdin.close()
     assert live.wait(timeout=10) == 0
+
+
+@pytest.mark.parametrize(
+    ("side", "mode", "backend"),
+    [
+        ("client", "redirect", "nft"),
+        ("server", "redirect", "nft"),
+        ("server", "redirect", "iptables-nft"),
+        ("server", "tproxy", "nft"),
+        ("server", "tproxy", "iptables-nft"),
+    ],
+)
+def test_guard_alone(hosts: tuple[Host, Host], tmp_path: Path, side: str, mode: str, backend: str) -> None:
+    """A connection live while the rules went in keeps its entry (the cleanup never touches a
+    socket's); when both its sockets vanish later, nothing deletes the entry: the guard alone
+    refuses the next connection on that 4-tuple (inbound: the policy is never skipped). In
+    tproxy mode it also refuses what TPROXY could not take (no transparent listener: the agent
+    is down, rules kept) instead of letting it reach the app."""
+    a, b = hosts
+    meshed = a if side == "client" else b
+    settings: dict[str, Any] = {"inbound_mode": mode}
+    if mode == "tproxy":  # TPROXY needs a transparent listener
+        settings["inbound_port"] = 4144
+        transparent = start_who(b, "inbound-b", ":::4144", transparent=True)
+    cfg = write_config(
+        tmp_path / "agent.toml", backend=backend, proxy_user=PROXY_UID, proxy_mark=PROXY_MARK, **settings
+    )
+    live = hold(a, b.ip4, 45000)
+    state = meshagent_json(meshed, "intercept", "apply", "--config", str(cfg))
+    assert state["conntrack_cleared"] == []
+    vanish(a, b, 45000, live)
+    assert conntrack_state(meshed, 45000) == "ESTABLISHED"
+    reply = who(a, b.ip4, APP, sport=45000)
+    assert reply.get("role", "refused" if "error" in reply else "?") == "refused", reply
+    expected = "outbound-a" if side == "client" else "inbound-b"
+    assert who(a, b.ip4, APP).get("role") == expected, "other connections are captured as usual"
+    if mode == "tproxy":
+        transparent.terminate()
+        transparent.wait(timeout=10)
+        assert "error" in who(a, b.ip4, APP), "with the proxy down, tproxy fails closed"
