@@ -102,6 +102,8 @@ class AppliedState:
     """Stale conntrack entries of captured flows that were deleted (they would skip capture)."""
     conntrack_error: str = ""
     """Why the conntrack cleanup failed, if it did (the guard rule still refuses such flows)."""
+    conntrack_partial: bool = False
+    """The cleanup's time budget ran out first (the guard refuses what is left)."""
     applied_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,6 +117,7 @@ class AppliedState:
             "cleaned": list(self.cleaned),
             "conntrack_cleared": list(self.conntrack_cleared),
             "conntrack_error": self.conntrack_error,
+            "conntrack_partial": self.conntrack_partial,
             "applied_at": self.applied_at,
             "steps": [{"argv": list(s.argv), "what": s.what, "stdin": s.stdin} for s in self.steps],
         }
@@ -184,6 +187,7 @@ def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
         cleaned=tuple(cleaned),
         conntrack_cleared=cleared.deleted,
         conntrack_error=cleared.error,
+        conntrack_partial=cleared.partial,
     )
     log.info(
         "intercept.applied",

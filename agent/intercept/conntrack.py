@@ -6,23 +6,26 @@ was never redirected lets a later connection with the same 4-tuple skip the prox
 the rules are applied, `clear_stale(plan)` deletes such entries, each by its exact tuple:
 
 - TCP entries only, in the default zone, that nobody NATed (so never an entry we redirected,
-  never Docker's or kube-proxy's DNAT/masquerade);
+  never Docker's or kube-proxy's DNAT/masquerade), and not in TIME_WAIT (a new SYN replaces
+  such an entry, and capture sees it);
 - of a flow the plan captures: outbound from one of this host's addresses, or inbound to one,
   on a port and address the plan takes, with its exclusions (SSH, the admin port, the
   authority, skipped CIDRs and ports) honoured;
 - with no local socket: a live connection (opened before the rules, or the proxy's own) is
   never touched.
 
-Never a flush. Done over netlink with pyroute2 (already a dependency for policy routing; no
-`conntrack` binary on the host, no subprocess per entry, and the unit already allows
-AF_NETLINK). The guard rule (see `plan`) refuses what slips through in between; this keeps it
-from refusing connections needlessly. Pure selection (`stale`) is apart from the I/O.
+Never a flush; at most `BUDGET_S` seconds per apply. Done over netlink with pyroute2 (already
+a dependency for policy routing; no `conntrack` binary on the host, no subprocess per entry,
+and the unit already allows AF_NETLINK). The guard rule (see `plan`) refuses what slips
+through or is left when the budget runs out; this keeps it from refusing connections
+needlessly. Pure selection (`stale`) is apart from the I/O.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,10 @@ from .plan import (
 
 log = get_logger("meshagent.intercept")
 
+BUDGET_S = 3.0
+"""Longest the cleanup may take per apply."""
+CHUNK = 500
+"""Entries judged (against a fresh socket list) and deleted at a time while the dump goes on."""
 IPS_SRC_NAT = 1 << 4
 IPS_DST_NAT = 1 << 5
 _AF: dict[Family, int] = {4: socket.AF_INET, 6: socket.AF_INET6}
@@ -138,8 +145,8 @@ def stale(
     """
     out = []
     for flow in flows:
-        if flow.nat or flow.zone or flow.family not in plan.families:
-            continue
+        if flow.nat or flow.zone or flow.family not in plan.families or flow.state == "TIME_WAIT":
+            continue  # a SYN on a TIME_WAIT entry starts a new one, which capture sees
         if not captured(plan, flow, local):
             continue
         inbound = _local(flow.dst, local)
@@ -223,36 +230,55 @@ class Cleared:
 
     deleted: tuple[str, ...] = ()
     error: str = ""
+    partial: bool = False
+    """The time budget ran out before every entry was examined (the guard refuses the rest)."""
 
 
-def clear_stale(plan: Plan) -> Cleared:
+def clear_stale(plan: Plan, budget_s: float = BUDGET_S) -> Cleared:
     """Delete the stale conntrack entries of flows `plan` captures (call after applying it).
 
-    Never raises: the guard rule refuses what this misses, so a failure here is logged and
-    reported, and applying the rules still succeeds.
+    Bounded by `budget_s` (pyroute2 parses some 1,500 entries/s, so a host with tens of
+    thousands of entries would otherwise hold up the agent's start); what is left is the
+    guard's to refuse. Never raises: a failure is logged and reported, and applying the rules
+    still succeeds.
     """
     from pyroute2.conntrack import Conntrack
 
+    deadline = time.monotonic() + budget_s
     deleted: list[str] = []
+    partial = False
+
+    def sweep(ct: Any, chunk: dict[Flow, Any]) -> None:
+        sockets = local_sockets()  # after the chunk's dump: a listed entry's socket exists by now
+        for flow in stale(plan, chunk, local, sockets):
+            try:
+                ct.delete(chunk[flow])
+            except Exception as exc:  # gone meanwhile (ENOENT) is fine: that is the goal
+                if getattr(exc, "code", None) != 2:
+                    raise
+            deleted.append(str(flow))
+
     try:
         local = local_addresses()
         for family in plan.families:
-            found = dict(_flows(family))
-            sockets = local_sockets()  # after the dump: a listed entry's socket exists by now
-            doomed = stale(plan, found, local, sockets)
-            if not doomed:
-                continue
             with Conntrack(nfgen_family=_AF[family]) as ct:
-                for flow in doomed:
-                    try:
-                        ct.delete(found[flow])
-                    except Exception as exc:  # gone meanwhile (ENOENT) is fine: that is the goal
-                        if getattr(exc, "code", None) != 2:
-                            raise
-                    deleted.append(str(flow))
+                chunk: dict[Flow, Any] = {}
+                for flow, orig in _flows(family):
+                    chunk[flow] = orig
+                    if len(chunk) >= CHUNK:
+                        sweep(ct, chunk)
+                        chunk = {}
+                    if time.monotonic() > deadline:
+                        partial = True
+                        break
+                sweep(ct, chunk)
+            if partial:
+                break
     except Exception as exc:  # netlink or /proc failure: report, never fail the apply
         log.warning("intercept.conntrack_cleanup_failed", error=str(exc), deleted=len(deleted))
-        return Cleared(tuple(deleted), str(exc))
+        return Cleared(tuple(deleted), str(exc), partial)
+    if partial:
+        log.warning("intercept.conntrack_cleanup_partial", deleted=len(deleted), budget_s=budget_s)
     if deleted:
         log.info("intercept.conntrack_cleared", deleted=len(deleted), flows=",".join(deleted[:10]))
-    return Cleared(tuple(deleted))
+    return Cleared(tuple(deleted), partial=partial)

@@ -44,6 +44,8 @@ CASES = [
         id="ipv6-off",
     ),
     pytest.param({}, out(8080, nat=True), False, id="nated-by-anyone"),
+    pytest.param({}, out(8080, state="TIME_WAIT"), False, id="time-wait-is-replaced-by-a-new-syn"),
+    pytest.param({}, out(8080, state="CLOSE"), True, id="close-is-not"),
     pytest.param({}, out(8080, zone=3), False, id="other-zone"),
     pytest.param({}, out(22), False, id="ssh-out"),
     pytest.param({}, inn(22), False, id="ssh-in"),
