@@ -208,6 +208,10 @@ class ProxySettings:
     """How long connecting to a destination (or the local app) may take."""
     handshake_timeout_s: float = 10.0
     """How long a TLS handshake may take."""
+    max_handshakes: int = 128
+    """Inbound mTLS handshakes in progress at once (each holds ~130 KB of OpenSSL state until the
+    client finishes). More wait for a slot within handshake_timeout_s, up to 8 per slot; past
+    that a new connection is refused at once. Counted in /status under handshakes."""
     detect_timeout_s: float = 1.0
     """How long an inbound client may stay silent before it counts as plaintext (server-speaks-first)."""
     skip_detect_ports: tuple[int, ...] = (25, 587, 3306)
@@ -233,6 +237,10 @@ class ProxySettings:
         _float_range(self.drain_timeout_s, 0, 3600, "proxy.drain_timeout_s")
         _float_range(self.idle_timeout_s, 0, 7 * 86400, "proxy.idle_timeout_s")
         _float_range(self.refresh_interval_s, 1, 86400, "proxy.refresh_interval_s")
+        if not 1 <= self.max_handshakes <= 100000:
+            raise ConfigError(
+                f"proxy.max_handshakes must be between 1 and 100000, got {self.max_handshakes!r}"
+            )
         ports = tuple(self.skip_detect_ports)
         for port in ports:
             _check_port(port, "proxy.skip_detect_ports")

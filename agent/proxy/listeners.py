@@ -71,6 +71,8 @@ class ListenerSettings:
     http_accounting: bool = True
     """Detect HTTP/1 and HTTP/2 on connections and count requests (metrics); off: bytes and
     connections only."""
+    max_handshakes: int = 128
+    """Inbound mTLS handshakes in progress at once; more wait for a slot (see HandshakeGate)."""
 
 
 @dataclass
@@ -82,10 +84,72 @@ class ProxyStats:
     failures: Counter[str] = field(default_factory=Counter)
     last_errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     active: int = 0
+    # queued (waited for a slot), refused_over_limit (the wait line was full), timed_out_waiting
+    handshakes: Counter[str] = field(default_factory=Counter)
 
     def error(self, kind: str, **fields: Any) -> None:
         self.failures[kind] += 1
         self.last_errors.append({"at": time.time(), "kind": kind, **fields})
+
+
+# How many connections may wait for a handshake slot, per slot: past that the wait could not
+# end within a handshake deadline anyway, and each waiter holds a descriptor.
+WAITERS_PER_SLOT: Final = 8
+
+
+class HandshakeGate:
+    """At most `limit` inbound TLS handshakes at once.
+
+    A server-side handshake holds OpenSSL state (key share, buffers, ~130 KB) until the client
+    finishes or the deadline passes: 1,000 silent ClientHellos at once held 130 MB, which glibc
+    then kept. Over the limit a connection waits, FIFO, with its reading paused and its
+    ClientHello already read: a legitimate burst (clients reconnecting after a restart)
+    finishes its handshakes in milliseconds, so waiting gets it through where a refusal would
+    fail it. The wait counts toward the handshake deadline (from accept), and the line is
+    bounded (`WAITERS_PER_SLOT` per slot); a connection that finds it full is refused at once.
+    """
+
+    def __init__(self, limit: int, counts: Counter[str]) -> None:
+        self.limit = limit
+        self.active = 0
+        self.counts = counts
+        self.waiting: deque[_InboundDetect] = deque()
+        self.closed = False
+
+    def try_enter(self) -> bool:
+        if self.active < self.limit and not self.waiting:
+            self.active += 1
+            return True
+        return False
+
+    def wait(self, waiter: _InboundDetect) -> bool:
+        """Queue `waiter`; False when the line is full (the caller refuses the connection)."""
+        if len(self.waiting) >= self.limit * WAITERS_PER_SLOT:
+            self.counts["refused_over_limit"] += 1
+            return False
+        self.counts["queued"] += 1
+        self.waiting.append(waiter)
+        return True
+
+    def leave(self) -> None:
+        """A handshake ended: its slot goes to the first waiter still connected and in time."""
+        self.active -= 1
+        while self.waiting and not self.closed:
+            waiter = self.waiting.popleft()
+            if waiter.waiting:
+                self.active += 1
+                waiter.admitted()
+                return
+
+    def close(self) -> None:
+        """The proxy stops: waiters never get a slot."""
+        self.closed = True
+        while self.waiting:
+            self.waiting.popleft().expire(count=False)
+
+    def status(self) -> dict[str, int]:
+        waiting = sum(1 for w in self.waiting if w.waiting)
+        return {"limit": self.limit, "active": self.active, "waiting": waiting, **self.counts}
 
 
 def _set_mark(sock: socket.socket, mark: int) -> None:
@@ -115,6 +179,8 @@ class Proxy:
         self._legs: set[Leg] = set()
         self._drained = asyncio.Event()  # set when the last connection closes
         self.listening: dict[str, Address] = {}
+        self.handshakes = HandshakeGate(settings.max_handshakes, self.stats.handshakes)
+        self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -169,6 +235,7 @@ class Proxy:
         """Stop accepting, let open connections finish for up to `drain_timeout_s`, then close."""
         for server in self._servers:
             server.close()
+        self.handshakes.close()
         if self._legs:
             self._drained.clear()
             with contextlib.suppress(TimeoutError):
@@ -191,6 +258,17 @@ class Proxy:
     def track(self, leg: Leg) -> None:
         self._legs.add(leg)
         leg.on_closed = self._closed
+        if len(self._legs) > self._peak_legs:
+            self._peak_legs = len(self._legs)
+
+    def take_peak(self) -> int:
+        """Sockets (legs) open at once at the most since the last call; then starts again."""
+        peak, self._peak_legs = max(self._peak_legs, len(self._legs)), len(self._legs)
+        return peak
+
+    @property
+    def open_legs(self) -> int:
+        return len(self._legs)
 
     def _closed(self, leg: Leg, exc: BaseException | None) -> None:
         self._legs.discard(leg)
@@ -363,9 +441,12 @@ class _InboundDetect(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.orig: Address = ("", 0)
         self.done = False
+        self.waiting = False  # for a handshake slot
+        self.accepted_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's, not a subclass
+        self.accepted_at = asyncio.get_running_loop().time()
         sock = transport.get_extra_info("socket")
         try:
             host, port = self.proxy.orig_dst(sock)
@@ -410,6 +491,10 @@ class _InboundDetect(asyncio.Protocol):
         self._dispatch(result if isinstance(result, Detected) else Detected(Protocol.OPAQUE))
 
     def eof_received(self) -> bool:
+        if self.waiting:  # the client left while it waited for a handshake slot
+            self.proxy.stats.handshakes["left_waiting"] += 1
+            self.expire(count=False)
+            return False
         if not self.done:
             self._dispatch(Detected(Protocol.OPAQUE))
         return True
@@ -418,6 +503,41 @@ class _InboundDetect(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         self.done = True
+        self.waiting = False  # the gate skips it
+
+    def admitted(self) -> None:
+        """A handshake slot is ours: start the handshake in what is left of the deadline."""
+        self.waiting = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        assert self.transport is not None
+        self.transport.resume_reading()
+        self._start_mtls()
+
+    def expire(self, count: bool = True) -> None:
+        """No slot within the handshake deadline (or the proxy stops): close the connection."""
+        if not self.waiting:
+            return
+        self.waiting = False
+        self.timer = None
+        if count:
+            self.proxy.stats.handshakes["timed_out_waiting"] += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _start_mtls(self) -> None:
+        proxy, transport = self.proxy, self.transport
+        assert transport is not None
+        waited = asyncio.get_running_loop().time() - self.accepted_at
+        timeout = max(0.1, proxy.settings.handshake_timeout_s - waited)
+        tls = TlsLeg(proxy.credentials.server, server_side=True)
+        proxy.track(tls)
+        transport.set_protocol(tls)
+        tls.connection_made(transport)
+        tls.data_received(self.buffer)
+        self.buffer = b""
+        proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport), timeout), "inbound-mtls")
 
     def _dispatch(self, detected: Detected) -> None:
         if self.done or self.transport is None:
@@ -428,12 +548,18 @@ class _InboundDetect(asyncio.Protocol):
         proxy, transport = self.proxy, self.transport
         our_name = proxy.credentials.identity.workload.dns_name
         if detected.protocol is Protocol.TLS and detected.sni == our_name:
-            tls = TlsLeg(proxy.credentials.server, server_side=True)
-            proxy.track(tls)
-            transport.set_protocol(tls)
-            tls.connection_made(transport)
-            tls.data_received(self.buffer)
-            proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport)), "inbound-mtls")
+            if proxy.handshakes.try_enter():
+                self._start_mtls()
+            elif proxy.handshakes.wait(self):
+                self.waiting = True
+                transport.pause_reading()
+                left = proxy.settings.handshake_timeout_s - (
+                    asyncio.get_running_loop().time() - self.accepted_at
+                )
+                self.timer = asyncio.get_running_loop().call_later(max(0.0, left), self.expire)
+            else:
+                proxy.refuse("inbound", "handshakes_over_limit", peer=_peer(transport), port=self.orig[1])
+                transport.abort()
             return
         decision = proxy.policy.authorize(self.orig[1], None)
         if detected.protocol is Protocol.TLS:
@@ -497,13 +623,15 @@ def _denied(proxy: Proxy, key: str) -> None:
         proxy.metrics.authz_deny.child(key).value += 1
 
 
-async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str) -> None:
+async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str, deadline_s: float) -> None:
     try:
-        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), proxy.settings.handshake_timeout_s)
-    except (TimeoutError, OSError, asyncio.CancelledError) as exc:
-        proxy.stats.error("inbound_tls_handshake", peer=peer, reason=_tls_reason(exc))
-        proxy.tls_failed("inbound", exc)
-        log.warning("tls.handshake_failed", direction="inbound", peer=peer, reason=_tls_reason(exc))
+        failure = await _handshake(tls, deadline_s)
+    finally:
+        proxy.handshakes.leave()
+    if failure is not None:
+        proxy.stats.error("inbound_tls_handshake", peer=peer, reason=_tls_reason(failure))
+        proxy.tls_failed("inbound", failure)
+        log.warning("tls.handshake_failed", direction="inbound", peer=peer, reason=_tls_reason(failure))
         tls.abort()
         return
     client_id = peer_spiffe_id(tls.peer_cert)
@@ -599,11 +727,13 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
     tls = TlsLeg(proxy.credentials.client, server_side=False, server_hostname=entry.server_name)
     try:
         await proxy.connect(orig, tls)
-        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), proxy.settings.handshake_timeout_s)
-    except (OSError, TimeoutError, asyncio.CancelledError) as exc:
-        reason = _tls_reason(exc)
+        failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
+    except (OSError, TimeoutError) as exc:
+        failure = exc.with_traceback(None)
+    if failure is not None:
+        reason = _tls_reason(failure)
         proxy.stats.error("outbound_tls", dst=dst, server_id=entry.identity, reason=reason)
-        proxy.tls_failed("outbound", exc)
+        proxy.tls_failed("outbound", failure)
         log.warning(
             "tls.handshake_failed", direction="outbound", dst=dst, server_id=entry.identity, reason=reason
         )
@@ -622,6 +752,15 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry |
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls"] += 1
     app.pair(tls)
+
+
+async def _handshake(tls: TlsLeg, deadline_s: float) -> BaseException | None:
+    """Wait for `tls`'s handshake: None when done, else why it failed (a value, no traceback)."""
+    try:
+        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), deadline_s)
+    except TimeoutError:
+        return TimeoutError("handshake timed out")
+    return tls.handshake_error
 
 
 def _tls_reason(exc: BaseException) -> str:

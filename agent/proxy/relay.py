@@ -264,10 +264,15 @@ class TlsLeg(Leg):
         self.handshake_waiter.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
-        self.handshake_error = exc
+        """The handshake failed: `handshake_error` says why and the waiter completes. The error
+        is a value, never raised at the waiter and kept without its traceback: a traceback's
+        frames hold this leg, a cycle that kept each failed handshake's OpenSSL state (~130 KB)
+        alive until the cyclic GC ran, so a flood of silent clients piled them up."""
+        if self.handshake_error is None:
+            self.handshake_error = exc.with_traceback(None)
+            exc.__context__ = exc.__cause__ = None
         if not self.handshake_waiter.done():
-            self.handshake_waiter.set_exception(exc)
-            self.handshake_waiter.exception()  # retrieved: the listener reports it, not asyncio
+            self.handshake_waiter.set_result(None)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 

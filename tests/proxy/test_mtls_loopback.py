@@ -60,6 +60,8 @@ class World:
         server_name: str = DB_NAME,
         idle_timeout_s: float = 3600.0,
         detect_timeout_s: float = 1.0,
+        max_handshakes: int = 128,
+        handshake_timeout_s: float = 10.0,
     ) -> tuple[Proxy, Proxy]:
         b = Proxy(
             ListenerSettings(
@@ -67,6 +69,8 @@ class World:
                 outbound=("127.0.0.1", 0),
                 idle_timeout_s=idle_timeout_s,
                 detect_timeout_s=detect_timeout_s,
+                max_handshakes=max_handshakes,
+                handshake_timeout_s=handshake_timeout_s,
             ),
             Credentials.load(IdentityStore(self.tmp / "b")),
             policy or InboundPolicy(),
@@ -386,3 +390,95 @@ def test_all_authenticated_refuses_another_trust_domain_of_the_same_issuer(tmp_p
         server.close()
 
     run(tmp_path, body)
+
+
+def _client_hello(tmp: Path) -> bytes:
+    """A real ClientHello for b's name (b terminates it and waits for the client's answer)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = Credentials.load(IdentityStore(tmp / "a")).client
+    tls = client.wrap_bio(incoming, outgoing, server_side=False, server_hostname=DB_NAME)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def test_a_burst_over_the_handshake_limit_waits_and_gets_through(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port, max_handshakes=2)
+        port = a.listening["outbound"][1]
+        # 2 in handshakes and 16 waiting (8 per slot): none refused
+        results = await asyncio.gather(*(request(port, f"req-{i}".encode()) for i in range(18)))
+        assert results == [f"echo:req-{i}".encode() for i in range(18)]
+        assert b.stats.handshakes["queued"] > 0
+        assert b.handshakes.status()["active"] == 0
+        assert not b.stats.refused
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
+
+
+def test_silent_client_hellos_hold_at_most_the_limit_and_a_full_line_is_refused(tmp_path: Path) -> None:
+    """limit 1: one silent handshake, 8 waiting (8 per slot), the 10th refused at once; a
+    waiter whose deadline passes is closed and counted."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        _, b = await world.start(app_port, max_handshakes=1, handshake_timeout_s=1.0)
+        hello = _client_hello(world.tmp)
+        loop = asyncio.get_running_loop()
+        socks = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", b.listening["inbound"][1]))
+            sock.sendall(hello)
+            socks.append(sock)
+            await asyncio.sleep(0.02)  # in order: b reads each before the next
+        status = b.handshakes.status()
+        assert (status["active"], status["waiting"]) == (1, 8), status
+        assert b.stats.refused["inbound:handshakes_over_limit"] == 1
+        socks[-1].setblocking(False)
+        assert await asyncio.wait_for(loop.sock_recv(socks[-1], 1), 2) == b""  # closed at once
+        await asyncio.sleep(1.3)  # every deadline (1 s from accept) has passed
+        status = b.handshakes.status()
+        assert (status["active"], status["waiting"]) == (0, 0), status
+        assert status["timed_out_waiting"] >= 1
+        for sock in socks:
+            sock.close()
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
+
+
+def test_a_failed_handshake_frees_its_tls_state_at_once(tmp_path: Path) -> None:
+    """A failed handshake's error is a value without a traceback: no reference cycle keeps the
+    leg (and its OpenSSL state) alive until the cyclic GC, which a flood outran (130 MB)."""
+    import gc
+
+    from agent.proxy.relay import TlsLeg
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        _, b = await world.start(app_port)
+        hello = _client_hello(world.tmp)
+        gc.collect()
+        gc.disable()
+        try:
+            loop = asyncio.get_running_loop()
+            for _ in range(20):
+                with socket.create_connection(("127.0.0.1", b.listening["inbound"][1])) as sock:
+                    sock.sendall(hello)
+                    sock.setblocking(False)
+                    await asyncio.wait_for(loop.sock_recv(sock, 1), 5)  # b's handshake state exists
+            for _ in range(50):
+                if b.stats.failures["inbound_tls_handshake"] == 20:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            alive = sum(1 for o in gc.get_objects() if isinstance(o, TlsLeg))
+        finally:
+            gc.enable()
+        assert b.stats.failures["inbound_tls_handshake"] == 20
+        assert alive == 0
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
