@@ -46,6 +46,7 @@ from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
 from agent.tasks import Supervisor
 from agent.telemetry.admin import AdminLimits, AdminServer, Handler, Reply, json_reply, start_admin
+from agent.telemetry.agent_metrics import render_agent
 from agent.telemetry.process import render_process, return_free_memory, rss_bytes
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
@@ -444,6 +445,7 @@ class Daemon:
         lines: list[str] = []
         if self.metrics is not None and self.proxy is not None:
             lines.extend(self.metrics.render(self.proxy.live_legs()))
+        lines.extend(render_agent(self.status()))
         lines.extend(render_process())
         return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
 

@@ -19,7 +19,7 @@ from agent.identity.certinfo import utcnow
 from agent.identity.rotation import Rotator, renewal_time
 from agent.identity.store import IdentityStore, StoredIdentity
 
-from .output import emit_json, human_duration, progress, rfc3339
+from .output import emit_json, human_duration, printable, progress, rfc3339
 
 
 def _store(state_dir: Path | None, config: Path | None) -> IdentityStore:
@@ -112,30 +112,95 @@ def _daemon_status(config: Path | None) -> dict[str, Any] | None:
 
 
 def _print_daemon(doc: dict[str, Any] | None) -> None:
+    for line in daemon_lines(doc):
+        click.echo(line)
+
+
+def _task_order(item: tuple[str, dict[str, Any]]) -> tuple[int, int, str]:
+    """Failing tasks first (most failures in a row first), then ones that failed before."""
+    name, task = item
+    return (-int(task.get("failing") or 0), -int(task.get("failures") or 0), name)
+
+
+def _task_line(name: str, task: dict[str, Any]) -> str:
+    failing, failures = int(task.get("failing") or 0), int(task.get("failures") or 0)
+    text = f"{name}  {task.get('state', '?')}"
+    if failing:
+        text += f", FAILING {failing} in a row ({failures} in all)"
+        if task.get("retry_in_s") is not None:
+            text += f", retry in {task['retry_in_s']} s"
+    elif failures:
+        text += f", {failures} failures before, recovered"
+    if task.get("last_error") and (failing or task.get("state") == "failed"):
+        text += f": {printable(task['last_error'])}"
+    return text
+
+
+def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
+    """The running agent's part of `meshagent status`, one line per fact (values from the
+    agent and the authority are printed with control characters made visible)."""
     if doc is None:
-        click.echo("agent         not running (no answer on the admin port)")
-        return
+        return ["agent         not running (no answer on the admin port)"]
+    lines = []
     rules = doc.get("rules") or {}
     conns = doc.get("connections") or {}
-    state = "ready" if doc.get("ready") else "NOT READY: " + "; ".join(doc["not_ready_reasons"])
-    click.echo(f"agent         {state}")
-    click.echo(
+    reasons = "; ".join(printable(r) for r in doc.get("not_ready_reasons") or [])
+    lines.append(f"agent         {'ready' if doc.get('ready') else 'NOT READY: ' + reasons}")
+    lines.append(
         f"rules         {rules.get('backend', '-')} {rules.get('inbound_mode', '')} "
         f"{rules.get('rules', 0)} rules"
         if rules
         else "rules         none applied"
     )
-    click.echo(f"listeners     {', '.join(f'{k} {v}' for k, v in (doc.get('listeners') or {}).items())}")
+    lines.append(f"listeners     {', '.join(f'{k} {v}' for k, v in (doc.get('listeners') or {}).items())}")
     catalog = doc.get("catalog") or {}
-    click.echo(f"catalog       {catalog.get('entries', 0)} entries from {catalog.get('source', '-')}")
-    click.echo(
+    rejected = catalog.get("rejected") or []
+    lines.append(
+        f"catalog       {catalog.get('entries', 0)} entries from {catalog.get('source', '-')}"
+        + (f"; {catalog.get('rejected_count', len(rejected))} REJECTED (left out)" if rejected else "")
+    )
+    for bad in rejected[:10]:
+        raw = bad.get("entry")
+        entry = printable(raw if isinstance(raw, str) else json.dumps(raw, sort_keys=True))
+        lines.append(f"  rejected    {printable(bad.get('where'))} {entry}: {printable(bad.get('reason'))}")
+    if len(rejected) > 10:
+        lines.append(f"  rejected    ... {len(rejected) - 10} more (meshagent status --json)")
+    tasks: dict[str, dict[str, Any]] = doc.get("tasks") or {}
+    if tasks:
+        failing = sum(1 for t in tasks.values() if t.get("failing"))
+        lines.append(f"tasks         {len(tasks)}" + (f", {failing} FAILING" if failing else ", all healthy"))
+        for name, task in sorted(tasks.items(), key=_task_order):
+            lines.append(f"  task        {_task_line(printable(name), task)}")
+    admin = doc.get("admin") or {}
+    if admin:
+        lines.append(
+            f"admin         {admin.get('open', 0)} open (cap {admin.get('max_connections', '-')}); "
+            f"accepted {admin.get('accepted', 0)}, evicted idle {admin.get('evicted_idle', 0)}, "
+            f"refused over cap {admin.get('refused_over_limit', 0)}, timed out {admin.get('timed_out', 0)}"
+        )
+    shakes = doc.get("handshakes") or {}
+    if shakes:
+        lines.append(
+            f"handshakes    {shakes.get('active', 0)} in progress (limit {shakes.get('limit', '-')}), "
+            f"{shakes.get('waiting', 0)} waiting; queued {shakes.get('queued', 0)}, "
+            f"refused {shakes.get('refused_over_limit', 0)}, "
+            f"timed out waiting {shakes.get('timed_out_waiting', 0)}"
+        )
+    lines.append(
         f"connections   {conns.get('open', 0)} open; refused {sum((conns.get('refused') or {}).values())}; "
         f"failures {sum((conns.get('failures') or {}).values())}"
     )
+    memory = doc.get("memory") or {}
+    if memory:
+        lines.append(
+            f"memory        {memory.get('rss_mb', '-')} MB resident; "
+            f"given back {memory.get('trims', 0)} times"
+        )
     if "http_accounting" in doc:  # off, compiled, or python (the extension was not built)
-        click.echo(f"http counting {doc['http_accounting']}")
+        lines.append(f"http counting {doc['http_accounting']}")
     for error in (doc.get("last_errors") or [])[-3:]:
-        click.echo(f"last error    {error}")
+        lines.append(f"last error    {printable(error)}")
+    return lines
 
 
 def _read_token(token: str | None, token_file: Path | None) -> str:

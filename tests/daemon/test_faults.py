@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.conftest import running_agent
-from tests.support import AuthorityProcess
+from tests.support import AuthorityProcess, run_cli
 
 from .conftest import enroll
 
@@ -57,6 +57,15 @@ def test_refresh_survives_a_read_only_state_dir_and_says_so(
             assert "task directory-refresh" in body and "Read-only file system" in body
             assert any(e["kind"] == "directory-refresh" for e in status["last_errors"])
             assert "task.failed" in agent.log.read_text()
+            # The operator sees it without --json, failing task first, and Prometheus too.
+            shown = run_cli("status", "--state-dir", str(state), "--config", str(tmp_path / "agent.toml"))
+            tasks = [line for line in shown.stdout.splitlines() if line.startswith("  task")]
+            assert "directory-refresh" in tasks[0] and "FAILING" in tasks[0], shown.stdout
+            assert "Read-only file system" in tasks[0]
+            assert "\nadmin " in shown.stdout
+            metrics = agent.get("/metrics")[1]
+            assert 'meshagent_task_failing{task="directory-refresh"}' in metrics
+            assert "meshagent_ready 0" in metrics
         finally:
             _remount(tmpfs, "rw")
         # The task was retried, not lost: it recovers on its own once the disk is writable.

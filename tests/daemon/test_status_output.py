@@ -1,0 +1,80 @@
+"""What `meshagent status` prints and /metrics exports of the agent's own health: failing tasks
+first, rejected directory entries, the admin port's and handshakes' counters."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from pathlib import Path
+
+from agent.cli.identity import daemon_lines
+from agent.config import AgentConfig, IdentitySettings
+from agent.daemon import Daemon
+from agent.errors import StateError
+
+CLIENT = "spiffe://cluster.local/ns/shop/sa/web"
+GOOD = {"cidr": "198.18.0.20/32", "ports": [5432], "identity": CLIENT, "server_name": "web.shop"}
+BAD = {"cidr": "not-an-ip\x1b[2J/32", "ports": [], "identity": CLIENT, "server_name": "x"}
+SAMPLE = re.compile(r'^[a-z_]+(\{[a-z_]+="[^"\\]*"(,[a-z_]+="[^"\\]*")*\})? -?[0-9.e+]+$')
+
+
+def daemon_with_a_failing_task(tmp_path: Path) -> Daemon:
+    daemon = Daemon(AgentConfig(identity=IdentitySettings(state_dir=tmp_path)))
+    daemon._directory({"catalog": [BAD, GOOD], "policy": {}})
+
+    calls = 0
+    third = asyncio.Event()
+
+    async def failing() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            third.set()
+        raise StateError("cannot write the directory cache: Read-only file system", code="state_unwritable")
+
+    async def fine() -> None:
+        await daemon.stop_event.wait()
+
+    async def main() -> None:
+        daemon.tasks.base_s = 0.01
+        daemon.tasks.start("alpha", fine)
+        daemon.tasks.start("directory-refresh", failing)
+        await third.wait()
+        await asyncio.sleep(0)  # the supervisor records the third failure
+        daemon.stop_event.set()
+        await daemon.tasks.stop()
+
+    asyncio.run(main())
+    return daemon
+
+
+def test_status_shows_failing_tasks_first_and_rejected_entries(tmp_path: Path) -> None:
+    daemon = daemon_with_a_failing_task(tmp_path)
+    lines = daemon_lines(daemon.status())
+    text = "\n".join(lines)
+    assert lines[0].startswith("agent         NOT READY: ")
+    assert "task directory-refresh: failed 3 times in a row" in lines[0]
+    assert "entries from local; 1 REJECTED (left out)" in text
+    rejected = next(line for line in lines if line.startswith("  rejected"))
+    assert "catalog[0]" in rejected and "not-an-ip" in rejected
+    assert "\x1b" not in text and "\\x1b[2J" in rejected  # the authority's bytes made visible
+    tasks = [line for line in lines if line.startswith("  task")]
+    assert tasks[0].startswith("  task        directory-refresh  ")
+    assert "FAILING 3 in a row" in tasks[0] and "Read-only file system" in tasks[0]
+    assert tasks[1].startswith("  task        alpha  ") and "FAILING" not in tasks[1]
+
+
+def test_metrics_export_rejected_entries_and_task_failures(tmp_path: Path) -> None:
+    daemon = daemon_with_a_failing_task(tmp_path)
+    body = daemon._metrics({}).body.decode()
+    samples = [line for line in body.splitlines() if line and not line.startswith("#")]
+    assert all(SAMPLE.match(line) for line in samples), [s for s in samples if not SAMPLE.match(s)]
+    assert "meshagent_directory_rejected_entries 1" in samples
+    failures = next(
+        s for s in samples if s.startswith('meshagent_task_failures_total{task="directory-refresh"}')
+    )
+    assert int(failures.split()[1]) >= 3
+    assert 'meshagent_task_failing{task="directory-refresh"} 3' in samples
+    assert 'meshagent_task_failures_total{task="alpha"} 0' in samples
+    assert "meshagent_ready 0" in samples
+    assert "# TYPE meshagent_task_failures_total counter" in body
