@@ -163,6 +163,8 @@ class Daemon:
             on_failure=self.state.error,
         )
         self.started_at = time.time()
+        self.started = False  # True once ready: SIGHUP reloads only then
+        self.drain_cut = asyncio.Event()  # a second stop signal: end the drain now
 
     # --- directory (catalog + policy) ----------------------------------------------------
 
@@ -259,8 +261,10 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_event.set)
+            loop.add_signal_handler(sig, self._stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, lambda: self.spawn_reload())
+        if _EARLY_STOP:  # a SIGTERM/SIGINT that came before the loop's handlers
+            self._stop_signal(_EARLY_STOP[0])
 
         nofile = raise_nofile_limit()
         self.credentials = await asyncio.to_thread(Credentials.load, self.store)
@@ -290,7 +294,9 @@ class Daemon:
             raise listen_error("admin server", "intercept.admin_port", admin_host, admin_port, exc) from None
 
         intercept = self.config.intercept
-        if intercept.enabled:
+        if self.stop_event.is_set():  # asked to stop while starting: no rules to apply, then remove
+            log.info("daemon.stopping_before_ready", stage="before intercept rules")
+        elif intercept.enabled:
             plan = self._plan()
             backend = detect_backend(intercept.backend)
             self.state.rules = await asyncio.to_thread(apply_plan, plan, backend)
@@ -306,6 +312,7 @@ class Daemon:
         if watchdog:
             self.tasks.start("watchdog", lambda: self._watchdog(watchdog))
         ident = self.credentials.identity
+        self.started = True
         notify("READY=1", f"STATUS=serving as {ident.workload.spiffe_id}")
         log.info(
             "daemon.ready",
@@ -321,7 +328,7 @@ class Daemon:
         log.info("daemon.stopping", on_stop=self.config.proxy.on_stop)
         if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
             await asyncio.to_thread(remove_all)
-        await self.proxy.stop(self.config.proxy.drain_timeout_s)
+        await self.proxy.stop(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
         if self.admin is not None:
             self.admin.close()
         await self.tasks.stop()
@@ -330,7 +337,28 @@ class Daemon:
 
     # --- SIGHUP: reload the config without dropping a connection ------------------------
 
+    def _stop_signal(self, sig: int) -> None:
+        """The first SIGTERM/SIGINT stops the agent (rules, then a drain); one more while it
+        stops cuts the drain short: open connections are closed and the agent exits at once."""
+        name = signal.Signals(sig).name
+        if not self.stop_event.is_set():
+            log.info("daemon.signal", signal=name, action="stop")
+            self.stop_event.set()
+        elif not self.drain_cut.is_set():
+            log.warning("daemon.signal", signal=name, action="cut the drain short, close open connections")
+            self.drain_cut.set()
+
     def spawn_reload(self) -> None:
+        """SIGHUP: reload, once the agent is up and until it stops (a reload while stopping
+        could apply rules again after they were removed; one while starting has nothing to
+        reload yet: the config was just read)."""
+        if self.stop_event.is_set() or not self.started:
+            log.warning(
+                "reload.ignored",
+                reason="the agent is stopping" if self.stop_event.is_set() else "the agent is still starting",
+                hint="send SIGHUP again once the agent is ready",
+            )
+            return
         self.tasks.once("reload", self.reload())
 
     async def reload(self) -> None:
@@ -559,8 +587,19 @@ def _orig_dst(sock: Any) -> tuple[str, int]:
     return dst.host, dst.port
 
 
+# SIGTERM/SIGINT that arrive after run_daemon starts but before the loop's handlers exist.
+_EARLY_STOP: list[int] = []
+
+
+def _early_signal(sig: int, _frame: object) -> None:
+    if sig != signal.SIGHUP:  # SIGHUP this early: nothing to reload yet
+        _EARLY_STOP.append(sig)
+
+
 def run_daemon(config: AgentConfig) -> int:
     """Run until SIGTERM on uvloop; returns the exit code."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _early_signal)
     try:
         import uvloop
 

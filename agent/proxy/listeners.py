@@ -231,15 +231,20 @@ class Proxy:
                 seen[leg] = (leg.rx, leg.tx, since)
             last = seen
 
-    async def stop(self, drain_timeout_s: float = 10.0) -> None:
-        """Stop accepting, let open connections finish for up to `drain_timeout_s`, then close."""
+    async def stop(self, drain_timeout_s: float = 10.0, cut: asyncio.Event | None = None) -> None:
+        """Stop accepting, let open connections finish for up to `drain_timeout_s` (or until
+        `cut` is set), then close."""
         for server in self._servers:
             server.close()
         self.handshakes.close()
         if self._legs:
             self._drained.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._drained.wait(), drain_timeout_s)
+            waits = [asyncio.ensure_future(self._drained.wait())]
+            if cut is not None:
+                waits.append(asyncio.ensure_future(cut.wait()))
+            _done, pending = await asyncio.wait(waits, timeout=drain_timeout_s, return_when="FIRST_COMPLETED")
+            for waiter in pending:
+                waiter.cancel()
         for leg in list(self._legs):
             leg.abort()
         for task in list(self._tasks):
