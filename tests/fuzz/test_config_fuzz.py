@@ -5,17 +5,15 @@ so do the environment overrides (MESHAGENT_<SECTION>_<KEY>)."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import tempfile
-import tomllib
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from agent.config import AgentConfig, _sections, env_name, load_config
@@ -100,38 +98,6 @@ def documents(draw: st.DrawFn) -> bytes:
     return text
 
 
-# Found by this suite: a list setting given a scalar that is not iterable (`ports = false`,
-# MESHAGENT_INBOUND_PORTS=3) escapes load_config as TypeError. Kept out of the properties below
-# (they would find nothing else) and pinned by an xfail test until agent/config.py is fixed.
-LIST_SETTINGS = {("inbound", "ports"), ("outbound", "catalog"), ("proxy", "skip_detect_ports")}
-
-
-def scalar_for_a_list(doc: dict[str, Any]) -> bool:
-    return any(
-        isinstance(doc.get(section), dict)
-        and key in doc[section]
-        and isinstance(doc[section][key], bool | int | float | date | time | datetime)
-        for section, key in LIST_SETTINGS
-    )
-
-
-def file_doc(data: bytes) -> dict[str, Any]:
-    try:
-        return tomllib.loads(data.decode())
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
-        return {}
-
-
-def env_doc(environ: dict[str, str]) -> dict[str, Any]:
-    doc: dict[str, Any] = {}
-    for section, key in LIST_SETTINGS:
-        text = environ.get(env_name(section, key))
-        if text is not None:
-            with contextlib.suppress(tomllib.TOMLDecodeError):
-                doc.setdefault(section, {})[key] = tomllib.loads(f"v = {text}")["v"]
-    return doc
-
-
 def load(data: bytes, environ: dict[str, str]) -> AgentConfig | ConfigError:
     path = WORK / "meshagent.toml"
     path.write_bytes(data)
@@ -145,7 +111,6 @@ def load(data: bytes, environ: dict[str, str]) -> AgentConfig | ConfigError:
 
 @given(documents() | st.binary(max_size=300))
 def test_any_file_is_a_config_or_a_config_error(data: bytes) -> None:
-    assume(not scalar_for_a_list(file_doc(data)))
     result = load(data, {})
     if isinstance(result, AgentConfig):
         assert result.source is not None
@@ -162,10 +127,10 @@ def environments(draw: st.DrawFn) -> dict[str, str]:
 
 @given(environments())
 def test_any_environment_override_is_a_config_or_a_config_error(environ: dict[str, str]) -> None:
-    assume(not scalar_for_a_list(env_doc(environ)))
     load(b"", environ)
 
 
+# Found by this suite (fixed in 62b9747): a list setting given a scalar escaped as TypeError.
 @pytest.mark.parametrize(
     ("data", "environ"),
     [
