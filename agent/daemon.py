@@ -40,6 +40,7 @@ from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
 from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
+from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
@@ -549,6 +550,7 @@ class Daemon:
                 "failures": {} if proxy is None else dict(proxy.stats.failures),
             },
             "http_accounting": self._http_accounting(),
+            "http_accounting_stopped": dict(HTTP_ACCOUNTING_STOPPED),
             "last_errors": self.state.last_errors + ([] if proxy is None else list(proxy.stats.last_errors)),
         }
 

@@ -85,6 +85,18 @@ def render_agent(status: dict[str, Any]) -> Iterator[str]:
                 for r in ("evicted_idle", "refused_over_limit", "timed_out")
             ],
         )
+    stopped: dict[str, int] = status.get("http_accounting_stopped") or {}
+    samples = []
+    for key, count in sorted(stopped.items()):  # "<protocol>:<reason>", a fixed set of words
+        protocol, _, reason = key.partition(":")
+        samples.append((labels(("protocol", protocol), ("reason", reason)), float(count)))
+    yield from _family(
+        "meshagent_http_accounting_stopped_total",
+        "counter",
+        "Connections whose request accounting stopped at one of its bounds (their bytes still "
+        "flowed; their later requests were not counted).",
+        samples,
+    )
     memory: dict[str, Any] = status.get("memory") or {}
     yield from _family(
         "meshagent_memory_returns_total",

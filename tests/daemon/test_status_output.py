@@ -78,3 +78,33 @@ def test_metrics_export_rejected_entries_and_task_failures(tmp_path: Path) -> No
     assert 'meshagent_task_failures_total{task="alpha"} 0' in samples
     assert "meshagent_ready 0" in samples
     assert "# TYPE meshagent_task_failures_total counter" in body
+
+
+def test_metrics_count_connections_whose_accounting_stopped(tmp_path: Path) -> None:
+    # An HTTP/2 client holding more unanswered streams than the accounting keeps (defect 1 of
+    # #15): the connection's accounting stops, and /metrics says so with bounded labels.
+    from typing import Any
+
+    from agent.proxy import http2
+    from tests.proxy.test_http2 import Recorder, raw_frame
+
+    class Leg:
+        tap: Any = None
+        accounting: Any = None
+
+    def stopped(body: str) -> int:
+        prefix = 'meshagent_http_accounting_stopped_total{protocol="h2",reason="streams"} '
+        return next((int(float(s[len(prefix) :])) for s in body.splitlines() if s.startswith(prefix)), 0)
+
+    daemon = Daemon(AgentConfig(identity=IdentitySettings(state_dir=tmp_path)))
+    before = stopped(daemon._metrics({}).body.decode())
+    acct = http2.Http2Accounting(Recorder())
+    acct.attach(Leg(), Leg())
+    acct.client(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    headers = b"\x82\x86\x84\x41\x01x"  # GET http://x/
+    acct.client(b"".join(raw_frame(0x1, 0x4, 2 * i + 1, headers) for i in range(http2.MAX_OPEN_STREAMS + 1)))
+    assert not acct.active
+    body = daemon._metrics({}).body.decode()
+    assert stopped(body) == before + 1
+    assert "# TYPE meshagent_http_accounting_stopped_total counter" in body
+    assert daemon.status()["http_accounting_stopped"]["h2:streams"] == before + 1
