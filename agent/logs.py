@@ -50,6 +50,30 @@ def get_logger(name: str) -> StructLogger:
     return StructLogger(logging.getLogger(name))
 
 
+class Throttled:
+    """A warning a remote client can cause at will (a handshake flood, a plaintext flood): the
+    first of each kind is logged at once, then at most one line per `interval_s` for that kind,
+    carrying how many were left out (`suppressed`). Counting stays with the caller's metrics;
+    this only keeps the log readable and its volume bounded."""
+
+    def __init__(self, log: StructLogger, event: str, interval_s: float = 10.0, max_kinds: int = 256) -> None:
+        self.log, self.event, self.interval_s, self.max_kinds = log, event, interval_s, max_kinds
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (last logged, left out since)
+
+    def warning(self, kind: str, now: float | None = None, **fields: Any) -> None:
+        now = time.monotonic() if now is None else now
+        last, suppressed = self._kinds.get(kind, (float("-inf"), 0))
+        if now - last < self.interval_s:
+            self._kinds[kind] = (last, suppressed + 1)
+            return
+        if kind not in self._kinds and len(self._kinds) >= self.max_kinds:
+            self._kinds.clear()  # kinds come from outside: bounded, at the price of a repeat
+        self._kinds[kind] = (now, 0)
+        if suppressed:
+            fields["suppressed"] = suppressed
+        self.log.warning(self.event, **fields)
+
+
 # What json.dumps(ensure_ascii=False) leaves raw but a terminal or log viewer may act on.
 _RAW_AFTER_JSON = re.compile("[\x7f-\x9f\u2028\u2029]")
 # A value needs quotes if it has any of these: separators, quotes, backslashes, controls.

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal, cast
 
 from agent.errors import listen_error
-from agent.logs import get_logger
+from agent.logs import Throttled, get_logger
 from agent.telemetry.metrics import join, labels
 from agent.telemetry.proxy_metrics import (
     DEFAULT_ROUTE,
@@ -180,6 +180,9 @@ class Proxy:
         self._drained = asyncio.Event()  # set when the last connection closes
         self.listening: dict[str, Address] = {}
         self.handshakes = HandshakeGate(settings.max_handshakes, self.stats.handshakes)
+        # Refusals and failed handshakes are a client's to cause: each counted, logged throttled.
+        self.refusal_log = Throttled(log, "connection.refused")
+        self.handshake_log = Throttled(log, "tls.handshake_failed")
         self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
 
     # --- lifecycle -----------------------------------------------------------------------
@@ -386,8 +389,9 @@ class Proxy:
         client.accounting = undetected  # a connection that ends before it says is opaque
 
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
-        self.stats.refused[f"{direction}:{reason}"] += 1
-        log.warning("connection.refused", direction=direction, reason=reason, **fields)
+        kind = f"{direction}:{reason}"
+        self.stats.refused[kind] += 1
+        self.refusal_log.warning(kind, direction=direction, reason=reason, **fields)
 
 
 # Protocols whose requests are counted; the others are connections and bytes only.
@@ -634,9 +638,10 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str, dea
     finally:
         proxy.handshakes.leave()
     if failure is not None:
-        proxy.stats.error("inbound_tls_handshake", peer=peer, reason=_tls_reason(failure))
+        reason = _tls_reason(failure)
+        proxy.stats.error("inbound_tls_handshake", peer=peer, reason=reason)
         proxy.tls_failed("inbound", failure)
-        log.warning("tls.handshake_failed", direction="inbound", peer=peer, reason=_tls_reason(failure))
+        proxy.handshake_log.warning(f"inbound:{reason}", direction="inbound", peer=peer, reason=reason)
         tls.abort()
         return
     client_id = peer_spiffe_id(tls.peer_cert)
