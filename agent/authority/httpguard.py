@@ -21,7 +21,7 @@ from typing import Any
 import uvloop
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from agent.logs import get_logger
+from agent.logs import Throttled, get_logger
 
 log = get_logger("meshagent.authority")
 
@@ -88,23 +88,9 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return _Loop()
 
 
-class _Throttled:
-    """A warning that a client can cause at will: counted, logged at most once per 10 s."""
-
-    def __init__(self, event: str) -> None:
-        self.event = event
-        self.count = 0
-        self.logged_at = float("-inf")
-
-    def note(self, now: float, **fields: Any) -> None:
-        self.count += 1
-        if now - self.logged_at >= 10:
-            log.warning(self.event, count=self.count, **fields)
-            self.logged_at, self.count = now, 0
-
-
-_shed = _Throttled("connections.shed")
-_malformed = _Throttled("requests.malformed")
+# Warnings a client can cause at will: the first at once, then one per 10 s with a count.
+_shed = Throttled(log, "connections.shed")
+_malformed = Throttled(log, "requests.malformed")
 
 # uvicorn's own messages (its parser warnings would be one unstructured line per bad request):
 # errors only, through meshagent's log format.
@@ -190,7 +176,7 @@ class GuardedProtocol(HttpToolsProtocol):
                 "not a valid HTTP/1.1 request",
                 "speak HTTPS (HTTP/1.1) to this port; see /v1/openapi.json for the API",
             )
-        _malformed.note(self.loop.time(), client=self.client[0] if self.client else "")
+        _malformed.warning("malformed", self.loop.time(), client=self.client[0] if self.client else "")
         if not self.transport.is_closing():
             self.transport.write(answer)
         self.transport.close()
@@ -255,4 +241,4 @@ class GuardedProtocol(HttpToolsProtocol):
         ]
         victim = min(waiting, key=lambda c: c.waiting_since or 0.0) if waiting else self
         victim.transport.abort()  # now: a TLS close would wait for a peer that does not read
-        _shed.note(self.loop.time(), max_connections=self.limits.max_connections)
+        _shed.warning("shed", self.loop.time(), max_connections=self.limits.max_connections)
