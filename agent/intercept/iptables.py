@@ -116,7 +116,7 @@ class IptablesBackend:
         tables and their chains always exist once the kernel module is in)."""
         if self.tools.flavour != "nft" or plan is None or family not in plan.families:
             return {}
-        have = nftobjects.chains(family)
+        have = nftobjects.existing(family)
         out: dict[str, list[str]] = {}
         for table in plan.tables():
             builtins = render_iptables.builtin_chains(plan, table, family)

@@ -34,7 +34,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from agent.config import InterceptSettings, PortSpec
 
@@ -295,6 +295,7 @@ class Plan:
                 "matches": [{"type": type(m).__name__, **_fields(m)} for m in rule.matches],
                 "action": {"type": type(rule.action).__name__, **_fields(rule.action)},
                 "comment": rule.comment,
+                "first": rule.first,
             }
 
         return {
@@ -310,6 +311,46 @@ class Plan:
             "exclusions": [asdict(e) for e in self.exclusions],
             "warnings": list(self.warnings),
         }
+
+    @staticmethod
+    def from_dict(doc: dict[str, Any]) -> Plan:
+        """The inverse of `to_dict` (a plan handed to a child process as JSON, see `conntrack`)."""
+        rules = tuple(
+            Rule(
+                table=r["table"],
+                chain=r["chain"],
+                matches=tuple(_part(m) for m in r["matches"]),
+                action=_part(r["action"]),
+                comment=r["comment"],
+                family=r["family"],
+                first=r.get("first", False),
+            )
+            for r in doc["rules"]
+        )
+        return Plan(
+            families=tuple(doc["families"]),
+            inbound_mode=doc["inbound_mode"],
+            inbound_port=doc["inbound_port"],
+            outbound_port=doc["outbound_port"],
+            proxy_uid=doc["proxy_uid"],
+            proxy_mark=doc["proxy_mark"],
+            rules=rules,
+            routes=tuple(PolicyRoute(**r) for r in doc["routes"]),
+            exclusions=tuple(Exclusion(**e) for e in doc["exclusions"]),
+            warnings=tuple(doc["warnings"]),
+            backend=doc["backend"],
+        )
+
+
+_PARTS: dict[str, type] = {cls.__name__: cls for cls in (*get_args(Match), *get_args(Action))}
+
+
+def _part(doc: dict[str, Any]) -> Any:
+    """A match or action from its `to_dict` form ({"type": class name, **fields})."""
+    fields = {k: v for k, v in doc.items() if k != "type"}
+    if "ports" in fields:
+        fields["ports"] = tuple(PortRange.parse(p) for p in fields["ports"])
+    return _PARTS[doc["type"]](**fields)
 
 
 def _fields(value: Any) -> dict[str, Any]:

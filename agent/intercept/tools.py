@@ -6,11 +6,14 @@ Backends describe what they would do as a list of Steps (so `--dry-run` prints e
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent.logs import get_logger
 
@@ -76,3 +79,30 @@ def _run(argv: Sequence[str], stdin: str) -> subprocess.CompletedProcess[str]:
             f"`{' '.join(argv)}` did not finish in {TOOL_TIMEOUT_S:.0f}s",
             "another process may hold the xtables lock; try again",
         ) from None
+
+
+def child(module: str, args: Sequence[str], doc: Any, timeout_s: float) -> Any:
+    """Run `python -m agent.intercept.<module> ARGS` with `doc` as JSON on stdin; its JSON stdout.
+
+    For the netlink work of an apply: pyroute2 costs ~10 MB of RSS for as long as it is
+    imported, and `meshagent run` applies plans in-process, so it is imported only by a
+    short-lived child (~0.3 s per apply), as renewal is. Failure is an InterceptError."""
+    argv = [sys.executable, "-m", f"agent.intercept.{module}", *args]
+    try:
+        proc = subprocess.run(argv, input=json.dumps(doc), capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise InterceptError(
+            f"`{' '.join(argv[1:])}` did not finish in {timeout_s:.0f}s",
+            "the host may be overloaded; try again",
+        ) from None
+    except OSError as exc:
+        raise InterceptError(f"cannot start `{' '.join(argv[1:])}`: {exc}") from None
+    if proc.returncode != 0:
+        raise InterceptError(
+            f"`{' '.join(argv[1:])}` failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}",
+            "run as root (CAP_NET_ADMIN) and check that the kernel has nf_tables and nf_conntrack",
+        )
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise InterceptError(f"`{' '.join(argv[1:])}` printed no JSON: {proc.stdout[-300:]!r}") from None

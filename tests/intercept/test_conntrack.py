@@ -96,3 +96,12 @@ def test_proc_net_tcp_parsing(tmp_path: Path) -> None:
         ((a, 8080), (b, 40000)),
         ((six_a, 22), (six_b, 40001)),
     }
+
+
+def test_a_failing_child_is_an_intercept_error() -> None:
+    """The netlink children's failures reach the caller as values it can act on."""
+    from agent.intercept.errors import InterceptError
+    from agent.intercept.tools import child
+
+    with pytest.raises(InterceptError, match=r"failed \(exit 1\)"):
+        child("no_such_module", [], None, 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -288,3 +289,12 @@ def test_enrolled_authority_is_skipped_by_address_and_port() -> None:
         "198.18.9.9:8443",
         "[2001:db8::9]:8443",
     }
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+def test_from_dict_inverts_to_dict(mode: str) -> None:
+    """A plan crosses to the conntrack child as JSON and comes back equal."""
+    settings = InterceptSettings(proxy_user=4190, inbound_mode=mode, outbound_ports=(443, "6000-6010"))
+    p = build_plan(settings, authority=[("198.18.9.9", 8443)])
+    assert isinstance(p, Plan)
+    assert Plan.from_dict(json.loads(json.dumps(p.to_dict()))) == p
