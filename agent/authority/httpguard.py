@@ -28,6 +28,7 @@ log = get_logger("meshagent.authority")
 # How the limits reach uvicorn's worker processes (spawned: they share no memory with us).
 LIMITS_ENV = "MESHAGENT_AUTHORITY_LIMITS"
 
+
 def default_max_connections() -> int:
     """4,096, or fewer when the file limit is lower: the cap must bind before accept() fails for
     want of descriptors (64 left for the registry, TLS files and logs)."""
