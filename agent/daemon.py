@@ -34,6 +34,7 @@ from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
 from agent.intercept.authority import enrolled as enrolled_authority
+from agent.intercept.conntrack import clear_stale
 from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
@@ -300,8 +301,11 @@ class Daemon:
         elif intercept.enabled:
             plan = self._plan()
             backend = detect_backend(intercept.backend)
-            self.state.rules = await asyncio.to_thread(apply_plan, plan, backend)
+            # Stale conntrack entries are deleted once we are ready (below): the guard rules
+            # refuse those flows until then, and the start does not wait for a child process.
+            self.state.rules = await asyncio.to_thread(apply_plan, plan, backend, False)
             log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
+            self.tasks.once("conntrack-cleanup", self._clear_conntrack(plan))
 
         self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=renew_in_subprocess)
         self.tasks.start("rotation", lambda: rotator.run(self.stop_event))
@@ -406,6 +410,12 @@ class Daemon:
             "STATUS=config reloaded"
             + (f"; restart needed for {', '.join(needs_restart)}" if needs_restart else "")
         )
+
+    async def _clear_conntrack(self, plan: Plan) -> None:
+        """Delete the stale conntrack entries of captured flows (see `conntrack.clear_stale`)."""
+        cleared = await asyncio.to_thread(clear_stale, plan)
+        if self.state.rules is not None:
+            self.state.rules = self.state.rules.with_cleared(cleared)
 
     async def _renewed(self, identity: IdentityInfo) -> None:
         assert self.credentials is not None

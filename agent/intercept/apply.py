@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -106,6 +106,15 @@ class AppliedState:
     """The cleanup's time budget ran out first (the guard refuses what is left)."""
     applied_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat().replace("+00:00", "Z"))
 
+    def with_cleared(self, cleared: conntrack.Cleared) -> AppliedState:
+        """This state once `conntrack.clear_stale` has run (when the caller ran it later)."""
+        return replace(
+            self,
+            conntrack_cleared=cleared.deleted,
+            conntrack_error=cleared.error,
+            conntrack_partial=cleared.partial,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "backend": self.backend,
@@ -153,13 +162,15 @@ def plan_steps(plan: Plan, backend: Backend) -> tuple[list[Step], list[str]]:
     return steps, routes
 
 
-def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
+def apply_plan(plan: Plan, backend: Backend, clear_conntrack: bool = True) -> AppliedState:
     """Make the kernel hold exactly `plan` (in `backend`): atomic per table, idempotent.
 
     Rules of ours already in place (a restart with `keep-rules`) are replaced in the same
     transaction, never removed first: there is no moment without capture. Leftovers in other
     backends go only after the new rules are in, for the same reason. Then stale conntrack
-    entries of captured flows are deleted (`conntrack.clear_stale`)."""
+    entries of captured flows are deleted (`conntrack.clear_stale`), unless `clear_conntrack` is
+    False: the daemon runs that step itself once it is ready (it takes a short-lived child, seconds
+    on a slow host, and the guard refuses those flows meanwhile)."""
     routes = netlink.apply_routes(plan.routes) if plan.routes else []
     if not plan.routes:
         netlink.remove_routes()
@@ -175,7 +186,7 @@ def apply_plan(plan: Plan, backend: Backend) -> AppliedState:
                 ran += leftovers
                 cleaned.append(other.name)
                 log.warning("intercept.leftovers_removed", backend=other.name)
-    cleared = conntrack.clear_stale(plan)
+    cleared = conntrack.clear_stale(plan) if clear_conntrack else conntrack.Cleared()
     state = AppliedState(
         backend=backend.name,
         families=plan.families,
