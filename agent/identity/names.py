@@ -1,10 +1,28 @@
 """Names, validated on construction: a workload's SPIFFE ID and mesh DNS name, and what a host
 claims about itself at enrollment (its host name and addresses).
 
-One certificate carries both workload names, as Linkerd's do:
+One identity, two spellings, mapped one to the other:
 
     spiffe://<trust-domain>/ns/<namespace>/sa/<name>                       (URI SAN)
     <name>.<namespace>.serviceaccount.identity.<mesh>.<trust-domain>        (DNS SAN)
+
+Linkerd's identity controller issues pod certificates with the DNS SAN only (linkerd2
+pkg/identity/service.go, checkCSR: exactly one DNS name, no URI); SPIFFE peers carry the URI.
+Wherever an identity or an allow-list pattern is read (config, authority, catalog, peers'
+certificates), either spelling is accepted and the SPIFFE form is what is kept and compared.
+
+Identity as Linkerd reads it (linkerd2-proxy linkerd/meshtls/verifier/src/lib.rs and
+linkerd/identity/src/lib.rs):
+- a server (an in-cluster pod's inbound proxy) takes the FIRST SAN of the client's certificate
+  that parses, DNS name or URI, as the client's identity (`client_identity`: `ids.first()`);
+  Linkerd policies (`MeshTLSAuthentication`) name identities in DNS form, so a host's
+  certificate lists its DNS SAN first;
+- a client (an in-cluster proxy calling an ExternalWorkload) parses `meshTLS.identity` as a
+  URI (`Id::parse_uri`) and, after the handshake, requires a SAN of the same kind equal to it
+  (`verify_id`: `ids.contains(expected)`, and a `Dns` id never equals a `Uri` one), so the
+  certificate must carry the SPIFFE URI SAN the ExternalWorkload names.
+The authority's leaf certificates (agent/authority/signing.py) list the DNS SAN, then the URI
+SAN: both readings hold (tests/identity/test_linkerd_identity.py).
 
 Every pattern is matched with `fullmatch`: `$` also matches before a trailing newline, which
 let `shop/billing\n` into a signed certificate (issue #15).
@@ -27,6 +45,12 @@ _HOST_LABEL = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?")
 MAX_HOST_ADDRESSES = 64
 
 DEFAULT_MESH = "linkerd"
+SPIFFE_SCHEME = "spiffe://"
+# The labels between a workload's namespace and its mesh in the DNS form.
+_DNS_MIDDLE = ("serviceaccount", "identity")
+# A namespace or name in an allow-list glob: label characters and fnmatch's wildcards.
+_GLOB_LABEL = re.compile(r"[-a-z0-9*?\[\]!]{1,63}")
+_GLOB_CHARS = frozenset("*?[]")
 
 
 class InvalidName(MeshagentError):
@@ -87,7 +111,7 @@ class WorkloadIdentity:
     @classmethod
     def from_spiffe_id(cls, uri: str, mesh: str = DEFAULT_MESH) -> WorkloadIdentity:
         """Parse `spiffe://TD/ns/NS/sa/NAME`; anything else is refused with the reason."""
-        prefix = "spiffe://"
+        prefix = SPIFFE_SCHEME
         if not uri.startswith(prefix):
             raise InvalidName(f"{uri!r} is not a SPIFFE ID: it must start with {prefix}")
         trust_domain, _, path = uri[len(prefix) :].partition("/")
@@ -95,6 +119,29 @@ class WorkloadIdentity:
         if len(segments) != 4 or segments[0] != "ns" or segments[2] != "sa":
             raise InvalidName(f"SPIFFE ID {uri!r} does not have the path /ns/<namespace>/sa/<name>")
         return cls(trust_domain, segments[1], segments[3], mesh)
+
+    @classmethod
+    def from_dns_name(cls, name: str) -> WorkloadIdentity:
+        """Parse `NAME.NAMESPACE.serviceaccount.identity.MESH.TD` (Linkerd's identity name);
+        the trust domain is every label after the mesh's."""
+        labels = name.split(".")
+        if len(labels) < 6 or tuple(labels[2:4]) != _DNS_MIDDLE:
+            raise InvalidName(
+                f"{name[:300]!r} is not a mesh identity name",
+                "write NAME.NAMESPACE.serviceaccount.identity.MESH.TRUST-DOMAIN, "
+                "e.g. web.shop.serviceaccount.identity.linkerd.cluster.local",
+            )
+        try:
+            return cls(".".join(labels[5:]), labels[1], labels[0], labels[4])
+        except InvalidName as exc:
+            raise InvalidName(f"identity name {name[:300]!r}: {exc.message}", exc.hint) from None
+
+    @classmethod
+    def parse_any(cls, value: str, mesh: str = DEFAULT_MESH) -> WorkloadIdentity:
+        """A SPIFFE ID (`spiffe://...`, given `mesh` for its DNS form) or a mesh DNS name."""
+        if value.startswith(SPIFFE_SCHEME):
+            return cls.from_spiffe_id(value, mesh)
+        return cls.from_dns_name(value)
 
     @property
     def short(self) -> str:
@@ -110,6 +157,46 @@ class WorkloadIdentity:
 
     def __str__(self) -> str:
         return self.spiffe_id
+
+
+def spiffe_pattern(pattern: str) -> str:
+    """An allow-list entry in the SPIFFE form hosts match peers against.
+
+    A `spiffe://` pattern is kept as written. A DNS-form one maps label by label: its first two
+    labels (the name and the namespace) may be globs, the mesh and trust domain must be written
+    out, e.g. `*.shop.serviceaccount.identity.linkerd.cluster.local` ->
+    `spiffe://cluster.local/ns/shop/sa/*`. Anything else is refused, saying why: a DNS pattern
+    with no SPIFFE equivalent (a wildcard spanning labels, or in the trust domain) must not
+    silently match something else."""
+    if pattern.startswith(SPIFFE_SCHEME):
+        return pattern
+    labels = pattern.split(".")
+    example = "e.g. *.shop.serviceaccount.identity.linkerd.cluster.local, or spiffe://cluster.local/ns/shop/*"
+    if len(labels) < 6 or tuple(labels[2:4]) != _DNS_MIDDLE:
+        raise InvalidName(
+            f"allow entry {pattern[:300]!r} is neither a SPIFFE ID or glob nor a mesh identity name "
+            "NAME.NAMESPACE.serviceaccount.identity.MESH.TRUST-DOMAIN",
+            example,
+        )
+    name, namespace, mesh, trust_domain = labels[0], labels[1], labels[4], ".".join(labels[5:])
+    if _GLOB_CHARS & set(mesh + trust_domain):
+        raise InvalidName(
+            f"allow entry {pattern[:300]!r} has a wildcard in its mesh or trust domain: "
+            "only the name and namespace labels map to the SPIFFE form",
+            "write the trust domain out, or use a spiffe:// glob such as spiffe://*/ns/shop/*",
+        )
+    try:
+        validate_mesh(mesh)
+        validate_trust_domain(trust_domain)
+    except InvalidName as exc:
+        raise InvalidName(f"allow entry {pattern[:300]!r}: {exc.message}", exc.hint) from None
+    for what, label in (("name", name), ("namespace", namespace)):
+        if not _GLOB_LABEL.fullmatch(label):
+            raise InvalidName(
+                f"allow entry {pattern[:300]!r}: the {what} label {label[:80]!r} is not a name or glob",
+                "use lowercase letters, digits, '-' and the wildcards * ? [...]; " + example,
+            )
+    return f"{SPIFFE_SCHEME}{trust_domain}/ns/{namespace}/sa/{name}"
 
 
 # --- what a host claims at enrollment ----------------------------------------------------------

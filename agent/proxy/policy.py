@@ -6,8 +6,11 @@ The semantics of Linkerd's Server + AuthorizationPolicy (and SMI TrafficTarget):
   (a certificate of another trust domain, even from the same issuer, is refused:
   `foreign_trust_domain`);
 - `deny`: nobody.
-An allow-list entry is a SPIFFE ID or a glob (`spiffe://cluster.local/ns/shop/*`); a port with
-an allow-list admits exactly the identities on it, whatever the default says.
+An allow-list entry is a SPIFFE ID or a glob (`spiffe://cluster.local/ns/shop/*`), or the same
+in Linkerd's DNS form (`*.shop.serviceaccount.identity.linkerd.cluster.local`), kept in the
+SPIFFE form (agent/identity/names.py, `spiffe_pattern`); a port with an allow-list admits
+exactly the identities on it, whatever the default says. Clients are matched by the SPIFFE form
+of their identity, whichever SAN their certificate carries it in (agent/proxy/tls.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 from enum import Enum
+
+from agent.errors import ConfigError
+from agent.identity.names import InvalidName, spiffe_pattern
 
 
 class DefaultPolicy(Enum):
@@ -27,6 +33,16 @@ class DefaultPolicy(Enum):
 class PortPolicy:
     default: DefaultPolicy
     allow: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Every way in (config, the authority's document, code) gets the SPIFFE form here.
+        try:
+            allow = tuple(spiffe_pattern(p) for p in self.allow)
+        except InvalidName as exc:
+            raise ConfigError(
+                f"allow list {list(self.allow)!r} is invalid: {exc.message}", exc.hint
+            ) from None
+        object.__setattr__(self, "allow", allow)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,16 @@
 `Credentials` holds the current server and client contexts. New connections read the
 attributes when they start; open connections keep the SSLObject they were made with, so a
 rotation never drops a connection (linkerd2-proxy's creds store does the same over a watch).
+
+The server context offers the ALPN `transport.l5d.io/v1`: a linkerd2-proxy that offers it gets
+it selected (and then sends the transport header); a client offering nothing or something else
+gets no ALPN, and the handshake goes on. `client_opaque` offers it, for endpoints that expect
+the header (linkerd2-proxy's tagged transport writes the header only once the server selected
+the ALPN).
+
+A peer's identity is read from its certificate's SPIFFE URI SAN or its mesh DNS SAN (a pod
+certificate from Linkerd's identity controller has only the DNS SAN), mapped one to the other
+(agent/identity/names.py).
 """
 
 from __future__ import annotations
@@ -11,8 +21,11 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
+from agent.identity.names import DEFAULT_MESH, SPIFFE_SCHEME, InvalidName, WorkloadIdentity
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.logs import get_logger
+
+from .transport_header import ALPN
 
 log = get_logger("meshagent.proxy.tls")
 
@@ -38,6 +51,8 @@ def server_context(store: IdentityStore) -> ssl.SSLContext:
     # TLS 1.3 servers still issue tickets and cache each session (with the client's certificate)
     # unless told not to: under connection churn that cache held 150 MB (found by the benchmark).
     ctx.num_tickets = 0
+    # Selected only when the client offers it; otherwise no ALPN, and the handshake goes on.
+    ctx.set_alpn_protocols([ALPN])
     return ctx
 
 
@@ -48,25 +63,93 @@ def client_context(store: IdentityStore) -> ssl.SSLContext:
     return ctx
 
 
-def peer_spiffe_id(cert: dict[str, Any] | None) -> str | None:
-    """The URI SAN of a verified peer certificate (`getpeercert()` form), if it is a SPIFFE ID."""
+def client_opaque_context(store: IdentityStore) -> ssl.SSLContext:
+    """`client_context` offering the ALPN transport.l5d.io/v1, for an endpoint that expects
+    Linkerd's transport header (its proxy port)."""
+    ctx = client_context(store)
+    ctx.set_alpn_protocols([ALPN])
+    return ctx
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """A verified peer's mesh identity in both forms. `dns_name` is how linkerd-proxy labels
+    it (`client_id`/`server_id`); it is "" for a SPIFFE ID outside the /ns/NS/sa/NAME scheme,
+    which has no DNS form."""
+
+    spiffe_id: str
+    dns_name: str
+
+    @property
+    def label(self) -> str:
+        """The name metrics and logs show: the DNS form, else the SPIFFE ID."""
+        return self.dns_name or self.spiffe_id
+
+
+def peer_identity(cert: dict[str, Any] | None, mesh: str = DEFAULT_MESH) -> PeerIdentity | None:
+    """The identity a verified peer certificate (`getpeercert()` form) proves, or None.
+
+    Its SPIFFE URI SAN, or its mesh DNS SAN (`NAME.NS.serviceaccount.identity.MESH.TD`, all a
+    Linkerd pod certificate has), each mapped to the other; a URI-only certificate gets the DNS
+    form under `mesh`. DNS SANs that are not mesh names (host names) are ignored.
+
+    None when the certificate names no mesh identity, and also when it names more than one:
+    SANs that disagree (a URI for one workload and a DNS name for another, or two different
+    URIs). Linkerd's servers would take the first SAN and SPIFFE peers the URI: the same
+    certificate would be two different clients, so it is none.
+    """
     if not cert:
         return None
+    spiffe_ids: set[str] = set()
+    dns_names: dict[str, str] = {}  # SPIFFE form -> DNS name as written in the certificate
     for kind, value in cert.get("subjectAltName", ()):
-        if kind == "URI" and isinstance(value, str) and value.startswith("spiffe://"):
-            return value
-    return None
+        if not isinstance(value, str):
+            continue
+        if kind == "URI" and value.startswith(SPIFFE_SCHEME):
+            spiffe_ids.add(value)
+        elif kind == "DNS" and ".serviceaccount.identity." in value:
+            try:
+                dns_names.setdefault(WorkloadIdentity.from_dns_name(value).spiffe_id, value)
+            except InvalidName:
+                continue
+    named = spiffe_ids | set(dns_names)
+    if len(named) != 1:
+        return None
+    (spiffe_id,) = named
+    dns_name = dns_names.get(spiffe_id)
+    if dns_name is None:
+        try:
+            dns_name = WorkloadIdentity.from_spiffe_id(spiffe_id, mesh).dns_name
+        except InvalidName:
+            dns_name = ""
+    return PeerIdentity(spiffe_id, dns_name)
+
+
+def peer_spiffe_id(cert: dict[str, Any] | None) -> str | None:
+    """The SPIFFE form of a verified peer's identity (URI SAN or mesh DNS SAN), see `peer_identity`."""
+    peer = peer_identity(cert)
+    return peer.spiffe_id if peer is not None else None
 
 
 def peer_identity_name(cert: dict[str, Any] | None) -> str | None:
     """The peer's identity as linkerd-proxy labels it (`client_id`/`server_id`): the mesh DNS
-    name (`web.shop.serviceaccount.identity.linkerd.cluster.local`), else the SPIFFE ID."""
+    name (`web.shop.serviceaccount.identity.linkerd.cluster.local`), else the SPIFFE ID. None
+    exactly when `peer_spiffe_id` is None, so labels and decisions never disagree."""
+    peer = peer_identity(cert)
+    return peer.label if peer is not None else None
+
+
+def verify_server_identity(cert: dict[str, Any] | None, expected_spiffe_id: str) -> str | None:
+    """Outbound: None when the server's verified certificate proves `expected_spiffe_id` by
+    either SAN form (a Linkerd pod has only the DNS SAN), else a short reason."""
     if not cert:
-        return None
-    for kind, value in cert.get("subjectAltName", ()):
-        if kind == "DNS" and isinstance(value, str) and ".serviceaccount.identity." in value:
-            return value
-    return peer_spiffe_id(cert)
+        return "no certificate"
+    peer = peer_identity(cert)
+    if peer is None:
+        return "no single mesh identity in the certificate"
+    if peer.spiffe_id != expected_spiffe_id:
+        return f"the server proved {peer.spiffe_id}, not {expected_spiffe_id}"
+    return None
 
 
 @dataclass
@@ -76,11 +159,12 @@ class Credentials:
     identity: IdentityInfo
     server: ssl.SSLContext
     client: ssl.SSLContext
+    client_opaque: ssl.SSLContext  # offers ALPN transport.l5d.io/v1
 
     @classmethod
     def load(cls, store: IdentityStore) -> Credentials:
         identity = store.load_info()
-        return cls(identity, server_context(store), client_context(store))
+        return cls(identity, server_context(store), client_context(store), client_opaque_context(store))
 
     def reload(self, store: IdentityStore, identity: IdentityInfo) -> None:
         """Swap in contexts for a renewed identity, after checking it is still us. Loading the
@@ -95,10 +179,11 @@ class Credentials:
             return
         try:
             server, client = server_context(store), client_context(store)
+            client_opaque = client_opaque_context(store)
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.reload_refused", reason=str(exc))
             return
-        self.identity, self.server, self.client = identity, server, client
+        self.identity, self.server, self.client, self.client_opaque = identity, server, client, client_opaque
         log.info(
             "tls.reloaded", serial=identity.summary.serial, not_after=identity.summary.not_after.isoformat()
         )

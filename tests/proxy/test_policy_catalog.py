@@ -49,8 +49,9 @@ def test_ports_without_policy_use_the_default() -> None:
     assert not policy.authorize(81, SHOP_WEB).allowed
 
 
-def _entry(cidr: str, ports: list[int], ident: str) -> CatalogEntry:
-    return CatalogEntry.from_doc({"cidr": cidr, "ports": ports, "identity": ident, "server_name": ident})
+def _entry(cidr: str, ports: list[int], name: str) -> CatalogEntry:
+    ident = f"spiffe://cluster.local/ns/t/sa/{name}"
+    return CatalogEntry.from_doc({"cidr": cidr, "ports": ports, "identity": ident, "server_name": name})
 
 
 @pytest.mark.parametrize(
@@ -76,7 +77,7 @@ def test_catalog_lookup_prefers_the_most_specific(address: str, port: int, expec
         ]
     )
     hit = catalog.lookup(address, port)
-    assert (hit.identity if hit else None) == expected
+    assert (hit.server_name if hit else None) == expected
 
 
 def test_authority_policy_overrides_local() -> None:
