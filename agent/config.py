@@ -2,7 +2,8 @@
 
 Every section is a frozen dataclass; its fields are the file's keys, with the defaults the
 README documents. The loader walks the dataclasses, so a new setting is a new field. Errors
-name the file, the key and the fix. This module imports nothing else from `agent`, except errors.
+name the file, the key and the fix. This module imports nothing else from `agent`, except errors
+and the pure name checks of agent/identity/names.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from agent.errors import ConfigError
+from agent.identity.names import InvalidName, WorkloadIdentity, spiffe_pattern
 
 DEFAULT_CONFIG_FILE = Path("/etc/meshagent/agent.toml")
 
@@ -289,7 +291,9 @@ class InboundSettings:
     """all-unauthenticated (permissive: clients outside the mesh too), all-authenticated (strict:
     mesh identities only) or deny."""
     ports: tuple[InboundPortPolicy, ...] = ()
-    """Per port: [[inbound.ports]] port = 5432, policy = "deny", allow = ["spiffe://TD/ns/shop/*"]."""
+    """Per port: [[inbound.ports]] port = 5432, policy = "deny", allow = ["spiffe://TD/ns/shop/*"].
+    An allow entry may also be in DNS form (`*.shop.serviceaccount.identity.linkerd.TD`): it is
+    kept in the SPIFFE form."""
 
     def __post_init__(self) -> None:
         _choice(self.default_policy, _POLICIES, "inbound.default_policy")
@@ -307,10 +311,15 @@ class InboundSettings:
             _check_port(doc["port"], f"{where}.port")
             _choice(doc.get("policy", "all-authenticated"), _POLICIES, f"{where}.policy")
             allow = doc.get("allow", [])
-            if not isinstance(allow, list) or not all(
-                isinstance(a, str) and a.startswith("spiffe://") for a in allow
-            ):
-                raise ConfigError(f"{where}.allow must be a list of SPIFFE IDs or globs (spiffe://...)")
+            if not isinstance(allow, list) or not all(isinstance(a, str) for a in allow):
+                raise ConfigError(
+                    f"{where}.allow must be a list of SPIFFE IDs or globs (spiffe://...) "
+                    "or mesh identity names (NAME.NS.serviceaccount.identity.MESH.TD)"
+                )
+            try:
+                allow = [spiffe_pattern(a) for a in allow]
+            except InvalidName as exc:
+                raise ConfigError(f"{where}.allow: {exc.message}", exc.hint) from None
             parsed.append(
                 InboundPortPolicy(doc["port"], doc.get("policy", "all-authenticated"), tuple(allow))
             )
@@ -320,8 +329,9 @@ class InboundSettings:
 @dataclass(frozen=True)
 class CatalogEntrySettings:
     cidr: str
-    identity: str
+    identity: str  # the SPIFFE ID (a mesh DNS name in the file is mapped to it)
     ports: tuple[int, ...] = ()
+    opaque_port: int | None = None  # the endpoint's proxy port expecting Linkerd's transport header
 
 
 @dataclass(frozen=True)
@@ -329,7 +339,8 @@ class OutboundSettings:
     """Local additions to the catalog of meshed destinations (the authority's come on top)."""
 
     catalog: tuple[CatalogEntrySettings, ...] = ()
-    """[[outbound.catalog]] cidr = "10.96.0.0/12", ports = [5432], identity = "spiffe://TD/ns/NS/sa/NAME"."""
+    """[[outbound.catalog]] cidr = "10.96.0.0/12", ports = [5432], identity = "spiffe://TD/ns/NS/sa/NAME"
+    (or NAME.NS.serviceaccount.identity.MESH.TD), optional opaque_port = 4143."""
 
     def __post_init__(self) -> None:
         parsed = []
@@ -340,13 +351,16 @@ class OutboundSettings:
                 continue
             if (
                 not isinstance(doc, dict)
-                or set(doc) - {"cidr", "ports", "identity"}
+                or set(doc) - {"cidr", "ports", "identity", "opaque_port"}
                 or not {"cidr", "identity"} <= set(doc)
             ):
-                raise ConfigError(f"{where} must be a table with cidr, identity and optional ports")
+                raise ConfigError(
+                    f"{where} must be a table with cidr, identity and optional ports and opaque_port"
+                )
             cidr = _cidrs([doc["cidr"]], f"{where}.cidr")[0]
-            if not str(doc["identity"]).startswith("spiffe://"):
-                raise ConfigError(f"{where}.identity must be a SPIFFE ID (spiffe://TD/ns/NS/sa/NAME)")
+            opaque_port = doc.get("opaque_port")
+            if opaque_port is not None:
+                _check_port(opaque_port, f"{where}.opaque_port")
             ports = doc.get("ports", [])
             if not isinstance(ports, list | tuple):
                 raise ConfigError(
@@ -355,7 +369,15 @@ class OutboundSettings:
                 )
             for port in ports:
                 _check_port(port, f"{where}.ports")
-            parsed.append(CatalogEntrySettings(cidr, str(doc["identity"]), tuple(ports)))
+            try:
+                identity = WorkloadIdentity.parse_any(str(doc["identity"])).spiffe_id
+            except InvalidName as exc:
+                raise ConfigError(
+                    f"{where}.identity: {exc.message}",
+                    "a SPIFFE ID (spiffe://TD/ns/NS/sa/NAME) or a mesh identity name "
+                    "(NAME.NS.serviceaccount.identity.MESH.TD)",
+                ) from None
+            parsed.append(CatalogEntrySettings(cidr, identity, tuple(ports), opaque_port))
         object.__setattr__(self, "catalog", tuple(parsed))
 
 

@@ -21,8 +21,10 @@ from cryptography import x509
 from agent.errors import RejectedError
 from agent.identity.certinfo import utcnow
 from agent.identity.names import (
+    SPIFFE_SCHEME,
     InvalidName,
     WorkloadIdentity,
+    spiffe_pattern,
     validate_host_address,
     validate_host_addresses,
     validate_host_name,
@@ -99,6 +101,30 @@ class Authority:
     def identity(self, short: str) -> WorkloadIdentity:
         s = self.material.settings
         return WorkloadIdentity.parse_short(short, s.trust_domain, s.mesh)
+
+    def workload(self, value: str) -> WorkloadIdentity:
+        """An identity the operator names in any form: NAMESPACE/NAME, its SPIFFE ID or its mesh
+        DNS name; the last two must be of this authority's trust domain (and mesh)."""
+        s = self.material.settings
+        if "/" in value and not value.startswith(SPIFFE_SCHEME):
+            return self.identity(value)
+        try:
+            workload = WorkloadIdentity.parse_any(value, s.mesh)
+        except InvalidName as exc:
+            raise InvalidName(
+                exc.message,
+                "give NAMESPACE/NAME (shop/orders), a SPIFFE ID "
+                f"(spiffe://{s.trust_domain}/ns/shop/sa/orders) or a mesh identity name "
+                f"(orders.shop.serviceaccount.identity.{s.mesh}.{s.trust_domain})",
+            ) from None
+        if (workload.trust_domain, workload.mesh) != (s.trust_domain, s.mesh):
+            raise InvalidName(
+                f"identity {value[:300]!r} is not of this authority's trust domain {s.trust_domain!r}"
+                f" (mesh {s.mesh!r})",
+                f"name it as shop/orders, spiffe://{s.trust_domain}/ns/shop/sa/orders or "
+                f"orders.shop.serviceaccount.identity.{s.mesh}.{s.trust_domain}",
+            )
+        return workload
 
     # --- tokens (operator side, local) ---------------------------------------------------
 
@@ -275,7 +301,7 @@ class Authority:
         if any(not 0 < p < 65536 for p in ports):
             raise RejectedError("ports must be 1..65535", code="invalid_request")
         return self.registry.add_static_entry(
-            str(network), ports, self.identity(identity).short, self.clock()
+            str(network), ports, self.workload(identity).short, self.clock()
         )
 
     def set_policy(self, identity: str, port: int, default: str, allow: tuple[str, ...]) -> PolicyRecord:
@@ -286,12 +312,18 @@ class Authority:
             raise RejectedError(
                 f"policy {default!r} is not one of {choices}", code="invalid_request"
             ) from None
+        try:
+            # Stored and served in the SPIFFE form, whichever form the operator wrote.
+            allow = tuple(spiffe_pattern(p) for p in allow)
+        except InvalidName as exc:
+            raise RejectedError(exc.message, exc.hint, code="invalid_request") from None
         for pattern in allow:
             # A SPIFFE ID or glob, one token: the hosts match it against peers' IDs and log it.
             if not _ALLOW_PATTERN.fullmatch(pattern):
                 raise RejectedError(
                     f"allow entry {pattern[:80]!r} is not a SPIFFE ID or glob",
-                    "for example: --allow 'spiffe://cluster.local/ns/shop/*'",
+                    "for example: --allow 'spiffe://cluster.local/ns/shop/*' "
+                    "or --allow '*.shop.serviceaccount.identity.linkerd.cluster.local'",
                     code="invalid_request",
                 )
         record = PolicyRecord(self.identity(identity).short, port, default, allow)

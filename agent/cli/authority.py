@@ -388,7 +388,12 @@ def catalog_group() -> None:
     multiple=True,
     help="Destination port (repeatable) [default: every port].",
 )
-@click.option("--identity", required=True, help="NAMESPACE/NAME the destination proves, e.g. shop/orders.")
+@click.option(
+    "--identity",
+    required=True,
+    help="What the destination proves: NAMESPACE/NAME (shop/orders), its SPIFFE ID or its mesh DNS name "
+    "(orders.shop.serviceaccount.identity.linkerd.cluster.local).",
+)
 @json_option
 def catalog_add_cmd(directory: Path, cidr: str, ports: tuple[int, ...], identity: str, as_json: bool) -> None:
     """Declare that connections to CIDR[:PORT] must reach a server proving IDENTITY over mTLS."""
@@ -453,7 +458,8 @@ def policy_group() -> None:
 @click.option(
     "--allow",
     multiple=True,
-    help="A client SPIFFE ID or glob (spiffe://TD/ns/shop/*), repeatable: only these may connect.",
+    help="A client SPIFFE ID or glob (spiffe://TD/ns/shop/*), or the same in DNS form "
+    "(*.shop.serviceaccount.identity.linkerd.TD), repeatable: only these may connect.",
 )
 @json_option
 def policy_set_cmd(
