@@ -443,3 +443,9 @@ def test_eof_is_truncated_then_sticky() -> None:
     assert refused == HeaderRefused("truncated")
     assert re.search(r"5 header bytes", refused.detail)
     assert reader.feed(PREFACE[5:]) == refused
+
+
+def test_a_negative_port_is_logged_as_the_int32_linkerd_reads() -> None:
+    refused = read_all(prefaced(b"\x08" + b"\xff" * 9 + b"\x01"))
+    assert isinstance(refused, HeaderRefused)
+    assert refused.detail == "port -1 is not in 1..65535"
