@@ -28,24 +28,33 @@ from typing import Any, Final, Literal, cast
 from agent.errors import listen_error
 from agent.logs import Throttled, get_logger
 from agent.telemetry.metrics import join, labels
-from agent.telemetry.proxy_metrics import (
-    DEFAULT_ROUTE,
-    LOOPBACK,
-    ProxyMetrics,
-    authz_labels,
-    dst_labels,
-    server_labels,
-    target,
-    tls_accept,
-    tls_connect,
-)
+from agent.telemetry.proxy_metrics import LOOPBACK, ProxyMetrics, target
 
-from .catalog import Catalog, CatalogEntry
-from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
+from .catalog import Catalog
+from .decisions import (
+    Admit,
+    Client,
+    InboundContext,
+    Originate,
+    Passthrough,
+    ReadHeader,
+    Refuse,
+    ServedPorts,
+    TerminateMtls,
+    accept_inbound,
+    accept_outbound,
+    first_bytes,
+    route_detected,
+    route_header,
+    route_mtls,
+    route_outbound,
+)
+from .detect import NEED_DATA, Detected, Protocol, detect
 from .http1 import Accounting, new_accounting
-from .policy import Decision, InboundPolicy
+from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .tls import Credentials, peer_identity_name, peer_spiffe_id
+from .transport_header import HeaderReader, HeaderRefused, TransportHeader
 
 log = get_logger("meshagent.proxy")
 
@@ -73,6 +82,11 @@ class ListenerSettings:
     connections only."""
     max_handshakes: int = 128
     """Inbound mTLS handshakes in progress at once; more wait for a slot (see HandshakeGate)."""
+    direct: bool = False
+    """Accept direct connections to the inbound port (mTLS, ALPN transport.l5d.io/v1, then
+    Linkerd's transport header naming the app's port); off: refused as a loop."""
+    served_ports: ServedPorts = field(default_factory=ServedPorts)
+    """The app ports a transport header may name (the proxy's own ports never)."""
 
 
 @dataclass
@@ -184,6 +198,25 @@ class Proxy:
         self.refusal_log = Throttled(log, "connection.refused")
         self.handshake_log = Throttled(log, "tls.handshake_failed")
         self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
+        self._context: InboundContext | None = None
+
+    def inbound_context(self) -> InboundContext:
+        """What inbound decisions read, rebuilt when the policy or the identity is replaced
+        (the daemon assigns `policy` on a directory refresh, `credentials` change on rotation)."""
+        ctx, workload = self._context, self.credentials.identity.workload
+        if ctx is None or ctx.policy is not self.policy or ctx.our_name != workload.dns_name:
+            own = tuple((port, port) for _, port in self.listening.values())
+            served = self.settings.served_ports
+            ctx = self._context = InboundContext(
+                our_name=workload.dns_name,
+                trust_domain=workload.trust_domain,
+                policy=self.policy,
+                proxy_port=self.listening.get("inbound", ("", -1))[1],
+                skip_detect_ports=self.settings.skip_detect_ports,
+                served=ServedPorts(served.included, served.excluded + own),
+                direct=self.settings.direct,
+            )
+        return ctx
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -441,7 +474,8 @@ def _unmap(host: str) -> str:
 
 
 class _InboundDetect(asyncio.Protocol):
-    """The first protocol of an inbound connection: reads until the first bytes tell what it is."""
+    """The first protocol of an inbound connection: reads until the first bytes tell what it is,
+    then carries out what `decisions` says."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -451,6 +485,7 @@ class _InboundDetect(asyncio.Protocol):
         self.orig: Address = ("", 0)
         self.done = False
         self.waiting = False  # for a handshake slot
+        self.direct = False  # straight to the listener's port: mTLS and a transport header
         self.accepted_at = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -464,17 +499,17 @@ class _InboundDetect(asyncio.Protocol):
             transport.abort()
             return
         self.orig = (_unmap(host), port)
-        if port == self.proxy.listening.get("inbound", ("", -1))[1]:
-            # Someone connected straight to the listener: relaying would loop into ourselves.
-            self.proxy.refuse("inbound", "loop", peer=_peer(transport))
+        action = accept_inbound(self.proxy.inbound_context(), self.orig)
+        if isinstance(action, Refuse):
+            self.proxy.refuse("inbound", action.reason, peer=_peer(transport))
             transport.abort()
-            return
-        if port in self.proxy.settings.skip_detect_ports:
-            self._dispatch(Detected(Protocol.OPAQUE))
-            return
-        self.timer = asyncio.get_running_loop().call_later(
-            self.proxy.settings.detect_timeout_s, self._timed_out
-        )
+        elif isinstance(action, Detected):
+            self._dispatch(action)
+        else:
+            self.direct = action.direct
+            self.timer = asyncio.get_running_loop().call_later(
+                self.proxy.settings.detect_timeout_s, self._timed_out
+            )
 
     def _timed_out(self) -> None:
         """The client stayed silent — or the loop was too busy to read what it sent: an event
@@ -494,10 +529,9 @@ class _InboundDetect(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        result = detect(self.buffer)
-        if result is NEED_DATA and len(self.buffer) < MAX_PEEK:
-            return
-        self._dispatch(result if isinstance(result, Detected) else Detected(Protocol.OPAQUE))
+        detected = first_bytes(self.buffer)
+        if detected is not None:
+            self._dispatch(detected)
 
     def eof_received(self) -> bool:
         if self.waiting:  # the client left while it waited for a handshake slot
@@ -546,7 +580,8 @@ class _InboundDetect(asyncio.Protocol):
         tls.connection_made(transport)
         tls.data_received(self.buffer)
         self.buffer = b""
-        proxy.spawn(_inbound_mtls(proxy, tls, self.orig, _peer(transport), timeout), "inbound-mtls")
+        mtls = _inbound_mtls(proxy, tls, self.orig, _peer(transport), timeout, self.direct)
+        proxy.spawn(mtls, "inbound-mtls")
 
     def _dispatch(self, detected: Detected) -> None:
         if self.done or self.transport is None:
@@ -555,8 +590,8 @@ class _InboundDetect(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
         proxy, transport = self.proxy, self.transport
-        our_name = proxy.credentials.identity.workload.dns_name
-        if detected.protocol is Protocol.TLS and detected.sni == our_name:
+        action = route_detected(proxy.inbound_context(), self.orig, detected, self.direct)
+        if isinstance(action, TerminateMtls):
             if proxy.handshakes.try_enter():
                 self._start_mtls()
             elif proxy.handshakes.wait(self):
@@ -570,20 +605,13 @@ class _InboundDetect(asyncio.Protocol):
                 proxy.refuse("inbound", "handshakes_over_limit", peer=_peer(transport), port=self.orig[1])
                 transport.abort()
             return
-        decision = proxy.policy.authorize(self.orig[1], None)
-        if detected.protocol is Protocol.TLS:
-            tls_labels = tls_accept(None, False, detected.sni)
-        else:
-            skipped = self.orig[1] in proxy.settings.skip_detect_ports
-            tls_labels = tls_accept(None, False, reason="port_skipped" if skipped else "")
-        where = _where(proxy, self.orig)
-        if not decision.allowed:
-            _denied(proxy, join(where, tls_labels))
+        if isinstance(action, Refuse):
+            _denied(proxy, action.deny)
             proxy.refuse(
                 "inbound",
-                decision.reason,
+                action.reason,
                 peer=_peer(transport),
-                port=self.orig[1],
+                port=action.port,
                 protocol=detected.protocol.value,
             )
             transport.close()
@@ -592,9 +620,7 @@ class _InboundDetect(asyncio.Protocol):
         proxy.track(leg)
         transport.set_protocol(leg)
         leg.connection_made(transport)
-        admitted = _Admitted(self.orig, where, tls_labels, decision)
-        relay = _to_app(proxy, leg, admitted, "plaintext", detected.protocol, self.buffer)
-        proxy.spawn(relay, "inbound-plain")
+        proxy.spawn(_to_app(proxy, leg, action, self.buffer), "inbound-plain")
 
 
 INBOUND_SRC = labels(("direction", "inbound"), ("peer", "src"))
@@ -605,34 +631,19 @@ INBOUND = labels(("direction", "inbound"))
 OUTBOUND = labels(("direction", "outbound"))
 
 
-@dataclass(frozen=True)
-class _Admitted:
-    """An inbound connection the policy admitted, and its metric labels."""
-
-    orig: Address
-    where: str  # target_* and srv_* labels
-    tls_labels: str
-    decision: Decision
-
-    def authz_keys(self) -> tuple[str, str]:
-        """The connection's `inbound_tcp_authz_allow_total` and `inbound_http_authz_allow_total`
-        label sets (linkerd counts one for opaque connections, the other per HTTP request)."""
-        authz = authz_labels(self.decision.rule, self.decision.reason != "allow_list")
-        tcp = join(self.where, authz, self.tls_labels)
-        return tcp, join(self.where, DEFAULT_ROUTE, authz, self.tls_labels)
-
-
-def _where(proxy: Proxy, orig: Address) -> str:
-    return join(target(*orig), server_labels(orig[1], proxy.policy.for_port(orig[1]).default.value))
-
-
 def _denied(proxy: Proxy, key: str) -> None:
     """Denials are per connection (a refused client gets no bytes through at all)."""
-    if proxy.metrics is not None:
+    if key and proxy.metrics is not None:
         proxy.metrics.authz_deny.child(key).value += 1
 
 
-async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str, deadline_s: float) -> None:
+def _client(cert: dict[str, Any] | None) -> Client:
+    return Client(peer_spiffe_id(cert), peer_identity_name(cert))
+
+
+async def _inbound_mtls(
+    proxy: Proxy, tls: TlsLeg, orig: Address, peer: str, deadline_s: float, direct: bool = False
+) -> None:
     try:
         failure = await _handshake(tls, deadline_s)
     finally:
@@ -644,42 +655,93 @@ async def _inbound_mtls(proxy: Proxy, tls: TlsLeg, orig: Address, peer: str, dea
         proxy.handshake_log.warning(f"inbound:{reason}", direction="inbound", peer=peer, reason=reason)
         tls.abort()
         return
-    client_id = peer_spiffe_id(tls.peer_cert)
-    decision = proxy.policy.authorize(orig[1], client_id, proxy.credentials.identity.workload.trust_domain)
-    where = _where(proxy, orig)
-    tls_labels = tls_accept(peer_identity_name(tls.peer_cert), True)
-    if not decision.allowed:
-        _denied(proxy, join(where, tls_labels))
-        proxy.refuse("inbound", decision.reason, peer=peer, port=orig[1], client_id=client_id or "")
+    ctx = proxy.inbound_context()
+    client = _client(tls.peer_cert)
+    action = route_mtls(ctx, orig, client, tls.sslobj.selected_alpn_protocol(), direct)
+    if isinstance(action, ReadHeader):
+        header = await _read_header(tls, proxy.settings.detect_timeout_s)
+        action = route_header(ctx, orig, client, header)
+    if isinstance(action, Refuse):
+        _denied(proxy, action.deny)
+        proxy.refuse("inbound", action.reason, peer=peer, port=action.port, client_id=client.spiffe_id or "")
         tls.send_eof()
         tls.close()
         return
-    await _to_app(proxy, tls, _Admitted(orig, where, tls_labels, decision), "mtls")
+    await _to_app(proxy, tls, action)
 
 
-async def _to_app(
-    proxy: Proxy,
-    client: Leg,
-    admitted: _Admitted,
-    kind: str,
-    known: Protocol | None = None,
-    early: bytes = b"",
-) -> None:
-    """An admitted inbound connection's last step: connect to the app at the original
-    destination and relay (`early`: bytes already read by detection)."""
-    orig, where, tls_labels = admitted.orig, admitted.where, admitted.tls_labels
+class _HeaderSink(Leg):
+    """Stands in for the app while a direct connection's transport header is read: the TLS leg,
+    paired with it, hands it decrypted bytes, which go to a `HeaderReader` until it decides."""
+
+    def __init__(self, done: asyncio.Future[TransportHeader | HeaderRefused]) -> None:
+        super().__init__()
+        self.reader = HeaderReader()
+        self.done = done
+        self.rest: list[bytes] = []  # what followed the header
+
+    def sink(self) -> Callable[[bytes], object]:
+        return self.send
+
+    def send(self, data: bytes) -> None:
+        if self.done.done():
+            self.rest.append(data)  # records decrypted in the same read as the header's end
+            return
+        result = self.reader.feed(data)
+        if isinstance(result, TransportHeader):
+            self.rest.append(self.reader.rest)
+            self.done.set_result(result)
+        elif isinstance(result, HeaderRefused):
+            self.done.set_result(result)
+
+    def send_many(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.send(chunk)
+
+    def send_eof(self) -> None:
+        if not self.done.done():
+            self.done.set_result(self.reader.eof())
+
+
+async def _read_header(tls: TlsLeg, deadline_s: float) -> TransportHeader | HeaderRefused | None:
+    """Read a transport header from `tls` within `deadline_s` (None: not in time). On a header,
+    the TLS leg is left unpaired with reading paused, and what followed the header is in
+    `tls.early`."""
+    done: asyncio.Future[TransportHeader | HeaderRefused] = asyncio.get_running_loop().create_future()
+    sink = _HeaderSink(done)
+    tls.pair(sink)
+    try:
+        result = await asyncio.wait_for(asyncio.shield(done), deadline_s)
+    except TimeoutError:
+        result = None
+    if tls.transport is not None:
+        tls.transport.pause_reading()
+    tls.peer = tls.forward = None  # unpaired: the app's leg takes the sink's place
+    if isinstance(result, TransportHeader):
+        # Already counted in tls.rx: Leg.start forwards `early` without counting it again.
+        tls.early = [chunk for chunk in sink.rest if chunk]
+    return result
+
+
+async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b"") -> None:
+    """An admitted inbound connection's last step: connect to the app at the target and relay
+    (`early`: bytes already read by detection)."""
+    where, tls_labels = admitted.where, admitted.tls_labels
+    dst = admitted.target
     proxy.observe(client, join(INBOUND_SRC, where, tls_labels))
     try:
-        upstream = await proxy.connect(orig, Leg())
+        upstream = await proxy.connect(dst, Leg())
     except (OSError, TimeoutError) as exc:
-        proxy.stats.error("inbound_connect", dst=f"{orig[0]}:{orig[1]}", reason=str(exc) or "timeout")
+        proxy.stats.error("inbound_connect", dst=f"{dst[0]}:{dst[1]}", reason=str(exc) or "timeout")
         if proxy.metrics is not None:  # authorized all the same: counted once, as a connection
             proxy.metrics.authz_allow.child(admitted.authz_keys()[0]).value += 1
         client.close()
         return
     proxy.observe(upstream, INBOUND_DST)
-    proxy.watch_http(client, upstream, join(INBOUND, where, tls_labels), known, early, admitted.authz_keys())
-    proxy.stats.opened[f"inbound:{kind}"] += 1
+    # A header's leftovers wait in client.early: pairing hands them to the taps and the app.
+    authz = admitted.authz_keys()
+    proxy.watch_http(client, upstream, join(INBOUND, where, tls_labels), admitted.known, early, authz)
+    proxy.stats.opened[f"inbound:{admitted.kind}"] += 1
     if early:
         upstream.send(early)
         client.rx += len(early)
@@ -705,59 +767,60 @@ class _OutboundAccept(Leg):
             self.abort()
             return
         orig = (_unmap(host), port)
-        if port == proxy.listening.get("outbound", ("", -1))[1]:
-            proxy.refuse("outbound", "loop")
+        refused = accept_outbound(orig, proxy.listening.get("outbound", ("", -1))[1])
+        if refused is not None:
+            proxy.refuse("outbound", refused.reason)
             self.abort()
             return
         entry = proxy.catalog.lookup(orig[0], orig[1])
-        proxy.spawn(_outbound(proxy, self, orig, entry), "outbound")
+        action = route_outbound(orig, entry, proxy.settings.unmeshed_outbound)
+        proxy.spawn(_outbound(proxy, self, orig, action), "outbound")
 
 
-async def _outbound(proxy: Proxy, app: Leg, orig: Address, entry: CatalogEntry | None) -> None:
+async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough | Originate | Refuse) -> None:
     dst = f"{orig[0]}:{orig[1]}"
     where = target(*orig)
     proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
-    if entry is None:
-        if proxy.settings.unmeshed_outbound == "refuse":
-            proxy.refuse("outbound", "not_meshed", dst=dst)
-            app.close()
-            return
+    if isinstance(action, Refuse):
+        proxy.refuse("outbound", action.reason, dst=dst)
+        app.close()
+        return
+    if isinstance(action, Passthrough):
         try:
-            upstream = await proxy.connect(orig, Leg())
+            upstream = await proxy.connect(action.target, Leg())
         except (OSError, TimeoutError) as exc:
             proxy.stats.error("outbound_connect", dst=dst, reason=str(exc) or "timeout")
             app.abort()
             return
-        tls_labels = tls_connect(None)
-        proxy.observe(upstream, join(OUTBOUND_DST, where, tls_labels))
-        proxy.watch_http(app, upstream, join(OUTBOUND, where, tls_labels), None)
+        proxy.observe(upstream, join(OUTBOUND_DST, where, action.tls_labels))
+        proxy.watch_http(app, upstream, join(OUTBOUND, where, action.tls_labels), None)
         proxy.stats.opened["outbound:passthrough"] += 1
         app.pair(upstream)
         return
-    tls = TlsLeg(proxy.credentials.client, server_side=False, server_hostname=entry.server_name)
+    tls = TlsLeg(proxy.credentials.client, server_side=False, server_hostname=action.server_name)
     try:
-        await proxy.connect(orig, tls)
+        await proxy.connect(action.target, tls)
         failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
     except (OSError, TimeoutError) as exc:
         failure = exc.with_traceback(None)
     if failure is not None:
         reason = _tls_reason(failure)
-        proxy.stats.error("outbound_tls", dst=dst, server_id=entry.identity, reason=reason)
+        proxy.stats.error("outbound_tls", dst=dst, server_id=action.identity, reason=reason)
         proxy.tls_failed("outbound", failure)
         log.warning(
-            "tls.handshake_failed", direction="outbound", dst=dst, server_id=entry.identity, reason=reason
+            "tls.handshake_failed", direction="outbound", dst=dst, server_id=action.identity, reason=reason
         )
         tls.abort()
         app.abort()
         return
     server_id = peer_spiffe_id(tls.peer_cert)
-    if server_id != entry.identity:
-        proxy.stats.error("outbound_identity", dst=dst, expected=entry.identity, got=server_id or "")
-        log.warning("tls.wrong_identity", dst=dst, expected=entry.identity, got=server_id or "")
+    if server_id != action.identity:
+        proxy.stats.error("outbound_identity", dst=dst, expected=action.identity, got=server_id or "")
+        log.warning("tls.wrong_identity", dst=dst, expected=action.identity, got=server_id or "")
         tls.abort()
         app.abort()
         return
-    tls_labels = join(tls_connect(peer_identity_name(tls.peer_cert)), dst_labels(entry.identity))
+    tls_labels = action.tls_labels(peer_identity_name(tls.peer_cert))
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls"] += 1

@@ -1,0 +1,301 @@
+"""Every rule of a connection's decisions, as tables, without sockets (agent/proxy/decisions.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from agent.proxy.catalog import CatalogEntry
+from agent.proxy.decisions import (
+    Admit,
+    Client,
+    InboundContext,
+    Originate,
+    Passthrough,
+    ReadFirstBytes,
+    ReadHeader,
+    Refuse,
+    ServedPorts,
+    TerminateMtls,
+    accept_inbound,
+    accept_outbound,
+    first_bytes,
+    route_detected,
+    route_header,
+    route_mtls,
+    route_outbound,
+)
+from agent.proxy.detect import MAX_PEEK, Detected, Protocol
+from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.transport_header import HeaderRefused, SessionProtocol, TransportHeader
+
+TD = "cluster.local"
+OURS = "db.shop.serviceaccount.identity.linkerd.cluster.local"
+WEB_ID = f"spiffe://{TD}/ns/shop/sa/web"
+WEB_NAME = "web.shop.serviceaccount.identity.linkerd.cluster.local"
+WEB = Client(WEB_ID, WEB_NAME)
+FOREIGN = Client("spiffe://other.td/ns/shop/sa/web", "web.shop.serviceaccount.identity.linkerd.other.td")
+HOST = "10.0.0.5"
+ORIG = (HOST, 8080)
+DIRECT = (HOST, 4143)
+
+POLICY = InboundPolicy(
+    default=PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED),
+    ports={
+        6379: PortPolicy(DefaultPolicy.ALL_AUTHENTICATED),
+        5432: PortPolicy(DefaultPolicy.DENY),
+        9000: PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED, (f"spiffe://{TD}/ns/shop/sa/web",)),
+    },
+)
+SERVED = ServedPorts(
+    included=((8000, 9999), (6379, 6379), (5432, 5432)), excluded=((4143, 4143), (9999, 9999))
+)
+
+
+def ctx(direct: bool = True, policy: InboundPolicy = POLICY) -> InboundContext:
+    return InboundContext(OURS, TD, policy, 4143, frozenset({25, 3306}), SERVED, direct)
+
+
+# --- accept ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("orig", "direct", "expected"),
+    [
+        (ORIG, True, ReadFirstBytes(direct=False)),
+        (DIRECT, True, ReadFirstBytes(direct=True)),
+        (DIRECT, False, Refuse("loop")),  # direct connections off: as before #16
+        ((HOST, 3306), True, Detected(Protocol.OPAQUE)),  # server speaks first: no detection
+        ((HOST, 25), False, Detected(Protocol.OPAQUE)),
+    ],
+)
+def test_accept_inbound(orig: tuple[str, int], direct: bool, expected: object) -> None:
+    assert accept_inbound(ctx(direct), orig) == expected
+
+
+@pytest.mark.parametrize(
+    ("buffer", "expected"),
+    [
+        (b"", None),
+        (b"GE", None),
+        (b"GET / HTTP/1.1\r\n", Detected(Protocol.HTTP1)),
+        (b"\x00\x01binary", Detected(Protocol.OPAQUE)),
+        (b"PRI * HTTP/2.0\r\n", None),
+        (b"\x16\x03\x01\x02\x00\x01", None),  # a ClientHello still arriving
+        (b"\x16\x03\x01\xff\xff" + b"\x00" * (MAX_PEEK - 5), Detected(Protocol.TLS)),  # too big to parse
+        (b"G" + b"x" * MAX_PEEK, Detected(Protocol.OPAQUE)),
+    ],
+)
+def test_first_bytes(buffer: bytes, expected: Detected | None) -> None:
+    assert first_bytes(buffer) == expected
+
+
+# --- after detection -------------------------------------------------------------------------
+
+
+def test_tls_for_us_is_terminated_on_either_path() -> None:
+    ours = Detected(Protocol.TLS, OURS)
+    assert route_detected(ctx(), ORIG, ours) == TerminateMtls(direct=False)
+    assert route_detected(ctx(), DIRECT, ours, direct=True) == TerminateMtls(direct=True)
+
+
+@pytest.mark.parametrize(
+    ("detected", "reason"),
+    [
+        (Detected(Protocol.HTTP1), "direct_not_tls"),
+        (Detected(Protocol.OPAQUE), "direct_not_tls"),  # silent, or bytes that are nothing known
+        (Detected(Protocol.TLS, None), "direct_foreign_sni"),
+        (Detected(Protocol.TLS, "api.example.com"), "direct_foreign_sni"),
+    ],
+)
+def test_direct_port_takes_only_mtls_for_us(detected: Detected, reason: str) -> None:
+    assert route_detected(ctx(), DIRECT, detected, direct=True) == Refuse(reason, port=4143)
+
+
+@pytest.mark.parametrize(
+    ("port", "detected", "allowed", "reason", "tls"),
+    [
+        (8080, Detected(Protocol.HTTP1), True, "unauthenticated_allowed", 'tls="no_identity"'),
+        (8080, Detected(Protocol.TLS, "app.example.com"), True, "unauthenticated_allowed", 'tls="opaque"'),
+        (3306, Detected(Protocol.OPAQUE), True, "unauthenticated_allowed", 'no_tls_reason="port_skipped"'),
+        (6379, Detected(Protocol.OPAQUE), False, "unauthenticated", 'no_tls_reason="no_tls_from_remote"'),
+        (5432, Detected(Protocol.OPAQUE), False, "denied", 'tls="no_identity"'),
+        (9000, Detected(Protocol.HTTP1), False, "unauthenticated", 'tls="no_identity"'),
+    ],
+)
+def test_plaintext_is_judged_by_the_port_policy(
+    port: int, detected: Detected, allowed: bool, reason: str, tls: str
+) -> None:
+    action = route_detected(ctx(), (HOST, port), detected)
+    if allowed:
+        assert isinstance(action, Admit)
+        assert (action.target, action.kind, action.known) == ((HOST, port), "plaintext", detected.protocol)
+        assert action.decision.reason == reason
+        assert tls in action.tls_labels
+        assert f'target_addr="{HOST}:{port}"' in action.where and f'srv_port="{port}"' in action.where
+    else:
+        assert isinstance(action, Refuse)
+        assert (action.reason, action.port) == (reason, port)
+        assert tls in action.deny and f'target_port="{port}"' in action.deny  # counted as a denial
+
+
+# --- after the handshake ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("port", "client", "allowed", "reason", "authz"),
+    [
+        (8080, WEB, True, "authenticated", 'authz_kind="default",authz_name="all-unauthenticated"'),
+        (6379, WEB, True, "authenticated", 'authz_name="all-authenticated"'),
+        (6379, FOREIGN, False, "foreign_trust_domain", ""),
+        (6379, Client(None, None), False, "unauthenticated", ""),
+        (5432, WEB, False, "denied", ""),
+        (9000, WEB, True, "allow_list", f'authz_kind="allowlist",authz_name="spiffe://{TD}/ns/shop/sa/web"'),
+        (9000, Client(f"spiffe://{TD}/ns/shop/sa/db", None), False, "not_authorized", ""),
+    ],
+)
+def test_redirected_mtls_is_judged_by_the_port_policy(
+    port: int, client: Client, allowed: bool, reason: str, authz: str
+) -> None:
+    action = route_mtls(ctx(), (HOST, port), client, alpn=None)
+    if allowed:
+        assert isinstance(action, Admit)
+        assert (action.target, action.kind, action.known) == ((HOST, port), "mtls", None)
+        assert action.decision.reason == reason
+        assert f'tls="true",client_id="{client.name}"' in action.tls_labels
+        tcp, http = action.authz_keys()
+        assert authz in tcp and authz in http and 'route_name="default"' in http
+    else:
+        assert isinstance(action, Refuse) and (action.reason, action.port) == (reason, port)
+        assert 'tls="true"' in action.deny
+
+
+def test_redirected_mtls_ignores_the_alpn() -> None:
+    # A linkerd2-proxy in transparent mode offers no ALPN; one that offered ours on an app port
+    # is served the same way (the header belongs to the direct port only).
+    assert isinstance(route_mtls(ctx(), ORIG, WEB, alpn="transport.l5d.io/v1"), Admit)
+
+
+@pytest.mark.parametrize(
+    ("client", "alpn", "expected"),
+    [
+        (WEB, "transport.l5d.io/v1", ReadHeader()),
+        (WEB, None, Refuse("direct_no_alpn", port=4143)),
+        (WEB, "h2", Refuse("direct_no_alpn", port=4143)),
+        (Client(None, None), "transport.l5d.io/v1", Refuse("direct_no_identity", port=4143)),
+    ],
+)
+def test_direct_mtls_needs_an_identity_and_the_alpn(
+    client: Client, alpn: str | None, expected: object
+) -> None:
+    assert route_mtls(ctx(), DIRECT, client, alpn, direct=True) == expected
+
+
+# --- the transport header --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("session", "known"),
+    [
+        (None, Protocol.OPAQUE),
+        (SessionProtocol.HTTP1, Protocol.HTTP1),
+        (SessionProtocol.HTTP2, Protocol.HTTP2),
+    ],
+)
+def test_header_to_a_served_port_goes_to_that_port_of_our_address(
+    session: SessionProtocol | None, known: Protocol
+) -> None:
+    action = route_header(ctx(), DIRECT, WEB, TransportHeader(8080, session_protocol=session))
+    assert isinstance(action, Admit)
+    assert (action.target, action.kind, action.known) == ((HOST, 8080), "header", known)
+    assert f'target_addr="{HOST}:8080"' in action.where and 'srv_port="8080"' in action.where
+    assert f'client_id="{WEB_NAME}"' in action.tls_labels
+
+
+@pytest.mark.parametrize(
+    ("header", "reason", "port"),
+    [
+        (None, "header_timeout", 4143),
+        (HeaderRefused("bad_preface"), "header_bad_preface", 4143),
+        (HeaderRefused("empty"), "header_empty", 4143),
+        (HeaderRefused("too_large"), "header_too_large", 4143),
+        (HeaderRefused("truncated"), "header_truncated", 4143),
+        (HeaderRefused("malformed"), "header_malformed", 4143),
+        (TransportHeader(4143), "header_unserved_port", 4143),  # ourselves: a loop
+        (TransportHeader(9999), "header_unserved_port", 9999),  # excluded (the proxy's, admin)
+        (TransportHeader(22), "header_unserved_port", 22),  # not captured
+        (TransportHeader(8080, name="web.shop.svc.cluster.local"), "header_named_target", 8080),
+    ],
+)
+def test_header_refusals(header: TransportHeader | HeaderRefused | None, reason: str, port: int) -> None:
+    assert route_header(ctx(), DIRECT, WEB, header) == Refuse(reason, port=port)
+
+
+@pytest.mark.parametrize(
+    ("port", "client", "reason"),
+    [
+        (6379, FOREIGN, "foreign_trust_domain"),
+        (5432, WEB, "denied"),
+        (9000, Client(f"spiffe://{TD}/ns/shop/sa/db", None), "not_authorized"),
+    ],
+)
+def test_header_target_port_has_the_policy_of_a_redirected_connection(
+    port: int, client: Client, reason: str
+) -> None:
+    via_header = route_header(ctx(), DIRECT, client, TransportHeader(port))
+    redirected = route_mtls(ctx(), (HOST, port), client, alpn=None)
+    assert isinstance(via_header, Refuse) and via_header.reason == reason
+    assert via_header == redirected  # same reason, same port, same denial labels
+
+
+@pytest.mark.parametrize(
+    ("served", "port", "inside"),
+    [
+        (ServedPorts(), 8080, True),  # nothing listed: every port
+        (ServedPorts(), 0, False),
+        (ServedPorts(), 65536, False),
+        (ServedPorts(excluded=((4140, 4143),)), 4141, False),
+        (ServedPorts(((80, 80), (8000, 8100))), 8100, True),
+        (ServedPorts(((80, 80), (8000, 8100))), 8101, False),
+        (ServedPorts(((8000, 8100),), ((8050, 8050),)), 8050, False),
+    ],
+)
+def test_served_ports(served: ServedPorts, port: int, inside: bool) -> None:
+    assert (port in served) is inside
+
+
+# --- outbound --------------------------------------------------------------------------------
+
+
+def entry(**extra: object) -> CatalogEntry:
+    doc: dict[str, object] = {
+        "cidr": "10.1.0.0/16",
+        "identity": f"spiffe://{TD}/ns/shop/sa/db",
+        "server_name": OURS,
+        **extra,
+    }
+    return CatalogEntry.from_doc(doc)
+
+
+def test_outbound_routes() -> None:
+    dst = ("10.1.2.3", 6379)
+    assert accept_outbound(("10.1.2.3", 4140), 4140) == Refuse("loop")
+    assert accept_outbound(dst, 4140) is None
+    assert route_outbound(dst, None, "refuse") == Refuse("not_meshed")
+    passthrough = route_outbound(dst, None, "pass")
+    assert isinstance(passthrough, Passthrough) and passthrough.target == dst
+    assert 'no_tls_reason="not_provided_by_service_discovery"' in passthrough.tls_labels
+    mtls = route_outbound(dst, entry(), "pass")
+    assert mtls == Originate(dst, OURS, f"spiffe://{TD}/ns/shop/sa/db")
+    labels = mtls.tls_labels(OURS) if isinstance(mtls, Originate) else ""
+    assert f'server_id="{OURS}"' in labels and 'dst_serviceaccount="db"' in labels
+
+
+def test_outbound_to_an_opaque_port_dials_it_and_names_the_target_in_a_header() -> None:
+    e = entry(opaque_port=4143)
+    if not hasattr(e, "opaque_port"):
+        pytest.skip("catalog entries have no opaque_port yet")
+    action = route_outbound(("10.1.2.3", 6379), e, "pass")
+    assert action == Originate(("10.1.2.3", 4143), OURS, f"spiffe://{TD}/ns/shop/sa/db", header_port=6379)
+    assert ipaddress.ip_address(action.target[0]) in e.network
