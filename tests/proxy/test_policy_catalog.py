@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
+from agent.config import CatalogEntrySettings, InboundSettings, OutboundSettings
+from agent.errors import ConfigError
 from agent.proxy.catalog import Catalog, CatalogEntry
 from agent.proxy.directory import merge
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
@@ -199,3 +203,112 @@ def test_merge_applies_every_valid_entry_and_reports_the_rest(
 def test_trust_domain_of_the_client(policy: PortPolicy, client: str, allowed: bool, reason: str) -> None:
     decision = InboundPolicy(ports={443: policy}).authorize(443, client, "cluster.local")
     assert (decision.allowed, decision.reason) == (allowed, reason)
+
+
+# --- either identity form: allow-lists, catalog entries, config ------------------------------
+
+WEB_DNS = "web.shop.serviceaccount.identity.linkerd.cluster.local"
+
+
+def test_dns_form_allow_patterns_are_kept_in_spiffe_form() -> None:
+    policy = PortPolicy(DefaultPolicy.DENY, ("*.shop.serviceaccount.identity.linkerd.cluster.local", OTHER))
+    assert policy.allow == (f"{TD}/ns/shop/sa/*", OTHER)
+    decision = InboundPolicy(policy).authorize(5432, SHOP_WEB, "cluster.local")
+    assert (decision.allowed, decision.rule) == (True, f"{TD}/ns/shop/sa/*")
+    assert not InboundPolicy(policy).authorize(5432, f"{TD}/ns/billing/sa/web", "cluster.local").allowed
+
+
+def test_a_dns_pattern_that_cannot_map_is_refused() -> None:
+    with pytest.raises(ConfigError, match="wildcard in its mesh or trust domain"):
+        PortPolicy(DefaultPolicy.DENY, ("*.shop.serviceaccount.identity.linkerd.*",))
+
+
+def test_the_authoritys_unmappable_pattern_is_rejected_and_the_rest_applies() -> None:
+    remote = {
+        "policy": {
+            "ports": {
+                "5432": {"default": "deny", "allow": ["*.identity.linkerd.cluster.local"]},
+                "6379": {"default": "deny", "allow": [WEB_DNS]},
+            }
+        }
+    }
+    directory = merge([], InboundPolicy(), remote)
+    assert [r.where for r in directory.rejected] == ["policy.ports[5432]"]
+    assert "neither a SPIFFE ID" in directory.rejected[0].reason
+    assert directory.policy.for_port(6379) == PortPolicy(DefaultPolicy.DENY, (SHOP_WEB,))
+
+
+@pytest.mark.parametrize(
+    ("doc", "identity", "server_name", "opaque_port"),
+    [
+        ({"identity": SHOP_WEB, "server_name": WEB_DNS}, SHOP_WEB, WEB_DNS, None),
+        ({"identity": WEB_DNS}, SHOP_WEB, WEB_DNS, None),
+        ({"identity": SHOP_WEB}, SHOP_WEB, WEB_DNS, None),
+        ({"identity": SHOP_WEB, "opaque_port": 4143}, SHOP_WEB, WEB_DNS, 4143),
+        ({"identity": f"{TD}/custom", "server_name": "x.example"}, f"{TD}/custom", "x.example", None),
+    ],
+    ids=["spiffe", "dns-form", "server-name-derived", "opaque-port", "non-workload-spiffe"],
+)
+def test_catalog_entries_take_either_identity_form(
+    doc: dict[str, Any], identity: str, server_name: str, opaque_port: int | None
+) -> None:
+    entry = CatalogEntry.from_doc({"cidr": "198.18.0.20/32", **doc})
+    assert (entry.identity, entry.server_name, entry.opaque_port) == (identity, server_name, opaque_port)
+    assert CatalogEntry.from_doc(entry.to_doc()) == entry
+    assert ("opaque_port" in entry.to_doc()) == (opaque_port is not None)
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        ({"identity": SHOP_WEB, "opaque_port": 0}, "opaque_port 0 is not a port number"),
+        ({"identity": SHOP_WEB, "opaque_port": 65536}, "opaque_port 65536"),
+        ({"identity": SHOP_WEB, "opaque_port": "4143"}, "opaque_port '4143'"),
+        ({"identity": SHOP_WEB, "opaque_port": True}, "opaque_port True"),
+        ({"identity": "web.shop.svc.cluster.local"}, "is not a mesh identity name"),
+        ({"identity": f"{TD}/custom"}, "missing 'server_name'"),
+    ],
+    ids=["port-0", "port-too-big", "port-string", "port-bool", "not-a-mesh-name", "custom-needs-server-name"],
+)
+def test_bad_catalog_entries_are_refused_saying_why(doc: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        CatalogEntry.from_doc({"cidr": "198.18.0.20/32", **doc})
+    assert says in err.value.message
+
+
+def test_config_takes_either_form_and_keeps_spiffe() -> None:
+    inbound = InboundSettings(
+        ports=({"port": 5432, "allow": ["*.shop.serviceaccount.identity.linkerd.cluster.local", OTHER]},)  # type: ignore[arg-type]
+    )
+    assert inbound.ports[0].allow == (f"{TD}/ns/shop/sa/*", OTHER)
+    outbound = OutboundSettings(
+        catalog=({"cidr": "10.0.0.0/8", "identity": WEB_DNS, "opaque_port": 4143},)  # type: ignore[arg-type]
+    )
+    assert outbound.catalog[0] == CatalogEntrySettings("10.0.0.0/8", SHOP_WEB, (), 4143)
+
+
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        (
+            lambda: InboundSettings(ports=({"port": 1, "allow": ["*.x.serviceaccount.identity.linkerd.*"]},)),
+            "inbound.ports[0].allow",
+        ),  # type: ignore[arg-type]
+        (lambda: InboundSettings(ports=({"port": 1, "allow": [3]},)), "inbound.ports[0].allow"),  # type: ignore[arg-type]
+        (
+            lambda: OutboundSettings(catalog=({"cidr": "10.0.0.0/8", "identity": "web"},)),
+            "outbound.catalog[0].identity",
+        ),  # type: ignore[arg-type]
+        (
+            lambda: OutboundSettings(
+                catalog=({"cidr": "10.0.0.0/8", "identity": WEB_DNS, "opaque_port": 0},)
+            ),
+            "outbound.catalog[0].opaque_port",
+        ),  # type: ignore[arg-type]
+    ],
+    ids=["unmappable-pattern", "not-a-string", "bad-identity", "bad-opaque-port"],
+)
+def test_config_refuses_what_cannot_map_naming_the_key(section: Any, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        section()
+    assert says in err.value.message
