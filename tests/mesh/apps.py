@@ -83,3 +83,42 @@ def grpc_echo(host: Host, port: int) -> None:
     UNAVAILABLE for b"fail" and NOT_FOUND for b"missing"."""
     proc = host.popen(sys.executable, "-c", GRPC_SERVER, str(port))
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr
+
+
+def nginx_linkerd(host: Host, workdir: Path, port: int = 8080, big_mb: int = 10) -> Path:
+    """nginx for the Linkerd peer tests (HTTP/1 only): `/` a small page, `/big.bin` `big_mb` MB
+    of random bytes, `/echo` the request body back (chunked), `/chunked` a chunked answer in
+    three flushed parts, `/fail` a 500. The echo module comes with Debian's nginx-light."""
+    root = workdir / "nginx-linkerd"
+    www = root / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    (www / "index.html").write_text("hello from a meshed nginx\n")
+    (www / "big.bin").write_bytes(os.urandom(big_mb * 2**20))
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
+daemon off;
+user root;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  client_max_body_size 16m; client_body_buffer_size 16m;
+  server {{
+    listen {port} reuseport; root {www};
+    location /fail {{ return 500; }}
+    location /echo {{ echo_read_request_body; echo_request_body; }}
+    location /chunked {{ echo "part one"; echo_flush; echo "part two"; echo_flush; echo "the end"; }}
+  }}
+}}
+""")
+    host.popen("nginx", "-c", str(conf), "-p", str(root))
+    wait_for(
+        lambda: host.run("curl", "-sf", f"http://127.0.0.1:{port}/", check=False).returncode == 0,
+        "nginx (linkerd peer tests)",
+    )
+    return root

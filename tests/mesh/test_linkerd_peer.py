@@ -1,0 +1,295 @@
+"""A meshed host called as an in-cluster linkerd2-proxy calls an ExternalWorkload (issue #16).
+
+The client is tests/linkerd/peer.py (linkerd2-proxy's client side, header bytes from protoc),
+in the unmeshed `cl` namespace, with a pod certificate made as Linkerd's identity controller
+makes it (one DNS SAN) and signed by the mesh's issuer. Host b runs real nginx (HTTP/1),
+redis (opaque) and a grpcio server (native HTTP/2) behind its agent. One mesh and one agent
+start for the whole module; the tests run in file order and each checks its own deltas.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from agent.netlab import netns_supported
+from tests.linkerd.certs import linkerd_ca, linkerd_name, linkerd_pod_cert
+from tests.mesh import apps
+from tests.mesh.conftest import PY, Agent, Mesh, build_mesh, wait_for
+
+pytestmark = pytest.mark.netns
+
+B = "198.18.2.2"  # b on the link to cl, where the peer runs
+HTTP, REDIS, GRPC, INBOUND = 8080, 6379, 50051, 4143
+CLIENT = linkerd_name("web", "shop")  # the peer's identity, as Linkerd names it
+SERVER_NAME = linkerd_name("legacy", "shop")  # the ExternalWorkload's meshTLS.serverName
+SERVER_ID = "spiffe://cluster.local/ns/shop/sa/legacy"  # its meshTLS.identity
+ALPN = "transport.l5d.io/v1"
+PREFACE = b"transport.l5d.io/v1\r\n\r\n"
+
+
+@dataclass
+class World:
+    mesh: Mesh
+    b: Agent
+    certs: Path
+    spec: Path
+    direct: dict[str, Any]
+
+    def tls(self, cert: str = "web") -> list[str]:
+        return [
+            f"--cert={self.certs / f'{cert}.crt'}",
+            f"--key={self.certs / f'{cert}.key'}",
+            f"--bundle={self.mesh.authority_dir / 'trust-bundle.pem'}",
+            f"--server-name={SERVER_NAME}",
+            f"--server-id={SERVER_ID}",
+            f"--host={B}",
+        ]
+
+    def peer(self, *args: str, timeout: float = 120) -> Any:
+        out = self.mesh.cl.run(PY, "-m", "tests.linkerd.peer", *args, timeout=timeout).stdout
+        return json.loads(out)
+
+    def forwarder(self, listen: int, *args: str) -> None:
+        proc = self.mesh.cl.popen(
+            PY, "-m", "tests.linkerd.peer", "forward", f"--listen=127.0.0.1:{listen}", *args
+        )
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr
+
+    def metrics(self) -> list[str]:
+        return self.mesh.cl.run("curl", "-sf", f"http://{B}:4191/metrics").stdout.splitlines()
+
+    def status(self) -> Any:
+        return json.loads(
+            self.mesh.cl.run("curl", "-sS", "--max-time", "5", f"http://{B}:4191/status").stdout
+        )
+
+
+def total(lines: list[str], family: str, *parts: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(family + "{") and all(p in line for p in parts)
+    )
+
+
+def _write_cert(directory: Path, name: str, chain_and_key: tuple[bytes, bytes]) -> None:
+    (directory / f"{name}.crt").write_bytes(chain_and_key[0])
+    (directory / f"{name}.key").write_bytes(chain_and_key[1])
+
+
+def _spec(body: bytes) -> list[dict[str, Any]]:
+    host = [["host", f"{B}:{HTTP}"], ["user-agent", "linkerd-peer"]]
+    b64 = base64.b64encode(body).decode()
+    return [
+        {"name": "get", "target": "/", "headers": host},
+        {"name": "get_http10", "target": "/", "version": "HTTP/1.0", "headers": host},
+        {"name": "absolute_form", "target": f"http://{B}:{HTTP}/", "headers": host},
+        {"name": "post", "method": "POST", "target": "/echo", "headers": host, "body": b64},
+        {
+            "name": "post_chunked",
+            "method": "POST",
+            "target": "/echo",
+            "headers": host,
+            "body": b64,
+            "chunked": True,
+        },
+        {"name": "chunked_response", "target": "/chunked", "headers": host},
+        {"name": "fail", "target": "/fail", "headers": host},
+        {"name": "concurrent", "target": "/", "headers": host, "count": 100},
+        {"name": "ten_mb", "target": "/big.bin", "headers": host},
+    ]
+
+
+REQUESTS_PER_RUN = 108  # the spec's requests: 8 single ones and 100 concurrent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    reason = netns_supported()
+    if reason:
+        pytest.skip(reason)
+    with build_mesh(tmp_path_factory.mktemp("linkerd-peer")) as mesh:
+        apps.nginx_linkerd(mesh.b, mesh.tmp, HTTP)
+        apps.redis(mesh.b, REDIS)
+        apps.grpc_echo(mesh.b, GRPC)
+        b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", [B], inbound_policy="all-authenticated")
+
+        certs = mesh.tmp / "peer-certs"
+        certs.mkdir()
+        issuer = x509.load_pem_x509_certificate((mesh.authority_dir / "issuer.crt").read_bytes())
+        key = serialization.load_pem_private_key((mesh.authority_dir / "issuer.key").read_bytes(), None)
+        _write_cert(certs, "web", linkerd_pod_cert(issuer, key, "web", "shop"))  # type: ignore[arg-type]
+        # Signed by the mesh's issuer, but naming another trust domain.
+        _write_cert(
+            certs, "other-td", linkerd_pod_cert(issuer, key, "web", "shop", trust_domain="other.example")
+        )  # type: ignore[arg-type]
+        # Another mesh altogether: its own CA, which b does not trust.
+        foreign, foreign_key = linkerd_ca()
+        _write_cert(certs, "foreign", linkerd_pod_cert(foreign, foreign_key, "web", "shop"))
+
+        spec = mesh.tmp / "spec.json"
+        spec.write_text(json.dumps(_spec(os.urandom(200_000))))
+        # The direct call, before b's agent intercepts anything: what the app answers.
+        direct = json.loads(
+            mesh.cl.run(PY, "-m", "tests.linkerd.peer", "direct", f"--to={B}:{HTTP}", f"--spec={spec}").stdout
+        )
+        b.start()
+        w = World(mesh, b, certs, spec, direct["results"])
+        yield w
+        assert b.proc is not None and b.proc.poll() is None, "b's agent died"
+        assert "Traceback" not in b.log.read_text()
+
+
+def _same_as_direct(world: World, got: dict[str, Any]) -> None:
+    for name, want in world.direct.items():
+        results = got["results"][name]
+        for r in results:
+            assert r["reset"] is None, (name, r)
+            assert r["orig_proto"] in ("HTTP/1.1", "HTTP/1.0"), (name, r)  # the host downgraded
+            assert (r["status"], r["body_len"], r["body_sha256"]) == (
+                want[0]["status"],
+                want[0]["body_len"],
+                want[0]["body_sha256"],
+            ), name
+    assert got["results"]["ten_mb"][0]["body_len"] == 10 * 2**20
+    assert got["results"]["post"][0]["body_len"] == 200_000
+
+
+def test_http1_upgraded_through_the_header_and_transparently(world: World) -> None:
+    """GET, HTTP/1.0, absolute-form, POST (sized and chunked), a chunked answer, a 500, 100
+    concurrent streams and 10 MB on one h2 connection: what nginx answers directly, byte for
+    byte, and request_total / response_total exact with the peer's Linkerd identity."""
+    spec = f"--spec={world.spec}"
+    via_header = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", spec)
+    assert via_header["alpn"] == ALPN
+    _same_as_direct(world, via_header)
+    transparent = world.peer("requests", *world.tls(), "--mode=transparent", f"--target-port={HTTP}", spec)
+    assert transparent["alpn"] is None
+    _same_as_direct(world, transparent)
+
+    who = ('direction="inbound"', f'client_id="{CLIENT}"', f'target_port="{HTTP}"')
+    expected = 2 * REQUESTS_PER_RUN
+    wait_for(lambda: total(world.metrics(), "request_total", *who) == expected, "requests counted", world.b)
+    lines = world.metrics()
+    assert total(lines, "response_total", *who) == expected
+    assert total(lines, "response_total", *who, 'status_code="500"', 'classification="failure"') == 2
+    assert (
+        total(lines, "response_total", *who, 'status_code="200"', 'classification="success"') == expected - 2
+    )
+
+
+def test_redis_benchmark_through_the_opaque_forwarder(world: World) -> None:
+    """redis-benchmark via a forwarder that dials 4143 with the ALPN and header {port: 6379}
+    (no session protocol, as for an opaque port), and via transparent mTLS to 6379."""
+    world.forwarder(7001, *world.tls(), f"--target-port={REDIS}")
+    args = ["-h", "127.0.0.1", "-p", "7001", "-n", "2000", "-c", "10", "-t", "set,get", "-q", "--csv"]
+    bench = world.mesh.cl.run("redis-benchmark", *args, timeout=120)
+    rows = [line for line in bench.stdout.splitlines() if line.startswith(('"SET"', '"GET"'))]
+    assert len(rows) == 2, bench.stdout + bench.stderr
+    assert "error" not in (bench.stdout + bench.stderr).lower()
+    marker = "opaque-" + secrets.token_hex(8)
+    world.mesh.cl.run("redis-cli", "-h", "127.0.0.1", "-p", "7001", "set", "peer-key", marker)
+    world.forwarder(7002, *world.tls(), "--mode=transparent", f"--target-port={REDIS}")
+    got = world.mesh.cl.run("redis-cli", "-h", "127.0.0.1", "-p", "7002", "get", "peer-key").stdout.strip()
+    assert got == marker
+
+
+GRPC_CLIENT = """
+import sys, grpc
+for port in sys.argv[1:]:
+    with grpc.insecure_channel("127.0.0.1:" + port) as ch:
+        say = ch.unary_unary("/demo.Echo/Say")
+        assert say(b"peer", timeout=10) == b"hi peer"
+        for msg, code, details in (
+            (b"fail", "UNAVAILABLE", "down for maintenance"),
+            (b"missing", "NOT_FOUND", "no such thing"),
+        ):
+            try:
+                say(msg, timeout=10)
+                raise SystemExit("no error for " + msg.decode())
+            except grpc.RpcError as err:
+                assert (err.code().name, err.details()) == (code, details), (err.code(), err.details())
+print("ok")
+"""
+
+
+def test_grpc_native_h2_unchanged(world: World) -> None:
+    """A real grpcio client through the peer: header {port: 50051, session: http2} on 4143,
+    and transparent mTLS to 50051; answers and grpc-status trailers unchanged."""
+    world.forwarder(7003, *world.tls(), f"--target-port={GRPC}", "--session=http2")
+    world.forwarder(7004, *world.tls(), "--mode=transparent", f"--target-port={GRPC}")
+    assert world.mesh.cl.run(PY, "-c", GRPC_CLIENT, "7003", "7004").stdout.strip() == "ok"
+
+
+def _counted(world: World) -> int:
+    conns = world.status()["connections"]
+    return sum(conns["refused"].values()) + sum(conns["failures"].values())
+
+
+def test_refused_and_counted(world: World) -> None:
+    """Each misbehaviour: no byte of the app comes back, the agent counts it, and still serves."""
+    get = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
+    h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    unserved = bytes.fromhex(
+        world.mesh.cl.run(PY, "-m", "tests.linkerd.peer", "header", "--port=9").stdout.strip()
+    )
+    on_4143 = [f"--port={INBOUND}", f"--alpn={ALPN}"]
+    cases: list[tuple[str, list[str], bytes]] = [
+        ("wrong ALPN (h2)", [f"--port={INBOUND}", "--alpn=h2"], h2_preface),
+        ("header for an unserved port", on_4143, unserved + get),
+        ("header length 0", on_4143, PREFACE + b"\0\0\0\0" + get),
+        ("header length 2^31", on_4143, PREFACE + b"\x80\0\0\0" + get),
+        ("truncated header", [*on_4143, "--wait=0"], PREFACE + b"\0\0\0\x10\x08"),
+        ("garbage after the preface", on_4143, PREFACE + b"\0\0\0\x05\xff\xff\xff\xff\xff"),
+        ("no preface", on_4143, get),
+    ]  # fmt: skip
+    for what, args, send in cases:
+        before = _counted(world)
+        got = world.peer("probe", *world.tls(), *args, f"--send-hex={send.hex()}")
+        # A server may refuse an ALPN it does not speak in the handshake; the header cases need one.
+        assert got["handshake"] == "ok" or "ALPN" in what, (what, got)
+        assert got["received_len"] == 0, (what, got)
+        wait_for(lambda b=before: _counted(world) > b, f"{what}: counted", world.b)  # type: ignore[misc]
+
+    for what, cert in (("another trust domain, same issuer", "other-td"), ("another mesh's CA", "foreign")):
+        before = _counted(world)
+        got = world.peer("probe", *world.tls(cert), f"--port={HTTP}", f"--send-hex={get.hex()}")
+        assert got["received_len"] == 0, (what, got)
+        wait_for(lambda b=before: _counted(world) > b, f"{what}: counted", world.b)  # type: ignore[misc]
+
+    before = _counted(world)
+    flood = world.peer("flood", *world.tls(), f"--target-port={HTTP}", "--session=http2", "--streams=300")
+    assert flood["alpn"] == ALPN
+    assert flood["resets"].get("REFUSED_STREAM", 0) > 0 or flood["goaway"] is not None, flood
+    assert sum(flood["responses"].values()) <= 300 - flood["resets"].get("REFUSED_STREAM", 0)
+    wait_for(lambda: _counted(world) > before, "stream flood: counted", world.b)
+
+    bad = world.mesh.tmp / "bad-orig-proto.json"
+    host = [["host", f"{B}:{HTTP}"]]
+    bad.write_text(
+        json.dumps([{"name": "bad", "upgrade": False, "headers": [*host, ["l5d-orig-proto", "HTTP/9.9"]]}])
+    )
+    before = _counted(world)
+    got = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", f"--spec={bad}")
+    r = got["results"]["bad"][0]
+    assert r["reset"] is not None or r["status"] == 400, r
+    wait_for(lambda: _counted(world) > before, "bad l5d-orig-proto: counted", world.b)
+
+    # Still serving, and nothing leaked: one more upgraded GET.
+    ok = world.mesh.tmp / "ok.json"
+    ok.write_text(json.dumps([{"name": "get", "target": "/", "headers": host}]))
+    got = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", f"--spec={ok}")
+    assert got["results"]["get"][0]["status"] == 200
+    assert world.b.proc is not None and world.b.proc.poll() is None
+    assert "Traceback" not in world.b.log.read_text()
