@@ -69,7 +69,8 @@ MAX_HEAD: Final = 64 * 1024  # an app response head, at most (h11's buffer bound
 class GatewaySettings:
     max_streams: int = 100  # SETTINGS_MAX_CONCURRENT_STREAMS; past it RST_STREAM(REFUSED_STREAM)
     max_app_connections: int = 100  # HTTP/1 connections to the app per client connection
-    max_idle_app_connections: int = 16  # kept open for reuse
+    max_idle_app_connections: int = 100  # kept open for reuse (linkerd's inbound: unbounded)...
+    idle_app_timeout_s: float = 3.0  # ...for this long (linkerd's inbound HTTP/1 pool default)
     max_header_list_size: int = 65536
 
 
@@ -117,7 +118,7 @@ class _Stream:
 class _AppConn(Leg):
     """One HTTP/1 connection to the app. Not paired: its bytes go to the gateway's h11 client."""
 
-    __slots__ = ("gateway", "h11", "paused", "reusable", "stream")
+    __slots__ = ("gateway", "h11", "idle_since", "paused", "reusable", "stream")
 
     def __init__(self, gateway: OrigProtoGateway) -> None:
         super().__init__()
@@ -126,6 +127,7 @@ class _AppConn(Leg):
         self.stream: _Stream | None = None
         self.paused = False  # reading paused: the stream's response waits for the client
         self.reusable = True
+        self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -223,6 +225,7 @@ class OrigProtoGateway(Leg):
         self.idle: list[_AppConn] = []
         self.waiting: deque[_Stream] = deque()
         self.opening = 0
+        self.sweep: asyncio.TimerHandle | None = None  # closes idle app connections
         self.tasks: set[asyncio.Task[None]] = set()
         self.writable = True
         self.client_done = False  # the client finished writing
@@ -286,11 +289,11 @@ class OrigProtoGateway(Leg):
             self.send(chunk)
 
     def send_eof(self) -> None:
-        """The client finished writing: serve what is in flight, then close."""
-        # Not `read_eof`: the client leg would take both ends as finished and close the pair.
+        """The client's end of stream ends the connection, its streams unanswered (HTTP/2 has no
+        half-close: Rust's h2, under linkerd2-proxy, fails open streams at EOF as well); a leg
+        left waiting for app responses nobody reads would outlive the client."""
         self.client_done = True
-        if not self.streams:
-            self._shutdown()
+        self._shutdown()
 
     def start(self) -> None:
         if self.output and self.forward is not None:
@@ -504,9 +507,28 @@ class OrigProtoGateway(Leg):
                 self._bind(stream, conn)
                 return
         if len(self.idle) < self.settings.max_idle_app_connections and not self.client_done:
-            self.idle.append(conn)
+            loop = asyncio.get_running_loop()
+            conn.idle_since = loop.time()
+            self.idle.append(conn)  # reused last in, first out: the oldest ones expire
+            if self.sweep is None:
+                self.sweep = loop.call_later(self.settings.idle_app_timeout_s, self._sweep_idle)
         else:
             conn.close()
+
+    def _sweep_idle(self) -> None:
+        """Close app connections idle past the timeout; come back while any stay idle."""
+        self.sweep = None
+        if self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - self.settings.idle_app_timeout_s
+        for conn in [c for c in self.idle if c.idle_since <= expired]:
+            self.idle.remove(conn)
+            conn.close()
+        if self.idle:
+            oldest = min(c.idle_since for c in self.idle)
+            delay = oldest + self.settings.idle_app_timeout_s - loop.time()
+            self.sweep = loop.call_later(max(delay, 0.01), self._sweep_idle)
 
     # --- app events ----------------------------------------------------------------------
 
@@ -756,6 +778,8 @@ class OrigProtoGateway(Leg):
         self.idle.clear()
         for task in self.tasks:
             task.cancel()
+        if self.sweep is not None:
+            self.sweep.cancel()
         peer = self.peer
         if peer is not None and not peer.closed:
             if abort:

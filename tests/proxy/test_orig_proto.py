@@ -48,6 +48,7 @@ from agent.telemetry.proxy_metrics import ProxyMetrics
 Headers = list[tuple[bytes, bytes]]
 BIG = bytes(range(256)) * (10 * 1024 * 1024 // 256)  # 10 MiB, every byte value
 BASE = 'direction="inbound"'
+AUTHZ = 'authz_kind="default"'
 
 
 # --- detection and translation, no sockets ----------------------------------------------------
@@ -166,6 +167,7 @@ class Seen:
     requests: list[tuple[bytes, bytes, bytes, dict[bytes, bytes], bytes]] = field(default_factory=list)
     wanted: int = 0  # `arrived` is set once this many requests came
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    none_open: asyncio.Event = field(default_factory=asyncio.Event)  # set when the last one closes
 
 
 class App(asyncio.Protocol):
@@ -187,6 +189,8 @@ class App(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.seen.open -= 1
+        if not self.seen.open:
+            self.seen.none_open.set()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -376,6 +380,9 @@ class Rig:
     def requests(self) -> float:
         return float(self.metrics.request_total.child(BASE).value)
 
+    def authorized(self) -> float:
+        return float(self.metrics.http_authz_allow.child(AUTHZ).value)
+
     def responses(self, status: int) -> float:
         key = (
             f'{BASE},status_code="{status}",classification="{"failure" if status >= 500 else "success"}"'
@@ -399,7 +406,8 @@ async def rig(settings: GatewaySettings | None = None, app_port: int | None = No
 
     metrics, refused = ProxyMetrics(), []
     settings = settings or GatewaySettings()
-    gateway = OrigProtoGateway(app, connect, metrics.http(BASE), settings, on_refused=refused.append)
+    http = metrics.http(BASE, AUTHZ)
+    gateway = OrigProtoGateway(app, connect, http, settings, on_refused=refused.append)
     ours, theirs = socket.socketpair()
     client_leg = Leg()
     await loop.connect_accepted_socket(lambda: client_leg, ours)
@@ -451,6 +459,7 @@ def test_get_post_chunked_close_delimited_and_bodiless_match_a_direct_call() -> 
         # sequential requests reuse one keep-alive connection (the close-delimited one ended its own)
         assert r.seen.connections - 7 <= 2  # the direct calls opened 7 of them
         assert r.requests() == 7 and r.responses(200) == 5 and r.responses(201) == 1 and r.responses(204) == 1
+        assert r.authorized() == 7  # inbound_http_authz_allow_total, per request as for HTTP/1
 
     run(main)
 
@@ -586,5 +595,51 @@ def test_hostile_frames_end_the_connection_not_the_agent(hostile: bytes) -> None
         await asyncio.wait_for(r.client.closed.wait(), 10)  # GOAWAY, then the close
         assert r.gateway.closed and r.client_leg.closed
         assert "h2_protocol_error" in r.refused
+
+    run(main)
+
+
+def test_idle_app_connections_close_after_the_pool_timeout() -> None:
+    async def main() -> None:
+        r = await rig(GatewaySettings(idle_app_timeout_s=0.05))
+        assert (await r.client.request(b"/get")).status == 200
+        assert len(r.gateway.idle) == 1 and r.seen.open == 1
+        await asyncio.wait_for(r.seen.none_open.wait(), 10)
+        assert not r.gateway.idle and not r.gateway.conns
+        assert (await r.client.request(b"/get")).status == 200  # a new one then
+        assert r.seen.connections == 2
+
+    run(main)
+
+
+def test_a_client_gone_mid_request_closes_its_app_connections_and_counts_no_response() -> None:
+    async def main() -> None:
+        r = await rig()
+        r.client.start(b"/slow")
+        r.seen.wanted = 1
+        await asyncio.wait_for(r.seen.arrived.wait(), 10)
+        r.client.writer.close()
+        await asyncio.wait_for(r.seen.none_open.wait(), 10)
+        assert r.gateway.closed and r.client_leg.closed
+        no_response = 'classification="failure",grpc_status="",error="unclassified"'
+        assert r.metrics.response_total.child(f"{BASE},{no_response}").value == 1
+        assert r.requests() == 1
+
+    run(main)
+
+
+def test_the_client_ending_its_side_ends_the_connection_as_h2_does() -> None:
+    async def main() -> None:
+        r = await rig()
+        for _ in range(3):
+            r.client.start(b"/slow")
+        r.seen.wanted = 3
+        await asyncio.wait_for(r.seen.arrived.wait(), 10)
+        r.client.writer.write_eof()
+        await asyncio.wait_for(r.client.closed.wait(), 10)
+        await asyncio.wait_for(r.seen.none_open.wait(), 10)
+        assert r.gateway.closed and r.requests() == 3
+        no_response = 'classification="failure",grpc_status="",error="unclassified"'
+        assert r.metrics.response_total.child(f"{BASE},{no_response}").value == 3
 
     run(main)
