@@ -39,6 +39,7 @@ from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
+from agent.proxy.decisions import ServedPorts
 from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
@@ -119,7 +120,32 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         http_accounting=config.telemetry.metrics and config.telemetry.http_accounting,
         idle_timeout_s=p.idle_timeout_s,
         max_handshakes=p.max_handshakes,
+        direct=True,
+        served_ports=served_ports(config),
     )
+
+
+def served_ports(config: AgentConfig) -> ServedPorts:
+    """The app ports a transport header may name: those interception captures inbound
+    (intercept.inbound_ports, all when empty), without the skipped ones, SSH unless captured,
+    and never the proxy's own listeners or the admin port."""
+    i = config.intercept
+    excluded = [
+        *_ranges(i.inbound_skip_ports),
+        *((p, p) for p in (i.inbound_port, i.outbound_port, i.admin_port)),
+    ]
+    if not i.capture_ssh:
+        excluded += _ranges(i.ssh_ports)
+    return ServedPorts(tuple(_ranges(i.inbound_ports)), tuple(excluded))
+
+
+def _ranges(specs: tuple[int | str, ...]) -> list[tuple[int, int]]:
+    """Validated port specs (8080 or "8000-8100") as (first, last) ranges."""
+    out = []
+    for spec in specs:
+        lo, _, hi = str(spec).partition("-")
+        out.append((int(lo), int(hi or lo)))
+    return out
 
 
 def raise_nofile_limit() -> int:

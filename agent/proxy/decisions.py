@@ -17,6 +17,7 @@ Inbound, step by step:
                                          -> Admit | ReadHeader | Refuse
     route_header(ctx, orig, client, header)
                                          -> Admit | Refuse
+    after_tls(buffer, known, ended)      -> Stream | None (read on), for an Admit with `peek`
 
 Outbound: `route_outbound(entry, orig, unmeshed)` -> Passthrough | Originate | Refuse.
 
@@ -137,6 +138,9 @@ class Admit:
     decision: Decision
     kind: Literal["plaintext", "mtls", "header"]
     known: Protocol | None = None
+    peek: bool = False
+    """Read the client's first decrypted bytes before connecting (`after_tls`): an HTTP/2
+    connection a linkerd2-proxy upgraded (l5d-orig-proto) goes to the gateway, not the app."""
 
     def authz_keys(self) -> tuple[str, str]:
         """The connection's `inbound_tcp_authz_allow_total` and `inbound_http_authz_allow_total`
@@ -211,7 +215,7 @@ def route_mtls(
         if alpn != TRANSPORT_ALPN:
             return Refuse(DIRECT_NO_ALPN, port=orig[1])
         return ReadHeader()
-    return _authorize(ctx, orig, client, "mtls", None)
+    return _authorize(ctx, orig, client, "mtls", None, peek=orig[1] not in ctx.skip_detect_ports)
 
 
 def route_header(
@@ -232,7 +236,8 @@ def route_header(
         SessionProtocol.HTTP1: Protocol.HTTP1,
         SessionProtocol.HTTP2: Protocol.HTTP2,
     }[header.session_protocol]
-    return _authorize(ctx, (orig[0], header.port), client, "header", known)
+    dst = (orig[0], header.port)
+    return _authorize(ctx, dst, client, "header", known, peek=known is Protocol.HTTP2)
 
 
 def _authorize(
@@ -241,13 +246,43 @@ def _authorize(
     client: Client,
     kind: Literal["mtls", "header"],
     known: Protocol | None,
+    peek: bool,
 ) -> Admit | Refuse:
     decision = ctx.policy.authorize(dst[1], client.spiffe_id, ctx.trust_domain)
     where = where_labels(ctx.policy, dst)
     tls_labels = tls_accept(client.name, True)
     if not decision.allowed:
         return Refuse(decision.reason, join(where, tls_labels), dst[1])
-    return Admit(dst, where, tls_labels, decision, kind, known)
+    return Admit(dst, where, tls_labels, decision, kind, known, peek)
+
+
+@dataclass(frozen=True)
+class Stream:
+    """What a TLS client's decrypted stream carries. `upgraded`: HTTP/2 whose first request has
+    `l5d-orig-proto` (a linkerd2-proxy's upgraded HTTP/1): the orig-proto gateway serves it."""
+
+    protocol: Protocol
+    upgraded: bool = False
+
+
+def after_tls(buffer: bytes, known: Protocol | None, ended: bool = False) -> Stream | None:
+    """The first decrypted bytes of an admitted `peek` connection: what they carry, or None to
+    read on. `ended`: the client finished (or the detect deadline passed): decide with what is
+    there (nothing known: opaque)."""
+    protocol = known
+    if protocol is None:
+        detected = first_bytes(buffer)
+        if detected is None:
+            return Stream(Protocol.OPAQUE) if ended else None
+        protocol = detected.protocol
+    if protocol is not Protocol.HTTP2:
+        return Stream(protocol)
+    from .orig_proto import detect_upgraded  # hpack: loaded for HTTP/2 clients only
+
+    upgraded = detect_upgraded(buffer)
+    if isinstance(upgraded, bool):
+        return Stream(protocol, upgraded)
+    return Stream(protocol) if ended else None
 
 
 def where_labels(policy: InboundPolicy, dst: Address) -> str:
@@ -293,7 +328,6 @@ def route_outbound(
         if unmeshed == "refuse":
             return Refuse("not_meshed")
         return Passthrough(orig, tls_connect(None))
-    opaque_port: int | None = getattr(entry, "opaque_port", None)
-    if opaque_port is not None:
-        return Originate((orig[0], opaque_port), entry.server_name, entry.identity, orig[1])
+    if entry.opaque_port is not None:
+        return Originate((orig[0], entry.opaque_port), entry.server_name, entry.identity, orig[1])
     return Originate(orig, entry.server_name, entry.identity)

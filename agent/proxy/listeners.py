@@ -22,7 +22,7 @@ import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
 from agent.errors import listen_error
@@ -40,9 +40,11 @@ from .decisions import (
     ReadHeader,
     Refuse,
     ServedPorts,
+    Stream,
     TerminateMtls,
     accept_inbound,
     accept_outbound,
+    after_tls,
     first_bytes,
     route_detected,
     route_header,
@@ -53,8 +55,8 @@ from .detect import NEED_DATA, Detected, Protocol, detect
 from .http1 import Accounting, new_accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
-from .tls import Credentials, peer_identity_name, peer_spiffe_id
-from .transport_header import HeaderReader, HeaderRefused, TransportHeader
+from .tls import Credentials, peer_identity, verify_server_identity
+from .transport_header import ALPN, HeaderReader, HeaderRefused, TransportHeader, encode
 
 log = get_logger("meshagent.proxy")
 
@@ -424,6 +426,8 @@ class Proxy:
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
         kind = f"{direction}:{reason}"
         self.stats.refused[kind] += 1
+        if self.metrics is not None:
+            self.metrics.refused.child(labels(("direction", direction), ("reason", reason))).value += 1
         self.refusal_log.warning(kind, direction=direction, reason=reason, **fields)
 
 
@@ -638,7 +642,8 @@ def _denied(proxy: Proxy, key: str) -> None:
 
 
 def _client(cert: dict[str, Any] | None) -> Client:
-    return Client(peer_spiffe_id(cert), peer_identity_name(cert))
+    peer = peer_identity(cert)
+    return Client(None, None) if peer is None else Client(peer.spiffe_id, peer.label)
 
 
 async def _inbound_mtls(
@@ -663,64 +668,151 @@ async def _inbound_mtls(
         action = route_header(ctx, orig, client, header)
     if isinstance(action, Refuse):
         _denied(proxy, action.deny)
-        proxy.refuse("inbound", action.reason, peer=peer, port=action.port, client_id=client.spiffe_id or "")
+        proxy.refuse("inbound", action.reason, peer=peer, port=action.port, client_id=client.name or "")
         tls.send_eof()
         tls.close()
         return
+    if action.peek:
+        stream = await _peek(tls, action.known, proxy.settings.detect_timeout_s)
+        if tls.closed:
+            return
+        if stream.upgraded:
+            _to_gateway(proxy, tls, action, peer)
+            return
+        action = replace(action, known=stream.protocol)
     await _to_app(proxy, tls, action)
 
 
-class _HeaderSink(Leg):
-    """Stands in for the app while a direct connection's transport header is read: the TLS leg,
-    paired with it, hands it decrypted bytes, which go to a `HeaderReader` until it decides."""
+def _to_gateway(proxy: Proxy, tls: TlsLeg, admitted: Admit, peer: str) -> None:
+    """HTTP/2 a linkerd2-proxy upgraded from HTTP/1 (l5d-orig-proto): the gateway answers it in
+    HTTP/2 and sends each request to the app as HTTP/1, counted per request."""
+    from .orig_proto_io import OrigProtoGateway  # h2 and h11: loaded for these connections only
 
-    def __init__(self, done: asyncio.Future[TransportHeader | HeaderRefused]) -> None:
+    where, tls_labels = admitted.where, admitted.tls_labels
+    proxy.observe(tls, join(INBOUND_SRC, where, tls_labels))
+    metrics = proxy.metrics
+    http = None
+    if metrics is not None:
+        http = metrics.http(join(INBOUND, where, tls_labels), admitted.authz_keys()[1])
+        if tls.metrics is not None:
+            tls.metrics.http = http  # held while the connection is open
+
+    def refused(reason: str) -> None:
+        proxy.refuse("inbound", reason, peer=peer, port=admitted.target[1])
+
+    gateway = OrigProtoGateway(
+        admitted.target,
+        proxy.connect,
+        http,
+        on_refused=refused,
+        observe_app=lambda leg: proxy.observe(leg, INBOUND_DST),
+    )
+    proxy.track(gateway)
+    proxy.stats.opened[f"inbound:{admitted.kind}_orig_proto"] += 1
+    tls.pair(gateway)  # the bytes already read wait in tls.early: pairing hands them over
+
+
+class _Prefix(Leg):
+    """Stands in for the app while a TLS client's first decrypted bytes are read: the TLS leg,
+    paired with it, hands it what it decrypts; `step` sees each chunk and returns True once it
+    has decided. Chunks after that are kept in `after`."""
+
+    def __init__(self, step: Callable[[bytes], bool], on_end: Callable[[], object]) -> None:
         super().__init__()
-        self.reader = HeaderReader()
-        self.done = done
-        self.rest: list[bytes] = []  # what followed the header
+        self.step = step
+        self.on_end = on_end
+        self.decided = False
+        self.after: list[bytes] = []
 
     def sink(self) -> Callable[[bytes], object]:
         return self.send
 
     def send(self, data: bytes) -> None:
-        if self.done.done():
-            self.rest.append(data)  # records decrypted in the same read as the header's end
-            return
-        result = self.reader.feed(data)
-        if isinstance(result, TransportHeader):
-            self.rest.append(self.reader.rest)
-            self.done.set_result(result)
-        elif isinstance(result, HeaderRefused):
-            self.done.set_result(result)
+        if self.decided:
+            self.after.append(data)  # records decrypted in the same read as the deciding one
+        elif self.step(data):
+            self.decided = True
 
     def send_many(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.send(chunk)
 
     def send_eof(self) -> None:
-        if not self.done.done():
-            self.done.set_result(self.reader.eof())
+        if not self.decided:
+            self.decided = True
+            self.on_end()
+
+    def close(self) -> None:  # the TLS leg closed (reset, TLS error)
+        self.send_eof()
+
+
+async def _read_prefix(tls: TlsLeg, prefix: _Prefix, done: asyncio.Future[None], deadline_s: float) -> bool:
+    """Run `prefix` on `tls` until it decides, the client ends, or `deadline_s` passes (False).
+    The TLS leg is left unpaired with reading paused."""
+    tls.pair(prefix)
+    try:
+        await asyncio.wait_for(asyncio.shield(done), deadline_s)
+        in_time = True
+    except TimeoutError:
+        in_time = False
+    if tls.transport is not None and not tls.closed:
+        tls.transport.pause_reading()
+    tls.peer = tls.forward = None  # unpaired: the app's leg takes the prefix's place
+    return in_time
 
 
 async def _read_header(tls: TlsLeg, deadline_s: float) -> TransportHeader | HeaderRefused | None:
     """Read a transport header from `tls` within `deadline_s` (None: not in time). On a header,
-    the TLS leg is left unpaired with reading paused, and what followed the header is in
-    `tls.early`."""
-    done: asyncio.Future[TransportHeader | HeaderRefused] = asyncio.get_running_loop().create_future()
-    sink = _HeaderSink(done)
-    tls.pair(sink)
-    try:
-        result = await asyncio.wait_for(asyncio.shield(done), deadline_s)
-    except TimeoutError:
-        result = None
-    if tls.transport is not None:
-        tls.transport.pause_reading()
-    tls.peer = tls.forward = None  # unpaired: the app's leg takes the sink's place
-    if isinstance(result, TransportHeader):
-        # Already counted in tls.rx: Leg.start forwards `early` without counting it again.
-        tls.early = [chunk for chunk in sink.rest if chunk]
-    return result
+    what followed it waits in `tls.early` (already counted in `tls.rx`)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    reader = HeaderReader()
+    result: list[TransportHeader | HeaderRefused] = []
+
+    def finish(outcome: TransportHeader | HeaderRefused) -> bool:
+        result.append(outcome)
+        if not done.done():
+            done.set_result(None)
+        return True
+
+    def step(data: bytes) -> bool:
+        outcome = reader.feed(data)
+        return finish(outcome) if isinstance(outcome, TransportHeader | HeaderRefused) else False
+
+    prefix = _Prefix(step, lambda: finish(reader.eof()))
+    if not await _read_prefix(tls, prefix, done, deadline_s):
+        return None
+    header = result[0]
+    if isinstance(header, TransportHeader):
+        tls.early = [chunk for chunk in (reader.rest, *prefix.after) if chunk]
+    return header
+
+
+async def _peek(tls: TlsLeg, known: Protocol | None, deadline_s: float) -> Stream:
+    """What the client's first decrypted bytes carry (`after_tls`), read within `deadline_s`;
+    the bytes wait in `tls.early` for the app or the gateway (already counted in `tls.rx`)."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    seen = bytearray()
+    result: list[Stream] = []
+
+    def decide(ended: bool) -> bool:
+        stream = after_tls(bytes(seen), known, ended)
+        if stream is None:
+            return False
+        result.append(stream)
+        if not done.done():
+            done.set_result(None)
+        return True
+
+    def step(data: bytes) -> bool:
+        seen.extend(data)
+        return decide(False)
+
+    prefix = _Prefix(step, lambda: decide(True))
+    await _read_prefix(tls, prefix, done, deadline_s)
+    if not result:  # the deadline passed: decide with what is there
+        decide(True)
+    tls.early = [chunk for chunk in (bytes(seen), *prefix.after) if chunk]
+    return result[0]
 
 
 async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b"") -> None:
@@ -797,7 +889,10 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough |
         proxy.stats.opened["outbound:passthrough"] += 1
         app.pair(upstream)
         return
-    tls = TlsLeg(proxy.credentials.client, server_side=False, server_hostname=action.server_name)
+    # An endpoint that expects the transport header: offer its ALPN, on its proxy port.
+    header = action.header_port is not None
+    context = proxy.credentials.client_opaque if header else proxy.credentials.client
+    tls = TlsLeg(context, server_side=False, server_hostname=action.server_name)
     try:
         await proxy.connect(action.target, tls)
         failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
@@ -813,17 +908,26 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough |
         tls.abort()
         app.abort()
         return
-    server_id = peer_spiffe_id(tls.peer_cert)
-    if server_id != action.identity:
-        proxy.stats.error("outbound_identity", dst=dst, expected=action.identity, got=server_id or "")
-        log.warning("tls.wrong_identity", dst=dst, expected=action.identity, got=server_id or "")
+    wrong = verify_server_identity(tls.peer_cert, action.identity)
+    if wrong is not None:
+        proxy.stats.error("outbound_identity", dst=dst, expected=action.identity, got=wrong)
+        log.warning("tls.wrong_identity", dst=dst, expected=action.identity, got=wrong)
         tls.abort()
         app.abort()
         return
-    tls_labels = action.tls_labels(peer_identity_name(tls.peer_cert))
+    if action.header_port is not None:
+        if tls.sslobj.selected_alpn_protocol() != ALPN:
+            # It would read our header as the app's bytes: fail rather than corrupt the stream.
+            proxy.refuse("outbound", "transport_alpn_not_selected", dst=dst, server_id=action.identity)
+            tls.abort()
+            app.abort()
+            return
+        tls.send(encode(TransportHeader(port=action.header_port)))
+    server = peer_identity(tls.peer_cert)
+    tls_labels = action.tls_labels(server.label if server is not None else None)
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
-    proxy.stats.opened["outbound:mtls"] += 1
+    proxy.stats.opened["outbound:mtls_header" if header else "outbound:mtls"] += 1
     app.pair(tls)
 
 

@@ -259,6 +259,12 @@ class ProxyMetrics:
             "TLS handshakes that failed, by direction and reason",
             "counter",
         )
+        self.refused = f(
+            "meshagent_connections_refused_total",
+            "Connections the proxy refused, by direction and reason (policy denials, direct-port "
+            "and transport-header refusals, loops, handshake limits)",
+            "counter",
+        )
         self.cert_expiry = f(
             "identity_cert_expiration_timestamp_seconds",
             "Time when the this proxy's current mTLS identity certificate will expire "
@@ -289,6 +295,7 @@ class ProxyMetrics:
             self.authz_allow,
             self.authz_deny,
             self.tls_failures,
+            self.refused,
             self.cert_expiry,
             self.control_cert_expiry,
         ]

@@ -17,9 +17,11 @@ from agent.proxy.decisions import (
     ReadHeader,
     Refuse,
     ServedPorts,
+    Stream,
     TerminateMtls,
     accept_inbound,
     accept_outbound,
+    after_tls,
     first_bytes,
     route_detected,
     route_header,
@@ -299,3 +301,59 @@ def test_outbound_to_an_opaque_port_dials_it_and_names_the_target_in_a_header() 
     action = route_outbound(("10.1.2.3", 6379), e, "pass")
     assert action == Originate(("10.1.2.3", 4143), OURS, f"spiffe://{TD}/ns/shop/sa/db", header_port=6379)
     assert ipaddress.ip_address(action.target[0]) in e.network
+
+
+# --- after TLS: what the decrypted stream carries ---------------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("buffer", "known", "ended", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\n", None, False, Stream(Protocol.HTTP1)),
+        (b"GE", None, False, None),
+        (b"GE", None, True, Stream(Protocol.OPAQUE)),  # the client ended (or went silent)
+        (b"", None, True, Stream(Protocol.OPAQUE)),
+        (b"*1\r\n$4\r\nPING\r\n", None, False, Stream(Protocol.OPAQUE)),
+        (b"anything", Protocol.OPAQUE, False, Stream(Protocol.OPAQUE)),  # header: no session protocol
+        (b"", Protocol.HTTP1, False, Stream(Protocol.HTTP1)),
+        (H2_PREFACE[:10], None, False, None),
+        (H2_PREFACE, None, False, None),  # no HEADERS yet: read on
+        (H2_PREFACE, None, True, Stream(Protocol.HTTP2)),  # ended first: not upgraded
+        (b"GET / HTTP/1.1\r\n", Protocol.HTTP2, False, Stream(Protocol.HTTP2)),  # not h2: raw relay
+    ],
+)
+def test_after_tls(buffer: bytes, known: Protocol | None, ended: bool, expected: Stream | None) -> None:
+    assert after_tls(buffer, known, ended) == expected
+
+
+def h2_request(extra: list[tuple[str, str]]) -> bytes:
+    import hpack
+
+    block = hpack.Encoder().encode(
+        [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "db"), *extra]
+    )
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    headers = len(block).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + block  # END_STREAM|END_HEADERS
+    return H2_PREFACE + settings + headers
+
+
+def test_after_tls_tells_upgraded_http2_from_native() -> None:
+    upgraded = h2_request([("l5d-orig-proto", "HTTP/1.1")])
+    assert after_tls(upgraded, None) == Stream(Protocol.HTTP2, upgraded=True)
+    assert after_tls(upgraded, Protocol.HTTP2) == Stream(Protocol.HTTP2, upgraded=True)
+    assert after_tls(h2_request([]), None) == Stream(Protocol.HTTP2, upgraded=False)
+    assert after_tls(upgraded[:-3], None) is None
+
+
+def test_peek_is_asked_where_an_upgraded_connection_may_come() -> None:
+    redirected = route_mtls(ctx(), ORIG, WEB, alpn=None)
+    skipped = route_mtls(ctx(), (HOST, 3306), WEB, alpn=None)
+    assert isinstance(redirected, Admit) and redirected.peek
+    assert isinstance(skipped, Admit) and not skipped.peek  # server speaks first: never waits
+    for session, peek in ((None, False), (SessionProtocol.HTTP1, False), (SessionProtocol.HTTP2, True)):
+        action = route_header(ctx(), DIRECT, WEB, TransportHeader(8080, session_protocol=session))
+        assert isinstance(action, Admit) and action.peek is peek
+    plain = route_detected(ctx(), ORIG, Detected(Protocol.HTTP2))
+    assert isinstance(plain, Admit) and not plain.peek
