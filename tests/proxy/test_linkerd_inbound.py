@@ -331,3 +331,39 @@ def test_outbound_fails_when_the_endpoint_does_not_select_the_alpn(tmp_path: Pat
         server.close()
 
     run(tmp_path, body)
+
+
+def test_mtls_on_an_app_port_is_read_first_and_still_counted(tmp_path: Path) -> None:
+    """Transparent mode (a linkerd2-proxy's TLS to the app's own port, no ALPN): the first
+    decrypted bytes are read before the app is dialled, then reach it whole and are counted."""
+
+    async def body(host: Host) -> None:
+        async def http(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(http, "127.0.0.1", 0)
+        app_port = server.sockets[0].getsockname()[1]
+        b = Proxy(
+            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(host.tmp / "b")),
+            InboundPolicy(),
+            Catalog([]),
+            lambda sock: ("127.0.0.1", app_port),
+            host.metrics,
+        )
+        await b.start()
+        host.proxies.append(b)
+        request = b"GET / HTTP/1.1\r\nHost: db\r\n\r\n"
+        got = await direct(b.listening["inbound"][1], host.web.client, request)
+        assert got.startswith(b"HTTP/1.1 200 OK") and got.endswith(b"ok")
+        assert b.stats.opened["inbound:mtls"] == 1
+        await asyncio.sleep(0.1)
+        requests = [line for line in host.metrics.request_total.render() if not line.startswith("#")]
+        assert len(requests) == 1 and f'client_id="{WEB_NAME}"' in requests[0]
+        assert requests[0].endswith(" 1")
+        server.close()
+
+    run(tmp_path, body)
