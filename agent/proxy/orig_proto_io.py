@@ -62,6 +62,7 @@ log = get_logger("meshagent.proxy.orig_proto")
 Address = tuple[str, int]
 
 SLICE: Final = 4096  # client bytes per h2.receive_data: <= 410 new streams before we refuse them
+DEFAULT_WINDOW: Final = 65535  # SETTINGS_INITIAL_WINDOW_SIZE, h2's and RFC 9113's default
 MAX_HEAD: Final = 64 * 1024  # an app response head, at most (h11's buffer bound)
 
 
@@ -252,6 +253,11 @@ class OrigProtoGateway(Leg):
             },
         )
         conn.decoder.max_header_list_size = settings.max_header_list_size
+        # A connection window as large as all streams' windows together: a stream's DATA stays
+        # unacknowledged until the app took it, and streams waiting for an app connection must
+        # not hold the window the served ones need (it would deadlock at the pool's bound).
+        # Memory stays bounded by the stream windows: max_streams x 64 KiB.
+        conn.increment_flow_control_window(settings.max_streams * DEFAULT_WINDOW)
 
     # --- the client side (Leg API) -------------------------------------------------------
 

@@ -643,3 +643,34 @@ def test_the_client_ending_its_side_ends_the_connection_as_h2_does() -> None:
         assert r.metrics.response_total.child(f"{BASE},{no_response}").value == 3
 
     run(main)
+
+
+def test_uploads_waiting_for_an_app_connection_do_not_starve_the_ones_served() -> None:
+    async def main() -> None:
+        # Streams waiting for one of 2 app connections keep their DATA unacknowledged: the
+        # connection's window must still let the 2 served uploads finish.
+        r = await rig(GatewaySettings(max_app_connections=2))
+        bodies = [bytes([i]) * 300_000 for i in range(8)]
+        sids = [r.client.start(b"/echo", b"POST", body) for body in bodies]
+        sent = dict.fromkeys(sids, 0)
+        conn = r.client.conn
+        for sid, body in zip(sids[2:], bodies[2:], strict=True):  # the waiting ones take the window
+            while (size := min(conn.local_flow_control_window(sid), 16384, len(body) - sent[sid])) > 0:
+                conn.send_data(sid, body[sent[sid] : sent[sid] + size])
+                sent[sid] += size
+        r.client.flush()
+        assert sum(sent.values()) >= 65535  # the whole of a default connection window
+        await asyncio.gather(
+            *(r.client.send_body(sid, body) for sid, body in zip(sids[:2], bodies[:2], strict=True))
+        )
+        for sid in sids[:2]:
+            await asyncio.wait_for(r.client.answers[sid].done.wait(), 10)
+        for sid, body in zip(sids[2:], bodies[2:], strict=True):
+            await r.client.send_body(sid, body[sent[sid] :])
+        for sid, body in zip(sids, bodies, strict=True):
+            answer = r.client.answers[sid]
+            await asyncio.wait_for(answer.done.wait(), 20)
+            assert (answer.status, bytes(answer.body)) == (200, body)
+        assert r.seen.most_open <= 2
+
+    run(main)
