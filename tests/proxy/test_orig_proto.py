@@ -11,6 +11,7 @@ import hashlib
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -28,6 +29,7 @@ from h2.events import (
 )
 from hpack import Encoder
 
+from agent.identity.store import IdentityStore
 from agent.proxy.detect import NEED_DATA
 from agent.proxy.orig_proto import (
     MAX_DETECT,
@@ -42,13 +44,16 @@ from agent.proxy.orig_proto import (
     upgrade_response,
 )
 from agent.proxy.orig_proto_io import GatewaySettings, OrigProtoGateway
-from agent.proxy.relay import Leg
+from agent.proxy.relay import Leg, TlsLeg
+from agent.proxy.tls import Credentials
 from agent.telemetry.proxy_metrics import ProxyMetrics
+from tests.support import issue_identity
 
 Headers = list[tuple[bytes, bytes]]
 BIG = bytes(range(256)) * (10 * 1024 * 1024 // 256)  # 10 MiB, every byte value
 BASE = 'direction="inbound"'
 AUTHZ = 'authz_kind="default"'
+DB_NAME = "db.shop.serviceaccount.identity.linkerd.cluster.local"
 
 
 # --- detection and translation, no sockets ----------------------------------------------------
@@ -672,5 +677,68 @@ def test_uploads_waiting_for_an_app_connection_do_not_starve_the_ones_served() -
             await asyncio.wait_for(answer.done.wait(), 20)
             assert (answer.status, bytes(answer.body)) == (200, body)
         assert r.seen.most_open <= 2
+
+    run(main)
+
+
+def test_over_mtls_with_the_relay_tls_leg(tmp_path: Path) -> None:
+    """The gateway paired with the proxy's own TlsLeg (decrypted side), as the integrator wires it:
+    a TLS 1.3 client with a mesh certificate, HTTP/2 with prior knowledge inside, no ALPN."""
+    issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
+    issue_identity(tmp_path / "authority", "shop/web", tmp_path / "a")
+    server = Credentials.load(IdentityStore(tmp_path / "b")).server
+    client = Credentials.load(IdentityStore(tmp_path / "a")).client
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        seen, release = Seen(), asyncio.Event()
+        app_server = await loop.create_server(lambda: App(seen, release), "127.0.0.1", 0)
+        app = ("127.0.0.1", app_server.sockets[0].getsockname()[1])
+
+        async def connect(address: Address, leg: Leg) -> Leg:
+            await loop.create_connection(lambda: leg, *address)
+            return leg
+
+        metrics = ProxyMetrics()
+        gateways: list[OrigProtoGateway] = []
+        serving: list[asyncio.Task[None]] = []
+
+        def accepted() -> TlsLeg:
+            tls = TlsLeg(server, server_side=True)
+
+            async def serve() -> None:
+                await tls.handshake_waiter
+                assert tls.handshake_error is None and tls.peer_cert is not None
+                gateway = OrigProtoGateway(app, connect, metrics.http(BASE))
+                gateways.append(gateway)
+                tls.pair(gateway)
+
+            serving.append(loop.create_task(serve()))
+            return tls
+
+        listener = await loop.create_server(accepted, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1",
+            port,
+            ssl=client,
+            server_hostname="db.shop.serviceaccount.identity.linkerd.cluster.local",
+        )
+        h2 = UpgradeClient(reader, writer)
+        answer = await h2.request(b"/big")
+        assert answer.status == 200 and bytes(answer.body) == BIG
+        posted = b"z" * 3_000_000
+        answer = await h2.request(b"/echo", b"POST", posted)
+        assert answer.status == 200 and bytes(answer.body) == posted
+        sids = [h2.start(b"/get") for _ in range(100)]
+        for sid in sids:
+            await asyncio.wait_for(h2.answers[sid].done.wait(), 30)
+            assert (h2.answers[sid].status, bytes(h2.answers[sid].body)) == (200, b"got /get")
+        assert float(metrics.request_total.child(BASE).value) == 102
+        writer.close()
+        await asyncio.wait_for(seen.none_open.wait(), 10)
+        assert gateways[0].closed and all(task.done() for task in serving)
+        listener.close()
+        app_server.close()
 
     run(main)
