@@ -587,6 +587,13 @@ class OrigProtoGateway(Leg):
             elif isinstance(event, h11.ConnectionClosed):
                 conn.reusable = False
                 return
+            elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                # The Upgrade header never reaches the app (linkerd does not upgrade such
+                # requests; connection fields are dropped): an app switching anyway gets no tunnel.
+                conn.reusable = False
+                self._respond_error(stream, 502)
+                conn.close()
+                return
             # InformationalResponse (100 Continue): the client's proxy answered its own client's
             # Expect already, and the body is being relayed: not forwarded, as hyper's client does.
 

@@ -249,6 +249,8 @@ class App(asyncio.Protocol):
         elif path == b"/close":
             w(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the close")
             self.transport.close()
+        elif path == b"/switch":
+            w(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw")
         elif path == b"/nobody":
             w(b"HTTP/1.1 204 No Content\r\n\r\n")
         else:
@@ -565,6 +567,17 @@ def test_a_bad_orig_proto_value_and_a_native_stream_are_refused_and_counted() ->
         assert r.requests() == 2 and r.responses(400) == 2  # answered by the proxy: counted
         assert not r.seen.requests
         assert (await r.client.request(b"/get")).status == 200
+
+    run(main)
+
+
+def test_an_app_that_switches_protocols_or_breaks_http1_is_a_502() -> None:
+    async def main() -> None:
+        r = await rig()
+        answer = await r.client.request(b"/switch")
+        assert answer.status == 502 and bytes(answer.body) == b""
+        assert (await r.client.request(b"/get")).status == 200  # on another app connection
+        assert r.requests() == 2 and r.responses(502) == 1 and r.responses(200) == 1
 
     run(main)
 
