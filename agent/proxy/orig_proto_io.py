@@ -747,6 +747,10 @@ class OrigProtoGateway(Leg):
             self.log.warning(reason, reason=reason, **fields)
 
     def _write(self, data: bytes) -> None:
+        peer = self.peer
+        transport = peer.transport if peer is not None else None
+        if transport is None or transport.is_closing():
+            return  # the client is gone (uvloop raises on a write to a closed transport)
         self.rx += len(data)  # what the client leg is sent: its tx
         self.forward(data)  # type: ignore[misc]
 

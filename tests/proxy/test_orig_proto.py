@@ -17,6 +17,7 @@ from typing import Any
 import httptools
 import httpx
 import pytest
+import uvloop
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -429,7 +430,8 @@ async def direct(app: Address, path: str, method: str = "GET", body: bytes | Non
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(asyncio.wait_for(test(), 60))
+    """On uvloop, the agent's loop (its transports raise where asyncio's only warn)."""
+    uvloop.run(asyncio.wait_for(test(), 60))
 
 
 # --- end to end -------------------------------------------------------------------------------
