@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import secrets
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,12 +172,16 @@ def test_http1_upgraded_through_the_header_and_transparently(world: World) -> No
     concurrent streams and 10 MB on one h2 connection: what nginx answers directly, byte for
     byte, and request_total / response_total exact with the peer's Linkerd identity."""
     spec = f"--spec={world.spec}"
+    opened = Counter(world.status()["connections"]["opened"])
     via_header = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", spec)
     assert via_header["alpn"] == ALPN
     _same_as_direct(world, via_header)
     transparent = world.peer("requests", *world.tls(), "--mode=transparent", f"--target-port={HTTP}", spec)
     assert transparent["alpn"] is None
     _same_as_direct(world, transparent)
+    # All 216 requests on two connections, each through the gateway by its own path.
+    moved = Counter(world.status()["connections"]["opened"]) - opened
+    assert moved == Counter({"inbound:header_orig_proto": 1, "inbound:mtls_orig_proto": 1}), moved
 
     who = ('direction="inbound"', f'client_id="{CLIENT}"', f'target_port="{HTTP}"')
     expected = 2 * REQUESTS_PER_RUN
@@ -192,6 +197,7 @@ def test_http1_upgraded_through_the_header_and_transparently(world: World) -> No
 def test_redis_benchmark_through_the_opaque_forwarder(world: World) -> None:
     """redis-benchmark via a forwarder that dials 4143 with the ALPN and header {port: 6379}
     (no session protocol, as for an opaque port), and via transparent mTLS to 6379."""
+    opened = Counter(world.status()["connections"]["opened"])
     world.forwarder(7001, *world.tls(), f"--target-port={REDIS}")
     args = ["-h", "127.0.0.1", "-p", "7001", "-n", "2000", "-c", "10", "-t", "set,get", "-q", "--csv"]
     bench = world.mesh.cl.run("redis-benchmark", *args, timeout=120)
@@ -203,6 +209,8 @@ def test_redis_benchmark_through_the_opaque_forwarder(world: World) -> None:
     world.forwarder(7002, *world.tls(), "--mode=transparent", f"--target-port={REDIS}")
     got = world.mesh.cl.run("redis-cli", "-h", "127.0.0.1", "-p", "7002", "get", "peer-key").stdout.strip()
     assert got == marker
+    moved = Counter(world.status()["connections"]["opened"]) - opened
+    assert moved["inbound:header"] >= 10 and moved["inbound:mtls"] == 1, moved
 
 
 GRPC_CLIENT = """
@@ -227,69 +235,92 @@ print("ok")
 def test_grpc_native_h2_unchanged(world: World) -> None:
     """A real grpcio client through the peer: header {port: 50051, session: http2} on 4143,
     and transparent mTLS to 50051; answers and grpc-status trailers unchanged."""
+    opened = Counter(world.status()["connections"]["opened"])
     world.forwarder(7003, *world.tls(), f"--target-port={GRPC}", "--session=http2")
     world.forwarder(7004, *world.tls(), "--mode=transparent", f"--target-port={GRPC}")
     assert world.mesh.cl.run(PY, "-c", GRPC_CLIENT, "7003", "7004").stdout.strip() == "ok"
+    moved = Counter(world.status()["connections"]["opened"]) - opened
+    assert moved == Counter({"inbound:header": 1, "inbound:mtls": 1}), moved  # raw h2, no gateway
 
 
-def _counted(world: World) -> int:
+def _counts(world: World) -> Counter[str]:
+    """Refusals and failures as /status shows them ("refused:inbound:header_empty", ...)."""
     conns = world.status()["connections"]
-    return sum(conns["refused"].values()) + sum(conns["failures"].values())
+    return Counter(
+        {f"{kind}:{reason}": n for kind in ("refused", "failures") for reason, n in conns[kind].items()}
+    )
+
+
+def _counted_once(world: World, what: str, before: Counter[str], reason: str, n: int = 1) -> None:
+    """Exactly one counter moved, by `n`: the one for `reason`."""
+
+    def moved() -> bool:
+        return +(_counts(world) - before) == Counter({reason: n})
+
+    wait_for(moved, f"{what}: counted as {reason} x{n} (moved: {dict(_counts(world) - before)})", world.b)
 
 
 def test_refused_and_counted(world: World) -> None:
-    """Each misbehaviour: no byte of the app comes back, the agent counts it, and still serves."""
+    """Each misbehaviour: no byte of the app comes back, the agent counts it under its own
+    reason, and still serves."""
     get = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
     h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
     unserved = bytes.fromhex(
         world.mesh.cl.run(PY, "-m", "tests.linkerd.peer", "header", "--port=9").stdout.strip()
     )
     on_4143 = [f"--port={INBOUND}", f"--alpn={ALPN}"]
-    cases: list[tuple[str, list[str], bytes]] = [
-        ("wrong ALPN (h2)", [f"--port={INBOUND}", "--alpn=h2"], h2_preface),
-        ("header for an unserved port", on_4143, unserved + get),
-        ("header length 0", on_4143, PREFACE + b"\0\0\0\0" + get),
-        ("header length 2^31", on_4143, PREFACE + b"\x80\0\0\0" + get),
-        ("truncated header", [*on_4143, "--wait=0"], PREFACE + b"\0\0\0\x10\x08"),
-        ("garbage after the preface", on_4143, PREFACE + b"\0\0\0\x05\xff\xff\xff\xff\xff"),
-        ("no preface", on_4143, get),
+    cut, garbage = PREFACE + b"\0\0\0\x10\x08", PREFACE + b"\0\0\0\x05\xff\xff\xff\xff\xff"
+    cases: list[tuple[str, list[str], bytes, str]] = [
+        ("wrong ALPN (h2)", [f"--port={INBOUND}", "--alpn=h2"], h2_preface, "refused:inbound:direct_no_alpn"),
+        ("header for an unserved port", on_4143, unserved + get, "failures:inbound_connect"),
+        ("header length 0", on_4143, PREFACE + b"\0\0\0\0" + get, "refused:inbound:header_empty"),
+        ("header length 2^31", on_4143, PREFACE + b"\x80\0\0\0" + get, "refused:inbound:header_too_large"),
+        ("truncated header", [*on_4143, "--wait=0"], cut, "refused:inbound:header_truncated"),
+        ("garbage after the preface", on_4143, garbage, "refused:inbound:header_malformed"),
+        ("no preface", on_4143, get, "refused:inbound:header_bad_preface"),
     ]  # fmt: skip
-    for what, args, send in cases:
-        before = _counted(world)
+    for what, args, send, reason in cases:
+        before = _counts(world)
         got = world.peer("probe", *world.tls(), *args, f"--send-hex={send.hex()}")
         # A server may refuse an ALPN it does not speak in the handshake; the header cases need one.
         assert got["handshake"] == "ok" or "ALPN" in what, (what, got)
         assert got["received_len"] == 0, (what, got)
-        wait_for(lambda b=before: _counted(world) > b, f"{what}: counted", world.b)  # type: ignore[misc]
+        _counted_once(world, what, before, reason)
 
-    for what, cert in (("another trust domain, same issuer", "other-td"), ("another mesh's CA", "foreign")):
-        before = _counted(world)
+    for what, cert, reason in (
+        ("another trust domain, same issuer", "other-td", "refused:inbound:foreign_trust_domain"),
+        ("another mesh's CA", "foreign", "failures:inbound_tls_handshake"),
+    ):
+        before = _counts(world)
         got = world.peer("probe", *world.tls(cert), f"--port={HTTP}", f"--send-hex={get.hex()}")
         assert got["received_len"] == 0, (what, got)
-        wait_for(lambda b=before: _counted(world) > b, f"{what}: counted", world.b)  # type: ignore[misc]
+        _counted_once(world, what, before, reason)
 
-    before = _counted(world)
+    before = _counts(world)
     flood = world.peer("flood", *world.tls(), f"--target-port={HTTP}", "--session=http2", "--streams=300")
-    assert flood["alpn"] == ALPN
-    assert flood["resets"].get("REFUSED_STREAM", 0) > 0 or flood["goaway"] is not None, flood
-    assert sum(flood["responses"].values()) <= 300 - flood["resets"].get("REFUSED_STREAM", 0)
-    wait_for(lambda: _counted(world) > before, "stream flood: counted", world.b)
+    assert flood["alpn"] == ALPN and flood["goaway"] is None, flood
+    limit = flood["max_concurrent_streams"]
+    assert limit is not None and limit < 300
+    # Streams past the advertised limit refused one by one; the others answered.
+    assert flood["resets"] == {"REFUSED_STREAM": 300 - limit} and flood["responses"] == {"200": limit}, flood
+    _counted_once(world, "stream flood", before, "refused:inbound:h2_refused_stream", 300 - limit)
 
     bad = world.mesh.tmp / "bad-orig-proto.json"
     host = [["host", f"{B}:{HTTP}"]]
     bad.write_text(
         json.dumps([{"name": "bad", "upgrade": False, "headers": [*host, ["l5d-orig-proto", "HTTP/9.9"]]}])
     )
-    before = _counted(world)
+    before = _counts(world)
     got = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", f"--spec={bad}")
     r = got["results"]["bad"][0]
-    assert r["reset"] is not None or r["status"] == 400, r
-    wait_for(lambda: _counted(world) > before, "bad l5d-orig-proto: counted", world.b)
+    assert r["reset"] is None and r["status"] == 400, r
+    _counted_once(world, "bad l5d-orig-proto", before, "refused:inbound:orig_proto_bad_value")
 
     # Still serving, and nothing leaked: one more upgraded GET.
     ok = world.mesh.tmp / "ok.json"
     ok.write_text(json.dumps([{"name": "get", "target": "/", "headers": host}]))
     got = world.peer("requests", *world.tls(), f"--target-port={HTTP}", "--session=http2", f"--spec={ok}")
     assert got["results"]["get"][0]["status"] == 200
+    assert world.status()["connections"]["open"] == 0
     assert world.b.proc is not None and world.b.proc.poll() is None
     assert "Traceback" not in world.b.log.read_text()
