@@ -265,14 +265,17 @@ def test_refused_and_counted(world: World) -> None:
     reason, and still serves."""
     get = b"GET / HTTP/1.1\r\nHost: b\r\n\r\n"
     h2_preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00"
-    unserved = bytes.fromhex(
-        world.mesh.cl.run(PY, "-m", "tests.linkerd.peer", "header", "--port=9").stdout.strip()
-    )
+
+    def header(port: int) -> bytes:
+        out = world.mesh.cl.run(PY, "-m", "tests.linkerd.peer", "header", f"--port={port}").stdout
+        return bytes.fromhex(out.strip())
+
     on_4143 = [f"--port={INBOUND}", f"--alpn={ALPN}"]
     cut, garbage = PREFACE + b"\0\0\0\x10\x08", PREFACE + b"\0\0\0\x05\xff\xff\xff\xff\xff"
     cases: list[tuple[str, list[str], bytes, str]] = [
         ("wrong ALPN (h2)", [f"--port={INBOUND}", "--alpn=h2"], h2_preface, "refused:inbound:direct_no_alpn"),
-        ("header for an unserved port", on_4143, unserved + get, "failures:inbound_connect"),
+        ("header for the admin port", on_4143, header(4191) + get, "refused:inbound:header_unserved_port"),
+        ("header for a port nobody listens on", on_4143, header(9) + get, "failures:inbound_connect"),
         ("header length 0", on_4143, PREFACE + b"\0\0\0\0" + get, "refused:inbound:header_empty"),
         ("header length 2^31", on_4143, PREFACE + b"\x80\0\0\0" + get, "refused:inbound:header_too_large"),
         ("truncated header", [*on_4143, "--wait=0"], cut, "refused:inbound:header_truncated"),
@@ -315,6 +318,18 @@ def test_refused_and_counted(world: World) -> None:
     r = got["results"]["bad"][0]
     assert r["reset"] is None and r["status"] == 400, r
     _counted_once(world, "bad l5d-orig-proto", before, "refused:inbound:orig_proto_bad_value")
+
+    # The same refusals on /metrics, by reason.
+    lines, refused = world.metrics(), world.status()["connections"]["refused"]
+    for key in [c[3] for c in cases] + ["refused:inbound:foreign_trust_domain"]:
+        if key.startswith("refused:"):
+            reason = key.removeprefix("refused:inbound:")
+            parts = ('direction="inbound"', f'reason="{reason}"')
+            assert (
+                total(lines, "meshagent_connections_refused_total", *parts)
+                == refused[f"inbound:{reason}"]
+                == 1
+            )
 
     # Still serving, and nothing leaked: one more upgraded GET.
     ok = world.mesh.tmp / "ok.json"
