@@ -91,16 +91,15 @@ def local_directory(config: AgentConfig) -> tuple[list[CatalogEntry], InboundPol
     entries = []
     for e in config.outbound.catalog:
         workload = WorkloadIdentity.from_spiffe_id(e.identity)
-        entries.append(
-            CatalogEntry.from_doc(
-                {
-                    "cidr": e.cidr,
-                    "ports": list(e.ports),
-                    "identity": e.identity,
-                    "server_name": workload.dns_name,
-                }
-            )
-        )
+        doc: dict[str, object] = {
+            "cidr": e.cidr,
+            "ports": list(e.ports),
+            "identity": e.identity,
+            "server_name": workload.dns_name,
+        }
+        if e.opaque_port is not None:  # the endpoint expects Linkerd's transport header there
+            doc["opaque_port"] = e.opaque_port
+        entries.append(CatalogEntry.from_doc(doc))
     default = PortPolicy(DefaultPolicy(config.inbound.default_policy))
     ports = {p.port: PortPolicy(DefaultPolicy(p.policy), p.allow) for p in config.inbound.ports}
     return entries, InboundPolicy(default, ports)

@@ -30,3 +30,24 @@ def test_a_bad_catalog_entry_does_not_stop_a_deny_policy(tmp_path: Path) -> None
     # Logged once per distinct entry, not on every refresh.
     daemon._directory(doc)
     assert len(daemon.state.rejected_seen) == 1
+
+
+def test_a_local_catalog_entry_keeps_its_opaque_port(tmp_path: Path) -> None:
+    """`[[outbound.catalog]] opaque_port` reaches the data plane: the endpoint is dialled there
+    with Linkerd's transport header (#16); without it, the app's own port."""
+    from agent.config import load_config
+    from agent.daemon import local_directory
+
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        "[[outbound.catalog]]\n"
+        'cidr = "198.18.9.0/24"\nports = [6379]\n'
+        'identity = "cache.data.serviceaccount.identity.linkerd.cluster.local"\nopaque_port = 4143\n'
+        "[[outbound.catalog]]\n"
+        'cidr = "198.18.8.0/24"\nidentity = "spiffe://cluster.local/ns/shop/sa/web"\n'
+    )
+    entries, _policy = local_directory(load_config(path))
+    by_cidr = {str(e.network): e for e in entries}
+    assert by_cidr["198.18.9.0/24"].opaque_port == 4143
+    assert by_cidr["198.18.9.0/24"].identity == "spiffe://cluster.local/ns/data/sa/cache"
+    assert by_cidr["198.18.8.0/24"].opaque_port is None
