@@ -52,7 +52,7 @@ Address = tuple[str, int]
 PortRanges = tuple[tuple[int, int], ...]
 
 # Refusal reasons of the direct (transport-header) port, a closed set: `refused` counters in
-# /status (`inbound:<reason>`) and meshagent_inbound_direct_refused_total{reason}.
+# /status (`inbound:<reason>`) and meshagent_connections_refused_total{direction,reason}.
 DIRECT_NOT_TLS: Final = "direct_not_tls"  # plaintext, or TLS not meant for us, on the direct port
 DIRECT_FOREIGN_SNI: Final = "direct_foreign_sni"
 DIRECT_NO_IDENTITY: Final = "direct_no_identity"
