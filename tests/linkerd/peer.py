@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -75,6 +76,11 @@ _CONNECTION_HEADERS = frozenset(
 
 Mode = Literal["header", "transparent"]
 Session = Literal["http1", "http2"] | None
+
+
+def _code(code: object) -> str:
+    """An HTTP/2 error code by name (h2 leaves unknown codes as ints)."""
+    return code.name if isinstance(code, h2.errors.ErrorCodes) else str(code)
 
 
 class PeerError(Exception):
@@ -292,10 +298,10 @@ class H2Client:
         elif isinstance(event, h2.events.StreamEnded) and entry:
             self._done(event.stream_id)
         elif isinstance(event, h2.events.StreamReset) and entry:
-            entry[0].reset = h2.errors.ErrorCodes(event.error_code).name
+            entry[0].reset = _code(event.error_code)
             self._done(event.stream_id)
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._fail(f"goaway {h2.errors.ErrorCodes(event.error_code).name}")
+            self._fail(f"goaway {_code(event.error_code)}")
 
     def _done(self, sid: int) -> None:
         response, fut = self.streams.pop(sid)
@@ -346,22 +352,12 @@ class H2Client:
         if self.closed is None:
             self.conn.close_connection()
             self._flush()
-            with _quiet():
+            with contextlib.suppress(OSError):  # the other side may have gone first
                 await self.io.writer.drain()
         self.reading.cancel()
         self.io.writer.close()
-        with _quiet():
+        with contextlib.suppress(OSError):  # the other side may have gone first
             await self.io.writer.wait_closed()
-
-
-class _quiet:
-    """Closing a connection the other side already dropped is not an error here."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], (OSError, ssl.SSLError, asyncio.CancelledError))  # type: ignore[arg-type]
 
 
 def _spec_request(item: dict[str, Any]) -> Request:
@@ -370,7 +366,7 @@ def _spec_request(item: dict[str, Any]) -> Request:
         method=item.get("method", "GET"),
         target=item.get("target", "/"),
         version=item.get("version", "HTTP/1.1"),
-        headers=tuple(tuple(h) for h in item.get("headers", [])),  # type: ignore[misc]
+        headers=tuple((str(k), str(v)) for k, v in item.get("headers", [])),
         body=body,
         chunked=bool(item.get("chunked", False)),
         upgrade=bool(item.get("upgrade", True)),
@@ -426,9 +422,9 @@ async def probe(
             "handshake": f"failed: {type(err).__name__}: {err}",
             "alpn": None,
             "received_len": 0,
-            "eof": True,
+            "eof": "handshake failed",
         }
-    received, eof = bytearray(), False
+    received, eof = bytearray(), ""  # eof: "" open, "eof", or the error that ended it
     try:
         if send:
             dialed.writer.write(send)
@@ -438,15 +434,15 @@ async def probe(
         while loop.time() < deadline:
             data = await asyncio.wait_for(dialed.reader.read(65536), deadline - loop.time())
             if not data:
-                eof = True
+                eof = "eof"
                 break
             received += data
     except TimeoutError:
         pass
     except (ssl.SSLError, OSError) as err:
-        eof = f"{type(err).__name__}: {err}"  # type: ignore[assignment]
+        eof = f"{type(err).__name__}: {err}"
     dialed.writer.close()
-    with _quiet():
+    with contextlib.suppress(OSError):  # the other side may have gone first
         await dialed.writer.wait_closed()
     return {
         "handshake": "ok",
@@ -496,15 +492,15 @@ async def flood(dialed: Dialed, streams: int, authority: str, path: str, wait: f
                     if mcs is not None:
                         out["max_concurrent_streams"] = mcs.new_value
                 elif isinstance(ev, h2.events.ResponseReceived):
-                    status = dict(ev.headers).get(":status", "?")
+                    status = next((str(v) for k, v in ev.headers if str(k) == ":status"), "?")
                     out["responses"][status] = out["responses"].get(status, 0) + 1
                 elif isinstance(ev, h2.events.DataReceived):
                     conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.StreamReset):
-                    code = h2.errors.ErrorCodes(ev.error_code).name
+                    code = _code(ev.error_code)
                     out["resets"][code] = out["resets"].get(code, 0) + 1
                 elif isinstance(ev, h2.events.ConnectionTerminated):
-                    out["goaway"] = h2.errors.ErrorCodes(ev.error_code).name
+                    out["goaway"] = _code(ev.error_code)
             dialed.writer.write(conn.data_to_send())
             done = sum(out["responses"].values()) + sum(out["resets"].values())
             if out["goaway"] is not None or done >= streams:
@@ -512,7 +508,7 @@ async def flood(dialed: Dialed, streams: int, authority: str, path: str, wait: f
     except (TimeoutError, ssl.SSLError, OSError):
         pass
     dialed.writer.close()
-    with _quiet():
+    with contextlib.suppress(OSError):  # the other side may have gone first
         await dialed.writer.wait_closed()
     return out
 

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.netlab import netns_supported
 from tests.linkerd.certs import linkerd_ca, linkerd_name, linkerd_pod_cert
@@ -130,11 +131,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         certs.mkdir()
         issuer = x509.load_pem_x509_certificate((mesh.authority_dir / "issuer.crt").read_bytes())
         key = serialization.load_pem_private_key((mesh.authority_dir / "issuer.key").read_bytes(), None)
-        _write_cert(certs, "web", linkerd_pod_cert(issuer, key, "web", "shop"))  # type: ignore[arg-type]
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        _write_cert(certs, "web", linkerd_pod_cert(issuer, key, "web", "shop"))
         # Signed by the mesh's issuer, but naming another trust domain.
         _write_cert(
             certs, "other-td", linkerd_pod_cert(issuer, key, "web", "shop", trust_domain="other.example")
-        )  # type: ignore[arg-type]
+        )
         # Another mesh altogether: its own CA, which b does not trust.
         foreign, foreign_key = linkerd_ca()
         _write_cert(certs, "foreign", linkerd_pod_cert(foreign, foreign_key, "web", "shop"))
