@@ -22,27 +22,12 @@ from agent.proxy.transport_header import (
     encode,
     encode_body,
 )
+from tests.linkerd.wire import prefaced as framed
+from tests.linkerd.wire import varint
 
 from .strategies import cut_points, split_at
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def delimited(payload: bytes) -> bytes:
-    return varint(len(payload)) + payload
-
-
-def framed(body: bytes) -> bytes:
-    return PREFACE + len(body).to_bytes(4, "big") + body
 
 
 # Bytes that reach every step: no preface, a preface cut anywhere, any length (small ones

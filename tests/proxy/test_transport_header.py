@@ -31,6 +31,7 @@ from agent.proxy.transport_header import (
     encode_body,
     is_valid_name,
 )
+from tests.linkerd.wire import prefaced, varint
 
 PROTO = Path(__file__).resolve().parent.parent / "linkerd" / "transport_header.proto"
 PROTOC = shutil.which("protoc")
@@ -39,19 +40,6 @@ needs_protoc = pytest.mark.skipif(
 )
 
 H1, H2 = SessionProtocol.HTTP1, SessionProtocol.HTTP2
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def prefaced(body: bytes) -> bytes:
-    return PREFACE + len(body).to_bytes(4, "big") + body
 
 
 def with_length(length: int, body: bytes = b"") -> bytes:
