@@ -91,7 +91,9 @@ OPENAPI: dict[str, Any] = {
                 "responses": {
                     "200": {
                         "description": "catalog, policy, trust bundle",
-                        "content": {"application/json": {"schema": {"type": "object"}}},
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/HostConfig"}}
+                        },
                     },
                     "401": _ERROR,
                     "403": _ERROR,
@@ -228,6 +230,44 @@ OPENAPI: dict[str, Any] = {
                     "not_after": {"type": "string", "format": "date-time"},
                     "server_time": {"type": "number"},
                     "api_token": {"type": "string", "description": "Bearer token for /v1/host/config"},
+                },
+            },
+            "HostConfig": {
+                "type": "object",
+                "required": ["host_id", "catalog", "policy", "trust_bundle", "generated_at"],
+                "properties": {
+                    "host_id": {"type": "string"},
+                    "catalog": {"type": "array", "items": {"$ref": "#/components/schemas/CatalogEntry"}},
+                    "policy": {
+                        "type": "object",
+                        "description": "{default: {default, allow}, ports: {PORT: {default, allow}}}",
+                    },
+                    "trust_bundle": {"type": "string", "description": "PEM, one or more roots"},
+                    "generated_at": {"type": "number", "description": "Unix time"},
+                },
+            },
+            "CatalogEntry": {
+                "type": "object",
+                "description": "Connections to cidr (and ports) must reach a server proving identity",
+                "required": ["cidr", "ports", "identity", "server_name"],
+                "properties": {
+                    "cidr": {"type": "string", "examples": ["10.96.0.0/12", "198.18.0.10/32"]},
+                    "ports": {
+                        "type": "array",
+                        "items": {"type": "integer", "minimum": 1, "maximum": 65535},
+                        "description": "empty: every port",
+                    },
+                    "identity": {"type": "string", "description": "SPIFFE ID"},
+                    "server_name": {"type": "string", "description": "SNI; the certificate's DNS SAN"},
+                    "opaque_port": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "maximum": 65535,
+                        "description": "Present when the destination's linkerd2-proxy expects Linkerd's "
+                        "transport header on this port: dial it with ALPN transport.l5d.io/v1 and "
+                        "name the original port in the header",
+                    },
+                    "source": {"type": "string", "description": "host:<id> or static:<id>"},
                 },
             },
         }

@@ -293,15 +293,25 @@ class Authority:
 
     # --- catalog and policy --------------------------------------------------------------
 
-    def add_static_entry(self, cidr: str, ports: tuple[int, ...], identity: str) -> StaticEntry:
+    def add_static_entry(
+        self, cidr: str, ports: tuple[int, ...], identity: str, opaque_port: int | None = None
+    ) -> StaticEntry:
+        """`opaque_port`: the destination's linkerd2-proxy expects Linkerd's transport header
+        there; hosts dial it with ALPN transport.l5d.io/v1 and name the original port."""
         try:
             network = ipaddress.ip_network(cidr, strict=False)
         except ValueError:
             raise RejectedError(f"{cidr!r} is not an address or network", code="invalid_request") from None
         if any(not 0 < p < 65536 for p in ports):
             raise RejectedError("ports must be 1..65535", code="invalid_request")
+        if opaque_port is not None and not _is_port(opaque_port):
+            raise RejectedError(
+                f"opaque port {opaque_port} is not a port number (1-65535)",
+                "the in-cluster proxy's inbound port: 4143 unless the pods' linkerd-proxy listens elsewhere",
+                code="invalid_request",
+            )
         return self.registry.add_static_entry(
-            str(network), ports, self.workload(identity).short, self.clock()
+            str(network), ports, self.workload(identity).short, self.clock(), opaque_port
         )
 
     def set_policy(self, identity: str, port: int, default: str, allow: tuple[str, ...]) -> PolicyRecord:
@@ -379,15 +389,20 @@ class Authority:
             workload = self._served_workload(f"static:{entry.id}", entry.identity)
             if workload is None:
                 continue
-            catalog.append(
-                {
-                    "cidr": entry.cidr,
-                    "ports": list(entry.ports),
-                    "identity": workload.spiffe_id,
-                    "server_name": workload.dns_name,
-                    "source": f"static:{entry.id}",
-                }
-            )
+            doc: dict[str, Any] = {
+                "cidr": entry.cidr,
+                "ports": list(entry.ports),
+                "identity": workload.spiffe_id,
+                "server_name": workload.dns_name,
+                "source": f"static:{entry.id}",
+            }
+            if entry.opaque_port is not None:
+                # A row written by hand with a bad port would fail the hosts' whole entry check.
+                if not _is_port(entry.opaque_port):
+                    self._skip(f"static:{entry.id}", str(entry.opaque_port), "opaque_port is not 1-65535")
+                    continue
+                doc["opaque_port"] = entry.opaque_port
+            catalog.append(doc)
         return catalog
 
     def prometheus_targets(self, metrics_port: int) -> list[dict[str, Any]]:
@@ -436,6 +451,10 @@ class Authority:
             "trust_bundle": self.trust_bundle.pem().decode(),
             "generated_at": self.clock().timestamp(),
         }
+
+
+def _is_port(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536
 
 
 def _active(host: HostRecord) -> HostRecord:

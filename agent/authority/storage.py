@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS catalog (
     cidr        TEXT NOT NULL,
     ports       TEXT NOT NULL,          -- JSON list, empty: every port
     identity    TEXT NOT NULL,          -- NAMESPACE/NAME the destination proves
-    created_at  REAL NOT NULL
+    created_at  REAL NOT NULL,
+    opaque_port INTEGER                 -- its proxy port expecting Linkerd's transport header
 );
 CREATE TABLE IF NOT EXISTS policies (
     identity    TEXT NOT NULL,          -- the hosts (NAMESPACE/NAME) this policy applies to
@@ -123,6 +124,8 @@ class StaticEntry:
     cidr: str
     ports: tuple[int, ...]
     identity: str
+    # The destination's proxy expects Linkerd's transport header on this port (None: plain TLS).
+    opaque_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,12 @@ class Registry(Protocol):
     def revoke(self, ref: str, now: datetime) -> HostRecord: ...
 
     def add_static_entry(
-        self, cidr: str, ports: tuple[int, ...], identity: str, now: datetime
+        self,
+        cidr: str,
+        ports: tuple[int, ...],
+        identity: str,
+        now: datetime,
+        opaque_port: int | None = None,
     ) -> StaticEntry: ...
 
     def remove_static_entry(self, entry_id: str) -> None: ...
@@ -229,6 +237,14 @@ class SqliteRegistry:
         for column in ("api_token_hash", "key_fp"):  # a registry from before these columns
             if columns and column not in columns:
                 self._db.execute(f"ALTER TABLE hosts ADD COLUMN {column} TEXT")
+        catalog = {r["name"] for r in self._db.execute("PRAGMA table_info(catalog)")}
+        if catalog and "opaque_port" not in catalog:  # a registry from before opaque ports
+            try:
+                self._db.execute("ALTER TABLE catalog ADD COLUMN opaque_port INTEGER")
+            except sqlite3.OperationalError as exc:
+                # Another worker opening the same registry added it first.
+                if "duplicate column" not in str(exc):
+                    raise
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -437,13 +453,19 @@ class SqliteRegistry:
     # --- catalog and policy (operator-managed) -------------------------------------------
 
     def add_static_entry(
-        self, cidr: str, ports: tuple[int, ...], identity: str, now: datetime
+        self,
+        cidr: str,
+        ports: tuple[int, ...],
+        identity: str,
+        now: datetime,
+        opaque_port: int | None = None,
     ) -> StaticEntry:
-        entry = StaticEntry("c-" + secrets.token_hex(4), cidr, ports, identity)
+        entry = StaticEntry("c-" + secrets.token_hex(4), cidr, ports, identity, opaque_port)
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO catalog (id, cidr, ports, identity, created_at) VALUES (?, ?, ?, ?, ?)",
-                (entry.id, cidr, json.dumps(list(ports)), identity, _ts(now)),
+                "INSERT INTO catalog (id, cidr, ports, identity, created_at, opaque_port)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.id, cidr, json.dumps(list(ports)), identity, _ts(now), opaque_port),
             )
         return entry
 
@@ -458,7 +480,10 @@ class SqliteRegistry:
 
     def static_entries(self) -> list[StaticEntry]:
         rows = self._db.execute("SELECT * FROM catalog ORDER BY created_at").fetchall()
-        return [StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"]) for r in rows]
+        return [
+            StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"], r["opaque_port"])
+            for r in rows
+        ]
 
     def set_policy(self, record: PolicyRecord) -> None:
         with self._transaction() as db:

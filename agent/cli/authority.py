@@ -394,16 +394,33 @@ def catalog_group() -> None:
     help="What the destination proves: NAMESPACE/NAME (shop/orders), its SPIFFE ID or its mesh DNS name "
     "(orders.shop.serviceaccount.identity.linkerd.cluster.local).",
 )
+@click.option(
+    "--opaque-port",
+    type=int,
+    metavar="PORT",
+    help="The endpoints are in-cluster pods whose linkerd2-proxy expects Linkerd's transport header "
+    "on PORT (4143 when the cluster runs outboundTransportMode=transport-header or the port is "
+    "opaque): hosts dial PORT with ALPN transport.l5d.io/v1 and name the original port in the header "
+    "[default: plain mTLS to the original port].",
+)
 @json_option
-def catalog_add_cmd(directory: Path, cidr: str, ports: tuple[int, ...], identity: str, as_json: bool) -> None:
+def catalog_add_cmd(
+    directory: Path,
+    cidr: str,
+    ports: tuple[int, ...],
+    identity: str,
+    opaque_port: int | None,
+    as_json: bool,
+) -> None:
     """Declare that connections to CIDR[:PORT] must reach a server proving IDENTITY over mTLS."""
-    entry = Authority.open(directory).add_static_entry(cidr, ports, identity)
+    entry = Authority.open(directory).add_static_entry(cidr, ports, identity, opaque_port)
     if as_json:
         emit_json(entry.__dict__)
     else:
+        via = "" if entry.opaque_port is None else f" via transport header on port {entry.opaque_port}"
         click.echo(
             printable(
-                f"added {entry.id}: {entry.cidr} ports {list(entry.ports) or 'all'} -> {entry.identity}"
+                f"added {entry.id}: {entry.cidr} ports {list(entry.ports) or 'all'} -> {entry.identity}{via}"
             )
         )
 
@@ -419,9 +436,15 @@ def catalog_list_cmd(directory: Path, as_json: bool) -> None:
         return
     click.echo(
         table(
-            ["SOURCE", "CIDR", "PORTS", "IDENTITY"],
+            ["SOURCE", "CIDR", "PORTS", "IDENTITY", "OPAQUE PORT"],
             [
-                (e["source"], e["cidr"], ",".join(map(str, e["ports"])) or "all", e["identity"])
+                (
+                    e["source"],
+                    e["cidr"],
+                    ",".join(map(str, e["ports"])) or "all",
+                    e["identity"],
+                    e.get("opaque_port"),
+                )
                 for e in entries
             ],
         )

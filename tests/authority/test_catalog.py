@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
+from agent.authority.storage import SqliteRegistry
 from agent.authority.tokens import parse_token
 from agent.errors import ExitCode, RejectedError
 from agent.identity.client import AuthorityClient
 from agent.identity.pki import generate_key, make_csr
 from agent.identity.store import IdentityStore
+from agent.proxy.catalog import CatalogEntry
 from tests.support import AuthorityProcess, cli_json, run_cli
 
 
@@ -223,3 +226,83 @@ def test_a_stored_bad_record_is_left_out_of_the_catalog(authority: AuthorityProc
     assert len(skipped) == 2, log  # one per bad record, not one per request
     assert any("not-an-ip" in line for line in skipped)
     assert all("\n" not in line.replace("\\n", "") for line in skipped)
+
+
+def test_a_static_entry_carries_its_opaque_port_to_the_hosts(
+    authority: AuthorityProcess, tmp_path: Path
+) -> None:
+    """`catalog add --opaque-port` is stored, listed and served as `opaque_port`, which the data
+    plane reads back; an entry without it is served without the key (plain mTLS, as before)."""
+    d = str(authority.directory)
+    host = _enroll(authority, tmp_path / "h", "shop/web", "198.18.0.10")
+    base = ("authority", "catalog", "add", "--dir", d, "--identity", "orders/api")
+    opaque = cli_json(*base, "--cidr", "10.244.1.0/24", "--port", "6379", "--opaque-port", "4143")
+    plain = cli_json(*base, "--cidr", "10.244.2.0/24")
+    assert (opaque["opaque_port"], plain["opaque_port"]) == (4143, None)
+    said = run_cli(*base, "--cidr", "10.244.3.0/24", "--opaque-port", "4143", check=True).stdout
+    assert "via transport header on port 4143" in said
+
+    listed = {e["cidr"]: e for e in cli_json("authority", "catalog", "list", "--dir", d)}
+    assert listed["10.244.1.0/24"]["opaque_port"] == 4143
+    assert "opaque_port" not in listed["10.244.2.0/24"]
+    assert "opaque_port" not in listed["198.18.0.10/32"]  # enrolled hosts: plain mTLS
+    text = run_cli("authority", "catalog", "list", "--dir", d, check=True).stdout.splitlines()
+    assert text[0].split()[-2:] == ["OPAQUE", "PORT"]
+    rows = {line.split()[1]: line.split() for line in text[1:]}
+    assert (rows["10.244.1.0/24"][-1], rows["10.244.2.0/24"][-1]) == ("4143", "-")
+
+    with AuthorityClient(host.load_authority()) as client:
+        served = {e["cidr"]: e for e in client.host_config(host.api_token())["catalog"]}
+    assert served["10.244.1.0/24"]["opaque_port"] == 4143
+    assert "opaque_port" not in served["10.244.2.0/24"]
+    entry = CatalogEntry.from_doc(served["10.244.1.0/24"])
+    assert (entry.opaque_port, entry.ports, entry.identity) == (
+        4143,
+        frozenset({6379}),
+        "spiffe://cluster.local/ns/orders/sa/api",
+    )
+    assert CatalogEntry.from_doc(served["10.244.2.0/24"]).opaque_port is None
+
+    spec = httpx.get(f"{authority.url}/v1/openapi.json", verify=authority.tls).json()
+    field = spec["components"]["schemas"]["CatalogEntry"]["properties"]["opaque_port"]
+    assert (field["minimum"], field["maximum"]) == (1, 65535)
+
+
+def test_an_opaque_port_out_of_range_is_refused(authority: AuthorityProcess) -> None:
+    d = str(authority.directory)
+    for bad in ("0", "65536", "-1"):
+        proc = run_cli(
+            "authority", "catalog", "add", "--dir", d, "--cidr", "10.244.1.0/24",
+            "--identity", "orders/api", f"--opaque-port={bad}", "--json",
+        )  # fmt: skip
+        assert proc.returncode == ExitCode.REJECTED, (bad, proc.stderr)
+        assert f"opaque port {bad} is not a port number (1-65535)" in proc.stderr
+        assert json.loads(proc.stdout)["error"]["code"] == "invalid_request"
+    assert cli_json("authority", "catalog", "list", "--dir", d) == []  # nothing stored
+
+
+def test_a_registry_from_before_opaque_ports_is_upgraded_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    old = sqlite3.connect(path)
+    with old:  # the catalog table as registries created it before the column
+        old.execute(
+            "CREATE TABLE catalog (id TEXT PRIMARY KEY, cidr TEXT NOT NULL, ports TEXT NOT NULL,"
+            " identity TEXT NOT NULL, created_at REAL NOT NULL)"
+        )
+        old.execute("INSERT INTO catalog VALUES ('c-old', '10.96.0.0/12', '[5432]', 'orders/api', 1.0)")
+    old.close()
+
+    registry = SqliteRegistry(path)
+    try:
+        added = registry.add_static_entry("10.244.0.0/16", (), "orders/api", datetime.now(UTC), 4143)
+        assert [(e.id, e.ports, e.opaque_port) for e in registry.static_entries()] == [
+            ("c-old", (5432,), None),
+            (added.id, (), 4143),
+        ]
+    finally:
+        registry.close()
+    again = SqliteRegistry(path)  # a second open finds the column and leaves it
+    try:
+        assert [e.opaque_port for e in again.static_entries()] == [None, 4143]
+    finally:
+        again.close()
