@@ -46,6 +46,7 @@ from .storage import (
     Issued,
     NewHost,
     PolicyRecord,
+    Registration,
     Registry,
     RenewalRequest,
     SqliteRegistry,
@@ -128,8 +129,18 @@ class Authority:
 
     # --- tokens (operator side, local) ---------------------------------------------------
 
-    def create_tokens(self, identity: str, url: str, ttl: timedelta, count: int = 1) -> list[JoinToken]:
+    def create_tokens(
+        self,
+        identity: str,
+        url: str,
+        ttl: timedelta,
+        count: int = 1,
+        registration: Registration | None = None,
+    ) -> list[JoinToken]:
+        """`registration`: labels and ports the enrolled host's Kubernetes objects get
+        (validated by the caller with kube_export.check_registration)."""
         workload = self.identity(identity)  # validates before anything is stored
+        registration = registration or Registration()
         if not timedelta(0) < ttl <= MAX_TOKEN_TTL:
             raise RejectedError(
                 f"token lifetime {ttl} is out of range",
@@ -140,12 +151,14 @@ class Authority:
         tokens = []
         for _ in range(count):
             token = new_token(url, self.ca_pin)
-            self.registry.add_token(token.hash, workload.short, now, now + ttl)
+            self.registry.add_token(token.hash, workload.short, now, now + ttl, registration)
             tokens.append(token)
         log.info(
             "token.created",
             identity=workload.short,
             count=count,
+            labels=",".join(f"{k}={v}" for k, v in registration.labels),
+            ports=",".join(f"{n}={p}/{proto}" for n, p, proto in registration.ports),
             expires_in_s=int(ttl.total_seconds()),
         )
         return tokens

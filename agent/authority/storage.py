@@ -34,7 +34,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     expires_at  REAL NOT NULL,
     used_at     REAL,
     used_by_key TEXT,                   -- sha256 of the enrolling key's SPKI
-    host_id     TEXT
+    host_id     TEXT,
+    kube_labels TEXT,                   -- JSON object: the operator's labels for the host's objects
+    kube_ports  TEXT,                   -- JSON list of [name, port, protocol]
+    proxy_port  INTEGER                 -- the host's inbound proxy port (NULL: the default)
 );
 CREATE TABLE IF NOT EXISTS hosts (
     id              TEXT PRIMARY KEY,
@@ -49,7 +52,10 @@ CREATE TABLE IF NOT EXISTS hosts (
     last_renewal    REAL,
     revoked_at      REAL,
     api_token_hash  TEXT,               -- sha256 of the host's bearer token for catalog/policy reads
-    key_fp          TEXT                -- sha256 of the current certificate's SPKI
+    key_fp          TEXT,               -- sha256 of the current certificate's SPKI
+    kube_labels     TEXT,               -- copied from the token at enrollment, editable
+    kube_ports      TEXT,
+    proxy_port      INTEGER
 );
 -- Renewal requests already answered, kept until their timestamp is too old to be accepted.
 CREATE TABLE IF NOT EXISTS renewal_proofs (
@@ -80,6 +86,19 @@ CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
 
 
 @dataclass(frozen=True)
+class Registration:
+    """What the operator declared at token time for the host's Kubernetes objects: labels a
+    Service selects it by, the app's named ports, and the inbound proxy port (None: 4143).
+    Stored as given once validated (kube_export.check_registration); kept raw here so a row
+    written by hand never makes the registry unreadable."""
+
+    labels: tuple[tuple[str, str], ...] = ()
+    ports: tuple[tuple[str, int, str], ...] = ()  # (name, port, protocol)
+    proxy_port: int | None = None
+    unreadable: bool = False  # the stored columns did not parse
+
+
+@dataclass(frozen=True)
 class TokenRecord:
     hash: str
     identity: str
@@ -87,6 +106,7 @@ class TokenRecord:
     expires_at: datetime
     used_at: datetime | None
     host_id: str | None
+    registration: Registration = Registration()
 
 
 @dataclass(frozen=True)
@@ -101,6 +121,7 @@ class HostRecord:
     enrolled_at: datetime
     last_renewal: datetime | None
     revoked_at: datetime | None
+    registration: Registration = Registration()
 
     @property
     def revoked(self) -> bool:
@@ -153,7 +174,14 @@ class NewHost:
 
 
 class Registry(Protocol):
-    def add_token(self, token_hash: str, identity: str, now: datetime, expires_at: datetime) -> None: ...
+    def add_token(
+        self,
+        token_hash: str,
+        identity: str,
+        now: datetime,
+        expires_at: datetime,
+        registration: Registration = Registration(),
+    ) -> None: ...
 
     def list_tokens(self) -> list[TokenRecord]: ...
 
@@ -179,6 +207,8 @@ class Registry(Protocol):
     def list_hosts(self) -> list[HostRecord]: ...
 
     def revoke(self, ref: str, now: datetime) -> HostRecord: ...
+
+    def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord: ...
 
     def add_static_entry(
         self,
@@ -208,6 +238,42 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
+# Columns added after registries were first created: added at open when missing.
+_ADDED_COLUMNS = {
+    "hosts": (
+        ("api_token_hash", "TEXT"),
+        ("key_fp", "TEXT"),
+        ("kube_labels", "TEXT"),
+        ("kube_ports", "TEXT"),
+        ("proxy_port", "INTEGER"),
+    ),
+    "tokens": (("kube_labels", "TEXT"), ("kube_ports", "TEXT"), ("proxy_port", "INTEGER")),
+    "catalog": (("opaque_port", "INTEGER"),),
+}
+
+
+def _registration(row: sqlite3.Row) -> Registration:
+    try:
+        labels = json.loads(row["kube_labels"]) if row["kube_labels"] else {}
+        ports = json.loads(row["kube_ports"]) if row["kube_ports"] else []
+        return Registration(
+            labels=tuple(sorted((str(k), str(v)) for k, v in labels.items())),
+            ports=tuple((str(n), int(p), str(proto)) for n, p, proto in ports),
+            proxy_port=row["proxy_port"],
+        )
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        # A row altered by hand: the host stays listed; export refuses it (kube_export).
+        return Registration(unreadable=True)
+
+
+def _registration_columns(reg: Registration) -> tuple[str | None, str | None, int | None]:
+    return (
+        json.dumps(dict(reg.labels)) if reg.labels else None,
+        json.dumps([list(p) for p in reg.ports]) if reg.ports else None,
+        reg.proxy_port,
+    )
+
+
 def _host(row: sqlite3.Row) -> HostRecord:
     return HostRecord(
         id=row["id"],
@@ -220,6 +286,7 @@ def _host(row: sqlite3.Row) -> HostRecord:
         enrolled_at=datetime.fromtimestamp(row["enrolled_at"], UTC),
         last_renewal=_dt(row["last_renewal"]),
         revoked_at=_dt(row["revoked_at"]),
+        registration=_registration(row),
     )
 
 
@@ -233,19 +300,22 @@ class SqliteRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
         self._db.execute("PRAGMA busy_timeout=30000")
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(hosts)")}
-        for column in ("api_token_hash", "key_fp"):  # a registry from before these columns
-            if columns and column not in columns:
-                self._db.execute(f"ALTER TABLE hosts ADD COLUMN {column} TEXT")
-        catalog = {r["name"] for r in self._db.execute("PRAGMA table_info(catalog)")}
-        if catalog and "opaque_port" not in catalog:  # a registry from before opaque ports
-            try:
-                self._db.execute("ALTER TABLE catalog ADD COLUMN opaque_port INTEGER")
-            except sqlite3.OperationalError as exc:
-                # Another worker opening the same registry added it first.
-                if "duplicate column" not in str(exc):
-                    raise
+        self._upgrade()
         self._db.executescript(SCHEMA)
+
+    def _upgrade(self) -> None:
+        """Add the columns a registry from an older version lacks (new ones get the schema)."""
+        for table, added in _ADDED_COLUMNS.items():
+            columns = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            for column, kind in added:
+                if not columns or column in columns:
+                    continue
+                try:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:
+                    # Another worker opening the same registry added it first.
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         self._db.close()
@@ -261,11 +331,19 @@ class SqliteRegistry:
             raise
         self._db.execute("COMMIT")
 
-    def add_token(self, token_hash: str, identity: str, now: datetime, expires_at: datetime) -> None:
+    def add_token(
+        self,
+        token_hash: str,
+        identity: str,
+        now: datetime,
+        expires_at: datetime,
+        registration: Registration = Registration(),
+    ) -> None:
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO tokens (hash, identity, created_at, expires_at) VALUES (?, ?, ?, ?)",
-                (token_hash, identity, _ts(now), _ts(expires_at)),
+                "INSERT INTO tokens (hash, identity, created_at, expires_at, kube_labels, kube_ports,"
+                " proxy_port) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_hash, identity, _ts(now), _ts(expires_at), *_registration_columns(registration)),
             )
 
     def list_tokens(self) -> list[TokenRecord]:
@@ -278,6 +356,7 @@ class SqliteRegistry:
                 expires_at=datetime.fromtimestamp(r["expires_at"], UTC),
                 used_at=_dt(r["used_at"]),
                 host_id=r["host_id"],
+                registration=_registration(r),
             )
             for r in rows
         ]
@@ -318,9 +397,11 @@ class SqliteRegistry:
                 )
             issued = sign(token["identity"])
             host_id = "h-" + secrets.token_hex(6)
+            # The token's labels and ports become the host's, as stored (validated when written).
             db.execute(
                 "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
-                " enrolled_at, key_fp) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " enrolled_at, key_fp, kube_labels, kube_ports, proxy_port)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     host_id,
                     token["identity"],
@@ -331,6 +412,9 @@ class SqliteRegistry:
                     issued.cert_pem,
                     _ts(now),
                     key_fingerprint,
+                    token["kube_labels"],
+                    token["kube_ports"],
+                    token["proxy_port"],
                 ),
             )
             db.execute(
@@ -426,29 +510,29 @@ class SqliteRegistry:
     def revoke(self, ref: str, now: datetime) -> HostRecord:
         """Revoke by host id, or by host name when exactly one unrevoked host has it."""
         with self._transaction() as db:
-            rows = db.execute("SELECT * FROM hosts WHERE id = ?", (ref,)).fetchall()
-            if not rows:
-                rows = db.execute(
-                    "SELECT * FROM hosts WHERE host_name = ? AND revoked_at IS NULL", (ref,)
-                ).fetchall()
-            if not rows:
+            host_id = _find_one(db, ref, "revoke")
+            db.execute(
+                "UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_ts(now), host_id)
+            )
+            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
+
+    def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord:
+        """Replace the labels/ports of the host `ref` (id, or unique unrevoked name) with
+        `change(host)`, in one transaction: `change` may refuse by raising, and nothing is written."""
+        with self._transaction() as db:
+            host_id = _find_one(db, ref, "edit it")
+            host = _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
+            if host.revoked:
                 raise RejectedError(
-                    f"no enrolled host with id or name {ref!r}",
-                    code="host_unknown",
-                    hint="list hosts with: meshagent authority hosts",
-                )
-            if len(rows) > 1:
-                ids = ", ".join(r["id"] for r in rows)
-                raise RejectedError(
-                    f"{len(rows)} hosts are named {ref!r} ({ids})",
-                    code="host_ambiguous",
-                    hint="revoke by host id instead",
+                    f"host {ref!r} ({host.id}) is revoked",
+                    "enroll it again with a new join token; revoked hosts are not exported",
+                    code="host_revoked",
                 )
             db.execute(
-                "UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-                (_ts(now), rows[0]["id"]),
+                "UPDATE hosts SET kube_labels = ?, kube_ports = ?, proxy_port = ? WHERE id = ?",
+                (*_registration_columns(change(host)), host_id),
             )
-            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (rows[0]["id"],)).fetchone())
+            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
 
     # --- catalog and policy (operator-managed) -------------------------------------------
 
@@ -515,3 +599,26 @@ class SqliteRegistry:
             PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
             for r in rows
         ]
+
+
+def _find_one(db: sqlite3.Connection, ref: str, verb: str) -> str:
+    """The id of the host `ref` names: its id, or its name when exactly one unrevoked host has it."""
+    rows = db.execute("SELECT id FROM hosts WHERE id = ?", (ref,)).fetchall()
+    if not rows:
+        rows = db.execute(
+            "SELECT id FROM hosts WHERE host_name = ? AND revoked_at IS NULL", (ref,)
+        ).fetchall()
+    if not rows:
+        raise RejectedError(
+            f"no enrolled host with id or name {ref!r}",
+            code="host_unknown",
+            hint="list hosts with: meshagent authority hosts",
+        )
+    if len(rows) > 1:
+        ids = ", ".join(r["id"] for r in rows)
+        raise RejectedError(
+            f"{len(rows)} hosts are named {ref!r} ({ids})",
+            code="host_ambiguous",
+            hint=f"{verb} by host id instead",
+        )
+    return str(rows[0]["id"])

@@ -1,7 +1,8 @@
-"""`meshagent authority ...`: the cluster-side commands (init, serve, tokens, hosts, revoke)."""
+"""`meshagent authority ...`: the cluster-side commands (init, serve, tokens, hosts, revoke, kube)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -9,8 +10,19 @@ import click
 
 from agent.authority import discovery
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
+from agent.authority.kube_export import (
+    ServiceRequest,
+    check_registration,
+    edit_registration,
+    export,
+    host_health,
+    parse_label,
+    parse_port,
+    status_script,
+)
+from agent.authority.kube_objects import KubeObjectError, render_yaml, validate_authority_name, without_status
 from agent.authority.service import MAX_TOKEN_TTL, Authority, open_registry
-from agent.authority.storage import HostRecord
+from agent.authority.storage import HostRecord, Registration
 from agent.identity.certinfo import utcnow
 from agent.identity.pki import spki_pin
 
@@ -242,13 +254,51 @@ def token_group() -> None:
     show_default=True,
     help="How many tokens to print (one per line), for a fleet of the same identity.",
 )
+@click.option(
+    "--label",
+    "labels",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A Kubernetes label for the host's ExternalWorkload/WorkloadEntry (repeatable), e.g. "
+    "app=billing: what a Service selects it by. Keys app.kubernetes.io/managed-by and "
+    "meshagent.io/* are meshagent's own.",
+)
+@click.option(
+    "--port",
+    "ports",
+    multiple=True,
+    metavar="NAME=PORT[/PROTO]",
+    help="A port the host's app serves, named for Services (repeatable), e.g. http=8080 or "
+    "dns=53/UDP [default protocol: TCP].",
+)
+@click.option(
+    "--proxy-port",
+    type=click.IntRange(1, 65535),
+    help="The host's inbound proxy port, exported as the port named linkerd-proxy. [default: 4143]",
+)
 @json_option
 def token_create_cmd(
-    directory: Path, identity: str, url: str, ttl: timedelta, count: int, as_json: bool
+    directory: Path,
+    identity: str,
+    url: str,
+    ttl: timedelta,
+    count: int,
+    labels: tuple[str, ...],
+    ports: tuple[str, ...],
+    proxy_port: int | None,
+    as_json: bool,
 ) -> None:
-    """Print join token(s). Only their hash is stored; each works once, before it expires."""
+    """Print join token(s). Only their hash is stored; each works once, before it expires.
+
+    \b
+    Labels and ports given here go with the host into the cluster (kube export):
+      meshagent authority token create --dir DIR --identity shop/billing --url URL \\
+        --label app=billing --label tier=web --port http=8080
+    Change them later with `meshagent authority host label|port HOST ...`.
+    """
+    registration = _registration(labels, ports, proxy_port)
     auth = Authority.open(directory)
-    tokens = auth.create_tokens(identity, url, ttl, count)
+    tokens = auth.create_tokens(identity, url, ttl, count, registration)
     if as_json:
         workload = auth.identity(identity)
         emit_json(
@@ -256,6 +306,7 @@ def token_create_cmd(
                 "identity": workload.short,
                 "spiffe_id": workload.spiffe_id,
                 "expires_at": rfc3339(utcnow() + ttl),
+                **_registration_doc(registration),
                 "tokens": [{"id": t.token_id, "token": t.encode()} for t in tokens],
             }
         )
@@ -295,8 +346,24 @@ def token_list_cmd(directory: Path, as_json: bool) -> None:
     )
 
 
+def _registration(labels: Sequence[str], ports: Sequence[str], proxy_port: int | None) -> Registration:
+    pairs = [parse_label(text) for text in labels]
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise KubeObjectError("a label key is given twice", "give each --label key once")
+    return check_registration(dict(pairs), [parse_port(text) for text in ports], proxy_port)
+
+
+def _registration_doc(reg: Registration) -> dict[str, object]:
+    return {
+        "labels": dict(reg.labels),
+        "ports": [{"name": n, "port": p, "protocol": proto} for n, p, proto in reg.ports],
+        "proxy_port": reg.proxy_port,
+    }
+
+
 def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
     ns, _, name = h.identity.partition("/")
+    health = host_health(h, utcnow())
     return {
         "id": h.id,
         "identity": h.identity,
@@ -309,6 +376,8 @@ def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
         "last_renewal": rfc3339(h.last_renewal),
         "revoked": h.revoked,
         "revoked_at": rfc3339(h.revoked_at),
+        **_registration_doc(h.registration),
+        "ready": {"status": health.ready, "reason": health.reason, "message": health.message},
     }
 
 
@@ -335,6 +404,9 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
                 "EXPIRES IN",
                 "LAST RENEWAL",
                 "REVOKED",
+                "LABELS",
+                "PORTS",
+                "READY",
             ],
             [
                 (
@@ -346,8 +418,12 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
                     human_duration((h.not_after - now).total_seconds()),
                     rfc3339(h.last_renewal),
                     "yes" if h.revoked else "no",
+                    ",".join(f"{k}={v}" for k, v in h.registration.labels) or "-",
+                    ",".join(f"{n}={p}/{proto}" for n, p, proto in h.registration.ports) or "-",
+                    f"{'yes' if health.ready else 'no'} ({health.reason})",
                 )
                 for h in hosts
+                for health in [host_health(h, now)]
             ],
         )
     )
@@ -371,6 +447,191 @@ def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
             f"revoked {record.id} ({printable(record.host_name)}, {printable(record.identity)}); "
             f"its current certificate expires {rfc3339(record.not_after)}"
         )
+
+
+@authority.group("host")
+def host_group() -> None:
+    """Edit one enrolled host's Kubernetes labels and ports (what `kube export` writes)."""
+
+
+def _print_host(record: HostRecord, td: str, as_json: bool) -> None:
+    if as_json:
+        emit_json(_host_doc(record, td))
+        return
+    reg = record.registration
+    labels = ", ".join(f"{k}={v}" for k, v in reg.labels) or "none"
+    ports = ", ".join(f"{n}={p}/{proto}" for n, p, proto in reg.ports) or "none"
+    proxy = reg.proxy_port or "4143 (default)"
+    click.echo(
+        printable(f"{record.id} ({record.host_name}): labels {labels}; ports {ports}; proxy port {proxy}")
+    )
+
+
+@host_group.command("label")
+@click.argument("host")
+@click.argument("labels", nargs=-1, metavar="[KEY=VALUE]...")
+@click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove this label (repeatable).")
+@dir_option
+@json_option
+def host_label_cmd(
+    host: str, labels: tuple[str, ...], remove: tuple[str, ...], directory: Path, as_json: bool
+) -> None:
+    """Set (KEY=VALUE) or remove (--remove KEY) labels of HOST (its id, or its name if unique).
+
+    \b
+    meshagent authority host label legacy-db-1 app=billing tier=db --remove canary
+    Export again (meshagent authority kube export) and apply for the cluster to see it.
+    """
+    td = load_authority(directory).settings.trust_domain
+    pairs = dict(parse_label(text) for text in labels)
+    if not pairs and not remove:
+        raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
+    record = open_registry(directory).update_registration(
+        host, lambda h: edit_registration(h.registration, set_labels=pairs, remove_labels=remove)
+    )
+    _print_host(record, td, as_json)
+
+
+@host_group.command("port")
+@click.argument("host")
+@click.argument("ports", nargs=-1, metavar="[NAME=PORT[/PROTO]]...")
+@click.option(
+    "--remove", "remove", multiple=True, metavar="NAME", help="Remove the port so named (repeatable)."
+)
+@click.option(
+    "--proxy-port",
+    type=click.IntRange(1, 65535),
+    help="The host's inbound proxy port (exported as linkerd-proxy). [default: 4143]",
+)
+@dir_option
+@json_option
+def host_port_cmd(
+    host: str,
+    ports: tuple[str, ...],
+    remove: tuple[str, ...],
+    proxy_port: int | None,
+    directory: Path,
+    as_json: bool,
+) -> None:
+    """Set (NAME=PORT[/PROTO], replacing one of the same name) or remove (--remove NAME) the
+    named ports of HOST's app.
+
+    \b
+    meshagent authority host port legacy-db-1 postgres=5432 metrics=9187 --remove http
+    """
+    td = load_authority(directory).settings.trust_domain
+    parsed = [parse_port(text) for text in ports]
+    if not parsed and not remove and proxy_port is None:
+        raise click.UsageError("give NAME=PORT ports to set, --remove NAME or --proxy-port PORT")
+    record = open_registry(directory).update_registration(
+        host,
+        lambda h: edit_registration(
+            h.registration, set_ports=parsed, remove_ports=remove, proxy_port=proxy_port
+        ),
+    )
+    _print_host(record, td, as_json)
+
+
+@authority.group("kube")
+def kube_group() -> None:
+    """Kubernetes: the enrolled hosts as cluster objects (ExternalWorkload / WorkloadEntry)."""
+
+
+@kube_group.command("export")
+@dir_option
+@click.option(
+    "--flavor",
+    type=click.Choice(["linkerd", "istio"]),
+    default="linkerd",
+    show_default=True,
+    help="linkerd: ExternalWorkload (workload.linkerd.io/v1beta1); "
+    "istio: WorkloadEntry (networking.istio.io/v1).",
+)
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    metavar="HOST",
+    help="Only this host, by id or name (repeatable) [default: every enrolled, unrevoked host].",
+)
+@click.option("--namespace", help="Only hosts whose identity is in this namespace (where their objects go).")
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+    help="Also a ClusterIP Service NAME selecting hosts with these labels (repeatable), in each "
+    "namespace holding such hosts; its ports are theirs, by name.",
+)
+@click.option(
+    "--status",
+    "status",
+    is_flag=True,
+    help="Instead of the objects, print the `kubectl patch --subresource=status` commands that set "
+    "their Ready (istio: Healthy) condition, as a shell script.",
+)
+@click.option(
+    "--authority-name",
+    default="default",
+    show_default=True,
+    help="The meshagent.io/authority label on every object: give each authority writing into one "
+    "cluster its own.",
+)
+def kube_export_cmd(
+    directory: Path,
+    flavor: str,
+    hosts: tuple[str, ...],
+    namespace: str | None,
+    services: tuple[str, ...],
+    status: bool,
+    authority_name: str,
+) -> None:
+    """Print the hosts as Kubernetes objects (YAML) for `kubectl apply -f -` or GitOps.
+
+    \b
+    Worked example (Linkerd; the host enrolled with a token made with labels and ports):
+      meshagent authority token create --dir DIR --identity shop/billing --url URL \\
+          --label app=billing --port http=8080
+      meshagent enroll TOKEN --address 192.0.2.10          # on the host
+      meshagent authority kube export --dir DIR --service billing=app=billing \\
+          | kubectl apply -f -
+      meshagent authority kube export --dir DIR --status | sh
+      kubectl get externalworkloads -n shop
+    \b
+    The objects are applied without status: both CRDs have a status subresource, which
+    `kubectl apply` cannot write, so --status prints one `kubectl patch --subresource=status`
+    per host (kubectl >= 1.24) setting Ready=True while the host is enrolled, unrevoked and its
+    certificate unexpired (reason CertificateValid, else CertificateExpired). Until that runs,
+    Linkerd treats the workload as not ready and sends it no traffic.
+    \b
+    Revoked hosts are not exported. Delete what a revoked host left in the cluster with
+      kubectl delete externalworkloads -A \\
+          -l app.kubernetes.io/managed-by=meshagent,meshagent.io/host-id=HOST_ID
+    or let GitOps prune (every object carries app.kubernetes.io/managed-by=meshagent and
+    meshagent.io/authority=NAME, e.g. kubectl apply --prune -l ...).
+    Nothing here talks to a cluster: the objects are checked against the CRDs' schemas only.
+    """
+    settings = load_authority(directory).settings
+    requests = [ServiceRequest.parse(text) for text in services]
+    result = export(
+        open_registry(directory).list_hosts(),
+        trust_domain=settings.trust_domain,
+        mesh=settings.mesh,
+        now=utcnow(),
+        flavor="istio" if flavor == "istio" else "linkerd",
+        authority=validate_authority_name(authority_name),
+        refs=hosts,
+        namespace=namespace,
+        services=requests,
+    )
+    for skipped in result.skipped:
+        click.echo(printable(f"warning: {skipped.host} not exported: {skipped.reason}"), err=True)
+        if skipped.hint:
+            click.echo(printable(f"  hint: {skipped.hint}"), err=True)
+    if status:
+        click.echo(status_script(result.objects), nl=False)
+    else:
+        click.echo(render_yaml(without_status(obj) for obj in result.objects), nl=False)
 
 
 @authority.group("catalog")
