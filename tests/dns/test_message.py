@@ -11,10 +11,10 @@ import pytest
 from agent.dns import message as m
 
 pytest.importorskip("dns.message", reason="dnspython (a dev dependency) is the independent reader here")
-import dns.flags  # noqa: E402
-import dns.message  # noqa: E402
-import dns.rcode  # noqa: E402
-import dns.rdatatype  # noqa: E402
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdatatype
 
 HEADER = struct.pack("!6H", 0x1234, 0x0100, 1, 0, 0, 0)
 
