@@ -312,3 +312,52 @@ def test_config_refuses_what_cannot_map_naming_the_key(section: Any, says: str) 
     with pytest.raises(ConfigError) as err:
         section()
     assert says in err.value.message
+
+
+# --- audit: admit, but mark what the port would have refused (Linkerd's `audit` default) -------
+
+
+@pytest.mark.parametrize(
+    ("policy", "client", "reason", "rule", "audit"),
+    [
+        (PortPolicy(DefaultPolicy.AUDIT), None, "audit", "audit", "denied"),
+        (PortPolicy(DefaultPolicy.AUDIT), SHOP_WEB, "audit", "audit", "denied"),
+        (PortPolicy(DefaultPolicy.AUDIT, (SHOP_WEB,)), SHOP_WEB, "allow_list", SHOP_WEB, ""),
+        (PortPolicy(DefaultPolicy.AUDIT, (SHOP_WEB,)), OTHER, "audit", "audit", "not_authorized"),
+        (PortPolicy(DefaultPolicy.AUDIT, (SHOP_WEB,)), None, "audit", "audit", "unauthenticated"),
+    ],
+    ids=["plain", "mtls-no-list", "on-list", "off-list", "plain-with-list"],
+)
+def test_audit_admits_and_marks_what_would_be_refused(
+    policy: PortPolicy, client: str | None, reason: str, rule: str, audit: str
+) -> None:
+    decision = InboundPolicy(ports={9100: policy}).authorize(9100, client, "cluster.local")
+    assert decision.allowed
+    assert (decision.reason, decision.rule, decision.audit) == (reason, rule, audit)
+
+
+def test_only_audit_marks_decisions() -> None:
+    for default in DefaultPolicy:
+        if default is DefaultPolicy.AUDIT:
+            continue
+        for client in (None, SHOP_WEB, OTHER):
+            assert InboundPolicy(PortPolicy(default, (SHOP_WEB,))).authorize(1, client).audit == ""
+            assert InboundPolicy(PortPolicy(default)).authorize(1, client).audit == ""
+
+
+def test_audit_counts_as_linkerds_default_audit_authorization() -> None:
+    """The data plane labels an admission by `rule`, default kind unless an allow-list entry
+    admitted it: an audited one is linkerd's authz_kind="default", authz_name="audit"."""
+    from agent.proxy.decisions import Admit
+
+    decision = InboundPolicy(PortPolicy(DefaultPolicy.AUDIT)).authorize(5432, None)
+    tcp, _http = Admit(("10.0.0.5", 5432), "", "", decision, "plaintext").authz_keys()
+    assert 'authz_kind="default"' in tcp and 'authz_name="audit"' in tcp
+
+
+def test_audit_comes_from_the_authority_document() -> None:
+    remote = {"policy": {"default": {"default": "audit", "allow": [SHOP_WEB]}}}
+    directory = merge([], InboundPolicy(), remote)
+    assert directory.rejected == ()
+    decision = directory.policy.authorize(80, OTHER, "cluster.local")
+    assert decision.allowed and decision.audit == "not_authorized"
