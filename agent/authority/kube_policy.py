@@ -49,8 +49,10 @@ from typing import Any
 import yaml
 
 from agent.authority.kube_objects import (
+    HostWorkload,
     KubeObjectError,
     WorkloadPort,
+    external_workload,
     validate_label_key,
     validate_label_value,
     validate_namespace,
@@ -127,6 +129,14 @@ class HostView:
     @property
     def namespace(self) -> str:
         return self.identity.namespace
+
+    @classmethod
+    def from_workload(cls, host: HostWorkload, authority: str) -> HostView:
+        """What a Server selects on: the labels and ports of the host's ExternalWorkload
+        exactly (the operator's labels plus meshagent's own, `linkerd-proxy` included)."""
+        obj = external_workload(host, authority)
+        ports = tuple(WorkloadPort(p["name"], p["port"], p["protocol"]) for p in obj["spec"]["ports"])
+        return cls(host.identity, dict(obj["metadata"]["labels"]), ports)
 
 
 # --- the objects, validated -------------------------------------------------------------------
@@ -883,14 +893,25 @@ def host_policy(policy: PolicySet, host: HostView) -> list[PolicyRecord]:
     ]
 
 
-def identity_policies(policy: PolicySet, hosts: Iterable[HostView]) -> list[PolicyRecord]:
+@dataclass(frozen=True)
+class Planned:
+    """A record to store, and the objects it comes from (for the operator to read)."""
+
+    record: PolicyRecord
+    source: str
+
+
+def plan(policy: PolicySet, hosts: Iterable[HostView]) -> list[Planned]:
     """Every host's records, merged by identity: hosts enrolled under one identity share one
     policy, so two of them that the objects give different policies are refused."""
-    by_identity: dict[str, tuple[str, list[PolicyRecord]]] = {}
+    by_identity: dict[str, tuple[str, list[Planned]]] = {}
     problems: list[str] = []
     for host in hosts:
         try:
-            records = host_policy(policy, host)
+            records = [
+                Planned(PolicyRecord(host.identity.short, r.port, r.default.value, r.allow), r.source)
+                for r in host_ports(policy, host)
+            ]
         except KubePolicyError as exc:
             problems.extend(exc.problems)
             continue
@@ -904,6 +925,11 @@ def identity_policies(policy: PolicySet, hosts: Iterable[HostView]) -> list[Poli
     if problems:
         raise KubePolicyError(problems)
     return [r for _, (_, records) in sorted(by_identity.items()) for r in records]
+
+
+def identity_policies(policy: PolicySet, hosts: Iterable[HostView]) -> list[PolicyRecord]:
+    """`plan`'s records alone."""
+    return [p.record for p in plan(policy, hosts)]
 
 
 def _host_label(host: HostView) -> str:

@@ -572,3 +572,45 @@ def test_hosts_of_one_identity_must_agree() -> None:
     odd = host("shop", "billing", {"app": "billing"}, http=8081)
     with pytest.raises(KubePolicyError, match="hosts enrolled as shop/billing get different policies"):
         identity_policies(policy, [BILLING, odd])
+
+
+def test_a_server_selects_what_the_external_workload_carries() -> None:
+    """HostView.from_workload: the ExternalWorkload's own labels (meshagent's included) and
+    ports, so a Server may select one host by its id label, as it would in the cluster."""
+    from datetime import UTC, datetime
+
+    from agent.authority.kube_objects import HOST_ID_LABEL, Health, HostWorkload
+
+    workload = HostWorkload(
+        host_id="h-1a2b",
+        host_name="billing-1",
+        identity=WorkloadIdentity(TD, "shop", "billing"),
+        addresses=("10.0.0.5",),
+        ports=(WorkloadPort("http", 8080),),
+        health=Health(True, "AgentReady", "", datetime(2026, 1, 1, tzinfo=UTC)),
+        labels=(("app", "billing"),),
+    )
+    view = HostView.from_workload(workload, "default")
+    assert view.labels[HOST_ID_LABEL] == "h-1a2b" and view.labels["app"] == "billing"
+    assert {(p.name, p.port) for p in view.ports} == {("http", 8080), ("linkerd-proxy", 4143)}
+    text = SERVER.replace("{app: billing}", f"{{{HOST_ID_LABEL}: h-1a2b}}").replace(
+        "port: http}", "port: http, accessPolicy: audit}"
+    )
+    [result] = host_ports(parse_policy(text, CLUSTER), view)
+    assert (result.port, result.default) == (8080, DefaultPolicy.AUDIT)
+    other = HostView.from_workload(HostWorkload(**{**workload.__dict__, "host_id": "h-ffff"}), "default")
+    assert host_ports(parse_policy(text, CLUSTER), other) == []
+
+
+def test_plan_says_where_each_record_comes_from() -> None:
+    from agent.authority.kube_policy import plan
+
+    policy = parse_policy(
+        (FIXTURES / "linkerd_billing.yaml").read_text(), ClusterSettings(TD, default_policy="deny")
+    )
+    assert [(p.record.port, p.source) for p in plan(policy, [BILLING])] == [
+        (0, "cluster default"),
+        (5432, "Server shop/billing-db"),
+        (8080, "Server shop/billing-http"),
+        (9100, "Server shop/billing-metrics"),
+    ]
