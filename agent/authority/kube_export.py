@@ -25,8 +25,11 @@ from datetime import datetime
 from agent.identity.names import InvalidName, WorkloadIdentity
 
 from .kube_objects import (
+    HOST_ID_LABEL,
     LINKERD_DEFAULT_INBOUND_PORT,
     LINKERD_PROXY_PORT_NAME,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
     PROTOCOLS,
     Flavor,
     Health,
@@ -260,8 +263,9 @@ def select_hosts(hosts: Sequence[HostRecord], refs: Sequence[str]) -> list[HostR
         if not live:
             raise KubeExportError(
                 f"host {ref!r} ({matches[0].id}) is revoked: revoked hosts are not exported",
-                "delete its object if it is still in the cluster: kubectl delete "
-                "externalworkloads,workloadentries -A -l meshagent.io/host-id=" + matches[0].id,
+                "delete its object if it is still in the cluster: kubectl delete externalworkloads "
+                f"(Istio: workloadentries) -A -l {MANAGED_BY_LABEL}={MANAGED_BY},"
+                f"{HOST_ID_LABEL}={matches[0].id}",
                 code="host_revoked",
             )
         if len(live) > 1:

@@ -332,6 +332,7 @@ def token_list_cmd(directory: Path, as_json: bool) -> None:
             "used_at": rfc3339(r.used_at),
             "host_id": r.host_id,
             "state": "used" if r.used_at else ("expired" if r.expires_at <= now else "unused"),
+            **_registration_doc(r.registration),
         }
         for r in records
     ]

@@ -253,6 +253,9 @@ def test_hosts_lists_labels_ports_and_readiness(fleet: AuthorityProcess) -> None
         "reason": "Revoked",
         "message": hosts["legacy-web"]["ready"]["message"],
     }
+    tokens = cli_json("authority", "token", "list", "--dir", str(fleet.directory))
+    assert tokens[0]["labels"] == one["labels"] and tokens[0]["ports"] == one["ports"]
+    assert tokens[0]["proxy_port"] == 4300 and tokens[0]["host_id"] == one["id"]
     table = run_cli("authority", "hosts", "--dir", str(fleet.directory), check=True).stdout
     line = next(row for row in table.splitlines() if "legacy-db-1" in row)
     assert "app=billing,tier=web" in line and "http=8080/TCP,redis=6379/TCP" in line
