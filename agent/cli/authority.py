@@ -386,7 +386,8 @@ def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
 @dir_option
 @json_option
 def hosts_cmd(directory: Path, as_json: bool) -> None:
-    """List enrolled hosts: identity, name, addresses, certificate, renewal, revocation."""
+    """List enrolled hosts: identity, name, addresses, certificate, renewal, revocation, the
+    labels and ports `kube export` writes, and whether the host counts as Ready (and why)."""
     td = load_authority(directory).settings.trust_domain
     hosts = open_registry(directory).list_hosts()
     docs = [_host_doc(h, td) for h in hosts]
@@ -608,8 +609,11 @@ def kube_export_cmd(
     Revoked hosts are not exported. Delete what a revoked host left in the cluster with
       kubectl delete externalworkloads -A \\
           -l app.kubernetes.io/managed-by=meshagent,meshagent.io/host-id=HOST_ID
-    or let GitOps prune (every object carries app.kubernetes.io/managed-by=meshagent and
-    meshagent.io/authority=NAME, e.g. kubectl apply --prune -l ...).
+    or prune: every object carries app.kubernetes.io/managed-by=meshagent and
+    meshagent.io/authority=NAME, so a full export (no --host, no --namespace) applied with
+      kubectl apply --prune -l app.kubernetes.io/managed-by=meshagent,meshagent.io/authority=default \\
+          --prune-allowlist=workload.linkerd.io/v1beta1/ExternalWorkload -f -
+    (or a GitOps tool's prune) removes the objects of hosts no longer exported.
     Nothing here talks to a cluster: the objects are checked against the CRDs' schemas only.
     """
     settings = load_authority(directory).settings
