@@ -59,7 +59,7 @@ from agent.authority.kube_objects import (
     validate_port_name,
 )
 from agent.authority.storage import PolicyRecord
-from agent.errors import MeshagentError
+from agent.errors import ExitCode, MeshagentError
 from agent.identity.names import DEFAULT_MESH, InvalidName, WorkloadIdentity, validate_trust_domain
 from agent.proxy.policy import DefaultPolicy
 
@@ -94,6 +94,7 @@ class KubePolicyError(MeshagentError):
     """The objects were refused, all of them: `problems` names every object and field at fault."""
 
     code = "kube_policy_refused"
+    exit_code = ExitCode.CONFIG  # the file given is at fault, as with a bad config
 
     def __init__(self, problems: Sequence[str]) -> None:
         shown = list(problems[:MAX_PROBLEMS_SHOWN])
@@ -478,7 +479,7 @@ _KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "TCPRoute": (SMI_SPECS_GROUP, ("v1alpha3", "v1alpha4")),
 }
 _NOT_YET = {
-    "ServerAuthorization": "is deprecated by Linkerd and not read: use AuthorizationPolicy",
+    "ServerAuthorization": "is not read: use AuthorizationPolicy, Linkerd's successor to it",
     "HTTPRoute": "routes are not supported yet (#21): authorize the Server instead",
     "GRPCRoute": "routes are not supported yet (#21): authorize the Server instead",
     "HTTPRouteGroup": "HTTP routes are not supported yet (#21)",

@@ -435,7 +435,7 @@ REFUSALS = [
     (
         "apiVersion: policy.linkerd.io/v1beta1\nkind: ServerAuthorization\n"
         "metadata: {namespace: shop, name: c}\n",
-        'kind "ServerAuthorization" is deprecated by Linkerd and not read',
+        'kind "ServerAuthorization" is not read: use AuthorizationPolicy',
     ),
     (
         "apiVersion: policy.linkerd.io/v1beta3\nkind: HTTPRoute\nmetadata: {namespace: shop, name: c}\n",
@@ -444,6 +444,7 @@ REFUSALS = [
     ("- a\n- b\n", "document 1: is not a Kubernetes object"),
     ("a: [\n", "not valid YAML"),
     ("x: &a {k: v}\ny: *a\n", "aliases are not accepted"),
+    ("[" * 3000, "not valid YAML: maximum recursion depth"),  # deep nesting: refused, not a crash
 ]
 
 SMI_RULES = """apiVersion: access.smi-spec.io/v1alpha3
