@@ -347,11 +347,15 @@ def token_list_cmd(directory: Path, as_json: bool) -> None:
     )
 
 
-def _registration(labels: Sequence[str], ports: Sequence[str], proxy_port: int | None) -> Registration:
-    pairs = [parse_label(text) for text in labels]
+def _labels(texts: Sequence[str]) -> dict[str, str]:
+    pairs = [parse_label(text) for text in texts]
     if len({k for k, _ in pairs}) != len(pairs):
-        raise KubeObjectError("a label key is given twice", "give each --label key once")
-    return check_registration(dict(pairs), [parse_port(text) for text in ports], proxy_port)
+        raise KubeObjectError("a label key is given twice", "give each label key once")
+    return dict(pairs)
+
+
+def _registration(labels: Sequence[str], ports: Sequence[str], proxy_port: int | None) -> Registration:
+    return check_registration(_labels(labels), [parse_port(text) for text in ports], proxy_port)
 
 
 def _registration_doc(reg: Registration) -> dict[str, object]:
@@ -485,7 +489,7 @@ def host_label_cmd(
     Export again (meshagent authority kube export) and apply for the cluster to see it.
     """
     td = load_authority(directory).settings.trust_domain
-    pairs = dict(parse_label(text) for text in labels)
+    pairs = _labels(labels)
     if not pairs and not remove:
         raise click.UsageError("give KEY=VALUE labels to set or --remove KEY")
     record = open_registry(directory).update_registration(
