@@ -150,6 +150,11 @@ def _map(obj: Mapping[str, Any], field: str) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def _child(value: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    child = value.get(key)
+    return child if isinstance(child, Mapping) else {}
+
+
 def owned_keys(obj: Mapping[str, Any], field: str) -> set[str]:
     """The keys of `metadata.<field>` (labels or annotations) that managedFields says we own."""
     owned: set[str] = set()
@@ -161,7 +166,7 @@ def owned_keys(obj: Mapping[str, Any], field: str) -> set[str]:
             or entry.get("subresource")
         ):
             continue
-        fields = ((entry.get("fieldsV1") or {}).get("f:metadata") or {}).get(f"f:{field}") or {}
+        fields = _child(_child(_child(entry, "fieldsV1"), "f:metadata"), f"f:{field}")
         owned.update(k[2:] for k in fields if isinstance(k, str) and k.startswith("f:"))
     return owned
 

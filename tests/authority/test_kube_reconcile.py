@@ -433,6 +433,31 @@ def test_observed_object_without_our_labels_is_ignored() -> None:
     assert reconcile([ew(host(1))], [stranger], AUTH) == reconcile([ew(host(1))], [], AUTH)
 
 
+def test_managed_fields_of_other_managers_subresources_or_odd_shapes_are_not_ours() -> None:
+    d = ew(host(labels={"app": "billing"}))
+    observed = copy.deepcopy(d)
+    observed["metadata"]["labels"].update(tier="gold", zone="a", rack="r1")
+    observed["metadata"].update(resourceVersion="5", uid="u")
+    observed["metadata"]["managedFields"] = [
+        {"manager": "kubectl-label", "fieldsV1": {"f:metadata": {"f:labels": {"f:tier": {}}}}},
+        {
+            "manager": FIELD_MANAGER,
+            "subresource": "status",
+            "fieldsV1": {"f:metadata": {"f:labels": {"f:zone": {}}}},
+        },
+        {"manager": FIELD_MANAGER, "fieldsV1": "garbage"},
+        {"manager": FIELD_MANAGER, "fieldsV1": {"f:metadata": {"f:labels": ["f:rack"]}}},
+        "not an entry",
+    ]
+    assert reconcile([d], [observed], AUTH) == []
+    observed["metadata"]["managedFields"].append(
+        {"manager": FIELD_MANAGER, "fieldsV1": {"f:metadata": {"f:labels": {"f:rack": {}, ".": {}}}}}
+    )
+    (update,) = reconcile([d], [observed], AUTH)
+    assert isinstance(update, Update) and update.changed == ("metadata.labels",)
+    assert update.body["metadata"]["labels"] == {**d["metadata"]["labels"], "tier": "gold", "zone": "a"}
+
+
 def test_duplicates() -> None:
     a = ew(host(1))
     # The same desired object twice: one write.
