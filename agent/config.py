@@ -186,7 +186,7 @@ _PORT_LISTS = ("inbound_ports", "inbound_skip_ports", "outbound_ports", "outboun
 _CIDR_LISTS = ("inbound_skip_cidrs", "outbound_cidrs", "outbound_skip_cidrs", "authority_addresses")
 
 
-_POLICIES = ("all-unauthenticated", "all-authenticated", "deny")
+_POLICIES = ("all-unauthenticated", "all-authenticated", "deny", "audit")
 
 
 def _choice(value: Any, choices: tuple[str, ...], where: str) -> None:

@@ -199,6 +199,8 @@ class Proxy:
         # Refusals and failed handshakes are a client's to cause: each counted, logged throttled.
         self.refusal_log = Throttled(log, "connection.refused")
         self.handshake_log = Throttled(log, "tls.handshake_failed")
+        # `audit` ports admit whom they would refuse: said (throttled: any client can cause it).
+        self.audit_log = Throttled(log, "connection.audited")
         self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
         self._context: InboundContext | None = None
 
@@ -689,6 +691,7 @@ def _to_gateway(proxy: Proxy, tls: TlsLeg, admitted: Admit, peer: str) -> None:
     from .orig_proto_io import OrigProtoGateway  # h2 and h11: loaded for these connections only
 
     where, tls_labels = admitted.where, admitted.tls_labels
+    _audited(proxy, admitted)
     proxy.observe(tls, join(INBOUND_SRC, where, tls_labels))
     metrics = proxy.metrics
     http = None
@@ -820,6 +823,7 @@ async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b""
     (`early`: bytes already read by detection)."""
     where, tls_labels = admitted.where, admitted.tls_labels
     dst = admitted.target
+    _audited(proxy, admitted)
     proxy.observe(client, join(INBOUND_SRC, where, tls_labels))
     try:
         upstream = await proxy.connect(dst, Leg())
@@ -838,6 +842,19 @@ async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b""
         upstream.send(early)
         client.rx += len(early)
     client.pair(upstream)
+
+
+def _audited(proxy: Proxy, admitted: Admit) -> None:
+    """An `audit` port admitted a client its rules would refuse: log it (as linkerd2-proxy, the
+    connection is counted as allowed with `authz_name="audit"`)."""
+    if admitted.decision.audit:
+        port = admitted.target[1]
+        proxy.audit_log.warning(
+            f"{port}:{admitted.decision.audit}",
+            port=port,
+            would_refuse=admitted.decision.audit,
+            via=admitted.kind,
+        )
 
 
 class _OutboundAccept(Leg):

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from agent.identity.store import IdentityStore
+from agent.logs import _FIELDS
 from agent.proxy.catalog import Catalog, CatalogEntry
 from agent.proxy.decisions import ServedPorts
 from agent.proxy.listeners import ListenerSettings, Proxy
@@ -223,6 +224,32 @@ def test_policy_applies_to_the_header_target_port(tmp_path: Path) -> None:
         server.close()
 
     run(tmp_path, body)
+
+
+def test_an_audit_port_admits_whom_it_would_refuse_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`audit` (Linkerd's audit default policy): a client the allow-list leaves out is admitted,
+    counted as allowed by `authz_name="audit"` and logged as `connection.audited`."""
+
+    async def body(host: Host) -> None:
+        server, app_port = await line_server()
+        allow = (f"spiffe://{TD}/ns/other/*",)
+        policy = InboundPolicy(ports={app_port: PortPolicy(DefaultPolicy.AUDIT, allow)})
+        b = await host.start(app_port, policy)
+        port = b.listening["inbound"][1]
+        got = await direct(port, host.web.client_opaque, encode(TransportHeader(app_port)) + b"x\n")
+        assert got == b"echo:x\n"
+        assert not b.stats.refused
+        allowed = host.metrics.authz_allow.render()
+        assert any('authz_name="audit"' in line and WEB_NAME in line for line in allowed), allowed
+        server.close()
+
+    with caplog.at_level("INFO"):
+        run(tmp_path, body)
+    audited = [r for r in caplog.records if r.getMessage() == "connection.audited"]
+    assert len(audited) == 1
+    assert getattr(audited[0], _FIELDS)["would_refuse"] == "not_authorized"
 
 
 def test_outbound_to_an_opaque_port_writes_the_header_first(tmp_path: Path) -> None:
