@@ -22,7 +22,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from agent.dns import message as m
 from agent.dns.names import NameTable
@@ -306,8 +306,9 @@ class _UdpListener(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        self.transport = cast(
+            asyncio.DatagramTransport, transport
+        )  # not every loop's transport subclasses it
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, ...]) -> None:
         if self.transport is not None:
