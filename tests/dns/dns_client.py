@@ -18,7 +18,8 @@ from agent.dns.message import encode_query
 
 def exchange(mode: str, server: str, port: int, query: bytes, mark: int) -> bytes | None:
     kind = socket.SOCK_DGRAM if mode == "udp" else socket.SOCK_STREAM
-    with socket.socket(socket.AF_INET, kind) as sock:
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, kind) as sock:
         if mark:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
         sock.settimeout(3.0)

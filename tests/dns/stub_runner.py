@@ -14,13 +14,16 @@ from agent.dns.names import ServiceAddress, build_table
 from agent.dns.server import DnsStub, StubSettings
 
 
-async def heartbeat(live: dict[str, str]) -> None:
-    element = f"{{ {live['element']} timeout {live['timeout']} }}"
-    script = f"flush set {live['set']}\nadd element {live['set']} {element}\n"
+async def heartbeat(lives: list[dict[str, str]]) -> None:
+    """One nft transaction per beat: each set flushed and its element added with a fresh timeout."""
+    script = "".join(
+        f"flush set {x['set']}\nadd element {x['set']} {{ {x['element']} timeout {x['timeout']} }}\n"
+        for x in lives
+    )
     while True:
         proc = await asyncio.create_subprocess_exec("nft", "-f", "-", stdin=asyncio.subprocess.PIPE)
         await proc.communicate(script.encode())
-        await asyncio.sleep(float(live["every_s"]))
+        await asyncio.sleep(float(lives[0]["every_s"]))
 
 
 async def main(conf: dict[str, object]) -> None:

@@ -35,15 +35,18 @@ import dns.rcode  # noqa: E402
 
 HERE = Path(__file__).parent
 RESOLVER = "198.18.1.2"
+RESOLVER6 = "2001:db8:1::2"
 MARK = 0x1000000
 TXT = "x" * 200
 RULES = f"""
-table ip meshagent_dns {{
-  set live {{ type ipv4_addr . inet_service; flags timeout; }}
+table inet meshagent_dns {{
+  set live4 {{ type ipv4_addr . inet_service; flags timeout; }}
+  set live6 {{ type ipv6_addr . inet_service; flags timeout; }}
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark & {MARK:#x} == {MARK:#x} return comment "the agent's own upstream queries"
-    meta l4proto {{ tcp, udp }} ip daddr . th dport @live redirect to :15053 comment "while the stub lives"
+    meta l4proto {{ tcp, udp }} ip daddr . th dport @live4 redirect to :15053 comment "while the stub lives"
+    meta l4proto {{ tcp, udp }} ip6 daddr . th dport @live6 redirect to :15053 comment "while the stub lives"
   }}
 }}
 """
@@ -52,7 +55,7 @@ table ip meshagent_dns {{
 def stub_conf(**over: Any) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "upstreams": [RESOLVER],
-        "listen": ["127.0.0.1"],
+        "listen": ["127.0.0.1", "::1"],
         "port": 15053,
         "upstream_mark": MARK,
         "per_source_qps": 50.0,
@@ -60,12 +63,20 @@ def stub_conf(**over: Any) -> dict[str, Any]:
         "max_inflight": 8,
         "upstream_timeout_s": 1.0,
         "services": [{"name": "orders", "namespace": "shop", "ips": ["10.96.0.10", "fd00::10"]}],
-        "live": {
-            "set": "ip meshagent_dns live",
-            "element": f"{RESOLVER} . 53",
-            "timeout": "3s",
-            "every_s": "0.5",
-        },
+        "live": [
+            {
+                "set": "inet meshagent_dns live4",
+                "element": f"{RESOLVER} . 53",
+                "timeout": "3s",
+                "every_s": "0.5",
+            },
+            {
+                "set": "inet meshagent_dns live6",
+                "element": f"{RESOLVER6} . 53",
+                "timeout": "3s",
+                "every_s": "0.5",
+            },
+        ],
     }
     conf.update(over)
     return conf
@@ -84,7 +95,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Lab, Host,
         lab.link(a, b)
         resolver = b.popen(
             "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-            "--no-poll", "--bind-interfaces", f"--listen-address={RESOLVER}", "--port=53", "--user=root",
+            "--no-poll", "--bind-interfaces", f"--listen-address={RESOLVER},{RESOLVER6}", "--port=53",
+            "--user=root",
             f"--pid-file={tmp}/dnsmasq.pid", "--local-ttl=60",
             "--address=/www.public.example/192.0.2.8",
             *[f"--txt-record=big.public.example,{TXT}{i}" for i in range(8)],
@@ -132,7 +144,7 @@ def start_stub(lab: Lab, a: Host, **over: Any) -> Any:
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "READY", proc.stderr.read() if proc.stderr else ""
     _wait(
-        lambda: "198.18.1.2 . 53" in a.run("nft", "list", "set", "ip", "meshagent_dns", "live").stdout,
+        lambda: f"{RESOLVER6} . 53" in a.run("nft", "list", "set", "inet", "meshagent_dns", "live6").stdout,
         "heartbeat",
     )
     return proc
@@ -163,6 +175,11 @@ def test_names_answers_and_fail_open(world: tuple[Lab, Host, Host]) -> None:
     assert msg.rcode() == dns.rcode.NXDOMAIN and msg.authority[0].name.to_text() == "cluster.local."
 
     # other names: exactly the resolver's bytes, same query sent directly (with the agent's mark)
+    msg = dns.message.from_wire(
+        query(a, m.encode_query("orders.shop.svc.cluster.local", 28), server=RESOLVER6) or b""
+    )
+    assert [r.address for r in msg.answer[0]] == ["fd00::10"]  # a v6 resolver address is redirected too
+
     for data, tcp in [
         (m.encode_query("www.public.example", m.TYPE_A, ident=1), False),
         (m.encode_query("WWW.Public.Example", m.TYPE_A, ident=2, edns_size=4096, do=True), False),
@@ -172,26 +189,28 @@ def test_names_answers_and_fail_open(world: tuple[Lab, Host, Host]) -> None:
         (m.encode_query("big.public.example", 16, ident=6), True),  # the client's TCP retry
         (m.encode_query("orders.shop.svc.cluster.local", m.TYPE_A)[:-2] + b"\x00\x03", False),  # class CH
     ]:
-        via_stub = query(a, data, tcp=tcp)
-        direct = query(a, data, tcp=tcp, mark=MARK)
-        assert via_stub is not None and via_stub == direct, (data, via_stub, direct)
+        for server in (RESOLVER, RESOLVER6):
+            via_stub = query(a, data, tcp=tcp, server=server)
+            direct = query(a, data, tcp=tcp, mark=MARK, server=server)
+            assert via_stub is not None and via_stub == direct, (data, via_stub, direct)
     big_udp = query(a, m.encode_query("big.public.example", 16, ident=5))
     assert big_udp is not None and m.is_truncated(big_udp)
 
     counted = stats(proc)
-    assert counted["answer"] == 3 and counted["nxdomain"] == 1
-    assert counted["forwarded"] == counted["forward_answered"] >= 7
+    assert counted["answer"] == 4 and counted["nxdomain"] == 1
+    assert counted["forwarded"] == counted["forward_answered"] >= 14
     assert counted.get("dropped_loop", 0) == 0
 
     # fail open: SIGKILL (no cleanup runs); the element expires and DNS reaches the resolver
     proc.kill()
     proc.wait(timeout=10)
     _wait(
-        lambda: "198.18.1.2 . 53" not in a.run("nft", "list", "set", "ip", "meshagent_dns", "live").stdout,
+        lambda: "elements" not in a.run("nft", "list", "ruleset").stdout,
         "expiry",
     )
     data = m.encode_query("www.public.example", m.TYPE_A, ident=7)
     assert query(a, data) == query(a, data, mark=MARK) is not None
+    assert query(a, data, server=RESOLVER6) == query(a, data, mark=MARK, server=RESOLVER6) is not None
     cluster = query(a, m.encode_query("orders.shop.svc.cluster.local", m.TYPE_A))
     assert (
         cluster is not None and not dns.message.from_wire(cluster).flags & dns.flags.AA
