@@ -278,6 +278,43 @@ def select_hosts(hosts: Sequence[HostRecord], refs: Sequence[str]) -> list[HostR
     return [h for h in hosts if h.id in chosen]
 
 
+def desired_workloads(
+    hosts: Sequence[HostRecord],
+    *,
+    trust_domain: str,
+    mesh: str,
+    now: datetime,
+    refs: Sequence[str] = (),
+    namespace: str | None = None,
+) -> tuple[list[HostWorkload], list[Skipped]]:
+    """The chosen hosts as kube_objects records (for export, or a controller's desired state).
+    A host named in `refs` that cannot be exported is an error; without `refs`, such a host is
+    skipped and reported (the rest still export)."""
+    if namespace is not None:
+        validate_namespace(namespace)
+    workloads: list[HostWorkload] = []
+    skipped: list[Skipped] = []
+    for host in select_hosts(hosts, refs):
+        try:
+            identity = WorkloadIdentity.parse_short(host.identity, trust_domain, mesh)
+            workload = host_workload(host, identity, now)
+        except (KubeObjectError, InvalidName) as exc:
+            if refs:
+                raise KubeExportError(exc.message, exc.hint, code=exc.code) from None
+            skipped.append(Skipped(host.id, exc.message, exc.hint))
+            continue
+        if namespace is not None and identity.namespace != namespace:
+            if refs:
+                raise KubeExportError(
+                    f"host {host.host_name!r} ({host.id}) is in namespace {identity.namespace!r}, "
+                    f"not {namespace!r}",
+                    "its objects live in its identity's namespace; drop --namespace or --host",
+                )
+            continue
+        workloads.append(workload)
+    return workloads, skipped
+
+
 def export(
     hosts: Sequence[HostRecord],
     *,
@@ -290,30 +327,11 @@ def export(
     namespace: str | None = None,
     services: Sequence[ServiceRequest] = (),
 ) -> Export:
-    """The objects for the chosen hosts. A host named in `refs` that cannot be exported is an
-    error; without `refs`, such a host is skipped and reported (the rest still export)."""
-    if namespace is not None:
-        validate_namespace(namespace)
-    out = Export()
-    workloads: list[HostWorkload] = []
-    for host in select_hosts(hosts, refs):
-        try:
-            identity = WorkloadIdentity.parse_short(host.identity, trust_domain, mesh)
-            workload = host_workload(host, identity, now)
-        except (KubeObjectError, InvalidName) as exc:
-            if refs:
-                raise KubeExportError(exc.message, exc.hint, code=exc.code) from None
-            out.skipped.append(Skipped(host.id, exc.message, exc.hint))
-            continue
-        if namespace is not None and identity.namespace != namespace:
-            if refs:
-                raise KubeExportError(
-                    f"host {host.host_name!r} ({host.id}) is in namespace {identity.namespace!r}, "
-                    f"not {namespace!r}",
-                    "its objects live in its identity's namespace; drop --namespace or --host",
-                )
-            continue
-        workloads.append(workload)
+    """The objects for the chosen hosts (see desired_workloads), then the Services asked for;
+    no host at all is an error (an empty export applied with prune would delete everything)."""
+    workloads, skipped = desired_workloads(
+        hosts, trust_domain=trust_domain, mesh=mesh, now=now, refs=refs, namespace=namespace
+    )
     if not workloads:
         where = f" in namespace {namespace!r}" if namespace else ""
         raise KubeExportError(
@@ -322,6 +340,7 @@ def export(
             "and list them with: meshagent authority hosts",
             code="no_hosts",
         )
+    out = Export(skipped=skipped)
     out.objects.extend(host_object(w, flavor, authority) for w in workloads)
     for request in services:
         out.objects.extend(_services(request, workloads, authority))

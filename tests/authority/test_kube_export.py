@@ -219,6 +219,7 @@ def test_export_one_host_and_the_refusals(fleet: AuthorityProcess) -> None:
     only = objects(fleet, "--host", "legacy-db-2")
     assert [d["metadata"]["annotations"][ko.HOST_NAME_ANNOTATION] for d in only] == ["legacy-db-2"]
     assert len(objects(fleet, "--host", ids["legacy-db-1"], "--host", "legacy-db-2")) == 2
+    assert len(objects(fleet, "--namespace", "shop")) == 2
 
     cases = [
         (["--host", "nope"], "no enrolled host with id or name 'nope'", "meshagent authority hosts"),
@@ -229,6 +230,8 @@ def test_export_one_host_and_the_refusals(fleet: AuthorityProcess) -> None:
         (["--service", "Bad=app=x"], "is not a valid Service name", "starting with a letter"),
         (["--service", "billing"], "is not NAME=KEY=VALUE", "--service billing=app=billing"),
         (["--namespace", "shop", "--host", "legacy-web"], "is revoked", "meshagent.io/host-id="),
+        (["--namespace", "other", "--host", "legacy-db-1"], "is in namespace 'shop', not 'other'", "drop"),
+        (["--namespace", "Shop"], "is not a valid namespace name", "lowercase"),
     ]
     for args, message, hint in cases:
         proc = kube(fleet, *args)
