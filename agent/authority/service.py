@@ -10,7 +10,7 @@ import hashlib
 import ipaddress
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -328,6 +328,22 @@ class Authority:
         )
 
     def set_policy(self, identity: str, port: int, default: str, allow: tuple[str, ...]) -> PolicyRecord:
+        record = self._policy_record(identity, port, default, allow)
+        self.registry.set_policy(record)
+        return record
+
+    def set_policies(self, records: Sequence[PolicyRecord]) -> list[PolicyRecord]:
+        """Check every record, then store them in one transaction: a refusal or a failure
+        leaves the registry as it was. Adds and replaces; never removes."""
+        checked = [self._policy_record(r.identity, r.port, r.default_policy, r.allow) for r in records]
+        self.registry.set_policies(checked)
+        log.info("policy.applied", records=len(checked), identities=len({r.identity for r in checked}))
+        return checked
+
+    def _policy_record(self, identity: str, port: int, default: str, allow: Sequence[str]) -> PolicyRecord:
+        """The record as stored: a known default, SPIFFE-form allow patterns, a valid identity."""
+        if not (port == 0 or _is_port(port)):
+            raise RejectedError(f"port {port!r} is not 0 (default) or 1-65535", code="invalid_request")
         try:
             DefaultPolicy(default)
         except ValueError:
@@ -337,10 +353,10 @@ class Authority:
             ) from None
         try:
             # Stored and served in the SPIFFE form, whichever form the operator wrote.
-            allow = tuple(spiffe_pattern(p) for p in allow)
+            patterns = tuple(spiffe_pattern(p) for p in allow)
         except InvalidName as exc:
             raise RejectedError(exc.message, exc.hint, code="invalid_request") from None
-        for pattern in allow:
+        for pattern in patterns:
             # A SPIFFE ID or glob, one token: the hosts match it against peers' IDs and log it.
             if not _ALLOW_PATTERN.fullmatch(pattern):
                 raise RejectedError(
@@ -349,9 +365,7 @@ class Authority:
                     "or --allow '*.shop.serviceaccount.identity.linkerd.cluster.local'",
                     code="invalid_request",
                 )
-        record = PolicyRecord(self.identity(identity).short, port, default, allow)
-        self.registry.set_policy(record)
-        return record
+        return PolicyRecord(self.identity(identity).short, port, default, patterns)
 
     def _skip(self, source: str, what: str, reason: str) -> None:
         """Leave a stored record out of what hosts get, saying so once per process."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -224,6 +224,8 @@ class Registry(Protocol):
     def static_entries(self) -> list[StaticEntry]: ...
 
     def set_policy(self, record: PolicyRecord) -> None: ...
+
+    def set_policies(self, records: Sequence[PolicyRecord]) -> None: ...
 
     def remove_policy(self, identity: str, port: int) -> None: ...
 
@@ -570,10 +572,14 @@ class SqliteRegistry:
         ]
 
     def set_policy(self, record: PolicyRecord) -> None:
+        self.set_policies([record])
+
+    def set_policies(self, records: Sequence[PolicyRecord]) -> None:
+        """Add or replace every record in one transaction: all of them are stored, or none."""
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT OR REPLACE INTO policies (identity, port, default_policy, allow) VALUES (?, ?, ?, ?)",
-                (record.identity, record.port, record.default_policy, json.dumps(list(record.allow))),
+                [(r.identity, r.port, r.default_policy, json.dumps(list(r.allow))) for r in records],
             )
 
     def remove_policy(self, identity: str, port: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import BinaryIO
 
 import click
 
@@ -16,14 +17,25 @@ from agent.authority.kube_export import (
     edit_registration,
     export,
     host_health,
+    host_workload,
     parse_label,
     parse_port,
     status_script,
+    workload_ports,
 )
 from agent.authority.kube_objects import KubeObjectError, render_yaml, validate_authority_name, without_status
+from agent.authority.kube_policy import (
+    MAX_BYTES,
+    ClusterSettings,
+    HostView,
+    KubePolicyError,
+    parse_policy,
+    plan,
+)
 from agent.authority.service import MAX_TOKEN_TTL, Authority, open_registry
 from agent.authority.storage import HostRecord, Registration
 from agent.identity.certinfo import utcnow
+from agent.identity.names import WorkloadIdentity
 from agent.identity.pki import spki_pin
 
 from .output import Duration, emit_json, human_duration, printable, rfc3339, table
@@ -745,8 +757,9 @@ def policy_group() -> None:
     "--default",
     "default_policy",
     required=True,
-    type=click.Choice(["all-unauthenticated", "all-authenticated", "deny"]),
-    help="Who may connect when the allow-list is empty.",
+    type=click.Choice(["all-unauthenticated", "all-authenticated", "deny", "audit"]),
+    help="Who may connect when the allow-list is empty (audit: everyone, flagging in the logs "
+    "and metrics whom deny would refuse).",
 )
 @click.option(
     "--allow",
@@ -777,6 +790,137 @@ def policy_set_cmd(
                 + (f", allow {', '.join(record.allow)}" if record.allow else "")
             )
         )
+
+
+@policy_group.command("apply")
+@dir_option
+@click.option(
+    "-f",
+    "--filename",
+    "source",
+    type=click.File("rb"),
+    required=True,
+    help="The objects, YAML (one or many documents, or a List); - reads standard input.",
+)
+@click.option(
+    "--default",
+    "default_policy",
+    type=click.Choice(["all-unauthenticated", "all-authenticated", "deny", "audit"]),
+    help="The cluster's default policy, for ports no Server selects (Linkerd's "
+    "proxy.defaultInboundPolicy) [default: each host keeps its own].",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be stored; store nothing.")
+@click.option(
+    "--authority-name",
+    default="default",
+    show_default=True,
+    help="The meshagent.io/authority label a Server may select on (as `kube export` writes it).",
+)
+@json_option
+def policy_apply_cmd(
+    directory: Path,
+    source: BinaryIO,
+    default_policy: str | None,
+    dry_run: bool,
+    authority_name: str,
+    as_json: bool,
+) -> None:
+    """Set the enrolled hosts' policy from Linkerd or SMI policy objects, as the cluster would.
+
+    \b
+    Read: Linkerd's Server (policy.linkerd.io/v1beta2+, externalWorkloadSelector),
+    AuthorizationPolicy, MeshTLSAuthentication; SMI's TrafficTarget and TCPRoute. A Server
+    selects hosts by the labels and named ports of their ExternalWorkload (`kube export`:
+    token create --label/--port, host label/port), in the namespace of their identity.
+    \b
+    Worked example: hosts enrolled as shop/billing with --label app=billing --port http=8080,
+    and policy.yaml holding
+      apiVersion: policy.linkerd.io/v1beta3
+      kind: Server
+      metadata: {namespace: shop, name: billing-http}
+      spec:
+        externalWorkloadSelector: {matchLabels: {app: billing}}
+        port: http
+      ---
+      apiVersion: policy.linkerd.io/v1alpha1
+      kind: MeshTLSAuthentication
+      metadata: {namespace: shop, name: billing-clients}
+      spec:
+        identities: ["web.shop.serviceaccount.identity.linkerd.cluster.local"]
+      ---
+      apiVersion: policy.linkerd.io/v1alpha1
+      kind: AuthorizationPolicy
+      metadata: {namespace: shop, name: billing-http}
+      spec:
+        targetRef: {group: policy.linkerd.io, kind: Server, name: billing-http}
+        requiredAuthenticationRefs:
+          - {group: policy.linkerd.io, kind: MeshTLSAuthentication, name: billing-clients}
+    \b
+      meshagent authority policy apply --dir DIR -f policy.yaml --dry-run
+      meshagent authority policy apply --dir DIR -f policy.yaml --default all-authenticated
+      kubectl get servers,authorizationpolicies,meshtlsauthentications -n shop -o yaml \\
+          | meshagent authority policy apply --dir DIR -f -
+    stores shop/billing port 8080: deny, allow spiffe://cluster.local/ns/shop/sa/web, and
+    port default: all-authenticated. Hosts pick it up at their next refresh (30 s by default).
+    \b
+    The whole file is refused, nothing stored, if any object is invalid or cannot be honoured
+    exactly (NetworkAuthentication, cluster-* policies, HTTPRoute targets); every problem is
+    listed. All records are stored in one transaction. Apply only adds and replaces records:
+    policies the file no longer yields stay until `policy remove`.
+    """
+    data = source.read(MAX_BYTES + 1)
+    if len(data) > MAX_BYTES:
+        raise KubePolicyError(
+            [f"{source.name}: larger than {MAX_BYTES} bytes (a policy file, not a cluster dump)"]
+        )
+    auth = Authority.open(directory)
+    s = auth.material.settings
+    policy = parse_policy(data, ClusterSettings(s.trust_domain, s.mesh, default_policy))
+    name = validate_authority_name(authority_name)
+    now = utcnow()
+    views: list[HostView] = []
+    for h in auth.registry.list_hosts():
+        if h.revoked:
+            continue
+        ident = WorkloadIdentity.parse_short(h.identity, s.trust_domain, s.mesh)
+        try:
+            views.append(HostView.from_workload(host_workload(h, ident, now), name))
+        except KubeObjectError:
+            # No address (or unreadable labels): no ExternalWorkload, but its labels and ports
+            # still say what the cluster's Servers would select.
+            views.append(HostView(ident, dict(h.registration.labels), workload_ports(h.registration)))
+    planned = plan(policy, views)
+    if not dry_run:
+        auth.set_policies([p.record for p in planned])
+    docs = [
+        {
+            "identity": p.record.identity,
+            "port": p.record.port,
+            "default_policy": p.record.default_policy,
+            "allow": list(p.record.allow),
+            "source": p.source,
+        }
+        for p in planned
+    ]
+    if as_json:
+        emit_json(docs)
+        return
+    click.echo(
+        table(
+            ["IDENTITY", "PORT", "DEFAULT", "ALLOW", "SOURCE"],
+            [
+                (r.identity, r.port or "default", r.default_policy, ", ".join(r.allow) or "-", p.source)
+                for p in planned
+                for r in [p.record]
+            ],
+        )
+    )
+    counts = ", ".join(f"{n} {kind}" for kind, n in policy.counts.items())
+    verb = "would store" if dry_run else "stored"
+    click.echo(
+        printable(f"{verb} {len(planned)} record(s) for {len(views)} host(s) from {counts}"),
+        err=True,
+    )
 
 
 @policy_group.command("list")
