@@ -868,6 +868,26 @@ def policy_apply_cmd(
     listed. All records are stored in one transaction. Apply only adds and replaces records:
     policies the file no longer yields stay until `policy remove`.
     """
+    try:
+        _apply_policy(directory, source, default_policy, dry_run, authority_name, as_json)
+    except KubePolicyError as exc:
+        if as_json:
+            raise  # the normal handler's JSON error, problems in its message
+        # One problem a line: the normal handler prints a message as one line.
+        for line in exc.message.splitlines():
+            click.echo(printable(f"error: {line}" if not line.startswith(" ") else line), err=True)
+        click.echo(printable(f"  hint: {exc.hint}"), err=True)
+        raise SystemExit(int(exc.exit_code)) from None
+
+
+def _apply_policy(
+    directory: Path,
+    source: BinaryIO,
+    default_policy: str | None,
+    dry_run: bool,
+    authority_name: str,
+    as_json: bool,
+) -> None:
     data = source.read(MAX_BYTES + 1)
     if len(data) > MAX_BYTES:
         raise KubePolicyError(
