@@ -670,7 +670,14 @@ async def _inbound_mtls(
         action = route_header(ctx, orig, client, header)
     if isinstance(action, Refuse):
         _denied(proxy, action.deny)
-        proxy.refuse("inbound", action.reason, peer=peer, port=action.port, client_id=client.name or "")
+        proxy.refuse(
+            "inbound",
+            action.reason,
+            peer=peer,
+            port=action.port,
+            client_id=client.name or "",  # the DNS form, as the metrics' client_id label
+            spiffe_id=client.spiffe_id or "",
+        )
         tls.send_eof()
         tls.close()
         return

@@ -102,7 +102,9 @@ def test_in_cluster_clients_with_mesh_certificates(mesh: Mesh) -> None:
     # Another valid mesh identity, not on the allow-list: refused, and the log names it.
     code, _ = _curl(mesh, _cert(mesh, "shop/other", "other"))
     assert code != 0
-    wait_for(lambda: f"client_id={TD}/ns/shop/sa/other" in b.log.read_text(), "refusal logged")
+    # The log names the client in both forms: client_id as the metrics label it, and its SPIFFE ID.
+    wait_for(lambda: f"spiffe_id={TD}/ns/shop/sa/other" in b.log.read_text(), "refusal logged")
+    assert "client_id=other.shop.serviceaccount.identity.linkerd.cluster.local" in b.log.read_text()
     assert "reason=not_authorized" in b.log.read_text()
 
     # openssl s_client with the allowed identity speaks raw HTTP through B's inbound.
