@@ -27,7 +27,6 @@ from agent.identity.names import InvalidName, WorkloadIdentity
 from .kube_objects import (
     HOST_ID_LABEL,
     LINKERD_DEFAULT_INBOUND_PORT,
-    LINKERD_PROXY_PORT_NAME,
     MANAGED_BY,
     MANAGED_BY_LABEL,
     PROTOCOLS,
@@ -41,6 +40,7 @@ from .kube_objects import (
     rfc3339,
     service,
     status_patch,
+    validate_app_ports,
     validate_labels,
     validate_namespace,
     validate_service_name,
@@ -98,22 +98,7 @@ def check_registration(
     inbound = LINKERD_DEFAULT_INBOUND_PORT if proxy_port is None else proxy_port
     if isinstance(inbound, bool) or not 0 < inbound <= 65535:
         raise KubeObjectError(f"proxy port {inbound!r} is not a port number", "use 1-65535, e.g. 4143")
-    names: set[str] = set()
-    numbers: set[tuple[int, str]] = set()
-    for p in ports:
-        if p.name == LINKERD_PROXY_PORT_NAME or p.port == inbound:
-            raise KubeObjectError(
-                f"port {p.name!r} ({p.port}) is the proxy's: {LINKERD_PROXY_PORT_NAME} is port "
-                f"{inbound}, added by itself",
-                "list only the app's own ports (--proxy-port sets the proxy's)",
-            )
-        if p.name in names or (p.port, p.protocol) in numbers:
-            raise KubeObjectError(
-                f"port {p.name!r} ({p.port}/{p.protocol}) is given twice",
-                "give each port one name and each number/protocol one entry",
-            )
-        names.add(p.name)
-        numbers.add((p.port, p.protocol))
+    validate_app_ports(ports, inbound, "list only the app's own ports (--proxy-port sets the proxy's)")
     return Registration(
         labels=tuple(checked.items()),
         ports=tuple((p.name, p.port, p.protocol) for p in ports),

@@ -130,6 +130,29 @@ def validate_labels(labels: Mapping[str, str], *, allow_reserved: bool = False) 
     return dict(sorted(out.items()))
 
 
+def validate_app_ports(
+    ports: Sequence[WorkloadPort], proxy_port: int, hint: str = "list only the app's own ports"
+) -> None:
+    """An app's named ports: names and number/protocol pairs unique, none of them the proxy's
+    (`linkerd-proxy` is added for Linkerd, on `proxy_port`)."""
+    names: set[str] = set()
+    numbers: set[tuple[int, str]] = set()
+    for p in ports:
+        if p.name == LINKERD_PROXY_PORT_NAME or p.port == proxy_port:
+            raise KubeObjectError(
+                f"port {p.name!r} ({p.port}) is the proxy's: {LINKERD_PROXY_PORT_NAME} is port "
+                f"{proxy_port}, added by itself",
+                hint,
+            )
+        if p.name in names or (p.port, p.protocol) in numbers:
+            raise KubeObjectError(
+                f"port {p.name!r} ({p.port}/{p.protocol}) is given twice",
+                "give each port one name and each number/protocol one entry",
+            )
+        names.add(p.name)
+        numbers.add((p.port, p.protocol))
+
+
 def validate_port_name(name: str) -> str:
     """An IANA_SVC_NAME (apimachinery IsValidPortName): what a Service's targetPort names."""
     if (
@@ -257,22 +280,7 @@ class HostWorkload:
         object.__setattr__(self, "addresses", validate_host_addresses(list(self.addresses)))
         object.__setattr__(self, "labels", tuple(validate_labels(dict(self.labels)).items()))
         _port_number(self.inbound_proxy_port, "inbound proxy port")
-        names: set[str] = set()
-        numbers: set[tuple[int, str]] = set()
-        for p in self.ports:
-            if p.name == LINKERD_PROXY_PORT_NAME or p.port == self.inbound_proxy_port:
-                raise KubeObjectError(
-                    f"port {p.name!r} ({p.port}) is the proxy's: {LINKERD_PROXY_PORT_NAME} "
-                    f"is port {self.inbound_proxy_port}, added for Linkerd",
-                    "list only the app's own ports",
-                )
-            if p.name in names or (p.port, p.protocol) in numbers:
-                raise KubeObjectError(
-                    f"port {p.name!r} ({p.port}/{p.protocol}) is listed twice",
-                    "give each port one name and each number/protocol one entry",
-                )
-            names.add(p.name)
-            numbers.add((p.port, p.protocol))
+        validate_app_ports(self.ports, self.inbound_proxy_port)
 
     @property
     def label_map(self) -> dict[str, str]:

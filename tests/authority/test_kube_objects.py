@@ -418,8 +418,8 @@ def test_labels_kept_sorted_and_empty_values_allowed() -> None:
     [
         ((WorkloadPort("linkerd-proxy", 5000),), 4143, "is the proxy's"),
         ((WorkloadPort("http", 4143),), 4143, "is the proxy's"),
-        ((WorkloadPort("http", 80), WorkloadPort("http", 81)), 4143, "listed twice"),
-        ((WorkloadPort("a", 80), WorkloadPort("b", 80)), 4143, "listed twice"),
+        ((WorkloadPort("http", 80), WorkloadPort("http", 81)), 4143, "given twice"),
+        ((WorkloadPort("a", 80), WorkloadPort("b", 80)), 4143, "given twice"),
         ((), 0, "inbound proxy port"),
         ((), 65536, "inbound proxy port"),
     ],
