@@ -157,6 +157,10 @@ class Client:
 
     spiffe_id: str | None
     name: str | None
+    may_upgrade: bool = False
+    """The certificate carries the mesh DNS SAN alone, as Linkerd's identity controller issues
+    them: a linkerd2-proxy, the only client that upgrades HTTP/1 to HTTP/2 (l5d-orig-proto).
+    Only its connections are read before the app is dialled (see `route_mtls`)."""
 
 
 # --- inbound ---------------------------------------------------------------------------------
@@ -208,14 +212,21 @@ def route_detected(
 def route_mtls(
     ctx: InboundContext, orig: Address, client: Client, alpn: str | None, direct: bool = False
 ) -> Admit | ReadHeader | Refuse:
-    """The mTLS handshake succeeded with `client` (`alpn`: the protocol negotiated, if any)."""
-    if direct:
+    """The mTLS handshake succeeded with `client` (`alpn`: the protocol negotiated, if any).
+
+    A client that negotiated the transport ALPN sends a header next, wherever it dialled: on a
+    redirected app port too (a host whose `linkerd-proxy` port in the cluster is not its
+    inbound listener's), so the header is read there as well, never relayed as app bytes.
+    Otherwise a linkerd2-proxy's connection is read first (it may be HTTP/2 it upgraded);
+    any other peer's goes to the app at once (no wait, server-speaks-first protocols too)."""
+    if direct or alpn == TRANSPORT_ALPN:
         if client.spiffe_id is None:
             return Refuse(DIRECT_NO_IDENTITY, port=orig[1])
         if alpn != TRANSPORT_ALPN:
             return Refuse(DIRECT_NO_ALPN, port=orig[1])
         return ReadHeader()
-    return _authorize(ctx, orig, client, "mtls", None, peek=orig[1] not in ctx.skip_detect_ports)
+    peek = client.may_upgrade and orig[1] not in ctx.skip_detect_ports
+    return _authorize(ctx, orig, client, "mtls", None, peek=peek)
 
 
 def route_header(

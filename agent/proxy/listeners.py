@@ -203,12 +203,21 @@ class Proxy:
         self.audit_log = Throttled(log, "connection.audited")
         self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
         self._context: InboundContext | None = None
+        self._context_listeners = 0  # how many listeners the cached context knew
 
     def inbound_context(self) -> InboundContext:
         """What inbound decisions read, rebuilt when the policy or the identity is replaced
         (the daemon assigns `policy` on a directory refresh, `credentials` change on rotation)."""
         ctx, workload = self._context, self.credentials.identity.workload
-        if ctx is None or ctx.policy is not self.policy or ctx.our_name != workload.dns_name:
+        # Rebuilt too once more listeners are up: a connection accepted while they still start
+        # must not leave a context that lacks a listener's port among those a header may not name.
+        if (
+            ctx is None
+            or ctx.policy is not self.policy
+            or ctx.our_name != workload.dns_name
+            or self._context_listeners != len(self.listening)
+        ):
+            self._context_listeners = len(self.listening)
             own = tuple((port, port) for _, port in self.listening.values())
             served = self.settings.served_ports
             ctx = self._context = InboundContext(
@@ -645,7 +654,11 @@ def _denied(proxy: Proxy, key: str) -> None:
 
 def _client(cert: dict[str, Any] | None) -> Client:
     peer = peer_identity(cert)
-    return Client(None, None) if peer is None else Client(peer.spiffe_id, peer.label)
+    if peer is None:
+        return Client(None, None)
+    # Linkerd's identity controller issues the DNS SAN alone: such a client may upgrade HTTP/1.
+    has_uri = any(kind == "URI" for kind, _ in (cert or {}).get("subjectAltName", ()))
+    return Client(peer.spiffe_id, peer.label, may_upgrade=not has_uri)
 
 
 async def _inbound_mtls(
@@ -744,8 +757,9 @@ class _Prefix(Leg):
             self.decided = True
 
     def send_many(self, chunks: list[bytes]) -> None:
-        for chunk in chunks:
-            self.send(chunk)
+        # One step for all the records one read decrypted: a client that sends one byte per
+        # record must not make `step` re-read its buffer once per byte.
+        self.send(b"".join(chunks))
 
     def send_eof(self) -> None:
         if not self.decided:
@@ -797,6 +811,11 @@ async def _read_header(tls: TlsLeg, deadline_s: float) -> TransportHeader | Head
     return header
 
 
+# Reads of a client's first decrypted bytes before `_peek` decides with what it has: a
+# linkerd2-proxy's preface, SETTINGS and first HEADERS come in one or two.
+MAX_PEEK_READS: Final = 8
+
+
 async def _peek(tls: TlsLeg, known: Protocol | None, deadline_s: float) -> Stream:
     """What the client's first decrypted bytes carry (`after_tls`), read within `deadline_s`;
     the bytes wait in `tls.early` for the app or the gateway (already counted in `tls.rx`)."""
@@ -813,9 +832,15 @@ async def _peek(tls: TlsLeg, known: Protocol | None, deadline_s: float) -> Strea
             done.set_result(None)
         return True
 
+    reads = 0
+
     def step(data: bytes) -> bool:
+        nonlocal reads
         seen.extend(data)
-        return decide(False)
+        reads += 1
+        # Each look re-reads the buffer from its start: after a few reads, decide with what is
+        # there (a client dribbling frames must not buy quadratic work on the loop).
+        return decide(reads >= MAX_PEEK_READS)
 
     prefix = _Prefix(step, lambda: decide(True))
     await _read_prefix(tls, prefix, done, deadline_s)
@@ -839,6 +864,9 @@ async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b""
         if proxy.metrics is not None:  # authorized all the same: counted once, as a connection
             proxy.metrics.authz_allow.child(admitted.authz_keys()[0]).value += 1
         client.close()
+        return
+    if client.closed:  # the client left while we dialled: nothing to pair the app with
+        upstream.close()
         return
     proxy.observe(upstream, INBOUND_DST)
     # A header's leftovers wait in client.early: pairing hands them to the taps and the app.

@@ -444,8 +444,6 @@ class OrigProtoGateway(Leg):
     async def _open(self, stream: _Stream) -> None:
         conn = _AppConn(self)
         try:
-            if self.observe_app is not None:
-                self.observe_app(conn)
             await self.connect(self.app, conn)
         except (OSError, TimeoutError) as exc:
             self.opening -= 1
@@ -457,6 +455,8 @@ class OrigProtoGateway(Leg):
             self._connect_failed(stream, exc)
             return
         self.opening -= 1
+        if self.observe_app is not None:  # connected: its metrics open now and close with it
+            self.observe_app(conn)
         if self.closed:
             conn.close()
             return

@@ -173,10 +173,13 @@ def test_redirected_mtls_is_judged_by_the_port_policy(
         assert 'tls="true"' in action.deny
 
 
-def test_redirected_mtls_ignores_the_alpn() -> None:
-    # A linkerd2-proxy in transparent mode offers no ALPN; one that offered ours on an app port
-    # is served the same way (the header belongs to the direct port only).
-    assert isinstance(route_mtls(ctx(), ORIG, WEB, alpn="transport.l5d.io/v1"), Admit)
+def test_redirected_mtls_with_the_transport_alpn_reads_the_header() -> None:
+    # A linkerd2-proxy that negotiated the transport ALPN sends a header next, wherever it
+    # dialled (a host whose cluster-side proxy port is not its listener's): read, never relayed.
+    assert route_mtls(ctx(), ORIG, WEB, alpn="transport.l5d.io/v1") == ReadHeader()
+    assert isinstance(route_mtls(ctx(), ORIG, WEB, alpn="h2"), Admit)
+    anonymous = route_mtls(ctx(), ORIG, Client(None, None), alpn="transport.l5d.io/v1")
+    assert anonymous == Refuse("direct_no_identity", port=ORIG[1])
 
 
 @pytest.mark.parametrize(
@@ -348,10 +351,13 @@ def test_after_tls_tells_upgraded_http2_from_native() -> None:
 
 
 def test_peek_is_asked_where_an_upgraded_connection_may_come() -> None:
-    redirected = route_mtls(ctx(), ORIG, WEB, alpn=None)
-    skipped = route_mtls(ctx(), (HOST, 3306), WEB, alpn=None)
+    pod = Client(WEB_ID, WEB_NAME, may_upgrade=True)  # a Linkerd-issued certificate: DNS SAN only
+    redirected = route_mtls(ctx(), ORIG, pod, alpn=None)
+    skipped = route_mtls(ctx(), (HOST, 3306), pod, alpn=None)
+    host = route_mtls(ctx(), ORIG, WEB, alpn=None)  # a host's certificate (URI SAN): never upgrades
     assert isinstance(redirected, Admit) and redirected.peek
     assert isinstance(skipped, Admit) and not skipped.peek  # server speaks first: never waits
+    assert isinstance(host, Admit) and not host.peek  # goes to the app at once
     for session, peek in ((None, False), (SessionProtocol.HTTP1, False), (SessionProtocol.HTTP2, True)):
         action = route_header(ctx(), DIRECT, WEB, TransportHeader(8080, session_protocol=session))
         assert isinstance(action, Admit) and action.peek is peek

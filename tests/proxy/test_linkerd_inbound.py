@@ -394,3 +394,14 @@ def test_mtls_on_an_app_port_is_read_first_and_still_counted(tmp_path: Path) -> 
         server.close()
 
     run(tmp_path, body)
+
+
+def test_records_decrypted_in_one_read_are_looked_at_once() -> None:
+    """A client sending one byte per TLS record must not make the first-bytes check re-read its
+    buffer once per record (quadratic work on the event loop): one read, one look."""
+    from agent.proxy.listeners import _Prefix
+
+    looks: list[bytes] = []
+    prefix = _Prefix(lambda data: bool(looks.append(data)), lambda: None)
+    prefix.send_many([b"x"] * 10_000)
+    assert looks == [b"x" * 10_000]

@@ -400,6 +400,7 @@ class Rig:
 
 
 Address = tuple[str, int]
+APP_CONN = 'direction="inbound",peer="dst"'  # the app legs' transport metric labels
 
 
 async def rig(settings: GatewaySettings | None = None, app_port: int | None = None) -> Rig:
@@ -415,7 +416,13 @@ async def rig(settings: GatewaySettings | None = None, app_port: int | None = No
     metrics, refused = ProxyMetrics(), []
     settings = settings or GatewaySettings()
     http = metrics.http(BASE, AUTHZ)
-    gateway = OrigProtoGateway(app, connect, http, settings, on_refused=refused.append)
+
+    def observe_app(leg: Leg) -> None:  # as Proxy.observe: the app leg's transport metrics
+        leg.metrics = metrics.connection(APP_CONN)
+
+    gateway = OrigProtoGateway(
+        app, connect, http, settings, on_refused=refused.append, observe_app=observe_app
+    )
     ours, theirs = socket.socketpair()
     client_leg = Leg()
     await loop.connect_accepted_socket(lambda: client_leg, ours)
@@ -594,6 +601,9 @@ def test_an_app_that_refuses_connections_is_a_502() -> None:
         answer = await r.client.request(b"/get")
         assert answer.status == 502 and r.refused == ["app_connect_failed"]
         assert r.requests() == 1 and r.responses(502) == 1
+        # A connection that never opened holds no open-connection count (it leaked one before).
+        assert r.metrics.tcp_open_connections.child(APP_CONN).value == 0
+        assert r.metrics.tcp_open_total.child(APP_CONN).value == 0
 
     run(main)
 
