@@ -41,7 +41,8 @@ AUTH_URL = "https://198.18.0.3:8443"  # vm-authority's second address
 LEGACY_ID = "legacy.shop.serviceaccount.identity.linkerd.cluster.local"  # client_id, as linkerd labels it
 APP_URL = "http://198.18.0.1/"
 MESHAGENT = "/usr/local/bin/meshagent"
-MTLS_RESUME_LIMIT_S = float(os.environ.get("MESHAGENT_VM_MTLS_RESUME_LIMIT", "30"))  # TCG; see below
+MTLS_RESUME_LIMIT_S = float(os.environ.get("MESHAGENT_VM_MTLS_RESUME_LIMIT", "60"))  # TCG; see below
+APP_RESUME_LIMIT_S = float(os.environ.get("MESHAGENT_VM_APP_RESUME_LIMIT", "20"))  # TCG; see below
 
 # What "the host as it was" means: firewall, users, units, files (harness.SNAPSHOT_PATHS).
 SNAPSHOT = host_snapshot()
@@ -189,7 +190,12 @@ def test_systemd_unit_on_real_vms(vms: tuple[Vm, Vm, dict[str, float]]) -> None:
     figures["kill9_to_mtls_traffic_s"] = meshed_ms / 1000  # restarted, ready, meshed again
     assert int(legacy.sh("systemctl show -p NRestarts --value meshagent").stdout) == restarts + 1
     assert _inbound_mtls_requests(auth) > seen  # the request after /ready went through mTLS
-    assert figures["kill9_to_app_traffic_s"] <= 10, figures
+    # Fail open: plain app traffic flows before the restarted agent is ready, so it was the
+    # unit's ExecStopPost (one Python start-up) that removed the rules, not the restart. Under
+    # TCG that start-up alone takes 2-10 s depending on the machine's load (4-7 s measured on
+    # an idle machine, 13 s once on a loaded CI runner), hence a bound with room.
+    assert figures["kill9_to_app_traffic_s"] < figures["kill9_to_mtls_traffic_s"], figures
+    assert figures["kill9_to_app_traffic_s"] <= APP_RESUME_LIMIT_S, figures
     # Meshed again = ExecStopPost + RestartSec + ExecStartPre + `meshagent run` to ready: four
     # Python start-ups, which TCG emulation makes ~10x slower than on a real host or KVM.
     assert figures["kill9_to_mtls_traffic_s"] <= MTLS_RESUME_LIMIT_S, figures
