@@ -6,9 +6,9 @@ Services the operator asks for, and hand back objects for `kubectl apply -f -` a
 both CRDs have a status subresource that ignores `status` on apply, the `kubectl patch
 --subresource=status` commands that set the Ready (Healthy) condition.
 
-Health without heartbeats (issue #18 adds them): a host is Ready while it is enrolled,
-unrevoked and its certificate unexpired. A host whose certificate expired cannot renew any more
-(renewal needs a valid certificate), so Ready since enrollment is the one transition to report.
+Health: with the registry's stored agent reports (`reports=`), a host is Ready while its agent
+reports in time, ready, with every probe passing (agent/authority/health.py); without them,
+while it is enrolled, unrevoked and its certificate unexpired (reason CertificateValid).
 
 Also here: parsing and validating what the operator declares at token time (labels, named ports,
 the inbound proxy port), stored raw in the registry (storage.Registration).
@@ -20,10 +20,17 @@ import json
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from agent.identity.names import InvalidName, WorkloadIdentity
 
+from . import health
+from .health import (
+    UNCHECKED,
+    HostReport,
+    Unchecked,
+    load_report,
+)
 from .kube_objects import (
     HOST_ID_LABEL,
     LINKERD_DEFAULT_INBOUND_PORT,
@@ -37,7 +44,6 @@ from .kube_objects import (
     KubeObjectError,
     WorkloadPort,
     host_object,
-    rfc3339,
     service,
     status_patch,
     validate_app_ports,
@@ -46,10 +52,6 @@ from .kube_objects import (
     validate_service_name,
 )
 from .storage import HostRecord, Registration
-
-REASON_CERTIFICATE_VALID = "CertificateValid"
-REASON_CERTIFICATE_EXPIRED = "CertificateExpired"
-REASON_REVOKED = "Revoked"
 
 # kubectl's fully qualified resource names: a short kind could be another group's.
 RESOURCES = {
@@ -145,29 +147,36 @@ def workload_ports(reg: Registration) -> tuple[WorkloadPort, ...]:
 # --- health and the host's workload -------------------------------------------------------------
 
 
-def host_health(host: HostRecord, now: datetime) -> Health:
-    """Ready while enrolled, unrevoked and the certificate unexpired (no heartbeat yet: #18)."""
-    if host.revoked_at is not None:
-        return Health(False, REASON_REVOKED, f"revoked at {rfc3339(host.revoked_at)}", host.revoked_at)
-    if host.not_after <= now:
-        return Health(
-            False,
-            REASON_CERTIFICATE_EXPIRED,
-            f"the host's certificate expired at {rfc3339(host.not_after)}: it was not renewed "
-            "(agent down or unreachable); enroll it again",
-            host.not_after,
-        )
-    return Health(
-        True,
-        REASON_CERTIFICATE_VALID,
-        f"enrolled, not revoked, certificate valid until {rfc3339(host.not_after)} "
-        "(no agent heartbeat is checked yet)",
-        host.enrolled_at,
-    )
+def host_health(
+    host: HostRecord,
+    now: datetime,
+    report: HostReport | Unchecked | None = UNCHECKED,
+    received_at: datetime | None = None,
+) -> Health:
+    """The host's Ready condition (agent/authority/health.py). Without `report`, the
+    certificate alone (enrolled, unrevoked, unexpired), as before agents reported."""
+    return health.host_health(host, now, report, received_at)
 
 
-def host_workload(host: HostRecord, identity: WorkloadIdentity, now: datetime) -> HostWorkload:
-    """The kube_objects record for one stored host; KubeObjectError says what is wrong with it."""
+def stored_health(host: HostRecord, now: datetime, reports: Mapping[str, tuple[float, str]] | None) -> Health:
+    """host_health from the registry's `reports()` (None: do not consult reports)."""
+    if reports is None:
+        return host_health(host, now)
+    stored = reports.get(host.id)
+    if stored is None:
+        return host_health(host, now, None, None)
+    at, text = stored
+    return host_health(host, now, load_report(text), datetime.fromtimestamp(at, UTC))
+
+
+def host_workload(
+    host: HostRecord,
+    identity: WorkloadIdentity,
+    now: datetime,
+    reports: Mapping[str, tuple[float, str]] | None = None,
+) -> HostWorkload:
+    """The kube_objects record for one stored host; KubeObjectError says what is wrong with it.
+    `reports` (the registry's) make its health the agent's; None: the certificate's alone."""
     reg = host.registration
     if reg.unreadable:
         raise KubeExportError(
@@ -185,7 +194,7 @@ def host_workload(host: HostRecord, identity: WorkloadIdentity, now: datetime) -
         identity=identity,
         addresses=host.addresses,
         ports=workload_ports(reg),
-        health=host_health(host, now),
+        health=stored_health(host, now, reports),
         labels=reg.labels,
         inbound_proxy_port=LINKERD_DEFAULT_INBOUND_PORT if reg.proxy_port is None else reg.proxy_port,
     )
@@ -271,6 +280,7 @@ def desired_workloads(
     now: datetime,
     refs: Sequence[str] = (),
     namespace: str | None = None,
+    reports: Mapping[str, tuple[float, str]] | None = None,
 ) -> tuple[list[HostWorkload], list[Skipped]]:
     """The chosen hosts as kube_objects records (for export, or a controller's desired state).
     A host named in `refs` that cannot be exported is an error; without `refs`, such a host is
@@ -282,7 +292,7 @@ def desired_workloads(
     for host in select_hosts(hosts, refs):
         try:
             identity = WorkloadIdentity.parse_short(host.identity, trust_domain, mesh)
-            workload = host_workload(host, identity, now)
+            workload = host_workload(host, identity, now, reports)
         except (KubeObjectError, InvalidName) as exc:
             if refs:
                 raise KubeExportError(exc.message, exc.hint, code=exc.code) from None
@@ -311,11 +321,12 @@ def export(
     refs: Sequence[str] = (),
     namespace: str | None = None,
     services: Sequence[ServiceRequest] = (),
+    reports: Mapping[str, tuple[float, str]] | None = None,
 ) -> Export:
     """The objects for the chosen hosts (see desired_workloads), then the Services asked for;
     no host at all is an error (an empty export applied with prune would delete everything)."""
     workloads, skipped = desired_workloads(
-        hosts, trust_domain=trust_domain, mesh=mesh, now=now, refs=refs, namespace=namespace
+        hosts, trust_domain=trust_domain, mesh=mesh, now=now, refs=refs, namespace=namespace, reports=reports
     )
     if not workloads:
         where = f" in namespace {namespace!r}" if namespace else ""

@@ -85,6 +85,17 @@ CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
 """
 
 
+# The reports file's schema, by PRAGMA user_version (1: the first).
+REPORTS_VERSION = 1
+REPORTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS host_reports (
+    host_id     TEXT PRIMARY KEY,
+    received_at REAL NOT NULL,          -- the authority's clock
+    report      TEXT NOT NULL           -- JSON, as health.HostReport.to_json wrote it
+);
+"""
+
+
 @dataclass(frozen=True)
 class Registration:
     """What the operator declared at token time for the host's Kubernetes objects: labels a
@@ -231,6 +242,12 @@ class Registry(Protocol):
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]: ...
 
+    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None: ...
+
+    def reports(self) -> dict[str, tuple[float, str]]: ...
+
+    def data_version(self) -> int: ...
+
 
 def _ts(value: datetime) -> float:
     return value.timestamp()
@@ -304,6 +321,8 @@ class SqliteRegistry:
         self._db.execute("PRAGMA busy_timeout=30000")
         self._upgrade()
         self._db.executescript(SCHEMA)
+        self._watch = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._reports = self._open_reports()
 
     def _upgrade(self) -> None:
         """Add the columns a registry from an older version lacks (new ones get the schema)."""
@@ -321,6 +340,44 @@ class SqliteRegistry:
 
     def close(self) -> None:
         self._db.close()
+        self._watch.close()
+        self._reports.close()
+
+    # --- health reports (agent/authority/health.py) --------------------------------------
+
+    def _open_reports(self) -> sqlite3.Connection:
+        """The agents' health reports, in a file of their own beside the registry: a report
+        every interval from every host must not look like a registry change to `data_version`
+        (the directory's long poll would wake every host on every report)."""
+        path = self.path.with_name(self.path.stem + "-reports" + self.path.suffix)
+        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # a lost report is resent within an interval
+        db.execute("PRAGMA busy_timeout=30000")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version < REPORTS_VERSION:  # both steps are idempotent: two openers may race
+            db.execute(REPORTS_SCHEMA)
+            db.execute(f"PRAGMA user_version = {REPORTS_VERSION}")
+        return db
+
+    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
+        """Keep `report_json` (checked by health.parse_report) as the host's last report."""
+        when = at.timestamp() if isinstance(at, datetime) else float(at)
+        self._reports.execute(
+            "INSERT OR REPLACE INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)",
+            (host_id, when, report_json),
+        )
+
+    def reports(self) -> dict[str, tuple[float, str]]:
+        """Every host's last report: host id -> (received at, Unix time; the report's JSON)."""
+        rows = self._reports.execute("SELECT host_id, received_at, report FROM host_reports").fetchall()
+        return {str(r[0]): (float(r[1]), str(r[2])) for r in rows}
+
+    def data_version(self) -> int:
+        """Changes whenever the registry file was written, by this process or another (SQLite's
+        PRAGMA data_version, read on a connection of its own: it ignores its own connection's
+        writes). Compare for inequality; health reports do not change it."""
+        return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -11,16 +11,17 @@ import click
 
 from agent.authority import discovery
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
+from agent.authority.health import load_report
 from agent.authority.kube_export import (
     ServiceRequest,
     check_registration,
     edit_registration,
     export,
-    host_health,
     host_workload,
     parse_label,
     parse_port,
     status_script,
+    stored_health,
     workload_ports,
 )
 from agent.authority.kube_objects import KubeObjectError, render_yaml, validate_authority_name, without_status
@@ -378,9 +379,39 @@ def _registration_doc(reg: Registration) -> dict[str, object]:
     }
 
 
-def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
+def _report_doc(h: HostRecord, reports: Mapping[str, tuple[float, str]]) -> dict[str, object] | None:
+    """The host's last health report as stored, for --json (None: it never sent one)."""
+    stored = reports.get(h.id)
+    if stored is None:
+        return None
+    report = load_report(stored[1])
+    return {
+        "received_at": rfc3339(datetime.fromtimestamp(stored[0], UTC)),
+        "agent_version": None if report is None else report.agent_version,
+        "agent_ready": None if report is None else report.ready,
+        "agent_reason": None if report is None else report.reason,
+        "probes": []
+        if report is None
+        else [
+            {
+                "port": p.port,
+                "kind": p.kind,
+                "ok": p.ok,
+                "detail": p.detail,
+                "since": rfc3339(datetime.fromtimestamp(p.since, UTC)),
+            }
+            for p in report.probes
+        ],
+    }
+
+
+def _host_doc(
+    h: HostRecord, td: str, reports: Mapping[str, tuple[float, str]] | None = None
+) -> dict[str, object]:
+    """The host as --json shows it. With `reports` (the registry's), Ready is the agent's
+    reported health; without, the certificate's alone (revoke's and host edits' answers)."""
     ns, _, name = h.identity.partition("/")
-    health = host_health(h, utcnow())
+    health = stored_health(h, utcnow(), reports)
     return {
         "id": h.id,
         "identity": h.identity,
@@ -394,7 +425,13 @@ def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
         "revoked": h.revoked,
         "revoked_at": rfc3339(h.revoked_at),
         **_registration_doc(h.registration),
-        "ready": {"status": health.ready, "reason": health.reason, "message": health.message},
+        "ready": {
+            "status": health.ready,
+            "reason": health.reason,
+            "message": health.message,
+            "since": rfc3339(health.since),
+        },
+        **({} if reports is None else {"report": _report_doc(h, reports)}),
     }
 
 
@@ -403,14 +440,23 @@ def _host_doc(h: HostRecord, td: str) -> dict[str, object]:
 @json_option
 def hosts_cmd(directory: Path, as_json: bool) -> None:
     """List enrolled hosts: identity, name, addresses, certificate, renewal, revocation, the
-    labels and ports `kube export` writes, and whether the host counts as Ready (and why)."""
+    labels and ports `kube export` writes, and whether the host counts as Ready (and why).
+
+    \b
+    Ready: the agent reported within 3 refresh intervals, is ready, has refreshed its
+    directory, and every probe it runs passes ([[health.probes]] in its config). Each host
+    that is not Ready gets a line below the table saying why and since when.
+    """
     td = load_authority(directory).settings.trust_domain
-    hosts = open_registry(directory).list_hosts()
-    docs = [_host_doc(h, td) for h in hosts]
+    registry = open_registry(directory)
+    hosts = registry.list_hosts()
+    reports = registry.reports()
+    docs = [_host_doc(h, td, reports) for h in hosts]
     if as_json:
         emit_json(docs)
         return
     now = utcnow()
+    healths = {h.id: stored_health(h, now, reports) for h in hosts}
     click.echo(
         table(
             [
@@ -441,10 +487,19 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
                     f"{'yes' if health.ready else 'no'} ({health.reason})",
                 )
                 for h in hosts
-                for health in [host_health(h, now)]
+                for health in [healths[h.id]]
             ],
         )
     )
+    for h in hosts:
+        health = healths[h.id]
+        if not health.ready and not h.revoked:
+            click.echo(
+                printable(
+                    f"{h.id} ({h.host_name}) not ready since {rfc3339(health.since)}: "
+                    f"{health.reason}: {health.message}"
+                )
+            )
 
 
 @authority.command("revoke")

@@ -21,6 +21,7 @@ import yaml
 
 from agent.authority import kube_export as kx
 from agent.authority import kube_objects as ko
+from agent.authority.health import parse_report
 from agent.authority.kube_objects import KubeObjectError, WorkloadPort
 from agent.authority.storage import HostRecord, Registration, SqliteRegistry
 from agent.authority.tokens import parse_token
@@ -249,20 +250,57 @@ def test_hosts_lists_labels_ports_and_readiness(fleet: AuthorityProcess) -> None
         {"name": "redis", "port": 6379, "protocol": "TCP"},
     ]
     assert one["proxy_port"] == 4300
-    assert one["ready"]["status"] is True and one["ready"]["reason"] == "CertificateValid"
+    # No agent has reported: not Ready, and the listing says why (the agent's health reports).
+    assert one["ready"]["status"] is False and one["ready"]["reason"] == "NeverReported"
+    assert one["report"] is None
     assert hosts["legacy-db-2"]["proxy_port"] is None
-    assert hosts["legacy-web"]["ready"] == {
-        "status": False,
-        "reason": "Revoked",
-        "message": hosts["legacy-web"]["ready"]["message"],
-    }
+    assert (hosts["legacy-web"]["ready"]["status"], hosts["legacy-web"]["ready"]["reason"]) == (
+        False,
+        "Revoked",
+    )
     tokens = cli_json("authority", "token", "list", "--dir", str(fleet.directory))
     assert tokens[0]["labels"] == one["labels"] and tokens[0]["ports"] == one["ports"]
     assert tokens[0]["proxy_port"] == 4300 and tokens[0]["host_id"] == one["id"]
     table = run_cli("authority", "hosts", "--dir", str(fleet.directory), check=True).stdout
     line = next(row for row in table.splitlines() if "legacy-db-1" in row)
     assert "app=billing,tier=web" in line and "http=8080/TCP,redis=6379/TCP" in line
-    assert "yes (CertificateValid)" in line
+    assert "no (NeverReported)" in line
+    why = next(row for row in table.splitlines() if row.startswith(f"{one['id']} (legacy-db-1) not ready"))
+    assert "NeverReported: no health report from the agent on legacy-db-1" in why
+
+
+def test_hosts_shows_the_reported_health(fleet: AuthorityProcess) -> None:
+    d = str(fleet.directory)
+    ids = _host_ids(fleet)
+    now = datetime.now(UTC).timestamp()
+    report = {
+        "agent_version": "0.1.0",
+        "ready": True,
+        "reason": "",
+        "directory_updated_at": now,
+        "refresh_interval_s": 30.0,
+        "probes": [
+            {"port": 8080, "kind": "http", "ok": False, "detail": "GET /healthz: status 503", "since": now}
+        ],
+    }
+    registry = SqliteRegistry(fleet.directory / "registry.db")
+    try:
+        registry.record_report(ids["legacy-db-2"], parse_report(report).to_json(), now)
+        report["probes"] = []
+        registry.record_report(ids["legacy-db-1"], parse_report(report).to_json(), now)
+    finally:
+        registry.close()
+    hosts = {h["host_name"]: h for h in cli_json("authority", "hosts", "--dir", d)}
+    assert hosts["legacy-db-1"]["ready"]["status"] is True
+    assert hosts["legacy-db-1"]["ready"]["reason"] == "AgentReady"
+    two = hosts["legacy-db-2"]
+    assert (two["ready"]["status"], two["ready"]["reason"]) == (False, "ProbeFailed")
+    assert two["report"]["probes"][0]["detail"] == "GET /healthz: status 503"
+    table = run_cli("authority", "hosts", "--dir", d, check=True).stdout
+    assert "yes (AgentReady)" in next(row for row in table.splitlines() if "legacy-db-1" in row)
+    why = next(row for row in table.splitlines() if row.startswith(f"{ids['legacy-db-2']} (legacy-db-2) not"))
+    assert "ProbeFailed: the app's http probe of port 8080 on legacy-db-2 is failing since" in why
+    assert why.endswith("GET /healthz: status 503")
 
 
 def test_host_label_and_port_edits_reach_the_export(authority: AuthorityProcess, tmp_path: Path) -> None:

@@ -1,0 +1,114 @@
+"""The agent's health report to the authority: POST /v1/host/report (issue #17 "Health").
+
+The authority marks a host Ready while reports keep coming (one within 3 x refresh_interval_s),
+say the agent is ready and every probe passes (agent/authority/health.py). So the report goes
+every refresh interval, and at once when the agent's readiness or a probe flips: a failing app
+reaches the cluster in one probe round plus one request, not one interval later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from agent import __version__
+from agent.errors import MeshagentError
+from agent.logs import get_logger
+
+log = get_logger("meshagent.health")
+
+MAX_REASON = 1000  # characters; the authority refuses longer
+
+
+def build_report(
+    *,
+    not_ready_reasons: Sequence[str],
+    directory_updated_at: float | None,
+    refresh_interval_s: float,
+    probes: Sequence[dict[str, Any]] = (),
+    agent_version: str = __version__,
+) -> dict[str, Any]:
+    """The report body (interfaces §5): the agent's own readiness (`meshagent status`'s
+    not_ready_reasons, joined), when its directory was last refreshed (the authority's
+    `generated_at`, so one clock), its refresh interval and its probes' states."""
+    reason = "; ".join(not_ready_reasons)
+    if len(reason) > MAX_REASON:
+        reason = reason[: MAX_REASON - 3] + "..."
+    return {
+        "agent_version": agent_version,
+        "ready": not not_ready_reasons,
+        "reason": reason,
+        "directory_updated_at": directory_updated_at,
+        "refresh_interval_s": refresh_interval_s,
+        "probes": [dict(p) for p in probes],
+    }
+
+
+def state_key(doc: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes a report worth sending at once when it changes: readiness and each probe's ok."""
+    return (doc["ready"], doc["reason"], tuple((p["port"], p["kind"], p["ok"]) for p in doc["probes"]))
+
+
+class Reporter:
+    """Sends `build()` with `send(doc)` (blocking; run in a thread) every `interval_s`, and at
+    once when `state_key` changes: checked every `recheck_s`, or right away after `poke()`
+    (the probe runner's on_change). A failed send is logged and retried at the next interval
+    or change; the agent keeps serving either way."""
+
+    def __init__(
+        self,
+        build: Callable[[], dict[str, Any]],
+        send: Callable[[dict[str, Any]], object],
+        interval_s: float,
+        *,
+        recheck_s: float = 2.0,
+    ) -> None:
+        self.build = build
+        self.send = send
+        self.interval_s = interval_s
+        self.recheck_s = recheck_s
+        self.sent = 0
+        self.failures = 0
+        self.last_error = ""
+        self._wake = asyncio.Event()
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        last_key: tuple[Any, ...] | None = None
+        due = 0.0
+        while not stop.is_set():
+            self._wake.clear()
+            doc = self.build()
+            key = state_key(doc)
+            if key != last_key or time.monotonic() >= due:
+                last_key = key
+                due = time.monotonic() + self.interval_s
+                await self._send(doc)
+            await self._wait(stop, min(self.recheck_s, max(0.0, due - time.monotonic())))
+
+    async def _send(self, doc: dict[str, Any]) -> None:
+        try:
+            await asyncio.to_thread(self.send, doc)
+        except MeshagentError as exc:
+            self.failures += 1
+            self.last_error = f"{exc.code}: {exc.message}"
+            log.warning("health.report_failed", code=exc.code, reason=exc.message)
+            return
+        self.sent += 1
+        self.last_error = ""
+        log.debug("health.reported", ready=doc["ready"], probes=len(doc["probes"]))
+
+    async def _wait(self, stop: asyncio.Event, seconds: float) -> None:
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await w
