@@ -19,7 +19,15 @@ Inbound, step by step:
                                          -> Admit | Refuse
     after_tls(buffer, known, ended)      -> Stream | None (read on), for an Admit with `peek`
 
-Outbound: `route_outbound(entry, orig, unmeshed)` -> Passthrough | Originate | Refuse.
+Outbound:
+
+    accept_outbound(orig, proxy_port)    -> Refuse | None (look it up)
+    outbound_destination(orig, catalog, services)
+                                         -> CatalogEntry | ServicePort | EndpointPort | None
+    route_outbound(orig, entry, unmeshed)
+                                         -> Passthrough | Originate | Refuse
+    route_service(route, picked, unmeshed), route_endpoint(route, port, unmeshed)
+                                         -> Passthrough | Originate | Refuse
 
 A "direct" connection is one whose original destination is the inbound listener's own port: a
 linkerd2-proxy in opaque-transport mode dials it, negotiates ALPN `transport.l5d.io/v1` and
@@ -42,9 +50,10 @@ from agent.telemetry.proxy_metrics import (
     tls_connect,
 )
 
-from .catalog import CatalogEntry
+from .catalog import Catalog, CatalogEntry
 from .detect import MAX_PEEK, Detected, Protocol, detect
 from .policy import Decision, InboundPolicy
+from .services import Endpoint, EndpointPort, ServicePort, ServiceTable
 from .transport_header import ALPN as TRANSPORT_ALPN
 from .transport_header import HeaderRefused, SessionProtocol, TransportHeader
 
@@ -60,6 +69,8 @@ DIRECT_NO_ALPN: Final = "direct_no_alpn"  # the client did not negotiate transpo
 HEADER_UNSERVED_PORT: Final = "header_unserved_port"
 HEADER_TIMEOUT: Final = "header_timeout"
 HEADER_NAMED_TARGET: Final = "header_named_target"  # a gateway request (name set): not ours to serve
+# Outbound: a Service with no ready endpoint serving the port (or every one gone).
+NO_READY_ENDPOINT: Final = "no_ready_endpoint"
 
 
 @dataclass(frozen=True)
@@ -342,3 +353,46 @@ def route_outbound(
     if entry.opaque_port is not None:
         return Originate((orig[0], entry.opaque_port), entry.server_name, entry.identity, orig[1])
     return Originate(orig, entry.server_name, entry.identity)
+
+
+def outbound_destination(
+    orig: Address, catalog: Catalog, services: ServiceTable
+) -> CatalogEntry | ServicePort | EndpointPort | None:
+    """What `orig` is, in this order: a catalog entry (static and enrolled hosts: written by
+    hand, they win), a Service's cluster IP:port, an endpoint's address:target port."""
+    entry = catalog.lookup(orig[0], orig[1])
+    if entry is not None or not len(services):
+        return entry
+    return services.route(orig[0], orig[1])
+
+
+def route_service(
+    route: ServicePort, picked: Endpoint | None, unmeshed: Literal["pass", "refuse"]
+) -> Passthrough | Originate | Refuse:
+    """A connection to a Service's cluster IP: to the endpoint the balancer `picked` (None:
+    none is ready), on its target port for the service port."""
+    if picked is None:
+        return Refuse(NO_READY_ENDPOINT)
+    return _to_endpoint(picked, picked.ports[route.port], route.opaque, unmeshed)
+
+
+def route_endpoint(
+    route: EndpointPort, port: int, unmeshed: Literal["pass", "refuse"]
+) -> Passthrough | Originate | Refuse:
+    """A connection straight to an endpoint's address (a pod IP) on target port `port`."""
+    return _to_endpoint(route.endpoint, port, route.opaque, unmeshed)
+
+
+def _to_endpoint(
+    endpoint: Endpoint, port: int, opaque: bool, unmeshed: Literal["pass", "refuse"]
+) -> Passthrough | Originate | Refuse:
+    if endpoint.identity is None or endpoint.server_name is None:
+        # Not meshed (no identity discovered): plaintext, as Linkerd sends it, unless refused.
+        if unmeshed == "refuse":
+            return Refuse("not_meshed")
+        return Passthrough((endpoint.address, port), tls_connect(None))
+    if opaque and endpoint.proxy_port is not None:
+        target = (endpoint.address, endpoint.proxy_port)
+        return Originate(target, endpoint.server_name, endpoint.identity, port)
+    # Not opaque (or no proxy port known): the endpoint's own port, where its proxy captures it.
+    return Originate((endpoint.address, port), endpoint.server_name, endpoint.identity)

@@ -1,9 +1,9 @@
 """What the data plane routes and authorizes by, merged from the authority and the local config.
 
-The authority's `/v1/host/config` document (catalog + this host's policy) is parsed here into
-a `Catalog` and an `InboundPolicy`. Local settings give the defaults; a policy the authority
-sets for a port (or as default) wins, so operators steer a fleet from one place. Pure: the
-daemon fetches and caches the document.
+The authority's `/v1/host/config` document (catalog + this host's policy + the cluster's
+discovered Services) is parsed here into a `Catalog`, an `InboundPolicy` and a `ServiceTable`.
+Local settings give the defaults; a policy the authority sets for a port (or as default) wins,
+so operators steer a fleet from one place. Pure: the daemon fetches and caches the document.
 
 Entry by entry: an entry that does not parse is left out and reported in `rejected`, every
 valid one still applies. One bad address in the fleet's catalog must never freeze every
@@ -12,13 +12,14 @@ host's catalog and policy (a `deny` set afterwards would otherwise never arrive)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConfigError
 
 from .catalog import Catalog, CatalogEntry
 from .policy import DefaultPolicy, InboundPolicy, PortPolicy
+from .services import ServiceTable, parse_services
 
 _SHOWN = 200  # characters of a rejected entry kept for logs and /status
 
@@ -27,7 +28,7 @@ _SHOWN = 200  # characters of a rejected entry kept for logs and /status
 class Rejected:
     """One entry of the authority's document that was left out, and why."""
 
-    where: str  # "catalog[3]", "policy.default", "policy.ports[5432]", ...
+    where: str  # "catalog[3]", "policy.default", "policy.ports[5432]", "services[2].endpoints[0]", ...
     entry: str  # the entry as received (repr, cut to _SHOWN characters)
     reason: str
 
@@ -40,6 +41,7 @@ class Directory:
     catalog: Catalog
     policy: InboundPolicy
     rejected: tuple[Rejected, ...] = ()
+    services: ServiceTable = field(default_factory=ServiceTable.empty)
 
 
 def port_policy(doc: Any) -> PortPolicy:
@@ -65,6 +67,7 @@ def merge(
     entries = list(local_catalog)
     default, ports = local_policy.default, dict(local_policy.ports)
     rejected: list[Rejected] = []
+    services = ServiceTable.empty()
 
     def reject(where: str, doc: Any, reason: str) -> None:
         rejected.append(Rejected(where, _shown(doc), reason))
@@ -104,4 +107,5 @@ def merge(
                 ports[port] = port_policy(doc)
             except ConfigError as exc:
                 reject(f"policy.ports[{port}]", doc, exc.message.rpartition(" is invalid: ")[2])
-    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected))
+        services = parse_services(remote.get("services"), reject)
+    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected), services)

@@ -6,9 +6,10 @@ and authorized for the port, and the connection goes on to the app at its origin
 destination. Anything else (plaintext, or the app's own TLS) is a client without a mesh
 identity: the port's policy admits or refuses it.
 
-Outbound (the app -> elsewhere): the original destination is looked up in the catalog. Meshed
-destinations get mTLS with the expected identity as SNI and a verified server certificate;
-others pass through untouched, or are refused, by config.
+Outbound (the app -> elsewhere): the original destination is looked up in the catalog, then
+among the cluster's Services (a cluster IP:port goes to an endpoint the balancer picks; a pod
+address gets that pod's identity). Meshed destinations get mTLS with the expected identity as
+SNI and a verified server certificate; others pass through untouched, or are refused, by config.
 
 The upstream sockets carry the proxy's SO_MARK so interception never captures them again.
 """
@@ -46,15 +47,19 @@ from .decisions import (
     accept_outbound,
     after_tls,
     first_bytes,
+    outbound_destination,
     route_detected,
+    route_endpoint,
     route_header,
     route_mtls,
     route_outbound,
+    route_service,
 )
 from .detect import NEED_DATA, Detected, Protocol, detect
 from .http1 import Accounting, new_accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
+from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
 from .tls import Credentials, peer_identity, verify_server_identity
 from .transport_header import ALPN, HeaderReader, HeaderRefused, TransportHeader, encode
 
@@ -188,6 +193,10 @@ class Proxy:
         self.credentials = credentials
         self.policy = policy
         self.catalog = catalog
+        # The cluster's Services (the daemon assigns it on each directory refresh, next to
+        # `catalog` and `policy`); the balancer keeps per-endpoint state across refreshes.
+        self.services = ServiceTable.empty()
+        self.balancer = Balancer()
         self.orig_dst = orig_dst
         self.stats = ProxyStats()
         self._servers: list[asyncio.AbstractServer] = []
@@ -916,16 +925,43 @@ class _OutboundAccept(Leg):
             proxy.refuse("outbound", refused.reason)
             self.abort()
             return
-        entry = proxy.catalog.lookup(orig[0], orig[1])
-        action = route_outbound(orig, entry, proxy.settings.unmeshed_outbound)
-        proxy.spawn(_outbound(proxy, self, orig, action), "outbound")
+        unmeshed = proxy.settings.unmeshed_outbound
+        services = proxy.services
+        found = outbound_destination(orig, proxy.catalog, services)
+        pick: Pick | None = None
+        if isinstance(found, ServicePort):
+            pick = proxy.balancer.pick(services, found)
+            action = route_service(found, pick.endpoint if pick else None, unmeshed)
+        elif isinstance(found, EndpointPort):
+            action = route_endpoint(found, orig[1], unmeshed)
+        else:
+            action = route_outbound(orig, found, unmeshed)
+        proxy.spawn(_outbound(proxy, self, orig, action, pick), "outbound")
 
 
-async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough | Originate | Refuse) -> None:
+def _released(proxy: Proxy, pick: Pick) -> Callable[[Leg, BaseException | None], None]:
+    """The upstream leg's close callback: the proxy's bookkeeping, then the balancer's."""
+
+    def closed(leg: Leg, exc: BaseException | None) -> None:
+        proxy._closed(leg, exc)
+        proxy.balancer.released(pick)
+
+    return closed
+
+
+async def _outbound(
+    proxy: Proxy,
+    app: Leg,
+    orig: Address,
+    action: Passthrough | Originate | Refuse,
+    pick: Pick | None = None,
+) -> None:
     dst = f"{orig[0]}:{orig[1]}"
     where = target(*orig)
     proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
     if isinstance(action, Refuse):
+        if pick is not None:
+            proxy.balancer.released(pick)
         proxy.refuse("outbound", action.reason, dst=dst)
         app.close()
         return
@@ -933,9 +969,14 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough |
         try:
             upstream = await proxy.connect(action.target, Leg())
         except (OSError, TimeoutError) as exc:
+            if pick is not None:
+                proxy.balancer.failed(pick)
             proxy.stats.error("outbound_connect", dst=dst, reason=str(exc) or "timeout")
             app.abort()
             return
+        if pick is not None:
+            proxy.balancer.connected(pick)
+            upstream.on_closed = _released(proxy, pick)
         proxy.observe(upstream, join(OUTBOUND_DST, where, action.tls_labels))
         proxy.watch_http(app, upstream, join(OUTBOUND, where, action.tls_labels), None)
         proxy.stats.opened["outbound:passthrough"] += 1
@@ -947,9 +988,19 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough |
     tls = TlsLeg(context, server_side=False, server_hostname=action.server_name)
     try:
         await proxy.connect(action.target, tls)
+        if pick is not None:  # from here its close releases the pick
+            tls.on_closed = _released(proxy, pick)
         failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
     except (OSError, TimeoutError) as exc:
         failure = exc.with_traceback(None)
+    wrong = verify_server_identity(tls.peer_cert, action.identity) if failure is None else None
+    if pick is not None:
+        # A refused connect, a failed handshake or a wrong identity: this endpoint is no good
+        # for now; the next connections go to the others while it backs off.
+        if failure is None and wrong is None:
+            proxy.balancer.connected(pick)
+        else:
+            proxy.balancer.failed(pick)
     if failure is not None:
         reason = _tls_reason(failure)
         proxy.stats.error("outbound_tls", dst=dst, server_id=action.identity, reason=reason)
@@ -960,7 +1011,6 @@ async def _outbound(proxy: Proxy, app: Leg, orig: Address, action: Passthrough |
         tls.abort()
         app.abort()
         return
-    wrong = verify_server_identity(tls.peer_cert, action.identity)
     if wrong is not None:
         proxy.stats.error("outbound_identity", dst=dst, expected=action.identity, got=wrong)
         log.warning("tls.wrong_identity", dst=dst, expected=action.identity, got=wrong)

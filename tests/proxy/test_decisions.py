@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import ipaddress
+from typing import Literal
 
 import pytest
 
-from agent.proxy.catalog import CatalogEntry
+from agent.proxy.catalog import Catalog, CatalogEntry
 from agent.proxy.decisions import (
     Admit,
     Client,
@@ -23,14 +24,19 @@ from agent.proxy.decisions import (
     accept_outbound,
     after_tls,
     first_bytes,
+    outbound_destination,
     route_detected,
+    route_endpoint,
     route_header,
     route_mtls,
     route_outbound,
+    route_service,
 )
 from agent.proxy.detect import MAX_PEEK, Detected, Protocol
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.services import Endpoint, EndpointPort, Service, ServicePort, ServiceTable
 from agent.proxy.transport_header import HeaderRefused, SessionProtocol, TransportHeader
+from agent.telemetry.proxy_metrics import tls_connect
 
 TD = "cluster.local"
 OURS = "db.shop.serviceaccount.identity.linkerd.cluster.local"
@@ -363,3 +369,107 @@ def test_peek_is_asked_where_an_upgraded_connection_may_come() -> None:
         assert isinstance(action, Admit) and action.peek is peek
     plain = route_detected(ctx(), ORIG, Detected(Protocol.HTTP2))
     assert isinstance(plain, Admit) and not plain.peek
+
+
+# --- outbound to the cluster's Services ------------------------------------------------------
+
+ORDERS_A = f"spiffe://{TD}/ns/shop/sa/orders-a"
+ORDERS_A_NAME = "orders-a.shop.serviceaccount.identity.linkerd.cluster.local"
+CLUSTER_IP = "198.19.0.10"
+
+
+def _endpoint(address: str, identity: str | None = ORDERS_A, proxy_port: int | None = 4143) -> Endpoint:
+    server_name = ORDERS_A_NAME if identity is not None else None
+    return Endpoint(address, {80: 8080, 6379: 6379}, identity, server_name, proxy_port, "pod:shop/x")
+
+
+SERVICES = ServiceTable(
+    [
+        Service(
+            "orders",
+            "shop",
+            (CLUSTER_IP,),
+            {80: False, 6379: True},
+            (_endpoint("198.18.5.2"), _endpoint("198.18.5.3", None), _endpoint("10.1.9.9")),
+        )
+    ]
+)
+HAND_WRITTEN = Catalog([entry(cidr="10.1.0.0/16")])  # covers 10.1.9.9
+
+
+@pytest.mark.parametrize(
+    ("orig", "expected"),
+    [
+        ((CLUSTER_IP, 80), "service"),
+        (("::ffff:198.19.0.10", 80), "service"),
+        ((CLUSTER_IP, 8080), None),  # a port the Service does not have
+        (("198.18.5.2", 8080), "endpoint"),  # a pod IP on its target port
+        (("198.18.5.2", 80), None),
+        (("10.1.9.9", 8080), "catalog"),  # hand-written entries win over discovered ones
+        (("198.18.7.7", 443), None),
+    ],
+)
+def test_outbound_lookup_order(orig: tuple[str, int], expected: str | None) -> None:
+    found = outbound_destination(orig, HAND_WRITTEN, SERVICES)
+    kind = {CatalogEntry: "catalog", ServicePort: "service", EndpointPort: "endpoint", type(None): None}
+    assert kind[type(found)] == expected
+
+
+def _service_route(port: int) -> ServicePort:
+    route = SERVICES.route(CLUSTER_IP, port)
+    assert isinstance(route, ServicePort)
+    return route
+
+
+@pytest.mark.parametrize(
+    ("port", "picked", "unmeshed", "expected"),
+    [
+        # mTLS to the endpoint's own address, target port and identity.
+        (80, _endpoint("198.18.5.2"), "pass", Originate(("198.18.5.2", 8080), ORDERS_A_NAME, ORDERS_A)),
+        # Opaque: its proxy port, the target port named in a transport header.
+        (
+            6379,
+            _endpoint("198.18.5.2"),
+            "pass",
+            Originate(("198.18.5.2", 4143), ORDERS_A_NAME, ORDERS_A, 6379),
+        ),
+        # Opaque without a known proxy port: the target port, where its proxy captures it.
+        (
+            6379,
+            _endpoint("198.18.5.2", proxy_port=None),
+            "pass",
+            Originate(("198.18.5.2", 6379), ORDERS_A_NAME, ORDERS_A),
+        ),
+        # Unmeshed endpoint: plaintext to its target port, unless unmeshed destinations are refused.
+        (80, _endpoint("198.18.5.3", None), "pass", Passthrough(("198.18.5.3", 8080), tls_connect(None))),
+        (80, _endpoint("198.18.5.3", None), "refuse", Refuse("not_meshed")),
+        (80, None, "pass", Refuse("no_ready_endpoint")),
+        (80, None, "refuse", Refuse("no_ready_endpoint")),
+    ],
+)
+def test_route_service(
+    port: int, picked: Endpoint | None, unmeshed: Literal["pass", "refuse"], expected: object
+) -> None:
+    assert route_service(_service_route(port), picked, unmeshed) == expected
+
+
+def test_a_service_connection_is_labelled_with_the_endpoints_identity() -> None:
+    action = route_service(_service_route(80), _endpoint("198.18.5.2"), "pass")
+    assert isinstance(action, Originate)
+    labels = action.tls_labels(ORDERS_A_NAME)
+    assert f'server_id="{ORDERS_A_NAME}"' in labels and 'dst_serviceaccount="orders-a"' in labels
+
+
+@pytest.mark.parametrize(
+    ("orig", "unmeshed", "expected"),
+    [
+        (("198.18.5.2", 8080), "pass", Originate(("198.18.5.2", 8080), ORDERS_A_NAME, ORDERS_A)),
+        (("198.18.5.2", 6379), "pass", Originate(("198.18.5.2", 4143), ORDERS_A_NAME, ORDERS_A, 6379)),
+        (("198.18.5.3", 8080), "pass", Passthrough(("198.18.5.3", 8080), tls_connect(None))),
+        (("198.18.5.3", 8080), "refuse", Refuse("not_meshed")),
+    ],
+)
+def test_route_endpoint(orig: tuple[str, int], unmeshed: Literal["pass", "refuse"], expected: object) -> None:
+    route = SERVICES.route(*orig)
+    assert isinstance(route, EndpointPort)
+    assert route_endpoint(route, orig[1], unmeshed) == expected
