@@ -151,10 +151,14 @@ def parse_selector(text: str) -> list[Predicate]:
             preds.append(_cmp_pred(key, value, op != "!="))
         elif m := _EXISTS_RE.match(term):
             key, negate = m[2], m[1] == "!"
-            preds.append(lambda labels, k=key, n=negate: (k in labels) != n)
+            preds.append(_exists_pred(key, negate))
         else:
             raise ApiFailure(400, "BadRequest", f"unable to parse requirement: {term!r}")
     return preds
+
+
+def _exists_pred(key: str, negate: bool) -> Predicate:
+    return lambda labels: (key in labels) != negate
 
 
 def _set_pred(key: str, values: set[str], inside: bool) -> Predicate:
@@ -234,6 +238,7 @@ class Store:
         self.history: list[Event] = []
         self.max_history = max_history
         self.listeners: set[Listener] = set()
+        self.watchers_changed = threading.Condition(self.lock)
         self.require_namespaces = False
 
     def _emit(self, rt: ResourceType, kind: str, obj: Obj, prev: Obj | None) -> None:
@@ -257,7 +262,9 @@ class Store:
                 raise not_found(rt, name)
             return copy.deepcopy(obj)
 
-    def list(self, rt: ResourceType, ns: str | None, keep: Callable[[Obj], bool]) -> tuple[list[Obj], int]:
+    def list_objects(
+        self, rt: ResourceType, ns: str | None, keep: Callable[[Obj], bool]
+    ) -> tuple[list[Obj], int]:
         with self.lock:
             items = [
                 copy.deepcopy(o)
@@ -280,11 +287,13 @@ class Store:
             else:
                 backlog = [e for e in self.history if e.rv > since]
             self.listeners.add(listener)
+            self.watchers_changed.notify_all()
             return [e for e in backlog if e.rt == rt]
 
     def unsubscribe(self, listener: Listener) -> None:
         with self.lock:
             self.listeners.discard(listener)
+            self.watchers_changed.notify_all()
 
     def create(self, rt: ResourceType, ns: str, body: Obj, *, keep_status: bool = False) -> Obj:
         with self.lock:
@@ -530,7 +539,7 @@ class _Server:
     ) -> tuple[int, Any]:
         rt, ns, name, store = route.rt, route.ns or "", route.name, self.store
         if method == "GET" and name is None:
-            items, rv = store.list(rt, route.ns, make_filter(query))
+            items, rv = store.list_objects(rt, route.ns, make_filter(query))
             if not rt.custom:  # built-in types' list items come without kind/apiVersion
                 items = [{k: v for k, v in o.items() if k not in ("kind", "apiVersion")} for o in items]
             meta = {"resourceVersion": str(rv)}
@@ -804,7 +813,13 @@ class ApiServerHandle:
         self.close_watches()
 
     def open_watches(self) -> int:
-        return len(self._server.watch_queues) if self._server is not None else 0
+        return len(self.store.listeners)
+
+    def wait_for_watches(self, count: int = 1, timeout: float = 10.0) -> None:
+        """Blocks until `count` watches are registered (any later write reaches them)."""
+        with self.store.watchers_changed:
+            if not self.store.watchers_changed.wait_for(lambda: len(self.store.listeners) >= count, timeout):
+                raise TimeoutError(f"{len(self.store.listeners)} open watches, wanted {count}")
 
     # objects, as another actor writes them (no preconditions; status kept as given)
     def put(self, obj: Mapping[str, Any]) -> Obj:
@@ -836,7 +851,7 @@ class ApiServerHandle:
     def objects(self, kind: str, namespace: str | None = None) -> list[Obj]:
         """Stored objects of a kind ("Lease" or "leases"), sorted by namespace and name."""
         rt = resource_named(kind)
-        return self.store.list(rt, namespace if rt.namespaced else None, lambda _o: True)[0]
+        return self.store.list_objects(rt, namespace if rt.namespaced else None, lambda _o: True)[0]
 
     # requests
     def requests(self, method: str | None = None, path_contains: str = "") -> list[Request]:
