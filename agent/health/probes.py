@@ -245,7 +245,8 @@ def _printable(data: bytes) -> str:
 
 
 def _os_error(exc: OSError) -> str:
-    return exc.strerror or type(exc).__name__
+    # asyncio's connect errors carry errno but a strerror of its own ("Connect call failed").
+    return os.strerror(exc.errno) if exc.errno else exc.strerror or type(exc).__name__
 
 
 async def check_tcp(spec: ProbeSpec) -> ProbeResult:
