@@ -648,12 +648,12 @@ class _Server:
                 translated = self._translate(item, route, keep)
                 if translated is not None:
                     await send(*translated)
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
         finally:
             eof.cancel()
             self.watch_queues.discard(queue)
             self.store.unsubscribe(listener)
+        writer.write(b"0\r\n\r\n")  # a clean end, once the watch is gone from the server
+        await writer.drain()
 
     @staticmethod
     def _translate(event: Event, route: _Route, keep: Callable[[Obj], bool]) -> tuple[str, Obj] | None:
@@ -795,9 +795,13 @@ class ApiServerHandle:
     # watches
     def _to_watches(self, item: tuple[str, bool]) -> None:
         server, loop = self._server, self._loop
-        if server is not None and loop is not None:
-            for queue in list(server.watch_queues):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+        if server is not None and loop is not None:  # in the loop: after every event already queued
+
+            def broadcast() -> None:
+                for queue in server.watch_queues:
+                    queue.put_nowait(item)
+
+            loop.call_soon_threadsafe(broadcast)
 
     def close_watches(self, *, bookmark: bool = False) -> None:
         """End every open watch cleanly (as the server's watch timeout does); clients resume."""

@@ -394,3 +394,36 @@ def test_as_a_process_it_serves_the_objects_file_and_accepts_new_ones(tmp_path: 
         finally:
             proc.terminate()
         assert proc.wait(timeout=BOUND) == 0
+
+
+def test_bookmarks_only_when_asked_and_a_clean_end_of_stream(api: ApiServerHandle) -> None:
+    api.put(ew_dict("a"))
+    url = f"{api.url}/apis/workload.linkerd.io/v1beta1/namespaces/shop/externalworkloads"
+    headers = {"Authorization": f"Bearer {api.token}"}
+    query = {"watch": "true", "resourceVersion": "1"}
+    with (
+        httpx.stream("GET", url, params=query | {"allowWatchBookmarks": "true"}, headers=headers) as asked,
+        httpx.stream("GET", url, params=query, headers=headers) as plain,
+    ):
+        api.wait_for_watches(2)
+        api.put(ew_dict("b"))
+        api.bookmark()
+        api.close_watches()
+        events = [[json.loads(line) for line in r.iter_lines()] for r in (asked, plain)]
+    got = [[(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in stream] for stream in events]
+    assert got == [[("ADDED", "2"), ("BOOKMARK", "2")], [("ADDED", "2")]]
+    assert api.open_watches() == 0
+
+
+def test_create_in_a_missing_namespace_is_404_when_namespaces_are_required(tmp_path: Path) -> None:
+    with start_apiserver(tmp_path / "kubeconfig", require_namespaces=True) as api:
+
+        async def body(c: AsyncClient) -> None:
+            with pytest.raises(ApiError) as err:
+                await c.create(ew("a"))
+            assert (err.value.status.code, err.value.status.message) == (404, 'namespaces "shop" not found')
+            await c.create(Namespace(metadata=ObjectMeta(name="shop")))
+            await c.create(ew("a"))
+
+        run(api, body)
+        assert [o["metadata"]["name"] for o in api.objects("externalworkloads", "shop")] == ["a"]
