@@ -673,9 +673,12 @@ def kube_export_cmd(
     \b
     The objects are applied without status: both CRDs have a status subresource, which
     `kubectl apply` cannot write, so --status prints one `kubectl patch --subresource=status`
-    per host (kubectl >= 1.24) setting Ready=True while the host is enrolled, unrevoked and its
-    certificate unexpired (reason CertificateValid, else CertificateExpired). Until that runs,
-    Linkerd treats the workload as not ready and sends it no traffic.
+    per host (kubectl >= 1.24) setting Ready from the host's health as `authority hosts` shows
+    it: True (AgentReady) while its agent reports within 3 refresh intervals, ready, with every
+    probe passing; else False with the reason (NeverReported, AgentStale, AgentNotReady,
+    ProbeFailed, CertificateExpired). The script is a snapshot: run it again (or run the
+    controller, serve --kubernetes) to follow changes. Until it runs, Linkerd treats the
+    workload as not ready and sends it no traffic.
     \b
     Revoked hosts are not exported. Delete what a revoked host left in the cluster with
       kubectl delete externalworkloads -A \\
@@ -689,8 +692,9 @@ def kube_export_cmd(
     """
     settings = load_authority(directory).settings
     requests = [ServiceRequest.parse(text) for text in services]
+    registry = open_registry(directory)
     result = export(
-        open_registry(directory).list_hosts(),
+        registry.list_hosts(),
         trust_domain=settings.trust_domain,
         mesh=settings.mesh,
         now=utcnow(),
@@ -699,6 +703,7 @@ def kube_export_cmd(
         refs=hosts,
         namespace=namespace,
         services=requests,
+        reports=registry.reports(),
     )
     for skipped in result.skipped:
         click.echo(printable(f"warning: {skipped.host} not exported: {skipped.reason}"), err=True)
