@@ -3,15 +3,23 @@ endpoint catalog, the DNS addresses, and the balancer, with an injected random s
 
 from __future__ import annotations
 
+import asyncio
 import random
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.dns.names import ServiceAddress
+from agent.identity.store import IdentityStore
+from agent.proxy.catalog import Catalog
 from agent.proxy.directory import merge
+from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.services import Balancer, EndpointPort, ServicePort, ServiceTable, parse_services
+from agent.proxy.tls import Credentials
+from tests.support import issue_identity
 
 TD = "cluster.local"
 A_ID, B_ID = f"spiffe://{TD}/ns/shop/sa/orders-a", f"spiffe://{TD}/ns/shop/sa/orders-b"
@@ -349,3 +357,70 @@ def test_state_survives_a_refresh_for_endpoints_that_stay_and_goes_with_those_th
     left = next(p for p in picks if p is not None and p.endpoint.address == "198.18.5.4")
     balancer.released(left)
     assert ("198.18.5.4", 8080) not in balancer.states
+
+
+# --- the shell reports to the balancer (loopback, real sockets) --------------------------------
+
+
+def test_the_outbound_shell_backs_off_an_endpoint_that_refused_and_releases_on_close(tmp_path: Path) -> None:
+    """Two unmeshed endpoints of one Service on loopback, one with nothing listening: the proxy
+    reaches it once, backs it off (the clock stands still) and sends every other call to the
+    live one; every connection released when it ends."""
+
+    async def body() -> None:
+        server, live = await echo_server()
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        eps = [endpoint("127.0.0.1", None, ports={"80": p}) for p in (dead, live)]
+        table, _ = parse([service(cluster_ips=["198.19.0.10"], endpoints=eps)])
+        issue_identity(tmp_path / "authority", "shop/web", tmp_path / "a")
+        proxy = Proxy(
+            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(tmp_path / "a")),
+            InboundPolicy(),
+            Catalog([]),
+            lambda sock: ("198.19.0.10", 80),
+        )
+        proxy.services = table
+        proxy.balancer = Balancer(random.Random(2), Clock())
+        await proxy.start()
+        try:
+            answers = [await request(proxy.listening["outbound"][1], b"hi") for _ in range(20)]
+            for _ in range(100):  # the last upstream close reaches the balancer on a later turn
+                if proxy.balancer.open(("127.0.0.1", live)) == 0:
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            await proxy.stop(drain_timeout_s=1)
+            server.close()
+        assert answers.count(b"") == 1 and answers.count(b"echo:hi") == 19, answers
+        assert proxy.stats.failures["outbound_connect"] == 1
+        assert proxy.balancer.backing_off == {("127.0.0.1", dead)}
+        assert proxy.balancer.open(("127.0.0.1", live)) == 0
+        assert proxy.balancer.open(("127.0.0.1", dead)) == 0
+
+    asyncio.run(asyncio.wait_for(body(), 30))
+
+
+async def echo_server() -> tuple[asyncio.AbstractServer, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"echo:" + await reader.read())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def request(port: int, payload: bytes) -> bytes:
+    """Send, half-close, read to EOF; a refused or reset connection reads as b""."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        writer.write_eof()
+        return await reader.read()
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
