@@ -25,12 +25,14 @@ missing, a 404 on a list names the CRD to install.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx2
+import yaml
 from lightkube.config.client_adapter import AsyncClient as adapter_client
 from lightkube.config.client_adapter import ConnectionParams
 from lightkube.config.kubeconfig import KubeConfig
@@ -144,7 +146,7 @@ def load_config(kubeconfig: Path | None) -> Any:
             f"not running in a pod: {exc.args[0]} is not set",
             "give --kubeconfig PATH outside a cluster",
         ) from None
-    except (LightkubeConfigError, OSError, ValueError, TypeError, AttributeError) as exc:
+    except (LightkubeConfigError, OSError, ValueError, TypeError, AttributeError, yaml.YAMLError) as exc:
         where = str(kubeconfig) if kubeconfig is not None else "the in-cluster service account"
         raise KubeConfigError(
             f"cannot read the Kubernetes client configuration from {where}: {exc}",
@@ -217,6 +219,8 @@ class KubeClient:
     @classmethod
     def connect(cls, kubeconfig: Path | None, *, timeout_s: float = _REQUEST_TIMEOUT_S) -> KubeClient:
         config = load_config(kubeconfig)
+        # httpx logs every request at INFO: a Lease renewal every 2 s would flood the log.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
         if config is None:
             raise KubeConfigError(
                 f"the kubeconfig {kubeconfig} has no current context",

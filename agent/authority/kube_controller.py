@@ -1,0 +1,697 @@
+"""`meshagent authority serve --kubernetes`: the controller loop (issue #17, docs/kubernetes.md §2).
+
+Three concurrent parts inside the authority's event loop:
+
+- **Election** (every replica): one `coordination.k8s.io` Lease, decided by `kube_lease.decide`
+  every retry period; only the holder runs registration, and every write checks it still is.
+- **Registration** (the Lease holder): list + watch our own ExternalWorkloads (or
+  WorkloadEntries) and Services (`owner_selector`); desired objects from the registry (enrolled,
+  unrevoked hosts, health from `host_health`); `kube_reconcile.reconcile` -> one request per
+  action. Runs on every watch event, every `registry_poll_s` (registry changes and health that
+  ages, e.g. a host whose reports stopped) and re-lists every `resync_interval_s`.
+- **Discovery** (every replica, read-only, no Lease): list + watch Services, EndpointSlices,
+  Pods, Namespaces and ExternalWorkloads in all namespaces; on change (debounced) build the
+  hosts' service catalog (`kube_discovery.build_services`) and hand it to the authority.
+
+The API server going away is expected: the last listed objects (and so the last discovered
+catalog) are kept, `kube.unreachable` is logged once per outage, watches resume from their last
+resourceVersion (re-list on 410 Gone) with a capped back-off. A 409 on a write means someone
+else wrote since we read: re-read that object and decide again, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agent.logs import get_logger
+
+from . import kube_export
+from .kube_lease import (
+    CreateLease,
+    ElectionState,
+    LeaseConfig,
+    StandBy,
+    StepDown,
+    UpdateLease,
+    decide,
+    is_leader,
+    release,
+    written,
+)
+from .kube_objects import Flavor, KubeObject, KubeObjectError, host_object, is_owned, owner_selector
+from .kube_reconcile import (
+    FIELD_MANAGER,
+    Action,
+    Conflict,
+    ConflictReason,
+    Create,
+    Delete,
+    ObjectKey,
+    PatchStatus,
+    Update,
+    describe,
+    reconcile,
+)
+
+if TYPE_CHECKING:
+    from .kube_client import KubeClient, Resource
+    from .service import Authority
+
+log = get_logger("meshagent.authority.kube")
+
+
+def election_identity() -> str:
+    """The pod name (POD_NAME, from the downward API), else the host name: unique per replica."""
+    return os.environ.get("POD_NAME") or os.uname().nodename
+
+
+@dataclass(frozen=True)
+class ControllerSettings:
+    """What `serve --kubernetes` is told. `kubeconfig` None: the in-cluster service account."""
+
+    kubeconfig: Path | None = None
+    flavor: Flavor = "linkerd"
+    authority_name: str = "default"
+    lease_namespace: str = "default"
+    lease_name: str = ""  # "": meshagent-authority-<authority_name>
+    identity: str = field(default_factory=election_identity)
+    services: tuple[kube_export.ServiceRequest, ...] = ()
+    resync_interval_s: float = 300.0
+    registry_poll_s: float = 2.0
+    lease_duration: timedelta = timedelta(seconds=15)
+    renew_deadline: timedelta = timedelta(seconds=10)
+    retry_period: timedelta = timedelta(seconds=2)
+    discovery: bool = True
+    debounce_s: float = 0.2
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    watch_timeout_s: int = 300
+
+    @property
+    def lease(self) -> LeaseConfig:
+        return LeaseConfig(
+            name=self.lease_name or f"meshagent-authority-{self.authority_name}",
+            namespace=self.lease_namespace,
+            identity=self.identity,
+            lease_duration=self.lease_duration,
+            renew_deadline=self.renew_deadline,
+            retry_period=self.retry_period,
+        )
+
+
+def host_reports(authority: Authority) -> Mapping[str, tuple[float, str]] | None:
+    """The hosts' last reports, which make their Ready condition the agent's (interfaces.md §5);
+    None would mean the certificate alone."""
+    return authority.registry.reports()
+
+
+class Backoff:
+    """Capped exponential back-off with jitter (so replicas do not retry in step)."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self.initial_s, self.max_s, self._next = initial_s, max_s, initial_s
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.max_s, self._next * 2)
+        return delay * random.uniform(0.8, 1.2)  # noqa: S311 (jitter, not a secret)
+
+    def reset(self) -> None:
+        self._next = self.initial_s
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+class ApiState:
+    """Whether the API server answers, and the last error of each source; logs each outage and
+    each distinct error once (a retry loop must not flood the log)."""
+
+    def __init__(self) -> None:
+        self.reachable: bool | None = None  # None: not tried yet
+        self.down_since: float | None = None
+        self.errors: dict[str, str] = {}
+
+    def ok(self, source: str) -> None:
+        if self.reachable is False and self.down_since is not None:
+            log.info("kube.reachable", source=source, down_s=round(time.time() - self.down_since, 1))
+        self.reachable, self.down_since = True, None
+        self.errors.pop(source, None)
+
+    def unreachable(self, source: str, exc: Exception) -> None:
+        if self.reachable is not False:
+            log.warning(
+                "kube.unreachable", source=source, error=getattr(exc, "message", str(exc)),
+                hint=getattr(exc, "hint", ""), kept="the last listed objects and discovered services",
+            )  # fmt: skip
+            self.down_since = time.time()
+        self.reachable = False
+
+    def error(self, source: str, exc: Exception) -> None:
+        message = getattr(exc, "message", str(exc))
+        if self.errors.get(source) != message:
+            log.error("kube.api_error", source=source, error=message, hint=getattr(exc, "hint", ""))
+        self.errors[source] = message
+
+
+class Informer:
+    """One resource kept in memory by list + watch: `objects` by (namespace, name).
+
+    Re-lists on 410 Gone and every `resync_s`; a broken watch is resumed from the last
+    resourceVersion after a back-off. `optional`: a resource whose CRD may be absent (404 on
+    the list) counts as synced and empty, and is tried again at the longest back-off."""
+
+    def __init__(
+        self,
+        client: KubeClient,
+        res: Resource,
+        settings: ControllerSettings,
+        api: ApiState,
+        on_change: Callable[[], None],
+        *,
+        label_selector: str | None = None,
+        optional: bool = False,
+        resync_s: float | None = None,
+    ) -> None:
+        self.client, self.res, self.settings, self.api = client, res, settings, api
+        self.on_change, self.label_selector, self.optional = on_change, label_selector, optional
+        self.resync_s = resync_s
+        self.objects: dict[tuple[str, str], KubeObject] = {}
+        self.synced = False
+        self.source = f"{'watch' if label_selector is None else 'owned'}:{res.qualified}"
+        self._missing_logged = False
+
+    def put(self, obj: KubeObject) -> None:
+        self.objects[_key(obj)] = obj
+
+    def forget(self, namespace: str, name: str) -> None:
+        self.objects.pop((namespace, name), None)
+
+    async def run(self) -> None:
+        from .kube_client import KubeApiError, KubeUnreachable
+
+        backoff = Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        rv: str | None = None  # None: list first
+        listed_at = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                if rv is None or (self.resync_s is not None and loop.time() - listed_at >= self.resync_s):
+                    rv = await self._list()
+                    listed_at = loop.time()
+                started = loop.time()
+                timeout = self.settings.watch_timeout_s
+                if self.resync_s is not None:
+                    timeout = max(1, min(timeout, int(self.resync_s)))
+                async for event in self.client.watch(
+                    self.res, resource_version=rv, label_selector=self.label_selector, timeout_s=timeout
+                ):
+                    rv = str((event.object.get("metadata") or {}).get("resourceVersion") or rv)
+                    self._apply(event.type, event.object)
+                    self.api.ok(self.source)
+                # The server ended the watch (its timeout): resume at once, unless it did so
+                # straight away (a misbehaving server must not make this a busy loop).
+                if loop.time() - started < 1.0:
+                    await asyncio.sleep(backoff.next())
+                else:
+                    backoff.reset()
+            except KubeApiError as exc:
+                if exc.status == 410:
+                    log.info("kube.relist", resource=self.res.qualified, reason="410 Gone")
+                    rv = None
+                    continue
+                rv = None
+                if exc.status == 404 and self.optional:
+                    self._missing(exc)
+                    await asyncio.sleep(self.settings.backoff_max_s)
+                    continue
+                self.api.error(self.source, exc)
+                await asyncio.sleep(backoff.next())
+            except KubeUnreachable as exc:
+                self.api.unreachable(self.source, exc)
+                await asyncio.sleep(backoff.next())
+
+    async def _list(self) -> str:
+        listed = await self.client.list(self.res, label_selector=self.label_selector)
+        self.objects = {_key(o): o for o in listed.items}
+        self.synced = True
+        self._missing_logged = False
+        self.api.ok(self.source)
+        self.on_change()
+        return listed.resource_version
+
+    def _apply(self, kind: str, obj: KubeObject) -> None:
+        if kind == "BOOKMARK":
+            return
+        if kind == "DELETED":
+            self.objects.pop(_key(obj), None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.objects[_key(obj)] = obj
+        else:
+            return
+        self.on_change()
+
+    def _missing(self, exc: Exception) -> None:
+        if not self._missing_logged:
+            log.warning("kube.crd_missing", resource=self.res.qualified, hint=getattr(exc, "hint", ""))
+            self._missing_logged = True
+        if not self.synced or self.objects:
+            self.objects, self.synced = {}, True
+            self.on_change()
+
+
+class Controller:
+    """The controller; `run(stop)` until `stop` is set. `status()` for `check` and `hosts`."""
+
+    def __init__(
+        self, authority: Authority, settings: ControllerSettings, client: KubeClient | None = None
+    ) -> None:
+        self.authority, self.settings = authority, settings
+        self._client = client
+        self.lease_config = settings.lease
+        self.api = ApiState()
+        self.counts: Counter[str] = Counter()
+        self.election = ElectionState()
+        self.holder: str | None = None
+        self._lead_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._informers: dict[str, Informer] = {}  # registration, by kind
+        self._foreign: dict[ObjectKey, KubeObject] = {}  # objects of our names that are not ours
+        self._conflicts: set[tuple[ObjectKey | None, ConflictReason]] = set()
+        self._failed_writes: dict[ObjectKey, str] = {}
+        self._skipped: set[tuple[str, str]] = set()
+        self._discovery: dict[str, Informer] = {}
+        self._discovered_at: float | None = None
+        self._discovered_count = 0
+        self._reconciled_at: float | None = None
+
+    # --- status ---------------------------------------------------------------------------
+
+    def leading(self) -> bool:
+        return is_leader(self.election, datetime.now(UTC), self.lease_config)
+
+    def status(self) -> dict[str, Any]:
+        """What `check` and `hosts` show: leadership, API reachability, actions, discovery."""
+        informers = list(self._discovery.values())
+        return {
+            "identity": self.settings.identity,
+            "leader": self.leading(),
+            "lease": {
+                "namespace": self.lease_config.namespace,
+                "name": self.lease_config.name,
+                "holder": self.holder,
+            },
+            "api": {None: "connecting", True: "ok", False: "unreachable"}[self.api.reachable],
+            "unreachable_since": self.api.down_since,
+            "errors": dict(self.api.errors),
+            "actions": dict(self.counts),
+            "reconciled_at": self._reconciled_at,
+            "discovery": {
+                "enabled": self.settings.discovery,
+                "synced": bool(informers) and all(i.synced for i in informers),
+                "services": self._discovered_count,
+                "updated_at": self._discovered_at,
+            },
+        }
+
+    # --- the whole loop -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        from .kube_client import KubeClient
+
+        client = self._client or KubeClient.connect(self.settings.kubeconfig)
+        self._client = client
+        log.info(
+            "kube.controller_started", server=client.url, identity=self.settings.identity,
+            flavor=self.settings.flavor, authority=self.settings.authority_name,
+            lease=f"{self.lease_config.namespace}/{self.lease_config.name}",
+        )  # fmt: skip
+        tasks = [asyncio.create_task(self._elect(client), name="kube-election")]
+        if self.settings.discovery:
+            tasks.append(asyncio.create_task(self._discover(client), name="kube-discovery"))
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopping:
+                    task.result()  # a loop that ended on its own is a bug: raise it
+        finally:
+            stopping.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._stop_leading()
+            # Bounded: a slow API server must not hold up the authority's shutdown.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._release(client), timeout=self.lease_config.renew_deadline.total_seconds()
+                )
+            await client.close()
+            log.info("kube.controller_stopped", actions=dict(self.counts))
+
+    # --- election -------------------------------------------------------------------------
+
+    async def _elect(self, client: KubeClient) -> None:
+        from .kube_client import LEASE, KubeApiError, KubeUnreachable
+
+        cfg = self.lease_config
+        source = f"lease:{cfg.namespace}/{cfg.name}"
+        while True:
+            now = datetime.now(UTC)
+            try:
+                lease = await client.get(LEASE, cfg.namespace, cfg.name)
+                action, self.election = decide(now, lease, self.election, cfg)
+                if isinstance(action, CreateLease):
+                    self.election = written(
+                        self.election,
+                        now,
+                        await client.create(LEASE, action.body, field_manager=FIELD_MANAGER),
+                    )
+                elif isinstance(action, UpdateLease):
+                    self.election = written(
+                        self.election,
+                        now,
+                        await client.replace(LEASE, action.body, field_manager=FIELD_MANAGER),
+                    )
+                elif isinstance(action, StepDown):
+                    log.warning("kube.lease_lost", reason=action.reason)
+                elif isinstance(action, StandBy):
+                    self.holder = action.holder or None
+                if isinstance(action, CreateLease | UpdateLease):
+                    self.holder = cfg.identity
+                self.api.ok(source)
+            except KubeApiError as exc:
+                if exc.status == 409:
+                    log.info("kube.lease_race_lost", lease=f"{cfg.namespace}/{cfg.name}")
+                else:
+                    self.api.error(source, exc)
+            except KubeUnreachable as exc:
+                self.api.unreachable(source, exc)
+            if self.leading():
+                if self._lead_task is None:
+                    log.info("kube.leading", identity=cfg.identity, lease=f"{cfg.namespace}/{cfg.name}")
+                    self._lead_task = asyncio.create_task(self._lead(client), name="kube-registration")
+                elif self._lead_task.done():
+                    self._lead_task.result()  # registration ended on its own: a bug, raise it
+            else:
+                await self._stop_leading()
+            await asyncio.sleep(cfg.retry_period.total_seconds())
+
+    async def _stop_leading(self) -> None:
+        task, self._lead_task = self._lead_task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        self._informers = {}
+        log.info("kube.standby", identity=self.settings.identity)
+
+    async def _release(self, client: KubeClient) -> None:
+        """Hand the Lease over on shutdown, so another replica takes over at once."""
+        from .kube_client import LEASE, KubeError
+
+        cfg = self.lease_config
+        if self.election.renewed_at is None:
+            return
+        try:
+            lease = await client.get(LEASE, cfg.namespace, cfg.name)
+            action = release(datetime.now(UTC), lease, self.election, cfg)
+            if action is not None:
+                await client.replace(LEASE, action.body, field_manager=FIELD_MANAGER)
+                log.info("kube.lease_released", lease=f"{cfg.namespace}/{cfg.name}")
+        except KubeError as exc:
+            log.warning("kube.lease_release_failed", error=exc.message)
+        self.election = ElectionState()
+
+    # --- registration (the Lease holder) --------------------------------------------------
+
+    def _host_resource(self) -> Resource:
+        from .kube_client import EXTERNAL_WORKLOAD, WORKLOAD_ENTRY
+
+        return EXTERNAL_WORKLOAD if self.settings.flavor == "linkerd" else WORKLOAD_ENTRY
+
+    async def _lead(self, client: KubeClient) -> None:
+        from .kube_client import SERVICE
+
+        selector = owner_selector(self.settings.authority_name)
+        host_res = self._host_resource()
+        self._informers = {
+            res.kind: Informer(
+                client,
+                res,
+                self.settings,
+                self.api,
+                self._wake.set,
+                label_selector=selector,
+                resync_s=self.settings.resync_interval_s,
+            )
+            for res in (host_res, SERVICE)
+        }
+        self._foreign.clear()
+        tasks = [asyncio.create_task(i.run(), name=f"kube-owned-{k}") for k, i in self._informers.items()]
+        loop = asyncio.get_running_loop()
+        next_resync = loop.time() + self.settings.resync_interval_s
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.registry_poll_s)
+                    await asyncio.sleep(min(self.settings.debounce_s, 0.05))  # coalesce a burst
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+                if loop.time() >= next_resync:
+                    # Foreign objects are seen only through a 409: forget them, find them again.
+                    self._foreign.clear()
+                    next_resync = loop.time() + self.settings.resync_interval_s
+                if all(i.synced for i in self._informers.values()):
+                    await self.reconcile_once(client)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def desired(self) -> list[KubeObject]:
+        """The objects the registry asks for now: a host object per enrolled, unrevoked host with
+        an address (others are logged once, with why), then the `--service` Services."""
+        authority, s = self.authority, self.settings
+        now = authority.clock()
+        settings = authority.material.settings
+        workloads, skipped = kube_export.desired_workloads(
+            authority.registry.list_hosts(),
+            trust_domain=settings.trust_domain,
+            mesh=settings.mesh,
+            now=now,
+            reports=host_reports(authority),
+        )
+        for skip in skipped:
+            self._skip_once(f"host:{skip.host}", skip.reason, skip.hint)
+        objects = [host_object(w, s.flavor, s.authority_name) for w in workloads]
+        for request in s.services:
+            try:
+                objects.extend(kube_export._services(request, workloads, s.authority_name))
+            except KubeObjectError as exc:
+                self._skip_once(f"service:{request.name}", exc.message, exc.hint)
+        return objects
+
+    def _skip_once(self, source: str, reason: str, hint: str) -> None:
+        if (source, reason) not in self._skipped:
+            self._skipped.add((source, reason))
+            log.warning("kube.skipped", source=source, reason=reason, hint=hint)
+
+    def observed(self) -> list[KubeObject]:
+        objects = [o for i in self._informers.values() for o in i.objects.values()]
+        return objects + list(self._foreign.values())
+
+    async def reconcile_once(self, client: KubeClient) -> int:
+        """One pass: decide, then write until done or until a write says our view is stale
+        (then the caller's next pass decides again). Returns the number of writes made."""
+        from .kube_client import KubeApiError, KubeUnreachable
+
+        actions = reconcile(self.desired(), self.observed(), self.settings.authority_name)
+        self._log_conflicts([a for a in actions if isinstance(a, Conflict)])
+        versions: dict[ObjectKey, str] = {}  # resourceVersion our last write in this pass returned
+        writes = 0
+        for action in actions:
+            if isinstance(action, Conflict):
+                continue
+            if not self.leading():
+                return writes
+            try:
+                await self._act(client, action, versions)
+                writes += 1
+                self._failed_writes.pop(action.key, None)
+            except KubeApiError as exc:
+                if exc.status in (404, 409):
+                    # Our view was stale: read the object again and decide again.
+                    self.counts["conflict"] += 1
+                    log.info("kube.conflict", object=str(action.key), status=exc.status, error=exc.message)
+                    await self._reread(client, action.key)
+                    self._wake.set()
+                    return writes
+                self.counts["error"] += 1
+                if self._failed_writes.get(action.key) != exc.message:
+                    log.error("kube.write_failed", **describe(action), error=exc.message, hint=exc.hint)
+                self._failed_writes[action.key] = exc.message
+            except KubeUnreachable as exc:
+                self.api.unreachable("registration", exc)
+                return writes
+        self._reconciled_at = time.time()
+        return writes
+
+    def _log_conflicts(self, conflicts: list[Conflict]) -> None:
+        current = {(c.key, c.reason) for c in conflicts}
+        for c in conflicts:
+            if (c.key, c.reason) not in self._conflicts:
+                self.counts["conflict"] += 1
+                log.warning("kube.conflict", **describe(c))
+        self._conflicts = current
+
+    async def _act(self, client: KubeClient, action: Action, versions: dict[ObjectKey, str]) -> None:
+        from .kube_client import BY_KIND
+
+        key = action.key
+        assert key is not None
+        res = BY_KIND[key.kind]
+        informer = self._informers.get(key.kind)
+        if isinstance(action, Create):
+            made = await client.create(res, action.body, field_manager=FIELD_MANAGER)
+            self._remember(informer, made, versions, key)
+            self.counts["create"] += 1
+            log.info("kube.create", **describe(action))
+        elif isinstance(action, Update):
+            body = {
+                **action.body,
+                "metadata": {**action.body["metadata"], "resourceVersion": action.resource_version},
+            }
+            made = await client.replace(res, body, field_manager=FIELD_MANAGER)
+            self._remember(informer, made, versions, key)
+            self.counts["update"] += 1
+            log.info("kube.update", **describe(action))
+        elif isinstance(action, PatchStatus):
+            body = action.body
+            rv = action.resource_version or versions.get(key)
+            if rv is not None:
+                body = {**body, "metadata": {**body["metadata"], "resourceVersion": rv}}
+            made = await client.patch_status(res, key.namespace, key.name, body, field_manager=FIELD_MANAGER)
+            self._remember(informer, made, versions, key)
+            self.counts["status"] += 1
+            log.info("kube.status", **describe(action))
+        elif isinstance(action, Delete):
+            await client.delete(
+                res, key.namespace, key.name, uid=action.uid, resource_version=action.resource_version
+            )
+            if informer is not None:
+                informer.forget(key.namespace, key.name)
+            self.counts["delete"] += 1
+            log.info("kube.delete", **describe(action))
+
+    def _remember(
+        self, informer: Informer | None, obj: KubeObject, versions: dict[ObjectKey, str], key: ObjectKey
+    ) -> None:
+        """Our write's result is the newest we know of the object (the watch confirms it)."""
+        from .kube_client import BY_KIND
+
+        obj.setdefault("apiVersion", BY_KIND[key.kind].api_version)
+        obj.setdefault("kind", key.kind)
+        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        if isinstance(rv, str):
+            versions[key] = rv
+        if informer is not None:
+            informer.put(obj)
+
+    async def _reread(self, client: KubeClient, key: ObjectKey | None) -> None:
+        """After a 409/404: the object as it is now, where the next pass will look for it."""
+        from .kube_client import BY_KIND, KubeError
+
+        if key is None:
+            return
+        informer = self._informers.get(key.kind)
+        try:
+            obj = await client.get(BY_KIND[key.kind], key.namespace, key.name)
+        except KubeError as exc:
+            log.warning("kube.reread_failed", object=str(key), error=exc.message)
+            return
+        self._foreign.pop(key, None)
+        if obj is None:
+            if informer is not None:
+                informer.forget(key.namespace, key.name)
+            return
+        res = BY_KIND[key.kind]
+        obj.setdefault("apiVersion", res.api_version)
+        obj.setdefault("kind", res.kind)
+        if is_owned(obj, self.settings.authority_name):
+            if informer is not None:
+                informer.put(obj)
+        else:
+            # Invisible to our selector's watch: kept here so the next pass reports a Conflict.
+            self._foreign[key] = obj
+
+    # --- discovery (every replica, read-only) ---------------------------------------------
+
+    async def _discover(self, client: KubeClient) -> None:
+        from .kube_client import ENDPOINT_SLICE, EXTERNAL_WORKLOAD, NAMESPACE, POD, SERVICE
+
+        dirty = asyncio.Event()
+        self._discovery = {
+            res.kind: Informer(
+                client,
+                res,
+                self.settings,
+                self.api,
+                dirty.set,
+                optional=res is EXTERNAL_WORKLOAD,
+                resync_s=self.settings.resync_interval_s,
+            )
+            for res in (SERVICE, ENDPOINT_SLICE, POD, NAMESPACE, EXTERNAL_WORKLOAD)
+        }
+        tasks = [asyncio.create_task(i.run(), name=f"kube-discovery-{k}") for k, i in self._discovery.items()]
+        try:
+            while True:
+                await dirty.wait()
+                # Debounce: a rollout's thousands of endpoint events make one rebuild, not thousands.
+                await asyncio.sleep(self.settings.debounce_s)
+                dirty.clear()
+                if all(i.synced for i in self._discovery.values()):
+                    await self._publish()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _publish(self) -> None:
+        from . import kube_discovery  # type: ignore[attr-defined]  # (B's module, landing today)
+
+        objects = {kind: list(informer.objects.values()) for kind, informer in self._discovery.items()}
+        trust_domain = self.authority.material.settings.trust_domain
+        # Building from thousands of objects is pure CPU: off the event loop.
+        result = await asyncio.to_thread(
+            kube_discovery.build_services,
+            objects["Service"],
+            objects["EndpointSlice"],
+            objects["Pod"],
+            objects["Namespace"],
+            objects["ExternalWorkload"],
+            trust_domain,
+        )
+        self.authority.set_discovered(result.services)  # type: ignore[attr-defined]
+        self._discovered_at = time.time()
+        self._discovered_count = len(result.services)
+        log.info("kube.discovered", services=len(result.services), skipped=len(result.skipped))
+
+
+async def run_controller(authority: Authority, settings: ControllerSettings, stop: asyncio.Event) -> None:
+    """Run the controller until `stop` is set (see the module doc). A kubeconfig that cannot be
+    read raises KubeConfigError at once; everything later is retried and logged."""
+    await Controller(authority, settings).run(stop)

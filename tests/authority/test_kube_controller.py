@@ -1,0 +1,381 @@
+"""The controller (`authority serve --kubernetes`) against the test API server (issue #17).
+
+A real Authority (initialised by the CLI once, copied per test; hosts enrolled through
+`Authority.enroll` with real CSRs), the controller's real client (lightkube's configuration and
+transport, kube_client's requests) and tests/kube/apiserver.py: a TEST STAND-IN for the
+Kubernetes API server that enforces list/watch with resourceVersion, 409 on stale writes,
+410 on expired watches, the status subresource and preconditions on delete. It is not a
+Kubernetes API server; nothing here ran against a real one.
+
+Timings are shortened (Lease 2 s, retry 0.2 s, registry poll 0.1 s); every wait is a bounded
+poll for a state, never an assertion on how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.authority.kube_client import (
+    EXTERNAL_WORKLOAD,
+    SERVICE,
+    KubeApiError,
+    KubeClient,
+    KubeConfigError,
+    api_error,
+)
+from agent.authority.kube_controller import Controller, ControllerSettings
+from agent.authority.kube_export import ServiceRequest, check_registration
+from agent.authority.kube_objects import HOST_ID_LABEL, WorkloadPort
+from agent.authority.service import Authority
+from agent.identity.pki import generate_key, make_csr
+from tests.kube.apiserver import ApiServerHandle, start_apiserver
+from tests.support import init_authority
+
+WAIT_S = 15.0  # an upper bound for a state to be reached; never asserted as a duration
+
+
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("authority-template")
+    init_authority(directory)
+    return directory
+
+
+@pytest.fixture
+def authority(initialised: Path, tmp_path: Path) -> Authority:
+    directory = tmp_path / "authority"
+    shutil.copytree(initialised, directory)
+    return Authority.open(directory)
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiServerHandle]:
+    handle = start_apiserver(tmp_path / "kubeconfig")
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def settings(api: ApiServerHandle, identity: str = "replica-a", **kw: Any) -> ControllerSettings:
+    base = ControllerSettings(
+        kubeconfig=api.kubeconfig_path,
+        identity=identity,
+        lease_namespace="meshagent",
+        lease_duration=timedelta(seconds=2),
+        renew_deadline=timedelta(seconds=1),
+        retry_period=timedelta(seconds=0.2),
+        registry_poll_s=0.1,
+        debounce_s=0.05,
+        backoff_initial_s=0.05,
+        backoff_max_s=0.5,
+        discovery=False,
+    )
+    return replace(base, **kw)
+
+
+def enroll(authority: Authority, name: str, address: str, labels: dict[str, str] | None = None) -> str:
+    reg = check_registration(labels or {"app": "billing"}, [WorkloadPort("http", 8080)], None)
+    token = authority.create_tokens(
+        "shop/billing", "https://authority.test", timedelta(hours=1), registration=reg
+    )
+    result = authority.enroll(token[0].secret, make_csr(generate_key()).decode(), name, [address])
+    report(authority, result.host.id)
+    return result.host.id
+
+
+def report(authority: Authority, host_id: str, *, agent_ready: bool = True) -> None:
+    """The host's agent reporting (POST /v1/host/report, stored as the API stores it)."""
+    now = authority.clock().timestamp()
+    doc = {"agent_version": "test", "ready": agent_ready, "reason": "" if agent_ready else "starting",
+           "directory_updated_at": now, "refresh_interval_s": 30, "probes": []}  # fmt: skip
+    authority.registry.record_report(host_id, json.dumps(doc), now)
+
+
+def host_objects(api: ApiServerHandle, host_id: str | None = None) -> list[dict[str, Any]]:
+    objs = api.objects("ExternalWorkload")
+    return [
+        o for o in objs if host_id is None or o["metadata"].get("labels", {}).get(HOST_ID_LABEL) == host_id
+    ]
+
+
+def ready(obj: dict[str, Any]) -> str | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return str(c.get("status"))
+    return None
+
+
+async def until(what: str, check: Callable[[], bool]) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached within {WAIT_S} s: {what}")
+        await asyncio.sleep(0.05)
+
+
+class Running:
+    """A controller task in the test's event loop."""
+
+    def __init__(self, authority: Authority, s: ControllerSettings) -> None:
+        self.controller = Controller(authority, s)
+        self.stop = asyncio.Event()
+        self.task = asyncio.create_task(self.controller.run(self.stop))
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, WAIT_S)
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+def test_host_lifecycle_create_update_restore_delete(authority: Authority, api: ApiServerHandle) -> None:
+    """New host -> ExternalWorkload with Ready=True; label and address changes -> updated in
+    place (same uid); a hand edit of its spec -> restored; revoked -> deleted."""
+
+    async def scenario() -> None:
+        host = enroll(authority, "vm-1", "198.18.0.5")
+        c = Running(authority, settings(api, services=(ServiceRequest.parse("billing=app=billing"),)))
+        try:
+            await until(
+                "object created and Ready", lambda: [ready(o) for o in host_objects(api, host)] == ["True"]
+            )
+            obj = host_objects(api, host)[0]
+            uid = obj["metadata"]["uid"]
+            assert obj["spec"]["workloadIPs"] == [{"ip": "198.18.0.5"}]
+            assert obj["spec"]["meshTLS"]["identity"] == "spiffe://cluster.local/ns/shop/sa/billing"
+            await until("Service created", lambda: len(api.objects("Service", "shop")) == 1)
+            svc = api.objects("Service", "shop")[0]
+            assert svc["spec"]["selector"] == {"app": "billing"}
+
+            # A label change (the operator's `host label`): an Update of the same object.
+            authority.registry.update_registration(
+                host,
+                lambda h: check_registration(
+                    {"app": "billing", "tier": "db"}, [WorkloadPort("http", 8080)], None
+                ),
+            )
+            await until(
+                "label updated", lambda: host_objects(api, host)[0]["metadata"]["labels"].get("tier") == "db"
+            )
+
+            # An address change (written in the registry as a re-enrolment of the same row would).
+            with sqlite3.connect(authority.material.directory / "registry.db") as db:
+                db.execute("UPDATE hosts SET addresses = ? WHERE id = ?", (json.dumps(["198.18.0.9"]), host))
+            await until(
+                "address updated",
+                lambda: host_objects(api, host)[0]["spec"]["workloadIPs"] == [{"ip": "198.18.0.9"}],
+            )
+            # A hand edit of the spec (kubectl edit): restored.
+            edited = host_objects(api, host)[0]
+            edited["spec"]["workloadIPs"] = [{"ip": "198.18.7.7"}]
+            api.put(edited)
+            await until(
+                "hand edit restored",
+                lambda: host_objects(api, host)[0]["spec"]["workloadIPs"] == [{"ip": "198.18.0.9"}],
+            )
+            # The agent reports not ready: Ready flips through /status only, and back.
+            report(authority, host, agent_ready=False)
+            await until("Ready=False", lambda: ready(host_objects(api, host)[0]) == "False")
+            report(authority, host)
+            await until("Ready=True again", lambda: ready(host_objects(api, host)[0]) == "True")
+            # A hand edit of the status (Ready flipped): patched back through /status.
+            api.patch_status(
+                "ExternalWorkload", edited["metadata"]["name"], {"conditions": []}, namespace="shop"
+            )
+            await until("status restored", lambda: ready(host_objects(api, host)[0]) == "True")
+            assert host_objects(api, host)[0]["metadata"]["uid"] == uid
+
+            authority.registry.revoke(host, authority.clock())
+            await until("object deleted", lambda: host_objects(api, host) == [])
+            # The Service selected only that host: nothing left to serve, so it goes too.
+            await until("Service deleted", lambda: api.objects("Service", "shop") == [])
+            deletes = api.requests("DELETE")
+            assert len(deletes) == 2 and all(
+                set(r.body["preconditions"]) == {"uid", "resourceVersion"} for r in deletes
+            )
+        finally:
+            await c.close()
+        counts = c.controller.status()["actions"]  # after close: every write has been counted
+        assert counts["create"] == 2 and counts["delete"] == 2
+        assert counts["update"] >= 3 and counts["status"] >= 4
+
+    run(scenario)
+
+
+def test_someone_elses_object_of_our_name_is_never_touched(
+    authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        host = enroll(authority, "vm-2", "198.18.0.6")
+        probe = Running(authority, settings(api))
+        await until("our object", lambda: len(host_objects(api, host)) == 1)
+        name = host_objects(api, host)[0]["metadata"]["name"]
+        await probe.close()
+        # Replace ours by a hand-made object of the same name, without our owner labels.
+        api.delete("ExternalWorkload", name, namespace="shop")
+        foreign = {
+            "apiVersion": "workload.linkerd.io/v1beta1",
+            "kind": "ExternalWorkload",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"team": "dba"}},
+            "spec": {
+                "meshTLS": {"identity": "spiffe://x/y", "serverName": "y.x"},
+                "workloadIPs": [{"ip": "198.18.9.9"}],
+            },
+        }
+        before = api.put(foreign)
+        caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+        c = Running(authority, settings(api))
+        try:
+            await until("conflict seen", lambda: c.controller.status()["actions"].get("conflict", 0) >= 2)
+            await until("a later pass", lambda: c.controller.status()["reconciled_at"] is not None)
+            after = api.get("ExternalWorkload", name, namespace="shop")
+            assert after == before
+            assert [r for r in caplog.records if r.getMessage() == "kube.conflict"]
+            assert c.controller.status()["actions"].get("delete", 0) == 0
+        finally:
+            await c.close()
+
+    run(scenario)
+
+
+def test_only_the_lease_holder_writes_and_the_other_takes_over(
+    authority: Authority, api: ApiServerHandle
+) -> None:
+    async def scenario() -> None:
+        enroll(authority, "vm-3", "198.18.0.7")
+        a = Running(authority, settings(api, "replica-a"))
+        await until("a leads", lambda: a.controller.status()["leader"])
+        b = Running(authority, settings(api, "replica-b"))
+        try:
+            await until("object created", lambda: len(host_objects(api)) == 1)
+            await until("b sees a as holder", lambda: b.controller.status()["lease"]["holder"] == "replica-a")
+            second = enroll(authority, "vm-4", "198.18.0.8")
+            await until("a creates the second", lambda: len(host_objects(api, second)) == 1)
+            assert not b.controller.status()["leader"]
+            assert b.controller.status()["actions"] == {}
+            lease = api.get("Lease", "meshagent-authority-default", namespace="meshagent")
+            assert lease is not None and lease["spec"]["holderIdentity"] == "replica-a"
+
+            await a.close()  # releases the Lease
+            third = enroll(authority, "vm-5", "198.18.0.10")
+            await until("b leads", lambda: b.controller.status()["leader"])
+            await until("b creates the third", lambda: len(host_objects(api, third)) == 1)
+        finally:
+            await b.close()
+        assert b.controller.status()["actions"]["create"] == 1
+
+    run(scenario)
+
+
+def test_killed_and_restarted_api_server_converges(authority: Authority, api: ApiServerHandle) -> None:
+    async def scenario() -> None:
+        first = enroll(authority, "vm-6", "198.18.0.11")
+        c = Running(authority, settings(api))
+        try:
+            await until("created", lambda: len(host_objects(api, first)) == 1)
+            api.stop()  # mid-watch: every connection cut
+            await until("unreachable", lambda: c.controller.status()["api"] == "unreachable")
+            # The registry moves on while the API server is away.
+            second = enroll(authority, "vm-7", "198.18.0.12")
+            authority.registry.revoke(first, authority.clock())
+            # Restarted with a fresh watch cache: resuming gets 410, the controller re-lists.
+            api.restart(keep_history=False)
+            await until("first deleted", lambda: host_objects(api, first) == [])
+            await until("second Ready", lambda: [ready(o) for o in host_objects(api, second)] == ["True"])
+            await until("reachable", lambda: c.controller.status()["api"] == "ok")
+        finally:
+            await c.close()
+
+    run(scenario)
+
+
+def test_expired_watch_relists_and_sees_changes_made_meanwhile(
+    authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+
+    async def scenario() -> None:
+        host = enroll(authority, "vm-8", "198.18.0.13")
+        c = Running(authority, settings(api))
+        try:
+            await until("created", lambda: len(host_objects(api, host)) == 1)
+            await until("watching", lambda: api.open_watches() >= 2)
+            name = host_objects(api, host)[0]["metadata"]["name"]
+            api.expire_watches()
+            # Deleted behind the controller's back: only a re-list (not a resumed watch) sees it.
+            api.delete("ExternalWorkload", name, namespace="shop")
+            await until("re-created", lambda: len(host_objects(api, host)) == 1)
+            assert any(r.getMessage() == "kube.relist" for r in caplog.records)
+        finally:
+            await c.close()
+
+    run(scenario)
+
+
+# --- errors the operator can act on ------------------------------------------------------------
+
+
+def test_unreadable_kubeconfig_is_an_error_with_a_hint(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("clusters: [not, a, kubeconfig")
+    for path in (bad, tmp_path / "missing"):
+        with pytest.raises(KubeConfigError) as exc:
+            KubeClient.connect(path)
+        assert str(path) in exc.value.message and exc.value.hint
+
+
+def test_forbidden_and_missing_crd_name_what_to_fix() -> None:
+    forbidden = api_error(
+        403,
+        {"reason": "Forbidden", "message": "no"},
+        method="PUT",
+        res=EXTERNAL_WORKLOAD,
+        name="x",
+        sub="status",
+    )
+    assert "'update'" in forbidden.hint and "externalworkloads.workload.linkerd.io/status" in forbidden.hint
+    assert "ClusterRole" in forbidden.hint
+    watch = api_error(403, {}, method="GET", res=SERVICE, name=None, sub=None, watch=True)
+    assert "'watch'" in watch.hint and "'services'" in watch.hint
+    missing = api_error(404, {"reason": "NotFound"}, method="GET", res=EXTERNAL_WORKLOAD, name=None, sub=None)
+    assert "install externalworkloads.workload.linkerd.io" in missing.hint
+    assert isinstance(missing, KubeApiError) and missing.status == 404
+
+
+def test_wrong_token_is_reported_not_fatal(
+    authority: Authority, api: ApiServerHandle, tmp_path: Path
+) -> None:
+    """401: the controller keeps running, says what is wrong in status() and the log."""
+    text = api.kubeconfig_path.read_text().replace(api.token, "wrong-token")
+    bad = tmp_path / "bad-kubeconfig"
+    bad.write_text(text)
+
+    async def scenario() -> None:
+        c = Running(authority, settings(api, kubeconfig=bad))
+        try:
+            await until(
+                "error shown", lambda: any("401" in e for e in c.controller.status()["errors"].values())
+            )
+            assert not c.controller.status()["leader"]
+        finally:
+            await c.close()
+
+    run(scenario)
