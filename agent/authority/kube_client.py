@@ -212,9 +212,10 @@ def unreachable(url: str, exc: BaseException) -> KubeUnreachable:
 class KubeClient:
     """Dict-level requests to one API server. `connect()` reads the configuration."""
 
-    def __init__(self, http: httpx2.AsyncClient, url: str) -> None:
+    def __init__(self, http: httpx2.AsyncClient, url: str, namespace: str = "default") -> None:
         self._http = http
         self.url = url
+        self.namespace = namespace  # the kubeconfig context's, or the pod's own in a cluster
 
     @classmethod
     def connect(cls, kubeconfig: Path | None, *, timeout_s: float = _REQUEST_TIMEOUT_S) -> KubeClient:
@@ -235,7 +236,7 @@ class KubeClient:
                 f"cannot use the Kubernetes client configuration: {exc}",
                 "check the kubeconfig's certificate and user entries",
             ) from None
-        return cls(http, str(config.cluster.server))
+        return cls(http, str(config.cluster.server), str(config.namespace or "default"))
 
     async def close(self) -> None:
         await self._http.aclose()

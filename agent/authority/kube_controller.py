@@ -82,7 +82,7 @@ class ControllerSettings:
     kubeconfig: Path | None = None
     flavor: Flavor = "linkerd"
     authority_name: str = "default"
-    lease_namespace: str = "default"
+    lease_namespace: str = ""  # "": the kubeconfig context's namespace, in a pod its own
     lease_name: str = ""  # "": meshagent-authority-<authority_name>
     identity: str = field(default_factory=election_identity)
     services: tuple[kube_export.ServiceRequest, ...] = ()
@@ -97,11 +97,10 @@ class ControllerSettings:
     backoff_max_s: float = 30.0
     watch_timeout_s: int = 300
 
-    @property
-    def lease(self) -> LeaseConfig:
+    def lease(self, default_namespace: str = "default") -> LeaseConfig:
         return LeaseConfig(
             name=self.lease_name or f"meshagent-authority-{self.authority_name}",
-            namespace=self.lease_namespace,
+            namespace=self.lease_namespace or default_namespace,
             identity=self.identity,
             lease_duration=self.lease_duration,
             renew_deadline=self.renew_deadline,
@@ -280,7 +279,7 @@ class Controller:
     ) -> None:
         self.authority, self.settings = authority, settings
         self._client = client
-        self.lease_config = settings.lease
+        self.lease_config = settings.lease(client.namespace if client is not None else "default")
         self.api = ApiState()
         self.counts: Counter[str] = Counter()
         self.election = ElectionState()
@@ -333,6 +332,7 @@ class Controller:
 
         client = self._client or KubeClient.connect(self.settings.kubeconfig)
         self._client = client
+        self.lease_config = self.settings.lease(client.namespace)
         log.info(
             "kube.controller_started", server=client.url, identity=self.settings.identity,
             flavor=self.settings.flavor, authority=self.settings.authority_name,
@@ -652,7 +652,9 @@ class Controller:
                 self.api,
                 dirty.set,
                 optional=res is EXTERNAL_WORKLOAD,
-                resync_s=self.settings.resync_interval_s,
+                # No periodic re-list: thousands of pods per replica; a watch misses nothing
+                # until it expires, and then 410 makes it re-list.
+                resync_s=None,
             )
             for res in (SERVICE, ENDPOINT_SLICE, POD, NAMESPACE, EXTERNAL_WORKLOAD)
         }
