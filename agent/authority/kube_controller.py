@@ -48,7 +48,16 @@ from .kube_lease import (
     release,
     written,
 )
-from .kube_objects import Flavor, KubeObject, KubeObjectError, host_object, is_owned, owner_selector
+from .kube_objects import (
+    Flavor,
+    KubeObject,
+    KubeObjectError,
+    host_object,
+    is_owned,
+    owner_selector,
+    validate_authority_name,
+    validate_namespace,
+)
 from .kube_reconcile import (
     FIELD_MANAGER,
     Action,
@@ -96,6 +105,16 @@ class ControllerSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     watch_timeout_s: int = 300
+
+    def __post_init__(self) -> None:
+        validate_authority_name(self.authority_name)
+        if self.flavor not in ("linkerd", "istio"):
+            raise KubeObjectError(
+                f"flavor {self.flavor!r} is neither linkerd nor istio", "--flavor linkerd|istio"
+            )
+        if self.lease_namespace:
+            validate_namespace(self.lease_namespace)
+        self.lease()  # the timings, checked now (LeaseConfigError says which rule)
 
     def lease(self, default_namespace: str = "default") -> LeaseConfig:
         return LeaseConfig(
