@@ -14,10 +14,13 @@ poll for a state, never an assertion on how long something took.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import logging
 import shutil
 import sqlite3
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
@@ -38,6 +41,7 @@ from agent.authority.kube_controller import Controller, ControllerSettings
 from agent.authority.kube_export import ServiceRequest, check_registration
 from agent.authority.kube_objects import HOST_ID_LABEL, WorkloadPort
 from agent.authority.service import Authority
+from agent.errors import MeshagentError
 from agent.identity.pki import generate_key, make_csr
 from tests.kube.apiserver import ApiServerHandle, start_apiserver
 from tests.support import init_authority
@@ -330,6 +334,16 @@ def test_expired_watch_relists_and_sees_changes_made_meanwhile(
     run(scenario)
 
 
+def test_lightkube_is_loaded_only_in_controller_mode() -> None:
+    """`authority serve` without --kubernetes imports the controller module, never lightkube."""
+    code = (
+        "import sys, agent.cli.authority, agent.authority.kube_controller\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('lightkube', 'httpx2')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 # --- errors the operator can act on ------------------------------------------------------------
 
 
@@ -340,6 +354,22 @@ def test_unreadable_kubeconfig_is_an_error_with_a_hint(tmp_path: Path) -> None:
         with pytest.raises(KubeConfigError) as exc:
             KubeClient.connect(path)
         assert str(path) in exc.value.message and exc.value.hint
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"flavor": "consul"}, "neither linkerd nor istio"),
+        ({"authority_name": "Not Valid"}, "label value"),
+        ({"lease_namespace": "Bad_NS"}, "namespace"),
+        ({"renew_deadline": timedelta(seconds=20)}, "longer than the renew deadline"),
+        ({"identity": ""}, "identity is empty"),
+    ],
+)
+def test_settings_refused_with_what_is_wrong(change: dict[str, Any], words: str) -> None:
+    with pytest.raises(MeshagentError) as exc:
+        ControllerSettings(**change)
+    assert words in exc.value.message and exc.value.hint
 
 
 def test_forbidden_and_missing_crd_name_what_to_fix() -> None:
@@ -375,6 +405,114 @@ def test_wrong_token_is_reported_not_fatal(
                 "error shown", lambda: any("401" in e for e in c.controller.status()["errors"].values())
             )
             assert not c.controller.status()["leader"]
+        finally:
+            await c.close()
+
+    run(scenario)
+
+
+# --- discovery ---------------------------------------------------------------------------------
+
+MESHED = {"linkerd.io/control-plane-ns": "linkerd"}
+
+
+def cluster_objects() -> list[dict[str, Any]]:
+    """A Service with two meshed pods behind it, as the cluster's own controllers write them."""
+
+    def pod(name: str, ip: str) -> dict[str, Any]:
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "orders", **MESHED}},
+            "spec": {"serviceAccountName": "orders", "containers": [{"name": "app", "image": "orders"}]},
+            "status": {"podIP": ip, "phase": "Running"},
+        }
+
+    def endpoint(name: str, ip: str) -> dict[str, Any]:
+        return {
+            "addresses": [ip],
+            "conditions": {"ready": True},
+            "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
+        }
+
+    return [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {
+                "type": "ClusterIP",
+                "clusterIP": "198.19.0.10",
+                "clusterIPs": ["198.19.0.10"],
+                "selector": {"app": "orders"},
+                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}],
+            },
+        },
+        pod("orders-1", "198.18.5.2"),
+        pod("orders-2", "198.18.5.3"),
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "orders-x1",
+                "namespace": "shop",
+                "labels": {"kubernetes.io/service-name": "orders"},
+            },
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+            "endpoints": [endpoint("orders-1", "198.18.5.2"), endpoint("orders-2", "198.18.5.3")],
+        },
+    ]
+
+
+def endpoints_of(authority: Authority, name: str) -> dict[str, str | None] | None:
+    for svc in authority.discovered():
+        if (svc["namespace"], svc["name"]) == ("shop", name):
+            return {e["address"]: e["identity"] for e in svc["endpoints"]}
+    return None
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("agent.authority.kube_discovery") is None,
+    reason="agent/authority/kube_discovery.py (engineer B) has not landed yet",
+)
+def test_discovery_serves_ready_endpoints_and_keeps_them_while_the_api_is_away(
+    authority: Authority, api: ApiServerHandle
+) -> None:
+    async def scenario() -> None:
+        c = Running(authority, settings(api, discovery=True))
+        try:
+            await until("discovery synced", lambda: c.controller.status()["discovery"]["synced"])
+            assert endpoints_of(authority, "orders") is None
+            for obj in cluster_objects():
+                api.put(obj)
+            identity = "spiffe://cluster.local/ns/shop/sa/orders"
+            both = {"198.18.5.2": identity, "198.18.5.3": identity}
+            await until("both pods served", lambda: endpoints_of(authority, "orders") == both)
+            svc = next(s for s in authority.discovered() if s["name"] == "orders")
+            assert svc["cluster_ips"] == ["198.19.0.10"]
+            assert svc["endpoints"][0]["ports"] == {"80": 8080}
+
+            # The EndpointSlice controller marks orders-2 not ready: it leaves the catalog.
+            eps = api.get("EndpointSlice", "orders-x1", namespace="shop")
+            assert eps is not None
+            eps["endpoints"][1]["conditions"] = {"ready": False}
+            api.put(eps)
+            await until(
+                "not-ready pod gone", lambda: endpoints_of(authority, "orders") == {"198.18.5.2": identity}
+            )
+
+            # The API server goes away: the last catalog is kept, the state says so.
+            api.stop()
+            await until("unreachable", lambda: c.controller.status()["api"] == "unreachable")
+            assert endpoints_of(authority, "orders") == {"198.18.5.2": identity}
+            api.restart(keep_history=False)
+            api.delete("Service", "orders", namespace="shop")
+            await until(
+                "service removed after the re-list", lambda: endpoints_of(authority, "orders") is None
+            )
+            assert c.controller.status()["api"] == "ok"
         finally:
             await c.close()
 
