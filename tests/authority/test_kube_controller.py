@@ -224,6 +224,35 @@ def test_host_lifecycle_create_update_restore_delete(authority: Authority, api: 
     run(scenario)
 
 
+def test_istio_flavor_writes_workload_entries_with_healthy(
+    authority: Authority, api: ApiServerHandle
+) -> None:
+    async def scenario() -> None:
+        host = enroll(authority, "vm-9", "198.18.0.14")
+        c = Running(authority, settings(api, flavor="istio"))
+        try:
+
+            def healthy() -> list[str]:
+                return [
+                    cond["status"]
+                    for o in api.objects("WorkloadEntry")
+                    for cond in (o.get("status") or {}).get("conditions") or []
+                    if cond["type"] == "Healthy"
+                ]
+
+            await until("entry Healthy", lambda: healthy() == ["True"])
+            entry = api.objects("WorkloadEntry")[0]
+            assert entry["spec"]["address"] == "198.18.0.14"
+            assert entry["spec"]["serviceAccount"] == "billing"
+            assert api.objects("ExternalWorkload") == []
+            authority.registry.revoke(host, authority.clock())
+            await until("entry deleted", lambda: api.objects("WorkloadEntry") == [])
+        finally:
+            await c.close()
+
+    run(scenario)
+
+
 def test_someone_elses_object_of_our_name_is_never_touched(
     authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
