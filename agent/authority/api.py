@@ -7,7 +7,9 @@ is a 400, anything unforeseen a JSON 500 and one log line (never a traceback per
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,11 +23,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.errors import MeshagentError, RejectedError
-from agent.logs import get_logger
+from agent.logs import Throttled, get_logger
 
 from . import discovery
+from .httpguard import current_limits
 from .openapi import OPENAPI
-from .service import Authority, EnrollResult
+from .service import Authority, EnrollResult, RenderedConfig
 
 log = get_logger("meshagent.authority.api")
 
@@ -56,6 +59,10 @@ STATUS = {
 }
 
 _API_HINT = "see /v1/openapi.json for the API"
+
+MAX_WAIT_S = 60  # GET /v1/host/config?wait=N: the longest a long poll is held
+WATCH_INTERVAL_S = 1.0  # how often the registry is checked for other processes' writes
+_WAIT = re.compile(r"[0-9]{1,2}(\.[0-9]{1,3})?")
 
 
 def error(code: str, message: str, hint: str = "") -> JSONResponse:
@@ -122,12 +129,16 @@ def _encodable(text: str) -> bool:
 _KIND_NAMES = {str: "string", int: f"integer (at most {MAX_INT} in magnitude)", list: "list"}
 
 
-async def _body(request: Request, fields: dict[str, type]) -> dict[str, Any]:
+async def _json_body(request: Request) -> Any:
     raw = await _read_body(request)
     try:
-        doc = json.loads(raw, parse_constant=_no_constants)
+        return json.loads(raw, parse_constant=_no_constants)
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
         raise RejectedError("request body is not JSON", _API_HINT, code="invalid_request") from None
+
+
+async def _body(request: Request, fields: dict[str, type]) -> dict[str, Any]:
+    doc = await _json_body(request)
     if not isinstance(doc, dict):
         raise RejectedError("request body must be a JSON object", _API_HINT, code="invalid_request")
     for name, kind in fields.items():
@@ -153,7 +164,137 @@ def _issued(authority: Authority, result: EnrollResult) -> dict[str, Any]:
     }
 
 
-def create_app(authority: Authority) -> Contained:
+def _bearer(request: Request) -> str:
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not bearer.strip():
+        raise RejectedError(
+            "this endpoint needs Authorization: Bearer <the host token issued with its certificate>",
+            code="unauthenticated",
+        )
+    return bearer.strip()
+
+
+def _wait_s(text: str | None) -> float:
+    """`?wait=N`: seconds a long poll may be held, 0 (absent) to answer at once."""
+    if text is None:
+        return 0.0
+    if not _WAIT.fullmatch(text) or float(text) > MAX_WAIT_S:
+        raise RejectedError(
+            f"wait {text[:20]!r} is not a number of seconds from 0 to {MAX_WAIT_S}",
+            "long poll with ?wait=30 and If-None-Match: <the ETag of the directory you hold>",
+            code="invalid_request",
+        )
+    return float(text)
+
+
+def _matches(if_none_match: str | None, etag: str) -> bool:
+    """If-None-Match against our strong ETag, compared weakly as RFC 9110 says for it."""
+    if not if_none_match:
+        return False
+    for tag in if_none_match.split(","):
+        tag = tag.strip().removeprefix("W/")
+        if tag == "*" or tag.strip('"') == etag.strip('"'):
+            return True
+    return False
+
+
+def _config_response(rendered: RenderedConfig) -> Response:
+    headers = {"etag": rendered.etag, "cache-control": "no-cache"}
+    return Response(rendered.body, media_type="application/json", headers=headers)
+
+
+def _not_modified(etag: str, retry_after: float | None = None) -> Response:
+    headers = {"etag": etag, "cache-control": "no-cache"}
+    if retry_after:
+        headers["retry-after"] = str(max(1, round(retry_after)))
+    return Response(status_code=304, headers=headers)
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (its request body, if any, is read and dropped)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+_waiters_full = Throttled(log, "host_config.waiters_full")
+
+
+class DirectoryWatch:
+    """Wakes the hosts' long polls of /v1/host/config when their directory may have changed.
+
+    SQLite tells no process of another's writes (the CLI writes the registry directly), so
+    ONE task per worker process reads Authority.version() (PRAGMA data_version and the
+    discovery generation: two cheap reads) about once a second while anyone waits, and
+    set_discovered wakes the waiters at once. A wake only makes each waiter render its
+    document again; it answers if its ETag moved and waits on otherwise. The waiters are
+    bounded: each holds a connection, and the connection cap (httpguard) sheds new
+    connections, not held ones, so unbounded waiters could lock out enrollments."""
+
+    def __init__(self, authority: Authority, max_waiters: int, interval_s: float = WATCH_INTERVAL_S) -> None:
+        self.authority = authority
+        self.max_waiters = max_waiters
+        self.interval_s = interval_s
+        self.waiting = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._event: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last: tuple[int, int, bytes] | None = None
+        authority.on_discovery_change(self._from_any_thread)
+
+    def admit(self) -> asyncio.Event | None:
+        """A place among the waiters (None when full): the event to wait on. The caller must
+        `leave()` and take `changed()` again before each render."""
+        if self.waiting >= self.max_waiters:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # (a new loop: tests; uvicorn keeps one per process)
+            self._loop, self._event, self._task = loop, asyncio.Event(), None
+        if self._last is None:
+            # Before the caller's render: a write after this point changes the version.
+            self._last = self.authority.version()
+        self.waiting += 1
+        if self._task is None or self._task.done():
+            self._task = loop.create_task(self._run(), name="directory-watch")
+        return self.changed()
+
+    def changed(self) -> asyncio.Event:
+        assert self._event is not None
+        return self._event
+
+    def leave(self) -> None:
+        self.waiting -= 1
+
+    def _fire(self) -> None:
+        if self._event is not None:
+            self._event.set()
+            self._event = asyncio.Event()
+
+    def _from_any_thread(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._fire)
+
+    async def _run(self) -> None:
+        """Poll while anyone waits; the next waiter starts it again."""
+        while self.waiting > 0:
+            await asyncio.sleep(self.interval_s)
+            try:
+                version = self.authority.version()
+            except Exception as exc:  # a registry read failing: the waiters time out as usual
+                log.warning("directory_watch.failed", error=str(exc)[:200])
+                continue
+            if version != self._last:
+                self._last = version
+                self._fire()
+
+
+def default_max_waiters() -> int:
+    """Three quarters of the connection cap: the rest stays for enrollments and renewals."""
+    return max(1, current_limits().max_connections * 3 // 4)
+
+
+def create_app(authority: Authority, max_waiters: int | None = None) -> Contained:
+    watch = DirectoryWatch(authority, default_max_waiters() if max_waiters is None else max_waiters)
     Handler = Callable[[Request], Awaitable[Response]]
 
     def refusals(handler: Handler) -> Handler:
@@ -204,14 +345,48 @@ def create_app(authority: Authority) -> Contained:
 
     @refusals
     async def host_config(request: Request) -> Response:
-        scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not bearer:
-            raise RejectedError(
-                "this endpoint needs Authorization: Bearer <the host token issued with its certificate>",
-                code="unauthenticated",
-            )
-        host = authority.authenticate(bearer.strip())
-        return JSONResponse(authority.host_config(host))
+        """The host's directory; with If-None-Match and ?wait=N, a long poll: 304 when it did
+        not change within N s, the new document as soon as it does."""
+        bearer = _bearer(request)
+        authority.authenticate(bearer)  # (refused before the wait is parsed)
+        wait = _wait_s(request.query_params.get("wait"))
+        tags = request.headers.get("if-none-match")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        event = watch.admit() if wait > 0 and tags else None
+        gone: asyncio.Future[None] | None = None
+        try:
+            while True:
+                # Authenticated again after each wait: a host revoked meanwhile gets its 403.
+                rendered = authority.render_host_config(authority.authenticate(bearer))
+                if not _matches(tags, rendered.etag):
+                    return _config_response(rendered)
+                remaining = deadline - loop.time()
+                if event is None or remaining <= 0:
+                    if wait > 0 and event is None:
+                        _waiters_full.warning("full", loop.time(), max_waiters=watch.max_waiters)
+                        return _not_modified(rendered.etag, retry_after=wait)  # (not a hot loop)
+                    return _not_modified(rendered.etag)
+                gone = gone or asyncio.ensure_future(_disconnected(request.receive))
+                change = asyncio.ensure_future(event.wait())
+                either: set[asyncio.Future[Any]] = {change, gone}
+                await asyncio.wait(either, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+                if gone.done():
+                    return _not_modified(rendered.etag)  # (nobody reads it)
+                event = watch.changed()
+        finally:
+            if gone is not None:
+                gone.cancel()
+            if event is not None:
+                watch.leave()
+
+    @refusals
+    async def host_report(request: Request) -> Response:
+        """An agent's health report (agent/authority/health.py checks it)."""
+        host = authority.authenticate(_bearer(request))
+        authority.record_report(host, await _json_body(request))
+        return Response(status_code=204)
 
     @refusals
     async def prometheus_targets(request: Request) -> Response:
@@ -242,6 +417,7 @@ def create_app(authority: Authority) -> Contained:
             Route("/v1/enroll", enroll, methods=["POST"]),
             Route("/v1/renew", renew, methods=["POST"]),
             Route("/v1/host/config", host_config, methods=["GET"]),
+            Route("/v1/host/report", host_report, methods=["POST"]),
             Route("/v1/trust-bundle", trust_bundle, methods=["GET"]),
             Route("/v1/prometheus/targets", prometheus_targets, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),
@@ -249,6 +425,7 @@ def create_app(authority: Authority) -> Contained:
         ],
         exception_handlers={HTTPException: http_error},
     )
+    app.state.directory_watch = watch  # (for tests and diagnostics)
     return Contained(app)
 
 

@@ -29,6 +29,8 @@ _BAD_BODY = {
 # Any request: `invalid_request` when it is not HTTP/1.1, `head_too_large` past 32 KiB of
 # request line and headers, `internal` when the authority fails unforeseen (logged as one line,
 # no details to the client).
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+
 _ALWAYS = {
     "431": {**_ERROR, "description": "head_too_large: request line and headers over 32 KiB."},
     "500": {**_ERROR, "description": "internal: the authority failed; its log says why."},
@@ -85,16 +87,58 @@ OPENAPI: dict[str, Any] = {
         },
         "/v1/host/config": {
             "get": {
-                "summary": "The catalog of meshed destinations and this host's authorization policy",
+                "summary": "This host's directory: the catalog, its authorization policy, the in-cluster "
+                "Services; a long poll with ?wait and If-None-Match",
                 "description": "Authorization: Bearer <api_token>, the host token returned with every "
-                "certificate (enroll and renew); a renewal supersedes the previous one.",
+                "certificate (enroll and renew); a renewal supersedes the previous one. The ETag is the "
+                "sha256 of the document's canonical JSON (sorted keys, no spaces, ASCII) without "
+                "generated_at. Long poll: send it back as If-None-Match with ?wait=N: the answer is the "
+                "new document as soon as it changes (a registry write by any process, new discovery "
+                "results, a trust bundle edit; noticed within about a second), or 304 after N seconds. "
+                "Waiting requests are bounded per worker; past the bound the answer comes at once with "
+                "Retry-After: poll again no sooner.",
+                "parameters": [
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "description": "seconds to hold the request while the directory is the one "
+                        "If-None-Match names (0: answer at once)",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
+                    },
+                    {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                ],
                 "responses": {
                     "200": {
-                        "description": "catalog, policy, trust bundle",
+                        "description": "catalog, policy, trust bundle, services",
+                        "headers": {"ETag": {"schema": {"type": "string"}}},
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/HostConfig"}}
                         },
                     },
+                    "304": {
+                        "description": "Not modified: still the document If-None-Match names (after "
+                        "waiting, or at once with Retry-After when the authority's waiters are full)",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "Retry-After": {"schema": {"type": "integer"}},
+                        },
+                    },
+                    "400": _ERROR,
+                    "401": _ERROR,
+                    "403": _ERROR,
+                    **_ALWAYS,
+                },
+            }
+        },
+        "/v1/host/report": {
+            "post": {
+                "summary": "This host's health report: agent readiness and its app probes",
+                "description": "Authorization: Bearer <api_token>, as /v1/host/config. The last report "
+                "decides the host's Ready condition (Kubernetes export and controller, `authority hosts`).",
+                "requestBody": _json_body("HostReport"),
+                "responses": {
+                    "204": {"description": "stored"},
+                    **_BAD_BODY,
                     "401": _ERROR,
                     "403": _ERROR,
                     **_ALWAYS,
@@ -234,16 +278,110 @@ OPENAPI: dict[str, Any] = {
             },
             "HostConfig": {
                 "type": "object",
-                "required": ["host_id", "catalog", "policy", "trust_bundle", "generated_at"],
+                "required": ["host_id", "catalog", "policy", "trust_bundle", "generated_at", "services"],
                 "properties": {
                     "host_id": {"type": "string"},
                     "catalog": {"type": "array", "items": {"$ref": "#/components/schemas/CatalogEntry"}},
+                    "services": {
+                        "type": "array",
+                        "description": "In-cluster Services discovered by the controller (empty without "
+                        "one); hand-written catalog entries and enrolled hosts win over them",
+                        "items": {"$ref": "#/components/schemas/Service"},
+                    },
                     "policy": {
                         "type": "object",
                         "description": "{default: {default, allow}, ports: {PORT: {default, allow}}}",
                     },
                     "trust_bundle": {"type": "string", "description": "PEM, one or more roots"},
                     "generated_at": {"type": "number", "description": "Unix time"},
+                },
+            },
+            "Service": {
+                "type": "object",
+                "required": ["name", "namespace", "cluster_ips", "ports", "endpoints"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "namespace": {"type": "string"},
+                    "cluster_ips": {
+                        "type": "array",
+                        "maxItems": 2,
+                        "items": {"type": "string"},
+                        "description": "at most one IPv4 and one IPv6; empty: headless",
+                    },
+                    "ports": {
+                        "type": "array",
+                        "description": "the Service's TCP ports",
+                        "items": {
+                            "type": "object",
+                            "required": ["port", "name", "protocol", "opaque"],
+                            "properties": {
+                                "port": _PORT,
+                                "name": {"type": "string"},
+                                "protocol": {"const": "TCP"},
+                                "opaque": {
+                                    "type": "boolean",
+                                    "description": "config.linkerd.io/opaque-ports: dial the endpoint's "
+                                    "proxy_port with Linkerd's transport header",
+                                },
+                            },
+                        },
+                    },
+                    "endpoints": {
+                        "type": "array",
+                        "description": "ready endpoints only",
+                        "items": {"$ref": "#/components/schemas/ServiceEndpoint"},
+                    },
+                },
+            },
+            "ServiceEndpoint": {
+                "type": "object",
+                "required": ["address", "ports", "identity", "server_name", "proxy_port", "source"],
+                "properties": {
+                    "address": {"type": "string"},
+                    "ports": {
+                        "type": "object",
+                        "description": "Service port (as a string) -> this endpoint's target port",
+                        "additionalProperties": _PORT,
+                    },
+                    "identity": {
+                        "type": ["string", "null"],
+                        "description": "SPIFFE ID; null: not meshed (served without TLS)",
+                    },
+                    "server_name": {"type": ["string", "null"], "description": "SNI; null with identity"},
+                    "proxy_port": {
+                        "oneOf": [_PORT, {"type": "null"}],
+                        "description": "the endpoint's inbound proxy port",
+                    },
+                    "source": {
+                        "type": "string",
+                        "description": "pod:NS/NAME, externalworkload:NS/NAME or endpointslice:NS/NAME",
+                    },
+                },
+            },
+            "HostReport": {
+                "type": "object",
+                "description": "Checked by agent/authority/health.py parse_report (bounded strings and "
+                "lists, finite times); refused whole with invalid_request naming the field",
+                "required": ["agent_version", "ready", "reason", "refresh_interval_s"],
+                "properties": {
+                    "agent_version": {"type": "string"},
+                    "ready": {"type": "boolean"},
+                    "reason": {"type": "string"},
+                    "directory_updated_at": {"type": ["number", "null"]},
+                    "refresh_interval_s": {"type": "number"},
+                    "probes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "port": _PORT,
+                                "kind": {"enum": ["tcp", "http", "exec"]},
+                                "ok": {"type": "boolean"},
+                                "detail": {"type": "string"},
+                                "since": {"type": "number"},
+                            },
+                        },
+                    },
                 },
             },
             "CatalogEntry": {

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 import secrets
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +41,7 @@ from agent.identity.pki import (
 from agent.logs import get_logger
 from agent.proxy.policy import DefaultPolicy
 
+from . import health
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .signing import issue_leaf, parse_csr, public_key_der
 from .storage import (
@@ -66,6 +69,29 @@ _ALLOW_PATTERN = re.compile(r"spiffe://[!-~]{1,2000}")
 
 
 @dataclass(frozen=True)
+class RenderedConfig:
+    """A host's directory as served: the JSON body and its ETag (quoted, as HTTP writes it)."""
+
+    body: bytes
+    etag: str
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one serialization ETags are computed over: sorted keys, no spaces, ASCII."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _object_of(parts: dict[str, bytes]) -> list[bytes]:
+    """The canonical JSON of an object, as pieces, from its members' canonical JSON: what
+    canonical_json would write for the whole, without serializing the parts again."""
+    pieces = [b"{"]
+    for i, key in enumerate(sorted(parts)):
+        pieces += [b"," if i else b"", canonical_json(key), b":", parts[key]]
+    pieces.append(b"}")
+    return pieces
+
+
+@dataclass(frozen=True)
 class EnrollResult:
     host: HostRecord
     chain_pem: bytes
@@ -90,6 +116,13 @@ class Authority:
         self.clock = clock
         self.trust_bundle = TrustBundleFile(material.trust_bundle_file, material.trust_bundle)
         self._skipped: set[tuple[str, str]] = set()  # stored records left out of the catalog, logged
+        # In-cluster Services from the controller's discovery (kube_discovery), in memory:
+        # rebuilt from the watches after a restart. Serialized once per change, not per host.
+        self._discovery_lock = threading.Lock()  # (set by the controller, read by requests)
+        self._discovered: list[dict[str, Any]] = []
+        self._discovered_json = canonical_json([])
+        self._discovery_generation = 0
+        self._listeners: list[Callable[[], None]] = []
 
     @classmethod
     def open(cls, directory: Path) -> Authority:
@@ -463,7 +496,14 @@ class Authority:
         return groups
 
     def host_config(self, host: HostRecord) -> dict[str, Any]:
-        """What an enrolled host needs to route and authorize: the catalog and its own policy."""
+        """What an enrolled host needs to route and authorize: the catalog, its own policy and
+        the in-cluster Services discovered (interfaces: /v1/host/config)."""
+        doc = self._host_config_parts(host)
+        doc["services"] = self.discovered()
+        doc["generated_at"] = self.clock().timestamp()
+        return doc
+
+    def _host_config_parts(self, host: HostRecord) -> dict[str, Any]:
         policy: dict[str, Any] = {"ports": {}}
         for record in self.registry.policies(host.identity):
             doc = {"default": record.default_policy, "allow": list(record.allow)}
@@ -476,8 +516,62 @@ class Authority:
             "catalog": self.catalog(),
             "policy": policy,
             "trust_bundle": self.trust_bundle.pem().decode(),
-            "generated_at": self.clock().timestamp(),
         }
+
+    def render_host_config(self, host: HostRecord) -> RenderedConfig:
+        """`host_config` as served, with its ETag: the sha256 of the canonical JSON of the
+        document without `generated_at`. The Services part (thousands of endpoints) is
+        serialized once per discovery change and hashed, not re-encoded, per host."""
+        parts = {key: canonical_json(value) for key, value in self._host_config_parts(host).items()}
+        with self._discovery_lock:
+            parts["services"] = self._discovered_json
+        digest = hashlib.sha256()
+        for piece in _object_of(parts):
+            digest.update(piece)
+        parts["generated_at"] = canonical_json(self.clock().timestamp())
+        return RenderedConfig(b"".join(_object_of(parts)), f'"{digest.hexdigest()}"')
+
+    # --- discovery and change notification -------------------------------------------------
+
+    def set_discovered(self, services: list[dict[str, Any]]) -> None:
+        """Replace the discovered Services (kube_discovery.build_services(...).services) and
+        wake the hosts' long polls. Callable from any thread."""
+        encoded = canonical_json(services)  # (outside the lock: a megabyte for 5,000 endpoints)
+        with self._discovery_lock:
+            changed = encoded != self._discovered_json
+            self._discovered = services
+            self._discovered_json = encoded
+            if changed:
+                self._discovery_generation += 1
+            listeners = list(self._listeners)
+        if changed:
+            log.info("discovery.updated", services=len(services), bytes=len(encoded))
+            for listener in listeners:
+                listener()
+
+    def discovered(self) -> list[dict[str, Any]]:
+        with self._discovery_lock:
+            return self._discovered
+
+    def on_discovery_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` (from the setter's thread) whenever set_discovered changes something."""
+        with self._discovery_lock:
+            self._listeners.append(listener)
+
+    def version(self) -> tuple[int, int, bytes]:
+        """Changes whenever a host's directory may have: the registry written by any process
+        (SQLite data_version), discovery updated, or the trust bundle file edited (anchor
+        rotation). Compare for inequality."""
+        with self._discovery_lock:
+            generation = self._discovery_generation
+        return self.registry.data_version(), generation, self.trust_bundle.pem()
+
+    # --- health reports --------------------------------------------------------------------
+
+    def record_report(self, host: HostRecord, doc: Any) -> None:
+        """Keep an agent's health report (checked by health.parse_report: invalid_request)."""
+        report = health.parse_report(doc)
+        self.registry.record_report(host.id, report.to_json(), self.clock())
 
 
 def _is_port(value: object) -> bool:

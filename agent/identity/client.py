@@ -18,7 +18,7 @@ import http.client
 import json
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -49,6 +49,7 @@ def _unverified_context() -> ssl.SSLContext:
 class _Response:
     status: int
     body: bytes
+    headers: dict[str, str] = field(default_factory=dict)  # names lowercased
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -61,11 +62,12 @@ def _request(
     path: str,
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
+    timeout: float = TIMEOUT_S,
 ) -> _Response:
     """One HTTPS request; transport failures become UnreachableError / TrustError."""
     parsed = urlparse(url)
     conn = http.client.HTTPSConnection(
-        parsed.hostname or "", parsed.port or 443, timeout=TIMEOUT_S, context=context
+        parsed.hostname or "", parsed.port or 443, timeout=timeout, context=context
     )
     payload = None if body is None else json.dumps(body).encode()
     all_headers = {"Accept": "application/json", **(headers or {})}
@@ -74,7 +76,8 @@ def _request(
     try:
         conn.request(method, path, body=payload, headers=all_headers)
         response = conn.getresponse()
-        return _Response(response.status, response.read())
+        content = response.read()
+        return _Response(response.status, content, {k.lower(): v for k, v in response.getheaders()})
     except ssl.SSLCertVerificationError:
         raise TrustError(
             f"the server at {url} presented a certificate not issued by the pinned authority CA",
@@ -103,6 +106,11 @@ def _refusal(response: _Response) -> RejectedError:
         )
 
 
+def _retry_after(response: _Response) -> float:
+    value = response.headers.get("retry-after", "")
+    return float(min(int(value), 3600)) if value.isascii() and value.isdigit() and len(value) <= 6 else 0.0
+
+
 def check_clock(server_time: float, sent: float, received: float) -> float:
     """Skew (server minus local, seconds); raises if it is more than MAX_CLOCK_SKEW_S."""
     skew = server_time - (sent + received) / 2
@@ -115,6 +123,19 @@ def check_clock(server_time: float, sent: float, received: float) -> float:
             "(timedatectl set-ntp true, or chronyc makestep) and retry",
         )
     return skew
+
+
+@dataclass(frozen=True)
+class HostConfigFetch:
+    """One read of the host's directory: `doc` and its `etag` (send it back to long poll), or
+    `not_modified` (doc None) when the directory is still the one `etag` names.
+    `retry_after_s`: the authority answered at once although asked to wait (its waiters are
+    full): poll again no sooner than that."""
+
+    doc: dict[str, Any] | None
+    etag: str | None
+    not_modified: bool
+    retry_after_s: float = 0.0
 
 
 class AuthorityClient:
@@ -200,6 +221,50 @@ class AuthorityClient:
     def host_config(self, api_token: str) -> dict[str, Any]:
         """The catalog and this host's policy, authorized by the host token from its last certificate."""
         return self._call("GET", "/v1/host/config", headers={"Authorization": f"Bearer {api_token}"})
+
+    def fetch_host_config(
+        self, api_token: str, etag: str | None = None, wait_s: float = 0
+    ) -> HostConfigFetch:
+        """The directory, or, given the `etag` of the one held and `wait_s` > 0, a long poll:
+        the authority answers when the directory changes, or after `wait_s` (at most 60) with
+        not_modified. Blocks up to wait_s plus the usual timeout."""
+        wait_s = round(max(0.0, min(float(wait_s), 60.0)), 3)
+        path = f"/v1/host/config?wait={wait_s:g}" if wait_s else "/v1/host/config"
+        headers = {"Authorization": f"Bearer {api_token}"}
+        if etag:
+            headers["If-None-Match"] = etag
+        response = _request(
+            self.ref.url, self._context, "GET", path, headers=headers, timeout=wait_s + TIMEOUT_S
+        )
+        new_etag = response.headers.get("etag") or None
+        if response.status == 304:
+            return HostConfigFetch(None, new_etag or etag, True, _retry_after(response))
+        if response.status != 200:
+            raise _refusal(response)
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise RejectedError(
+                "the authority's directory is not a JSON object",
+                "check that the URL points at a meshagent authority",
+                code="bad_response",
+            )
+        return HostConfigFetch(doc, new_etag, False)
+
+    def send_report(self, api_token: str, doc: dict[str, Any]) -> None:
+        """This host's health report (POST /v1/host/report); refusals raise RejectedError."""
+        response = _request(
+            self.ref.url,
+            self._context,
+            "POST",
+            "/v1/host/report",
+            doc,
+            headers={"Authorization": f"Bearer {api_token}"},
+        )
+        if response.status not in (200, 204):
+            raise _refusal(response)
 
     def renew(self, chain_pem: bytes, csr_pem: bytes, timestamp: int, signature: str) -> dict[str, Any]:
         return self._call(
