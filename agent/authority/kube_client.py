@@ -24,6 +24,7 @@ missing, a 404 on a list names the CRD to install.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -201,6 +202,16 @@ def api_error(
     )
 
 
+def _transport_failure(url: str, exc: BaseException) -> BaseException:
+    """What a transport error means: the API server is unreachable, unless our own task is
+    being cancelled (the transport may surface a cancellation as a read error; turning it
+    into a retryable error would swallow the cancel and hang the controller's shutdown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return asyncio.CancelledError()
+    return unreachable(url, exc)
+
+
 def unreachable(url: str, exc: BaseException) -> KubeUnreachable:
     return KubeUnreachable(
         f"the Kubernetes API server at {url} is unreachable: {type(exc).__name__}: {exc}"[:600],
@@ -264,7 +275,7 @@ class KubeClient:
                 headers=headers,
             )
         except httpx2.TransportError as exc:
-            raise unreachable(self.url, exc) from None
+            raise _transport_failure(self.url, exc) from None
         doc = _status_body(resp.content)
         if resp.status_code >= 400:
             raise api_error(resp.status_code, doc, method=method, res=res, name=name, sub=sub)
@@ -328,7 +339,7 @@ class KubeClient:
                         continue
                     yield _event(line, res)
         except httpx2.TransportError as exc:
-            raise unreachable(self.url, exc) from None
+            raise _transport_failure(self.url, exc) from None
 
     async def get(self, res: Resource, namespace: str, name: str) -> KubeObject | None:
         """The object, or None if it does not exist."""

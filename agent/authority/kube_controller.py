@@ -376,9 +376,8 @@ class Controller:
             await self._stop_leading()
             # Bounded: a slow API server must not hold up the authority's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._release(client), timeout=self.lease_config.renew_deadline.total_seconds()
-                )
+                async with asyncio.timeout(self.lease_config.renew_deadline.total_seconds()):
+                    await self._release(client)
             await client.close()
             log.info("kube.controller_stopped", actions=dict(self.counts))
 
@@ -489,11 +488,15 @@ class Controller:
         try:
             while True:
                 woken = True
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancel that
+                # arrives as the event is set, and the registration task would never stop.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.settings.registry_poll_s)
-                    await asyncio.sleep(min(self.settings.debounce_s, 0.05))  # coalesce a burst
+                    async with asyncio.timeout(self.settings.registry_poll_s):
+                        await self._wake.wait()
                 except TimeoutError:
                     woken = False
+                else:
+                    await asyncio.sleep(min(self.settings.debounce_s, 0.05))  # coalesce a burst
                 self._wake.clear()
                 if loop.time() >= next_resync:
                     # Foreign objects are seen only through a 409: forget them, find them again.
@@ -713,10 +716,10 @@ class Controller:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _publish(self) -> None:
-        from . import kube_discovery  # type: ignore[attr-defined]  # (B's module, landing today)
+        from . import kube_discovery
 
         objects = {kind: list(informer.objects.values()) for kind, informer in self._discovery.items()}
-        trust_domain = self.authority.material.settings.trust_domain
+        mesh_settings = self.authority.material.settings
         # Building from thousands of objects is pure CPU: off the event loop.
         result = await asyncio.to_thread(
             kube_discovery.build_services,
@@ -725,9 +728,10 @@ class Controller:
             objects["Pod"],
             objects["Namespace"],
             objects["ExternalWorkload"],
-            trust_domain,
+            mesh_settings.trust_domain,
+            mesh=mesh_settings.mesh,
         )
-        self.authority.set_discovered(result.services)  # type: ignore[attr-defined]
+        self.authority.set_discovered(result.services)
         self._discovered_at = time.time()
         self._discovered_count = len(result.services)
         log.info("kube.discovered", services=len(result.services), skipped=len(result.skipped))

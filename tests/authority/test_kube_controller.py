@@ -14,7 +14,6 @@ poll for a state, never an assertion on how long something took.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import shutil
@@ -502,10 +501,6 @@ def endpoints_of(authority: Authority, name: str) -> dict[str, str | None] | Non
     return None
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("agent.authority.kube_discovery") is None,
-    reason="agent/authority/kube_discovery.py (engineer B) has not landed yet",
-)
 def test_discovery_serves_ready_endpoints_and_keeps_them_while_the_api_is_away(
     authority: Authority, api: ApiServerHandle
 ) -> None:
