@@ -288,9 +288,16 @@ def test_someone_elses_object_of_our_name_is_never_touched(
     run(scenario)
 
 
+@pytest.mark.parametrize("holder_exit", ["released", "vanished"])
 def test_only_the_lease_holder_writes_and_the_other_takes_over(
-    authority: Authority, api: ApiServerHandle
+    authority: Authority, api: ApiServerHandle, holder_exit: str
 ) -> None:
+    """Released: the standby takes over at its next retry. Vanished (a crash: no release): the
+    standby waits out the Lease's duration by its own clock, then takes over."""
+
+    async def no_release(client: object) -> None:
+        return None
+
     async def scenario() -> None:
         enroll(authority, "vm-3", "198.18.0.7")
         a = Running(authority, settings(api, "replica-a"))
@@ -306,7 +313,12 @@ def test_only_the_lease_holder_writes_and_the_other_takes_over(
             lease = api.get("Lease", "meshagent-authority-default", namespace="meshagent")
             assert lease is not None and lease["spec"]["holderIdentity"] == "replica-a"
 
-            await a.close()  # releases the Lease
+            if holder_exit == "vanished":
+                a.controller._release = no_release  # type: ignore[method-assign]
+            await a.close()
+            lease = api.get("Lease", "meshagent-authority-default", namespace="meshagent")
+            assert lease is not None
+            assert lease["spec"]["holderIdentity"] == ("" if holder_exit == "released" else "replica-a")
             third = enroll(authority, "vm-5", "198.18.0.10")
             await until("b leads", lambda: b.controller.status()["leader"])
             await until("b creates the third", lambda: len(host_objects(api, third)) == 1)
