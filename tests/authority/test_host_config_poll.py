@@ -203,6 +203,54 @@ def test_waiters_are_bounded_past_the_bound_the_answer_is_immediate(setup: Setup
     asyncio.run(run())
 
 
+def test_a_client_that_goes_away_frees_its_place_at_once(setup: Setup) -> None:
+    """Driven at the ASGI level: the server's disconnect message ends the wait (the slot is not
+    held for the rest of the 50 s)."""
+    app = create_app(setup.authority, max_waiters=1)
+
+    async def run() -> None:
+        async with _client(app) as http:
+            etag = (await http.get("/v1/host/config", headers=_auth(setup.token))).headers["etag"]
+        gone = asyncio.Event()
+        messages: list[dict[str, Any]] = [{"type": "http.request", "body": b"", "more_body": False}]
+
+        async def receive() -> dict[str, Any]:
+            if messages:
+                return messages.pop(0)
+            await gone.wait()  # then the client has gone
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            pass
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "https",
+            "path": "/v1/host/config",
+            "raw_path": b"/v1/host/config",
+            "query_string": b"wait=50",
+            "root_path": "",
+            "headers": [(k.encode(), v.encode()) for k, v in _auth(setup.token, etag).items()],
+            "client": ("127.0.0.1", 1),
+            "server": ("authority", 443),
+        }
+        call = asyncio.create_task(app(scope, receive, send))
+        await _parked(app, 1)
+        gone.set()
+        await asyncio.wait_for(call, 20)
+        assert app.app.state.directory_watch.waiting == 0
+        async with _client(app) as http:  # the one place is free again
+            poll = asyncio.create_task(http.get("/v1/host/config?wait=50", headers=_auth(setup.token, etag)))
+            await _parked(app, 1)
+            setup.authority.set_discovered([SERVICE])
+            assert (await asyncio.wait_for(poll, 20)).status_code == 200
+
+    asyncio.run(run())
+
+
 # --- a real `authority serve` ---------------------------------------------------------------
 
 
