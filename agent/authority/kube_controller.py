@@ -6,7 +6,7 @@ Three concurrent parts inside the authority's event loop:
   every retry period; only the holder runs registration, and every write checks it still is.
 - **Registration** (the Lease holder): list + watch our own ExternalWorkloads (or
   WorkloadEntries) and Services (`owner_selector`); desired objects from the registry (enrolled,
-  unrevoked hosts, health from `host_health`); `kube_reconcile.reconcile` -> one request per
+  unrevoked hosts, Ready from their agents' reports); `kube_reconcile.reconcile` -> one request per
   action. Runs on every watch event, on a registry or report change (polled every
   `registry_poll_s`), at least every `health_interval_s` (health ages: a host whose reports
   stopped turns AgentStale) and re-lists every `resync_interval_s`.
