@@ -81,8 +81,10 @@ log = get_logger("meshagent.authority.kube")
 
 
 def election_identity() -> str:
-    """The pod name (POD_NAME, from the downward API), else the host name: unique per replica."""
-    return os.environ.get("POD_NAME") or os.uname().nodename
+    """The pod name (POD_NAME, from the downward API), else the host name, and the process id:
+    unique per process, so several server workers in one pod never share a Lease holder name
+    (client-go adds a random suffix for the same reason)."""
+    return f"{os.environ.get('POD_NAME') or os.uname().nodename}_{os.getpid()}"
 
 
 @dataclass(frozen=True)
