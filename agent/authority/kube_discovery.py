@@ -17,7 +17,11 @@ endpoint_translator.go, opaque_ports_watcher.go):
   unmeshed or unknown pod is still served, without identity (Linkerd sends those plaintext);
 - an ExternalWorkload endpoint has its `spec.meshTLS` identity and server name;
 - a port is opaque by the Service's `config.linkerd.io/opaque-ports` annotation (present,
-  even empty, it decides), else the namespace's (Linkerd's injector copies it onto Services).
+  even empty, it decides), else the namespace's (Linkerd's injector copies it onto Services,
+  pkg/inject/inject.go), else Linkerd's default opaque ports (`default_opaque_ports`);
+- a pod's target port in its `config.linkerd.io/skip-inbound-ports` bypasses its proxy: Linkerd
+  sends no identity for it. An endpoint has one identity here, so it loses it only when all
+  its target ports are skipped (a note says when some are).
 
 Anything malformed (a missing field, a wrong type) leaves out that object, or that part of
 it, with a reason in `Discovered.skipped`: one bad object never stops the rest. The output
@@ -39,6 +43,10 @@ from .kube_objects import LINKERD_DEFAULT_INBOUND_PORT, LINKERD_PROXY_PORT_NAME
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 CONTROL_PLANE_NS_LABEL = "linkerd.io/control-plane-ns"
 OPAQUE_PORTS_ANNOTATION = "config.linkerd.io/opaque-ports"
+SKIP_INBOUND_ANNOTATION = "config.linkerd.io/skip-inbound-ports"
+# The destination controller's -default-opaque-ports for a Service without the annotation
+# (charts/linkerd-control-plane/values.yaml proxy.opaquePorts).
+LINKERD_DEFAULT_OPAQUE_PORTS = "25,587,3306,4444,5432,6379,9300,11211"
 PROXY_CONTAINER = "linkerd-proxy"
 INBOUND_LISTEN_ENV = "LINKERD2_PROXY_INBOUND_LISTEN_ADDR"
 DEFAULT_SERVICE_ACCOUNT = "default"
@@ -185,7 +193,9 @@ class _Service:
     endpoints: dict[str, dict[str, Any]] = field(default_factory=dict)  # by address
 
 
-def _service(obj: Any, namespaces: Mapping[str, dict[str, str]], skipped: list[Skipped]) -> _Service | None:
+def _service(
+    obj: Any, namespaces: Mapping[str, dict[str, str]], default_opaque: str, skipped: list[Skipped]
+) -> _Service | None:
     namespace, name = _meta(obj)
     source = f"service:{namespace}/{name}"
     spec = _get(obj, "spec", kind=Mapping, default={})
@@ -228,7 +238,7 @@ def _service(obj: Any, namespaces: Mapping[str, dict[str, str]], skipped: list[S
     annotations = _map_str(obj, "metadata", "annotations")
     annotation = annotations.get(OPAQUE_PORTS_ANNOTATION)
     if annotation is None:
-        annotation = namespaces.get(namespace, {}).get(OPAQUE_PORTS_ANNOTATION, "")
+        annotation = namespaces.get(namespace, {}).get(OPAQUE_PORTS_ANNOTATION, default_opaque)
     opaque, ignored = parse_opaque_ports(annotation, named)
     for token in ignored:
         skipped.append(
@@ -253,6 +263,7 @@ class _Who:
     proxy_port: int | None
     source: str
     note: str = ""  # why there is no identity
+    skip_inbound: tuple[tuple[int, int], ...] = ()  # target ports that bypass the pod's proxy
 
 
 class _Identities:
@@ -308,7 +319,12 @@ class _Identities:
             workload = WorkloadIdentity(self.trust_domain, namespace, account, self.mesh)
         except InvalidName as exc:
             raise _Bad(exc.message) from None
-        return _Who(workload.spiffe_id, workload.dns_name, _pod_proxy_port(pod), source)
+        skip, _ = parse_opaque_ports(
+            _map_str(pod, "metadata", "annotations").get(SKIP_INBOUND_ANNOTATION, ""), {}
+        )
+        return _Who(
+            workload.spiffe_id, workload.dns_name, _pod_proxy_port(pod), source, skip_inbound=tuple(skip)
+        )
 
     def _workload(self, namespace: str, name: str) -> _Who:
         source = f"externalworkload:{namespace}/{name}"
@@ -432,6 +448,8 @@ def _endpoint(
             slice_source,
             "endpoint without a Pod or ExternalWorkload: served without identity",
         )
+    if found.skip_inbound:
+        found = _unskipped(found, targets, notes)
     if found.note:
         notes.add(Skipped(found.source, found.note))
     addresses = _get(endpoint, "addresses", kind=list, default=[])
@@ -456,6 +474,30 @@ def _endpoint(
         }
 
 
+def _unskipped(found: _Who, targets: Mapping[str, int], notes: set[Skipped]) -> _Who:
+    """`found` without identity if every target port skips the pod's proxy."""
+    skipped = sorted({t for t in targets.values() if any(lo <= t <= hi for lo, hi in found.skip_inbound)})
+    if not skipped:
+        return found
+    ports = ",".join(map(str, skipped))
+    if len(skipped) == len(set(targets.values())):
+        return _Who(
+            None,
+            None,
+            None,
+            found.source,
+            f"target ports {ports} skip the pod's proxy (skip-inbound-ports): served without identity",
+        )
+    notes.add(
+        Skipped(
+            found.source,
+            f"target ports {ports} skip the pod's proxy (skip-inbound-ports) "
+            "but the endpoint keeps its identity for its other ports",
+        )
+    )
+    return found
+
+
 def build_services(
     services: Iterable[Any] | Mapping[Any, Any],
     slices: Iterable[Any] | Mapping[Any, Any],
@@ -465,9 +507,11 @@ def build_services(
     trust_domain: str,
     *,
     mesh: str = DEFAULT_MESH,
+    default_opaque_ports: str = LINKERD_DEFAULT_OPAQUE_PORTS,
 ) -> Discovered:
     """The hosts' `services` from the cluster's objects (see the module doc). `mesh`: the
-    Linkerd control plane's namespace, the `MESH` of identity names (linkerd)."""
+    Linkerd control plane's namespace, the `MESH` of identity names (linkerd).
+    `default_opaque_ports`: the cluster's Linkerd `proxy.opaquePorts` setting."""
     skipped: list[Skipped] = []
     notes: set[Skipped] = set()
 
@@ -483,7 +527,7 @@ def build_services(
     served: dict[tuple[str, str], _Service] = {}
     for obj in _objects(services):
         try:
-            service = _service(obj, ns_annotations, skipped)
+            service = _service(obj, ns_annotations, default_opaque_ports, skipped)
         except _Bad as exc:
             skipped.append(Skipped(_name_of(obj, "service"), str(exc)))
             continue

@@ -485,3 +485,61 @@ def test_five_thousand_endpoints() -> None:
         result.services[7]["endpoints"][3]["identity"]
         == f"spiffe://{TD}/ns/shop/sa/sa-{int(result.services[7]['name'][4:])}"
     )
+
+
+def test_the_agents_parser_takes_what_discovery_writes() -> None:
+    """The contract both sides code against (interfaces §1/§3): nothing the builder writes is
+    rejected by agent/proxy/services.py."""
+    from agent.proxy.services import parse_services
+
+    services = [
+        service(),
+        service(
+            name="dual",
+            ips=["198.19.0.11", "2001:db8::b"],
+            annotations={"config.linkerd.io/opaque-ports": "80"},
+        ),
+        service(name="headless", ips=["None"]),
+    ]
+    slices = [
+        eslice(
+            [
+                endpoint("198.18.5.2", "p"),
+                endpoint("198.18.5.3", "plain"),
+                endpoint("198.18.5.4"),
+                endpoint("198.18.5.5", "gone"),
+            ]
+        ),
+        eslice([endpoint("198.18.6.2", "p")], name="dual-4", service_name="dual"),
+        eslice([endpoint("2001:db8::6:2", "p")], name="dual-6", service_name="dual", address_type="IPv6"),
+        eslice([endpoint("198.18.8.2", "p")], name="headless-1", service_name="headless"),
+    ]
+    result = build(services, slices, [pod("p"), pod("plain", meshed=False)])
+    rejected: list[Any] = []
+    table = parse_services(result.services, lambda *reason: rejected.append(reason))
+    assert rejected == [] and len(table) == 3
+    found = table.lookup("2001:db8::b", 80)
+    assert found is not None and found.ports == {80: True} and len(found.endpoints) == 2
+
+
+def test_without_annotations_linkerds_default_opaque_ports_apply() -> None:
+    ports = [{"name": "mysql", "port": 3306}, {"name": "http", "port": 80}]
+    svc = only(build([service(ports=ports)]))
+    assert {p["port"]: p["opaque"] for p in svc["ports"]} == {3306: True, 80: False}
+    custom = build_services([service(ports=ports)], [], [], [], [], TD, default_opaque_ports="80")
+    assert {p["port"]: p["opaque"] for p in only(custom)["ports"]} == {3306: False, 80: True}
+
+
+def test_target_ports_that_skip_the_proxy_lose_the_identity_only_when_all_do() -> None:
+    two = service(ports=[{"name": "http", "port": 80}, {"name": "admin", "port": 9000}])
+    sl = eslice(
+        [endpoint("198.18.5.1", "all"), endpoint("198.18.5.2", "some")],
+        ports=[{"name": "http", "port": 8080}, {"name": "admin", "port": 9990}],
+    )
+    every, some = pod("all"), pod("some")
+    every["metadata"]["annotations"] = {"config.linkerd.io/skip-inbound-ports": "8000-8999,9990"}
+    some["metadata"]["annotations"] = {"config.linkerd.io/skip-inbound-ports": "9990"}
+    result = build([two], [sl], [every, some])
+    identities = {e["source"]: e["identity"] for e in only(result)["endpoints"]}
+    assert identities == {"pod:shop/all": None, "pod:shop/some": "spiffe://cluster.local/ns/shop/sa/orders"}
+    assert [n.source for n in result.notes] == ["pod:shop/all", "pod:shop/some"]
