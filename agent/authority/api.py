@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -203,10 +204,12 @@ def _config_response(rendered: RenderedConfig) -> Response:
     return Response(rendered.body, media_type="application/json", headers=headers)
 
 
-def _not_modified(etag: str, retry_after: float | None = None) -> Response:
+def _not_modified(etag: str, retry_after: float | None = None, close: bool = False) -> Response:
     headers = {"etag": etag, "cache-control": "no-cache"}
     if retry_after:
         headers["retry-after"] = str(max(1, round(retry_after)))
+    if close:
+        headers["connection"] = "close"
     return Response(status_code=304, headers=headers)
 
 
@@ -239,12 +242,19 @@ class DirectoryWatch:
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._last: tuple[int, int, bytes] | None = None
+        self.closing = False  # the server stops: waiters answer now (release_long_polls)
         authority.on_discovery_change(self._from_any_thread)
+        _WATCHES.add(self)
+
+    def release(self) -> None:
+        """Answer every waiter now and take no more (callable from any thread)."""
+        self.closing = True
+        self._from_any_thread()
 
     def admit(self) -> asyncio.Event | None:
         """A place among the waiters (None when full): the event to wait on. The caller must
         `leave()` and take `changed()` again before each render."""
-        if self.waiting >= self.max_waiters:
+        if self.waiting >= self.max_waiters or self.closing:
             return None
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # (a new loop: tests; uvicorn keeps one per process)
@@ -286,6 +296,16 @@ class DirectoryWatch:
             if version != self._last:
                 self._last = version
                 self._fire()
+
+
+_WATCHES: weakref.WeakSet[DirectoryWatch] = weakref.WeakSet()
+
+
+def release_long_polls() -> None:
+    """The server is stopping: parked long polls answer 304 now, rather than hold uvicorn's
+    graceful shutdown to its timeout and then be cut (the host would see a 500)."""
+    for watch in list(_WATCHES):
+        watch.release()
 
 
 def default_max_waiters() -> int:
@@ -362,6 +382,8 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
                 if not _matches(tags, rendered.etag):
                     return _config_response(rendered)
                 remaining = deadline - loop.time()
+                if watch.closing:
+                    return _not_modified(rendered.etag, retry_after=1, close=True)
                 if event is None or remaining <= 0:
                     if wait > 0 and event is None:
                         _waiters_full.warning("full", loop.time(), max_waiters=watch.max_waiters)

@@ -23,7 +23,7 @@ import httpx
 import jsonschema
 import pytest
 
-from agent.authority.api import create_app
+from agent.authority.api import create_app, release_long_polls
 from agent.authority.openapi import OPENAPI
 from agent.authority.service import Authority, canonical_json
 from agent.authority.storage import SqliteRegistry
@@ -247,6 +247,29 @@ def test_a_client_that_goes_away_frees_its_place_at_once(setup: Setup) -> None:
             await _parked(app, 1)
             setup.authority.set_discovered([SERVICE])
             assert (await asyncio.wait_for(poll, 20)).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_a_stopping_server_answers_parked_polls_at_once(setup: Setup) -> None:
+    """release_long_polls (the server's shutdown calls it): 304 and close, not a wait for
+    uvicorn's graceful-shutdown timeout that ends in a cut request."""
+    app = create_app(setup.authority)
+
+    async def run() -> None:
+        async with _client(app) as http:
+            etag = (await http.get("/v1/host/config", headers=_auth(setup.token))).headers["etag"]
+            poll = asyncio.create_task(http.get("/v1/host/config?wait=50", headers=_auth(setup.token, etag)))
+            await _parked(app, 1)
+            release_long_polls()
+            r = await asyncio.wait_for(poll, 20)
+            assert (r.status_code, r.headers["connection"], r.headers["retry-after"]) == (304, "close", "1")
+            # No new waiter is parked while stopping.
+            r = await asyncio.wait_for(
+                http.get("/v1/host/config?wait=50", headers=_auth(setup.token, etag)), 20
+            )
+            assert r.status_code == 304
+            assert app.app.state.directory_watch.waiting == 0
 
     asyncio.run(run())
 
