@@ -187,6 +187,47 @@ def init_cmd(
     help="Open connections per worker; past it the one waiting longest for a request is "
     "closed. [default: 4096, or the file limit (LimitNOFILE) less 64 if lower]",
 )
+@click.option(
+    "--kubernetes",
+    is_flag=True,
+    help="Also run the controller: keep every host's ExternalWorkload (or WorkloadEntry) and "
+    "Services in the cluster, discover the cluster's Services for the hosts, read its policy "
+    "objects. Needs the `kubernetes` extra (pip install 'meshagent[kubernetes]').",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="KUBECONFIG",
+    help="With --kubernetes: the kubeconfig to use [default: $KUBECONFIG, else the pod's service account].",
+)
+@click.option(
+    "--flavor",
+    type=click.Choice(["linkerd", "istio"]),
+    default="linkerd",
+    show_default=True,
+    help="With --kubernetes: ExternalWorkloads (linkerd) or WorkloadEntries (istio).",
+)
+@click.option(
+    "--service",
+    "services",
+    multiple=True,
+    metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+    help="With --kubernetes: also keep a ClusterIP Service NAME selecting hosts with these labels "
+    "(repeatable), as `kube export --service` writes it.",
+)
+@click.option(
+    "--authority-name",
+    default="default",
+    show_default=True,
+    help="With --kubernetes: the meshagent.io/authority label of every object, and the Lease's "
+    "name (meshagent-authority-NAME); the same for every replica of one authority.",
+)
+@click.option(
+    "--lease-namespace",
+    default="",
+    help="With --kubernetes: where the replicas' Lease lives [default: the kubeconfig context's "
+    "namespace; in a pod, its own].",
+)
 def serve_cmd(
     directory: Path,
     listen: str,
@@ -195,8 +236,23 @@ def serve_cmd(
     body_timeout: float | None,
     idle_timeout: int | None,
     max_connections: int | None,
+    kubernetes: bool,
+    kubeconfig: Path | None,
+    flavor: str,
+    services: tuple[str, ...],
+    authority_name: str,
+    lease_namespace: str,
 ) -> None:
-    """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM)."""
+    """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM).
+
+    \b
+    With --kubernetes, the same process also runs the controller (one process: no --workers):
+      meshagent authority serve --dir DIR --kubernetes --service billing=app=billing
+    Several replicas may run it against one cluster: one Lease lets one of them write at a
+    time, every replica discovers the cluster's Services for the hosts it serves.
+    GET /v1/kubernetes/status (with the Prometheus discovery token) shows the controller's
+    state: Lease holder, API reachable, actions taken, discovered Services.
+    """
     from agent.authority.server import limits_with, parse_listen, serve
     from agent.logs import configure
 
@@ -211,7 +267,20 @@ def serve_cmd(
         idle_timeout=idle_timeout,
         max_connections=max_connections,
     )
-    serve(directory, listen, workers, limits)
+    controller = None
+    if kubernetes:
+        from agent.authority.kube_controller import ControllerSettings
+
+        controller = ControllerSettings(
+            kubeconfig=kubeconfig,
+            flavor="istio" if flavor == "istio" else "linkerd",
+            authority_name=authority_name,
+            lease_namespace=lease_namespace,
+            services=tuple(ServiceRequest.parse(text) for text in services),
+        )
+    elif services:
+        raise click.UsageError("--service applies to the controller: add --kubernetes")
+    serve(directory, listen, workers, limits, kubernetes=controller)
 
 
 @authority.command("prometheus-token")
