@@ -142,6 +142,14 @@ class GuardedProtocol(HttpToolsProtocol):
         self.waiting_since = None
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        # Parked long polls (api.py) answer 304 + Connection: close now, instead of holding the
+        # stop for the graceful timeout and then being cut with a 500 (measured: 10.2 s -> 0.2 s).
+        from .api import release_long_polls  # api imports this module
+
+        release_long_polls()
+        super().shutdown()
+
     def on_message_begin(self) -> None:
         self.head_bytes = 0
         super().on_message_begin()
