@@ -35,7 +35,8 @@ TD = "cluster.local"
 CLIENT = "client.shop.serviceaccount.identity.linkerd.cluster.local"
 CALLS = 100
 
-# `authority serve` with the document's `services` read from a file on every request.
+# `authority serve` with the discovered services read from a file on every request, handed to
+# the authority through the entry point discovery uses (set_discovered).
 AUTHORITY = f"""
 import json, sys
 from pathlib import Path
@@ -43,14 +44,13 @@ from agent.authority import server
 from agent.authority.service import Authority
 
 directory, services = Path(sys.argv[1]), Path(sys.argv[2])
-host_config = Authority.host_config
+render = Authority.render_host_config
 
 def with_services(self, host):
-    doc = host_config(self, host)
-    doc["services"] = json.loads(services.read_text())
-    return doc
+    self.set_discovered(json.loads(services.read_text()))  # unchanged content: no wake-up
+    return render(self, host)
 
-Authority.host_config = with_services
+Authority.render_host_config = with_services
 server.serve(directory, "0.0.0.0:{AUTH_PORT}")
 """
 
