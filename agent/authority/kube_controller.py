@@ -736,7 +736,10 @@ class Controller:
         self.authority.set_discovered(result.services)
         self._discovered_at = time.time()
         self._discovered_count = len(result.services)
-        log.info("kube.discovered", services=len(result.services), skipped=len(result.skipped))
+        log.info(
+            "kube.discovered", services=len(result.services), skipped=len(result.skipped),
+            notes=len(result.notes),
+        )  # fmt: skip
 
 
 async def run_controller(authority: Authority, settings: ControllerSettings, stop: asyncio.Event) -> None:

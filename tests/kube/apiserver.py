@@ -521,7 +521,9 @@ class _Server:
             if method == "GET" and route.name is None and query.get("watch") in ("true", "1"):
                 self.log.append(Request(method, url.path, query, body, 200))
                 await self._watch(route, query, reader, writer)
-                return True
+                # The connection ends with the watch (its response said Connection: close): the
+                # watch's pending read for the client's hang-up must not race the next request.
+                return False
             code, answer = self._handle(method, route, query, body, headers.get("content-type", ""))
         except ApiFailure as failure:
             code, answer = failure.code, failure.status()
@@ -604,7 +606,8 @@ class _Server:
 
         rv = query.get("resourceVersion", "")
         writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n"
         )
 
         async def send(kind: str, obj: Obj) -> None:
@@ -650,6 +653,8 @@ class _Server:
                     await send(*translated)
         finally:
             eof.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                await eof
             self.watch_queues.discard(queue)
             self.store.unsubscribe(listener)
         writer.write(b"0\r\n\r\n")  # a clean end, once the watch is gone from the server

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
@@ -427,3 +428,22 @@ def test_create_in_a_missing_namespace_is_404_when_namespaces_are_required(tmp_p
 
         run(api, body)
         assert [o["metadata"]["name"] for o in api.objects("externalworkloads", "shop")] == ["a"]
+
+
+def test_a_cleanly_ended_watch_ends_its_connection(api: ApiServerHandle) -> None:
+    """A watch's response says Connection: close and the server hangs up after its last chunk:
+    no read for the client's hang-up is left pending to race (or eat) a next request on a
+    kept-alive connection (it made the controller's tests flaky)."""
+    path = "/apis/workload.linkerd.io/v1beta1/namespaces/shop/externalworkloads?watch=true"
+    request = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {api.token}\r\n\r\n"
+    for end in (api.close_watches, api.expire_watches):
+        with socket.create_connection((api.host, api.port), timeout=BOUND) as sock:
+            sock.sendall(request.encode())
+            api.wait_for_watches(1)
+            end()
+            received = b""
+            while chunk := sock.recv(65536):  # b"": the server closed the connection
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"\r\nConnection: close" in head and body.endswith(b"0\r\n\r\n")
+        assert api.open_watches() == 0
