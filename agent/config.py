@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, get_type_hints
 
 from agent.errors import ConfigError
+from agent.health.probes import ProbeSpec, parse_probes
 from agent.identity.names import InvalidName, WorkloadIdentity, spiffe_pattern
 
 DEFAULT_CONFIG_FILE = Path("/etc/meshagent/agent.toml")
@@ -382,6 +383,19 @@ class OutboundSettings:
 
 
 @dataclass(frozen=True)
+class HealthSettings:
+    """The app's own readiness probes, run by the agent on this host (issue #17): while one
+    fails, the authority reports the host not Ready to the cluster."""
+
+    probes: tuple[ProbeSpec, ...] = ()
+    """[[health.probes]] port = 8080, kind = "http", path = "/healthz" (kinds: tcp, http, exec)."""
+
+    def __post_init__(self) -> None:
+        if not all(isinstance(p, ProbeSpec) for p in self.probes):
+            object.__setattr__(self, "probes", tuple(parse_probes(list(self.probes))))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -390,6 +404,7 @@ class AgentConfig:
     inbound: InboundSettings = field(default_factory=InboundSettings)
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> file path or "env VAR"
 
@@ -398,6 +413,8 @@ def _list_example(cls: type[Any], key: str, elem: Any) -> str:
     """A TOML list that fits `cls.key`, for the hint of a scalar given where a list belongs."""
     if elem is InboundPortPolicy:
         return '[{port = 5432, policy = "all-authenticated"}]'
+    if elem is ProbeSpec:
+        return '[{port = 8080, kind = "http", path = "/healthz"}]'
     if elem is CatalogEntrySettings:
         return '[{cidr = "10.96.0.0/12", identity = "spiffe://TD/ns/NS/sa/NAME", ports = [5432]}]'
     default = next(f.default for f in dataclasses.fields(cls) if f.name == key)

@@ -20,15 +20,19 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError, StateError, listen_error
 from agent.fsutil import write_atomic
+from agent.health.probes import ProbeRunner
+from agent.health.report import Reporter, build_report
 from agent.identity.certinfo import utcnow
-from agent.identity.client import AuthorityClient
+from agent.identity.client import AuthorityClient, HostConfigFetch
 from agent.identity.names import WorkloadIdentity
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
@@ -57,6 +61,36 @@ from agent.telemetry.stat import StatWindow
 log = get_logger("meshagent.daemon")
 
 HOST_CONFIG_CACHE = "host-config.json"
+LONG_POLL_MAX_S = 60.0  # the authority's bound on ?wait=
+
+_T = TypeVar("_T")
+
+
+async def in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
+    """`fn(*args)` in a daemon thread: unlike asyncio.to_thread, a long poll still parked in it never
+    holds the agent's exit (the default executor is joined at loop close)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=work, name="meshagent-poll", daemon=True).start()
+    return await future
+
 
 # Giving memory back after a peak of connections (see `_return_memory`).
 MEMORY_CHECK_S = 2.0
@@ -191,6 +225,11 @@ class Daemon:
         )
         self.started_at = time.time()
         self.started = False  # True once ready: SIGHUP reloads only then
+        # The app's probes and the report that tells the authority (and so the cluster's Ready)
+        # how this host is; a probe's flip is reported at once.
+        self.probes = ProbeRunner(config.health.probes)
+        self.reporter = Reporter(self._health_report, self._send_report, config.proxy.refresh_interval_s)
+        self.probes.on_change = self.reporter.poke
         self.drain_cut = asyncio.Event()  # a second stop signal: end the drain now
 
     # --- directory (catalog + policy) ----------------------------------------------------
@@ -218,15 +257,34 @@ class Daemon:
                 )
         return directory
 
-    def _fetch_directory(self) -> dict[str, Any]:
+    def _fetch_directory(self, etag: str | None, wait_s: float) -> HostConfigFetch:
+        """The directory, or with `etag` a long poll: the authority answers when it changes (or
+        not_modified after `wait_s`)."""
         with AuthorityClient(self.store.load_authority()) as client:
             try:
-                return client.host_config(self.store.api_token())
+                return client.fetch_host_config(self.store.api_token(), etag, wait_s)
             except MeshagentError as exc:
                 if exc.code != "unauthenticated":
                     raise
                 # A renewal replaced the token between our read and the request: read it again.
-                return client.host_config(self.store.api_token())
+                return client.fetch_host_config(self.store.api_token(), etag, wait_s)
+
+    def _health_report(self) -> dict[str, Any]:
+        return build_report(
+            not_ready_reasons=self.not_ready(),
+            directory_updated_at=self.state.directory_updated_at,
+            refresh_interval_s=self.config.proxy.refresh_interval_s,
+            probes=self.probes.results(),
+        )
+
+    def _send_report(self, doc: dict[str, Any]) -> None:
+        with AuthorityClient(self.store.load_authority()) as client:
+            try:
+                client.send_report(self.store.api_token(), doc)
+            except MeshagentError as exc:
+                if exc.code != "unauthenticated":
+                    raise
+                client.send_report(self.store.api_token(), doc)  # the token was just renewed
 
     def _write_cache(self, doc: dict[str, Any]) -> None:
         path = self.store.state_dir / HOST_CONFIG_CACHE
@@ -241,23 +299,42 @@ class Daemon:
             ) from exc
 
     async def _refresh_loop(self) -> None:
-        """Fetch, apply, then cache. An authority that cannot be reached is not a failure of
-        this task (the agent keeps what it has); a cache that cannot be written is: it raises,
-        and the supervisor logs it, shows it and retries."""
+        """Long poll, apply, then cache. The first fetch takes the directory and its ETag; each
+        next one waits at the authority (up to one refresh interval, at most 60 s) and returns
+        as soon as the directory changes, so a change reaches the host within about a second; a
+        304 confirms the directory is current. An authority that cannot be reached is not a
+        failure of this task (the agent keeps what it has, retries after an interval); a cache
+        that cannot be written is: it raises, and the supervisor logs it, shows it and retries."""
         interval = self.config.proxy.refresh_interval_s
+        wait_s = min(interval, LONG_POLL_MAX_S)
+        etag: str | None = None
         while not self.stop_event.is_set():
             assert self.credentials is not None and self.proxy is not None
+            pause = 0.0
             try:
-                doc = await asyncio.to_thread(self._fetch_directory)
-                directory = self._directory(doc)
-                self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
-                self.state.directory_source, self.state.directory_updated_at = (
-                    "authority",
-                    doc.get("generated_at"),
-                )
-                await asyncio.to_thread(self._write_cache, doc)
-                self.tasks.ok("directory-refresh")
-                log.debug("directory.refreshed", catalog=len(directory.catalog))
+                fetch = await in_daemon_thread(self._fetch_directory, etag, wait_s if etag else 0.0)
+                if fetch.not_modified:
+                    self.state.directory_updated_at = time.time()  # confirmed current
+                    self.tasks.ok("directory-refresh")
+                    # The authority's waiters were full (or it is stopping): do not spin.
+                    pause = fetch.retry_after_s
+                else:
+                    doc = fetch.doc or {}
+                    directory = self._directory(doc)
+                    self._use(directory)
+                    self.state.directory_source, self.state.directory_updated_at = (
+                        "authority",
+                        doc.get("generated_at"),
+                    )
+                    await asyncio.to_thread(self._write_cache, doc)
+                    etag = fetch.etag
+                    self.tasks.ok("directory-refresh")
+                    self.reporter.poke()
+                    log.debug(
+                        "directory.refreshed",
+                        catalog=len(directory.catalog),
+                        services=len(directory.services),
+                    )
             except StateError:
                 raise
             except MeshagentError as exc:
@@ -268,11 +345,17 @@ class Daemon:
                     reason=exc.message,
                     using=self.state.directory_source,
                 )
-            jitter = random.uniform(0.9, 1.1)  # noqa: S311 - spread a fleet's refreshes
-            try:
-                await asyncio.wait_for(self.stop_event.wait(), interval * jitter)
-            except TimeoutError:
-                continue
+                etag, pause = None, interval
+            if pause:
+                jitter = random.uniform(0.9, 1.1)  # noqa: S311 - spread a fleet's retries
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop_event.wait(), pause * jitter)
+
+    def _use(self, directory: Directory) -> None:
+        """The data plane routes and authorizes by `directory` from now on."""
+        assert self.proxy is not None
+        self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
+        self.proxy.services = directory.services
 
     # --- interception --------------------------------------------------------------------
 
@@ -307,6 +390,7 @@ class Daemon:
             lambda sock: _orig_dst(sock),
             self.metrics,
         )
+        self.proxy.services = directory.services
         self._identity_changed(self.credentials.identity)
         await self.proxy.start()
         listen = self.config.telemetry.admin_listen
@@ -335,6 +419,9 @@ class Daemon:
         self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=renew_in_subprocess)
         self.tasks.start("rotation", lambda: rotator.run(self.stop_event))
         self.tasks.start("directory-refresh", self._refresh_loop)
+        if self.config.health.probes:
+            self.tasks.start("health-probes", lambda: self.probes.run(self.stop_event))
+        self.tasks.start("health-report", lambda: self.reporter.run(self.stop_event))
         if self.stat is not None:
             self.tasks.start("stat-snapshots", self._snapshots)
         self.tasks.start("memory-return", self._return_memory)
@@ -419,7 +506,7 @@ class Daemon:
         self.config = fresh
         configure(fresh.log.level, fresh.log.format)
         directory = self._directory(self._cached_directory_doc())
-        self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
+        self._use(directory)
         if fresh.intercept != old_intercept and fresh.intercept.enabled:
             plan = self._plan()
             self.state.rules = await asyncio.to_thread(
@@ -573,6 +660,13 @@ class Daemon:
                 "updated_at": self.state.directory_updated_at,
                 "rejected_count": len(self.state.rejected),
                 "rejected": [r.to_dict() for r in self.state.rejected],
+            },
+            "services": 0 if proxy is None else len(proxy.services),
+            "health": {
+                "probes": self.probes.results(),
+                "reports_sent": self.reporter.sent,
+                "report_failures": self.reporter.failures,
+                "last_report_error": self.reporter.last_error,
             },
             "tasks": self.tasks.status(),
             "admin": None if self.admin is None else self.admin.stats(),

@@ -41,6 +41,11 @@ def test_refresh_survives_a_read_only_state_dir_and_says_so(
         agent.wait_for(cache.exists, "first directory cached")
         assert agent.get("/ready")[0] == 200
         _remount(tmpfs, "ro")
+        # The agent writes its cache when the directory changes (it long polls): change it.
+        run_cli(
+            "authority", "catalog", "add", "--dir", str(authority.directory),
+            "--cidr", "198.18.9.0/24", "--identity", "orders/api",
+        )  # fmt: skip
         try:
 
             def failing() -> bool:
