@@ -136,6 +136,29 @@ def _task_line(name: str, task: dict[str, Any]) -> str:
     return text
 
 
+def _health_lines(health: dict[str, Any]) -> list[str]:
+    """The app's probes and the last report to the authority: why the cluster may see this host
+    not Ready."""
+    probes = health.get("probes") or []
+    failing = [p for p in probes if not p.get("ok")]
+    lines = []
+    if probes:
+        lines.append(
+            f"probes        {len(probes)}" + (f", {len(failing)} FAILING" if failing else ", all passing")
+        )
+    for probe in failing:
+        lines.append(
+            f"  probe       {printable(probe.get('kind'))} :{probe.get('port')} failing: "
+            f"{printable(probe.get('detail'))}"
+        )
+    if health.get("last_report_error"):
+        lines.append(
+            f"report        {health.get('report_failures', 0)} failed sends to the authority: "
+            f"{printable(health['last_report_error'])}"
+        )
+    return lines
+
+
 def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
     """The running agent's part of `meshagent status`, one line per fact (values from the
     agent and the authority are printed with control characters made visible)."""
@@ -165,6 +188,9 @@ def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
         lines.append(f"  rejected    {printable(bad.get('where'))} {entry}: {printable(bad.get('reason'))}")
     if len(rejected) > 10:
         lines.append(f"  rejected    ... {len(rejected) - 10} more (meshagent status --json)")
+    if doc.get("services"):
+        lines.append(f"services      {doc['services']} in-cluster Services (discovered by the authority)")
+    lines.extend(_health_lines(doc.get("health") or {}))
     tasks: dict[str, dict[str, Any]] = doc.get("tasks") or {}
     if tasks:
         failing = sum(1 for t in tasks.values() if t.get("failing"))

@@ -108,3 +108,34 @@ def test_metrics_count_connections_whose_accounting_stopped(tmp_path: Path) -> N
     assert stopped(body) == before + 1
     assert "# TYPE meshagent_http_accounting_stopped_total counter" in body
     assert daemon.status()["http_accounting_stopped"]["h2:streams"] == before + 1
+
+
+def test_status_names_a_failing_probe_and_a_failing_report() -> None:
+    """Why the cluster may see the host not Ready: the probe, what it saw, and the report's error."""
+    doc = {
+        "ready": True,
+        "services": 3,
+        "health": {
+            "probes": [
+                {
+                    "port": 8080,
+                    "kind": "http",
+                    "ok": False,
+                    "detail": "GET /healthz: status 503",
+                    "since": 1.0,
+                },
+                {"port": 5432, "kind": "tcp", "ok": True, "detail": "connected", "since": 1.0},
+            ],
+            "reports_sent": 4,
+            "report_failures": 2,
+            "last_report_error": "authority_unreachable: connection refused",
+        },
+    }
+    lines = daemon_lines(doc)
+    assert "services      3 in-cluster Services (discovered by the authority)" in lines
+    assert "probes        2, 1 FAILING" in lines
+    assert "  probe       http :8080 failing: GET /healthz: status 503" in lines
+    assert not any(":5432" in line for line in lines)  # a passing probe is not a line
+    assert "report        2 failed sends to the authority: authority_unreachable: connection refused" in lines
+    quiet = daemon_lines({"ready": True, "health": {"probes": [], "reports_sent": 1}})
+    assert not any(line.startswith(("probes", "report", "services")) for line in quiet)
