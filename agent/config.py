@@ -395,6 +395,80 @@ class HealthSettings:
             object.__setattr__(self, "probes", tuple(parse_probes(list(self.probes))))
 
 
+def _addresses(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f'{where} must be a list of IP addresses like ["127.0.0.53"]')
+    out: list[str] = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_address(str(item))))
+        except ValueError:
+            raise ConfigError(
+                f"{where}: {item!r} is not an IP address", "plain addresses, no port or prefix length"
+            ) from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    """`[dns]`: cluster Service names on the host (`<svc>.<ns>.svc.<cluster_domain>`), answered by
+    the agent's stub; every other query goes, unchanged, to the host's own resolvers. Off unless
+    enabled: resolv.conf is read, never written."""
+
+    enabled: bool = False
+    """Start the stub and redirect DNS to the stub addresses (UDP and TCP port 53) to it."""
+    cluster_domain: str = "cluster.local"
+    """The cluster's DNS domain: the stub owns svc.<cluster_domain> and forwards the rest."""
+    short_forms: bool = False
+    """Also answer <svc>.<ns> and <svc>.<ns>.svc for known Services (never other names)."""
+    stub_addresses: tuple[str, ...] = ()
+    """Resolver addresses whose port-53 traffic goes to the stub; empty: the nameservers of
+    resolv_conf (at most three, e.g. 127.0.0.53 with systemd-resolved)."""
+    upstreams: tuple[str, ...] = ()
+    """Where the stub forwards what it does not answer; empty: the nameservers of resolv_conf."""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """Read once at start for the two defaults above (never written)."""
+    port: int = 15053
+    """The stub's port on 127.0.0.1 (and ::1 when a stub address is IPv6), UDP and TCP."""
+    ttl: int = 5
+    """TTL of the stub's answers (and of its negative answers)."""
+    max_inflight: int = 256
+    """Forwarded queries in flight at once; more are dropped (the client retries) and counted."""
+    per_source_qps: float = 2000.0
+    """Queries a second per source address (every local app shares one): beyond, dropped."""
+    per_source_burst: float = 4000.0
+    """Queries a source may send at once before per_source_qps applies."""
+
+    def __post_init__(self) -> None:
+        from agent.dns.names import domain_labels  # pure; imported here to keep this module light
+
+        if isinstance(domain_labels(self.cluster_domain), str):
+            raise ConfigError(
+                f"dns.cluster_domain {self.cluster_domain!r} is not a DNS name",
+                'lower-case labels joined by dots, like "cluster.local" (the cluster\'s --cluster-domain)',
+            )
+        object.__setattr__(self, "cluster_domain", self.cluster_domain.strip().rstrip(".").lower())
+        for name in ("stub_addresses", "upstreams"):
+            object.__setattr__(self, name, _addresses(getattr(self, name), f"dns.{name}"))
+        if len(self.stub_addresses) > 8:
+            raise ConfigError("dns.stub_addresses lists more than 8 addresses", "list the resolvers apps use")
+        _check_port(self.port, "dns.port")
+        if self.port == 53:
+            raise ConfigError(
+                "dns.port must not be 53",
+                "the stub listens on a local port of its own; port-53 traffic is redirected to it",
+            )
+        if isinstance(self.ttl, bool) or not 0 <= self.ttl <= 86400:
+            raise ConfigError(f"dns.ttl must be between 0 and 86400 seconds, got {self.ttl!r}")
+        if isinstance(self.max_inflight, bool) or not 1 <= self.max_inflight <= 4096:
+            raise ConfigError(
+                f"dns.max_inflight must be between 1 and 4096, got {self.max_inflight!r}",
+                "each forwarded query holds a socket: keep it well under the file limit",
+            )
+        _float_range(self.per_source_qps, 1, 1_000_000, "dns.per_source_qps")
+        _float_range(self.per_source_burst, 1, 1_000_000, "dns.per_source_burst")
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
@@ -405,6 +479,7 @@ class AgentConfig:
     outbound: OutboundSettings = field(default_factory=OutboundSettings)
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
+    dns: DnsSettings = field(default_factory=DnsSettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> file path or "env VAR"
 
@@ -420,6 +495,8 @@ def _list_example(cls: type[Any], key: str, elem: Any) -> str:
     default = next(f.default for f in dataclasses.fields(cls) if f.name == key)
     if isinstance(default, tuple) and default:
         return "[" + ", ".join(str(v) for v in default) + "]"
+    if cls is DnsSettings:
+        return '["127.0.0.53"]'
     if elem is str:
         return '["10.0.0.0/8"]'
     if elem is int:

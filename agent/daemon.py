@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError, StateError, listen_error
@@ -57,6 +57,9 @@ from agent.telemetry.agent_metrics import render_agent
 from agent.telemetry.process import render_process, return_free_memory, rss_bytes
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
+
+if TYPE_CHECKING:
+    from agent.dns.service import DnsService
 
 log = get_logger("meshagent.daemon")
 
@@ -231,6 +234,12 @@ class Daemon:
         self.reporter = Reporter(self._health_report, self._send_report, config.proxy.refresh_interval_s)
         self.probes.on_change = self.reporter.poke
         self.drain_cut = asyncio.Event()  # a second stop signal: end the drain now
+        # Cluster names on the host ([dns], off by default): the stub and its fail-open redirect.
+        self.dns: DnsService | None = None
+        if config.dns.enabled:
+            from agent.dns.service import DnsService  # loaded only when on: the daemon stays lean
+
+            self.dns = DnsService(config.dns, config.intercept.proxy_mark)
 
     # --- directory (catalog + policy) ----------------------------------------------------
 
@@ -357,6 +366,8 @@ class Daemon:
         assert self.proxy is not None
         self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
         self.proxy.services = directory.services
+        if self.dns is not None:
+            self.dns.set_services(directory.services.addresses())
 
     # --- interception --------------------------------------------------------------------
 
@@ -404,6 +415,16 @@ class Daemon:
         except OSError as exc:
             await self.proxy.stop(0)
             raise listen_error("admin server", "intercept.admin_port", admin_host, admin_port, exc) from None
+        if self.dns is not None and not self.stop_event.is_set():
+            # Before the TCP rules: a DNS start that fails leaves nothing installed behind it.
+            try:
+                await self.dns.start(directory.services.addresses())
+            except BaseException:
+                self.admin.close()
+                await self.proxy.stop(0)
+                raise
+            dns = self.dns
+            self.tasks.start("dns-heartbeat", lambda: dns.heartbeat(self.stop_event))
 
         intercept = self.config.intercept
         if self.stop_event.is_set():  # asked to stop while starting: no rules to apply, then remove
@@ -444,6 +465,8 @@ class Daemon:
         await self.stop_event.wait()
         notify("STOPPING=1", "STATUS=draining")
         log.info("daemon.stopping", on_stop=self.config.proxy.on_stop)
+        if self.dns is not None:  # DNS fails open first, whatever on_stop says
+            await self.dns.stop()
         if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
             await asyncio.to_thread(remove_all)
         await self.proxy.stop(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
@@ -500,6 +523,7 @@ class Daemon:
                 ),
                 ("intercept.admin_port", self.config.intercept.admin_port, fresh.intercept.admin_port),
                 ("identity.state_dir", self.config.identity.state_dir, fresh.identity.state_dir),
+                ("dns", self.config.dns, fresh.dns),
             )
             if old != new
         ]
@@ -598,6 +622,8 @@ class Daemon:
         if self.metrics is not None and self.proxy is not None:
             lines.extend(self.metrics.render(self.proxy.live_legs()))
         lines.extend(render_agent(self.status()))
+        if self.dns is not None:
+            lines.extend(self.dns.metrics())
         lines.extend(render_process())
         return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
 
@@ -669,6 +695,7 @@ class Daemon:
                 "report_failures": self.reporter.failures,
                 "last_report_error": self.reporter.last_error,
             },
+            "dns": {"enabled": False} if self.dns is None else self.dns.status(),
             "tasks": self.tasks.status(),
             "admin": None if self.admin is None else self.admin.stats(),
             "handshakes": None if proxy is None else proxy.handshakes.status(),

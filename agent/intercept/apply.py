@@ -21,11 +21,11 @@ from typing import Any, Protocol
 
 from agent.logs import get_logger
 
-from . import conntrack, iptables, netlink
+from . import conntrack, dns_rules, iptables, netlink
 from .errors import InterceptError
 from .nft import NftBackend
 from .plan import Plan
-from .tools import Step, which
+from .tools import Step, run, which
 
 log = get_logger("meshagent.intercept")
 
@@ -213,7 +213,9 @@ def apply_plan(plan: Plan, backend: Backend, clear_conntrack: bool = True) -> Ap
 
 def remove_steps(backends: Sequence[Backend] | None = None) -> list[Step]:
     """What `remove_all` would run (reads the kernel, changes nothing)."""
-    return [s for b in (backends if backends is not None else available_backends()) for s in b.steps(None)]
+    if backends is not None:
+        return [s for b in backends for s in b.steps(None)]
+    return [s for b in available_backends() for s in b.steps(None)] + dns_rules.remove_steps()
 
 
 def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
@@ -230,16 +232,24 @@ def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
             backend.run(steps)
             ran += steps
             touched.append(backend.name)
+    # The DNS redirect (table inet meshagent_dns), when every backend is asked for.
+    dns = dns_rules.remove_steps() if backends is None else []
+    for step in dns:
+        run(step)
+    if dns:
+        ran += dns
+        touched.append(f"nft ({dns_rules.FAMILY} {dns_rules.TABLE})")
     routes = netlink.remove_routes()
     log.info("intercept.removed", backends=",".join(touched) or "-", routes=routes)
     return RemovedState(tuple(touched), routes, tuple(ran))
 
 
 def status() -> dict[str, Any]:
-    """What of ours the kernel holds now, per backend, plus our policy routes."""
+    """What of ours the kernel holds now, per backend, plus our policy routes and the DNS
+    redirect (`dns`: None when absent; not counted in `applied`, which is about TCP capture)."""
     doc: dict[str, Any] = {}
     for backend in available_backends():
         owned = backend.owned()
         if owned:
             doc[backend.name] = owned
-    return {"backends": doc, "routes": netlink.current(), "applied": bool(doc)}
+    return {"backends": doc, "routes": netlink.current(), "applied": bool(doc), "dns": dns_rules.owned()}
