@@ -116,6 +116,35 @@ WORKLOAD_ENTRY = Resource(
     "networking.istio.io", "v1", "workloadentries", "WorkloadEntry",
     crd="workloadentries.networking.istio.io (Istio's base chart, 1.22 or later)",
 )  # fmt: skip
+# Policy (read only, the Lease holder): Linkerd's and SMI's objects as kube_policy reads them.
+_LINKERD_CRDS = "Linkerd's linkerd-crds chart"
+SERVER = Resource(
+    "policy.linkerd.io", "v1beta3", "servers", "Server",
+    crd=f"servers.policy.linkerd.io ({_LINKERD_CRDS}, a release serving v1beta3)",
+)  # fmt: skip
+AUTHORIZATION_POLICY = Resource(
+    "policy.linkerd.io", "v1alpha1", "authorizationpolicies", "AuthorizationPolicy",
+    crd=f"authorizationpolicies.policy.linkerd.io ({_LINKERD_CRDS})",
+)  # fmt: skip
+MESHTLS_AUTHENTICATION = Resource(
+    "policy.linkerd.io", "v1alpha1", "meshtlsauthentications", "MeshTLSAuthentication",
+    crd=f"meshtlsauthentications.policy.linkerd.io ({_LINKERD_CRDS})",
+)  # fmt: skip
+NETWORK_AUTHENTICATION = Resource(
+    "policy.linkerd.io", "v1alpha1", "networkauthentications", "NetworkAuthentication",
+    crd=f"networkauthentications.policy.linkerd.io ({_LINKERD_CRDS})",
+)  # fmt: skip
+TRAFFIC_TARGET = Resource(
+    "access.smi-spec.io", "v1alpha3", "traffictargets", "TrafficTarget",
+    crd="traffictargets.access.smi-spec.io (the SMI CRDs, access v1alpha3)",
+)  # fmt: skip
+TCP_ROUTE = Resource(
+    "specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute",
+    crd="tcproutes.specs.smi-spec.io (the SMI CRDs, specs v1alpha4)",
+)  # fmt: skip
+POLICY_RESOURCES = (
+    SERVER, AUTHORIZATION_POLICY, MESHTLS_AUTHENTICATION, NETWORK_AUTHENTICATION, TRAFFIC_TARGET, TCP_ROUTE,
+)  # fmt: skip
 BY_KIND = {
     r.kind: r for r in (SERVICE, POD, NAMESPACE, ENDPOINT_SLICE, LEASE, EXTERNAL_WORKLOAD, WORKLOAD_ENTRY)
 }

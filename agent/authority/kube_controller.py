@@ -14,6 +14,15 @@ Three concurrent parts inside the authority's event loop:
   Pods, Namespaces and ExternalWorkloads in all namespaces; on change (debounced) build the
   hosts' service catalog (`kube_discovery.build_services`) and hand it to the authority.
 
+- **Policy** (the Lease holder, with `policy=True`): list + watch Linkerd's Server,
+  AuthorizationPolicy, MeshTLSAuthentication, NetworkAuthentication and SMI's TrafficTarget and
+  TCPRoute in all namespaces; the objects that reach enrolled hosts (`policy_scope`) go through
+  `kube_policy` exactly as `policy apply -f` does, and the result is written to the registry.
+  The cluster's objects are then the whole stored policy of every enrolled host's identity
+  (cluster wins): records they no longer yield are removed, hand-written ones replaced. A set of
+  objects meshagent cannot honour exactly is refused whole (`kube.policy_refused`, each object
+  and field; `status()["policy"]["refused"]`) and the stored policy stays as it was.
+
 The API server going away is expected: the last listed objects (and so the last discovered
 catalog) are kept, `kube.unreachable` is logged once per outage, watches resume from their last
 resourceVersion (re-list on 410 Gone) with a capped back-off. A 409 on a write means someone
@@ -28,12 +37,14 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.errors import MeshagentError
+from agent.identity.names import WorkloadIdentity
 from agent.logs import get_logger
 
 from . import kube_export
@@ -59,6 +70,14 @@ from .kube_objects import (
     validate_authority_name,
     validate_namespace,
 )
+from .kube_policy import (
+    LINKERD_GROUP,
+    ClusterSettings,
+    HostView,
+    KubePolicyError,
+    plan,
+    resolve,
+)
 from .kube_reconcile import (
     FIELD_MANAGER,
     Action,
@@ -72,6 +91,7 @@ from .kube_reconcile import (
     describe,
     reconcile,
 )
+from .storage import HostRecord, PolicyRecord
 
 if TYPE_CHECKING:
     from .kube_client import KubeClient, Resource
@@ -85,6 +105,9 @@ def election_identity() -> str:
     unique per process, so several server workers in one pod never share a Lease holder name
     (client-go adds a random suffix for the same reason)."""
     return f"{os.environ.get('POD_NAME') or os.uname().nodename}_{os.getpid()}"
+
+
+POLICY_DEFAULTS = ("all-unauthenticated", "all-authenticated", "deny", "audit")
 
 
 @dataclass(frozen=True)
@@ -109,9 +132,19 @@ class ControllerSettings:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     watch_timeout_s: int = 300
+    # Policy from the cluster's objects (opt-in: they then replace every enrolled identity's
+    # stored policy, hand-written records included).
+    policy: bool = False
+    policy_default: str | None = None  # Linkerd's proxy.defaultInboundPolicy; None: hosts' own
 
     def __post_init__(self) -> None:
         validate_authority_name(self.authority_name)
+        if self.policy_default is not None and self.policy_default not in POLICY_DEFAULTS:
+            raise KubeObjectError(
+                f"default policy {self.policy_default!r} is not one of {', '.join(POLICY_DEFAULTS)}",
+                "give the cluster's proxy.defaultInboundPolicy, or none to keep each host's own "
+                "(cluster-* policies need network rules meshagent does not have)",
+            )
         if self.flavor not in ("linkerd", "istio"):
             raise KubeObjectError(
                 f"flavor {self.flavor!r} is neither linkerd nor istio", "--flavor linkerd|istio"
@@ -215,6 +248,11 @@ class Informer:
         self.source = f"{'watch' if label_selector is None else 'owned'}:{res.qualified}"
         self._missing_logged = False
 
+    @property
+    def missing(self) -> bool:
+        """An optional resource whose CRD is not installed (as of the last try)."""
+        return self._missing_logged
+
     def put(self, obj: KubeObject) -> None:
         self.objects[_key(obj)] = obj
 
@@ -294,6 +332,114 @@ class Informer:
             self.on_change()
 
 
+# --- policy from the cluster's objects (pure) ------------------------------------------------
+
+
+def _spec(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    spec = obj.get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _ref(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def policy_scope(
+    objects: Mapping[str, Sequence[KubeObject]], identities: Collection[str]
+) -> list[KubeObject]:
+    """The policy objects that reach meshagent's hosts, for `kube_policy.resolve`: Servers with
+    an `externalWorkloadSelector`, the AuthorizationPolicies targeting one of them (or their
+    namespace, or a route in it: refused there, routes are #21), the authentications those
+    require, the TrafficTargets whose destination is an enrolled identity (`identities`,
+    NAMESPACE/NAME) and the TCPRoutes they use. The rest is the pods' policy: Linkerd's
+    business, and an object of it meshagent cannot honour must not freeze the hosts' policy."""
+    servers = [o for o in objects.get("Server", ()) if "externalWorkloadSelector" in _spec(o)]
+    server_keys = {_key(o) for o in servers}
+    server_namespaces = {ns for ns, _ in server_keys}
+    policies = []
+    for obj in objects.get("AuthorizationPolicy", ()):
+        ns = _key(obj)[0]
+        target = _ref(_spec(obj).get("targetRef"))
+        kind = str(target.get("kind") or "").lower()
+        group = str(target.get("group") or "").lower()
+        if kind == "server" and group == LINKERD_GROUP:
+            wanted = (ns, target.get("name")) in server_keys
+        else:  # a Namespace, a route, or something resolve refuses, in a namespace with hosts' Servers
+            wanted = ns in server_namespaces
+        if wanted:
+            policies.append(obj)
+    required: set[tuple[str, str, str]] = set()
+    for obj in policies:
+        ns = _key(obj)[0]
+        refs = _spec(obj).get("requiredAuthenticationRefs")
+        for ref in refs if isinstance(refs, list) else []:
+            r = _ref(ref)
+            required.add((str(r.get("kind")), str(r.get("namespace") or ns), str(r.get("name"))))
+    authentications = [
+        o
+        for kind in ("MeshTLSAuthentication", "NetworkAuthentication")
+        for o in objects.get(kind, ())
+        if (kind, *_key(o)) in required
+    ]
+    targets = []
+    for obj in objects.get("TrafficTarget", ()):
+        dest = _ref(_spec(obj).get("destination"))
+        if f"{dest.get('namespace') or _key(obj)[0]}/{dest.get('name')}" in identities:
+            targets.append(obj)
+    routes: set[tuple[str, str]] = set()
+    for obj in targets:
+        rules = _spec(obj).get("rules")
+        for rule in rules if isinstance(rules, list) else []:
+            if _ref(rule).get("kind") == "TCPRoute":
+                routes.add((_key(obj)[0], str(_ref(rule).get("name"))))
+    tcp_routes = [o for o in objects.get("TCPRoute", ()) if _key(o) in routes]
+    return [*servers, *policies, *authentications, *targets, *tcp_routes]
+
+
+def host_views(
+    hosts: Sequence[HostRecord], trust_domain: str, mesh: str, authority_name: str, now: datetime
+) -> list[HostView]:
+    """Every enrolled, unrevoked host as a Server selects it (the labels and ports of its
+    ExternalWorkload), exactly as `policy apply -f` reads them."""
+    views = []
+    for h in hosts:
+        if h.revoked:
+            continue
+        ident = WorkloadIdentity.parse_short(h.identity, trust_domain, mesh)
+        try:
+            views.append(HostView.from_workload(kube_export.host_workload(h, ident, now), authority_name))
+        except KubeObjectError:
+            # No address (or unreadable labels): its labels and ports still say what Servers select.
+            views.append(
+                HostView(ident, dict(h.registration.labels), kube_export.workload_ports(h.registration))
+            )
+    return views
+
+
+def policy_diff(
+    desired: Sequence[PolicyRecord], stored: Sequence[PolicyRecord], governed: Collection[str]
+) -> tuple[list[PolicyRecord], list[tuple[str, int]]]:
+    """What to write so the stored policy of every `governed` identity is `desired` exactly:
+    (records to set, (identity, port) keys to remove). Other identities' records are left."""
+    want = {(r.identity, r.port): r for r in desired}
+    have = {(r.identity, r.port): r for r in stored}
+    to_set = [r for key, r in sorted(want.items()) if have.get(key) != r]
+    to_remove = sorted(key for key in have if key[0] in governed and key not in want)
+    return to_set, to_remove
+
+
+@dataclass(frozen=True)
+class PolicyPlan:
+    """One policy pass's decision: the desired records and the difference from the registry,
+    or the problems that refuse it."""
+
+    desired: tuple[PolicyRecord, ...] = ()
+    to_set: tuple[PolicyRecord, ...] = ()
+    to_remove: tuple[tuple[str, int], ...] = ()
+    objects: int = 0
+    problems: tuple[str, ...] = ()
+
+
 class Controller:
     """The controller; `run(stop)` until `stop` is set. `status()` for `check` and `hosts`."""
 
@@ -318,6 +464,10 @@ class Controller:
         self._discovered_at: float | None = None
         self._discovered_count = 0
         self._reconciled_at: float | None = None
+        self._policy_informers: dict[str, Informer] = {}
+        self._policy_refused: tuple[str, ...] = ()
+        self._policy_records: int | None = None  # stored from the cluster at the last pass
+        self._policy_at: float | None = None
 
     # --- status ---------------------------------------------------------------------------
 
@@ -340,6 +490,15 @@ class Controller:
             "errors": dict(self.api.errors),
             "actions": dict(self.counts),
             "reconciled_at": self._reconciled_at,
+            "policy": {
+                "enabled": self.settings.policy,
+                "synced": bool(self._policy_informers)
+                and all(i.synced for i in self._policy_informers.values()),
+                "records": self._policy_records,
+                "refused": list(self._policy_refused),
+                "missing": sorted(k for k, i in self._policy_informers.items() if i.missing),
+                "updated_at": self._policy_at,
+            },
             "discovery": {
                 "enabled": self.settings.discovery,
                 "synced": bool(informers) and all(i.synced for i in informers),
@@ -483,6 +642,27 @@ class Controller:
         }
         self._foreign.clear()
         tasks = [asyncio.create_task(i.run(), name=f"kube-owned-{k}") for k, i in self._informers.items()]
+        if self.settings.policy:
+            from .kube_client import POLICY_RESOURCES
+
+            # The Lease holder only: it alone writes the registry's policy; a new holder lists
+            # afresh and recomputes (nothing is remembered between holders).
+            self._policy_informers = {
+                res.kind: Informer(
+                    client,
+                    res,
+                    self.settings,
+                    self.api,
+                    self._wake.set,
+                    optional=True,
+                    resync_s=self.settings.resync_interval_s,
+                )
+                for res in POLICY_RESOURCES
+            }
+            tasks += [
+                asyncio.create_task(i.run(), name=f"kube-policy-{k}")
+                for k, i in self._policy_informers.items()
+            ]
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.settings.resync_interval_s
         last: tuple[int, int] | None = None  # the registry as of the last pass
@@ -505,7 +685,11 @@ class Controller:
                     self._foreign.clear()
                     next_resync = loop.time() + self.settings.resync_interval_s
                     woken = True
-                if not all(i.synced for i in self._informers.values()):
+                registration = all(i.synced for i in self._informers.values())
+                policy = bool(self._policy_informers) and all(
+                    i.synced for i in self._policy_informers.values()
+                )
+                if not (registration or policy):
                     continue
                 # A pass costs ~0.2 ms per host: skip it when neither the cluster (no event),
                 # the registry nor the reports moved, until health may have aged.
@@ -513,11 +697,15 @@ class Controller:
                 aged = loop.time() - last_pass >= self.settings.health_interval_s
                 if woken or aged or now_print != last:
                     last, last_pass = now_print, loop.time()
-                    await self.reconcile_once(client)
+                    if policy:
+                        await self.sync_policy()
+                    if registration:
+                        await self.reconcile_once(client)
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._policy_informers = {}
 
     def _fingerprint(self) -> tuple[int, int]:
         registry = self.authority.registry
@@ -682,6 +870,73 @@ class Controller:
         else:
             # Invisible to our selector's watch: kept here so the next pass reports a Conflict.
             self._foreign[key] = obj
+
+    # --- policy (the Lease holder) ---------------------------------------------------------
+
+    def plan_policy(self, objects: Mapping[str, Sequence[KubeObject]]) -> PolicyPlan:
+        """The policy the cluster's objects give the enrolled hosts, read exactly as `policy
+        apply -f` reads a file (kube_policy.resolve + plan), and what to write for it."""
+        authority, ms = self.authority, self.authority.material.settings
+        views = host_views(
+            authority.registry.list_hosts(), ms.trust_domain, ms.mesh, self.settings.authority_name,
+            authority.clock(),
+        )  # fmt: skip
+        governed = {v.identity.short for v in views}
+        docs = policy_scope(objects, governed)
+        try:
+            policy = resolve(docs, ClusterSettings(ms.trust_domain, ms.mesh, self.settings.policy_default))
+            desired = [p.record for p in plan(policy, views)]
+        except KubePolicyError as exc:
+            return PolicyPlan(objects=len(docs), problems=exc.problems)
+        to_set, to_remove = policy_diff(desired, authority.registry.policies(), governed)
+        return PolicyPlan(tuple(desired), tuple(to_set), tuple(to_remove), len(docs))
+
+    async def sync_policy(self) -> PolicyPlan:
+        """One policy pass: plan off the loop, then (still the Lease holder) write the
+        difference, or keep the stored policy and report the refusal."""
+        objects = {kind: list(i.objects.values()) for kind, i in self._policy_informers.items()}
+        decided = await asyncio.to_thread(self.plan_policy, objects)
+        if not decided.problems and (decided.to_set or decided.to_remove):
+            if not self.leading():
+                return decided
+            try:
+                await asyncio.to_thread(self._write_policy, decided)
+            except MeshagentError as exc:  # a record the registry refuses: nothing was stored
+                decided = PolicyPlan(objects=decided.objects, problems=(f"{exc.message} ({exc.hint})",))
+        self._policy_at = time.time()
+        if decided.problems:
+            if decided.problems != self._policy_refused:
+                self.counts["policy_refused"] += 1
+                for problem in decided.problems:
+                    what, _, detail = problem.partition(": ")
+                    log.warning(
+                        "kube.policy_refused", object=what if detail else "", problem=detail or problem,
+                        kept="the stored policy, unchanged", hint="fix the object named, or delete it",
+                    )  # fmt: skip
+            self._policy_refused = decided.problems
+            return decided
+        if self._policy_refused:
+            log.info("kube.policy_accepted", objects=decided.objects)
+            self._policy_refused = ()
+        self._policy_records = len(decided.desired)
+        return decided
+
+    def _write_policy(self, decided: PolicyPlan) -> None:
+        # Every changed record in one transaction (Authority.set_policies checks them all
+        # first); then the records the objects no longer yield. Each state in between is,
+        # per (identity, port), either the old or the new policy.
+        if decided.to_set:
+            self.authority.set_policies(list(decided.to_set))
+        for identity, port in decided.to_remove:
+            with contextlib.suppress(MeshagentError):  # already gone (a hand `policy remove`)
+                self.authority.registry.remove_policy(identity, port)
+            log.info("kube.policy_removed", identity=identity, port=port)
+        self.counts["policy_set"] += len(decided.to_set)
+        self.counts["policy_removed"] += len(decided.to_remove)
+        log.info(
+            "kube.policy_applied", set=len(decided.to_set), removed=len(decided.to_remove),
+            records=len(decided.desired), objects=decided.objects,
+        )  # fmt: skip
 
     # --- discovery (every replica, read-only) ---------------------------------------------
 

@@ -85,6 +85,19 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("", "v1", "pods", "Pod", True, True, False),
     ResourceType("", "v1", "namespaces", "Namespace", False, True, False),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True, False, False),
+    # Policy CRDs (Linkerd's linkerd-crds b24cd405 and SMI's): none has a status subresource.
+    ResourceType("policy.linkerd.io", "v1beta3", "servers", "Server", True, False, True),
+    ResourceType(
+        "policy.linkerd.io", "v1alpha1", "authorizationpolicies", "AuthorizationPolicy", True, False, True
+    ),
+    ResourceType(
+        "policy.linkerd.io", "v1alpha1", "meshtlsauthentications", "MeshTLSAuthentication", True, False, True
+    ),
+    ResourceType(
+        "policy.linkerd.io", "v1alpha1", "networkauthentications", "NetworkAuthentication", True, False, True
+    ),
+    ResourceType("access.smi-spec.io", "v1alpha3", "traffictargets", "TrafficTarget", True, False, True),
+    ResourceType("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute", True, False, True),
 )
 
 
@@ -240,6 +253,7 @@ class Store:
         self.listeners: set[Listener] = set()
         self.watchers_changed = threading.Condition(self.lock)
         self.require_namespaces = False
+        self.absent: frozenset[str] = frozenset()  # kinds whose CRD is "not installed": 404
 
     def _emit(self, rt: ResourceType, kind: str, obj: Obj, prev: Obj | None) -> None:
         event = Event(self.rv, rt, kind, copy.deepcopy(obj), copy.deepcopy(prev))
@@ -518,6 +532,8 @@ class _Server:
             if headers.get("authorization") != f"Bearer {self.token}":
                 raise ApiFailure(401, "Unauthorized", "Unauthorized")
             route = _route(url.path)
+            if route.rt.kind in self.store.absent:  # as the real server without the CRD
+                raise ApiFailure(404, "NotFound", "the server could not find the requested resource")
             if method == "GET" and route.name is None and query.get("watch") in ("true", "1"):
                 self.log.append(Request(method, url.path, query, body, 200))
                 await self._watch(route, query, reader, writer)
@@ -669,6 +685,8 @@ class _Server:
                 return False
             return (route.ns is None or obj["metadata"].get("namespace") == route.ns) and keep(obj)
 
+        if event.rt != route.rt:  # every write reaches every watcher: only its resource's count
+            return None
         now, before = ok(event.obj), ok(event.prev)
         if event.type == "MODIFIED" and now != before:
             if now:
@@ -889,12 +907,15 @@ def start_apiserver(
     token: str | None = None,
     namespace: str = "default",
     require_namespaces: bool = False,
+    absent: Iterable[str] = (),
 ) -> ApiServerHandle:
     """Starts the test stand-in on host:port (0: a free port), loads `objects` (as put()) and
     writes a kubeconfig for it. `require_namespaces`: creating in a missing namespace is 404, as
-    the NamespaceLifecycle admission plugin does."""
+    the NamespaceLifecycle admission plugin does. `absent`: kinds served as if their CRD were not
+    installed (404 on every path)."""
     store = Store()
     store.require_namespaces = require_namespaces
+    store.absent = frozenset(absent)
     handle = ApiServerHandle(host, port, kubeconfig_path, token or secrets.token_urlsafe(16), store)
     for obj in objects:
         handle.put(obj)

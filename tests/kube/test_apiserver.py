@@ -447,3 +447,23 @@ def test_a_cleanly_ended_watch_ends_its_connection(api: ApiServerHandle) -> None
         head, _, body = received.partition(b"\r\n\r\n")
         assert b"\r\nConnection: close" in head and body.endswith(b"0\r\n\r\n")
         assert api.open_watches() == 0
+
+
+def test_a_watch_sees_only_its_own_resource_and_policy_crds_are_served(tmp_path: Path) -> None:
+    """Live events of other resources (here another policy kind with the same name) never reach
+    a watch; a kind served as absent (its CRD not installed) is 404 as on the real server."""
+    with start_apiserver(tmp_path / "kubeconfig", absent=("TrafficTarget",)) as api:
+        headers = {"Authorization": f"Bearer {api.token}"}
+        url = f"{api.url}/apis/policy.linkerd.io/v1beta3/servers"
+        meta = {"namespace": "shop", "name": "billing"}
+        with httpx.stream("GET", url, params={"watch": "true"}, headers=headers) as watch:
+            api.wait_for_watches(1)
+            api.put({"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "MeshTLSAuthentication",
+                     "metadata": meta, "spec": {"identities": ["*"]}})  # fmt: skip
+            api.put({"apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server", "metadata": meta,
+                     "spec": {"externalWorkloadSelector": {}, "port": 80}})  # fmt: skip
+            api.close_watches()
+            events = [json.loads(line) for line in watch.iter_lines()]
+        assert [(e["type"], e["object"]["kind"]) for e in events] == [("ADDED", "Server")]
+        gone = httpx.get(f"{api.url}/apis/access.smi-spec.io/v1alpha3/traffictargets", headers=headers)
+        assert gone.status_code == 404
