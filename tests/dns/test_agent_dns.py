@@ -8,8 +8,11 @@ answered is visible.
 - other names get exactly the resolver's bytes (the same query sent direct, with the agent's mark);
 - a flood is bounded and counted, the agent stays alive and answering;
 - resolv.conf is byte-identical before, during and after;
-- SIGTERM: the redirect goes at once; SIGKILL: it lapses by its own timeout (fail open), and
-  `meshagent intercept remove` deletes the table the dead agent left.
+- SIGHUP with a changed directory: the new Service's name is answered;
+- TCP capture (intercept) on as well: TCP DNS to the resolver still reaches the stub;
+- SIGTERM: the redirect goes at once; SIGSTOP (hung) and SIGKILL: it lapses by its own
+  timeout (fail open), SIGCONT brings it back, and `meshagent intercept remove` deletes the
+  table the dead agent left.
 
 Run under `flock /tmp/meshagent-netns.lock`.
 """
@@ -96,6 +99,11 @@ class World:
         msg = dns.message.from_wire(answer)
         return [r.address for rrset in msg.answer for r in rrset]
 
+    def state_doc(self, services: list[dict[str, Any]]) -> None:
+        """The directory as the agent caches it (read at start and on SIGHUP)."""
+        doc = {"catalog": [], "policy": {}, "services": services}
+        (self.tmp / "state" / "host-config.json").write_text(json.dumps(doc))
+
     def admin(self, path: str) -> str:
         return self.a.run("curl", "-sf", f"http://127.0.0.1:4191{path}").stdout
 
@@ -113,17 +121,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("agentdns")
     state = tmp / "state"
     issue_identity(tmp / "authority", "shop/billing", state)  # the authority itself never runs
-    (state / "host-config.json").write_text(json.dumps({"catalog": [], "policy": {}, "services": SERVICES}))
     with Lab("ad") as lab:
         a, b = lab.host("a"), lab.host("b")
         lab.link(a, b)
         w = World(lab, a, tmp)
+        w.state_doc(SERVICES)
         w.resolv.write_text(
             f"# a host's resolv.conf\nnameserver {RESOLVER}\nnameserver {RESOLVER6}\noptions edns0\n"
         )
         w.config.write_text(
             f'[identity]\nstate_dir = "{state}"\n[log]\nlevel = "debug"\n'
-            "[intercept]\nenabled = false\n"
+            # TCP capture on too: TCP DNS to the resolver must reach the stub, not the proxy.
+            # Test clients run as root: only the agent's mark exempts its own traffic.
+            "[intercept]\nproxy_user = 65534\n"
             "[proxy]\nrefresh_interval_s = 300\ndrain_timeout_s = 1.0\n"
             f'[dns]\nenabled = true\nresolv_conf = "{w.resolv}"\n'
             "per_source_qps = 50\nper_source_burst = 100\nmax_inflight = 8\n"
@@ -185,6 +195,13 @@ def test_run_answers_cluster_names_forwards_the_rest_and_stops_clean(world: Worl
     assert 'meshagent_dns_responses_total{outcome="answer"} 3' in w.admin("/metrics")
     assert w.resolv.read_bytes() == before
 
+    # a directory change (here the cache re-read on SIGHUP; the refresh loop calls the same
+    # `_use`) reaches the stub's names
+    w.state_doc([*SERVICES, {**SERVICES[0], "name": "payments", "cluster_ips": ["198.19.0.20"]}])
+    proc.send_signal(signal.SIGHUP)
+    w.wait(lambda: w.addresses("payments.shop.svc.cluster.local") == ["198.19.0.20"], "the new name")
+    w.state_doc(SERVICES)
+
     # a flood through the redirect, to a name whose upstream never answers: bounded and counted.
     # Each of its queries is forwarded or dropped (by rate or the in-flight cap), nothing else.
     def counts() -> dict[str, int]:
@@ -219,22 +236,35 @@ def test_run_answers_cluster_names_forwards_the_rest_and_stops_clean(world: Worl
     assert w.resolv.read_bytes() == before
 
 
-def test_sigkill_fails_open_and_remove_cleans_up(world: World) -> None:
+def test_hang_and_sigkill_fail_open_and_remove_cleans_up(world: World) -> None:
     w = world
     before = w.resolv.read_bytes()
     proc = w.start()
     assert w.addresses(NAME) == [CLUSTER_IP]
+    direct = m.encode_query(NAME, m.TYPE_A, ident=9)
+
+    def lapsed() -> bool:
+        # Until the elements expire a query meets the frozen or dead stub and times out, as
+        # the app's would once (its resolver retries); then the resolver answers.
+        return w.query(direct) == w.query(direct, mark=MARK) is not None
+
+    # hung (SIGSTOP): nobody refreshes the elements, DNS goes straight to the resolver; back
+    # (SIGCONT), the next heartbeat redirects again
+    proc.send_signal(signal.SIGSTOP)
+    w.wait(lapsed, "the redirect lapses while the agent hangs", 15)
+    proc.send_signal(signal.SIGCONT)
+    w.wait(lambda: w.addresses(NAME) == [CLUSTER_IP], "the redirect is back")
+
     proc.kill()  # no cleanup runs: only the set's timeout can end the redirect
     proc.wait(timeout=10)
-    # Until the elements expire a query meets the dead stub and times out, as the app's would
-    # once (its resolver retries); then the resolver answers.
-    direct = m.encode_query(NAME, m.TYPE_A, ident=9)
-    w.wait(lambda: w.query(direct) == w.query(direct, mark=MARK) is not None, "the redirect lapses", 15)
+    w.wait(lapsed, "the redirect lapses after SIGKILL", 15)
     assert w.addresses(NAME) == [DNSMASQ_SAYS]
     data = m.encode_query("www.public.example", m.TYPE_A, ident=7)
     assert w.query(data) == w.query(data, mark=MARK) is not None
-    assert w.query(data, tcp=True, server=RESOLVER6) == w.query(data, tcp=True, mark=MARK, server=RESOLVER6)
+    assert w.query(data, server=RESOLVER6) == w.query(data, mark=MARK, server=RESOLVER6) is not None
     assert "meshagent_dns" in w.table()  # left behind, inert
+    # TCP DNS, like all captured TCP, waits for the unit's ExecStopPost: `intercept remove`
     removed = w.a.run(*MESHAGENT, "intercept", "remove").stdout
     assert "meshagent_dns" in removed and "meshagent_dns" not in w.table()
+    assert w.query(data, tcp=True, server=RESOLVER6) == w.query(data, tcp=True, mark=MARK, server=RESOLVER6)
     assert w.resolv.read_bytes() == before
