@@ -468,6 +468,7 @@ class Controller:
         self._policy_refused: tuple[str, ...] = ()
         self._policy_records: int | None = None  # stored from the cluster at the last pass
         self._policy_at: float | None = None
+        self._policy_dirty = True
 
     # --- status ---------------------------------------------------------------------------
 
@@ -642,6 +643,7 @@ class Controller:
         }
         self._foreign.clear()
         tasks = [asyncio.create_task(i.run(), name=f"kube-owned-{k}") for k, i in self._informers.items()]
+        policy_version: int | None = None  # the registry as of the last policy pass
         if self.settings.policy:
             from .kube_client import POLICY_RESOURCES
 
@@ -653,7 +655,7 @@ class Controller:
                     res,
                     self.settings,
                     self.api,
-                    self._wake.set,
+                    self._policy_changed,
                     optional=True,
                     resync_s=self.settings.resync_interval_s,
                 )
@@ -697,7 +699,10 @@ class Controller:
                 aged = loop.time() - last_pass >= self.settings.health_interval_s
                 if woken or aged or now_print != last:
                     last, last_pass = now_print, loop.time()
-                    if policy:
+                    # Policy depends on its objects and the registry only (not on reports or
+                    # time): planned again when either moved.
+                    if policy and (self._policy_dirty or now_print[0] != policy_version):
+                        self._policy_dirty, policy_version = False, now_print[0]
                         await self.sync_policy()
                     if registration:
                         await self.reconcile_once(client)
@@ -872,6 +877,10 @@ class Controller:
             self._foreign[key] = obj
 
     # --- policy (the Lease holder) ---------------------------------------------------------
+
+    def _policy_changed(self) -> None:
+        self._policy_dirty = True
+        self._wake.set()
 
     def plan_policy(self, objects: Mapping[str, Sequence[KubeObject]]) -> PolicyPlan:
         """The policy the cluster's objects give the enrolled hosts, read exactly as `policy
