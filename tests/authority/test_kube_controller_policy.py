@@ -45,7 +45,6 @@ from tests.support import init_authority
 FIXTURES = Path(__file__).parent / "policy_fixtures"
 BILLING_YAML = FIXTURES / "linkerd_billing.yaml"
 S = "spiffe://cluster.local"
-POLICY_CRDS = ("Server", "AuthorizationPolicy", "MeshTLSAuthentication", "NetworkAuthentication")
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +67,18 @@ def api(tmp_path: Path) -> Iterator[ApiServerHandle]:
         yield handle
 
 
-def enroll(authority: Authority, identity: str, name: str, address: str, labels: dict[str, str]) -> str:
-    reg = check_registration(labels, [WorkloadPort("http", 8080), WorkloadPort("metrics", 9100)], None)
+BILLING_PORTS = (WorkloadPort("http", 8080), WorkloadPort("metrics", 9100))
+
+
+def enroll(
+    authority: Authority,
+    identity: str,
+    name: str,
+    address: str,
+    labels: dict[str, str],
+    ports: tuple[WorkloadPort, ...] = BILLING_PORTS,
+) -> str:
+    reg = check_registration(labels, list(ports), None)
     token = authority.create_tokens(identity, "https://authority.test", timedelta(hours=1), registration=reg)
     return authority.enroll(token[0].secret, make_csr(generate_key()).decode(), name, [address]).host.id
 
@@ -96,9 +105,10 @@ def record(authority: Authority, identity: str, port: int) -> PolicyRecord | Non
     return next((r for r in records(authority) if (r.identity, r.port) == (identity, port)), None)
 
 
-def apply_by_hand(directory: Path, path: Path) -> None:
+def apply_by_hand(directory: Path, path: Path, *extra: str) -> None:
     """`meshagent authority policy apply --dir DIR -f FILE`, the real command, in-process."""
-    result = CliRunner().invoke(authority_cli, ["policy", "apply", "--dir", str(directory), "-f", str(path)])
+    args = ["policy", "apply", "--dir", str(directory), "-f", str(path), *extra]
+    result = CliRunner().invoke(authority_cli, args)
     assert result.exit_code == 0, result.output
 
 
@@ -180,6 +190,53 @@ def test_cluster_objects_are_stored_as_policy_apply_stores_them_and_follow_edits
                 "the hand write undone",
                 lambda: record(authority, "shop/billing", 9100).default_policy == "audit",
             )
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("fixture", "hosts", "default"),
+    [
+        (
+            "linkerd_billing.yaml",
+            [("shop/billing", {"app": "billing"}, BILLING_PORTS), ("shop/ledger", {"app": "ledger"}, ())],
+            "all-unauthenticated",
+        ),
+        (
+            "linkerd_namespace.yaml",
+            [("legacy/erp", {"tier": "erp"}, (WorkloadPort("health", 8081), WorkloadPort("https", 8443)))],
+            "deny",
+        ),
+        ("smi_traffic_target.yaml", [("data/pg", {}, (WorkloadPort("postgres", 5432),))], None),
+    ],
+    ids=["linkerd", "namespace-target", "smi"],
+)
+def test_each_fixture_is_stored_as_policy_apply_stores_it(
+    authority: Authority,
+    api: ApiServerHandle,
+    tmp_path: Path,
+    fixture: str,
+    hosts: list[tuple[str, dict[str, str], tuple[WorkloadPort, ...]]],
+    default: str | None,
+) -> None:
+    for i, (identity, labels, ports) in enumerate(hosts):
+        enroll(authority, identity, f"vm-{i}", f"198.18.0.{i + 5}", labels, ports)
+    by_hand = tmp_path / "by-hand"
+    copy_authority(authority.material.directory, by_hand)
+    apply_by_hand(by_hand, FIXTURES / fixture, *(["--default", default] if default else []))
+    expected = Authority.open(by_hand).registry.policies()
+    assert expected
+    for doc in documents(FIXTURES / fixture):
+        api.put(doc)
+
+    async def scenario() -> None:
+        c = Running(authority, policy_settings(api, policy_default=default))
+        try:
+            await until("stored", lambda: c.controller.status()["policy"]["records"] is not None)
+            assert c.controller.status()["policy"]["refused"] == []
+            assert records(authority) == expected
         finally:
             await c.close()
 
