@@ -228,6 +228,20 @@ def init_cmd(
     help="With --kubernetes: where the replicas' Lease lives [default: the kubeconfig context's "
     "namespace; in a pod, its own].",
 )
+@click.option(
+    "--policy-from-cluster",
+    is_flag=True,
+    help="With --kubernetes: the hosts' inbound policy comes from the cluster's Linkerd Server / "
+    "AuthorizationPolicy / MeshTLSAuthentication / NetworkAuthentication and SMI TrafficTarget "
+    "objects, as `policy apply -f` maps them; the cluster wins: hand-set policies of enrolled "
+    "identities are replaced.",
+)
+@click.option(
+    "--policy-default",
+    type=click.Choice(["all-unauthenticated", "all-authenticated", "deny", "audit"]),
+    help="With --policy-from-cluster: the default for a port no Server covers (Linkerd's "
+    "proxy.defaultInboundPolicy) [default: the agents' own].",
+)
 def serve_cmd(
     directory: Path,
     listen: str,
@@ -242,6 +256,8 @@ def serve_cmd(
     services: tuple[str, ...],
     authority_name: str,
     lease_namespace: str,
+    policy_from_cluster: bool,
+    policy_default: str | None,
 ) -> None:
     """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM).
 
@@ -277,9 +293,15 @@ def serve_cmd(
             authority_name=authority_name,
             lease_namespace=lease_namespace,
             services=tuple(ServiceRequest.parse(text) for text in services),
+            policy=policy_from_cluster,
+            policy_default=policy_default,
         )
-    elif services:
-        raise click.UsageError("--service applies to the controller: add --kubernetes")
+    elif services or policy_from_cluster:
+        raise click.UsageError(
+            "--service and --policy-from-cluster apply to the controller: add --kubernetes"
+        )
+    if policy_default and not policy_from_cluster:
+        raise click.UsageError("--policy-default goes with --policy-from-cluster")
     serve(directory, listen, workers, limits, kubernetes=controller)
 
 
