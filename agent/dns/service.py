@@ -66,8 +66,8 @@ class DnsService:
         found = read_upstreams(s.resolv_conf)
         if isinstance(found, str):
             raise ConfigError(
-                f"dns.enabled: {found}",
-                "or set dns.stub_addresses and dns.upstreams (the resolver addresses) in the config",
+                f"dns.enabled: {found.partition(';')[0]}",
+                f"fix {s.resolv_conf}, or set dns.stub_addresses and dns.upstreams (the resolver addresses)",
             )
         return s.stub_addresses or found, s.upstreams or found
 
