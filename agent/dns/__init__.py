@@ -6,4 +6,6 @@ catalog and forwards every other query, unchanged, to the host's own resolvers.
     stub.py       the decision for one message, and the per-source rate limit (pure)
     upstreams.py  the host's resolvers from resolv.conf (read, never written)
     server.py     the asyncio UDP+TCP shell
+    service.py    the stub as `meshagent run` runs it: start, redirect (agent/intercept/dns_rules.py),
+                  heartbeat, names from the directory, stop, status and metrics
 """
