@@ -44,6 +44,7 @@ TD = "cluster.local"
 NAME = f"orders.shop.svc.{TD}"
 LEGACY = f"legacy.shop.serviceaccount.identity.linkerd.{TD}"
 CALLS = 100
+PROBE = '[[health.probes]]\nport = 8080\nkind = "tcp"\ninterval_s = 1\nfailure_threshold = 2\n'
 
 # A "pod"'s app: answers every GET with its own name.
 APP = """
@@ -70,6 +71,7 @@ r.raise_for_status()
 print(r.text)
 """
 
+STATUS = ("status", "--config")
 SLICE_PATH = "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices/orders-x1"
 
 
@@ -211,8 +213,12 @@ def _calls(c: Host, n: int) -> Counter[str]:
 
 
 def _ready(workload: dict[str, Any]) -> bool:
+    return _condition(workload).get("status") == "True"
+
+
+def _condition(workload: dict[str, Any]) -> dict[str, Any]:
     conditions = workload.get("status", {}).get("conditions", [])
-    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+    return next((c for c in conditions if c["type"] == "Ready"), {})
 
 
 def test_a_legacy_host_calls_a_cluster_service_by_name_and_the_cluster_sees_the_hosts(
@@ -223,11 +229,14 @@ def test_a_legacy_host_calls_a_cluster_service_by_name_and_the_cluster_sees_the_
     assert public_before[0] == "192.0.2.7"
     assert c.run("getent", "hosts", NAME, check=False).returncode != 0  # nobody knows it yet
 
-    for host, name in ((p1, "orders-1"), (p2, "orders-2")):
-        host.popen(sys.executable, "-c", APP, name)
+    apps = {
+        name: host.popen(sys.executable, "-c", APP, name)
+        for host, name in ((p1, "orders-1"), (p2, "orders-2"))
+    }
     pods = [
         mesh.enroll(p1, "shop/orders-1", "198.18.2.1", [P1]),
-        mesh.enroll(p2, "shop/orders-2", "198.18.3.1", [P2]),
+        # orders-2's app has a readiness probe, as Istio's WorkloadGroup.probe (fast, for the test)
+        mesh.enroll(p2, "shop/orders-2", "198.18.3.1", [P2], extra_config=PROBE),
     ]
     legacy = mesh.enroll(
         c,
@@ -292,3 +301,18 @@ def test_a_legacy_host_calls_a_cluster_service_by_name_and_the_cluster_sees_the_
     # The agent stopped: other names resolve exactly as before it ran.
     legacy.stop()
     assert c.run("getent", "hosts", "public.example").stdout.split() == public_before
+
+    # orders-2's app dies: its probe fails, the cluster sees the host not Ready and why; back
+    # when the app is.
+    apps["orders-2"].kill()
+    apps["orders-2"].wait(timeout=10)
+    wait_for(lambda: not _ready(workloads()["p2"]), "p2's ExternalWorkload not Ready")
+    condition = _condition(workloads()["p2"])
+    assert condition["reason"] == "ProbeFailed" and "tcp probe of port 8080" in condition["message"], (
+        condition
+    )
+    hosts = mesh.cli(mesh.cl, "authority", "hosts", "--dir", str(mesh.authority_dir))
+    assert "ProbeFailed" in hosts, hosts
+    assert "tcp :8080 failing" in mesh.cli(p2, *STATUS, str(pods[1].config))
+    p2.popen(sys.executable, "-c", APP, "orders-2")
+    wait_for(lambda: _ready(workloads()["p2"]), "p2's ExternalWorkload Ready again")
