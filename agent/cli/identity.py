@@ -136,6 +136,24 @@ def _task_line(name: str, task: dict[str, Any]) -> str:
     return text
 
 
+def _dns_lines(dns: dict[str, Any]) -> list[str]:
+    """The cluster-names stub: names known, whether port-53 traffic reaches it, what it did."""
+    if not dns.get("enabled"):
+        return []
+    counts = dns.get("counts") or {}
+    answered = sum(counts.get(k, 0) for k in ("answer", "nodata", "nxdomain"))
+    dropped = sum(v for k, v in counts.items() if k.startswith("dropped_") or k == "tcp_refused")
+    redirect = "redirecting" if dns.get("redirect_installed") else "NOT redirecting"
+    line = (
+        f"dns           {dns.get('names', 0)} names, {redirect} "
+        f"{', '.join(printable(a) for a in dns.get('stub_addresses') or [])}; answered {answered}, "
+        f"forwarded {counts.get('forwarded', 0)}, dropped {dropped}"
+    )
+    if dns.get("heartbeat_failures") and dns.get("last_error"):
+        line += f", heartbeat FAILING: {printable(dns['last_error'])}"
+    return [line]
+
+
 def _health_lines(health: dict[str, Any]) -> list[str]:
     """The app's probes and the last report to the authority: why the cluster may see this host
     not Ready."""
@@ -188,6 +206,7 @@ def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
         lines.append(f"  rejected    {printable(bad.get('where'))} {entry}: {printable(bad.get('reason'))}")
     if len(rejected) > 10:
         lines.append(f"  rejected    ... {len(rejected) - 10} more (meshagent status --json)")
+    lines.extend(_dns_lines(doc.get("dns") or {}))
     if doc.get("services"):
         lines.append(f"services      {doc['services']} in-cluster Services (discovered by the authority)")
     lines.extend(_health_lines(doc.get("health") or {}))

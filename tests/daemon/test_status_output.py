@@ -139,3 +139,21 @@ def test_status_names_a_failing_probe_and_a_failing_report() -> None:
     assert "report        2 failed sends to the authority: authority_unreachable: connection refused" in lines
     quiet = daemon_lines({"ready": True, "health": {"probes": [], "reports_sent": 1}})
     assert not any(line.startswith(("probes", "report", "services")) for line in quiet)
+
+
+def test_status_shows_the_dns_stub() -> None:
+    dns = {
+        "enabled": True,
+        "redirect_installed": False,
+        "stub_addresses": ["198.18.1.1"],
+        "names": 2,
+        "counts": {"answer": 3, "nxdomain": 1, "forwarded": 7, "dropped_rate": 2, "tcp_refused": 1},
+        "heartbeat_failures": 1,
+        "last_error": "nft: table busy",
+    }
+    lines = daemon_lines({"ready": True, "dns": dns})
+    assert (
+        "dns           2 names, NOT redirecting 198.18.1.1; answered 4, forwarded 7, dropped 3, "
+        "heartbeat FAILING: nft: table busy"
+    ) in lines
+    assert not any(line.startswith("dns") for line in daemon_lines({"ready": True, "dns": {"enabled": False}}))
