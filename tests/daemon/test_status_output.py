@@ -156,4 +156,5 @@ def test_status_shows_the_dns_stub() -> None:
         "dns           2 names, NOT redirecting 198.18.1.1; answered 4, forwarded 7, dropped 3, "
         "heartbeat FAILING: nft: table busy"
     ) in lines
-    assert not any(line.startswith("dns") for line in daemon_lines({"ready": True, "dns": {"enabled": False}}))
+    off = daemon_lines({"ready": True, "dns": {"enabled": False}})
+    assert not any(line.startswith("dns") for line in off)
