@@ -88,8 +88,11 @@ def test_authority_hosts_shows_a_stored_hostile_name_on_one_line(tmp_path: Path)
     db.close()
     proc = run_cli("authority", "hosts", "--dir", str(directory), check=True)
     lines = proc.stdout.splitlines()
-    assert len(lines) == 2, proc.stdout
+    # The header, the host's row, and the line saying why it is not Ready (it never reported):
+    # both of the host's lines carry the name, escaped, and nothing is split by its newline.
+    assert len(lines) == 3, proc.stdout
     assert "evil\\r\\x1b[2J\\x1b[31m\\x00\\nforged" in lines[1]
+    assert "evil\\r\\x1b[2J\\x1b[31m\\x00\\nforged" in lines[2] and "NeverReported" in lines[2]
     assert not any(c in proc.stdout for c in RAW if c != "\n")
 
 
