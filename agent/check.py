@@ -7,12 +7,17 @@ whole run fails if any check fails. Nothing here changes the host.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import pwd
 import socket
 import stat
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 from agent.config import AgentConfig
 from agent.errors import MeshagentError
@@ -26,6 +31,7 @@ class CheckResult:
     ok: bool
     detail: str
     hint: str = ""
+    warning: bool = False  # passes (exit 0) but needs a look: printed with its hint
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -39,6 +45,64 @@ def _check(name: str, fn: Callable[[], tuple[bool, str, str]]) -> CheckResult:
     except Exception as exc:  # a check must report, never crash the run
         return CheckResult(name, False, f"{exc.__class__.__name__}: {exc}", "")
     return CheckResult(name, ok, detail, "" if ok else hint)
+
+
+def _when(at: float, now: float) -> str:
+    stamp = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f"{stamp} ({max(0, int(now - at))}s ago)"
+
+
+def discovery_result(doc: Mapping[str, Any] | None, now: float) -> CheckResult:
+    """The cluster discovery line from the agent's cached directory (`doc`; None: none cached):
+    a warning, not a failure, while the authority cannot reach the Kubernetes API, since the
+    hosts are then served the last known Services."""
+    name = "cluster discovery"
+    if doc is None:
+        return CheckResult(name, True, "no directory cached yet (the agent has not fetched one)")
+    state = doc.get("discovery")
+    if not isinstance(state, Mapping):
+        return CheckResult(name, True, "not used (the authority discovers no Kubernetes Services)")
+    services = doc.get("services")
+    count = len(services) if isinstance(services, list) else 0
+    generated = doc.get("generated_at")
+    as_of = f"; directory of {_when(generated, now)}" if isinstance(generated, int | float) else ""
+    if state.get("state") == "ok":
+        return CheckResult(name, True, f"the authority reaches the Kubernetes API; {count} Service(s){as_of}")
+    if state.get("state") != "unreachable":
+        return CheckResult(name, True, f"discovery state {state.get('state')!r} (unknown to this agent)")
+    since = state.get("since")
+    when = f" since {_when(since, now)}" if isinstance(since, int | float) else ""
+    updated = state.get("updated_at")
+    served = (
+        f"the last known {count} Service(s) (of {_when(updated, now)}) are served"
+        if isinstance(updated, int | float)
+        else "no Services were discovered before, none are served"
+    )
+    return CheckResult(
+        name,
+        True,
+        f"the authority cannot reach the Kubernetes API{when}; {served}{as_of}",
+        "Services created or scaled meanwhile are not known here: on the authority, see its log "
+        "(event kube.unreachable) and GET /v1/kubernetes/status, and its path to the API server",
+        warning=True,
+    )
+
+
+def discovery_check(state_dir: Path, now: float) -> CheckResult:
+    """`discovery_result` for the directory the agent cached in `state_dir`."""
+    from agent.daemon import HOST_CONFIG_CACHE
+
+    path = state_dir / HOST_CONFIG_CACHE
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return discovery_result(None, now)
+    except (OSError, ValueError) as exc:
+        return CheckResult(
+            "cluster discovery", False, f"cannot read {path}: {exc}",
+            "the agent rewrites it at its next directory refresh; or remove it and restart the agent",
+        )  # fmt: skip
+    return discovery_result(doc if isinstance(doc, dict) else None, now)
 
 
 def run_checks(config: AgentConfig) -> list[CheckResult]:
@@ -146,4 +210,5 @@ def run_checks(config: AgentConfig) -> list[CheckResult]:
         _check("interception rules", rules),
         _check("ports 4143/4140/4191", ports),
         _check("admin /ready", admin),
+        discovery_check(store.state_dir, time.time()),
     ]

@@ -194,16 +194,21 @@ class ApiState:
     """Whether the API server answers, and the last error of each source; logs each outage and
     each distinct error once (a retry loop must not flood the log)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[bool, float | None], None] | None = None) -> None:
         self.reachable: bool | None = None  # None: not tried yet
         self.down_since: float | None = None
         self.errors: dict[str, str] = {}
+        # Told (reachable, down_since) on each transition only: ok() runs on every request.
+        self._on_change = on_change
 
     def ok(self, source: str) -> None:
         if self.reachable is False and self.down_since is not None:
             log.info("kube.reachable", source=source, down_s=round(time.time() - self.down_since, 1))
+        changed = self.reachable is not True
         self.reachable, self.down_since = True, None
         self.errors.pop(source, None)
+        if changed and self._on_change is not None:
+            self._on_change(True, None)
 
     def unreachable(self, source: str, exc: Exception) -> None:
         if self.reachable is not False:
@@ -212,7 +217,9 @@ class ApiState:
                 hint=getattr(exc, "hint", ""), kept="the last listed objects and discovered services",
             )  # fmt: skip
             self.down_since = time.time()
-        self.reachable = False
+            self.reachable = False
+            if self._on_change is not None:
+                self._on_change(False, self.down_since)
 
     def error(self, source: str, exc: Exception) -> None:
         message = getattr(exc, "message", str(exc))
@@ -449,7 +456,9 @@ class Controller:
         self.authority, self.settings = authority, settings
         self._client = client
         self.lease_config = settings.lease(client.namespace if client is not None else "default")
-        self.api = ApiState()
+        # Hosts are told (their directory's `discovery` key) whether the Services they are
+        # served are current or the last known ones.
+        self.api = ApiState(authority.set_discovery_state if settings.discovery else None)
         self.counts: Counter[str] = Counter()
         self.election = ElectionState()
         self.holder: str | None = None

@@ -293,7 +293,27 @@ OPENAPI: dict[str, Any] = {
                         "description": "{default: {default, allow}, ports: {PORT: {default, allow}}}",
                     },
                     "trust_bundle": {"type": "string", "description": "PEM, one or more roots"},
+                    "discovery": {"$ref": "#/components/schemas/DiscoveryState"},
                     "generated_at": {"type": "number", "description": "Unix time"},
+                },
+            },
+            "DiscoveryState": {
+                "type": "object",
+                "description": "Only when the authority runs its Kubernetes controller with discovery: "
+                "whether `services` is current (ok) or the last known Services kept while the "
+                "Kubernetes API is unreachable. Changes (and the ETag with it) only on a transition.",
+                "required": ["source", "state", "since", "updated_at"],
+                "properties": {
+                    "source": {"type": "string", "enum": ["kubernetes"]},
+                    "state": {"type": "string", "enum": ["ok", "unreachable"]},
+                    "since": {
+                        "type": ["number", "null"],
+                        "description": "Unix time the API became unreachable; null when ok",
+                    },
+                    "updated_at": {
+                        "type": ["number", "null"],
+                        "description": "Unix time the served Services last changed; null: none yet",
+                    },
                 },
             },
             "Service": {

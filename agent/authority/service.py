@@ -122,6 +122,10 @@ class Authority:
         self._discovered: list[dict[str, Any]] = []
         self._discovered_json = canonical_json([])
         self._discovery_generation = 0
+        # Whether the controller reaches the Kubernetes API (None: no controller, key left out).
+        # Only transitions are recorded: the ETag changes when the state does, not every second.
+        self._discovery_state: dict[str, Any] | None = None
+        self._discovered_at: float | None = None  # when the served Services last changed
         self._listeners: list[Callable[[], None]] = []
 
     @classmethod
@@ -500,6 +504,9 @@ class Authority:
         the in-cluster Services discovered (interfaces: /v1/host/config)."""
         doc = self._host_config_parts(host)
         doc["services"] = self.discovered()
+        state = self.discovery_state()
+        if state is not None:
+            doc["discovery"] = state
         doc["generated_at"] = self.clock().timestamp()
         return doc
 
@@ -525,6 +532,9 @@ class Authority:
         parts = {key: canonical_json(value) for key, value in self._host_config_parts(host).items()}
         with self._discovery_lock:
             parts["services"] = self._discovered_json
+            state = self._discovery_doc()
+        if state is not None:
+            parts["discovery"] = canonical_json(state)
         digest = hashlib.sha256()
         for piece in _object_of(parts):
             digest.update(piece)
@@ -538,16 +548,49 @@ class Authority:
         wake the hosts' long polls. Callable from any thread."""
         encoded = canonical_json(services)  # (outside the lock: a megabyte for 5,000 endpoints)
         with self._discovery_lock:
-            changed = encoded != self._discovered_json
+            # The first result counts as a change even if empty: "discovered nothing" is news.
+            changed = encoded != self._discovered_json or self._discovered_at is None
             self._discovered = services
             self._discovered_json = encoded
             if changed:
                 self._discovery_generation += 1
+                self._discovered_at = self.clock().timestamp()
             listeners = list(self._listeners)
         if changed:
             log.info("discovery.updated", services=len(services), bytes=len(encoded))
             for listener in listeners:
                 listener()
+
+    def set_discovery_state(self, reachable: bool, since: float | None) -> None:
+        """Called by the controller when the Kubernetes API becomes reachable or unreachable
+        (`since`: when it went away). Hosts see it as the directory's `discovery` key: while
+        unreachable they are served the last known Services. Wakes the long polls on a change."""
+        state = "ok" if reachable else "unreachable"
+        with self._discovery_lock:
+            old = self._discovery_state
+            if old is not None and old["state"] == state and (reachable or old["since"] == since):
+                return
+            self._discovery_state = {
+                "source": "kubernetes",
+                "state": state,
+                "since": None if reachable else since,
+            }
+            self._discovery_generation += 1
+            listeners = list(self._listeners)
+        log.info("discovery.state", state=state, since=since)
+        for listener in listeners:
+            listener()
+
+    def discovery_state(self) -> dict[str, Any] | None:
+        """The directory's `discovery` key: {source, state, since, updated_at}, or None without
+        a controller."""
+        with self._discovery_lock:
+            return self._discovery_doc()
+
+    def _discovery_doc(self) -> dict[str, Any] | None:
+        if self._discovery_state is None:
+            return None
+        return {**self._discovery_state, "updated_at": self._discovered_at}
 
     def discovered(self) -> list[dict[str, Any]]:
         with self._discovery_lock:

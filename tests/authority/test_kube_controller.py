@@ -40,6 +40,7 @@ from agent.authority.kube_controller import Controller, ControllerSettings
 from agent.authority.kube_export import ServiceRequest, check_registration
 from agent.authority.kube_objects import HOST_ID_LABEL, WorkloadPort
 from agent.authority.service import Authority
+from agent.authority.storage import HostRecord
 from agent.errors import MeshagentError
 from agent.identity.pki import generate_key, make_csr
 from tests.kube.apiserver import ApiServerHandle, start_apiserver
@@ -345,6 +346,8 @@ def test_killed_and_restarted_api_server_converges(authority: Authority, api: Ap
             await until("first deleted", lambda: host_objects(api, first) == [])
             await until("second Ready", lambda: [ready(o) for o in host_objects(api, second)] == ["True"])
             await until("reachable", lambda: c.controller.status()["api"] == "ok")
+            # Without discovery, hosts are served no Services: their directory has no state for it.
+            assert "discovery" not in authority.host_config(host_record(authority, second))
         finally:
             await c.close()
 
@@ -513,13 +516,26 @@ def endpoints_of(authority: Authority, name: str) -> dict[str, str | None] | Non
     return None
 
 
+def host_record(authority: Authority, host_id: str) -> HostRecord:
+    return next(h for h in authority.registry.list_hosts() if h.id == host_id)
+
+
 def test_discovery_serves_ready_endpoints_and_keeps_them_while_the_api_is_away(
     authority: Authority, api: ApiServerHandle
 ) -> None:
+    host = host_record(authority, enroll(authority, "vm-20", "198.18.0.30"))
+
+    def state() -> dict[str, Any]:
+        doc: dict[str, Any] = authority.host_config(host)["discovery"]
+        return doc
+
     async def scenario() -> None:
         c = Running(authority, settings(api, discovery=True))
         try:
             await until("discovery synced", lambda: c.controller.status()["discovery"]["synced"])
+            await until("first result", lambda: state()["updated_at"] is not None)
+            assert state()["source"] == "kubernetes"
+            assert (state()["state"], state()["since"]) == ("ok", None)
             assert endpoints_of(authority, "orders") is None
             for obj in cluster_objects():
                 api.put(obj)
@@ -540,15 +556,30 @@ def test_discovery_serves_ready_endpoints_and_keeps_them_while_the_api_is_away(
             )
 
             # The API server goes away: the last catalog is kept, the state says so.
+            served_at = state()["updated_at"]
+            before = authority.render_host_config(host).etag
             api.stop()
             await until("unreachable", lambda: c.controller.status()["api"] == "unreachable")
             assert endpoints_of(authority, "orders") == {"198.18.5.2": identity}
+            # Hosts are told: the document says since when, and that its Services are the last known.
+            await until("hosts told", lambda: state()["state"] == "unreachable")
+            assert state()["since"] == c.controller.status()["unreachable_since"]
+            assert state()["updated_at"] == served_at
+            down = authority.render_host_config(host).etag
+            assert down != before
+            # Only the transition is news: told again (same outage), nothing changes for hosts.
+            version = authority.version()
+            authority.set_discovery_state(False, state()["since"])
+            assert authority.version() == version
+            assert authority.render_host_config(host).etag == down
             api.restart(keep_history=False)
             api.delete("Service", "orders", namespace="shop")
             await until(
                 "service removed after the re-list", lambda: endpoints_of(authority, "orders") is None
             )
             assert c.controller.status()["api"] == "ok"
+            assert (state()["state"], state()["since"]) == ("ok", None)
+            assert state()["updated_at"] != served_at  # the re-listed Services differ
         finally:
             await c.close()
 
