@@ -23,9 +23,10 @@ from .output import emit_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def check_cmd(config: Path | None, as_json: bool) -> None:
     """Check this host: privileges, netfilter backend and flavour, user, state directory, identity
-    and expiry, authority reachable and clocks in sync, rules present, ports, admin /ready.
+    and expiry, authority reachable and clocks in sync, rules present, ports, admin /ready, cluster
+    discovery (a warning while the authority cannot reach the Kubernetes API).
 
-    Each line passes or fails with a hint; exits 1 if any check fails.
+    Each line passes (√), warns (‼) or fails (×) with a hint; exits 1 if any check fails.
     """
     from agent.check import run_checks
 
@@ -35,7 +36,10 @@ def check_cmd(config: Path | None, as_json: bool) -> None:
         emit_json({"ok": not failed, "checks": [r.as_dict() for r in results]})
     else:
         for r in results:
-            mark = click.style("√", fg="green") if r.ok else click.style("×", fg="red")  # noqa: RUF001 - linkerd's
+            if r.warning:  # passes, but says something to look at
+                mark = click.style("‼", fg="yellow")
+            else:
+                mark = click.style("√", fg="green") if r.ok else click.style("×", fg="red")  # noqa: RUF001 - linkerd's
             click.echo(f"{mark} {r.name}: {r.detail}")
             if r.hint:
                 click.echo(f"    hint: {r.hint}")
