@@ -26,7 +26,7 @@ def check_cmd(config: Path | None, as_json: bool) -> None:
     and expiry, authority reachable and clocks in sync, rules present, ports, admin /ready, cluster
     discovery (a warning while the authority cannot reach the Kubernetes API).
 
-    Each line passes (√), warns (‼) or fails (×) with a hint; exits 1 if any check fails.
+    Each line passes, warns (yellow) or fails with a hint; exits 1 if any check fails.
     """
     from agent.check import run_checks
 
