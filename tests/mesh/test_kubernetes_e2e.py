@@ -30,6 +30,7 @@ import yaml
 
 from agent.netlab import Host, Lab, netns_supported
 from tests.mesh.conftest import AUTH_PORT, Mesh, wait_for
+from tests.mesh.test_cluster_services import APP  # a "pod"'s app: answers its own name
 from tests.support import MESHAGENT
 
 pytestmark = pytest.mark.netns
@@ -46,20 +47,6 @@ LEGACY = f"legacy.shop.serviceaccount.identity.linkerd.{TD}"
 CALLS = 100
 PROBE = '[[health.probes]]\nport = 8080\nkind = "tcp"\ninterval_s = 1\nfailure_threshold = 2\n'
 
-# A "pod"'s app: answers every GET with its own name.
-APP = """
-import http.server, sys
-name = sys.argv[1].encode()
-class Handler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(name)))
-        self.end_headers()
-        self.wfile.write(name)
-    def log_message(self, *args):
-        pass
-http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Handler).serve_forever()
-"""
 
 # Talks to the stand-in as any client would (run inside cl): GET or PUT one object path.
 KUBE = f"""
