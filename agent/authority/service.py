@@ -126,6 +126,9 @@ class Authority:
         # Only transitions are recorded: the ETag changes when the state does, not every second.
         self._discovery_state: dict[str, Any] | None = None
         self._discovered_at: float | None = None  # when the served Services last changed
+        # False in controller mode until discovery's first result: the `services` key is left
+        # out meanwhile, so a restarted authority never tells hosts "no Services" (they keep theirs).
+        self._services_known = True
         self._listeners: list[Callable[[], None]] = []
 
     @classmethod
@@ -432,6 +435,9 @@ class Authority:
         A stored record that is invalid is left out (and logged once): one bad row must never
         make the catalog unusable for the whole fleet."""
         catalog: list[dict[str, Any]] = []
+        # A host may not claim a Service's cluster IP: host entries win over discovered Services
+        # on the hosts, so that claim would take every host's connections to the Service.
+        cluster_ips = {ip for service in self.discovered() for ip in service.get("cluster_ips") or ()}
         for other in self.registry.list_hosts():
             if other.revoked:
                 continue
@@ -439,6 +445,9 @@ class Authority:
             if workload is None:
                 continue
             for address in self._served_addresses(other):
+                if address in cluster_ips:
+                    self._skip(f"host:{other.id}", address, "the address is a Service's cluster IP")
+                    continue
                 prefix = 32 if ":" not in address else 128
                 catalog.append(
                     {
@@ -503,7 +512,8 @@ class Authority:
         """What an enrolled host needs to route and authorize: the catalog, its own policy and
         the in-cluster Services discovered (interfaces: /v1/host/config)."""
         doc = self._host_config_parts(host)
-        doc["services"] = self.discovered()
+        if self._services_known:
+            doc["services"] = self.discovered()
         state = self.discovery_state()
         if state is not None:
             doc["discovery"] = state
@@ -531,7 +541,8 @@ class Authority:
         serialized once per discovery change and hashed, not re-encoded, per host."""
         parts = {key: canonical_json(value) for key, value in self._host_config_parts(host).items()}
         with self._discovery_lock:
-            parts["services"] = self._discovered_json
+            if self._services_known:
+                parts["services"] = self._discovered_json
             state = self._discovery_doc()
         if state is not None:
             parts["discovery"] = canonical_json(state)
@@ -550,6 +561,8 @@ class Authority:
         with self._discovery_lock:
             # The first result counts as a change even if empty: "discovered nothing" is news.
             changed = encoded != self._discovered_json or self._discovered_at is None
+            changed = changed or not self._services_known
+            self._services_known = True
             self._discovered = services
             self._discovered_json = encoded
             if changed:
@@ -560,6 +573,12 @@ class Authority:
             log.info("discovery.updated", services=len(services), bytes=len(encoded))
             for listener in listeners:
                 listener()
+
+    def await_discovery(self) -> None:
+        """Controller mode: serve no `services` key until the first `set_discovered` (hosts
+        keep the Services they have, rather than be told there are none)."""
+        with self._discovery_lock:
+            self._services_known = False
 
     def set_discovery_state(self, reachable: bool, since: float | None) -> None:
         """Called by the controller when the Kubernetes API becomes reachable or unreachable
