@@ -34,7 +34,9 @@ def build_report(
     """The report body (interfaces §5): the agent's own readiness (`meshagent status`'s
     not_ready_reasons, joined), when its directory was last refreshed (the authority's
     `generated_at`, so one clock), its refresh interval and its probes' states."""
-    reason = "; ".join(not_ready_reasons)
+    # A reason may carry a subprocess's multi-line stderr: the authority refuses control
+    # characters, and one refused report would leave the host looking stale.
+    reason = _one_line("; ".join(not_ready_reasons))
     if len(reason) > MAX_REASON:
         reason = reason[: MAX_REASON - 3] + "..."
     return {
@@ -43,8 +45,12 @@ def build_report(
         "reason": reason,
         "directory_updated_at": directory_updated_at,
         "refresh_interval_s": refresh_interval_s,
-        "probes": [dict(p) for p in probes],
+        "probes": [{**p, "detail": _one_line(str(p.get("detail", "")))} for p in probes],
     }
+
+
+def _one_line(text: str) -> str:
+    return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text)
 
 
 def state_key(doc: dict[str, Any]) -> tuple[Any, ...]:

@@ -72,3 +72,18 @@ def test_reporter_sends_at_once_on_a_change_not_on_a_poke_alone() -> None:
         assert reporter.last_error == "authority_unreachable: authority down"
 
     asyncio.run(main())
+
+
+def test_a_multi_line_reason_is_reported_on_one_line_and_accepted() -> None:
+    """A failed renewal's reason carries the subprocess's stderr, newlines and all: the report
+    must still be one the authority accepts (it refuses control characters)."""
+
+    doc = build_report(
+        not_ready_reasons=["task rotation: renew_failed: Traceback\n  File x\r\n\x1b[31mboom"],
+        directory_updated_at=1.0,
+        refresh_interval_s=30.0,
+        probes=[{"port": 80, "kind": "exec", "ok": False, "detail": "exit 1:\nline two\t", "since": 1.0}],
+    )
+    assert "\n" not in doc["reason"] and "\n" not in doc["probes"][0]["detail"]
+    report = parse_report(doc)
+    assert not report.ready and "boom" in report.reason
