@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -314,6 +315,10 @@ class SqliteRegistry:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        # One connection serves the event loop and worker threads (asyncio.to_thread): a
+        # transaction begun on one thread must not interleave with another thread's statements
+        # ("cannot start a transaction within a transaction"). Reentrant: callbacks run inside.
+        self._lock = threading.RLock()
         self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -339,9 +344,20 @@ class SqliteRegistry:
                         raise
 
     def close(self) -> None:
-        self._db.close()
-        self._watch.close()
-        self._reports.close()
+        with self._lock:
+            self._db.close()
+            self._watch.close()
+            self._reports.close()
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
+        """Every row of a read on the shared connection, under the lock."""
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _row(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
+            return row
 
     # --- health reports (agent/authority/health.py) --------------------------------------
 
@@ -363,32 +379,36 @@ class SqliteRegistry:
     def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
         """Keep `report_json` (checked by health.parse_report) as the host's last report."""
         when = at.timestamp() if isinstance(at, datetime) else float(at)
-        self._reports.execute(
-            "INSERT OR REPLACE INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)",
-            (host_id, when, report_json),
-        )
+        with self._lock:
+            self._reports.execute(
+                "INSERT OR REPLACE INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)",
+                (host_id, when, report_json),
+            )
 
     def reports(self) -> dict[str, tuple[float, str]]:
         """Every host's last report: host id -> (received at, Unix time; the report's JSON)."""
-        rows = self._reports.execute("SELECT host_id, received_at, report FROM host_reports").fetchall()
+        with self._lock:
+            rows = self._reports.execute("SELECT host_id, received_at, report FROM host_reports").fetchall()
         return {str(r[0]): (float(r[1]), str(r[2])) for r in rows}
 
     def data_version(self) -> int:
         """Changes whenever the registry file was written, by this process or another (SQLite's
         PRAGMA data_version, read on a connection of its own: it ignores its own connection's
         writes). Compare for inequality; health reports do not change it."""
-        return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+        with self._lock:
+            return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         # IMMEDIATE: take the write lock up front so two writers never both read "unused".
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def add_token(
         self,
@@ -406,7 +426,7 @@ class SqliteRegistry:
             )
 
     def list_tokens(self) -> list[TokenRecord]:
-        rows = self._db.execute("SELECT * FROM tokens ORDER BY created_at").fetchall()
+        rows = self._rows("SELECT * FROM tokens ORDER BY created_at")
         return [
             TokenRecord(
                 hash=r["hash"],
@@ -488,13 +508,11 @@ class SqliteRegistry:
             db.execute("UPDATE hosts SET api_token_hash = ? WHERE id = ?", (token_hash, host_id))
 
     def find_by_api_token(self, token_hash: str) -> HostRecord | None:
-        row = self._db.execute("SELECT * FROM hosts WHERE api_token_hash = ?", (token_hash,)).fetchone()
+        row = self._row("SELECT * FROM hosts WHERE api_token_hash = ?", (token_hash,))
         return None if row is None else _host(row)
 
     def find_by_serial(self, serial: str) -> HostRecord | None:
-        row = self._db.execute(
-            "SELECT * FROM hosts WHERE serial = ? OR previous_serial = ?", (serial, serial)
-        ).fetchone()
+        row = self._row("SELECT * FROM hosts WHERE serial = ? OR previous_serial = ?", (serial, serial))
         return None if row is None else _host(row)
 
     def renew(
@@ -563,7 +581,7 @@ class SqliteRegistry:
             return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
 
     def list_hosts(self) -> list[HostRecord]:
-        rows = self._db.execute("SELECT * FROM hosts ORDER BY enrolled_at").fetchall()
+        rows = self._rows("SELECT * FROM hosts ORDER BY enrolled_at")
         return [_host(r) for r in rows]
 
     def revoke(self, ref: str, now: datetime) -> HostRecord:
@@ -622,7 +640,7 @@ class SqliteRegistry:
                 )
 
     def static_entries(self) -> list[StaticEntry]:
-        rows = self._db.execute("SELECT * FROM catalog ORDER BY created_at").fetchall()
+        rows = self._rows("SELECT * FROM catalog ORDER BY created_at")
         return [
             StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"], r["opaque_port"])
             for r in rows
@@ -653,11 +671,9 @@ class SqliteRegistry:
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]:
         if identity is None:
-            rows = self._db.execute("SELECT * FROM policies ORDER BY identity, port").fetchall()
+            rows = self._rows("SELECT * FROM policies ORDER BY identity, port")
         else:
-            rows = self._db.execute(
-                "SELECT * FROM policies WHERE identity = ? ORDER BY port", (identity,)
-            ).fetchall()
+            rows = self._rows("SELECT * FROM policies WHERE identity = ? ORDER BY port", (identity,))
         return [
             PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
             for r in rows
