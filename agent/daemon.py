@@ -101,6 +101,23 @@ TRIM_MIN_PEAK = 64  # sockets open at once: below it, there is little to give ba
 TRIM_MIN_GAP_S = 10.0
 
 
+def carry_services(doc: dict[str, Any], last: dict[str, Any] | None) -> dict[str, Any]:
+    """`doc`, with the Services of `last` when it has none: an authority whose discovery has not
+    answered yet (just restarted) leaves them out, and the host keeps the ones it has."""
+    if "services" in doc or last is None:
+        return doc
+    return {**doc, "services": last.get("services", [])}
+
+
+def poll_pause(fetch: HostConfigFetch, interval: float) -> float:
+    """Seconds to wait before the next directory request: none while long polling works; the
+    authority's Retry-After when its waiters are full (or it stops); an interval when the answer
+    has no ETag (an older authority, or a proxy that strips it): no long poll, no tight loop."""
+    if fetch.not_modified or fetch.retry_after_s:
+        return fetch.retry_after_s
+    return 0.0 if fetch.etag else interval
+
+
 def should_trim(peak: int, now: int) -> bool:
     """After a peak of at least TRIM_MIN_PEAK sockets, once at most a quarter are still open."""
     return peak >= TRIM_MIN_PEAK and now <= peak // 4
@@ -230,6 +247,7 @@ class Daemon:
         self.started = False  # True once ready: SIGHUP reloads only then
         # The app's probes and the report that tells the authority (and so the cluster's Ready)
         # how this host is; a probe's flip is reported at once.
+        self._last_doc: dict[str, Any] | None = None  # the directory document last applied
         self.probes = ProbeRunner(config.health.probes)
         self.reporter = Reporter(self._health_report, self._send_report, config.proxy.refresh_interval_s)
         self.probes.on_change = self.reporter.poke
@@ -282,7 +300,7 @@ class Daemon:
         return build_report(
             not_ready_reasons=self.not_ready(),
             directory_updated_at=self.state.directory_updated_at,
-            refresh_interval_s=self.config.proxy.refresh_interval_s,
+            refresh_interval_s=self.reporter.interval_s,  # what this process runs (a reload needs a restart)
             probes=self.probes.results(),
         )
 
@@ -317,18 +335,21 @@ class Daemon:
         interval = self.config.proxy.refresh_interval_s
         wait_s = min(interval, LONG_POLL_MAX_S)
         etag: str | None = None
+        base: tuple[float, float] | None = None  # (the document's generated_at, monotonic then)
         while not self.stop_event.is_set():
             assert self.credentials is not None and self.proxy is not None
             pause = 0.0
             try:
                 fetch = await in_daemon_thread(self._fetch_directory, etag, wait_s if etag else 0.0)
                 if fetch.not_modified:
-                    self.state.directory_updated_at = time.time()  # confirmed current
+                    # Confirmed current: on the authority's clock (its generated_at, advanced by
+                    # our monotonic time since), which is the clock the authority judges it by.
+                    if base is not None:
+                        self.state.directory_updated_at = base[0] + (time.monotonic() - base[1])
                     self.tasks.ok("directory-refresh")
-                    # The authority's waiters were full (or it is stopping): do not spin.
-                    pause = fetch.retry_after_s
+                    pause = poll_pause(fetch, interval)
                 else:
-                    doc = fetch.doc or {}
+                    doc = carry_services(fetch.doc or {}, self._last_doc)
                     # Off the loop: 5,000 endpoints take ~130 ms to parse (bench/discovery.py).
                     directory = await asyncio.to_thread(self._directory, doc)
                     self._use(directory)
@@ -336,8 +357,14 @@ class Daemon:
                         "authority",
                         doc.get("generated_at"),
                     )
+                    self._last_doc = doc
+                    generated_at = doc.get("generated_at")
+                    base = None
+                    if isinstance(generated_at, int | float) and not isinstance(generated_at, bool):
+                        base = (float(generated_at), time.monotonic())
                     await asyncio.to_thread(self._write_cache, doc)
                     etag = fetch.etag
+                    pause = poll_pause(fetch, interval)
                     self.tasks.ok("directory-refresh")
                     self.reporter.poke()
                     log.debug(
@@ -390,7 +417,7 @@ class Daemon:
 
         nofile = raise_nofile_limit()
         self.credentials = await asyncio.to_thread(Credentials.load, self.store)
-        cached = self._cached_directory_doc()
+        cached = self._last_doc = self._cached_directory_doc()
         directory = self._directory(cached)
         if cached is not None:
             self.state.directory_source = "cache"
@@ -524,13 +551,21 @@ class Daemon:
                 ("intercept.admin_port", self.config.intercept.admin_port, fresh.intercept.admin_port),
                 ("identity.state_dir", self.config.identity.state_dir, fresh.identity.state_dir),
                 ("dns", self.config.dns, fresh.dns),
+                # The long poll's wait and the report's interval are set at start.
+                (
+                    "proxy.refresh_interval_s",
+                    self.config.proxy.refresh_interval_s,
+                    fresh.proxy.refresh_interval_s,
+                ),
+                ("health.probes", self.config.health.probes, fresh.health.probes),
             )
             if old != new
         ]
         old_intercept = self.config.intercept
         self.config = fresh
         configure(fresh.log.level, fresh.log.format)
-        directory = self._directory(self._cached_directory_doc())
+        # The document last fetched (the cache may be older if its write failed or is under way).
+        directory = self._directory(self._last_doc or self._cached_directory_doc())
         self._use(directory)
         if fresh.intercept != old_intercept and fresh.intercept.enabled:
             plan = self._plan()
