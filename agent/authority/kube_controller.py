@@ -185,9 +185,22 @@ class Backoff:
         self._next = self.initial_s
 
 
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, dict) else {}
+
+
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
-    meta = obj.get("metadata") or {}
+    meta = _meta(obj)
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+def _well_formed(obj: Any) -> bool:
+    """An object the informer can key: a mapping with a metadata mapping naming it."""
+    if not isinstance(obj, dict):
+        return False
+    meta = obj.get("metadata")
+    return isinstance(meta, dict) and isinstance(meta.get("name"), str) and bool(meta["name"])
 
 
 class ApiState:
@@ -254,6 +267,8 @@ class Informer:
         self.synced = False
         self.source = f"{'watch' if label_selector is None else 'owned'}:{res.qualified}"
         self._missing_logged = False
+        self._malformed_logged = False
+        self._failed: str | None = None  # the last unexpected failure, logged once
 
     @property
     def missing(self) -> bool:
@@ -285,7 +300,7 @@ class Informer:
                 async for event in self.client.watch(
                     self.res, resource_version=rv, label_selector=self.label_selector, timeout_s=timeout
                 ):
-                    rv = str((event.object.get("metadata") or {}).get("resourceVersion") or rv)
+                    rv = str(_meta(event.object).get("resourceVersion") or rv)
                     self._apply(event.type, event.object)
                     self.api.ok(self.source)
                 # The server ended the watch (its timeout): resume at once, unless it did so
@@ -309,10 +324,37 @@ class Informer:
             except KubeUnreachable as exc:
                 self.api.unreachable(self.source, exc)
                 await asyncio.sleep(backoff.next())
+            except Exception as exc:  # a bug must not freeze this resource for good
+                self._failure(exc)
+                rv = None  # re-list: the view may be half-applied
+                await asyncio.sleep(backoff.next())
+
+    def _failure(self, exc: Exception) -> None:
+        message = f"{type(exc).__name__}: {exc}"
+        if message != self._failed:
+            log.error(
+                "kube.informer_failed", resource=self.res.qualified, error_type=type(exc).__name__,
+                error=str(exc), kept="the last listed objects; listing again after a back-off",
+            )  # fmt: skip
+            self._failed = message
+        self.api.errors[self.source] = message
+
+    def _malformed(self, obj: Any) -> None:
+        if not self._malformed_logged:
+            log.warning(
+                "kube.malformed_object", resource=self.res.qualified,
+                metadata=type(obj.get("metadata")).__name__ if isinstance(obj, dict) else type(obj).__name__,
+                kept="skipped; the other objects are used",
+            )  # fmt: skip
+            self._malformed_logged = True
 
     async def _list(self) -> str:
         listed = await self.client.list(self.res, label_selector=self.label_selector)
-        self.objects = {_key(o): o for o in listed.items}
+        for obj in listed.items:
+            if not _well_formed(obj):
+                self._malformed(obj)
+        self.objects = {_key(o): o for o in listed.items if _well_formed(o)}
+        self._failed = None
         self.synced = True
         self._missing_logged = False
         self.api.ok(self.source)
@@ -321,6 +363,9 @@ class Informer:
 
     def _apply(self, kind: str, obj: KubeObject) -> None:
         if kind == "BOOKMARK":
+            return
+        if not _well_formed(obj):
+            self._malformed(obj)
             return
         if kind == "DELETED":
             self.objects.pop(_key(obj), None)
@@ -478,6 +523,7 @@ class Controller:
         self._policy_records: int | None = None  # stored from the cluster at the last pass
         self._policy_at: float | None = None
         self._policy_dirty = True
+        self._pass_backoff: dict[str, Backoff] = {}
 
     # --- status ---------------------------------------------------------------------------
 
@@ -590,12 +636,17 @@ class Controller:
                     self.api.error(source, exc)
             except KubeUnreachable as exc:
                 self.api.unreachable(source, exc)
+            except Exception as exc:  # a bug must not end the election (and the Lease) for good
+                self._pass_failed("election", exc)
             if self.leading():
+                if self._lead_task is not None and self._lead_task.done():
+                    # Registration ended on its own (a bug past its own guard): log, start again.
+                    ended, self._lead_task = self._lead_task, None
+                    failure = None if ended.cancelled() else ended.exception()
+                    self._pass_failed("registration", failure or RuntimeError("ended on its own"))
                 if self._lead_task is None:
                     log.info("kube.leading", identity=cfg.identity, lease=f"{cfg.namespace}/{cfg.name}")
                     self._lead_task = asyncio.create_task(self._lead(client), name="kube-registration")
-                elif self._lead_task.done():
-                    self._lead_task.result()  # registration ended on its own: a bug, raise it
             else:
                 await self._stop_leading()
             await asyncio.sleep(cfg.retry_period.total_seconds())
@@ -702,24 +753,59 @@ class Controller:
                 )
                 if not (registration or policy):
                     continue
-                # A pass costs ~0.2 ms per host: skip it when neither the cluster (no event),
-                # the registry nor the reports moved, until health may have aged.
-                now_print = await asyncio.to_thread(self._fingerprint)
-                aged = loop.time() - last_pass >= self.settings.health_interval_s
-                if woken or aged or now_print != last:
-                    last, last_pass = now_print, loop.time()
-                    # Policy depends on its objects and the registry only (not on reports or
-                    # time): planned again when either moved.
-                    if policy and (self._policy_dirty or now_print[0] != policy_version):
-                        self._policy_dirty, policy_version = False, now_print[0]
-                        await self.sync_policy()
-                    if registration:
-                        await self.reconcile_once(client)
+                try:
+                    # A pass costs ~0.2 ms per host: skip it when neither the cluster (no event),
+                    # the registry nor the reports moved, until health may have aged.
+                    now_print = await asyncio.to_thread(self._fingerprint)
+                    aged = loop.time() - last_pass >= self.settings.health_interval_s
+                    if woken or aged or now_print != last:
+                        last, last_pass = now_print, loop.time()
+                        # Policy depends on its objects and the registry only (not on reports or
+                        # time): planned again when either moved.
+                        if policy and (self._policy_dirty or now_print[0] != policy_version):
+                            self._policy_dirty, policy_version = False, now_print[0]
+                            try:
+                                await self.sync_policy()
+                            except Exception as exc:  # the registration pass still runs
+                                self._policy_dirty = True
+                                self._pass_failed("policy", exc)
+                            else:
+                                self._pass_ok("policy")
+                        if registration:
+                            await self.reconcile_once(client)
+                    self._pass_ok("registration")
+                except Exception as exc:  # a bug in one pass must not end registration for good
+                    last = None  # the next pass runs whatever moved
+                    await asyncio.sleep(self._pass_failed("registration", exc))
         finally:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._policy_informers = {}
+
+    def _pass_failed(self, what: str, exc: BaseException) -> float:
+        """Log and count a pass that raised (a bug or an unexpected object); the seconds to
+        wait before the next try, growing to the back-off cap while it keeps failing."""
+        source = f"pass:{what}"
+        message = f"{type(exc).__name__}: {exc}"
+        self.counts["pass_failed"] += 1
+        if self.api.errors.get(source) != message:  # each distinct failure once, not every retry
+            log.error(
+                "kube.pass_failed", what=what, error_type=type(exc).__name__, error=str(exc),
+                hint="a bug in meshagent or an object it cannot read; retried after a back-off",
+            )  # fmt: skip
+        self.api.errors[source] = message
+        backoff = self._pass_backoff.setdefault(
+            what, Backoff(self.settings.backoff_initial_s, self.settings.backoff_max_s)
+        )
+        return backoff.next()
+
+    def _pass_ok(self, what: str) -> None:
+        if self.api.errors.pop(f"pass:{what}", None) is not None:
+            log.info("kube.pass_recovered", what=what)
+        backoff = self._pass_backoff.get(what)
+        if backoff is not None:
+            backoff.reset()
 
     def _fingerprint(self) -> tuple[int, int]:
         registry = self.authority.registry
@@ -852,7 +938,7 @@ class Controller:
 
         obj.setdefault("apiVersion", BY_KIND[key.kind].api_version)
         obj.setdefault("kind", key.kind)
-        rv = (obj.get("metadata") or {}).get("resourceVersion")
+        rv = _meta(obj).get("resourceVersion")
         if isinstance(rv, str):
             versions[key] = rv
         if informer is not None:
@@ -984,7 +1070,13 @@ class Controller:
                 await asyncio.sleep(self.settings.debounce_s)
                 dirty.clear()
                 if all(i.synced for i in self._discovery.values()):
-                    await self._publish()
+                    try:
+                        await self._publish()
+                    except Exception as exc:  # hosts keep the last services; try again
+                        dirty.set()
+                        await asyncio.sleep(self._pass_failed("discovery", exc))
+                    else:
+                        self._pass_ok("discovery")
         finally:
             for task in tasks:
                 task.cancel()

@@ -104,6 +104,7 @@ class WithController:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self._task = asyncio.create_task(self.controller.run(self._stop), name="kube-controller")
+                self._task.add_done_callback(_controller_ended)
                 log.info("kube.controller_started", identity=self.controller.settings.identity)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
@@ -123,6 +124,17 @@ class WithController:
         else:
             response = JSONResponse(self.controller.status())
         await response(scope, receive, send)
+
+
+def _controller_ended(task: asyncio.Task[None]) -> None:
+    """The controller ending with an error leaves the authority serving without it: say so."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.error(
+        "kube.controller_failed", error_type=type(exc).__name__, error=str(exc),
+        hint="the authority keeps serving without registration or discovery; restart it",
+    )  # fmt: skip
 
 
 def controller_for(authority: Authority, settings: ControllerSettings) -> Controller:

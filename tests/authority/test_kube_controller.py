@@ -20,7 +20,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -34,9 +34,11 @@ from agent.authority.kube_client import (
     KubeApiError,
     KubeClient,
     KubeConfigError,
+    ObjectList,
+    WatchEvent,
     api_error,
 )
-from agent.authority.kube_controller import Controller, ControllerSettings
+from agent.authority.kube_controller import ApiState, Controller, ControllerSettings, Informer
 from agent.authority.kube_export import ServiceRequest, check_registration
 from agent.authority.kube_objects import HOST_ID_LABEL, WorkloadPort
 from agent.authority.service import Authority
@@ -582,5 +584,106 @@ def test_discovery_serves_ready_endpoints_and_keeps_them_while_the_api_is_away(
             assert state()["updated_at"] != served_at  # the re-listed Services differ
         finally:
             await c.close()
+
+    run(scenario)
+
+
+# --- faults the controller survives -----------------------------------------------------------
+
+
+def test_a_pass_that_raises_is_logged_and_retried_not_the_end_of_registration(
+    authority: Authority, api: ApiServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in one pass (here: the registry raising once) used to end the controller task,
+    releasing the Lease and leaving the authority serving with no registration."""
+    host = enroll(authority, "vm-1", "198.18.0.5")
+    real = authority.registry.list_hosts
+    calls = {"n": 0}
+
+    def list_hosts_failing_once() -> list[HostRecord]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("registry hiccup")
+        return real()
+
+    monkeypatch.setattr(authority.registry, "list_hosts", list_hosts_failing_once)
+
+    async def scenario() -> None:
+        c = Running(authority, settings(api))
+        try:
+            await until("object created after the failed pass", lambda: len(host_objects(api, host)) == 1)
+            assert not c.task.done()
+            assert "pass:registration" not in c.controller.status()["errors"]  # recovered
+        finally:
+            await c.close()
+        assert calls["n"] >= 2
+        assert c.controller.status()["actions"]["pass_failed"] == 1
+
+    run(scenario)
+
+
+class _OneWatchClient:
+    """A client whose list is empty and whose first watch yields `events`, then stays quiet."""
+
+    def __init__(self, events: list[tuple[str, Any]]) -> None:
+        self.events, self.watches = events, 0
+
+    async def list(self, res: Any, *, label_selector: str | None = None) -> ObjectList:
+        return ObjectList([], "1")
+
+    async def watch(self, res: Any, **kw: Any) -> AsyncIterator[WatchEvent]:
+        self.watches += 1
+        if self.watches == 1:
+            for kind, obj in self.events:
+                yield WatchEvent(kind, obj)
+        await asyncio.Event().wait()
+
+
+def test_a_malformed_object_is_skipped_and_the_informer_keeps_watching() -> None:
+    good = {"apiVersion": "v1", "kind": "Service", "metadata": {"namespace": "shop", "name": "web",
+            "resourceVersion": "3"}}  # fmt: skip
+    client = _OneWatchClient(
+        [("ADDED", {"metadata": "oops"}), ("ADDED", {"kind": "Service"}), ("ADDED", good)]
+    )
+
+    async def scenario() -> None:
+        s = ControllerSettings(kubeconfig=None, identity="replica-a", backoff_initial_s=0.05)
+        informer = Informer(client, SERVICE, s, ApiState(), lambda: None)  # type: ignore[arg-type]
+        task = asyncio.create_task(informer.run())
+        try:
+            await until("the good object seen", lambda: ("shop", "web") in informer.objects)
+            assert not task.done()
+            assert list(informer.objects) == [("shop", "web")]
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    run(scenario)
+
+
+def test_an_informer_whose_list_raises_lists_again() -> None:
+    class Failing(_OneWatchClient):
+        lists = 0
+
+        async def list(self, res: Any, *, label_selector: str | None = None) -> ObjectList:
+            self.lists += 1
+            if self.lists == 1:
+                raise ValueError("unexpected")
+            return ObjectList([{"metadata": {"namespace": "shop", "name": "web"}}], "1")
+
+    client = Failing([])
+
+    async def scenario() -> None:
+        api_state = ApiState()
+        s = ControllerSettings(kubeconfig=None, identity="replica-a", backoff_initial_s=0.05)
+        informer = Informer(client, SERVICE, s, api_state, lambda: None)  # type: ignore[arg-type]
+        task = asyncio.create_task(informer.run())
+        try:
+            await until("listed after the failure", lambda: informer.synced)
+            assert list(informer.objects) == [("shop", "web")]
+            assert not task.done() and api_state.errors == {}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     run(scenario)
