@@ -8,6 +8,7 @@ is a 400, anything unforeseen a JSON 500 and one log line (never a traceback per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import weakref
@@ -276,6 +277,10 @@ class DirectoryWatch:
 
     def _fire(self) -> None:
         if self._event is not None:
+            # What the woken waiters will render: without it the poll below sees this same
+            # change a second later and wakes them all again for nothing.
+            with contextlib.suppress(Exception):  # a failed read: the poll fires once more
+                self._last = self.authority.version()
             self._event.set()
             self._event = asyncio.Event()
 

@@ -23,7 +23,7 @@ import httpx
 import jsonschema
 import pytest
 
-from agent.authority.api import create_app, release_long_polls
+from agent.authority.api import DirectoryWatch, create_app, release_long_polls
 from agent.authority.openapi import OPENAPI
 from agent.authority.service import Authority, canonical_json
 from agent.authority.storage import SqliteRegistry
@@ -350,3 +350,33 @@ def test_reports_are_stored_and_bad_ones_refused(guarded: AuthorityProcess, tmp_
         assert json.loads(stored[1])["probes"][0]["port"] == 8080
     finally:
         registry.close()
+
+
+def test_a_discovery_change_wakes_the_waiters_once(setup: Setup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """set_discovered wakes the waiters at once; the version poll must not see the same change
+    again and wake them a second time (every waiter would render twice)."""
+    polls = {"n": 0}
+    real = setup.authority.version
+
+    def counted() -> tuple[int, int, bytes]:
+        polls["n"] += 1
+        return real()
+
+    watch = DirectoryWatch(setup.authority, max_waiters=4, interval_s=0.01)
+
+    async def run() -> None:
+        first = watch.admit()
+        assert first is not None
+        await asyncio.to_thread(setup.authority.set_discovered, [SERVICE])
+        await asyncio.wait_for(first.wait(), 20)
+        second = watch.changed()
+        monkeypatch.setattr(setup.authority, "version", counted)
+        for _ in range(2000):  # until the poll ran (and compared) several times since the wake
+            if polls["n"] >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert polls["n"] >= 5
+        assert not second.is_set()
+        watch.leave()
+
+    asyncio.run(run())
