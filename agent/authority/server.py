@@ -142,7 +142,11 @@ def controller_for(authority: Authority, settings: ControllerSettings) -> Contro
     from .kube_client import KubeClient  # loads lightkube: controller mode only
     from .kube_controller import Controller
 
-    return Controller(authority, settings, client=KubeClient.connect(settings.kubeconfig))
+    controller = Controller(authority, settings, client=KubeClient.connect(settings.kubeconfig))
+    if settings.discovery:
+        # Until the first discovery, hosts keep their Services rather than be served none.
+        authority.await_discovery()
+    return controller
 
 
 def serve(
