@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import struct
 from collections import Counter
@@ -69,6 +70,9 @@ class StubSettings:
     skips the agent's uid, so the mark is a second key, not the only one."""
 
 
+_PICK_ATTEMPTS = 20  # with port 0, UDP ports tried until the same TCP port is free
+
+
 class DnsStub:
     def __init__(
         self, settings: StubSettings, table: NameTable, clock: Callable[[], float] | None = None
@@ -100,14 +104,28 @@ class DnsStub:
         loop = asyncio.get_running_loop()
         bound: list[tuple[str, int]] = []
         for host in self.settings.listen:
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _UdpListener(self), local_addr=(host, self.settings.port)
-            )
-            self._udp.append(transport)
-            port = transport.get_extra_info("sockname")[1]
-            server = await asyncio.start_server(self._serve_tcp, host, port, limit=m.TCP_MAX + 2)
-            self._tcp.append(server)
-            bound.append((host, port))
+            for attempt in range(_PICK_ATTEMPTS):
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: _UdpListener(self), local_addr=(host, self.settings.port)
+                )
+                port = transport.get_extra_info("sockname")[1]
+                try:
+                    server = await asyncio.start_server(self._serve_tcp, host, port, limit=m.TCP_MAX + 2)
+                except OSError as exc:
+                    transport.close()
+                    # Port 0: the kernel picked a UDP port whose TCP twin is taken (by another
+                    # connection's ephemeral port): pick again.
+                    if (
+                        self.settings.port != 0
+                        or exc.errno != errno.EADDRINUSE
+                        or attempt == _PICK_ATTEMPTS - 1
+                    ):
+                        raise
+                    continue
+                self._udp.append(transport)
+                self._tcp.append(server)
+                bound.append((host, port))
+                break
         log.info(
             "dns.listening",
             addresses=",".join(f"{h}:{p}" for h, p in bound),

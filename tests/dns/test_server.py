@@ -53,9 +53,16 @@ def run(body: Callable[..., Awaitable[None]], silent: bool = False, **settings: 
     async def main() -> None:
         loop = asyncio.get_running_loop()
         fake = FakeUpstream(silent)
-        up_udp, _ = await loop.create_datagram_endpoint(lambda: fake, local_addr=("127.0.0.1", 0))
-        port = up_udp.get_extra_info("sockname")[1]
-        up_tcp = await asyncio.start_server(tcp_upstream, "127.0.0.1", port)
+        for _ in range(20):  # a UDP port whose TCP twin is free (another connection may hold it)
+            up_udp, _ = await loop.create_datagram_endpoint(lambda: fake, local_addr=("127.0.0.1", 0))
+            port = up_udp.get_extra_info("sockname")[1]
+            try:
+                up_tcp = await asyncio.start_server(tcp_upstream, "127.0.0.1", port)
+                break
+            except OSError:
+                up_udp.close()
+        else:
+            raise AssertionError("no port free for both UDP and TCP in 20 tries")
         conf = {"upstreams": ("127.0.0.1",), "listen": ("127.0.0.1",), "port": 0, "upstream_port": port}
         stub = DnsStub(StubSettings(**{**conf, **settings}), TABLE)
         (bound,) = await stub.start()
