@@ -109,6 +109,19 @@ def carry_services(doc: dict[str, Any], last: dict[str, Any] | None) -> dict[str
     return {**doc, "services": last.get("services", [])}
 
 
+def newest(cached: dict[str, Any] | None, fetched: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a reload applies: the cache file (an operator may have put one there), unless the
+    document last fetched is newer (the cache's write failed, or is still under way)."""
+
+    def generated(doc: dict[str, Any]) -> float:
+        value = doc.get("generated_at")
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else -1.0
+
+    if cached is None or (fetched is not None and generated(fetched) > generated(cached)):
+        return fetched
+    return cached
+
+
 def poll_pause(fetch: HostConfigFetch, interval: float) -> float:
     """Seconds to wait before the next directory request: none while long polling works; the
     authority's Retry-After when its waiters are full (or it stops); an interval when the answer
@@ -564,8 +577,7 @@ class Daemon:
         old_intercept = self.config.intercept
         self.config = fresh
         configure(fresh.log.level, fresh.log.format)
-        # The document last fetched (the cache may be older if its write failed or is under way).
-        directory = self._directory(self._last_doc or self._cached_directory_doc())
+        directory = self._directory(newest(self._cached_directory_doc(), self._last_doc))
         self._use(directory)
         if fresh.intercept != old_intercept and fresh.intercept.enabled:
             plan = self._plan()

@@ -25,3 +25,14 @@ def test_services_left_out_are_kept() -> None:
     assert carry_services(dict(DOC), last)["services"] == SERVICES  # authority just restarted
     assert carry_services({**DOC, "services": []}, last)["services"] == []  # "none" is news
     assert "services" not in carry_services(dict(DOC), None)  # nothing to keep
+
+
+def test_a_reload_applies_the_cache_unless_the_last_fetch_is_newer() -> None:
+    from agent.daemon import newest
+
+    cached, fetched = {**DOC, "generated_at": 5.0}, {**DOC, "generated_at": 9.0}
+    assert newest(cached, fetched) is fetched  # the cache's write failed or is under way
+    assert newest(fetched, cached) is fetched  # a newer cache (written since) wins
+    by_hand = {"catalog": [], "policy": {}}  # an operator's file, no generated_at: as at start
+    assert newest(by_hand, by_hand) is by_hand
+    assert newest(None, fetched) is fetched and newest(cached, None) is cached
