@@ -18,8 +18,6 @@ import pwd
 import random
 import resource
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -30,10 +28,10 @@ from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError, MeshagentError, StateError, listen_error
 from agent.fsutil import write_atomic
 from agent.health.probes import ProbeRunner
-from agent.health.report import Reporter, build_report
-from agent.identity.certinfo import utcnow
+from agent.health.report import Reporter
 from agent.identity.client import AuthorityClient, HostConfigFetch
 from agent.identity.names import WorkloadIdentity
+from agent.identity.renew import run_renewal
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
@@ -45,12 +43,11 @@ from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
 from agent.proxy.decisions import ServedPorts
 from agent.proxy.directory import Directory, Rejected, merge
-from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
-from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
+from agent.status import daemon_status, health_report, http_accounting, not_ready
 from agent.tasks import Supervisor
 from agent.telemetry.admin import AdminLimits, AdminServer, Handler, Reply, json_reply, start_admin
 from agent.telemetry.agent_metrics import render_agent
@@ -149,6 +146,8 @@ class DaemonState:
     rejected_seen: set[Rejected] = field(default_factory=set)
     last_errors: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=lambda: {"trims": 0})
+    # The authority refused this host as revoked: {"at", "by", "message"} (None: not revoked).
+    revoked: dict[str, Any] | None = None
 
     def error(self, kind: str, message: str) -> None:
         self.last_errors = [*self.last_errors[-19:], {"kind": kind, "message": message}]
@@ -262,7 +261,7 @@ class Daemon:
         # how this host is; a probe's flip is reported at once.
         self._last_doc: dict[str, Any] | None = None  # the directory document last applied
         self.probes = ProbeRunner(config.health.probes)
-        self.reporter = Reporter(self._health_report, self._send_report, config.proxy.refresh_interval_s)
+        self.reporter = Reporter(self._health_report, self._report, config.proxy.refresh_interval_s)
         self.probes.on_change = self.reporter.poke
         self.drain_cut = asyncio.Event()  # a second stop signal: end the drain now
         # Cluster names on the host ([dns], off by default): the stub and its fail-open redirect.
@@ -310,12 +309,7 @@ class Daemon:
                 return client.fetch_host_config(self.store.api_token(), etag, wait_s)
 
     def _health_report(self) -> dict[str, Any]:
-        return build_report(
-            not_ready_reasons=self.not_ready(),
-            directory_updated_at=self.state.directory_updated_at,
-            refresh_interval_s=self.reporter.interval_s,  # what this process runs (a reload needs a restart)
-            probes=self.probes.results(),
-        )
+        return health_report(self)
 
     def _send_report(self, doc: dict[str, Any]) -> None:
         with AuthorityClient(self.store.load_authority()) as client:
@@ -325,6 +319,29 @@ class Daemon:
                 if exc.code != "unauthenticated":
                     raise
                 client.send_report(self.store.api_token(), doc)  # the token was just renewed
+
+    def _report(self, doc: dict[str, Any]) -> None:
+        try:
+            self._send_report(doc)
+        except MeshagentError as exc:
+            if exc.code == "host_revoked":  # (in the reporter's thread: a dict assignment and a log)
+                self._revoked("report", exc)
+            raise
+
+    def _revoked(self, by: str, exc: MeshagentError) -> None:
+        """The authority refused us as revoked (host_revoked): say so once, in the log and in
+        status; renewal stops (Rotator), the directory and reports go on at their interval (a
+        revocation is final: only `meshagent enroll` again and a restart bring the host back)."""
+        if self.state.revoked is not None:
+            return
+        self.state.revoked = {"at": time.time(), "by": by, "message": exc.message}
+        log.error(
+            "identity.revoked",
+            source=by,
+            reason=exc.message,
+            hint="this host was revoked at the authority: its peers refuse it; enroll it again "
+            "with a new join token (meshagent enroll --force) and restart the agent",
+        )
 
     def _write_cache(self, doc: dict[str, Any]) -> None:
         path = self.store.state_dir / HOST_CONFIG_CACHE
@@ -388,6 +405,8 @@ class Daemon:
             except StateError:
                 raise
             except MeshagentError as exc:
+                if exc.code == "host_revoked":
+                    self._revoked("directory", exc)
                 self.state.error("directory_refresh", f"{exc.code}: {exc.message}")
                 log.warning(
                     "directory.refresh_failed",
@@ -478,7 +497,7 @@ class Daemon:
             log.info("intercept.applied", backend=backend.name, rules=len(plan.rules))
             self.tasks.once("conntrack-cleanup", self._clear_conntrack(plan))
 
-        self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=renew_in_subprocess)
+        self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=self._renew)
         self.tasks.start("rotation", lambda: rotator.run(self.stop_event))
         self.tasks.start("directory-refresh", self._refresh_loop)
         if self.config.health.probes:
@@ -601,6 +620,15 @@ class Daemon:
         if self.state.rules is not None:
             self.state.rules = self.state.rules.with_cleared(cleared)
 
+    def _renew(self, store: IdentityStore) -> IdentityInfo:
+        """One renewal, through the identity package's own process (agent/identity/renew.py)."""
+        try:
+            return run_renewal(store)
+        except MeshagentError as exc:
+            if exc.code == "host_revoked":
+                self._revoked("renewal", exc)
+            raise
+
     async def _renewed(self, identity: IdentityInfo) -> None:
         assert self.credentials is not None
         await asyncio.to_thread(self.credentials.reload, self.store, identity)
@@ -675,16 +703,8 @@ class Daemon:
         return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def not_ready(self) -> list[str]:
-        """Why the agent cannot serve mTLS right now (empty: ready)."""
-        reasons = []
-        if self.credentials is None or self.credentials.identity.summary.not_after <= utcnow():
-            reasons.append("identity: no valid certificate")
-        if self.config.intercept.enabled and self.state.rules is None:
-            reasons.append("intercept: rules not applied")
-        if self.proxy is None or len(self.proxy.listening) < 2:
-            reasons.append("proxy: listeners not up")
-        reasons.extend(self.tasks.not_ready())
-        return reasons
+        """Why the agent cannot serve mTLS right now (empty: ready): agent/status.py."""
+        return not_ready(self)
 
     def _ready(self, _query: dict[str, list[str]]) -> Reply:
         reasons = self.not_ready()
@@ -704,88 +724,16 @@ class Daemon:
         return json_reply({"window_s": window, "rows": self.stat.query(window)})
 
     def status(self) -> dict[str, Any]:
-        """Everything the daemon knows, for `/status` and `meshagent status`."""
-        ident = self.credentials.identity if self.credentials else None
-        proxy = self.proxy
-        now = utcnow()
-        return {
-            "ready": not self.not_ready(),
-            "not_ready_reasons": self.not_ready(),
-            "started_at": self.started_at,
-            "identity": None
-            if ident is None
-            else {
-                "spiffe_id": ident.workload.spiffe_id,
-                "dns_name": ident.workload.dns_name,
-                "serial": ident.summary.serial,
-                "not_after": ident.summary.not_after.isoformat(),
-                "seconds_left": int((ident.summary.not_after - now).total_seconds()),
-                "renewals": self.rotator.renewals if self.rotator else 0,
-                "renewal_failures": self.rotator.failures if self.rotator else 0,
-                "last_renewal_error": self.rotator.last_error if self.rotator else "",
-            },
-            "rules": None
-            if self.state.rules is None
-            else {k: v for k, v in self.state.rules.to_dict().items() if k != "steps"},
-            "listeners": {} if proxy is None else {k: f"{h}:{p}" for k, (h, p) in proxy.listening.items()},
-            "catalog": {
-                "entries": 0 if proxy is None else len(proxy.catalog),
-                "source": self.state.directory_source,
-                "updated_at": self.state.directory_updated_at,
-                "rejected_count": len(self.state.rejected),
-                "rejected": [r.to_dict() for r in self.state.rejected],
-            },
-            "services": 0 if proxy is None else len(proxy.services),
-            "health": {
-                "probes": self.probes.results(),
-                "reports_sent": self.reporter.sent,
-                "report_failures": self.reporter.failures,
-                "last_report_error": self.reporter.last_error,
-            },
-            "dns": {"enabled": False} if self.dns is None else self.dns.status(),
-            "tasks": self.tasks.status(),
-            "admin": None if self.admin is None else self.admin.stats(),
-            "handshakes": None if proxy is None else proxy.handshakes.status(),
-            "memory": {"rss_mb": round(rss_bytes() / 2**20, 1), **self.state.memory},
-            "connections": {
-                "open": 0 if proxy is None else proxy.open_connections,
-                "opened": {} if proxy is None else dict(proxy.stats.opened),
-                "refused": {} if proxy is None else dict(proxy.stats.refused),
-                "failures": {} if proxy is None else dict(proxy.stats.failures),
-            },
-            "http_accounting": self._http_accounting(),
-            "http_accounting_stopped": dict(HTTP_ACCOUNTING_STOPPED),
-            "last_errors": self.state.last_errors + ([] if proxy is None else list(proxy.stats.last_errors)),
-        }
+        """The `/status` document (agent/status.py owns it)."""
+        return daemon_status(self)
 
     def _http_accounting(self) -> str:
-        """off, or which implementation counts requests: compiled, or python (not built)."""
-        t = self.config.telemetry
-        return HTTP1_IMPLEMENTATION if t.metrics and t.http_accounting else "off"
+        return http_accounting(self)
 
     async def _watchdog(self, interval: float) -> None:
         while not self.stop_event.is_set():
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
-
-
-def renew_in_subprocess(store: IdentityStore) -> IdentityInfo:
-    """Renew with a short-lived `meshagent renew`: making keys and CSRs needs `cryptography`,
-    which the long-running daemon never loads (it would cost ~13 MB of RSS for good)."""
-    argv = [sys.executable, "-m", "agent.cli", "renew", "--json", "--state-dir", str(store.state_dir)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired:
-        raise MeshagentError("the renewal did not finish within 120 s", code="renew_timeout") from None
-    if proc.returncode != 0:
-        try:
-            err = json.loads(proc.stdout)["error"]
-            raise MeshagentError(err["message"], err.get("hint", ""), code=err["code"])
-        except (ValueError, KeyError, TypeError):
-            raise MeshagentError(
-                f"meshagent renew exited {proc.returncode}: {proc.stderr.strip()[-300:]}", code="renew_failed"
-            ) from None
-    return store.load_info()
 
 
 def _orig_dst(sock: Any) -> tuple[str, int]:

@@ -27,7 +27,7 @@ from agent import __version__
 from agent.errors import MeshagentError, RejectedError
 from agent.logs import Throttled, get_logger
 
-from . import discovery
+from . import discovery, health
 from .httpguard import current_limits
 from .openapi import OPENAPI
 from .service import Authority, EnrollResult, RenderedConfig
@@ -58,6 +58,7 @@ STATUS = {
     "method_not_allowed": 405,
     "body_too_large": 413,
     "internal": 500,
+    "registry_unavailable": 503,
 }
 
 _API_HINT = "see /v1/openapi.json for the API"
@@ -73,6 +74,8 @@ def error(code: str, message: str, hint: str = "") -> JSONResponse:
     if code == "body_too_large":
         # The rest of the body is never read: close rather than parse it to find the next request.
         response.headers["connection"] = "close"
+    if code == "registry_unavailable":
+        response.headers["retry-after"] = "2"  # the pool reconnects by itself; retry soon
     return response
 
 
@@ -313,6 +316,59 @@ def release_long_polls() -> None:
         watch.release()
 
 
+class FleetMetrics:
+    """The authority's own /metrics: the fleet's gauges (hosts by state, certificates expiring
+    within 24 h, from every replica's shared registry) and this process's request counters
+    (per process: with --workers or replicas, Prometheus sums them).
+
+    A scrape reads every host and its last report once (health.fleet_counts), in a thread; at
+    10,000 hosts that is tens of milliseconds (bench/fleet.py). Scrapes within CACHE_S share one
+    computation, so a scrape storm costs one pass."""
+
+    CACHE_S = 1.0
+
+    def __init__(self, authority: Authority) -> None:
+        self.authority = authority
+        self.requests: dict[tuple[str, int], int] = {}
+        self._lock = asyncio.Lock()
+        self._cached: tuple[float, health.FleetCounts] | None = None
+
+    def count(self, path: str, status: int) -> None:
+        key = (path, status)  # paths are the routes' own (unknown paths never get here)
+        self.requests[key] = self.requests.get(key, 0) + 1
+
+    def _counts(self) -> health.FleetCounts:
+        registry = self.authority.registry
+        return health.fleet_counts(registry.list_hosts(), registry.reports(), self.authority.clock())
+
+    async def counts(self) -> health.FleetCounts:
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            if self._cached is None or loop.time() - self._cached[0] > self.CACHE_S:
+                self._cached = (loop.time(), await asyncio.to_thread(self._counts))
+            return self._cached[1]
+
+    async def render(self) -> bytes:
+        counts = await self.counts()
+        lines = [
+            "# HELP meshagent_authority_hosts Enrolled hosts by state (authority hosts' health column).",
+            "# TYPE meshagent_authority_hosts gauge",
+            *(f'meshagent_authority_hosts{{state="{s}"}} {n}' for s, n in counts.hosts.items()),
+            "# HELP meshagent_authority_certificates_expiring_24h Unrevoked host certificates that "
+            "expire within 24 hours.",
+            "# TYPE meshagent_authority_certificates_expiring_24h gauge",
+            f"meshagent_authority_certificates_expiring_24h {counts.expiring_24h}",
+            "# HELP meshagent_authority_requests_total API requests answered by this process, by "
+            "path and status.",
+            "# TYPE meshagent_authority_requests_total counter",
+            *(
+                f'meshagent_authority_requests_total{{path="{p}",status="{c}"}} {n}'
+                for (p, c), n in sorted(self.requests.items())
+            ),
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+
 def default_max_waiters() -> int:
     """Three quarters of the connection cap: the rest stays for enrollments and renewals."""
     return max(1, current_limits().max_connections * 3 // 4)
@@ -320,10 +376,16 @@ def default_max_waiters() -> int:
 
 def create_app(authority: Authority, max_waiters: int | None = None) -> Contained:
     watch = DirectoryWatch(authority, default_max_waiters() if max_waiters is None else max_waiters)
+    fleet = FleetMetrics(authority)
     Handler = Callable[[Request], Awaitable[Response]]
 
     def refusals(handler: Handler) -> Handler:
         async def wrapped(request: Request) -> Response:
+            response = await _answer(request)
+            fleet.count(request.url.path, response.status_code)
+            return response
+
+        async def _answer(request: Request) -> Response:
             try:
                 return await handler(request)
             except MeshagentError as exc:
@@ -420,6 +482,14 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         discovery.authorize(authority.material.directory, request.headers.get("authorization", ""))
         return JSONResponse(authority.prometheus_targets(_port(request.query_params.get("port", "4191"))))
 
+    @refusals
+    async def metrics(request: Request) -> Response:
+        """The fleet's gauges and this process's request counters, for the holder of the
+        Prometheus discovery token (host counts by state are not for every host to read)."""
+        discovery.authorize(authority.material.directory, request.headers.get("authorization", ""))
+        body = await fleet.render()
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
     async def trust_bundle(request: Request) -> Response:
         return JSONResponse({"trust_bundle": authority.trust_bundle.pem().decode()})
 
@@ -447,6 +517,7 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
             Route("/v1/host/report", host_report, methods=["POST"]),
             Route("/v1/trust-bundle", trust_bundle, methods=["GET"]),
             Route("/v1/prometheus/targets", prometheus_targets, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
         ],

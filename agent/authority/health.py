@@ -16,8 +16,11 @@ unchanged host yields an unchanged object and the controller writes nothing.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -43,6 +46,14 @@ MAX_VERSION = 64
 MAX_REASON = 1000
 MAX_DETAIL = 300
 MAX_KEYS = 32  # top-level keys (unknown ones from a newer agent are ignored, not stored)
+MAX_SERIAL = 64  # hex digits: X.509 serials are at most 20 bytes
+MAX_BACKEND = 32
+MAX_LISTENERS = 8
+MAX_LISTENER_NAME = 32
+MAX_LISTENER_ADDRESS = 64  # "[v6 address]:port"
+MAX_ADDRESSES = 64  # as many as enrollment takes (names.MAX_HOST_ADDRESSES)
+_SERIAL = re.compile(r"[0-9a-fA-F]{1,64}")
+_LISTENER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 MIN_INTERVAL_S, MAX_INTERVAL_S = 1.0, 86400.0
 KINDS = ("tcp", "http", "exec")
 _HINT = "the agent sends this by itself; upgrade the agent or report a bug if it keeps happening"
@@ -58,6 +69,21 @@ class ProbeReport:
 
 
 @dataclass(frozen=True)
+class CertificateReport:
+    """The certificate the agent serves with, and whether its renewal is failing."""
+
+    serial: str
+    not_after: float  # Unix time
+    renewal_error: str = ""  # the last renewal's error while it keeps failing; "" when fine
+
+
+@dataclass(frozen=True)
+class InterceptionReport:
+    applied: bool
+    backend: str  # nft, iptables, or "" when interception is off
+
+
+@dataclass(frozen=True)
 class HostReport:
     agent_version: str
     ready: bool
@@ -65,12 +91,24 @@ class HostReport:
     directory_updated_at: float | None
     refresh_interval_s: float
     probes: tuple[ProbeReport, ...] = ()
+    # Since #18 (an older agent's report has none of these: None / empty).
+    certificate: CertificateReport | None = None
+    interception: InterceptionReport | None = None
+    listeners: tuple[tuple[str, str], ...] = ()  # (name, "host:port"), sorted by name
+    last_error: str = ""
+    addresses: tuple[str, ...] = ()
+
+    def to_doc(self) -> dict[str, Any]:
+        """The report as the agent sent it (known fields only), for the stored row and --json."""
+        doc = asdict(self)
+        doc["probes"] = [asdict(p) for p in self.probes]
+        doc["listeners"] = dict(self.listeners)
+        doc["addresses"] = list(self.addresses)
+        return doc
 
     def to_json(self) -> str:
         """The stored form: only the known fields, so its size is bounded by parse_report's caps."""
-        doc = asdict(self)
-        doc["probes"] = [asdict(p) for p in self.probes]
-        return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+        return json.dumps(self.to_doc(), separators=(",", ":"), sort_keys=True)
 
 
 def _bad(message: str) -> RejectedError:
@@ -126,6 +164,71 @@ def _probe(doc: object, where: str) -> ProbeReport:
     )
 
 
+def _object(doc: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = doc.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _bad(f"{key} must be an object")
+    return value
+
+
+def _certificate(doc: dict[str, Any]) -> CertificateReport | None:
+    cert = _object(doc, "certificate")
+    if cert is None:
+        return None
+    serial = _text(cert, "serial", MAX_SERIAL, "certificate.")
+    if not _SERIAL.fullmatch(serial):
+        raise _bad("certificate.serial must be hexadecimal digits")
+    not_after = _time(cert, "not_after", "certificate.")
+    assert not_after is not None
+    renewal_error = ""
+    if "renewal_error" in cert:
+        renewal_error = _text(cert, "renewal_error", MAX_REASON, "certificate.")
+    return CertificateReport(serial.lower(), not_after, renewal_error)
+
+
+def _interception(doc: dict[str, Any]) -> InterceptionReport | None:
+    value = _object(doc, "interception")
+    if value is None:
+        return None
+    return InterceptionReport(
+        applied=_bool(value, "applied", "interception."),
+        backend=_text(value, "backend", MAX_BACKEND, "interception."),
+    )
+
+
+def _listeners(doc: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    value = _object(doc, "listeners")
+    if value is None:
+        return ()
+    if len(value) > MAX_LISTENERS:
+        raise _bad(f"listeners has {len(value)} entries; at most {MAX_LISTENERS}")
+    out = []
+    for name in sorted(value):
+        if not _LISTENER_NAME.fullmatch(name):
+            raise _bad(f"listeners: {name[:40]!r} is not a listener name (a-z, 0-9, - and _)")
+        out.append((name, _text(value, name, MAX_LISTENER_ADDRESS, "listeners.")))
+    return tuple(out)
+
+
+def _addresses(doc: dict[str, Any]) -> tuple[str, ...]:
+    value = doc.get("addresses", [])
+    if not isinstance(value, list):
+        raise _bad("addresses must be a list")
+    if len(value) > MAX_ADDRESSES:
+        raise _bad(f"addresses has {len(value)} entries; at most {MAX_ADDRESSES}")
+    out = []
+    for i, address in enumerate(value):
+        if not isinstance(address, str) or len(address) > 45:  # the longest IPv6 text form
+            raise _bad(f"addresses[{i}] must be an IP address")
+        try:
+            out.append(str(ipaddress.ip_address(address)))
+        except ValueError:
+            raise _bad(f"addresses[{i}] {address!r} is not an IP address") from None
+    return tuple(out)
+
+
 def parse_report(doc: Any) -> HostReport:
     """A report body, checked: types, bounded strings and lists, finite times, no control
     characters. Refused whole with RejectedError(code=invalid_request) naming the field."""
@@ -150,6 +253,11 @@ def parse_report(doc: Any) -> HostReport:
         directory_updated_at=_time(doc, "directory_updated_at", nullable=True),
         refresh_interval_s=float(interval),
         probes=tuple(_probe(p, f"probes[{i}]") for i, p in enumerate(probes)),
+        certificate=_certificate(doc),
+        interception=_interception(doc),
+        listeners=_listeners(doc),
+        last_error=_text(doc, "last_error", MAX_REASON) if "last_error" in doc else "",
+        addresses=_addresses(doc),
     )
 
 
@@ -265,3 +373,150 @@ def host_health(
         f"agent {report.agent_version} ready{probes}",
         since,
     )
+
+
+# --- the fleet's view: one state per host (`authority hosts`, the authority's /metrics) --------
+
+STATE_HEALTHY = "healthy"
+STATE_NOT_READY = "not_ready"
+STATE_SILENT = "silent"
+STATE_EXPIRING = "expiring"
+STATE_REVOKED = "revoked"
+STATES = (STATE_HEALTHY, STATE_NOT_READY, STATE_SILENT, STATE_EXPIRING, STATE_REVOKED)
+
+EXPIRING_WINDOW = timedelta(hours=24)
+# A certificate is "expiring soon" once it is inside EXPIRING_WINDOW *and* past the point where a
+# working agent has renewed it (70 % of its lifetime, +5 % jitter): with the default 24 h
+# certificates every host is always within 24 h of expiry, and the column must not say so of all.
+LATE_FRACTION = 0.80
+MAX_COLUMN_REASON = 80
+
+
+@dataclass(frozen=True)
+class FleetHealth:
+    """A host's state for the operator: `state` (one of STATES, the gauge's label), `text` (the
+    `authority hosts` column) and `health` (the Ready condition it comes from, with its message)."""
+
+    state: str
+    text: str
+    health: Health
+    since: datetime | None = None  # silent since / expiring at
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "text": self.text,
+            "since": None if self.since is None else rfc3339(self.since),
+            "reason": self.health.reason,
+            "message": self.health.message,
+        }
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_COLUMN_REASON else text[: MAX_COLUMN_REASON - 3] + "..."
+
+
+def _issued_at(host: HostRecord) -> datetime:
+    return host.last_renewal or host.enrolled_at
+
+
+def expiring_soon(host: HostRecord, now: datetime) -> bool:
+    """Within EXPIRING_WINDOW of expiry and late: past LATE_FRACTION of its lifetime (the
+    lifetime as the registry knows it: from its last issue to not_after)."""
+    left = host.not_after - now
+    if left > EXPIRING_WINDOW:
+        return False
+    lifetime = host.not_after - _issued_at(host)
+    return left <= lifetime * (1 - LATE_FRACTION)
+
+
+def fleet_health(
+    host: HostRecord, now: datetime, report: HostReport | None, received_at: datetime | None
+) -> FleetHealth:
+    """The host's state from its record and last report (None: never reported). First that
+    applies: revoked; silent (never reported, or no report within 3 intervals); not ready (the
+    Ready condition's reason: certificate expired, directory stale, agent not ready, a probe);
+    expiring soon (late in its certificate's life, or the agent says renewal is failing); healthy."""
+    health = host_health(host, now, report, received_at)
+    if health.reason == REASON_REVOKED:
+        return FleetHealth(STATE_REVOKED, "revoked", health, host.revoked_at)
+    if health.reason == REASON_NEVER_REPORTED:
+        return FleetHealth(STATE_SILENT, "silent since enrollment (never reported)", health, host.enrolled_at)
+    if (
+        health.reason == REASON_AGENT_STALE
+        and received_at is not None
+        and report is not None
+        and now - received_at > timedelta(seconds=STALE_INTERVALS * report.refresh_interval_s)
+    ):
+        return FleetHealth(STATE_SILENT, f"silent since {rfc3339(received_at)}", health, received_at)
+    if not health.ready:
+        return FleetHealth(STATE_NOT_READY, f"not ready: {_short(_not_ready_reason(health, report))}", health)
+    renewal_error = report.certificate.renewal_error if report and report.certificate else ""
+    if renewal_error or expiring_soon(host, now):
+        why = f", renewal failing: {_short(renewal_error)}" if renewal_error else ""
+        return FleetHealth(
+            STATE_EXPIRING, f"expiring soon ({rfc3339(host.not_after)}{why})", health, host.not_after
+        )
+    return FleetHealth(STATE_HEALTHY, "healthy", health)
+
+
+def _not_ready_reason(health: Health, report: HostReport | None) -> str:
+    if health.reason == REASON_AGENT_NOT_READY and report is not None:
+        return report.reason or "no reason given"
+    if health.reason == REASON_CERTIFICATE_EXPIRED:
+        return f"certificate expired at {rfc3339(health.since)}"
+    if health.reason == REASON_AGENT_STALE:
+        return "directory not refreshed within 3 intervals"
+    if health.reason == REASON_PROBE_FAILED and report is not None:
+        failing = [p for p in report.probes if not p.ok]
+        return ", ".join(f"{_probe_label(p)} failing" for p in failing[:2]) + (
+            f" (+{len(failing) - 2})" if len(failing) > 2 else ""
+        )
+    return health.reason
+
+
+Reports = Mapping[str, tuple[float, str]]
+
+
+def stored_fleet_health(host: HostRecord, now: datetime, reports: Reports) -> FleetHealth:
+    """fleet_health from the registry's `reports()`."""
+    stored = reports.get(host.id)
+    if stored is None:
+        return fleet_health(host, now, None, None)
+    at, text = stored
+    return fleet_health(host, now, load_report(text), datetime.fromtimestamp(at, UTC))
+
+
+def stored_report_doc(host: HostRecord, reports: Reports) -> dict[str, Any] | None:
+    """The host's last report, whole, as stored (for `authority hosts --json`); None: never
+    reported. A row that no longer parses shows as {"received_at", "unreadable": true}."""
+    stored = reports.get(host.id)
+    if stored is None:
+        return None
+    at, text = stored
+    report = load_report(text)
+    received = rfc3339(datetime.fromtimestamp(at, UTC))
+    if report is None:
+        return {"received_at": received, "unreadable": True}
+    return {"received_at": received, **report.to_doc()}
+
+
+@dataclass(frozen=True)
+class FleetCounts:
+    """The authority's fleet gauges: hosts by state, and unrevoked certificates expiring within
+    24 h (the plain count, whatever their lifetime)."""
+
+    hosts: dict[str, int]
+    expiring_24h: int
+
+
+def fleet_counts(hosts: Iterable[HostRecord], reports: Reports, now: datetime) -> FleetCounts:
+    """One pass over the hosts and their last reports."""
+    counts = dict.fromkeys(STATES, 0)
+    expiring = 0
+    horizon = now + EXPIRING_WINDOW
+    for host in hosts:
+        counts[stored_fleet_health(host, now, reports).state] += 1
+        if not host.revoked and now < host.not_after <= horizon:
+            expiring += 1
+    return FleetCounts(counts, expiring)

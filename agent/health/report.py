@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
+
+import psutil
 
 from agent import __version__
 from agent.errors import MeshagentError
+from agent.identity.names import MAX_HOST_ADDRESSES, InvalidName, validate_host_address
 from agent.logs import get_logger
 
 log = get_logger("meshagent.health")
@@ -30,23 +34,70 @@ def build_report(
     refresh_interval_s: float,
     probes: Sequence[dict[str, Any]] = (),
     agent_version: str = __version__,
+    certificate: Mapping[str, Any] | None = None,
+    interception: Mapping[str, Any] | None = None,
+    listeners: Mapping[str, str] | None = None,
+    last_error: str = "",
+    addresses: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The report body (interfaces §5): the agent's own readiness (`meshagent status`'s
     not_ready_reasons, joined), when its directory was last refreshed (the authority's
-    `generated_at`, so one clock), its refresh interval and its probes' states."""
+    `generated_at`, so one clock), its refresh interval and its probes' states; since #18 also
+    the certificate it serves with ({serial, not_after, renewal_error}), interception
+    ({applied, backend}), its listeners, its last error and its addresses (the fleet's view,
+    `authority hosts`). Optional keys are left out when unknown: the authority takes reports
+    without them (older agents)."""
     # A reason may carry a subprocess's multi-line stderr: the authority refuses control
     # characters, and one refused report would leave the host looking stale.
     reason = _one_line("; ".join(not_ready_reasons))
     if len(reason) > MAX_REASON:
         reason = reason[: MAX_REASON - 3] + "..."
-    return {
+    doc: dict[str, Any] = {
         "agent_version": agent_version,
         "ready": not not_ready_reasons,
         "reason": reason,
         "directory_updated_at": directory_updated_at,
         "refresh_interval_s": refresh_interval_s,
         "probes": [{**p, "detail": _one_line(str(p.get("detail", "")))} for p in probes],
+        "last_error": _bounded(last_error),
+        "addresses": list(addresses)[:MAX_HOST_ADDRESSES],
     }
+    if certificate is not None:
+        doc["certificate"] = {
+            **certificate,
+            "renewal_error": _bounded(str(certificate.get("renewal_error", ""))),
+        }
+    if interception is not None:
+        doc["interception"] = dict(interception)
+    if listeners is not None:
+        doc["listeners"] = dict(listeners)
+    return doc
+
+
+def _bounded(text: str) -> str:
+    text = _one_line(text)
+    return text if len(text) <= MAX_REASON else text[: MAX_REASON - 3] + "..."
+
+
+def error_line(entry: Mapping[str, Any]) -> str:
+    """One `last_errors` entry ({"kind", "message"} or the proxy's {"at", "kind", **fields})
+    as one line: "kind: message" or "kind: key=value ..."."""
+    if "message" in entry:
+        return f"{entry.get('kind', '')}: {entry['message']}"
+    fields = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("at", "kind"))
+    return f"{entry.get('kind', '')}: {fields}".rstrip(": ")
+
+
+def host_addresses() -> list[str]:
+    """This host's addresses, as enrollment registers them (unicast; no loopback or link-local:
+    names.validate_host_address), so the fleet view shows when they drift from the registry's."""
+    found: set[str] = set()
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(InvalidName):
+                    found.add(validate_host_address(addr.address.split("%")[0]))
+    return sorted(found)[:MAX_HOST_ADDRESSES]
 
 
 def _one_line(text: str) -> str:
@@ -54,8 +105,17 @@ def _one_line(text: str) -> str:
 
 
 def state_key(doc: dict[str, Any]) -> tuple[Any, ...]:
-    """What makes a report worth sending at once when it changes: readiness and each probe's ok."""
-    return (doc["ready"], doc["reason"], tuple((p["port"], p["kind"], p["ok"]) for p in doc["probes"]))
+    """What makes a report worth sending at once when it changes: readiness, each probe's ok,
+    the certificate (a renewal, or its renewal starting or ceasing to fail), interception."""
+    cert = doc.get("certificate") or {}
+    return (
+        doc["ready"],
+        doc["reason"],
+        tuple((p["port"], p["kind"], p["ok"]) for p in doc["probes"]),
+        cert.get("serial"),
+        bool(cert.get("renewal_error")),
+        (doc.get("interception") or {}).get("applied"),
+    )
 
 
 class Reporter:

@@ -90,6 +90,8 @@ class Rotator:
         self.failures = 0
         self.last_error: str = ""
         self.renewals = 0
+        # The authority refused with host_revoked: no retry can succeed (only a new enrollment).
+        self.revoked = False
 
     async def run(self, stop: asyncio.Event) -> None:
         identity: HasSummary = await asyncio.to_thread(self.store.load_info)
@@ -106,6 +108,8 @@ class Rotator:
             if await _sleep_or_stop(stop, wait):
                 return
             identity = await self._renew_until_done(identity, stop)
+            if self.revoked:
+                return
 
     async def _renew_until_done(self, identity: HasSummary, stop: asyncio.Event) -> HasSummary:
         lifetime = identity.summary.not_after - identity.summary.not_before
@@ -117,6 +121,15 @@ class Rotator:
                 attempt += 1
                 self.failures += 1
                 self.last_error = f"{exc.code}: {exc.message}"
+                if exc.code == "host_revoked":
+                    self.revoked = True
+                    log.error(
+                        "identity.revoked",
+                        source="renewal",
+                        reason=exc.message,
+                        hint="renewal stops: enroll this host again with a new join token",
+                    )
+                    return identity
                 delay = backoff_delay(attempt, lifetime, self.rng)
                 expired = self.clock() >= identity.summary.not_after
                 log.warning(

@@ -1,0 +1,141 @@
+"""What the running agent says about itself: the `/status` document (`meshagent status`, the
+agent's `/metrics` gauges), its readiness, and the health report it sends to the authority.
+
+One owner for all three, so they cannot disagree: each is built here from the daemon's parts
+(credentials, rotator, rules, proxy, reporter, probes, DNS), which the daemon only holds.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from agent.health.report import build_report, error_line, host_addresses
+from agent.identity.certinfo import utcnow
+from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
+from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
+from agent.telemetry.process import rss_bytes
+
+if TYPE_CHECKING:
+    from agent.daemon import Daemon
+
+REVOKED_REASON = "identity: revoked by the authority"
+
+
+def not_ready(d: Daemon) -> list[str]:
+    """Why the agent cannot serve mTLS right now (empty: ready)."""
+    reasons = []
+    if d.state.revoked is not None:
+        reasons.append(REVOKED_REASON)
+    if d.credentials is None or d.credentials.identity.summary.not_after <= utcnow():
+        reasons.append("identity: no valid certificate")
+    if d.config.intercept.enabled and d.state.rules is None:
+        reasons.append("intercept: rules not applied")
+    if d.proxy is None or len(d.proxy.listening) < 2:
+        reasons.append("proxy: listeners not up")
+    reasons.extend(d.tasks.not_ready())
+    return reasons
+
+
+def http_accounting(d: Daemon) -> str:
+    """off, or which implementation counts requests: compiled, or python (not built)."""
+    t = d.config.telemetry
+    return HTTP1_IMPLEMENTATION if t.metrics and t.http_accounting else "off"
+
+
+def listeners(d: Daemon) -> dict[str, str]:
+    proxy = d.proxy
+    return {} if proxy is None else {k: f"{h}:{p}" for k, (h, p) in proxy.listening.items()}
+
+
+def last_errors(d: Daemon) -> list[dict[str, Any]]:
+    return d.state.last_errors + ([] if d.proxy is None else list(d.proxy.stats.last_errors))
+
+
+def daemon_status(d: Daemon) -> dict[str, Any]:
+    """Everything the daemon knows, for `/status` and `meshagent status`."""
+    ident = d.credentials.identity if d.credentials else None
+    proxy, rotator = d.proxy, d.rotator
+    now = utcnow()
+    reasons = not_ready(d)
+    return {
+        "ready": not reasons,
+        "not_ready_reasons": reasons,
+        "started_at": d.started_at,
+        "identity": None
+        if ident is None
+        else {
+            "spiffe_id": ident.workload.spiffe_id,
+            "dns_name": ident.workload.dns_name,
+            "serial": ident.summary.serial,
+            "not_after": ident.summary.not_after.isoformat(),
+            "seconds_left": int((ident.summary.not_after - now).total_seconds()),
+            "renewals": rotator.renewals if rotator else 0,
+            "renewal_failures": rotator.failures if rotator else 0,
+            "last_renewal_error": rotator.last_error if rotator else "",
+        },
+        # Set once the authority refused this host as revoked (its long poll, report or renewal).
+        "revoked": d.state.revoked,
+        "rules": None
+        if d.state.rules is None
+        else {k: v for k, v in d.state.rules.to_dict().items() if k != "steps"},
+        "listeners": listeners(d),
+        "catalog": {
+            "entries": 0 if proxy is None else len(proxy.catalog),
+            "source": d.state.directory_source,
+            "updated_at": d.state.directory_updated_at,
+            "rejected_count": len(d.state.rejected),
+            "rejected": [r.to_dict() for r in d.state.rejected],
+        },
+        "services": 0 if proxy is None else len(proxy.services),
+        "health": {
+            "probes": d.probes.results(),
+            "reports_sent": d.reporter.sent,
+            "report_failures": d.reporter.failures,
+            "last_report_error": d.reporter.last_error,
+        },
+        "dns": {"enabled": False} if d.dns is None else d.dns.status(),
+        "tasks": d.tasks.status(),
+        "admin": None if d.admin is None else d.admin.stats(),
+        "handshakes": None if proxy is None else proxy.handshakes.status(),
+        "memory": {"rss_mb": round(rss_bytes() / 2**20, 1), **d.state.memory},
+        "connections": {
+            "open": 0 if proxy is None else proxy.open_connections,
+            "opened": {} if proxy is None else dict(proxy.stats.opened),
+            "refused": {} if proxy is None else dict(proxy.stats.refused),
+            "failures": {} if proxy is None else dict(proxy.stats.failures),
+        },
+        "http_accounting": http_accounting(d),
+        "http_accounting_stopped": dict(HTTP_ACCOUNTING_STOPPED),
+        "last_errors": last_errors(d),
+    }
+
+
+def health_report(d: Daemon) -> dict[str, Any]:
+    """The report POSTed to the authority (agent/health/report.py sends it): the same facts as
+    `daemon_status`, the few the fleet view needs."""
+    ident = d.credentials.identity if d.credentials else None
+    rotator = d.rotator
+    rules = d.state.rules
+    errors = last_errors(d)
+    last = max(errors, key=lambda e: e.get("at", 0.0)) if errors else None
+    return build_report(
+        not_ready_reasons=not_ready(d),
+        directory_updated_at=d.state.directory_updated_at,
+        refresh_interval_s=d.reporter.interval_s,  # what this process runs (a reload needs a restart)
+        probes=d.probes.results(),
+        certificate=None
+        if ident is None
+        else {
+            "serial": ident.summary.serial,
+            "not_after": ident.summary.not_after.timestamp(),
+            # Only while renewal keeps failing (a later success clears last_error).
+            "renewal_error": rotator.last_error if rotator is not None else "",
+        },
+        interception={
+            "applied": rules is not None,
+            "backend": "" if rules is None else rules.backend,
+        },
+        listeners=listeners(d),
+        last_error="" if last is None else error_line(last),
+        addresses=host_addresses(),
+    )
