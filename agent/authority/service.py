@@ -430,15 +430,15 @@ class Authority:
                 self._skip(f"host:{host.id}", address, exc.message)
         return served
 
-    def catalog(self) -> list[dict[str, Any]]:
+    def catalog(self, hosts: Sequence[HostRecord] | None = None) -> list[dict[str, Any]]:
         """Every meshed destination: unrevoked hosts' addresses (all ports) and static entries.
         A stored record that is invalid is left out (and logged once): one bad row must never
-        make the catalog unusable for the whole fleet."""
+        make the catalog unusable for the whole fleet. `hosts`: list_hosts(), if already read."""
         catalog: list[dict[str, Any]] = []
         # A host may not claim a Service's cluster IP: host entries win over discovered Services
         # on the hosts, so that claim would take every host's connections to the Service.
         cluster_ips = {ip for service in self.discovered() for ip in service.get("cluster_ips") or ()}
-        for other in self.registry.list_hosts():
+        for other in self.registry.list_hosts() if hosts is None else hosts:
             if other.revoked:
                 continue
             workload = self._served_workload(f"host:{other.id}", other.identity)
@@ -478,6 +478,36 @@ class Authority:
             catalog.append(doc)
         return catalog
 
+    def revoked(self, hosts: Sequence[HostRecord] | None = None) -> list[dict[str, Any]]:
+        """The hosts' `revoked` key (interfaces §2): each revoked host whose certificate has not
+        expired yet (after that it cannot connect anyway, and the list stays short), with
+        - `serials`: its certificate's serial (hex), refused wherever it shows up;
+        - `identity` (SPIFFE form) only when no unrevoked host holds that identity any more:
+          hosts sharing a service account keep working when one of them is revoked;
+        - `addresses`: its addresses no unrevoked host claims, so agents refuse new connections
+          there (it left the catalog: they would otherwise pass through as unmeshed)."""
+        hosts = self.registry.list_hosts() if hosts is None else hosts
+        now = self.clock()
+        held = {h.identity for h in hosts if not h.revoked}
+        claimed = {a for h in hosts if not h.revoked for a in h.addresses}
+        revoked = []
+        for host in hosts:
+            if host.revoked_at is None or host.not_after <= now:
+                continue
+            doc: dict[str, Any] = {
+                "host_id": host.id,
+                "serials": [host.serial],
+                "revoked_at": host.revoked_at.isoformat(),
+                "addresses": [a for a in self._served_addresses(host) if a not in claimed],
+            }
+            if host.identity not in held:
+                workload = self._served_workload(f"host:{host.id}", host.identity)
+                if workload is not None:
+                    doc["identity"] = workload.spiffe_id
+            revoked.append(doc)
+        revoked.sort(key=lambda d: (d["revoked_at"], d["host_id"]))
+        return revoked
+
     def prometheus_targets(self, metrics_port: int) -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery: every enrolled, unrevoked host's admin endpoint.
         Besides its own labels, a host gets the two Linkerd's dashboards select by: it shows as
@@ -509,8 +539,8 @@ class Authority:
         return groups
 
     def host_config(self, host: HostRecord) -> dict[str, Any]:
-        """What an enrolled host needs to route and authorize: the catalog, its own policy and
-        the in-cluster Services discovered (interfaces: /v1/host/config)."""
+        """What an enrolled host needs to route and authorize: the catalog, its own policy, the
+        revoked peers and the in-cluster Services discovered (interfaces: /v1/host/config)."""
         doc = self._host_config_parts(host)
         if self._services_known:
             doc["services"] = self.discovered()
@@ -528,10 +558,12 @@ class Authority:
                 policy["default"] = doc
             else:
                 policy["ports"][str(record.port)] = doc
+        hosts = self.registry.list_hosts()
         return {
             "host_id": host.id,
-            "catalog": self.catalog(),
+            "catalog": self.catalog(hosts),
             "policy": policy,
+            "revoked": self.revoked(hosts),
             "trust_bundle": self.trust_bundle.pem().decode(),
         }
 

@@ -1,7 +1,8 @@
 """What the data plane routes and authorizes by, merged from the authority and the local config.
 
 The authority's `/v1/host/config` document (catalog + this host's policy + the cluster's
-discovered Services) is parsed here into a `Catalog`, an `InboundPolicy` and a `ServiceTable`.
+discovered Services + the revoked peers) is parsed here into a `Catalog`, an `InboundPolicy`,
+a `ServiceTable` and a `RevokedSet`.
 Local settings give the defaults; a policy the authority sets for a port (or as default) wins,
 so operators steer a fleet from one place. Pure: the daemon fetches and caches the document.
 
@@ -19,6 +20,7 @@ from agent.errors import ConfigError
 
 from .catalog import Catalog, CatalogEntry
 from .policy import DefaultPolicy, InboundPolicy, PortPolicy
+from .revocation import RevokedSet, parse_revoked
 from .services import ServiceTable, parse_services
 
 _SHOWN = 200  # characters of a rejected entry kept for logs and /status
@@ -42,6 +44,8 @@ class Directory:
     policy: InboundPolicy
     rejected: tuple[Rejected, ...] = ()
     services: ServiceTable = field(default_factory=ServiceTable.empty)
+    # Peers the authority revoked: refused at the handshake, their open connections cut.
+    revoked: RevokedSet = field(default_factory=RevokedSet.empty)
 
 
 def port_policy(doc: Any) -> PortPolicy:
@@ -68,6 +72,7 @@ def merge(
     default, ports = local_policy.default, dict(local_policy.ports)
     rejected: list[Rejected] = []
     services = ServiceTable.empty()
+    revoked = RevokedSet.empty()
 
     def reject(where: str, doc: Any, reason: str) -> None:
         rejected.append(Rejected(where, _shown(doc), reason))
@@ -108,4 +113,5 @@ def merge(
             except ConfigError as exc:
                 reject(f"policy.ports[{port}]", doc, exc.message.rpartition(" is invalid: ")[2])
         services = parse_services(remote.get("services"), reject)
-    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected), services)
+        revoked = parse_revoked(remote.get("revoked"), reject)
+    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected), services, revoked)

@@ -11,6 +11,9 @@ among the cluster's Services (a cluster IP:port goes to an endpoint the balancer
 address gets that pod's identity). Meshed destinations get mTLS with the expected identity as
 SNI and a verified server certificate; others pass through untouched, or are refused, by config.
 
+Revocation (`set_revoked`): a peer the authority revoked is refused when its handshake ends,
+either way, and its open mTLS connections are cut (see agent/proxy/revocation.py).
+
 The upstream sockets carry the proxy's SO_MARK so interception never captures them again.
 """
 
@@ -59,6 +62,7 @@ from .detect import NEED_DATA, Detected, Protocol, detect
 from .http1 import Accounting, new_accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
+from .revocation import PeerConnection, PeerConnections, RevokedSet, cert_serial
 from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
 from .tls import Credentials, peer_identity, verify_server_identity
 from .transport_header import ALPN, HeaderReader, HeaderRefused, TransportHeader, encode
@@ -198,6 +202,11 @@ class Proxy:
         self.services = ServiceTable.empty()
         self.balancer = Balancer()
         self.orig_dst = orig_dst
+        # Revoked peers (the daemon calls set_revoked on each directory refresh), and each open
+        # mTLS connection's peer so a revocation can find the ones to cut.
+        self.revoked = RevokedSet.empty()
+        self.peers = PeerConnections()
+        self.revoked_log = Throttled(log, "connection.revoked")
         self.stats = ProxyStats()
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -335,6 +344,7 @@ class Proxy:
 
     def _closed(self, leg: Leg, exc: BaseException | None) -> None:
         self._legs.discard(leg)
+        self.peers.discard(leg)
         if not self._legs:
             self._drained.set()
 
@@ -443,6 +453,65 @@ class Proxy:
         client.tap = first_bytes
         client.accounting = undetected  # a connection that ends before it says is opaque
 
+    # --- revocation ----------------------------------------------------------------------
+
+    def set_revoked(self, revoked: RevokedSet) -> int:
+        """Refuse `revoked` peers from now on and close their open connections; returns how
+        many were closed. Called on the event loop (the daemon's directory refresh)."""
+        if revoked == self.revoked:
+            return 0
+        self.revoked = revoked
+        log.info(
+            "revocation.updated",
+            identities=len(revoked.identities),
+            serials=len(revoked.serials),
+            addresses=len(revoked.addresses),
+        )
+        closed: Counter[str] = Counter()
+        for leg, conn, reason in self.peers.revoked(revoked):
+            assert isinstance(leg, Leg)
+            self.peers.discard(leg)
+            peer = leg.peer
+            leg.abort()  # a reset, now: the revoked side gets no further byte
+            if peer is not None:
+                peer.close()  # our app's side: a clean end of stream
+            closed[conn.direction] += 1
+            self.stats.refused[f"{conn.direction}:revoked_closed"] += 1
+            if self.metrics is not None:
+                family = getattr(self.metrics, "revoked_closed", None)  # (telemetry: lead's edit)
+                if family is not None:
+                    family.child(labels(("direction", conn.direction))).value += 1
+            if sum(closed.values()) <= MAX_CUT_LINES:
+                log.warning(
+                    "connection.revoked",
+                    action="closed",
+                    direction=conn.direction,
+                    peer_id=conn.label,
+                    serial=conn.serial or "",
+                    remote=conn.remote,
+                    matched=reason,
+                )
+        if closed:
+            log.warning(
+                "revocation.connections_closed",
+                inbound=closed["inbound"],
+                outbound=closed["outbound"],
+                logged=min(MAX_CUT_LINES, sum(closed.values())),
+            )
+        return sum(closed.values())
+
+    def refuse_revoked(self, direction: Direction, matched: str, **fields: Any) -> None:
+        """A new connection from or to a revoked peer: counted as a refusal (`peer_revoked`),
+        logged as `connection.revoked` (throttled: the revoked host may retry in a loop)."""
+        self.stats.refused[f"{direction}:peer_revoked"] += 1
+        if self.metrics is not None:
+            self.metrics.refused.child(
+                labels(("direction", direction), ("reason", "peer_revoked"))
+            ).value += 1
+        self.revoked_log.warning(
+            f"refused:{direction}:{matched}", action="refused", direction=direction, matched=matched, **fields
+        )
+
     def refuse(self, direction: Direction, reason: str, **fields: Any) -> None:
         kind = f"{direction}:{reason}"
         self.stats.refused[kind] += 1
@@ -450,6 +519,10 @@ class Proxy:
             self.metrics.refused.child(labels(("direction", direction), ("reason", reason))).value += 1
         self.refusal_log.warning(kind, direction=direction, reason=reason, **fields)
 
+
+# `connection.revoked` lines per revocation: a host with thousands of connections to the revoked
+# peer logs the first ones and a summary with the counts.
+MAX_CUT_LINES: Final = 100
 
 # Protocols whose requests are counted; the others are connections and bytes only.
 COUNTED: Final = (Protocol.HTTP1, Protocol.HTTP2)
@@ -685,7 +758,18 @@ async def _inbound_mtls(
         tls.abort()
         return
     ctx = proxy.inbound_context()
-    client = _client(tls.peer_cert)
+    cert = tls.peer_cert
+    client = _client(cert)
+    serial = cert_serial(cert)
+    matched = proxy.revoked.match(client.spiffe_id, serial) if proxy.revoked else None
+    if matched is not None:
+        proxy.refuse_revoked(
+            "inbound", matched, peer_id=client.name or "", serial=serial or "", remote=peer, port=orig[1]
+        )
+        tls.abort()
+        return
+    if not tls.closed:  # (else nothing would ever take it out again)
+        proxy.peers.add(tls, PeerConnection("inbound", client.spiffe_id, serial, client.name or "", peer))
     action = route_mtls(ctx, orig, client, tls.sslobj.selected_alpn_protocol(), direct)
     if isinstance(action, ReadHeader):
         header = await _read_header(tls, proxy.settings.detect_timeout_s)
@@ -935,6 +1019,12 @@ class _OutboundAccept(Leg):
         elif isinstance(found, EndpointPort):
             action = route_endpoint(found, orig[1], unmeshed)
         else:
+            if found is None and orig[0] in proxy.revoked.addresses:
+                # A revoked host (the authority took it out of the catalog): refused, not
+                # passed through as an unmeshed destination.
+                proxy.refuse_revoked("outbound", "address", dst=f"{orig[0]}:{orig[1]}")
+                self.abort()
+                return
             action = route_outbound(orig, found, unmeshed)
         proxy.spawn(_outbound(proxy, self, orig, action, pick), "outbound")
 
@@ -993,11 +1083,16 @@ async def _outbound(
         failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
     except (OSError, TimeoutError) as exc:
         failure = exc.with_traceback(None)
-    wrong = verify_server_identity(tls.peer_cert, action.identity) if failure is None else None
+    cert = tls.peer_cert if failure is None else None
+    wrong = verify_server_identity(cert, action.identity) if failure is None else None
+    serial = cert_serial(cert)
+    matched = None
+    if failure is None and wrong is None and proxy.revoked:
+        matched = proxy.revoked.match(action.identity, serial)  # (the server proved action.identity)
     if pick is not None:
-        # A refused connect, a failed handshake or a wrong identity: this endpoint is no good
-        # for now; the next connections go to the others while it backs off.
-        if failure is None and wrong is None:
+        # A refused connect, a failed handshake, a wrong or revoked identity: this endpoint is
+        # no good for now; the next connections go to the others while it backs off.
+        if failure is None and wrong is None and matched is None:
             proxy.balancer.connected(pick)
         else:
             proxy.balancer.failed(pick)
@@ -1017,6 +1112,11 @@ async def _outbound(
         tls.abort()
         app.abort()
         return
+    if matched is not None:
+        proxy.refuse_revoked("outbound", matched, server_id=action.identity, serial=serial or "", dst=dst)
+        tls.abort()
+        app.abort()
+        return
     if action.header_port is not None:
         if tls.sslobj.selected_alpn_protocol() != ALPN:
             # It would read our header as the app's bytes: fail rather than corrupt the stream.
@@ -1025,11 +1125,14 @@ async def _outbound(
             app.abort()
             return
         tls.send(encode(TransportHeader(port=action.header_port)))
-    server = peer_identity(tls.peer_cert)
+    server = peer_identity(cert)
     tls_labels = action.tls_labels(server.label if server is not None else None)
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
     proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
     proxy.stats.opened["outbound:mtls_header" if header else "outbound:mtls"] += 1
+    if not tls.closed:  # (else nothing would ever take it out again)
+        label = server.label if server is not None else action.identity
+        proxy.peers.add(tls, PeerConnection("outbound", action.identity, serial, label, dst))
     app.pair(tls)
 
 
