@@ -425,6 +425,7 @@ class Daemon:
         assert self.proxy is not None
         self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
         self.proxy.services = directory.services
+        self.proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
         if self.dns is not None:
             self.dns.set_services(directory.services.addresses())
 
@@ -462,6 +463,8 @@ class Daemon:
             self.metrics,
         )
         self.proxy.services = directory.services
+        # Peers revoked in the cache are refused before the first fetch (a restart while cut off).
+        self.proxy.set_revoked(directory.revoked)
         self._identity_changed(self.credentials.identity)
         await self.proxy.start()
         listen = self.config.telemetry.admin_listen

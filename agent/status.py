@@ -87,6 +87,10 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "rejected": [r.to_dict() for r in d.state.rejected],
         },
         "services": 0 if proxy is None else len(proxy.services),
+        # Peers the authority revoked, as this agent refuses them (the directory's `revoked`).
+        "revoked_peers": None
+        if proxy is None
+        else {"identities": len(proxy.revoked.identities), "serials": len(proxy.revoked.serials)},
         "health": {
             "probes": d.probes.results(),
             "reports_sent": d.reporter.sent,

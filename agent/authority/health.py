@@ -465,8 +465,13 @@ def _not_ready_reason(health: Health, report: HostReport | None) -> str:
         return report.reason or "no reason given"
     if health.reason == REASON_CERTIFICATE_EXPIRED:
         return f"certificate expired at {rfc3339(health.since)}"
-    if health.reason == REASON_AGENT_STALE:
-        return "directory not refreshed within 3 intervals"
+    if health.reason == REASON_AGENT_STALE and report is not None:
+        refreshed = report.directory_updated_at
+        return (
+            "directory never refreshed"
+            if refreshed is None
+            else (f"directory not refreshed since {rfc3339(_at(refreshed))}")
+        )
     if health.reason == REASON_PROBE_FAILED and report is not None:
         failing = [p for p in report.probes if not p.ok]
         return ", ".join(f"{_probe_label(p)} failing" for p in failing[:2]) + (
@@ -488,17 +493,25 @@ def stored_fleet_health(host: HostRecord, now: datetime, reports: Reports) -> Fl
 
 
 def stored_report_doc(host: HostRecord, reports: Reports) -> dict[str, Any] | None:
-    """The host's last report, whole, as stored (for `authority hosts --json`); None: never
-    reported. A row that no longer parses shows as {"received_at", "unreadable": true}."""
+    """The host's last report, whole, as stored (for `authority hosts --json`), times as RFC 3339;
+    None: never reported. `agent_ready`/`agent_reason` repeat ready/reason under the names #17
+    gave them. A row that no longer parses shows as {"received_at", "unreadable": true}."""
     stored = reports.get(host.id)
     if stored is None:
         return None
     at, text = stored
     report = load_report(text)
-    received = rfc3339(datetime.fromtimestamp(at, UTC))
+    received = rfc3339(_at(at))
     if report is None:
         return {"received_at": received, "unreadable": True}
-    return {"received_at": received, **report.to_doc()}
+    doc = report.to_doc()
+    doc["directory_updated_at"] = (
+        None if report.directory_updated_at is None else rfc3339(_at(report.directory_updated_at))
+    )
+    doc["probes"] = [{**p, "since": rfc3339(_at(p["since"]))} for p in doc["probes"]]
+    if report.certificate is not None:
+        doc["certificate"] = {**doc["certificate"], "not_after": rfc3339(_at(report.certificate.not_after))}
+    return {"received_at": received, **doc, "agent_ready": report.ready, "agent_reason": report.reason}
 
 
 @dataclass(frozen=True)
