@@ -1,9 +1,11 @@
 """The authority's registry of join tokens and enrolled hosts.
 
-One small interface (`Registry`) and one implementation on SQLite in WAL mode. Every state
-change is one transaction, so concurrent enrollments neither lose nor duplicate records, and a
-crash mid-way leaves either the old state or the new one. A shared SQL database for several
-replicas is another implementation of the same interface.
+One small interface (`Registry`), its rules written once over SQL (`SqlRegistry`), and two
+backends: SQLite in WAL mode here (the embedded default) and PostgreSQL for replicas
+(storage_pg.py). Every state change is one transaction, so concurrent enrollments neither lose
+nor duplicate records, and a crash mid-way leaves either the old state or the new one. Rows a
+decision depends on are read `for_update` (PostgreSQL: `SELECT ... FOR UPDATE`; SQLite's
+`BEGIN IMMEDIATE` already holds the whole file), so two replicas never both see a token unused.
 
 Token consumption and host creation commit together with the signed certificate: a signing
 failure leaves the token unused, and a host that lost the response can retry with the same
@@ -19,72 +21,15 @@ import secrets
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
-from agent.errors import RejectedError
+from agent.errors import ExitCode, MeshagentError, RejectedError
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    hash        TEXT PRIMARY KEY,
-    identity    TEXT NOT NULL,          -- NAMESPACE/NAME
-    created_at  REAL NOT NULL,
-    expires_at  REAL NOT NULL,
-    used_at     REAL,
-    used_by_key TEXT,                   -- sha256 of the enrolling key's SPKI
-    host_id     TEXT,
-    kube_labels TEXT,                   -- JSON object: the operator's labels for the host's objects
-    kube_ports  TEXT,                   -- JSON list of [name, port, protocol]
-    proxy_port  INTEGER                 -- the host's inbound proxy port (NULL: the default)
-);
-CREATE TABLE IF NOT EXISTS hosts (
-    id              TEXT PRIMARY KEY,
-    identity        TEXT NOT NULL,
-    host_name       TEXT NOT NULL,
-    addresses       TEXT NOT NULL,      -- JSON list
-    serial          TEXT NOT NULL,      -- current certificate (hex)
-    previous_serial TEXT,               -- may fetch the current cert again if the answer was lost
-    not_after       REAL NOT NULL,
-    cert_pem        TEXT NOT NULL,
-    enrolled_at     REAL NOT NULL,
-    last_renewal    REAL,
-    revoked_at      REAL,
-    api_token_hash  TEXT,               -- sha256 of the host's bearer token for catalog/policy reads
-    key_fp          TEXT,               -- sha256 of the current certificate's SPKI
-    kube_labels     TEXT,               -- copied from the token at enrollment, editable
-    kube_ports      TEXT,
-    proxy_port      INTEGER
-);
--- Renewal requests already answered, kept until their timestamp is too old to be accepted.
-CREATE TABLE IF NOT EXISTS renewal_proofs (
-    digest      TEXT PRIMARY KEY,       -- sha256 over the presented serial and the signed message
-    host_id     TEXT NOT NULL,
-    expires_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS renewal_proofs_expiry ON renewal_proofs(expires_at);
-CREATE TABLE IF NOT EXISTS catalog (
-    id          TEXT PRIMARY KEY,
-    cidr        TEXT NOT NULL,
-    ports       TEXT NOT NULL,          -- JSON list, empty: every port
-    identity    TEXT NOT NULL,          -- NAMESPACE/NAME the destination proves
-    created_at  REAL NOT NULL,
-    opaque_port INTEGER                 -- its proxy port expecting Linkerd's transport header
-);
-CREATE TABLE IF NOT EXISTS policies (
-    identity    TEXT NOT NULL,          -- the hosts (NAMESPACE/NAME) this policy applies to
-    port        INTEGER NOT NULL,       -- 0: the default for every other port
-    default_policy TEXT NOT NULL,
-    allow       TEXT NOT NULL,          -- JSON list of SPIFFE IDs or globs
-    PRIMARY KEY (identity, port)
-);
-CREATE INDEX IF NOT EXISTS hosts_serial ON hosts(serial);
-CREATE INDEX IF NOT EXISTS hosts_api_token ON hosts(api_token_hash);
-CREATE INDEX IF NOT EXISTS hosts_previous_serial ON hosts(previous_serial);
-"""
-
+from .migrations import migrate_sqlite
 
 # The reports file's schema, by PRAGMA user_version (1: the first).
 REPORTS_VERSION = 1
@@ -249,6 +194,16 @@ class Registry(Protocol):
 
     def data_version(self) -> int: ...
 
+    def close(self) -> None: ...
+
+
+class RegistryUnavailable(MeshagentError):
+    """The registry's database cannot be reached (PostgreSQL down, restarting, network away).
+    The API answers 503 with Retry-After; the pool reconnects by itself on a later call."""
+
+    code = "registry_unavailable"
+    exit_code = ExitCode.UNREACHABLE
+
 
 def _ts(value: datetime) -> float:
     return value.timestamp()
@@ -258,21 +213,28 @@ def _dt(value: float | None) -> datetime | None:
     return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
-# Columns added after registries were first created: added at open when missing.
-_ADDED_COLUMNS = {
-    "hosts": (
-        ("api_token_hash", "TEXT"),
-        ("key_fp", "TEXT"),
-        ("kube_labels", "TEXT"),
-        ("kube_ports", "TEXT"),
-        ("proxy_port", "INTEGER"),
-    ),
-    "tokens": (("kube_labels", "TEXT"), ("kube_ports", "TEXT"), ("proxy_port", "INTEGER")),
-    "catalog": (("opaque_port", "INTEGER"),),
-}
+class Row(Protocol):
+    """A result row by column name: sqlite3.Row or psycopg's dict_row."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
 
 
-def _registration(row: sqlite3.Row) -> Registration:
+class Tx(Protocol):
+    """One transaction (or, from `_read`, one read) in a backend's SQL: `?` placeholders."""
+
+    def one(self, sql: str, params: Sequence[object] = (), *, for_update: bool = False) -> Row | None: ...
+
+    def all(self, sql: str, params: Sequence[object] = ()) -> list[Row]: ...
+
+    def run(self, sql: str, params: Sequence[object] = ()) -> int: ...
+
+    def many(self, sql: str, params: Sequence[Sequence[object]]) -> None: ...
+
+    def changed(self) -> None:
+        """This transaction changes what a host's rendered document says (data_version moves)."""
+
+
+def _registration(row: Row) -> Registration:
     try:
         labels = json.loads(row["kube_labels"]) if row["kube_labels"] else {}
         ports = json.loads(row["kube_ports"]) if row["kube_ports"] else []
@@ -294,7 +256,7 @@ def _registration_columns(reg: Registration) -> tuple[str | None, str | None, in
     )
 
 
-def _host(row: sqlite3.Row) -> HostRecord:
+def _host(row: Row) -> HostRecord:
     return HostRecord(
         id=row["id"],
         identity=row["identity"],
@@ -310,7 +272,355 @@ def _host(row: sqlite3.Row) -> HostRecord:
     )
 
 
-class SqliteRegistry:
+def _the_host(tx: Tx, host_id: str) -> HostRecord:
+    row = tx.one("SELECT * FROM hosts WHERE id = ?", (host_id,))
+    assert row is not None  # (read in the transaction that just wrote it)
+    return _host(row)
+
+
+class SqlRegistry:
+    """The registry's rules, once, over a backend's transactions (SQLite or PostgreSQL)."""
+
+    # Forgetting expired renewal proofs, in passing (PostgreSQL skips rows another renewal is
+    # deleting: two purges locking the same rows in different orders would deadlock).
+    _PURGE_PROOFS = "DELETE FROM renewal_proofs WHERE expires_at < ?"
+
+    def _transaction(self) -> AbstractContextManager[Tx]:
+        raise NotImplementedError
+
+    def _read(self) -> AbstractContextManager[Tx]:
+        raise NotImplementedError
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        with self._read() as tx:
+            return tx.all(sql, params)
+
+    def _row(self, sql: str, params: Sequence[object] = ()) -> Row | None:
+        with self._read() as tx:
+            return tx.one(sql, params)
+
+    def add_token(
+        self,
+        token_hash: str,
+        identity: str,
+        now: datetime,
+        expires_at: datetime,
+        registration: Registration = Registration(),
+    ) -> None:
+        with self._transaction() as tx:
+            tx.run(
+                "INSERT INTO tokens (hash, identity, created_at, expires_at, kube_labels, kube_ports,"
+                " proxy_port) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (token_hash, identity, _ts(now), _ts(expires_at), *_registration_columns(registration)),
+            )
+
+    def list_tokens(self) -> list[TokenRecord]:
+        rows = self._rows("SELECT * FROM tokens ORDER BY created_at")
+        return [
+            TokenRecord(
+                hash=r["hash"],
+                identity=r["identity"],
+                created_at=datetime.fromtimestamp(r["created_at"], UTC),
+                expires_at=datetime.fromtimestamp(r["expires_at"], UTC),
+                used_at=_dt(r["used_at"]),
+                host_id=r["host_id"],
+                registration=_registration(r),
+            )
+            for r in rows
+        ]
+
+    def enroll(
+        self,
+        token_hash: str,
+        key_fingerprint: str,
+        host: NewHost,
+        now: datetime,
+        sign: Callable[[str], Issued],
+    ) -> HostRecord:
+        """Consume the token and record the host, atomically. `sign(identity)` issues the cert.
+        The token row is locked first: a second replica presenting it waits, then sees it used."""
+        with self._transaction() as tx:
+            token = tx.one("SELECT * FROM tokens WHERE hash = ?", (token_hash,), for_update=True)
+            if token is None:
+                raise RejectedError(
+                    "the join token is not known to this authority",
+                    "create a token on this authority: meshagent authority token create",
+                    code="token_unknown",
+                )
+            if token["used_at"] is not None:
+                if token["used_by_key"] == key_fingerprint and token["host_id"]:
+                    # The same host retrying with the same key: hand back what it was issued.
+                    row = tx.one("SELECT * FROM hosts WHERE id = ?", (token["host_id"],))
+                    if row is not None and row["revoked_at"] is None:
+                        return _host(row)
+                raise RejectedError(
+                    "the join token was already used",
+                    "tokens are single-use: create a new one with meshagent authority token create",
+                    code="token_used",
+                )
+            if token["expires_at"] <= _ts(now):
+                raise RejectedError(
+                    "the join token has expired",
+                    "create a new one (meshagent authority token create --ttl ...)",
+                    code="token_expired",
+                )
+            issued = sign(token["identity"])
+            host_id = "h-" + secrets.token_hex(6)
+            # The token's labels and ports become the host's, as stored (validated when written).
+            tx.run(
+                "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
+                " enrolled_at, key_fp, kube_labels, kube_ports, proxy_port)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    host_id,
+                    token["identity"],
+                    host.host_name,
+                    json.dumps(list(host.addresses)),
+                    issued.serial,
+                    _ts(issued.not_after),
+                    issued.cert_pem,
+                    _ts(now),
+                    key_fingerprint,
+                    token["kube_labels"],
+                    token["kube_ports"],
+                    token["proxy_port"],
+                ),
+            )
+            tx.run(
+                "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
+                (_ts(now), key_fingerprint, host_id, token_hash),
+            )
+            tx.changed()
+            return _the_host(tx, host_id)
+
+    def set_api_token(self, host_id: str, token_hash: str) -> None:
+        with self._transaction() as tx:
+            tx.run("UPDATE hosts SET api_token_hash = ? WHERE id = ?", (token_hash, host_id))
+
+    def find_by_api_token(self, token_hash: str) -> HostRecord | None:
+        row = self._row("SELECT * FROM hosts WHERE api_token_hash = ?", (token_hash,))
+        return None if row is None else _host(row)
+
+    def find_by_serial(self, serial: str) -> HostRecord | None:
+        row = self._row("SELECT * FROM hosts WHERE serial = ? OR previous_serial = ?", (serial, serial))
+        return None if row is None else _host(row)
+
+    def renew(
+        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
+    ) -> HostRecord:
+        """Renew `host_id` from its current certificate, or hand back what its previous one was
+        issued (the answer was lost). `sign()` issues the new certificate, inside the transaction.
+
+        Two rules make a captured request worthless (issue #15): each request is answered once
+        (its proof is kept until its timestamp leaves the freshness window, so the table stays
+        small), and the previous serial never gets a *new* certificate, only the current one and
+        only for the same key. Either alone leaves a hole: proofs alone let the old key renew
+        again with a fresh signature; serial binding alone lets an exact replay rotate the
+        host's token away from it. The host row is locked first: the same request at two
+        replicas is answered by one, the other then finds its proof.
+        """
+        with self._transaction() as tx:
+            row = tx.one("SELECT * FROM hosts WHERE id = ?", (host_id,), for_update=True)
+            tx.run(self._PURGE_PROOFS, (_ts(now),))
+            if tx.one("SELECT 1 FROM renewal_proofs WHERE digest = ?", (request.proof,)):
+                raise RejectedError(
+                    "this renewal request was already answered: a request is single-use",
+                    "a replayed or duplicated request; the host renews by itself with a new one "
+                    "(meshagent renew)",
+                    code="renewal_replayed",
+                )
+            if row is None or row["revoked_at"] is not None:
+                raise RejectedError(
+                    "this host has been revoked",
+                    code="host_revoked",
+                    hint="enroll again with a new join token if it should be back",
+                )
+            presented = request.presented_serial
+            retry = presented == row["previous_serial"] and presented != row["serial"]
+            if retry and request.key_fingerprint != row["key_fp"]:
+                raise RejectedError(
+                    "the presented certificate was already renewed; only the current one can renew",
+                    "renew with the host's current certificate; a host that lost it enrolls again",
+                    code="stale_certificate",
+                )
+            if presented not in (row["serial"], row["previous_serial"]):
+                raise RejectedError(
+                    "the presented certificate is not this host's current one",
+                    code="stale_certificate",
+                    hint="enroll again with a new join token",
+                )
+            tx.run(
+                "INSERT INTO renewal_proofs (digest, host_id, expires_at) VALUES (?, ?, ?)",
+                (request.proof, host_id, _ts(request.proof_expires_at)),
+            )
+            if retry:  # the answer was lost: the same certificate again, nothing re-signed
+                return _host(row)
+            issued = sign()
+            tx.run(
+                "UPDATE hosts SET serial = ?, previous_serial = ?, not_after = ?, cert_pem = ?,"
+                " last_renewal = ?, key_fp = ? WHERE id = ?",
+                (
+                    issued.serial,
+                    presented,
+                    _ts(issued.not_after),
+                    issued.cert_pem,
+                    _ts(now),
+                    request.key_fingerprint,
+                    host_id,
+                ),
+            )
+            tx.changed()  # (the serials a revocation lists)
+            return _the_host(tx, host_id)
+
+    def list_hosts(self) -> list[HostRecord]:
+        rows = self._rows("SELECT * FROM hosts ORDER BY enrolled_at")
+        return [_host(r) for r in rows]
+
+    def revoke(self, ref: str, now: datetime) -> HostRecord:
+        """Revoke by host id, or by host name when exactly one unrevoked host has it."""
+        with self._transaction() as tx:
+            host_id = _find_one(tx, ref, "revoke")
+            tx.run("UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_ts(now), host_id))
+            tx.changed()
+            return _the_host(tx, host_id)
+
+    def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord:
+        """Replace the labels/ports of the host `ref` (id, or unique unrevoked name) with
+        `change(host)`, in one transaction: `change` may refuse by raising, and nothing is written."""
+        with self._transaction() as tx:
+            host_id = _find_one(tx, ref, "edit it")
+            row = tx.one("SELECT * FROM hosts WHERE id = ?", (host_id,), for_update=True)
+            assert row is not None
+            host = _host(row)
+            if host.revoked:
+                raise RejectedError(
+                    f"host {ref!r} ({host.id}) is revoked",
+                    "enroll it again with a new join token; revoked hosts are not exported",
+                    code="host_revoked",
+                )
+            tx.run(
+                "UPDATE hosts SET kube_labels = ?, kube_ports = ?, proxy_port = ? WHERE id = ?",
+                (*_registration_columns(change(host)), host_id),
+            )
+            tx.changed()
+            return _the_host(tx, host_id)
+
+    # --- catalog and policy (operator-managed) -------------------------------------------
+
+    def add_static_entry(
+        self,
+        cidr: str,
+        ports: tuple[int, ...],
+        identity: str,
+        now: datetime,
+        opaque_port: int | None = None,
+    ) -> StaticEntry:
+        entry = StaticEntry("c-" + secrets.token_hex(4), cidr, ports, identity, opaque_port)
+        with self._transaction() as tx:
+            tx.run(
+                "INSERT INTO catalog (id, cidr, ports, identity, created_at, opaque_port)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (entry.id, cidr, json.dumps(list(ports)), identity, _ts(now), opaque_port),
+            )
+            tx.changed()
+        return entry
+
+    def remove_static_entry(self, entry_id: str) -> None:
+        with self._transaction() as tx:
+            if tx.run("DELETE FROM catalog WHERE id = ?", (entry_id,)) == 0:
+                raise RejectedError(
+                    f"no catalog entry {entry_id!r}",
+                    code="entry_unknown",
+                    hint="list entries with: meshagent authority catalog list",
+                )
+            tx.changed()
+
+    def static_entries(self) -> list[StaticEntry]:
+        rows = self._rows("SELECT * FROM catalog ORDER BY created_at")
+        return [
+            StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"], r["opaque_port"])
+            for r in rows
+        ]
+
+    def set_policy(self, record: PolicyRecord) -> None:
+        self.set_policies([record])
+
+    def set_policies(self, records: Sequence[PolicyRecord]) -> None:
+        """Add or replace every record in one transaction: all of them are stored, or none."""
+        with self._transaction() as tx:
+            tx.many(
+                "INSERT INTO policies (identity, port, default_policy, allow) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (identity, port) DO UPDATE"
+                " SET default_policy = excluded.default_policy, allow = excluded.allow",
+                [(r.identity, r.port, r.default_policy, json.dumps(list(r.allow))) for r in records],
+            )
+            tx.changed()
+
+    def remove_policy(self, identity: str, port: int) -> None:
+        with self._transaction() as tx:
+            if tx.run("DELETE FROM policies WHERE identity = ? AND port = ?", (identity, port)) == 0:
+                raise RejectedError(
+                    f"no policy for {identity} port {port or 'default'}",
+                    code="policy_unknown",
+                    hint="list policies with: meshagent authority policy list",
+                )
+            tx.changed()
+
+    def policies(self, identity: str | None = None) -> list[PolicyRecord]:
+        if identity is None:
+            rows = self._rows("SELECT * FROM policies ORDER BY identity, port")
+        else:
+            rows = self._rows("SELECT * FROM policies WHERE identity = ? ORDER BY port", (identity,))
+        return [
+            PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
+            for r in rows
+        ]
+
+
+def _find_one(tx: Tx, ref: str, verb: str) -> str:
+    """The id of the host `ref` names: its id, or its name when exactly one unrevoked host has it."""
+    rows = tx.all("SELECT id FROM hosts WHERE id = ?", (ref,))
+    if not rows:
+        rows = tx.all("SELECT id FROM hosts WHERE host_name = ? AND revoked_at IS NULL", (ref,))
+    if not rows:
+        raise RejectedError(
+            f"no enrolled host with id or name {ref!r}",
+            code="host_unknown",
+            hint="list hosts with: meshagent authority hosts",
+        )
+    if len(rows) > 1:
+        ids = ", ".join(r["id"] for r in rows)
+        raise RejectedError(
+            f"{len(rows)} hosts are named {ref!r} ({ids})",
+            code="host_ambiguous",
+            hint=f"{verb} by host id instead",
+        )
+    return str(rows[0]["id"])
+
+
+class _SqliteTx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def one(self, sql: str, params: Sequence[object] = (), *, for_update: bool = False) -> Row | None:
+        # (for_update: the IMMEDIATE transaction already holds the file's write lock)
+        row: sqlite3.Row | None = self.db.execute(sql, params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return list(self.db.execute(sql, params).fetchall())
+
+    def run(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self.db.execute(sql, params).rowcount
+
+    def many(self, sql: str, params: Sequence[Sequence[object]]) -> None:
+        self.db.executemany(sql, params)
+
+    def changed(self) -> None:
+        """(SQLite's PRAGMA data_version moves by itself on any commit.)"""
+
+
+class SqliteRegistry(SqlRegistry):
     """The registry in one SQLite file (WAL: readers never block the writer)."""
 
     def __init__(self, path: Path) -> None:
@@ -324,24 +634,9 @@ class SqliteRegistry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
         self._db.execute("PRAGMA busy_timeout=30000")
-        self._upgrade()
-        self._db.executescript(SCHEMA)
+        migrate_sqlite(self._db)
         self._watch = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._reports = self._open_reports()
-
-    def _upgrade(self) -> None:
-        """Add the columns a registry from an older version lacks (new ones get the schema)."""
-        for table, added in _ADDED_COLUMNS.items():
-            columns = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
-            for column, kind in added:
-                if not columns or column in columns:
-                    continue
-                try:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-                except sqlite3.OperationalError as exc:
-                    # Another worker opening the same registry added it first.
-                    if "duplicate column" not in str(exc):
-                        raise
 
     def close(self) -> None:
         with self._lock:
@@ -349,15 +644,22 @@ class SqliteRegistry:
             self._watch.close()
             self._reports.close()
 
-    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[sqlite3.Row]:
-        """Every row of a read on the shared connection, under the lock."""
+    @contextmanager
+    def _read(self) -> Iterator[Tx]:
         with self._lock:
-            return self._db.execute(sql, params).fetchall()
+            yield _SqliteTx(self._db)
 
-    def _row(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Row | None:
+    @contextmanager
+    def _transaction(self) -> Iterator[Tx]:
+        # IMMEDIATE: take the write lock up front so two writers never both read "unused".
         with self._lock:
-            row: sqlite3.Row | None = self._db.execute(sql, params).fetchone()
-            return row
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     # --- health reports (agent/authority/health.py) --------------------------------------
 
@@ -397,307 +699,3 @@ class SqliteRegistry:
         writes). Compare for inequality; health reports do not change it."""
         with self._lock:
             return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        # IMMEDIATE: take the write lock up front so two writers never both read "unused".
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-
-    def add_token(
-        self,
-        token_hash: str,
-        identity: str,
-        now: datetime,
-        expires_at: datetime,
-        registration: Registration = Registration(),
-    ) -> None:
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO tokens (hash, identity, created_at, expires_at, kube_labels, kube_ports,"
-                " proxy_port) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token_hash, identity, _ts(now), _ts(expires_at), *_registration_columns(registration)),
-            )
-
-    def list_tokens(self) -> list[TokenRecord]:
-        rows = self._rows("SELECT * FROM tokens ORDER BY created_at")
-        return [
-            TokenRecord(
-                hash=r["hash"],
-                identity=r["identity"],
-                created_at=datetime.fromtimestamp(r["created_at"], UTC),
-                expires_at=datetime.fromtimestamp(r["expires_at"], UTC),
-                used_at=_dt(r["used_at"]),
-                host_id=r["host_id"],
-                registration=_registration(r),
-            )
-            for r in rows
-        ]
-
-    def enroll(
-        self,
-        token_hash: str,
-        key_fingerprint: str,
-        host: NewHost,
-        now: datetime,
-        sign: Callable[[str], Issued],
-    ) -> HostRecord:
-        """Consume the token and record the host, atomically. `sign(identity)` issues the cert."""
-        with self._transaction() as db:
-            token = db.execute("SELECT * FROM tokens WHERE hash = ?", (token_hash,)).fetchone()
-            if token is None:
-                raise RejectedError(
-                    "the join token is not known to this authority",
-                    "create a token on this authority: meshagent authority token create",
-                    code="token_unknown",
-                )
-            if token["used_at"] is not None:
-                if token["used_by_key"] == key_fingerprint and token["host_id"]:
-                    # The same host retrying with the same key: hand back what it was issued.
-                    row = db.execute("SELECT * FROM hosts WHERE id = ?", (token["host_id"],)).fetchone()
-                    if row is not None and row["revoked_at"] is None:
-                        return _host(row)
-                raise RejectedError(
-                    "the join token was already used",
-                    "tokens are single-use: create a new one with meshagent authority token create",
-                    code="token_used",
-                )
-            if token["expires_at"] <= _ts(now):
-                raise RejectedError(
-                    "the join token has expired",
-                    "create a new one (meshagent authority token create --ttl ...)",
-                    code="token_expired",
-                )
-            issued = sign(token["identity"])
-            host_id = "h-" + secrets.token_hex(6)
-            # The token's labels and ports become the host's, as stored (validated when written).
-            db.execute(
-                "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
-                " enrolled_at, key_fp, kube_labels, kube_ports, proxy_port)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    host_id,
-                    token["identity"],
-                    host.host_name,
-                    json.dumps(list(host.addresses)),
-                    issued.serial,
-                    _ts(issued.not_after),
-                    issued.cert_pem,
-                    _ts(now),
-                    key_fingerprint,
-                    token["kube_labels"],
-                    token["kube_ports"],
-                    token["proxy_port"],
-                ),
-            )
-            db.execute(
-                "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
-                (_ts(now), key_fingerprint, host_id, token_hash),
-            )
-            row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
-            return _host(row)
-
-    def set_api_token(self, host_id: str, token_hash: str) -> None:
-        with self._transaction() as db:
-            db.execute("UPDATE hosts SET api_token_hash = ? WHERE id = ?", (token_hash, host_id))
-
-    def find_by_api_token(self, token_hash: str) -> HostRecord | None:
-        row = self._row("SELECT * FROM hosts WHERE api_token_hash = ?", (token_hash,))
-        return None if row is None else _host(row)
-
-    def find_by_serial(self, serial: str) -> HostRecord | None:
-        row = self._row("SELECT * FROM hosts WHERE serial = ? OR previous_serial = ?", (serial, serial))
-        return None if row is None else _host(row)
-
-    def renew(
-        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
-    ) -> HostRecord:
-        """Renew `host_id` from its current certificate, or hand back what its previous one was
-        issued (the answer was lost). `sign()` issues the new certificate, inside the transaction.
-
-        Two rules make a captured request worthless (issue #15): each request is answered once
-        (its proof is kept until its timestamp leaves the freshness window, so the table stays
-        small), and the previous serial never gets a *new* certificate, only the current one and
-        only for the same key. Either alone leaves a hole: proofs alone let the old key renew
-        again with a fresh signature; serial binding alone lets an exact replay rotate the
-        host's token away from it.
-        """
-        with self._transaction() as db:
-            db.execute("DELETE FROM renewal_proofs WHERE expires_at < ?", (_ts(now),))
-            if db.execute("SELECT 1 FROM renewal_proofs WHERE digest = ?", (request.proof,)).fetchone():
-                raise RejectedError(
-                    "this renewal request was already answered: a request is single-use",
-                    "a replayed or duplicated request; the host renews by itself with a new one "
-                    "(meshagent renew)",
-                    code="renewal_replayed",
-                )
-            row = db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone()
-            if row is None or row["revoked_at"] is not None:
-                raise RejectedError(
-                    "this host has been revoked",
-                    code="host_revoked",
-                    hint="enroll again with a new join token if it should be back",
-                )
-            presented = request.presented_serial
-            retry = presented == row["previous_serial"] and presented != row["serial"]
-            if retry and request.key_fingerprint != row["key_fp"]:
-                raise RejectedError(
-                    "the presented certificate was already renewed; only the current one can renew",
-                    "renew with the host's current certificate; a host that lost it enrolls again",
-                    code="stale_certificate",
-                )
-            if presented not in (row["serial"], row["previous_serial"]):
-                raise RejectedError(
-                    "the presented certificate is not this host's current one",
-                    code="stale_certificate",
-                    hint="enroll again with a new join token",
-                )
-            db.execute(
-                "INSERT INTO renewal_proofs (digest, host_id, expires_at) VALUES (?, ?, ?)",
-                (request.proof, host_id, _ts(request.proof_expires_at)),
-            )
-            if retry:  # the answer was lost: the same certificate again, nothing re-signed
-                return _host(row)
-            issued = sign()
-            db.execute(
-                "UPDATE hosts SET serial = ?, previous_serial = ?, not_after = ?, cert_pem = ?,"
-                " last_renewal = ?, key_fp = ? WHERE id = ?",
-                (
-                    issued.serial,
-                    presented,
-                    _ts(issued.not_after),
-                    issued.cert_pem,
-                    _ts(now),
-                    request.key_fingerprint,
-                    host_id,
-                ),
-            )
-            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
-
-    def list_hosts(self) -> list[HostRecord]:
-        rows = self._rows("SELECT * FROM hosts ORDER BY enrolled_at")
-        return [_host(r) for r in rows]
-
-    def revoke(self, ref: str, now: datetime) -> HostRecord:
-        """Revoke by host id, or by host name when exactly one unrevoked host has it."""
-        with self._transaction() as db:
-            host_id = _find_one(db, ref, "revoke")
-            db.execute(
-                "UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_ts(now), host_id)
-            )
-            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
-
-    def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord:
-        """Replace the labels/ports of the host `ref` (id, or unique unrevoked name) with
-        `change(host)`, in one transaction: `change` may refuse by raising, and nothing is written."""
-        with self._transaction() as db:
-            host_id = _find_one(db, ref, "edit it")
-            host = _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
-            if host.revoked:
-                raise RejectedError(
-                    f"host {ref!r} ({host.id}) is revoked",
-                    "enroll it again with a new join token; revoked hosts are not exported",
-                    code="host_revoked",
-                )
-            db.execute(
-                "UPDATE hosts SET kube_labels = ?, kube_ports = ?, proxy_port = ? WHERE id = ?",
-                (*_registration_columns(change(host)), host_id),
-            )
-            return _host(db.execute("SELECT * FROM hosts WHERE id = ?", (host_id,)).fetchone())
-
-    # --- catalog and policy (operator-managed) -------------------------------------------
-
-    def add_static_entry(
-        self,
-        cidr: str,
-        ports: tuple[int, ...],
-        identity: str,
-        now: datetime,
-        opaque_port: int | None = None,
-    ) -> StaticEntry:
-        entry = StaticEntry("c-" + secrets.token_hex(4), cidr, ports, identity, opaque_port)
-        with self._transaction() as db:
-            db.execute(
-                "INSERT INTO catalog (id, cidr, ports, identity, created_at, opaque_port)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (entry.id, cidr, json.dumps(list(ports)), identity, _ts(now), opaque_port),
-            )
-        return entry
-
-    def remove_static_entry(self, entry_id: str) -> None:
-        with self._transaction() as db:
-            if db.execute("DELETE FROM catalog WHERE id = ?", (entry_id,)).rowcount == 0:
-                raise RejectedError(
-                    f"no catalog entry {entry_id!r}",
-                    code="entry_unknown",
-                    hint="list entries with: meshagent authority catalog list",
-                )
-
-    def static_entries(self) -> list[StaticEntry]:
-        rows = self._rows("SELECT * FROM catalog ORDER BY created_at")
-        return [
-            StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"], r["opaque_port"])
-            for r in rows
-        ]
-
-    def set_policy(self, record: PolicyRecord) -> None:
-        self.set_policies([record])
-
-    def set_policies(self, records: Sequence[PolicyRecord]) -> None:
-        """Add or replace every record in one transaction: all of them are stored, or none."""
-        with self._transaction() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO policies (identity, port, default_policy, allow) VALUES (?, ?, ?, ?)",
-                [(r.identity, r.port, r.default_policy, json.dumps(list(r.allow))) for r in records],
-            )
-
-    def remove_policy(self, identity: str, port: int) -> None:
-        with self._transaction() as db:
-            if (
-                db.execute("DELETE FROM policies WHERE identity = ? AND port = ?", (identity, port)).rowcount
-                == 0
-            ):
-                raise RejectedError(
-                    f"no policy for {identity} port {port or 'default'}",
-                    code="policy_unknown",
-                    hint="list policies with: meshagent authority policy list",
-                )
-
-    def policies(self, identity: str | None = None) -> list[PolicyRecord]:
-        if identity is None:
-            rows = self._rows("SELECT * FROM policies ORDER BY identity, port")
-        else:
-            rows = self._rows("SELECT * FROM policies WHERE identity = ? ORDER BY port", (identity,))
-        return [
-            PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
-            for r in rows
-        ]
-
-
-def _find_one(db: sqlite3.Connection, ref: str, verb: str) -> str:
-    """The id of the host `ref` names: its id, or its name when exactly one unrevoked host has it."""
-    rows = db.execute("SELECT id FROM hosts WHERE id = ?", (ref,)).fetchall()
-    if not rows:
-        rows = db.execute(
-            "SELECT id FROM hosts WHERE host_name = ? AND revoked_at IS NULL", (ref,)
-        ).fetchall()
-    if not rows:
-        raise RejectedError(
-            f"no enrolled host with id or name {ref!r}",
-            code="host_unknown",
-            hint="list hosts with: meshagent authority hosts",
-        )
-    if len(rows) > 1:
-        ids = ", ".join(r["id"] for r in rows)
-        raise RejectedError(
-            f"{len(rows)} hosts are named {ref!r} ({ids})",
-            code="host_ambiguous",
-            hint=f"{verb} by host id instead",
-        )
-    return str(rows[0]["id"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,7 +34,9 @@ from agent.authority.kube_policy import (
     parse_policy,
     plan,
 )
-from agent.authority.service import MAX_TOKEN_TTL, Authority, open_registry
+from agent.authority.registry import DATABASE_ENV, check_url, has_password, open_registry
+from agent.authority.registry import record as record_database
+from agent.authority.service import MAX_TOKEN_TTL, Authority
 from agent.authority.storage import HostRecord, Registration
 from agent.identity.certinfo import utcnow
 from agent.identity.names import WorkloadIdentity
@@ -50,6 +53,32 @@ dir_option = click.option(
     help="The authority's directory (keys and registry). [env: MESHAGENT_AUTHORITY_DIR]",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def _use_database(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """--database goes to the environment: every registry this process opens (and serve's
+    worker processes) resolves it first (agent/authority/registry.py)."""
+    if value:
+        os.environ[DATABASE_ENV] = check_url(value)
+
+
+database_option = click.option(
+    "--database",
+    metavar="URL",
+    envvar=DATABASE_ENV,
+    expose_value=False,
+    callback=_use_database,
+    help="The registry's database: a PostgreSQL URL (postgresql://USER@HOST:5432/DB, or "
+    "postgresql:///DB?host=/run/postgresql for a unix socket) shared by every replica, or "
+    "'sqlite' for DIR/registry.db. [default: the URL `authority init --database` recorded in DIR, "
+    f"else sqlite] [env: {DATABASE_ENV}] The password goes in PGPASSWORD or ~/.pgpass, "
+    "not in the URL.",
+)
+
+
+def _open(directory: Path) -> Authority:
+    """The authority in `directory` on the registry --database (or its default) names."""
+    return Authority(load_authority(directory), open_registry(directory))
 
 
 @click.group()
@@ -102,6 +131,15 @@ def authority() -> None:
     show_default=True,
     help="No host certificate lives longer than this.",
 )
+@click.option(
+    "--database",
+    metavar="URL",
+    help="Keep the registry in PostgreSQL (replicas share it): a libpq URL such as "
+    "postgresql://meshagent@db.example:5432/meshagent or postgresql:///meshagent?host=/run/postgresql. "
+    "Checked and migrated now, and recorded in DIR (database.url) so serve and the other "
+    "commands use it; a password in the URL is not recorded (give it with PGPASSWORD or "
+    "~/.pgpass). [default: DIR/registry.db, SQLite]",
+)
 @json_option
 def init_cmd(
     directory: Path,
@@ -113,6 +151,7 @@ def init_cmd(
     sans: tuple[str, ...],
     cert_lifetime: timedelta,
     max_lifetime: timedelta,
+    database: str | None,
     as_json: bool,
 ) -> None:
     """Create an authority: a new trust anchor and issuer, or adopt the mesh's issuer.
@@ -123,10 +162,19 @@ def init_cmd(
                     --trust-anchor ca.crt --issuer-cert issuer.crt --issuer-key issuer.key
     Adopting the issuer the mesh's proxies already trust (Linkerd's identity issuer) makes
     enrolled hosts trusted by in-cluster proxies with no change on the cluster.
+
+    \b
+    Replicas on PostgreSQL (the registry in a database every replica shares):
+      meshagent authority init --dir DIR --trust-domain cluster.local \\
+        --database postgresql://meshagent@db.example:5432/meshagent
+    then copy DIR to each replica's machine and run `authority serve --dir DIR` on each.
     """
     adopt_parts = (trust_anchor, issuer_cert, issuer_key)
     if any(adopt_parts) and not all(adopt_parts):
         raise click.UsageError("adopting needs all three of --trust-anchor, --issuer-cert, --issuer-key")
+    if database is not None and database != "sqlite":
+        # Reach and migrate the database before creating anything: a wrong URL leaves no directory.
+        open_registry(directory, check_url(database)).close()
     settings = AuthoritySettings(
         trust_domain=trust_domain,
         mesh=mesh,
@@ -135,8 +183,10 @@ def init_cmd(
     )
     adopt = (trust_anchor, issuer_cert, issuer_key) if all(adopt_parts) else None
     material = init_authority(directory, settings, list(sans) or default_sans(), adopt)  # type: ignore[arg-type]
+    recorded = record_database(directory, database) if database is not None else None
     doc = {
         "dir": str(directory),
+        "database": recorded or "sqlite",
         "trust_domain": trust_domain,
         "issuer": material.issuer_cert.subject.rfc4514_string(),
         "issuer_not_after": rfc3339(material.issuer_cert.not_valid_after_utc),
@@ -153,11 +203,18 @@ def init_cmd(
     click.echo(f"  trust bundle {doc['trust_bundle_file']}  <- give this to the mesh if the anchor is new")
     click.echo(f"  API CA pin   {doc['ca_pin']}")
     click.echo(f"  Prometheus   {doc['prometheus_token_file']}  <- bearer token for the target list")
+    click.echo(f"  registry     {doc['database'] if recorded else directory / 'registry.db'}")
+    if database is not None and has_password(database):
+        click.echo(
+            "  (the password in --database was not recorded: give it to every command and replica "
+            "with PGPASSWORD or ~/.pgpass)"
+        )
     click.echo(f"next: meshagent authority serve --dir {directory} --listen 0.0.0.0:8443")
 
 
 @authority.command("serve")
 @dir_option
+@database_option
 @click.option("--listen", default="0.0.0.0:8443", show_default=True, help="HOST:PORT for the HTTPS API.")
 @click.option(
     "--workers",
@@ -268,6 +325,12 @@ def serve_cmd(
     time, every replica discovers the cluster's Services for the hosts it serves.
     GET /v1/kubernetes/status (with the Prometheus discovery token) shows the controller's
     state: Lease holder, API reachable, actions taken, discovered Services.
+
+    \b
+    Replicas: run serve on several machines with the same DIR and one PostgreSQL database
+    (recorded by `init --database`, or --database / MESHAGENT_AUTHORITY_DATABASE here), behind
+    one address (a TCP load balancer or DNS). A join token is used once across them all; while
+    the database is away the API answers 503 (Retry-After) and recovers by itself.
     """
     from agent.authority.server import limits_with, parse_listen, serve
     from agent.logs import configure
@@ -337,6 +400,7 @@ def token_group() -> None:
 
 @token_group.command("create")
 @dir_option
+@database_option
 @click.option("--identity", required=True, help="NAMESPACE/NAME the host will be, e.g. shop/billing.")
 @click.option(
     "--url",
@@ -401,7 +465,7 @@ def token_create_cmd(
     Change them later with `meshagent authority host label|port HOST ...`.
     """
     registration = _registration(labels, ports, proxy_port)
-    auth = Authority.open(directory)
+    auth = _open(directory)
     tokens = auth.create_tokens(identity, url, ttl, count, registration)
     if as_json:
         workload = auth.identity(identity)
@@ -421,6 +485,7 @@ def token_create_cmd(
 
 @token_group.command("list")
 @dir_option
+@database_option
 @json_option
 def token_list_cmd(directory: Path, as_json: bool) -> None:
     """List tokens (by id; the secrets are not stored): identity, expiry, use."""
@@ -528,6 +593,7 @@ def _host_doc(
 
 @authority.command("hosts")
 @dir_option
+@database_option
 @json_option
 def hosts_cmd(directory: Path, as_json: bool) -> None:
     """List enrolled hosts: identity, name, addresses, certificate, renewal, revocation, the
@@ -596,6 +662,7 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
 @authority.command("revoke")
 @click.argument("host")
 @dir_option
+@database_option
 @json_option
 def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
     """Revoke HOST (its id, or its name if unique): it can no longer renew.
@@ -636,6 +703,7 @@ def _print_host(record: HostRecord, td: str, as_json: bool) -> None:
 @click.argument("labels", nargs=-1, metavar="[KEY=VALUE]...")
 @click.option("--remove", "remove", multiple=True, metavar="KEY", help="Remove this label (repeatable).")
 @dir_option
+@database_option
 @json_option
 def host_label_cmd(
     host: str, labels: tuple[str, ...], remove: tuple[str, ...], directory: Path, as_json: bool
@@ -668,6 +736,7 @@ def host_label_cmd(
     help="The host's inbound proxy port (exported as linkerd-proxy). [default: 4143]",
 )
 @dir_option
+@database_option
 @json_option
 def host_port_cmd(
     host: str,
@@ -703,6 +772,7 @@ def kube_group() -> None:
 
 @kube_group.command("export")
 @dir_option
+@database_option
 @click.option(
     "--flavor",
     type=click.Choice(["linkerd", "istio"]),
@@ -813,6 +883,7 @@ def catalog_group() -> None:
 
 @catalog_group.command("add")
 @dir_option
+@database_option
 @click.option("--cidr", required=True, help="Address or network of the destination, e.g. 10.96.0.0/12.")
 @click.option(
     "--port",
@@ -846,7 +917,7 @@ def catalog_add_cmd(
     as_json: bool,
 ) -> None:
     """Declare that connections to CIDR[:PORT] must reach a server proving IDENTITY over mTLS."""
-    entry = Authority.open(directory).add_static_entry(cidr, ports, identity, opaque_port)
+    entry = _open(directory).add_static_entry(cidr, ports, identity, opaque_port)
     if as_json:
         emit_json(entry.__dict__)
     else:
@@ -860,10 +931,11 @@ def catalog_add_cmd(
 
 @catalog_group.command("list")
 @dir_option
+@database_option
 @json_option
 def catalog_list_cmd(directory: Path, as_json: bool) -> None:
     """The catalog hosts receive: enrolled hosts' addresses and static entries."""
-    entries = Authority.open(directory).catalog()
+    entries = _open(directory).catalog()
     if as_json:
         emit_json(entries)
         return
@@ -887,6 +959,7 @@ def catalog_list_cmd(directory: Path, as_json: bool) -> None:
 @catalog_group.command("remove")
 @click.argument("entry_id")
 @dir_option
+@database_option
 def catalog_remove_cmd(entry_id: str, directory: Path) -> None:
     """Remove a static entry (by the id `catalog list` shows as static:<id>)."""
     open_registry(directory).remove_static_entry(entry_id.removeprefix("static:"))
@@ -900,6 +973,7 @@ def policy_group() -> None:
 
 @policy_group.command("set")
 @dir_option
+@database_option
 @click.option("--identity", required=True, help="Hosts enrolled as NAMESPACE/NAME get this policy.")
 @click.option(
     "--port", type=click.IntRange(1, 65535), help="The port it applies to [default: all other ports]."
@@ -931,7 +1005,7 @@ def policy_set_cmd(
 
     Hosts pick it up at their next refresh (30 s by default); no restart anywhere.
     """
-    record = Authority.open(directory).set_policy(identity, port or 0, default_policy, allow)
+    record = _open(directory).set_policy(identity, port or 0, default_policy, allow)
     if as_json:
         emit_json(record.__dict__)
     else:
@@ -945,6 +1019,7 @@ def policy_set_cmd(
 
 @policy_group.command("apply")
 @dir_option
+@database_option
 @click.option(
     "-f",
     "--filename",
@@ -1044,7 +1119,7 @@ def _apply_policy(
         raise KubePolicyError(
             [f"{source.name}: larger than {MAX_BYTES} bytes (a policy file, not a cluster dump)"]
         )
-    auth = Authority.open(directory)
+    auth = _open(directory)
     s = auth.material.settings
     policy = parse_policy(data, ClusterSettings(s.trust_domain, s.mesh, default_policy))
     name = validate_authority_name(authority_name)
@@ -1096,6 +1171,7 @@ def _apply_policy(
 
 @policy_group.command("list")
 @dir_option
+@database_option
 @json_option
 def policy_list_cmd(directory: Path, as_json: bool) -> None:
     """Every policy, by identity and port."""
@@ -1114,10 +1190,11 @@ def policy_list_cmd(directory: Path, as_json: bool) -> None:
 
 @policy_group.command("remove")
 @dir_option
+@database_option
 @click.option("--identity", required=True)
 @click.option("--port", type=click.IntRange(1, 65535))
 def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
     """Remove the policy for IDENTITY on PORT (or its default)."""
-    auth = Authority.open(directory)
+    auth = _open(directory)
     auth.registry.remove_policy(auth.identity(identity).short, port or 0)
     click.echo(printable(f"removed {identity} port {port or 'default'}"))

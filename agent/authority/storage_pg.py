@@ -1,0 +1,191 @@
+"""The registry on PostgreSQL: several `authority serve` replicas share one database.
+
+The rules are storage.SqlRegistry's; this module supplies transactions over a psycopg 3
+connection pool. What replicas need beyond SQLite:
+- rows a decision depends on are locked (`SELECT ... FOR UPDATE`): a join token presented at two
+  replicas at once is consumed by one, the other then finds it used;
+- `data_version` is a counter row bumped at the end of every transaction that changes a rendered
+  document, so each replica's long-poll watch sees every replica's writes (health reports are
+  their own table and do not bump it);
+- the database going away is `RegistryUnavailable` (the API answers 503), and the pool checks a
+  connection before lending it, so the first call after PostgreSQL is back simply works.
+
+psycopg is imported here only: SQLite authorities and hosts never need it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from agent.errors import MeshagentError
+from agent.logs import get_logger
+
+from .migrations import migrate_postgres
+from .storage import RegistryUnavailable, Row, SqlRegistry, Tx
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+log = get_logger("meshagent.authority")
+
+INSTALL_HINT = "install the PostgreSQL extra: pip install 'meshagent[postgresql]'"
+# A request waits this long for a connection before the API answers 503: clients retry.
+POOL_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: a blackholed server fails fast too
+POOL_MAX = 8  # per process; each uvicorn worker has its own pool
+
+
+class PostgresMissing(MeshagentError):
+    code = "postgresql_missing"
+
+
+def _psycopg() -> tuple[Any, Any]:
+    try:
+        import psycopg
+        import psycopg_pool
+    except ImportError as exc:
+        raise PostgresMissing(
+            f"the authority's database is PostgreSQL but psycopg is not installed ({exc.name})",
+            INSTALL_HINT,
+        ) from None
+    return psycopg, psycopg_pool
+
+
+def describe(url: str) -> str:
+    """Where the URL points, for messages: host (or socket dir), port, database; never a password."""
+    pg, _ = _psycopg()
+    try:
+        params = pg.conninfo.conninfo_to_dict(url)
+    except pg.ProgrammingError:
+        return "(an unparsable URL)"
+    host = params.get("host") or "the default socket"
+    port = f":{params['port']}" if params.get("port") else ""
+    return f"{host}{port}/{params.get('dbname') or params.get('user') or ''}"
+
+
+class _PgTx:
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.conn = conn
+        self.bump = False
+
+    @staticmethod
+    def _sql(sql: str) -> bytes:
+        # The shared SQL uses `?`; psycopg's placeholders are %s (no literal % or ? in our SQL).
+        return sql.replace("?", "%s").encode()
+
+    def one(self, sql: str, params: Sequence[object] = (), *, for_update: bool = False) -> Row | None:
+        query = sql + " FOR UPDATE" if for_update else sql
+        row: Row | None = self.conn.execute(self._sql(query), params).fetchone()
+        return row
+
+    def all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
+        return list(self.conn.execute(self._sql(sql), params).fetchall())
+
+    def run(self, sql: str, params: Sequence[object] = ()) -> int:
+        return self.conn.execute(self._sql(sql), params).rowcount
+
+    def many(self, sql: str, params: Sequence[Sequence[object]]) -> None:
+        with self.conn.cursor() as cur:
+            cur.executemany(self._sql(sql), params)
+
+    def changed(self) -> None:
+        self.bump = True
+
+
+class PostgresRegistry(SqlRegistry):
+    """The registry in a PostgreSQL database (libpq URL), shared by any number of replicas."""
+
+    _PURGE_PROOFS = (
+        "DELETE FROM renewal_proofs WHERE digest IN"
+        " (SELECT digest FROM renewal_proofs WHERE expires_at < ? FOR UPDATE SKIP LOCKED)"
+    )
+
+    def __init__(self, url: str, pool_max: int = POOL_MAX) -> None:
+        pg, pool = _psycopg()
+        # The pool logs every failed reconnection attempt unstructured; registry.unavailable
+        # (below) says it once per failed call instead.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        self.url = url
+        self.where = describe(url)
+        self._errors: tuple[type[BaseException], ...] = (pg.OperationalError, pool.PoolTimeout)
+        self._pool: psycopg_pool.ConnectionPool[Any] = pool.ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_max,
+            open=False,
+            timeout=POOL_TIMEOUT_S,
+            # A connection the server closed (a restart) is found and replaced before it is lent.
+            check=pool.ConnectionPool.check_connection,
+            kwargs={
+                "autocommit": True,
+                "row_factory": pg.rows.dict_row,
+                "connect_timeout": CONNECT_TIMEOUT_S,
+                "application_name": "meshagent-authority",
+            },
+            name="meshagent-registry",
+        )
+        # Migrations on a connection of their own: at start, libpq's own words say what is wrong
+        # (refused, no such database, authentication) rather than the pool's timeout.
+        with self._unavailable_as_error():
+            with pg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                migrate_postgres(conn)
+            self._pool.open(wait=False)
+
+    def close(self) -> None:
+        self._pool.close()
+
+    @contextmanager
+    def _unavailable_as_error(self) -> Iterator[None]:
+        try:
+            yield
+        except self._errors as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, self._errors[1]):  # PoolTimeout: no connection could be made
+                first = f"no connection within {POOL_TIMEOUT_S:g} s"
+            log.warning("registry.unavailable", database=self.where, error=first[:200])
+            raise RegistryUnavailable(
+                f"the authority cannot reach its database at {self.where}: {first[:300]}",
+                "it retries on every request: check that PostgreSQL is running and reachable "
+                "(pg_isready), and the URL given by --database or MESHAGENT_AUTHORITY_DATABASE",
+            ) from None
+
+    @contextmanager
+    def _read(self) -> Iterator[Tx]:
+        with self._unavailable_as_error(), self._pool.connection() as conn:
+            yield _PgTx(conn)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Tx]:
+        with self._unavailable_as_error(), self._pool.connection() as conn, conn.transaction():
+            tx = _PgTx(conn)
+            yield tx
+            if tx.bump:
+                # Last: the version row's lock is held only from here to the commit.
+                conn.execute("UPDATE registry_version SET version = version + 1 WHERE id = 1")
+
+    # --- health reports: a table of their own, outside data_version ------------------------
+
+    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
+        when = at.timestamp() if isinstance(at, datetime) else float(at)
+        with self._read() as tx:  # (one autocommitted statement)
+            tx.run(
+                "INSERT INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)"
+                " ON CONFLICT (host_id) DO UPDATE"
+                " SET received_at = excluded.received_at, report = excluded.report",
+                (host_id, when, report_json),
+            )
+
+    def reports(self) -> dict[str, tuple[float, str]]:
+        rows = self._rows("SELECT host_id, received_at, report FROM host_reports")
+        return {str(r["host_id"]): (float(r["received_at"]), str(r["report"])) for r in rows}
+
+    def data_version(self) -> int:
+        """The counter every replica's document-changing transactions bump (compare for inequality)."""
+        row = self._row("SELECT version FROM registry_version WHERE id = 1")
+        assert row is not None  # (migration 1 inserts it)
+        return int(row["version"])
