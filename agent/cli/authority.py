@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,7 +12,7 @@ import click
 
 from agent.authority import discovery
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
-from agent.authority.health import load_report
+from agent.authority.health import stored_fleet_health, stored_report_doc
 from agent.authority.kube_export import (
     ServiceRequest,
     check_registration,
@@ -535,32 +535,6 @@ def _registration_doc(reg: Registration) -> dict[str, object]:
     }
 
 
-def _report_doc(h: HostRecord, reports: Mapping[str, tuple[float, str]]) -> dict[str, object] | None:
-    """The host's last health report as stored, for --json (None: it never sent one)."""
-    stored = reports.get(h.id)
-    if stored is None:
-        return None
-    report = load_report(stored[1])
-    return {
-        "received_at": rfc3339(datetime.fromtimestamp(stored[0], UTC)),
-        "agent_version": None if report is None else report.agent_version,
-        "agent_ready": None if report is None else report.ready,
-        "agent_reason": None if report is None else report.reason,
-        "probes": []
-        if report is None
-        else [
-            {
-                "port": p.port,
-                "kind": p.kind,
-                "ok": p.ok,
-                "detail": p.detail,
-                "since": rfc3339(datetime.fromtimestamp(p.since, UTC)),
-            }
-            for p in report.probes
-        ],
-    }
-
-
 def _host_doc(
     h: HostRecord, td: str, reports: Mapping[str, tuple[float, str]] | None = None
 ) -> dict[str, object]:
@@ -587,7 +561,14 @@ def _host_doc(
             "message": health.message,
             "since": rfc3339(health.since),
         },
-        **({} if reports is None else {"report": _report_doc(h, reports)}),
+        **(
+            {}
+            if reports is None
+            else {
+                "report": stored_report_doc(h, reports),
+                "health": stored_fleet_health(h, utcnow(), reports).to_doc(),
+            }
+        ),
     }
 
 
@@ -603,6 +584,8 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
     Ready: the agent reported within 3 refresh intervals, is ready, has refreshed its
     directory, and every probe it runs passes ([[health.probes]] in its config). Each host
     that is not Ready gets a line below the table saying why and since when.
+    HEALTH: healthy; not ready: REASON; silent since T (no report for 3 intervals, or never);
+    expiring soon (T) (late in its certificate's life, or the agent's renewal failing); revoked.
     """
     td = load_authority(directory).settings.trust_domain
     registry = open_registry(directory)
@@ -614,6 +597,7 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
         return
     now = utcnow()
     healths = {h.id: stored_health(h, now, reports) for h in hosts}
+    fleet = {h.id: stored_fleet_health(h, now, reports) for h in hosts}
     click.echo(
         table(
             [
@@ -628,6 +612,7 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
                 "LABELS",
                 "PORTS",
                 "READY",
+                "HEALTH",
             ],
             [
                 (
@@ -642,6 +627,7 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
                     ",".join(f"{k}={v}" for k, v in h.registration.labels) or "-",
                     ",".join(f"{n}={p}/{proto}" for n, p, proto in h.registration.ports) or "-",
                     f"{'yes' if health.ready else 'no'} ({health.reason})",
+                    fleet[h.id].text,
                 )
                 for h in hosts
                 for health in [healths[h.id]]
