@@ -470,6 +470,35 @@ class DnsSettings:
 
 
 @dataclass(frozen=True)
+class AuthoritySettings:
+    """`[authority]`: how this host reaches the authority (enroll, renew, and the agent's own
+    calls). Unset keys leave it to the environment (HTTPS_PROXY, NO_PROXY), like curl."""
+
+    https_proxy: str | None = None
+    """An HTTP forward proxy to tunnel to the authority through (CONNECT; TLS and the pin stay
+    end to end), like "http://proxy.example:3128" or "http://user:password@10.0.0.1:8080".
+    Unset: HTTPS_PROXY / https_proxy from the environment; "" (empty): direct, whatever the
+    environment says. `meshagent enroll --https-proxy` overrides it."""
+    no_proxy: str | None = None
+    """Authorities reached directly although a proxy is set: comma-separated names (a name
+    covers every name below it), addresses, CIDRs, each with an optional :port, or "*".
+    Unset: NO_PROXY / no_proxy from the environment."""
+
+    def __post_init__(self) -> None:
+        from agent.identity.transport import parse_proxy_url  # pure stdlib; keeps this module light
+
+        for name in ("https_proxy", "no_proxy"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(
+                    f"authority.{name} must be a string, got {type(value).__name__} {value!r}",
+                    'like https_proxy = "http://proxy.example:3128", no_proxy = "10.0.0.0/8,.corp"',
+                )
+        if self.https_proxy:
+            parse_proxy_url(self.https_proxy, "authority.https_proxy")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     log: LogSettings = field(default_factory=LogSettings)
@@ -480,6 +509,7 @@ class AgentConfig:
     telemetry: TelemetrySettings = field(default_factory=TelemetrySettings)
     health: HealthSettings = field(default_factory=HealthSettings)
     dns: DnsSettings = field(default_factory=DnsSettings)
+    authority: AuthoritySettings = field(default_factory=AuthoritySettings)
     source: Path | None = None  # the file this came from, None for built-in defaults
     sources: dict[str, str] = field(default_factory=dict)  # "section.key" -> file path or "env VAR"
 
@@ -665,6 +695,8 @@ def describe(config: AgentConfig) -> list[dict[str, Any]]:
         for f in dataclasses.fields(section):
             key = f"{name}.{f.name}"
             value = getattr(section, f.name)
+            if key == "authority.https_proxy" and value:
+                value = _without_password(value)
             rows.append(
                 {
                     "key": key,
@@ -674,6 +706,13 @@ def describe(config: AgentConfig) -> list[dict[str, Any]]:
                 }
             )
     return rows
+
+
+def _without_password(url: str) -> str:
+    """A proxy URL as it may be shown: a password in it replaced by ***."""
+    from agent.identity.transport import redact  # pure stdlib
+
+    return redact(url)
 
 
 def _plain(value: Any) -> Any:

@@ -18,6 +18,7 @@ from agent.identity import enroll as flows
 from agent.identity.certinfo import utcnow
 from agent.identity.rotation import Rotator, renewal_time
 from agent.identity.store import IdentityStore, StoredIdentity
+from agent.identity.transport import ProxyConfig, resolve_proxy
 
 from .output import emit_json, human_duration, printable, progress, rfc3339
 
@@ -41,6 +42,19 @@ config_option = click.option(
     help="Agent config file [default: /etc/meshagent/agent.toml if present].",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+https_proxy_option = click.option(
+    "--https-proxy",
+    metavar="URL",
+    help="Reach the authority through this HTTP proxy (CONNECT; TLS and the pin stay end to end), "
+    'e.g. http://proxy:3128 or http://user:pass@proxy:3128; "" for direct '
+    "[default: [authority] https_proxy from the config, else HTTPS_PROXY; NO_PROXY honoured].",
+)
+
+
+def _proxy(config: Path | None, flag: str | None) -> ProxyConfig:
+    """The proxy to reach the authority through: --https-proxy, the config, the environment."""
+    settings = load_config(config, required=config is not None).authority
+    return resolve_proxy(settings.https_proxy, settings.no_proxy, flag)
 
 
 def identity_doc(store: IdentityStore, identity: StoredIdentity) -> dict[str, Any]:
@@ -289,6 +303,7 @@ def _read_token(token: str | None, token_file: Path | None) -> str:
     help="An address peers reach this host at (repeatable) [default: discovered].",
 )
 @click.option("--force", is_flag=True, help="Replace an existing identity.")
+@https_proxy_option
 @json_option
 def enroll_cmd(
     token: str | None,
@@ -298,6 +313,7 @@ def enroll_cmd(
     host_name: str | None,
     addresses: tuple[str, ...],
     force: bool,
+    https_proxy: str | None,
     as_json: bool,
 ) -> None:
     """Join the mesh with a one-time TOKEN from `meshagent authority token create`.
@@ -309,6 +325,7 @@ def enroll_cmd(
     """
     text = _read_token(token, token_file)
     store = _store(state_dir, config)
+    proxy = _proxy(config, https_proxy)
     if store.exists() and not force:
         try:
             current = store.load()
@@ -327,6 +344,7 @@ def enroll_cmd(
         host_name,
         list(addresses) or None,
         progress=(lambda _m: None) if as_json else progress,
+        proxy=proxy,
     )
     doc = identity_doc(store, identity)
     doc["enroll_seconds"] = round((utcnow() - started).total_seconds(), 3)
@@ -366,26 +384,30 @@ def status_cmd(state_dir: Path | None, config: Path | None, as_json: bool) -> No
     is_flag=True,
     help="Keep renewing at ~70% of each lifetime until SIGTERM/Ctrl-C (what `run` does).",
 )
+@https_proxy_option
 @json_option
-def renew_cmd(state_dir: Path | None, config: Path | None, loop: bool, as_json: bool) -> None:
+def renew_cmd(
+    state_dir: Path | None, config: Path | None, loop: bool, https_proxy: str | None, as_json: bool
+) -> None:
     """Renew this host's certificate now, proving possession of the current key.
 
     A new key is made for every renewal; the join token is never needed again. With --loop,
     failures are retried with backoff while the current certificate keeps serving.
     """
     store = _store(state_dir, config)
+    proxy = _proxy(config, https_proxy)
     if not loop:
-        identity = flows.renew(store)
+        identity = flows.renew(store, proxy)
         doc = identity_doc(store, identity)
         if as_json:
             emit_json(doc)
         else:
             click.echo(f"renewed: serial {doc['serial']}, valid until {doc['not_after']}")
         return
-    asyncio.run(_renew_loop(store))
+    asyncio.run(_renew_loop(store, proxy))
 
 
-async def _renew_loop(store: IdentityStore) -> None:
+async def _renew_loop(store: IdentityStore, proxy: ProxyConfig) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -397,4 +419,4 @@ async def _renew_loop(store: IdentityStore) -> None:
             err=True,
         )
 
-    await Rotator(store, on_renewed=announce).run(stop)
+    await Rotator(store, on_renewed=announce, renew_fn=lambda s: flows.renew(s, proxy)).run(stop)

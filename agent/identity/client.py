@@ -7,24 +7,28 @@ The hostname is not checked: the pinned CA is the authority's own and signs noth
 certificate it issued proves the peer is the authority whatever name or NAT address the host
 used to reach it.
 
-The transport is the standard library's `http.client`: a handful of small JSON requests a day
-do not need more, and the daemon, which renews through this client, stays lean.
+Two transports, one behaviour (agent/identity/transport*.py): the daemon's calls use the
+standard library's `http.client`, so the long-running process stays lean; the short-lived
+enroll and renew processes use httpx. Either goes directly or through a CONNECT tunnel of an
+egress proxy, with TLS end to end inside it: a proxy that shows its own certificate is refused
+by the pin like any other stranger.
 """
 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import ssl
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlparse
 
-from agent.errors import ClockSkewError, RejectedError, TrustError, UnreachableError
+from agent.errors import ClockSkewError, RejectedError, TrustError
 
+from . import transport
 from .store import AuthorityRef
+from .transport import DIRECT, ProxyConfig, Response, inspecting_proxy_hint
 
 MAX_CLOCK_SKEW_S = 60.0
 TIMEOUT_S = 10.0
@@ -45,14 +49,15 @@ def _unverified_context() -> ssl.SSLContext:
     return ctx
 
 
-@dataclass(frozen=True)
-class _Response:
-    status: int
-    body: bytes
-    headers: dict[str, str] = field(default_factory=dict)  # names lowercased
-
+class _Response(Response):
     def json(self) -> Any:
         return json.loads(self.body)
+
+
+RequestFn = Callable[
+    [str, ssl.SSLContext, str, str, "bytes | None", dict[str, str], float, ProxyConfig], Response
+]
+"""transport.request (stdlib, the daemon's) or transport_httpx.request (enroll and renew)."""
 
 
 def _request(
@@ -63,35 +68,16 @@ def _request(
     body: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = TIMEOUT_S,
+    proxy: ProxyConfig = DIRECT,
+    send: RequestFn = transport.request,
 ) -> _Response:
     """One HTTPS request; transport failures become UnreachableError / TrustError."""
-    parsed = urlparse(url)
-    conn = http.client.HTTPSConnection(
-        parsed.hostname or "", parsed.port or 443, timeout=timeout, context=context
-    )
     payload = None if body is None else json.dumps(body).encode()
     all_headers = {"Accept": "application/json", **(headers or {})}
     if payload is not None:
         all_headers["Content-Type"] = "application/json"
-    try:
-        conn.request(method, path, body=payload, headers=all_headers)
-        response = conn.getresponse()
-        content = response.read()
-        return _Response(response.status, content, {k.lower(): v for k, v in response.getheaders()})
-    except ssl.SSLCertVerificationError:
-        raise TrustError(
-            f"the server at {url} presented a certificate not issued by the pinned authority CA",
-            "the token's pin does not match this server: check the URL, "
-            "or create a token on the right authority",
-        ) from None
-    except (OSError, http.client.HTTPException) as exc:
-        raise UnreachableError(
-            f"cannot reach the authority at {url}: {exc or exc.__class__.__name__}",
-            "check the URL (from the token), that `meshagent authority serve` runs there, and that "
-            "this host can reach that address and port",
-        ) from None
-    finally:
-        conn.close()
+    r = send(url, context, method, path, payload, all_headers, timeout, proxy)
+    return _Response(r.status, r.body, r.headers)
 
 
 def _refusal(response: _Response) -> RejectedError:
@@ -139,8 +125,16 @@ class HostConfigFetch:
 
 
 class AuthorityClient:
-    def __init__(self, ref: AuthorityRef) -> None:
+    """`proxy`: how to reach the authority (transport.resolve_proxy; default: the environment's,
+    HTTPS_PROXY / NO_PROXY). `send`: the transport (default the standard library's; enroll and
+    renew pass httpx's)."""
+
+    def __init__(
+        self, ref: AuthorityRef, proxy: ProxyConfig | None = None, send: RequestFn = transport.request
+    ) -> None:
         self.ref = ref
+        self.proxy = transport.proxy_from_environment() if proxy is None else proxy
+        self._send = send
         self._context = _verified_context(ref.ca_pem)
 
     def close(self) -> None:
@@ -153,12 +147,14 @@ class AuthorityClient:
         self.close()
 
     @classmethod
-    def discover(cls, url: str, pin: str) -> AuthorityClient:
+    def discover(
+        cls, url: str, pin: str, proxy: ProxyConfig = DIRECT, send: RequestFn = transport.request
+    ) -> AuthorityClient:
         """Fetch the authority's CA, check it against `pin`, return a client that trusts only it."""
         from agent.identity.pki import load_certs, spki_pin  # enrollment only: the daemon never runs this
 
         sent = time.time()
-        response = _request(url, _unverified_context(), "GET", "/v1/authority")
+        response = _request(url, _unverified_context(), "GET", "/v1/authority", proxy=proxy, send=send)
         received = time.time()
         if response.status != 200:
             raise _refusal(response)
@@ -172,18 +168,34 @@ class AuthorityClient:
         if spki_pin(ca) != pin:
             raise TrustError(
                 f"the authority at {url} has CA pin {spki_pin(ca)}, the token expects {pin}",
-                "the token belongs to another authority, or something intercepts this connection: "
-                "create a new token on the authority you mean to join",
+                inspecting_proxy_hint(url)
+                if proxy.for_url(url)
+                else "the token belongs to another authority, or something intercepts this "
+                "connection: create a new token on the authority you mean to join",
             )
         # A skewed clock makes every certificate look not-yet-valid or expired: say so first,
         # rather than as a confusing verification failure.
         with contextlib.suppress(KeyError, TypeError, ValueError):
             check_clock(float(info["server_time"]), sent, received)
-        client = cls(AuthorityRef(url, pin, info["api_ca"], str(info["trust_domain"]), str(info["mesh"])))
+        client = cls(
+            AuthorityRef(url, pin, info["api_ca"], str(info["trust_domain"]), str(info["mesh"])), proxy, send
+        )
         # Prove the server holds the pinned CA's certificate (the CA itself is public), and
         # check the clocks agree before anything is signed.
         client.check_clock()
         return client
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float = TIMEOUT_S,
+    ) -> _Response:
+        return _request(
+            self.ref.url, self._context, method, path, body, headers, timeout, self.proxy, self._send
+        )
 
     def _call(
         self,
@@ -192,7 +204,7 @@ class AuthorityClient:
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        response = _request(self.ref.url, self._context, method, path, body, headers)
+        response = self._request(method, path, body, headers)
         if response.status != 200:
             raise _refusal(response)
         doc = response.json()
@@ -233,9 +245,7 @@ class AuthorityClient:
         headers = {"Authorization": f"Bearer {api_token}"}
         if etag:
             headers["If-None-Match"] = etag
-        response = _request(
-            self.ref.url, self._context, "GET", path, headers=headers, timeout=wait_s + TIMEOUT_S
-        )
+        response = self._request("GET", path, headers=headers, timeout=wait_s + TIMEOUT_S)
         new_etag = response.headers.get("etag") or None
         if response.status == 304:
             return HostConfigFetch(None, new_etag or etag, True, _retry_after(response))
@@ -255,13 +265,8 @@ class AuthorityClient:
 
     def send_report(self, api_token: str, doc: dict[str, Any]) -> None:
         """This host's health report (POST /v1/host/report); refusals raise RejectedError."""
-        response = _request(
-            self.ref.url,
-            self._context,
-            "POST",
-            "/v1/host/report",
-            doc,
-            headers={"Authorization": f"Bearer {api_token}"},
+        response = self._request(
+            "POST", "/v1/host/report", doc, headers={"Authorization": f"Bearer {api_token}"}
         )
         if response.status not in (200, 204):
             raise _refusal(response)

@@ -17,6 +17,7 @@ from agent.logs import get_logger
 
 from .client import AuthorityClient
 from .store import IdentityStore, StoredIdentity
+from .transport import ProxyConfig, proxy_from_environment
 
 log = get_logger("meshagent.identity")
 
@@ -66,12 +67,21 @@ def enroll(
     host_name: str | None = None,
     addresses: list[str] | None = None,
     progress: Progress = _quiet,
+    proxy: ProxyConfig | None = None,
 ) -> StoredIdentity:
+    """`proxy`: how to reach the authority (default: the environment's, proxy_from_environment)."""
     from agent.authority.tokens import parse_token  # token format is shared with the authority
 
+    from . import transport_httpx  # httpx: this short-lived process only, never the daemon
+
     token = parse_token(token_text)
+    proxy = proxy_from_environment() if proxy is None else proxy
+    if proxy.for_url(token.authority_url):
+        progress(f"reaching the authority {proxy.describe()}")
     progress(f"verifying the authority at {token.authority_url} against the token's pin")
-    with AuthorityClient.discover(token.authority_url, token.ca_pin) as client:
+    with AuthorityClient.discover(
+        token.authority_url, token.ca_pin, proxy, transport_httpx.request
+    ) as client:
         store.save_authority(client.ref)
         key = store.pending_key()  # made here, kept across retries, never sent
         progress("key made on this host (ECDSA P-256); sending the signing request")
@@ -92,8 +102,12 @@ def enroll(
     return identity
 
 
-def renew(store: IdentityStore) -> StoredIdentity:
-    """Get a new certificate for a new key, proving possession of the current one."""
+def renew(store: IdentityStore, proxy: ProxyConfig | None = None) -> StoredIdentity:
+    """Get a new certificate for a new key, proving possession of the current one. `proxy`: how
+    to reach the authority (default: the environment's, which is how the daemon passes its own)."""
+    from . import transport_httpx  # httpx: this short-lived process only, never the daemon
+
+    proxy = proxy_from_environment() if proxy is None else proxy
     current = store.load()
     ref = store.load_authority()
     new_key = store.pending_key()
@@ -101,7 +115,7 @@ def renew(store: IdentityStore) -> StoredIdentity:
     ts = int(time.time())
     signature = sign_possession(current.key, csr, ts)
     try:
-        with AuthorityClient(ref) as client:
+        with AuthorityClient(ref, proxy, transport_httpx.request) as client:
             doc = client.renew(current.chain_pem, csr, ts, signature)
         identity = _store_issued(store, new_key, doc)
     except MeshagentError as exc:
