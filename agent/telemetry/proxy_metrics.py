@@ -265,6 +265,12 @@ class ProxyMetrics:
             "and transport-header refusals, loops, handshake limits)",
             "counter",
         )
+        self.revoked_closed = f(
+            "meshagent_revoked_connections_closed_total",
+            "Open connections the proxy closed because the authority revoked the peer, by direction",
+            "counter",
+            retain_idle_s=None,
+        )
         self.cert_expiry = f(
             "identity_cert_expiration_timestamp_seconds",
             "Time when the this proxy's current mTLS identity certificate will expire "
@@ -296,6 +302,7 @@ class ProxyMetrics:
             self.authz_deny,
             self.tls_failures,
             self.refused,
+            self.revoked_closed,
             self.cert_expiry,
             self.control_cert_expiry,
         ]
