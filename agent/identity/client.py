@@ -148,11 +148,13 @@ class AuthorityClient:
 
     @classmethod
     def discover(
-        cls, url: str, pin: str, proxy: ProxyConfig = DIRECT, send: RequestFn = transport.request
+        cls, url: str, pin: str, proxy: ProxyConfig | None = None, send: RequestFn = transport.request
     ) -> AuthorityClient:
-        """Fetch the authority's CA, check it against `pin`, return a client that trusts only it."""
+        """Fetch the authority's CA, check it against `pin`, return a client that trusts only it
+        (`proxy`, `send`: as for the constructor)."""
         from agent.identity.pki import load_certs, spki_pin  # enrollment only: the daemon never runs this
 
+        proxy = transport.proxy_from_environment() if proxy is None else proxy
         sent = time.time()
         response = _request(url, _unverified_context(), "GET", "/v1/authority", proxy=proxy, send=send)
         received = time.time()
