@@ -34,6 +34,7 @@ from agent.identity.names import WorkloadIdentity
 from agent.identity.renew import run_renewal
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
+from agent.identity.transport import resolve_proxy
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
 from agent.intercept.authority import enrolled as enrolled_authority
 from agent.intercept.conntrack import clear_stale
@@ -242,6 +243,8 @@ class Daemon:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.store = IdentityStore(config.identity.state_dir)
+        # How the authority is reached ([authority] https_proxy / no_proxy, else the environment).
+        self.authority_proxy = resolve_proxy(config.authority.https_proxy, config.authority.no_proxy)
         self.state = DaemonState()
         self.stop_event = asyncio.Event()
         self.credentials: Credentials | None = None
@@ -299,7 +302,7 @@ class Daemon:
     def _fetch_directory(self, etag: str | None, wait_s: float) -> HostConfigFetch:
         """The directory, or with `etag` a long poll: the authority answers when it changes (or
         not_modified after `wait_s`)."""
-        with AuthorityClient(self.store.load_authority()) as client:
+        with AuthorityClient(self.store.load_authority(), self.authority_proxy) as client:
             try:
                 return client.fetch_host_config(self.store.api_token(), etag, wait_s)
             except MeshagentError as exc:
@@ -312,7 +315,7 @@ class Daemon:
         return health_report(self)
 
     def _send_report(self, doc: dict[str, Any]) -> None:
-        with AuthorityClient(self.store.load_authority()) as client:
+        with AuthorityClient(self.store.load_authority(), self.authority_proxy) as client:
             try:
                 client.send_report(self.store.api_token(), doc)
             except MeshagentError as exc:
@@ -626,7 +629,7 @@ class Daemon:
     def _renew(self, store: IdentityStore) -> IdentityInfo:
         """One renewal, through the identity package's own process (agent/identity/renew.py)."""
         try:
-            return run_renewal(store)
+            return run_renewal(store, self.authority_proxy)
         except MeshagentError as exc:
             if exc.code == "host_revoked":
                 self._revoked("renewal", exc)

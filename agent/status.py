@@ -73,6 +73,8 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "renewal_failures": rotator.failures if rotator else 0,
             "last_renewal_error": rotator.last_error if rotator else "",
         },
+        # How the authority is reached: "direct", or "via http://proxy:3128 (from ...)".
+        "authority_proxy": d.authority_proxy.describe(),
         # Set once the authority refused this host as revoked (its long poll, report or renewal).
         "revoked": d.state.revoked,
         "rules": None

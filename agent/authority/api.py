@@ -321,11 +321,12 @@ class FleetMetrics:
     within 24 h, from every replica's shared registry) and this process's request counters
     (per process: with --workers or replicas, Prometheus sums them).
 
-    A scrape reads every host and its last report once (health.fleet_counts), in a thread; at
-    10,000 hosts that is tens of milliseconds (bench/fleet.py). Scrapes within CACHE_S share one
-    computation, so a scrape storm costs one pass."""
+    A scrape reads every host and its last report once (health.fleet_counts, the stored rows read
+    without re-validation), in a thread: ~0.2 s of CPU for the states of 10,000 hosts (measured,
+    plus the registry's two reads). Scrapes within CACHE_S share one computation, so several
+    Prometheus servers or a scrape storm cost one pass."""
 
-    CACHE_S = 1.0
+    CACHE_S = 5.0
 
     def __init__(self, authority: Authority) -> None:
         self.authority = authority

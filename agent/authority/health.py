@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from agent.errors import RejectedError
 
@@ -430,34 +430,89 @@ def expiring_soon(host: HostRecord, now: datetime) -> bool:
     return left <= lifetime * (1 - LATE_FRACTION)
 
 
+class Vitals(NamedTuple):
+    """What a host's state needs from its last report: read whole (HostReport) for the CLI, or
+    straight from the stored JSON for the gauges (no validation: the row was checked when it was
+    written; 10,000 of them are read per scrape)."""
+
+    refresh_interval_s: float
+    directory_updated_at: float | None
+    ready: bool
+    probes_ok: bool
+    renewal_failing: bool
+
+    @classmethod
+    def of(cls, report: HostReport) -> Vitals:
+        cert = report.certificate
+        return cls(
+            report.refresh_interval_s,
+            report.directory_updated_at,
+            report.ready,
+            all(p.ok for p in report.probes),
+            bool(cert is not None and cert.renewal_error),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Vitals | None:
+        """None when the row does not read (as load_report: the host counts as never reported)."""
+        try:
+            doc = json.loads(text)
+            refreshed = doc["directory_updated_at"]
+            cert = doc.get("certificate") or {}
+            return cls(
+                float(doc["refresh_interval_s"]),
+                None if refreshed is None else float(refreshed),
+                doc["ready"] is True,
+                all(p["ok"] is True for p in doc["probes"]),
+                bool(cert.get("renewal_error")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return None
+
+
+def fleet_state(host: HostRecord, now: datetime, vitals: Vitals | None, received_at: float | None) -> str:
+    """One of STATES; first that applies: revoked; silent (never reported, or no report within 3
+    intervals); not ready (what makes host_health not Ready: certificate expired, directory not
+    refreshed within 3 intervals, agent not ready, a probe failing); expiring soon (late in its
+    certificate's life, or the agent says renewal is failing); healthy."""
+    if host.revoked_at is not None:
+        return STATE_REVOKED
+    if host.not_after <= now:
+        return STATE_NOT_READY
+    if vitals is None or received_at is None:
+        return STATE_SILENT
+    window = STALE_INTERVALS * vitals.refresh_interval_s
+    if now.timestamp() - received_at > window:
+        return STATE_SILENT
+    refreshed = vitals.directory_updated_at
+    if refreshed is None or received_at - refreshed > window or not vitals.ready or not vitals.probes_ok:
+        return STATE_NOT_READY
+    if vitals.renewal_failing or expiring_soon(host, now):
+        return STATE_EXPIRING
+    return STATE_HEALTHY
+
+
 def fleet_health(
     host: HostRecord, now: datetime, report: HostReport | None, received_at: datetime | None
 ) -> FleetHealth:
-    """The host's state from its record and last report (None: never reported). First that
-    applies: revoked; silent (never reported, or no report within 3 intervals); not ready (the
-    Ready condition's reason: certificate expired, directory stale, agent not ready, a probe);
-    expiring soon (late in its certificate's life, or the agent says renewal is failing); healthy."""
+    """The host's state (fleet_state) with the column's words, from its record and last report
+    (None: never reported)."""
     health = host_health(host, now, report, received_at)
-    if health.reason == REASON_REVOKED:
-        return FleetHealth(STATE_REVOKED, "revoked", health, host.revoked_at)
-    if health.reason == REASON_NEVER_REPORTED:
-        return FleetHealth(STATE_SILENT, "silent since enrollment (never reported)", health, host.enrolled_at)
-    if (
-        health.reason == REASON_AGENT_STALE
-        and received_at is not None
-        and report is not None
-        and now - received_at > timedelta(seconds=STALE_INTERVALS * report.refresh_interval_s)
-    ):
-        return FleetHealth(STATE_SILENT, f"silent since {rfc3339(received_at)}", health, received_at)
-    if not health.ready:
-        return FleetHealth(STATE_NOT_READY, f"not ready: {_short(_not_ready_reason(health, report))}", health)
-    renewal_error = report.certificate.renewal_error if report and report.certificate else ""
-    if renewal_error or expiring_soon(host, now):
+    vitals = None if report is None else Vitals.of(report)
+    state = fleet_state(host, now, vitals, None if received_at is None else received_at.timestamp())
+    if state == STATE_REVOKED:
+        return FleetHealth(state, "revoked", health, host.revoked_at)
+    if state == STATE_SILENT:
+        if received_at is None or report is None:
+            return FleetHealth(state, "silent since enrollment (never reported)", health, host.enrolled_at)
+        return FleetHealth(state, f"silent since {rfc3339(received_at)}", health, received_at)
+    if state == STATE_NOT_READY:
+        return FleetHealth(state, f"not ready: {_short(_not_ready_reason(health, report))}", health)
+    if state == STATE_EXPIRING:
+        renewal_error = report.certificate.renewal_error if report and report.certificate else ""
         why = f", renewal failing: {_short(renewal_error)}" if renewal_error else ""
-        return FleetHealth(
-            STATE_EXPIRING, f"expiring soon ({rfc3339(host.not_after)}{why})", health, host.not_after
-        )
-    return FleetHealth(STATE_HEALTHY, "healthy", health)
+        return FleetHealth(state, f"expiring soon ({rfc3339(host.not_after)}{why})", health, host.not_after)
+    return FleetHealth(state, "healthy", health)
 
 
 def _not_ready_reason(health: Health, report: HostReport | None) -> str:
@@ -529,7 +584,11 @@ def fleet_counts(hosts: Iterable[HostRecord], reports: Reports, now: datetime) -
     expiring = 0
     horizon = now + EXPIRING_WINDOW
     for host in hosts:
-        counts[stored_fleet_health(host, now, reports).state] += 1
+        stored = reports.get(host.id)
+        if stored is None:
+            counts[fleet_state(host, now, None, None)] += 1
+        else:
+            counts[fleet_state(host, now, Vitals.from_json(stored[1]), stored[0])] += 1
         if not host.revoked and now < host.not_after <= horizon:
             expiring += 1
     return FleetCounts(counts, expiring)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -23,23 +24,27 @@ from agent.errors import MeshagentError, os_error
 from agent.logs import configure
 
 from .store import IdentityInfo, IdentityStore, StoredIdentity
+from .transport import ProxyConfig
 
 RENEW_TIMEOUT_S = 120
 
 
-def renew_identity(store: IdentityStore) -> StoredIdentity:
-    """Get a new certificate for a new key, proving possession of the current one."""
+def renew_identity(store: IdentityStore, proxy: ProxyConfig | None = None) -> StoredIdentity:
+    """Get a new certificate for a new key, proving possession of the current one. `proxy`: how
+    to reach the authority (None: the environment's, which is how the daemon passes its own)."""
     from .enroll import renew  # makes keys and CSRs: imports `cryptography`
 
-    return renew(store)
+    return renew(store, proxy)
 
 
-def run_renewal(store: IdentityStore) -> IdentityInfo:
+def run_renewal(store: IdentityStore, proxy: ProxyConfig | None = None) -> IdentityInfo:
     """Renew in a child `python -m agent.identity.renew` (the daemon's way: see the module's
-    docstring); the renewed identity as the daemon loads it, or the child's MeshagentError."""
+    docstring), through `proxy` (the daemon's, handed over in the child's environment); the
+    renewed identity as the daemon loads it, or the child's MeshagentError."""
     argv = [sys.executable, "-m", "agent.identity.renew", "--json", "--state-dir", str(store.state_dir)]
+    env = None if proxy is None else {**os.environ, **proxy.child_env()}
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=RENEW_TIMEOUT_S)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=RENEW_TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired:
         raise MeshagentError(
             f"the renewal did not finish within {RENEW_TIMEOUT_S} s", code="renew_timeout"
