@@ -183,7 +183,8 @@ CREATE TABLE tokens (
     host_id     TEXT,
     kube_labels TEXT,
     kube_ports  TEXT,
-    proxy_port  INTEGER
+    proxy_port  INTEGER,
+    seq         BIGSERIAL               -- insertion order (SQLite's rowid)
 );
 CREATE TABLE hosts (
     id              TEXT PRIMARY KEY,
@@ -201,7 +202,8 @@ CREATE TABLE hosts (
     key_fp          TEXT,
     kube_labels     TEXT,
     kube_ports      TEXT,
-    proxy_port      INTEGER
+    proxy_port      INTEGER,
+    seq             BIGSERIAL
 );
 CREATE TABLE renewal_proofs (
     digest      TEXT PRIMARY KEY,
@@ -215,7 +217,8 @@ CREATE TABLE catalog (
     ports       TEXT NOT NULL,
     identity    TEXT NOT NULL,
     created_at  DOUBLE PRECISION NOT NULL,
-    opaque_port INTEGER
+    opaque_port INTEGER,
+    seq         BIGSERIAL
 );
 CREATE TABLE policies (
     identity    TEXT NOT NULL,

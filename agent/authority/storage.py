@@ -284,6 +284,8 @@ class SqlRegistry:
     # Forgetting expired renewal proofs, in passing (PostgreSQL skips rows another renewal is
     # deleting: two purges locking the same rows in different orders would deadlock).
     _PURGE_PROOFS = "DELETE FROM renewal_proofs WHERE expires_at < ?"
+    # Insertion order, for rows created at the same instant (SQLite's implicit rowid).
+    _SEQ = "rowid"
 
     def _transaction(self) -> AbstractContextManager[Tx]:
         raise NotImplementedError
@@ -315,7 +317,7 @@ class SqlRegistry:
             )
 
     def list_tokens(self) -> list[TokenRecord]:
-        rows = self._rows("SELECT * FROM tokens ORDER BY created_at")
+        rows = self._rows(f"SELECT * FROM tokens ORDER BY created_at, {self._SEQ}")  # noqa: S608 - a class constant
         return [
             TokenRecord(
                 hash=r["hash"],
@@ -473,7 +475,7 @@ class SqlRegistry:
             return _the_host(tx, host_id)
 
     def list_hosts(self) -> list[HostRecord]:
-        rows = self._rows("SELECT * FROM hosts ORDER BY enrolled_at")
+        rows = self._rows(f"SELECT * FROM hosts ORDER BY enrolled_at, {self._SEQ}")  # noqa: S608 - a class constant
         return [_host(r) for r in rows]
 
     def revoke(self, ref: str, now: datetime) -> HostRecord:
@@ -536,7 +538,7 @@ class SqlRegistry:
             tx.changed()
 
     def static_entries(self) -> list[StaticEntry]:
-        rows = self._rows("SELECT * FROM catalog ORDER BY created_at")
+        rows = self._rows(f"SELECT * FROM catalog ORDER BY created_at, {self._SEQ}")  # noqa: S608 - a class constant
         return [
             StaticEntry(r["id"], r["cidr"], tuple(json.loads(r["ports"])), r["identity"], r["opaque_port"])
             for r in rows

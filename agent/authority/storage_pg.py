@@ -100,6 +100,7 @@ class _PgTx:
 class PostgresRegistry(SqlRegistry):
     """The registry in a PostgreSQL database (libpq URL), shared by any number of replicas."""
 
+    _SEQ = "seq"
     _PURGE_PROOFS = (
         "DELETE FROM renewal_proofs WHERE digest IN"
         " (SELECT digest FROM renewal_proofs WHERE expires_at < ? FOR UPDATE SKIP LOCKED)"

@@ -1,0 +1,60 @@
+"""SQLite's schema on the migrations mechanism: a registry.db written before it existed opens as
+is (nothing lost, the missing columns added), a new one is migrated once by concurrent openers."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.authority.migrations import SQLITE, migrate_sqlite
+from agent.authority.storage import SqliteRegistry
+
+# A registry of the first versions (issue #2): no api tokens, no Kubernetes columns, no catalog,
+# no policies, no schema_migrations.
+_OLD_SCHEMA = """
+CREATE TABLE tokens (hash TEXT PRIMARY KEY, identity TEXT NOT NULL, created_at REAL NOT NULL,
+    expires_at REAL NOT NULL, used_at REAL, used_by_key TEXT, host_id TEXT);
+CREATE TABLE hosts (id TEXT PRIMARY KEY, identity TEXT NOT NULL, host_name TEXT NOT NULL,
+    addresses TEXT NOT NULL, serial TEXT NOT NULL, previous_serial TEXT, not_after REAL NOT NULL,
+    cert_pem TEXT NOT NULL, enrolled_at REAL NOT NULL, last_renewal REAL, revoked_at REAL);
+INSERT INTO tokens VALUES ('t1', 'shop/web', 1.0, 2.0, 1.5, 'fp', 'h-1');
+INSERT INTO hosts VALUES ('h-1', 'shop/web', 'web-1', '["198.18.0.1"]', '0a', NULL, 1e10, 'PEM',
+    1.5, NULL, NULL);
+"""
+
+
+def test_a_registry_from_before_migrations_opens_with_its_records(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(_OLD_SCHEMA)
+    registry = SqliteRegistry(path)
+    [host] = registry.list_hosts()
+    assert (host.id, host.host_name, host.addresses, host.serial) == ("h-1", "web-1", ("198.18.0.1",), "0a")
+    assert registry.find_by_serial("0a") == host
+    assert registry.list_tokens()[0].host_id == "h-1"
+    registry.set_api_token("h-1", "api")  # a column the old file lacked
+    assert registry.find_by_api_token("api") == host
+    assert registry.static_entries() == [] and registry.policies() == []
+    registry.close()
+    db = sqlite3.connect(path, isolation_level=None)
+    assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "baseline")]
+    assert migrate_sqlite(db) == []  # a second open applies nothing
+    db.close()
+
+
+def test_three_processes_opening_a_new_registry_migrate_it_once(tmp_path: Path) -> None:
+    path = tmp_path / "registry.db"
+    opener = (
+        "from pathlib import Path; from agent.authority.storage import SqliteRegistry; "
+        + f" SqliteRegistry(Path({str(path)!r})).close()"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", opener], stderr=subprocess.PIPE, text=True) for _ in range(3)
+    ]
+    errors = [p.communicate(timeout=60)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+    assert [r[0] for r in rows] == [m.version for m in SQLITE]

@@ -1,0 +1,191 @@
+"""The Registry contract, the same on both backends: SQLite (a file) and PostgreSQL (a real
+throwaway cluster, one per module; a fresh database per test)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from agent.authority.registry import open_registry
+from agent.authority.storage import (
+    Issued,
+    NewHost,
+    PolicyRecord,
+    Registration,
+    Registry,
+    RenewalRequest,
+)
+from agent.errors import RejectedError
+from tests.pgcluster import PgCluster
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+_names = itertools.count()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """(authority directory, database) for a registry with nothing in it; open as many as wanted."""
+    if request.param == "sqlite":
+        yield tmp_path, "sqlite"
+    else:
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        yield tmp_path, cluster.create_database(f"contract_{next(_names)}")
+
+
+@pytest.fixture
+def registry(backend: tuple[Path, str]) -> Iterator[Registry]:
+    reg = open_registry(*backend)
+    yield reg
+    reg.close()
+
+
+def _issued(serial: str) -> Issued:
+    return Issued(serial, NOW + timedelta(hours=24), f"PEM {serial}")
+
+
+def _enroll(reg: Registry, token: str, key: str = "key-1", name: str = "web-1", serial: str = "01") -> str:
+    return reg.enroll(token, key, NewHost(name, ("198.18.0.1",)), NOW, lambda identity: _issued(serial)).id
+
+
+def _token(reg: Registry, name: str = "t1", identity: str = "shop/web", **kw: object) -> None:
+    reg.add_token(name, identity, NOW, NOW + timedelta(hours=1), Registration(**kw))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _refused(code: str) -> Iterator[None]:
+    with pytest.raises(RejectedError) as info:
+        yield
+    assert info.value.code == code
+
+
+def test_a_token_enrolls_once_and_the_same_key_gets_its_host_back(registry: Registry) -> None:
+    _token(registry, labels=(("app", "web"),), ports=(("http", 8080, "TCP"),), proxy_port=4200)
+    host_id = _enroll(registry, "t1")
+    host = registry.find_by_serial("01")
+    assert host is not None and host.id == host_id and host.identity == "shop/web"
+    assert host.registration == Registration((("app", "web"),), (("http", 8080, "TCP"),), 4200)
+    assert _enroll(registry, "t1") == host_id  # the answer was lost: same key, same host
+    with _refused("token_used"):
+        _enroll(registry, "t1", key="key-2")
+    [token] = registry.list_tokens()
+    assert token.host_id == host_id and token.used_at == NOW
+    assert [h.id for h in registry.list_hosts()] == [host_id]
+
+
+def test_unknown_and_expired_tokens_and_a_failed_signing_leave_nothing(registry: Registry) -> None:
+    with _refused("token_unknown"):
+        _enroll(registry, "nope")
+    registry.add_token("old", "shop/web", NOW - timedelta(hours=2), NOW - timedelta(hours=1))
+    with _refused("token_expired"):
+        _enroll(registry, "old")
+    _token(registry)
+
+    def failing(identity: str) -> Issued:
+        raise RuntimeError("the issuer's key is gone")
+
+    with pytest.raises(RuntimeError):
+        registry.enroll("t1", "key-1", NewHost("web-1", ()), NOW, failing)
+    assert registry.list_hosts() == []
+    assert registry.list_tokens()[1].used_at is None  # (sorted by creation: "old" first)
+    _enroll(registry, "t1")
+
+
+def _renewal(serial: str, proof: str, key: str = "key-1") -> RenewalRequest:
+    return RenewalRequest(serial, key, proof, NOW + timedelta(minutes=5))
+
+
+def test_renewal_requests_are_single_use_and_bound_to_the_current_certificate(registry: Registry) -> None:
+    _token(registry)
+    host_id = _enroll(registry, "t1")
+    renewed = registry.renew(host_id, _renewal("01", "p1", key="key-2"), NOW, lambda: _issued("02"))
+    assert renewed.serial == "02"
+    with _refused("renewal_replayed"):
+        registry.renew(host_id, _renewal("01", "p1", key="key-2"), NOW, lambda: _issued("03"))
+    # The previous certificate fetches the current one again, for the same key only.
+    again = registry.renew(host_id, _renewal("01", "p2", key="key-2"), NOW, lambda: _issued("04"))
+    assert again.serial == "02"
+    with _refused("stale_certificate"):
+        registry.renew(host_id, _renewal("01", "p3", key="key-other"), NOW, lambda: _issued("05"))
+    with _refused("stale_certificate"):
+        registry.renew(host_id, _renewal("99", "p4"), NOW, lambda: _issued("06"))
+    found = registry.find_by_serial("01")
+    assert found is not None and found.serial == "02"  # the previous serial still finds the host
+    registry.revoke(host_id, NOW)
+    with _refused("host_revoked"):
+        registry.renew(host_id, _renewal("02", "p5", key="key-2"), NOW, lambda: _issued("07"))
+
+
+def test_revoke_and_edit_by_id_or_unique_name(registry: Registry) -> None:
+    _token(registry, "t1")
+    _token(registry, "t2")
+    first = _enroll(registry, "t1", key="k1", serial="01")
+    second = _enroll(registry, "t2", key="k2", serial="02")
+    with _refused("host_ambiguous"):
+        registry.revoke("web-1", NOW)
+    with _refused("host_unknown"):
+        registry.revoke("nobody", NOW)
+    edited = registry.update_registration(first, lambda h: Registration((("tier", "front"),)))
+    assert edited.registration.labels == (("tier", "front"),)
+
+    def refuse(host: object) -> Registration:
+        raise RejectedError("no", code="invalid_request")
+
+    with _refused("invalid_request"):
+        registry.update_registration(first, refuse)
+    assert registry.list_hosts()[0].registration.labels == (("tier", "front"),)
+    assert registry.revoke(first, NOW).revoked_at == NOW
+    assert registry.revoke("web-1", NOW + timedelta(1)).id == second  # now the only unrevoked one
+    assert registry.revoke(first, NOW + timedelta(2)).revoked_at == NOW  # revoking again keeps the time
+    with _refused("host_revoked"):
+        registry.update_registration(first, lambda h: Registration())
+
+
+def test_api_tokens_catalog_and_policies(registry: Registry) -> None:
+    _token(registry)
+    host_id = _enroll(registry, "t1")
+    registry.set_api_token(host_id, "api-hash")
+    found = registry.find_by_api_token("api-hash")
+    assert found is not None and found.id == host_id
+    assert registry.find_by_api_token("other") is None
+    entry = registry.add_static_entry("198.18.0.0/24", (80, 443), "shop/db", NOW, opaque_port=4143)
+    assert registry.static_entries() == [entry]
+    registry.remove_static_entry(entry.id)
+    with _refused("entry_unknown"):
+        registry.remove_static_entry(entry.id)
+    registry.set_policies(
+        [PolicyRecord("shop/web", 0, "deny", ()), PolicyRecord("shop/web", 8080, "deny", ("spiffe://a",))]
+    )
+    registry.set_policy(PolicyRecord("shop/web", 8080, "all-authenticated", ("spiffe://b",)))  # replaces
+    registry.set_policy(PolicyRecord("shop/db", 5432, "deny", ()))
+    assert registry.policies("shop/web") == [
+        PolicyRecord("shop/web", 0, "deny", ()),
+        PolicyRecord("shop/web", 8080, "all-authenticated", ("spiffe://b",)),
+    ]
+    assert [p.identity for p in registry.policies()] == ["shop/db", "shop/web", "shop/web"]
+    registry.remove_policy("shop/web", 0)
+    with _refused("policy_unknown"):
+        registry.remove_policy("shop/web", 0)
+
+
+def test_data_version_moves_on_another_openers_writes_not_on_reports(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    other = open_registry(*backend)  # another replica (or the CLI) on the same database
+    try:
+        before = registry.data_version()
+        other.set_policy(PolicyRecord("shop/web", 0, "deny", ()))
+        after = registry.data_version()
+        assert after != before
+        registry.record_report("h-1", '{"ready": true}', NOW)
+        other.record_report("h-1", '{"ready": false}', NOW + timedelta(seconds=10))
+        assert registry.data_version() == after
+        assert registry.reports() == {"h-1": ((NOW + timedelta(seconds=10)).timestamp(), '{"ready": false}')}
+        other.add_static_entry("198.18.1.0/24", (), "shop/db", NOW)
+        assert registry.data_version() != after
+    finally:
+        other.close()
