@@ -41,7 +41,7 @@ from agent.identity.pki import (
 from agent.logs import get_logger
 from agent.proxy.policy import DefaultPolicy
 
-from . import health
+from . import health, registry
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .signing import issue_leaf, parse_csr, public_key_der
 from .storage import (
@@ -52,7 +52,6 @@ from .storage import (
     Registration,
     Registry,
     RenewalRequest,
-    SqliteRegistry,
     StaticEntry,
 )
 from .tokens import JoinToken, hash_secret, new_token
@@ -100,8 +99,10 @@ class EnrollResult:
     api_token: str  # the host's bearer token for catalog and policy reads; a new one each time
 
 
-def open_registry(directory: Path) -> SqliteRegistry:
-    return SqliteRegistry(directory / "registry.db")
+def open_registry(directory: Path, database: str | None = None) -> Registry:
+    """The registry the authority directory names (registry.open_registry: --database, env,
+    recorded URL, SQLite)."""
+    return registry.open_registry(directory, database)
 
 
 class Authority:
@@ -132,8 +133,8 @@ class Authority:
         self._listeners: list[Callable[[], None]] = []
 
     @classmethod
-    def open(cls, directory: Path) -> Authority:
-        return cls(load_authority(directory), open_registry(directory))
+    def open(cls, directory: Path, database: str | None = None) -> Authority:
+        return cls(load_authority(directory), open_registry(directory, database))
 
     @property
     def ca_pin(self) -> str:

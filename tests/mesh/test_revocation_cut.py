@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from agent.netlab import Host, Lab, netns_supported
-from tests.mesh.conftest import AUTH_PORT, Agent, Mesh, wait_for
+from tests.mesh.conftest import AUTH_PORT, Mesh, wait_for
 from tests.support import MESHAGENT
 
 pytestmark = pytest.mark.netns
@@ -74,30 +74,6 @@ while True:
 """
 
 UP = f"import socket, sys; socket.create_connection((sys.argv[1], {APP_PORT}), timeout=1).close()"
-
-# Until agent/daemon.py hands the directory's revoked set to the proxy itself (fleet's edit),
-# the agent runs with that one line added; once the daemon does it, it runs unchanged.
-RUN_AGENT = """
-import inspect, sys
-from agent import daemon
-if "set_revoked" not in inspect.getsource(daemon.Daemon):
-    use = daemon.Daemon._use
-    def _use(self, directory):
-        use(self, directory)
-        self.proxy.set_revoked(directory.revoked)
-    daemon.Daemon._use = _use
-from agent.cli.main import main
-sys.argv = ["meshagent", *sys.argv[1:]]
-main()
-"""
-
-
-def _start(agent: Agent) -> None:
-    out = open(agent.log, "a")  # noqa: SIM115 - lives as long as the process
-    agent.proc = agent.host.popen(
-        sys.executable, "-c", RUN_AGENT, "run", "--config", str(agent.config), stdout=out, stderr=out
-    )
-    wait_for(lambda: "daemon.ready" in agent.log.read_text(), f"{agent.host.name}: agent ready", agent)
 
 
 @pytest.fixture
@@ -221,7 +197,7 @@ def test_revoking_a_host_cuts_its_connections_both_ways_within_5s(hub: Mesh, tmp
         assert "refresh_interval_s = 30.0" in agent.config.read_text()
         agents[host.name] = agent
     for agent in agents.values():
-        _start(agent)
+        agent.start()
     for host, others in ((a, "bc"), (b, "ac"), (c, "ab")):
         wait_for(
             lambda h=host, o=others: all(
