@@ -1,0 +1,60 @@
+"""End to end on PostgreSQL: `authority init --database URL`, `authority serve`, and real
+`meshagent enroll` runs against it; PostgreSQL stopped under the running authority (503 with a
+hint and Retry-After) and started again (the same process serves, nothing lost)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import psycopg
+
+from agent.authority.tokens import parse_token
+from agent.identity.pki import generate_key, make_csr
+from tests.pgcluster import PgCluster
+from tests.support import cli_json, run_cli, running_authority
+
+
+def test_init_serve_and_enroll_on_postgresql_then_survive_its_restart(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    url = pg_cluster.create_database("e2e")
+    directory = tmp_path / "authority"
+    with running_authority(directory, "--database", url) as auth:
+        assert (directory / "database.url").read_text().strip() == url
+        assert not (directory / "registry.db").exists()
+        first = run_cli("enroll", auth.token("shop/web"), "--state-dir", str(tmp_path / "h1"), "--json")
+        assert first.returncode == 0, first.stderr
+        with psycopg.connect(url) as conn:
+            rows = conn.execute("SELECT identity FROM hosts").fetchall()
+        assert rows == [("shop/web",)]
+
+        token = auth.token("shop/db")  # made before PostgreSQL goes away
+        pg_cluster.stop()
+        try:
+            answer = httpx.post(
+                f"{auth.url}/v1/enroll",
+                json={
+                    "token_secret": parse_token(token).secret,
+                    "csr": make_csr(generate_key()).decode(),
+                    "host_name": "db-1",
+                    "addresses": [],
+                },
+                verify=auth.tls,
+                timeout=30,
+            )
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["retry-after"] == "2"
+            doc = answer.json()
+            assert doc["code"] == "registry_unavailable"
+            assert str(pg_cluster.socket_dir) in doc["message"] and doc["hint"]
+        finally:
+            pg_cluster.start()
+
+        second = run_cli("enroll", token, "--state-dir", str(tmp_path / "h2"), "--json")
+        assert second.returncode == 0, second.stderr
+        hosts = cli_json("authority", "hosts", "--dir", str(directory))
+        assert sorted(h["identity"] for h in hosts) == ["shop/db", "shop/web"]
+        serials = {json.loads(p.stdout)["serial"] for p in (first, second)}
+        assert serials == {h["serial"] for h in hosts}
