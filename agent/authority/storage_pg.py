@@ -38,6 +38,10 @@ INSTALL_HINT = "install the PostgreSQL extra: pip install 'meshagent[postgresql]
 POOL_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: a blackholed server fails fast too
 POOL_MAX = 8  # per process; each uvicorn worker has its own pool
+# The pool's reconnection backoff doubles without bound (1, 2, 4, ... 64 s): after a long outage
+# it could wait a minute after PostgreSQL is back. Giving up an attempt after this long lets the
+# next request start a new one at once, so recovery takes seconds whatever the outage's length.
+RECONNECT_GIVE_UP_S = 5.0
 
 
 class PostgresMissing(MeshagentError):
@@ -120,6 +124,7 @@ class PostgresRegistry(SqlRegistry):
             max_size=pool_max,
             open=False,
             timeout=POOL_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_GIVE_UP_S,
             # A connection the server closed (a restart) is found and replaced before it is lent.
             check=pool.ConnectionPool.check_connection,
             kwargs={
