@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from agent.authority.migrations import ADVISORY_LOCK_KEY, POSTGRES
-from agent.authority.registry import open_registry
+from agent.authority.registry import DATABASE_ENV, open_registry, record, resolve
 from agent.authority.storage import Issued, NewHost, PolicyRecord, Registry, RegistryUnavailable
-from agent.errors import RejectedError
+from agent.errors import ConfigError, MeshagentError, RejectedError
 from tests.pgcluster import PgCluster
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -187,3 +187,29 @@ def test_a_server_down_at_open_says_where_and_why(tmp_path: Path) -> None:
         open_registry(tmp_path, f"postgresql:///meshagent?host={tmp_path}&user=meshagent")
     assert str(tmp_path) in info.value.message
     assert "No such file" in info.value.message or "connect" in info.value.message
+
+
+def test_which_database_flag_then_env_then_recorded_then_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(DATABASE_ENV, raising=False)
+    assert resolve(tmp_path) == ("sqlite", "default")
+    kept = record(tmp_path, "postgresql://ops:s3cret@db.example:5432/mesh?sslmode=require&password=x")
+    assert kept == "postgresql://ops@db.example:5432/mesh?sslmode=require"  # never the password
+    assert "s3cret" not in (tmp_path / "database.url").read_text()
+    assert resolve(tmp_path)[0] == kept
+    monkeypatch.setenv(DATABASE_ENV, "postgresql:///env?host=/run/postgresql")
+    assert resolve(tmp_path)[0] == "postgresql:///env?host=/run/postgresql"
+    assert resolve(tmp_path, "sqlite") == ("sqlite", "--database")
+    with pytest.raises(ConfigError) as info:
+        resolve(tmp_path, "mysql://db/mesh")
+    assert "PGPASSWORD" in info.value.hint and "postgresql://" in info.value.hint
+
+
+def test_without_psycopg_the_error_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if the extra were not installed
+    with pytest.raises(MeshagentError) as info:
+        open_registry(tmp_path, "postgresql:///meshagent?host=/run/postgresql")
+    assert info.value.hint == "install the PostgreSQL extra: pip install 'meshagent[postgresql]'"
