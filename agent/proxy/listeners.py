@@ -478,9 +478,7 @@ class Proxy:
             closed[conn.direction] += 1
             self.stats.refused[f"{conn.direction}:revoked_closed"] += 1
             if self.metrics is not None:
-                family = getattr(self.metrics, "revoked_closed", None)  # (telemetry: lead's edit)
-                if family is not None:
-                    family.child(labels(("direction", conn.direction))).value += 1
+                self.metrics.revoked_closed.child(labels(("direction", conn.direction))).value += 1
             if sum(closed.values()) <= MAX_CUT_LINES:
                 log.warning(
                     "connection.revoked",

@@ -74,6 +74,7 @@ def test_revoking_the_client_cuts_its_inbound_connections_and_refuses_new_ones(t
         assert b.stats.refused["inbound:peer_revoked"] == 1
         text = "".join(b.metrics.render([]))
         assert 'meshagent_connections_refused_total{direction="inbound",reason="peer_revoked"} 1' in text
+        assert 'meshagent_revoked_connections_closed_total{direction="inbound"} 2' in text
         assert b.set_revoked(RevokedSet(identities=frozenset({WEB, OTHER}))) == 0  # the same set again
         kept_writer.close()
         server.close()
