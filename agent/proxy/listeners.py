@@ -469,7 +469,6 @@ class Proxy:
         )
         closed: Counter[str] = Counter()
         for leg, conn, reason in self.peers.revoked(revoked):
-            assert isinstance(leg, Leg)
             self.peers.discard(leg)
             peer = leg.peer
             leg.abort()  # a reset, now: the revoked side gets no further byte

@@ -19,9 +19,12 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from agent.identity.names import SPIFFE_SCHEME, InvalidName, WorkloadIdentity
+
+if TYPE_CHECKING:
+    from .relay import Leg
 
 Direction = Literal["inbound", "outbound"]
 Reject = Callable[[str, Any, str], None]  # (where, entry, reason), as directory.merge's
@@ -135,7 +138,7 @@ def parse_revoked(doc: Any, reject: Reject) -> RevokedSet:
     return RevokedSet(frozenset(identities), frozenset(serials), frozenset(addresses))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerConnection:
     """What a cut needs to know of an open mTLS connection: who the peer proved to be."""
 
@@ -147,26 +150,26 @@ class PeerConnection:
 
 
 class PeerConnections:
-    """Open mTLS connections by their TLS leg (any hashable key with identity semantics)."""
+    """Open mTLS connections by their TLS leg."""
 
     def __init__(self) -> None:
-        self._open: dict[object, PeerConnection] = {}
+        self._open: dict[Leg, PeerConnection] = {}
 
-    def add(self, key: object, connection: PeerConnection) -> None:
-        self._open[key] = connection
+    def add(self, leg: Leg, connection: PeerConnection) -> None:
+        self._open[leg] = connection
 
-    def discard(self, key: object) -> None:
-        self._open.pop(key, None)
+    def discard(self, leg: Leg) -> None:
+        self._open.pop(leg, None)
 
     def __len__(self) -> int:
         return len(self._open)
 
-    def revoked(self, revoked: RevokedSet) -> Iterator[tuple[object, PeerConnection, str]]:
-        """The open connections `revoked` matches: (key, connection, reason). A snapshot: the
-        caller may close them (and so discard them) while iterating."""
+    def revoked(self, revoked: RevokedSet) -> Iterator[tuple[Leg, PeerConnection, str]]:
+        """The open connections `revoked` matches: (TLS leg, connection, reason). A snapshot:
+        the caller may close them (and so discard them) while iterating."""
         if not revoked:
             return
-        for key, conn in list(self._open.items()):
+        for leg, conn in list(self._open.items()):
             reason = revoked.match(conn.spiffe_id, conn.serial)
             if reason is not None:
-                yield key, conn, reason
+                yield leg, conn, reason
