@@ -170,6 +170,18 @@ OPENAPI: dict[str, Any] = {
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "The fleet's gauges and this process's request counters (Prometheus text)",
+                "description": "Needs Authorization: Bearer <the discovery token>, as /v1/prometheus/targets",
+                "responses": {
+                    "200": {"description": "text/plain; version=0.0.4"},
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    **_ALWAYS,
+                },
+            }
+        },
         "/v1/trust-bundle": {
             "get": {
                 "summary": "The current mesh trust bundle (one or more roots)",
@@ -294,6 +306,23 @@ OPENAPI: dict[str, Any] = {
                     },
                     "trust_bundle": {"type": "string", "description": "PEM, one or more roots"},
                     "discovery": {"$ref": "#/components/schemas/DiscoveryState"},
+                    "revoked": {
+                        "type": "array",
+                        "description": "Revoked hosts whose certificates have not expired: agents refuse "
+                        "and cut connections with them (by serial; by identity once no unrevoked host "
+                        "holds it)",
+                        "items": {
+                            "type": "object",
+                            "required": ["host_id", "serials", "addresses", "revoked_at"],
+                            "properties": {
+                                "host_id": {"type": "string"},
+                                "serials": {"type": "array", "items": {"type": "string"}},
+                                "addresses": {"type": "array", "items": {"type": "string"}},
+                                "identity": {"type": "string"},
+                                "revoked_at": {"type": "string", "format": "date-time"},
+                            },
+                        },
+                    },
                     "generated_at": {"type": "number", "description": "Unix time"},
                 },
             },
@@ -401,6 +430,34 @@ OPENAPI: dict[str, Any] = {
                                 "since": {"type": "number"},
                             },
                         },
+                    },
+                    "certificate": {
+                        "type": ["object", "null"],
+                        "required": ["serial", "not_after"],
+                        "properties": {
+                            "serial": {"type": "string", "pattern": "^[0-9a-fA-F]{1,64}$"},
+                            "not_after": {"type": "number"},
+                            "renewal_error": {"type": "string", "maxLength": 1000},
+                        },
+                    },
+                    "interception": {
+                        "type": ["object", "null"],
+                        "required": ["applied", "backend"],
+                        "properties": {
+                            "applied": {"type": "boolean"},
+                            "backend": {"type": "string", "maxLength": 32},
+                        },
+                    },
+                    "listeners": {
+                        "type": ["object", "null"],
+                        "maxProperties": 8,
+                        "additionalProperties": {"type": "string", "maxLength": 64},
+                    },
+                    "last_error": {"type": "string", "maxLength": 1000},
+                    "addresses": {
+                        "type": "array",
+                        "maxItems": 64,
+                        "items": {"type": "string", "description": "IP address"},
                     },
                 },
             },
