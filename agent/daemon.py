@@ -331,13 +331,15 @@ class Daemon:
                 self._revoked("report", exc)
             raise
 
-    def _revoked(self, by: str, exc: MeshagentError) -> None:
+    def _revoked(self, by: str, exc: MeshagentError, logged: bool = False) -> None:
         """The authority refused us as revoked (host_revoked): say so once, in the log and in
         status; renewal stops (Rotator), the directory and reports go on at their interval (a
         revocation is final: only `meshagent enroll` again and a restart bring the host back)."""
         if self.state.revoked is not None:
             return
         self.state.revoked = {"at": time.time(), "by": by, "message": exc.message}
+        if logged:  # (the Rotator logs its own identity.revoked)
+            return
         log.error(
             "identity.revoked",
             source=by,
@@ -632,7 +634,7 @@ class Daemon:
             return run_renewal(store, self.authority_proxy)
         except MeshagentError as exc:
             if exc.code == "host_revoked":
-                self._revoked("renewal", exc)
+                self._revoked("renewal", exc, logged=True)
             raise
 
     async def _renewed(self, identity: IdentityInfo) -> None:
