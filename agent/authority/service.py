@@ -489,12 +489,15 @@ class Authority:
           there (it left the catalog: they would otherwise pass through as unmeshed)."""
         hosts = self.registry.list_hosts() if hosts is None else hosts
         now = self.clock()
+        listed = [h for h in hosts if h.revoked_at is not None and h.not_after > now]
+        if not listed:  # (the usual case: one pass, no sets built, per host's render)
+            return []
         held = {h.identity for h in hosts if not h.revoked}
+        # Stored addresses were validated (and so normalized) at enrollment: compared as stored.
         claimed = {a for h in hosts if not h.revoked for a in h.addresses}
         revoked = []
-        for host in hosts:
-            if host.revoked_at is None or host.not_after <= now:
-                continue
+        for host in listed:
+            assert host.revoked_at is not None
             doc: dict[str, Any] = {
                 "host_id": host.id,
                 "serials": [host.serial],
