@@ -151,11 +151,15 @@ def run_checks(config: AgentConfig) -> list[CheckResult]:
 
     def authority() -> tuple[bool, str, str]:
         from agent.identity.client import AuthorityClient
+        from agent.identity.transport import resolve_proxy
 
+        # The way the agent reaches it: the config key first, then the environment.
+        proxy = resolve_proxy(config.authority.https_proxy, config.authority.no_proxy)
         ref = store.load_authority()
-        with AuthorityClient(ref) as client:
+        with AuthorityClient(ref, proxy) as client:
             skew = client.check_clock()
-        return True, f"{ref.url} answers; clock skew {skew:+.1f}s", ""
+        route = proxy.describe() if proxy.for_url(ref.url) else "direct"
+        return True, f"{ref.url} answers ({route}); clock skew {skew:+.1f}s", ""
 
     def rules() -> tuple[bool, str, str]:
         from agent.intercept.apply import status

@@ -10,6 +10,7 @@ import click
 
 from agent.config import load_config
 from agent.errors import MeshagentError
+from agent.identity.transport import resolve_proxy
 from agent.intercept import apply as lib
 from agent.intercept import netlink
 from agent.intercept.authority import enrolled as enrolled_authority
@@ -41,7 +42,10 @@ def _uid(name: str) -> int:
 
 def _plan(config: Path | None, backend: str | None) -> tuple[Plan, lib.Backend]:
     cfg = load_config(config, required=config is not None)
-    plan = build_plan(cfg.intercept, authority=enrolled_authority(cfg.identity.state_dir), lookup_user=_uid)
+    proxy = resolve_proxy(cfg.authority.https_proxy, cfg.authority.no_proxy)
+    plan = build_plan(
+        cfg.intercept, authority=enrolled_authority(cfg.identity.state_dir, proxy), lookup_user=_uid
+    )
     if isinstance(plan, PlanError):
         raise plan
     return plan, lib.detect_backend(backend or cfg.intercept.backend)
