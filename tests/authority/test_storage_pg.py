@@ -213,3 +213,15 @@ def test_without_psycopg_the_error_says_what_to_install(
     with pytest.raises(MeshagentError) as info:
         open_registry(tmp_path, "postgresql:///meshagent?host=/run/postgresql")
     assert info.value.hint == "install the PostgreSQL extra: pip install 'meshagent[postgresql]'"
+
+
+def test_a_restart_between_two_calls_is_not_seen_by_the_second(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    url = _database(pg_cluster)
+    registry = open_registry(tmp_path, url)
+    version = registry.data_version()  # the pool holds a connection the restart will end
+    pg_cluster.restart()
+    assert registry.data_version() == version  # a fresh connection, no 503 for this call
+    pg_cluster.kill()
+    pg_cluster.start()
+    assert registry.data_version() == version
+    registry.close()
