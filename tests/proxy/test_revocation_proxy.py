@@ -112,7 +112,13 @@ def test_a_revoked_identity_that_is_not_the_peer_cuts_nothing(tmp_path: Path) ->
         assert b.set_revoked(RevokedSet(identities=frozenset({DB}))) == 0  # B's own identity: not a peer
         writer.write(b"still")
         assert await asyncio.wait_for(reader.readexactly(5), 5) == b"still"
+        assert (len(a.peers), len(b.peers)) == (1, 1)
         writer.close()
+        for _ in range(50):  # a closed connection leaves the books (no entry kept per past connection)
+            if (len(a.peers), len(b.peers)) == (0, 0):
+                break
+            await asyncio.sleep(0.02)
+        assert (len(a.peers), len(b.peers)) == (0, 0)
         server.close()
 
     run(tmp_path, body)
