@@ -10,10 +10,12 @@ from pathlib import Path
 import httpx
 import psycopg
 
+from agent.authority.registry import DATABASE_ENV
 from agent.authority.tokens import parse_token
+from agent.errors import ExitCode
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
-from tests.support import cli_json, run_cli, running_authority
+from tests.support import cli_json, init_authority, run_cli, running_authority
 
 
 def test_init_serve_and_enroll_on_postgresql_then_survive_its_restart(
@@ -58,3 +60,16 @@ def test_init_serve_and_enroll_on_postgresql_then_survive_its_restart(
         assert sorted(h["identity"] for h in hosts) == ["shop/db", "shop/web"]
         serials = {json.loads(p.stdout)["serial"] for p in (first, second)}
         assert serials == {h["serial"] for h in hosts}
+
+
+def test_cli_database_errors_say_what_to_do(tmp_path: Path) -> None:
+    directory = tmp_path / "authority"
+    init_authority(directory)
+    wrong = run_cli("authority", "hosts", "--dir", str(directory), "--database", "mysql://db/mesh")
+    assert wrong.returncode == ExitCode.CONFIG
+    assert "not a PostgreSQL URL" in wrong.stderr and "PGPASSWORD" in wrong.stderr
+    down = run_cli(
+        "authority", "hosts", "--dir", str(directory), env={DATABASE_ENV: f"postgresql:///m?host={tmp_path}"}
+    )
+    assert down.returncode == ExitCode.UNREACHABLE
+    assert f"cannot reach its database at {tmp_path}" in down.stderr and "pg_isready" in down.stderr
