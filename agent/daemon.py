@@ -437,7 +437,7 @@ class Daemon:
     # --- interception --------------------------------------------------------------------
 
     def _plan(self) -> Plan:
-        authority = enrolled_authority(self.config.identity.state_dir)
+        authority = enrolled_authority(self.config.identity.state_dir, self.authority_proxy)
         plan = build_plan(self.config.intercept, authority=authority, lookup_user=_lookup_user)
         if not isinstance(plan, Plan):
             raise ConfigError(plan.message, plan.hint)
@@ -603,6 +603,8 @@ class Daemon:
         ]
         old_intercept = self.config.intercept
         self.config = fresh
+        # The next authority call (each opens its own client) and the next renewal use it.
+        self.authority_proxy = resolve_proxy(fresh.authority.https_proxy, fresh.authority.no_proxy)
         configure(fresh.log.level, fresh.log.format)
         directory = self._directory(newest(self._cached_directory_doc(), self._last_doc))
         self._use(directory)
