@@ -79,6 +79,8 @@ class HostRecord:
     last_renewal: datetime | None
     revoked_at: datetime | None
     registration: Registration = Registration()
+    # The certificate before the last renewal: still valid until it expires (a revocation lists it).
+    previous_serial: str | None = None
 
     @property
     def revoked(self) -> bool:
@@ -269,6 +271,7 @@ def _host(row: Row) -> HostRecord:
         last_renewal=_dt(row["last_renewal"]),
         revoked_at=_dt(row["revoked_at"]),
         registration=_registration(row),
+        previous_serial=row["previous_serial"],
     )
 
 

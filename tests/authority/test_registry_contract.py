@@ -103,7 +103,7 @@ def test_renewal_requests_are_single_use_and_bound_to_the_current_certificate(re
     _token(registry)
     host_id = _enroll(registry, "t1")
     renewed = registry.renew(host_id, _renewal("01", "p1", key="key-2"), NOW, lambda: _issued("02"))
-    assert renewed.serial == "02"
+    assert (renewed.serial, renewed.previous_serial) == ("02", "01")
     with _refused("renewal_replayed"):
         registry.renew(host_id, _renewal("01", "p1", key="key-2"), NOW, lambda: _issued("03"))
     # The previous certificate fetches the current one again, for the same key only.

@@ -42,6 +42,14 @@ def _until(condition: Callable[[], bool], what: str, limit_s: float = 30) -> Non
         time.sleep(0.01)
 
 
+def _answers(registry: Registry) -> bool:
+    try:
+        registry.data_version()
+    except RegistryUnavailable:
+        return False
+    return True
+
+
 def _lock_waiters(url: str, locktype: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = %s AND NOT granted", (locktype,))
@@ -157,7 +165,8 @@ def test_database_away_is_registry_unavailable_and_the_same_registry_recovers(
         assert "retries on every request" in info.value.hint
     finally:
         pg_cluster.start()
-    # The same object, no reopen: the pool replaced its dead connections.
+    # The same object, no reopen: the pool connects again (within about a second).
+    _until(lambda: _answers(registry), "the registry answering again")
     assert registry.policies() == [PolicyRecord("shop/web", 0, "deny", ())]
     assert registry.data_version() == version
     registry.set_policy(PolicyRecord("shop/web", 80, "deny", ()))
@@ -177,6 +186,7 @@ def test_a_killed_server_loses_nothing_committed(pg_cluster: PgCluster, tmp_path
             registry.list_hosts()
     finally:
         pg_cluster.start()
+    _until(lambda: _answers(registry), "the registry answering again")
     assert len(registry.list_hosts()) == 20
     assert all(t.used_at is not None for t in registry.list_tokens())
     registry.close()
