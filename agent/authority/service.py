@@ -482,7 +482,8 @@ class Authority:
     def revoked(self, hosts: Sequence[HostRecord] | None = None) -> list[dict[str, Any]]:
         """The hosts' `revoked` key (interfaces §2): each revoked host whose certificate has not
         expired yet (after that it cannot connect anyway, and the list stays short), with
-        - `serials`: its certificate's serial (hex), refused wherever it shows up;
+        - `serials`: its certificate's serial (hex) and the one before its last renewal,
+          refused wherever they show up;
         - `identity` (SPIFFE form) only when no unrevoked host holds that identity any more:
           hosts sharing a service account keep working when one of them is revoked;
         - `addresses`: its addresses no unrevoked host claims, so agents refuse new connections
@@ -500,7 +501,8 @@ class Authority:
             assert host.revoked_at is not None
             doc: dict[str, Any] = {
                 "host_id": host.id,
-                "serials": [host.serial],
+                # Its previous certificate too: still valid after a renewal, until it expires.
+                "serials": [host.serial, *([host.previous_serial] if host.previous_serial else [])],
                 "revoked_at": host.revoked_at.isoformat(),
                 "addresses": [a for a in self._served_addresses(host) if a not in claimed],
             }

@@ -3,12 +3,13 @@ agent's directory parses it into a RevokedSet (interfaces §2 of issue #18)."""
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from agent.authority.service import Authority
-from agent.identity.pki import generate_key, make_csr
+from agent.identity.pki import generate_key, make_csr, sign_possession
 from agent.proxy.directory import merge
 from agent.proxy.policy import InboundPolicy
 from agent.proxy.revocation import RevokedSet, cert_serial, normal_serial, parse_revoked
@@ -113,3 +114,21 @@ def test_a_peer_certificate_serial_is_compared_in_one_form() -> None:
     assert cert_serial({"serialNumber": "nothex"}) is None
     assert cert_serial(None) is None
     assert normal_serial("FF10") == format(0xFF10, "x")
+
+
+def test_a_revoked_host_that_renewed_is_listed_with_both_certificates(tmp_path: Path) -> None:
+    """Its certificate before the renewal is still valid: the serial-only entry names it too."""
+    init_authority(tmp_path / "authority")
+    authority = Authority.open(tmp_path / "authority")
+    web1 = _enroll(authority, "shop/web", "web-1", "198.18.0.1")  # holds shop/web: serials only
+    token = authority.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    key = generate_key()
+    enrolled = authority.enroll(token.secret, make_csr(key).decode(), "web-2", ["198.18.0.2"])
+    csr = make_csr(generate_key())
+    now = int(time.time())
+    renewed = authority.renew(enrolled.chain_pem.decode(), csr.decode(), now, sign_possession(key, csr, now))
+    assert renewed.host.serial != enrolled.host.serial
+    authority.registry.revoke(enrolled.host.id, authority.clock())
+    (entry,) = authority.host_config(web1)["revoked"]
+    assert entry["serials"] == [renewed.host.serial, enrolled.host.serial]
+    assert "identity" not in entry
