@@ -378,6 +378,9 @@ async def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         "database": args.database,
         "heartbeat_s": args.heartbeat,
         "setup": {"tokens_s": round(tokens_s, 2), "keys_and_csrs_s": round(keys_s, 2)},
+        # The machine's load when the run began (the replicas, PostgreSQL, haproxy and this
+        # simulator share its cores with whatever else runs): read the rates with it.
+        "loadavg_at_start": os.getloadavg(),
     }
     try:
         # 1. The enrollment storm.
@@ -536,6 +539,70 @@ async def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     return result
 
 
+def render_cost(n: int, database: str) -> dict[str, Any]:
+    """What one host's directory costs the authority at N hosts, in CPU time (this process, not
+    the wall clock: the machine is shared), and what a catalog cached per registry version would
+    cost instead: the figures behind the proposal in docs/bench.md."""
+    import gzip
+    import hashlib
+
+    from agent.authority.service import canonical_json
+
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshagent-render-")))
+        url = None
+        if database == "postgresql":
+            from tests.pgcluster import pg_cluster
+
+            url = stack.enter_context(pg_cluster()).url
+        from tests.support import init_authority
+
+        init_authority(root / "authority")
+        authority = open_authority(root / "authority", url)
+        secrets = [
+            t.secret
+            for t in authority.create_tokens("fleet/sim", "https://127.0.0.1:1", timedelta(hours=1), n)
+        ]
+        key = generate_key()
+        csr = make_csr(key).decode()  # one key for every host: only the registry's size matters here
+        t = time.process_time()
+        for i, secret in enumerate(secrets):
+            authority.enroll(secret, csr, f"sim-{i}", [f"198.18.{i // 250}.{i % 250 + 1}"])
+        enroll_cpu = time.process_time() - t
+        host = authority.registry.list_hosts()[0]
+
+        def cpu_ms(fn: Callable[[], object], rounds: int = 5) -> float:
+            t = time.process_time()
+            for _ in range(rounds):
+                fn()
+            return round((time.process_time() - t) / rounds * 1000, 2)
+
+        body = authority.render_host_config(host).body
+        catalog = canonical_json(authority.catalog())
+        return {
+            "hosts": n,
+            "database": database,
+            "enroll_cpu_ms_in_process": round(enroll_cpu / n * 1000, 3),
+            "list_hosts_cpu_ms": cpu_ms(authority.registry.list_hosts),
+            "catalog_cpu_ms": cpu_ms(authority.catalog),
+            "render_cpu_ms": cpu_ms(lambda: authority.render_host_config(host)),
+            "body_bytes": len(body),
+            "body_gzip_bytes": len(gzip.compress(body, 6)),
+            "gzip_cpu_ms": cpu_ms(lambda: gzip.compress(body, 6)),
+            "sha256_body_cpu_ms": cpu_ms(lambda: hashlib.sha256(body).digest(), 20),
+            # With the catalog's canonical JSON and digest kept per registry version, a host's
+            # render is its own small parts (policy query, host id) plus a join of the bytes.
+            "cached_render_cpu_ms": cpu_ms(
+                lambda: (
+                    authority.registry.policies(host.identity),
+                    hashlib.sha256(b"catalog-digest" + canonical_json(host.id)).digest(),
+                    b"".join([b"{", catalog, b"}"]),
+                ),
+                20,
+            ),
+        }
+
+
 def markdown_row(r: dict[str, Any]) -> str:
     def g(*path: str) -> Any:
         v: Any = r
@@ -575,7 +642,18 @@ def main() -> None:
     parser.add_argument("--prime-concurrency", type=int, default=4, help="first directory fetches in flight")
     parser.add_argument("--revoke-timeout", type=float, default=60.0)
     parser.add_argument("--workdir", help="a new directory to run in and keep (default: a temp dir, removed)")
+    parser.add_argument(
+        "--render-cost",
+        action="store_true",
+        help="only measure one directory's render at --hosts (in process)",
+    )
     args = parser.parse_args()
+    if args.render_cost:
+        cost = render_cost(args.hosts, args.database)
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"render-{args.database}-n{args.hosts}.json").write_text(json.dumps(cost, indent=2) + "\n")
+        print(json.dumps(cost))
+        return
 
     # Two descriptors per agent here and in haproxy, one per connection in each replica.
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
