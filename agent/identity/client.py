@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.errors import ClockSkewError, RejectedError, TrustError
+from agent.errors import ClockSkewError, MeshagentError, RejectedError, TrustError, UnreachableError
+from agent.logs import get_logger
 
 from . import transport
 from .store import AuthorityRef
@@ -32,6 +33,11 @@ from .transport import DIRECT, ProxyConfig, Response, inspecting_proxy_hint
 
 MAX_CLOCK_SKEW_S = 60.0
 TIMEOUT_S = 10.0
+# enroll and renew wait out a 503 (the authority's database restarting, a replica stopping) for
+# this long, as its Retry-After says: a 503 never consumed the token or the renewal request.
+UNAVAILABLE_RETRY_S = 15.0
+
+log = get_logger("meshagent.identity")
 
 
 def _verified_context(ca_pem: str) -> ssl.SSLContext:
@@ -80,10 +86,13 @@ def _request(
     return _Response(r.status, r.body, r.headers)
 
 
-def _refusal(response: _Response) -> RejectedError:
+def _refusal(response: _Response) -> MeshagentError:
+    """The authority's error as an error value. A 503 (its database away, it is stopping) is
+    "unreachable", not a refusal: nothing was consumed and the same call can simply be retried."""
+    kind: type[MeshagentError] = UnreachableError if response.status == 503 else RejectedError
     try:
         doc = response.json()
-        return RejectedError(str(doc["message"]), str(doc.get("hint", "")), code=str(doc["code"]))
+        return kind(str(doc["message"]), str(doc.get("hint", "")), code=str(doc["code"]))
     except (ValueError, KeyError, TypeError):
         return RejectedError(
             f"the authority answered HTTP {response.status} without an error body",
@@ -205,8 +214,15 @@ class AuthorityClient:
         path: str,
         body: dict[str, Any] | None = None,
         headers: dict[str, str] | None = None,
+        retry_unavailable_s: float = 0.0,
     ) -> dict[str, Any]:
+        give_up = time.monotonic() + retry_unavailable_s
         response = self._request(method, path, body, headers)
+        while response.status == 503 and time.monotonic() < give_up:
+            pause = min(max(_retry_after(response), 0.5), 5.0, max(give_up - time.monotonic(), 0.0))
+            log.warning("authority.unavailable", path=path, code=_refusal(response).code, retry_in_s=pause)
+            time.sleep(pause)
+            response = self._request(method, path, body, headers)
         if response.status != 200:
             raise _refusal(response)
         doc = response.json()
@@ -230,6 +246,7 @@ class AuthorityClient:
                 "host_name": host_name,
                 "addresses": addresses,
             },
+            retry_unavailable_s=UNAVAILABLE_RETRY_S,
         )
 
     def host_config(self, api_token: str) -> dict[str, Any]:
@@ -283,4 +300,5 @@ class AuthorityClient:
                 "timestamp": timestamp,
                 "signature": signature,
             },
+            retry_unavailable_s=UNAVAILABLE_RETRY_S,
         )

@@ -5,6 +5,9 @@ hint and Retry-After) and started again (the same process serves, nothing lost).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -12,7 +15,8 @@ import psycopg
 
 from agent.authority.registry import DATABASE_ENV
 from agent.authority.tokens import parse_token
-from agent.errors import ExitCode
+from agent.errors import ExitCode, RejectedError, UnreachableError
+from agent.identity.client import _refusal, _Response
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
 from tests.support import cli_json, init_authority, run_cli, running_authority
@@ -78,3 +82,50 @@ def test_cli_database_errors_say_what_to_do(tmp_path: Path) -> None:
     )
     assert down.returncode == ExitCode.UNREACHABLE
     assert f"cannot reach its database at {tmp_path}" in down.stderr and "pg_isready" in down.stderr
+
+
+def test_enroll_waits_out_a_database_restart_in_one_run(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    """`meshagent enroll` during a database outage: the 503 is not a refusal (nothing was
+    consumed), so the CLI waits as Retry-After says and enrolls once PostgreSQL is back."""
+    url = pg_cluster.create_database("retry")
+    directory = tmp_path / "authority"
+    with running_authority(directory, "--database", url) as auth:
+        token = auth.token("shop/api")
+        pg_cluster.stop()
+        try:
+            enroll = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent.cli",
+                    "enroll",
+                    token,
+                    "--state-dir",
+                    str(tmp_path / "h"),
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            # Its first attempt meets the outage: the authority waits up to 3 s for a database
+            # connection, answers 503, and the CLI says it waits.
+            time.sleep(4)
+        finally:
+            pg_cluster.start()
+        out, err = enroll.communicate(timeout=60)
+        assert enroll.returncode == 0, err
+        assert "event=authority.unavailable path=/v1/enroll code=registry_unavailable" in err, err
+        assert json.loads(out)["serial"]
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM hosts").fetchone() == (1,)
+
+
+def test_a_503_is_unreachable_not_a_refusal() -> None:
+    """Exit code 5 (try again), not 6 (refused): a 503 consumed nothing."""
+    body = json.dumps({"code": "registry_unavailable", "message": "database away", "hint": "wait"}).encode()
+    unavailable = _refusal(_Response(503, body, {"retry-after": "2"}))
+    assert isinstance(unavailable, UnreachableError) and unavailable.exit_code == ExitCode.UNREACHABLE
+    assert unavailable.code == "registry_unavailable" and unavailable.hint == "wait"
+    used = _refusal(_Response(403, json.dumps({"code": "token_used", "message": "m"}).encode(), {}))
+    assert isinstance(used, RejectedError) and used.exit_code == ExitCode.REJECTED
