@@ -442,13 +442,16 @@ async def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         # The first fetch of each agent's whole directory, a few at a time: agents fetch it once
         # enrolled, spread over the enrollments; all at once would measure a restart storm.
         t = time.monotonic()
-        outcomes = await bounded(args.prime_concurrency, [partial(prime, h) for h in hosts])
+        polling = hosts if args.long_polls else []
+        outcomes = await bounded(args.prime_concurrency, [partial(prime, h) for h in polling])
         assert all(o is None or isinstance(o, Refused) for o in outcomes), outcomes
 
         async def agent(host: SimHost) -> None:
             await asyncio.sleep(random.uniform(0, args.heartbeat))
             beat = asyncio.create_task(heartbeats(host))
             try:
+                if not args.long_polls:
+                    await stop.wait()  # reports only
                 while not stop.is_set():
                     response = await client.host_config(host, wait_s=LONG_POLL_S)
                     if response.status_code == 403:
@@ -514,6 +517,8 @@ async def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         await asyncio.sleep(2)  # let the renewals' wake-ups settle
         meter = Meter(setup.pids)
         revoked_at.append(time.monotonic())
+        if not args.long_polls:
+            all_told.set()  # nobody polls: nothing to time
         await asyncio.to_thread(authority.registry.revoke, victim.host_id, datetime.now(UTC))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(all_told.wait(), args.revoke_timeout)
@@ -639,6 +644,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="enrollments/renewals in flight")
     parser.add_argument("--steady", type=float, default=30.0, help="seconds of steady state measured")
     parser.add_argument("--renewals", type=int, default=200)
+    parser.add_argument(
+        "--no-long-polls",
+        dest="long_polls",
+        action="store_false",
+        help="agents only report (no directory fetch, no revocation timing): the reports' own limit",
+    )
     parser.add_argument("--prime-concurrency", type=int, default=4, help="first directory fetches in flight")
     parser.add_argument("--revoke-timeout", type=float, default=60.0)
     parser.add_argument("--workdir", help="a new directory to run in and keep (default: a temp dir, removed)")
