@@ -13,7 +13,8 @@ import json
 import re
 import weakref
 from collections.abc import Awaitable, Callable
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
@@ -62,6 +63,13 @@ STATUS = {
 }
 
 _API_HINT = "see /v1/openapi.json for the API"
+
+# Registry calls run in these threads, not on the event loop: on PostgreSQL an enrollment is
+# ~16 round trips (~28 ms of waiting), which on the loop serialized a replica's requests and
+# left its pool idle. As many as a replica's pool has connections (storage_pg.POOL_MAX).
+REGISTRY_THREADS = 8
+
+_R = TypeVar("_R")
 
 MAX_WAIT_S = 60  # GET /v1/host/config?wait=N: the longest a long poll is held
 WATCH_INTERVAL_S = 1.0  # how often the registry is checked for other processes' writes
@@ -316,6 +324,18 @@ def release_long_polls() -> None:
         watch.release()
 
 
+class Blocking:
+    """Runs the handlers' registry calls (enroll, renew, authenticate, reports, renders) in a
+    pool of REGISTRY_THREADS threads, so TLS, parsing and other requests go on while a
+    transaction waits; the pool's queue bounds how many wait on the database at once."""
+
+    def __init__(self, threads: int = REGISTRY_THREADS) -> None:
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="registry")
+
+    async def __call__(self, fn: Callable[..., _R], *args: Any) -> _R:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+
 class FleetMetrics:
     """The authority's own /metrics: the fleet's gauges (hosts by state, certificates expiring
     within 24 h, from every replica's shared registry) and this process's request counters
@@ -328,8 +348,9 @@ class FleetMetrics:
 
     CACHE_S = 5.0
 
-    def __init__(self, authority: Authority) -> None:
+    def __init__(self, authority: Authority, blocking: Blocking) -> None:
         self.authority = authority
+        self.blocking = blocking
         self.requests: dict[tuple[str, int], int] = {}
         self._lock = asyncio.Lock()
         self._cached: tuple[float, health.FleetCounts] | None = None
@@ -346,7 +367,7 @@ class FleetMetrics:
         async with self._lock:
             loop = asyncio.get_running_loop()
             if self._cached is None or loop.time() - self._cached[0] > self.CACHE_S:
-                self._cached = (loop.time(), await asyncio.to_thread(self._counts))
+                self._cached = (loop.time(), await self.blocking(self._counts))
             return self._cached[1]
 
     async def render(self) -> bytes:
@@ -377,7 +398,8 @@ def default_max_waiters() -> int:
 
 def create_app(authority: Authority, max_waiters: int | None = None) -> Contained:
     watch = DirectoryWatch(authority, default_max_waiters() if max_waiters is None else max_waiters)
-    fleet = FleetMetrics(authority)
+    blocking = Blocking()
+    fleet = FleetMetrics(authority, blocking)
     Handler = Callable[[Request], Awaitable[Response]]
 
     def refusals(handler: Handler) -> Handler:
@@ -422,13 +444,17 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         doc = await _body(request, {"token_secret": str, "csr": str, "host_name": str, "addresses": list})
         # Passed whole: the service refuses a bad name or address (invalid_request); trimming
         # or filtering here would store something other than what the host asked for.
-        result = authority.enroll(doc["token_secret"], doc["csr"], doc["host_name"], doc["addresses"])
+        result = await blocking(
+            authority.enroll, doc["token_secret"], doc["csr"], doc["host_name"], doc["addresses"]
+        )
         return JSONResponse(_issued(authority, result))
 
     @refusals
     async def renew(request: Request) -> Response:
         doc = await _body(request, {"certificate_chain": str, "csr": str, "timestamp": int, "signature": str})
-        result = authority.renew(doc["certificate_chain"], doc["csr"], doc["timestamp"], doc["signature"])
+        result = await blocking(
+            authority.renew, doc["certificate_chain"], doc["csr"], doc["timestamp"], doc["signature"]
+        )
         return JSONResponse(_issued(authority, result))
 
     @refusals
@@ -436,7 +462,7 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         """The host's directory; with If-None-Match and ?wait=N, a long poll: 304 when it did
         not change within N s, the new document as soon as it does."""
         bearer = _bearer(request)
-        authority.authenticate(bearer)  # (refused before the wait is parsed)
+        await blocking(authority.authenticate, bearer)  # (refused before the wait is parsed)
         wait = _wait_s(request.query_params.get("wait"))
         tags = request.headers.get("if-none-match")
         loop = asyncio.get_running_loop()
@@ -446,7 +472,7 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         try:
             while True:
                 # Authenticated again after each wait: a host revoked meanwhile gets its 403.
-                rendered = authority.render_host_config(authority.authenticate(bearer))
+                rendered = await blocking(_render_for, authority, bearer)
                 if not _matches(tags, rendered.etag):
                     return _config_response(rendered)
                 remaining = deadline - loop.time()
@@ -474,14 +500,16 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
     @refusals
     async def host_report(request: Request) -> Response:
         """An agent's health report (agent/authority/health.py checks it)."""
-        host = authority.authenticate(_bearer(request))
-        authority.record_report(host, await _json_body(request))
+        host = await blocking(authority.authenticate, _bearer(request))
+        doc = await _json_body(request)
+        await blocking(authority.record_report, host, doc)
         return Response(status_code=204)
 
     @refusals
     async def prometheus_targets(request: Request) -> Response:
         discovery.authorize(authority.material.directory, request.headers.get("authorization", ""))
-        return JSONResponse(authority.prometheus_targets(_port(request.query_params.get("port", "4191"))))
+        port = _port(request.query_params.get("port", "4191"))
+        return JSONResponse(await blocking(authority.prometheus_targets, port))
 
     @refusals
     async def metrics(request: Request) -> Response:
@@ -526,6 +554,10 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
     )
     app.state.directory_watch = watch  # (for tests and diagnostics)
     return Contained(app)
+
+
+def _render_for(authority: Authority, bearer: str) -> RenderedConfig:
+    return authority.render_host_config(authority.authenticate(bearer))
 
 
 def _port(text: str) -> int:
