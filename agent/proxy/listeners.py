@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -29,7 +30,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
-from agent.errors import listen_error
+from agent.errors import ListenError, listen_error
 from agent.logs import Throttled, get_logger
 from agent.telemetry.metrics import join, labels
 from agent.telemetry.proxy_metrics import LOOPBACK, ProxyMetrics, target
@@ -79,6 +80,9 @@ class ListenerSettings:
     inbound: Address = ("::", 4143)
     outbound: Address = ("::", 4140)
     mark: int = 0
+    transparent: bool = False
+    """Set IP_TRANSPARENT / IPV6_TRANSPARENT on the inbound listener: TPROXY (inbound_mode =
+    "tproxy") hands a captured connection only to a transparent socket. Needs CAP_NET_ADMIN."""
     connect_timeout_s: float = 5.0
     handshake_timeout_s: float = 10.0
     detect_timeout_s: float = 1.0
@@ -182,6 +186,36 @@ def _set_mark(sock: socket.socket, mark: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, mark)
 
 
+# linux/in.h and linux/in6.h (Python's socket module names neither).
+IP_TRANSPARENT: Final = 19
+IPV6_TRANSPARENT: Final = 75
+
+
+def _set_transparent(server: asyncio.Server, address: Address) -> None:
+    """Mark each of the listener's sockets transparent, or say why it cannot be (EPERM: the
+    agent lacks CAP_NET_ADMIN)."""
+    for sock in server.sockets:
+        if sock.family == socket.AF_INET6:
+            level, option = socket.IPPROTO_IPV6, IPV6_TRANSPARENT
+        else:
+            level, option = socket.SOL_IP, IP_TRANSPARENT
+        try:
+            sock.setsockopt(level, option, 1)
+        except OSError as exc:
+            where = f"{sock.getsockname()[0]}:{address[1]}"
+            if exc.errno == errno.EPERM:
+                raise ListenError(
+                    f"cannot make the inbound proxy's listener on {where} transparent (tproxy): "
+                    "operation not permitted",
+                    'inbound_mode = "tproxy" needs CAP_NET_ADMIN (the systemd unit grants it); '
+                    'run with it, or set intercept.inbound_mode = "redirect"',
+                    code="transparent_not_permitted",
+                ) from None
+            raise listen_error(
+                "inbound proxy (transparent)", "intercept.inbound_mode", None, address[1], exc
+            ) from None
+
+
 class Proxy:
     def __init__(
         self,
@@ -270,6 +304,13 @@ class Proxy:
                 setting = f"intercept.{name}_port"
                 raise listen_error(f"{name} proxy", setting, host, address[1], exc) from None
             self._servers.append(server)
+            if name == "inbound" and self.settings.transparent:
+                try:
+                    _set_transparent(server, address)
+                except ListenError:
+                    for started in self._servers:
+                        started.close()
+                    raise
             bound = server.sockets[0].getsockname()
             self.listening[name] = (bound[0], bound[1])
             log.info("proxy.listening", direction=name, address=f"{bound[0]}:{bound[1]}")
