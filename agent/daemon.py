@@ -178,6 +178,8 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         inbound=(p.listen, i.inbound_port),
         outbound=(p.listen, i.outbound_port),
         mark=i.proxy_mark,
+        # TPROXY hands a captured connection only to a socket with IP_TRANSPARENT.
+        transparent=i.inbound_mode == "tproxy",
         connect_timeout_s=p.connect_timeout_s,
         handshake_timeout_s=p.handshake_timeout_s,
         detect_timeout_s=p.detect_timeout_s,

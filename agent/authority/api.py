@@ -32,6 +32,7 @@ from . import discovery, health
 from .httpguard import current_limits
 from .openapi import OPENAPI
 from .service import Authority, EnrollResult, RenderedConfig
+from .storage import RegistryUnavailable
 
 log = get_logger("meshagent.authority.api")
 
@@ -366,20 +367,38 @@ class FleetMetrics:
     async def counts(self) -> health.FleetCounts:
         async with self._lock:
             loop = asyncio.get_running_loop()
+            # One cheap read on every scrape, so a database gone away shows at once, not after
+            # the cached pass expires (it raises RegistryUnavailable).
+            await self.blocking(self.authority.registry.data_version)
             if self._cached is None or loop.time() - self._cached[0] > self.CACHE_S:
                 self._cached = (loop.time(), await self.blocking(self._counts))
             return self._cached[1]
 
     async def render(self) -> bytes:
-        counts = await self.counts()
+        # The database away is what this endpoint must show, not hide behind a 503: the request
+        # counters (refusals included) and registry_up 0, without host gauges it cannot know.
+        try:
+            counts: health.FleetCounts | None = await self.counts()
+        except RegistryUnavailable as exc:
+            counts = None
+            _registry_down.warning("down", asyncio.get_running_loop().time(), reason=exc.message)
         lines = [
-            "# HELP meshagent_authority_hosts Enrolled hosts by state (authority hosts' health column).",
-            "# TYPE meshagent_authority_hosts gauge",
-            *(f'meshagent_authority_hosts{{state="{s}"}} {n}' for s, n in counts.hosts.items()),
-            "# HELP meshagent_authority_certificates_expiring_24h Unrevoked host certificates that "
-            "expire within 24 hours.",
-            "# TYPE meshagent_authority_certificates_expiring_24h gauge",
-            f"meshagent_authority_certificates_expiring_24h {counts.expiring_24h}",
+            "# HELP meshagent_authority_registry_up 1 when the fleet's state could be read from the "
+            "registry.",
+            "# TYPE meshagent_authority_registry_up gauge",
+            f"meshagent_authority_registry_up {0 if counts is None else 1}",
+        ]
+        if counts is not None:
+            lines += [
+                "# HELP meshagent_authority_hosts Enrolled hosts by state (authority hosts' health column).",
+                "# TYPE meshagent_authority_hosts gauge",
+                *(f'meshagent_authority_hosts{{state="{s}"}} {n}' for s, n in counts.hosts.items()),
+                "# HELP meshagent_authority_certificates_expiring_24h Unrevoked host certificates that "
+                "expire within 24 hours.",
+                "# TYPE meshagent_authority_certificates_expiring_24h gauge",
+                f"meshagent_authority_certificates_expiring_24h {counts.expiring_24h}",
+            ]
+        lines += [
             "# HELP meshagent_authority_requests_total API requests answered by this process, by "
             "path and status.",
             "# TYPE meshagent_authority_requests_total counter",
@@ -389,6 +408,9 @@ class FleetMetrics:
             ),
         ]
         return ("\n".join(lines) + "\n").encode()
+
+
+_registry_down = Throttled(log, "metrics.registry_unavailable")
 
 
 def default_max_waiters() -> int:
