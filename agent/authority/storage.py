@@ -474,7 +474,10 @@ class SqlRegistry:
                     host_id,
                 ),
             )
-            tx.changed()  # (the serials a revocation lists)
+            # No tx.changed(): nothing any host's directory renders moves. The catalog names no
+            # serial, and the revoked list names the serials of revoked hosts only, which never
+            # renew (refused above, the row locked); their revocation bumps the version and is
+            # rendered with the serials current then. (On SQLite any commit moves it anyway.)
             return _the_host(tx, host_id)
 
     def list_hosts(self) -> list[HostRecord]:

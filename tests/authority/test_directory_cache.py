@@ -18,6 +18,7 @@ import pytest
 from agent.authority.service import Authority, RenderedConfig, canonical_json
 from agent.authority.storage import HostRecord
 from agent.identity.pki import generate_key, make_csr, sign_possession
+from tests.pgcluster import PgCluster
 from tests.support import init_authority
 
 
@@ -118,6 +119,44 @@ def test_renders_in_threads_see_a_revocation_at_once(authority: Authority) -> No
     assert all(r.body == _fresh(authority, h) for r, h in zip(rendered, hosts[:-1] * 4, strict=True))
     assert rendered[0].etag != before.etag
     assert len({r.etag for r in rendered}) == len(hosts) - 1  # one per host (its host_id), all new
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_renewal_wakes_no_long_poll_and_a_later_revocation_lists_the_new_serial(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    extra: tuple[str, ...] = ()
+    if backend == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        extra = ("--database", cluster.create_database("renewal"))
+    init_authority(tmp_path / "authority", *extra)
+    authority = Authority.open(tmp_path / "authority")
+    web_key, web = _enroll(authority, "shop/web", "web-1", "198.18.0.1")
+    _, db = _enroll(authority, "shop/db", "db-1", "198.18.0.2")
+    before = authority.render_host_config(db.host)
+    version = authority.registry.data_version()
+
+    csr = make_csr(generate_key())
+    now = int(time.time())
+    renewed = authority.renew(web.chain_pem.decode(), csr.decode(), now, sign_possession(web_key, csr, now))
+    assert renewed.host.serial != web.host.serial
+    if backend == "postgresql":  # (SQLite's data_version moves on any commit)
+        assert authority.registry.data_version() == version  # no long poll woken
+    after = authority.render_host_config(db.host)
+    assert (_doc(after), after.etag) == (_doc(before), before.etag)
+
+    authority.registry.revoke(web.host.id, authority.clock())
+    assert authority.registry.data_version() != version
+    revoked = authority.render_host_config(db.host)
+    assert revoked.etag != before.etag
+    (entry,) = json.loads(revoked.body)["revoked"]
+    assert entry["serials"] == [renewed.host.serial, web.host.serial]
+
+
+def _doc(rendered: RenderedConfig) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(rendered.body)
+    del doc["generated_at"]
+    return doc
 
 
 def _report(host: HostRecord) -> dict[str, Any]:
