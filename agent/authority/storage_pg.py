@@ -46,8 +46,8 @@ POOL_MAX = 8  # per process; each uvicorn worker has its own pool
 # 0 and ~1 s) lets the next request start a new one at once: the pool is back within about a
 # second of PostgreSQL, whatever the outage's length.
 RECONNECT_GIVE_UP_S = 2.0
-# After a failure, for this long only one caller at a time waits (PROBE_TIMEOUT_S) for a
-# connection; the others fail at once: the event loop is not held 3 s per queued request.
+# While the database is away (the last attempt failed), one caller per BREAKER_S probes, waiting
+# PROBE_TIMEOUT_S for a connection; every other one fails at once, so no request is held 3 s.
 BREAKER_S = 1.0
 PROBE_TIMEOUT_S = 0.5
 
@@ -87,8 +87,11 @@ def _ended_by_server(conn: psycopg.Connection[Any]) -> bool:
     second before trying another connection.)"""
     if conn.closed or conn.broken:
         return True
-    readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    return bool(readable)
+    # poll, not select: select() refuses descriptors above 1023, which an authority holding
+    # thousands of long polls hands to the connections its pool opens later.
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
 
 
 class _PgTx:
@@ -136,7 +139,8 @@ class PostgresRegistry(SqlRegistry):
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self.url = url
         self.where = describe(url)
-        self._down_until = 0.0  # monotonic: until then, the database is taken as away
+        self._down = False  # the last attempt failed: only probes wait for a connection
+        self._next_probe = 0.0  # monotonic: no probe before then
         self._down_reason = ""
         self._probe = threading.Lock()
         self._errors: tuple[type[BaseException], ...] = (pg.OperationalError, pool.PoolTimeout)
@@ -181,7 +185,8 @@ class PostgresRegistry(SqlRegistry):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             if isinstance(exc, self._errors[1]):  # PoolTimeout: no connection could be made
                 first = "no connection could be made"
-            self._down_until = time.monotonic() + BREAKER_S
+            if not self._down:
+                self._down, self._next_probe = True, time.monotonic() + BREAKER_S
             self._down_reason = first
             log.warning("registry.unavailable", database=self.where, error=first[:200])
             raise self._unavailable(first) from None
@@ -191,14 +196,18 @@ class PostgresRegistry(SqlRegistry):
         """A pooled connection the server has not ended: after a PostgreSQL restart, the pool's
         idle connections are dead; each is closed here (the pool replaces it) and the next taken.
 
-        While the database is away, registry calls (made on the event loop) must not each wait
-        for a connection: after a failure, for BREAKER_S, one caller at a time probes with a short
-        wait and every other one fails at once (the API's 503 arrives in time)."""
+        While the database is away, registry calls must not each wait for a connection: once an
+        attempt failed, one caller per BREAKER_S probes with a short wait and every other one
+        fails at once (the API's 503 arrives in time), until a probe gets a connection."""
         timeout = POOL_TIMEOUT_S
         probing = False
-        if time.monotonic() < self._down_until:
-            if not self._probe.acquire(blocking=False):
+        if self._down:
+            # Half open: one probe a BREAKER_S at most, with a short wait; every other caller
+            # fails at once until a probe gets a connection.
+            now = time.monotonic()
+            if now < self._next_probe or not self._probe.acquire(blocking=False):
                 raise self._unavailable(self._down_reason)
+            self._next_probe = now + BREAKER_S
             probing, timeout = True, PROBE_TIMEOUT_S
         try:
             for _ in range(self._pool.max_size + 1):
@@ -206,7 +215,7 @@ class PostgresRegistry(SqlRegistry):
                     if _ended_by_server(conn):
                         conn.close()
                         continue
-                    self._down_until = 0.0
+                    self._down = False
                     yield conn
                     return
         finally:

@@ -235,3 +235,24 @@ def test_a_restart_between_two_calls_is_not_seen_by_the_second(pg_cluster: PgClu
     pg_cluster.start()
     assert registry.data_version() == version
     registry.close()
+
+
+def test_connections_on_descriptors_above_1023_work(pg_cluster: PgCluster, tmp_path: Path) -> None:
+    """An authority holding thousands of long polls hands its pool descriptors above 1023, where
+    select() refuses to look (a 500 on every call through that connection, for good)."""
+    import os
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        registry = open_registry(tmp_path, _database(pg_cluster))
+        registry.data_version()
+        assert max(held) > 1023
+        assert registry.list_hosts() == []
+        registry.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
