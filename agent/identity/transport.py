@@ -103,8 +103,22 @@ _PROXY_HINT = 'like "http://proxy.example:3128" or "http://user:password@10.0.0.
 
 
 def redact(text: str) -> str:
-    """`text` with the password of any URL in it replaced by ***, for messages and `config show`."""
-    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    """`text` with the password of any URL in it replaced by ***, for messages and `config show`:
+    with or without a scheme (`user:pw@proxy:3128` is a valid setting), and up to the word's last
+    `@` (a password may hold an unencoded `@` or `/`)."""
+    return " ".join(_redact_word(word) for word in text.split(" "))
+
+
+def _redact_word(word: str) -> str:
+    if "@" not in word:
+        return word
+    scheme, sep, rest = word.partition("://")
+    if not sep:
+        scheme, rest = "", word
+    userinfo, _, host = rest.rpartition("@")
+    if ":" not in userinfo:
+        return word  # a user name alone (or an e-mail address): nothing secret
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def _no_proxy_entries(text: str) -> tuple[str, ...]:
@@ -333,6 +347,11 @@ def request(
 
 def _open_tunnel(conn: http.client.HTTPSConnection, via: ProxyURL, url: str) -> None:
     """CONNECT on the socket `conn` holds; the proxy's refusal becomes proxy_refused."""
+    # RFC 9110's authority-form needs an IPv6 address in brackets; Python 3.11's set_tunnel
+    # strips them and its _tunnel does not put them back (3.12 does, and leaves bracketed ones).
+    target = conn._tunnel_host  # type: ignore[attr-defined]
+    if target and ":" in target and not target.startswith("["):
+        conn._tunnel_host = f"[{target}]"  # type: ignore[attr-defined]
     try:
         conn._tunnel()  # type: ignore[attr-defined]  # http.client's own CONNECT (set_tunnel)
     except OSError as exc:
@@ -340,3 +359,5 @@ def _open_tunnel(conn: http.client.HTTPSConnection, via: ProxyURL, url: str) -> 
         if match:
             raise proxy_refused(via, url, int(match.group(1)), match.group(2)) from None
         raise proxy_unreachable(via, url, f"no answer to CONNECT: {exc}") from None
+    finally:
+        conn._tunnel_host = target  # type: ignore[attr-defined]  # the Host header brackets it itself

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import re
 import ssl
+from urllib.parse import urlsplit
 
 import httpx
 
+from . import transport
 from .transport import (
     DIRECT,
     ProxyConfig,
@@ -49,6 +51,11 @@ def request(
 ) -> Response:
     """One HTTPS request with httpx; failures become the errors transport.request raises."""
     via = proxy.for_url(url)
+    if via is not None and ":" in (urlsplit(url).hostname or ""):
+        # httpcore writes `CONNECT fd00::1:8443`, without the brackets RFC 9110 requires, which
+        # proxies refuse or misread: an IPv6 authority goes through the standard library's
+        # tunnel, which brackets it.
+        return transport.request(url, context, method, path, body, headers, timeout, proxy)
     client = httpx.Client(verify=context, proxy=via.url if via else None, trust_env=False, timeout=timeout)
     # A CONNECT that fails before any byte to the proxy is the proxy's fault; after the tunnel
     # is up, the authority's. httpx raises ConnectError for both: the ssl cause tells them apart.

@@ -32,6 +32,7 @@ from agent.identity.transport import (
     bypasses,
     parse_proxy_url,
     proxy_from_environment,
+    redact,
     resolve_proxy,
 )
 
@@ -160,6 +161,22 @@ def test_bad_config_keys_name_the_file_and_key(tmp_path: Path, text: str, fragme
     assert str(path) in err.value.message and fragment in err.value.message + err.value.hint
 
 
+@pytest.mark.parametrize(
+    ("setting", "shown"),
+    [
+        ("http://user:hunter2@proxy:3128", "http://user:***@proxy:3128"),
+        ("user:hunter2@proxy:3128", "user:***@proxy:3128"),  # no scheme: a valid setting too
+        ("http://user:hun@ter2@proxy:3128", "http://user:***@proxy:3128"),  # an unencoded @
+        ("http://user:hun/ter2@proxy:3128", "http://user:***@proxy:3128"),  # an unencoded /
+        ("via http://u:hunter2@p:1 (from env)", "via http://u:***@p:1 (from env)"),
+        ("http://proxy:3128", "http://proxy:3128"),
+        ("ops@example.com", "ops@example.com"),
+    ],
+)
+def test_the_password_is_never_shown(setting: str, shown: str) -> None:
+    assert redact(setting) == shown
+
+
 # --- both transports through a loopback CONNECT proxy --------------------------------------------
 
 
@@ -249,7 +266,7 @@ class _ConnectProxy:
                 client.sendall(f"HTTP/1.1 {self.status} Go Away\r\nContent-Length: 0\r\n\r\n".encode())
                 return
             host, _, port = target.rpartition(":")
-            with socket.create_connection((host, int(port))) as upstream:
+            with socket.create_connection((host.strip("[]"), int(port))) as upstream:
                 client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 threading.Thread(target=_copy, args=(upstream, client), daemon=True).start()
                 _copy(client, upstream)
@@ -299,6 +316,29 @@ def test_through_the_proxy_with_credentials(authority: tuple[str, str], send: Re
     target, headers = proxy.seen[-1]
     assert target == url.removeprefix("https://")
     assert headers["Proxy-Authorization"] == "Basic dSB4OnB3"  # "u x:pw"
+
+
+@TRANSPORTS
+def test_an_ipv6_authority_is_bracketed_in_connect(send: RequestFn) -> None:
+    """RFC 9110's authority-form: `CONNECT [::1]:PORT`; Python 3.11's tunnel and httpcore both
+    wrote `CONNECT ::1:PORT`, which proxies refuse or misread."""
+    ctx, pem = _tls_server_context()
+
+    class _V6(http.server.ThreadingHTTPServer):
+        address_family = socket.AF_INET6
+
+    server = _V6(("::1", 0), _Hello)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"https://[::1]:{server.server_address[1]}"
+        proxy = _ConnectProxy()
+        chosen = resolve_proxy(f"http://127.0.0.1:{proxy.start()}", None, None, {})
+        response = send(url, _verified(pem), "GET", "/v1/authority", None, {}, 5.0, chosen)
+        assert response.status == 200 and response.body == b'{"hello": "authority"}'
+        assert [target for target, _ in proxy.seen] == [f"[::1]:{server.server_address[1]}"]
+    finally:
+        server.shutdown()
 
 
 @TRANSPORTS
