@@ -246,15 +246,27 @@ class DirectoryWatch:
     bounded: each holds a connection, and the connection cap (httpguard) sheds new
     connections, not held ones, so unbounded waiters could lock out enrollments."""
 
-    def __init__(self, authority: Authority, max_waiters: int, interval_s: float = WATCH_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        authority: Authority,
+        max_waiters: int,
+        interval_s: float = WATCH_INTERVAL_S,
+        blocking: Blocking | None = None,
+    ) -> None:
         self.authority = authority
         self.max_waiters = max_waiters
         self.interval_s = interval_s
+        self.blocking = blocking or Blocking()
         self.waiting = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        # The version the waiters' renders saw. Read here, at start (before any request), and
+        # after that only by the watch task, in the registry threads: a read on the event loop
+        # would stall every request for a round trip (up to seconds while PostgreSQL is away).
         self._last: tuple[int, int, bytes] | None = None
+        with contextlib.suppress(Exception):  # (unreadable now: the task's first read sets it)
+            self._last = authority.version()
         self.closing = False  # the server stops: waiters answer now (release_long_polls)
         authority.on_discovery_change(self._from_any_thread)
         _WATCHES.add(self)
@@ -272,9 +284,6 @@ class DirectoryWatch:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:  # (a new loop: tests; uvicorn keeps one per process)
             self._loop, self._event, self._task = loop, asyncio.Event(), None
-        if self._last is None:
-            # Before the caller's render: a write after this point changes the version.
-            self._last = self.authority.version()
         self.waiting += 1
         if self._task is None or self._task.done():
             self._task = loop.create_task(self._run(), name="directory-watch")
@@ -287,32 +296,44 @@ class DirectoryWatch:
     def leave(self) -> None:
         self.waiting -= 1
 
-    def _fire(self) -> None:
+    def _fire(self, version: tuple[int, int, bytes] | None) -> None:
         if self._event is not None:
             # What the woken waiters will render: without it the poll below sees this same
             # change a second later and wakes them all again for nothing.
-            with contextlib.suppress(Exception):  # a failed read: the poll fires once more
-                self._last = self.authority.version()
+            if version is not None:
+                self._last = version
             self._event.set()
             self._event = asyncio.Event()
+
+    async def _read_and_fire(self) -> None:
+        """A discovery change (or the server stopping): wake the waiters, with the version they
+        will render read first in a registry thread (a failed read: the poll fires once more)."""
+        version: tuple[int, int, bytes] | None = None
+        with contextlib.suppress(Exception):
+            version = await self.blocking(self.authority.version)
+        self._fire(version)
 
     def _from_any_thread(self) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._fire)
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._read_and_fire()))
 
     async def _run(self) -> None:
         """Poll while anyone waits; the next waiter starts it again."""
+        first = self._last is None  # unreadable at start: this read is the baseline
         while self.waiting > 0:
-            await asyncio.sleep(self.interval_s)
+            if not first:
+                await asyncio.sleep(self.interval_s)
             try:
-                version = self.authority.version()
+                version = await self.blocking(self.authority.version)
             except Exception as exc:  # a registry read failing: the waiters time out as usual
                 log.warning("directory_watch.failed", error=str(exc)[:200])
+                first = False  # (sleep before the next try; its read wakes the waiters once)
                 continue
-            if version != self._last:
-                self._last = version
-                self._fire()
+            if first:
+                self._last, first = version, False
+            elif version != self._last:
+                self._fire(version)
 
 
 _WATCHES: weakref.WeakSet[DirectoryWatch] = weakref.WeakSet()
@@ -419,8 +440,9 @@ def default_max_waiters() -> int:
 
 
 def create_app(authority: Authority, max_waiters: int | None = None) -> Contained:
-    watch = DirectoryWatch(authority, default_max_waiters() if max_waiters is None else max_waiters)
     blocking = Blocking()
+    waiters = default_max_waiters() if max_waiters is None else max_waiters
+    watch = DirectoryWatch(authority, waiters, blocking=blocking)
     fleet = FleetMetrics(authority, blocking)
     Handler = Callable[[Request], Awaitable[Response]]
 
