@@ -35,7 +35,9 @@ from .transport import DIRECT, ProxyConfig, Response, inspecting_proxy_hint
 MAX_CLOCK_SKEW_S = 60.0
 TIMEOUT_S = 10.0
 # enroll and renew wait out a 503 (the authority's database restarting, a replica stopping) for
-# this long, as its Retry-After says: a 503 never consumed the token or the renewal request.
+# this long, as its Retry-After says: a 503 never consumed the token. (A renewal is signed again
+# for each attempt, enroll.renew: resent as it was, one the authority committed before its
+# answer failed would be refused as replayed.)
 UNAVAILABLE_RETRY_S = 15.0
 
 log = get_logger("meshagent.identity")
@@ -115,10 +117,15 @@ def _request(
     return _Response(r.status, r.body, r.headers)
 
 
+class AuthorityUnavailable(UnreachableError):
+    """The authority answered 503 (its database away, or it is stopping): nothing was consumed,
+    and the same call may be made again (exit code 5, like an authority out of reach)."""
+
+
 def _refusal(response: _Response) -> MeshagentError:
     """The authority's error as an error value. A 503 (its database away, it is stopping) is
     "unreachable", not a refusal: nothing was consumed and the same call can simply be retried."""
-    kind: type[MeshagentError] = UnreachableError if response.status == 503 else RejectedError
+    kind: type[MeshagentError] = AuthorityUnavailable if response.status == 503 else RejectedError
     try:
         doc = response.json()
         return kind(str(doc["message"]), str(doc.get("hint", "")), code=str(doc["code"]))
@@ -330,5 +337,4 @@ class AuthorityClient:
                 "timestamp": timestamp,
                 "signature": signature,
             },
-            retry_unavailable_s=UNAVAILABLE_RETRY_S,
         )

@@ -15,7 +15,7 @@ from agent.identity.names import MAX_HOST_ADDRESSES, InvalidName, validate_host_
 from agent.identity.pki import load_certs, make_csr, same_public_key, sign_possession
 from agent.logs import get_logger
 
-from .client import AuthorityClient
+from .client import UNAVAILABLE_RETRY_S, AuthorityClient, AuthorityUnavailable
 from .store import IdentityStore, StoredIdentity
 from .transport import ProxyConfig, proxy_from_environment
 
@@ -112,11 +112,21 @@ def renew(store: IdentityStore, proxy: ProxyConfig | None = None) -> StoredIdent
     ref = store.load_authority()
     new_key = store.pending_key()
     csr = make_csr(new_key)
-    ts = int(time.time())
-    signature = sign_possession(current.key, csr, ts)
+    give_up = time.monotonic() + UNAVAILABLE_RETRY_S
     try:
         with AuthorityClient(ref, proxy, transport_httpx.request) as client:
-            doc = client.renew(current.chain_pem, csr, ts, signature)
+            while True:
+                # Signed afresh for each attempt: if the authority committed a renewal and then
+                # answered 503, the same pending key with a new proof gets that certificate back.
+                ts = int(time.time())
+                try:
+                    doc = client.renew(current.chain_pem, csr, ts, sign_possession(current.key, csr, ts))
+                    break
+                except AuthorityUnavailable as exc:
+                    if time.monotonic() + 2.0 > give_up:
+                        raise
+                    log.warning("authority.unavailable", path="/v1/renew", code=exc.code, retry_in_s=2.0)
+                    time.sleep(2.0)
         identity = _store_issued(store, new_key, doc)
     except MeshagentError as exc:
         store.record_renewal(utcnow(), False, f"{exc.code}: {exc.message}")

@@ -15,8 +15,8 @@ import psycopg
 
 from agent.authority.registry import DATABASE_ENV
 from agent.authority.tokens import parse_token
-from agent.errors import ExitCode, RejectedError, UnreachableError
-from agent.identity.client import _refusal, _Response
+from agent.errors import ExitCode, RejectedError
+from agent.identity.client import AuthorityUnavailable, _refusal, _Response
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
 from tests.support import cli_json, init_authority, run_cli, running_authority
@@ -89,43 +89,46 @@ def test_enroll_waits_out_a_database_restart_in_one_run(pg_cluster: PgCluster, t
     consumed), so the CLI waits as Retry-After says and enrolls once PostgreSQL is back."""
     url = pg_cluster.create_database("retry")
     directory = tmp_path / "authority"
+    state = str(tmp_path / "h")
     with running_authority(directory, "--database", url) as auth:
         token = auth.token("shop/api")
-        pg_cluster.stop()
-        try:
-            enroll = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent.cli",
-                    "enroll",
-                    token,
-                    "--state-dir",
-                    str(tmp_path / "h"),
-                    "--json",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            # Its first attempt meets the outage: the authority waits up to 3 s for a database
-            # connection, answers 503, and the CLI says it waits.
-            time.sleep(4)
-        finally:
-            pg_cluster.start()
-        out, err = enroll.communicate(timeout=60)
-        assert enroll.returncode == 0, err
+        out, err = _through_an_outage(pg_cluster, "enroll", token, "--state-dir", state, "--json")
         assert "event=authority.unavailable path=/v1/enroll code=registry_unavailable" in err, err
-        assert json.loads(out)["serial"]
+        enrolled = json.loads(out)["serial"]
+        # A renewal too; it is signed afresh for each attempt.
+        out, err = _through_an_outage(pg_cluster, "renew", "--state-dir", state, "--json")
+        assert "event=authority.unavailable path=/v1/renew code=registry_unavailable" in err, err
+        renewed = json.loads(out)["serial"]
         with psycopg.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM hosts").fetchone() == (1,)
+            assert conn.execute("SELECT serial FROM hosts").fetchall() == [(renewed,)]
+        assert renewed != enrolled
+
+
+def _through_an_outage(pg_cluster: PgCluster, *argv: str) -> tuple[str, str]:
+    """`meshagent ARGV` started while PostgreSQL is stopped, which is started again 4 s later:
+    the first attempt meets the outage (the authority waits up to 3 s for a connection, then
+    answers 503) and the CLI waits; it must succeed in that one run."""
+    pg_cluster.stop()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(4)
+    finally:
+        pg_cluster.start()
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    return out, err
 
 
 def test_a_503_is_unreachable_not_a_refusal() -> None:
     """Exit code 5 (try again), not 6 (refused): a 503 consumed nothing."""
     body = json.dumps({"code": "registry_unavailable", "message": "database away", "hint": "wait"}).encode()
     unavailable = _refusal(_Response(503, body, {"retry-after": "2"}))
-    assert isinstance(unavailable, UnreachableError) and unavailable.exit_code == ExitCode.UNREACHABLE
+    assert isinstance(unavailable, AuthorityUnavailable) and unavailable.exit_code == ExitCode.UNREACHABLE
     assert unavailable.code == "registry_unavailable" and unavailable.hint == "wait"
     used = _refusal(_Response(403, json.dumps({"code": "token_used", "message": "m"}).encode(), {}))
     assert isinstance(used, RejectedError) and used.exit_code == ExitCode.REJECTED
