@@ -6,6 +6,7 @@ the same functions for the operator's local commands.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -70,12 +71,17 @@ _ALLOW_PATTERN = re.compile(r"spiffe://[!-~]{1,2000}")
 
 @dataclass(frozen=True)
 class RenderedConfig:
-    """A host's directory as served: the JSON body and its ETag (quoted, as HTTP writes it);
-    `gzip`: the same body gzip-encoded, when the render was asked for it."""
+    """A host's directory as served: the JSON body (joined from `pieces` when read: a gzip
+    answer never needs it) and its ETag (quoted, as HTTP writes it); `gzip`: the same body
+    gzip-encoded, when the render was asked for it."""
 
-    body: bytes
+    pieces: tuple[bytes, ...]
     etag: str
     gzip: bytes | None = None
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        return b"".join(self.pieces)
 
 
 # Deflate level of the directory's gzip encoding: the shared parts are compressed once per
@@ -93,12 +99,14 @@ def _deflated(data: bytes, level: int = GZIP_LEVEL) -> bytes:
     return compressor.compress(data) + compressor.flush(zlib.Z_SYNC_FLUSH)
 
 
-def _gzip_of(pieces: Sequence[bytes], body: bytes, deflated: dict[int, bytes]) -> bytes:
-    """The gzip member of `body` (the join of `pieces`): pieces whose id() is in `deflated`
-    are taken from there, the runs of others compressed now."""
+def _gzip_of(pieces: Sequence[bytes], deflated: dict[int, bytes]) -> bytes:
+    """The gzip member of the join of `pieces`: pieces whose id() is in `deflated` are taken
+    from there, the runs of others compressed now."""
     out = [_GZIP_HEADER]
     run: list[bytes] = []
+    crc = size = 0
     for piece in pieces:
+        crc, size = zlib.crc32(piece, crc), size + len(piece)
         cached = deflated.get(id(piece))
         if cached is None:
             run.append(piece)
@@ -111,8 +119,8 @@ def _gzip_of(pieces: Sequence[bytes], body: bytes, deflated: dict[int, bytes]) -
         out.append(_deflated(b"".join(run), 1))
     out += [
         _DEFLATE_END,
-        zlib.crc32(body).to_bytes(4, "little"),
-        (len(body) & 0xFFFFFFFF).to_bytes(4, "little"),
+        crc.to_bytes(4, "little"),
+        (size & 0xFFFFFFFF).to_bytes(4, "little"),
     ]
     return b"".join(out)
 
@@ -699,11 +707,10 @@ class Authority:
             digest.update(piece)
         parts["generated_at"] = canonical_json(self.clock().timestamp())
         pieces = _object_of(parts)
-        body = b"".join(pieces)
         encoded = None
         if gzip:
-            encoded = _gzip_of(pieces, body, self._deflated_parts(shared, services))
-        return RenderedConfig(body, f'"{digest.hexdigest()}"', encoded)
+            encoded = _gzip_of(pieces, self._deflated_parts(shared, services))
+        return RenderedConfig(tuple(pieces), f'"{digest.hexdigest()}"', encoded)
 
     def _deflated_parts(self, shared: _Shared, services: bytes | None) -> dict[int, bytes]:
         """id() of each large shared part -> its deflate pieces, compressed once."""
