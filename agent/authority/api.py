@@ -212,9 +212,25 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
     return False
 
 
+def _accepts_gzip(accept_encoding: str | None) -> bool:
+    """Accept-Encoding lists gzip (or *) with a weight above 0."""
+    for item in (accept_encoding or "").split(","):
+        coding, _, params = item.partition(";")
+        if coding.strip().lower() not in ("gzip", "x-gzip", "*"):
+            continue
+        weight = params.strip().lower()
+        return not (weight.startswith("q=") and weight[2:].strip().rstrip("0").rstrip(".") in ("", "0"))
+    return False
+
+
 def _config_response(rendered: RenderedConfig) -> Response:
-    headers = {"etag": rendered.etag, "cache-control": "no-cache"}
-    return Response(rendered.body, media_type="application/json", headers=headers)
+    # One ETag for both encodings: hosts compare it for equality, and no shared cache keeps
+    # these (no-cache, authenticated).
+    headers = {"etag": rendered.etag, "cache-control": "no-cache", "vary": "accept-encoding"}
+    if rendered.gzip is None:
+        return Response(rendered.body, media_type="application/json", headers=headers)
+    headers["content-encoding"] = "gzip"
+    return Response(rendered.gzip, media_type="application/json", headers=headers)
 
 
 def _not_modified(etag: str, retry_after: float | None = None, close: bool = False) -> Response:
@@ -509,6 +525,8 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         await blocking(authority.authenticate, bearer)  # (refused before the wait is parsed)
         wait = _wait_s(request.query_params.get("wait"))
         tags = request.headers.get("if-none-match")
+        # 10,000 hosts' directory: 1.9 MB, 121 KB gzipped (the shared parts compressed once).
+        gzip = _accepts_gzip(request.headers.get("accept-encoding"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         event = watch.admit() if wait > 0 and tags else None
@@ -516,7 +534,7 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         try:
             while True:
                 # Authenticated again after each wait: a host revoked meanwhile gets its 403.
-                rendered = await blocking(_render_for, authority, bearer)
+                rendered = await blocking(_render_for, authority, bearer, gzip)
                 if not _matches(tags, rendered.etag):
                     return _config_response(rendered)
                 remaining = deadline - loop.time()
@@ -600,8 +618,8 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
     return Contained(app)
 
 
-def _render_for(authority: Authority, bearer: str) -> RenderedConfig:
-    return authority.render_host_config(authority.authenticate(bearer))
+def _render_for(authority: Authority, bearer: str, gzip: bool = False) -> RenderedConfig:
+    return authority.render_host_config(authority.authenticate(bearer), gzip)
 
 
 def _port(text: str) -> int:
