@@ -16,6 +16,7 @@ from agent.config import load_config
 from agent.errors import ExitCode, MeshagentError, NotEnrolledError
 from agent.identity import enroll as flows
 from agent.identity.certinfo import utcnow
+from agent.identity.renew import renew_identity
 from agent.identity.rotation import Rotator, renewal_time
 from agent.identity.store import IdentityStore, StoredIdentity
 from agent.identity.transport import ProxyConfig, resolve_proxy
@@ -208,6 +209,8 @@ def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
         else "rules         none applied"
     )
     lines.append(f"listeners     {', '.join(f'{k} {v}' for k, v in (doc.get('listeners') or {}).items())}")
+    if doc.get("authority_proxy"):
+        lines.append(f"proxy         authority {printable(str(doc['authority_proxy']))}")
     catalog = doc.get("catalog") or {}
     rejected = catalog.get("rejected") or []
     lines.append(
@@ -397,7 +400,7 @@ def renew_cmd(
     store = _store(state_dir, config)
     proxy = _proxy(config, https_proxy)
     if not loop:
-        identity = flows.renew(store, proxy)
+        identity = renew_identity(store, proxy)
         doc = identity_doc(store, identity)
         if as_json:
             emit_json(doc)
@@ -419,4 +422,4 @@ async def _renew_loop(store: IdentityStore, proxy: ProxyConfig) -> None:
             err=True,
         )
 
-    await Rotator(store, on_renewed=announce, renew_fn=lambda s: flows.renew(s, proxy)).run(stop)
+    await Rotator(store, on_renewed=announce, renew_fn=lambda s: renew_identity(s, proxy)).run(stop)

@@ -158,3 +158,17 @@ def test_status_shows_the_dns_stub() -> None:
     ) in lines
     off = daemon_lines({"ready": True, "dns": {"enabled": False}})
     assert not any(line.startswith("dns") for line in off)
+
+
+def test_status_says_how_the_authority_is_reached(tmp_path: Path) -> None:
+    from agent.config import AuthoritySettings
+
+    config = AgentConfig(
+        identity=IdentitySettings(state_dir=tmp_path),
+        authority=AuthoritySettings(https_proxy="http://ops:hunter2@198.18.7.7:3128"),
+    )
+    lines = daemon_lines(Daemon(config).status())
+    proxy = [line for line in lines if line.startswith("proxy ")]
+    assert proxy == ["proxy         authority via http://ops:***@198.18.7.7:3128 (from config authority.https_proxy)"]
+    direct = daemon_lines(Daemon(AgentConfig(identity=IdentitySettings(state_dir=tmp_path))).status())
+    assert [line for line in direct if line.startswith("proxy ")] == ["proxy         authority direct"]
