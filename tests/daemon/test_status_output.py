@@ -169,6 +169,7 @@ def test_status_says_how_the_authority_is_reached(tmp_path: Path) -> None:
     )
     lines = daemon_lines(Daemon(config).status())
     proxy = [line for line in lines if line.startswith("proxy ")]
-    assert proxy == ["proxy         authority via http://ops:***@198.18.7.7:3128 (from config authority.https_proxy)"]
+    shown = "via http://ops:***@198.18.7.7:3128 (from config authority.https_proxy)"
+    assert proxy == [f"proxy         authority {shown}"]
     direct = daemon_lines(Daemon(AgentConfig(identity=IdentitySettings(state_dir=tmp_path))).status())
     assert [line for line in direct if line.startswith("proxy ")] == ["proxy         authority direct"]
