@@ -13,13 +13,18 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.authority.service import Authority, RenderedConfig, canonical_json
 from agent.authority.storage import HostRecord
+from agent.identity import transport
+from agent.identity.client import AuthorityClient
 from agent.identity.pki import generate_key, make_csr, sign_possession
+from agent.identity.store import IdentityStore
+from agent.identity.transport import DIRECT, Response
 from tests.pgcluster import PgCluster
-from tests.support import init_authority
+from tests.support import init_authority, run_cli, running_authority
 
 
 def _enroll(authority: Authority, identity: str, name: str, address: str) -> Any:
@@ -151,6 +156,48 @@ def test_a_renewal_wakes_no_long_poll_and_a_later_revocation_lists_the_new_seria
     assert revoked.etag != before.etag
     (entry,) = json.loads(revoked.body)["revoked"]
     assert entry["serials"] == [renewed.host.serial, web.host.serial]
+
+
+def test_the_api_gzips_the_directory_for_who_asks_and_the_daemon_client_inflates_it(
+    tmp_path: Path,
+) -> None:
+    with running_authority(tmp_path / "authority") as auth:
+        state = tmp_path / "web"
+        run_cli(
+            "enroll",
+            auth.token("shop/web"),
+            "--state-dir",
+            str(state),
+            "--address",
+            "198.18.0.10",
+            check=True,
+        )
+        store = IdentityStore(state)
+        token = store.api_token()
+        answers: list[Response] = []
+
+        def recorded(*args: Any) -> Response:
+            answers.append(transport.request(*args))
+            return answers[-1]
+
+        with AuthorityClient(store.load_authority(), DIRECT, recorded) as client:
+            fetched = client.fetch_host_config(token)
+            polled = client.fetch_host_config(token, fetched.etag, wait_s=1)
+        assert answers[0].headers["content-encoding"] == "gzip"
+        assert answers[0].body.startswith(b"\x1f\x8b")  # (http.client does not decode it)
+        assert polled.not_modified and polled.etag == fetched.etag
+
+        def get(encoding: str) -> httpx.Response:
+            headers = {"authorization": f"Bearer {token}", "accept-encoding": encoding}
+            return httpx.get(f"{auth.url}/v1/host/config", headers=headers, verify=auth.tls, timeout=30)
+
+        plain = get("identity")
+        refused = get("gzip;q=0, identity")
+        assert "content-encoding" not in plain.headers and "content-encoding" not in refused.headers
+        assert plain.headers["etag"] == fetched.etag  # one ETag whatever the encoding
+        assert fetched.doc is not None
+        assert {**fetched.doc, "generated_at": 0} == {**plain.json(), "generated_at": 0}
+        assert len(answers[0].body) < len(plain.content)
 
 
 def _doc(rendered: RenderedConfig) -> dict[str, Any]:
