@@ -132,9 +132,28 @@ def _sqlite_add_columns(db: sqlite3.Connection) -> None:
                 db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
+# Every certificate issued to a host until it expires, so a revocation can list them all: a
+# host that renewed several times holds several valid certificates, not only the current one and
+# the one before. The backfill knows the current and previous serials only, and gives both the
+# current certificate's expiry (an upper bound: listing a serial past its expiry is harmless).
+_CERTIFICATES = """
+CREATE TABLE host_certificates (
+    host_id   TEXT NOT NULL,
+    serial    TEXT NOT NULL,
+    not_after {time} NOT NULL,
+    PRIMARY KEY (host_id, serial)
+);
+CREATE INDEX host_certificates_by_host ON host_certificates (host_id, not_after);
+INSERT INTO host_certificates (serial, host_id, not_after) SELECT serial, id, not_after FROM hosts;
+INSERT INTO host_certificates (serial, host_id, not_after)
+    SELECT previous_serial, id, not_after FROM hosts
+    WHERE previous_serial IS NOT NULL AND previous_serial <> serial
+"""
+
 SQLITE: tuple[Migration, ...] = (
     # Columns first: the baseline's indexes name columns an old file may lack.
     Migration(1, "baseline", _split(SQLITE_BASELINE), run=_sqlite_add_columns),
+    Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="REAL"))),
 )
 
 
@@ -244,7 +263,10 @@ CREATE TABLE registry_version (
 INSERT INTO registry_version (id, version) VALUES (1, 1)
 """
 
-POSTGRES: tuple[Migration, ...] = (Migration(1, "baseline", _split(POSTGRES_BASELINE)),)
+POSTGRES: tuple[Migration, ...] = (
+    Migration(1, "baseline", _split(POSTGRES_BASELINE)),
+    Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="DOUBLE PRECISION"))),
+)
 
 
 def migrate_postgres(conn: psycopg.Connection[Any], migrations: Sequence[Migration] = POSTGRES) -> list[int]:

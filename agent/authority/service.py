@@ -555,8 +555,8 @@ class Authority:
     ) -> list[dict[str, Any]]:
         """The hosts' `revoked` key (interfaces §2): each revoked host whose certificate has not
         expired yet (after that it cannot connect anyway, and the list stays short), with
-        - `serials`: its certificate's serial (hex) and the one before its last renewal,
-          refused wherever they show up;
+        - `serials`: every certificate issued to it that has not expired (hex), refused
+          wherever they show up;
         - `identity` (SPIFFE form) only when no unrevoked host holds that identity any more:
           hosts sharing a service account keep working when one of them is revoked;
         - `addresses`: its addresses no unrevoked host claims, so agents refuse new connections
@@ -567,15 +567,18 @@ class Authority:
         if not listed:  # (the usual case: one pass, no sets built, per host's render)
             return []
         held = {h.identity for h in hosts if not h.revoked}
+        issued = self.registry.unexpired_serials([h.id for h in listed], now)
         # Stored addresses were validated (and so normalized) at enrollment: compared as stored.
         claimed = {a for h in hosts if not h.revoked for a in h.addresses}
         revoked = []
         for host in listed:
             assert host.revoked_at is not None
+            previous = [host.previous_serial] if host.previous_serial else []
             doc: dict[str, Any] = {
                 "host_id": host.id,
-                # Its previous certificate too: still valid after a renewal, until it expires.
-                "serials": [host.serial, *([host.previous_serial] if host.previous_serial else [])],
+                # Every certificate it was issued that has not expired: a host that renewed
+                # several times (a compromised one may) holds several valid ones.
+                "serials": list(dict.fromkeys([host.serial, *previous, *issued[host.id]])),
                 "revoked_at": host.revoked_at.isoformat(),
                 "addresses": [a for a in self._served_addresses(host) if a not in claimed],
             }

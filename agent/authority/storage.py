@@ -196,6 +196,8 @@ class Registry(Protocol):
 
     def data_version(self) -> int: ...
 
+    def unexpired_serials(self, host_ids: Sequence[str], now: datetime) -> dict[str, list[str]]: ...
+
     def close(self) -> None: ...
 
 
@@ -395,8 +397,36 @@ class SqlRegistry:
                 "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
                 (_ts(now), key_fingerprint, host_id, token_hash),
             )
+            self._issued(tx, host_id, issued, now)
             tx.changed()
             return _the_host(tx, host_id)
+
+    @staticmethod
+    def _issued(tx: Tx, host_id: str, issued: Issued, now: datetime) -> None:
+        """Keep the serial until the certificate expires (a revocation lists them all); forget
+        the host's expired ones in passing."""
+        tx.run(
+            "INSERT INTO host_certificates (serial, host_id, not_after) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (issued.serial, host_id, _ts(issued.not_after)),
+        )
+        tx.run("DELETE FROM host_certificates WHERE host_id = ? AND not_after <= ?", (host_id, _ts(now)))
+
+    def unexpired_serials(self, host_ids: Sequence[str], now: datetime) -> dict[str, list[str]]:
+        """Every certificate issued to these hosts that has not expired at `now`, oldest first."""
+        found: dict[str, list[str]] = {h: [] for h in host_ids}
+        if not host_ids:
+            return found
+        marks = ", ".join("?" for _ in host_ids)
+        rows = self._rows(
+            # Only placeholders are formatted in: the ids are parameters.
+            f"SELECT host_id, serial FROM host_certificates WHERE host_id IN ({marks}) AND not_after > ?"  # noqa: S608
+            " ORDER BY host_id, not_after",
+            (*host_ids, _ts(now)),
+        )
+        for row in rows:
+            found[row["host_id"]].append(row["serial"])
+        return found
 
     def set_api_token(self, host_id: str, token_hash: str) -> None:
         with self._transaction() as tx:
@@ -474,6 +504,7 @@ class SqlRegistry:
                     host_id,
                 ),
             )
+            self._issued(tx, host_id, issued, now)
             # No tx.changed(): nothing any host's directory renders moves. The catalog names no
             # serial, and the revoked list names the serials of revoked hosts only, which never
             # renew (refused above, the row locked); their revocation bumps the version and is

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.authority.migrations import SQLITE, migrate_sqlite
@@ -37,9 +38,14 @@ def test_a_registry_from_before_migrations_opens_with_its_records(tmp_path: Path
     registry.set_api_token("h-1", "api")  # a column the old file lacked
     assert registry.find_by_api_token("api") == host
     assert registry.static_entries() == [] and registry.policies() == []
+    # Its certificate is known to the issued-certificates table (a revocation lists it).
+    assert registry.unexpired_serials(["h-1"], datetime(1970, 1, 2, tzinfo=UTC)) == {"h-1": ["0a"]}
     registry.close()
     db = sqlite3.connect(path, isolation_level=None)
-    assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [(1, "baseline")]
+    assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [
+        (1, "baseline"),
+        (2, "host_certificates"),
+    ]
     assert migrate_sqlite(db) == []  # a second open applies nothing
     db.close()
 

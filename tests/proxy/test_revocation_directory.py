@@ -132,3 +132,33 @@ def test_a_revoked_host_that_renewed_is_listed_with_both_certificates(tmp_path: 
     (entry,) = authority.host_config(web1)["revoked"]
     assert entry["serials"] == [renewed.host.serial, enrolled.host.serial]
     assert "identity" not in entry
+
+
+def test_a_revoked_host_that_renewed_many_times_is_listed_with_every_valid_certificate(
+    tmp_path: Path,
+) -> None:
+    """A compromised host may renew three times in a minute before it is revoked: four valid
+    certificates, every one listed (not only the current and the previous)."""
+    init_authority(tmp_path / "authority")
+    authority = Authority.open(tmp_path / "authority")
+    other = _enroll(authority, "shop/web", "web-1", "198.18.0.1")
+    token = authority.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    key = generate_key()
+    issued = authority.enroll(token.secret, make_csr(key).decode(), "web-2", ["198.18.0.2"])
+    serials = [issued.host.serial]
+    chain = issued.chain_pem.decode()
+    for step in range(3):
+        new_key = generate_key()
+        csr = make_csr(new_key)
+        now = int(time.time()) + step  # each request is single-use: its own timestamp
+        issued = authority.renew(chain, csr.decode(), now, sign_possession(key, csr, now))
+        key, chain = new_key, issued.chain_pem.decode()
+        serials.append(issued.host.serial)
+    assert len(set(serials)) == 4
+    authority.registry.revoke(issued.host.id, authority.clock())
+    (entry,) = authority.host_config(other)["revoked"]
+    assert sorted(entry["serials"]) == sorted(serials)
+    # Once they have all expired, nothing is listed.
+    now_dt = authority.clock()
+    authority.clock = lambda: now_dt + timedelta(days=400)
+    assert authority.host_config(other)["revoked"] == []
