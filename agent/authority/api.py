@@ -67,7 +67,7 @@ _API_HINT = "see /v1/openapi.json for the API"
 
 # Registry calls run in these threads, not on the event loop: on PostgreSQL an enrollment is
 # ~16 round trips (~28 ms of waiting), which on the loop serialized a replica's requests and
-# left its pool idle. As many as a replica's pool has connections (storage_pg.POOL_MAX).
+# left its pool idle. Two fewer than a replica's pool has connections (storage_pg.POOL_MAX).
 REGISTRY_THREADS = 8
 
 _R = TypeVar("_R")
@@ -458,7 +458,9 @@ def default_max_waiters() -> int:
 def create_app(authority: Authority, max_waiters: int | None = None) -> Contained:
     blocking = Blocking()
     waiters = default_max_waiters() if max_waiters is None else max_waiters
-    watch = DirectoryWatch(authority, waiters, blocking=blocking)
+    # The watch's own thread: its version read (the wake-up of every long poll) must not queue
+    # behind a thousand woken waiters' renders in the handlers' pool.
+    watch = DirectoryWatch(authority, waiters, blocking=Blocking(threads=1))
     fleet = FleetMetrics(authority, blocking)
     Handler = Callable[[Request], Awaitable[Response]]
 

@@ -40,7 +40,10 @@ INSTALL_HINT = "install the PostgreSQL extra: pip install 'meshagent[postgresql]
 # A request waits this long for a connection before the API answers 503: clients retry.
 POOL_TIMEOUT_S = 3.0
 CONNECT_TIMEOUT_S = 3  # libpq's connect_timeout: a blackholed server fails fast too
-POOL_MAX = 8  # per process; each uvicorn worker has its own pool
+# Per process (each uvicorn worker has its own pool): the API's 8 registry threads plus the
+# directory watch's own thread and one spare, so a busy API never starves the watch of a
+# connection (a pool timeout would read as "the database is away").
+POOL_MAX = 10
 # The pool's reconnection backoff doubles without bound (1, 2, 4, ... 64 s): after a long outage
 # it could wait a minute after PostgreSQL is back. Giving up an attempt after this long (tries at
 # 0 and ~1 s) lets the next request start a new one at once: the pool is back within about a
