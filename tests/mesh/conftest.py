@@ -125,6 +125,35 @@ class Mesh:
         return agent
 
 
+def serve_authority(m: Mesh, tmp_path: Path) -> None:
+    """`authority serve` in the mesh's `cl` host, once it answers (the lab ends it)."""
+    log = open(tmp_path / "authority.log", "a")  # noqa: SIM115 - lives as long as the process
+    m.cl.popen(
+        *MESHAGENT,
+        "authority",
+        "serve",
+        "--dir",
+        str(m.authority_dir),
+        "--listen",
+        f"0.0.0.0:{AUTH_PORT}",
+        stdout=log,
+        stderr=log,
+    )
+    wait_for(
+        lambda: (
+            m.cl.run("curl", "-sfk", f"https://198.18.1.1:{AUTH_PORT}/healthz", check=False).returncode == 0
+        ),
+        "authority up",
+    )
+
+
+def stop_agents(m: Mesh) -> None:
+    """Stop every agent still running (before the lab ends the rest)."""
+    for agent in m.agents.values():
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
+
+
 @contextlib.contextmanager
 def build_mesh(tmp_path: Path, *init_args: str) -> Iterator[Mesh]:
     """The three hosts, the authority serving in `cl`; everything removed on exit."""
@@ -148,30 +177,11 @@ def build_mesh(tmp_path: Path, *init_args: str) -> Iterator[Mesh]:
             "198.18.2.1",
             *init_args,
         )
-        log = open(tmp_path / "authority.log", "a")  # noqa: SIM115
-        cl.popen(
-            *MESHAGENT,
-            "authority",
-            "serve",
-            "--dir",
-            str(m.authority_dir),
-            "--listen",
-            f"0.0.0.0:{AUTH_PORT}",
-            stdout=log,
-            stderr=log,
-        )
-        wait_for(
-            lambda: (
-                cl.run("curl", "-sfk", f"https://198.18.1.1:{AUTH_PORT}/healthz", check=False).returncode == 0
-            ),
-            "authority up",
-        )
+        serve_authority(m, tmp_path)
         try:
             yield m
         finally:
-            for agent in m.agents.values():
-                if agent.proc is not None and agent.proc.poll() is None:
-                    agent.stop()
+            stop_agents(m)
             lab.close()  # ends every process before their directories go
             for path in m.cleanup:
                 shutil.rmtree(path, ignore_errors=True)

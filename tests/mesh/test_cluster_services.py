@@ -44,9 +44,9 @@ from agent.authority.service import Authority
 directory, services = Path(sys.argv[1]), Path(sys.argv[2])
 render = Authority.render_host_config
 
-def with_services(self, host):
+def with_services(self, host, *args, **kwargs):
     self.set_discovered(json.loads(services.read_text()))  # unchanged content: no wake-up
-    return render(self, host)
+    return render(self, host, *args, **kwargs)
 
 Authority.render_host_config = with_services
 server.serve(directory, "0.0.0.0:{AUTH_PORT}")
@@ -164,7 +164,8 @@ def test_a_cluster_ip_reaches_both_pods_with_their_identities(cluster: tuple[Mes
         wait_for(
             lambda h=host: h.run("curl", "-sf", f"http://{h.ip4}:8080/", check=False).returncode == 0, "app"
         )
-    wait_for(lambda: "services" in (client.state / "host-config.json").read_text(), "c's services", client)
+    cache = client.state / "host-config.json"  # written by the agent's first fetch, not before
+    wait_for(lambda: cache.exists() and "services" in cache.read_text(), "c's services", client)
 
     answered = _calls(c, CLUSTER_IP, CALLS)
     print("answered:", dict(answered))

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from agent.netlab import Host, Lab, netns_supported
-from tests.mesh.conftest import AUTH_PORT, Agent, Mesh, wait_for
+from tests.mesh.conftest import Agent, Mesh, serve_authority, stop_agents, wait_for
 from tests.support import MESHAGENT
 
 pytestmark = pytest.mark.netns
@@ -99,30 +99,11 @@ def hub(tmp_path: Path) -> Iterator[Mesh]:
             "cluster.local",
             *sans,
         )
-        log = open(tmp_path / "authority.log", "a")  # noqa: SIM115 - lives as long as the process
-        cl.popen(
-            *MESHAGENT,
-            "authority",
-            "serve",
-            "--dir",
-            str(mesh.authority_dir),
-            "--listen",
-            f"0.0.0.0:{AUTH_PORT}",
-            stdout=log,
-            stderr=log,
-        )
-        wait_for(
-            lambda: (
-                cl.run("curl", "-sfk", f"https://198.18.1.1:{AUTH_PORT}/healthz", check=False).returncode == 0
-            ),
-            "authority up",
-        )
+        serve_authority(mesh, tmp_path)
         try:
             yield mesh
         finally:
-            for agent in mesh.agents.values():
-                if agent.proc is not None and agent.proc.poll() is None:
-                    agent.stop()
+            stop_agents(mesh)
             lab.close()
 
 
