@@ -230,8 +230,30 @@ class ProxySettings:
     keep-rules (fail closed: intercepted traffic fails until the agent is back)."""
     refresh_interval_s: float = 30.0
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
+    workers: int | str = "auto"
+    """Proxy processes: "auto" (one per CPU the agent may run on) or 1 to 64. 1 runs the proxy
+    inside the agent's own process; more fork workers that share the listening ports
+    (SO_REUSEPORT). A change needs a restart."""
+    tls_resumption: bool = True
+    """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
+    returning peer skips the full handshake. false: every connection does a full handshake."""
+    ticket_key_rotation_s: float = 3600.0
+    """How often the key that encrypts session tickets is replaced (at least 60 s): a ticket
+    resumes for at most this long. A renewal replaces it too."""
 
     def __post_init__(self) -> None:
+        workers = self.workers
+        if isinstance(workers, str) and workers.isdigit():  # an environment override gives "2"
+            workers = int(workers)
+        if workers != "auto" and (
+            isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64
+        ):
+            raise ConfigError(
+                f'proxy.workers must be "auto" or between 1 and 64, got {self.workers!r}',
+                'workers = "auto" (one per CPU) or workers = 2',
+            )
+        object.__setattr__(self, "workers", workers)
+        _float_range(self.ticket_key_rotation_s, 60, 7 * 86400, "proxy.ticket_key_rotation_s")
         _choice(self.unmeshed_outbound, ("pass", "refuse"), "proxy.unmeshed_outbound")
         _choice(self.on_stop, ("remove-rules", "keep-rules"), "proxy.on_stop")
         _float_range(self.connect_timeout_s, 0.1, 300, "proxy.connect_timeout_s")
@@ -248,6 +270,14 @@ class ProxySettings:
         for port in ports:
             _check_port(port, "proxy.skip_detect_ports")
         object.__setattr__(self, "skip_detect_ports", ports)
+
+
+def worker_count(proxy: ProxySettings) -> int:
+    """How many proxy processes `proxy.workers` asks for: "auto" is one per CPU this process may
+    run on (its affinity mask, which a cgroup cpuset or taskset narrows), at most 64."""
+    if isinstance(proxy.workers, int):
+        return proxy.workers
+    return max(1, min(64, len(os.sched_getaffinity(0))))
 
 
 @dataclass(frozen=True)
