@@ -46,6 +46,25 @@ def cli_json(*args: str, **kw: Any) -> Any:
     return json.loads(proc.stdout)
 
 
+def metric_sum(text: str, family: str, *parts: str) -> float:
+    """The sum of a Prometheus exposition's samples of `family` whose line holds every one of `parts`."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(family + "{") and all(p in line for p in parts)
+    )
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus exposition, keyed by its name and labels as written."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -31,7 +31,7 @@ from agent.authority.service import Authority
 from agent.authority.storage import HostRecord
 from agent.errors import RejectedError
 from agent.identity.pki import generate_key, make_csr
-from tests.support import init_authority, run_cli
+from tests.support import init_authority, metric_samples, run_cli
 
 SERIAL = "5f1e0c2a9b7d3e4f"
 
@@ -308,15 +308,6 @@ def test_authority_hosts_shows_the_health_column_and_json_the_whole_record(fleet
 # --- /metrics ------------------------------------------------------------------------------------
 
 
-def _samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
-
-
 def _enroll_via_api(app: Any, fleet: Fleet, name: str) -> tuple[str, str]:
     secret = fleet.authority.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0].secret
     body = {
@@ -367,7 +358,7 @@ def test_metrics_count_a_fleet_filled_through_the_api(fleet: Fleet) -> None:
     assert answer.status_code == 200 and answer.headers["content-type"].startswith(
         "text/plain; version=0.0.4"
     )
-    samples = _samples(answer.text)
+    samples = metric_samples(answer.text)
     assert {s: samples[f'meshagent_authority_hosts{{state="{s}"}}'] for s in STATES} == wanted
     # Default 24 h certificates all expire within 24 h; the revoked one is not counted.
     assert samples["meshagent_authority_certificates_expiring_24h"] == sum(wanted.values()) - 1

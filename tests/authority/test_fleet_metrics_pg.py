@@ -12,16 +12,7 @@ from agent.authority import discovery
 from agent.authority.tokens import parse_token
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
-from tests.support import AuthorityProcess, running_authority
-
-
-def _samples(text: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
+from tests.support import AuthorityProcess, metric_samples, running_authority
 
 
 def _enroll(auth: AuthorityProcess, token: str, name: str) -> httpx.Response:
@@ -44,7 +35,7 @@ def test_metrics_while_postgresql_is_up_and_while_it_is_away(pg_cluster: PgClust
         def scrape() -> dict[str, float]:
             answer = httpx.get(f"{auth.url}/metrics", headers=headers, verify=auth.tls, timeout=30)
             assert answer.status_code == 200, answer.text
-            return _samples(answer.text)
+            return metric_samples(answer.text)
 
         assert _enroll(auth, auth.token("shop/web"), "web-1").status_code == 200
         up = scrape()

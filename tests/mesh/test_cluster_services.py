@@ -23,7 +23,7 @@ import pytest
 
 from agent.netlab import Host, Lab, netns_supported
 from tests.mesh.conftest import AUTH_PORT, Mesh, wait_for
-from tests.support import MESHAGENT
+from tests.support import MESHAGENT, metric_sum
 
 pytestmark = pytest.mark.netns
 
@@ -132,14 +132,6 @@ def _metrics(host: Host) -> str:
     return host.run("curl", "-sf", "http://127.0.0.1:4191/metrics").stdout
 
 
-def _sum(text: str, name: str, *matches: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(m in line for m in matches):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def _calls(c: Host, ip: str, n: int) -> Counter[str]:
     """`n` sequential curl calls; what each answered (or `failed`)."""
     out = c.sh(f"for i in $(seq {n}); do curl -s --max-time 5 http://{ip}/ || printf failed; echo; done")
@@ -173,7 +165,7 @@ def test_a_cluster_ip_reaches_both_pods_with_their_identities(cluster: tuple[Mes
     assert answered["orders-1"] > 0 and answered["orders-2"] > 0, answered
     # Each pod's agent terminated mTLS and saw the client's identity, once per call it got.
     for host, name in ((p1, "orders-1"), (p2, "orders-2")):
-        seen = _sum(
+        seen = metric_sum(
             _metrics(host), "request_total", 'direction="inbound"', 'tls="true"', f'client_id="{CLIENT}"'
         )
         assert seen == answered[name], (name, seen, answered)
@@ -182,7 +174,7 @@ def test_a_cluster_ip_reaches_both_pods_with_their_identities(cluster: tuple[Mes
     for name in ("orders-1", "orders-2"):
         server = f'server_id="{name}.shop.serviceaccount.identity.linkerd.{TD}"'
         assert (
-            _sum(out, "response_total", 'direction="outbound"', server, f'dst_serviceaccount="{name}"')
+            metric_sum(out, "response_total", 'direction="outbound"', server, f'dst_serviceaccount="{name}"')
             == answered[name]
         )
 
@@ -199,7 +191,7 @@ def test_a_cluster_ip_reaches_both_pods_with_their_identities(cluster: tuple[Mes
 
     # A Service without a ready endpoint: refused and counted.
     assert _calls(c, EMPTY_IP, 3) == Counter({"failed": 3})
-    refused = _sum(
+    refused = metric_sum(
         _metrics(c),
         "meshagent_connections_refused_total",
         'direction="outbound"',

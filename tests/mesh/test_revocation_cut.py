@@ -25,7 +25,7 @@ import pytest
 
 from agent.netlab import Host, Lab, netns_supported
 from tests.mesh.conftest import Agent, Mesh, serve_authority, stop_agents, wait_for
-from tests.support import MESHAGENT
+from tests.support import MESHAGENT, metric_sum
 
 pytestmark = pytest.mark.netns
 
@@ -137,14 +137,6 @@ def _cached(agent: Agent) -> str:
         return ""
 
 
-def _metric(text: str, name: str, *matches: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(m in line for m in matches)
-    )
-
-
 def _metrics(host: Host) -> str:
     return host.run("curl", "-sf", "http://127.0.0.1:4191/metrics").stdout
 
@@ -205,7 +197,7 @@ def test_revoking_a_host_cuts_its_connections_both_ways_within_5s(hub: Mesh, tmp
     for client in held.values():
         assert client.wait("up")[0] == "up", client.lines()
     # Every one of them is mTLS through both agents.
-    assert _metric(_metrics(b), "tcp_open_connections", 'direction="inbound"', 'tls="true"') >= 2
+    assert metric_sum(_metrics(b), "tcp_open_connections", 'direction="inbound"', 'tls="true"') >= 2
 
     started = time.time()
     cl.run(*MESHAGENT, "authority", "revoke", "a", "--dir", str(mesh.authority_dir))
@@ -231,7 +223,7 @@ def test_revoking_a_host_cuts_its_connections_both_ways_within_5s(hub: Mesh, tmp
     # B counted and logged each: the two closes and the two refusals.
     metrics = _metrics(b)
     for direction in ("inbound", "outbound"):
-        refused = _metric(
+        refused = metric_sum(
             metrics,
             "meshagent_connections_refused_total",
             f'direction="{direction}"',
@@ -242,7 +234,9 @@ def test_revoking_a_host_cuts_its_connections_both_ways_within_5s(hub: Mesh, tmp
     assert refused_status.get("inbound:revoked_closed") == 1, refused_status
     assert refused_status.get("outbound:revoked_closed") == 1, refused_status
     for direction in ("inbound", "outbound"):
-        assert _metric(metrics, "meshagent_revoked_connections_closed_total", f'direction="{direction}"') == 1
+        assert (
+            metric_sum(metrics, "meshagent_revoked_connections_closed_total", f'direction="{direction}"') == 1
+        )
     log = agents["b"].log.read_text()
     closed = [line for line in log.splitlines() if "connection.revoked" in line and "action=closed" in line]
     assert {("direction=inbound" in line) for line in closed} == {True, False}, closed

@@ -7,20 +7,12 @@ import pytest
 
 from agent.netlab import Host
 from tests.mesh.conftest import PY, Mesh, wait_for
-from tests.support import MESHAGENT
+from tests.support import MESHAGENT, metric_sum
 
 pytestmark = pytest.mark.netns
 
 TD = "cluster.local"
 CLIENT = f"web.shop.serviceaccount.identity.linkerd.{TD}"
-
-
-def _sum(text: str, name: str, *matches: str) -> float:
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(m in line for m in matches)
-    )
 
 
 def test_tproxy_inbound_reaches_the_app_with_the_clients_identity(mesh: Mesh) -> None:
@@ -67,8 +59,8 @@ def test_tproxy_inbound_reaches_the_app_with_the_clients_identity(mesh: Mesh) ->
 
     metrics = mesh.b.run("curl", "-sf", "http://127.0.0.1:4191/metrics").stdout
     inbound = ('direction="inbound"', 'target_port="8080"')
-    assert _sum(metrics, "request_total", *inbound, 'tls="true"', f'client_id="{CLIENT}"') == 2
-    assert _sum(metrics, "request_total", *inbound, 'tls="no_identity"') == 1
+    assert metric_sum(metrics, "request_total", *inbound, 'tls="true"', f'client_id="{CLIENT}"') == 2
+    assert metric_sum(metrics, "request_total", *inbound, 'tls="no_identity"') == 1
 
     # Without CAP_NET_ADMIN (nor CAP_NET_RAW, which allows it too) the listener cannot be made
     # transparent: the agent says so and exits 1, before any rule would capture a connection.
