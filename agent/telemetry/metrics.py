@@ -96,21 +96,30 @@ class Family:
         found.touched = time.monotonic()
         return found
 
+    def sweep(self) -> list[tuple[str, Any]]:
+        """Drop children idle for `retain_idle_s` (the drop half of `render`; a worker's dump
+        runs it too, so workers still forget idle peers). Returns the dropped (key, child)s."""
+        dropped: list[tuple[str, Any]] = []
+        if self.retain_idle_s is None:
+            return dropped
+        # Children are updated through references held by connections, not through child():
+        # a value that moved since the last sweep is in use too.
+        now = time.monotonic()
+        cutoff = now - self.retain_idle_s
+        for key, c in list(self.children.items()):
+            current = c.count if isinstance(c, HistogramChild) else c.value
+            if current != c.seen:
+                c.seen, c.touched = current, now
+            elif c.touched < cutoff and _settled(c):
+                del self.children[key]
+                dropped.append((key, c))
+                if self.on_drop is not None:
+                    self.on_drop(key, c)
+        return dropped
+
     def render(self, live: Callable[[str], float] | None = None) -> Iterator[str]:
         """Exposition lines. `live(key)` adds not-yet-settled amounts (open connections' bytes)."""
-        if self.retain_idle_s is not None:
-            # Children are updated through references held by connections, not through child():
-            # a value that moved since the last render is in use too.
-            now = time.monotonic()
-            cutoff = now - self.retain_idle_s
-            for key, c in list(self.children.items()):
-                current = c.count if isinstance(c, HistogramChild) else c.value
-                if current != c.seen:
-                    c.seen, c.touched = current, now
-                elif c.touched < cutoff and _settled(c):
-                    del self.children[key]
-                    if self.on_drop is not None:
-                        self.on_drop(key, c)
+        self.sweep()
         yield f"# HELP {self.name} {self.help}"
         yield f"# TYPE {self.name} {self.kind}"
         for key, c in self.children.items():

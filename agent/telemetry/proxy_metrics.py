@@ -19,9 +19,9 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypedDict
 
-from .metrics import Family, join, labels
+from .metrics import Family, HistogramChild, join, labels
 
 LATENCY_BOUNDS_MS: Final = (
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
@@ -32,6 +32,27 @@ LATENCY_BOUNDS_MS: Final = (
 # linkerd's default gRPC failure codes (client-policy grpc::Codes::default): UNKNOWN,
 # DEADLINE_EXCEEDED, PERMISSION_DENIED, INTERNAL, UNAVAILABLE, DATA_LOSS.
 GRPC_FAILURES: Final = frozenset({2, 4, 7, 13, 14, 15})
+
+
+# A worker's metrics as plain data (pickled to the supervisor, merged by agent/telemetry/merge.py):
+# counters and gauges as (key, value), histograms as (key, bucket counts, sum, count).
+CounterSample = tuple[str, float]
+HistogramSample = tuple[str, list[int], float, int]
+
+
+class FamilyDump(TypedDict):
+    kind: str  # counter | gauge | histogram
+    samples: list[Any]  # CounterSample | HistogramSample: every child the worker still has
+    dropped: list[Any]  # children this dump's sweep dropped as idle, at their final value
+
+
+MetricsDump = dict[str, FamilyDump]  # by family name
+
+
+def sample(key: str, child: Any, extra: float = 0.0) -> CounterSample | HistogramSample:
+    if isinstance(child, HistogramChild):
+        return (key, list(child.counts), child.sum, child.count)
+    return (key, child.value + extra)
 
 
 class LiveLeg(Protocol):
@@ -271,6 +292,12 @@ class ProxyMetrics:
             "counter",
             retain_idle_s=None,
         )
+        self.tls_resumed = f(
+            "meshagent_tls_resumed_total",
+            "TLS handshakes that resumed a session (no certificate exchange), by direction",
+            "counter",
+            retain_idle_s=None,
+        )
         self.cert_expiry = f(
             "identity_cert_expiration_timestamp_seconds",
             "Time when the this proxy's current mTLS identity certificate will expire "
@@ -303,6 +330,7 @@ class ProxyMetrics:
             self.tls_failures,
             self.refused,
             self.revoked_closed,
+            self.tls_resumed,
             self.cert_expiry,
             self.control_cert_expiry,
         ]
@@ -324,8 +352,9 @@ class ProxyMetrics:
             if accounting is not None:
                 accounting.drain()  # both legs share one: the second drain finds nothing
 
-    def render(self, legs: Iterable[LiveLeg]) -> Iterator[str]:
-        legs = list(legs)
+    def _live_bytes(self, legs: list[LiveLeg]) -> tuple[dict[str, float], dict[str, float]]:
+        """Settle open connections, mark their children in use (before any sweep: these are
+        held), and sum their not-yet-counted bytes read and written per label set."""
         self.settle(legs)
         now = time.monotonic()
         read: dict[str, float] = {}
@@ -333,9 +362,13 @@ class ProxyMetrics:
         for leg in legs:
             m = leg.metrics
             if m is not None:
-                m.keep(now)  # before the families drop idle children: these are held
+                m.keep(now)
                 read[m.base] = read.get(m.base, 0.0) + leg.rx
                 write[m.base] = write.get(m.base, 0.0) + leg.tx
+        return read, write
+
+    def render(self, legs: Iterable[LiveLeg]) -> Iterator[str]:
+        read, write = self._live_bytes(list(legs))
         for family in self.families():
             if family is self.tcp_read_bytes_total:
                 yield from family.render(lambda key: read.get(key, 0.0))
@@ -343,3 +376,29 @@ class ProxyMetrics:
                 yield from family.render(lambda key: write.get(key, 0.0))
             else:
                 yield from family.render()
+
+    def dump(self, legs: Iterable[LiveLeg]) -> MetricsDump:
+        """Every family but the certificate-expiry gauges (the supervisor's own) as plain data,
+        for a worker's `snapshot` reply: what `render` would show, after the same idle sweep."""
+        read, write = self._live_bytes(list(legs))
+        out: MetricsDump = {}
+        for family in self.families():
+            if family is self.cert_expiry or family is self.control_cert_expiry:
+                continue
+            dropped = family.sweep()
+            live = (
+                read
+                if family is self.tcp_read_bytes_total
+                else write
+                if family is self.tcp_write_bytes_total
+                else None
+            )
+            out[family.name] = {
+                "kind": family.kind,
+                "samples": [
+                    sample(key, c, live.get(key, 0.0) if live is not None else 0.0)
+                    for key, c in family.children.items()
+                ],
+                "dropped": [sample(key, c) for key, c in dropped],
+            }
+        return out
