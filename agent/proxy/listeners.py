@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Literal, cast
 
@@ -285,12 +285,41 @@ class Proxy:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        for name, address, factory in (
+    async def start(self, sockets: Mapping[str, Sequence[socket.socket]] | None = None) -> None:
+        """Listen: bind the settings' addresses, or, given `sockets` ({"inbound": [...],
+        "outbound": [...]}, bound and listening, one per family), serve on those. A worker is
+        given the supervisor's SO_REUSEPORT sockets, already transparent in tproxy mode (set
+        before bind, where it must be); it never binds."""
+        if sockets is not None:
+            await self._start_on(sockets)
+        else:
+            await self._bind_and_start()
+        if self.settings.idle_timeout_s > 0:
+            self.spawn(self._close_idle(), "idle-sweep")
+
+    def _factories(self) -> tuple[tuple[str, Address, Callable[[], asyncio.BaseProtocol]], ...]:
+        return (
             ("inbound", self.settings.inbound, lambda: _InboundDetect(self)),
             ("outbound", self.settings.outbound, lambda: _OutboundAccept(self)),
-        ):
+        )
+
+    async def _start_on(self, sockets: Mapping[str, Sequence[socket.socket]]) -> None:
+        loop = asyncio.get_running_loop()
+        missing = [name for name in ("inbound", "outbound") if not sockets.get(name)]
+        if missing:
+            raise ValueError(f"Proxy.start: no {' or '.join(missing)} socket given")
+        for name, _address, factory in self._factories():
+            given = sockets[name]
+            for sock in given:
+                server = await loop.create_server(factory, sock=sock, backlog=4096)
+                self._servers.append(server)
+            bound = given[0].getsockname()
+            self.listening[name] = (bound[0], bound[1])
+            log.info("proxy.listening", direction=name, address=f"{bound[0]}:{bound[1]}", sockets=len(given))
+
+    async def _bind_and_start(self) -> None:
+        loop = asyncio.get_running_loop()
+        for name, address, factory in self._factories():
             # "::" means every address of both families: asyncio makes one socket per family
             # (its IPv6 sockets are V6ONLY), which host=None asks for.
             host = None if address[0] in ("::", "") else address[0]
@@ -314,8 +343,6 @@ class Proxy:
             bound = server.sockets[0].getsockname()
             self.listening[name] = (bound[0], bound[1])
             log.info("proxy.listening", direction=name, address=f"{bound[0]}:{bound[1]}")
-        if self.settings.idle_timeout_s > 0:
-            self.spawn(self._close_idle(), "idle-sweep")
 
     async def _close_idle(self) -> None:
         """Close connections idle past the timeout. A sweep compares byte counters the relay keeps
