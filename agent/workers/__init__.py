@@ -1,0 +1,8 @@
+"""Proxy workers, one per core (issue #19): the supervisor keeps the state and the listening
+sockets, a forker forks the workers, each worker runs the data plane on its slot's sockets.
+
+- forker.py: `bind_listeners` (SO_REUSEPORT sockets per slot), `start_forker` / `Forker`.
+- control.py: `Channel`, the framed request/notify channel to each worker.
+- worker.py: `main`, a worker's life.
+- pool.py: `WorkerPool`, the supervisor's side (the Proxy surface the daemon uses).
+"""

@@ -1,0 +1,377 @@
+"""The listening sockets of every worker slot, and the forker that forks the workers.
+
+`bind_listeners` binds, once and before anything else runs, one SO_REUSEPORT socket per slot,
+direction and address family, all on the same port: the kernel hashes each SYN to one socket of
+the group, and each socket has its own accept queue. The supervisor keeps every socket open for
+its whole life (closing one would reset its queue), so a killed worker's queued connections
+wait for its replacement, which is forked onto the same sockets.
+
+`start_forker` forks, before any thread or event loop exists, a single-threaded blocking process
+(the forker). It forks every worker, the first ones and the replacements: forking from the
+supervisor later would copy locks held by its threads and its loop's epoll instance. The
+supervisor talks to it over a SOCK_SEQPACKET socketpair:
+
+    supervisor -> forker   ("spawn", seq, slot) with the worker's control socket attached
+    forker -> supervisor   ("spawned", seq, pid) | ("spawn_failed", seq, error)
+                           ("exit", pid, status, cpu_s)   os.wait4's status and rusage
+EOF on that socket ends the forker (its workers then see EOF on their own channels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import gc
+import os
+import pickle
+import select
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from agent.errors import ListenError, MeshagentError, listen_error
+from agent.logs import get_logger
+from agent.proxy.listeners import ListenerSettings
+from agent.workers.control import Channel
+
+log = get_logger("meshagent.workers")
+
+# linux/in.h and linux/in6.h (Python's socket module names neither).
+IP_TRANSPARENT: Final = 19
+IPV6_TRANSPARENT: Final = 75
+BACKLOG: Final = 4096
+
+Address = tuple[str, int]
+SlotSockets = dict[str, list[socket.socket]]
+"""One slot's listening sockets: {"inbound": [...], "outbound": [...]}, one per address family
+(what `Proxy.start(sockets=...)` takes)."""
+
+WorkerMain = Callable[[int, SlotSockets, socket.socket], object]
+"""What the forker runs in a new worker: `(slot, sockets, control socket)`; it must not
+return (`worker.main` ends in `os._exit`), and a return or exception exits 1."""
+
+
+@dataclass
+class Listeners:
+    """Every slot's sockets, and the addresses they listen on."""
+
+    slots: list[SlotSockets]
+    listening: dict[str, Address] = field(default_factory=dict)
+
+    def close(self) -> None:
+        for sockets in self.slots:
+            for group in sockets.values():
+                for sock in group:
+                    sock.close()
+
+
+def _addresses(address: Address) -> list[tuple[socket.AddressFamily, Any]]:
+    """The (family, sockaddr) pairs to listen on, as asyncio's create_server resolves them:
+    "::" or "" means every family (one socket each, the IPv6 one V6ONLY)."""
+    host = None if address[0] in ("::", "") else address[0]
+    infos = socket.getaddrinfo(host, address[1], socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    seen: list[tuple[socket.AddressFamily, Any]] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        if (family, sockaddr) not in seen and family in (socket.AF_INET, socket.AF_INET6):
+            seen.append((family, sockaddr))
+    return seen
+
+
+def _listen_socket(
+    family: socket.AddressFamily, sockaddr: Any, port: int, transparent: bool
+) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if transparent:
+            # TPROXY's listener lookup takes only transparent sockets, and every socket of the
+            # reuseport group can be picked: set on each, before bind.
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+            else:
+                sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+        sock.bind((sockaddr[0], port, *sockaddr[2:]))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def bind_listeners(settings: ListenerSettings, slots: int, transparent: bool) -> Listeners:
+    """Bind `slots` SO_REUSEPORT sockets per direction and family on the settings' addresses
+    (port 0: the first socket's port, then that port for all). `transparent` marks the inbound
+    sockets IP_TRANSPARENT (tproxy; needs CAP_NET_ADMIN). A busy port or a refused option is a
+    ListenError naming the setting, and nothing stays bound."""
+    bound: list[SlotSockets] = [{} for _ in range(slots)]
+    listeners = Listeners(bound)
+    try:
+        for name, address in (("inbound", settings.inbound), ("outbound", settings.outbound)):
+            port = address[1]
+            for family, sockaddr in _addresses(address):
+                for slot in range(slots):
+                    want = transparent and name == "inbound"
+                    try:
+                        sock = _listen_socket(family, sockaddr, port, want)
+                    except OSError as exc:
+                        raise _bind_error(name, address, want, exc) from None
+                    bound[slot].setdefault(name, []).append(sock)
+                    port = sock.getsockname()[1]
+            first = bound[0][name][0].getsockname()
+            listeners.listening[name] = (first[0], first[1])
+    except BaseException:
+        listeners.close()
+        raise
+    return listeners
+
+
+def _bind_error(name: str, address: Address, transparent: bool, exc: OSError) -> ListenError:
+    host = None if address[0] in ("::", "") else address[0]
+    if transparent and exc.errno == errno.EPERM:
+        return ListenError(
+            f"cannot make the inbound proxy's listener on {host or '*'}:{address[1]} transparent "
+            "(tproxy): operation not permitted",
+            'inbound_mode = "tproxy" needs CAP_NET_ADMIN (the systemd unit grants it); '
+            'run with it, or set intercept.inbound_mode = "redirect"',
+            code="transparent_not_permitted",
+        )
+    return listen_error(f"{name} proxy", f"intercept.{name}_port", host, address[1], exc)
+
+
+# --- the forker process --------------------------------------------------------------------
+
+
+class ForkerGone(MeshagentError):
+    """The forker process is gone: no worker can be forked any more."""
+
+    code = "forker_gone"
+
+
+def describe_exit(status: int) -> str:
+    """A wait status as people read it: "exit 0", "killed by SIGKILL"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"killed by {signal.Signals(sig).name}"
+        except ValueError:
+            return f"killed by signal {sig}"
+    if os.WIFEXITED(status):
+        return f"exit {os.WEXITSTATUS(status)}"
+    return f"status {status}"
+
+
+class Forker:
+    """The supervisor's handle on the forker. Use it from the supervisor's event loop."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self.on_exit: Callable[[int, int, float], None] = lambda _pid, _status, _cpu: None
+        """Called as `on_exit(pid, status, cpu_s)` when a worker exits (wait status, user +
+        system CPU seconds from its rusage)."""
+        self.on_gone: Callable[[], None] = lambda: None
+        """Called once if the forker itself goes away while the supervisor runs."""
+        self._seq = 0
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._gone = False
+        self._closing = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._gone
+
+    async def spawn(self, slot: int) -> tuple[int, Channel]:
+        """Fork a worker for `slot`: returns its pid and the supervisor's end of its control
+        channel. Raises ForkerGone, or MeshagentError when the fork failed (EAGAIN, ENOMEM)."""
+        self._start_reader()
+        if self._gone:
+            raise ForkerGone("the forker process is gone", "restart the agent")
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._seq += 1
+        seq = self._seq
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = future
+        try:
+            try:
+                socket.send_fds(self._sock, [pickle.dumps(("spawn", seq, slot))], [theirs.fileno()])
+            except OSError as exc:
+                raise ForkerGone(f"the forker process is gone ({exc})", "restart the agent") from None
+            finally:
+                theirs.close()
+            pid = await future
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            self._waiting.pop(seq, None)
+        return pid, await Channel.open(ours, name=f"worker-{slot}")
+
+    def close(self) -> None:
+        """End the forker (EOF on its socket). Running workers are not touched."""
+        self._closing = True
+        if self._reader is not None:
+            self._reader.cancel()
+        self._sock.close()
+
+    def _start_reader(self) -> None:
+        if self._reader is None:
+            self._sock.setblocking(False)
+            self._reader = asyncio.get_running_loop().create_task(self._read(), name="forker-reader")
+
+    async def _read(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                data = await loop.sock_recv(self._sock, 65536)
+                if not data:
+                    break
+                self._message(pickle.loads(data))  # noqa: S301 - our own process
+        except OSError as exc:
+            log.error("forker.channel_failed", error=str(exc))
+        self._gone = True
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(ForkerGone("the forker process is gone", "restart the agent"))
+        if not self._closing:
+            log.error("forker.gone", pid=self.pid, hint="no worker can be replaced: restart the agent")
+            self.on_gone()
+
+    def _message(self, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "exit":
+            _, pid, status, cpu_s = message
+            self.on_exit(pid, status, cpu_s)
+            return
+        future = self._waiting.get(message[1])
+        if future is None or future.done():
+            return
+        if kind == "spawned":
+            future.set_result(message[2])
+        else:
+            future.set_exception(
+                MeshagentError(
+                    f"cannot fork a proxy worker: {message[2]}",
+                    "the host is out of processes or memory; the slot is retried",
+                    code="worker_fork_failed",
+                )
+            )
+
+
+def start_forker(listeners: Listeners, main: WorkerMain) -> Forker:
+    """Fork the forker. Call before any thread or event loop exists: the forker and every
+    worker are copies of this process as it is now. `main` runs in each worker (the agent passes
+    `functools.partial(worker.main, config)`)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # Objects that exist now stay out of the collector's reach in every child: a collection
+    # would touch (and so copy) every page they live on. The Python docs' advice for fork.
+    gc.collect()
+    gc.freeze()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ours.close()
+            _forker(theirs, listeners, main)
+            code = 0
+        except BaseException:  # never return into the supervisor's code
+            code = 1
+        finally:
+            os._exit(code)
+    gc.unfreeze()
+    theirs.close()
+    log.debug("forker.started", pid=pid)
+    return Forker(pid, ours)
+
+
+def _forker(sock: socket.socket, listeners: Listeners, main: WorkerMain) -> None:
+    """The forker's loop: fork on request, report every child's exit; return on EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C signals the whole group
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)  # only to wake poll (wakeup fd)
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
+    while True:
+        for fd, _events in poller.poll():
+            if fd == wake_r:
+                while True:
+                    try:
+                        if not os.read(wake_r, 512):
+                            break
+                    except BlockingIOError:
+                        break
+                continue
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
+            except OSError:
+                return
+            if not data:
+                return
+            _, seq, slot = pickle.loads(data)  # noqa: S301 - our own process
+            if not fds:
+                continue
+            try:
+                pid = _fork_worker(slot, fds[0], (sock, wake_r, wake_w), listeners, main)
+            except OSError as exc:
+                sock.send(pickle.dumps(("spawn_failed", seq, str(exc))))
+            else:
+                sock.send(pickle.dumps(("spawned", seq, pid)))
+            finally:
+                for fd_ in fds:
+                    os.close(fd_)
+        _reap(sock)
+
+
+def _fork_worker(
+    slot: int,
+    control_fd: int,
+    forker_fds: tuple[socket.socket, int, int],
+    listeners: Listeners,
+    main: WorkerMain,
+) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        sock, wake_r, wake_w = forker_fds
+        sock.close()
+        os.close(wake_r)
+        os.close(wake_w)
+        for other, sockets in enumerate(listeners.slots):
+            if other != slot:  # a worker holds only its own slot's sockets
+                for group in sockets.values():
+                    for s in group:
+                        s.close()
+        main(slot, listeners.slots[slot], socket.socket(fileno=control_fd))
+    except BaseException:  # a worker never returns into the forker's loop
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+def _reap(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status, usage = os.wait4(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            sock.send(pickle.dumps(("exit", pid, status, usage.ru_utime + usage.ru_stime)))
+        except OSError:
+            return  # the supervisor is gone; the loop sees the EOF next

@@ -1,0 +1,302 @@
+"""One proxy worker: the data plane on its slot's SO_REUSEPORT sockets, driven by the supervisor.
+
+A worker is forked by the forker (agent/workers/forker.py) and builds its own uvloop loop (an
+inherited loop cannot survive a fork). It accepts nothing before the supervisor's `init`: the
+kernel queues its slot's connections meanwhile. Then it loads its own `Credentials` (the same
+files as the supervisor), starts a `Proxy` on the given sockets, and applies what the supervisor
+broadcasts: directories, renewed credentials, ticket keys, log settings.
+
+Stopping: EOF on the control channel (the supervisor is gone, or closed it), SIGTERM, or the
+`drain` op: stop accepting, let open connections finish for up to the drain timeout (a `cut`
+op, or a second SIGTERM, ends it), then exit 0. SIGINT and SIGHUP are ignored: Ctrl-C signals
+the whole process group, and reloads are the supervisor's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from agent.identity.store import IdentityStore
+from agent.logs import configure, get_logger
+from agent.proxy import http1
+from agent.proxy.listeners import INBOUND_SRC, OUTBOUND_DST, Proxy
+from agent.proxy.tls import Credentials
+from agent.telemetry.process import return_free_memory, rss_bytes
+from agent.telemetry.proxy_metrics import ProxyMetrics
+from agent.workers.control import Channel
+
+if TYPE_CHECKING:
+    from agent.config import AgentConfig
+    from agent.proxy.directory import Directory
+    from agent.workers.forker import SlotSockets
+
+log = get_logger("meshagent.worker")
+
+# What only the supervisor may do: systemd accepts READY/WATCHDOG from the main pid only.
+_SUPERVISOR_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+def apply_directory(proxy: Proxy, directory: Directory) -> None:
+    """The data plane routes and authorizes by `directory` from now on (the supervisor's
+    `Daemon._use` does the same for an inline proxy, plus DNS)."""
+    proxy.catalog, proxy.policy = directory.catalog, directory.policy
+    proxy.services = directory.services
+    proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
+
+
+def _directory(value: Any) -> Directory:
+    """A directory as broadcast: pickled once by the supervisor for every worker."""
+    return pickle.loads(value) if isinstance(value, bytes) else value  # type: ignore[no-any-return]  # noqa: S301
+
+
+class _SlotTag(logging.Filter):
+    """Adds worker=<slot> to every record a worker logs."""
+
+    def __init__(self, slot: int) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.fields = {"worker": self.slot, **getattr(record, "fields", {})}
+        return True
+
+
+def configure_logs(level: str, fmt: str, slot: int) -> None:
+    configure(level, fmt)
+    for handler in logging.getLogger("meshagent").handlers:
+        handler.addFilter(_SlotTag(slot))
+
+
+class Worker:
+    def __init__(self, config: AgentConfig, slot: int, sockets: SlotSockets) -> None:
+        self.config = config
+        self.slot = slot
+        self.sockets = sockets
+        self.store = IdentityStore(config.identity.state_dir)
+        self.metrics = ProxyMetrics() if config.telemetry.metrics else None
+        self.credentials: Credentials | None = None
+        self.proxy: Proxy | None = None
+        self.stop = asyncio.Event()  # drain now (EOF, SIGTERM, drain op)
+        self.cut = asyncio.Event()  # end the drain now (cut op, second SIGTERM)
+        self.drain_timeout_s = config.proxy.drain_timeout_s
+        self.memory: dict[str, Any] = {"trims": 0}
+        self.ticket_key_name: str | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, sock: socket.socket) -> int:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._sigterm)
+        chan = await Channel.open(sock, self.handle, name="supervisor")
+        eof = asyncio.ensure_future(chan.wait_closed())
+        stop = asyncio.ensure_future(self.stop.wait())
+        await asyncio.wait((eof, stop), return_when=asyncio.FIRST_COMPLETED)
+        if eof.done() and not self.stop.is_set():
+            log.info("worker.supervisor_gone", action="drain")
+            self.stop.set()
+        stop.cancel()
+        if self.proxy is not None:
+            await self.proxy.stop(self.drain_timeout_s, cut=self.cut)
+        for task in list(self._tasks):
+            task.cancel()
+        chan.close()
+        log.info("worker.stopped")
+        return 0
+
+    def _sigterm(self) -> None:
+        if not self.stop.is_set():
+            log.info("worker.signal", signal="SIGTERM", action="drain")
+            self.stop.set()
+        else:
+            self.cut.set()
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- ops -----------------------------------------------------------------------------
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "init":
+            return self._init(**args)
+        if op == "ping":
+            return self.ping()
+        if op == "snapshot":
+            return self.snapshot()
+        if op == "directory":
+            return self._use(_directory(args["blob"]))
+        if op == "credentials":
+            return self._credentials(args.get("ticket_key"))
+        if op == "ticket_key":
+            return self._ticket_key(args["key"])
+        if op == "log":
+            configure_logs(args["level"], args["format"], self.slot)
+            return None
+        if op == "drain":
+            if "timeout_s" in args:
+                self.drain_timeout_s = float(args["timeout_s"])
+            self.stop.set()
+            return None
+        if op == "cut":
+            self.stop.set()
+            self.cut.set()
+            return None
+        raise ValueError(f"unknown op {op!r}")
+
+    async def _init(self, directory: Any, ticket_key: bytes | None = None, log: Any = None) -> dict[str, Any]:
+        from agent.daemon import _orig_dst, listener_settings  # the daemon imports the pool
+
+        if log is not None:
+            configure_logs(log["level"], log["format"], self.slot)
+        self.credentials = await asyncio.to_thread(Credentials.load, self.store)
+        if ticket_key is not None:
+            self._ticket_key(ticket_key)
+        d = _directory(directory)
+        proxy = Proxy(
+            listener_settings(self.config), self.credentials, d.policy, d.catalog, _orig_dst, self.metrics
+        )
+        apply_directory(proxy, d)
+        self.proxy = proxy
+        await proxy.start(sockets=self.sockets)
+        self._spawn(self._return_memory(), "memory-return")
+        log.info("worker.ready", pid=os.getpid(), serial=self.credentials.identity.summary.serial)
+        return {"pid": os.getpid(), "listening": dict(proxy.listening)}
+
+    def _use(self, directory: Directory) -> None:
+        if self.proxy is not None:
+            apply_directory(self.proxy, directory)
+
+    async def _credentials(self, ticket_key: bytes | None) -> dict[str, Any]:
+        """The supervisor renewed the certificate: load the same files, drop what the old
+        identity resumed (sessions, the cached inbound context)."""
+        assert self.credentials is not None and self.proxy is not None
+        credentials, store = self.credentials, self.store
+        await asyncio.to_thread(lambda: credentials.reload(store, store.load_info()))
+        changed = getattr(self.proxy, "credentials_changed", None)  # tls (E3) adds it
+        if changed is not None:
+            changed()
+        if ticket_key is not None:
+            self._ticket_key(ticket_key)
+        return {"serial": credentials.identity.summary.serial}
+
+    def _ticket_key(self, key: bytes) -> None:
+        rotate = getattr(self.credentials, "rotate_ticket_key", None)  # tls (E3) adds it
+        if rotate is not None:
+            rotate(self.store, key)
+        self.ticket_key_name = key[:16].hex()
+
+    def _open(self) -> dict[str, int]:
+        """Open connections by direction, counted on their peer-facing leg (what a kill loses)."""
+        inbound = outbound = 0
+        if self.proxy is not None:
+            for leg in self.proxy.live_legs():
+                base = leg.metrics.base if leg.metrics is not None else None
+                if base == INBOUND_SRC:
+                    inbound += 1
+                elif base == OUTBOUND_DST:
+                    outbound += 1
+        return {"inbound": inbound, "outbound": outbound}
+
+    def _serial(self) -> str | None:
+        return None if self.credentials is None else self.credentials.identity.summary.serial
+
+    def ping(self) -> dict[str, Any]:
+        return {"open": self._open(), "serial": self._serial(), "ticket_key_name": self.ticket_key_name}
+
+    def snapshot(self) -> dict[str, Any]:
+        proxy = self.proxy
+        metrics = None
+        if self.metrics is not None and proxy is not None:
+            metrics = self.metrics.dump(proxy.live_legs())
+        status: dict[str, Any] = {
+            "pid": os.getpid(),
+            "serial": self._serial(),
+            "ticket_key_name": self.ticket_key_name,
+        }
+        if proxy is not None:
+            server = getattr(self.credentials, "server", None)
+            sessions = getattr(proxy, "sessions", None)  # tls (E3): the client SessionCache
+            status.update(
+                opened=dict(proxy.stats.opened),
+                refused=dict(proxy.stats.refused),
+                failures=dict(proxy.stats.failures),
+                last_errors=list(proxy.stats.last_errors),
+                handshakes=proxy.handshakes.status(),
+                open=proxy.open_connections,
+                open_by_direction=self._open(),
+                http_accounting_stopped=dict(http1.STOPPED),
+                memory={"rss_mb": round(rss_bytes() / 2**20, 1), **self.memory},
+                server_sessions=None if server is None else server.session_stats()["number"],
+                session_cache=None if sessions is None else len(sessions),
+            )
+        return {"metrics": metrics, "status": status}
+
+    # --- memory --------------------------------------------------------------------------
+
+    async def _return_memory(self) -> None:
+        """After a peak of connections glibc keeps the freed memory: once the open sockets fall
+        to a quarter of their peak, give the free pages back (see Daemon._return_memory)."""
+        from agent.daemon import MEMORY_CHECK_S, TRIM_MIN_GAP_S, should_trim
+
+        proxy = self.proxy
+        assert proxy is not None
+        peak, last = 0, -TRIM_MIN_GAP_S
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), MEMORY_CHECK_S)
+            peak = max(peak, proxy.take_peak())
+            now = proxy.open_legs
+            if not should_trim(peak, now) or time.monotonic() - last < TRIM_MIN_GAP_S:
+                continue
+            before = rss_bytes()
+            if not await asyncio.to_thread(return_free_memory):
+                return  # not glibc
+            after = rss_bytes()
+            last = time.monotonic()
+            self.memory.update(
+                trims=self.memory["trims"] + 1,
+                last_trim_at=time.time(),
+                last_returned_mb=round((before - after) / 2**20, 1),
+            )
+            log.info(
+                "memory.returned",
+                peak_sockets=peak,
+                open_sockets=now,
+                rss_before_mb=round(before / 2**20, 1),
+                rss_after_mb=round(after / 2**20, 1),
+            )
+            peak = now
+
+
+def main(config: AgentConfig, slot: int, sockets: SlotSockets, chan: socket.socket) -> NoReturn:
+    """A worker's whole life, in the process the forker just forked; ends in `os._exit`."""
+    code = 1
+    try:
+        for name in _SUPERVISOR_ENV:
+            os.environ.pop(name, None)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the loop's handler replaces it
+        configure_logs(config.log.level, config.log.format, slot)
+        worker = Worker(config, slot, sockets)
+        try:
+            import uvloop
+
+            code = uvloop.run(worker.run(chan))
+        except ImportError:
+            code = asyncio.run(worker.run(chan))
+    except BaseException as exc:  # logged, then the exit status says it
+        log.error("worker.failed", error=f"{type(exc).__name__}: {exc}")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
