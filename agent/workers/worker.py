@@ -206,13 +206,14 @@ class Worker:
                     outbound += 1
         return {"inbound": inbound, "outbound": outbound}
 
-    def _serial(self) -> str | None:
-        return None if self.credentials is None else self.credentials.identity.summary.serial
+    def _serial(self) -> str:
+        return "" if self.credentials is None else self.credentials.identity.summary.serial
 
     def ping(self) -> dict[str, Any]:
-        return {"open": self._open(), "serial": self._serial(), "ticket_key_name": self.ticket_key_name}
+        return {"open": self._open(), "serial": self._serial(), "ticket_key_name": self.ticket_key_name or ""}
 
     def snapshot(self) -> dict[str, Any]:
+        """This worker's metrics (`ProxyMetrics.dump`, None when metrics are off) and status."""
         proxy = self.proxy
         metrics = None
         if self.metrics is not None and proxy is not None:
@@ -220,21 +221,25 @@ class Worker:
         status: dict[str, Any] = {
             "pid": os.getpid(),
             "serial": self._serial(),
-            "ticket_key_name": self.ticket_key_name,
+            "ticket_key_name": self.ticket_key_name or "",
+            "rss_mb": round(rss_bytes() / 2**20, 1),
+            "memory": dict(self.memory),
+            "http_accounting_stopped": dict(http1.STOPPED),
         }
         if proxy is not None:
             server = getattr(self.credentials, "server", None)
             sessions = getattr(proxy, "sessions", None)  # tls (E3): the client SessionCache
             status.update(
-                opened=dict(proxy.stats.opened),
-                refused=dict(proxy.stats.refused),
-                failures=dict(proxy.stats.failures),
-                last_errors=list(proxy.stats.last_errors),
+                stats={
+                    "opened": dict(proxy.stats.opened),
+                    "refused": dict(proxy.stats.refused),
+                    "failures": dict(proxy.stats.failures),
+                    "last_errors": list(proxy.stats.last_errors),
+                },
                 handshakes=proxy.handshakes.status(),
                 open=proxy.open_connections,
                 open_by_direction=self._open(),
-                http_accounting_stopped=dict(http1.STOPPED),
-                memory={"rss_mb": round(rss_bytes() / 2**20, 1), **self.memory},
+                listening=dict(proxy.listening),
                 server_sessions=None if server is None else server.session_stats()["number"],
                 session_cache=None if sessions is None else len(sessions),
             )
