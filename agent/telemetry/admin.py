@@ -15,9 +15,10 @@ counted.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -36,7 +37,9 @@ class Reply:
     content_type: str = "text/plain; charset=utf-8"
 
 
-Handler = Callable[[dict[str, list[str]]], Reply]
+# A handler answers at once, or returns an awaitable (a supervisor's /metrics asks its workers
+# first); the connection's timeout covers the wait.
+Handler = Callable[[dict[str, list[str]]], Reply | Awaitable[Reply]]
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class _AdminProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.counted = False
+        self.pending: asyncio.Task[None] | None = None  # an async handler's reply, under way
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -116,6 +120,9 @@ class _AdminProtocol(asyncio.Protocol):
             self.stats.open -= 1
         if self.timer is not None:
             self.timer.cancel()
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
         if self.transport is not None:
             self.transport.abort()
 
@@ -153,7 +160,23 @@ class _AdminProtocol(asyncio.Protocol):
             except Exception as exc:  # an admin bug must not take the proxy down
                 log.error("admin.handler_failed", path=url.path, error=repr(exc))
                 reply = Reply(500, b"internal error\n")
+            if inspect.isawaitable(reply):
+                self.buffer = b""
+                self.pending = asyncio.ensure_future(self._answer(reply, url.path, method == "HEAD"))
+                return
             self._send(reply, head_only=method == "HEAD")
+
+    async def _answer(self, pending: Awaitable[Reply], path: str, head_only: bool) -> None:
+        try:
+            reply = await pending
+        except asyncio.CancelledError:
+            raise  # the connection went away or timed out: nothing to send
+        except Exception as exc:
+            log.error("admin.handler_failed", path=path, error=repr(exc))
+            reply = Reply(500, b"internal error\n")
+        self.pending = None
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(reply, head_only=head_only)
 
     def _send(self, reply: Reply, head_only: bool = False) -> None:
         assert self.transport is not None
