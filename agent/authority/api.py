@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agent import __version__
 from agent.errors import MeshagentError, RejectedError
+from agent.identity import delta as wire
 from agent.logs import Throttled, get_logger
 
 from . import discovery, health
@@ -223,14 +224,38 @@ def _accepts_gzip(accept_encoding: str | None) -> bool:
     return False
 
 
-def _config_response(rendered: RenderedConfig) -> Response:
+def _delta_base(a_im: str | None, base: str | None, if_none_match: str | None) -> str | None:
+    """The version a client asks a delta from (agent.identity.delta): A-IM lists ours (with a
+    weight above 0), If-None-Match names the document held (RFC 3229 requires it) and
+    Meshagent-Delta-Base its version. None: answer the document."""
+    if not (if_none_match and base and wire.is_version(base.strip())):
+        return None
+    for item in (a_im or "").split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() == wire.DELTA_IM:
+            weight = params.strip().lower()
+            if weight.startswith("q=") and weight[2:].strip().rstrip("0").rstrip(".") in ("", "0"):
+                return None
+            return base.strip()
+    return None
+
+
+def _config_response(rendered: RenderedConfig, if_none_match: str | None = None) -> Response:
     # One ETag for both encodings: hosts compare it for equality, and no shared cache keeps
     # these (no-cache, authenticated).
-    headers = {"etag": rendered.etag, "cache-control": "no-cache", "vary": "accept-encoding"}
+    headers = {"etag": rendered.etag, "cache-control": "no-cache", "vary": "accept-encoding, a-im"}
+    if rendered.version:
+        headers[wire.VERSION_HEADER] = rendered.version
+    status, media_type = 200, "application/json"
+    if rendered.delta_base is not None:
+        # RFC 3229: 226 IM Used, the manipulation applied, the base instance's entity tag.
+        status, media_type = 226, wire.DELTA_MEDIA_TYPE
+        headers["im"] = wire.DELTA_IM
+        headers["delta-base"] = (if_none_match or "").split(",")[0].strip()
     if rendered.gzip is None:
-        return Response(rendered.body, media_type="application/json", headers=headers)
+        return Response(rendered.body, status_code=status, media_type=media_type, headers=headers)
     headers["content-encoding"] = "gzip"
-    return Response(rendered.gzip, media_type="application/json", headers=headers)
+    return Response(rendered.gzip, status_code=status, media_type=media_type, headers=headers)
 
 
 def _not_modified(etag: str, retry_after: float | None = None, close: bool = False) -> Response:
@@ -529,6 +554,8 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         tags = request.headers.get("if-none-match")
         # 10,000 hosts' directory: 1.9 MB, 121 KB gzipped (the shared parts compressed once).
         gzip = _accepts_gzip(request.headers.get("accept-encoding"))
+        # A client that holds a version this replica still has gets what changed (RFC 3229).
+        base = _delta_base(request.headers.get("a-im"), request.headers.get(wire.BASE_HEADER), tags)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         event = watch.admit() if wait > 0 and tags else None
@@ -536,9 +563,9 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
         try:
             while True:
                 # Authenticated again after each wait: a host revoked meanwhile gets its 403.
-                rendered = await blocking(_render_for, authority, bearer, gzip)
+                rendered = await blocking(_render_for, authority, bearer, gzip, base)
                 if not _matches(tags, rendered.etag):
-                    return _config_response(rendered)
+                    return _config_response(rendered, tags)
                 remaining = deadline - loop.time()
                 if watch.closing:
                     return _not_modified(rendered.etag, retry_after=1, close=True)
@@ -620,8 +647,10 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
     return Contained(app)
 
 
-def _render_for(authority: Authority, bearer: str, gzip: bool = False) -> RenderedConfig:
-    return authority.render_host_config(authority.authenticate(bearer), gzip)
+def _render_for(
+    authority: Authority, bearer: str, gzip: bool = False, delta_base: str | None = None
+) -> RenderedConfig:
+    return authority.render_host_config(authority.authenticate(bearer), gzip, delta_base)
 
 
 def _port(text: str) -> int:

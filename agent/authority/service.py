@@ -6,10 +6,10 @@ the same functions for the operator's local commands.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import ipaddress
-import json
 import re
 import secrets
 import threading
@@ -23,6 +23,7 @@ from typing import Any
 from cryptography import x509
 
 from agent.errors import RejectedError
+from agent.identity import delta as wire
 from agent.identity.certinfo import utcnow
 from agent.identity.names import (
     SPIFFE_SCHEME,
@@ -45,6 +46,7 @@ from agent.proxy.policy import DefaultPolicy
 
 from . import health, registry
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
+from .delta import DeltaStore, SharedDelta
 from .signing import issue_leaf, parse_csr, public_key_der
 from .storage import (
     HostRecord,
@@ -73,11 +75,15 @@ _ALLOW_PATTERN = re.compile(r"spiffe://[!-~]{1,2000}")
 class RenderedConfig:
     """A host's directory as served: the JSON body (joined from `pieces` when read: a gzip
     answer never needs it) and its ETag (quoted, as HTTP writes it); `gzip`: the same body
-    gzip-encoded, when the render was asked for it."""
+    gzip-encoded, when the render was asked for it. `version`: the shared parts' version
+    (agent.identity.delta); `delta_base`: set when the body is the delta from that version
+    to this document (agent.identity.delta), not the document."""
 
     pieces: tuple[bytes, ...]
     etag: str
     gzip: bytes | None = None
+    version: str = ""
+    delta_base: str | None = None
 
     @functools.cached_property
     def body(self) -> bytes:
@@ -139,11 +145,14 @@ class _Shared:
     catalog_hash: Any  # sha256 fed with the document up to the catalog (its first key) included
     policies: dict[str, bytes]  # identity -> its policy's canonical JSON
     deflated: dict[int, bytes]  # id(part bytes) -> _deflated(part), filled on the first gzip ask
+    # (services json, discovery json) -> the version of the shared parts with them (a hash of
+    # megabytes: once per version, not per render)
+    versions: dict[tuple[bytes | None, bytes | None], str] = dataclasses.field(default_factory=dict)
 
 
-def canonical_json(value: Any) -> bytes:
-    """The one serialization ETags are computed over: sorted keys, no spaces, ASCII."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+# The one serialization ETags are computed over (sorted keys, no spaces, ASCII): the agent's
+# (agent.identity.delta), which checks a delta's result against the ETag with it.
+canonical_json = wire.canonical_json
 
 
 def _object_of(parts: dict[str, bytes]) -> list[bytes]:
@@ -202,6 +211,8 @@ class Authority:
         # for it rather than list the registry eight times over (api.py renders in a pool).
         self._shared_lock = threading.Lock()
         self._shared: _Shared | None = None
+        # The last few versions' shared parts and the deltas between them (long polls that ask).
+        self.deltas = DeltaStore()
 
     @classmethod
     def open(cls, directory: Path, database: str | None = None) -> Authority:
@@ -672,8 +683,12 @@ class Authority:
             )
             return self._shared
 
-    def render_host_config(self, host: HostRecord, gzip: bool = False) -> RenderedConfig:
-        """`host_config` as served, with its ETag, and with `gzip` its gzip encoding too.
+    def render_host_config(
+        self, host: HostRecord, gzip: bool = False, delta_base: str | None = None
+    ) -> RenderedConfig:
+        """`host_config` as served, with its ETag, and with `gzip` its gzip encoding too; with
+        `delta_base` (the version of the shared parts the host holds) the delta from it
+        instead of the document, when this process still has that version (else the document).
 
         The parts every host shares (catalog, revoked peers, trust bundle: O(hosts) to build)
         are serialized once per Authority.version() and the host's policy once per version and
@@ -691,6 +706,7 @@ class Authority:
             policy = canonical_json(self._policy(host.identity))
             with self._shared_lock:
                 policy = shared.policies.setdefault(host.identity, policy)
+        discovery = None if state is None else canonical_json(state)
         parts = {
             "host_id": canonical_json(host.id),
             "catalog": shared.catalog,
@@ -700,20 +716,49 @@ class Authority:
         }
         if services is not None:
             parts["services"] = services
-        if state is not None:
-            parts["discovery"] = canonical_json(state)
+        if discovery is not None:
+            parts["discovery"] = discovery
         # The catalog is the first key: the hash of the document up to it is taken once.
         tagged = _object_of(parts)
         assert tagged[4] is shared.catalog
         digest = shared.catalog_hash.copy()
         for piece in tagged[5:]:
             digest.update(piece)
+        etag = f'"{digest.hexdigest()}"'
+        version = self._version_of(shared, {k: v for k, v in parts.items() if k in wire.SHARED_MEMBERS})
         parts["generated_at"] = canonical_json(self.clock().timestamp())
+        made = None if delta_base is None else self.deltas.delta(delta_base, version)
+        if made is not None:
+            host_parts = {k: parts[k] for k in wire.HOST_MEMBERS}
+            pieces = _delta_pieces(made, host_parts)
+            encoded = _gzip_of(pieces, self._deflated_delta(made)) if gzip else None
+            return RenderedConfig(tuple(pieces), etag, encoded, version, made.base)
         pieces = _object_of(parts)
         encoded = None
         if gzip:
             encoded = _gzip_of(pieces, self._deflated_parts(shared, services))
-        return RenderedConfig(tuple(pieces), f'"{digest.hexdigest()}"', encoded)
+        return RenderedConfig(tuple(pieces), etag, encoded, version)
+
+    def _version_of(self, shared: _Shared, members: dict[str, bytes]) -> str:
+        """The version of the shared `members` (wire.version_of), computed once and kept for
+        deltas (self.deltas) the first time it is served."""
+        key = (members.get("services"), members.get("discovery"))
+        with self._shared_lock:
+            version = shared.versions.get(key)
+        if version is None:
+            version = wire.version_of(members)
+            self.deltas.remember(version, members)
+            with self._shared_lock:
+                shared.versions[key] = version
+        return version
+
+    def _deflated_delta(self, made: SharedDelta) -> dict[int, bytes]:
+        """id() of a delta's large pieces -> their deflate pieces, compressed once per delta."""
+        with self._shared_lock:
+            if made.deflated is None:
+                large = [made.splice, *made.sets.values()]
+                made.deflated = {id(p): _deflated(p) for p in large if len(p) >= _DEFLATE_ONCE_BYTES}
+            return dict(made.deflated)
 
     def _deflated_parts(self, shared: _Shared, services: bytes | None) -> dict[int, bytes]:
         """id() of each large shared part -> its deflate pieces, compressed once."""
@@ -810,6 +855,29 @@ class Authority:
         """Keep an agent's health report (checked by health.parse_report: invalid_request)."""
         report = health.parse_report(doc)
         self.registry.record_report(host.id, report.to_json(), self.clock())
+
+
+# A delta's pieces at least this large are deflated once for every host's gzip answer.
+_DEFLATE_ONCE_BYTES = 4096
+
+
+def _delta_pieces(made: SharedDelta, host_parts: dict[str, bytes]) -> list[bytes]:
+    """The delta's canonical JSON (agent.identity.delta) as pieces: the shared ones as made
+    once, the host's own members (host_parts) set whole."""
+    sets = _object_of({**made.sets, **host_parts})
+    return [
+        b'{"base":',
+        canonical_json(made.base),
+        b',"remove":',
+        canonical_json(made.removed),
+        b',"set":',
+        *sets,
+        b',"splice":',
+        made.splice,
+        b',"version":',
+        canonical_json(made.version),
+        b"}",
+    ]
 
 
 def _is_port(value: object) -> bool:
