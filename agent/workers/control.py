@@ -55,6 +55,10 @@ class _Frames(asyncio.Protocol):
         self.channel = channel
         self.buffer = bytearray()
 
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Set here, not after `open`'s await: frames already waiting arrive before it resumes.
+        self.channel._transport = transport  # type: ignore[assignment]  # a stream socket's
+
     def data_received(self, data: bytes) -> None:
         buf = self.buffer
         buf += data
@@ -99,8 +103,7 @@ class Channel:
         channel._handler = handler
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
-        transport, _ = await loop.connect_accepted_socket(lambda: _Frames(channel), sock=sock)
-        channel._transport = transport
+        await loop.connect_accepted_socket(lambda: _Frames(channel), sock=sock)
         return channel
 
     @property

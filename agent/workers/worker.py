@@ -23,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from agent.identity.store import IdentityStore
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
     from agent.workers.forker import SlotSockets
 
 log = get_logger("meshagent.worker")
+
+OrigDst = Callable[[Any], tuple[str, int]]
 
 # What only the supervisor may do: systemd accepts READY/WATCHDOG from the main pid only.
 _SUPERVISOR_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -77,8 +80,11 @@ def configure_logs(level: str, fmt: str, slot: int) -> None:
 
 
 class Worker:
-    def __init__(self, config: AgentConfig, slot: int, sockets: SlotSockets) -> None:
+    def __init__(
+        self, config: AgentConfig, slot: int, sockets: SlotSockets, orig_dst: OrigDst | None = None
+    ) -> None:
         self.config = config
+        self.orig_dst = orig_dst
         self.slot = slot
         self.sockets = sockets
         self.store = IdentityStore(config.identity.state_dir)
@@ -161,8 +167,9 @@ class Worker:
         if ticket_key is not None:
             self._ticket_key(ticket_key)
         d = _directory(directory)
+        settings = listener_settings(self.config)
         proxy = Proxy(
-            listener_settings(self.config), self.credentials, d.policy, d.catalog, _orig_dst, self.metrics
+            settings, self.credentials, d.policy, d.catalog, self.orig_dst or _orig_dst, self.metrics
         )
         apply_directory(proxy, d)
         self.proxy = proxy
@@ -282,8 +289,11 @@ class Worker:
             peak = now
 
 
-def main(config: AgentConfig, slot: int, sockets: SlotSockets, chan: socket.socket) -> NoReturn:
-    """A worker's whole life, in the process the forker just forked; ends in `os._exit`."""
+def main(
+    config: AgentConfig, slot: int, sockets: SlotSockets, chan: socket.socket, orig_dst: OrigDst | None = None
+) -> NoReturn:
+    """A worker's whole life, in the process the forker just forked; ends in `os._exit`.
+    `orig_dst` replaces SO_ORIGINAL_DST (loopback tests, where nothing is intercepted)."""
     code = 1
     try:
         for name in _SUPERVISOR_ENV:
@@ -292,7 +302,7 @@ def main(config: AgentConfig, slot: int, sockets: SlotSockets, chan: socket.sock
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the loop's handler replaces it
         configure_logs(config.log.level, config.log.format, slot)
-        worker = Worker(config, slot, sockets)
+        worker = Worker(config, slot, sockets, orig_dst)
         try:
             import uvloop
 
