@@ -24,6 +24,7 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -65,6 +66,7 @@ from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .revocation import PeerConnection, PeerConnections, RevokedSet, cert_serial
 from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
+from .sessions import SessionCache, SessionKey
 from .tls import Credentials, peer_identity, verify_server_identity
 from .transport_header import ALPN, HeaderReader, HeaderRefused, TransportHeader, encode
 
@@ -102,6 +104,9 @@ class ListenerSettings:
     Linkerd's transport header naming the app's port); off: refused as a loop."""
     served_ports: ServedPorts = field(default_factory=ServedPorts)
     """The app ports a transport header may name (the proxy's own ports never)."""
+    tls_resumption: bool = True
+    """Outbound: offer a kept TLS session to a server seen before (proxy.tls_resumption; the
+    server side is `Credentials.load(tickets=...)`)."""
 
 
 @dataclass
@@ -113,7 +118,8 @@ class ProxyStats:
     failures: Counter[str] = field(default_factory=Counter)
     last_errors: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=20))
     active: int = 0
-    # queued (waited for a slot), refused_over_limit (the wait line was full), timed_out_waiting
+    # queued (waited for a slot), refused_over_limit (the wait line was full), timed_out_waiting,
+    # resumed_inbound / resumed_outbound (TLS sessions resumed)
     handshakes: Counter[str] = field(default_factory=Counter)
 
     def error(self, kind: str, **fields: Any) -> None:
@@ -240,6 +246,9 @@ class Proxy:
         # mTLS connection's peer so a revocation can find the ones to cut.
         self.revoked = RevokedSet.empty()
         self.peers = PeerConnections()
+        # Outbound TLS sessions for resumption (only verified, unrevoked servers'): emptied when
+        # the revoked set or our credentials change.
+        self.sessions = SessionCache()
         self.revoked_log = Throttled(log, "connection.revoked")
         self.stats = ProxyStats()
         self._servers: list[asyncio.AbstractServer] = []
@@ -282,6 +291,14 @@ class Proxy:
                 direct=self.settings.direct,
             )
         return ctx
+
+    def credentials_changed(self) -> None:
+        """Our credentials were reloaded (`Credentials.reload`): kept sessions belong to the old
+        client contexts and were made under the old identity, so none is offered again; the
+        inbound decisions' context is rebuilt."""
+        dropped = self.sessions.clear()
+        self._context = None
+        log.info("tls.sessions_cleared", reason="credentials", sessions=dropped)
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -445,6 +462,11 @@ class Proxy:
         if self.metrics is not None:
             leg.metrics = self.metrics.connection(base)
 
+    def tls_resumed(self, direction: Direction) -> None:
+        self.stats.handshakes[f"resumed_{direction}"] += 1  # /status handshakes
+        if self.metrics is not None:
+            self.metrics.tls_resumed.child(RESUMED[direction]).value += 1
+
     def tls_failed(self, direction: Direction, exc: BaseException) -> None:
         if self.metrics is not None:
             reason = (
@@ -529,11 +551,15 @@ class Proxy:
         if revoked == self.revoked:
             return 0
         self.revoked = revoked
+        # A kept session would skip nothing (identity and revocation are checked on resumption
+        # too), but a changed set is when to stop offering any: it costs one full handshake each.
+        dropped = self.sessions.clear()
         log.info(
             "revocation.updated",
             identities=len(revoked.identities),
             serials=len(revoked.serials),
             addresses=len(revoked.addresses),
+            sessions_cleared=dropped,
         )
         closed: Counter[str] = Counter()
         for leg, conn, reason in self.peers.revoked(revoked):
@@ -584,6 +610,8 @@ class Proxy:
             self.metrics.refused.child(labels(("direction", direction), ("reason", reason))).value += 1
         self.refusal_log.warning(kind, direction=direction, reason=reason, **fields)
 
+
+RESUMED: Final = {d: labels(("direction", d)) for d in ("inbound", "outbound")}
 
 # `connection.revoked` lines per revocation: a host with thousands of connections to the revoked
 # peer logs the first ones and a summary with the counts.
@@ -799,6 +827,14 @@ def _denied(proxy: Proxy, key: str) -> None:
         proxy.metrics.authz_deny.child(key).value += 1
 
 
+def _expired(cert: dict[str, Any] | None) -> bool:
+    """Whether a (resumed session's) peer certificate is past its notAfter, or says no date."""
+    try:
+        return ssl.cert_time_to_seconds((cert or {})["notAfter"]) <= time.time()
+    except (KeyError, ValueError):
+        return True
+
+
 def _client(cert: dict[str, Any] | None) -> Client:
     peer = peer_identity(cert)
     if peer is None:
@@ -826,6 +862,21 @@ async def _inbound_mtls(
     cert = tls.peer_cert
     client = _client(cert)
     serial = cert_serial(cert)
+    if tls.sslobj.session_reused:
+        # OpenSSL does not re-check the certificate a resumed session carries: its expiry is
+        # ours to check (identity and revocation are checked below, as on a full handshake).
+        if _expired(cert):
+            proxy.refuse(
+                "inbound",
+                "resumed_identity_expired",
+                peer=peer,
+                port=orig[1],
+                client_id=client.name or "",
+                serial=serial or "",
+            )
+            tls.abort()
+            return
+        proxy.tls_resumed("inbound")
     matched = proxy.revoked.match(client.spiffe_id, serial) if proxy.revoked else None
     if matched is not None:
         proxy.refuse_revoked(
@@ -1140,7 +1191,12 @@ async def _outbound(
     # An endpoint that expects the transport header: offer its ALPN, on its proxy port.
     header = action.header_port is not None
     context = proxy.credentials.client_opaque if header else proxy.credentials.client
-    tls = TlsLeg(context, server_side=False, server_hostname=action.server_name)
+    key: SessionKey | None = None
+    session = None
+    if proxy.settings.tls_resumption:
+        key = (action.target[0], action.target[1], action.identity, action.header_port)
+        session = proxy.sessions.get(key, context)
+    tls = TlsLeg(context, server_side=False, server_hostname=action.server_name, session=session)
     try:
         await proxy.connect(action.target, tls)
         if pick is not None:  # from here its close releases the pick
@@ -1161,6 +1217,8 @@ async def _outbound(
             proxy.balancer.connected(pick)
         else:
             proxy.balancer.failed(pick)
+    if session is not None and key is not None and (failure or wrong or matched):
+        proxy.sessions.drop(key)  # not offered again: the next connection makes a full handshake
     if failure is not None:
         reason = _tls_reason(failure)
         proxy.stats.error("outbound_tls", dst=dst, server_id=action.identity, reason=reason)
@@ -1190,6 +1248,10 @@ async def _outbound(
             app.abort()
             return
         tls.send(encode(TransportHeader(port=action.header_port)))
+    if tls.sslobj.session_reused:
+        proxy.tls_resumed("outbound")
+    elif key is not None:  # verified and not revoked: its ticket may be kept
+        tls.on_ticket = _keep_session(proxy.sessions, key, context, cert)
     server = peer_identity(cert)
     tls_labels = action.tls_labels(server.label if server is not None else None)
     proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
@@ -1199,6 +1261,22 @@ async def _outbound(
         label = server.label if server is not None else action.identity
         proxy.peers.add(tls, PeerConnection("outbound", action.identity, serial, label, dst))
     app.pair(tls)
+
+
+def _keep_session(
+    sessions: SessionCache, key: SessionKey, context: ssl.SSLContext, cert: dict[str, Any] | None
+) -> Callable[[ssl.SSLSession], None]:
+    """The capture a verified outbound leg calls once with its ticketed session."""
+    not_after: float
+    try:
+        not_after = ssl.cert_time_to_seconds((cert or {})["notAfter"])
+    except (KeyError, ValueError):
+        not_after = 0.0  # no date: never kept
+
+    def keep(session: ssl.SSLSession) -> None:
+        sessions.put(key, session, context, not_after)
+
+    return keep
 
 
 async def _handshake(tls: TlsLeg, deadline_s: float) -> BaseException | None:

@@ -24,6 +24,9 @@ from typing import Any, cast
 
 READ_SIZE = 16 * 1024  # one TLS record at most: a larger buffer is an mmap+munmap per read (glibc threshold)
 WRITE_HIGH_WATER = 512 * 1024
+# Reads of a client leg that look for the server's session ticket (TLS 1.3 sends it right after
+# the handshake, so it comes with the first records); a server that sends none costs no more.
+TICKET_READS = 4
 
 
 def errno_name(exc: BaseException | None) -> str:
@@ -198,7 +201,15 @@ class Leg(asyncio.Protocol):
 class TlsLeg(Leg):
     """A TLS side: TLS 1.3 over memory BIOs on a plain TCP transport."""
 
-    __slots__ = ("handshake_error", "handshake_waiter", "incoming", "outgoing", "sslobj")
+    __slots__ = (
+        "handshake_error",
+        "handshake_waiter",
+        "incoming",
+        "on_ticket",
+        "outgoing",
+        "sslobj",
+        "ticket_reads",
+    )
 
     def __init__(
         self,
@@ -206,11 +217,18 @@ class TlsLeg(Leg):
         server_side: bool,
         server_hostname: str | None = None,
         on_closed: Callable[[Leg, BaseException | None], None] | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         super().__init__(on_closed)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        self.sslobj = context.wrap_bio(
+            self.incoming, self.outgoing, server_side, server_hostname, session=session
+        )
+        # Client side, set once the server's identity was checked: called once with the session
+        # when the server's ticket has arrived (post-handshake, read with the first records).
+        self.on_ticket: Callable[[ssl.SSLSession], object] | None = None
+        self.ticket_reads = TICKET_READS
         self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_error: BaseException | None = None
 
@@ -246,6 +264,7 @@ class TlsLeg(Leg):
     def connection_lost(self, exc: BaseException | None) -> None:
         if not self.handshake_waiter.done():
             self._fail(exc or ConnectionResetError("connection closed during the TLS handshake"))
+        self.on_ticket = None
         super().connection_lost(exc)
 
     def _handshake(self) -> None:
@@ -314,6 +333,19 @@ class TlsLeg(Leg):
             self._end_of_stream()
         if self.outgoing.pending:  # post-handshake messages (tickets, key updates)
             self._flush()
+        if self.on_ticket is not None:  # the first reads only: then None for good
+            self._take_ticket()
+
+    def _take_ticket(self) -> None:
+        session = self.sslobj.session
+        if session is not None and session.has_ticket:
+            on_ticket, self.on_ticket = self.on_ticket, None
+            if on_ticket is not None:
+                on_ticket(session)
+            return
+        self.ticket_reads -= 1
+        if self.ticket_reads <= 0:  # a server that sends no ticket: stop looking
+            self.on_ticket = None
 
     def _end_of_stream(self) -> None:
         if self.read_eof:

@@ -25,6 +25,7 @@ from agent.identity.names import DEFAULT_MESH, SPIFFE_SCHEME, InvalidName, Workl
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.logs import get_logger
 
+from .ticket_keys import new_ticket_key, set_ticket_key, ticket_key_name
 from .transport_header import ALPN
 
 log = get_logger("meshagent.proxy.tls")
@@ -44,13 +45,25 @@ def _base(purpose: ssl.Purpose, store: IdentityStore) -> ssl.SSLContext:
     return ctx
 
 
-def server_context(store: IdentityStore) -> ssl.SSLContext:
-    """Terminates mTLS from mesh peers: a client certificate chaining to the bundle is required."""
+def server_context(
+    store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True
+) -> ssl.SSLContext:
+    """Terminates mTLS from mesh peers: a client certificate chaining to the bundle is required.
+
+    `tickets`: one stateless TLS 1.3 ticket per full handshake, sealed with `ticket_key` (shared
+    by every worker; None: the context's own random key), so a returning client resumes without
+    the certificate exchange. Stateless: the server keeps no session cache (with OP_NO_TICKET,
+    TLS 1.3 tickets are stateful and the cache held 150 MB under churn). A resumed session
+    carries the client's certificate: identity, revocation and expiry are checked as on a full
+    handshake (listeners.py). Off: no ticket, no cache, every handshake full."""
     ctx = _base(ssl.Purpose.CLIENT_AUTH, store)
-    ctx.options |= ssl.OP_NO_TICKET  # mesh peers reconnect rarely; tickets would outlive rotations
-    # TLS 1.3 servers still issue tickets and cache each session (with the client's certificate)
-    # unless told not to: under connection churn that cache held 150 MB (found by the benchmark).
-    ctx.num_tickets = 0
+    if tickets:
+        ctx.num_tickets = 1
+        if ticket_key is not None:
+            set_ticket_key(ctx, ticket_key)
+    else:
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.num_tickets = 0
     # Selected only when the client offers it; otherwise no ALPN, and the handshake goes on.
     ctx.set_alpn_protocols([ALPN])
     return ctx
@@ -160,15 +173,33 @@ class Credentials:
     server: ssl.SSLContext
     client: ssl.SSLContext
     client_opaque: ssl.SSLContext  # offers ALPN transport.l5d.io/v1
+    ticket_key: bytes | None = None  # None: the server context's own random key
+    tickets: bool = True  # proxy.tls_resumption, server side
 
     @classmethod
-    def load(cls, store: IdentityStore) -> Credentials:
+    def load(cls, store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True) -> Credentials:
         identity = store.load_info()
-        return cls(identity, server_context(store), client_context(store), client_opaque_context(store))
+        return cls(
+            identity,
+            server_context(store, ticket_key, tickets),
+            client_context(store),
+            client_opaque_context(store),
+            ticket_key,
+            tickets,
+        )
 
-    def reload(self, store: IdentityStore, identity: IdentityInfo) -> None:
+    @property
+    def ticket_key_name(self) -> str:
+        return ticket_key_name(self.ticket_key)
+
+    def reload(self, store: IdentityStore, identity: IdentityInfo, ticket_key: bytes | None = None) -> None:
         """Swap in contexts for a renewed identity, after checking it is still us. Loading the
-        chain also proves key and certificate match (OpenSSL refuses a mismatched pair)."""
+        chain also proves key and certificate match (OpenSSL refuses a mismatched pair).
+
+        Tickets issued under the old identity or bundle must not resume: the new server context
+        takes `ticket_key` (the supervisor's new key, the same in every worker) or, when none
+        is given, a fresh one of its own. The caller then calls `Proxy.credentials_changed()`
+        (client sessions belong to the old client contexts)."""
         if identity.workload != self.identity.workload:
             log.error(
                 "tls.reload_refused",
@@ -177,13 +208,33 @@ class Credentials:
                 new=str(identity.workload),
             )
             return
+        key = ticket_key if ticket_key is not None else (new_ticket_key() if self.ticket_key else None)
         try:
-            server, client = server_context(store), client_context(store)
+            server, client = server_context(store, key, self.tickets), client_context(store)
             client_opaque = client_opaque_context(store)
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.reload_refused", reason=str(exc))
             return
         self.identity, self.server, self.client, self.client_opaque = identity, server, client, client_opaque
+        self.ticket_key = key
         log.info(
             "tls.reloaded", serial=identity.summary.serial, not_after=identity.summary.not_after.isoformat()
         )
+
+    def rotate_ticket_key(self, store: IdentityStore, key: bytes) -> None:
+        """Seal and open tickets with `key` from now on; tickets under the old key get a full
+        handshake. Only the server context changes (client sessions stay good). In place when
+        the key can be set (`set_ticket_key`); else a new server context, whose new random key
+        retires the old tickets all the same."""
+        self.ticket_key = key
+        if not self.tickets:
+            return
+        if set_ticket_key(self.server, key):
+            log.info("tls.ticket_key_rotated", key=ticket_key_name(key))
+            return
+        try:
+            self.server = server_context(store, key, self.tickets)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("tls.ticket_key_rotation_failed", reason=str(exc))
+            return
+        log.info("tls.ticket_key_rotated", key=ticket_key_name(key), shared=False)
