@@ -1,7 +1,7 @@
 """Benchmark: meshagent's data plane against haproxy and stunnel doing the same two mTLS hops.
 
     .venv/bin/python -m bench.dataplane [--duration 10] [--rounds 3] [--rate 1000] [--quick]
-                                        [--profile] [--no-pin] [--haproxy-threads 1]   (as root)
+                                        [--workers auto] [--pin] [--profile]   (as root)
 
 Everything runs in network namespaces made for the run and deleted at the end (even on Ctrl-C
 or a failure); the root namespace is never touched and traffic stays on 198.18.0.0/15:
@@ -20,34 +20,48 @@ or a failure); the root namespace is never touched and traffic stays on 198.18.0
 The TLS hop is the same for all three: TLS 1.3 only, each side presenting the ECDSA P-256
 certificate the meshagent authority issued to its host (a: bench/client, b: bench/server),
 each verifying the other's chain to the authority's bundle, the client checking the server's
-mesh DNS name (and SNI = that name); session resumption off everywhere (tickets and session
-caches), so every new connection is a full handshake; one thread/process per proxy
-(haproxy `nbthread 1`, stunnel's own threads, meshagent's single event loop); no per-connection
-logs. haproxy and stunnel are L4 relays here (haproxy `mode tcp`), as meshagent is.
-Every process of host a (clients, proxy) runs on CPU 0 and every one of b (proxy, nginx) on
-CPU 1 (taskset), so the two "hosts" are two one-core machines and runs repeat; --no-pin
-leaves placement to the scheduler.
+mesh DNS name (and SNI = that name); no per-connection logs. haproxy and stunnel are L4 relays
+here (haproxy `mode tcp`), as meshagent is.
+
+As users run them (the default): no CPU pinning; haproxy without an `nbthread` line (a thread
+per CPU, its default); meshagent with `proxy.workers = --workers` ("auto": a worker per CPU).
+Session resumption is off everywhere in the main table (haproxy `no-ssl-reuse`,
+`no-tls-tickets`, no session cache; stunnel `sessionResume = no`; meshagent
+`proxy.tls_resumption = false`), so every new connection is a full handshake. `--pin` then
+runs the old setup in a second lab as an extra table, "pinned: one core per host (haproxy
+nbthread 1, meshagent 1 worker)": every process of host a on CPU 0 and of b on CPU 1
+(taskset), two one-core machines.
 
 Measures (each target in turn, the order rotating per round; with --rounds N the median):
 - requests/s: `wrk -t1 -c50 -dD` on keep-alive connections, GET /small.txt; plus the CPU
-  seconds the two proxy processes used meanwhile (psutil), per request.
-- new TLS connections/s: the same with `-H "Connection: close"` (one request per connection,
-  so one full TLS 1.3 handshake per request through both hops).
+  seconds the two proxies' process trees used meanwhile (psutil: every thread, and for
+  meshagent the forker and workers too), per request.
+- new TLS connections/s (cps): the same with `-H "Connection: close"` (one request per
+  connection, so one full TLS 1.3 handshake per request through both hops).
+- failed: wrk's socket errors + non-2xx responses, over the rps and cps runs.
 - latency: bench.loadgen's open-loop constant-rate client (wrk2-style, corrected for
   coordinated omission) at --rate requests/s over 10 keep-alive connections, p50/p99.
 - bulk: `curl -o /dev/null` of /big.bin, MB/s (10^6 bytes), median of a few transfers.
-- memory: RSS (psutil, process plus children) of each proxy process idle after start (before
-  any connection), then with 1,000 open keep-alive connections through it (bench.loadgen hold;
-  still before any load), and idle again after all the load. meshagent: the `meshagent run`
-  process on each host.
+- memory: Σ PSS (shared pages counted once, as the cgroup does) and Σ RSS over each proxy's
+  process tree, idle after start (before any connection), then with 1,000 open keep-alive
+  connections through it (bench.loadgen hold; still before any load), and idle again after
+  all the load. meshagent: the `meshagent run` process and its forker and workers.
+Passes after the main measures (meshagent's daemons restarted for each; not with --pin):
+- cps_resumed: new connections/s with resumption as each ships it: meshagent's defaults
+  against a second haproxy pair with its defaults (tickets and session cache on); b's
+  meshagent_tls_resumed_total afterwards proves resumption happened.
+- scaling: meshagent alone with 1 and 2 workers: req/s and CPU us per request, conn/s and
+  CPU us per connection.
+- memory: b's idle Σ PSS (and Σ RSS) with 1, 2 and 4 workers.
+- metrics cost: requests/s with metrics on and off (--no-metrics-cost skips it).
 - --profile adds a pass after the measures (not in the figures): py-spy (--gil) on both
-  daemons under the keep-alive and the Connection: close load; the collapsed stacks go to
+  supervisors under the keep-alive and the Connection: close load; the collapsed stacks go to
   bench/results/dataplane-profile-*.txt and the top frames to the JSON and the output.
 
 Around every measure the CPU used by processes outside the benchmark is recorded
 (`others_cpu_pct`; a shared machine is the usual cause of an odd figure), and before each one
 the run waits (up to --wait-quiet seconds, 10 minutes in all) while they use more than 10 % of
-a CPU.
+a CPU. The load average at the start is in the JSON and the table's title.
 
 Prints a table with meshagent's ratios to haproxy, stunnel and direct; writes
 bench/results/dataplane.json. Needs root, iproute2, nftables, nginx, haproxy, stunnel4, wrk, curl.
@@ -74,6 +88,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +96,7 @@ import psutil
 
 from agent.identity.store import IdentityStore
 from agent.netlab import Host, Lab, namespaces, netns_supported
+from agent.telemetry.process import tree_memory
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +108,7 @@ B_IP = "198.18.3.2"  # b's address on the a-b link (a is .1)
 APP_PORT = 8080  # nginx, captured by meshagent
 PLAIN_PORT = 8081  # the same nginx, never captured
 HAPROXY_IN, HAPROXY_TLS = 15001, 9443
+HAPROXY_RESUME_IN, HAPROXY_RESUME_TLS = 15003, 9445  # haproxy's defaults: session resumption on
 STUNNEL_IN, STUNNEL_TLS = 15002, 9444
 AUTH_PORT = 8443
 SMALL, BIG = "/small.txt", "/big.bin"
@@ -99,6 +116,7 @@ TARGETS = ("direct", "haproxy", "stunnel", "meshagent")
 PROXIES = TARGETS[1:]
 WRK_CONNECTIONS = 50
 LATENCY_CONNECTIONS = 10
+PINNED_TITLE = "pinned: one core per host (haproxy nbthread 1, meshagent 1 worker)"
 
 
 class BenchError(Exception):
@@ -139,7 +157,10 @@ class Setup:
     targets: dict[str, Target] = field(default_factory=dict)
     logs: list[Path] = field(default_factory=list)
     server_name: str = ""
-    pin: bool = True
+    pin: bool = False
+    # The agents' [proxy] keys (TOML values); a pass overrides some for its restarts.
+    agent_proxy: dict[str, str] = field(default_factory=dict)
+    resume: Target | None = None  # haproxy with its defaults, for the cps_resumed pass
 
     def cpu(self, host: Host) -> list[str]:
         """`taskset` for a process of host a (CPU 0) or b (CPU 1): two one-core "machines"."""
@@ -172,22 +193,30 @@ def _process(popen: subprocess.Popen[str]) -> psutil.Process:
     return psutil.Process(popen.pid)
 
 
-def rss_mb(procs: list[psutil.Process]) -> float:
-    total = 0
+def tree(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes and all their descendants (meshagent's workers are its forker's children)."""
+    out: list[psutil.Process] = []
     for proc in procs:
-        for p in [proc, *proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.NoSuchProcess:
-                continue
-    return total / 2**20
+        out.append(proc)
+        with contextlib.suppress(psutil.Error):
+            out.extend(proc.children(recursive=True))
+    return out
+
+
+def memory_mb(procs: list[psutil.Process]) -> tuple[float, float]:
+    """Σ PSS and Σ RSS of the process trees, MB: PSS counts pages the workers share with their
+    forker once (as the cgroup's memory.current does), RSS counts them in every process."""
+    got = tree_memory(p.pid for p in tree(procs))
+    return round(got.pss / 2**20, 1), round(got.rss / 2**20, 1)
 
 
 def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """User + system CPU of the process trees (a worker that exits meanwhile takes its share)."""
     total = 0.0
-    for proc in procs:
-        times = proc.cpu_times()
-        total += times.user + times.system
+    for proc in tree(procs):
+        with contextlib.suppress(psutil.Error):
+            times = proc.cpu_times()
+            total += times.user + times.system
     return total
 
 
@@ -385,16 +414,22 @@ def enroll(s: Setup, authority: Path, host: Host, identity: str, url_ip: str, ad
     return state
 
 
-def start_agent(s: Setup, host: Host, state: Path, src: Path | None, extra: str) -> psutil.Process:
+def start_agent(
+    s: Setup, host: Host, state: Path, src: Path | None, extra: str, proxy: dict[str, str] | None = None
+) -> psutil.Process:
     config = s.tmp / f"agent-{host.name}.toml"
+    keys = {"drain_timeout_s": "1.0", **s.agent_proxy, **(proxy or {})}
     config.write_text(
         f'[identity]\nstate_dir = "{state}"\n'
         '[log]\nlevel = "info"\n'
         # The benchmark clients run as root: only the proxy's SO_MARK exempts its own traffic.
         # Only the app port is captured, so the haproxy and stunnel pairs run beside it untouched.
         f"[intercept]\nproxy_user = 65534\ninbound_ports = [{APP_PORT}]\noutbound_ports = [{APP_PORT}]\n"
-        "[proxy]\ndrain_timeout_s = 1.0\n"
-        '[inbound]\ndefault_policy = "all-authenticated"\n' + extra.replace("\\n", "\n") + "\n"
+        "[proxy]\n"
+        + "".join(f"{k} = {v}\n" for k, v in keys.items())
+        + '[inbound]\ndefault_policy = "all-authenticated"\n'
+        + extra.replace("\\n", "\n")
+        + "\n"
     )
     name = f"meshagent-{host.name}"
     log_path = s.tmp / f"{name}.log"
@@ -416,17 +451,22 @@ METRICS_OFF = "[telemetry]\nmetrics = false"
 COST_ROUNDS = 5  # at least, for the metrics-cost pass: its runs are short and drift is large
 
 
-def restart_agents(s: Setup, args: argparse.Namespace, extra: str) -> None:
-    """Stop both meshagent daemons (SIGTERM: they remove their rules) and start them again with
-    `extra` appended to their config."""
+def restart_agents(
+    s: Setup, args: argparse.Namespace, extra: str, proxy: dict[str, str] | None = None
+) -> None:
+    """Stop both meshagent daemons (SIGTERM: they remove their rules, their workers drain) and
+    start them again with `extra` appended to their config and `proxy` over its [proxy] keys."""
     target = s.targets["meshagent"]
+    everything = tree(target.procs)
     for proc in target.procs:
-        proc.terminate()
-    _, alive = psutil.wait_procs(target.procs, timeout=15)
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(everything, timeout=15)
     for proc in alive:
-        proc.kill()
-    agent_b = start_agent(s, s.b, s.tmp / "state-b", args.agent_src, extra)
-    agent_a = start_agent(s, s.a, s.tmp / "state-a", args.agent_src, extra)
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    agent_b = start_agent(s, s.b, s.tmp / "state-b", args.agent_src, extra, proxy)
+    agent_a = start_agent(s, s.a, s.tmp / "state-a", args.agent_src, extra, proxy)
     target.procs = [agent_a, agent_b]
 
 
@@ -477,35 +517,47 @@ def identity_files(state: Path) -> dict[str, Path]:
     return {"cert": d / "cert.pem", "key": d / "key.pem", "bundle": d / "bundle.pem"}
 
 
-def start_haproxy(s: Setup, files_a: dict[str, Path], files_b: dict[str, Path], threads: int) -> Target:
+def start_haproxy(
+    s: Setup, files_a: dict[str, Path], files_b: dict[str, Path], threads: int | None, resume: bool = False
+) -> Target:
+    """haproxy on a and b. `threads` None: no `nbthread` line (haproxy then runs a thread per
+    CPU). `resume` False: no session reuse on either side (`no-ssl-reuse`, `no-tls-tickets`, no
+    session cache), as the cps measure needs; True: haproxy's defaults (tickets and its cache)."""
     procs = []
+    port_in, port_tls = (HAPROXY_RESUME_IN, HAPROXY_RESUME_TLS) if resume else (HAPROXY_IN, HAPROXY_TLS)
+    name = "haproxy-resume" if resume else "haproxy"
     for host, files, role in ((s.a, files_a, "a"), (s.b, files_b, "b")):
-        pem = s.tmp / f"haproxy-{role}.pem"
+        pem = s.tmp / f"{name}-{role}.pem"
         pem.write_text(files["cert"].read_text() + files["key"].read_text())
         pem.chmod(0o600)
         if role == "a":
             section = (
-                f"listen out\n    bind 127.0.0.1:{HAPROXY_IN}\n"
-                f"    server b {B_IP}:{HAPROXY_TLS} ssl crt {pem} ca-file {files['bundle']} verify required"
-                f" verifyhost {s.server_name} sni str({s.server_name}) ssl-min-ver TLSv1.3 no-ssl-reuse\n"
+                f"listen out\n    bind 127.0.0.1:{port_in}\n"
+                f"    server b {B_IP}:{port_tls} ssl crt {pem} ca-file {files['bundle']} verify required"
+                f" verifyhost {s.server_name} sni str({s.server_name}) ssl-min-ver TLSv1.3"
+                + ("" if resume else " no-ssl-reuse")
+                + "\n"
             )
         else:
             section = (
-                f"listen in\n    bind 0.0.0.0:{HAPROXY_TLS} ssl crt {pem} ca-file {files['bundle']}"
-                " verify required ssl-min-ver TLSv1.3 no-tls-tickets\n"
+                f"listen in\n    bind 0.0.0.0:{port_tls} ssl crt {pem} ca-file {files['bundle']}"
+                " verify required ssl-min-ver TLSv1.3" + ("" if resume else " no-tls-tickets") + "\n"
                 f"    server app {B_IP}:{PLAIN_PORT}\n"
             )
-        cfg = s.tmp / f"haproxy-{role}.cfg"
+        cfg = s.tmp / f"{name}-{role}.cfg"
         cfg.write_text(
-            f"global\n    nbthread {threads}\n    maxconn 8000\n    tune.ssl.cachesize 0\n"
-            "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n"
+            "global\n"
+            + (f"    nbthread {threads}\n" if threads else "")
+            + "    maxconn 8000\n"
+            + ("" if resume else "    tune.ssl.cachesize 0\n")
+            + "defaults\n    mode tcp\n    timeout connect 5s\n    timeout client 600s\n"
             "    timeout server 600s\n" + section
         )
         host.run("haproxy", "-c", "-q", "-f", str(cfg))
         procs.append(
-            _process(s.popen(host, f"haproxy-{role}", *s.cpu(host), "haproxy", "-db", "-f", str(cfg)))
+            _process(s.popen(host, f"{name}-{role}", *s.cpu(host), "haproxy", "-db", "-f", str(cfg)))
         )
-    return Target("haproxy", "127.0.0.1", HAPROXY_IN, procs)
+    return Target(name, "127.0.0.1", port_in, procs)
 
 
 def start_stunnel(s: Setup, files_a: dict[str, Path], files_b: dict[str, Path]) -> Target:
@@ -594,12 +646,16 @@ def tls_summary(s: Setup, files_a: dict[str, Path]) -> dict[str, dict[str, str]]
 
 
 @contextmanager
-def lab_setup(args: argparse.Namespace) -> Iterator[Setup]:
+def lab_setup(args: argparse.Namespace, pinned: bool) -> Iterator[Setup]:
     with tempfile.TemporaryDirectory(prefix="meshagent-dataplane-") as tmpdir, Lab("db") as lab:
         tmp = Path(tmpdir)
         tmp.chmod(0o755)
         cl, a, b = build_network(lab)
-        s = Setup(lab, tmp, cl, a, b, pin=not args.no_pin)
+        s = Setup(lab, tmp, cl, a, b, pin=pinned)
+        # cps compares full handshakes: meshagent's resumption off here, as haproxy's is; the
+        # cps_resumed pass turns it back on (its default).
+        s.agent_proxy = {"workers": "1" if pinned else toml_value(args.workers), "tls_resumption": "false"}
+        threads = 1 if pinned else args.haproxy_threads
         try:
             log(f"namespaces {', '.join(h.ns for h in lab.hosts)}; nginx with a {args.big_mib} MiB file")
             start_nginx(s, args.big_mib)
@@ -610,10 +666,12 @@ def lab_setup(args: argparse.Namespace) -> Iterator[Setup]:
             s.server_name = IdentityStore(state_b).load().workload.dns_name
             files_a, files_b = identity_files(state_a), identity_files(state_b)
             s.targets["direct"] = Target("direct", B_IP, PLAIN_PORT)
-            log(f"haproxy pair (nbthread {args.haproxy_threads}), stunnel pair")
-            s.targets["haproxy"] = start_haproxy(s, files_a, files_b, args.haproxy_threads)
+            log(f"haproxy pair (nbthread {threads or 'default: one per CPU'}), stunnel pair")
+            s.targets["haproxy"] = start_haproxy(s, files_a, files_b, threads)
             s.targets["stunnel"] = start_stunnel(s, files_a, files_b)
-            log("meshagent run on b, then a")
+            if args.resumed and not pinned:
+                s.resume = start_haproxy(s, files_a, files_b, threads, resume=True)
+            log(f"meshagent run on b, then a ({', '.join(f'{k} = {v}' for k, v in s.agent_proxy.items())})")
             agent_b = start_agent(s, b, state_b, args.agent_src, args.agent_config)
             agent_a = start_agent(s, a, state_a, args.agent_src, args.agent_config)
             wait_for(lambda: (state_a / "host-config.json").exists(), "a's catalog from the authority")
@@ -703,7 +761,8 @@ def bulk(s: Setup, target: Target, runs: int) -> dict[str, Any]:
 
 
 def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
-    """RSS of the proxy processes with `connections` keep-alive connections open through them."""
+    """Σ PSS and Σ RSS of the proxies' process trees with `connections` keep-alive connections
+    open through them."""
     proc = s.a.popen(
         *s.cpu(s.a),
         PY,
@@ -730,11 +789,7 @@ def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
             return {"error": f"hold client gave nothing: {proc.stderr.read()[-500:]}"}
         opened = json.loads(line)
         time.sleep(1.0)
-        result = {
-            **opened,
-            "rss_a_mb": round(rss_mb(target.procs[:1]), 1),
-            "rss_b_mb": round(rss_mb(target.procs[1:]), 1),
-        }
+        result = {**opened, **memory(target)}
         if opened["ok"] < connections:
             result["error"] = f"{connections - opened['ok']} of {connections} connections got no 200"
     finally:
@@ -810,24 +865,139 @@ def top_frames(raw: Path, n: int = 12) -> dict[str, list[tuple[str, float]]]:
     return {"self": ranked(own), "agent_inclusive": ranked(inclusive)}
 
 
-def idle_rss(targets: dict[str, Target]) -> dict[str, dict[str, float]]:
-    return {
-        name: {"rss_a_mb": round(rss_mb(t.procs[:1]), 1), "rss_b_mb": round(rss_mb(t.procs[1:]), 1)}
-        for name, t in targets.items()
-        if t.procs
-    }
+def memory(target: Target) -> dict[str, float]:
+    (pss_a, rss_a), (pss_b, rss_b) = memory_mb(target.procs[:1]), memory_mb(target.procs[1:])
+    return {"pss_a_mb": pss_a, "pss_b_mb": pss_b, "rss_a_mb": rss_a, "rss_b_mb": rss_b}
+
+
+def idle_memory(targets: dict[str, Target]) -> dict[str, dict[str, float]]:
+    return {name: memory(t) for name, t in targets.items() if t.procs}
 
 
 # --- the run -------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def toml_value(value: str) -> str:
+    return value if value.isdigit() else json.dumps(value)
+
+
+def measure_once(
+    args: argparse.Namespace, neighbours: Neighbours, fn: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """One measure, with the neighbours' CPU around it; a failure is a result, not the end."""
+    waited = neighbours.wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
+    snap, t0 = neighbours.snapshot(), time.monotonic()
+    try:
+        got = fn()
+    except (BenchError, AssertionError, subprocess.TimeoutExpired, ValueError) as exc:
+        got = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+    got["others_cpu_pct"], got["others_top"] = neighbours.since(snap, time.monotonic() - t0)
+    got["waited_for_quiet_s"] = waited
+    return got
+
+
+def tls_resumed_b(s: Setup) -> dict[str, float] | None:
+    """b's meshagent_tls_resumed_total by direction (None: the family is not there)."""
+    got = s.b.run("curl", "-s", "--max-time", "10", "http://127.0.0.1:4191/metrics", check=False)
+    found = {}
+    for line in got.stdout.splitlines():
+        match = re.match(r'meshagent_tls_resumed_total\{direction="(\w+)"\} (\S+)', line)
+        if match:
+            found[match.group(1)] = float(match.group(2))
+    return found or None
+
+
+def resumed_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> dict[str, Any]:
+    """cps_resumed: new connections/s with session resumption as each ships it, meshagent's
+    defaults (resumption on) against haproxy's defaults (tickets and session cache on)."""
+    assert s.resume is not None
+    restart_agents(s, args, args.agent_config, {"tls_resumption": "true"})
+    targets = {"haproxy": s.resume, "meshagent": s.targets["meshagent"]}
+    for target in targets.values():
+        check_small(s, target)
+        wrk(s, target, 2, close=True)  # warm-up: the clients hold a session from here on
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    order = list(targets)
+    for r in range(args.rounds):
+        for name in order[r % 2 :] + order[: r % 2]:
+            got = measure_once(args, neighbours, partial(wrk, s, targets[name], args.duration, True))
+            runs[name].append(got)
+            log(f"round {r + 1} cps_resumed {name:10} {_brief('cps', got)}")
+    return {
+        "cps_resumed": {name: _median(runs[name], "rps") for name in targets},
+        "cpu_us_per_connection": {name: _median(runs[name], "proxy_cpu_us_per_req") for name in targets},
+        "failed": {name: sum(int(r.get("errors", 0)) for r in runs[name]) for name in targets},
+        "meshagent_tls_resumed_total_b": tls_resumed_b(s),
+        "raw": runs,
+    }
+
+
+def scaling_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> dict[str, Any]:
+    """meshagent alone with 1 and 2 workers: requests/s and CPU per request (keep-alive), new
+    connections/s and CPU per connection (resumption off, as in cps)."""
+    out: dict[str, Any] = {}
+    for workers in args.scaling_workers:
+        try:
+            restart_agents(s, args, args.agent_config, {"workers": str(workers)})
+            wrk(s, s.targets["meshagent"], 2, close=False)  # warm-up
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            out[str(workers)] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+            log(f"scaling workers={workers}: FAILED {str(exc)[-300:]}")
+            continue
+        runs: dict[str, list[dict[str, Any]]] = {"rps": [], "cps": []}
+        for _ in range(args.rounds):
+            for measure in runs:
+                close = measure == "cps"
+                got = measure_once(
+                    args, neighbours, partial(wrk, s, s.targets["meshagent"], args.duration, close)
+                )
+                runs[measure].append(got)
+                log(f"scaling workers={workers} {measure} {_brief(measure, got)}")
+        out[str(workers)] = {
+            "processes_b": len(tree(s.targets["meshagent"].procs[1:])),
+            "rps": _median(runs["rps"], "rps"),
+            "cpu_us_per_req": _median(runs["rps"], "proxy_cpu_us_per_req"),
+            "cps": _median(runs["cps"], "rps"),
+            "cpu_us_per_conn": _median(runs["cps"], "proxy_cpu_us_per_req"),
+            "failed": sum(int(r.get("errors", 0)) for rs in runs.values() for r in rs),
+            "raw": runs,
+        }
+    return out
+
+
+def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """b's idle Σ PSS (and Σ RSS) right after a start with 1, 2 and 4 workers."""
+    out: dict[str, Any] = {}
+    for workers in args.memory_workers:
+        try:
+            restart_agents(s, args, args.agent_config, {"workers": str(workers)})
+            check_small(s, s.targets["meshagent"])  # every worker initialised and serving
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            out[str(workers)] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+            log(f"memory workers={workers}: FAILED {str(exc)[-300:]}")
+            continue
+        time.sleep(2)
+        pss, rss = memory_mb(s.targets["meshagent"].procs[1:])
+        out[str(workers)] = {
+            "pss_b_mb": pss,
+            "rss_b_mb": rss,
+            "processes_b": len(tree(s.targets["meshagent"].procs[1:])),
+        }
+        log(
+            f"memory workers={workers}: b Σ PSS {pss} MB, Σ RSS {rss} MB, "
+            f"{out[str(workers)]['processes_b']} processes"
+        )
+    return out
+
+
+def run(args: argparse.Namespace, pinned: bool = False) -> dict[str, Any]:
     started = time.monotonic()
     env = environment()  # the commit the daemons start from, not the one at the end
-    with lab_setup(args) as s:
+    env["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # at the start, as the rules ask
+    with lab_setup(args, pinned) as s:
         time.sleep(2)
-        rss_idle = idle_rss(s.targets)  # started, not one connection through them yet
-        log(f"idle RSS: {rss_idle}")
+        mem_idle = idle_memory(s.targets)  # started, not one connection through them yet
+        log(f"idle memory: {mem_idle}")
         for target in s.targets.values():
             check_small(s, target)
         # Memory per connection on fresh processes: before any load has grown their heaps.
@@ -837,6 +1007,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             check_big(s, target, args.big_mib * 2**20)
         tls = tls_summary(s, identity_files(s.tmp / "state-a"))
         log(f"all four paths serve; TLS: {json.dumps(tls['meshagent'])}")
+        processes = {name: len(tree(t.procs)) for name, t in s.targets.items() if t.procs}
         setup_s = time.monotonic() - started
 
         order = list(TARGETS)
@@ -858,15 +1029,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             turn = order[r % len(order) :] + order[: r % len(order)]
             for measure, fn in measures:
                 for name in turn:
-                    waited = neighbours.wait_quiet(args.wait_quiet) if args.wait_quiet else 0.0
-                    snap, t0 = neighbours.snapshot(), time.monotonic()
-                    try:
-                        got = fn(s.targets[name])
-                    except (BenchError, AssertionError, subprocess.TimeoutExpired, ValueError) as exc:
-                        # One path failing a measure is a result, not the end of the run.
-                        got = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
-                    got["others_cpu_pct"], got["others_top"] = neighbours.since(snap, time.monotonic() - t0)
-                    got["waited_for_quiet_s"] = waited
+                    got = measure_once(args, neighbours, partial(fn, s.targets[name]))
                     raw[name].setdefault(measure, []).append(got)
                     log(f"round {r + 1} {measure:8} {name:10} {_brief(measure, got)}")
         profiles = {}
@@ -880,13 +1043,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     continue
                 profiles["cps" if close else "rps"] = prof
         time.sleep(2)
-        rss_after = idle_rss(s.targets)
+        mem_after = idle_memory(s.targets)
+        passes: dict[str, Any] = {}
+        if not pinned:
+            if args.resumed:
+                log("cps_resumed: meshagent's defaults (resumption on) against haproxy's defaults")
+                try:
+                    passes["resumed"] = resumed_pass(s, args, neighbours)
+                except (BenchError, AssertionError, subprocess.TimeoutExpired) as exc:
+                    passes["resumed"] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+                    log(f"cps_resumed pass FAILED: {str(exc)[-300:]}")
+            if args.scaling_workers:
+                log(f"scaling: meshagent with {args.scaling_workers} workers")
+                passes["scaling"] = scaling_pass(s, args, neighbours)
+            if args.memory_workers:
+                log(f"memory: b's idle Σ PSS with {args.memory_workers} workers")
+                passes["memory"] = memory_pass(s, args)
+            if passes:
+                restart_agents(s, args, args.agent_config)  # as configured, for whatever runs next
         cost = None
-        if args.metrics_cost:
+        if args.metrics_cost and not pinned:
             log("metrics cost: meshagent's requests/s with metrics on and off (daemons restarted)")
             cost = metrics_cost(s, args, neighbours)
         bench_s = time.monotonic() - started - setup_s
-    result = summarize(args, raw, rss_idle, held, rss_after, tls, env)
+        config_proxy = dict(s.agent_proxy)
+    result = summarize(args, raw, mem_idle, held, mem_after, tls, env, pinned)
+    result["config"]["meshagent_proxy"] = config_proxy
+    result["config"]["processes"] = processes
+    result.update(passes)
+    _pass_goals(result)
     if cost is not None:
         result["metrics_cost"] = cost
         result["goals"]["metrics_cost_pct"] = _goal(cost["rps_cost_pct"], "<", 5.0)
@@ -898,6 +1083,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_with_teardown": round(time.monotonic() - started, 1),
     }
     return result
+
+
+def _pass_goals(result: dict[str, Any]) -> None:
+    goals = result["goals"]
+    resumed = result.get("resumed") or {}
+    cps = resumed.get("cps_resumed") or {}
+    if cps:
+        ratio = (
+            round(cps["meshagent"] / cps["haproxy"], 2)
+            if cps.get("meshagent") and cps.get("haproxy")
+            else None
+        )
+        goals["cps_resumed_vs_haproxy_default"] = _goal(ratio, ">=", 0.8)
+    mem = {w: m for w, m in (result.get("memory") or {}).items() if "pss_b_mb" in m}
+    if "1" in mem:
+        goals["pss_idle_mb_1_worker"] = _goal(mem["1"]["pss_b_mb"], "<", 40.0)
+        for w, m in mem.items():
+            if w != "1":
+                per = round((m["pss_b_mb"] - mem["1"]["pss_b_mb"]) / (int(w) - 1), 1)
+                goals[f"pss_mb_per_extra_worker_{w}"] = _goal(per, "<", 15.0)
 
 
 def _brief(measure: str, got: dict[str, Any]) -> str:
@@ -931,11 +1136,12 @@ def _median(runs: list[dict[str, Any]], key: str) -> float | None:
 def summarize(
     args: argparse.Namespace,
     raw: dict[str, dict[str, list[dict[str, Any]]]],
-    rss_idle: dict[str, dict[str, float]],
+    mem_idle: dict[str, dict[str, float]],
     held: dict[str, dict[str, Any]],
-    rss_after: dict[str, dict[str, float]],
+    mem_after: dict[str, dict[str, float]],
     tls: dict[str, dict[str, str]],
     env: dict[str, Any],
+    pinned: bool = False,
 ) -> dict[str, Any]:
     table: dict[str, dict[str, float | None]] = {}
 
@@ -955,12 +1161,23 @@ def summarize(
     row(f"p50 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p50_ms") for t in TARGETS})
     row(f"p99 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p99_ms") for t in TARGETS})
     row(f"bulk MB/s ({args.big_mib} MiB)", {t: _median(raw[t]["bulk"], "mb_s") for t in TARGETS})
-    row("RSS idle MB, a", {t: rss_idle[t]["rss_a_mb"] for t in PROXIES})
-    row("RSS idle MB, b", {t: rss_idle[t]["rss_b_mb"] for t in PROXIES})
-    row(f"RSS {args.hold} conns MB, a", {t: held[t].get("rss_a_mb") for t in PROXIES})
-    row(f"RSS {args.hold} conns MB, b", {t: held[t].get("rss_b_mb") for t in PROXIES})
-    row("RSS idle after load MB, a", {t: rss_after[t]["rss_a_mb"] for t in PROXIES})
-    row("RSS idle after load MB, b", {t: rss_after[t]["rss_b_mb"] for t in PROXIES})
+    row(
+        "failed (socket errors + non-2xx)",
+        {
+            t: float(sum(int(r.get("errors", 0)) for m in ("rps", "cps") for r in raw[t].get(m, [])))
+            for t in TARGETS
+        },
+    )
+    for side in "ab":
+        row(f"Σ PSS idle MB, {side}", {t: mem_idle[t][f"pss_{side}_mb"] for t in PROXIES})
+    for side in "ab":
+        row(f"Σ RSS idle MB, {side}", {t: mem_idle[t][f"rss_{side}_mb"] for t in PROXIES})
+    for side in "ab":
+        row(f"Σ PSS {args.hold} conns MB, {side}", {t: held[t].get(f"pss_{side}_mb") for t in PROXIES})
+    for side in "ab":
+        row(f"Σ RSS {args.hold} conns MB, {side}", {t: held[t].get(f"rss_{side}_mb") for t in PROXIES})
+    for side in "ab":
+        row(f"Σ PSS idle after load MB, {side}", {t: mem_after[t][f"pss_{side}_mb"] for t in PROXIES})
 
     ratios: dict[str, dict[str, float | None]] = {}
     for label, values in table.items():
@@ -972,13 +1189,18 @@ def summarize(
         }
     rps_label, bulk_label = "requests/s (keep-alive, c=50)", f"bulk MB/s ({args.big_mib} MiB)"
     p99_label = f"p99 ms @ {args.rate:g} req/s"
-    rss_idle_max = max(rss_idle["meshagent"].values())
+    cps_label = "new TLS connections/s (c=50)"
     goals = {
         "requests_per_s_vs_haproxy": _goal(ratios[rps_label]["haproxy"], ">=", 1.0, floor=0.8),
+        "connections_per_s_vs_haproxy": _goal(ratios[cps_label]["haproxy"], ">=", 1.0),
         "bulk_vs_haproxy": _goal(ratios[bulk_label]["haproxy"], ">=", 1.0, floor=0.8),
         "p99_vs_haproxy": _goal(ratios[p99_label]["haproxy"], "<=", 1.5),
-        "rss_idle_mb": _goal(rss_idle_max, "<", 40.0),
+        "failed": _goal(table["failed (socket errors + non-2xx)"]["meshagent"], "<=", 0.0),
     }
+    if pinned:  # one worker: the 1-worker memory goal applies to this table's idle figure
+        goals["pss_idle_mb_1_worker"] = _goal(
+            max(mem_idle["meshagent"][f"pss_{x}_mb"] for x in "ab"), "<", 40.0
+        )
     errors: dict[str, dict[str, Any]] = {
         t: {
             m: sum(int(r.get("errors", 0)) + int(r.get("lost", 0)) for r in runs)
@@ -1015,8 +1237,11 @@ def summarize(
             "big_mib": args.big_mib,
             "bulk_runs": args.bulk_runs,
             "hold_connections": args.hold,
-            "haproxy_threads": args.haproxy_threads,
-            "pinned": "no" if args.no_pin else "a: CPU 0, b: CPU 1",
+            "haproxy_threads": 1 if pinned else (args.haproxy_threads or "default (one per CPU)"),
+            "pinned": "a: CPU 0, b: CPU 1" if pinned else "no",
+            "title": PINNED_TITLE
+            if pinned
+            else "as users run it: no pinning, haproxy and meshagent on every CPU",
             "agent_src": str(args.agent_src) if args.agent_src else "this checkout",
             "agent_config_extra": args.agent_config,
             "wait_quiet_s": args.wait_quiet,
@@ -1085,6 +1310,11 @@ def environment() -> dict[str, Any]:
 
 def print_table(result: dict[str, Any]) -> None:
     table, ratios = result["table"], result["ratios_meshagent_to"]
+    cfg = result["config"]
+    print(
+        f"== {cfg['title']} (meshagent {cfg.get('meshagent_proxy')}; "
+        f"load average at start {result['environment'].get('loadavg')})"
+    )
     width = max(len(k) for k in table)
     head = f"{'':{width}}  " + "".join(f"{t:>11}" for t in TARGETS) + "   mesh/hap  mesh/stun  mesh/dir"
     print(head)
@@ -1099,6 +1329,7 @@ def print_table(result: dict[str, Any]) -> None:
         mark = "met" if goal["met"] else "NOT met"
         floor = " (below the 0.8x floor)" if goal.get("below_floor") else ""
         print(f"goal {name}: {goal['value']} {goal.get('goal', '')} -> {mark}{floor}")
+    print_passes(result)
     cost = result.get("metrics_cost")
     if cost:
         print(
@@ -1119,6 +1350,40 @@ def print_table(result: dict[str, Any]) -> None:
     for name, fields in result["tls"].items():
         print(f"tls {name}: {', '.join(f'{k}: {v}' for k, v in fields.items())}")
     print(f"timing: {result['timing_s']}")
+
+
+def print_passes(result: dict[str, Any]) -> None:
+    resumed = result.get("resumed")
+    if resumed:
+        if "error" in resumed:
+            print(f"cps_resumed: FAILED {resumed['error']}")
+        else:
+            cps, cpu = resumed["cps_resumed"], resumed["cpu_us_per_connection"]
+            print(
+                f"cps_resumed (resumption on, haproxy defaults): haproxy {_fmt(cps['haproxy'])}/s, "
+                f"meshagent {_fmt(cps['meshagent'])}/s; CPU us/connection {_fmt(cpu['haproxy'])} / "
+                f"{_fmt(cpu['meshagent'])}; failed {resumed['failed']}; "
+                f"b's meshagent_tls_resumed_total {resumed['meshagent_tls_resumed_total_b']}"
+            )
+    for workers, got in (result.get("scaling") or {}).items():
+        if "error" in got:
+            print(f"scaling workers={workers}: FAILED {got['error']}")
+        else:
+            print(
+                f"scaling workers={workers} ({got['processes_b']} processes on b): "
+                f"{_fmt(got['rps'])} req/s at "
+                f"{_fmt(got['cpu_us_per_req'])} CPU us/req; {_fmt(got['cps'])} conn/s at "
+                f"{_fmt(got['cpu_us_per_conn'])} CPU us/conn; failed {got['failed']}"
+            )
+    for workers, got in (result.get("memory") or {}).items():
+        if "error" in got:
+            print(f"memory workers={workers}: FAILED {got['error']}")
+        else:
+            print(
+                f"memory workers={workers} ({got['processes_b']} processes): "
+                f"b idle Σ PSS {got['pss_b_mb']} MB "
+                f"(Σ RSS {got['rss_b_mb']} MB)"
+            )
 
 
 def _fmt(value: float | None, ratio: bool = False) -> str:
@@ -1148,11 +1413,37 @@ def main() -> None:
     parser.add_argument("--big-mib", type=int, default=256, help="size of the bulk file")
     parser.add_argument("--bulk-runs", type=int, default=3)
     parser.add_argument("--hold", type=int, default=1000, help="open connections for the RSS measure")
-    parser.add_argument("--haproxy-threads", type=int, default=1)
     parser.add_argument(
-        "--no-pin",
+        "--haproxy-threads",
+        type=int,
+        default=None,
+        help="haproxy's nbthread (default: no nbthread line, one thread per CPU, as haproxy ships)",
+    )
+    parser.add_argument(
+        "--workers", default="auto", help="meshagent's proxy.workers for the main table [%(default)s]"
+    )
+    parser.add_argument(
+        "--pin",
         action="store_true",
-        help="let the scheduler place all processes (default: a's on CPU 0, b's on CPU 1)",
+        help=f"then also the old setup, in a second lab, as an extra table: {PINNED_TITLE} "
+        "(a's processes on CPU 0, b's on CPU 1)",
+    )
+    parser.add_argument(
+        "--no-resumed", dest="resumed", action="store_false", help="skip the cps_resumed pass"
+    )
+    parser.add_argument(
+        "--scaling-workers",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[1, 2],
+        metavar="N,N",
+        help="the scaling pass: meshagent's req/s and conn/s with these worker counts ('' skips) [1,2]",
+    )
+    parser.add_argument(
+        "--memory-workers",
+        type=lambda v: [int(x) for x in v.split(",") if x],
+        default=[1, 2, 4],
+        metavar="N,N",
+        help="the memory pass: b's idle Σ PSS with these worker counts ('' skips) [1,2,4]",
     )
     parser.add_argument(
         "--wait-quiet",
@@ -1203,8 +1494,8 @@ def main() -> None:
     for tool in ("nginx", "haproxy", "stunnel", "wrk", "curl", "openssl", "nft", "fallocate"):
         if shutil.which(tool) is None:
             reason = reason or f"{tool} is not installed"
-    if not args.no_pin and (os.cpu_count() or 1) < 2:
-        reason = reason or "pinning a and b to CPUs 0 and 1 needs two CPUs (or pass --no-pin)"
+    if args.pin and (os.cpu_count() or 1) < 2:
+        reason = reason or "--pin puts a and b on CPUs 0 and 1: it needs two CPUs"
     if args.profile and not Path(PY_SPY).exists():
         reason = reason or f"--profile needs py-spy ({PY_SPY}): .venv/bin/pip install py-spy"
     if args.agent_src and not (args.agent_src / "agent" / "cli" / "__main__.py").exists():
@@ -1227,6 +1518,9 @@ def main() -> None:
 
     try:
         result = run(args)
+        if args.pin:
+            log(PINNED_TITLE)
+            result["pinned"] = run(args, pinned=True)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     finally:
@@ -1237,6 +1531,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print_table(result)
+    if "pinned" in result:
+        print()
+        print_table(result["pinned"])
 
 
 if __name__ == "__main__":
