@@ -158,11 +158,12 @@ class Worker:
             return None
         raise ValueError(f"unknown op {op!r}")
 
-    async def _init(self, directory: Any, ticket_key: bytes | None = None, log: Any = None) -> dict[str, Any]:
+    async def _init(self, directory: Any, ticket_key: bytes | None = None, **more: Any) -> dict[str, Any]:
         from agent.daemon import _orig_dst, listener_settings  # the daemon imports the pool
 
-        if log is not None:
-            configure_logs(log["level"], log["format"], self.slot)
+        logs = more.get("log")
+        if logs is not None:
+            configure_logs(logs["level"], logs["format"], self.slot)
         self.credentials = await asyncio.to_thread(Credentials.load, self.store)
         if ticket_key is not None:
             self._ticket_key(ticket_key)
@@ -202,14 +203,17 @@ class Worker:
         self.ticket_key_name = key[:16].hex()
 
     def _open(self) -> dict[str, int]:
-        """Open connections by direction, counted on their peer-facing leg (what a kill loses)."""
+        """Open connections by direction, counted on their peer-facing leg (what a kill loses).
+        Read from the legs' metric labels: with telemetry.metrics = false both are 0."""
         inbound = outbound = 0
         if self.proxy is not None:
             for leg in self.proxy.live_legs():
                 base = leg.metrics.base if leg.metrics is not None else None
-                if base == INBOUND_SRC:
+                if base is None:
+                    continue
+                if base.startswith(INBOUND_SRC):
                     inbound += 1
-                elif base == OUTBOUND_DST:
+                elif base.startswith(OUTBOUND_DST):
                     outbound += 1
         return {"inbound": inbound, "outbound": outbound}
 

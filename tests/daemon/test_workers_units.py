@@ -1,0 +1,329 @@
+"""The parts of `proxy.workers` > 1 that need no network namespace: the control channel, the
+SO_REUSEPORT listeners, the forker, and a real worker draining on loopback.
+
+Workers here are real forked processes on real loopback sockets; only SO_ORIGINAL_DST (there is
+no interception on loopback) is given by a fixed resolver, as in tests/proxy/test_mtls_loopback.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import pickle
+import signal
+import socket
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import uvloop
+
+from agent.config import AgentConfig, IdentitySettings, ProxySettings
+from agent.errors import ListenError
+from agent.proxy.catalog import Catalog
+from agent.proxy.directory import Directory
+from agent.proxy.listeners import ListenerSettings
+from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.workers import worker
+from agent.workers.control import Channel, ChannelError, WorkerGone
+from agent.workers.forker import (
+    IP_TRANSPARENT,
+    Forker,
+    SlotSockets,
+    bind_listeners,
+    describe_exit,
+    start_forker,
+)
+from tests.support import issue_identity
+
+LOOPBACK = ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0))
+
+
+def run(body: Callable[[], Awaitable[None]], timeout: float = 30) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(body(), timeout)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+
+
+def _hello_worker(slot: int, sockets: SlotSockets, chan: socket.socket) -> None:
+    """A stand-in worker: greets every inbound connection with "<slot> <pid>" and closes it;
+    answers `ping`; exits on EOF of its control channel."""
+
+    class Hello(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            writer = cast(asyncio.WriteTransport, transport)  # uvloop's is no asyncio.Transport
+            writer.write(f"{slot} {os.getpid()}\n".encode())
+            writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sock in sockets["inbound"]:
+            await loop.create_server(Hello, sock=sock, backlog=4096)
+        control = await Channel.open(chan, lambda op, _a: {"slot": slot, "pid": os.getpid(), "op": op})
+        await control.wait_closed()
+
+    uvloop.run(main())
+    os._exit(0)
+
+
+def _greeting(port: int) -> tuple[int, int]:
+    """Connect, read the greeting to EOF: (slot, pid). A reset raises."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        return _read_greeting(s)
+
+
+def _read_greeting(s: socket.socket) -> tuple[int, int]:
+    data = b""
+    while chunk := s.recv(100):
+        data += chunk
+    slot, pid = data.split()
+    return int(slot), int(pid)
+
+
+def _reap(forker: Forker) -> int:
+    forker.close()
+    _pid, status = os.waitpid(forker.pid, 0)
+    return status
+
+
+# --- the control channel ---------------------------------------------------------------------
+
+
+def test_control_frames_roundtrip_and_concurrent_requests() -> None:
+    async def body() -> None:
+        a_sock, b_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        notes: list[int] = []
+
+        async def slow(i: int) -> int:
+            for _ in range((100 - i) % 7):  # replies come back out of order
+                await asyncio.sleep(0)
+            return i * i
+
+        def handler(op: str, args: dict[str, Any]) -> Any:
+            if op == "square":
+                return slow(args["i"])
+            if op == "note":
+                notes.append(args["i"])
+                return None
+            if op == "echo":
+                return args["blob"]
+            raise ValueError(f"unknown op {op}")
+
+        b = await Channel.open(b_sock, handler, name="b")
+        a = await Channel.open(a_sock, name="a")
+        replies = await asyncio.gather(*(a.request("square", i=i) for i in range(100)))
+        assert replies == [i * i for i in range(100)]
+        for i in range(50):
+            a.notify("note", i=i)
+        blob = os.urandom(3 * 2**20)  # a directory-sized frame, split over many reads
+        assert await a.request("echo", blob=blob) == blob
+        assert notes == list(range(50))  # notifications are applied in order
+        with pytest.raises(ChannelError, match="unknown op nope"):
+            await a.request("nope")
+
+        # EOF is death: a request waiting on the other end fails, and so does every later one.
+        never = asyncio.Event()
+        b._handler = lambda _op, _args: never.wait()
+        waiting = asyncio.ensure_future(a.request("stuck", timeout=30))
+        await asyncio.sleep(0)
+        b.close()
+        with pytest.raises(WorkerGone):
+            await waiting
+        await a.wait_closed()
+        assert a.closed
+        with pytest.raises(WorkerGone):
+            await a.request("square", i=1)
+        with pytest.raises(WorkerGone):
+            a.notify("note", i=1)
+
+    run(body)
+
+
+# --- listeners -------------------------------------------------------------------------------
+
+
+def test_bind_listeners_reuseport_same_port() -> None:
+    settings = ListenerSettings(inbound=("::", 0), outbound=("127.0.0.1", 0))
+    listeners = bind_listeners(settings, 3, transparent=os.geteuid() == 0)
+    try:
+        assert len(listeners.slots) == 3
+        for direction, families in (
+            ("inbound", {socket.AF_INET, socket.AF_INET6}),
+            ("outbound", {socket.AF_INET}),
+        ):
+            socks = [s for slot in listeners.slots for s in slot[direction]]
+            assert len(socks) == 3 * len(families)
+            for slot in listeners.slots:
+                assert {s.family for s in slot[direction]} == families
+            assert {s.getsockname()[1] for s in socks} == {listeners.listening[direction][1]}
+            assert listeners.listening[direction][1] != 0
+            for s in socks:
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+                if os.geteuid() == 0 and s.family == socket.AF_INET:  # tproxy: inbound only
+                    assert s.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == (direction == "inbound")
+        busy_port = listeners.listening["outbound"][1]
+    finally:
+        listeners.close()
+
+    # A port some other socket holds (without SO_REUSEPORT) is the daemon's usual error, and
+    # nothing bound before it stays bound.
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", busy_port))
+        holder.listen()
+        first = ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", busy_port))
+        with pytest.raises(ListenError) as err:
+            bind_listeners(first, 2, transparent=False)
+        assert err.value.code == "port_in_use"
+        assert "intercept.outbound_port" in err.value.hint
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may always set IP_TRANSPARENT")
+def test_bind_listeners_transparent_needs_cap_net_admin() -> None:
+    with pytest.raises(ListenError) as err:
+        bind_listeners(LOOPBACK, 1, transparent=True)
+    assert err.value.code == "transparent_not_permitted"
+
+
+# --- the forker ------------------------------------------------------------------------------
+
+
+def test_reuseport_spreads_and_a_killed_slot_keeps_its_queue() -> None:
+    listeners = bind_listeners(LOOPBACK, 2, transparent=False)
+    forker = start_forker(listeners, _hello_worker)
+    port = listeners.listening["inbound"][1]
+
+    async def body() -> None:
+        exits: asyncio.Queue[int] = asyncio.Queue()
+        forker.on_exit = lambda pid, _status, _cpu: exits.put_nowait(pid)
+        workers = [await forker.spawn(slot) for slot in (0, 1)]
+        pids = {slot: pid for slot, (pid, _chan) in enumerate(workers)}
+        for slot, (pid, chan) in enumerate(workers):
+            assert await chan.request("ping") == {"slot": slot, "pid": pid, "op": "ping"}
+
+        served = Counter(_greeting(port)[0] for _ in range(400))
+        assert served[0] > 100 and served[1] > 100, served  # each slot's queue takes its share
+
+        # Slot 0 stops accepting; connections hashed to its socket wait in its queue.
+        os.kill(pids[0], signal.SIGSTOP)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+        os.kill(pids[0], signal.SIGKILL)
+        with pytest.raises(WorkerGone):
+            await workers[0][1].request("ping")
+        new_pid, _chan = await forker.spawn(0)  # on the same socket: the queue is still there
+        answers = []
+        for s in held:
+            with s:
+                answers.append(_read_greeting(s))  # a reset raises here
+        by_slot = Counter(slot for slot, _pid in answers)
+        assert by_slot[0] > 0 and by_slot[1] > 0, by_slot
+        assert {pid for slot, pid in answers if slot == 0} == {new_pid}
+        assert await exits.get() == pids[0]
+
+    try:
+        run(body)
+    finally:
+        assert _reap(forker) == 0
+        listeners.close()
+
+
+def test_forker_reports_exit_status_and_cpu() -> None:
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    forker = start_forker(listeners, _hello_worker)
+
+    async def body() -> None:
+        reported: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+        forker.on_exit = lambda pid, status, cpu: reported.put_nowait((pid, status, cpu))
+        pid, chan = await forker.spawn(0)
+        os.kill(pid, signal.SIGKILL)
+        exited, status, cpu_s = await reported.get()
+        assert exited == pid
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        assert describe_exit(status) == "killed by SIGKILL"
+        assert cpu_s >= 0
+        await chan.wait_closed()
+
+        # A worker whose channel closes exits by itself: exit 0.
+        pid, chan = await forker.spawn(0)
+        chan.close()
+        exited, status, _cpu = await reported.get()
+        assert exited == pid and describe_exit(status) == "exit 0"
+        assert forker.alive
+
+    try:
+        run(body)
+    finally:
+        assert describe_exit(_reap(forker)) == "exit 0"  # EOF on the forker's channel ends it
+        listeners.close()
+
+
+# --- a real worker ---------------------------------------------------------------------------
+
+
+def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
+    """EOF on the control channel (the supervisor is gone) drains: the worker accepts nothing
+    more, but a relayed connection goes on until it ends, and only then does the worker exit."""
+    issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
+    config = AgentConfig(
+        identity=IdentitySettings(state_dir=tmp_path / "b"),
+        proxy=ProxySettings(listen="127.0.0.1", drain_timeout_s=300),
+    )
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    app_port = app.getsockname()[1]
+    main = functools.partial(worker.main, config, orig_dst=lambda _sock: ("127.0.0.1", app_port))
+    forker = start_forker(listeners, main)
+    port = listeners.listening["inbound"][1]
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
+        pid, chan = await forker.spawn(0)
+        directory = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
+        reply = await chan.request(
+            "init",
+            timeout=20,
+            directory=pickle.dumps(directory, protocol=5),
+            ticket_key=None,
+            log={"level": "info", "format": "logfmt"},
+        )
+        assert reply["pid"] == pid and reply["listening"]["inbound"][1] == port
+        ping = await chan.request("ping")
+        assert ping["serial"] and ping["open"] == {"inbound": 0, "outbound": 0}
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello")
+        served, _ = await loop.sock_accept(app)  # the worker relayed it to the app
+        with served:
+            served.setblocking(False)
+            assert await loop.sock_recv(served, 5) == b"hello"
+            ping = await chan.request("ping")
+            assert ping["open"]["inbound"] == 1
+
+            chan.close()  # EOF: the supervisor is gone
+            # Still relaying both ways after the EOF: the worker has not exited.
+            await loop.sock_sendall(served, b"still here")
+            assert await reader.readexactly(10) == b"still here"
+            writer.write(b"more")
+            assert await loop.sock_recv(served, 4) == b"more"
+            assert exits.empty()
+        # The app closes its side; the client reads EOF, closes: the last connection ends.
+        assert await reader.read() == b""
+        writer.close()
+        exited, status = await exits.get()
+        assert exited == pid and describe_exit(status) == "exit 0"
+
+    try:
+        run(body, timeout=60)
+    finally:
+        assert _reap(forker) == 0
+        listeners.close()
+        app.close()
