@@ -31,7 +31,7 @@ from agent.logs import configure, get_logger
 from agent.proxy import http1
 from agent.proxy.listeners import INBOUND_SRC, OUTBOUND_DST, Proxy
 from agent.proxy.tls import Credentials
-from agent.telemetry.process import return_free_memory, rss_bytes
+from agent.telemetry.process import return_free_memory, rss_bytes, tree_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.workers.control import Channel
 
@@ -95,7 +95,6 @@ class Worker:
         self.cut = asyncio.Event()  # end the drain now (cut op, second SIGTERM)
         self.drain_timeout_s = config.proxy.drain_timeout_s
         self.memory: dict[str, Any] = {"trims": 0}
-        self.ticket_key_name: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, sock: socket.socket) -> int:
@@ -164,9 +163,10 @@ class Worker:
         logs = more.get("log")
         if logs is not None:
             configure_logs(logs["level"], logs["format"], self.slot)
-        self.credentials = await asyncio.to_thread(Credentials.load, self.store)
-        if ticket_key is not None:
-            self._ticket_key(ticket_key)
+        # Every worker seals tickets with the supervisor's key: a ticket resumes on any worker.
+        self.credentials = await asyncio.to_thread(
+            Credentials.load, self.store, ticket_key, self.config.proxy.tls_resumption
+        )
         d = _directory(directory)
         settings = listener_settings(self.config)
         proxy = Proxy(
@@ -188,19 +188,17 @@ class Worker:
         identity resumed (sessions, the cached inbound context)."""
         assert self.credentials is not None and self.proxy is not None
         credentials, store = self.credentials, self.store
-        await asyncio.to_thread(lambda: credentials.reload(store, store.load_info()))
-        changed = getattr(self.proxy, "credentials_changed", None)  # tls (E3) adds it
-        if changed is not None:
-            changed()
-        if ticket_key is not None:
-            self._ticket_key(ticket_key)
+        await asyncio.to_thread(lambda: credentials.reload(store, store.load_info(), ticket_key))
+        self.proxy.credentials_changed()
         return {"serial": credentials.identity.summary.serial}
 
     def _ticket_key(self, key: bytes) -> None:
-        rotate = getattr(self.credentials, "rotate_ticket_key", None)  # tls (E3) adds it
-        if rotate is not None:
-            rotate(self.store, key)
-        self.ticket_key_name = key[:16].hex()
+        if self.credentials is not None:
+            self.credentials.rotate_ticket_key(self.store, key)
+
+    @property
+    def ticket_key_name(self) -> str:
+        return "" if self.credentials is None else self.credentials.ticket_key_name
 
     def _open(self) -> dict[str, int]:
         """Open connections by direction, counted on their peer-facing leg (what a kill loses).
@@ -221,7 +219,7 @@ class Worker:
         return "" if self.credentials is None else self.credentials.identity.summary.serial
 
     def ping(self) -> dict[str, Any]:
-        return {"open": self._open(), "serial": self._serial(), "ticket_key_name": self.ticket_key_name or ""}
+        return {"open": self._open(), "serial": self._serial(), "ticket_key_name": self.ticket_key_name}
 
     def snapshot(self) -> dict[str, Any]:
         """This worker's metrics (`ProxyMetrics.dump`, None when metrics are off) and status."""
@@ -232,14 +230,14 @@ class Worker:
         status: dict[str, Any] = {
             "pid": os.getpid(),
             "serial": self._serial(),
-            "ticket_key_name": self.ticket_key_name or "",
+            "ticket_key_name": self.ticket_key_name,
             "rss_mb": round(rss_bytes() / 2**20, 1),
+            "pss_mb": round(tree_memory([os.getpid()]).pss / 2**20, 1),
             "memory": dict(self.memory),
             "http_accounting_stopped": dict(http1.STOPPED),
         }
         if proxy is not None:
-            server = getattr(self.credentials, "server", None)
-            sessions = getattr(proxy, "sessions", None)  # tls (E3): the client SessionCache
+            server = None if self.credentials is None else self.credentials.server
             status.update(
                 stats={
                     "opened": dict(proxy.stats.opened),
@@ -252,7 +250,7 @@ class Worker:
                 open_by_direction=self._open(),
                 listening=dict(proxy.listening),
                 server_sessions=None if server is None else server.session_stats()["number"],
-                session_cache=None if sessions is None else len(sessions),
+                session_cache=len(proxy.sessions),
             )
         return {"metrics": metrics, "status": status}
 

@@ -27,6 +27,7 @@ from agent.proxy.catalog import Catalog
 from agent.proxy.directory import Directory
 from agent.proxy.listeners import ListenerSettings
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.ticket_keys import ticket_key_name
 from agent.workers import worker
 from agent.workers.control import Channel, ChannelError, WorkerGone
 from agent.workers.forker import (
@@ -288,16 +289,25 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
         forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
         pid, chan = await forker.spawn(0)
         directory = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
+        key, next_key = os.urandom(80), os.urandom(80)
         reply = await chan.request(
             "init",
             timeout=20,
             directory=pickle.dumps(directory, protocol=5),
-            ticket_key=None,
+            ticket_key=key,
             log={"level": "info", "format": "logfmt"},
         )
         assert reply["pid"] == pid and reply["listening"]["inbound"][1] == port
         ping = await chan.request("ping")
         assert ping["serial"] and ping["open"] == {"inbound": 0, "outbound": 0}
+        assert ping["ticket_key_name"] == ticket_key_name(key)
+        chan.notify("ticket_key", key=next_key)  # applied in order, before the next request
+        assert (await chan.request("ping"))["ticket_key_name"] == ticket_key_name(next_key)
+        renewed = await chan.request("credentials", ticket_key=key)  # same files: same serial
+        assert renewed == {"serial": ping["serial"]}
+        status = (await chan.request("snapshot"))["status"]
+        assert status["ticket_key_name"] == ticket_key_name(key)
+        assert status["session_cache"] == 0 and status["server_sessions"] == 0  # stateless tickets
 
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"hello")
@@ -307,6 +317,10 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
             assert await loop.sock_recv(served, 5) == b"hello"
             ping = await chan.request("ping")
             assert ping["open"]["inbound"] == 1
+            dump = (await chan.request("snapshot"))["metrics"]
+            opened = next(family for name, family in dump.items() if name.endswith("tcp_open_total"))
+            inbound = 'direction="inbound",peer="src"'
+            assert sum(value for key, value in opened["samples"] if key.startswith(inbound)) == 1
 
             chan.close()  # EOF: the supervisor is gone
             # Still relaying both ways after the EOF: the worker has not exited.
