@@ -83,6 +83,7 @@ def test_stateless_tickets_keep_no_server_cache(tmp_path: Path) -> None:
         offered += 1
         resumed += s2.session_reused and c2.session_reused
     assert server.session_stats()["number"] == 0
+    assert client.session_stats()["number"] == 0  # nor does the client: only SessionCache holds them
     assert resumed >= 0.99 * offered
 
 
@@ -279,6 +280,22 @@ def test_rotated_away_identity_cannot_resume(tmp_path: Path) -> None:
         assert await request(port, b"hi") == b"echo:hi"
         assert _resumed(b, "inbound") == 2
         assert _resumed(a, "outbound") == 2
+        server.close()
+
+    run(tmp_path, body)
+
+
+def test_a_failed_offer_drops_the_session(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await _metered(world, app_port)
+        port = a.listening["outbound"][1]
+        assert await request(port, b"hi") == b"echo:hi"
+        assert len(a.sessions) == 1
+        await b.stop(0.1)  # B is gone: the offered session's connection fails
+        assert await request(port, b"hi") == b""
+        assert a.stats.failures["outbound_tls"] == 1
+        assert len(a.sessions) == 0
         server.close()
 
     run(tmp_path, body)
