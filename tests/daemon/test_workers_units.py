@@ -32,6 +32,7 @@ from agent.workers import worker
 from agent.workers.control import Channel, ChannelError, WorkerGone
 from agent.workers.forker import (
     IP_TRANSPARENT,
+    IPV6_TRANSPARENT,
     Forker,
     SlotSockets,
     bind_listeners,
@@ -166,8 +167,13 @@ def test_bind_listeners_reuseport_same_port() -> None:
             for s in socks:
                 assert s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
                 assert s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
-                if os.geteuid() == 0 and s.family == socket.AF_INET:  # tproxy: inbound only
-                    assert s.getsockopt(socket.SOL_IP, IP_TRANSPARENT) == (direction == "inbound")
+                if os.geteuid() == 0:  # tproxy: inbound only, set on every family
+                    level, option = (
+                        (socket.SOL_IP, IP_TRANSPARENT)
+                        if s.family == socket.AF_INET
+                        else (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
+                    )
+                    assert s.getsockopt(level, option) == (direction == "inbound")
         busy_port = listeners.listening["outbound"][1]
     finally:
         listeners.close()
