@@ -236,13 +236,14 @@ def init_cmd(
 @click.option(
     "--idle-timeout",
     type=click.IntRange(1, 3600),
-    help="Seconds an idle keep-alive connection is kept between requests. [default: 5]",
+    help="Seconds an idle keep-alive connection is kept between requests (above the agents' "
+    "report interval). [default: 75]",
 )
 @click.option(
     "--max-connections",
     type=click.IntRange(1, 1_000_000),
     help="Open connections per worker; past it the one waiting longest for a request is "
-    "closed. [default: 4096, or the file limit (LimitNOFILE) less 64 if lower]",
+    "closed. [default: 16384, or the file limit (LimitNOFILE) less 64 if lower]",
 )
 @click.option(
     "--kubernetes",
