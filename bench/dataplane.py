@@ -210,14 +210,21 @@ def memory_mb(procs: list[psutil.Process]) -> tuple[float, float]:
     return round(got.pss / 2**20, 1), round(got.rss / 2**20, 1)
 
 
-def cpu_seconds(procs: list[psutil.Process]) -> float:
-    """User + system CPU of the process trees (a worker that exits meanwhile takes its share)."""
-    total = 0.0
+def cpu_by_pid(procs: list[psutil.Process]) -> dict[int, float]:
+    """User + system CPU seconds of every process of the trees, by pid."""
+    out: dict[int, float] = {}
     for proc in tree(procs):
         with contextlib.suppress(psutil.Error):
             times = proc.cpu_times()
-            total += times.user + times.system
-    return total
+            out[proc.pid] = times.user + times.system
+    return out
+
+
+def cpu_used(before: dict[int, float], after: dict[int, float]) -> float:
+    """CPU seconds the trees used between two `cpu_by_pid`: a process started meanwhile counts
+    whole, one that exited meanwhile (a short-lived helper, a replaced worker) counts 0, never
+    a negative amount."""
+    return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items())
 
 
 class Neighbours:
@@ -697,9 +704,9 @@ def wrk(s: Setup, target: Target, duration: int, close: bool) -> dict[str, Any]:
     argv = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{duration}s", "--timeout", "5s"]
     if close:
         argv += ["-H", "Connection: close"]
-    cpu0 = cpu_seconds(target.procs)
+    cpu0 = cpu_by_pid(target.procs)
     got = s.a.run(*s.cpu(s.a), *argv, target.url(SMALL), timeout=duration + 60)
-    cpu = cpu_seconds(target.procs) - cpu0
+    cpu = cpu_used(cpu0, cpu_by_pid(target.procs))
     text = got.stdout
     rps, total = _WRK_RPS.search(text), _WRK_TOTAL.search(text)
     if rps is None or total is None:
@@ -965,6 +972,10 @@ def scaling_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> 
     return out
 
 
+def _at_most(procs: list[psutil.Process], n: int) -> bool:
+    return len(tree(procs)) <= n
+
+
 def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """b's idle Σ PSS (and Σ RSS) right after a start with 1, 2 and 4 workers."""
     out: dict[str, Any] = {}
@@ -976,12 +987,19 @@ def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
             out[str(workers)] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
             log(f"memory workers={workers}: FAILED {str(exc)[-300:]}")
             continue
+        b = s.targets["meshagent"].procs[1:]
+        # Idle means the supervisor, and with workers the forker and each worker: wait (10 s at
+        # most) for short-lived helpers (an nft or ip run, a renewal) to end.
+        expected = 1 if workers == 1 else workers + 2
+        with contextlib.suppress(BenchError):
+            wait_for(partial(_at_most, b, expected), "b's helpers to end", timeout=10)
         time.sleep(2)
-        pss, rss = memory_mb(s.targets["meshagent"].procs[1:])
+        pss, rss = memory_mb(b)
         out[str(workers)] = {
             "pss_b_mb": pss,
             "rss_b_mb": rss,
-            "processes_b": len(tree(s.targets["meshagent"].procs[1:])),
+            "processes_b": len(tree(b)),
+            "cmdlines_b": [" ".join(p.cmdline()[:6]) for p in tree(b)],
         }
         log(
             f"memory workers={workers}: b Σ PSS {pss} MB, Σ RSS {rss} MB, "
