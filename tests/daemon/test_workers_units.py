@@ -347,3 +347,55 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
         assert _reap(forker) == 0
         listeners.close()
         app.close()
+
+
+def test_worker_ignores_sigint_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """Ctrl-C and SIGHUP reach the whole process group: a worker ignores both. SIGTERM sent to
+    a worker drains it (a relayed connection keeps going); a second SIGTERM cuts the drain."""
+    issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
+    config = AgentConfig(
+        identity=IdentitySettings(state_dir=tmp_path / "b"),
+        proxy=ProxySettings(listen="127.0.0.1", drain_timeout_s=300),
+    )
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    app = socket.socket()
+    app.bind(("127.0.0.1", 0))
+    app.listen()
+    app_port = app.getsockname()[1]
+    main = functools.partial(worker.main, config, orig_dst=lambda _sock: ("127.0.0.1", app_port))
+    forker = start_forker(listeners, main)
+    port = listeners.listening["inbound"][1]
+
+    async def body() -> None:
+        loop = asyncio.get_running_loop()
+        exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
+        pid, chan = await forker.spawn(0)
+        directory = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
+        await chan.request("init", timeout=20, directory=pickle.dumps(directory), ticket_key=None)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"hello")
+        served, _ = await loop.sock_accept(app)
+        with served:
+            served.setblocking(False)
+            assert await loop.sock_recv(served, 5) == b"hello"
+            for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGTERM):
+                os.kill(pid, sig)  # ignored signals are dropped when sent: any other kills now
+            await chan.request("ping")  # the SIGTERM is handled: the worker is draining
+            writer.write(b"draining")
+            assert await loop.sock_recv(served, 8) == b"draining"
+            await loop.sock_sendall(served, b"back")
+            assert await reader.readexactly(4) == b"back"
+            assert exits.empty()
+            os.kill(pid, signal.SIGTERM)  # the second: cut the drain, close what is open
+            assert await reader.read() == b""
+            exited, status = await exits.get()
+            assert exited == pid and describe_exit(status) == "exit 0"
+        writer.close()
+
+    try:
+        run(body, timeout=60)
+    finally:
+        assert _reap(forker) == 0
+        listeners.close()
+        app.close()
