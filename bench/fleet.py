@@ -1,18 +1,23 @@
 """Fleet simulator: N simulated agents against real authority replicas, through the HTTP API.
 
-    .venv/bin/python -m bench.fleet --hosts 1000 --replicas 3 --database postgresql --heartbeat 10
+    .venv/bin/python -m bench.fleet --hosts 10000 --procs 2 --replicas 3 --database postgresql
+    .venv/bin/python -m bench.fleet --hosts 1000 --abuse     # a second window with bad clients
 
-One asyncio process plays every agent: it enrolls each with a real CSR (one P-256 key per host,
-made up front: the authority's cost is what is measured), then every agent long polls its
-directory (GET /v1/host/config?wait=30 with If-None-Match) and reports (POST /v1/host/report)
-every --heartbeat seconds for --steady seconds; then --renewals hosts renew (real proof of
+The agents are spread over --procs shard processes (bench/fleet_shard.py: each its own asyncio
+loop and httpx pools; their latencies merged as raw samples). Each agent enrolls with a real
+CSR (one P-256 key per host, made up front: the authority's cost is what is measured), fetches
+its whole directory once, then long polls it (GET /v1/host/config?wait=30 with If-None-Match)
+and reports (POST /v1/host/report) every --heartbeat seconds, its report reusing a kept-alive
+connection; --steady seconds are measured (and as many again with bench/fleet_abuse.py's bad
+clients at every replica, with --abuse); then --renewals hosts renew (real proof of
 possession) while the fleet keeps polling; then one host is revoked and the simulator times
 until every other agent's long poll has returned a directory without the revoked host.
 
 The authority is `--replicas` real `meshagent authority serve` processes (tests/authority/
 replicas.py) behind haproxy in TCP mode, on a throwaway PostgreSQL cluster (tests/pgcluster.py)
-or on the directory's SQLite file. Everything shares this machine's cores: the simulator's own
-CPU is reported beside the authority's, so read the rates as lower bounds.
+or on the directory's SQLite file. Everything shares this machine's cores: each process's CPU
+(the replicas, haproxy, PostgreSQL's backends, each shard) is reported per phase, to say which
+was the limit.
 
 Results: bench/results/fleet-<database>-r<R>-n<N>.json and a markdown row appended to
 bench/results/fleet.md.
@@ -21,296 +26,76 @@ bench/results/fleet.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
 import random
-import resource
-import ssl
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
+import psutil
 
-from agent.identity.pki import PrivateKey, generate_key, make_csr, sign_possession
+from agent.authority.httpguard import Limits
+from agent.identity.pki import generate_key, make_csr
+from bench.fleet_abuse import running_abuse
+from bench.fleet_agents import make_hosts, percentile, raise_file_limit
+from bench.fleet_shard import AgentSettings, ShardPool, merged, shard_pool, split
 
 RESULTS = Path(__file__).parent / "results"
-
-# httpcore imports sniffio on every request to learn the event loop; without sniffio installed
-# each attempt searches sys.path again (a third of the simulator's CPU in a profile). A None
-# entry makes the failed import instant, and httpcore then assumes asyncio, which is right.
-with contextlib.suppress(ImportError):
-    import sniffio  # type: ignore[import-not-found]  # noqa: F401
-if "sniffio" not in sys.modules:
-    sys.modules["sniffio"] = None  # type: ignore[assignment]
-LONG_POLL_S = 30
-RETRY_STATUSES = {502, 503, 504}
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
-@dataclass
-class SimHost:
-    index: int
-    token: str  # the join token's secret
-    key: PrivateKey
-    csr: str
-    name: str
-    address: str
-    host_id: str = ""
-    chain: str = ""
-    api_token: str = ""
-    etag: str = ""
-    enroll_attempts: int = 0
-
-
-@dataclass
-class Calls:
-    """Latency (s) of each successful call by kind, and the failures by kind and reason."""
-
-    latency: dict[str, list[float]] = field(default_factory=dict)
-    failures: Counter[str] = field(default_factory=Counter)
-    retries: Counter[str] = field(default_factory=Counter)
-
-    def ok(self, kind: str, seconds: float) -> None:
-        self.latency.setdefault(kind, []).append(seconds)
-
-    def summary(self, kind: str) -> dict[str, float]:
-        values = self.latency.get(kind, [])
-        return {
-            "count": len(values),
-            "p50_ms": round(percentile(values, 50) * 1000, 1),
-            "p99_ms": round(percentile(values, 99) * 1000, 1),
-            "max_ms": round(max(values, default=float("nan")) * 1000, 1),
-        }
-
-
-class Refused(Exception):
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(f"HTTP {status}: {body[:200]!r}")
-        self.status = status
-        self.body = body
-
-
-def tls_context(ca_file: str) -> ssl.SSLContext:
-    """As agent/identity/client.py: the pinned CA, no name check."""
-    ctx = ssl.create_default_context(cafile=ca_file)
-    ctx.check_hostname = False
-    return ctx
-
-
-class FleetClient:
-    """The simulated agents' HTTP side. Calls are retried, like an agent behind a load
-    balancer must: on a transport error (a replica killed mid-request) and on 502/503/504 (the
-    registry away: Retry-After honoured), with a capped back-off, up to `deadline_s`. An
-    enrollment retried with the same token and key gets the same host back (storage.enroll):
-    that is what makes the retry safe."""
-
-    def __init__(
-        self, url: str, ca_file: str, shards: int = 1, per_shard: int = 200, deadline_s: float = 60
-    ) -> None:
-        self.url = url
-        self.calls = Calls()
-        self.deadline_s = deadline_s
-        ctx = tls_context(ca_file)
-        # httpx's pool scans its connections on every request: many small pools, not one of 10,000.
-        self._clients = [
-            httpx.AsyncClient(
-                base_url=url,
-                verify=ctx,
-                timeout=httpx.Timeout(10.0, read=LONG_POLL_S + 15),
-                limits=httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard),
-            )
-            for _ in range(shards)
-        ]
-
-    def client(self, host: SimHost) -> httpx.AsyncClient:
-        return self._clients[host.index % len(self._clients)]
-
-    async def aclose(self) -> None:
-        await asyncio.gather(*(c.aclose() for c in self._clients))
-
-    async def call(
-        self, kind: str, host: SimHost, send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
-    ) -> httpx.Response:
-        started = time.monotonic()
-        delay = 0.05
-        while True:
-            attempt = time.monotonic()
-            try:
-                response = await send(self.client(host))
-            except httpx.TransportError as exc:
-                reason = type(exc).__name__
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    self.calls.ok(kind, time.monotonic() - attempt)
-                    return response
-                reason = f"http_{response.status_code}"
-                after = response.headers.get("retry-after", "")
-                delay = max(delay, float(after)) if after.isdigit() else delay
-            self.calls.retries[f"{kind}:{reason}"] += 1
-            if time.monotonic() - started > self.deadline_s:
-                self.calls.failures[f"{kind}:{reason}"] += 1
-                raise Refused(0, reason.encode())
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
-            delay = min(delay * 2, 2.0)
-
-    # --- the API calls -------------------------------------------------------------------
-
-    async def enroll(self, host: SimHost) -> None:
-        body = {
-            "token_secret": host.token,
-            "csr": host.csr,
-            "host_name": host.name,
-            "addresses": [host.address],
-        }
-
-        async def send(c: httpx.AsyncClient) -> httpx.Response:
-            host.enroll_attempts += 1
-            return await c.post("/v1/enroll", json=body)
-
-        response = await self.call("enroll", host, send)
-        if response.status_code != 200:
-            self.calls.failures[f"enroll:{response.status_code}"] += 1
-            raise Refused(response.status_code, response.content)
-        self._issued(host, response.json())
-
-    def _issued(self, host: SimHost, doc: dict[str, Any]) -> None:
-        host.host_id, host.chain, host.api_token = doc["host_id"], doc["certificate_chain"], doc["api_token"]
-
-    async def report(self, host: SimHost, interval_s: float) -> None:
-        body = {
-            "agent_version": "fleet-sim",
-            "ready": True,
-            "reason": "",
-            "directory_updated_at": time.time(),
-            "refresh_interval_s": interval_s,
-            "probes": [],
-        }
-        response = await self.call(
-            "heartbeat",
-            host,
-            # (the token read per attempt: a renewal in between replaces it)
-            lambda c: c.post(
-                "/v1/host/report", json=body, headers={"authorization": f"Bearer {host.api_token}"}
-            ),
-        )
-        if response.status_code != 204:
-            self.calls.failures[f"heartbeat:{response.status_code}"] += 1
-
-    async def renew(self, host: SimHost) -> None:
-        key = generate_key()
-        csr = make_csr(key)
-        timestamp = int(time.time())
-        body = {
-            "certificate_chain": host.chain,
-            "csr": csr.decode(),
-            "timestamp": timestamp,
-            "signature": sign_possession(host.key, csr, timestamp),
-        }
-        response = await self.call("renew", host, lambda c: c.post("/v1/renew", json=body))
-        if response.status_code != 200:
-            self.calls.failures[f"renew:{response.status_code}"] += 1
-            raise Refused(response.status_code, response.content)
-        host.key = key
-        self._issued(host, response.json())
-
-    async def host_config(self, host: SimHost, wait_s: float = 0) -> httpx.Response:
-        headers = {"authorization": f"Bearer {host.api_token}"}
-        if host.etag:
-            headers["if-none-match"] = host.etag
-        path = f"/v1/host/config?wait={wait_s:g}" if wait_s else "/v1/host/config"
-        kind = "long_poll" if wait_s else "host_config"
-        response = await self.call(kind, host, lambda c: c.get(path, headers=headers))
-        if response.status_code == 200:
-            host.etag = response.headers.get("etag", "")
-        return response
-
-
-def make_hosts(secrets: list[str]) -> list[SimHost]:
-    hosts = []
-    for i, secret in enumerate(secrets):
-        key = generate_key()
-        # 198.18.0.0/15, one address per host (a /16 holds 65,536).
-        address = f"198.18.{i // 250}.{i % 250 + 1}"
-        hosts.append(SimHost(i, secret, key, make_csr(key).decode(), f"sim-{i}", address))
-    return hosts
-
-
-async def bounded(concurrency: int, jobs: list[Callable[[], Awaitable[None]]]) -> list[BaseException | None]:
-    """Run `jobs` with at most `concurrency` at once; the exception of each (None: done)."""
-    gate = asyncio.Semaphore(concurrency)
-    outcomes: list[BaseException | None] = []
-
-    async def one(job: Callable[[], Awaitable[None]]) -> None:
-        async with gate:
-            try:
-                await job()
-                outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(exc)
-
-    await asyncio.gather(*(one(j) for j in jobs))
-    return outcomes
 
 
 # --- the authority's processes -------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _memory_mb(procs: list[psutil.Process]) -> float:
+    """A process's RSS; a group's (PostgreSQL) summed USS, with its root's RSS: each backend's
+    RSS counts the shared buffers again."""
+    total = 0
+    for i, p in enumerate(procs):
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss if i == 0 else p.memory_full_info().uss
+    return round(total / 2**20, 1)
 
 
 class Meter:
-    """CPU seconds and RSS of the authority's processes (and this one) over a phase."""
+    """CPU (% of one core) and RSS of each process over a phase: the replicas, haproxy,
+    PostgreSQL (its postmaster and every backend, summed), the shards and this process. On a
+    shared 2-core machine this says which process was the limit."""
 
-    def __init__(self, pids: dict[str, int]) -> None:
-        self.pids = {**pids, "simulator": os.getpid()}
-        self._start = self._cpu()
+    def __init__(self, pids: dict[str, int], groups: dict[str, int] | None = None) -> None:
+        self.procs: dict[str, list[psutil.Process]] = {}
+        for name, pid in {**pids, "parent": os.getpid()}.items():
+            with contextlib.suppress(psutil.Error):
+                self.procs[name] = [psutil.Process(pid)]
+        for name, pid in (groups or {}).items():  # a process and all its children
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(pid)
+                self.procs[name] = [root, *root.children(recursive=True)]
+        self._start = {name: self._cpu(procs) for name, procs in self.procs.items()}
         self._t = time.monotonic()
 
-    def _cpu(self) -> dict[str, float]:
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> dict[int, float]:
         out = {}
-        for name, pid in self.pids.items():
-            with contextlib.suppress(OSError):
-                out[name] = cpu_seconds(pid)
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                times = p.cpu_times()
+                out[p.pid] = times.user + times.system
         return out
 
     def read(self) -> dict[str, Any]:
         wall = time.monotonic() - self._t
-        now = self._cpu()
         out: dict[str, Any] = {}
-        for name, pid in self.pids.items():
-            if name in now and name in self._start:
-                rss = 0.0
-                with contextlib.suppress(OSError):
-                    rss = rss_mb(pid)
-                out[name] = {
-                    "cpu_pct": round(100 * (now[name] - self._start[name]) / max(wall, 1e-9), 1),
-                    "rss_mb": round(rss, 1),
-                }
+        for name, procs in self.procs.items():
+            now = self._cpu(procs)
+            used = sum(now[pid] - self._start[name][pid] for pid in now if pid in self._start[name])
+            out[name] = {"cpu_pct": round(100 * used / max(wall, 1e-9), 1), "rss_mb": _memory_mb(procs)}
         return out
 
 
@@ -323,28 +108,47 @@ class Setup:
     ca_file: str
     directory: Path
     database: str | None
-    pids: dict[str, int]
+    pids: dict[str, int]  # replicas, haproxy
+    groups: dict[str, int]  # PostgreSQL's postmaster (its backends are counted with it)
+    replica_addresses: list[tuple[str, int]]
+    idle_timeout_s: int
 
 
 @contextlib.contextmanager
-def authority_setup(root: Path, replicas: int, database: str) -> Iterator[Setup]:
+def authority_setup(root: Path, replicas: int, database: str, idle_timeout: int | None) -> Iterator[Setup]:
     from tests.authority.replicas import Replicas
 
     with contextlib.ExitStack() as stack:
         url: str | None = None
+        groups: dict[str, int] = {}
         if database == "postgresql":
             from tests.pgcluster import pg_cluster
 
             # Each replica's pool plus the simulator's own connection.
             pg = stack.enter_context(pg_cluster(max_connections=max(100, 25 * replicas + 20)))
             url = pg.url
-        fleet = Replicas(root / "authority", replicas, url, serve_args=("--max-connections", "30000"))
+            groups["postgresql"] = pg.postmaster_pid() or 0
+        # The connection cap above what the fleet holds (two connections an agent): the
+        # default's shedding is what --abuse and tests/authority/test_abuse.py exercise.
+        serve_args = ["--max-connections", "30000"]
+        if idle_timeout is not None:
+            serve_args += ["--idle-timeout", str(idle_timeout)]
+        fleet = Replicas(root / "authority", replicas, url, serve_args=tuple(serve_args))
         fleet.start()
         stack.callback(fleet.stop)
         pids = {r.name: r.pid for r in fleet.replicas}
         assert fleet.haproxy is not None
         pids["haproxy"] = fleet.haproxy.pid
-        yield Setup(fleet.url, fleet.ca_file, fleet.directory, url, pids)
+        yield Setup(
+            fleet.url,
+            fleet.ca_file,
+            fleet.directory,
+            url,
+            pids,
+            groups,
+            [(r.host, r.port) for r in fleet.replicas],
+            idle_timeout if idle_timeout is not None else Limits().idle_timeout,
+        )
 
 
 def open_authority(directory: Path, database: str | None) -> Any:
@@ -361,187 +165,191 @@ def open_authority(directory: Path, database: str | None) -> Any:
     return Authority(load_authority(directory), open_registry(directory, database))
 
 
-async def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
+    """The phases, each asked of every shard at once; the merged samples of each."""
     authority = open_authority(setup.directory, setup.database)
-    n = args.hosts
+    n, k = args.hosts, args.procs
     t = time.monotonic()
     secrets = [tok.secret for tok in authority.create_tokens("fleet/sim", setup.url, timedelta(hours=2), n)]
     tokens_s = time.monotonic() - t
-    t = time.monotonic()
-    hosts = make_hosts(secrets)
-    keys_s = time.monotonic() - t
-    # ~50 agents a pool: each holds up to two connections (its long poll and a report).
-    client = FleetClient(setup.url, setup.ca_file, shards=max(1, n // 50), per_shard=110)
     result: dict[str, Any] = {
         "hosts": n,
         "replicas": args.replicas,
         "database": args.database,
         "heartbeat_s": args.heartbeat,
-        "setup": {"tokens_s": round(tokens_s, 2), "keys_and_csrs_s": round(keys_s, 2)},
-        # The machine's load when the run began (the replicas, PostgreSQL, haproxy and this
+        "procs": k,
+        "idle_timeout_s": setup.idle_timeout_s,
+        # The machine's load when the run began (the replicas, PostgreSQL, haproxy and the
         # simulator share its cores with whatever else runs): read the rates with it.
         "loadavg_at_start": os.getloadavg(),
     }
-    try:
+    victim = n - 1  # the host revoked at the end
+    victim_entry = f'"{make_hosts([""], [victim])[0].address}/32"'.encode()
+    settings = AgentSettings(setup.url, setup.ca_file, args.heartbeat, args.long_polls, victim_entry, k)
+    with shard_pool(k, settings) as pool:
+        pids = {**setup.pids, **pool.pids}
+        parts = [
+            {"indices": i, "secrets": s}
+            for i, s in zip(split(list(range(n)), k), split(secrets, k), strict=True)
+        ]
+        keys_s = max(r["keys_s"] for r in pool.ask("make", parts))
+        result["setup"] = {"tokens_s": round(tokens_s, 2), "keys_and_csrs_s": round(keys_s, 2)}
+        per_shard = max(1, args.concurrency // k)
+
         # 1. The enrollment storm.
-        meter = Meter(setup.pids)
-        t = time.monotonic()
-        outcomes = await bounded(args.concurrency, [partial(client.enroll, h) for h in hosts])
-        elapsed = time.monotonic() - t
-        enrolled = sum(1 for o in outcomes if o is None)
+        replies, elapsed, used = _phase(pool, pids, setup.groups, "enroll", concurrency=per_shard)
+        enrolled = sum(r["enrolled"] for r in replies)
+        ids: dict[int, tuple[str, str]] = {}
+        for r in replies:
+            ids.update(r["ids"])
         result["enroll"] = {
             "enrolled": enrolled,
             "elapsed_s": round(elapsed, 2),
             "per_s": round(enrolled / elapsed, 1),
-            "concurrency": args.concurrency,
-            **client.calls.summary("enroll"),
-            "resources": meter.read(),
+            "concurrency": per_shard * k,
+            **merged(replies).summary("enroll"),
+            "resources": used,
         }
-        print(f"enroll: {result['enroll']}", flush=True)
+        _say("enroll", result)
 
-        # 2. The directory at N hosts: size, time (one client, one at a time).
-        sample = hosts[0]
-        times = []
-        size = 0
-        for _ in range(10):
-            t = time.monotonic()
-            response = await client.host_config(
-                SimHost(-1, "", sample.key, "", "", "", api_token=sample.api_token)
-            )
-            times.append(time.monotonic() - t)
-            size = len(response.content)
-        doc_bytes = response.content
+        # 2. The directory at N hosts: size and fetch time (one client, one at a time), render
+        # time in this process.
+        sample = pool.ask_one(0, "fetch_sample", index=0, rounds=10)
+        record = authority.authenticate(ids[0][1])
         render_times = []
-        record = authority.authenticate(sample.api_token)
         for _ in range(10):
             t = time.perf_counter()
             authority.render_host_config(record)
             render_times.append(time.perf_counter() - t)
         result["host_config"] = {
-            "bytes": size,
-            "fetch_median_ms": round(percentile(times, 50) * 1000, 1),
+            "bytes": len(sample["body"]),
+            "fetch_median_ms": round(percentile(sample["times"], 50) * 1000, 1),
             "render_in_process_median_ms": round(percentile(render_times, 50) * 1000, 1),
         }
-        print(f"host_config: {result['host_config']}", flush=True)
+        _say("host_config", result)
+        assert victim_entry in sample["body"]
 
-        # 3. The fleet in steady state: every agent holds a long poll and reports every interval.
-        stop = asyncio.Event()
-        victim = hosts[-1]
-        victim_entry = f'"{victim.address}/32"'.encode()
-        assert victim_entry in doc_bytes
-        seen_without: dict[int, float] = {}
-        revoked_at: list[float] = []
-        all_told = asyncio.Event()
-        primed = 0
-
-        async def prime(host: SimHost) -> None:
-            nonlocal primed
-            await client.host_config(host)
-            primed += 1
-
-        # The first fetch of each agent's whole directory, a few at a time: agents fetch it once
-        # enrolled, spread over the enrollments; all at once would measure a restart storm.
-        t = time.monotonic()
-        polling = hosts if args.long_polls else []
-        outcomes = await bounded(args.prime_concurrency, [partial(prime, h) for h in polling])
-        assert all(o is None or isinstance(o, Refused) for o in outcomes), outcomes
-
-        async def agent(host: SimHost) -> None:
-            await asyncio.sleep(random.uniform(0, args.heartbeat))
-            beat = asyncio.create_task(heartbeats(host))
-            try:
-                if not args.long_polls:
-                    await stop.wait()  # reports only
-                while not stop.is_set():
-                    response = await client.host_config(host, wait_s=LONG_POLL_S)
-                    if response.status_code == 403:
-                        return  # the revoked host: told so
-                    told = response.status_code == 200 and revoked_at and host.index not in seen_without
-                    if told and victim_entry not in response.content:
-                        seen_without[host.index] = time.monotonic()
-                        if len(seen_without) == n - 1:
-                            all_told.set()
-            except Refused:
-                return
-            finally:
-                beat.cancel()
-
-        async def heartbeats(host: SimHost) -> None:
-            while True:
-                with contextlib.suppress(Refused):
-                    await client.report(host, args.heartbeat)
-                await asyncio.sleep(args.heartbeat)
-
+        # 3. Each agent's first fetch of its whole directory, a few at a time: agents fetch it
+        # once enrolled, spread over the enrollments; all at once would measure a restart storm.
+        replies, elapsed, used = _phase(
+            pool, pids, setup.groups, "prime", concurrency=max(1, args.prime_concurrency // k)
+        )
         result["prime"] = {
-            "primed": primed,
-            "elapsed_s": round(time.monotonic() - t, 1),
-            "concurrency": args.prime_concurrency,
+            "primed": sum(r["primed"] for r in replies),
+            "elapsed_s": round(elapsed, 1),
+            "resources": used,
         }
-        print(f"prime: {result['prime']}", flush=True)
-        agents = [asyncio.create_task(agent(h)) for h in hosts]
-        await asyncio.sleep(args.heartbeat)  # every agent started: its poll parked, its first report sent
-        client.calls.latency.pop("heartbeat", None)
-        client.calls.latency.pop("long_poll", None)
-        meter = Meter(setup.pids)
-        t = time.monotonic()
-        await asyncio.sleep(args.steady)
-        elapsed = time.monotonic() - t
-        beats = client.calls.summary("heartbeat")
-        result["steady"] = {
-            "seconds": round(elapsed, 1),
-            "heartbeats_per_s": round(beats["count"] / elapsed, 1),
-            "heartbeat": beats,
-            "long_poll_answers": client.calls.summary("long_poll")["count"],
-            "resources": meter.read(),
-        }
-        print(f"steady: {result['steady']}", flush=True)
+        _say("prime", result)
 
-        # 4. Renewals while the fleet polls and reports.
-        renewing = random.sample(hosts[:-1], min(args.renewals, n - 1))
-        meter = Meter(setup.pids)
-        t = time.monotonic()
-        outcomes = await bounded(args.concurrency, [partial(client.renew, h) for h in renewing])
-        elapsed = time.monotonic() - t
-        renewed = sum(1 for o in outcomes if o is None)
+        # 4. The fleet in steady state: every agent holds a long poll and reports every interval.
+        pool.ask("start")
+        time.sleep(args.heartbeat)  # every agent started: its poll parked, its first report sent
+        result["steady"] = _steady(pool, pids, setup.groups, args.steady)
+        _say("steady", result)
+        if args.abuse:
+            with running_abuse(setup.replica_addresses, setup.ca_file, args.abuse_scale) as abuse:
+                pids_with = {**pids, "abuse": abuse.pid}
+                time.sleep(min(args.heartbeat, 10))  # the floods at full strength first
+                result["steady_abuse"] = _steady(pool, pids_with, setup.groups, args.steady)
+                result["steady_abuse"]["abuse"] = abuse.counts()
+            _say("steady_abuse", result)
+            time.sleep(args.heartbeat)
+            pool.ask("window")
+
+        # 5. Renewals while the fleet polls and reports.
+        renewing = random.sample(range(n - 1), min(args.renewals, n - 1))
+        replies, elapsed, used = _phase(
+            pool,
+            pids,
+            setup.groups,
+            "renew",
+            [{"indices": [i for i in renewing if i % k == shard]} for shard in range(k)],
+            concurrency=per_shard,
+        )
+        calls = merged(replies)
+        renewed = sum(r["renewed"] for r in replies)
         result["renew"] = {
             "renewed": renewed,
             "elapsed_s": round(elapsed, 2),
             "per_s": round(renewed / elapsed, 1),
-            **client.calls.summary("renew"),
-            "heartbeat_during": client.calls.summary("heartbeat"),
-            "resources": meter.read(),
+            **calls.summary("renew"),
+            "heartbeat_during": calls.summary("heartbeat"),
+            "resources": used,
         }
-        print(f"renew: {result['renew']}", flush=True)
+        _say("renew", result)
 
-        # 5. Revocation: until every other agent's long poll returned a directory without it.
-        await asyncio.sleep(2)  # let the renewals' wake-ups settle
-        meter = Meter(setup.pids)
-        revoked_at.append(time.monotonic())
-        if not args.long_polls:
-            all_told.set()  # nobody polls: nothing to time
-        await asyncio.to_thread(authority.registry.revoke, victim.host_id, datetime.now(UTC))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(all_told.wait(), args.revoke_timeout)
-        delays = sorted(v - revoked_at[0] for v in seen_without.values())
-        result["revoke"] = {
-            "agents_told": len(seen_without),
-            "agents": n - 1,
-            "all_within_s": round(delays[-1], 2) if len(delays) == n - 1 else None,
-            "p50_s": round(percentile(delays, 50), 2),
-            "p99_s": round(percentile(delays, 99), 2),
-            "resources": meter.read(),
-        }
-        print(f"revoke: {result['revoke']}", flush=True)
-        stop.set()
-        for a in agents:
-            a.cancel()
-        await asyncio.gather(*agents, return_exceptions=True)
-    finally:
-        await client.aclose()
-    result["calls"] = {kind: client.calls.summary(kind) for kind in client.calls.latency}
-    result["retries"] = dict(client.calls.retries)
-    result["failures"] = dict(client.calls.failures)
+        # 6. Revocation: until every other agent's long poll returned a directory without it.
+        time.sleep(2)  # let the renewals' wake-ups settle
+        pool.ask("window")
+        meter = Meter(pids, setup.groups)
+        revoked_at = time.monotonic()
+        if args.long_polls:
+            pool.ask("watch", revoked_at=revoked_at)
+            authority.registry.revoke(ids[victim][0], datetime.now(UTC))
+            replies = pool.ask("told", deadline=revoked_at + args.revoke_timeout, victim=victim)
+            delays = sorted(d for r in replies for d in r["delays"])
+            result["revoke"] = {
+                "agents_told": len(delays),
+                "agents": n - 1,
+                "all_within_s": round(delays[-1], 2) if len(delays) == n - 1 else None,
+                "p50_s": round(percentile(delays, 50), 2),
+                "p99_s": round(percentile(delays, 99), 2),
+                **_during(pool.ask("window")),
+                "resources": meter.read(),
+            }
+            _say("revoke", result)
+        final = merged(pool.ask("finish"))
+    result["retries"] = dict(final.retries)
+    result["failures"] = dict(final.failures)
     return result
+
+
+def _during(replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The reports' latency and the long polls' answers (by status) in a window."""
+    answers: Counter[str] = Counter()
+    for r in replies:
+        answers.update(r["long_poll_answers"])
+    return {"heartbeat_during": merged(replies).summary("heartbeat"), "long_poll_answers": dict(answers)}
+
+
+def _say(phase: str, result: dict[str, Any]) -> None:
+    print(f"{phase}: {json.dumps(result[phase])}", flush=True)
+
+
+def _phase(
+    pool: ShardPool,
+    pids: dict[str, int],
+    groups: dict[str, int],
+    command: str,
+    per_shard: list[dict[str, Any]] | None = None,
+    **same: Any,
+) -> tuple[list[Any], float, dict[str, Any]]:
+    """`command` asked of every shard: the replies, the wall time, each process's CPU and RSS."""
+    meter = Meter(pids, groups)
+    t = time.monotonic()
+    replies = pool.ask(command, per_shard, **same)
+    return replies, time.monotonic() - t, meter.read()
+
+
+def _steady(pool: ShardPool, pids: dict[str, int], groups: dict[str, int], seconds: float) -> dict[str, Any]:
+    """`seconds` of the fleet as it is: every report's latency in it, merged over the shards."""
+    pool.ask("window")  # (what came before is not this window's)
+    meter = Meter(pids, groups)
+    t = time.monotonic()
+    time.sleep(seconds)
+    replies = pool.ask("window")
+    elapsed = time.monotonic() - t
+    calls = merged(replies)
+    beats = calls.summary("heartbeat")
+    return {
+        "seconds": round(elapsed, 1),
+        "heartbeats_per_s": round(beats["count"] / elapsed, 1),
+        "heartbeat": beats,
+        "long_poll_answers": _during(replies)["long_poll_answers"],
+        "failures": dict(calls.failures),
+        "retries": dict(calls.retries),
+        "resources": meter.read(),
+    }
 
 
 def render_cost(n: int, database: str) -> dict[str, Any]:
@@ -616,8 +424,9 @@ def markdown_row(r: dict[str, Any]) -> str:
         return "-" if v is None else v
 
     used = (r.get("steady", {}).get("resources") or {}).items()
-    cpu = sum(v["cpu_pct"] for k, v in used if k not in ("simulator", "haproxy"))
-    rss = sum(v["rss_mb"] for k, v in used if k not in ("simulator", "haproxy"))
+    authority = [v for name, v in used if name[0] == "r" and name[1:].isdigit()]  # the replicas
+    cpu = sum(v["cpu_pct"] for v in authority)
+    rss = sum(v["rss_mb"] for v in authority)
     return (
         f"| {r['database']} | {r['replicas']} | {r['hosts']} "
         f"| {g('enroll', 'per_s')} | {g('enroll', 'p99_ms')} "
@@ -652,6 +461,19 @@ def main() -> None:
     )
     parser.add_argument("--prime-concurrency", type=int, default=4, help="first directory fetches in flight")
     parser.add_argument("--revoke-timeout", type=float, default=60.0)
+    parser.add_argument(
+        "--procs", type=int, default=max(1, (os.cpu_count() or 1) // 2), help="simulator processes (shards)"
+    )
+    parser.add_argument("--idle-timeout", type=int, help="the replicas' --idle-timeout [default: theirs]")
+    parser.add_argument(
+        "--abuse",
+        action="store_true",
+        help="a second steady window with bad clients at every replica (bench/fleet_abuse.py)",
+    )
+    parser.add_argument(
+        "--abuse-scale", type=float, default=1.0, help="the bad clients' numbers and rates, times"
+    )
+    parser.add_argument("--tag", default="", help="added to the result file's name")
     parser.add_argument("--workdir", help="a new directory to run in and keep (default: a temp dir, removed)")
     parser.add_argument(
         "--render-cost",
@@ -666,11 +488,9 @@ def main() -> None:
         print(json.dumps(cost))
         return
 
-    # Two descriptors per agent here and in haproxy, one per connection in each replica.
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = max(hard, 4 * args.hosts + 4096) if os.geteuid() == 0 else hard
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    # Two descriptors per agent in haproxy (its own limit is raised by replicas.py), one per
+    # connection in each replica (the replicas inherit this limit).
+    raise_file_limit(4 * args.hosts + 4096)
 
     with contextlib.ExitStack() as stack:
         if args.workdir:  # kept: the replicas' and haproxy's logs
@@ -678,10 +498,10 @@ def main() -> None:
             root.mkdir(parents=True)
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshagent-fleet-")))
-        with authority_setup(root, args.replicas, args.database) as setup:
-            result = asyncio.run(run(args, setup))
+        with authority_setup(root, args.replicas, args.database, args.idle_timeout) as setup:
+            result = run(args, setup)
     RESULTS.mkdir(exist_ok=True)
-    name = f"fleet-{args.database}-r{args.replicas}-n{args.hosts}"
+    name = f"fleet-{args.database}-r{args.replicas}-n{args.hosts}{'-' + args.tag if args.tag else ''}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     table = RESULTS / "fleet.md"
     if not table.exists():

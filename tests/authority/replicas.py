@@ -26,7 +26,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,19 +175,26 @@ class Replicas:
             log.close()
 
     def wait_healthy(self, replica: Replica, timeout_s: float = 30) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        def healthy() -> bool:
             if replica.proc is None or replica.proc.poll() is not None:
                 raise AssertionError(
                     f"replica {replica.name} exited:\n{replica.log_path.read_text()[-3000:]}"
                 )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{replica.url}/healthz", verify=self.tls, timeout=1).status_code == 200:
-                    return
-            time.sleep(0.1)
-        raise AssertionError(
-            f"replica {replica.name} not healthy in {timeout_s}s:\n{replica.log_path.read_text()[-3000:]}"
+            return self._answers(replica.url)
+
+        _poll_until(
+            healthy,
+            timeout_s,
+            lambda: (
+                f"replica {replica.name} not healthy in {timeout_s}s:\n{replica.log_path.read_text()[-3000:]}"
+            ),
         )
+
+    def _answers(self, url: str) -> bool:
+        """GET /healthz at `url` answers 200."""
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{url}/healthz", verify=self.tls, timeout=1).status_code == 200
+        return False
 
     def _haproxy_config(self) -> str:
         servers = "\n".join(
@@ -230,16 +237,16 @@ backend replicas
             )
         finally:
             log.close()
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.haproxy.poll() is not None:
+        haproxy = self.haproxy
+
+        def forwarding() -> bool:
+            if haproxy.poll() is not None:
                 raise AssertionError(f"haproxy exited:\n{(self.run_dir / 'haproxy.log').read_text()[-3000:]}")
-            if all(state == "UP" for state in self.server_states().values()):
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{self.url}/healthz", verify=self.tls, timeout=1).status_code == 200:
-                        return
-            time.sleep(0.05)
-        raise AssertionError("haproxy did not forward to every replica within 10s")
+            return all(state == "UP" for state in self.server_states().values()) and self._answers(self.url)
+
+        _poll_until(
+            forwarding, 10, lambda: "haproxy did not forward to every replica within 10s", every_s=0.05
+        )
 
     def stop(self) -> None:
         if self.haproxy is not None:
@@ -297,13 +304,25 @@ backend replicas
         """Seconds until haproxy reports replica `index` in `state` (UP / DOWN)."""
         started = time.monotonic()
         name = self.replicas[index].name
-        while time.monotonic() - started < timeout_s:
-            if self.server_states().get(name) == state:
-                return time.monotonic() - started
-            time.sleep(0.02)
-        raise AssertionError(
-            f"haproxy did not report {name} {state} within {timeout_s}s: {self.server_states()}"
+        _poll_until(
+            lambda: self.server_states().get(name) == state,
+            timeout_s,
+            lambda: f"haproxy did not report {name} {state} within {timeout_s}s: {self.server_states()}",
+            every_s=0.02,
         )
+        return time.monotonic() - started
+
+
+def _poll_until(
+    condition: Callable[[], bool], timeout_s: float, failure: Callable[[], str], every_s: float = 0.1
+) -> None:
+    """Until `condition()` holds (a state waited for, not a duration assumed); AssertionError
+    with `failure()` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(failure())
+        time.sleep(every_s)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from agent.authority.registry import open_registry
 from agent.authority.service import Authority
 from agent.authority.tokens import hash_secret
 from agent.identity.pki import generate_key, make_csr, sign_possession
-from bench.fleet import FleetClient, SimHost, bounded, make_hosts
+from bench.fleet_agents import FleetClient, SimHost, bounded, make_hosts
 from tests.authority.replicas import Replicas
 from tests.pgcluster import PgCluster
 from tests.support import run_cli
@@ -66,22 +66,21 @@ def _sql(fleet: Replicas, query: str, *params: object) -> list[tuple[Any, ...]]:
         return conn.execute(query, params).fetchall()
 
 
-def _until(condition: Callable[[], bool], what: str, limit_s: float = 30) -> None:
-    """Polls `condition` (a state the test waits for, not a duration it assumes)."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.02)
-
-
-def _enroll_at(replica_url: str, fleet: Replicas, secret: str, name: str) -> httpx.Response:
+def _enroll_at(
+    url: str, fleet: Replicas, secret: str, name: str, address: str | None = None
+) -> httpx.Response:
+    """POST /v1/enroll at one replica (a fresh key: only the token matters here)."""
     body = {
         "token_secret": secret,
         "csr": make_csr(generate_key()).decode(),
         "host_name": name,
         "addresses": [],
     }
-    return httpx.post(f"{replica_url}/v1/enroll", json=body, verify=fleet.tls, timeout=30)
+    return httpx.post(f"{url}/v1/enroll", json=body, verify=fleet.tls, timeout=30)
+
+
+def _get(url: str, fleet: Replicas, bearer: str) -> httpx.Response:
+    return httpx.get(url, headers={"authorization": f"Bearer {bearer}"}, verify=fleet.tls, timeout=30)
 
 
 def _storm(fleet: Replicas, hosts: list[SimHost], during: Callable[[int], None], at: int) -> FleetClient:
@@ -150,17 +149,12 @@ def test_one_token_raced_at_two_replicas_enrolls_once(fleet: Replicas) -> None:
 def _enrolled(fleet: Replicas, name: str, identity: str, address: str) -> SimHost:
     key = generate_key()
     host = SimHost(0, _tokens(fleet, identity, 1)[0], key, make_csr(key).decode(), name, address)
-    doc = _enroll_at_with(fleet.replicas[0].url, fleet, host)
+    body = {"token_secret": host.token, "csr": host.csr, "host_name": host.name, "addresses": [host.address]}
+    response = httpx.post(f"{fleet.replicas[0].url}/v1/enroll", json=body, verify=fleet.tls, timeout=30)
+    assert response.status_code == 200, response.text
+    doc = response.json()
     host.host_id, host.chain, host.api_token = doc["host_id"], doc["certificate_chain"], doc["api_token"]
     return host
-
-
-def _enroll_at_with(url: str, fleet: Replicas, host: SimHost) -> dict[str, Any]:
-    body = {"token_secret": host.token, "csr": host.csr, "host_name": host.name, "addresses": [host.address]}
-    response = httpx.post(f"{url}/v1/enroll", json=body, verify=fleet.tls, timeout=30)
-    assert response.status_code == 200, response.text
-    doc: dict[str, Any] = response.json()
-    return doc
 
 
 def _renew_at(url: str, fleet: Replicas, host: SimHost) -> httpx.Response:
@@ -179,21 +173,11 @@ def _views(fleet: Replicas, host: SimHost, prometheus_token: str) -> list[tuple[
     """What each replica serves: (host config ETag, host config without generated_at, targets)."""
     views = []
     for replica in fleet.replicas:
-        config = httpx.get(
-            f"{replica.url}/v1/host/config",
-            headers={"authorization": f"Bearer {host.api_token}"},
-            verify=fleet.tls,
-            timeout=30,
-        )
+        config = _get(f"{replica.url}/v1/host/config", fleet, host.api_token)
         assert config.status_code == 200, config.text
         doc = config.json()
         doc.pop("generated_at")
-        targets = httpx.get(
-            f"{replica.url}/v1/prometheus/targets",
-            headers={"authorization": f"Bearer {prometheus_token}"},
-            verify=fleet.tls,
-            timeout=30,
-        )
+        targets = _get(f"{replica.url}/v1/prometheus/targets", fleet, prometheus_token)
         assert targets.status_code == 200, targets.text
         views.append((config.headers["etag"], doc, targets.text))
     return views
@@ -279,12 +263,7 @@ def test_postgresql_restarted_mid_storm_answers_503_then_recovers_without_restar
         pg_cluster.stop()
         try:
             for replica in fleet.replicas:  # each says why, with a hint, and when to come back
-                response = httpx.get(
-                    f"{replica.url}/v1/host/config",
-                    headers={"authorization": f"Bearer {witness.api_token}"},
-                    verify=fleet.tls,
-                    timeout=30,
-                )
+                response = _get(f"{replica.url}/v1/host/config", fleet, witness.api_token)
                 answers.append({"status": response.status_code, **response.headers, **response.json()})
         finally:
             pg_cluster.start()
@@ -301,10 +280,5 @@ def test_postgresql_restarted_mid_storm_answers_503_then_recovers_without_restar
     assert {r[0] for r in committed} <= ids
     # The witness, enrolled before, still reads its directory through every replica.
     for replica in fleet.replicas:
-        ok = httpx.get(
-            f"{replica.url}/v1/host/config",
-            headers={"authorization": f"Bearer {witness.api_token}"},
-            verify=fleet.tls,
-            timeout=30,
-        )
+        ok = _get(f"{replica.url}/v1/host/config", fleet, witness.api_token)
         assert ok.status_code == 200, ok.text
