@@ -20,6 +20,7 @@ EOF on that socket ends the forker (its workers then see EOF on their own channe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import gc
 import os
@@ -215,9 +216,13 @@ class Forker:
     def close(self) -> None:
         """End the forker (EOF on its socket). Running workers are not touched."""
         self._closing = True
-        if self._reader is not None:
-            self._reader.cancel()
-        self._sock.close()
+        if self._reader is None or self._reader.done():
+            self._sock.close()
+            return
+        # The reader is waiting on the socket: shut it down (the forker reads EOF now, the
+        # reader reads EOF next and closes it) rather than close an fd the loop still polls.
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
 
     def _start_reader(self) -> None:
         if self._reader is None:
@@ -235,6 +240,7 @@ class Forker:
         except OSError as exc:
             log.error("forker.channel_failed", error=str(exc))
         self._gone = True
+        self._sock.close()
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(ForkerGone("the forker process is gone", "restart the agent"))
