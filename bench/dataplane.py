@@ -55,8 +55,9 @@ Passes after the main measures (meshagent's daemons restarted for each; not with
 - memory: b's idle Σ PSS (and Σ RSS) with 1, 2 and 4 workers.
 - metrics cost: requests/s with metrics on and off (--no-metrics-cost skips it).
 - --profile adds a pass after the measures (not in the figures): py-spy (--gil) on both
-  supervisors under the keep-alive and the Connection: close load; the collapsed stacks go to
-  bench/results/dataplane-profile-*.txt and the top frames to the JSON and the output.
+  daemons (with workers: one worker of each) under the keep-alive and the Connection: close
+  load; the collapsed stacks go to bench/results/dataplane-profile-*.txt and the top frames to
+  the JSON and the output.
 
 Around every measure the CPU used by processes outside the benchmark is recorded
 (`others_cpu_pct`; a shared machine is the usual cause of an odd figure), and before each one
@@ -811,9 +812,11 @@ def hold(s: Setup, target: Target, connections: int) -> dict[str, Any]:
 
 
 def profile(s: Setup, target: Target, duration: int, close: bool, out: Path) -> dict[str, Any]:
-    """py-spy on both daemons while wrk runs (a separate pass: sampling costs CPU)."""
+    """py-spy on both daemons while wrk runs (a separate pass: sampling costs CPU); with workers,
+    on one worker of each (the last process of the tree), where the data plane runs."""
     spies = []
-    for proc, side in zip(target.procs, "ab", strict=True):
+    for top, side in zip(target.procs, "ab", strict=True):
+        proc = tree([top])[-1]
         raw = out / f"dataplane-profile-{'cps' if close else 'rps'}-{side}.txt"
         cmd = [
             PY_SPY,
