@@ -96,6 +96,11 @@ class Worker:
         self.drain_timeout_s = config.proxy.drain_timeout_s
         self.memory: dict[str, Any] = {"trims": 0}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Broadcasts that come while `init` runs (a directory refresh, a new ticket key): newer
+        # than what init carries, so init applies them instead of dropping them.
+        self._later_directory: Directory | None = None
+        self._later_key: bytes | None = None
+        self._ready = asyncio.Event()  # init done: the proxy listens
 
     async def run(self, sock: socket.socket) -> int:
         loop = asyncio.get_running_loop()
@@ -167,7 +172,9 @@ class Worker:
         self.credentials = await asyncio.to_thread(
             Credentials.load, self.store, ticket_key, self.config.proxy.tls_resumption
         )
-        d = _directory(directory)
+        if self._later_key is not None:  # broadcast while the files loaded: newer than init's
+            self.credentials.rotate_ticket_key(self.store, self._later_key)
+        d = self._later_directory or _directory(directory)
         settings = listener_settings(self.config)
         proxy = Proxy(
             settings, self.credentials, d.policy, d.catalog, self.orig_dst or _orig_dst, self.metrics
@@ -176,16 +183,20 @@ class Worker:
         self.proxy = proxy
         await proxy.start(sockets=self.sockets)
         self._spawn(self._return_memory(), "memory-return")
+        self._ready.set()
         log.info("worker.ready", pid=os.getpid(), serial=self.credentials.identity.summary.serial)
         return {"pid": os.getpid(), "listening": dict(proxy.listening)}
 
     def _use(self, directory: Directory) -> None:
-        if self.proxy is not None:
-            apply_directory(self.proxy, directory)
+        if self.proxy is None:  # init still runs: it applies this one instead of its own
+            self._later_directory = directory
+            return
+        apply_directory(self.proxy, directory)
 
     async def _credentials(self, ticket_key: bytes | None) -> dict[str, Any]:
         """The supervisor renewed the certificate: load the same files, drop what the old
         identity resumed (sessions, the cached inbound context)."""
+        await self._ready.wait()  # a renewal during init: init loaded the files before it
         assert self.credentials is not None and self.proxy is not None
         credentials, store = self.credentials, self.store
         await asyncio.to_thread(lambda: credentials.reload(store, store.load_info(), ticket_key))
@@ -193,8 +204,10 @@ class Worker:
         return {"serial": credentials.identity.summary.serial}
 
     def _ticket_key(self, key: bytes) -> None:
-        if self.credentials is not None:
-            self.credentials.rotate_ticket_key(self.store, key)
+        if self.credentials is None:  # init still loads the files: it applies this key after
+            self._later_key = key
+            return
+        self.credentials.rotate_ticket_key(self.store, key)
 
     @property
     def ticket_key_name(self) -> str:

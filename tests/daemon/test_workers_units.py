@@ -294,15 +294,21 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
         exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
         pid, chan = await forker.spawn(0)
-        directory = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
+        deny = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.DENY)))
+        permissive = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
         key, next_key = os.urandom(80), os.urandom(80)
-        reply = await chan.request(
-            "init",
-            timeout=20,
-            directory=pickle.dumps(directory, protocol=5),
-            ticket_key=key,
-            log={"level": "info", "format": "logfmt"},
+        init = asyncio.ensure_future(
+            chan.request(
+                "init",
+                timeout=20,
+                directory=pickle.dumps(deny, protocol=5),
+                ticket_key=key,
+                log={"level": "info", "format": "logfmt"},
+            )
         )
+        await asyncio.sleep(0)  # init is sent; a refresh broadcast while it runs is newer: it wins
+        chan.notify("directory", blob=pickle.dumps(permissive, protocol=5))
+        reply = await init
         assert reply["pid"] == pid and reply["listening"]["inbound"][1] == port
         ping = await chan.request("ping")
         assert ping["serial"] and ping["open"] == {"inbound": 0, "outbound": 0}
