@@ -862,21 +862,20 @@ async def _inbound_mtls(
     cert = tls.peer_cert
     client = _client(cert)
     serial = cert_serial(cert)
-    if tls.sslobj.session_reused:
-        # OpenSSL does not re-check the certificate a resumed session carries: its expiry is
-        # ours to check (identity and revocation are checked below, as on a full handshake).
-        if _expired(cert):
-            proxy.refuse(
-                "inbound",
-                "resumed_identity_expired",
-                peer=peer,
-                port=orig[1],
-                client_id=client.name or "",
-                serial=serial or "",
-            )
-            tls.abort()
-            return
-        proxy.tls_resumed("inbound")
+    resumed = tls.sslobj.session_reused
+    # OpenSSL does not re-check the certificate a resumed session carries: its expiry is ours
+    # to check (identity and revocation are checked as on a full handshake).
+    if resumed and _expired(cert):
+        proxy.refuse(
+            "inbound",
+            "resumed_identity_expired",
+            peer=peer,
+            port=orig[1],
+            client_id=client.name or "",
+            serial=serial or "",
+        )
+        tls.abort()
+        return
     matched = proxy.revoked.match(client.spiffe_id, serial) if proxy.revoked else None
     if matched is not None:
         proxy.refuse_revoked(
@@ -884,6 +883,8 @@ async def _inbound_mtls(
         )
         tls.abort()
         return
+    if resumed:
+        proxy.tls_resumed("inbound")
     if not tls.closed:  # (else nothing would ever take it out again)
         proxy.peers.add(tls, PeerConnection("inbound", client.spiffe_id, serial, client.name or "", peer))
     action = route_mtls(ctx, orig, client, tls.sslobj.selected_alpn_protocol(), direct)
