@@ -707,7 +707,12 @@ def wrk(s: Setup, target: Target, duration: int, close: bool) -> dict[str, Any]:
         argv += ["-H", "Connection: close"]
     cpu0 = cpu_by_pid(target.procs)
     got = s.a.run(*s.cpu(s.a), *argv, target.url(SMALL), timeout=duration + 60)
-    cpu = cpu_used(cpu0, cpu_by_pid(target.procs))
+    cpu1 = cpu_by_pid(target.procs)
+    cpu = cpu_used(cpu0, cpu1)
+    tops = {p.pid for p in target.procs}  # the processes started (meshagent: the supervisors)
+    cpu_tops = cpu_used(
+        {k: v for k, v in cpu0.items() if k in tops}, {k: v for k, v in cpu1.items() if k in tops}
+    )
     text = got.stdout
     rps, total = _WRK_RPS.search(text), _WRK_TOTAL.search(text)
     if rps is None or total is None:
@@ -719,6 +724,7 @@ def wrk(s: Setup, target: Target, duration: int, close: bool) -> dict[str, Any]:
     result: dict[str, Any] = {"rps": float(rps.group(1)), "requests": requests, "errors": errors}
     if target.procs:
         result["proxy_cpu_s"] = round(cpu, 3)
+        result["proxy_cpu_s_top_processes"] = round(cpu_tops, 3)  # the rest: children (workers)
         result["proxy_cpu_us_per_req"] = round(cpu * 1e6 / max(1, requests), 1)
     return result
 
@@ -996,11 +1002,14 @@ def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
         expected = 1 if workers == 1 else workers + 2
         with contextlib.suppress(BenchError):
             wait_for(partial(_at_most, b, expected), "b's helpers to end", timeout=10)
+        cpu0, t0 = cpu_by_pid(b), time.monotonic()
         time.sleep(2)
+        idle_cpu = cpu_used(cpu0, cpu_by_pid(b)) / (time.monotonic() - t0)
         pss, rss = memory_mb(b)
         out[str(workers)] = {
             "pss_b_mb": pss,
             "rss_b_mb": rss,
+            "idle_cpu_pct_b": round(100 * idle_cpu, 1),  # a busy idle tree inflates CPU/request
             "processes_b": len(tree(b)),
             "cmdlines_b": [" ".join(p.cmdline()[:6]) for p in tree(b)],
         }
@@ -1403,7 +1412,7 @@ def print_passes(result: dict[str, Any]) -> None:
             print(
                 f"memory workers={workers} ({got['processes_b']} processes): "
                 f"b idle Σ PSS {got['pss_b_mb']} MB "
-                f"(Σ RSS {got['rss_b_mb']} MB)"
+                f"(Σ RSS {got['rss_b_mb']} MB), idle CPU {got.get('idle_cpu_pct_b')} %"
             )
 
 
