@@ -934,7 +934,7 @@ def resumed_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> 
         wrk(s, target, 2, close=True)  # warm-up: the clients hold a session from here on
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     order = list(targets)
-    for r in range(args.rounds):
+    for r in range(max(1, args.rounds)):
         for name in order[r % 2 :] + order[: r % 2]:
             got = measure_once(args, neighbours, partial(wrk, s, targets[name], args.duration, True))
             runs[name].append(got)
@@ -961,7 +961,7 @@ def scaling_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> 
             log(f"scaling workers={workers}: FAILED {str(exc)[-300:]}")
             continue
         runs: dict[str, list[dict[str, Any]]] = {"rps": [], "cps": []}
-        for _ in range(args.rounds):
+        for _ in range(max(1, args.rounds)):
             for measure in runs:
                 close = measure == "cps"
                 got = measure_once(
@@ -1055,7 +1055,7 @@ def run(args: argparse.Namespace, pinned: bool = False) -> dict[str, Any]:
             ("bulk", lambda t: bulk(s, t, args.bulk_runs)),
         ]
         neighbours = Neighbours(s)
-        for r in range(args.rounds):
+        for r in range(args.main_rounds):
             turn = order[r % len(order) :] + order[: r % len(order)]
             for measure, fn in measures:
                 for name in turn:
@@ -1178,19 +1178,19 @@ def summarize(
     def row(label: str, values: dict[str, float | None]) -> None:
         table[label] = {t: values.get(t) for t in TARGETS}
 
-    row("requests/s (keep-alive, c=50)", {t: _median(raw[t]["rps"], "rps") for t in TARGETS})
+    row("requests/s (keep-alive, c=50)", {t: _median(raw[t].get("rps", []), "rps") for t in TARGETS})
     row(
         "proxy CPU us/request (a+b)",
-        {t: _median(raw[t]["rps"], "proxy_cpu_us_per_req") for t in PROXIES},
+        {t: _median(raw[t].get("rps", []), "proxy_cpu_us_per_req") for t in PROXIES},
     )
-    row("new TLS connections/s (c=50)", {t: _median(raw[t]["cps"], "rps") for t in TARGETS})
+    row("new TLS connections/s (c=50)", {t: _median(raw[t].get("cps", []), "rps") for t in TARGETS})
     row(
         "proxy CPU us/connection (a+b)",
-        {t: _median(raw[t]["cps"], "proxy_cpu_us_per_req") for t in PROXIES},
+        {t: _median(raw[t].get("cps", []), "proxy_cpu_us_per_req") for t in PROXIES},
     )
-    row(f"p50 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p50_ms") for t in TARGETS})
-    row(f"p99 ms @ {args.rate:g} req/s", {t: _median(raw[t]["latency"], "p99_ms") for t in TARGETS})
-    row(f"bulk MB/s ({args.big_mib} MiB)", {t: _median(raw[t]["bulk"], "mb_s") for t in TARGETS})
+    row(f"p50 ms @ {args.rate:g} req/s", {t: _median(raw[t].get("latency", []), "p50_ms") for t in TARGETS})
+    row(f"p99 ms @ {args.rate:g} req/s", {t: _median(raw[t].get("latency", []), "p99_ms") for t in TARGETS})
+    row(f"bulk MB/s ({args.big_mib} MiB)", {t: _median(raw[t].get("bulk", []), "mb_s") for t in TARGETS})
     row(
         "failed (socket errors + non-2xx)",
         {
@@ -1502,6 +1502,11 @@ def main() -> None:
         "--quick", action="store_true", help="one round of 3 s runs, a 64 MiB file, one transfer"
     )
     parser.add_argument(
+        "--passes-only",
+        action="store_true",
+        help="skip the main table's measures (rps, cps, latency, bulk): only the passes after it",
+    )
+    parser.add_argument(
         "--profile", action="store_true", help="afterwards, py-spy both daemons under wrk (needs py-spy)"
     )
     parser.add_argument(
@@ -1520,6 +1525,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.big_mib, args.bulk_runs = 3, 1, 64, 1
+    args.main_rounds = 0 if args.passes_only else args.rounds
     reason = netns_supported()
     for tool in ("nginx", "haproxy", "stunnel", "wrk", "curl", "openssl", "nft", "fallocate"):
         if shutil.which(tool) is None:
