@@ -230,7 +230,7 @@ class ProxySettings:
     keep-rules (fail closed: intercepted traffic fails until the agent is back)."""
     refresh_interval_s: float = 30.0
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
-    workers: int | str = "auto"
+    workers: int | str = 1
     """Proxy processes: "auto" (one per CPU the agent may run on) or 1 to 64. 1 runs the proxy
     inside the agent's own process; more fork workers that share the listening ports
     (SO_REUSEPORT). A change needs a restart."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import pwd
 import random
@@ -20,11 +21,11 @@ import resource
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from agent.config import AgentConfig, load_config
+from agent.config import AgentConfig, load_config, worker_count
 from agent.errors import ConfigError, MeshagentError, StateError, listen_error
 from agent.fsutil import write_atomic
 from agent.health.probes import ProbeRunner
@@ -52,12 +53,15 @@ from agent.status import daemon_status, health_report, http_accounting, not_read
 from agent.tasks import Supervisor
 from agent.telemetry.admin import AdminLimits, AdminServer, Handler, Reply, json_reply, start_admin
 from agent.telemetry.agent_metrics import render_agent
+from agent.telemetry.merge import MetricsMerger
 from agent.telemetry.process import render_process, return_free_memory, rss_bytes
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
+from agent.workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from agent.dns.service import DnsService
+    from agent.workers.forker import Forker, Listeners
 
 log = get_logger("meshagent.daemon")
 
@@ -241,18 +245,36 @@ def _lookup_user(name: str) -> int:
     return pwd.getpwnam(name).pw_uid
 
 
+@dataclass
+class Workers:
+    """`proxy.workers` > 1: the listening sockets and the forker, made before any thread or loop
+    (see `run_daemon`)."""
+
+    count: int
+    listeners: Listeners
+    forker: Forker
+
+
 class Daemon:
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, workers: Workers | None = None) -> None:
         self.config = config
+        self.workers = workers
         self.store = IdentityStore(config.identity.state_dir)
         # How the authority is reached ([authority] https_proxy / no_proxy, else the environment).
         self.authority_proxy = resolve_proxy(config.authority.https_proxy, config.authority.no_proxy)
         self.state = DaemonState()
         self.stop_event = asyncio.Event()
         self.credentials: Credentials | None = None
-        self.proxy: Proxy | None = None
+        # One Proxy in this process, or (proxy.workers > 1) the pool of worker processes.
+        self.proxy: Proxy | WorkerPool | None = None
         self.metrics = ProxyMetrics() if config.telemetry.metrics else None
-        self.stat = StatWindow(self.metrics, settle=self._settle) if self.metrics is not None else None
+        # With workers, the metrics are the workers' merged (each settles its own legs).
+        self.merger = MetricsMerger(self.metrics) if self.metrics is not None and workers else None
+        self.stat = (
+            StatWindow(self.metrics, settle=None if workers else self._settle)
+            if self.metrics is not None
+            else None
+        )
         self.rotator: Rotator | None = None
         self.admin: AdminServer | None = None
         self.tasks = Supervisor(
@@ -430,9 +452,12 @@ class Daemon:
     def _use(self, directory: Directory) -> None:
         """The data plane routes and authorizes by `directory` from now on."""
         assert self.proxy is not None
-        self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
-        self.proxy.services = directory.services
-        self.proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
+        if isinstance(self.proxy, WorkerPool):
+            self.proxy.apply(directory)  # every worker, as one pickled document
+        else:
+            self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
+            self.proxy.services = directory.services
+            self.proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
         if self.dns is not None:
             self.dns.set_services(directory.services.addresses())
 
@@ -461,19 +486,22 @@ class Daemon:
         directory = self._directory(cached)
         if cached is not None:
             self.state.directory_source = "cache"
-        self.proxy = Proxy(
-            listener_settings(self.config),
-            self.credentials,
-            directory.policy,
-            directory.catalog,
-            lambda sock: _orig_dst(sock),
-            self.metrics,
-        )
-        self.proxy.services = directory.services
-        # Peers revoked in the cache are refused before the first fetch (a restart while cut off).
-        self.proxy.set_revoked(directory.revoked)
         self._identity_changed(self.credentials.identity)
-        await self.proxy.start()
+        if self.workers is None:
+            proxy = self.proxy = Proxy(
+                listener_settings(self.config),
+                self.credentials,
+                directory.policy,
+                directory.catalog,
+                lambda sock: _orig_dst(sock),
+                self.metrics,
+            )
+            proxy.services = directory.services
+            # Peers revoked in the cache are refused before the first fetch (a restart while cut off).
+            proxy.set_revoked(directory.revoked)
+            await proxy.start()
+        else:
+            await self._start_workers(directory)
         listen = self.config.telemetry.admin_listen
         admin_host = None if listen in ("::", "") else listen
         admin_port = self.config.intercept.admin_port
@@ -482,7 +510,7 @@ class Daemon:
                 admin_host, admin_port, self._routes(), admin_limits(self.config, nofile)
             )
         except OSError as exc:
-            await self.proxy.stop(0)
+            await self._stop_proxy(0)
             raise listen_error("admin server", "intercept.admin_port", admin_host, admin_port, exc) from None
         if self.dns is not None and not self.stop_event.is_set():
             # Before the TCP rules: a DNS start that fails leaves nothing installed behind it.
@@ -490,7 +518,7 @@ class Daemon:
                 await self.dns.start(directory.services.addresses())
             except BaseException:
                 self.admin.close()
-                await self.proxy.stop(0)
+                await self._stop_proxy(0)
                 raise
             dns = self.dns
             self.tasks.start("dns-heartbeat", lambda: dns.heartbeat(self.stop_event))
@@ -515,11 +543,16 @@ class Daemon:
         self.tasks.start("health-report", lambda: self.reporter.run(self.stop_event))
         if self.stat is not None:
             self.tasks.start("stat-snapshots", self._snapshots)
-        self.tasks.start("memory-return", self._return_memory)
+        if isinstance(self.proxy, WorkerPool):
+            pool = self.proxy
+            self.tasks.start("worker-health", lambda: pool.health(self.stop_event))
+        else:
+            self.tasks.start("memory-return", self._return_memory)  # (each worker runs its own)
         watchdog = watchdog_interval_s()
         if watchdog:
             self.tasks.start("watchdog", lambda: self._watchdog(watchdog))
         ident = self.credentials.identity
+        assert self.proxy is not None
         self.started = True
         notify("READY=1", f"STATUS=serving as {ident.workload.spiffe_id}")
         log.info(
@@ -529,6 +562,7 @@ class Daemon:
             outbound=self.proxy.listening.get("outbound"),
             http_accounting=self._http_accounting(),
             nofile=nofile,
+            workers=1 if self.workers is None else self.workers.count,
         )
 
         await self.stop_event.wait()
@@ -538,12 +572,25 @@ class Daemon:
             await self.dns.stop()
         if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
             await asyncio.to_thread(remove_all)
-        await self.proxy.stop(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
+        await self._stop_proxy(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
         if self.admin is not None:
             self.admin.close()
         await self.tasks.stop()
         log.info("daemon.stopped")
         return 0
+
+    async def _start_workers(self, directory: Directory) -> None:
+        """Fork every worker (through the forker) and wait until each listens."""
+        assert self.workers is not None
+        w = self.workers
+        pool = self.proxy = WorkerPool(w.count, w.forker, self.merger, w.listeners.listening, directory)
+        await pool.start(None, {"level": self.config.log.level, "format": self.config.log.format})
+
+    async def _stop_proxy(self, drain_timeout_s: float, cut: asyncio.Event | None = None) -> None:
+        if self.proxy is not None:
+            await self.proxy.stop(drain_timeout_s, cut=cut)
+        if self.workers is not None:
+            self.workers.listeners.close()  # the supervisor's copies: the slots' queues go with them
 
     # --- SIGHUP: reload the config without dropping a connection ------------------------
 
@@ -600,6 +647,7 @@ class Daemon:
                     fresh.proxy.refresh_interval_s,
                 ),
                 ("health.probes", self.config.health.probes, fresh.health.probes),
+                ("proxy.workers", self.config.proxy.workers, fresh.proxy.workers),
             )
             if old != new
         ]
@@ -608,6 +656,8 @@ class Daemon:
         # The next authority call (each opens its own client) and the next renewal use it.
         self.authority_proxy = resolve_proxy(fresh.authority.https_proxy, fresh.authority.no_proxy)
         configure(fresh.log.level, fresh.log.format)
+        if isinstance(self.proxy, WorkerPool):
+            self.proxy.set_log(fresh.log.level, fresh.log.format)
         directory = self._directory(newest(self._cached_directory_doc(), self._last_doc))
         self._use(directory)
         if fresh.intercept != old_intercept and fresh.intercept.enabled:
@@ -645,6 +695,15 @@ class Daemon:
         assert self.credentials is not None
         await asyncio.to_thread(self.credentials.reload, self.store, identity)
         self._identity_changed(identity)
+        if isinstance(self.proxy, WorkerPool):
+            # Each worker loads the same files; new connections take the new contexts.
+            replies = await self.proxy.credentials_changed(None)
+            log.info(
+                "tls.reloaded",
+                workers=len(replies),
+                of=len(self.proxy.slots),
+                serial=identity.summary.serial,
+            )
 
     def _identity_changed(self, identity: IdentityInfo) -> None:
         if self.metrics is not None:
@@ -658,7 +717,7 @@ class Daemon:
         """After a peak of connections (a burst, or a flood of silent TLS clients) glibc keeps
         the freed memory: 1,000 handshakes left the agent at 170 MB. Once the open sockets fall
         to a quarter of their peak, give the free pages back (at most every TRIM_MIN_GAP_S)."""
-        assert self.proxy is not None
+        assert isinstance(self.proxy, Proxy)
         peak, last = 0, -TRIM_MIN_GAP_S
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
@@ -691,6 +750,8 @@ class Daemon:
         while not self.stop_event.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop_event.wait(), 5.0)
+            if isinstance(self.proxy, WorkerPool):
+                await self.proxy.refresh()  # the window reads the workers' merged counts
             self.stat.snapshot()
 
     # --- admin endpoints -----------------------------------------------------------------
@@ -700,11 +761,13 @@ class Daemon:
             "/metrics": self._metrics,
             "/live": lambda _q: Reply(200, b"live\n"),
             "/ready": self._ready,
-            "/status": lambda _q: json_reply(self.status()),
+            "/status": self._status,
             "/stat": self._stat,
         }
 
-    def _metrics(self, _query: dict[str, list[str]]) -> Reply:
+    def _metrics(self, query: dict[str, list[str]]) -> Reply | Awaitable[Reply]:
+        if isinstance(self.proxy, WorkerPool):
+            return self._pool_metrics(self.proxy, query)
         lines: list[str] = []
         if self.metrics is not None and self.proxy is not None:
             lines.extend(self.metrics.render(self.proxy.live_legs()))
@@ -712,7 +775,29 @@ class Daemon:
         if self.dns is not None:
             lines.extend(self.dns.metrics())
         lines.extend(render_process())
-        return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
+        return _prometheus(lines)
+
+    async def _pool_metrics(self, pool: WorkerPool, query: dict[str, list[str]]) -> Reply:
+        """Every worker's metrics pulled now and merged exactly; `?worker=N`: that worker alone."""
+        await pool.refresh()
+        lines: list[str] = []
+        if "worker" in query:
+            one = None
+            with contextlib.suppress(ValueError):
+                one = self.merger.render_worker(int(query["worker"][0])) if self.merger else None
+            if one is None:
+                return Reply(404, b"no such worker (or metrics are off)\n")
+            return _prometheus(one)
+        if self.metrics is not None and self.merger is not None:
+            lines.extend(self.metrics.render(()))
+        lines.extend(render_agent(self.status()))
+        if self.dns is not None:
+            lines.extend(self.dns.metrics())
+        lines.extend(pool.metrics_lines())
+        lines.extend(
+            render_process([*pool.pids(), self.workers.forker.pid] if self.workers else (), pool.dead_cpu_s)
+        )
+        return _prometheus(lines)
 
     def not_ready(self) -> list[str]:
         """Why the agent cannot serve mTLS right now (empty: ready): agent/status.py."""
@@ -726,7 +811,10 @@ class Daemon:
             else Reply(200, b"ready\n")
         )
 
-    def _stat(self, query: dict[str, list[str]]) -> Reply:
+    async def _stat(self, query: dict[str, list[str]]) -> Reply:
+        if isinstance(self.proxy, WorkerPool) and self.stat is not None:
+            await self.proxy.refresh()
+            self.stat.snapshot()  # the window's newest end is now
         if self.stat is None:
             return json_reply({"error": "metrics are off (telemetry.metrics = false)"}, 503)
         try:
@@ -739,6 +827,15 @@ class Daemon:
         """The `/status` document (agent/status.py owns it)."""
         return daemon_status(self)
 
+    def _status(self, _query: dict[str, list[str]]) -> Reply | Awaitable[Reply]:
+        if isinstance(self.proxy, WorkerPool):
+            return self._pool_status(self.proxy)
+        return json_reply(self.status())
+
+    async def _pool_status(self, pool: WorkerPool) -> Reply:
+        await pool.refresh()  # counters, errors and memory as of now
+        return json_reply(self.status())
+
     def _http_accounting(self) -> str:
         return http_accounting(self)
 
@@ -746,6 +843,10 @@ class Daemon:
         while not self.stop_event.is_set():
             notify("WATCHDOG=1")
             await asyncio.sleep(interval)
+
+
+def _prometheus(lines: Iterable[str]) -> Reply:
+    return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
 def _orig_dst(sock: Any) -> tuple[str, int]:
@@ -762,13 +863,35 @@ def _early_signal(sig: int, _frame: object) -> None:
         _EARLY_STOP.append(sig)
 
 
+def start_workers(config: AgentConfig, count: int) -> Workers:
+    """Bind every slot's listening sockets and fork the forker, while this process has one
+    thread and no loop (a fork with threads or a loop about inherits their locks and epoll).
+    A busy port fails here, as the inline proxy's start would (listen_error)."""
+    # Imported only with workers, and before the fork: every worker shares these pages.
+    from agent.workers import worker
+    from agent.workers.forker import bind_listeners, start_forker
+
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: F401 - the workers' loop: imported once here, shared by every child
+
+    raise_nofile_limit()  # inherited by the forker and every worker
+    settings = listener_settings(config)
+    listeners = bind_listeners(settings, count, settings.transparent)
+    # (start_forker freezes the collector's objects so the children's pages stay shared.)
+    forker = start_forker(listeners, functools.partial(worker.main, config))
+    return Workers(count, listeners, forker)
+
+
 def run_daemon(config: AgentConfig) -> int:
     """Run until SIGTERM on uvloop; returns the exit code."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _early_signal)
+    count = worker_count(config.proxy)
+    # 1: the proxy runs in this process (no forker, no worker).
+    workers = start_workers(config, count) if count > 1 else None
     try:
         import uvloop
 
-        return uvloop.run(Daemon(config).run())
+        return uvloop.run(Daemon(config, workers).run())
     except ImportError:
-        return asyncio.run(Daemon(config).run())
+        return asyncio.run(Daemon(config, workers).run())

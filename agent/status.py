@@ -7,13 +7,15 @@ One owner for all three, so they cannot disagree: each is built here from the da
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from agent.health.report import build_report, error_line, host_addresses
 from agent.identity.certinfo import utcnow
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
-from agent.telemetry.process import rss_bytes
+from agent.telemetry.process import rss_bytes, tree_memory
+from agent.workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from agent.daemon import Daemon
@@ -32,6 +34,8 @@ def not_ready(d: Daemon) -> list[str]:
         reasons.append("intercept: rules not applied")
     if d.proxy is None or len(d.proxy.listening) < 2:
         reasons.append("proxy: listeners not up")
+    if isinstance(d.proxy, WorkerPool):
+        reasons.extend(d.proxy.not_ready())  # a worker down for a while
     reasons.extend(d.tasks.not_ready())
     return reasons
 
@@ -49,6 +53,16 @@ def listeners(d: Daemon) -> dict[str, str]:
 
 def last_errors(d: Daemon) -> list[dict[str, Any]]:
     return d.state.last_errors + ([] if d.proxy is None else list(d.proxy.stats.last_errors))
+
+
+def memory(d: Daemon) -> dict[str, Any]:
+    """This process's RSS; with workers, also Σ PSS (shared pages once: what the host pays) and
+    Σ RSS over the agent's processes."""
+    out: dict[str, Any] = {"rss_mb": round(rss_bytes() / 2**20, 1), **d.state.memory}
+    if isinstance(d.proxy, WorkerPool) and d.workers is not None:
+        tree = tree_memory([os.getpid(), d.workers.forker.pid, *d.proxy.pids()])
+        out.update(pss_total_mb=round(tree.pss / 2**20, 1), rss_total_mb=round(tree.rss / 2**20, 1))
+    return out
 
 
 def daemon_status(d: Daemon) -> dict[str, Any]:
@@ -103,7 +117,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         "tasks": d.tasks.status(),
         "admin": None if d.admin is None else d.admin.stats(),
         "handshakes": None if proxy is None else proxy.handshakes.status(),
-        "memory": {"rss_mb": round(rss_bytes() / 2**20, 1), **d.state.memory},
+        "memory": memory(d),
         "connections": {
             "open": 0 if proxy is None else proxy.open_connections,
             "opened": {} if proxy is None else dict(proxy.stats.opened),
@@ -111,8 +125,12 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "failures": {} if proxy is None else dict(proxy.stats.failures),
         },
         "http_accounting": http_accounting(d),
-        "http_accounting_stopped": dict(HTTP_ACCOUNTING_STOPPED),
+        "http_accounting_stopped": proxy.http_accounting_stopped
+        if isinstance(proxy, WorkerPool)
+        else dict(HTTP_ACCOUNTING_STOPPED),
         "last_errors": last_errors(d),
+        # proxy.workers > 1: each worker process (1: the proxy runs in this process, no list).
+        "workers": proxy.worker_status() if isinstance(proxy, WorkerPool) else [],
     }
 
 
