@@ -27,7 +27,8 @@ from agent.proxy.policy import InboundPolicy
 from agent.proxy.revocation import RevokedSet, cert_serial
 from agent.proxy.sessions import SessionCache
 from agent.proxy.ticket_keys import new_ticket_key, set_ticket_key
-from agent.proxy.tls import Credentials, client_context, peer_identity, server_context
+from agent.proxy.tls import Credentials, client_context, client_opaque_context, peer_identity, server_context
+from agent.proxy.transport_header import ALPN
 from agent.telemetry.metrics import labels
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from tests.proxy.test_mtls_loopback import DB, DB_NAME, WEB, World, echo_server, request, run
@@ -109,6 +110,17 @@ def test_resumed_session_proves_the_same_identities(tmp_path: Path) -> None:
     assert cert_serial(s2.getpeercert()) == cert_serial(s1.getpeercert()) is not None
     assert cert_serial(c2.getpeercert()) == cert_serial(c1.getpeercert()) is not None
     assert s2.getpeercert()["notAfter"] == s1.getpeercert()["notAfter"]
+
+
+def test_resumed_session_selects_the_transport_alpn(tmp_path: Path) -> None:
+    """An endpoint dialled for Linkerd's transport header must select its ALPN on a resumed
+    session too (else the outbound proxy refuses it: transport_alpn_not_selected)."""
+    a, b = _identities(tmp_path)
+    client, server = client_opaque_context(a), server_context(b)
+    c1, _ = _connect(client, server)
+    c2, s2 = _connect(client, server, c1.session)
+    assert s2.session_reused
+    assert c2.selected_alpn_protocol() == s2.selected_alpn_protocol() == ALPN
 
 
 def test_shared_ticket_key_resumes_across_contexts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
