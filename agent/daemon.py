@@ -47,6 +47,7 @@ from agent.proxy.decisions import ServedPorts
 from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.ticket_keys import new_ticket_key
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
 from agent.status import daemon_status, health_report, http_accounting, not_ready
@@ -192,6 +193,7 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         http_accounting=config.telemetry.metrics and config.telemetry.http_accounting,
         idle_timeout_s=p.idle_timeout_s,
         max_handshakes=p.max_handshakes,
+        tls_resumption=p.tls_resumption,
         direct=True,
         served_ports=served_ports(config),
     )
@@ -481,7 +483,11 @@ class Daemon:
             self._stop_signal(_EARLY_STOP[0])
 
         nofile = raise_nofile_limit()
-        self.credentials = await asyncio.to_thread(Credentials.load, self.store)
+        # Session tickets are sealed with our own key (every worker's, with workers), replaced
+        # every proxy.ticket_key_rotation_s and at each renewal: a ticket lives one period at most.
+        self.credentials = await asyncio.to_thread(
+            Credentials.load, self.store, new_ticket_key(), self.config.proxy.tls_resumption
+        )
         cached = self._last_doc = self._cached_directory_doc()
         directory = self._directory(cached)
         if cached is not None:
@@ -537,6 +543,8 @@ class Daemon:
 
         self.rotator = rotator = Rotator(self.store, on_renewed=self._renewed, renew_fn=self._renew)
         self.tasks.start("rotation", lambda: rotator.run(self.stop_event))
+        if self.config.proxy.tls_resumption:
+            self.tasks.start("ticket-keys", self._rotate_ticket_keys)
         self.tasks.start("directory-refresh", self._refresh_loop)
         if self.config.health.probes:
             self.tasks.start("health-probes", lambda: self.probes.run(self.stop_event))
@@ -584,7 +592,9 @@ class Daemon:
         assert self.workers is not None
         w = self.workers
         pool = self.proxy = WorkerPool(w.count, w.forker, self.merger, w.listeners.listening, directory)
-        await pool.start(None, {"level": self.config.log.level, "format": self.config.log.format})
+        assert self.credentials is not None
+        log_settings = {"level": self.config.log.level, "format": self.config.log.format}
+        await pool.start(self.credentials.ticket_key, log_settings)
 
     async def _stop_proxy(self, drain_timeout_s: float, cut: asyncio.Event | None = None) -> None:
         if self.proxy is not None:
@@ -693,17 +703,36 @@ class Daemon:
 
     async def _renewed(self, identity: IdentityInfo) -> None:
         assert self.credentials is not None
-        await asyncio.to_thread(self.credentials.reload, self.store, identity)
+        # A new ticket key too: no ticket of the old identity or bundle resumes.
+        key = new_ticket_key() if self.credentials.ticket_key is not None else None
+        await asyncio.to_thread(self.credentials.reload, self.store, identity, key)
         self._identity_changed(identity)
-        if isinstance(self.proxy, WorkerPool):
+        if isinstance(self.proxy, Proxy):
+            self.proxy.credentials_changed()  # the client sessions belong to the old contexts
+        elif isinstance(self.proxy, WorkerPool):
             # Each worker loads the same files; new connections take the new contexts.
-            replies = await self.proxy.credentials_changed(None)
+            replies = await self.proxy.credentials_changed(key)
             log.info(
                 "tls.reloaded",
                 workers=len(replies),
                 of=len(self.proxy.slots),
                 serial=identity.summary.serial,
             )
+
+    async def _rotate_ticket_keys(self) -> None:
+        """A new session-ticket key every proxy.ticket_key_rotation_s (in every worker): only
+        the current key opens a ticket, so one lives at most a period."""
+        period = self.config.proxy.ticket_key_rotation_s
+        while not self.stop_event.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop_event.wait(), period)
+            if self.stop_event.is_set() or self.credentials is None:
+                return
+            key = new_ticket_key()
+            await asyncio.to_thread(self.credentials.rotate_ticket_key, self.store, key)
+            if isinstance(self.proxy, WorkerPool):
+                self.proxy.set_ticket_key(key)
+            self.tasks.ok("ticket-keys")
 
     def _identity_changed(self, identity: IdentityInfo) -> None:
         if self.metrics is not None:

@@ -247,7 +247,8 @@ def test_sighup_reaches_every_worker(mesh: Mesh) -> None:
 
 def test_rotation_reaches_every_worker_without_dropping(tmp_path: Path) -> None:
     """30 s certificates: the agent renews after ~21 s under a request loop; every worker takes
-    the new certificate within 5 s of the agent, no request fails, an open connection lives on."""
+    the new certificate and the new ticket key within 5 s of the agent, no request fails, an
+    open connection lives on."""
     if netns_supported():
         pytest.skip(str(netns_supported()))
     with build_mesh(tmp_path, "--cert-lifetime", "30s") as mesh:
@@ -256,6 +257,8 @@ def test_rotation_reaches_every_worker_without_dropping(tmp_path: Path) -> None:
         assert say(held, "before") == "echo before"
         first = status(mesh, "b")["identity"]["serial"]
         assert {w["serial"] for w in status(mesh, "b")["workers"]} == {first}
+        keys = {w["ticket_key_name"] for w in status(mesh, "b")["workers"]}
+        assert len(keys) == 1 and "" not in keys  # one ticket key: a ticket resumes on any worker
         loop = mesh.cl.popen(PY, str(LOOP), "198.18.2.2", "8080", "30", "0.1", "5")
         wait_for(lambda: status(mesh, "b")["identity"]["serial"] != first, "the agent renewed", b, timeout=30)
         renewed = status(mesh, "b")["identity"]["serial"]
@@ -266,6 +269,8 @@ def test_rotation_reaches_every_worker_without_dropping(tmp_path: Path) -> None:
             timeout=5,
         )
         assert "tls.reloaded" in b.log.read_text()
+        renewed_keys = {w["ticket_key_name"] for w in status(mesh, "b")["workers"]}
+        assert len(renewed_keys) == 1 and renewed_keys != keys  # a renewal replaces the ticket key
         out, _ = loop.communicate(timeout=60)
         lines = out.splitlines()
         assert len(lines) > 100 and [line for line in lines if " ok " not in line] == []
