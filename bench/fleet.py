@@ -229,21 +229,23 @@ def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         _say("host_config", result)
         assert victim_entry in sample["body"]
 
-        # 3. Each agent's first fetch of its whole directory, a few at a time: agents fetch it
-        # once enrolled, spread over the enrollments; all at once would measure a restart storm.
-        replies, elapsed, used = _phase(
-            pool, pids, setup.groups, "prime", concurrency=max(1, args.prime_concurrency // k)
-        )
+        # 3. The agents start: each fetches its whole directory (a few at a time, as agents
+        # that come up do, not a restart storm), then long polls and reports every interval.
+        concurrency = max(1, args.prime_concurrency // k)
+        replies, elapsed, used = _phase(pool, pids, setup.groups, "prime", concurrency=concurrency)
+        parsed = {how: sum(r[how] for r in replies) for how in ("whole", "after_catalog")}
         result["prime"] = {
             "primed": sum(r["primed"] for r in replies),
             "elapsed_s": round(elapsed, 1),
+            "parsed": parsed,
+            **merged(replies).summary("host_config"),
+            "retries": dict(merged(replies).retries),
             "resources": used,
         }
         _say("prime", result)
 
         # 4. The fleet in steady state: every agent holds a long poll and reports every interval.
-        pool.ask("start")
-        time.sleep(args.heartbeat)  # every agent started: its poll parked, its first report sent
+        time.sleep(args.heartbeat)  # the last agents started: their polls parked, their reports sent
         result["steady"] = _steady(pool, pids, setup.groups, args.steady)
         _say("steady", result)
         if args.abuse:

@@ -16,10 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
-import random
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
@@ -113,16 +112,31 @@ class Shard:
         return {"times": times, "body": body}
 
     async def prime(self, concurrency: int) -> dict[str, Any]:
-        """Each agent's first fetch of its whole directory, `concurrency` at a time."""
-        polling = self.hosts if self.settings.long_polls else []
-        outcomes = await bounded(concurrency, [partial(self._fetch, h) for h in polling])
-        refused = [o for o in outcomes if o is not None]
-        assert all(isinstance(o, Refused) for o in refused), refused
-        return {
-            "primed": len(polling) - len(refused),
-            "calls": self.api.calls.take(),
-            **self.directories.parsed,
-        }
+        """Start the agents: each fetches its whole directory (`concurrency` at a time) and
+        from then on reports and long polls, as a fleet that comes up does. All at once, the
+        agents' thousands of new connections overflowed the accept queues (SYNs dropped,
+        connect timeouts, retries: a storm of the simulator's own making); started after a
+        slow prime, their connections had gone idle past the client's keep-alive."""
+        gate = asyncio.Semaphore(concurrency)
+        fetched = [0, 0]  # done, refused
+        all_fetched = asyncio.Event()
+        polling = len(self.hosts) if self.settings.long_polls else 0
+
+        async def first_fetch(host: SimHost) -> None:
+            if self.settings.long_polls:
+                async with gate:
+                    try:
+                        await self._fetch(host)
+                    except Refused:
+                        fetched[1] += 1
+                    fetched[0] += 1
+                    if fetched[0] == polling:
+                        all_fetched.set()
+
+        self.agents = [asyncio.create_task(self._agent(h, first_fetch)) for h in self.hosts]
+        if polling:
+            await all_fetched.wait()
+        return {"primed": polling - fetched[1], "calls": self.api.calls.take(), **self.directories.parsed}
 
     async def _fetch(self, host: SimHost) -> None:
         """The whole document (no If-None-Match, no A-IM), as an agent's first fetch."""
@@ -159,10 +173,6 @@ class Shard:
             version = response.headers.get(wire.VERSION_HEADER, "")
             self.directories.full(held, response.content, response.headers.get("etag", ""), version)
         return status
-
-    async def start(self) -> dict[str, Any]:
-        self.agents = [asyncio.create_task(self._agent(h)) for h in self.hosts]
-        return {}
 
     async def window(self) -> dict[str, Any]:
         """The samples since the last window (the first one: since the agents started)."""
@@ -204,8 +214,8 @@ class Shard:
 
     # --- an agent ------------------------------------------------------------------------------
 
-    async def _agent(self, host: SimHost) -> None:
-        await asyncio.sleep(random.uniform(0, self.settings.heartbeat_s))
+    async def _agent(self, host: SimHost, first_fetch: Callable[[SimHost], Awaitable[None]]) -> None:
+        await first_fetch(host)
         beat = asyncio.create_task(self._heartbeats(host))
         try:
             if not self.settings.long_polls:
