@@ -150,10 +150,22 @@ INSERT INTO host_certificates (serial, host_id, not_after)
     WHERE previous_serial IS NOT NULL AND previous_serial <> serial
 """
 
+# data_version on SQLite: a row bumped by the transactions that change a rendered document, as
+# on PostgreSQL. (PRAGMA data_version moved on every commit: a renewal, a token, a host's API
+# token woke every long poll of every host.)
+_SQLITE_VERSION_ROW = """
+CREATE TABLE registry_version (
+    id      INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL
+);
+INSERT INTO registry_version (id, version) VALUES (1, 1)
+"""
+
 SQLITE: tuple[Migration, ...] = (
     # Columns first: the baseline's indexes name columns an old file may lack.
     Migration(1, "baseline", _split(SQLITE_BASELINE), run=_sqlite_add_columns),
     Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="REAL"))),
+    Migration(3, "registry_version", _split(_SQLITE_VERSION_ROW)),
 )
 
 
@@ -263,9 +275,22 @@ CREATE TABLE registry_version (
 INSERT INTO registry_version (id, version) VALUES (1, 1)
 """
 
+# data_version on PostgreSQL: the sum of VERSION_SLOTS counter rows, a changing transaction
+# bumping one slot picked at random. One row made every enrollment of every replica wait for the
+# commit before it (the row's lock is held until the commit's WAL flush); with 16 slots two
+# commits wait for each other only when they pick the same slot. The sum still moves on every
+# such commit and is the same for every replica reading the same state.
+VERSION_SLOTS = 16  # (the migration below spells it: a shipped migration never changes)
+_POSTGRES_VERSION_SLOTS = """
+ALTER TABLE registry_version DROP CONSTRAINT IF EXISTS registry_version_id_check;
+ALTER TABLE registry_version ADD CONSTRAINT registry_version_slot CHECK (id BETWEEN 1 AND 16);
+INSERT INTO registry_version (id, version) SELECT slot, 0 FROM generate_series(2, 16) AS slot
+"""
+
 POSTGRES: tuple[Migration, ...] = (
     Migration(1, "baseline", _split(POSTGRES_BASELINE)),
     Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="DOUBLE PRECISION"))),
+    Migration(3, "registry_version_slots", _split(_POSTGRES_VERSION_SLOTS)),
 )
 
 

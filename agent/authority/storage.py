@@ -20,6 +20,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -28,8 +29,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.errors import ExitCode, MeshagentError, RejectedError
+from agent.logs import get_logger
 
 from .migrations import migrate_sqlite
+
+log = get_logger("meshagent.authority")
 
 # The reports file's schema, by PRAGMA user_version (1: the first).
 REPORTS_VERSION = 1
@@ -40,6 +44,106 @@ CREATE TABLE IF NOT EXISTS host_reports (
     report      TEXT NOT NULL           -- JSON, as health.HostReport.to_json wrote it
 );
 """
+
+
+# Health reports are written behind, in one statement per this many seconds per process: at
+# 1,000 reports a second across replicas, a commit each would be most of the database's work.
+REPORT_FLUSH_S = 1.0
+_UPSERT_REPORT = (
+    "INSERT INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)"
+    " ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report"
+    " WHERE excluded.received_at >= host_reports.received_at"  # a replica's older one never wins
+)
+ReportRow = tuple[str, float, str]  # (host id, received at: Unix time, the report's JSON)
+
+
+class ReportBuffer:
+    """The last report of each host, kept in memory and written by `write` in one batch at most
+    every `interval` seconds: a report is written at once (by its caller) when no batch was in
+    the last interval, otherwise by a thread of its own (started by the first report) at the end
+    of the interval, with every other report taken meanwhile; close() writes what is left. A
+    quiet fleet's reports are seen everywhere at once; a busy one costs a statement a second.
+
+    What it costs: a process that dies loses the reports of its last interval (the agents send
+    theirs again every report interval, so a host looks silent one interval longer at most),
+    and other processes (replicas, `authority hosts`) see a report up to `interval` late.
+    A failed write (database away) keeps the batch for the next one, unless newer reports came."""
+
+    def __init__(
+        self, write: Callable[[Sequence[ReportRow]], None], interval: float = REPORT_FLUSH_S
+    ) -> None:
+        self._write = write
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()  # one batch in flight at a time
+        self._pending: dict[str, tuple[float, str]] = {}
+        self._flushing: dict[str, tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._written_at = -float("inf")  # monotonic: when the last batch was taken
+
+    def add(self, host_id: str, when: float, report: str) -> None:
+        with self._lock:
+            kept = self._pending.get(host_id)
+            if kept is None or kept[0] <= when:
+                self._pending[host_id] = (when, report)
+            if self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._run, name="registry-reports", daemon=True)
+                self._thread.start()
+            # (after close() no thread writes later: at once)
+            due = self._stop.is_set() or time.monotonic() - self._written_at >= self._interval
+        if due and self._flush_lock.acquire(blocking=False):
+            try:
+                self._flush_locked()
+            except Exception as exc:  # kept for the thread's next round
+                log.warning("registry.reports_unwritten", error=str(exc)[:200])
+            finally:
+                self._flush_lock.release()
+
+    def unwritten(self) -> dict[str, tuple[float, str]]:
+        """Reports taken but not yet committed (the batch being written, then newer ones)."""
+        with self._lock:
+            return {**self._flushing, **self._pending}
+
+    def flush(self) -> None:
+        """Write what is pending now, in one batch (raises what the write raised)."""
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, {}
+            self._flushing = batch
+            self._written_at = time.monotonic()
+        try:
+            if batch:
+                self._write([(h, when, report) for h, (when, report) in batch.items()])
+        except BaseException:
+            with self._lock:
+                for host_id, kept in batch.items():
+                    self._pending.setdefault(host_id, kept)
+            raise
+        finally:
+            with self._lock:
+                self._flushing = {}
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                if self._pending:
+                    self.flush()
+            except Exception as exc:  # (kept for the next round; the API serves on meanwhile)
+                log.warning("registry.reports_unwritten", error=str(exc)[:200], pending=len(self._pending))
+
+    def close(self) -> None:
+        """Stop the thread and write what is left (a failure is logged: those reports are lost)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        try:
+            self.flush()
+        except Exception as exc:
+            log.warning("registry.reports_lost", error=str(exc)[:200], count=len(self._pending))
 
 
 @dataclass(frozen=True)
@@ -151,6 +255,7 @@ class Registry(Protocol):
         host: NewHost,
         now: datetime,
         sign: Callable[[str], Issued],
+        api_token_hash: str | None = None,
     ) -> HostRecord: ...
 
     def find_by_serial(self, serial: str) -> HostRecord | None: ...
@@ -160,7 +265,12 @@ class Registry(Protocol):
     def find_by_api_token(self, token_hash: str) -> HostRecord | None: ...
 
     def renew(
-        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
+        self,
+        host_id: str,
+        request: RenewalRequest,
+        now: datetime,
+        sign: Callable[[], Issued],
+        api_token_hash: str | None = None,
     ) -> HostRecord: ...
 
     def list_hosts(self) -> list[HostRecord]: ...
@@ -193,6 +303,8 @@ class Registry(Protocol):
     def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None: ...
 
     def reports(self) -> dict[str, tuple[float, str]]: ...
+
+    def flush_reports(self) -> None: ...
 
     def data_version(self) -> int: ...
 
@@ -292,8 +404,33 @@ class SqlRegistry:
     # Insertion order, for rows created at the same instant (SQLite's implicit rowid).
     _SEQ = "rowid"
 
+    _report_buffer: ReportBuffer
+
     def _transaction(self) -> AbstractContextManager[Tx]:
         raise NotImplementedError
+
+    def _stored_reports(self) -> dict[str, tuple[float, str]]:
+        raise NotImplementedError
+
+    # --- health reports (agent/authority/health.py): written behind, see ReportBuffer ------
+
+    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
+        """Keep `report_json` (checked by health.parse_report) as the host's last report. This
+        process sees it at once; others once it is flushed (REPORT_FLUSH_S)."""
+        when = at.timestamp() if isinstance(at, datetime) else float(at)
+        self._report_buffer.add(host_id, when, report_json)
+
+    def reports(self) -> dict[str, tuple[float, str]]:
+        """Every host's last report: host id -> (received at, Unix time; the report's JSON)."""
+        found = self._stored_reports()
+        for host_id, (when, report) in self._report_buffer.unwritten().items():
+            if host_id not in found or found[host_id][0] <= when:
+                found[host_id] = (when, report)
+        return found
+
+    def flush_reports(self) -> None:
+        """Write the reports taken so far now (close() does too)."""
+        self._report_buffer.flush()
 
     def _read(self) -> AbstractContextManager[Tx]:
         raise NotImplementedError
@@ -343,9 +480,13 @@ class SqlRegistry:
         host: NewHost,
         now: datetime,
         sign: Callable[[str], Issued],
+        api_token_hash: str | None = None,
     ) -> HostRecord:
-        """Consume the token and record the host, atomically. `sign(identity)` issues the cert.
-        The token row is locked first: a second replica presenting it waits, then sees it used."""
+        """Consume the token and record the host, atomically. `sign(identity)` issues the cert;
+        `api_token_hash`, when given, becomes the host's bearer token in the same transaction
+        (one commit per enrollment, not two). The token row is locked first: a second replica
+        presenting it waits, then sees it used."""
+        presigned = self._presign(token_hash, now, sign) if self._SIGN_OUTSIDE_LOCK else None
         with self._transaction() as tx:
             token = tx.one("SELECT * FROM tokens WHERE hash = ?", (token_hash,), for_update=True)
             if token is None:
@@ -359,6 +500,12 @@ class SqlRegistry:
                     # The same host retrying with the same key: hand back what it was issued.
                     row = tx.one("SELECT * FROM hosts WHERE id = ?", (token["host_id"],))
                     if row is not None and row["revoked_at"] is None:
+                        if api_token_hash is not None:
+                            row = tx.one(
+                                "UPDATE hosts SET api_token_hash = ? WHERE id = ? RETURNING *",
+                                (api_token_hash, row["id"]),
+                            )
+                            assert row is not None
                         return _host(row)
                 raise RejectedError(
                     "the join token was already used",
@@ -371,35 +518,71 @@ class SqlRegistry:
                     "create a new one (meshagent authority token create --ttl ...)",
                     code="token_expired",
                 )
-            issued = sign(token["identity"])
+            # (A token's identity never changes: a certificate signed before the lock still fits.)
+            issued = (
+                presigned[1] if presigned and presigned[0] == token["identity"] else sign(token["identity"])
+            )
             host_id = "h-" + secrets.token_hex(6)
             # The token's labels and ports become the host's, as stored (validated when written).
-            tx.run(
-                "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem,"
-                " enrolled_at, key_fp, kube_labels, kube_ports, proxy_port)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    host_id,
-                    token["identity"],
-                    host.host_name,
-                    json.dumps(list(host.addresses)),
-                    issued.serial,
-                    _ts(issued.not_after),
-                    issued.cert_pem,
-                    _ts(now),
-                    key_fingerprint,
-                    token["kube_labels"],
-                    token["kube_ports"],
-                    token["proxy_port"],
-                ),
+            values = (
+                host_id,
+                token["identity"],
+                host.host_name,
+                json.dumps(list(host.addresses)),
+                issued.serial,
+                _ts(issued.not_after),
+                issued.cert_pem,
+                _ts(now),
+                key_fingerprint,
+                token["kube_labels"],
+                token["kube_ports"],
+                token["proxy_port"],
+                api_token_hash,
             )
-            tx.run(
-                "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
-                (_ts(now), key_fingerprint, host_id, token_hash),
-            )
-            self._issued(tx, host_id, issued, now)
-            tx.changed()
-            return _the_host(tx, host_id)
+            return _host(self._record_enrollment(tx, values, token_hash, now))
+
+    # Sign before taking the write lock (SQLite: the lock is the whole file's, and a signature
+    # is a third of an enrollment's time in it). PostgreSQL locks only the token's row: signing
+    # under it costs nobody else anything, and reading the token first would be a round trip more.
+    _SIGN_OUTSIDE_LOCK = True
+
+    def _presign(
+        self, token_hash: str, now: datetime, sign: Callable[[str], Issued]
+    ) -> tuple[str, Issued] | None:
+        """(identity, certificate) for a token that looks usable, read without a lock; the
+        transaction checks it again and uses the certificate only if the token still fits."""
+        peek = self._row("SELECT identity, used_at, expires_at FROM tokens WHERE hash = ?", (token_hash,))
+        if peek is None or peek["used_at"] is not None or peek["expires_at"] <= _ts(now):
+            return None
+        return peek["identity"], sign(peek["identity"])
+
+    # The columns _record_enrollment's values fill, in order.
+    _HOST_COLUMNS = (
+        "id, identity, host_name, addresses, serial, not_after, cert_pem, enrolled_at, key_fp,"
+        " kube_labels, kube_ports, proxy_port, api_token_hash"
+    )
+
+    def _record_enrollment(self, tx: Tx, values: Sequence[object], token_hash: str, now: datetime) -> Row:
+        """Insert the host (`values`: _HOST_COLUMNS), mark the token used, keep the serial, and
+        mark the registry changed (a new host is in the catalog); the host's row."""
+        row = tx.one(
+            f"INSERT INTO hosts ({self._HOST_COLUMNS}) VALUES ({', '.join('?' * 13)}) RETURNING *",  # noqa: S608 - constants
+            values,
+        )
+        assert row is not None
+        host_id, serial, not_after, key_fp = values[0], values[4], values[5], values[8]
+        tx.run(
+            "UPDATE tokens SET used_at = ?, used_by_key = ?, host_id = ? WHERE hash = ?",
+            (_ts(now), key_fp, host_id, token_hash),
+        )
+        # (A new host has no expired certificates to forget: no DELETE here.)
+        tx.run(
+            "INSERT INTO host_certificates (serial, host_id, not_after) VALUES (?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (serial, host_id, not_after),
+        )
+        tx.changed()
+        return row
 
     @staticmethod
     def _issued(tx: Tx, host_id: str, issued: Issued, now: datetime) -> None:
@@ -441,10 +624,16 @@ class SqlRegistry:
         return None if row is None else _host(row)
 
     def renew(
-        self, host_id: str, request: RenewalRequest, now: datetime, sign: Callable[[], Issued]
+        self,
+        host_id: str,
+        request: RenewalRequest,
+        now: datetime,
+        sign: Callable[[], Issued],
+        api_token_hash: str | None = None,
     ) -> HostRecord:
         """Renew `host_id` from its current certificate, or hand back what its previous one was
-        issued (the answer was lost). `sign()` issues the new certificate, inside the transaction.
+        issued (the answer was lost). `sign()` issues the new certificate, inside the transaction;
+        `api_token_hash`, when given, becomes the host's bearer token in the same transaction.
 
         Two rules make a captured request worthless (issue #15): each request is answered once
         (its proof is kept until its timestamp leaves the freshness window, so the table stays
@@ -489,11 +678,18 @@ class SqlRegistry:
                 (request.proof, host_id, _ts(request.proof_expires_at)),
             )
             if retry:  # the answer was lost: the same certificate again, nothing re-signed
+                if api_token_hash is not None:
+                    row = tx.one(
+                        "UPDATE hosts SET api_token_hash = ? WHERE id = ? RETURNING *",
+                        (api_token_hash, host_id),
+                    )
+                    assert row is not None
                 return _host(row)
             issued = sign()
-            tx.run(
+            renewed = tx.one(
                 "UPDATE hosts SET serial = ?, previous_serial = ?, not_after = ?, cert_pem = ?,"
-                " last_renewal = ?, key_fp = ? WHERE id = ?",
+                " last_renewal = ?, key_fp = ?, api_token_hash = COALESCE(?, api_token_hash)"
+                " WHERE id = ? RETURNING *",
                 (
                     issued.serial,
                     presented,
@@ -501,15 +697,17 @@ class SqlRegistry:
                     issued.cert_pem,
                     _ts(now),
                     request.key_fingerprint,
+                    api_token_hash,
                     host_id,
                 ),
             )
+            assert renewed is not None  # (the row is locked: it exists)
             self._issued(tx, host_id, issued, now)
             # No tx.changed(): nothing any host's directory renders moves. The catalog names no
             # serial, and the revoked list names the serials of revoked hosts only, which never
             # renew (refused above, the row locked); their revocation bumps the version and is
-            # rendered with the serials current then. (On SQLite any commit moves it anyway.)
-            return _the_host(tx, host_id)
+            # rendered with the serials current then.
+            return _host(renewed)
 
     def list_hosts(self) -> list[HostRecord]:
         rows = self._rows(f"SELECT * FROM hosts ORDER BY enrolled_at, {self._SEQ}")  # noqa: S608 - a class constant
@@ -640,11 +838,13 @@ def _find_one(tx: Tx, ref: str, verb: str) -> str:
 class _SqliteTx:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.bumped = False
 
     def one(self, sql: str, params: Sequence[object] = (), *, for_update: bool = False) -> Row | None:
-        # (for_update: the IMMEDIATE transaction already holds the file's write lock)
-        row: sqlite3.Row | None = self.db.execute(sql, params).fetchone()
-        return row
+        # (for_update: the IMMEDIATE transaction already holds the file's write lock.) fetchall:
+        # the statement runs to its end, so an INSERT ... RETURNING is not left in progress.
+        rows: list[sqlite3.Row] = self.db.execute(sql, params).fetchall()
+        return rows[0] if rows else None
 
     def all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         return list(self.db.execute(sql, params).fetchall())
@@ -656,7 +856,9 @@ class _SqliteTx:
         self.db.executemany(sql, params)
 
     def changed(self) -> None:
-        """(SQLite's PRAGMA data_version moves by itself on any commit.)"""
+        if not self.bumped:  # (once per transaction; SQLite has one writer at a time anyway)
+            self.db.execute("UPDATE registry_version SET version = version + 1 WHERE id = 1")
+            self.bumped = True
 
 
 class SqliteRegistry(SqlRegistry):
@@ -675,10 +877,14 @@ class SqliteRegistry(SqlRegistry):
         self._db.execute("PRAGMA busy_timeout=30000")
         migrate_sqlite(self._db)
         self._watch = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._watch_lock = threading.Lock()
         self._reports = self._open_reports()
+        self._reports_lock = threading.Lock()
+        self._report_buffer = ReportBuffer(self._write_reports)
 
     def close(self) -> None:
-        with self._lock:
+        self._report_buffer.close()
+        with self._lock, self._watch_lock, self._reports_lock:
             self._db.close()
             self._watch.close()
             self._reports.close()
@@ -704,8 +910,7 @@ class SqliteRegistry(SqlRegistry):
 
     def _open_reports(self) -> sqlite3.Connection:
         """The agents' health reports, in a file of their own beside the registry: a report
-        every interval from every host must not look like a registry change to `data_version`
-        (the directory's long poll would wake every host on every report)."""
+        every interval from every host must not take the registry's write lock."""
         path = self.path.with_name(self.path.stem + "-reports" + self.path.suffix)
         db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
@@ -717,24 +922,26 @@ class SqliteRegistry(SqlRegistry):
             db.execute(f"PRAGMA user_version = {REPORTS_VERSION}")
         return db
 
-    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
-        """Keep `report_json` (checked by health.parse_report) as the host's last report."""
-        when = at.timestamp() if isinstance(at, datetime) else float(at)
-        with self._lock:
-            self._reports.execute(
-                "INSERT OR REPLACE INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)",
-                (host_id, when, report_json),
-            )
+    def _write_reports(self, rows: Sequence[tuple[str, float, str]]) -> None:
+        with self._reports_lock:
+            self._reports.execute("BEGIN IMMEDIATE")
+            try:
+                self._reports.executemany(_UPSERT_REPORT, rows)
+            except BaseException:
+                self._reports.execute("ROLLBACK")
+                raise
+            self._reports.execute("COMMIT")
 
-    def reports(self) -> dict[str, tuple[float, str]]:
-        """Every host's last report: host id -> (received at, Unix time; the report's JSON)."""
-        with self._lock:
+    def _stored_reports(self) -> dict[str, tuple[float, str]]:
+        with self._reports_lock:
             rows = self._reports.execute("SELECT host_id, received_at, report FROM host_reports").fetchall()
         return {str(r[0]): (float(r[1]), str(r[2])) for r in rows}
 
     def data_version(self) -> int:
-        """Changes whenever the registry file was written, by this process or another (SQLite's
-        PRAGMA data_version, read on a connection of its own: it ignores its own connection's
-        writes). Compare for inequality; health reports do not change it."""
-        with self._lock:
-            return int(self._watch.execute("PRAGMA data_version").fetchone()[0])
+        """The registry_version row, bumped by every transaction that changes what a host's
+        directory renders, by this process or another sharing the file (renewals, tokens, API
+        tokens and health reports do not move it). Read on a connection of its own, so a render
+        never queues behind a write transaction. Compare for inequality."""
+        with self._watch_lock:
+            row = self._watch.execute("SELECT version FROM registry_version WHERE id = 1").fetchone()
+        return int(row[0])

@@ -4,9 +4,13 @@ The rules are storage.SqlRegistry's; this module supplies transactions over a ps
 connection pool. What replicas need beyond SQLite:
 - rows a decision depends on are locked (`SELECT ... FOR UPDATE`): a join token presented at two
   replicas at once is consumed by one, the other then finds it used;
-- `data_version` is a counter row bumped at the end of every transaction that changes a rendered
-  document, so each replica's long-poll watch sees every replica's writes (health reports are
-  their own table and do not bump it);
+- `data_version` is the sum of counter rows (migrations.VERSION_SLOTS), one of them bumped by
+  every transaction that changes a rendered document, so each replica's long-poll watch sees
+  every replica's writes without all their commits queueing on one row (health reports are
+  their own table, written behind in one statement a second: storage.ReportBuffer);
+- an enrollment is four round trips: BEGIN, the token locked, one statement (CTEs) inserting
+  the host with its API token, marking the token used, keeping the serial and bumping a slot,
+  COMMIT; psycopg prepares statements a connection repeats (its prepare_threshold);
 - the database going away is `RegistryUnavailable` (the API answers 503), and the pool checks a
   connection before lending it, so the first call after PostgreSQL is back simply works.
 
@@ -16,6 +20,7 @@ psycopg is imported here only: SQLite authorities and hosts never need it.
 from __future__ import annotations
 
 import logging
+import random
 import select
 import threading
 import time
@@ -27,8 +32,8 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import MeshagentError
 from agent.logs import get_logger
 
-from .migrations import migrate_postgres
-from .storage import RegistryUnavailable, Row, SqlRegistry, Tx
+from .migrations import VERSION_SLOTS, migrate_postgres
+from .storage import RegistryUnavailable, ReportBuffer, ReportRow, Row, SqlRegistry, Tx
 
 if TYPE_CHECKING:
     import psycopg
@@ -130,6 +135,7 @@ class PostgresRegistry(SqlRegistry):
     """The registry in a PostgreSQL database (libpq URL), shared by any number of replicas."""
 
     _SEQ = "seq"
+    _SIGN_OUTSIDE_LOCK = False  # (only the token's row is locked while signing)
     _PURGE_PROOFS = (
         "DELETE FROM renewal_proofs WHERE digest IN"
         " (SELECT digest FROM renewal_proofs WHERE expires_at < ? FOR UPDATE SKIP LOCKED)"
@@ -168,8 +174,10 @@ class PostgresRegistry(SqlRegistry):
             with pg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
                 migrate_postgres(conn)
             self._pool.open(wait=False)
+        self._report_buffer = ReportBuffer(self._write_reports)
 
     def close(self) -> None:
+        self._report_buffer.close()
         self._pool.close()
 
     def _unavailable(self, reason: str) -> RegistryUnavailable:
@@ -240,27 +248,62 @@ class PostgresRegistry(SqlRegistry):
             tx = _PgTx(conn)
             yield tx
             if tx.bump:
-                # Last: the version row's lock is held only from here to the commit.
-                conn.execute("UPDATE registry_version SET version = version + 1 WHERE id = 1")
+                # Last: the slot's lock is held only from here to the commit.
+                conn.execute(_BUMP, (_slot(),))
+
+    # One statement: the host (with its API token), the token used, the serial kept, a version
+    # slot bumped (a new host is in every directory's catalog). Data-modifying CTEs all run, each
+    # once, whether or not the outer query reads them.
+    _ENROLL = (
+        f"WITH host AS (INSERT INTO hosts ({SqlRegistry._HOST_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})"  # noqa: S608
+        " RETURNING *),"
+        " used AS (UPDATE tokens SET used_at = %s, used_by_key = %s, host_id = %s WHERE hash = %s),"
+        " kept AS (INSERT INTO host_certificates (serial, host_id, not_after) VALUES (%s, %s, %s)"
+        " ON CONFLICT DO NOTHING),"
+        " bumped AS (UPDATE registry_version SET version = version + 1 WHERE id = %s)"
+        " SELECT * FROM host"
+    ).encode()
+
+    def _record_enrollment(self, tx: Tx, values: Sequence[object], token_hash: str, now: datetime) -> Row:
+        assert isinstance(tx, _PgTx)
+        host_id, serial, not_after, key_fp = values[0], values[4], values[5], values[8]
+        params = (*values, now.timestamp(), key_fp, host_id, token_hash, serial, host_id, not_after, _slot())
+        row: Row | None = tx.conn.execute(self._ENROLL, params).fetchone()
+        assert row is not None
+        return row
 
     # --- health reports: a table of their own, outside data_version ------------------------
 
-    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
-        when = at.timestamp() if isinstance(at, datetime) else float(at)
-        with self._read() as tx:  # (one autocommitted statement)
-            tx.run(
-                "INSERT INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)"
-                " ON CONFLICT (host_id) DO UPDATE"
-                " SET received_at = excluded.received_at, report = excluded.report",
-                (host_id, when, report_json),
+    def _write_reports(self, rows: Sequence[ReportRow]) -> None:
+        """One statement for the whole batch (arrays unnested), autocommitted."""
+        with self._read() as tx:
+            assert isinstance(tx, _PgTx)
+            tx.conn.execute(
+                _UPSERT_REPORTS,
+                ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
             )
 
-    def reports(self) -> dict[str, tuple[float, str]]:
+    def _stored_reports(self) -> dict[str, tuple[float, str]]:
         rows = self._rows("SELECT host_id, received_at, report FROM host_reports")
         return {str(r["host_id"]): (float(r["received_at"]), str(r["report"])) for r in rows}
 
     def data_version(self) -> int:
-        """The counter every replica's document-changing transactions bump (compare for inequality)."""
-        row = self._row("SELECT version FROM registry_version WHERE id = 1")
-        assert row is not None  # (migration 1 inserts it)
+        """The sum of the version slots every replica's document-changing transactions bump
+        (compare for inequality)."""
+        row = self._row("SELECT sum(version) AS version FROM registry_version")
+        assert row is not None  # (migration 1 inserts a row)
         return int(row["version"])
+
+
+_BUMP = b"UPDATE registry_version SET version = version + 1 WHERE id = %s"
+_UPSERT_REPORTS = (
+    b"INSERT INTO host_reports (host_id, received_at, report)"
+    b" SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[])"
+    b" ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report"
+    b" WHERE excluded.received_at >= host_reports.received_at"  # a replica's older one never wins
+)
+
+
+def _slot() -> int:
+    """A version slot for this transaction to bump (see migrations.VERSION_SLOTS)."""
+    return random.randint(1, VERSION_SLOTS)  # noqa: S311 - spreading locks, not a secret

@@ -45,6 +45,7 @@ def test_a_registry_from_before_migrations_opens_with_its_records(tmp_path: Path
     assert db.execute("SELECT version, name FROM schema_migrations").fetchall() == [
         (1, "baseline"),
         (2, "host_certificates"),
+        (3, "registry_version"),
     ]
     assert migrate_sqlite(db) == []  # a second open applies nothing
     db.close()

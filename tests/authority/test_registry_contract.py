@@ -183,9 +183,85 @@ def test_data_version_moves_on_another_openers_writes_not_on_reports(
         assert after != before
         registry.record_report("h-1", '{"ready": true}', NOW)
         other.record_report("h-1", '{"ready": false}', NOW + timedelta(seconds=10))
+        registry.flush_reports()
+        other.flush_reports()
         assert registry.data_version() == after
         assert registry.reports() == {"h-1": ((NOW + timedelta(seconds=10)).timestamp(), '{"ready": false}')}
         other.add_static_entry("198.18.1.0/24", (), "shop/db", NOW)
         assert registry.data_version() != after
     finally:
         other.close()
+
+
+def test_data_version_moves_only_on_what_a_directory_renders(registry: Registry) -> None:
+    """A new host (the catalog), a revocation, labels, catalog entries and policies move it;
+    a renewal, a token, a host's API token and a health report do not (they would wake every
+    long poll of every host for nothing)."""
+    seen = [registry.data_version()]
+
+    def moved() -> bool:
+        seen.append(registry.data_version())
+        return seen[-1] != seen[-2]
+
+    _token(registry)
+    assert not moved()
+    host_id = _enroll(registry, "t1")
+    assert moved()
+    registry.renew(host_id, _renewal("01", "p1"), NOW, lambda: _issued("02"), api_token_hash="api-2")
+    registry.set_api_token(host_id, "api-3")
+    registry.record_report(host_id, "{}", NOW)
+    registry.flush_reports()
+    assert not moved()
+    registry.update_registration(host_id, lambda h: Registration((("tier", "front"),)))
+    assert moved()
+    registry.set_policy(PolicyRecord("shop/web", 0, "deny", ()))
+    assert moved()
+    registry.revoke(host_id, NOW)
+    assert moved()
+
+
+def test_enrollment_and_renewal_set_the_api_token_in_their_transaction(registry: Registry) -> None:
+    _token(registry)
+    host = registry.enroll(
+        "t1", "key-1", NewHost("web-1", ()), NOW, lambda i: _issued("01"), api_token_hash="a1"
+    )
+    assert registry.find_by_api_token("a1") == host and host.serial == "01"
+    # The answer was lost: the same key gets its host back, with the new API token only.
+    again = registry.enroll(
+        "t1", "key-1", NewHost("web-1", ()), NOW, lambda i: _issued("09"), api_token_hash="a2"
+    )
+    assert (again.id, again.serial) == (host.id, "01")
+    assert registry.find_by_api_token("a1") is None and registry.find_by_api_token("a2") == again
+    renewed = registry.renew(host.id, _renewal("01", "p1"), NOW, lambda: _issued("02"), api_token_hash="a3")
+    assert renewed.serial == "02" and registry.find_by_api_token("a3") == renewed
+    retried = registry.renew(host.id, _renewal("01", "p2"), NOW, lambda: _issued("03"), api_token_hash="a4")
+    assert retried.serial == "02" and registry.find_by_api_token("a4") == retried
+    assert registry.find_by_api_token("a3") is None
+    plain = registry.renew(host.id, _renewal("02", "p3"), NOW, lambda: _issued("04"))
+    assert registry.find_by_api_token("a4") == plain  # none given: the API token stays
+
+
+def test_reports_are_written_behind_and_the_newest_wins(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    other = open_registry(*backend)  # another replica
+    try:
+        registry.record_report("h-1", '{"n": 2}', NOW + timedelta(seconds=2))
+        registry.record_report("h-1", '{"n": 1}', NOW + timedelta(seconds=1))  # late: ignored
+        assert registry.reports() == {"h-1": ((NOW + timedelta(seconds=2)).timestamp(), '{"n": 2}')}
+        other.record_report("h-1", '{"n": 0}', NOW)  # older, at another replica
+        other.record_report("h-2", '{"n": 5}', NOW)
+        registry.flush_reports()
+        other.flush_reports()  # h-1's older report does not win over the stored newer one
+        assert (
+            other.reports()
+            == registry.reports()
+            == {
+                "h-1": ((NOW + timedelta(seconds=2)).timestamp(), '{"n": 2}'),
+                "h-2": (NOW.timestamp(), '{"n": 5}'),
+            }
+        )
+        other.record_report("h-2", '{"n": 6}', NOW + timedelta(seconds=3))
+    finally:
+        other.close()  # close() writes what is left
+    assert registry.reports()["h-2"] == ((NOW + timedelta(seconds=3)).timestamp(), '{"n": 6}')
