@@ -53,6 +53,8 @@ Passes after the main measures (meshagent's daemons restarted for each; not with
 - scaling: meshagent alone with 1 and 2 workers: req/s and CPU us per request, conn/s and
   CPU us per connection.
 - memory: b's idle Σ PSS (and Σ RSS) with 1, 2 and 4 workers.
+- churn (--churn N): N new connections with resumption on; b's Σ PSS before and after (goal:
+  < 10 MB growth once memory-return ran) and both hosts' /status session figures.
 - metrics cost: requests/s with metrics on and off (--no-metrics-cost skips it).
 - --profile adds a pass after the measures (not in the figures): py-spy (--gil) on both
   daemons (with workers: one worker of each) under the keep-alive and the Connection: close
@@ -981,6 +983,48 @@ def scaling_pass(s: Setup, args: argparse.Namespace, neighbours: Neighbours) -> 
     return out
 
 
+def admin_json(host: Host, path: str) -> dict[str, Any]:
+    got = host.run("curl", "-s", "--max-time", "10", f"http://127.0.0.1:4191{path}", check=False)
+    try:
+        return dict(json.loads(got.stdout))
+    except ValueError:
+        return {"error": f"{path}: {got.stdout[-200:]}{got.stderr[-200:]}"}
+
+
+def churn_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """--churn N: N new connections through meshagent with resumption on (its defaults), in
+    10 s wrk runs; b's Σ PSS before and after (after the memory-return task had its chance:
+    it runs at most every 10 s once the open sockets fall), and both hosts' session figures
+    from /status (the server keeps no session cache; a client's is bounded per worker)."""
+    restart_agents(s, args, args.agent_config, {"tls_resumption": "true"})
+    target = s.targets["meshagent"]
+    b = target.procs[1:]
+    check_small(s, target)
+    time.sleep(2)
+    before = memory_mb(b)
+    made, failed, runs, started = 0, 0, 0, time.monotonic()
+    while made < args.churn and time.monotonic() - started < args.churn_max_s:
+        got = wrk(s, target, 10, close=True)
+        made, failed, runs = made + got["requests"], failed + got["errors"], runs + 1
+        log(f"churn: {made:,} connections, {failed} failed")
+    time.sleep(15)
+    after = memory_mb(b)
+    status = {name: admin_json(host, "/status") for name, host in (("a", s.a), ("b", s.b))}
+    return {
+        "connections": made,
+        "failed": failed,
+        "seconds": round(time.monotonic() - started, 1),
+        "pss_b_mb_before": before[0],
+        "pss_b_mb_after": after[0],
+        "rss_b_mb_before": before[1],
+        "rss_b_mb_after": after[1],
+        "growth_pss_b_mb": round(after[0] - before[0], 1),
+        "status_workers": {k: v.get("workers") for k, v in status.items()},
+        "status_handshakes": {k: v.get("handshakes") for k, v in status.items()},
+        "tls_resumed_total_b": tls_resumed_b(s),
+    }
+
+
 def _at_most(procs: list[psutil.Process], n: int) -> bool:
     return len(tree(procs)) <= n
 
@@ -1089,6 +1133,13 @@ def run(args: argparse.Namespace, pinned: bool = False) -> dict[str, Any]:
             if args.memory_workers:
                 log(f"memory: b's idle Σ PSS with {args.memory_workers} workers")
                 passes["memory"] = memory_pass(s, args)
+            if args.churn:
+                log(f"churn: {args.churn:,} new connections with resumption on")
+                try:
+                    passes["churn"] = churn_pass(s, args)
+                except (BenchError, AssertionError, subprocess.TimeoutExpired) as exc:
+                    passes["churn"] = {"error": f"{type(exc).__name__}: {str(exc)[-500:]}"}
+                    log(f"churn pass FAILED: {str(exc)[-300:]}")
             if passes:
                 restart_agents(s, args, args.agent_config)  # as configured, for whatever runs next
         cost = None
@@ -1126,6 +1177,9 @@ def _pass_goals(result: dict[str, Any]) -> None:
             else None
         )
         goals["cps_resumed_vs_haproxy_default"] = _goal(ratio, ">=", 0.8)
+    churn = result.get("churn") or {}
+    if "growth_pss_b_mb" in churn:
+        goals["churn_pss_growth_mb"] = _goal(churn["growth_pss_b_mb"], "<", 10.0)
     mem = {w: m for w, m in (result.get("memory") or {}).items() if "pss_b_mb" in m}
     if "1" in mem:
         goals["pss_idle_mb_1_worker"] = _goal(mem["1"]["pss_b_mb"], "<", 40.0)
@@ -1383,6 +1437,17 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def print_passes(result: dict[str, Any]) -> None:
+    churn = result.get("churn")
+    if churn:
+        if "error" in churn:
+            print(f"churn: FAILED {churn['error']}")
+        else:
+            print(
+                f"churn: {churn['connections']:,} connections in {churn['seconds']} s, "
+                f"failed {churn['failed']}; "
+                f"b Σ PSS {churn['pss_b_mb_before']} -> {churn['pss_b_mb_after']} MB; "
+                f"workers {churn['status_workers']}; handshakes {churn['status_handshakes']}"
+            )
     resumed = result.get("resumed")
     if resumed:
         if "error" in resumed:
@@ -1501,6 +1566,14 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="one round of 3 s runs, a 64 MiB file, one transfer"
     )
+    parser.add_argument(
+        "--churn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="a last pass: N new connections with resumption on, b's Σ PSS before and after (0: skip)",
+    )
+    parser.add_argument("--churn-max-s", type=float, default=600, help="time limit of the churn pass")
     parser.add_argument(
         "--passes-only",
         action="store_true",
