@@ -906,6 +906,10 @@ def start_workers(config: AgentConfig, count: int) -> Workers:
     raise_nofile_limit()  # inherited by the forker and every worker
     settings = listener_settings(config)
     listeners = bind_listeners(settings, count, settings.transparent)
+    # OpenSSL fills its provider and algorithm caches on a first load: filled here, once, they
+    # are shared by every worker (~2 MB less each). A missing identity fails later, as inline.
+    with contextlib.suppress(MeshagentError, OSError, ValueError):
+        Credentials.load(IdentityStore(config.identity.state_dir))
     # (start_forker freezes the collector's objects so the children's pages stay shared.)
     forker = start_forker(listeners, functools.partial(worker.main, config))
     return Workers(count, listeners, forker)
