@@ -15,6 +15,7 @@ state, copied, fed the rest of its document: the same digest as `delta.digest`, 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ class Directories:
             state = hashlib.sha256(b'{"catalog":' + canon["catalog"])
         names = bool(self.victim_entry) and self.victim_entry in canon.get("catalog", b"")
         self.shared[version] = Shared(members, canon, state, names)
+        gc.freeze()  # (hundreds of thousands of objects the collector need not walk again)
         while len(self.shared) > 16:  # (versions the fleet no longer holds)
             self.shared.pop(next(iter(self.shared)))
 
