@@ -1000,6 +1000,7 @@ def churn_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
     target = s.targets["meshagent"]
     b = target.procs[1:]
     check_small(s, target)
+    settle(b, workers_of(s))
     time.sleep(2)
     before = memory_mb(b)
     made, failed, runs, started = 0, 0, 0, time.monotonic()
@@ -1008,6 +1009,7 @@ def churn_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
         made, failed, runs = made + got["requests"], failed + got["errors"], runs + 1
         log(f"churn: {made:,} connections, {failed} failed")
     time.sleep(15)
+    settle(b, workers_of(s))
     after = memory_mb(b)
     status = {name: admin_json(host, "/status") for name, host in (("a", s.a), ("b", s.b))}
     return {
@@ -1029,6 +1031,19 @@ def _at_most(procs: list[psutil.Process], n: int) -> bool:
     return len(tree(procs)) <= n
 
 
+def settle(procs: list[psutil.Process], workers: int) -> None:
+    """Idle means the supervisor, and with workers the forker and each worker: wait (10 s at
+    most) for short-lived helpers (the conntrack cleanup child of a rules apply, a renewal)."""
+    expected = 1 if workers == 1 else workers + 2
+    with contextlib.suppress(BenchError):
+        wait_for(partial(_at_most, procs, expected), "the helpers to end", timeout=10)
+
+
+def workers_of(s: Setup) -> int:
+    value = s.agent_proxy.get("workers", "1").strip('"')
+    return len(os.sched_getaffinity(0)) if value == "auto" else int(value)
+
+
 def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
     """b's idle Σ PSS (and Σ RSS) right after a start with 1, 2 and 4 workers."""
     out: dict[str, Any] = {}
@@ -1041,11 +1056,7 @@ def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
             log(f"memory workers={workers}: FAILED {str(exc)[-300:]}")
             continue
         b = s.targets["meshagent"].procs[1:]
-        # Idle means the supervisor, and with workers the forker and each worker: wait (10 s at
-        # most) for short-lived helpers (an nft or ip run, a renewal) to end.
-        expected = 1 if workers == 1 else workers + 2
-        with contextlib.suppress(BenchError):
-            wait_for(partial(_at_most, b, expected), "b's helpers to end", timeout=10)
+        settle(b, workers)
         cpu0, t0 = cpu_by_pid(b), time.monotonic()
         time.sleep(2)
         idle_cpu = cpu_used(cpu0, cpu_by_pid(b)) / (time.monotonic() - t0)
