@@ -446,7 +446,9 @@ class Proxy:
             sock.setblocking(False)
             _set_mark(sock, self.settings.mark)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            await asyncio.wait_for(loop.sock_connect(sock, address), self.settings.connect_timeout_s)
+            # asyncio.timeout, not wait_for: 3.11's wait_for wraps the coroutine in a Task.
+            async with asyncio.timeout(self.settings.connect_timeout_s):
+                await loop.sock_connect(sock, address)
             await loop.create_connection(lambda: leg, sock=sock)
         except BaseException:
             sock.close()
@@ -1282,10 +1284,13 @@ def _keep_session(
 
 async def _handshake(tls: TlsLeg, deadline_s: float) -> BaseException | None:
     """Wait for `tls`'s handshake: None when done, else why it failed (a value, no traceback)."""
-    try:
-        await asyncio.wait_for(asyncio.shield(tls.handshake_waiter), deadline_s)
-    except TimeoutError:
-        return TimeoutError("handshake timed out")
+    if not tls.handshake_waiter.done():
+        # The leg fails itself at the deadline: one timer, no wait_for task or shield per connection.
+        timer = asyncio.get_running_loop().call_later(deadline_s, tls.time_out)
+        try:
+            await tls.handshake_waiter
+        finally:
+            timer.cancel()
     return tls.handshake_error
 
 

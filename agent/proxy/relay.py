@@ -282,6 +282,11 @@ class TlsLeg(Leg):
             self.transport.pause_reading()  # app data waits in the kernel until paired
         self.handshake_waiter.set_result(None)
 
+    def time_out(self) -> None:
+        """The handshake's deadline passed: fail it (a no-op once it is over)."""
+        if not self.handshake_waiter.done():
+            self._fail(TimeoutError("handshake timed out"))
+
     def _fail(self, exc: BaseException) -> None:
         """The handshake failed: `handshake_error` says why and the waiter completes. The error
         is a value, never raised at the waiter and kept without its traceback: a traceback's
