@@ -16,6 +16,7 @@ certificate it was issued (same key), and each renewal request is single-use (`r
 
 from __future__ import annotations
 
+import atexit
 import json
 import secrets
 import sqlite3
@@ -90,6 +91,7 @@ class ReportBuffer:
             if self._thread is None and not self._stop.is_set():
                 self._thread = threading.Thread(target=self._run, name="registry-reports", daemon=True)
                 self._thread.start()
+                atexit.register(self.close)  # a graceful stop (SIGTERM) loses nothing
             # (after close() no thread writes later: at once)
             due = self._stop.is_set() or time.monotonic() - self._written_at >= self._interval
         if due and self._flush_lock.acquire(blocking=False):
@@ -137,6 +139,7 @@ class ReportBuffer:
 
     def close(self) -> None:
         """Stop the thread and write what is left (a failure is logged: those reports are lost)."""
+        atexit.unregister(self.close)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from agent.authority.storage import ReportBuffer, ReportRow
+from agent.authority.storage import ReportBuffer, ReportRow, SqliteRegistry
 
 
 class Store:
@@ -52,3 +55,19 @@ def test_a_failed_write_keeps_the_batch_unless_newer_reports_came() -> None:
     assert store.batches == [[("h-1", 1.0, "a"), ("h-2", 2.0, "newer")]]
     buffer.add("h-3", 1.0, "c")  # after close: written at once, no thread started
     assert store.batches[-1] == [("h-3", 1.0, "c")]
+
+
+def test_a_process_that_exits_without_closing_writes_its_reports(tmp_path: Path) -> None:
+    """The second report waits for the next batch; the process ends first (no close()):
+    the exit writes it (a graceful stop of `authority serve` loses nothing)."""
+    script = (
+        "from pathlib import Path; from agent.authority.storage import SqliteRegistry;"
+        f" r = SqliteRegistry(Path({str(tmp_path / 'registry.db')!r}));"
+        " r.record_report('h-1', 'first', 1.0); r.record_report('h-2', 'second', 2.0)"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    registry = SqliteRegistry(tmp_path / "registry.db")
+    try:
+        assert registry.reports() == {"h-1": (1.0, "first"), "h-2": (2.0, "second")}
+    finally:
+        registry.close()
