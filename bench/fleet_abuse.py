@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import multiprocessing
 import random
 import ssl
@@ -216,6 +217,10 @@ class Abuser:
 
 
 async def _abuse(conn: Connection, targets: list[Address], ca_file: str, plan: Plan) -> None:
+    # Aborted transports make asyncio log a warning per write after the abort and, in 3.11's
+    # selector transport, a traceback per abort racing a close: noise by the thousand here.
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: None)
     abuser = Abuser(ca_file)
     running = asyncio.create_task(abuser.run(targets, plan))
     started = time.monotonic()
