@@ -310,12 +310,14 @@ class Authority:
         def sign(identity: str) -> Issued:
             return self._issue(self.identity(identity), csr)
 
+        api_token = secrets.token_urlsafe(32)  # stored as its hash in the enrollment's transaction
         host = self.registry.enroll(
             hash_secret(token_secret),
             key_fp,
             NewHost(host_name, claimed),
             self.clock(),
             sign,
+            api_token_hash=hash_secret(api_token),
         )
         log.info(
             "host.enrolled",
@@ -329,7 +331,7 @@ class Authority:
             host.cert_pem.encode(),
             self.trust_bundle.pem(),
             self.identity(host.identity),
-            self._api_token(host),
+            api_token,
         )
 
     def _current_certificate(self, chain_pem: str, timestamp: int, now: datetime) -> x509.Certificate:
@@ -402,19 +404,11 @@ class Authority:
             signed.append(self._issue(workload, csr))
             return signed[-1]
 
-        updated = self.registry.renew(host.id, request, now, sign)
+        api_token = secrets.token_urlsafe(32)  # stored as its hash in the renewal's transaction
+        updated = self.registry.renew(host.id, request, now, sign, api_token_hash=hash_secret(api_token))
         # No signing: the host's previous answer was lost and it got the same certificate again.
         log.info("host.renewed", host_id=host.id, serial=updated.serial, lost_answer_retry=not signed)
-        return EnrollResult(
-            updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload, self._api_token(updated)
-        )
-
-    def _api_token(self, host: HostRecord) -> str:
-        """A fresh bearer token for the host's catalog and policy reads (only its hash is kept).
-        It rides with every certificate, so it rotates with it and dies with revocation."""
-        token = secrets.token_urlsafe(32)
-        self.registry.set_api_token(host.id, hash_secret(token))
-        return token
+        return EnrollResult(updated, updated.cert_pem.encode(), self.trust_bundle.pem(), workload, api_token)
 
     def authenticate(self, bearer: str) -> HostRecord:
         """The enrolled, unrevoked host holding this bearer token."""
