@@ -231,9 +231,9 @@ class ProxySettings:
     refresh_interval_s: float = 30.0
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
     workers: int | str = 1
-    """Proxy processes: "auto" (one per CPU the agent may run on) or 1 to 64. 1 runs the proxy
-    inside the agent's own process; more fork workers that share the listening ports
-    (SO_REUSEPORT). A change needs a restart."""
+    """Proxy processes: "auto" (one per CPU the agent may run on) or 1 to 64. 1 (the default for
+    now) runs the proxy inside the agent's own process; more fork workers that share the
+    listening ports (SO_REUSEPORT). A change needs a restart."""
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""

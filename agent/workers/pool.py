@@ -170,7 +170,9 @@ class WorkerPool:
         self.on_change = on_exit
         self._respawns: set[asyncio.Task[None]] = set()
         self._exits: dict[int, tuple[int, float]] = {}  # pid -> (status, cpu_s) reported early
+        self.forker_gone = False
         forker.on_exit = self._exited
+        forker.on_gone = self._forker_gone
 
     # --- the Proxy surface ----------------------------------------------------------------
 
@@ -235,19 +237,25 @@ class WorkerPool:
     async def _spawn(self, slot: Slot) -> None:
         pid, chan = await self.forker.spawn(slot.index)
         slot.pid, slot.chan, slot.started_at = pid, chan, time.monotonic()
+        sent = (self._blob, self.ticket_key, self.log_settings)
         try:
             reply = await chan.request(
-                "init",
-                timeout=INIT_TIMEOUT_S,
-                directory=self._blob,
-                ticket_key=self.ticket_key,
-                log=self.log_settings,
+                "init", timeout=INIT_TIMEOUT_S, directory=sent[0], ticket_key=sent[1], log=sent[2]
             )
         except BaseException:
+            slot.pid, slot.chan = None, None  # its exit report must not schedule a second respawn
+            chan.close()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             raise
         slot.up, slot.down_since, slot.last_answer = True, None, time.monotonic()
+        # Broadcasts skip a slot until it is up: what changed during its init follows now.
+        if self._blob is not sent[0]:
+            chan.notify("directory", blob=self._blob)
+        if self.ticket_key is not sent[1] and self.ticket_key is not None:
+            chan.notify("ticket_key", key=self.ticket_key)
+        if self.log_settings is not sent[2]:
+            chan.notify("log", **self.log_settings)
         if isinstance(reply, dict) and reply.get("listening"):
             for name, address in reply["listening"].items():
                 self.listening.setdefault(name, (str(address[0]), int(address[1])))
@@ -280,6 +288,9 @@ class WorkerPool:
         slot.ping, slot.status = {}, {}
         if pid in self._exits:  # the forker's report came first
             self._respawn_later(slot, *self._exits.pop(pid))
+
+    def _forker_gone(self) -> None:
+        self.forker_gone = True  # (the forker logged it) /ready says so: no worker can be replaced
 
     def _exited(self, pid: int, status: int, cpu_s: float) -> None:
         """The forker reaped `pid` (every worker's exit, expected or not)."""
@@ -436,6 +447,8 @@ class WorkerPool:
     def not_ready(self) -> list[str]:
         now = time.monotonic()
         out = []
+        if self.forker_gone and not self.stopping:
+            out.append("proxy: the forker process is gone, no worker can be replaced (restart the agent)")
         for slot in self.slots:
             if slot.down_since is not None and now - slot.down_since >= DOWN_NOT_READY_S:
                 out.append(
