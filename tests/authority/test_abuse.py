@@ -19,13 +19,9 @@ body and the slow heads the cap did not shed are still connected.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import json
 import select
-import socket
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -34,24 +30,11 @@ import pytest
 from agent.authority.httpguard import Limits
 from agent.config import ProxySettings
 from agent.identity.pki import generate_key, make_csr
-from tests.support import AuthorityProcess, running_authority
+from tests.authority.test_api_hostile import _authority_with as _authority
+from tests.authority.test_api_hostile import _connect
+from tests.support import AuthorityProcess
 
 _names = itertools.count()
-
-
-@contextlib.contextmanager
-def _authority(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **limits: float
-) -> Iterator[AuthorityProcess]:
-    monkeypatch.setenv("MESHAGENT_AUTHORITY_LIMITS", json.dumps(limits))
-    with running_authority(tmp_path / "authority") as auth:
-        yield auth
-
-
-def _connect(auth: AuthorityProcess) -> ssl.SSLSocket:
-    host, port = auth.url.removeprefix("https://").rsplit(":", 1)
-    raw = socket.create_connection((host, int(port)), timeout=30)
-    return auth.tls.wrap_socket(raw, server_hostname=host)
 
 
 def _open(sock: ssl.SSLSocket) -> bool:
