@@ -96,7 +96,12 @@ OPENAPI: dict[str, Any] = {
                 "new document as soon as it changes (a registry write by any process, new discovery "
                 "results, a trust bundle edit; noticed within about a second), or 304 after N seconds. "
                 "Waiting requests are bounded per worker; past the bound the answer comes at once with "
-                "Retry-After: poll again no sooner.",
+                "Retry-After: poll again no sooner. Deltas (RFC 3229): a host holding a document sends "
+                "A-IM: meshagent-delta, its ETag in If-None-Match and its Meshagent-Directory-Version in "
+                "Meshagent-Delta-Base; when the authority still holds that version it answers 226 with "
+                "what changed ({base, version, set, remove, splice}; agent/identity/delta.py), otherwise "
+                "the whole document as a 200. The client checks the rebuilt document's sha256 against "
+                "the new ETag and fetches in full on a mismatch.",
                 "parameters": [
                     {
                         "name": "wait",
@@ -106,13 +111,40 @@ OPENAPI: dict[str, Any] = {
                         "schema": {"type": "number", "minimum": 0, "maximum": 60, "default": 0},
                     },
                     {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}},
+                    {
+                        "name": "A-IM",
+                        "in": "header",
+                        "description": "meshagent-delta: answer with a delta when the base is known",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "Meshagent-Delta-Base",
+                        "in": "header",
+                        "description": "the Meshagent-Directory-Version of the document held",
+                        "schema": {"type": "string"},
+                    },
                 ],
                 "responses": {
                     "200": {
                         "description": "catalog, policy, trust bundle, services",
-                        "headers": {"ETag": {"schema": {"type": "string"}}},
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "Meshagent-Directory-Version": {"schema": {"type": "string"}},
+                        },
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/HostConfig"}}
+                        },
+                    },
+                    "226": {
+                        "description": "IM Used: the changes since the version Meshagent-Delta-Base names",
+                        "headers": {
+                            "ETag": {"schema": {"type": "string"}},
+                            "IM": {"schema": {"type": "string"}},
+                            "Delta-Base": {"schema": {"type": "string"}},
+                            "Meshagent-Directory-Version": {"schema": {"type": "string"}},
+                        },
+                        "content": {
+                            "application/vnd.meshagent.directory-delta+json": {"schema": {"type": "object"}}
                         },
                     },
                     "304": {

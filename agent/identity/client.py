@@ -213,7 +213,7 @@ def _connect(
             conn.sock = socket.create_connection((via.host, via.port), timeout)
         except OSError as exc:
             raise transport.proxy_unreachable(via, url, str(exc) or exc.__class__.__name__) from None
-        transport._open_tunnel(conn, via, url)  # (its CONNECT and the proxy's refusals)
+        transport.open_tunnel(conn, via, url)  # (its CONNECT and the proxy's refusals)
         try:
             conn.sock = context.wrap_socket(conn.sock, server_hostname=host)
         except ssl.SSLCertVerificationError:

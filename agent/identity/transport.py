@@ -328,7 +328,7 @@ def request(
                 conn.sock = socket.create_connection((via.host, via.port), timeout)
             except OSError as exc:
                 raise proxy_unreachable(via, url, str(exc) or exc.__class__.__name__) from None
-            _open_tunnel(conn, via, url)
+            open_tunnel(conn, via, url)
             stage = "authority"
             conn.sock = context.wrap_socket(conn.sock, server_hostname=host)
         conn.request(method, path, body=body, headers=headers)
@@ -345,7 +345,7 @@ def request(
         conn.close()
 
 
-def _open_tunnel(conn: http.client.HTTPSConnection, via: ProxyURL, url: str) -> None:
+def open_tunnel(conn: http.client.HTTPSConnection, via: ProxyURL, url: str) -> None:
     """CONNECT on the socket `conn` holds; the proxy's refusal becomes proxy_refused."""
     # RFC 9110's authority-form needs an IPv6 address in brackets; Python 3.11's set_tunnel
     # strips them and its _tunnel does not put them back (3.12 does, and leaves bracketed ones).
