@@ -161,6 +161,7 @@ class WorkerPool:
         self._blob = pickle.dumps(directory, protocol=5)
         self.ticket_key: bytes | None = None
         self.log_settings: dict[str, str] = {}
+        self.credentials_generation = 0  # renewals so far: a worker whose init spans one reloads after
         self.handshakes = SummedGate(self)
         self.restarts_total = 0
         self.lost: Counter[str] = Counter()  # connections a dead worker took with it, by direction
@@ -238,6 +239,7 @@ class WorkerPool:
         pid, chan = await self.forker.spawn(slot.index)
         slot.pid, slot.chan, slot.started_at = pid, chan, time.monotonic()
         sent = (self._blob, self.ticket_key, self.log_settings)
+        generation = self.credentials_generation
         try:
             reply = await chan.request(
                 "init", timeout=INIT_TIMEOUT_S, directory=sent[0], ticket_key=sent[1], log=sent[2]
@@ -252,7 +254,9 @@ class WorkerPool:
         # Broadcasts skip a slot until it is up: what changed during its init follows now.
         if self._blob is not sent[0]:
             chan.notify("directory", blob=self._blob)
-        if self.ticket_key is not sent[1] and self.ticket_key is not None:
+        if self.credentials_generation != generation:  # renewed while it loaded the old files
+            chan.notify("credentials", ticket_key=self.ticket_key)
+        elif self.ticket_key is not sent[1] and self.ticket_key is not None:
             chan.notify("ticket_key", key=self.ticket_key)
         if self.log_settings is not sent[2]:
             chan.notify("log", **self.log_settings)
@@ -298,6 +302,8 @@ class WorkerPool:
         slot = next((s for s in self.slots if s.pid == pid), None)
         if slot is None or self.stopping:
             return
+        if slot.chan is not None and not slot.up:
+            return  # it died in init: _spawn's failure path respawns it (once)
         if slot.up:  # the EOF has not been seen yet: _watch respawns
             self._exits[pid] = (status, 0.0)
             return
@@ -402,6 +408,7 @@ class WorkerPool:
         """Every worker reloads the certificate (and takes `ticket_key`); the replies."""
         if ticket_key is not None:
             self.ticket_key = ticket_key
+        self.credentials_generation += 1
         return await self.request_all("credentials", 10.0, ticket_key=self.ticket_key)
 
     async def refresh(self) -> dict[int, Any]:

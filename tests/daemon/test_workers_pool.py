@@ -1,0 +1,101 @@
+"""The worker pool's bookkeeping against a scripted forker: which worker is forked when, and what
+each is told. The processes themselves are tested for real in test_workers_units.py and
+tests/mesh/test_workers.py; these cover orderings a real run hits only by chance."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from agent.workers import pool as pool_module
+from agent.workers.control import WorkerGone
+from agent.workers.pool import WorkerPool
+
+DIRECTORY = SimpleNamespace(catalog=None, policy=None, services=None, revoked=None)
+
+
+class ScriptedChannel:
+    """A worker's channel: records what it was sent; `on_init` runs while init is in flight."""
+
+    def __init__(self, pid: int, on_init: Any = None) -> None:
+        self.pid, self.on_init, self.ops = pid, on_init, []
+        self._closed = asyncio.get_running_loop().create_future()
+
+    async def request(self, op: str, timeout: float = 5.0, **args: Any) -> Any:
+        self.ops.append(op)
+        if op == "init" and self.on_init is not None:
+            await self.on_init(self)
+        return {}
+
+    def notify(self, op: str, **args: Any) -> None:
+        self.ops.append(op)
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def close(self) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class ScriptedForker:
+    def __init__(self, on_init: dict[int, Any] | None = None) -> None:
+        self.on_init = on_init or {}
+        self.on_exit: Any = None
+        self.on_gone: Any = None
+        self.channels: list[ScriptedChannel] = []
+
+    async def spawn(self, slot: int) -> tuple[int, ScriptedChannel]:
+        n = len(self.channels) + 1
+        chan = ScriptedChannel(1000 + n, self.on_init.get(n))
+        self.channels.append(chan)
+        return chan.pid, chan
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_real_kill(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool_module.os, "kill", lambda pid, sig: None)  # the pids are made up
+
+
+def test_a_worker_dying_in_init_is_replaced_once() -> None:
+    """The forker's exit report can arrive before the init request fails: only one replacement."""
+
+    async def dies_in_init(chan: ScriptedChannel) -> None:
+        forker.on_exit(chan.pid, 9, 0.0)  # reaped first...
+        await asyncio.sleep(0)
+        raise WorkerGone("gone", "")  # ...then the channel's EOF fails init
+
+    forker = ScriptedForker(on_init={2: dies_in_init})
+
+    async def run() -> WorkerPool:
+        pool = WorkerPool(1, forker, None, {}, DIRECTORY)  # type: ignore[arg-type]
+        await pool.start(None, {})
+        first = pool.slots[0].chan
+        assert isinstance(first, ScriptedChannel)
+        first.close()  # worker 1001 dies: EOF, then its exit report
+        await asyncio.sleep(0.01)
+        forker.on_exit(1001, 9, 0.0)
+        await asyncio.sleep(1.5)  # 1002 dies in init; its replacement after the 0.5 s backoff
+        return pool
+
+    pool = asyncio.run(run())
+    assert [c.pid for c in forker.channels] == [1001, 1002, 1003]  # no second copy of 1002's slot
+    assert [s.pid for s in pool.up_slots()] == [1003]
+    assert pool.slots[0].restarts == 2
+
+
+def test_a_renewal_during_a_workers_init_reaches_it_after() -> None:
+    async def renewal_meanwhile(chan: ScriptedChannel) -> None:
+        await pool.credentials_changed(b"n" * 80)  # only up workers are asked: none yet
+
+    forker = ScriptedForker(on_init={1: renewal_meanwhile})
+    pool = WorkerPool(1, forker, None, {}, DIRECTORY)  # type: ignore[arg-type]
+
+    asyncio.run(pool.start(b"o" * 80, {}))
+    assert forker.channels[0].ops == ["init", "credentials"]
