@@ -5,12 +5,12 @@ tests/mesh/test_workers.py; these cover orderings a real run hits only by chance
 from __future__ import annotations
 
 import asyncio
+import os
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from agent.workers import pool as pool_module
 from agent.workers.control import WorkerGone
 from agent.workers.pool import WorkerPool
 
@@ -21,10 +21,11 @@ class ScriptedChannel:
     """A worker's channel: records what it was sent; `on_init` runs while init is in flight."""
 
     def __init__(self, pid: int, on_init: Any = None) -> None:
-        self.pid, self.on_init, self.ops = pid, on_init, []
+        self.pid, self.on_init = pid, on_init
+        self.ops: list[str] = []
         self._closed = asyncio.get_running_loop().create_future()
 
-    async def request(self, op: str, timeout: float = 5.0, **args: Any) -> Any:
+    async def request(self, op: str, timeout: float = 5.0, **args: Any) -> Any:  # noqa: ASYNC109 - the real signature
         self.ops.append(op)
         if op == "init" and self.on_init is not None:
             await self.on_init(self)
@@ -60,7 +61,7 @@ class ScriptedForker:
 
 @pytest.fixture(autouse=True)
 def _no_real_kill(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pool_module.os, "kill", lambda pid, sig: None)  # the pids are made up
+    monkeypatch.setattr(os, "kill", lambda pid, sig: None)  # the pids are made up
 
 
 def test_a_worker_dying_in_init_is_replaced_once() -> None:
