@@ -248,8 +248,11 @@ class PostgresRegistry(SqlRegistry):
             tx = _PgTx(conn)
             yield tx
             if tx.bump:
-                # Last: the slot's lock is held only from here to the commit.
-                conn.execute(_BUMP, (_slot(),))
+                # Last: the slot's lock is held only from here to the commit. Slot 1, the row a
+                # replica from before migration 3 reads alone: during a rolling upgrade it still
+                # sees revocations and policy changes at once. Only enrollments, the frequent
+                # writers, spread over the slots.
+                conn.execute(_BUMP, (1,))
 
     # One statement: the host (with its API token), the token used, the serial kept, a version
     # slot bumped (a new host is in every directory's catalog). Data-modifying CTEs all run, each

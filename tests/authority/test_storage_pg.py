@@ -258,3 +258,26 @@ def test_connections_on_descriptors_above_1023_work(pg_cluster: PgCluster, tmp_p
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_revocation_moves_the_row_a_replica_before_migration_3_reads(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """During a rolling upgrade an old replica reads `registry_version WHERE id = 1` alone: a
+    revocation made through an upgraded replica must move that row, or the old replica's long
+    polls never hear of it."""
+    url = _database(pg_cluster)
+    registry = open_registry(tmp_path, url)
+    registry.add_token("t", "shop/web", NOW, NOW + timedelta(hours=1))
+    host = registry.enroll("t", "key", NewHost("web", ()), NOW, _issued)
+
+    def old_replicas_version() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT version FROM registry_version WHERE id = 1").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    before = old_replicas_version()
+    registry.revoke(host.id, NOW)
+    assert old_replicas_version() > before
+    registry.close()
