@@ -46,6 +46,7 @@ from agent.proxy.catalog import CatalogEntry
 from agent.proxy.decisions import ServedPorts
 from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.listeners import ListenerSettings, Proxy
+from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.ticket_keys import new_ticket_key
 from agent.proxy.tls import Credentials
@@ -55,7 +56,7 @@ from agent.tasks import Supervisor
 from agent.telemetry.admin import AdminLimits, AdminServer, Handler, Reply, json_reply, start_admin
 from agent.telemetry.agent_metrics import render_agent
 from agent.telemetry.merge import MetricsMerger
-from agent.telemetry.process import render_process, return_free_memory, rss_bytes
+from agent.telemetry.process import render_process
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
 from agent.workers.pool import WorkerPool
@@ -98,12 +99,6 @@ async def in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
     return await future
 
 
-# Giving memory back after a peak of connections (see `_return_memory`).
-MEMORY_CHECK_S = 2.0
-TRIM_MIN_PEAK = 64  # sockets open at once: below it, there is little to give back
-TRIM_MIN_GAP_S = 10.0
-
-
 def carry_services(doc: dict[str, Any], last: dict[str, Any] | None) -> dict[str, Any]:
     """`doc`, with the Services of `last` when it has none: an authority whose discovery has not
     answered yet (just restarted) leaves them out, and the host keeps the ones it has."""
@@ -132,11 +127,6 @@ def poll_pause(fetch: HostConfigFetch, interval: float) -> float:
     if fetch.not_modified or fetch.retry_after_s:
         return fetch.retry_after_s
     return 0.0 if fetch.etag else interval
-
-
-def should_trim(peak: int, now: int) -> bool:
-    """After a peak of at least TRIM_MIN_PEAK sockets, once at most a quarter are still open."""
-    return peak >= TRIM_MIN_PEAK and now <= peak // 4
 
 
 @dataclass
@@ -743,36 +733,8 @@ class Daemon:
             self.metrics.settle(self.proxy.live_legs())
 
     async def _return_memory(self) -> None:
-        """After a peak of connections (a burst, or a flood of silent TLS clients) glibc keeps
-        the freed memory: 1,000 handshakes left the agent at 170 MB. Once the open sockets fall
-        to a quarter of their peak, give the free pages back (at most every TRIM_MIN_GAP_S)."""
         assert isinstance(self.proxy, Proxy)
-        peak, last = 0, -TRIM_MIN_GAP_S
-        while not self.stop_event.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop_event.wait(), MEMORY_CHECK_S)
-            peak = max(peak, self.proxy.take_peak())
-            now = self.proxy.open_legs
-            if not should_trim(peak, now) or time.monotonic() - last < TRIM_MIN_GAP_S:
-                continue
-            before = rss_bytes()
-            if not await asyncio.to_thread(return_free_memory):
-                return  # not glibc: nothing to do, ever
-            after = rss_bytes()
-            last, memory = time.monotonic(), self.state.memory
-            memory.update(
-                trims=memory["trims"] + 1,
-                last_trim_at=time.time(),
-                last_returned_mb=round((before - after) / 2**20, 1),
-            )
-            log.info(
-                "memory.returned",
-                peak_sockets=peak,
-                open_sockets=now,
-                rss_before_mb=round(before / 2**20, 1),
-                rss_after_mb=round(after / 2**20, 1),
-            )
-            peak = now
+        await return_memory_after_peaks(self.proxy, self.state.memory, self.stop_event)
 
     async def _snapshots(self) -> None:
         assert self.stat is not None

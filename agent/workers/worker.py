@@ -22,7 +22,6 @@ import pickle
 import signal
 import socket
 import sys
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -30,8 +29,9 @@ from agent.identity.store import IdentityStore
 from agent.logs import configure, get_logger
 from agent.proxy import http1
 from agent.proxy.listeners import INBOUND_SRC, OUTBOUND_DST, Proxy
+from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.tls import Credentials
-from agent.telemetry.process import return_free_memory, rss_bytes, tree_memory
+from agent.telemetry.process import rss_bytes, tree_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.workers.control import Channel
 
@@ -270,38 +270,8 @@ class Worker:
     # --- memory --------------------------------------------------------------------------
 
     async def _return_memory(self) -> None:
-        """After a peak of connections glibc keeps the freed memory: once the open sockets fall
-        to a quarter of their peak, give the free pages back (see Daemon._return_memory)."""
-        from agent.daemon import MEMORY_CHECK_S, TRIM_MIN_GAP_S, should_trim
-
-        proxy = self.proxy
-        assert proxy is not None
-        peak, last = 0, -TRIM_MIN_GAP_S
-        while not self.stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), MEMORY_CHECK_S)
-            peak = max(peak, proxy.take_peak())
-            now = proxy.open_legs
-            if not should_trim(peak, now) or time.monotonic() - last < TRIM_MIN_GAP_S:
-                continue
-            before = rss_bytes()
-            if not await asyncio.to_thread(return_free_memory):
-                return  # not glibc
-            after = rss_bytes()
-            last = time.monotonic()
-            self.memory.update(
-                trims=self.memory["trims"] + 1,
-                last_trim_at=time.time(),
-                last_returned_mb=round((before - after) / 2**20, 1),
-            )
-            log.info(
-                "memory.returned",
-                peak_sockets=peak,
-                open_sockets=now,
-                rss_before_mb=round(before / 2**20, 1),
-                rss_after_mb=round(after / 2**20, 1),
-            )
-            peak = now
+        assert self.proxy is not None
+        await return_memory_after_peaks(self.proxy, self.memory, self.stop)
 
 
 def main(
