@@ -34,6 +34,7 @@ from agent.workers.forker import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
     Forker,
+    Listeners,
     SlotSockets,
     bind_listeners,
     describe_exit,
@@ -272,9 +273,9 @@ def test_forker_reports_exit_status_and_cpu() -> None:
 # --- a real worker ---------------------------------------------------------------------------
 
 
-def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
-    """EOF on the control channel (the supervisor is gone) drains: the worker accepts nothing
-    more, but a relayed connection goes on until it ends, and only then does the worker exit."""
+def _real_worker(tmp_path: Path) -> tuple[Listeners, Forker, socket.socket, int]:
+    """A forker for one real worker (identity shop/db, a long drain) in front of a listening
+    app socket: (listeners, forker, app, the worker's inbound port)."""
     issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
     config = AgentConfig(
         identity=IdentitySettings(state_dir=tmp_path / "b"),
@@ -288,6 +289,13 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
     main = functools.partial(worker.main, config, orig_dst=lambda _sock: ("127.0.0.1", app_port))
     forker = start_forker(listeners, main)
     port = listeners.listening["inbound"][1]
+    return listeners, forker, app, port
+
+
+def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
+    """EOF on the control channel (the supervisor is gone) drains: the worker accepts nothing
+    more, but a relayed connection goes on until it ends, and only then does the worker exit."""
+    listeners, forker, app, port = _real_worker(tmp_path)
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
@@ -358,19 +366,7 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
 def test_worker_ignores_sigint_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
     """Ctrl-C and SIGHUP reach the whole process group: a worker ignores both. SIGTERM sent to
     a worker drains it (a relayed connection keeps going); a second SIGTERM cuts the drain."""
-    issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
-    config = AgentConfig(
-        identity=IdentitySettings(state_dir=tmp_path / "b"),
-        proxy=ProxySettings(listen="127.0.0.1", drain_timeout_s=300),
-    )
-    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
-    app = socket.socket()
-    app.bind(("127.0.0.1", 0))
-    app.listen()
-    app_port = app.getsockname()[1]
-    main = functools.partial(worker.main, config, orig_dst=lambda _sock: ("127.0.0.1", app_port))
-    forker = start_forker(listeners, main)
-    port = listeners.listening["inbound"][1]
+    listeners, forker, app, port = _real_worker(tmp_path)
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
