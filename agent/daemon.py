@@ -444,12 +444,7 @@ class Daemon:
     def _use(self, directory: Directory) -> None:
         """The data plane routes and authorizes by `directory` from now on."""
         assert self.proxy is not None
-        if isinstance(self.proxy, WorkerPool):
-            self.proxy.apply(directory)  # every worker, as one pickled document
-        else:
-            self.proxy.catalog, self.proxy.policy = directory.catalog, directory.policy
-            self.proxy.services = directory.services
-            self.proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
+        self.proxy.apply(directory)  # (with workers: every worker, as one pickled document)
         if self.dns is not None:
             self.dns.set_services(directory.services.addresses())
 
@@ -492,9 +487,8 @@ class Daemon:
                 lambda sock: _orig_dst(sock),
                 self.metrics,
             )
-            proxy.services = directory.services
             # Peers revoked in the cache are refused before the first fetch (a restart while cut off).
-            proxy.set_revoked(directory.revoked)
+            proxy.apply(directory)
             await proxy.start()
         else:
             await self._start_workers(directory)

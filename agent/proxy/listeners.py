@@ -61,6 +61,7 @@ from .decisions import (
     route_service,
 )
 from .detect import NEED_DATA, Detected, Protocol, detect
+from .directory import Directory
 from .http1 import Accounting, new_accounting
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
@@ -544,6 +545,13 @@ class Proxy:
 
         client.tap = first_bytes
         client.accounting = undetected  # a connection that ends before it says is opaque
+
+    def apply(self, directory: Directory) -> None:
+        """Route and authorize by `directory` from now on (the daemon's directory refresh, or a
+        worker's broadcast); revoked peers' open connections are cut."""
+        self.catalog, self.policy = directory.catalog, directory.policy
+        self.services = directory.services
+        self.set_revoked(directory.revoked)
 
     # --- revocation ----------------------------------------------------------------------
 

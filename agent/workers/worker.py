@@ -48,14 +48,6 @@ OrigDst = Callable[[Any], tuple[str, int]]
 _SUPERVISOR_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
-def apply_directory(proxy: Proxy, directory: Directory) -> None:
-    """The data plane routes and authorizes by `directory` from now on (the supervisor's
-    `Daemon._use` does the same for an inline proxy, plus DNS)."""
-    proxy.catalog, proxy.policy = directory.catalog, directory.policy
-    proxy.services = directory.services
-    proxy.set_revoked(directory.revoked)  # refuse revoked peers; cut their open connections
-
-
 def _directory(value: Any) -> Directory:
     """A directory as broadcast: pickled once by the supervisor for every worker."""
     return pickle.loads(value) if isinstance(value, bytes) else value  # type: ignore[no-any-return]  # noqa: S301
@@ -179,7 +171,7 @@ class Worker:
         proxy = Proxy(
             settings, self.credentials, d.policy, d.catalog, self.orig_dst or _orig_dst, self.metrics
         )
-        apply_directory(proxy, d)
+        proxy.apply(d)
         self.proxy = proxy
         await proxy.start(sockets=self.sockets)
         self._spawn(self._return_memory(), "memory-return")
@@ -191,7 +183,7 @@ class Worker:
         if self.proxy is None:  # init still runs: it applies this one instead of its own
             self._later_directory = directory
             return
-        apply_directory(self.proxy, directory)
+        self.proxy.apply(directory)
 
     async def _credentials(self, ticket_key: bytes | None) -> dict[str, Any]:
         """The supervisor renewed the certificate: load the same files, drop what the old
