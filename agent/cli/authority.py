@@ -1185,3 +1185,11 @@ def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
     auth = _open(directory)
     auth.registry.remove_policy(auth.identity(identity).short, port or 0)
     click.echo(printable(f"removed {identity} port {port or 'default'}"))
+
+
+# The service catalog's commands (issue #20) live in modules of their own, which use the options
+# above: imported last for that reason.
+from . import authority_backstage, authority_catalog, authority_slo  # noqa: E402
+
+for _module in (authority_slo, authority_catalog, authority_backstage):
+    _module.register(authority, catalog_group)

@@ -1,0 +1,9 @@
+"""`meshagent authority backstage export`: a Backstage catalog-info.yaml per host (issue #20)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(authority: click.Group, catalog: click.Group) -> None:
+    """Adds this module's commands to `meshagent authority` (and its `catalog` group)."""

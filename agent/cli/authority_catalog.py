@@ -1,0 +1,9 @@
+"""`meshagent authority catalog show`: the host card in the terminal (issue #20)."""
+
+from __future__ import annotations
+
+import click
+
+
+def register(authority: click.Group, catalog: click.Group) -> None:
+    """Adds this module's commands to `meshagent authority` (and its `catalog` group)."""
