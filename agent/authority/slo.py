@@ -1,0 +1,250 @@
+"""SLOs on Prometheus: error budgets now, their burn over time, and the rule file that alerts.
+
+Every number is PromQL over the series the agents export (agent/telemetry/proxy_metrics.py), as
+Prometheus scrapes them through the discovery endpoint, which adds `host_id` to each:
+
+- availability: the error ratio is responses `classification="failure"` over all responses of
+  the SLO's direction (and `target_port`, if the SLO names a port) on that host;
+- latency: the error ratio is 1 - (responses in `response_latency_ms_bucket{le=THRESHOLD}`) /
+  (all timed responses). The threshold is one of the histogram's bounds (host_meta checks it),
+  so the ratio is exact, not interpolated.
+
+Budget arithmetic (the SRE workbook's): the budget is the error ratio the objective allows,
+1 - objective. A burn rate is an error ratio divided by that budget (1 = spending the budget
+exactly over the SLO window). The rules (`rules`) are the workbook's multi-window, multi-burn-rate
+alerts: long window AND short window above the factor, so an alert both needs enough spend to
+matter and stops soon after the spend stops.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .host_meta import HostMeta, Slo
+from .prom_query import PromClient
+from .storage import HostRecord
+
+# The recording rules' windows and what each is called in a rule name.
+WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+RECORD: Final = "meshagent_slo:error_ratio:rate{window}"  # labels: host_id, slo
+FAILURE: Final = 'classification="failure"'
+
+
+@dataclass(frozen=True)
+class BurnAlert:
+    name: str
+    long: str
+    short: str
+    factor: float
+    severity: str
+    what: str  # the budget share this spends, for the summary
+
+
+# The SRE workbook's table (chapter 5, "Multiwindow, Multi-Burn-Rate Alerts"), for a 30-day
+# window: 2 % of the budget in 1 h, 5 % in 6 h page; 10 % in 1 d, 10 % in 3 d open a ticket.
+ALERTS: Final = (
+    BurnAlert("MeshagentSLOFastBurn", "1h", "5m", 14.4, "page", "2% of a 30-day budget in 1 h"),
+    BurnAlert("MeshagentSLOMediumBurn", "6h", "30m", 6.0, "page", "5% of a 30-day budget in 6 h"),
+    BurnAlert("MeshagentSLOSlowBurn", "1d", "2h", 3.0, "ticket", "10% of a 30-day budget in 1 d"),
+    BurnAlert("MeshagentSLOVerySlowBurn", "3d", "6h", 1.0, "ticket", "10% of a 30-day budget in 3 d"),
+)
+
+
+@dataclass(frozen=True)
+class Budget:
+    host_id: str
+    slo: Slo
+    sli: float | None  # good ratio over the SLO window (None: no traffic yet)
+    remaining: float | None  # fraction of the error budget left, 1.0 = untouched, < 0 = overspent
+    burn_1h: float | None
+    burn_6h: float | None
+    exhaustion_s: float | None  # at the current (1 h) burn; None when not burning
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "host_id": self.host_id,
+            "slo": self.slo.to_doc(),
+            "sli": self.sli,
+            "remaining": self.remaining,
+            "burn_1h": self.burn_1h,
+            "burn_6h": self.burn_6h,
+            "exhaustion_s": self.exhaustion_s,
+        }
+
+
+def quote(value: str) -> str:
+    """A PromQL string literal (double-quoted, Go escapes)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _selector(host_id: str, slo: Slo, *extra: str) -> str:
+    matchers = [f"direction={quote(slo.direction)}", f"host_id={quote(host_id)}"]
+    if slo.port is not None:
+        matchers.append(f"target_port={quote(str(slo.port))}")
+    return "{" + ",".join([*matchers, *extra]) + "}"
+
+
+def error_ratio(host_id: str, slo: Slo, window: str) -> str:
+    """PromQL: the SLO's error ratio on `host_id` over `window` (no result: no traffic)."""
+    if slo.kind == "latency":
+        # le as the agent writes it ("300") and as Prometheus 3 normalizes it ("300.0").
+        le = f'le=~"{slo.threshold_ms}(\\\\.0)?"'
+        good = f"sum(rate(response_latency_ms_bucket{_selector(host_id, slo, le)}[{window}]))"
+        total = f"sum(rate(response_latency_ms_count{_selector(host_id, slo)}[{window}]))"
+        return f"1 - ({good} / {total})"
+    failed = f"sum(rate(response_total{_selector(host_id, slo, FAILURE)}[{window}]))"
+    total = f"sum(rate(response_total{_selector(host_id, slo)}[{window}]))"
+    # No failure series at all is a ratio of 0, not no answer: `or 0 * total`.
+    return f"({failed} or 0 * {total}) / {total}"
+
+
+def error_budget(slo: Slo) -> float:
+    """The error ratio the objective allows (0.001 for 99.9 %)."""
+    return 1.0 - slo.objective / 100.0
+
+
+def _finite(samples: list[tuple[dict[str, str], float]]) -> float | None:
+    values = [v for _, v in samples if math.isfinite(v)]
+    return values[0] if values else None
+
+
+def budget(prom: PromClient, host_id: str, slo: Slo) -> Budget:
+    """One SLO's budget now: three instant queries (SLO window, 1 h, 6 h)."""
+    allowed = error_budget(slo)
+    over_window = _finite(prom.query(error_ratio(host_id, slo, f"{slo.window_days}d")))
+    ratio_1h = _finite(prom.query(error_ratio(host_id, slo, "1h")))
+    ratio_6h = _finite(prom.query(error_ratio(host_id, slo, "6h")))
+    sli = None if over_window is None else 1.0 - over_window
+    remaining = None if over_window is None else 1.0 - over_window / allowed
+    burn_1h = None if ratio_1h is None else ratio_1h / allowed
+    burn_6h = None if ratio_6h is None else ratio_6h / allowed
+    return Budget(
+        host_id=host_id,
+        slo=slo,
+        sli=sli,
+        remaining=remaining,
+        burn_1h=burn_1h,
+        burn_6h=burn_6h,
+        exhaustion_s=exhaustion_s(remaining, burn_1h, slo.window_days),
+    )
+
+
+def exhaustion_s(remaining: float | None, burn: float | None, window_days: int) -> float | None:
+    """Seconds until the budget is spent at `burn` (1 spends a whole budget in the SLO window);
+    0 when already spent, None when not burning or unknown."""
+    if remaining is None or burn is None or burn <= 0:
+        return None
+    if remaining <= 0:
+        return 0.0
+    return remaining * window_days * 86400.0 / burn
+
+
+def budgets(prom: PromClient, host_id: str, meta: HostMeta) -> list[Budget]:
+    """Every SLO of the host, in the order its metadata lists them."""
+    return [budget(prom, host_id, slo) for slo in meta.slos]
+
+
+def burn_history(
+    prom: PromClient, host_id: str, slo: Slo, span_s: float, step_s: float, end: float | None = None
+) -> list[tuple[float, float]]:
+    """The burn rate over the preceding hour, every `step_s` over the last `span_s` seconds
+    (up to `end`, default now): [(unix time, burn)], steps without traffic left out. A burn of 1
+    spends the budget exactly over the SLO window; 14.4 is the fast-burn page's line."""
+    stop = time.time() if end is None else end
+    allowed = error_budget(slo)
+    series = prom.query_range(error_ratio(host_id, slo, "1h"), stop - span_s, stop, step_s)
+    if not series:
+        return []
+    return [(t, v / allowed) for t, v in series[0][1] if math.isfinite(v)]
+
+
+def _template_text(text: str) -> str:
+    """Prometheus expands alert labels and annotations as Go templates: text from people (owner
+    team, host name, SLO description) must not run as one, so "{{" is written as a template that
+    prints "{{"."""
+    return text.replace("{{", '{{"{{"}}')
+
+
+def _runbook(meta: HostMeta) -> str | None:
+    for title, url in meta.links:
+        if title.strip().lower() in ("runbook", "runbook_url", "playbook"):
+            return url
+    return None
+
+
+def _host_rules(host: HostRecord, meta: HostMeta) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for slo in meta.slos:
+        ids = {"host_id": host.id, "slo": slo.name}
+        for window in WINDOWS:
+            out.append(
+                {
+                    "record": RECORD.format(window=window),
+                    "expr": error_ratio(host.id, slo, window),
+                    "labels": dict(ids),
+                }
+            )
+        allowed = error_budget(slo)
+        runbook = _runbook(meta)
+        for alert in ALERTS:
+            threshold = f"{alert.factor * allowed:.10g}"
+            match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)}" + "}"
+            long_ratio = RECORD.format(window=alert.long) + match
+            short_ratio = RECORD.format(window=alert.short) + match
+            annotations = {
+                "summary": _template_text(
+                    f"{host.host_name} ({host.id}) SLO {slo.name!r} burns its error budget over "
+                    f"{alert.factor:g}x too fast ({alert.long} and {alert.short}): {alert.what}"
+                ),
+                "description": _template_text(f"SLO: {slo.describe()}. Error ratio over {alert.long}: ")
+                + "{{ $value | humanizePercentage }}"
+                + _template_text(f" (budget {allowed:.6g}, alert above {threshold})."),
+            }
+            if runbook is not None:
+                annotations["runbook_url"] = _template_text(runbook)
+            out.append(
+                {
+                    "alert": alert.name,
+                    "expr": f"{long_ratio} > {threshold} and {short_ratio} > {threshold}",
+                    "labels": {
+                        "host_id": host.id,
+                        "host": _template_text(host.host_name),
+                        "owner_team": _template_text(meta.owner_team),
+                        "slo": slo.name,
+                        "severity": alert.severity,
+                    },
+                    "annotations": annotations,
+                }
+            )
+    return out
+
+
+def rules(hosts: Sequence[tuple[HostRecord, HostMeta]]) -> dict[str, Any]:
+    """The Prometheus rule file for every SLO of `hosts`: one group per host with an SLO (so a
+    host's recording rules are evaluated before the alerts that read them), hosts sorted by id."""
+    groups = []
+    for host, meta in sorted(hosts, key=lambda pair: pair[0].id):
+        if not meta.slos:
+            continue
+        groups.append({"name": f"meshagent-slo-{host.id}", "rules": _host_rules(host, meta)})
+    return {"groups": groups}
+
+
+RULES_HEADER: Final = """\
+# Prometheus rules for meshagent's SLOs, written by `meshagent authority slo rules`.
+# Regenerate after changing a host's SLOs; load with rule_files: [this file] and reload Prometheus.
+# Alerts: MeshagentSLOFastBurn (1h/5m, 14.4x, page), MeshagentSLOMediumBurn (6h/30m, 6x, page),
+# MeshagentSLOSlowBurn (1d/2h, 3x, ticket), MeshagentSLOVerySlowBurn (3d/6h, 1x, ticket).
+"""
+
+
+def render_rules(hosts: Sequence[tuple[HostRecord, HostMeta]]) -> str:
+    """`rules(hosts)` as the YAML file Prometheus loads, with a header saying what it is."""
+    import yaml
+
+    return RULES_HEADER + yaml.safe_dump(rules(hosts), sort_keys=False, width=1000, allow_unicode=True)
