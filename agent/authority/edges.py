@@ -1,12 +1,34 @@
 """Who calls whom: the fleet's dependency edges, worked out by Prometheus from the agents' series.
 
-Filled in below; the contract (interfaces20.md) is `Edge` and `edges`.
+Two views of the same traffic exist. A host's inbound series (`direction="inbound"`) carry
+`client_id`, the caller's mesh identity ("" when the caller sent plain text: no TLS, no identity);
+its outbound series carry `server_id`, the callee's ("" for a destination without mesh
+identity). Prometheus adds the scraped host's `host_id`. So a call from one meshed host to
+another is counted twice, once by each agent; an edge takes exactly one view:
+
+- the callee's inbound view whenever the callee is an enrolled host: it sees every caller (other
+  hosts, in-cluster pods, plain-text clients), its latency is the server's, and it is exact about
+  which host answered (`host_id`), where the caller's view only knows the callee's identity,
+  which several hosts may share;
+- the caller's outbound view only when the callee is not an enrolled host (an in-cluster
+  identity, or a destination without identity): no agent of ours sees the other side.
+
+`src_host` / `dst_host` are the host ids: exact from `host_id` for the side whose view is taken,
+and resolved from the identity for the other side when exactly one enrolled host has it (None
+when none or several do: the identity is still shown). Plain-text callers of a host are one edge
+per callee with src "" (their addresses are not labels, by design: unbounded cardinality).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Final
+
+from agent.errors import ExitCode, MeshagentError
+from agent.identity.names import WorkloadIdentity
 
 from .prom_query import PromClient
 from .storage import HostRecord
@@ -23,6 +45,84 @@ class Edge:
     success_rate: float | None  # None: no responses classified in the window
     p99_ms: float | None  # None: no latency observed (only failed connections)
 
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "src": self.src,
+            "dst": self.dst,
+            "src_host": self.src_host,
+            "dst_host": self.dst_host,
+            "requests": self.requests,
+            "rps": self.rps,
+            "success_rate": self.success_rate,
+            "p99_ms": self.p99_ms,
+        }
+
+
+class WindowInvalid(MeshagentError):
+    code = "window_invalid"
+    exit_code = ExitCode.USAGE
+
+
+_WINDOW = re.compile(r"([1-9][0-9]{0,5})(s|m|h|d)")
+_UNIT_S: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_WINDOW_S: Final = 7 * 86400
+
+
+def window_seconds(window: str) -> int:
+    """Seconds in a window written as Prometheus writes ranges (30s, 5m, 1h, 2d): 10 s .. 7 d."""
+    m = _WINDOW.fullmatch(window)
+    seconds = int(m.group(1)) * _UNIT_S[m.group(2)] if m else 0
+    if not 10 <= seconds <= MAX_WINDOW_S:
+        raise WindowInvalid(
+            f"window {window!r} is not a duration from 10s to 7d",
+            "write it as Prometheus does: 30s, 5m, 1h, 1d",
+        )
+    return seconds
+
+
+def dns_identity(mesh: str) -> Callable[[HostRecord], str]:
+    """`identity_of` for `edges`: a host's identity in the DNS form metrics label peers with."""
+
+    def of(host: HostRecord) -> str:
+        return WorkloadIdentity.from_spiffe_id(host.identity, mesh).dns_name
+
+    return of
+
+
+# (view's own host id, peer identity) -> value
+_Key = tuple[str, str]
+
+
+def _by(prom: PromClient, promql: str, peer: str) -> dict[_Key, float]:
+    out: dict[_Key, float] = {}
+    for labels, value in prom.query(promql):
+        out[(labels.get("host_id", ""), labels.get(peer, ""))] = value
+    return out
+
+
+def _view(
+    prom: PromClient, direction: str, peer: str, window: str
+) -> dict[_Key, tuple[float, float, float | None]]:
+    """(requests, successes, p99 ms) per (host_id, peer identity) over `window`, one direction."""
+    sel = f'direction="{direction}"'
+    by = f"host_id, {peer}"
+    total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer)
+    ok = _by(
+        prom, f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))', peer
+    )
+    p99 = _by(
+        prom,
+        f"histogram_quantile(0.99, sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}])))",
+        peer,
+    )
+    out: dict[_Key, tuple[float, float, float | None]] = {}
+    for key, n in total.items():
+        if not n > 0:  # an idle series (no responses in the window) is no edge
+            continue
+        q = p99.get(key)
+        out[key] = (n, ok.get(key, 0.0), q if q is not None and math.isfinite(q) else None)
+    return out
+
 
 def edges(
     prom: PromClient,
@@ -31,4 +131,36 @@ def edges(
     window: str = "5m",
     host_id: str | None = None,
 ) -> list[Edge]:
-    raise NotImplementedError
+    """Every edge with responses in the last `window` (the module says which view counts each),
+    sorted by (src, dst); with `host_id`, those into or out of that host. `hosts`: the enrolled
+    hosts (revoked ones included: their past traffic is still theirs)."""
+    seconds = window_seconds(window)
+    by_identity: dict[str, list[str]] = {}
+    for host in hosts:
+        by_identity.setdefault(identity_of(host), []).append(host.id)
+
+    def host_of(identity: str) -> str | None:
+        ids = by_identity.get(identity, []) if identity else []
+        return ids[0] if len(ids) == 1 else None
+
+    def edge(
+        src: str,
+        dst: str,
+        src_host: str | None,
+        dst_host: str | None,
+        view: tuple[float, float, float | None],
+    ) -> Edge:
+        n, ok, p99 = view
+        return Edge(src, dst, src_host, dst_host, n, n / seconds, ok / n, p99)
+
+    known = {host.id: identity_of(host) for host in hosts}
+    found: list[Edge] = []
+    for (callee, client), view in _view(prom, "inbound", "client_id", window).items():
+        found.append(edge(client, known.get(callee, ""), host_of(client), callee or None, view))
+    for (caller, server), view in _view(prom, "outbound", "server_id", window).items():
+        if server and server in by_identity:
+            continue  # the callee is a host: its inbound view counted this call
+        found.append(edge(known.get(caller, ""), server, caller or None, None, view))
+    if host_id is not None:
+        found = [e for e in found if host_id in (e.src_host, e.dst_host)]
+    return sorted(found, key=lambda e: (e.src, e.dst, e.src_host or "", e.dst_host or ""))

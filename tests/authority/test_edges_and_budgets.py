@@ -1,0 +1,392 @@
+"""Edges, budgets and the generated alerts against a real Prometheus.
+
+A loopback exporter serves agent-format series (agent/telemetry/proxy_metrics.py's names and
+labels) for three hosts, each counter growing at a rate the test sets (value = rate x seconds
+since start, computed at scrape time, so every window sees the same rate). Prometheus scrapes
+each host as a separate target with the labels the discovery endpoint adds (`host_id`, `host`,
+`identity`, ...), every second, and loads the rules `slo.rules` writes.
+
+The traffic (requests/s):
+    web (ha)  -> api (hb)    10, 20 % 5xx, all in (50, 100] ms; ha's own outbound view says 9
+    db (hc)   -> api (hb)     4, all in (4, 5] ms; hc's outbound view says 4 too
+    plain     -> api (hb)     2 (no TLS: no client_id), (4, 5] ms
+    frontend  -> web (ha)     5, 0.05 % 5xx (frontend: an in-cluster identity, no host)
+    web (ha)  -> pay          3, a third 5xx (pay: an in-cluster identity)
+    web (ha)  -> (no identity) 1
+    an idle series (a caller gone quiet) that must not be an edge
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent.authority.edges import Edge, WindowInvalid, dns_identity, edges, window_seconds
+from agent.authority.host_meta import HostMeta, Slo
+from agent.authority.prom_query import PromClient, PromUnavailable
+from agent.authority.slo import budgets, burn_history, rules
+from agent.authority.storage import HostRecord
+from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS
+from tests.support import free_port
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("prometheus") is None, reason="needs prometheus (scripts/bootstrap)"
+)
+
+MESH = "linkerd"
+TD = "cluster.local"
+
+
+def dns(name: str) -> str:
+    return f"{name}.shop.serviceaccount.identity.{MESH}.{TD}"
+
+
+def host(host_id: str, name: str, sa: str) -> HostRecord:
+    now = datetime.now(UTC)
+    return HostRecord(
+        id=host_id,
+        identity=f"spiffe://{TD}/ns/shop/sa/{sa}",
+        host_name=name,
+        addresses=("198.18.0.1",),
+        serial="01",
+        not_after=now,
+        cert_pem="",
+        enrolled_at=now,
+        last_renewal=None,
+        revoked_at=None,
+    )
+
+
+HA, HB, HC = host("ha", "web-1", "web"), host("hb", "api-1", "api"), host("hc", "db-1", "db")
+HOSTS = (HA, HB, HC)
+
+AVAIL = Slo("availability", "availability", 99.9)
+FAST = Slo("fast", "latency", 99.0, threshold_ms=100)
+SLOW = Slo("under-50", "latency", 99.0, threshold_ms=50)
+OTHER_PORT = Slo("admin-port", "availability", 99.0, port=9999)
+META = {
+    "ha": HostMeta(owner_team="web-team", slos=(AVAIL,)),
+    "hb": HostMeta(owner_team="api-team", slos=(AVAIL, FAST, SLOW, OTHER_PORT)),
+    "hc": HostMeta(),
+}
+
+
+@dataclass(frozen=True)
+class Flow:
+    """One label set's traffic: `rps` responses/s, `fail` of them 5xx, latencies in bucket `le`."""
+
+    direction: str
+    peer: str  # client_id (inbound) / server_id (outbound); "" = no TLS
+    rps: float
+    fail: float = 0.0
+    le: int = 5
+    port: int = 8080
+
+
+FLOWS: dict[str, list[Flow]] = {
+    "ha": [
+        Flow("inbound", dns("frontend"), 5.0, fail=0.0005),
+        Flow("outbound", dns("api"), 9.0, fail=0.2, le=100),
+        Flow("outbound", dns("pay"), 3.0, fail=1 / 3),
+        Flow("outbound", "", 1.0),
+    ],
+    "hb": [
+        Flow("inbound", dns("web"), 10.0, fail=0.2, le=100),
+        Flow("inbound", dns("db"), 4.0),
+        Flow("inbound", "", 2.0),
+        Flow("inbound", dns("gone"), 0.0),  # idle: a constant series
+    ],
+    "hc": [Flow("outbound", dns("api"), 4.0)],
+}
+
+
+def exposition(flows: list[Flow], elapsed: float) -> str:
+    """The agent's families as it writes them, for `elapsed` seconds of each flow."""
+    lines = ["# TYPE response_total counter", "# TYPE response_latency_ms histogram"]
+    hist: list[str] = []
+    for f in flows:
+        if f.direction == "inbound":
+            tls = (
+                f'tls="true",client_id="{f.peer}"'
+                if f.peer
+                else 'tls="no_identity",no_tls_reason="no_tls_from_remote"'
+            )
+            base = (
+                f'direction="inbound",target_addr="198.18.0.1:{f.port}",target_ip="198.18.0.1",'
+                f'target_port="{f.port}",{tls},srv_group="",srv_kind="default",'
+                f'srv_name="all-unauthenticated",srv_port="{f.port}"'
+            )
+        else:
+            tls = (
+                f'tls="true",server_id="{f.peer}"'
+                if f.peer
+                else 'tls="no_identity",no_tls_reason="not_provided_by_service_discovery"'
+            )
+            base = f'direction="outbound",target_addr="198.18.0.9:{f.port}",target_ip="198.18.0.9",target_port="{f.port}",{tls}'
+        n = 100.0 if f.rps == 0 else f.rps * elapsed  # the idle flow stays at 100
+        for status, share in (("200", 1 - f.fail), ("500", f.fail)):
+            if share == 0:
+                continue
+            klass = "failure" if status == "500" else "success"
+            labels = f'{base},status_code="{status}",classification="{klass}",grpc_status="",error=""'
+            lines.append(f"response_total{{{labels}}} {n * share!r}")
+            count = n * share
+            for bound in LATENCY_BOUNDS_MS:
+                hist.append(
+                    f'response_latency_ms_bucket{{{base},status_code="{status}",le="{bound}"}} '
+                    f"{count if bound >= f.le else 0.0!r}"
+                )
+            hist.append(f'response_latency_ms_bucket{{{base},status_code="{status}",le="+Inf"}} {count!r}')
+            hist.append(f'response_latency_ms_count{{{base},status_code="{status}"}} {count!r}')
+            hist.append(f'response_latency_ms_sum{{{base},status_code="{status}"}} {count * f.le!r}')
+    return "\n".join(lines + hist) + "\n"
+
+
+class Exporter:
+    """Serves /metrics/<host_id> on loopback; counters grow from the moment it starts."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                host_id = self.path.rsplit("/", 1)[-1]
+                body = exposition(FLOWS.get(host_id, []), time.time() - exporter.started).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@dataclass
+class Running:
+    prom: PromClient
+    exporter: Exporter
+
+
+def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if callable(condition) and condition():
+                return
+        except PromUnavailable:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    d: Path = tmp_path_factory.mktemp("prometheus")
+    exporter = Exporter()
+    (d / "rules.yml").write_text(yaml.safe_dump(rules([(h, META[h.id]) for h in HOSTS])))
+    jobs = [
+        {
+            "job_name": f"meshagent-{h.id}",
+            "metrics_path": f"/metrics/{h.id}",
+            "static_configs": [
+                {
+                    "targets": [f"127.0.0.1:{exporter.port}"],
+                    # what agent/authority/service.py prometheus_targets labels a host with
+                    "labels": {
+                        "host_id": h.id,
+                        "host": h.host_name,
+                        "identity": h.identity,
+                        "namespace": "shop",
+                        "serviceaccount": h.identity.rsplit("/", 1)[-1],
+                    },
+                }
+            ],
+        }
+        for h in HOSTS
+    ]
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(d / "rules.yml")],
+        "scrape_configs": jobs,
+    }
+    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={d / 'prometheus.yml'}",
+            f"--storage.tsdb.path={d / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(d / "prometheus.log").open("wb"),
+    )
+    prom = PromClient(f"http://127.0.0.1:{port}")
+    try:
+        # Enough samples for a 10 s window that starts after the series began (12 scrapes).
+        _wait(
+            lambda: (
+                prom.query('min(count_over_time(response_total{host_id="hb",client_id!=""}[1m]))')
+                and prom.query('min(count_over_time(response_total{host_id="hb",client_id!=""}[1m]))')[0][1]
+                >= 12
+            ),
+            "12 scrapes of the exporter",
+        )
+        yield Running(prom, exporter)
+    finally:
+        prom.close()
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        exporter.close()
+
+
+def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> None:
+    found = edges(running.prom, HOSTS, dns_identity(MESH), window="10s")
+    by_pair = {(e.src, e.dst): e for e in found}
+    expected = {
+        # (src, dst): (src_host, dst_host, rps, success rate)
+        ("", dns("api")): (None, "hb", 2.0, 1.0),
+        (dns("db"), dns("api")): ("hc", "hb", 4.0, 1.0),
+        (dns("web"), dns("api")): ("ha", "hb", 10.0, 0.8),  # hb's inbound 10, not ha's outbound 9
+        (dns("frontend"), dns("web")): (None, "ha", 5.0, 0.9995),
+        (dns("web"), dns("pay")): ("ha", None, 3.0, 2 / 3),
+        (dns("web"), ""): ("ha", None, 1.0, 1.0),
+    }
+    assert sorted(by_pair) == sorted(expected), found
+    assert len(found) == len(expected)
+    for pair, (src_host, dst_host, rps, success) in expected.items():
+        e = by_pair[pair]
+        assert (e.src_host, e.dst_host) == (src_host, dst_host), e
+        assert e.rps == pytest.approx(rps, rel=0.05), e
+        assert e.requests == pytest.approx(rps * 10, rel=0.05), e
+        assert e.success_rate == pytest.approx(success, abs=1e-3), e
+    # histogram_quantile interpolates in the (50, 100] bucket: 50 + 0.99 * 50
+    assert by_pair[(dns("web"), dns("api"))].p99_ms == pytest.approx(99.5, abs=0.5)
+    assert by_pair[(dns("db"), dns("api"))].p99_ms == pytest.approx(4.99, abs=0.05)
+
+
+def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None:
+    found = edges(running.prom, HOSTS, dns_identity(MESH), window="10s", host_id="ha")
+    assert sorted((e.src, e.dst) for e in found) == sorted(
+        [(dns("web"), dns("api")), (dns("frontend"), dns("web")), (dns("web"), dns("pay")), (dns("web"), "")]
+    )
+    assert all(isinstance(e, Edge) and "ha" in (e.src_host, e.dst_host) for e in found)
+
+
+def test_an_identity_several_hosts_share_names_no_single_host(running: Running) -> None:
+    twin = host("hd", "web-2", "web")  # a second host of the web service account
+    found = edges(running.prom, (*HOSTS, twin), dns_identity(MESH), window="10s")
+    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
+    assert web_to_api.src_host is None and web_to_api.dst_host == "hb"
+
+
+def test_budgets_from_the_real_engine(running: Running) -> None:
+    hb = {b.slo.name: b for b in budgets(running.prom, "hb", META["hb"])}
+    assert list(hb) == ["availability", "fast", "under-50", "admin-port"]
+    # hb serves 16 req/s, 2 of them failures: an error ratio of 0.125 against a 0.001 budget.
+    a = hb["availability"]
+    assert a.sli == pytest.approx(0.875, abs=1e-3)
+    assert a.burn_1h == pytest.approx(125, rel=0.01) and a.burn_6h == pytest.approx(125, rel=0.01)
+    assert a.remaining == pytest.approx(-124, rel=0.01)
+    assert a.exhaustion_s == 0.0  # already overspent
+    # Every response under 100 ms: nothing spent, not burning.
+    fast = hb["fast"]
+    assert fast.sli == pytest.approx(1.0) and fast.remaining == pytest.approx(1.0)
+    assert fast.burn_1h == pytest.approx(0.0) and fast.exhaustion_s is None
+    # 10 of 16 req/s take over 50 ms: 0.625 against a 0.01 budget.
+    assert hb["under-50"].burn_1h == pytest.approx(62.5, rel=0.01)
+    # No traffic on that port: nothing known.
+    none = hb["admin-port"]
+    assert (none.sli, none.remaining, none.burn_1h, none.exhaustion_s) == (None, None, None, None)
+
+    # ha: 0.05 % failures against 0.1 %: half the budget spent, burning at 0.5, so what is
+    # left (half a 28-day budget) lasts 28 days more.
+    (ha,) = budgets(running.prom, "ha", META["ha"])
+    assert ha.remaining == pytest.approx(0.5, abs=0.01)
+    assert ha.burn_1h == pytest.approx(0.5, abs=0.01)
+    assert ha.exhaustion_s == pytest.approx(28 * 86400, rel=0.03)
+
+
+def test_burn_history_is_the_hourly_burn_over_time(running: Running) -> None:
+    now = time.time()
+    points = burn_history(running.prom, "hb", AVAIL, span_s=5, step_s=1, end=now)
+    assert 5 <= len(points) <= 6
+    assert all(now - 5.01 <= t <= now + 0.01 for t, _ in points)
+    assert all(burn == pytest.approx(125, rel=0.02) for _, burn in points)
+    assert burn_history(running.prom, "hb", OTHER_PORT, span_s=5, step_s=1, end=now) == []
+
+
+def test_the_generated_rules_fire_the_fast_burn_alert_in_prometheus(running: Running) -> None:
+    def firing() -> set[tuple[str, str, str]]:
+        return {
+            (a["labels"]["alertname"], a["labels"]["host_id"], a["labels"]["slo"])
+            for a in running.prom.alerts()
+            if a["state"] == "firing"
+        }
+
+    _wait(lambda: ("MeshagentSLOFastBurn", "hb", "availability") in firing(), "the fast-burn alert")
+    alerts = firing()
+    # hb's availability and its 50 ms latency SLO burn at every window's factor ...
+    for name in (
+        "MeshagentSLOFastBurn",
+        "MeshagentSLOMediumBurn",
+        "MeshagentSLOSlowBurn",
+        "MeshagentSLOVerySlowBurn",
+    ):
+        assert (name, "hb", "availability") in alerts
+        assert (name, "hb", "under-50") in alerts
+    # ... ha's half-speed burn, the 100 ms SLO and the idle port fire nothing.
+    assert not {a for a in alerts if a[1] == "ha" or a[2] in ("fast", "admin-port")}, alerts
+    fast = next(
+        a
+        for a in running.prom.alerts()
+        if a["labels"]["alertname"] == "MeshagentSLOFastBurn" and a["labels"]["slo"] == "availability"
+    )
+    assert fast["labels"]["severity"] == "page"
+    assert fast["labels"]["owner_team"] == "api-team" and fast["labels"]["host"] == "api-1"
+    assert "12.5%" in fast["annotations"]["description"]
+
+
+def test_a_dead_port_is_prometheus_unavailable_with_a_hint() -> None:
+    with (
+        PromClient(f"http://127.0.0.1:{free_port()}", timeout_s=2) as prom,
+        pytest.raises(PromUnavailable) as e,
+    ):
+        edges(prom, HOSTS, dns_identity(MESH))
+    assert "did not answer" in e.value.message and "--prometheus" in e.value.hint
+
+
+def test_windows_are_prometheus_durations() -> None:
+    assert window_seconds("5m") == 300 and window_seconds("1h") == 3600 and window_seconds("10s") == 10
+    for bad in ("5", "0m", "5s", "8d", "1h30m", "5M", "-1m", "1e3s"):
+        with pytest.raises(WindowInvalid):
+            window_seconds(bad)
+    assert math.isclose(window_seconds("7d"), 7 * 86400)
