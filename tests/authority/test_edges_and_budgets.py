@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -133,7 +133,10 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
                 if f.peer
                 else 'tls="no_identity",no_tls_reason="not_provided_by_service_discovery"'
             )
-            base = f'direction="outbound",target_addr="198.18.0.9:{f.port}",target_ip="198.18.0.9",target_port="{f.port}",{tls}'
+            base = (
+                f'direction="outbound",target_addr="198.18.0.9:{f.port}",target_ip="198.18.0.9",'
+                f'target_port="{f.port}",{tls}'
+            )
         n = 100.0 if f.rps == 0 else f.rps * elapsed  # the idle flow stays at 100
         for status, share in (("200", 1 - f.fail), ("500", f.fail)):
             if share == 0:
@@ -189,11 +192,11 @@ class Running:
     exporter: Exporter
 
 
-def _wait(condition: object, what: str, timeout: float = 30.0) -> None:
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if callable(condition) and condition():
+            if condition():
                 return
         except PromUnavailable:
             pass
@@ -248,14 +251,8 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     prom = PromClient(f"http://127.0.0.1:{port}")
     try:
         # Enough samples for a 10 s window that starts after the series began (12 scrapes).
-        _wait(
-            lambda: (
-                prom.query('min(count_over_time(response_total{host_id="hb",client_id!=""}[1m]))')
-                and prom.query('min(count_over_time(response_total{host_id="hb",client_id!=""}[1m]))')[0][1]
-                >= 12
-            ),
-            "12 scrapes of the exporter",
-        )
+        scrapes = 'min(count_over_time(response_total{host_id="hb",client_id!=""}[1m])) >= 12'
+        _wait(lambda: bool(prom.query(scrapes)), "12 scrapes of the exporter")
         yield Running(prom, exporter)
     finally:
         prom.close()
