@@ -33,14 +33,17 @@ left out and counted.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
 
 from agent.errors import MeshagentError
+from agent.fsutil import write_atomic
 from agent.identity.names import InvalidName, WorkloadIdentity
 
 from .storage import HostRecord
@@ -249,8 +252,10 @@ def depends_on(
 ) -> Dependencies:
     """What each host calls, as Backstage refs, from the edges out of it (it is the client).
 
-    An edge whose destination identity is an exported host's but names no host (dst_host
-    None) is a dependency on every exported host with that identity: they serve it together."""
+    An edge end that names no host (src_host / dst_host None) but carries an identity exported
+    hosts share stands for all of them: edges.py takes the callee's view of host-to-host calls,
+    which cannot tell apart callers of one identity, and hosts of one identity are replicas of
+    one service, serving and calling together."""
     by_identity: dict[str, list[str]] = {}
     for host in hosts:
         if host.id in names:
@@ -259,22 +264,31 @@ def depends_on(
     external: set[str] = set()
     unmeshed = 0
     for edge in edges:
-        if edge.src_host is None or edge.src_host not in names or edge.requests < min_requests:
+        if edge.requests < min_requests:
             continue
+        if edge.src_host is not None:
+            callers = [edge.src_host] if edge.src_host in names else []
+        else:
+            callers = by_identity.get(edge.src, []) if edge.src else []
+        if not callers:
+            continue  # not a call an exported host made
         if edge.dst_host is not None and edge.dst_host in names:
             targets = [edge.dst_host]
         else:
-            targets = by_identity.get(edge.dst, [])
-        out = refs.setdefault(edge.src_host, set())
+            targets = by_identity.get(edge.dst, []) if edge.dst else []
         if targets:
-            out.update(entity_ref("component", names[t]) for t in targets if t != edge.src_host)
+            for caller in callers:
+                refs.setdefault(caller, set()).update(
+                    entity_ref("component", names[t]) for t in targets if t != caller
+                )
             continue
         ref = identity_ref(edge.dst) if edge.dst else None
         if ref is None:
             unmeshed += 1
             continue
-        out.add(ref)
         external.add(ref)
+        for caller in callers:
+            refs.setdefault(caller, set()).add(ref)
     return Dependencies({h: sorted(r) for h, r in refs.items()}, sorted(external), unmeshed)
 
 
@@ -386,3 +400,65 @@ def render(doc: Mapping[str, Any]) -> str:
 
 def render_stream(components: Sequence[Component]) -> str:
     return "".join("---\n" + render(c.doc) for c in components)
+
+
+# --- files -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Written:
+    written: list[str]  # paths below the directory, changed or new
+    unchanged: list[str]
+    stale: list[str]  # earlier exports' files of hosts no longer exported (kept unless pruned)
+    pruned: list[str]
+
+
+def _exported_by_us(path: Path) -> bool:
+    """Whether `path` is a catalog-info.yaml this export wrote (its annotation says so): only
+    those are ever reported stale or pruned."""
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    annotations = doc.get("metadata", {}).get("annotations", {}) if isinstance(doc, dict) else {}
+    return isinstance(annotations, dict) and annotations.get(ANNOTATION_EXPORTED_BY) == "meshagent"
+
+
+def write_tree(result: Export, directory: Path, prune: bool = False) -> Written:
+    """`<name>/catalog-info.yaml` per component below `directory`, each replaced atomically and
+    only when its text changed (a GitOps diff shows real changes only)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BackstageExportError(
+            f"cannot create {directory}: {exc.strerror}", "choose another --output-dir"
+        ) from exc
+    written, unchanged = [], []
+    for component in result.components:
+        path = directory / component.path
+        text = render(component.doc)
+        try:
+            if path.is_file() and path.read_text() == text:
+                unchanged.append(component.path)
+                continue
+            path.parent.mkdir(exist_ok=True)
+            write_atomic(path, text.encode(), mode=0o644)
+        except OSError as exc:
+            raise BackstageExportError(
+                f"cannot write {path}: {exc.strerror}", "check the directory's permissions and free space"
+            ) from exc
+        written.append(component.path)
+    current = {c.path for c in result.components}
+    stale = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.glob(f"*/{FILE_NAME}")
+        if p.relative_to(directory).as_posix() not in current and _exported_by_us(p)
+    )
+    pruned = []
+    if prune:
+        for rel in stale:
+            (directory / rel).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the directory may hold other files: keep it then
+                (directory / rel).parent.rmdir()
+            pruned.append(rel)
+    return Written(written, unchanged, stale, pruned)

@@ -299,16 +299,24 @@ def test_depends_on_from_edges_out_of_each_host() -> None:
         Edge(dns("shop/billing"), dns("shop/quiet"), db2.id, None, 0.0),  # nothing in the window
         Edge(dns("payments/ledger"), dns("shop/web"), None, web.id, 50.0),  # into a host: not its dependency
     ]
-    ex = run_export([db1, db2, web], edges=edges)
+    web2 = host("h-000000000004", "web-2", "shop/web", enrolled=3)
+    edges.append(Edge(dns("shop/web"), dns("payments/fx"), None, None, 4.0))  # callers of a shared identity
+    ex = run_export([db1, db2, web, web2], edges=edges)
     docs = {c.name: c.doc for c in ex.components}
     assert docs["web"]["spec"]["dependsOn"] == [
         "component:default/legacy-db-1",
         "component:default/legacy-db-2",
+        "component:payments/fx",
         "component:payments/ledger",
     ]
+    assert docs["web-2"]["spec"]["dependsOn"] == ["component:payments/fx"]
     assert docs["legacy-db-1"]["spec"]["dependsOn"] == ["component:kube-system/coredns"]
     assert docs["legacy-db-2"]["spec"]["dependsOn"] == []
-    assert ex.external_refs == ["component:kube-system/coredns", "component:payments/ledger"]
+    assert ex.external_refs == [
+        "component:kube-system/coredns",
+        "component:payments/fx",
+        "component:payments/ledger",
+    ]
     assert ex.unmeshed_edges == 1
     assert ex.report()["depends_on"] == "from observed traffic"
     for d in docs.values():
