@@ -161,11 +161,38 @@ CREATE TABLE registry_version (
 INSERT INTO registry_version (id, version) VALUES (1, 1)
 """
 
+# The service catalog (#20): what each host carries (set at `token create`, copied to the host
+# at enrollment, editable with `authority host set`) and the change log. Metadata is a table of
+# its own, not a column of hosts: `SELECT * FROM hosts` (every directory render) stays as small.
+# Events: the newest events.RETAINED_PER_HOST of each host are kept (storage prunes on insert).
+_HOST_CATALOG = """
+ALTER TABLE tokens ADD COLUMN meta TEXT;
+CREATE TABLE host_meta (
+    host_id     TEXT PRIMARY KEY,
+    meta        TEXT NOT NULL,
+    updated_at  {time} NOT NULL
+);
+CREATE TABLE host_events (
+    id          {serial},
+    host_id     TEXT NOT NULL,
+    at          {time} NOT NULL,
+    kind        TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    actor       TEXT NOT NULL
+);
+CREATE INDEX host_events_by_host ON host_events (host_id, id)
+"""
+
 SQLITE: tuple[Migration, ...] = (
     # Columns first: the baseline's indexes name columns an old file may lack.
     Migration(1, "baseline", _split(SQLITE_BASELINE), run=_sqlite_add_columns),
     Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="REAL"))),
     Migration(3, "registry_version", _split(_SQLITE_VERSION_ROW)),
+    Migration(
+        4,
+        "host_catalog",
+        _split(_HOST_CATALOG.format(time="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT")),
+    ),
 )
 
 
@@ -291,6 +318,15 @@ POSTGRES: tuple[Migration, ...] = (
     Migration(1, "baseline", _split(POSTGRES_BASELINE)),
     Migration(2, "host_certificates", _split(_CERTIFICATES.format(time="DOUBLE PRECISION"))),
     Migration(3, "registry_version_slots", _split(_POSTGRES_VERSION_SLOTS)),
+    Migration(
+        4,
+        "host_catalog",
+        # (host_reports.state: the report's event-relevant state, storage.report changes)
+        (
+            *_split(_HOST_CATALOG.format(time="DOUBLE PRECISION", serial="BIGSERIAL PRIMARY KEY")),
+            "ALTER TABLE host_reports ADD COLUMN state TEXT",
+        ),
+    ),
 )
 
 

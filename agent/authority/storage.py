@@ -32,12 +32,15 @@ from typing import Any, Protocol
 from agent.errors import ExitCode, MeshagentError, RejectedError
 from agent.logs import get_logger
 
+from . import events as ev
+from .events import Event
+from .host_meta import HostMeta, MetaInvalid, loads_meta
 from .migrations import migrate_sqlite
 
 log = get_logger("meshagent.authority")
 
-# The reports file's schema, by PRAGMA user_version (1: the first).
-REPORTS_VERSION = 1
+# The reports file's schema, by PRAGMA user_version (1: the first; 2: the `state` column).
+REPORTS_VERSION = 2
 REPORTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS host_reports (
     host_id     TEXT PRIMARY KEY,
@@ -51,11 +54,26 @@ CREATE TABLE IF NOT EXISTS host_reports (
 # 1,000 reports a second across replicas, a commit each would be most of the database's work.
 REPORT_FLUSH_S = 1.0
 _UPSERT_REPORT = (
-    "INSERT INTO host_reports (host_id, received_at, report) VALUES (?, ?, ?)"
-    " ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report"
+    "INSERT INTO host_reports (host_id, received_at, report, state) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report,"
+    " state = excluded.state"
     " WHERE excluded.received_at >= host_reports.received_at"  # a replica's older one never wins
 )
 ReportRow = tuple[str, float, str]  # (host id, received at: Unix time, the report's JSON)
+# What a host's stored report held before a batch overwrote it: (received at, state or None).
+StoredState = dict[str, tuple[float, str | None]]
+
+
+@dataclass(frozen=True)
+class ReportChange:
+    """A host's report whose state (health.report_state: version, start, readiness, probes)
+    differs from the one stored before it, found when the batch holding it was written."""
+
+    host_id: str
+    old_state: str
+    new_state: str
+    received_at: float
+    report: str  # the new report's JSON
 
 
 class ReportBuffer:
@@ -171,6 +189,7 @@ class TokenRecord:
     used_at: datetime | None
     host_id: str | None
     registration: Registration = Registration()
+    meta: HostMeta = HostMeta()  # noqa: RUF009 - frozen; copied to the host at enrollment
 
 
 @dataclass(frozen=True)
@@ -247,6 +266,7 @@ class Registry(Protocol):
         now: datetime,
         expires_at: datetime,
         registration: Registration = Registration(),
+        meta: HostMeta | None = None,
     ) -> None: ...
 
     def list_tokens(self) -> list[TokenRecord]: ...
@@ -278,7 +298,19 @@ class Registry(Protocol):
 
     def list_hosts(self) -> list[HostRecord]: ...
 
-    def revoke(self, ref: str, now: datetime) -> HostRecord: ...
+    def revoke(self, ref: str, now: datetime, actor: str = "unknown") -> HostRecord: ...
+
+    def set_host_meta(
+        self, ref: str, meta: HostMeta, actor: str, now: datetime | None = None
+    ) -> HostRecord: ...
+
+    def host_meta(self, host_ids: Sequence[str] | None = None) -> dict[str, HostMeta]: ...
+
+    def record_event(self, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None: ...
+
+    def events(self, host_id: str | None = None, limit: int = ev.DEFAULT_LIMIT) -> list[Event]: ...
+
+    def on_report_change(self, callback: Callable[[Sequence[ReportChange]], None]) -> None: ...
 
     def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord: ...
 
@@ -303,7 +335,9 @@ class Registry(Protocol):
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]: ...
 
-    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None: ...
+    def record_report(
+        self, host_id: str, report_json: str, at: datetime | float, state: str | None = None
+    ) -> None: ...
 
     def reports(self) -> dict[str, tuple[float, str]]: ...
 
@@ -415,13 +449,64 @@ class SqlRegistry:
     def _stored_reports(self) -> dict[str, tuple[float, str]]:
         raise NotImplementedError
 
+    def _write_reports(self, rows: Sequence[ReportRow], states: dict[str, str]) -> StoredState:
+        """Upsert `rows` (with `states`), in one transaction that first reads, locked, the
+        stored received_at and state of the hosts in `states`; returns what it read."""
+        raise NotImplementedError
+
     # --- health reports (agent/authority/health.py): written behind, see ReportBuffer ------
 
-    def record_report(self, host_id: str, report_json: str, at: datetime | float) -> None:
+    def _start_reports(self) -> None:
+        self._report_buffer = ReportBuffer(self._flush_batch)
+        # The state of each report not yet written (host -> (received at, state)): the buffer
+        # holds the newest report per host, this its state, matched by received_at at write.
+        self._states: dict[str, tuple[float, str]] = {}
+        self._states_lock = threading.Lock()
+        self._report_watchers: list[Callable[[Sequence[ReportChange]], None]] = []
+
+    def record_report(
+        self, host_id: str, report_json: str, at: datetime | float, state: str | None = None
+    ) -> None:
         """Keep `report_json` (checked by health.parse_report) as the host's last report. This
-        process sees it at once; others once it is flushed (REPORT_FLUSH_S)."""
+        process sees it at once; others once it is flushed (REPORT_FLUSH_S). `state`
+        (health.report_state) is stored beside it: when a batch is written, each report whose
+        state differs from the stored one's is passed to the `on_report_change` callbacks."""
         when = at.timestamp() if isinstance(at, datetime) else float(at)
+        if state is not None:
+            with self._states_lock:
+                held = self._states.get(host_id)
+                if held is None or held[0] <= when:
+                    self._states[host_id] = (when, state)
         self._report_buffer.add(host_id, when, report_json)
+
+    def on_report_change(self, callback: Callable[[Sequence[ReportChange]], None]) -> None:
+        """Call `callback` (in the writing thread, after the commit) with the reports of a
+        written batch whose state changed. The stored rows are read locked in the batch's
+        transaction, so across replicas each change is seen by exactly one writer."""
+        self._report_watchers.append(callback)
+
+    def _flush_batch(self, rows: Sequence[ReportRow]) -> None:
+        with self._states_lock:
+            states = {h: self._states[h][1] for h, when, _ in rows if self._states.get(h, (None,))[0] == when}
+        old = self._write_reports(rows, states)
+        with self._states_lock:
+            for host_id, when, _ in rows:
+                held = self._states.get(host_id)
+                if held is not None and held[0] <= when:
+                    del self._states[host_id]
+        changes = []
+        for host_id, when, report in rows:
+            before = old.get(host_id)
+            new_state = states.get(host_id)
+            if before is None or before[1] is None or new_state is None or when < before[0]:
+                continue  # a first report, an older agent's or authority's row, or a late report
+            if before[1] != new_state:
+                changes.append(ReportChange(host_id, before[1], new_state, when, report))
+        for watcher in self._report_watchers if changes else ():
+            try:
+                watcher(changes)
+            except Exception as exc:  # a bug there must not lose the next batches
+                log.error("registry.report_change_failed", error=f"{type(exc).__name__}: {exc}"[:300])
 
     def reports(self) -> dict[str, tuple[float, str]]:
         """Every host's last report: host id -> (received at, Unix time; the report's JSON)."""
@@ -453,12 +538,22 @@ class SqlRegistry:
         now: datetime,
         expires_at: datetime,
         registration: Registration = Registration(),
+        meta: HostMeta | None = None,
     ) -> None:
+        """`meta`: what the enrolled host will carry (copied to it at enrollment)."""
+        stored = meta.to_json() if meta is not None and not meta.empty else None
         with self._transaction() as tx:
             tx.run(
                 "INSERT INTO tokens (hash, identity, created_at, expires_at, kube_labels, kube_ports,"
-                " proxy_port) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token_hash, identity, _ts(now), _ts(expires_at), *_registration_columns(registration)),
+                " proxy_port, meta) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    token_hash,
+                    identity,
+                    _ts(now),
+                    _ts(expires_at),
+                    *_registration_columns(registration),
+                    stored,
+                ),
             )
 
     def list_tokens(self) -> list[TokenRecord]:
@@ -472,6 +567,7 @@ class SqlRegistry:
                 used_at=_dt(r["used_at"]),
                 host_id=r["host_id"],
                 registration=_registration(r),
+                meta=_meta(r["meta"]),
             )
             for r in rows
         ]
@@ -542,7 +638,14 @@ class SqlRegistry:
                 token["proxy_port"],
                 api_token_hash,
             )
-            return _host(self._record_enrollment(tx, values, token_hash, now))
+            event = (
+                ev.token_actor(token_hash[:12]),
+                ev.clip(
+                    f"as {token['identity']} from {host.host_name} ({', '.join(host.addresses)}),"
+                    f" certificate {issued.serial}" + (", metadata from the token" if token["meta"] else "")
+                ),
+            )
+            return _host(self._record_enrollment(tx, values, token_hash, now, token["meta"], event))
 
     # Sign before taking the write lock (SQLite: the lock is the whole file's, and a signature
     # is a third of an enrollment's time in it). PostgreSQL locks only the token's row: signing
@@ -565,9 +668,18 @@ class SqlRegistry:
         " kube_labels, kube_ports, proxy_port, api_token_hash"
     )
 
-    def _record_enrollment(self, tx: Tx, values: Sequence[object], token_hash: str, now: datetime) -> Row:
+    def _record_enrollment(
+        self,
+        tx: Tx,
+        values: Sequence[object],
+        token_hash: str,
+        now: datetime,
+        meta: str | None,
+        event: tuple[str, str],
+    ) -> Row:
         """Insert the host (`values`: _HOST_COLUMNS), mark the token used, keep the serial, and
-        mark the registry changed (a new host is in the catalog); the host's row."""
+        mark the registry changed (a new host is in the catalog); copy the token's metadata
+        (`meta`, JSON or None) and record the `enrolled` event ((actor, detail)); the host's row."""
         row = tx.one(
             f"INSERT INTO hosts ({self._HOST_COLUMNS}) VALUES ({', '.join('?' * 13)}) RETURNING *",  # noqa: S608 - constants
             values,
@@ -583,6 +695,16 @@ class SqlRegistry:
             "INSERT INTO host_certificates (serial, host_id, not_after) VALUES (?, ?, ?)"
             " ON CONFLICT DO NOTHING",
             (serial, host_id, not_after),
+        )
+        if meta is not None:
+            tx.run(
+                "INSERT INTO host_meta (host_id, meta, updated_at) VALUES (?, ?, ?)",
+                (host_id, meta, _ts(now)),
+            )
+        # (A new host has no events to prune.)
+        tx.run(
+            "INSERT INTO host_events (host_id, at, kind, detail, actor) VALUES (?, ?, ?, ?, ?)",
+            (host_id, _ts(now), ev.ENROLLED, event[1], event[0]),
         )
         tx.changed()
         return row
@@ -706,6 +828,14 @@ class SqlRegistry:
             )
             assert renewed is not None  # (the row is locked: it exists)
             self._issued(tx, host_id, issued, now)
+            _add_event(
+                tx,
+                host_id,
+                ev.RENEWED,
+                f"certificate {presented} -> {issued.serial}, valid until {issued.not_after.isoformat()}",
+                ev.ACTOR_AGENT,
+                now,
+            )
             # No tx.changed(): nothing any host's directory renders moves. The catalog names no
             # serial, and the revoked list names the serials of revoked hosts only, which never
             # renew (refused above, the row locked); their revocation bumps the version and is
@@ -716,13 +846,81 @@ class SqlRegistry:
         rows = self._rows(f"SELECT * FROM hosts ORDER BY enrolled_at, {self._SEQ}")  # noqa: S608 - a class constant
         return [_host(r) for r in rows]
 
-    def revoke(self, ref: str, now: datetime) -> HostRecord:
-        """Revoke by host id, or by host name when exactly one unrevoked host has it."""
+    def revoke(self, ref: str, now: datetime, actor: str = "unknown") -> HostRecord:
+        """Revoke by host id, or by host name when exactly one unrevoked host has it. The first
+        revocation is recorded as a `revoked` event by `actor`; revoking again changes nothing."""
         with self._transaction() as tx:
             host_id = _find_one(tx, ref, "revoke")
-            tx.run("UPDATE hosts SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?", (_ts(now), host_id))
+            if tx.run(
+                "UPDATE hosts SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (_ts(now), host_id)
+            ):
+                _add_event(tx, host_id, ev.REVOKED, "", actor, now)
             tx.changed()
             return _the_host(tx, host_id)
+
+    # --- the service catalog: metadata and the change log (#20) -----------------------------
+
+    def set_host_meta(self, ref: str, meta: HostMeta, actor: str, now: datetime | None = None) -> HostRecord:
+        """Replace the metadata of the host `ref` (id, or unique unrevoked name) with `meta`,
+        recording `metadata_changed` (which fields) by `actor` when it differs. No host's
+        directory renders metadata: data_version does not move, no long poll wakes."""
+        now = now or datetime.now(UTC)
+        with self._transaction() as tx:
+            host_id = _find_one(tx, ref, "set its metadata")
+            row = tx.one("SELECT meta FROM host_meta WHERE host_id = ?", (host_id,), for_update=True)
+            before = _meta(row["meta"] if row else None)
+            if before != meta:
+                tx.run(
+                    "INSERT INTO host_meta (host_id, meta, updated_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (host_id) DO UPDATE"
+                    " SET meta = excluded.meta, updated_at = excluded.updated_at",
+                    (host_id, meta.to_json(), _ts(now)),
+                )
+                _add_event(tx, host_id, ev.METADATA_CHANGED, _meta_change(before, meta), actor, now)
+            return _the_host(tx, host_id)
+
+    def host_meta(self, host_ids: Sequence[str] | None = None) -> dict[str, HostMeta]:
+        """host id -> its metadata (HostMeta() when it has none): of `host_ids`, or every host."""
+        if host_ids is None:
+            rows = self._rows(
+                "SELECT h.id AS host_id, m.meta FROM hosts h LEFT JOIN host_meta m ON m.host_id = h.id"
+            )
+            return {r["host_id"]: _meta(r["meta"]) for r in rows}
+        found = {h: HostMeta() for h in host_ids}
+        ids = list(found)
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            for r in self._rows(f"SELECT host_id, meta FROM host_meta WHERE host_id IN ({marks})", chunk):  # noqa: S608 - placeholders only
+                found[r["host_id"]] = _meta(r["meta"])
+        return found
+
+    def record_event(self, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None:
+        """Add an event to `host_id`'s log (keeping its newest events.RETAINED_PER_HOST)."""
+        with self._transaction() as tx:
+            _add_event(tx, host_id, kind, detail, actor, at)
+
+    def events(self, host_id: str | None = None, limit: int = ev.DEFAULT_LIMIT) -> list[Event]:
+        """The newest `limit` events (of `host_id`, or of every host), newest first: in the
+        order they were recorded."""
+        limit = max(1, min(int(limit), ev.MAX_LIMIT))
+        if host_id is None:
+            rows = self._rows("SELECT * FROM host_events ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self._rows(
+                "SELECT * FROM host_events WHERE host_id = ? ORDER BY id DESC LIMIT ?", (host_id, limit)
+            )
+        return [
+            Event(
+                int(r["id"]),
+                r["host_id"],
+                datetime.fromtimestamp(r["at"], UTC),
+                r["kind"],
+                r["detail"],
+                r["actor"],
+            )
+            for r in rows
+        ]
 
     def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord:
         """Replace the labels/ports of the host `ref` (id, or unique unrevoked name) with
@@ -817,6 +1015,59 @@ class SqlRegistry:
         ]
 
 
+_CHUNK = 500  # ids per IN (...) list: SQLite's default limit is 32,766 parameters
+
+
+def _meta(text: str | None) -> HostMeta:
+    """Stored metadata; HostMeta() for none, or for a row altered by hand that no longer parses."""
+    if not text:
+        return HostMeta()
+    try:
+        return loads_meta(text)
+    except (MetaInvalid, ValueError, RecursionError):
+        log.warning("registry.meta_unreadable", length=len(text))
+        return HostMeta()
+
+
+def _add_event(tx: Tx, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None:
+    """Insert an event and forget the host's events beyond the newest RETAINED_PER_HOST (an
+    index range: host_events_by_host)."""
+    if kind not in ev.KINDS:
+        raise ValueError(f"unknown event kind {kind!r}")
+    tx.run(
+        "INSERT INTO host_events (host_id, at, kind, detail, actor) VALUES (?, ?, ?, ?, ?)",
+        (host_id, _ts(at), kind, ev.clip(detail), actor[:200]),
+    )
+    tx.run(
+        "DELETE FROM host_events WHERE host_id = ? AND id <= (SELECT id FROM host_events WHERE host_id = ?"
+        " ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (host_id, host_id, ev.RETAINED_PER_HOST),
+    )
+
+
+def _meta_change(before: HostMeta, after: HostMeta) -> str:
+    """Which fields changed, for the event: 'owner_team: "a" -> "b"; slos: ...'."""
+    old, new = before.to_doc(), after.to_doc()
+    parts = []
+    for key in new:
+        if old[key] == new[key]:
+            continue
+        if key == "slos":
+            parts.append(
+                "slos: "
+                + (", ".join(s.spec() for s in before.slos) or "none")
+                + " -> "
+                + (", ".join(s.spec() for s in after.slos) or "none")
+            )
+        elif key == "links":
+            parts.append("links: " + (", ".join(t for t, _ in after.links) or "none"))
+        elif key == "description":
+            parts.append("description changed")
+        else:
+            parts.append(f"{key}: {old[key]!r} -> {new[key]!r}")
+    return "; ".join(parts)
+
+
 def _find_one(tx: Tx, ref: str, verb: str) -> str:
     """The id of the host `ref` names: its id, or its name when exactly one unrevoked host has it."""
     rows = tx.all("SELECT id FROM hosts WHERE id = ?", (ref,))
@@ -883,7 +1134,7 @@ class SqliteRegistry(SqlRegistry):
         self._watch_lock = threading.Lock()
         self._reports = self._open_reports()
         self._reports_lock = threading.Lock()
-        self._report_buffer = ReportBuffer(self._write_reports)
+        self._start_reports()
 
     def close(self) -> None:
         self._report_buffer.close()
@@ -919,21 +1170,40 @@ class SqliteRegistry(SqlRegistry):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")  # a lost report is resent within an interval
         db.execute("PRAGMA busy_timeout=30000")
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version < REPORTS_VERSION:  # both steps are idempotent: two openers may race
-            db.execute(REPORTS_SCHEMA)
-            db.execute(f"PRAGMA user_version = {REPORTS_VERSION}")
+        if db.execute("PRAGMA user_version").fetchone()[0] < REPORTS_VERSION:
+            db.execute("BEGIN IMMEDIATE")  # (two openers may race: the second finds it done)
+            try:
+                db.execute(REPORTS_SCHEMA)
+                columns = {r[1] for r in db.execute("PRAGMA table_info(host_reports)")}
+                if "state" not in columns:  # version 2: the report's state (health.report_state)
+                    db.execute("ALTER TABLE host_reports ADD COLUMN state TEXT")
+                db.execute(f"PRAGMA user_version = {REPORTS_VERSION}")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
         return db
 
-    def _write_reports(self, rows: Sequence[tuple[str, float, str]]) -> None:
+    def _write_reports(self, rows: Sequence[ReportRow], states: dict[str, str]) -> StoredState:
+        old: StoredState = {}
         with self._reports_lock:
             self._reports.execute("BEGIN IMMEDIATE")
             try:
-                self._reports.executemany(_UPSERT_REPORT, rows)
+                ids = list(states)
+                for i in range(0, len(ids), _CHUNK):
+                    chunk = ids[i : i + _CHUNK]
+                    marks = ", ".join("?" for _ in chunk)
+                    for host_id, received_at, state in self._reports.execute(
+                        f"SELECT host_id, received_at, state FROM host_reports WHERE host_id IN ({marks})",  # noqa: S608
+                        chunk,
+                    ):
+                        old[host_id] = (float(received_at), state)
+                self._reports.executemany(_UPSERT_REPORT, [(h, w, r, states.get(h)) for h, w, r in rows])
             except BaseException:
                 self._reports.execute("ROLLBACK")
                 raise
             self._reports.execute("COMMIT")
+        return old
 
     def _stored_reports(self) -> dict[str, tuple[float, str]]:
         with self._reports_lock:

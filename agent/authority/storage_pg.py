@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 from agent.errors import MeshagentError
 from agent.logs import get_logger
 
+from .events import ENROLLED
 from .migrations import VERSION_SLOTS, migrate_postgres
-from .storage import RegistryUnavailable, ReportBuffer, ReportRow, Row, SqlRegistry, Tx
+from .storage import RegistryUnavailable, ReportRow, Row, SqlRegistry, StoredState, Tx
 
 if TYPE_CHECKING:
     import psycopg
@@ -174,7 +175,7 @@ class PostgresRegistry(SqlRegistry):
             with pg.connect(url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
                 migrate_postgres(conn)
             self._pool.open(wait=False)
-        self._report_buffer = ReportBuffer(self._write_reports)
+        self._start_reports()
 
     def close(self) -> None:
         self._report_buffer.close()
@@ -257,34 +258,68 @@ class PostgresRegistry(SqlRegistry):
     # One statement: the host (with its API token), the token used, the serial kept, a version
     # slot bumped (a new host is in every directory's catalog). Data-modifying CTEs all run, each
     # once, whether or not the outer query reads them.
+    # The token's metadata and the `enrolled` event ride along (#20): still one statement.
     _ENROLL = (
         f"WITH host AS (INSERT INTO hosts ({SqlRegistry._HOST_COLUMNS}) VALUES ({', '.join(['%s'] * 13)})"  # noqa: S608
         " RETURNING *),"
         " used AS (UPDATE tokens SET used_at = %s, used_by_key = %s, host_id = %s WHERE hash = %s),"
         " kept AS (INSERT INTO host_certificates (serial, host_id, not_after) VALUES (%s, %s, %s)"
         " ON CONFLICT DO NOTHING),"
+        " meta AS (INSERT INTO host_meta (host_id, meta, updated_at)"
+        " SELECT %s, m, %s FROM (SELECT %s::text AS m) AS given WHERE m IS NOT NULL),"
+        " event AS (INSERT INTO host_events (host_id, at, kind, detail, actor) VALUES (%s, %s, %s, %s, %s)),"
         " bumped AS (UPDATE registry_version SET version = version + 1 WHERE id = %s)"
         " SELECT * FROM host"
     ).encode()
 
-    def _record_enrollment(self, tx: Tx, values: Sequence[object], token_hash: str, now: datetime) -> Row:
+    def _record_enrollment(
+        self,
+        tx: Tx,
+        values: Sequence[object],
+        token_hash: str,
+        now: datetime,
+        meta: str | None,
+        event: tuple[str, str],
+    ) -> Row:
         assert isinstance(tx, _PgTx)
         host_id, serial, not_after, key_fp = values[0], values[4], values[5], values[8]
-        params = (*values, now.timestamp(), key_fp, host_id, token_hash, serial, host_id, not_after, _slot())
+        at = now.timestamp()
+        params = (
+            *values,
+            *(at, key_fp, host_id, token_hash),
+            *(serial, host_id, not_after),
+            *(host_id, at, meta),
+            *(host_id, at, ENROLLED, event[1], event[0]),
+            _slot(),
+        )
         row: Row | None = tx.conn.execute(self._ENROLL, params).fetchone()
         assert row is not None
         return row
 
     # --- health reports: a table of their own, outside data_version ------------------------
 
-    def _write_reports(self, rows: Sequence[ReportRow]) -> None:
-        """One statement for the whole batch (arrays unnested), autocommitted."""
-        with self._read() as tx:
+    def _write_reports(self, rows: Sequence[ReportRow], states: dict[str, str]) -> StoredState:
+        """One statement for the whole batch (arrays unnested), autocommitted; when reports
+        carry a state, in a transaction that first locks the stored rows of those hosts (in id
+        order: two replicas' batches never deadlock on them) and reads their state."""
+        params = (
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [states.get(r[0]) for r in rows],
+        )
+        old: StoredState = {}
+        if not states:
+            with self._read() as tx:
+                assert isinstance(tx, _PgTx)
+                tx.conn.execute(_UPSERT_REPORTS, params)
+            return old
+        with self._transaction() as tx:
             assert isinstance(tx, _PgTx)
-            tx.conn.execute(
-                _UPSERT_REPORTS,
-                ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
-            )
+            for row in tx.conn.execute(_LOCK_REPORTS, (sorted(states),)).fetchall():
+                old[str(row["host_id"])] = (float(row["received_at"]), row["state"])
+            tx.conn.execute(_UPSERT_REPORTS, params)
+        return old
 
     def _stored_reports(self) -> dict[str, tuple[float, str]]:
         rows = self._rows("SELECT host_id, received_at, report FROM host_reports")
@@ -300,10 +335,15 @@ class PostgresRegistry(SqlRegistry):
 
 _BUMP = b"UPDATE registry_version SET version = version + 1 WHERE id = %s"
 _UPSERT_REPORTS = (
-    b"INSERT INTO host_reports (host_id, received_at, report)"
-    b" SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[])"
-    b" ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report"
+    b"INSERT INTO host_reports (host_id, received_at, report, state)"
+    b" SELECT * FROM unnest(%s::text[], %s::float8[], %s::text[], %s::text[])"
+    b" ON CONFLICT (host_id) DO UPDATE SET received_at = excluded.received_at, report = excluded.report,"
+    b" state = excluded.state"
     b" WHERE excluded.received_at >= host_reports.received_at"  # a replica's older one never wins
+)
+_LOCK_REPORTS = (
+    b"SELECT host_id, received_at, state FROM host_reports WHERE host_id = ANY(%s::text[])"
+    b" ORDER BY host_id FOR UPDATE"
 )
 
 

@@ -9,8 +9,10 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from agent.authority.host_meta import HostMeta, parse_meta
 from agent.authority.migrations import SQLITE, migrate_sqlite
-from agent.authority.storage import SqliteRegistry
+from agent.authority.storage import NewHost, SqliteRegistry
+from tests.authority.test_registry_contract import _issued
 
 # A registry of the first versions (issue #2): no api tokens, no Kubernetes columns, no catalog,
 # no policies, no schema_migrations.
@@ -46,6 +48,7 @@ def test_a_registry_from_before_migrations_opens_with_its_records(tmp_path: Path
         (1, "baseline"),
         (2, "host_certificates"),
         (3, "registry_version"),
+        (4, "host_catalog"),
     ]
     assert migrate_sqlite(db) == []  # a second open applies nothing
     db.close()
@@ -65,3 +68,48 @@ def test_three_processes_opening_a_new_registry_migrate_it_once(tmp_path: Path) 
     with sqlite3.connect(path) as db:
         rows = db.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
     assert [r[0] for r in rows] == [m.version for m in SQLITE]
+
+
+def test_a_registry_of_migration_3_gains_metadata_and_events_losing_nothing(tmp_path: Path) -> None:
+    """#20's migration 4 on a registry (and a reports file of version 1) written before it."""
+    path = tmp_path / "registry.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate_sqlite(db, SQLITE[:3]) == [1, 2, 3]
+    db.executescript(  # a token and a host of that time
+        "INSERT INTO tokens (hash, identity, created_at, expires_at, used_at, host_id)"
+        " VALUES ('t1', 'shop/web', 1.0, 2.0, 1.5, 'h-1');"
+        "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem, enrolled_at)"
+        " VALUES ('h-1', 'shop/web', 'web-1', '[]', '0a', 1e10, 'PEM', 1.5);"
+    )
+    db.close()
+    reports = sqlite3.connect(tmp_path / "registry-reports.db", isolation_level=None)
+    reports.executescript(
+        "CREATE TABLE host_reports (host_id TEXT PRIMARY KEY, received_at REAL NOT NULL,"
+        " report TEXT NOT NULL);"
+        "INSERT INTO host_reports VALUES ('h-1', 5.0, '{}'); PRAGMA user_version = 1;"
+    )
+    reports.close()
+    registry = SqliteRegistry(path)
+    [host] = registry.list_hosts()
+    assert (host.id, host.serial) == ("h-1", "0a")
+    assert registry.list_tokens()[0].meta == HostMeta()
+    assert registry.host_meta() == {"h-1": HostMeta()} and registry.events() == []
+    assert registry.reports() == {"h-1": (5.0, "{}")}
+    meta = parse_meta({"owner_team": "db", "slos": ["availability=99.5"]})
+    registry.set_host_meta("h-1", meta, "cli:test", datetime(2026, 1, 1, tzinfo=UTC))
+    registry.add_token(
+        "t2", "shop/web", datetime(2026, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC), meta=meta
+    )
+    new = registry.enroll(
+        "t2", "k", NewHost("web-2", ()), datetime(2026, 1, 1, tzinfo=UTC), lambda i: _issued("0b")
+    )
+    assert registry.host_meta() == {"h-1": meta, new.id: meta}
+    assert [(e.host_id, e.kind) for e in registry.events()] == [
+        (new.id, "enrolled"),
+        ("h-1", "metadata_changed"),
+    ]
+    registry.record_report("h-1", "{}", 6.0, state="s")
+    registry.close()
+    with sqlite3.connect(tmp_path / "registry-reports.db") as check:
+        assert check.execute("SELECT received_at, state FROM host_reports").fetchall() == [(6.0, "s")]
+        assert check.execute("PRAGMA user_version").fetchone()[0] == 2

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from agent.authority.events import RETAINED_PER_HOST
+from agent.authority.host_meta import HostMeta, parse_meta
 from agent.authority.registry import open_registry
 from agent.authority.storage import (
     Issued,
@@ -265,3 +268,119 @@ def test_reports_are_written_behind_and_the_newest_wins(
     finally:
         other.close()  # close() writes what is left
     assert registry.reports()["h-2"] == ((NOW + timedelta(seconds=3)).timestamp(), '{"n": 6}')
+
+
+# --- the service catalog (#20): metadata and the change log --------------------------------
+
+META = parse_meta({"owner_team": "payments", "slos": ["availability=99.9", "latency=99:300ms"]})
+
+
+def _kinds(reg: Registry, host_id: str | None = None) -> list[tuple[str, str]]:
+    return [(e.kind, e.actor) for e in reg.events(host_id)]
+
+
+def test_token_metadata_becomes_the_hosts_in_the_enrollment(registry: Registry) -> None:
+    registry.add_token("t1", "shop/web", NOW, NOW + timedelta(hours=1), meta=META)
+    _token(registry, "t2")
+    assert [t.meta for t in registry.list_tokens()] == [META, HostMeta()]
+    first = _enroll(registry, "t1", key="k1", serial="01")
+    second = _enroll(registry, "t2", key="k2", serial="02")
+    assert registry.host_meta() == {first: META, second: HostMeta()}
+    assert registry.host_meta([second, first, "h-unknown"]) == {
+        second: HostMeta(),
+        first: META,
+        "h-unknown": HostMeta(),
+    }
+    [event] = registry.events(first)
+    assert (event.kind, event.actor, event.at) == ("enrolled", "token:t1", NOW)
+    assert "metadata from the token" in event.detail and "198.18.0.1" in event.detail
+    _enroll(registry, "t1", key="k1")  # the same host retrying: no second event
+    assert len(registry.events(first)) == 1
+
+
+def test_enroll_renew_revoke_are_logged_newest_first_with_their_actors(registry: Registry) -> None:
+    _token(registry)
+    host_id = _enroll(registry, "t1")
+    registry.renew(host_id, _renewal("01", "p1"), NOW + timedelta(hours=1), lambda: _issued("02"))
+    registry.renew(host_id, _renewal("01", "p2"), NOW + timedelta(hours=1), lambda: _issued("03"))  # a retry
+    registry.revoke(host_id, NOW + timedelta(hours=2), actor="cli:alice")
+    registry.revoke(host_id, NOW + timedelta(hours=3), actor="cli:bob")  # already revoked: nothing
+    assert _kinds(registry, host_id) == [
+        ("revoked", "cli:alice"),
+        ("renewed", "agent"),
+        ("enrolled", "token:t1"),
+    ]
+    events = registry.events(host_id)
+    assert [e.at for e in events] == [NOW + timedelta(hours=2), NOW + timedelta(hours=1), NOW]
+    assert "01 -> 02" in events[1].detail
+    assert [e.kind for e in registry.events(host_id, limit=2)] == ["revoked", "renewed"]
+
+
+def test_set_host_meta_is_logged_and_wakes_no_long_poll(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    _token(registry)
+    host_id = _enroll(registry, "t1")
+    other = open_registry(*backend)  # another replica sees it at once
+    try:
+        version = registry.data_version()
+        record = registry.set_host_meta("web-1", META, "cli:alice", NOW)
+        assert record.id == host_id
+        assert other.host_meta([host_id]) == {host_id: META}
+        changed = replace(META, owner_team="<b>ledger</b>", slos=META.slos[:1])
+        other.set_host_meta(host_id, changed, "cli:bob", NOW)
+        other.set_host_meta(host_id, changed, "cli:bob", NOW)  # the same again: not logged
+        assert registry.host_meta() == {host_id: changed}  # HTML is stored as given
+        assert registry.data_version() == version == other.data_version()
+        [latest, first, _] = registry.events(host_id)
+        assert (latest.kind, latest.actor, first.actor) == ("metadata_changed", "cli:bob", "cli:alice")
+        assert "owner_team: 'payments' -> '<b>ledger</b>'" in latest.detail
+        assert "slos: availability=99.9, latency=99:300ms -> availability=99.9" in latest.detail
+    finally:
+        other.close()
+    with _refused("host_unknown"):
+        registry.set_host_meta("nobody", META, "cli:alice")
+
+
+def test_events_are_bounded_per_host(registry: Registry) -> None:
+    _token(registry, "t1")
+    _token(registry, "t2")
+    busy = _enroll(registry, "t1", key="k1", name="busy")
+    quiet = _enroll(registry, "t2", key="k2", name="quiet")
+    for i in range(RETAINED_PER_HOST + 20):
+        registry.record_event(busy, "probe_failing", f"n={i}", "report", NOW + timedelta(seconds=i))
+    kept = registry.events(busy, limit=10_000)
+    assert len(kept) == RETAINED_PER_HOST
+    assert kept[0].detail == f"n={RETAINED_PER_HOST + 19}" and kept[-1].detail == "n=20"
+    assert [e.kind for e in registry.events(quiet)] == ["enrolled"]  # another host's stay
+    assert [e.host_id for e in registry.events(limit=2)] == [busy, busy]
+    with pytest.raises(ValueError, match="unknown event kind"):
+        registry.record_event(busy, "exploded", "", "report", NOW)
+
+
+def test_a_changed_report_state_is_seen_once_across_replicas(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    other = open_registry(*backend)
+    seen: list[tuple[str, str, str, str]] = []
+    for reg in (registry, other):
+        reg.on_report_change(
+            lambda changes: seen.extend((c.host_id, c.old_state, c.new_state, c.report) for c in changes)
+        )
+    try:
+        at = NOW.timestamp()
+        registry.record_report("h-1", "r1", at, state="a")
+        registry.flush_reports()
+        other.record_report("h-1", "r2", at + 30, state="b")  # the next report, at another replica
+        other.flush_reports()
+        registry.record_report("h-1", "r3", at + 60, state="b")  # unchanged, though this one held "a"
+        registry.flush_reports()
+        other.record_report("h-1", "r4", at + 50, state="c")  # late (older than the stored): nothing
+        other.flush_reports()
+        registry.record_report("h-1", "r5", at + 90)  # no state (an older authority): nothing
+        registry.flush_reports()
+        registry.record_report("h-1", "r6", at + 120, state="d")
+        registry.flush_reports()
+        assert seen == [("h-1", "a", "b", "r2")]
+    finally:
+        other.close()

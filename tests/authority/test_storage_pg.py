@@ -16,7 +16,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from agent.authority.migrations import ADVISORY_LOCK_KEY, POSTGRES, VERSION_SLOTS
+from agent.authority.host_meta import HostMeta, parse_meta
+from agent.authority.migrations import ADVISORY_LOCK_KEY, POSTGRES, VERSION_SLOTS, migrate_postgres
 from agent.authority.registry import DATABASE_ENV, open_registry, record, resolve
 from agent.authority.storage import Issued, NewHost, PolicyRecord, Registry, RegistryUnavailable
 from agent.errors import ConfigError, MeshagentError, RejectedError
@@ -281,3 +282,28 @@ def test_a_revocation_moves_the_row_a_replica_before_migration_3_reads(
     registry.revoke(host.id, NOW)
     assert old_replicas_version() > before
     registry.close()
+
+
+def test_a_database_of_migration_3_gains_metadata_and_events_losing_nothing(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """#20's migration 4 on a database a replica of the previous version made and used."""
+    url = _database(pg_cluster)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert migrate_postgres(conn, POSTGRES[:3]) == [1, 2, 3]
+        conn.execute(
+            "INSERT INTO tokens (hash, identity, created_at, expires_at) VALUES ('t1', 'shop/web', 1, 4e9)"
+        )
+        conn.execute("INSERT INTO host_reports VALUES ('h-0', 5.0, '{}')")
+    registry = open_registry(tmp_path, url)
+    try:
+        host = registry.enroll("t1", "key", NewHost("web", ()), NOW, _issued)
+        assert registry.list_tokens()[0].meta == HostMeta()
+        assert registry.host_meta() == {host.id: HostMeta()}
+        assert registry.reports() == {"h-0": (5.0, "{}")}
+        meta = parse_meta({"owner_team": "web", "slos": ["latency=99:300ms"]})
+        registry.set_host_meta(host.id, meta, "cli:test", NOW)
+        assert registry.host_meta([host.id]) == {host.id: meta}
+        assert [e.kind for e in registry.events(host.id)] == ["metadata_changed", "enrolled"]
+    finally:
+        registry.close()
