@@ -17,14 +17,18 @@ run in file order and the last one revokes a.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from subprocess import Popen
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -47,6 +51,7 @@ DNS = {name: linkerd_name(sa, "shop") for name, sa in SA.items()}
 PATTERN = (("a", "b"), ("b", "c"), ("a", "k"), ("k", "c"))
 RPS, SECONDS = 10, 15  # per edge: 150 requests, paced by the client
 WINDOW_S = SECONDS + 8  # the edges' window: the measured traffic and the scrapes after it
+FAST_BURN = "MeshagentSLOFastBurn"  # agent/authority/slo.py ALERTS
 
 
 @dataclass
@@ -55,6 +60,7 @@ class World:
     hosts: dict[str, Host]
     agents: dict[str, Agent]
     prom: str
+    prom_proc: Popen[str]
     certs: Path
     fail_flag: Path
 
@@ -85,11 +91,31 @@ class World:
             counts[edge] = json.loads(out)
         return counts
 
-    def alerts(self) -> list[dict[str, Any]]:
-        out = self.mesh.cl.run("curl", "-sf", f"{self.prom}/api/v1/alerts").stdout
-        doc = json.loads(out)
+    def prom_api(self, path: str) -> Any:
+        doc = json.loads(self.mesh.cl.run("curl", "-sf", f"{self.prom}/api/v1/{path}").stdout)
         assert doc["status"] == "success", doc
-        return list(doc["data"]["alerts"])
+        return doc["data"]
+
+    def fast_burn(self, host_id: str) -> list[dict[str, Any]]:
+        """The fast-burn alerts on `host_id`, pending or firing, from Prometheus's own API."""
+        return [
+            alert
+            for alert in self.prom_api("alerts")["alerts"]
+            if alert["labels"].get("alertname") == FAST_BURN and alert["labels"].get("host_id") == host_id
+        ]
+
+    def load_rules(self, text: str) -> list[str]:
+        """`text` as Prometheus's rule file: added to its config and reloaded (SIGHUP), as an
+        operator does after `slo rules`. Returns the rule groups Prometheus then runs."""
+        directory = self.mesh.tmp / "prometheus"
+        (directory / "slo-rules.yml").write_text(text)
+        config = directory / "prometheus.yml"
+        if "rule_files" not in config.read_text():
+            config.write_text(config.read_text() + f"rule_files: [{directory / 'slo-rules.yml'}]\n")
+        os.kill(self.prom_proc.pid, signal.SIGHUP)
+        wanted = [g["name"] for g in yaml.safe_load(text)["groups"]]
+        wait_for(lambda: [g["name"] for g in self.prom_api("rules")["groups"]] == wanted, "rules loaded")
+        return wanted
 
 
 def _pod_cert(mesh: Mesh, certs: Path, sa: str) -> None:
@@ -158,7 +184,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 cache = agent.state / "host-config.json"
                 wait_for(lambda c=cache: c.exists() and IP["k"] in c.read_text(), "the catalog", agent)
             url = prometheus(mesh)
-            world = World(mesh, hosts, agents, url, certs, fail_flag)
+            prom_proc = lab.processes[-1]  # the helper's last popen: `ip netns exec` became prometheus
+            assert "prometheus" in prom_proc.args, prom_proc.args  # type: ignore[operator]
+            world = World(mesh, hosts, agents, url, prom_proc, certs, fail_flag)
+            world.load_rules(_slo_rules(world))
             # One request per edge first, so every series exists before the measured traffic
             # (increase() counts from a series' first sample).
             warm = world.traffic(PATTERN, 1, 1)
@@ -174,6 +203,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         finally:
             stop_agents(mesh)
             lab.close()
+
+
+def _slo_rules(world: World) -> str:
+    """payments' availability SLO (99.9 %) as Prometheus rules, from the real generator."""
+    from agent.authority.host_meta import HostMeta, Slo
+    from agent.authority.service import Authority
+    from agent.authority.slo import render_rules
+
+    c_id = world.host_id("c")
+    c = next(h for h in Authority.open(world.mesh.authority_dir).registry.list_hosts() if h.id == c_id)
+    meta = HostMeta(owner_team="payments-team", slos=(Slo("availability", "availability", 99.9),))
+    return render_rules([(c, meta)])
 
 
 def _edges_from_prometheus(world: World, window: str) -> dict[tuple[str, str], float]:
@@ -225,13 +266,27 @@ def test_edges_are_exactly_the_traffic_with_the_clients_counts(world: World) -> 
 
 
 def test_failures_fire_the_fast_burn_alert_and_spend_the_budget(world: World) -> None:
+    c = world.host_id("c")
+    assert world.fast_burn(c) == []  # no failures yet
     world.fail_flag.touch()
     try:
         counts = world.traffic((("b", "c"), ("k", "c")), RPS * 10, RPS)
     finally:
         world.fail_flag.unlink()
-    served = sum(c["ok"] + c["failed"] for c in counts.values())
-    assert sum(c["failed"] for c in counts.values()) == served // 5, counts
+    served = sum(n["ok"] + n["failed"] for n in counts.values())
+    assert sum(n["failed"] for n in counts.values()) == served // 5, counts
+    wait_for(
+        lambda: [a["state"] for a in world.fast_burn(c)] == ["firing"],
+        "the fast-burn alert firing",
+        timeout=20,
+    )
+    (alert,) = world.fast_burn(c)
+    assert alert["labels"]["slo"] == "availability" and alert["labels"]["severity"] == "page", alert
+    assert (
+        alert["labels"]["host"] == world.hosts["c"].name and alert["labels"]["owner_team"] == "payments-team"
+    )
+    # Only c's SLO burns: a and b have none, so no other alert exists.
+    assert {a["labels"]["host_id"] for a in world.prom_api("alerts")["alerts"]} == {c}
 
 
 def test_revoke_renewal_and_restart_are_in_the_change_log_newest_first(world: World) -> None:
