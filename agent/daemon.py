@@ -575,7 +575,14 @@ class Daemon:
         """Fork every worker (through the forker) and wait until each listens."""
         assert self.workers is not None
         w = self.workers
-        pool = self.proxy = WorkerPool(w.count, w.forker, self.merger, w.listeners.listening, directory)
+        pool = self.proxy = WorkerPool(
+            w.count,
+            w.forker,
+            self.merger,
+            w.listeners.listening,
+            directory,
+            max_handshakes=self.config.proxy.max_handshakes,
+        )
         assert self.credentials is not None
         log_settings = {"level": self.config.log.level, "format": self.config.log.format}
         await pool.start(self.credentials.ticket_key, log_settings)

@@ -120,12 +120,22 @@ class Slot:
             "serial": self.ping.get("serial", ""),
             "ticket_key_name": self.ping.get("ticket_key_name", ""),
             "session_cache": self.status.get("session_cache", 0),
+            "handshakes": self.status.get("handshakes") or {},
+            "memory": self.status.get("memory") or {},
             "pss_mb": round(tree_memory([self.pid]).pss / 2**20, 1) if self.up and self.pid else None,
         }
 
 
+def handshake_share(limit: int, workers: int, slot: int) -> int:
+    """Slot `slot`'s part of the agent-wide `proxy.max_handshakes`: the limit split as evenly as
+    it goes (128 over 3 workers: 43, 43, 42), so the workers together hold at most `limit`
+    handshakes; at least 1 each (a limit below the worker count is exceeded by that much)."""
+    return max(1, limit // workers + (1 if slot < limit % workers else 0))
+
+
 class SummedGate:
-    """`handshakes.status()` over every worker (each has its own `max_handshakes`)."""
+    """`handshakes.status()` over every worker: `limit` is the agent-wide one (the sum of the
+    workers' shares, whether or not each is up), the counts are the workers' latest, summed."""
 
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
@@ -134,6 +144,7 @@ class SummedGate:
         total: Counter[str] = Counter()
         for slot in self.pool.slots:
             total.update(slot.status.get("handshakes") or {})
+        total["limit"] = sum(self.pool.handshake_limit(slot.index) for slot in self.pool.slots)
         return dict(total)
 
 
@@ -148,8 +159,10 @@ class WorkerPool:
         listening: dict[str, Address],
         directory: Directory,
         on_exit: Callable[[], None] | None = None,
+        max_handshakes: int = 128,
     ) -> None:
         self.forker = forker
+        self.max_handshakes = max_handshakes  # agent-wide: each worker gets its share
         self.merger = merger
         self.slots = [Slot(i) for i in range(count)]
         self.listening = dict(listening)
@@ -174,6 +187,10 @@ class WorkerPool:
         self.forker_gone = False
         forker.on_exit = self._exited
         forker.on_gone = self._forker_gone
+
+    def handshake_limit(self, slot: int) -> int:
+        """The inbound handshakes worker `slot` may hold at once (its share of the agent's)."""
+        return handshake_share(self.max_handshakes, len(self.slots), slot)
 
     # --- the Proxy surface ----------------------------------------------------------------
 
@@ -242,7 +259,12 @@ class WorkerPool:
         generation = self.credentials_generation
         try:
             reply = await chan.request(
-                "init", timeout=INIT_TIMEOUT_S, directory=sent[0], ticket_key=sent[1], log=sent[2]
+                "init",
+                timeout=INIT_TIMEOUT_S,
+                directory=sent[0],
+                ticket_key=sent[1],
+                log=sent[2],
+                max_handshakes=self.handshake_limit(slot.index),
             )
         except BaseException:
             slot.pid, slot.chan = None, None  # its exit report must not schedule a second respawn

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
@@ -168,6 +169,8 @@ class Worker:
             self.credentials.rotate_ticket_key(self.store, self._later_key)
         d = self._later_directory or _directory(directory)
         settings = listener_settings(self.config)
+        if more.get("max_handshakes"):  # this worker's share of the agent-wide limit
+            settings = dataclasses.replace(settings, max_handshakes=int(more["max_handshakes"]))
         proxy = Proxy(
             settings, self.credentials, d.policy, d.catalog, self.orig_dst or _orig_dst, self.metrics
         )

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.workers.control import WorkerGone
-from agent.workers.pool import WorkerPool
+from agent.workers.pool import WorkerPool, handshake_share
 
 DIRECTORY = SimpleNamespace(catalog=None, policy=None, services=None, revoked=None)
 
@@ -23,10 +23,13 @@ class ScriptedChannel:
     def __init__(self, pid: int, on_init: Any = None) -> None:
         self.pid, self.on_init = pid, on_init
         self.ops: list[str] = []
+        self.init_args: dict[str, Any] = {}
         self._closed = asyncio.get_running_loop().create_future()
 
     async def request(self, op: str, timeout: float = 5.0, **args: Any) -> Any:  # noqa: ASYNC109 - the real signature
         self.ops.append(op)
+        if op == "init":
+            self.init_args = args
         if op == "init" and self.on_init is not None:
             await self.on_init(self)
         return {}
@@ -100,3 +103,22 @@ def test_a_renewal_during_a_workers_init_reaches_it_after() -> None:
 
     asyncio.run(pool.start(b"o" * 80, {}))
     assert forker.channels[0].ops == ["init", "credentials"]
+
+
+@pytest.mark.parametrize(("limit", "workers"), [(128, 1), (128, 2), (128, 3), (7, 4), (100000, 64)])
+def test_handshake_shares_add_up_to_the_agent_wide_limit(limit: int, workers: int) -> None:
+    shares = [handshake_share(limit, workers, slot) for slot in range(workers)]
+    assert sum(shares) == limit
+    assert max(shares) - min(shares) <= 1
+
+
+def test_each_worker_is_told_its_share_and_status_shows_the_agent_wide_limit() -> None:
+    forker = ScriptedForker()
+    pool = WorkerPool(3, forker, None, {}, DIRECTORY, max_handshakes=128)  # type: ignore[arg-type]
+    asyncio.run(pool.start(None, {}))
+    assert [c.init_args["max_handshakes"] for c in forker.channels] == [43, 43, 42]
+    for slot, active in zip(pool.slots, (40, 43, 1), strict=True):
+        share = pool.handshake_limit(slot.index)
+        slot.status = {"handshakes": {"limit": share, "active": active, "queued": 2}}
+    assert pool.handshakes.status() == {"limit": 128, "active": 84, "queued": 6}
+    assert [w["handshakes"]["limit"] for w in pool.worker_status()] == [43, 43, 42]

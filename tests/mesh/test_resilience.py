@@ -45,6 +45,8 @@ def test_kill_9_and_restart_under_load(mesh: Mesh) -> None:
     b.proc.wait(timeout=10)
     assert ssh_ok(), "SSH must work while the agent is down"
     time.sleep(1.5)
+    # A log of its own: the killed run's "daemon.ready" must not count as the new run's.
+    b.log = mesh.tmp / "agent-b-restarted.log"
     b.start()  # re-applies its rules over the stale ones and serves again
     ready_at = time.time()
     assert ssh_ok()
@@ -53,7 +55,7 @@ def test_kill_9_and_restart_under_load(mesh: Mesh) -> None:
 
     before = [ok for t, ok in results if t < killed_at - 0.2]
     during = [ok for t, ok in results if killed_at < t < ready_at]
-    after = [ok for t, ok in results if t > ready_at + 0.5]
+    after = [ok for t, ok in results if t > ready_at]  # ready means every worker serves
     assert before and all(before), "errors before the kill"
     assert not all(during), "the kill did not interrupt anything: the test proves nothing"
     assert after and all(after), f"{after.count(False)} errors after the agent was back"
