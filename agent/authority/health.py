@@ -97,6 +97,7 @@ class HostReport:
     listeners: tuple[tuple[str, str], ...] = ()  # (name, "host:port"), sorted by name
     last_error: str = ""
     addresses: tuple[str, ...] = ()
+    started_at: float | None = None  # since #20: when the agent process started (its clock)
 
     def to_doc(self) -> dict[str, Any]:
         """The report as the agent sent it (known fields only), for the stored row and --json."""
@@ -258,6 +259,7 @@ def parse_report(doc: Any) -> HostReport:
         listeners=_listeners(doc),
         last_error=_text(doc, "last_error", MAX_REASON) if "last_error" in doc else "",
         addresses=_addresses(doc),
+        started_at=_time(doc, "started_at", nullable=True),
     )
 
 
@@ -268,6 +270,51 @@ def load_report(text: str) -> HostReport | None:
         return parse_report(json.loads(text))
     except (ValueError, RejectedError, RecursionError):
         return None
+
+
+# --- what changed between two reports (the change log, #20) -------------------------------
+
+
+# A report's state for the change log: what an event is recorded for when it moves. Stored
+# beside the report (storage: host_reports.state); compared when a batch of reports is written.
+# Short and canonical, so an unchanged host compares equal however its details (probe texts,
+# times) vary.
+def report_state(report: HostReport) -> str:
+    probes = sorted([p.port, p.kind, p.ok] for p in report.probes)
+    return json.dumps(
+        {"v": report.agent_version, "s": report.started_at, "r": report.ready, "p": probes},
+        separators=(",", ":"),
+        sort_keys=True,
+    )
+
+
+def state_changes(old_state: str, new_state: str, report: HostReport | None) -> list[tuple[str, str]]:
+    """(event kind, detail) for each difference between two `report_state`s, in a fixed order:
+    agent_version_changed, restarted, not_ready/ready, probe_failing/probe_recovered. `report`
+    (the new one, when it parses) gives the details: the reason, a probe's own words."""
+    try:
+        old, new = json.loads(old_state), json.loads(new_state)
+        old_probes = {(p[0], p[1]): bool(p[2]) for p in old["p"]}
+        new_probes = {(p[0], p[1]): bool(p[2]) for p in new["p"]}
+    except (ValueError, TypeError, KeyError, IndexError):
+        return []  # a state this version did not write: nothing to compare
+    found: list[tuple[str, str]] = []
+    if old["v"] != new["v"]:
+        found.append(("agent_version_changed", f"{old['v']} -> {new['v']}"))
+    if old["s"] is not None and new["s"] is not None and old["s"] != new["s"]:
+        found.append(("restarted", f"agent started at {_at(new['s']).isoformat(timespec='seconds')}"))
+    if old["r"] != new["r"]:
+        reason = report.reason if report is not None else ""
+        found.append(("ready", "") if new["r"] else ("not_ready", reason))
+    details = {(p.port, p.kind): p.detail for p in report.probes} if report is not None else {}
+    for (port, kind), ok in sorted(new_probes.items()):
+        was = old_probes.get((port, kind), True)  # a new probe is news only when it fails
+        if ok != was:
+            words = f"{kind} probe of port {port}" + (
+                f": {details[(port, kind)]}" if details.get((port, kind)) else ""
+            )
+            found.append(("probe_recovered" if ok else "probe_failing", words))
+    return found
 
 
 # --- the condition ---------------------------------------------------------------------------

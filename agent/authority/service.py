@@ -44,9 +44,10 @@ from agent.identity.pki import (
 from agent.logs import get_logger
 from agent.proxy.policy import DefaultPolicy
 
-from . import health, registry
+from . import events, health, registry
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .delta import DeltaStore, SharedDelta
+from .host_meta import HostMeta
 from .signing import issue_leaf, parse_csr, public_key_der
 from .storage import (
     HostRecord,
@@ -56,6 +57,7 @@ from .storage import (
     Registration,
     Registry,
     RenewalRequest,
+    ReportChange,
     StaticEntry,
 )
 from .tokens import JoinToken, hash_secret, new_token
@@ -213,6 +215,7 @@ class Authority:
         self._shared: _Shared | None = None
         # The last few versions' shared parts and the deltas between them (long polls that ask).
         self.deltas = DeltaStore()
+        registry.on_report_change(self._report_changed)
 
     @classmethod
     def open(cls, directory: Path, database: str | None = None) -> Authority:
@@ -259,9 +262,11 @@ class Authority:
         ttl: timedelta,
         count: int = 1,
         registration: Registration | None = None,
+        meta: HostMeta | None = None,
     ) -> list[JoinToken]:
         """`registration`: labels and ports the enrolled host's Kubernetes objects get
-        (validated by the caller with kube_export.check_registration)."""
+        (validated by the caller with kube_export.check_registration); `meta`: what the host
+        carries in the service catalog (host_meta.parse_meta), copied to it at enrollment."""
         workload = self.identity(identity)  # validates before anything is stored
         registration = registration or Registration()
         if not timedelta(0) < ttl <= MAX_TOKEN_TTL:
@@ -274,7 +279,7 @@ class Authority:
         tokens = []
         for _ in range(count):
             token = new_token(url, self.ca_pin)
-            self.registry.add_token(token.hash, workload.short, now, now + ttl, registration)
+            self.registry.add_token(token.hash, workload.short, now, now + ttl, registration, meta)
             tokens.append(token)
         log.info(
             "token.created",
@@ -846,9 +851,30 @@ class Authority:
     # --- health reports --------------------------------------------------------------------
 
     def record_report(self, host: HostRecord, doc: Any) -> None:
-        """Keep an agent's health report (checked by health.parse_report: invalid_request)."""
+        """Keep an agent's health report (checked by health.parse_report: invalid_request).
+
+        Its state (health.report_state) goes with it: when the write-behind batch holding it is
+        written, a state that differs from the host's stored one comes back to
+        `_report_changed`, which logs the events. O(1) here; the batch reads the stored states
+        of its own hosts only, locked, so across replicas each change is logged once."""
         report = health.parse_report(doc)
-        self.registry.record_report(host.id, report.to_json(), self.clock())
+        self.registry.record_report(
+            host.id, report.to_json(), self.clock(), state=health.report_state(report)
+        )
+
+    def _report_changed(self, changes: Sequence[ReportChange]) -> None:
+        """Log what changed in these reports (agent version, restart, Ready, probes): rare."""
+        for change in changes:
+            at = datetime.fromtimestamp(change.received_at, UTC)
+            report = health.load_report(change.report)
+            for kind, detail in health.state_changes(change.old_state, change.new_state, report):
+                self.registry.record_event(change.host_id, kind, detail, events.ACTOR_REPORT, at)
+                log.info("host.changed", host_id=change.host_id, kind=kind, detail=detail[:200])
+
+    # --- the service catalog's metadata and change log (#20) --------------------------------
+
+    def set_host_meta(self, ref: str, meta: HostMeta, actor: str) -> HostRecord:
+        return self.registry.set_host_meta(ref, meta, actor, self.clock())
 
 
 # A delta's pieces at least this large are deflated once for every host's gzip answer.

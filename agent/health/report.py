@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,14 +40,16 @@ def build_report(
     listeners: Mapping[str, str] | None = None,
     last_error: str = "",
     addresses: Sequence[str] = (),
+    started_at: float | None = None,
 ) -> dict[str, Any]:
     """The report body (interfaces §5): the agent's own readiness (`meshagent status`'s
     not_ready_reasons, joined), when its directory was last refreshed (the authority's
     `generated_at`, so one clock), its refresh interval and its probes' states; since #18 also
     the certificate it serves with ({serial, not_after, renewal_error}), interception
     ({applied, backend}), its listeners, its last error and its addresses (the fleet's view,
-    `authority hosts`). Optional keys are left out when unknown: the authority takes reports
-    without them (older agents)."""
+    `authority hosts`); since #20 when the agent started (`started_at`, this process's start
+    unless given: the authority logs a restart when it moves). Optional keys are left out when
+    unknown: the authority takes reports without them (older agents)."""
     # A reason may carry a subprocess's multi-line stderr: the authority refuses control
     # characters, and one refused report would leave the host looking stale.
     reason = _one_line("; ".join(not_ready_reasons))
@@ -61,6 +64,7 @@ def build_report(
         "probes": [{**p, "detail": _one_line(str(p.get("detail", "")))} for p in probes],
         "last_error": _bounded(last_error),
         "addresses": list(addresses)[:MAX_HOST_ADDRESSES],
+        "started_at": process_started_at() if started_at is None else started_at,
     }
     if certificate is not None:
         doc["certificate"] = {
@@ -72,6 +76,12 @@ def build_report(
     if listeners is not None:
         doc["listeners"] = dict(listeners)
     return doc
+
+
+@functools.cache
+def process_started_at() -> float:
+    """When this agent process started (Unix time, from the kernel: the same on every call)."""
+    return float(psutil.Process().create_time())
 
 
 def _bounded(text: str) -> str:

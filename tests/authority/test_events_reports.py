@@ -1,0 +1,113 @@
+"""The change log's report-derived events (#20): a host's reports, posted to two replicas in
+turn, log each change of agent version, start, readiness and probe exactly once."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.authority.ca import load_authority
+from agent.authority.health import parse_report, report_state, state_changes
+from agent.authority.registry import open_registry
+from agent.authority.service import Authority
+from agent.health.report import build_report, process_started_at
+from agent.identity.pki import generate_key, make_csr
+from tests.pgcluster import PgCluster
+from tests.support import init_authority
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+_names = itertools.count()
+
+
+def _report(
+    version: str = "1.0", started: float = 1000.0, probe_ok: bool = True, detail: str = "ok"
+) -> dict[str, Any]:
+    probes = [{"port": 8080, "kind": "http", "ok": probe_ok, "detail": detail, "since": 5.0}]
+    return build_report(
+        not_ready_reasons=[] if probe_ok else ["probe failing"],
+        directory_updated_at=None,
+        refresh_interval_s=30,
+        probes=probes,
+        agent_version=version,
+        started_at=started,
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def replicas(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Authority, Authority]]:
+    """Two authorities on one registry, as replicas are (their clocks set by the test)."""
+    directory = tmp_path / "authority"
+    init_authority(directory)
+    database = None
+    if request.param == "postgresql":
+        cluster: PgCluster = request.getfixturevalue("pg_cluster")
+        database = cluster.create_database(f"events_{next(_names)}")
+    pair = tuple(Authority(load_authority(directory), open_registry(directory, database)) for _ in range(2))
+    yield pair  # type: ignore[misc]
+    for authority in pair:
+        authority.registry.close()
+
+
+def test_each_change_is_logged_once_whichever_replica_takes_the_report(
+    replicas: tuple[Authority, Authority],
+) -> None:
+    a, b = replicas
+    token = a.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    host = a.enroll(token.secret, make_csr(generate_key()).decode(), "web-1", ["198.18.0.1"]).host
+    steps = [
+        _report(),  # the first report: nothing to compare with
+        _report(detail="ok in 3 ms"),  # details vary: not a change
+        _report(probe_ok=False, detail="GET /: status 503"),
+        _report(probe_ok=False, detail="GET /: status 500"),
+        _report(),
+        _report(version="1.1", started=2000.0),  # an upgrade: a new version and a restart
+        _report(version="1.1", started=2000.0),
+    ]
+    for i, doc in enumerate(steps):
+        replica = (a, b)[i % 2]
+        replica.clock = lambda i=i: T0 + timedelta(seconds=30 * (i + 1))  # type: ignore[misc]
+        replica.record_report(host, doc)
+        replica.registry.flush_reports()
+    at = [T0 + timedelta(seconds=30 * (i + 1)) for i in range(len(steps))]
+    logged = [(e.kind, e.detail, e.actor, e.at) for e in b.registry.events(host.id)]
+    assert logged[:-1] == [  # newest first; within one report in a fixed order (reversed here)
+        ("restarted", "agent started at 1970-01-01T00:33:20+00:00", "report", at[5]),
+        ("agent_version_changed", "1.0 -> 1.1", "report", at[5]),
+        ("probe_recovered", "http probe of port 8080: ok", "report", at[4]),
+        ("ready", "", "report", at[4]),
+        ("probe_failing", "http probe of port 8080: GET /: status 503", "report", at[2]),
+        ("not_ready", "probe failing", "report", at[2]),
+    ]
+    assert logged[-1][0] == "enrolled"
+    assert a.registry.events(host.id) == b.registry.events(host.id)
+
+
+def test_state_changes_between_two_reports() -> None:
+    def state(**kw: Any) -> str:
+        return report_state(parse_report(_report(**kw)))
+
+    assert state(detail="x") == state(detail="y")
+    assert state_changes(state(), state(), None) == []
+    assert state_changes(state(), state(version="2"), None) == [("agent_version_changed", "1.0 -> 2")]
+    new = parse_report(_report(probe_ok=False, detail="refused"))
+    assert state_changes(state(), report_state(new), new) == [
+        ("not_ready", "probe failing"),
+        ("probe_failing", "http probe of port 8080: refused"),
+    ]
+    # An older agent (no started_at) never counts as restarted; an unreadable state compares as nothing.
+    old_agent = parse_report({**_report(), "started_at": None})
+    assert state_changes(report_state(old_agent), state(started=5.0), None) == []
+    assert state_changes("not json", state(), None) == []
+
+
+def test_the_agent_reports_when_its_process_started() -> None:
+    doc = build_report(not_ready_reasons=[], directory_updated_at=None, refresh_interval_s=5)
+    assert doc["started_at"] == process_started_at() <= datetime.now(UTC).timestamp()
+    assert parse_report(doc).started_at == doc["started_at"]
+    del doc["started_at"]  # an older agent's report is still taken
+    assert parse_report(doc).started_at is None
