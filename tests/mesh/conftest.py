@@ -34,9 +34,13 @@ class Agent:
     proc: Popen[str] | None = None
 
     def start(self) -> None:
+        # Only this run's lines count: a restart appends to the same log, where the previous
+        # run's "daemon.ready" would otherwise end the wait before the new agent is ready.
+        offset = self.log.stat().st_size if self.log.exists() else 0
         out = open(self.log, "a")  # noqa: SIM115 - lives as long as the process
         self.proc = self.host.popen(*MESHAGENT, "run", "--config", str(self.config), stdout=out, stderr=out)
-        wait_for(lambda: "daemon.ready" in self.log.read_text(), f"{self.host.name}: agent ready", self)
+        ready = lambda: b"daemon.ready" in self.log.read_bytes()[offset:]  # noqa: E731
+        wait_for(ready, f"{self.host.name}: agent ready", self)
 
     def stop(self) -> int:
         assert self.proc is not None
