@@ -30,6 +30,8 @@ import contextlib
 import json
 import os
 import random
+import resource
+import signal
 import tempfile
 import time
 from collections import Counter
@@ -45,6 +47,7 @@ from agent.authority.httpguard import Limits
 from agent.identity.pki import generate_key, make_csr
 from bench.fleet_abuse import running_abuse
 from bench.fleet_agents import make_hosts, percentile, raise_file_limit
+from bench.fleet_reaper import Reaper, die_with_parent
 from bench.fleet_shard import AgentSettings, ShardPool, merged, shard_pool, split
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,18 +117,42 @@ class Setup:
     idle_timeout_s: int
 
 
+def connections_per_process(hosts: int, replicas: int, workers: int) -> int:
+    """What each replica process holds in steady state: two connections an agent (its long
+    poll's and its reports'), spread evenly; the enrollments' own are closed after each."""
+    return -(-2 * hosts // (replicas * workers))
+
+
+def haproxies_for(hosts: int, per_haproxy: int) -> int:
+    """haproxy processes for the fleet's connections (two an agent, 10 % slack for the
+    kernel's uneven spread over SO_REUSEPORT sockets and the enrollments in flight)."""
+    return max(1, -(-(2 * hosts * 11 // 10 + 512) // per_haproxy))
+
+
 @contextlib.contextmanager
-def authority_setup(root: Path, replicas: int, database: str, idle_timeout: int | None) -> Iterator[Setup]:
-    from tests.authority.replicas import Replicas
+def authority_setup(
+    root: Path,
+    replicas: int,
+    database: str,
+    idle_timeout: int | None,
+    reaper: Reaper,
+    hosts: int,
+    workers: int = 1,
+) -> Iterator[Setup]:
+    from tests.authority.replicas import Replicas, _haproxy_maxconn
 
     with contextlib.ExitStack() as stack:
         url: str | None = None
         groups: dict[str, int] = {}
         if database == "postgresql":
-            from tests.pgcluster import pg_cluster
+            from tests.pgcluster import PG_BIN, pg_cluster
 
             # Each replica's pool plus the simulator's own connection.
-            pg = stack.enter_context(pg_cluster(max_connections=max(100, 25 * replicas + 20)))
+            pg = stack.enter_context(pg_cluster(max_connections=max(100, 25 * replicas * workers + 20)))
+            # pg_ctl daemonizes the postmaster: no parent-death signal reaches it, the reaper does.
+            stop = [str(PG_BIN / "pg_ctl"), "-D", str(pg.data), "-m", "immediate", "stop"]
+            reaper.run_command(["runuser", "-u", pg.user, "--", *stop] if pg.user else stop)
+            reaper.remove(pg.dir)
             url = pg.url
             groups["postgresql"] = pg.postmaster_pid() or 0
         # The connection cap above what the fleet holds (two connections an agent): the
@@ -133,12 +160,21 @@ def authority_setup(root: Path, replicas: int, database: str, idle_timeout: int 
         serve_args = ["--max-connections", "30000"]
         if idle_timeout is not None:
             serve_args += ["--idle-timeout", str(idle_timeout)]
-        fleet = Replicas(root / "authority", replicas, url, serve_args=tuple(serve_args))
-        fleet.start()
+        fleet = Replicas(
+            root / "authority",
+            replicas,
+            url,
+            workers=workers,
+            serve_args=tuple(serve_args),
+            haproxies=haproxies_for(hosts, _haproxy_maxconn()),
+            on_spawn=reaper.kill_group,
+        )
         stack.callback(fleet.stop)
+        fleet.start()
         pids = {r.name: r.pid for r in fleet.replicas}
-        assert fleet.haproxy is not None
-        pids["haproxy"] = fleet.haproxy.pid
+        for i, proc in enumerate(fleet.haproxy_procs):
+            pids["haproxy" if i == 0 else f"haproxy{i}"] = proc.pid
+        pids["reaper"] = reaper.pid
         yield Setup(
             fleet.url,
             fleet.ca_file,
@@ -188,6 +224,8 @@ def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
     settings = AgentSettings(setup.url, setup.ca_file, args.heartbeat, args.long_polls, victim_entry, k)
     with shard_pool(k, settings) as pool:
         pids = {**setup.pids, **pool.pids}
+        # Every process this run started, by pid: what to look at (py-spy, top) while it runs.
+        print(f"processes: {json.dumps({**pids, **setup.groups})}", flush=True)
         parts = [
             {"indices": i, "secrets": s}
             for i, s in zip(split(list(range(n)), k), split(secrets, k), strict=True)
@@ -446,6 +484,18 @@ HEADER = (
 )
 
 
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (`timeout`, a closed terminal, a CI job cancelled) unwind like Ctrl-C:
+    the context managers stop the replicas, haproxy, PostgreSQL and the shards. Without this,
+    Python dies at once on SIGTERM and everything it started keeps running."""
+
+    def unwind(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, unwind)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hosts", type=int, default=1000)
@@ -468,6 +518,9 @@ def main() -> None:
     )
     parser.add_argument("--idle-timeout", type=int, help="the replicas' --idle-timeout [default: theirs]")
     parser.add_argument(
+        "--workers", type=int, default=1, help="each replica's --workers (processes: each its own file limit)"
+    )
+    parser.add_argument(
         "--abuse",
         action="store_true",
         help="a second steady window with bad clients at every replica (bench/fleet_abuse.py)",
@@ -483,6 +536,8 @@ def main() -> None:
         help="only measure one directory's render at --hosts (in process)",
     )
     args = parser.parse_args()
+    die_with_parent(signal.SIGTERM)  # a closed terminal, a killed `timeout`: unwind, as on SIGTERM
+    stop_on_signals()
     if args.render_cost:
         cost = render_cost(args.hosts, args.database)
         RESULTS.mkdir(exist_ok=True)
@@ -493,15 +548,30 @@ def main() -> None:
     # Two descriptors per agent in haproxy (its own limit is raised by replicas.py), one per
     # connection in each replica (the replicas inherit this limit).
     raise_file_limit(4 * args.hosts + 4096)
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = connections_per_process(args.hosts, args.replicas, args.workers) + 512
+    if soft != resource.RLIM_INFINITY and need > soft:
+        # Past it the replica's accept() fails (EMFILE) and agents wait on connects: a crawl
+        # that looks like a slow authority. The hard limit is this machine's to raise.
+        raise SystemExit(
+            f"each replica process would hold ~{need} descriptors, the file limit is {soft} "
+            f"(hard, not raisable here): use --workers {-(-need // (soft - 512)) + args.workers - 1} "
+            "or more --replicas"
+        )
 
+    reaper = Reaper()
     with contextlib.ExitStack() as stack:
         if args.workdir:  # kept: the replicas' and haproxy's logs
             root = Path(args.workdir)
             root.mkdir(parents=True)
         else:
             root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meshagent-fleet-")))
-        with authority_setup(root, args.replicas, args.database, args.idle_timeout) as setup:
+            reaper.remove(root)
+        with authority_setup(
+            root, args.replicas, args.database, args.idle_timeout, reaper, args.hosts, args.workers
+        ) as setup:
             result = run(args, setup)
+    reaper.close()  # everything stopped: nothing for it to do
     RESULTS.mkdir(exist_ok=True)
     name = f"fleet-{args.database}-r{args.replicas}-n{args.hosts}{'-' + args.tag if args.tag else ''}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -34,6 +34,11 @@ if "sniffio" not in sys.modules:
 LONG_POLL_S = 30
 KEEPALIVE_S = 60
 RETRY_STATUSES = {502, 503, 504}
+# An agent enrolls and renews from a short-lived process (agent/identity): its connection ends
+# with it. Kept alive here, 10,000 enrollments' idle connections filled haproxy's maxconn (9,900
+# under this machine's fixed file limit of 20,000) and enrollment crawled at the rate idle
+# connections timed out (~51/s): the simulator's artefact, not the authority's.
+ONE_SHOT = {"connection": "close"}
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -189,7 +194,7 @@ class FleetClient:
 
         async def send(c: httpx.AsyncClient) -> httpx.Response:
             host.enroll_attempts += 1
-            return await c.post("/v1/enroll", json=body)
+            return await c.post("/v1/enroll", json=body, headers=ONE_SHOT)
 
         response = await self.call("enroll", host, send)
         if response.status_code != 200:
@@ -230,7 +235,7 @@ class FleetClient:
             "timestamp": timestamp,
             "signature": sign_possession(host.key, csr, timestamp),
         }
-        response = await self.call("renew", host, lambda c: c.post("/v1/renew", json=body))
+        response = await self.call("renew", host, lambda c: c.post("/v1/renew", json=body, headers=ONE_SHOT))
         if response.status_code != 200:
             self.calls.failures[f"renew:{response.status_code}"] += 1
             raise Refused(response.status_code, response.content)

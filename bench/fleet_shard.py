@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import multiprocessing
+import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
@@ -37,6 +38,7 @@ from bench.fleet_agents import (
     raise_file_limit,
 )
 from bench.fleet_directory import Directories, Held
+from bench.fleet_reaper import die_with_parent
 
 
 @dataclass
@@ -257,6 +259,7 @@ async def _serve(conn: Connection, settings: AgentSettings) -> None:
 
 def shard_main(conn: Connection, settings: AgentSettings) -> None:
     """A shard process's entry point."""
+    die_with_parent(signal.SIGKILL)  # the run killed -9: nothing of ours to flush here
     raise_file_limit(20_000)
     # Thousands of agents' clients and a parsed 10,000-host catalog per version are millions of
     # objects that live for the whole run: the cyclic GC walking them again and again was a
@@ -310,8 +313,12 @@ class ShardPool:
             raise ShardError(f"shard {shard}: {command}: {reply}")
         return reply
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Wait for the shards (they exit after "finish"); a run that did not finish (an error,
+        a signal) stops them at once: they are mid-command and read no more."""
         for proc in self.procs:
+            if not finished:
+                proc.terminate()
             proc.join(timeout=10)
             if proc.is_alive():
                 proc.kill()
@@ -321,10 +328,12 @@ class ShardPool:
 @contextlib.contextmanager
 def shard_pool(procs: int, settings: AgentSettings) -> Iterator[ShardPool]:
     pool = ShardPool(procs, settings)
+    finished = False
     try:
         yield pool
+        finished = True
     finally:
-        pool.close()
+        pool.close(finished)
 
 
 def merged(replies: list[dict[str, Any]]) -> Calls:

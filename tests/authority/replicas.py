@@ -13,7 +13,16 @@ that were open to it are cut, and the client retries (that is the client's job, 
 load balancer).
 
 Everything started here is stopped by `stop()` (and by leaving the context manager), also when
-start-up fails half-way: each replica is its own session, killed with its group.
+start-up fails half-way: each replica is its own session, killed with its group. If the process
+that started them dies without stopping them (SIGKILL), the kernel sends each replica and
+haproxy SIGTERM (a parent-death signal, bench/fleet_reaper.py): start them from a thread that
+outlives them (the signal follows the thread that forked, not the process).
+
+One haproxy process holds two descriptors per forwarded connection, and the file limit may be
+fixed below what a fleet needs (20,000 here, and no CAP_SYS_RESOURCE to raise it: maxconn 9,900,
+while 10,000 agents hold 20,000 connections). `haproxies=N` runs N haproxy processes on the
+same address (SO_REUSEPORT, haproxy's default on Linux: the kernel spreads new connections over
+them), each with its own stats socket; `server_states` merges their views.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.fleet_reaper import pdeathsig_prefix
 from tests.support import MESHAGENT, run_cli
 
 HAPROXY = "haproxy"
@@ -106,9 +116,17 @@ class Replicas:
     workers: int = 1
     serve_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
+    haproxies: int = 1
+    # Called with each process's pid as it starts (a replica, a haproxy): bench/fleet.py's Reaper.
+    on_spawn: Callable[[int], None] | None = None
     replicas: list[Replica] = field(default_factory=list)
-    haproxy: subprocess.Popen[bytes] | None = None
+    haproxy_procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     port: int = 0
+
+    @property
+    def haproxy(self) -> subprocess.Popen[bytes] | None:
+        """The first haproxy (the only one unless `haproxies` > 1)."""
+        return self.haproxy_procs[0] if self.haproxy_procs else None
 
     @property
     def url(self) -> str:
@@ -162,7 +180,7 @@ class Replicas:
         try:
             replica.proc = subprocess.Popen(
                 [
-                    *MESHAGENT, "authority", "serve", "--dir", str(self.directory),
+                    *pdeathsig_prefix(), *MESHAGENT, "authority", "serve", "--dir", str(self.directory),
                     "--listen", f"{replica.host}:{replica.port}", "--workers", str(self.workers),
                     *database, *self.serve_args,
                 ],
@@ -173,6 +191,8 @@ class Replicas:
             )  # fmt: skip
         finally:
             log.close()
+        if self.on_spawn is not None:
+            self.on_spawn(replica.proc.pid)
 
     def wait_healthy(self, replica: Replica, timeout_s: float = 30) -> None:
         def healthy() -> bool:
@@ -196,7 +216,10 @@ class Replicas:
             return httpx.get(f"{url}/healthz", verify=self.tls, timeout=1).status_code == 200
         return False
 
-    def _haproxy_config(self) -> str:
+    def _haproxy_socket(self, i: int) -> Path:
+        return self.run_dir / ("haproxy.sock" if i == 0 else f"haproxy-{i}.sock")
+
+    def _haproxy_config(self, i: int) -> str:
         servers = "\n".join(
             f"    server {r.name} {r.host}:{r.port} check inter {CHECK_INTERVAL_MS}ms fall 2 rise 1"
             for r in self.replicas
@@ -206,7 +229,7 @@ class Replicas:
         # is retried on another before the client sees anything.
         return f"""global
     maxconn {_haproxy_maxconn()}
-    stats socket {self.run_dir / "haproxy.sock"} mode 600 level admin
+    stats socket {self._haproxy_socket(i)} mode 600 level admin
 defaults
     mode tcp
     timeout connect 2s
@@ -225,32 +248,43 @@ backend replicas
 
     def _start_haproxy(self) -> None:
         self.port = free_port()
-        config = self.run_dir / "haproxy.cfg"
-        config.write_text(self._haproxy_config())
-        log = open(self.run_dir / "haproxy.log", "ab")  # noqa: SIM115 - the child keeps it
-        try:
-            self.haproxy = subprocess.Popen(
-                [HAPROXY, "-db", "-f", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        haproxy = self.haproxy
+        for i in range(self.haproxies):
+            suffix = "" if i == 0 else f"-{i}"
+            config = self.run_dir / f"haproxy{suffix}.cfg"
+            config.write_text(self._haproxy_config(i))
+            log = open(self.run_dir / f"haproxy{suffix}.log", "ab")  # noqa: SIM115 - the child keeps it
+            try:
+                proc = subprocess.Popen(
+                    [*pdeathsig_prefix(), HAPROXY, "-db", "-f", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            finally:
+                log.close()
+            self.haproxy_procs.append(proc)
+            if self.on_spawn is not None:
+                self.on_spawn(proc.pid)
 
         def forwarding() -> bool:
-            if haproxy.poll() is not None:
-                raise AssertionError(f"haproxy exited:\n{(self.run_dir / 'haproxy.log').read_text()[-3000:]}")
-            return all(state == "UP" for state in self.server_states().values()) and self._answers(self.url)
+            for i, proc in enumerate(self.haproxy_procs):
+                if proc.poll() is not None:
+                    log = self.run_dir / ("haproxy.log" if i == 0 else f"haproxy-{i}.log")
+                    raise AssertionError(f"haproxy exited:\n{log.read_text()[-3000:]}")
+            states = self.server_states()
+            return (
+                len(states) == len(self.replicas)
+                and all(s == "UP" for s in states.values())
+                and (self._answers(self.url))
+            )
 
         _poll_until(
             forwarding, 10, lambda: "haproxy did not forward to every replica within 10s", every_s=0.05
         )
 
     def stop(self) -> None:
-        if self.haproxy is not None:
-            _kill_group(self.haproxy, grace_s=5)
+        for proc in self.haproxy_procs:
+            _kill_group(proc, grace_s=5)
         for replica in self.replicas:
             if replica.proc is not None:
                 _kill_group(replica.proc)
@@ -277,8 +311,18 @@ backend replicas
         self.wait_healthy(replica)
 
     def server_states(self) -> dict[str, str]:
-        """haproxy's view: replica name -> UP / DOWN (from its stats socket)."""
-        path = str(self.run_dir / "haproxy.sock")
+        """haproxy's view: replica name -> UP / DOWN (from the stats sockets). With several
+        haproxies a state is reported when all agree ("UP/DOWN" while they do not)."""
+        views = [self._server_states(self._haproxy_socket(i)) for i in range(max(1, len(self.haproxy_procs)))]
+        merged: dict[str, str] = {}
+        for name in views[0]:
+            seen = sorted({view.get(name, "") for view in views})
+            merged[name] = "/".join(seen)
+        return merged
+
+    @staticmethod
+    def _server_states(socket_path: Path) -> dict[str, str]:
+        path = str(socket_path)
         try:
             with socket.socket(socket.AF_UNIX) as s:
                 s.settimeout(2)
