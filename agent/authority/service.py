@@ -873,7 +873,10 @@ class Authority:
 
     # --- the service catalog's metadata and change log (#20) --------------------------------
 
-    def set_host_meta(self, ref: str, meta: HostMeta, actor: str) -> HostRecord:
+    def set_host_meta(
+        self, ref: str, meta: HostMeta | Callable[[HostMeta], HostMeta], actor: str
+    ) -> HostRecord:
+        """registry.set_host_meta at this authority's clock."""
         return self.registry.set_host_meta(ref, meta, actor, self.clock())
 
 

@@ -301,7 +301,11 @@ class Registry(Protocol):
     def revoke(self, ref: str, now: datetime, actor: str = "unknown") -> HostRecord: ...
 
     def set_host_meta(
-        self, ref: str, meta: HostMeta, actor: str, now: datetime | None = None
+        self,
+        ref: str,
+        meta: HostMeta | Callable[[HostMeta], HostMeta],
+        actor: str,
+        now: datetime | None = None,
     ) -> HostRecord: ...
 
     def host_meta(self, host_ids: Sequence[str] | None = None) -> dict[str, HostMeta]: ...
@@ -860,15 +864,26 @@ class SqlRegistry:
 
     # --- the service catalog: metadata and the change log (#20) -----------------------------
 
-    def set_host_meta(self, ref: str, meta: HostMeta, actor: str, now: datetime | None = None) -> HostRecord:
-        """Replace the metadata of the host `ref` (id, or unique unrevoked name) with `meta`,
-        recording `metadata_changed` (which fields) by `actor` when it differs. No host's
-        directory renders metadata: data_version does not move, no long poll wakes."""
+    def set_host_meta(
+        self,
+        ref: str,
+        meta: HostMeta | Callable[[HostMeta], HostMeta],
+        actor: str,
+        now: datetime | None = None,
+    ) -> HostRecord:
+        """Replace the metadata of the host `ref` (id, or unique unrevoked name) with `meta`, or
+        with `meta(current)` (an edit: read and written in one transaction, the host's row
+        locked; it may refuse by raising), recording `metadata_changed` (which fields) by
+        `actor` when it differs. No host's directory renders metadata: data_version does not
+        move, no long poll wakes."""
         now = now or datetime.now(UTC)
         with self._transaction() as tx:
             host_id = _find_one(tx, ref, "set its metadata")
-            row = tx.one("SELECT meta FROM host_meta WHERE host_id = ?", (host_id,), for_update=True)
+            tx.one("SELECT id FROM hosts WHERE id = ?", (host_id,), for_update=True)
+            row = tx.one("SELECT meta FROM host_meta WHERE host_id = ?", (host_id,))
             before = _meta(row["meta"] if row else None)
+            if callable(meta):
+                meta = meta(before)
             if before != meta:
                 tx.run(
                     "INSERT INTO host_meta (host_id, meta, updated_at) VALUES (?, ?, ?)"

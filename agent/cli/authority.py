@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import click
+import yaml
 
 from agent.authority import discovery
+from agent.authority import events as event_kinds
 from agent.authority.ca import AuthoritySettings, default_sans, init_authority, load_authority, load_settings
 from agent.authority.health import stored_fleet_health, stored_report_doc
+from agent.authority.host_meta import (
+    MAX_DESCRIPTION,
+    MAX_LINKS,
+    MAX_SLOS,
+    SPEC_SYNTAX,
+    HostMeta,
+    MetaInvalid,
+    merge_links,
+    merge_slos,
+    parse_meta,
+    parse_slo_spec,
+)
 from agent.authority.kube_export import (
     ServiceRequest,
     check_registration,
@@ -38,11 +53,13 @@ from agent.authority.registry import DATABASE_ENV, check_url, has_password, open
 from agent.authority.registry import record as record_database
 from agent.authority.service import MAX_TOKEN_TTL, Authority
 from agent.authority.storage import HostRecord, Registration
+from agent.errors import RejectedError
 from agent.identity.certinfo import utcnow
 from agent.identity.names import WorkloadIdentity
 from agent.identity.pki import spki_pin
 
 from .output import Duration, emit_json, human_duration, printable, rfc3339, table
+from .prometheus_option import prometheus_option
 
 dir_option = click.option(
     "--dir",
@@ -300,6 +317,7 @@ def init_cmd(
     help="With --policy-from-cluster: the default for a port no Server covers (Linkerd's "
     "proxy.defaultInboundPolicy) [default: the agents' own].",
 )
+@prometheus_option
 def serve_cmd(
     directory: Path,
     listen: str,
@@ -316,8 +334,13 @@ def serve_cmd(
     lease_namespace: str,
     policy_from_cluster: bool,
     policy_default: str | None,
+    prometheus_url: str | None,
 ) -> None:
     """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM).
+
+    \b
+    With --prometheus URL, the service catalog (page, `catalog show`, `edges`, `slo status`)
+    queries that Prometheus; the URL is recorded in DIR/prometheus.url for the other commands.
 
     \b
     With --kubernetes, the same process also runs the controller (one process: no --workers):
@@ -366,6 +389,10 @@ def serve_cmd(
         )
     if policy_default and not policy_from_cluster:
         raise click.UsageError("--policy-default goes with --policy-from-cluster")
+    if prometheus_url:
+        from agent.authority.prom_query import record_url
+
+        record_url(directory, prometheus_url)  # (checked there: a clear error before serving)
     serve(directory, listen, workers, limits, kubernetes=controller)
 
 
@@ -392,6 +419,142 @@ def prometheus_token_cmd(directory: Path, rotate: bool, as_json: bool) -> None:
         click.echo(f"rotated {path}: copy it to Prometheus again (the old token is refused from now)")
     else:
         click.echo(f"{'created' if written else 'exists'}: {path}")
+
+
+# --- the service catalog's metadata (#20): flags shared by `token create` and `host set` -----
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+MAX_META_FILE = 64 * 1024  # bytes of --from-file read (the stored document is at most 16 KiB)
+
+_META_OPTIONS = (
+    click.option("--owner-team", metavar="TEAM", help="The team that owns the host, e.g. payments."),
+    click.option(
+        "--owner-contact",
+        metavar="CONTACT",
+        help="How to reach the owner: an address, a chat channel, a pager rota (free text).",
+    ),
+    click.option(
+        "--description", metavar="TEXT", help=f"What the host does (at most {MAX_DESCRIPTION:,} characters)."
+    ),
+    click.option("--system", metavar="NAME", help="The larger system it is part of, e.g. billing."),
+    click.option("--tier", metavar="TIER", help="Its tier, free text: 1, critical, ..."),
+    click.option(
+        "--link",
+        "links",
+        multiple=True,
+        metavar="TITLE=URL",
+        help=f"A link (repeatable, at most {MAX_LINKS}): runbook=https://..., repo=https://...; the "
+        "same title replaces it, an empty URL (runbook=) removes it. http(s) URLs only.",
+    ),
+    click.option(
+        "--slo",
+        "slos",
+        multiple=True,
+        metavar="SPEC",
+        help=f"An SLO (repeatable, at most {MAX_SLOS}; the same name replaces it): {SPEC_SYNTAX}. "
+        "A latency threshold is a bucket bound of the agents' histogram (100ms, 200ms, 300ms, 500ms, "
+        "1s, ...); the window defaults to 28d.",
+    ),
+    click.option(
+        "--from-file",
+        type=click.Path(dir_okay=False, path_type=Path, allow_dash=True),
+        help="A YAML or JSON document of the fields (owner_team, owner_contact, description, system, "
+        "tier, links: {title: url}, slos: [spec or mapping]); the fields it has replace the host's, "
+        "the flags then apply on top. '-' reads standard input.",
+    ),
+)
+
+
+def _meta_options(f: _F) -> _F:
+    for option in reversed(_META_OPTIONS):
+        f = option(f)
+    return f
+
+
+def _read_meta_file(path: Path) -> dict[str, Any]:
+    where = "--from-file"
+    try:
+        raw = click.open_file(str(path), "rb").read(MAX_META_FILE + 1)
+    except OSError as exc:
+        raise MetaInvalid(where, f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_META_FILE:
+        raise MetaInvalid(where, f"{path} is larger than {MAX_META_FILE // 1024} KiB")
+    try:
+        doc = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise MetaInvalid(where, f"{path} is not YAML or JSON: {str(exc).splitlines()[0]}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise MetaInvalid(where, f"{path} must hold a mapping of fields (owner_team: ..., slos: [...])")
+    return doc
+
+
+def _link(text: str) -> tuple[str, str]:
+    title, eq, url = text.partition("=")
+    if not eq or not title.strip():
+        raise MetaInvalid(
+            "--link", f"{text!r} is not TITLE=URL", "e.g. --link runbook=https://wiki.example/x"
+        )
+    title, url = title.strip(), url.strip()
+    if url:
+        try:
+            parse_meta({"links": [{"title": title, "url": url}]})
+        except MetaInvalid as exc:
+            raise MetaInvalid(f"--link {title}", exc.message.split(": ", 1)[1], exc.hint) from None
+    return title, url
+
+
+def _meta_edit(
+    owner_team: str | None = None,
+    owner_contact: str | None = None,
+    description: str | None = None,
+    system: str | None = None,
+    tier: str | None = None,
+    links: Sequence[str] = (),
+    slos: Sequence[str] = (),
+    from_file: Path | None = None,
+    clear_slos: bool = False,
+) -> Callable[[HostMeta], HostMeta]:
+    """The edit the flags describe, checked now (before any database is opened): the fields of
+    --from-file replace the current ones, then the text flags, --clear-slos, --link and --slo."""
+    file_doc = _read_meta_file(from_file) if from_file is not None else {}
+    parse_meta(file_doc)  # a bad file is refused naming its field, whatever it is applied to
+    flags = {
+        "owner_team": owner_team,
+        "owner_contact": owner_contact,
+        "description": description,
+        "system": system,
+        "tier": tier,
+    }
+    link_changes = [_link(text) for text in links]
+    slo_changes = [parse_slo_spec(text, "--slo") for text in slos]
+
+    def edit(current: HostMeta) -> HostMeta:
+        doc = {**current.to_doc(), **file_doc, **{k: v for k, v in flags.items() if v is not None}}
+        meta = parse_meta(doc)
+        if clear_slos:
+            meta = replace(meta, slos=())
+        meta = replace(
+            meta, links=merge_links(meta.links, link_changes), slos=merge_slos(meta.slos, slo_changes)
+        )
+        return parse_meta(meta.to_doc())  # the bounds again, on the result
+
+    return edit
+
+
+def _meta_text(meta: HostMeta) -> str:
+    owner = meta.owner_team or "no owner"
+    if meta.owner_contact:
+        owner += f" ({meta.owner_contact})"
+    parts = [
+        f"owner {owner}",
+        f"system {meta.system or '-'}",
+        f"tier {meta.tier or '-'}",
+        "links " + (", ".join(t for t, _ in meta.links) or "none"),
+        "SLOs " + (", ".join(s.spec() for s in meta.slos) or "none"),
+    ]
+    return "; ".join(parts)
 
 
 @authority.group("token")
@@ -445,6 +608,7 @@ def token_group() -> None:
     type=click.IntRange(1, 65535),
     help="The host's inbound proxy port, exported as the port named linkerd-proxy. [default: 4143]",
 )
+@_meta_options
 @json_option
 def token_create_cmd(
     directory: Path,
@@ -456,6 +620,7 @@ def token_create_cmd(
     ports: tuple[str, ...],
     proxy_port: int | None,
     as_json: bool,
+    **meta_flags: Any,
 ) -> None:
     """Print join token(s). Only their hash is stored; each works once, before it expires.
 
@@ -464,10 +629,19 @@ def token_create_cmd(
       meshagent authority token create --dir DIR --identity shop/billing --url URL \\
         --label app=billing --label tier=web --port http=8080
     Change them later with `meshagent authority host label|port HOST ...`.
+
+    \b
+    What the host carries in the service catalog (owner, SLOs, ...: the flags of `host set`)
+    goes with it too, copied to the host when it enrolls:
+      meshagent authority token create --dir DIR --identity shop/billing --url URL \\
+        --owner-team payments --owner-contact '#payments-oncall' --tier 1 \\
+        --link runbook=https://wiki.example/billing --slo availability=99.9 --slo latency=99:300ms
+    Change it later with `meshagent authority host set HOST ...`.
     """
     registration = _registration(labels, ports, proxy_port)
+    meta = _meta_edit(**meta_flags)(HostMeta())
     auth = _open(directory)
-    tokens = auth.create_tokens(identity, url, ttl, count, registration)
+    tokens = auth.create_tokens(identity, url, ttl, count, registration, meta)
     if as_json:
         workload = auth.identity(identity)
         emit_json(
@@ -476,6 +650,7 @@ def token_create_cmd(
                 "spiffe_id": workload.spiffe_id,
                 "expires_at": rfc3339(utcnow() + ttl),
                 **_registration_doc(registration),
+                "meta": meta.to_doc(),
                 "tokens": [{"id": t.token_id, "token": t.encode()} for t in tokens],
             }
         )
@@ -503,6 +678,7 @@ def token_list_cmd(directory: Path, as_json: bool) -> None:
             "host_id": r.host_id,
             "state": "used" if r.used_at else ("expired" if r.expires_at <= now else "unused"),
             **_registration_doc(r.registration),
+            "meta": r.meta.to_doc(),
         }
         for r in records
     ]
@@ -592,7 +768,8 @@ def hosts_cmd(directory: Path, as_json: bool) -> None:
     registry = open_registry(directory)
     hosts = registry.list_hosts()
     reports = registry.reports()
-    docs = [_host_doc(h, td, reports) for h in hosts]
+    metas = registry.host_meta()
+    docs = [{**_host_doc(h, td, reports), "meta": metas.get(h.id, HostMeta()).to_doc()} for h in hosts]
     if as_json:
         emit_json(docs)
         return
@@ -657,7 +834,7 @@ def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
     Takes effect at once on a running authority; no restart.
     """
     td = load_authority(directory).settings.trust_domain
-    record = open_registry(directory).revoke(host, utcnow())
+    record = open_registry(directory).revoke(host, utcnow(), actor=event_kinds.cli_actor())
     if as_json:
         emit_json(_host_doc(record, td))
     else:
@@ -669,7 +846,8 @@ def revoke_cmd(host: str, directory: Path, as_json: bool) -> None:
 
 @authority.group("host")
 def host_group() -> None:
-    """Edit one enrolled host's Kubernetes labels and ports (what `kube export` writes)."""
+    """Edit one enrolled host: its Kubernetes labels and ports (what `kube export` writes), and
+    what it carries in the service catalog (`host set`: owner, description, links, SLOs)."""
 
 
 def _print_host(record: HostRecord, td: str, as_json: bool) -> None:
@@ -750,6 +928,115 @@ def host_port_cmd(
         ),
     )
     _print_host(record, td, as_json)
+
+
+@host_group.command("set")
+@click.argument("host")
+@_meta_options
+@click.option("--clear-slos", is_flag=True, help="Remove every SLO first (then --slo adds).")
+@dir_option
+@database_option
+@json_option
+def host_set_cmd(host: str, directory: Path, as_json: bool, **meta_flags: Any) -> None:
+    """Set what HOST (its id, or its name if unique) carries in the service catalog: owner,
+    description, system, tier, links and SLOs. Fields not given keep their value.
+
+    \b
+      meshagent authority host set legacy-db-1 --owner-team payments \\
+        --owner-contact '#payments-oncall' --system billing --tier 1 \\
+        --link runbook=https://wiki.example/ledger --link repo=https://git.example/ledger
+      meshagent authority host set legacy-db-1 --slo availability=99.9 \\
+        --slo latency=99:300ms,port=5432 --slo availability=99,direction=outbound,name=calls-out
+      meshagent authority host set legacy-db-1 --clear-slos --link runbook=   # none; no runbook
+      meshagent authority host set legacy-db-1 --from-file ledger.yaml
+
+    \b
+    An SLO SPEC: availability=PERCENT (of requests not failing) or latency=PERCENT:THRESHOLD
+    (of requests answered under THRESHOLD), then optionally ,window=28d (1-90 days)
+    ,direction=inbound|outbound (requests the host serves, or makes) ,port=N (one port; all by
+    default) ,name=NAME (a-z, 0-9, -; default: the kind; unique per host).
+
+    \b
+    Limits: text fields 200 characters, description 2,000, 10 links (http/https), 10 SLOs, the
+    whole document 16 KiB. Text is stored as given (HTML too) and shown as text.
+    Each change is logged (meshagent authority changes HOST). Hosts are not told: nothing in
+    their directory changes.
+    """
+    td = load_authority(directory).settings.trust_domain
+    given = {k: v for k, v in meta_flags.items() if v not in (None, (), False)}
+    if not given:
+        raise click.UsageError("give at least one field to set, e.g. --owner-team TEAM (see --help)")
+    edit = _meta_edit(**meta_flags)
+    registry = open_registry(directory)
+    record = registry.set_host_meta(host, edit, event_kinds.cli_actor(), utcnow())
+    meta = registry.host_meta([record.id])[record.id]
+    if as_json:
+        emit_json({**_host_doc(record, td), "meta": meta.to_doc()})
+        return
+    click.echo(printable(f"{record.id} ({record.host_name}): {_meta_text(meta)}"))
+
+
+@authority.command("changes")
+@click.argument("host", required=False)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, event_kinds.MAX_LIMIT),
+    default=event_kinds.DEFAULT_LIMIT,
+    show_default=True,
+    help="How many events to show (the newest).",
+)
+@dir_option
+@database_option
+@json_option
+def changes_cmd(host: str | None, limit: int, directory: Path, as_json: bool) -> None:
+    """What changed recently, newest first: of HOST (its id, or its name if unique), or of
+    every host. Each event says when, what, and who or what caused it.
+
+    \b
+      meshagent authority changes                 # the whole fleet
+      meshagent authority changes legacy-db-1 --limit 20
+      meshagent authority changes legacy-db-1 --json
+
+    \b
+    Kinds: enrolled (actor token:ID, the join token's id), renewed (agent), revoked (cli:USER),
+    metadata_changed (cli:USER: which fields), and, from the agents' reports (actor report):
+    agent_version_changed, restarted, ready, not_ready, probe_failing, probe_recovered.
+    The newest 500 events of each host are kept.
+    """
+    load_authority(directory)
+    registry = open_registry(directory)
+    hosts = registry.list_hosts()
+    names = {h.id: h.host_name for h in hosts}
+    host_id = None
+    if host is not None:
+        matches = [h.id for h in hosts if h.id == host] or [
+            h.id for h in hosts if h.host_name == host and not h.revoked
+        ]
+        if len(matches) != 1:
+            raise RejectedError(
+                f"no enrolled host with id or name {host!r}"
+                if not matches
+                else f"{len(matches)} hosts are named {host!r} ({', '.join(matches)})",
+                "list hosts with: meshagent authority hosts" if not matches else "name it by host id",
+                code="host_unknown" if not matches else "host_ambiguous",
+            )
+        host_id = matches[0]
+    found = registry.events(host_id, limit)
+    if as_json:
+        emit_json([{**e.to_doc(), "at": rfc3339(e.at), "host_name": names.get(e.host_id)} for e in found])
+        return
+    if not found:
+        click.echo("no changes recorded" + (f" for {host}" if host else ""))
+        return
+    click.echo(
+        table(
+            ["TIME", "HOST", "KIND", "DETAIL", "ACTOR"],
+            [
+                (rfc3339(e.at), names.get(e.host_id, e.host_id), e.kind, e.detail or "-", e.actor)
+                for e in found
+            ],
+        )
+    )
 
 
 @authority.group("kube")
