@@ -80,11 +80,15 @@ def window_seconds(window: str) -> int:
     return seconds
 
 
-def dns_identity(mesh: str) -> Callable[[HostRecord], str]:
-    """`identity_of` for `edges`: a host's identity in the DNS form metrics label peers with."""
+def dns_identity(trust_domain: str, mesh: str) -> Callable[[HostRecord], str]:
+    """`identity_of` for `edges`: a host's identity (the registry keeps NAMESPACE/NAME) in the DNS
+    form metrics label peers with; "" for a row that names no identity (it matches no traffic)."""
 
     def of(host: HostRecord) -> str:
-        return WorkloadIdentity.from_spiffe_id(host.identity, mesh).dns_name
+        try:
+            return WorkloadIdentity.parse_short(host.identity, trust_domain, mesh).dns_name
+        except MeshagentError:
+            return ""
 
     return of
 

@@ -18,6 +18,7 @@ The traffic (requests/s):
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -25,20 +26,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from agent.authority.edges import Edge, WindowInvalid, dns_identity, edges, window_seconds
 from agent.authority.host_meta import HostMeta, Slo
-from agent.authority.prom_query import PromClient, PromUnavailable
+from agent.authority.prom_query import PROMETHEUS_ENV, PromClient, PromUnavailable
+from agent.authority.service import Authority
 from agent.authority.slo import budgets, burn_history, rules
 from agent.authority.storage import HostRecord
+from agent.cli.main import cli as meshagent
+from agent.identity.pki import generate_key, make_csr
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS
-from tests.support import free_port
+from tests.support import free_port, init_authority
 
 pytestmark = pytest.mark.skipif(
     shutil.which("prometheus") is None, reason="needs prometheus (scripts/bootstrap)"
@@ -53,10 +58,11 @@ def dns(name: str) -> str:
 
 
 def host(host_id: str, name: str, sa: str) -> HostRecord:
+    """A host record outside any registry (for what the library does with several per identity)."""
     now = datetime.now(UTC)
     return HostRecord(
         id=host_id,
-        identity=f"spiffe://{TD}/ns/shop/sa/{sa}",
+        identity=f"shop/{sa}",
         host_name=name,
         addresses=("198.18.0.1",),
         serial="01",
@@ -68,8 +74,9 @@ def host(host_id: str, name: str, sa: str) -> HostRecord:
     )
 
 
-HA, HB, HC = host("ha", "web-1", "web"), host("hb", "api-1", "api"), host("hc", "db-1", "db")
-HOSTS = (HA, HB, HC)
+# role -> (host name, service account): enrolled in a real registry, so the CLI sees them too
+ROLES = {"ha": ("web-1", "web"), "hb": ("api-1", "api"), "hc": ("db-1", "db")}
+
 
 AVAIL = Slo("availability", "availability", 99.9)
 FAST = Slo("fast", "latency", 99.0, threshold_ms=100)
@@ -189,7 +196,34 @@ class Exporter:
 @dataclass
 class Running:
     prom: PromClient
-    exporter: Exporter
+    url: str
+    directory: Path  # the authority's
+    hosts: dict[str, HostRecord]  # by role
+
+    def id(self, role: str) -> str:
+        return self.hosts[role].id
+
+    def role(self, host_id: str | None) -> str | None:
+        return next(
+            (r for r, h in self.hosts.items() if h.id == host_id), None if host_id is None else host_id
+        )
+
+    @property
+    def records(self) -> list[HostRecord]:
+        return list(self.hosts.values())
+
+
+def enroll_fleet(directory: Path) -> dict[str, HostRecord]:
+    """An authority with the three hosts of ROLES enrolled and META set."""
+    init_authority(directory)
+    authority = Authority.open(directory)
+    hosts = {}
+    for role, (name, sa) in ROLES.items():
+        secret = authority.create_tokens(f"shop/{sa}", "https://127.0.0.1:1", timedelta(minutes=5))[0].secret
+        hosts[role] = authority.enroll(secret, make_csr(generate_key()).decode(), name, ["198.18.0.10"]).host
+        authority.registry.set_host_meta(hosts[role].id, META[role], "cli:test")
+    authority.registry.close()
+    return hosts
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -208,12 +242,13 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> No
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     d: Path = tmp_path_factory.mktemp("prometheus")
+    hosts = enroll_fleet(d / "authority")
     exporter = Exporter()
-    (d / "rules.yml").write_text(yaml.safe_dump(rules([(h, META[h.id]) for h in HOSTS])))
+    (d / "rules.yml").write_text(yaml.safe_dump(rules([(h, META[role]) for role, h in hosts.items()])))
     jobs = [
         {
-            "job_name": f"meshagent-{h.id}",
-            "metrics_path": f"/metrics/{h.id}",
+            "job_name": f"meshagent-{role}",
+            "metrics_path": f"/metrics/{role}",
             "static_configs": [
                 {
                     "targets": [f"127.0.0.1:{exporter.port}"],
@@ -221,14 +256,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
                     "labels": {
                         "host_id": h.id,
                         "host": h.host_name,
-                        "identity": h.identity,
+                        "identity": f"spiffe://{TD}/ns/shop/sa/{h.identity.split('/')[1]}",
                         "namespace": "shop",
-                        "serviceaccount": h.identity.rsplit("/", 1)[-1],
+                        "serviceaccount": h.identity.split("/")[1],
                     },
                 }
             ],
         }
-        for h in HOSTS
+        for role, h in hosts.items()
     ]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -248,12 +283,15 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         stdout=subprocess.DEVNULL,
         stderr=(d / "prometheus.log").open("wb"),
     )
-    prom = PromClient(f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    prom = PromClient(url)
     try:
         # Enough samples for a 10 s window that starts after the series began (12 scrapes).
-        scrapes = 'min(count_over_time(response_total{host_id="hb",client_id!=""}[1m])) >= 12'
+        scrapes = (
+            f'min(count_over_time(response_total{{host_id="{hosts["hb"].id}",client_id!=""}}[1m])) >= 12'
+        )
         _wait(lambda: bool(prom.query(scrapes)), "12 scrapes of the exporter")
-        yield Running(prom, exporter)
+        yield Running(prom, url, d / "authority", hosts)
     finally:
         prom.close()
         proc.terminate()
@@ -266,7 +304,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 
 def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> None:
-    found = edges(running.prom, HOSTS, dns_identity(MESH), window="10s")
+    found = edges(running.prom, running.records, dns_identity(TD, MESH), window="10s")
     by_pair = {(e.src, e.dst): e for e in found}
     expected = {
         # (src, dst): (src_host, dst_host, rps, success rate)
@@ -281,7 +319,7 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
     assert len(found) == len(expected)
     for pair, (src_host, dst_host, rps, success) in expected.items():
         e = by_pair[pair]
-        assert (e.src_host, e.dst_host) == (src_host, dst_host), e
+        assert (running.role(e.src_host), running.role(e.dst_host)) == (src_host, dst_host), e
         assert e.rps == pytest.approx(rps, rel=0.05), e
         assert e.requests == pytest.approx(rps * 10, rel=0.05), e
         assert e.success_rate == pytest.approx(success, abs=1e-3), e
@@ -291,22 +329,24 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
 
 
 def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None:
-    found = edges(running.prom, HOSTS, dns_identity(MESH), window="10s", host_id="ha")
+    found = edges(
+        running.prom, running.records, dns_identity(TD, MESH), window="10s", host_id=running.id("ha")
+    )
     assert sorted((e.src, e.dst) for e in found) == sorted(
         [(dns("web"), dns("api")), (dns("frontend"), dns("web")), (dns("web"), dns("pay")), (dns("web"), "")]
     )
-    assert all(isinstance(e, Edge) and "ha" in (e.src_host, e.dst_host) for e in found)
+    assert all(isinstance(e, Edge) and running.id("ha") in (e.src_host, e.dst_host) for e in found)
 
 
 def test_an_identity_several_hosts_share_names_no_single_host(running: Running) -> None:
     twin = host("hd", "web-2", "web")  # a second host of the web service account
-    found = edges(running.prom, (*HOSTS, twin), dns_identity(MESH), window="10s")
+    found = edges(running.prom, [*running.records, twin], dns_identity(TD, MESH), window="10s")
     web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
-    assert web_to_api.src_host is None and web_to_api.dst_host == "hb"
+    assert web_to_api.src_host is None and web_to_api.dst_host == running.id("hb")
 
 
 def test_budgets_from_the_real_engine(running: Running) -> None:
-    hb = {b.slo.name: b for b in budgets(running.prom, "hb", META["hb"])}
+    hb = {b.slo.name: b for b in budgets(running.prom, running.id("hb"), META["hb"])}
     assert list(hb) == ["availability", "fast", "under-50", "admin-port"]
     # hb serves 16 req/s, 2 of them failures: an error ratio of 0.125 against a 0.001 budget.
     a = hb["availability"]
@@ -326,7 +366,7 @@ def test_budgets_from_the_real_engine(running: Running) -> None:
 
     # ha: 0.05 % failures against 0.1 %: half the budget spent, burning at 0.5, so what is
     # left (half a 28-day budget) lasts 28 days more.
-    (ha,) = budgets(running.prom, "ha", META["ha"])
+    (ha,) = budgets(running.prom, running.id("ha"), META["ha"])
     assert ha.remaining == pytest.approx(0.5, abs=0.01)
     assert ha.burn_1h == pytest.approx(0.5, abs=0.01)
     assert ha.exhaustion_s == pytest.approx(28 * 86400, rel=0.03)
@@ -334,17 +374,17 @@ def test_budgets_from_the_real_engine(running: Running) -> None:
 
 def test_burn_history_is_the_hourly_burn_over_time(running: Running) -> None:
     now = time.time()
-    points = burn_history(running.prom, "hb", AVAIL, span_s=5, step_s=1, end=now)
+    points = burn_history(running.prom, running.id("hb"), AVAIL, span_s=5, step_s=1, end=now)
     assert 5 <= len(points) <= 6
     assert all(now - 5.01 <= t <= now + 0.01 for t, _ in points)
     assert all(burn == pytest.approx(125, rel=0.02) for _, burn in points)
-    assert burn_history(running.prom, "hb", OTHER_PORT, span_s=5, step_s=1, end=now) == []
+    assert burn_history(running.prom, running.id("hb"), OTHER_PORT, span_s=5, step_s=1, end=now) == []
 
 
 def test_the_generated_rules_fire_the_fast_burn_alert_in_prometheus(running: Running) -> None:
     def firing() -> set[tuple[str, str, str]]:
         return {
-            (a["labels"]["alertname"], a["labels"]["host_id"], a["labels"]["slo"])
+            (a["labels"]["alertname"], running.role(a["labels"]["host_id"]), a["labels"]["slo"])
             for a in running.prom.alerts()
             if a["state"] == "firing"
         }
@@ -372,12 +412,85 @@ def test_the_generated_rules_fire_the_fast_burn_alert_in_prometheus(running: Run
     assert "12.5%" in fast["annotations"]["description"]
 
 
+def cli(running: Running, *args: str, prometheus: str | None = "") -> tuple[int, str, str]:
+    """`meshagent authority ARGS --dir DIR [--prometheus URL]`, in this process (a subprocess per
+    call costs a second of imports on a loaded machine)."""
+    extra = ["--prometheus", prometheus or running.url] if prometheus is not None else []
+    result = CliRunner().invoke(
+        meshagent, ["authority", *args, "--dir", str(running.directory), *extra], env={PROMETHEUS_ENV: None}
+    )
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_cli_edges_table_and_json(running: Running) -> None:
+    code, out, err = cli(running, "edges", "--window", "10s", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    pairs = {(e["src"], e["dst"]): e for e in doc["edges"]}
+    assert len(pairs) == 6 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.05)
+    code, out, err = cli(running, "edges", "api-1", "--window", "10s")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["SRC", "DST", "REQ/S", "SUCCESS", "P99", "SECURED"]
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in lines[1:]}
+    assert set(rows) == {("(no", "identity)"), ("db-1", "api-1"), ("web-1", "api-1")}, out
+    success, p99, secured = rows[("web-1", "api-1")][1:]
+    assert (success, secured) == ("80.00%", "yes") and p99 in ("99ms", "100ms")  # 99.5 rounded
+    assert "no (plain text)" in next(line for line in lines if line.startswith("(no identity)"))
+
+
+def test_cli_slo_status_shows_budgets_and_the_firing_alert(running: Running) -> None:
+    code, out, err = cli(running, "slo", "status", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["prometheus_error"] is None
+    by_host = {h["host"]: h for h in doc["hosts"]}
+    assert set(by_host) == {"web-1", "api-1"}  # db-1 has no SLO
+    api = {b["slo"]["name"]: b for b in by_host["api-1"]["budgets"]}
+    assert api["availability"]["burn_1h"] == pytest.approx(125, rel=0.01)
+    assert "MeshagentSLOFastBurn" in by_host["api-1"]["firing"]
+    assert by_host["web-1"]["firing"] == []
+    code, out, err = cli(running, "slo", "status", "web-1")
+    assert code == 0, err
+    header, row = out.splitlines()
+    assert header.split()[:3] == ["HOST", "SLO", "OBJECTIVE"]
+    assert row.startswith("web-1") and "50.0%" in row and "0.50x" in row  # half the budget left
+
+
+def test_cli_without_prometheus_still_lists_the_slos_and_exits_5(running: Running) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    code, out, err = cli(running, "slo", "status", "--json", prometheus=dead)
+    assert code == 5
+    doc = json.loads(out)
+    assert doc["prometheus_error"]["code"] == "prometheus_unavailable"
+    api = next(h for h in doc["hosts"] if h["host"] == "api-1")
+    assert [b["slo"]["name"] for b in api["budgets"]] == ["availability", "fast", "under-50", "admin-port"]
+    assert all(b["remaining"] is None for b in api["budgets"])
+    code, out, err = cli(running, "slo", "status", prometheus=dead)
+    assert code == 5 and "api-1" in out and "did not answer" in err and "hint:" in err
+    code, out, err = cli(running, "edges", prometheus=dead)
+    assert code == 5 and out == "" and "did not answer" in err
+
+
+def test_cli_slo_rules_writes_the_registry_s_slos(running: Running) -> None:
+    target = running.directory / "slo-rules.yml"
+    code, _, err = cli(running, "slo", "rules", "--output", str(target), prometheus=None)
+    assert code == 0, err
+    assert "5 SLO(s) on 2 host(s)" in err
+    doc = yaml.safe_load(target.read_text())
+    assert [g["name"] for g in doc["groups"]] == sorted(
+        f"meshagent-slo-{running.id(r)}" for r in ("ha", "hb")
+    )
+    code, printed, err = cli(running, "slo", "rules", prometheus=None)
+    assert code == 0 and printed == target.read_text()
+
+
 def test_a_dead_port_is_prometheus_unavailable_with_a_hint() -> None:
     with (
         PromClient(f"http://127.0.0.1:{free_port()}", timeout_s=2) as prom,
         pytest.raises(PromUnavailable) as e,
     ):
-        edges(prom, HOSTS, dns_identity(MESH))
+        edges(prom, [host("ha", "web-1", "web")], dns_identity(TD, MESH))
     assert "did not answer" in e.value.message and "--prometheus" in e.value.hint
 
 
