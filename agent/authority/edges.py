@@ -17,6 +17,11 @@ another is counted twice, once by each agent; an edge takes exactly one view:
 and resolved from the identity for the other side when exactly one enrolled host has it (None
 when none or several do: the identity is still shown). Plain-text callers of a host are one edge
 per callee with src "" (their addresses are not labels, by design: unbounded cardinality).
+
+Traffic that is not HTTP (a database protocol, the app's own TLS) has no responses: such an edge
+comes from the TCP series (`tcp_open_total` over the window, `tcp_open_connections` now) with
+its connection count, no request rate, success rate or p99. A refused connection is an
+attempt, and shows as one too (its caller's identity, if it had one, and no requests).
 """
 
 from __future__ import annotations
@@ -42,8 +47,9 @@ class Edge:
     dst_host: str | None
     requests: float  # responses over the window (Prometheus's increase: extrapolated, not integral)
     rps: float
-    success_rate: float | None  # None: no responses classified in the window
-    p99_ms: float | None  # None: no latency observed (only failed connections)
+    success_rate: float | None  # None: no responses in the window (not HTTP, or idle)
+    p99_ms: float | None  # None: no response timed in the window
+    connections: float = 0.0  # TCP connections opened over the window (HTTP or not)
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -55,6 +61,7 @@ class Edge:
             "rps": self.rps,
             "success_rate": self.success_rate,
             "p99_ms": self.p99_ms,
+            "connections": self.connections,
         }
 
 
@@ -104,11 +111,25 @@ def _by(prom: PromClient, promql: str, peer: str) -> dict[_Key, float]:
     return out
 
 
-def _view(
-    prom: PromClient, direction: str, peer: str, window: str
-) -> dict[_Key, tuple[float, float, float | None]]:
-    """(requests, successes, p99 ms) per (host_id, peer identity) over `window`, one direction."""
+@dataclass(frozen=True)
+class _Seen:
+    requests: float
+    ok: float
+    p99: float | None
+    connections: float
+
+
+# Which transport leg carries the peer's identity: inbound, the connection the proxy accepted
+# (`peer="src"`); outbound, the one it opened to the destination (`peer="dst"`).
+_LEG: Final = {"inbound": "src", "outbound": "dst"}
+
+
+def _view(prom: PromClient, direction: str, peer: str, window: str) -> dict[_Key, _Seen]:
+    """What one direction's series say per (host_id, peer identity) over `window`: responses,
+    successes, p99, and TCP connections opened. A pair is seen if it had a response, opened a
+    connection, or holds one open now (a quiet pool, or a protocol that is not HTTP)."""
     sel = f'direction="{direction}"'
+    leg = f'{sel},peer="{_LEG[direction]}"'
     by = f"host_id, {peer}"
     total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer)
     ok = _by(
@@ -119,12 +140,15 @@ def _view(
         f"histogram_quantile(0.99, sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}])))",
         peer,
     )
-    out: dict[_Key, tuple[float, float, float | None]] = {}
-    for key, n in total.items():
-        if not n > 0:  # an idle series (no responses in the window) is no edge
-            continue
-        q = p99.get(key)
-        out[key] = (n, ok.get(key, 0.0), q if q is not None and math.isfinite(q) else None)
+    opened = _by(prom, f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))", peer)
+    still_open = _by(prom, f"sum by ({by}) (tcp_open_connections{{{leg}}})", peer)
+    out: dict[_Key, _Seen] = {}
+    for key in {*total, *opened, *still_open}:
+        n, conns = total.get(key, 0.0), opened.get(key, 0.0)
+        if not (n > 0 or conns > 0 or still_open.get(key, 0.0) > 0):
+            continue  # idle series (nothing in the window) are no edge
+        q = p99.get(key) if n > 0 else None
+        out[key] = _Seen(n, ok.get(key, 0.0), q if q is not None and math.isfinite(q) else None, conns)
     return out
 
 
@@ -135,7 +159,8 @@ def edges(
     window: str = "5m",
     host_id: str | None = None,
 ) -> list[Edge]:
-    """Every edge with responses in the last `window` (the module says which view counts each),
+    """Every edge with traffic in the last `window` (responses, connections opened, or
+    connections open now; the module says which view counts each),
     sorted by (src, dst); with `host_id`, those into or out of that host. `hosts`: the enrolled
     hosts (revoked ones included: their past traffic is still theirs)."""
     seconds = window_seconds(window)
@@ -147,15 +172,10 @@ def edges(
         ids = by_identity.get(identity, []) if identity else []
         return ids[0] if len(ids) == 1 else None
 
-    def edge(
-        src: str,
-        dst: str,
-        src_host: str | None,
-        dst_host: str | None,
-        view: tuple[float, float, float | None],
-    ) -> Edge:
-        n, ok, p99 = view
-        return Edge(src, dst, src_host, dst_host, n, n / seconds, ok / n, p99)
+    def edge(src: str, dst: str, src_host: str | None, dst_host: str | None, seen: _Seen) -> Edge:
+        n = seen.requests
+        success = seen.ok / n if n > 0 else None
+        return Edge(src, dst, src_host, dst_host, n, n / seconds, success, seen.p99, seen.connections)
 
     known = {host.id: identity_of(host) for host in hosts}
     found: list[Edge] = []

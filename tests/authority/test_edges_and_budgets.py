@@ -99,6 +99,7 @@ class Flow:
     fail: float = 0.0
     le: int = 5
     port: int = 8080
+    tcp_only: bool = False  # not HTTP: `rps` is connections opened/s (0: one held open, none opened)
 
 
 FLOWS: dict[str, list[Flow]] = {
@@ -107,6 +108,7 @@ FLOWS: dict[str, list[Flow]] = {
         Flow("outbound", dns("api"), 9.0, fail=0.2, le=100),
         Flow("outbound", dns("pay"), 3.0, fail=1 / 3),
         Flow("outbound", "", 1.0),
+        Flow("outbound", dns("db"), 0.5, tcp_only=True, port=5432),  # hc's inbound view counts it
     ],
     "hb": [
         Flow("inbound", dns("web"), 10.0, fail=0.2, le=100),
@@ -114,7 +116,11 @@ FLOWS: dict[str, list[Flow]] = {
         Flow("inbound", "", 2.0),
         Flow("inbound", dns("gone"), 0.0),  # idle: a constant series
     ],
-    "hc": [Flow("outbound", dns("api"), 4.0)],
+    "hc": [
+        Flow("outbound", dns("api"), 4.0),
+        Flow("inbound", dns("web"), 0.5, tcp_only=True, port=5432),  # a database protocol
+        Flow("inbound", dns("monitor"), 0.0, tcp_only=True, port=5432),  # a quiet pooled connection
+    ],
 }
 
 
@@ -122,6 +128,7 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
     """The agent's families as it writes them, for `elapsed` seconds of each flow."""
     lines = ["# TYPE response_total counter", "# TYPE response_latency_ms histogram"]
     hist: list[str] = []
+    tcp = ["# TYPE tcp_open_total counter", "# TYPE tcp_open_connections gauge"]
     for f in flows:
         if f.direction == "inbound":
             tls = (
@@ -145,6 +152,11 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
                 f'target_port="{f.port}",{tls}'
             )
         n = 100.0 if f.rps == 0 else f.rps * elapsed  # the idle flow stays at 100
+        if f.tcp_only:
+            leg = f'{base},peer="{"src" if f.direction == "inbound" else "dst"}"'
+            tcp.append(f"tcp_open_total{{{leg}}} {n!r}")
+            tcp.append(f"tcp_open_connections{{{leg}}} {1.0 if f.rps == 0 else 0.0!r}")
+            continue
         for status, share in (("200", 1 - f.fail), ("500", f.fail)):
             if share == 0:
                 continue
@@ -160,7 +172,7 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
             hist.append(f'response_latency_ms_bucket{{{base},status_code="{status}",le="+Inf"}} {count!r}')
             hist.append(f'response_latency_ms_count{{{base},status_code="{status}"}} {count!r}')
             hist.append(f'response_latency_ms_sum{{{base},status_code="{status}"}} {count * f.le!r}')
-    return "\n".join(lines + hist) + "\n"
+    return "\n".join(lines + hist + tcp) + "\n"
 
 
 class Exporter:
@@ -314,6 +326,8 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
         (dns("frontend"), dns("web")): (None, "ha", 5.0, 0.9995),
         (dns("web"), dns("pay")): ("ha", None, 3.0, 2 / 3),
         (dns("web"), ""): ("ha", None, 1.0, 1.0),
+        (dns("web"), dns("db")): ("ha", "hc", 0.0, None),  # not HTTP: connections only
+        (dns("monitor"), dns("db")): (None, "hc", 0.0, None),  # one connection held open
     }
     assert sorted(by_pair) == sorted(expected), found
     assert len(found) == len(expected)
@@ -322,10 +336,13 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
         assert (running.role(e.src_host), running.role(e.dst_host)) == (src_host, dst_host), e
         assert e.rps == pytest.approx(rps, rel=0.05), e
         assert e.requests == pytest.approx(rps * 10, rel=0.05), e
-        assert e.success_rate == pytest.approx(success, abs=1e-3), e
+        assert e.success_rate == (None if success is None else pytest.approx(success, abs=1e-3)), e
     # histogram_quantile interpolates in the (50, 100] bucket: 50 + 0.99 * 50
     assert by_pair[(dns("web"), dns("api"))].p99_ms == pytest.approx(99.5, abs=0.5)
     assert by_pair[(dns("db"), dns("api"))].p99_ms == pytest.approx(4.99, abs=0.05)
+    tcp, pool = by_pair[(dns("web"), dns("db"))], by_pair[(dns("monitor"), dns("db"))]
+    assert tcp.connections == pytest.approx(5, rel=0.05) and tcp.p99_ms is None
+    assert pool.connections == 0 and pool.p99_ms is None
 
 
 def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None:
@@ -333,7 +350,13 @@ def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None
         running.prom, running.records, dns_identity(TD, MESH), window="10s", host_id=running.id("ha")
     )
     assert sorted((e.src, e.dst) for e in found) == sorted(
-        [(dns("web"), dns("api")), (dns("frontend"), dns("web")), (dns("web"), dns("pay")), (dns("web"), "")]
+        [
+            (dns("web"), dns("api")),
+            (dns("frontend"), dns("web")),
+            (dns("web"), dns("pay")),
+            (dns("web"), ""),
+            (dns("web"), dns("db")),
+        ]
     )
     assert all(isinstance(e, Edge) and running.id("ha") in (e.src_host, e.dst_host) for e in found)
 
@@ -427,7 +450,7 @@ def test_cli_edges_table_and_json(running: Running) -> None:
     assert code == 0, err
     doc = json.loads(out)
     pairs = {(e["src"], e["dst"]): e for e in doc["edges"]}
-    assert len(pairs) == 6 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.05)
+    assert len(pairs) == 8 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.05)
     code, out, err = cli(running, "edges", "api-1", "--window", "10s")
     assert code == 0, err
     lines = out.splitlines()
