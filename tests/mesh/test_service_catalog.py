@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -33,9 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from agent.authority.prom_query import record_url
 from agent.netlab import Host, Lab, netns_supported
 from tests.linkerd.certs import linkerd_name, linkerd_pod_cert
-from tests.mesh.conftest import PY, Agent, Mesh, serve_authority, stop_agents, wait_for
+from tests.mesh.conftest import AUTH_PORT, PY, Agent, Mesh, serve_authority, stop_agents, wait_for
 from tests.mesh.test_metrics import prometheus, query
 from tests.support import MESHAGENT
 
@@ -90,6 +92,24 @@ class World:
             assert proc.returncode == 0, (edge, err)
             counts[edge] = json.loads(out)
         return counts
+
+    def card(self, name: str) -> dict[str, Any]:
+        """`catalog show HOST --json`: the host's card as the CLI gives it."""
+        doc: dict[str, Any] = self.authority_json("catalog", "show", self.host_id(name))
+        assert doc["prometheus_error"] is None, doc
+        return doc
+
+    def page(self, path: str, token: str | None = None) -> tuple[int, str]:
+        """GET `path` from the authority over HTTPS, with the discovery token as bearer."""
+        token = (self.mesh.authority_dir / "prometheus-token").read_text().strip() if token is None else token
+        out = self.mesh.cl.run(
+            "curl", "-sS", "--max-time", "20", "-w", "\n%{http_code}",
+            "--cacert", str(self.mesh.authority_dir / "api-ca.crt"),
+            "-H", f"Authorization: Bearer {token}",
+            f"https://198.18.1.1:{AUTH_PORT}{path}",
+        ).stdout  # fmt: skip
+        body, _, code = out.rpartition("\n")
+        return int(code), body
 
     def prom_api(self, path: str) -> Any:
         doc = json.loads(self.mesh.cl.run("curl", "-sf", f"{self.prom}/api/v1/{path}").stdout)
@@ -187,6 +207,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             prom_proc = lab.processes[-1]  # the helper's last popen: `ip netns exec` became prometheus
             assert "prometheus" in prom_proc.args, prom_proc.args  # type: ignore[operator]
             world = World(mesh, hosts, agents, url, prom_proc, certs, fail_flag)
+            # Where the page and `catalog show` find Prometheus (what `serve --prometheus` records).
+            record_url(mesh.authority_dir, url)
+            _set_slo(world)
             world.load_rules(_slo_rules(world))
             # One request per edge first, so every series exists before the measured traffic
             # (increase() counts from a series' first sample).
@@ -205,16 +228,24 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             lab.close()
 
 
-def _slo_rules(world: World) -> str:
-    """payments' availability SLO (99.9 %) as Prometheus rules, from the real generator."""
+def _set_slo(world: World) -> None:
+    """payments: owned by payments-team, an availability SLO of 99.9 % (inbound, 28 days)."""
     from agent.authority.host_meta import HostMeta, Slo
+    from agent.authority.service import Authority
+
+    meta = HostMeta(owner_team="payments-team", slos=(Slo("availability", "availability", 99.9),))
+    Authority.open(world.mesh.authority_dir).registry.set_host_meta(world.host_id("c"), meta, "cli:e2e")
+
+
+def _slo_rules(world: World) -> str:
+    """The fleet's SLOs (the registry's) as Prometheus rules, from the real generator."""
     from agent.authority.service import Authority
     from agent.authority.slo import render_rules
 
-    c_id = world.host_id("c")
-    c = next(h for h in Authority.open(world.mesh.authority_dir).registry.list_hosts() if h.id == c_id)
-    meta = HostMeta(owner_team="payments-team", slos=(Slo("availability", "availability", 99.9),))
-    return render_rules([(c, meta)])
+    registry = Authority.open(world.mesh.authority_dir).registry
+    hosts = registry.list_hosts()
+    metas = registry.host_meta([h.id for h in hosts])
+    return render_rules([(h, metas[h.id]) for h in hosts if h.id in metas])
 
 
 def _edges_from_prometheus(world: World, window: str) -> dict[tuple[str, str], float]:
@@ -249,44 +280,104 @@ def _dns(spiffe_id: str) -> str:
     return linkerd_name(parts[3], parts[1], td)
 
 
+def _short(identity: str) -> str:
+    return identity.split(".")[0] or "(none)"
+
+
 def test_edges_are_exactly_the_traffic_with_the_clients_counts(world: World) -> None:
     counts = world.traffic(PATTERN, RPS * SECONDS, RPS)
-    for edge, c in counts.items():
-        assert c == {"sent": RPS * SECONDS, "ok": RPS * SECONDS, "failed": 0, "errors": 0}, (edge, c)
+    for edge, n in counts.items():
+        assert n == {"sent": RPS * SECONDS, "ok": RPS * SECONDS, "failed": 0, "errors": 0}, (edge, n)
     time.sleep(3)  # two scrapes after the last request
-    edges = _edges_from_prometheus(world, f"{WINDOW_S}s")
     expected = {(DNS[src], DNS[dst]): counts[f"{src}->{dst}"]["ok"] for src, dst in PATTERN}
-    print(
-        "\nedges (Prometheus):",
-        {f"{s.split('.')[0]}->{d.split('.')[0]}": round(n, 1) for (s, d), n in edges.items()},
-    )
-    assert set(edges) == set(expected), edges
+    ids = {name: world.host_id(name) for name in ("a", "b", "c")}
+
+    # Straight from Prometheus's API: the traffic is there, and nothing else.
+    direct = _edges_from_prometheus(world, f"{WINDOW_S}s")
+    print("\nedges (Prometheus):", {f"{_short(s)}->{_short(d)}": round(n, 1) for (s, d), n in direct.items()})
+    assert set(direct) == set(expected), direct
     for pair, sent in expected.items():
-        assert edges[pair] == pytest.approx(sent, rel=0.15), (pair, edges[pair], sent)
+        assert direct[pair] == pytest.approx(sent, rel=0.15), (pair, direct[pair], sent)
+
+    # The fleet as `catalog show --json` gives it: exactly those edges, hosts named where the
+    # identity is an enrolled host's, the stand-in by its in-cluster identity alone. (Its
+    # window is 5 minutes: the measured traffic and the one warm-up request per edge.)
+    fleet = world.authority_json("catalog", "show")
+    assert fleet["prometheus_error"] is None, fleet
+    got = {(e["src"], e["dst"]): e for e in fleet["edges"]}
+    print("edges (catalog show):", {f"{_short(s)}->{_short(d)}": e["requests"] for (s, d), e in got.items()})
+    assert set(got) == set(expected), fleet["edges"]
+    for (src, dst), e in got.items():
+        assert e["requests"] == pytest.approx(expected[(src, dst)] + 1, rel=0.15), e
+        assert e["success_rate"] == pytest.approx(1.0, abs=0.01), e  # (see requests-slo.md)
+    host_of = {DNS[name]: ids[name] for name in ids}
+    for (src, dst), e in got.items():
+        assert (e["src_host"], e["dst_host"]) == (host_of.get(src), host_of.get(dst)), e
+    assert {n["identity"] for n in fleet["nodes"]} == set(DNS.values()), fleet["nodes"]
+
+
+def _budget(card: dict[str, Any]) -> dict[str, Any]:
+    (budget,) = card["budgets"]
+    assert budget["slo"]["name"] == "availability" and budget["slo"]["objective"] == 99.9, budget
+    return dict(budget)
+
+
+def _page_budget(world: World, host_id: str) -> tuple[str, str]:
+    """The host page's availability row: (SLI, budget left) as the page prints them."""
+    code, html = world.page(f"/catalog/hosts/{host_id}")
+    assert code == 200, html[:2000]
+    row = re.search(r'<tr data-slo="availability">(.*?)</tr>', html, re.S)
+    assert row is not None, html[:4000]
+    cells = re.findall(r"<td>(.*?)</td>", row.group(1), re.S)
+    assert len(cells) == 7, cells
+    return cells[1], cells[2]
+
+
+def _percent(text: str) -> float:
+    assert text.endswith("%"), text
+    return float(text[:-1]) / 100
 
 
 def test_failures_fire_the_fast_burn_alert_and_spend_the_budget(world: World) -> None:
     c = world.host_id("c")
-    assert world.fast_burn(c) == []  # no failures yet
+    # Before: traffic, no failures: the whole budget left, on the CLI and on the page.
+    before = _budget(world.card("c"))
+    assert before["sli"] == 1.0 and before["remaining"] == 1.0 and before["status"] == "ok", before
+    assert _page_budget(world, c) == ("100.000%", "100.0%")
+    assert world.fast_burn(c) == []
+    assert world.page(f"/catalog/hosts/{c}", token="not-the-token")[0] == 401
+
     world.fail_flag.touch()
     try:
         counts = world.traffic((("b", "c"), ("k", "c")), RPS * 10, RPS)
     finally:
         world.fail_flag.unlink()
+    failed = sum(n["failed"] for n in counts.values())
     served = sum(n["ok"] + n["failed"] for n in counts.values())
-    assert sum(n["failed"] for n in counts.values()) == served // 5, counts
-    wait_for(
-        lambda: [a["state"] for a in world.fast_burn(c)] == ["firing"],
-        "the fast-burn alert firing",
-        timeout=20,
-    )
+    assert failed == served // 5 and sum(n["errors"] for n in counts.values()) == 0, counts
+
+    # The fast-burn alert fires in Prometheus (its own API), labelled with host, owner and SLO.
+    firing = lambda: [a["state"] for a in world.fast_burn(c)] == ["firing"]  # noqa: E731
+    wait_for(firing, "the fast-burn alert firing", timeout=20)
     (alert,) = world.fast_burn(c)
     assert alert["labels"]["slo"] == "availability" and alert["labels"]["severity"] == "page", alert
-    assert (
-        alert["labels"]["host"] == world.hosts["c"].name and alert["labels"]["owner_team"] == "payments-team"
-    )
-    # Only c's SLO burns: a and b have none, so no other alert exists.
+    assert alert["labels"]["host"] == world.hosts["c"].name, alert
+    assert alert["labels"]["owner_team"] == "payments-team", alert
+    # Only c has an SLO, so no other alert exists.
     assert {a["labels"]["host_id"] for a in world.prom_api("alerts")["alerts"]} == {c}
+
+    # The budget falls: everything c served so far (the warm-up, the clean traffic, this), of
+    # which the clients saw `failed` fail; 99.9 % allows 0.1 %, so it is overspent.
+    total = 2 + 2 * RPS * SECONDS + served
+    after = _budget(world.card("c"))
+    print(f"\nbudget: before {before}\nafter {after}\nclients: {failed} of {total} failed")
+    assert after["sli"] == pytest.approx(1 - failed / total, abs=0.02), (after, failed, total)
+    assert after["remaining"] < 0 < before["remaining"], after
+    assert after["remaining"] == pytest.approx(1 - (failed / total) / 0.001, rel=0.25), after
+    assert after["status"] == "exhausted" and after["burn_1h"] > 14.4, after
+    sli, left = _page_budget(world, c)
+    assert _percent(sli) == pytest.approx(after["sli"], abs=0.005), (sli, after)
+    assert _percent(left) == pytest.approx(after["remaining"], rel=0.05), (left, after)
 
 
 def test_revoke_renewal_and_restart_are_in_the_change_log_newest_first(world: World) -> None:
@@ -296,4 +387,15 @@ def test_revoke_renewal_and_restart_are_in_the_change_log_newest_first(world: Wo
     a.stop()
     a.start()
     wait_for(lambda: a.log.read_text().count("daemon.ready") > ready, "a restarted", a)
+
+    def kinds() -> list[str]:
+        return [e["kind"] for e in world.card("a")["changes"]]
+
+    wait_for(lambda: "restarted" in kinds(), "the restart recorded (the agent's next report)")
     world.authority("revoke", world.host_id("a"))
+    changes = world.card("a")["changes"]
+    print("\nchanges of a:", [(e["kind"], e["actor"]) for e in changes])
+    seen = [e["kind"] for e in changes if e["kind"] in ("revoked", "restarted", "renewed", "enrolled")]
+    assert seen == ["revoked", "restarted", "renewed", "enrolled"], changes
+    times = [e["at"] for e in changes]
+    assert times == sorted(times, reverse=True), changes
