@@ -314,6 +314,8 @@ class Registry(Protocol):
 
     def events(self, host_id: str | None = None, limit: int = ev.DEFAULT_LIMIT) -> list[Event]: ...
 
+    def latest_events(self, host_ids: Sequence[str]) -> dict[str, Event]: ...
+
     def on_report_change(self, callback: Callable[[Sequence[ReportChange]], None]) -> None: ...
 
     def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord: ...
@@ -925,17 +927,23 @@ class SqlRegistry:
             rows = self._rows(
                 "SELECT * FROM host_events WHERE host_id = ? ORDER BY id DESC LIMIT ?", (host_id, limit)
             )
-        return [
-            Event(
-                int(r["id"]),
-                r["host_id"],
-                datetime.fromtimestamp(r["at"], UTC),
-                r["kind"],
-                r["detail"],
-                r["actor"],
+        return [_event(r) for r in rows]
+
+    def latest_events(self, host_ids: Sequence[str]) -> dict[str, Event]:
+        """Each host's newest event (a host without any is left out), one query per 500 hosts:
+        the fleet list's "last change" without a query per host."""
+        found: dict[str, Event] = {}
+        ids = list(dict.fromkeys(host_ids))
+        for i in range(0, len(ids), _CHUNK):
+            chunk = ids[i : i + _CHUNK]
+            marks = ", ".join("?" for _ in chunk)
+            rows = self._rows(
+                "SELECT * FROM host_events WHERE id IN"  # noqa: S608 - placeholders only
+                f" (SELECT max(id) FROM host_events WHERE host_id IN ({marks}) GROUP BY host_id)",
+                chunk,
             )
-            for r in rows
-        ]
+            found.update((r["host_id"], _event(r)) for r in rows)
+        return found
 
     def update_registration(self, ref: str, change: Callable[[HostRecord], Registration]) -> HostRecord:
         """Replace the labels/ports of the host `ref` (id, or unique unrevoked name) with
@@ -1042,6 +1050,17 @@ def _meta(text: str | None) -> HostMeta:
     except (MetaInvalid, ValueError, RecursionError):
         log.warning("registry.meta_unreadable", length=len(text))
         return HostMeta()
+
+
+def _event(row: Row) -> Event:
+    return Event(
+        int(row["id"]),
+        row["host_id"],
+        datetime.fromtimestamp(row["at"], UTC),
+        row["kind"],
+        row["detail"],
+        row["actor"],
+    )
 
 
 def _add_event(tx: Tx, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None:

@@ -353,6 +353,8 @@ def test_events_are_bounded_per_host(registry: Registry) -> None:
     assert len(kept) == RETAINED_PER_HOST
     assert kept[0].detail == f"n={RETAINED_PER_HOST + 19}" and kept[-1].detail == "n=20"
     assert [e.kind for e in registry.events(quiet)] == ["enrolled"]  # another host's stay
+    latest = registry.latest_events([quiet, busy, "h-none"])
+    assert latest == {busy: kept[0], quiet: registry.events(quiet)[0]}
     assert [e.host_id for e in registry.events(limit=2)] == [busy, busy]
     with pytest.raises(ValueError, match="unknown event kind"):
         registry.record_event(busy, "exploded", "", "report", NOW)
