@@ -134,7 +134,7 @@ class PromClient:
     def _get(self, path: str, params: dict[str, str]) -> Any:
         try:
             with self._http.stream("GET", path, params=params) as response:
-                body = b""
+                body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
                     if len(body) > MAX_ANSWER_BYTES:
