@@ -967,13 +967,25 @@ def host_set_cmd(host: str, directory: Path, as_json: bool, **meta_flags: Any) -
     if not given:
         raise click.UsageError("give at least one field to set, e.g. --owner-team TEAM (see --help)")
     edit = _meta_edit(**meta_flags)
+    before: list[HostMeta] = []
+
+    def edit_noting(current: HostMeta) -> HostMeta:
+        before.append(current)  # what was stored, read in set_host_meta's transaction
+        return edit(current)
+
     registry = open_registry(directory)
-    record = registry.set_host_meta(host, edit, event_kinds.cli_actor(), utcnow())
+    record = registry.set_host_meta(host, edit_noting, event_kinds.cli_actor(), utcnow())
     meta = registry.host_meta([record.id])[record.id]
+    changed = meta != before[-1]
     if as_json:
-        emit_json({**_host_doc(record, td), "meta": meta.to_doc()})
+        # "changed": whether the stored metadata differs now (Ansible's changed_when reads it)
+        emit_json({**_host_doc(record, td), "meta": meta.to_doc(), "changed": changed})
         return
-    click.echo(printable(f"{record.id} ({record.host_name}): {_meta_text(meta)}"))
+    click.echo(
+        printable(
+            f"{record.id} ({record.host_name}): {_meta_text(meta)}" + ("" if changed else " (unchanged)")
+        )
+    )
 
 
 @authority.command("changes")

@@ -54,6 +54,7 @@ def test_set_then_hosts_json_shows_it_html_as_text(fleet: tuple[Path, str]) -> N
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     meta = json.loads(proc.stdout)["meta"]
+    assert json.loads(proc.stdout)["changed"] is True
     assert meta["description"] == EVIL and meta["owner_team"] == "payments"  # kept: not given
     assert [s["name"] for s in meta["slos"]] == ["availability", "latency"]
     assert [link["title"] for link in meta["links"]] == ["runbook", "repo"]
@@ -63,6 +64,8 @@ def test_set_then_hosts_json_shows_it_html_as_text(fleet: tuple[Path, str]) -> N
         fleet, "host", "set", host_id, "--clear-slos", "--slo", "availability=99.5", "--link", "runbook="
     )
     assert text.returncode == 0, text.stderr
+    same = cli(fleet, "host", "set", host_id, "--slo", "availability=99.5", "--json")
+    assert json.loads(same.stdout)["changed"] is False
     assert text.stdout.rstrip().endswith("SLOs availability=99.5") and "links repo;" in text.stdout
 
 
