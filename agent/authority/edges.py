@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -104,9 +105,9 @@ def dns_identity(trust_domain: str, mesh: str) -> Callable[[HostRecord], str]:
 _Key = tuple[str, str]
 
 
-def _by(prom: PromClient, promql: str, peer: str) -> dict[_Key, float]:
+def _by(prom: PromClient, promql: str, peer: str, at: float) -> dict[_Key, float]:
     out: dict[_Key, float] = {}
-    for labels, value in prom.query(promql):
+    for labels, value in prom.query(promql, at):
         out[(labels.get("host_id", ""), labels.get(peer, ""))] = value
     return out
 
@@ -124,24 +125,28 @@ class _Seen:
 _LEG: Final = {"inbound": "src", "outbound": "dst"}
 
 
-def _view(prom: PromClient, direction: str, peer: str, window: str) -> dict[_Key, _Seen]:
+def _view(prom: PromClient, direction: str, peer: str, window: str, at: float) -> dict[_Key, _Seen]:
     """What one direction's series say per (host_id, peer identity) over `window`: responses,
     successes, p99, and TCP connections opened. A pair is seen if it had a response, opened a
     connection, or holds one open now (a quiet pool, or a protocol that is not HTTP)."""
     sel = f'direction="{direction}"'
     leg = f'{sel},peer="{_LEG[direction]}"'
     by = f"host_id, {peer}"
-    total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer)
+    total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer, at)
     ok = _by(
-        prom, f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))', peer
+        prom,
+        f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))',
+        peer,
+        at,
     )
     p99 = _by(
         prom,
         f"histogram_quantile(0.99, sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}])))",
         peer,
+        at,
     )
-    opened = _by(prom, f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))", peer)
-    still_open = _by(prom, f"sum by ({by}) (tcp_open_connections{{{leg}}})", peer)
+    opened = _by(prom, f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))", peer, at)
+    still_open = _by(prom, f"sum by ({by}) (tcp_open_connections{{{leg}}})", peer, at)
     out: dict[_Key, _Seen] = {}
     for key in {*total, *opened, *still_open}:
         n, conns = total.get(key, 0.0), opened.get(key, 0.0)
@@ -164,6 +169,7 @@ def edges(
     sorted by (src, dst); with `host_id`, those into or out of that host. `hosts`: the enrolled
     hosts (revoked ones included: their past traffic is still theirs)."""
     seconds = window_seconds(window)
+    at = time.time()  # every query of one answer evaluated at the same instant
     by_identity: dict[str, list[str]] = {}
     for host in hosts:
         by_identity.setdefault(identity_of(host), []).append(host.id)
@@ -174,14 +180,15 @@ def edges(
 
     def edge(src: str, dst: str, src_host: str | None, dst_host: str | None, seen: _Seen) -> Edge:
         n = seen.requests
-        success = seen.ok / n if n > 0 else None
+        # min: a scrape landing between the total's and the successes' query could tip it over 1
+        success = min(1.0, seen.ok / n) if n > 0 else None
         return Edge(src, dst, src_host, dst_host, n, n / seconds, success, seen.p99, seen.connections)
 
     known = {host.id: identity_of(host) for host in hosts}
     found: list[Edge] = []
-    for (callee, client), view in _view(prom, "inbound", "client_id", window).items():
+    for (callee, client), view in _view(prom, "inbound", "client_id", window, at).items():
         found.append(edge(client, known.get(callee, ""), host_of(client), callee or None, view))
-    for (caller, server), view in _view(prom, "outbound", "server_id", window).items():
+    for (caller, server), view in _view(prom, "outbound", "server_id", window, at).items():
         if server and server in by_identity:
             continue  # the callee is a host: its inbound view counted this call
         found.append(edge(known.get(caller, ""), server, caller or None, None, view))

@@ -116,9 +116,10 @@ def _finite(samples: list[tuple[dict[str, str], float]]) -> float | None:
 def budget(prom: PromClient, host_id: str, slo: Slo) -> Budget:
     """One SLO's budget now: three instant queries (SLO window, 1 h, 6 h)."""
     allowed = error_budget(slo)
-    over_window = _finite(prom.query(error_ratio(host_id, slo, f"{slo.window_days}d")))
-    ratio_1h = _finite(prom.query(error_ratio(host_id, slo, "1h")))
-    ratio_6h = _finite(prom.query(error_ratio(host_id, slo, "6h")))
+    at = time.time()  # the three windows end at the same instant
+    over_window = _finite(prom.query(error_ratio(host_id, slo, f"{slo.window_days}d"), at))
+    ratio_1h = _finite(prom.query(error_ratio(host_id, slo, "1h"), at))
+    ratio_6h = _finite(prom.query(error_ratio(host_id, slo, "6h"), at))
     sli = None if over_window is None else 1.0 - over_window
     remaining = None if over_window is None else 1.0 - over_window / allowed
     burn_1h = None if ratio_1h is None else ratio_1h / allowed
