@@ -582,6 +582,7 @@ class Daemon:
             w.listeners.listening,
             directory,
             max_handshakes=self.config.proxy.max_handshakes,
+            steer=w.listeners.steer,
         )
         assert self.credentials is not None
         log_settings = {"level": self.config.log.level, "format": self.config.log.format}

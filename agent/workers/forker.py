@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import gc
 import os
@@ -28,7 +29,8 @@ import pickle
 import select
 import signal
 import socket
-from collections.abc import Callable
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -43,6 +45,12 @@ log = get_logger("meshagent.workers")
 IP_TRANSPARENT: Final = 19
 IPV6_TRANSPARENT: Final = 75
 BACKLOG: Final = 4096
+
+# asm-generic/socket.h, linux/filter.h, linux/bpf_common.h
+SO_ATTACH_REUSEPORT_CBPF: Final = 51
+SO_DETACH_REUSEPORT_BPF: Final = 68
+_SKF_AD_RANDOM: Final = (-0x1000 + 56) & 0xFFFFFFFF  # SKF_AD_OFF + SKF_AD_RANDOM
+_LD_W_ABS, _ALU_MOD_K, _JEQ_K, _RET_K = 0x20, 0x94, 0x15, 0x06
 
 Address = tuple[str, int]
 SlotSockets = dict[str, list[socket.socket]]
@@ -61,11 +69,51 @@ class Listeners:
     slots: list[SlotSockets]
     listening: dict[str, Address] = field(default_factory=dict)
 
+    def steer(self, live: Sequence[int]) -> None:
+        """New connections go to the `live` slots only (all slots: the kernel's own hash again).
+        A down slot's socket stays open (its queued connections wait for the replacement), but
+        gets no new ones meanwhile. Raises OSError if the kernel refuses the program."""
+        everyone = len(live) == len(self.slots) or not live  # none live: nowhere better to send
+        program = None if everyone else _steering_program(live)
+        for name in self.slots[0]:
+            # Each direction and family is one reuseport group; a slot's index in it is the
+            # order its socket started listening (bind_listeners: slot order), and no socket
+            # leaves a group while the agent runs, so the indices hold.
+            for sock in self.slots[0][name]:
+                if program is None:
+                    with contextlib.suppress(OSError):  # ENOENT: no program attached
+                        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+                else:
+                    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program.raw)
+
     def close(self) -> None:
         for sockets in self.slots:
             for group in sockets.values():
                 for sock in group:
                     sock.close()
+
+
+class _Program:
+    """A classic BPF program as `struct sock_fprog` bytes (`raw`), its instructions kept alive
+    for the setsockopt that copies them."""
+
+    def __init__(self, code: list[tuple[int, int, int, int]]) -> None:
+        self.filters = (ctypes.c_uint64 * len(code))(
+            *(op | jt << 16 | jf << 24 | k << 32 for op, jt, jf, k in code)
+        )
+        prog = struct.pack("HxxxxxxP", len(code), ctypes.addressof(self.filters))
+        self.raw = prog
+
+
+def _steering_program(live: Sequence[int]) -> _Program:
+    """A reuseport program that picks one of `live` at random for each new connection (the
+    kernel's hash would pick a down slot's socket 1/N of the time): A = random % n, then
+    "A == i: return live[i]" for each i."""
+    code = [(_LD_W_ABS, 0, 0, _SKF_AD_RANDOM), (_ALU_MOD_K, 0, 0, len(live))]
+    for i, slot in enumerate(live[:-1]):
+        code += [(_JEQ_K, 0, 1, i), (_RET_K, 0, 0, slot)]
+    code.append((_RET_K, 0, 0, live[-1]))
+    return _Program(code)
 
 
 def _addresses(address: Address) -> list[tuple[socket.AddressFamily, Any]]:

@@ -160,8 +160,13 @@ class WorkerPool:
         directory: Directory,
         on_exit: Callable[[], None] | None = None,
         max_handshakes: int = 128,
+        steer: Callable[[list[int]], None] | None = None,
     ) -> None:
         self.forker = forker
+        # Listeners.steer: new connections to the up slots only (a down slot's socket keeps
+        # its queue for the replacement, but the kernel's hash would keep feeding it 1/N).
+        self._steer_to = steer
+        self._steered: list[int] | None = None
         self.max_handshakes = max_handshakes  # agent-wide: each worker gets its share
         self.merger = merger
         self.slots = [Slot(i) for i in range(count)]
@@ -273,6 +278,7 @@ class WorkerPool:
                 os.kill(pid, signal.SIGKILL)
             raise
         slot.up, slot.down_since, slot.last_answer = True, None, time.monotonic()
+        self._steer()
         # Broadcasts skip a slot until it is up: what changed during its init follows now.
         if self._blob is not sent[0]:
             chan.notify("directory", blob=self._blob)
@@ -300,6 +306,7 @@ class WorkerPool:
             self.merger.worker_gone(slot.index)
         if self.stopping:
             return
+        self._steer()
         opened = slot.ping.get("open") or {}
         for direction, n in opened.items():
             self.lost[direction] += int(n)
@@ -314,6 +321,19 @@ class WorkerPool:
         slot.ping, slot.status = {}, {}
         if pid in self._exits:  # the forker's report came first
             self._respawn_later(slot, *self._exits.pop(pid))
+
+    def _steer(self) -> None:
+        live = [s.index for s in self.slots if s.up]
+        if self._steer_to is None or self.stopping or live == self._steered:
+            return
+        try:
+            self._steer_to(live)
+        except OSError as exc:  # the kernel's hash goes on: a down slot keeps its share meanwhile
+            log.warning("workers.steer_failed", live=live, error=str(exc))
+        else:
+            self._steered = live
+            if len(live) < len(self.slots):
+                log.info("workers.steered", live=live, hint="new connections avoid the down workers' sockets")
 
     def _forker_gone(self) -> None:
         self.forker_gone = True  # (the forker logged it) /ready says so: no worker can be replaced

@@ -122,3 +122,23 @@ def test_each_worker_is_told_its_share_and_status_shows_the_agent_wide_limit() -
         slot.status = {"handshakes": {"limit": share, "active": active, "queued": 2}}
     assert pool.handshakes.status() == {"limit": 128, "active": 84, "queued": 6}
     assert [w["handshakes"]["limit"] for w in pool.worker_status()] == [43, 43, 42]
+
+
+def test_new_connections_are_steered_off_a_dead_worker_until_it_is_back() -> None:
+    forker = ScriptedForker()
+    steered: list[list[int]] = []
+
+    async def run() -> None:
+        pool = WorkerPool(2, forker, None, {}, DIRECTORY, steer=steered.append)  # type: ignore[arg-type]
+        await pool.start(None, {})
+        assert steered[-1] == [0, 1]
+        forker.channels[0].close()  # worker 0 dies: EOF
+        await asyncio.sleep(0.01)
+        assert steered[-1] == [1]
+        forker.on_exit(1001, 9, 0.0)  # reaped: replaced at once
+        await asyncio.sleep(0.05)
+        assert steered[-1] == [0, 1]
+        await pool.stop(0.0)
+
+    asyncio.run(run())
+    assert steered[-2:] == [[1], [0, 1]]  # stopping steers nothing

@@ -240,6 +240,45 @@ def test_reuseport_spreads_and_a_killed_slot_keeps_its_queue() -> None:
         listeners.close()
 
 
+def _queued(listeners: Listeners, direction: str, port: int, n: int) -> Counter[int]:
+    """Open `n` connections to `port`; how many each slot's sockets got (accepted from their
+    queues, nothing serving them)."""
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+    got: Counter[int] = Counter()
+    for slot, sockets in enumerate(listeners.slots):
+        for sock in sockets[direction]:
+            sock.setblocking(False)
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                got[slot] += 1
+    for client in clients:
+        client.close()
+    return got
+
+
+def test_steer_keeps_new_connections_off_a_down_slot() -> None:
+    """While slot 0's worker is down its socket gets no new connection (the kernel's hash would
+    give it about a third); with every slot up the hash spreads them over all three again."""
+    listeners = bind_listeners(LOOPBACK, 3, transparent=False)
+    try:
+        for direction in ("inbound", "outbound"):
+            port = listeners.listening[direction][1]
+            listeners.steer([1, 2])
+            got = _queued(listeners, direction, port, 300)
+            assert got[0] == 0 and got[1] > 50 and got[2] > 50, got
+            listeners.steer([2])
+            assert _queued(listeners, direction, port, 50) == Counter({2: 50})
+            listeners.steer([0, 1, 2])
+            got = _queued(listeners, direction, port, 300)
+            assert min(got[s] for s in (0, 1, 2)) > 30, got
+    finally:
+        listeners.close()
+
+
 def test_forker_reports_exit_status_and_cpu() -> None:
     listeners = bind_listeners(LOOPBACK, 1, transparent=False)
     forker = start_forker(listeners, _hello_worker)
