@@ -30,6 +30,7 @@ from agent.identity import delta as wire
 from agent.logs import Throttled, get_logger
 
 from . import discovery, health
+from .catalog_web import CatalogWeb
 from .httpguard import current_limits
 from .openapi import OPENAPI
 from .service import Authority, EnrollResult, RenderedConfig
@@ -640,6 +641,8 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
             Route("/metrics", metrics, methods=["GET"]),
             Route("/v1/openapi.json", openapi, methods=["GET"]),
             Route("/healthz", health, methods=["GET"]),
+            # The service catalog (#20): its JSON under /v1/catalog, its pages under /catalog.
+            *CatalogWeb(authority, blocking, refusals).routes(),
         ],
         exception_handlers={HTTPException: http_error},
     )

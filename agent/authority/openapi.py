@@ -37,6 +37,18 @@ _ALWAYS = {
 }
 
 
+_CATALOG_AUTH = (
+    "Needs Authorization: Bearer <the discovery token> (as /v1/prometheus/targets), or the cookie the "
+    "catalog's login form sets."
+)
+_CATALOG_PAGE = (
+    "Server-rendered HTML for people, read-only. Needs the discovery token as a bearer header or the "
+    "cookie POST /catalog/login sets; without either, 401 and the login form. Sent with a strict "
+    "Content-Security-Policy (default-src 'self'), X-Content-Type-Options: nosniff and "
+    "Cache-Control: no-store; its stylesheet and script are /catalog/static/*."
+)
+
+
 def _json_body(schema: str) -> dict[str, Any]:
     return {
         "required": True,
@@ -200,6 +212,110 @@ OPENAPI: dict[str, Any] = {
                     "404": _ERROR,
                     **_ALWAYS,
                 },
+            }
+        },
+        "/v1/catalog": {
+            "get": {
+                "summary": "The service catalog's fleet: each host's owner, tier, state, SLO status, lowest "
+                "budget left and last change, and the dependency graph (nodes, edges) from Prometheus",
+                "description": _CATALOG_AUTH + " The same document as `meshagent authority catalog show "
+                "--json`. When Prometheus is unset or does not answer, `prometheus_error` says why and "
+                "edges and budgets are empty; the registry's facts are still there.",
+                "responses": {
+                    "200": {
+                        "description": "{hosts: [{host, owner_team, tier, system, state, slo_status, "
+                        "budget_remaining, budgets, last_change}], nodes: [{identity, hosts}], edges: "
+                        "[{src, dst, src_host, dst_host, requests, rps, success_rate, p99_ms}], "
+                        "prometheus_error}",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "401": _ERROR,
+                    "404": _ERROR,
+                    "503": _ERROR,
+                    **_ALWAYS,
+                },
+            }
+        },
+        "/v1/catalog/hosts/{host_id}": {
+            "get": {
+                "summary": "One host's card: metadata, state, SLO budgets, edges in and out, recent changes",
+                "description": _CATALOG_AUTH + " The same document as `meshagent authority catalog show "
+                "HOST --json`; `host_id` is the host's id, or its name when one unrevoked host has it.",
+                "parameters": [
+                    {"name": "host_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "{host, meta, state, state_text, slo_status, budgets: [{slo, sli, "
+                        "remaining, burn_1h, burn_6h, exhaustion_s, status}], edges_in, edges_out, changes: "
+                        "[{id, at, kind, detail, actor}], prometheus_error}",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                    "400": {
+                        **_ERROR,
+                        "description": "host_ambiguous: several unrevoked hosts have that name",
+                    },
+                    "401": _ERROR,
+                    "404": {**_ERROR, "description": "not_found: no host with that id or name"},
+                    "503": _ERROR,
+                    **_ALWAYS,
+                },
+            }
+        },
+        "/catalog": {
+            "get": {
+                "summary": "The service catalog's page (HTML): the fleet as a list and as a dependency graph",
+                "description": _CATALOG_PAGE,
+                "responses": {"200": {"description": "text/html"}, "401": {"description": "the login form"}},
+            }
+        },
+        "/catalog/hosts/{host_id}": {
+            "get": {
+                "summary": "A host's page (HTML): its card, edges, budget burn chart and changes",
+                "description": _CATALOG_PAGE,
+                "parameters": [
+                    {"name": "host_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "text/html"},
+                    "401": {"description": "the login form"},
+                    "404": {"description": "no such host (an HTML page)"},
+                },
+            }
+        },
+        "/catalog/login": {
+            "get": {"summary": "The login form (HTML)", "responses": {"200": {"description": "text/html"}}},
+            "post": {
+                "summary": "Log in to the catalog's pages with the discovery token",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/x-www-form-urlencoded": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["token"],
+                                "properties": {
+                                    "token": {"type": "string"},
+                                    "next": {"type": "string", "description": "a /catalog path"},
+                                },
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "303": {
+                        "description": "Logged in: Set-Cookie meshagent_catalog (HttpOnly; Secure; "
+                        "SameSite=Strict; 12 h), to `next`"
+                    },
+                    "401": {"description": "not the discovery token: the form again"},
+                    "404": {"description": "the authority has no discovery token"},
+                },
+            },
+        },
+        "/catalog/logout": {
+            "post": {
+                "summary": "Forget the catalog's cookie",
+                "responses": {"303": {"description": "to the login form"}},
             }
         },
         "/metrics": {
