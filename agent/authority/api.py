@@ -490,10 +490,13 @@ def create_app(authority: Authority, max_waiters: int | None = None) -> Containe
     fleet = FleetMetrics(authority, blocking)
     Handler = Callable[[Request], Awaitable[Response]]
 
-    def refusals(handler: Handler) -> Handler:
+    def refusals(handler: Handler, route: str | None = None) -> Handler:
+        """`handler` with its refusals as JSON errors, counted by `route` (the path template:
+        counting /v1/catalog/hosts/{host_id} per id would let any client grow /metrics)."""
+
         async def wrapped(request: Request) -> Response:
             response = await _answer(request)
-            fleet.count(request.url.path, response.status_code)
+            fleet.count(route or request.url.path, response.status_code)
             return response
 
         async def _answer(request: Request) -> Response:

@@ -46,6 +46,7 @@ COOKIE_MAX_AGE_S = 12 * 3600
 MAX_LOGIN_BODY = 4096
 CHART_SPAN_S = 24 * 3600
 CHART_STEP_S = 600
+HOST_ROUTE = "/v1/catalog/hosts/{host_id}"  # (the metrics count requests by route, not per host)
 
 SECURITY_HEADERS = {
     "content-security-policy": (
@@ -513,7 +514,7 @@ class CatalogWeb:
     """The catalog's routes: JSON (`/v1/catalog...`, errors as the API's) and pages (`/catalog...`)."""
 
     def __init__(
-        self, authority: Authority, blocking: Blocking, refusals: Callable[[Handler], Handler]
+        self, authority: Authority, blocking: Blocking, refusals: Callable[[Handler, str], Handler]
     ) -> None:
         self.authority = authority
         self.directory = authority.material.directory
@@ -652,8 +653,8 @@ class CatalogWeb:
 
     def routes(self) -> list[Route]:
         return [
-            Route("/v1/catalog", self.refusals(self.api_fleet), methods=["GET"]),
-            Route("/v1/catalog/hosts/{host_id}", self.refusals(self.api_host), methods=["GET"]),
+            Route("/v1/catalog", self.refusals(self.api_fleet, "/v1/catalog"), methods=["GET"]),
+            Route("/v1/catalog/hosts/{host_id}", self.refusals(self.api_host, HOST_ROUTE), methods=["GET"]),
             Route("/catalog", self.fleet_page, methods=["GET"]),
             Route("/catalog/hosts/{host_id}", self.host_page, methods=["GET"]),
             Route("/catalog/login", self.login_form, methods=["GET"]),

@@ -340,6 +340,12 @@ def test_without_the_token_401(world: World) -> None:
         f"{world.url}/catalog/login", data={"token": "nope"}, verify=world.authority.tls, timeout=10
     )
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    # The refusals are counted by route, not per id a client makes up.
+    metrics = httpx.get(
+        f"{world.url}/metrics", headers={"authorization": f"Bearer {world.token}"}, verify=world.authority.tls
+    ).text
+    assert 'meshagent_authority_requests_total{path="/v1/catalog/hosts/{host_id}",status="401"} 3' in metrics
+    assert "/v1/catalog/hosts/x" not in metrics
 
 
 def test_the_login_cookie_and_the_headers(world: World) -> None:
