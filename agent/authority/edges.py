@@ -14,8 +14,9 @@ another is counted twice, once by each agent; an edge takes exactly one view:
   identity, or a destination without identity): no agent of ours sees the other side.
 
 `src_host` / `dst_host` are the host ids: exact from `host_id` for the side whose view is taken,
-and resolved from the identity for the other side when exactly one enrolled host has it (None
-when none or several do: the identity is still shown). Plain-text callers of a host are one edge
+and resolved from the identity for the other side when exactly one enrolled host has it (an
+unrevoked one first: a re-enrolled host leaves a revoked record of the same identity; None when
+none or several do: the identity is still shown). Plain-text callers of a host are one edge
 per callee with src "" (their addresses are not labels, by design: unbounded cardinality).
 
 Traffic that is not HTTP (a database protocol, the app's own TLS) has no responses: such an edge
@@ -170,13 +171,17 @@ def edges(
     hosts (revoked ones included: their past traffic is still theirs)."""
     seconds = window_seconds(window)
     at = time.time()  # every query of one answer evaluated at the same instant
-    by_identity: dict[str, list[str]] = {}
+    by_identity: dict[str, list[HostRecord]] = {}
     for host in hosts:
-        by_identity.setdefault(identity_of(host), []).append(host.id)
+        by_identity.setdefault(identity_of(host), []).append(host)
 
     def host_of(identity: str) -> str | None:
-        ids = by_identity.get(identity, []) if identity else []
-        return ids[0] if len(ids) == 1 else None
+        """The one host with `identity`: among unrevoked hosts first (a host re-enrolled under
+        its old identity leaves a revoked record behind), else among all."""
+        every = by_identity.get(identity, []) if identity else []
+        live = [h for h in every if not h.revoked]
+        one = live if live else every
+        return one[0].id if len(one) == 1 else None
 
     def edge(src: str, dst: str, src_host: str | None, dst_host: str | None, seen: _Seen) -> Edge:
         n = seen.requests

@@ -18,6 +18,7 @@ The traffic (requests/s):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -366,6 +367,11 @@ def test_an_identity_several_hosts_share_names_no_single_host(running: Running) 
     found = edges(running.prom, [*running.records, twin], dns_identity(TD, MESH), window="10s")
     web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
     assert web_to_api.src_host is None and web_to_api.dst_host == running.id("hb")
+    # a revoked record of the same identity (the host re-enrolled) does not hide the live one
+    old = dataclasses.replace(twin, revoked_at=datetime.now(UTC))
+    found = edges(running.prom, [*running.records, old], dns_identity(TD, MESH), window="10s")
+    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
+    assert web_to_api.src_host == running.id("ha")
 
 
 def test_budgets_from_the_real_engine(running: Running) -> None:
