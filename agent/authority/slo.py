@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -82,23 +82,28 @@ def quote(value: str) -> str:
     return f'"{escaped}"'
 
 
-def _selector(host_id: str, slo: Slo, *extra: str) -> str:
-    matchers = [f"direction={quote(slo.direction)}", f"host_id={quote(host_id)}"]
+def _selector(host_id: str | None, slo: Slo, *extra: str) -> str:
+    matchers = [f"direction={quote(slo.direction)}"]
+    if host_id is not None:
+        matchers.append(f"host_id={quote(host_id)}")
     if slo.port is not None:
         matchers.append(f"target_port={quote(str(slo.port))}")
     return "{" + ",".join([*matchers, *extra]) + "}"
 
 
-def error_ratio(host_id: str, slo: Slo, window: str) -> str:
-    """PromQL: the SLO's error ratio on `host_id` over `window` (no result: no traffic)."""
+def error_ratio(host_id: str | None, slo: Slo, window: str) -> str:
+    """PromQL: the SLO's error ratio on `host_id` over `window` (no result: no traffic). With
+    host_id None, one sample per host (`by (host_id)`) for every host with traffic: the same SLO
+    shape for the whole fleet in one query."""
+    total_of = "sum" if host_id is not None else "sum by (host_id)"
     if slo.kind == "latency":
         # le as the agent writes it ("300") and as Prometheus 3 normalizes it ("300.0").
         le = f'le=~"{slo.threshold_ms}(\\\\.0)?"'
-        good = f"sum(rate(response_latency_ms_bucket{_selector(host_id, slo, le)}[{window}]))"
-        total = f"sum(rate(response_latency_ms_count{_selector(host_id, slo)}[{window}]))"
+        good = f"{total_of}(rate(response_latency_ms_bucket{_selector(host_id, slo, le)}[{window}]))"
+        total = f"{total_of}(rate(response_latency_ms_count{_selector(host_id, slo)}[{window}]))"
         return f"1 - ({good} / {total})"
-    failed = f"sum(rate(response_total{_selector(host_id, slo, FAILURE)}[{window}]))"
-    total = f"sum(rate(response_total{_selector(host_id, slo)}[{window}]))"
+    failed = f"{total_of}(rate(response_total{_selector(host_id, slo, FAILURE)}[{window}]))"
+    total = f"{total_of}(rate(response_total{_selector(host_id, slo)}[{window}]))"
     # No failure series at all is a ratio of 0, not no answer: `or 0 * total`.
     return f"({failed} or 0 * {total}) / {total}"
 
@@ -113,26 +118,32 @@ def _finite(samples: list[tuple[dict[str, str], float]]) -> float | None:
     return values[0] if values else None
 
 
-def budget(prom: PromClient, host_id: str, slo: Slo) -> Budget:
-    """One SLO's budget now: three instant queries (SLO window, 1 h, 6 h)."""
+def _budget(
+    host_id: str, slo: Slo, over_window: float | None, ratio_1h: float | None, ratio_6h: float | None
+) -> Budget:
+    """The budget from the three error ratios (None: no traffic in that window)."""
     allowed = error_budget(slo)
-    at = time.time()  # the three windows end at the same instant
-    over_window = _finite(prom.query(error_ratio(host_id, slo, f"{slo.window_days}d"), at))
-    ratio_1h = _finite(prom.query(error_ratio(host_id, slo, "1h"), at))
-    ratio_6h = _finite(prom.query(error_ratio(host_id, slo, "6h"), at))
-    sli = None if over_window is None else 1.0 - over_window
     remaining = None if over_window is None else 1.0 - over_window / allowed
     burn_1h = None if ratio_1h is None else ratio_1h / allowed
-    burn_6h = None if ratio_6h is None else ratio_6h / allowed
     return Budget(
         host_id=host_id,
         slo=slo,
-        sli=sli,
+        sli=None if over_window is None else 1.0 - over_window,
         remaining=remaining,
         burn_1h=burn_1h,
-        burn_6h=burn_6h,
+        burn_6h=None if ratio_6h is None else ratio_6h / allowed,
         exhaustion_s=exhaustion_s(remaining, burn_1h, slo.window_days),
     )
+
+
+def budget(prom: PromClient, host_id: str, slo: Slo) -> Budget:
+    """One SLO's budget now: three instant queries (SLO window, 1 h, 6 h)."""
+    at = time.time()  # the three windows end at the same instant
+    ratios = [
+        _finite(prom.query(error_ratio(host_id, slo, window), at))
+        for window in (f"{slo.window_days}d", "1h", "6h")
+    ]
+    return _budget(host_id, slo, *ratios)
 
 
 def exhaustion_s(remaining: float | None, burn: float | None, window_days: int) -> float | None:
@@ -148,6 +159,32 @@ def exhaustion_s(remaining: float | None, burn: float | None, window_days: int) 
 def budgets(prom: PromClient, host_id: str, meta: HostMeta) -> list[Budget]:
     """Every SLO of the host, in the order its metadata lists them."""
     return [budget(prom, host_id, slo) for slo in meta.slos]
+
+
+def fleet_budgets(prom: PromClient, metas: Mapping[str, HostMeta]) -> dict[str, list[Budget]]:
+    """`budgets` for many hosts at once (the fleet list, `slo status`): one query per SLO shape
+    (kind, direction, port, threshold) and window for the whole fleet, instead of three per SLO
+    per host; a fleet whose hosts share a few SLO shapes costs a few queries."""
+    at = time.time()
+    answers: dict[tuple[Any, ...], dict[str, float]] = {}
+
+    def ratio(host_id: str, slo: Slo, window: str) -> float | None:
+        key = (slo.kind, slo.direction, slo.port, slo.threshold_ms, window)
+        if key not in answers:
+            answers[key] = {
+                labels.get("host_id", ""): value
+                for labels, value in prom.query(error_ratio(None, slo, window), at)
+                if math.isfinite(value)
+            }
+        return answers[key].get(host_id)
+
+    return {
+        host_id: [
+            _budget(host_id, slo, *(ratio(host_id, slo, w) for w in (f"{slo.window_days}d", "1h", "6h")))
+            for slo in meta.slos
+        ]
+        for host_id, meta in metas.items()
+    }
 
 
 def burn_history(

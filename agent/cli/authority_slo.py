@@ -17,7 +17,7 @@ import click
 from agent.authority.edges import Edge, dns_identity, edges
 from agent.authority.host_meta import HostMeta
 from agent.authority.prom_query import PromClient, PromUnavailable, not_configured, resolve_url
-from agent.authority.slo import ALERTS, Budget, budgets, render_rules, rules
+from agent.authority.slo import ALERTS, Budget, fleet_budgets, render_rules, rules
 from agent.authority.storage import HostRecord
 from agent.errors import MeshagentError
 from agent.fsutil import write_atomic
@@ -213,7 +213,7 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         problem: PromUnavailable | None = None
         try:
             with _client(directory, prometheus_url) as prom:
-                found = {h.id: budgets(prom, h.id, metas[h.id]) for h in hosts}
+                found = fleet_budgets(prom, {h.id: metas[h.id] for h in hosts})
                 for alert in prom.alerts():
                     labels = alert.get("labels", {})
                     if alert.get("state") == "firing" and labels.get("alertname") in ALERT_NAMES:

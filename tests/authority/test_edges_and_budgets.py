@@ -39,7 +39,7 @@ from agent.authority.edges import Edge, WindowInvalid, dns_identity, edges, wind
 from agent.authority.host_meta import HostMeta, Slo
 from agent.authority.prom_query import PROMETHEUS_ENV, PromClient, PromUnavailable
 from agent.authority.service import Authority
-from agent.authority.slo import budgets, burn_history, rules
+from agent.authority.slo import budgets, burn_history, fleet_budgets, rules
 from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
@@ -399,6 +399,33 @@ def test_budgets_from_the_real_engine(running: Running) -> None:
     assert ha.remaining == pytest.approx(0.5, abs=0.01)
     assert ha.burn_1h == pytest.approx(0.5, abs=0.01)
     assert ha.exhaustion_s == pytest.approx(28 * 86400, rel=0.03)
+
+
+class CountingClient(PromClient):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.queries = 0
+
+    def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        self.queries += 1
+        return super().query(promql, at)
+
+
+def test_fleet_budgets_are_the_per_host_ones_in_a_query_per_slo_shape(running: Running) -> None:
+    metas = {running.id(role): META[role] for role in ROLES}
+    with CountingClient(running.url) as prom:
+        fleet = fleet_budgets(prom, metas)
+        # shapes: availability (all ports), availability port 9999, latency 100 ms, latency 50 ms;
+        # each over its SLO window, 1 h and 6 h; ha's availability SLO shares hb's queries
+        assert prom.queries == 4 * 3
+    assert list(fleet) == list(metas) and fleet[running.id("hc")] == []
+    for host_id, meta in metas.items():
+        one = budgets(running.prom, host_id, meta)
+        assert [b.slo for b in fleet[host_id]] == [b.slo for b in one]
+        for mine, theirs in zip(fleet[host_id], one, strict=True):
+            for field in ("sli", "remaining", "burn_1h", "burn_6h", "exhaustion_s"):
+                a, b = getattr(mine, field), getattr(theirs, field)
+                assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=0.01)), field
 
 
 def test_burn_history_is_the_hourly_burn_over_time(running: Running) -> None:
