@@ -63,10 +63,12 @@ def _edges_table(found: list[Edge], names: dict[str, str]) -> str:
         (
             _peer(e.src, e.src_host, names),
             _peer(e.dst, e.dst_host, names),
-            f"{e.rps:.2f}",
+            f"{e.rps:.2f}" if e.requests > 0 else None,  # "-": connections only (not HTTP)
             _percent(e.success_rate),
             None if e.p99_ms is None else f"{e.p99_ms:.0f}ms",
-            "yes" if e.src and e.dst else "no (plain text)",
+            "yes"
+            if e.src and e.dst
+            else "no",  # a side without mesh identity: plain text or the app's own TLS
         )
         for e in found
     ]
