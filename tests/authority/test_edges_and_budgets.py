@@ -7,7 +7,8 @@ each host as a separate target with the labels the discovery endpoint adds (`hos
 `identity`, ...), every second, and loads the rules `slo.rules` writes.
 
 The traffic (requests/s):
-    web (ha)  -> api (hb)    10, 20 % 5xx, all in (50, 100] ms; ha's own outbound view says 9
+    web (ha)  -> api (hb)    10, 20 % 5xx, all in (50, 100] ms; ha's own outbound view says 7
+                              (never so in life: it shows which view an edge takes)
     db (hc)   -> api (hb)     4, all in (4, 5] ms; hc's outbound view says 4 too
     plain     -> api (hb)     2 (no TLS: no client_id), (4, 5] ms
     frontend  -> web (ha)     5, 0.05 % 5xx (frontend: an in-cluster identity, no host)
@@ -106,7 +107,7 @@ class Flow:
 FLOWS: dict[str, list[Flow]] = {
     "ha": [
         Flow("inbound", dns("frontend"), 5.0, fail=0.0005),
-        Flow("outbound", dns("api"), 9.0, fail=0.2, le=100),
+        Flow("outbound", dns("api"), 7.0, fail=0.2, le=100),
         Flow("outbound", dns("pay"), 3.0, fail=1 / 3),
         Flow("outbound", "", 1.0),
         Flow("outbound", dns("db"), 0.5, tcp_only=True, port=5432),  # hc's inbound view counts it
@@ -323,7 +324,7 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
         # (src, dst): (src_host, dst_host, rps, success rate)
         ("", dns("api")): (None, "hb", 2.0, 1.0),
         (dns("db"), dns("api")): ("hc", "hb", 4.0, 1.0),
-        (dns("web"), dns("api")): ("ha", "hb", 10.0, 0.8),  # hb's inbound 10, not ha's outbound 9
+        (dns("web"), dns("api")): ("ha", "hb", 10.0, 0.8),  # hb's inbound 10, not ha's outbound 7
         (dns("frontend"), dns("web")): (None, "ha", 5.0, 0.9995),
         (dns("web"), dns("pay")): ("ha", None, 3.0, 2 / 3),
         (dns("web"), ""): ("ha", None, 1.0, 1.0),
@@ -335,14 +336,15 @@ def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> No
     for pair, (src_host, dst_host, rps, success) in expected.items():
         e = by_pair[pair]
         assert (running.role(e.src_host), running.role(e.dst_host)) == (src_host, dst_host), e
-        assert e.rps == pytest.approx(rps, rel=0.05), e
-        assert e.requests == pytest.approx(rps * 10, rel=0.05), e
+        # increase() extrapolates to the window's edges: a late scrape under load costs a few %
+        assert e.rps == pytest.approx(rps, rel=0.08), e
+        assert e.requests == pytest.approx(rps * 10, rel=0.08), e
         assert e.success_rate == (None if success is None else pytest.approx(success, abs=1e-3)), e
     # histogram_quantile interpolates in the (50, 100] bucket: 50 + 0.99 * 50
     assert by_pair[(dns("web"), dns("api"))].p99_ms == pytest.approx(99.5, abs=0.5)
     assert by_pair[(dns("db"), dns("api"))].p99_ms == pytest.approx(4.99, abs=0.05)
     tcp, pool = by_pair[(dns("web"), dns("db"))], by_pair[(dns("monitor"), dns("db"))]
-    assert tcp.connections == pytest.approx(5, rel=0.05) and tcp.p99_ms is None
+    assert tcp.connections == pytest.approx(5, rel=0.08) and tcp.p99_ms is None
     assert pool.connections == 0 and pool.p99_ms is None
 
 
@@ -483,7 +485,9 @@ def test_cli_edges_table_and_json(running: Running) -> None:
     assert code == 0, err
     doc = json.loads(out)
     pairs = {(e["src"], e["dst"]): e for e in doc["edges"]}
-    assert len(pairs) == 8 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.05)
+    assert len(pairs) == 8 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.08)
+    code, _, err = cli(running, "edges", "--window", "1h30m")
+    assert code == 2 and "not a duration" in err
     code, out, err = cli(running, "edges", "api-1", "--window", "10s")
     assert code == 0, err
     lines = out.splitlines()
