@@ -20,10 +20,11 @@ enrolled first keeps the name (stable while new hosts join), the others get `-<h
 (6 hex digits, the full 12 if that is taken too). The original host name stays in
 metadata.title and the `meshagent.io/host-name` annotation.
 
-dependsOn (see `depends_on`): the edges out of the host (it is the client) with requests in
-the window. To an enrolled host: that host's component, `component:default/<name>`. To another
-mesh identity (in-cluster workloads: `<sa>.<ns>.serviceaccount.identity.<mesh>.<td>`):
-`component:<ns>/<sa>` -- the identity is the only name the mesh has for the callee, a
+dependsOn (see `depends_on`): the edges out of the host (it is the client): requests, or
+connections for traffic that is not HTTP (a database), in the edge window. To an enrolled
+host: that host's component, `component:default/<name>`. To another mesh identity
+(in-cluster workloads: `<sa>.<ns>.serviceaccount.identity.<mesh>.<td>`): `component:<ns>/<sa>`
+-- the identity is the only name the mesh has for the callee, a
 ServiceAccount is usually per workload and named after it, and the Kubernetes namespace as the
 Backstage namespace keeps two `api` accounts in different namespaces apart. A catalog that
 names in-cluster services otherwise shows these as missing entities (Backstage keeps the
@@ -105,8 +106,6 @@ class EdgeLike(Protocol):
     def src_host(self) -> str | None: ...
     @property
     def dst_host(self) -> str | None: ...
-    @property
-    def requests(self) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -248,7 +247,6 @@ def depends_on(
     names: Mapping[str, str],
     edges: Iterable[EdgeLike],
     identity_of: Callable[[HostRecord], str],
-    min_requests: float = 1.0,
 ) -> Dependencies:
     """What each host calls, as Backstage refs, from the edges out of it (it is the client).
 
@@ -263,9 +261,7 @@ def depends_on(
     refs: dict[str, set[str]] = {}
     external: set[str] = set()
     unmeshed = 0
-    for edge in edges:
-        if edge.requests < min_requests:
-            continue
+    for edge in edges:  # each one traffic in the window (edges.py leaves idle series out)
         if edge.src_host is not None:
             callers = [edge.src_host] if edge.src_host in names else []
         else:

@@ -101,7 +101,6 @@ class Edge:
     dst: str
     src_host: str | None
     dst_host: str | None
-    requests: float
 
 
 def host(
@@ -291,16 +290,15 @@ def test_depends_on_from_edges_out_of_each_host() -> None:
     db2 = host("h-000000000002", "legacy-db-2", "shop/billing", enrolled=1)
     web = host("h-000000000003", "web", "shop/web", enrolled=2)
     edges = [
-        Edge(dns("shop/web"), dns("shop/billing"), web.id, db1.id, 100.0),  # host -> host
-        Edge(dns("shop/web"), dns("shop/billing"), web.id, None, 5.0),  # host -> identity of two hosts
-        Edge(dns("shop/web"), dns("payments/ledger"), web.id, None, 3.0),  # host -> in-cluster
-        Edge(dns("shop/billing"), dns("kube-system/coredns"), db1.id, None, 2.0),
-        Edge(dns("shop/billing"), "", db1.id, None, 9.0),  # unmeshed destination
-        Edge(dns("shop/billing"), dns("shop/quiet"), db2.id, None, 0.0),  # nothing in the window
-        Edge(dns("payments/ledger"), dns("shop/web"), None, web.id, 50.0),  # into a host: not its dependency
+        Edge(dns("shop/web"), dns("shop/billing"), web.id, db1.id),  # host -> host
+        Edge(dns("shop/web"), dns("shop/billing"), web.id, None),  # host -> identity of two hosts
+        Edge(dns("shop/web"), dns("payments/ledger"), web.id, None),  # host -> in-cluster
+        Edge(dns("shop/billing"), dns("kube-system/coredns"), db1.id, None),
+        Edge(dns("shop/billing"), "", db1.id, None),  # unmeshed destination
+        Edge(dns("payments/ledger"), dns("shop/web"), None, web.id),  # into a host: not its dependency
     ]
     web2 = host("h-000000000004", "web-2", "shop/web", enrolled=3)
-    edges.append(Edge(dns("shop/web"), dns("payments/fx"), None, None, 4.0))  # callers of a shared identity
+    edges.append(Edge(dns("shop/web"), dns("payments/fx"), None, None))  # callers of a shared identity
     ex = run_export([db1, db2, web, web2], edges=edges)
     docs = {c.name: c.doc for c in ex.components}
     assert docs["web"]["spec"]["dependsOn"] == [
@@ -326,7 +324,7 @@ def test_depends_on_from_edges_out_of_each_host() -> None:
 def test_depends_on_uses_the_exported_names_of_renamed_hosts() -> None:
     a = host("h-a00000000000", "Web 1", "shop/web", enrolled=0)
     b = host("h-b00000000000", "web-1", "shop/api", enrolled=1)
-    edges = [Edge(dns("shop/web"), dns("shop/api"), a.id, b.id, 10.0)]
+    edges = [Edge(dns("shop/web"), dns("shop/api"), a.id, b.id)]
     docs = {c.host_id: c.doc for c in run_export([a, b], edges=edges).components}
     assert docs[a.id]["metadata"]["name"] == "web-1"
     assert docs[a.id]["spec"]["dependsOn"] == ["component:default/web-1-b00000"]
