@@ -15,13 +15,14 @@ registry threads (`blocking`), never on the event loop, with a short timeout.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from html import escape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 from starlette.requests import Request
@@ -37,6 +38,7 @@ from .service import Authority
 
 log = get_logger("meshagent.authority.catalog_web")
 
+_R = TypeVar("_R")
 Blocking = Callable[..., Awaitable[Any]]
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -46,6 +48,7 @@ COOKIE_MAX_AGE_S = 12 * 3600
 MAX_LOGIN_BODY = 4096
 CHART_SPAN_S = 24 * 3600
 CHART_STEP_S = 600
+RENDER_SLOTS = 2  # of the API's REGISTRY_THREADS (8)
 HOST_ROUTE = "/v1/catalog/hosts/{host_id}"  # (the metrics count requests by route, not per host)
 
 SECURITY_HEADERS = {
@@ -520,6 +523,9 @@ class CatalogWeb:
         self.directory = authority.material.directory
         self.blocking = blocking
         self.refusals = refusals
+        # At most this many catalog renders hold registry threads at once: a page waits on
+        # Prometheus (up to PROM_TIMEOUT_S a query), and the threads are the hosts' too.
+        self._slots = asyncio.Semaphore(RENDER_SLOTS)
 
     def _prom(self) -> PromClient | None:
         url = resolve_url(self.directory)  # (read per request: `serve --prometheus` may record it later)
@@ -559,15 +565,20 @@ class CatalogWeb:
             if prom is not None:
                 prom.close()
 
+    async def _render(self, fn: Callable[..., _R], *args: Any) -> _R:
+        async with self._slots:
+            result: _R = await self.blocking(fn, *args)
+            return result
+
     # JSON ---------------------------------------------------------------------------------------
 
     async def api_fleet(self, request: Request) -> Response:
         authorize(self.directory, request)
-        return JSONResponse(await self.blocking(self._fleet_doc), headers={"cache-control": "no-store"})
+        return JSONResponse(await self._render(self._fleet_doc), headers={"cache-control": "no-store"})
 
     async def api_host(self, request: Request) -> Response:
         authorize(self.directory, request)
-        doc = await self.blocking(self._card_doc, request.path_params["host_id"])
+        doc = await self._render(self._card_doc, request.path_params["host_id"])
         return JSONResponse(doc, headers={"cache-control": "no-store"})
 
     # pages --------------------------------------------------------------------------------------
@@ -594,13 +605,13 @@ class CatalogWeb:
 
     async def fleet_page(self, request: Request) -> Response:
         async def render() -> Response:
-            return _page("Fleet", fleet_html(await self.blocking(self._fleet_doc)))
+            return _page("Fleet", fleet_html(await self._render(self._fleet_doc)))
 
         return await self._guarded(request, render)
 
     async def host_page(self, request: Request) -> Response:
         async def render() -> Response:
-            doc, charts = await self.blocking(self._card_and_charts, request.path_params["host_id"])
+            doc, charts = await self._render(self._card_and_charts, request.path_params["host_id"])
             return _page(doc["host"]["host_name"], host_html(doc, charts))
 
         return await self._guarded(request, render)

@@ -11,6 +11,7 @@ import contextlib
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from agent.authority.catalog_web import RENDER_SLOTS
 from agent.authority.prom_query import PromClient, PromUnavailable, record_url
 from tests.authority.test_catalog_show import XSS_IMG, XSS_SCRIPT, Fleet, make_fleet
 from tests.authority.test_edges_and_budgets import Flow, exposition
@@ -442,4 +444,72 @@ def test_the_page_without_prometheus_configured(world: World, browser: Any) -> N
         assert browser.find_elements(By.CSS_SELECTOR, "#graph g.edge") == []
         assert re.search(r"team-web", browser.find_element(By.ID, "hosts").text)
     finally:
+        record_url(world.fleet.directory, world.prometheus)
+
+
+class Hung:
+    """A 'Prometheus' that accepts connections and never answers; counts how many are open."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lock = threading.Lock()
+        self.open = 0
+        self.most = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.open += 1
+                self.most = max(self.most, self.open)
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(4096):
+                pass
+        with self.lock:
+            self.open -= 1
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_hung_prometheus_holds_few_of_the_registry_threads(world: World) -> None:
+    """Catalog renders wait on Prometheus in the API's registry threads, which the hosts need
+    too: at most RENDER_SLOTS of them at once, so the rest of the API keeps answering."""
+    hung = Hung()
+    record_url(world.fleet.directory, f"http://127.0.0.1:{hung.port}")
+    headers = {"authorization": f"Bearer {world.token}"}
+    done: list[int] = []
+
+    def fetch() -> None:
+        r = httpx.get(f"{world.url}/v1/catalog", headers=headers, verify=world.authority.tls, timeout=60)
+        done.append(r.status_code)
+
+    threads = [threading.Thread(target=fetch) for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while hung.open < RENDER_SLOTS:  # the first renders are waiting on the hung Prometheus
+            assert time.monotonic() < deadline and not done, (hung.open, done)
+            time.sleep(0.05)
+        # Meanwhile the registry threads still serve the rest of the API.
+        targets = httpx.get(
+            f"{world.url}/v1/prometheus/targets", headers=headers, verify=world.authority.tls, timeout=30
+        )
+        assert targets.status_code == 200 and len(targets.json()) == 3
+        assert done == []  # (answered while every render was still waiting)
+        for t in threads:
+            t.join()
+        assert done == [200] * 6  # each said Prometheus did not answer, with the registry's facts
+        assert hung.most == RENDER_SLOTS
+    finally:
+        hung.close()
         record_url(world.fleet.directory, world.prometheus)
