@@ -285,4 +285,8 @@ def render_rules(hosts: Sequence[tuple[HostRecord, HostMeta]]) -> str:
     """`rules(hosts)` as the YAML file Prometheus loads, with a header saying what it is."""
     import yaml
 
-    return RULES_HEADER + yaml.safe_dump(rules(hosts), sort_keys=False, width=1000, allow_unicode=True)
+    # libyaml's dumper when PyYAML has it: the pure-Python one takes ~40 s for 1,000 hosts
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return RULES_HEADER + yaml.dump(
+        rules(hosts), Dumper=dumper, sort_keys=False, width=1000, allow_unicode=True
+    )
