@@ -171,7 +171,9 @@ def authority_setup(
         )
         stack.callback(fleet.stop)
         fleet.start()
-        pids = {r.name: r.pid for r in fleet.replicas}
+        pids: dict[str, int] = {}
+        for r in fleet.replicas:  # with --workers, a replica is its supervisor and the workers
+            (groups if workers > 1 else pids)[r.name] = r.pid
         for i, proc in enumerate(fleet.haproxy_procs):
             pids["haproxy" if i == 0 else f"haproxy{i}"] = proc.pid
         pids["reaper"] = reaper.pid
@@ -271,7 +273,7 @@ def run(args: argparse.Namespace, setup: Setup) -> dict[str, Any]:
         # that come up do, not a restart storm), then long polls and reports every interval.
         concurrency = max(1, args.prime_concurrency // k)
         replies, elapsed, used = _phase(pool, pids, setup.groups, "prime", concurrency=concurrency)
-        parsed = {how: sum(r[how] for r in replies) for how in ("whole", "after_catalog")}
+        parsed = {how: sum(r[how] for r in replies) for how in ("whole", "after_catalog", "gunzip_reused")}
         result["prime"] = {
             "primed": sum(r["primed"] for r in replies),
             "elapsed_s": round(elapsed, 1),

@@ -16,8 +16,10 @@ state, copied, fed the rest of its document: the same digest as `delta.digest`, 
 from __future__ import annotations
 
 import gc
+import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,3 +133,71 @@ def _shared_only(delta: dict[str, Any]) -> dict[str, Any]:
     """The delta without the host's own members (they are applied per agent)."""
     sets = {k: v for k, v in delta.get("set", {}).items() if k in wire.SHARED_MEMBERS}
     return {**delta, "set": sets}
+
+
+_SYNC_MARK = b"\x00\x00\xff\xff"  # what ends a sync-flushed deflate piece
+
+
+class Gunzip:
+    """A directory's gzip body decoded, reusing the decoded bytes of the last body this process
+    decoded in full. The authority deflates each shared piece (the catalog: ~2 MB at 10,000
+    hosts, 121 KB deflated) once per version, independently of what comes before, and ends it
+    with a sync flush (service.py `_deflated`): every host's body at a version starts with the
+    same compressed bytes. Only what follows the last piece boundary they share is inflated
+    here; the gzip trailer's CRC-32 and size, continued from the shared part's, prove the
+    result (otherwise the whole body is inflated). A shard's 5,000 first fetches at 10,000
+    hosts otherwise inflated 10 GB: ~5 ms each, the simulator's own limit on the prime."""
+
+    def __init__(self) -> None:
+        self.ref = b""  # the last body inflated in full, and what it inflated to
+        self.ref_decoded = b""
+        self.cuts: dict[int, tuple[int, int]] = {}  # compressed offset -> (decoded length, its crc)
+        self.reused = 0
+
+    def decode(self, body: bytes) -> bytes:
+        decoded = self._reuse(body) if self.ref else None
+        if decoded is not None:
+            self.reused += 1
+            return decoded
+        decoded = gzip.decompress(body)
+        self.ref, self.ref_decoded, self.cuts = body, decoded, {}
+        return decoded
+
+    def _reuse(self, body: bytes) -> bytes | None:
+        if len(body) < 18 or body[:10] != self.ref[:10]:
+            return None
+        shared = _common_prefix(self.ref, body)
+        crc_want = int.from_bytes(body[-8:-4], "little")
+        size_want = int.from_bytes(body[-4:], "little")
+        end = shared
+        for _ in range(3):  # (a marker's bytes may occur inside a piece: the CRC tells)
+            mark = self.ref.rfind(_SYNC_MARK, 10, end)
+            if mark < 0:
+                return None
+            cut, end = mark + len(_SYNC_MARK), mark
+            n, crc = self._cut(cut)
+            try:
+                tail = zlib.decompressobj(-15).decompress(body[cut:-8])
+            except zlib.error:
+                continue
+            if zlib.crc32(tail, crc) == crc_want and (n + len(tail)) & 0xFFFFFFFF == size_want:
+                return self.ref_decoded[:n] + tail
+        return None
+
+    def _cut(self, cut: int) -> tuple[int, int]:
+        if cut not in self.cuts:
+            n = len(zlib.decompressobj(-15).decompress(self.ref[10:cut]))
+            self.cuts[cut] = (n, zlib.crc32(self.ref_decoded[:n]))
+        return self.cuts[cut]
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the longest common prefix (binary search on slices: memcmp, not a loop)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -26,6 +26,8 @@ from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
+import httpx
+
 from agent.identity import delta as wire
 from bench.fleet_agents import (
     LONG_POLL_S,
@@ -37,7 +39,7 @@ from bench.fleet_agents import (
     make_hosts,
     raise_file_limit,
 )
-from bench.fleet_directory import Directories, Held
+from bench.fleet_directory import Directories, Gunzip, Held
 from bench.fleet_reaper import die_with_parent
 
 
@@ -65,6 +67,7 @@ class Shard:
     answers: Counter[str] = field(default_factory=Counter)  # long polls' answers by status
     directories: Directories = field(init=False)
     held: dict[int, Held] = field(default_factory=dict)
+    gunzip: Gunzip = field(default_factory=Gunzip)
 
     def __post_init__(self) -> None:
         self.directories = Directories(self.settings.victim_entry)
@@ -119,37 +122,61 @@ class Shard:
         from then on reports and long polls, as a fleet that comes up does. All at once, the
         agents' thousands of new connections overflowed the accept queues (SYNs dropped,
         connect timeouts, retries: a storm of the simulator's own making); started after a
-        slow prime, their connections had gone idle past the client's keep-alive."""
+        slow prime, their connections had gone idle past the client's keep-alive. Without
+        long polls an agent's first report is what the gate lets through (10,000 agents'
+        first reports at once: 9,200 connect timeouts in a 10,000-host run, no report
+        answered)."""
         gate = asyncio.Semaphore(concurrency)
         fetched = [0, 0]  # done, refused
         all_fetched = asyncio.Event()
-        polling = len(self.hosts) if self.settings.long_polls else 0
+        starting = len(self.hosts)
 
         async def first_fetch(host: SimHost) -> None:
-            if self.settings.long_polls:
-                async with gate:
-                    try:
+            async with gate:
+                try:
+                    if self.settings.long_polls:
                         await self._fetch(host)
-                    except Refused:
-                        fetched[1] += 1
-                    fetched[0] += 1
-                    if fetched[0] == polling:
-                        all_fetched.set()
+                    else:
+                        await self.api.report(host, self.settings.heartbeat_s)
+                except Refused:
+                    fetched[1] += 1
+                fetched[0] += 1
+                if fetched[0] == starting:
+                    all_fetched.set()
 
         self.agents = [asyncio.create_task(self._agent(h, first_fetch)) for h in self.hosts]
-        if polling:
+        if starting:
             await all_fetched.wait()
-        return {"primed": polling - fetched[1], "calls": self.api.calls.take(), **self.directories.parsed}
+        return {
+            "primed": starting - fetched[1],
+            "calls": self.api.calls.take(),
+            "gunzip_reused": self.gunzip.reused,
+            **self.directories.parsed,
+        }
 
     async def _fetch(self, host: SimHost) -> None:
         """The whole document (no If-None-Match, no A-IM), as an agent's first fetch."""
         held = self.held.setdefault(host.index, Held())
-        response = await self.api.call(
-            "host_config", host, lambda c: c.get("/v1/host/config", headers=self._auth(host))
-        )
+        raw = [b""]
+
+        async def get(c: httpx.AsyncClient) -> httpx.Response:
+            # The body as sent (gzip), inflated here reusing the shared pieces (Gunzip).
+            response = await c.send(
+                c.build_request("GET", "/v1/host/config", headers=self._auth(host)), stream=True
+            )
+            try:
+                raw[0] = b"".join([chunk async for chunk in response.aiter_raw()])
+            finally:
+                await response.aclose()
+            return response
+
+        response = await self.api.call("host_config", host, get)
         if response.status_code == 200:
+            body = raw[0]
+            if response.headers.get("content-encoding") == "gzip":
+                body = self.gunzip.decode(body)
             version = response.headers.get(wire.VERSION_HEADER, "")
-            self.directories.full(held, response.content, response.headers.get("etag", ""), version)
+            self.directories.full(held, body, response.headers.get("etag", ""), version)
 
     def _auth(self, host: SimHost) -> dict[str, str]:
         return {"authorization": f"Bearer {host.api_token}"}
@@ -219,7 +246,7 @@ class Shard:
 
     async def _agent(self, host: SimHost, first_fetch: Callable[[SimHost], Awaitable[None]]) -> None:
         await first_fetch(host)
-        beat = asyncio.create_task(self._heartbeats(host))
+        beat = asyncio.create_task(self._heartbeats(host, reported=not self.settings.long_polls))
         try:
             if not self.settings.long_polls:
                 await self.stop.wait()  # reports only
@@ -236,7 +263,9 @@ class Shard:
         finally:
             beat.cancel()
 
-    async def _heartbeats(self, host: SimHost) -> None:
+    async def _heartbeats(self, host: SimHost, reported: bool) -> None:
+        if reported:  # (the first report was the agent's start)
+            await asyncio.sleep(self.settings.heartbeat_s)
         while True:
             with contextlib.suppress(Refused):
                 await self.api.report(host, self.settings.heartbeat_s)
