@@ -254,7 +254,7 @@ def graph_svg(doc: dict[str, Any]) -> str:
     for e in doc["edges"]:
         (x1, y1), (x2, y2) = pos[e["src"]], pos[e["dst"]]
         title = (
-            f"{_label(e['src'], [])} -> {_label(e['dst'], [])}: {service_catalog.rate_text(e['rps'])}, "
+            f"{_label(e['src'], [])} -> {_label(e['dst'], [])}: {service_catalog.rate_text(e)}, "
             f"success {service_catalog.percent(e['success_rate'], 2)}"
         )
         if (x1, y1) == (x2, y2):  # a workload calling itself: a loop above its node
@@ -315,13 +315,15 @@ def _edges_table(edges: list[dict[str, Any]], peer: str, table_id: str) -> str:
     rows = "".join(
         f'<tr data-src="{esc(e["src"])}" data-dst="{esc(e["dst"])}">'
         f"<td>{_host_link(e[peer + '_host'], e[peer] or '(no identity)')}</td>"
-        f"<td>{esc(service_catalog.rate_text(e['rps']))}</td>"
+        f"<td>{esc(service_catalog.rate_text(e))}</td>"
+        f"<td>{esc(service_catalog.connections_text(e))}</td>"
         f"<td>{esc(service_catalog.percent(e['success_rate'], 2))}</td>"
         f"<td>{'-' if e['p99_ms'] is None else esc(format(e['p99_ms'], 'g')) + ' ms'}</td></tr>"
         for e in edges
     )
     return (
-        f'<table id="{table_id}"><thead><tr><th>Peer</th><th>Rate</th><th>Success</th><th>p99</th></tr>'
+        f'<table id="{table_id}"><thead><tr><th>Peer</th><th>Rate</th><th>Connections</th>'
+        "<th>Success</th><th>p99</th></tr>"
         f"</thead><tbody>{rows}</tbody></table>"
     )
 

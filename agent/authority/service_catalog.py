@@ -129,14 +129,23 @@ def find_host(hosts: Sequence[HostRecord], ref: str) -> HostRecord:
 
 
 def _budgets(prom: _Prom, host_id: str, meta: HostMeta) -> list[Budget]:
+    return _fleet_budgets(prom, {host_id: meta}).get(host_id, [])
+
+
+def _fleet_budgets(prom: _Prom, metas: dict[str, HostMeta]) -> dict[str, list[Budget]]:
+    """Budgets of many hosts in a few queries (one per SLO shape and window: slo.fleet_budgets)."""
     client = prom.usable()
-    if client is None or not meta.slos:
-        return []
+    with_slos = {host_id: meta for host_id, meta in metas.items() if meta.slos}
+    if client is None or not with_slos:
+        return {}
     try:
-        return slo_mod.budgets(client, host_id, meta)
+        if len(with_slos) == 1:
+            ((host_id, meta),) = with_slos.items()
+            return {host_id: slo_mod.budgets(client, host_id, meta)}
+        return slo_mod.fleet_budgets(client, with_slos)
     except MeshagentError as exc:
         prom.failed(exc)
-        return []
+        return {}
 
 
 def _edges(
@@ -186,17 +195,17 @@ def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
     now = authority.clock()
     identity_of = _identity_of(authority)
     p = _Prom(prom)
+    budgets = _fleet_budgets(p, {h.id: metas.get(h.id, HostMeta()) for h in hosts if not h.revoked})
     rows = []
     for host in hosts:
-        meta = metas.get(host.id, HostMeta())
         latest = registry.events(host.id, limit=1)
         rows.append(
             FleetRow(
                 host,
-                meta,
+                metas.get(host.id, HostMeta()),
                 health.stored_fleet_health(host, now, reports).state,
                 identity_of(host),
-                [] if host.revoked else _budgets(p, host.id, meta),
+                budgets.get(host.id, []),
                 latest[0] if latest else None,
             )
         )
@@ -240,6 +249,7 @@ def edge_doc(e: Edge) -> dict[str, Any]:
         "rps": _float(e.rps),
         "success_rate": _float(e.success_rate),
         "p99_ms": _float(e.p99_ms),
+        "connections": _float(e.connections),
     }
 
 
@@ -375,5 +385,14 @@ def slo_text(slo: dict[str, Any]) -> str:
     return f"{slo['name']}: {what} over {slo['window_days']}d ({where})"
 
 
-def rate_text(rps: float | None) -> str:
-    return "-" if rps is None else f"{rps:.2f}/s"
+def rate_text(edge: dict[str, Any]) -> str:
+    """An edge's request rate; "-" for a connection-only edge (TCP, no HTTP responses)."""
+    if edge["rps"] is None or (not edge["requests"] and edge.get("connections")):
+        return "-"
+    return f"{edge['rps']:.2f}/s"
+
+
+def connections_text(edge: dict[str, Any]) -> str:
+    """TCP connections the edge opened over the window."""
+    n = edge.get("connections")
+    return "-" if n is None else f"{n:.0f}"

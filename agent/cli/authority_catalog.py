@@ -48,7 +48,7 @@ def _print_fleet(doc: dict[str, Any]) -> None:
 
 
 def _edges(title: str, edges: list[dict[str, Any]], peer: str) -> None:
-    from agent.authority.service_catalog import percent, rate_text
+    from agent.authority.service_catalog import connections_text, percent, rate_text
 
     click.echo(f"\n{title}:")
     if not edges:
@@ -58,13 +58,14 @@ def _edges(title: str, edges: list[dict[str, Any]], peer: str) -> None:
         (
             e[peer] or "(no identity)",
             e[f"{peer}_host"] or "-",
-            rate_text(e["rps"]),
+            rate_text(e),
+            connections_text(e),
             percent(e["success_rate"], 2),
             "-" if e["p99_ms"] is None else f"{e['p99_ms']:g}ms",
         )
         for e in edges
     ]
-    lines = table(["PEER", "HOST", "RATE", "SUCCESS", "P99"], rows).splitlines()
+    lines = table(["PEER", "HOST", "RATE", "CONNS", "SUCCESS", "P99"], rows).splitlines()
     click.echo("\n".join("  " + line for line in lines))
 
 

@@ -242,7 +242,9 @@ def test_the_fleet_page_shows_the_hosts_and_the_graph_the_cli_shows(world: World
     assert web[:5] == ["web-1", "team-web", "1", "silent", "ok"]
     assert 45 < float(web[5].rstrip("%")) < 55  # 0.05 % failures against a 0.1 % budget
     assert "metadata_changed" in web[6]
-    assert rows[world.fleet.ids["db-1"]][1] == XSS_IMG  # the text itself, not an element
+    db = rows[world.fleet.ids["db-1"]]
+    assert db[1] == XSS_IMG  # the text itself, not an element
+    assert db[4:6] == ["ok", "100.0%"]  # no failures into db-1: its whole budget left
 
     nodes = {
         n.get_attribute("data-node"): n.get_attribute("data-hosts")

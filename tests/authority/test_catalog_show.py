@@ -37,6 +37,7 @@ DB_META = {
     "system": "shop",
     "tier": "2",
     "links": [{"title": XSS_SCRIPT, "url": "https://example.com/?q=%22%3E%3Cscript%3E"}],
+    "slos": [{"name": "availability", "kind": "availability", "objective": 99.0}],
 }
 
 
