@@ -99,7 +99,7 @@ def cli(log_level: str, log_format: str) -> None:
       meshagent enroll <TOKEN>
       meshagent status
 
-    Exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 not enrolled, 5 authority unreachable,
+    Exit codes: 0 ok, 1 failure, 2 usage, 3 config, 4 not enrolled, 5 authority or Prometheus unreachable,
     6 refused by the authority, 7 authority not trusted, 8 clock skew, 9 state directory unusable.
     """
     configure(log_level, log_format)
