@@ -10,7 +10,7 @@ Prometheus costs one timeout, not one per host.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -92,7 +92,8 @@ class _Prom:
         log.warning("catalog.prometheus_failed", error=exc.message)
 
 
-def _identity_of(authority: Authority) -> Any:
+def _identity_of(authority: Authority) -> Callable[[HostRecord], str]:
+    """A host's mesh DNS identity (what the metrics' client_id/server_id name it by)."""
     cache: dict[str, str] = {}
 
     def identity_of(host: HostRecord) -> str:
