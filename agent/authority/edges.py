@@ -130,7 +130,9 @@ def _view(prom: PromClient, direction: str, peer: str, window: str, at: float) -
     """What one direction's series say per (host_id, peer identity) over `window`: responses,
     successes, p99, and TCP connections opened. A pair is seen if it had a response, opened a
     connection, or holds one open now (a quiet pool, or a protocol that is not HTTP)."""
-    sel = f'direction="{direction}"'
+    # Only the meshed hosts' series (the discovery endpoint labels them host_id): the cluster's
+    # own linkerd-proxies, scraped by the same Prometheus, write the same families without it.
+    sel = f'direction="{direction}",host_id!=""'
     leg = f'{sel},peer="{_LEG[direction]}"'
     by = f"host_id, {peer}"
     total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer, at)

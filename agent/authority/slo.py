@@ -84,8 +84,9 @@ def quote(value: str) -> str:
 
 def _selector(host_id: str | None, slo: Slo, *extra: str) -> str:
     matchers = [f"direction={quote(slo.direction)}"]
-    if host_id is not None:
-        matchers.append(f"host_id={quote(host_id)}")
+    # The whole fleet: only series a host's agent wrote (in-cluster proxies write the same
+    # families without host_id).
+    matchers.append('host_id!=""' if host_id is None else f"host_id={quote(host_id)}")
     if slo.port is not None:
         matchers.append(f"target_port={quote(str(slo.port))}")
     return "{" + ",".join([*matchers, *extra]) + "}"

@@ -123,6 +123,13 @@ FLOWS: dict[str, list[Flow]] = {
         Flow("inbound", dns("web"), 0.5, tcp_only=True, port=5432),  # a database protocol
         Flow("inbound", dns("monitor"), 0.0, tcp_only=True, port=5432),  # a quiet pooled connection
     ],
+    # An in-cluster linkerd-proxy scraped by the same Prometheus: the same families, no host_id.
+    # None of it is a host's edge or counts toward a host's budget.
+    "pod": [
+        Flow("inbound", dns("web"), 6.0, fail=0.5),
+        Flow("outbound", dns("api"), 2.0, fail=0.5),
+        Flow("outbound", "", 1.0),
+    ],
 }
 
 
@@ -279,6 +286,15 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
         }
         for role, h in hosts.items()
     ]
+    jobs.append(
+        {
+            "job_name": "linkerd-proxy",
+            "metrics_path": "/metrics/pod",
+            "static_configs": [
+                {"targets": [f"127.0.0.1:{exporter.port}"], "labels": {"namespace": "shop", "pod": "web-7d9"}}
+            ],
+        }
+    )
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(d / "rules.yml")],
