@@ -47,6 +47,7 @@ from agent.errors import MeshagentError
 from agent.fsutil import write_atomic
 from agent.identity.names import InvalidName, WorkloadIdentity
 
+from .host_meta import HostMeta
 from .storage import HostRecord
 
 API_VERSION = "backstage.io/v1alpha1"
@@ -78,23 +79,6 @@ class BackstageExportError(MeshagentError):
     code = "backstage_export_failed"
 
 
-class MetaLike(Protocol):
-    """What the export reads of host_meta.HostMeta (meta's)."""
-
-    @property
-    def owner_team(self) -> str: ...
-    @property
-    def owner_contact(self) -> str: ...
-    @property
-    def description(self) -> str: ...
-    @property
-    def system(self) -> str: ...
-    @property
-    def tier(self) -> str: ...
-    @property
-    def links(self) -> tuple[tuple[str, str], ...]: ...
-
-
 class EdgeLike(Protocol):
     """What the export reads of edges.Edge (slo's)."""
 
@@ -106,19 +90,6 @@ class EdgeLike(Protocol):
     def src_host(self) -> str | None: ...
     @property
     def dst_host(self) -> str | None: ...
-
-
-@dataclass(frozen=True)
-class _NoMeta:
-    owner_team: str = ""
-    owner_contact: str = ""
-    description: str = ""
-    system: str = ""
-    tier: str = ""
-    links: tuple[tuple[str, str], ...] = ()
-
-
-NO_META: MetaLike = _NoMeta()
 
 
 @dataclass(frozen=True)
@@ -294,7 +265,7 @@ def depends_on(
 def component_doc(
     host: HostRecord,
     name: str,
-    meta: MetaLike,
+    meta: HostMeta,
     spiffe_id: str,
     depends: Sequence[str] | None,
     options: Options,
@@ -349,7 +320,7 @@ def component_doc(
 
 def export(
     hosts: Sequence[HostRecord],
-    metas: Mapping[str, MetaLike],
+    metas: Mapping[str, HostMeta],
     edges: Iterable[EdgeLike] | None,
     identity_of: Callable[[HostRecord], str],
     spiffe_id_of: Callable[[HostRecord], str],
@@ -371,7 +342,7 @@ def export(
         doc, warnings = component_doc(
             host,
             names[host.id],
-            metas.get(host.id, NO_META),
+            metas.get(host.id, HostMeta()),
             spiffe_id_of(host),
             None if deps is None else deps.refs.get(host.id, []),
             options,
@@ -420,30 +391,54 @@ def _exported_by_us(path: Path) -> bool:
     return isinstance(annotations, dict) and annotations.get(ANNOTATION_EXPORTED_BY) == "meshagent"
 
 
+LOCATION_NAME = "meshagent-hosts"
+
+
+def location_doc(components: Sequence[Component]) -> dict[str, Any]:
+    """The Location at the directory's root listing every component's file (relative targets:
+    Backstage resolves them against the Location's own place, file or URL), so one registration
+    follows the fleet, and a host no longer exported leaves Backstage with the next export."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Location",
+        "metadata": {
+            "name": LOCATION_NAME,
+            "description": "Hosts in the mesh, exported by meshagent authority backstage export",
+            "annotations": {ANNOTATION_EXPORTED_BY: "meshagent"},
+        },
+        "spec": {"targets": sorted(f"./{c.path}" for c in components)},
+    }
+
+
+def _write_if_changed(path: Path, text: str) -> bool:
+    """Replace `path` atomically with `text` unless it holds it already; whether it wrote."""
+    try:
+        if path.is_file() and path.read_text() == text:
+            return False
+        path.parent.mkdir(exist_ok=True)
+        write_atomic(path, text.encode(), mode=0o644)
+    except OSError as exc:
+        raise BackstageExportError(
+            f"cannot write {path}: {exc.strerror}", "check the directory's permissions and free space"
+        ) from exc
+    return True
+
+
 def write_tree(result: Export, directory: Path, prune: bool = False) -> Written:
-    """`<name>/catalog-info.yaml` per component below `directory`, each replaced atomically and
-    only when its text changed (a GitOps diff shows real changes only)."""
+    """`<name>/catalog-info.yaml` per component below `directory`, and `catalog-info.yaml` at its
+    root (the Location of them all), each replaced atomically and only when its text changed (a
+    GitOps diff shows real changes only)."""
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BackstageExportError(
             f"cannot create {directory}: {exc.strerror}", "choose another --output-dir"
         ) from exc
-    written, unchanged = [], []
-    for component in result.components:
-        path = directory / component.path
-        text = render(component.doc)
-        try:
-            if path.is_file() and path.read_text() == text:
-                unchanged.append(component.path)
-                continue
-            path.parent.mkdir(exist_ok=True)
-            write_atomic(path, text.encode(), mode=0o644)
-        except OSError as exc:
-            raise BackstageExportError(
-                f"cannot write {path}: {exc.strerror}", "check the directory's permissions and free space"
-            ) from exc
-        written.append(component.path)
+    written: list[str] = []
+    unchanged: list[str] = []
+    files = [(c.path, c.doc) for c in result.components] + [(FILE_NAME, location_doc(result.components))]
+    for rel, doc in files:
+        (written if _write_if_changed(directory / rel, render(doc)) else unchanged).append(rel)
     current = {c.path for c in result.components}
     stale = sorted(
         p.relative_to(directory).as_posix()

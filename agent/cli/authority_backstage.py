@@ -99,11 +99,13 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         Without Prometheus (unset or not answering) the components are written without
         dependsOn and stderr says why (--require-edges makes that a failure).
         \b
-        Register in Backstage (app-config.yaml):
+        With --output-dir, DIR/catalog-info.yaml is a Location listing every component's file:
+        register it once in Backstage (app-config.yaml, or a URL where DIR is committed):
           catalog:
             locations:
               - type: file
-                target: /path/to/DIR/*/catalog-info.yaml
+                target: /path/to/DIR/catalog-info.yaml
+        and hosts that join or leave follow with each export.
         """
         from agent.authority import backstage as bs
         from agent.authority import service_catalog
@@ -207,8 +209,8 @@ def _print_report(report: dict[str, Any]) -> None:
             click.echo(printable(f"wrote {path}"))
         click.echo(
             printable(
-                f"{len(report['components'])} components in {where}: {len(report['written'])} written, "
-                f"{len(report['unchanged'])} unchanged"
+                f"{len(report['components'])} components and their Location (catalog-info.yaml) in "
+                f"{where}: {len(report['written'])} files written, {len(report['unchanged'])} unchanged"
             )
         )
         for path in report["stale"]:

@@ -21,6 +21,7 @@ import yaml
 from referencing import Registry, Resource
 
 from agent.authority import backstage as bs
+from agent.authority.host_meta import HostMeta
 from agent.authority.storage import HostRecord
 
 SCHEMAS = Path(__file__).parent / "schemas" / "backstage"
@@ -28,9 +29,9 @@ TD = "cluster.local"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def _validator() -> jsonschema.Draft7Validator:
+def _validator(kind: str) -> jsonschema.Draft7Validator:
     files = [
-        "kinds/Component.v1alpha1.schema.json",
+        f"kinds/{kind}.v1alpha1.schema.json",
         "Entity.schema.json",
         "EntityMeta.schema.json",
         "shared/common.schema.json",
@@ -41,7 +42,8 @@ def _validator() -> jsonschema.Draft7Validator:
     return jsonschema.Draft7Validator(docs[0], registry=registry)
 
 
-COMPONENT = _validator()
+COMPONENT = _validator("Component")
+LOCATION = _validator("Location")
 # Backstage's validation/KubernetesValidatorFunctions.ts and CommonValidatorFunctions.ts.
 _OBJECT_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]+(\-[a-z0-9]+)*$")
@@ -86,17 +88,9 @@ def assert_backstage_valid(doc: dict[str, Any]) -> None:
 
 
 @dataclass(frozen=True)
-class Meta:
-    owner_team: str = ""
-    owner_contact: str = ""
-    description: str = ""
-    system: str = ""
-    tier: str = ""
-    links: tuple[tuple[str, str], ...] = ()
-
-
-@dataclass(frozen=True)
 class Edge:
+    """What backstage reads of edges.Edge (its EdgeLike)."""
+
     src: str
     dst: str
     src_host: str | None
@@ -197,7 +191,7 @@ def test_a_suffixed_name_taken_by_another_hosts_own_name_gets_the_full_id() -> N
 
 def test_host_with_metadata() -> None:
     h = host("h-000000000001", "legacy-db-1")
-    meta = Meta(
+    meta = HostMeta(
         owner_team="Team A",
         owner_contact="team-a@example.com",
         description="Billing database",
@@ -268,7 +262,7 @@ def test_revoked_hosts_are_skipped_and_a_bad_lifecycle_refused() -> None:
 def test_html_and_script_in_metadata_are_yaml_strings() -> None:
     evil = '<script>alert("x")</script>\n{{ x }} &amp; ${y} *ref !!python/object:os.system'
     h = host("h-000000000001", "web")
-    meta = Meta(
+    meta = HostMeta(
         owner_team="<b>team</b>", owner_contact=evil, description=evil, system="<img src=x>", tier="!!str"
     )
     [c] = run_export([h], {h.id: meta}).components
@@ -358,3 +352,17 @@ def test_the_schema_check_refuses_what_backstage_refuses() -> None:
         assert list(COMPONENT.iter_errors(bad)), bad
     with pytest.raises(AssertionError):
         assert_backstage_valid({**ok, "metadata": {**ok["metadata"], "name": "-bad"}})
+
+
+def assert_location_valid(doc: dict[str, Any]) -> None:
+    errors = sorted(LOCATION.iter_errors(doc), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message}" for e in errors]
+    assert _is_object_name(doc["metadata"]["name"])
+
+
+def test_the_location_lists_every_component_file_relative_to_itself() -> None:
+    hosts = [host("h-000000000001", "b"), host("h-000000000002", "a", enrolled=1)]
+    doc = bs.location_doc(run_export(hosts).components)
+    assert_location_valid(doc)
+    assert doc["spec"] == {"targets": ["./a/catalog-info.yaml", "./b/catalog-info.yaml"]}
+    assert list(COMPONENT.iter_errors(doc))  # a Location is no Component: the check tells them apart

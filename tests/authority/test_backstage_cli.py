@@ -19,7 +19,7 @@ from agent.authority.host_meta import parse_meta
 from agent.authority.prom_query import PROMETHEUS_ENV
 from agent.authority.service import Authority
 from agent.identity.pki import generate_key, make_csr
-from tests.authority.test_backstage import assert_backstage_valid
+from tests.authority.test_backstage import assert_backstage_valid, assert_location_valid
 from tests.support import free_port, init_authority, run_cli
 
 SCRIPT = '<script>alert("x")</script>'
@@ -117,7 +117,12 @@ def test_output_dir_writes_one_file_per_host_then_only_changes(fleet: Fleet, tmp
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
     paths = sorted(c["path"] for c in report["components"])
-    assert sorted(report["written"]) == paths and report["unchanged"] == [] and len(paths) == 3
+    assert sorted(report["written"]) == sorted([*paths, "catalog-info.yaml"]) and len(paths) == 3
+    assert report["unchanged"] == []
+    # The directory's own catalog-info.yaml: the Location to register once in Backstage.
+    location = yaml.safe_load((out / "catalog-info.yaml").read_text())
+    assert_location_valid(location)
+    assert location["spec"]["targets"] == sorted(f"./{p}" for p in paths)
     assert report["skipped"] == [{"host_id": fleet.ids["old"], "reason": "revoked"}]
     assert report["depends_on"].startswith("omitted: no Prometheus")
     for rel in paths:
@@ -125,9 +130,10 @@ def test_output_dir_writes_one_file_per_host_then_only_changes(fleet: Fleet, tmp
         assert_backstage_valid(doc)
         assert doc["spec"]["lifecycle"] == "experimental"
         assert rel == f"{doc['metadata']['name']}/catalog-info.yaml"
+    # no temp files left
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        p.split("/")[0] for p in paths
-    )  # no temp files left
+        [*(p.split("/")[0] for p in paths), "catalog-info.yaml"]
+    )
 
     # Again: nothing rewritten. A stray earlier export of a gone host is reported, then pruned;
     # a file this export did not write is never touched.
@@ -139,7 +145,7 @@ def test_output_dir_writes_one_file_per_host_then_only_changes(fleet: Fleet, tmp
     report = json.loads(
         export(fleet, "--output-dir", str(out), "--json", "--lifecycle", "experimental").stdout
     )
-    assert report["written"] == [] and sorted(report["unchanged"]) == paths
+    assert report["written"] == [] and sorted(report["unchanged"]) == sorted([*paths, "catalog-info.yaml"])
     assert report["stale"] == ["gone/catalog-info.yaml"] and report["pruned"] == []
     assert {rel: (out / rel).stat().st_mtime_ns for rel in paths} == mtimes
     proc = export(fleet, "--output-dir", str(out), "--lifecycle", "experimental", "--prune")
@@ -149,7 +155,7 @@ def test_output_dir_writes_one_file_per_host_then_only_changes(fleet: Fleet, tmp
     # A different lifecycle changes every file.
     proc = export(fleet, "--output-dir", str(out))
     assert proc.returncode == 0
-    assert proc.stdout.count("wrote ") == 3 and "3 written, 0 unchanged" in proc.stdout
+    assert proc.stdout.count("wrote ") == 3 and "3 files written, 1 unchanged" in proc.stdout
 
 
 def test_output_file_is_the_same_stream(fleet: Fleet, tmp_path: Path) -> None:
