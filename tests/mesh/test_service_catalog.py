@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,7 +52,7 @@ SA = {"a": "web", "b": "orders", "c": "payments", "k": "checkout"}  # service ac
 DNS = {name: linkerd_name(sa, "shop") for name, sa in SA.items()}
 PATTERN = (("a", "b"), ("b", "c"), ("a", "k"), ("k", "c"))
 RPS, SECONDS = 10, 15  # per edge: 150 requests, paced by the client
-WINDOW_S = SECONDS + 8  # the edges' window: the measured traffic and the scrapes after it
+WINDOW_S = 60  # the edges' window: the measured traffic and the one warm-up request per edge
 FAST_BURN = "MeshagentSLOFastBurn"  # agent/authority/slo.py ALERTS
 
 
@@ -113,6 +112,16 @@ class World:
         ).stdout  # fmt: skip
         body, _, code = out.rpartition("\n")
         return int(code), body
+
+    def wait_scraped(self, name: str, direction: str, responses: int) -> None:
+        """Until Prometheus holds every response the host's agent counted so far (`responses`,
+        what the clients sent): the numbers below are then the whole traffic's."""
+        promql = f'sum(response_total{{direction="{direction}",host_id="{self.host_id(name)}"}})'
+        wait_for(
+            lambda: [float(r["value"][1]) for r in query(self.mesh, self.prom, promql)] == [responses],  # type: ignore[index]
+            f"{name}'s {responses} {direction} responses scraped",
+            timeout=30,
+        )
 
     def prom_api(self, path: str) -> Any:
         doc = json.loads(self.mesh.cl.run("curl", "-sf", f"{self.prom}/api/v1/{path}").stdout)
@@ -258,7 +267,10 @@ def test_edges_are_exactly_the_traffic_with_the_clients_counts(world: World) -> 
     counts = world.traffic(PATTERN, RPS * SECONDS, RPS)
     for edge, n in counts.items():
         assert n == {"sent": RPS * SECONDS, "ok": RPS * SECONDS, "failed": 0, "errors": 0}, (edge, n)
-    time.sleep(3)  # two scrapes after the last request
+    # What the agents counted is in Prometheus: every request of the clients, and the warm-up's.
+    world.wait_scraped("a", "outbound", 2 + 2 * RPS * SECONDS)
+    world.wait_scraped("b", "inbound", 1 + RPS * SECONDS)
+    world.wait_scraped("c", "inbound", 2 + 2 * RPS * SECONDS)
     expected = {(DNS[src], DNS[dst]): counts[f"{src}->{dst}"]["ok"] for src, dst in PATTERN}
     ids = {name: world.host_id(name) for name in ("a", "b", "c")}
 
@@ -278,15 +290,14 @@ def test_edges_are_exactly_the_traffic_with_the_clients_counts(world: World) -> 
     into_c = world.authority_json("edges", "c", "--window", f"{WINDOW_S}s")["edges"]
     assert {(e["src"], e["dst"]) for e in into_c} == {(DNS["b"], DNS["c"]), (DNS["k"], DNS["c"])}, into_c
 
-    # The fleet as `catalog show --json` gives it (the page's data): the same edges. (Its
-    # window is 5 minutes: the measured traffic and the one warm-up request per edge.)
+    # The fleet as `catalog show --json` gives it (the page's data): the same edges.
     fleet = world.authority_json("catalog", "show")
     assert fleet["prometheus_error"] is None, fleet
     got = {(e["src"], e["dst"]): e for e in fleet["edges"]}
     print("edges (catalog show):", {f"{_short(s)}->{_short(d)}": e["requests"] for (s, d), e in got.items()})
     assert set(got) == set(expected), fleet["edges"]
     for (src, dst), e in got.items():
-        assert e["requests"] == pytest.approx(expected[(src, dst)] + 1, rel=0.15), e
+        assert e["requests"] == pytest.approx(expected[(src, dst)], rel=0.15), e
         assert e["success_rate"] == 1.0, e
     for (src, dst), e in got.items():
         assert (e["src_host"], e["dst_host"]) == (host_of.get(src), host_of.get(dst)), e
@@ -332,6 +343,8 @@ def test_failures_fire_the_fast_burn_alert_and_spend_the_budget(world: World) ->
     failed = sum(n["failed"] for n in counts.values())
     served = sum(n["ok"] + n["failed"] for n in counts.values())
     assert failed == served // 5 and sum(n["errors"] for n in counts.values()) == 0, counts
+
+    world.wait_scraped("c", "inbound", 2 + 2 * RPS * SECONDS + served)
 
     # The fast-burn alert fires in Prometheus (its own API), labelled with host, owner and SLO.
     firing = lambda: [a["state"] for a in world.fast_burn(c)] == ["firing"]  # noqa: E731
