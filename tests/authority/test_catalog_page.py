@@ -405,6 +405,8 @@ def test_the_json_api_is_the_cli_json(world: World) -> None:
     ]
     missing = httpx.get(f"{world.url}/v1/catalog/hosts/nope", headers=headers, verify=tls, timeout=30)
     assert missing.status_code == 404 and missing.json()["code"] == "not_found"
+    spec = httpx.get(f"{world.url}/v1/openapi.json", verify=tls, timeout=30).json()
+    assert {"/v1/catalog", "/v1/catalog/hosts/{host_id}", "/catalog", "/catalog/login"} <= set(spec["paths"])
 
 
 def test_prometheus_unreachable_the_page_says_so_and_shows_the_registry(world: World, browser: Any) -> None:
