@@ -279,13 +279,13 @@ def load_report(text: str) -> HostReport | None:
 # beside the report (storage: host_reports.state); compared when a batch of reports is written.
 # Short and canonical, so an unchanged host compares equal however its details (probe texts,
 # times) vary.
+_STATE_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def report_state(report: HostReport) -> str:
     probes = sorted([p.port, p.kind, p.ok] for p in report.probes)
-    return json.dumps(
-        {"v": report.agent_version, "s": report.started_at, "r": report.ready, "p": probes},
-        separators=(",", ":"),
-        sort_keys=True,
-    )
+    # [version, started_at, ready, probes]: a list, not an object (half the cost to encode).
+    return _STATE_ENCODER.encode([report.agent_version, report.started_at, report.ready, probes])
 
 
 def state_changes(old_state: str, new_state: str, report: HostReport | None) -> list[tuple[str, str]]:
@@ -293,19 +293,22 @@ def state_changes(old_state: str, new_state: str, report: HostReport | None) -> 
     agent_version_changed, restarted, not_ready/ready, probe_failing/probe_recovered. `report`
     (the new one, when it parses) gives the details: the reason, a probe's own words."""
     try:
-        old, new = json.loads(old_state), json.loads(new_state)
-        old_probes = {(p[0], p[1]): bool(p[2]) for p in old["p"]}
-        new_probes = {(p[0], p[1]): bool(p[2]) for p in new["p"]}
+        (old_version, old_start, old_ready, old_list), (version, start, ready, new_list) = (
+            json.loads(old_state),
+            json.loads(new_state),
+        )
+        old_probes = {(p[0], p[1]): bool(p[2]) for p in old_list}
+        new_probes = {(p[0], p[1]): bool(p[2]) for p in new_list}
     except (ValueError, TypeError, KeyError, IndexError):
         return []  # a state this version did not write: nothing to compare
     found: list[tuple[str, str]] = []
-    if old["v"] != new["v"]:
-        found.append(("agent_version_changed", f"{old['v']} -> {new['v']}"))
-    if old["s"] is not None and new["s"] is not None and old["s"] != new["s"]:
-        found.append(("restarted", f"agent started at {_at(new['s']).isoformat(timespec='seconds')}"))
-    if old["r"] != new["r"]:
+    if old_version != version:
+        found.append(("agent_version_changed", f"{old_version} -> {version}"))
+    if old_start is not None and start is not None and old_start != start:
+        found.append(("restarted", f"agent started at {_at(start).isoformat(timespec='seconds')}"))
+    if old_ready != ready:
         reason = report.reason if report is not None else ""
-        found.append(("ready", "") if new["r"] else ("not_ready", reason))
+        found.append(("ready", "") if ready else ("not_ready", reason))
     details = {(p.port, p.kind): p.detail for p in report.probes} if report is not None else {}
     for (port, kind), ok in sorted(new_probes.items()):
         was = old_probes.get((port, kind), True)  # a new probe is news only when it fails
