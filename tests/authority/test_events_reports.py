@@ -4,11 +4,14 @@ turn, log each change of agent version, start, readiness and probe exactly once.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+import json
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from agent.authority.ca import load_authority
@@ -18,7 +21,7 @@ from agent.authority.service import Authority
 from agent.health.report import build_report, process_started_at
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
-from tests.support import init_authority
+from tests.support import init_authority, running_authority
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 _names = itertools.count()
@@ -111,3 +114,38 @@ def test_the_agent_reports_when_its_process_started() -> None:
     assert parse_report(doc).started_at == doc["started_at"]
     del doc["started_at"]  # an older agent's report is still taken
     assert parse_report(doc).started_at is None
+
+
+def test_reports_posted_to_a_running_authority_reach_the_change_log(tmp_path: Path) -> None:
+    """The wired path: POST /v1/host/report -> the write-behind batch (its own thread) -> the log."""
+    with running_authority(tmp_path / "authority") as server:
+        local = Authority.open(server.directory)  # the operator's side, on the same registry
+        try:
+            token = local.create_tokens("shop/web", server.url, timedelta(minutes=5))[0]
+            enrolled = local.enroll(token.secret, make_csr(generate_key()).decode(), "web-1", ["198.18.0.1"])
+            headers = {"authorization": f"Bearer {enrolled.api_token}"}
+            with httpx.Client(base_url=server.url, verify=server.tls, headers=headers, timeout=10) as client:
+                for doc in (_report(), _report(probe_ok=False, detail="connection refused")):
+                    assert client.post("/v1/host/report", json=doc).status_code == 204
+                    # (each report is stored before the next goes: the server writes within a second)
+                    _until(lambda doc=doc: _stored(local, enrolled.host.id) == doc["probes"][0]["ok"])
+            _until(lambda: len(local.registry.events(enrolled.host.id)) == 3)
+            assert [(e.kind, e.detail, e.actor) for e in local.registry.events(enrolled.host.id)[:2]] == [
+                ("probe_failing", "http probe of port 8080: connection refused", "report"),
+                ("not_ready", "probe failing", "report"),
+            ]
+        finally:
+            local.registry.close()
+
+
+def _stored(authority: Authority, host_id: str) -> bool | None:
+    found = authority.registry.reports().get(host_id)
+    return None if found is None else bool(json.loads(found[1])["probes"][0]["ok"])
+
+
+def _until(condition: Callable[[], bool], limit_s: float = 30) -> None:
+    """Polls `condition` (a state the test waits for, not a duration it assumes)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "never happened"
+        time.sleep(0.05)
