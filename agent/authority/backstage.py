@@ -39,7 +39,8 @@ import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -47,6 +48,7 @@ from agent.errors import MeshagentError
 from agent.fsutil import write_atomic
 from agent.identity.names import InvalidName, WorkloadIdentity
 
+from .edges import Edge
 from .host_meta import HostMeta
 from .storage import HostRecord
 
@@ -79,17 +81,22 @@ class BackstageExportError(MeshagentError):
     code = "backstage_export_failed"
 
 
-class EdgeLike(Protocol):
-    """What the export reads of edges.Edge (slo's)."""
-
-    @property
-    def src(self) -> str: ...
-    @property
-    def dst(self) -> str: ...
-    @property
-    def src_host(self) -> str | None: ...
-    @property
-    def dst_host(self) -> str | None: ...
+def catalog_url_problem(url: str) -> str | None:
+    """Why `url` cannot be the catalog page's base (None when it can): it goes into every
+    Component's links, which Backstage renders as anchors, so only an absolute http(s) URL of a
+    host, with no query, fragment or credentials (the export appends /catalog/hosts/ID)."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a malformed port)
+    except ValueError as exc:
+        return f"{url[:200]!r} is malformed: {exc}"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"{url[:200]!r} is not an absolute http(s) URL (https://HOST:PORT)"
+    if parts.query or parts.fragment or parts.username or parts.password:
+        return f"{url[:200]!r} has a query, fragment or credentials: give the base URL only"
+    if any(c.isspace() or ord(c) < 0x20 for c in url):
+        return f"{url[:200]!r} contains whitespace or control characters"
+    return None
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,7 @@ def identity_ref(identity: str) -> str | None:
 def depends_on(
     hosts: Sequence[HostRecord],
     names: Mapping[str, str],
-    edges: Iterable[EdgeLike],
+    edges: Iterable[Edge],
     identity_of: Callable[[HostRecord], str],
 ) -> Dependencies:
     """What each host calls, as Backstage refs, from the edges out of it (it is the client).
@@ -321,7 +328,7 @@ def component_doc(
 def export(
     hosts: Sequence[HostRecord],
     metas: Mapping[str, HostMeta],
-    edges: Iterable[EdgeLike] | None,
+    edges: Iterable[Edge] | None,
     identity_of: Callable[[HostRecord], str],
     spiffe_id_of: Callable[[HostRecord], str],
     options: Options = Options(),
@@ -333,6 +340,8 @@ def export(
             f"lifecycle {options.lifecycle[:80]!r} is not a Backstage name",
             "use a word such as production, experimental or deprecated",
         )
+    if options.catalog_url and (problem := catalog_url_problem(options.catalog_url)):
+        raise BackstageExportError(f"catalog URL {problem}", "e.g. https://authority.example:8443")
     live = [h for h in hosts if not h.revoked]
     skipped = sorted((h.id, "revoked") for h in hosts if h.revoked)
     names = component_names(live)

@@ -20,6 +20,15 @@ def _warn(text: str) -> None:
     click.echo(printable(text), err=True)
 
 
+def _check_catalog_url(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--catalog-url lands in every Component's links: absolute http(s) only (exit 2 otherwise)."""
+    from agent.authority.backstage import catalog_url_problem
+
+    if value and (problem := catalog_url_problem(value)):
+        raise click.BadParameter(problem + "; e.g. https://authority.example:8443", ctx, param)
+    return value
+
+
 def register(authority: click.Group, catalog: click.Group) -> None:
     """Adds this module's commands to `meshagent authority` (and its `catalog` group)."""
     from agent.cli.authority import database_option, dir_option, json_option
@@ -56,6 +65,7 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         "--catalog-url",
         default="",
         metavar="URL",
+        callback=_check_catalog_url,
         help="The authority's address as browsers reach it (https://HOST:PORT): each component "
         "links to its page there (/catalog/hosts/ID).",
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 from referencing import Registry, Resource
 
 from agent.authority import backstage as bs
+from agent.authority import edges as edges_mod
 from agent.authority.host_meta import HostMeta
 from agent.authority.storage import HostRecord
 
@@ -87,14 +87,9 @@ def assert_backstage_valid(doc: dict[str, Any]) -> None:
     assert all(_is_ref(r, "component") for r in spec.get("dependsOn", [])), spec.get("dependsOn")
 
 
-@dataclass(frozen=True)
-class Edge:
-    """What backstage reads of edges.Edge (its EdgeLike)."""
-
-    src: str
-    dst: str
-    src_host: str | None
-    dst_host: str | None
+def Edge(src: str, dst: str, src_host: str | None, dst_host: str | None) -> edges_mod.Edge:
+    """An edges.Edge with traffic (the export reads only its ends)."""
+    return edges_mod.Edge(src, dst, src_host, dst_host, requests=10.0, rps=1.0, success_rate=1.0, p99_ms=5.0)
 
 
 def host(
@@ -257,6 +252,32 @@ def test_revoked_hosts_are_skipped_and_a_bad_lifecycle_refused() -> None:
     assert ex.skipped == [("h-000000000002", "revoked")]
     with pytest.raises(bs.BackstageExportError, match="lifecycle"):
         run_export([host("h-000000000001", "a")], lifecycle="in production!")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "javascript:alert(1)//",
+        "data:text/html,x",
+        "/catalog",
+        "https://",
+        "https://authority.example/?next=//evil.example",
+        "https://authority.example/#frag",
+        "https://user:pw@authority.example",
+        "https://authority.example:99999",
+        "https://authority.example/\nx",
+    ],
+)
+def test_a_catalog_url_that_is_not_a_plain_http_url_is_refused(url: str) -> None:
+    assert bs.catalog_url_problem(url) is not None
+    with pytest.raises(bs.BackstageExportError, match="catalog URL"):
+        run_export([host("h-000000000001", "a")], catalog_url=url)
+
+
+def test_a_catalog_url_with_a_path_prefix_is_kept() -> None:
+    assert bs.catalog_url_problem("http://127.0.0.1:8443/mesh/") is None
+    [c] = run_export([host("h-000000000001", "a")], catalog_url="http://127.0.0.1:8443/mesh/").components
+    assert c.doc["metadata"]["links"][-1]["url"] == "http://127.0.0.1:8443/mesh/catalog/hosts/h-000000000001"
 
 
 def test_html_and_script_in_metadata_are_yaml_strings() -> None:

@@ -191,6 +191,13 @@ def test_unreachable_prometheus_exports_without_depends_on_unless_required(
         (["--output", "-", "--output-dir", "x"], "not both"),
         (["--prune"], "--prune needs --output-dir"),
         (["--lifecycle", "in production"], "--lifecycle"),
+        # the catalog URL lands in every Component's links (review L5)
+        (["--catalog-url", "javascript:alert(1)//"], "--catalog-url"),
+        (["--catalog-url", "authority.example:8443"], "--catalog-url"),
+        (["--catalog-url", "https://authority.example/?next=//evil.example"], "--catalog-url"),
+        (["--catalog-url", "https://user:pw@authority.example"], "--catalog-url"),
+        (["--catalog-url", "https://authority.example/#x"], "--catalog-url"),
+        (["--catalog-url", "https://authority.example:99999"], "--catalog-url"),
     ],
 )
 def test_usage_errors(fleet: Fleet, args: list[str], message: str) -> None:
