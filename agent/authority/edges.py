@@ -11,7 +11,13 @@ another is counted twice, once by each agent; an edge takes exactly one view:
   which host answered (`host_id`), where the caller's view only knows the callee's identity,
   which several hosts may share;
 - the caller's outbound view only when the callee is not an enrolled host (an in-cluster
-  identity, or a destination without identity): no agent of ours sees the other side.
+  identity, or a destination without identity): no agent of ours sees the other side. "Is a
+  host" is decided per call by the destination address (`target_ip`): an identity an enrolled
+  host AND in-cluster pods serve (a service half migrated: two VMs and three pods under one
+  ServiceAccount) gives two edges from a caller host, to the host(s) (their inbound view,
+  `dst_host` set) and to the pods (the caller's view of the calls to other addresses,
+  `dst_host` None). So a host's registered addresses must be the ones its callers dial (behind
+  NAT they are not, and such calls are counted by both views).
 
 `src_host` / `dst_host` are the host ids: exact from `host_id` for the side whose view is taken,
 and resolved from the identity for the other side when exactly one enrolled host has it (an
@@ -104,13 +110,55 @@ def dns_identity(trust_domain: str, mesh: str) -> Callable[[HostRecord], str]:
 
 # (view's own host id, peer identity) -> value
 _Key = tuple[str, str]
+# (view's own host id, peer identity, destination address) -> value: the outbound view, where
+# the address tells a call to a host from a call to a pod of the same identity
+_AddrKey = tuple[str, str, str]
 
 
-def _by(prom: PromClient, promql: str, peer: str, at: float) -> dict[_Key, float]:
-    out: dict[_Key, float] = {}
+def _by(prom: PromClient, promql: str, peer: str, at: float) -> dict[_AddrKey, float]:
+    out: dict[_AddrKey, float] = {}
     for labels, value in prom.query(promql, at):
-        out[(labels.get("host_id", ""), labels.get(peer, ""))] = value
+        key = (labels.get("host_id", ""), labels.get(peer, ""), labels.get("target_ip", ""))
+        out[key] = out.get(key, 0.0) + value
     return out
+
+
+def _buckets(prom: PromClient, promql: str, peer: str, at: float) -> dict[_AddrKey, dict[float, float]]:
+    out: dict[_AddrKey, dict[float, float]] = {}
+    for labels, value in prom.query(promql, at):
+        key = (labels.get("host_id", ""), labels.get(peer, ""), labels.get("target_ip", ""))
+        try:
+            le = float(labels.get("le", ""))  # "300", "300.0" (Prometheus 3), "+Inf"
+        except ValueError:
+            continue
+        if math.isfinite(value):
+            out.setdefault(key, {})[le] = value
+    return out
+
+
+def quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus's histogram_quantile over cumulative `buckets` ({upper bound: rate}), so that
+    buckets of several destinations can be summed first: linear interpolation inside the bucket
+    the rank falls in (from 0 for the first one), the highest finite bound when it falls in +Inf;
+    None without observations."""
+    bounds = sorted(buckets)
+    if not bounds or bounds[-1] != math.inf:
+        return None
+    total = buckets[math.inf]
+    if not total > 0:
+        return None
+    rank = q * total
+    below, start = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == math.inf:
+                return start if len(bounds) > 1 else None
+            if count == below:
+                return bound
+            return start + (bound - start) * (rank - below) / (count - below)
+        below, start = count, bound
+    return None
 
 
 @dataclass(frozen=True)
@@ -126,36 +174,53 @@ class _Seen:
 _LEG: Final = {"inbound": "src", "outbound": "dst"}
 
 
-def _view(prom: PromClient, direction: str, peer: str, window: str, at: float) -> dict[_Key, _Seen]:
+def _view(
+    prom: PromClient,
+    direction: str,
+    peer: str,
+    window: str,
+    at: float,
+    skip: Callable[[_AddrKey], bool] | None = None,
+) -> dict[_Key, _Seen]:
     """What one direction's series say per (host_id, peer identity) over `window`: responses,
     successes, p99, and TCP connections opened. A pair is seen if it had a response, opened a
-    connection, or holds one open now (a quiet pool, or a protocol that is not HTTP)."""
+    connection, or holds one open now (a quiet pool, or a protocol that is not HTTP). With `skip`,
+    the series are read per destination address too, and those `skip` names are left out before
+    the pair is summed (its p99 from the summed buckets, as histogram_quantile computes it)."""
     # Only the meshed hosts' series (the discovery endpoint labels them host_id): the cluster's
     # own linkerd-proxies, scraped by the same Prometheus, write the same families without it.
     sel = f'direction="{direction}",host_id!=""'
     leg = f'{sel},peer="{_LEG[direction]}"'
-    by = f"host_id, {peer}"
-    total = _by(prom, f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))", peer, at)
-    ok = _by(
-        prom,
-        f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))',
-        peer,
-        at,
-    )
-    p99 = _by(
-        prom,
-        f"histogram_quantile(0.99, sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}])))",
-        peer,
-        at,
-    )
-    opened = _by(prom, f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))", peer, at)
-    still_open = _by(prom, f"sum by ({by}) (tcp_open_connections{{{leg}}})", peer, at)
+    by = f"host_id, {peer}" + (", target_ip" if skip is not None else "")
+    raw = {
+        "total": f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))",
+        "ok": f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))',
+        "opened": f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))",
+        "open": f"sum by ({by}) (tcp_open_connections{{{leg}}})",
+    }
+    keep = skip or (lambda key: False)
+    sums: dict[str, dict[_Key, float]] = {}
+    for name, promql in raw.items():
+        pairs: dict[_Key, float] = {}
+        for key, value in _by(prom, promql, peer, at).items():
+            if not keep(key):
+                pairs[key[:2]] = pairs.get(key[:2], 0.0) + value
+        sums[name] = pairs
+    hist: dict[_Key, dict[float, float]] = {}
+    bucket_q = f"sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}]))"
+    for key, buckets in _buckets(prom, bucket_q, peer, at).items():
+        if keep(key):
+            continue
+        into = hist.setdefault(key[:2], {})
+        for le, value in buckets.items():
+            into[le] = into.get(le, 0.0) + value
+    total, ok, opened, still_open = sums["total"], sums["ok"], sums["opened"], sums["open"]
     out: dict[_Key, _Seen] = {}
     for key in {*total, *opened, *still_open}:
         n, conns = total.get(key, 0.0), opened.get(key, 0.0)
         if not (n > 0 or conns > 0 or still_open.get(key, 0.0) > 0):
             continue  # idle series (nothing in the window) are no edge
-        q = p99.get(key) if n > 0 else None
+        q = quantile(0.99, hist.get(key, {})) if n > 0 else None
         out[key] = _Seen(n, ok.get(key, 0.0), q if q is not None and math.isfinite(q) else None, conns)
     return out
 
@@ -192,12 +257,18 @@ def edges(
         return Edge(src, dst, src_host, dst_host, n, n / seconds, success, seen.p99, seen.connections)
 
     known = {host.id: identity_of(host) for host in hosts}
+    # (identity, address) of every live host: an outbound call there was counted by that host's
+    # inbound view; a call to the same identity at another address went to an in-cluster pod
+    # of the same service (a half-migrated one), which no agent of ours sees from the other side
+    served = {(identity_of(h), a) for h in hosts if not h.revoked for a in h.addresses}
+
+    def to_a_host(key: _AddrKey) -> bool:
+        return bool(key[1]) and (key[1], key[2]) in served
+
     found: list[Edge] = []
     for (callee, client), view in _view(prom, "inbound", "client_id", window, at).items():
         found.append(edge(client, known.get(callee, ""), host_of(client), callee or None, view))
-    for (caller, server), view in _view(prom, "outbound", "server_id", window, at).items():
-        if server and server in by_identity:
-            continue  # the callee is a host: its inbound view counted this call
+    for (caller, server), view in _view(prom, "outbound", "server_id", window, at, to_a_host).items():
         found.append(edge(known.get(caller, ""), server, caller or None, None, view))
     if host_id is not None:
         found = [e for e in found if host_id in (e.src_host, e.dst_host)]

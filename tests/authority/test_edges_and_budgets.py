@@ -80,6 +80,9 @@ def host(host_id: str, name: str, sa: str) -> HostRecord:
 ROLES = {"ha": ("web-1", "web"), "hb": ("api-1", "api"), "hc": ("db-1", "db")}
 
 
+HOST_IP = "198.18.0.10"  # every enrolled host's registered address (enroll_fleet)
+POD_IP = "198.18.0.9"  # any other address: an in-cluster pod or a destination outside the mesh
+
 AVAIL = Slo("availability", "availability", 99.9)
 FAST = Slo("fast", "latency", 99.0, threshold_ms=100)
 SLOW = Slo("under-50", "latency", 99.0, threshold_ms=50)
@@ -102,15 +105,18 @@ class Flow:
     le: int = 5
     port: int = 8080
     tcp_only: bool = False  # not HTTP: `rps` is connections opened/s (0: one held open, none opened)
+    target: str = POD_IP  # outbound: the address dialled (HOST_IP: the enrolled hosts')
 
 
 FLOWS: dict[str, list[Flow]] = {
     "ha": [
         Flow("inbound", dns("frontend"), 5.0, fail=0.0005),
-        Flow("outbound", dns("api"), 7.0, fail=0.2, le=100),
+        Flow("outbound", dns("api"), 7.0, fail=0.2, le=100, target=HOST_IP),
+        # the api's pods (its service half migrated: same identity as hb, another address)
+        Flow("outbound", dns("api"), 2.0, fail=0.5, le=50),
         Flow("outbound", dns("pay"), 3.0, fail=1 / 3),
         Flow("outbound", "", 1.0),
-        Flow("outbound", dns("db"), 0.5, tcp_only=True, port=5432),  # hc's inbound view counts it
+        Flow("outbound", dns("db"), 0.5, tcp_only=True, port=5432, target=HOST_IP),  # hc's inbound view
     ],
     "hb": [
         Flow("inbound", dns("web"), 10.0, fail=0.2, le=100),
@@ -119,7 +125,7 @@ FLOWS: dict[str, list[Flow]] = {
         Flow("inbound", dns("gone"), 0.0),  # idle: a constant series
     ],
     "hc": [
-        Flow("outbound", dns("api"), 4.0),
+        Flow("outbound", dns("api"), 4.0, target=HOST_IP),
         Flow("inbound", dns("web"), 0.5, tcp_only=True, port=5432),  # a database protocol
         Flow("inbound", dns("monitor"), 0.0, tcp_only=True, port=5432),  # a quiet pooled connection
     ],
@@ -157,7 +163,7 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
                 else 'tls="no_identity",no_tls_reason="not_provided_by_service_discovery"'
             )
             base = (
-                f'direction="outbound",target_addr="198.18.0.9:{f.port}",target_ip="198.18.0.9",'
+                f'direction="outbound",target_addr="{f.target}:{f.port}",target_ip="{f.target}",'
                 f'target_port="{f.port}",{tls}'
             )
         n = 100.0 if f.rps == 0 else f.rps * elapsed  # the idle flow stays at 100
@@ -241,7 +247,7 @@ def enroll_fleet(directory: Path) -> dict[str, HostRecord]:
     hosts = {}
     for role, (name, sa) in ROLES.items():
         secret = authority.create_tokens(f"shop/{sa}", "https://127.0.0.1:1", timedelta(minutes=5))[0].secret
-        hosts[role] = authority.enroll(secret, make_csr(generate_key()).decode(), name, ["198.18.0.10"]).host
+        hosts[role] = authority.enroll(secret, make_csr(generate_key()).decode(), name, [HOST_IP]).host
         authority.registry.set_host_meta(hosts[role].id, META[role], "cli:test")
     authority.registry.close()
     return hosts
@@ -335,31 +341,37 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
 
 def test_edges_are_exactly_the_traffic_one_view_per_call(running: Running) -> None:
     found = edges(running.prom, running.records, dns_identity(TD, MESH), window="10s")
-    by_pair = {(e.src, e.dst): e for e in found}
+    by_pair = {(e.src, e.dst, running.role(e.dst_host)): e for e in found}
     expected = {
-        # (src, dst): (src_host, dst_host, rps, success rate)
-        ("", dns("api")): (None, "hb", 2.0, 1.0),
-        (dns("db"), dns("api")): ("hc", "hb", 4.0, 1.0),
-        (dns("web"), dns("api")): ("ha", "hb", 10.0, 0.8),  # hb's inbound 10, not ha's outbound 7
-        (dns("frontend"), dns("web")): (None, "ha", 5.0, 0.9995),
-        (dns("web"), dns("pay")): ("ha", None, 3.0, 2 / 3),
-        (dns("web"), ""): ("ha", None, 1.0, 1.0),
-        (dns("web"), dns("db")): ("ha", "hc", 0.0, None),  # not HTTP: connections only
-        (dns("monitor"), dns("db")): (None, "hc", 0.0, None),  # one connection held open
+        # (src, dst, dst_host): (src_host, rps, success rate)
+        ("", dns("api"), "hb"): (None, 2.0, 1.0),
+        (dns("db"), dns("api"), "hb"): ("hc", 4.0, 1.0),
+        (dns("web"), dns("api"), "hb"): ("ha", 10.0, 0.8),  # hb's inbound 10, not ha's outbound 7
+        # the same identity's pods: ha's outbound view of its calls to other addresses
+        (dns("web"), dns("api"), None): ("ha", 2.0, 0.5),
+        (dns("frontend"), dns("web"), "ha"): (None, 5.0, 0.9995),
+        (dns("web"), dns("pay"), None): ("ha", 3.0, 2 / 3),
+        (dns("web"), "", None): ("ha", 1.0, 1.0),
+        (dns("web"), dns("db"), "hc"): ("ha", 0.0, None),  # not HTTP: connections only
+        (dns("monitor"), dns("db"), "hc"): (None, 0.0, None),  # one connection held open
     }
-    assert sorted(by_pair) == sorted(expected), found
+    assert sorted(by_pair, key=str) == sorted(expected, key=str), found
     assert len(found) == len(expected)
-    for pair, (src_host, dst_host, rps, success) in expected.items():
+    for pair, (src_host, rps, success) in expected.items():
         e = by_pair[pair]
-        assert (running.role(e.src_host), running.role(e.dst_host)) == (src_host, dst_host), e
+        assert running.role(e.src_host) == src_host, e
         # increase() extrapolates to the window's edges: a late scrape under load costs a few %
         assert e.rps == pytest.approx(rps, rel=0.08), e
         assert e.requests == pytest.approx(rps * 10, rel=0.08), e
         assert e.success_rate == (None if success is None else pytest.approx(success, abs=1e-3)), e
-    # histogram_quantile interpolates in the (50, 100] bucket: 50 + 0.99 * 50
-    assert by_pair[(dns("web"), dns("api"))].p99_ms == pytest.approx(99.5, abs=0.5)
-    assert by_pair[(dns("db"), dns("api"))].p99_ms == pytest.approx(4.99, abs=0.05)
-    tcp, pool = by_pair[(dns("web"), dns("db"))], by_pair[(dns("monitor"), dns("db"))]
+    # histogram_quantile's interpolation in the (50, 100] bucket: 50 + 0.99 * 50
+    assert by_pair[(dns("web"), dns("api"), "hb")].p99_ms == pytest.approx(99.5, abs=0.5)
+    assert by_pair[(dns("db"), dns("api"), "hb")].p99_ms == pytest.approx(4.99, abs=0.05)
+    below = max(b for b in LATENCY_BOUNDS_MS if b < 50)
+    assert by_pair[(dns("web"), dns("api"), None)].p99_ms == pytest.approx(
+        below + 0.99 * (50 - below), abs=0.5
+    )
+    tcp, pool = by_pair[(dns("web"), dns("db"), "hc")], by_pair[(dns("monitor"), dns("db"), "hc")]
     assert tcp.connections == pytest.approx(5, rel=0.08) and tcp.p99_ms is None
     assert pool.connections == 0 and pool.p99_ms is None
 
@@ -371,6 +383,7 @@ def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None
     assert sorted((e.src, e.dst) for e in found) == sorted(
         [
             (dns("web"), dns("api")),
+            (dns("web"), dns("api")),  # hb, and the api's pods
             (dns("frontend"), dns("web")),
             (dns("web"), dns("pay")),
             (dns("web"), ""),
@@ -383,12 +396,12 @@ def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None
 def test_an_identity_several_hosts_share_names_no_single_host(running: Running) -> None:
     twin = host("hd", "web-2", "web")  # a second host of the web service account
     found = edges(running.prom, [*running.records, twin], dns_identity(TD, MESH), window="10s")
-    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
+    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")) and e.dst_host)
     assert web_to_api.src_host is None and web_to_api.dst_host == running.id("hb")
     # a revoked record of the same identity (the host re-enrolled) does not hide the live one
     old = dataclasses.replace(twin, revoked_at=datetime.now(UTC))
     found = edges(running.prom, [*running.records, old], dns_identity(TD, MESH), window="10s")
-    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")))
+    web_to_api = next(e for e in found if (e.src, e.dst) == (dns("web"), dns("api")) and e.dst_host)
     assert web_to_api.src_host == running.id("ha")
 
 
@@ -500,8 +513,10 @@ def test_cli_edges_table_and_json(running: Running) -> None:
     code, out, err = cli(running, "edges", "--window", "10s", "--json")
     assert code == 0, err
     doc = json.loads(out)
-    pairs = {(e["src"], e["dst"]): e for e in doc["edges"]}
-    assert len(pairs) == 8 and pairs[(dns("web"), dns("api"))]["rps"] == pytest.approx(10, rel=0.08)
+    pairs = {(e["src"], e["dst"], e["dst_host"]): e for e in doc["edges"]}
+    assert len(pairs) == 9 and pairs[(dns("web"), dns("api"), running.id("hb"))]["rps"] == pytest.approx(
+        10, rel=0.08
+    )
     code, _, err = cli(running, "edges", "--window", "1h30m")
     assert code == 2 and "not a duration" in err
     code, out, err = cli(running, "edges", "api-1", "--window", "10s")
