@@ -449,16 +449,21 @@ class Authority:
             str(network), ports, self.workload(identity).short, self.clock(), opaque_port
         )
 
-    def set_policy(self, identity: str, port: int, default: str, allow: tuple[str, ...]) -> PolicyRecord:
+    def set_policy(
+        self, identity: str, port: int, default: str, allow: tuple[str, ...], actor: str = "unknown"
+    ) -> PolicyRecord:
         record = self._policy_record(identity, port, default, allow)
-        self.registry.set_policy(record)
+        self.registry.set_policy(record, actor)
         return record
 
-    def set_policies(self, records: Sequence[PolicyRecord]) -> list[PolicyRecord]:
+    def set_policies(
+        self, records: Sequence[PolicyRecord], actor: str = events.ACTOR_CONTROLLER
+    ) -> list[PolicyRecord]:
         """Check every record, then store them in one transaction: a refusal or a failure
-        leaves the registry as it was. Adds and replaces; never removes."""
+        leaves the registry as it was. Adds and replaces; never removes. `actor`: who is logged
+        as changing the hosts' policy (the controller unless the caller says otherwise)."""
         checked = [self._policy_record(r.identity, r.port, r.default_policy, r.allow) for r in records]
-        self.registry.set_policies(checked)
+        self.registry.set_policies(checked, actor)
         log.info("policy.applied", records=len(checked), identities=len({r.identity for r in checked}))
         return checked
 

@@ -333,11 +333,11 @@ class Registry(Protocol):
 
     def static_entries(self) -> list[StaticEntry]: ...
 
-    def set_policy(self, record: PolicyRecord) -> None: ...
+    def set_policy(self, record: PolicyRecord, actor: str = "unknown") -> None: ...
 
-    def set_policies(self, records: Sequence[PolicyRecord]) -> None: ...
+    def set_policies(self, records: Sequence[PolicyRecord], actor: str = "unknown") -> None: ...
 
-    def remove_policy(self, identity: str, port: int) -> None: ...
+    def remove_policy(self, identity: str, port: int, actor: str = "unknown") -> None: ...
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]: ...
 
@@ -1003,12 +1003,24 @@ class SqlRegistry:
             for r in rows
         ]
 
-    def set_policy(self, record: PolicyRecord) -> None:
-        self.set_policies([record])
+    def set_policy(self, record: PolicyRecord, actor: str = "unknown") -> None:
+        self.set_policies([record], actor)
 
-    def set_policies(self, records: Sequence[PolicyRecord]) -> None:
-        """Add or replace every record in one transaction: all of them are stored, or none."""
+    def set_policies(self, records: Sequence[PolicyRecord], actor: str = "unknown") -> None:
+        """Add or replace every record in one transaction: all of them are stored, or none.
+        Each enrolled host of an identity whose policy this changes gets a `policy_changed`
+        event by `actor` (a record equal to the stored one changes nothing, logs nothing)."""
         with self._transaction() as tx:
+            identities = sorted({r.identity for r in records})
+            stored: dict[tuple[str, int], tuple[str, tuple[str, ...]]] = {}
+            for i in range(0, len(identities), _CHUNK):
+                chunk = identities[i : i + _CHUNK]
+                marks = ", ".join("?" for _ in chunk)
+                for row in tx.all(f"SELECT * FROM policies WHERE identity IN ({marks})", chunk):  # noqa: S608
+                    stored[(row["identity"], row["port"])] = (
+                        row["default_policy"],
+                        tuple(json.loads(row["allow"])),
+                    )
             tx.many(
                 "INSERT INTO policies (identity, port, default_policy, allow) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (identity, port) DO UPDATE"
@@ -1016,8 +1028,17 @@ class SqlRegistry:
                 [(r.identity, r.port, r.default_policy, json.dumps(list(r.allow))) for r in records],
             )
             tx.changed()
+            changes: dict[str, list[str]] = {}
+            for r in records:
+                before = stored.get((r.identity, r.port))
+                if before != (r.default_policy, r.allow):
+                    was = f"{before[0]} ({len(before[1])} allowed)" if before else "none"
+                    now = f"{r.default_policy} ({len(r.allow)} allowed)"
+                    changes.setdefault(r.identity, []).append(f"{_port_name(r.port)}: {was} -> {now}")
+            for identity, lines in changes.items():
+                _add_identity_event(tx, identity, ev.POLICY_CHANGED, "; ".join(lines), actor)
 
-    def remove_policy(self, identity: str, port: int) -> None:
+    def remove_policy(self, identity: str, port: int, actor: str = "unknown") -> None:
         with self._transaction() as tx:
             if tx.run("DELETE FROM policies WHERE identity = ? AND port = ?", (identity, port)) == 0:
                 raise RejectedError(
@@ -1026,6 +1047,7 @@ class SqlRegistry:
                     hint="list policies with: meshagent authority policy list",
                 )
             tx.changed()
+            _add_identity_event(tx, identity, ev.POLICY_CHANGED, f"{_port_name(port)}: removed", actor)
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]:
         if identity is None:
@@ -1076,6 +1098,27 @@ def _add_event(tx: Tx, host_id: str, kind: str, detail: str, actor: str, at: dat
         "DELETE FROM host_events WHERE host_id = ? AND id <= (SELECT id FROM host_events WHERE host_id = ?"
         " ORDER BY id DESC LIMIT 1 OFFSET ?)",
         (host_id, host_id, ev.RETAINED_PER_HOST),
+    )
+
+
+def _port_name(port: int) -> str:
+    return f"port {port}" if port else "default"
+
+
+def _add_identity_event(tx: Tx, identity: str, kind: str, detail: str, actor: str) -> None:
+    """An event for every unrevoked host of `identity` (two statements whatever their number),
+    keeping each one's newest RETAINED_PER_HOST."""
+    tx.run(
+        "INSERT INTO host_events (host_id, at, kind, detail, actor)"
+        " SELECT id, ?, ?, ?, ? FROM hosts WHERE identity = ? AND revoked_at IS NULL",
+        (time.time(), kind, ev.clip(detail), actor[:200], identity),
+    )
+    tx.run(
+        "DELETE FROM host_events WHERE id IN (SELECT id FROM (SELECT e.id, row_number() OVER"
+        " (PARTITION BY e.host_id ORDER BY e.id DESC) AS n FROM host_events e"
+        " JOIN hosts h ON h.id = e.host_id WHERE h.identity = ? AND h.revoked_at IS NULL) AS ranked"
+        " WHERE n > ?)",
+        (identity, ev.RETAINED_PER_HOST),
     )
 
 

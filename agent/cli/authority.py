@@ -1291,7 +1291,7 @@ def policy_set_cmd(
 
     Hosts pick it up at their next refresh (30 s by default); no restart anywhere.
     """
-    record = _open(directory).set_policy(identity, port or 0, default_policy, allow)
+    record = _open(directory).set_policy(identity, port or 0, default_policy, allow, event_kinds.cli_actor())
     if as_json:
         emit_json(record.__dict__)
     else:
@@ -1423,7 +1423,7 @@ def _apply_policy(
             views.append(HostView(ident, dict(h.registration.labels), workload_ports(h.registration)))
     planned = plan(policy, views)
     if not dry_run:
-        auth.set_policies([p.record for p in planned])
+        auth.set_policies([p.record for p in planned], event_kinds.cli_actor())
     docs = [
         {
             "identity": p.record.identity,
@@ -1482,7 +1482,7 @@ def policy_list_cmd(directory: Path, as_json: bool) -> None:
 def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
     """Remove the policy for IDENTITY on PORT (or its default)."""
     auth = _open(directory)
-    auth.registry.remove_policy(auth.identity(identity).short, port or 0)
+    auth.registry.remove_policy(auth.identity(identity).short, port or 0, event_kinds.cli_actor())
     click.echo(printable(f"removed {identity} port {port or 'default'}"))
 
 

@@ -386,3 +386,30 @@ def test_a_changed_report_state_is_seen_once_across_replicas(
         assert seen == [("h-1", "a", "b", "r2")]
     finally:
         other.close()
+
+
+def test_a_policy_change_is_logged_for_each_host_of_the_identity(registry: Registry) -> None:
+    for i, identity in enumerate(("shop/web", "shop/web", "shop/db")):
+        _token(registry, f"t{i}", identity)
+    web_1, web_2, db = (
+        _enroll(registry, f"t{i}", key=f"k{i}", name=f"h{i}", serial=f"0{i}") for i in range(3)
+    )
+    registry.revoke(web_2, NOW)
+    registry.set_policies(
+        [PolicyRecord("shop/web", 0, "deny", ()), PolicyRecord("shop/web", 8080, "deny", ("spiffe://a",))],
+        actor="cli:alice",
+    )
+    registry.set_policy(
+        PolicyRecord("shop/web", 8080, "deny", ("spiffe://a",)), actor="controller"
+    )  # the same
+    registry.remove_policy("shop/web", 0, actor="controller")
+    assert _kinds(registry, web_1)[:2] == [("policy_changed", "controller"), ("policy_changed", "cli:alice")]
+    [removed, both] = registry.events(web_1)[:2]
+    assert removed.detail == "default: removed"
+    assert both.detail == "default: none -> deny (0 allowed); port 8080: none -> deny (1 allowed)"
+    assert _kinds(registry, web_2)[0] == ("revoked", "unknown")  # revoked hosts are not told
+    assert [k for k, _ in _kinds(registry, db)] == ["enrolled"]  # another identity's
+    for _ in range(RETAINED_PER_HOST):
+        registry.set_policy(PolicyRecord("shop/web", 1, "deny", ()))
+        registry.remove_policy("shop/web", 1)
+    assert len(registry.events(web_1, limit=10_000)) == RETAINED_PER_HOST
