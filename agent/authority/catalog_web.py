@@ -627,7 +627,10 @@ class CatalogWeb:
             body += chunk
             if len(body) > MAX_LOGIN_BODY:
                 return error_page(413, "the login form is larger than it can be")
-        form = parse_qs(body.decode(errors="replace"), max_num_fields=8)
+        try:
+            form = parse_qs(body.decode(errors="replace"), max_num_fields=8)
+        except ValueError:  # more fields than the form has
+            return error_page(400, "the login form has fields it does not have")
         token = (form.get("token") or [""])[0].strip()
         next_path = _safe_next((form.get("next") or ["/catalog"])[0])
         try:

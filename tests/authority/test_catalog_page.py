@@ -344,6 +344,12 @@ def test_without_the_token_401(world: World) -> None:
         f"{world.url}/catalog/login", data={"token": "nope"}, verify=world.authority.tls, timeout=10
     )
     assert wrong.status_code == 401 and "set-cookie" not in wrong.headers
+    stuffed = httpx.post(
+        f"{world.url}/catalog/login",
+        content="&".join(f"f{i}=1" for i in range(50)),
+        verify=world.authority.tls,
+    )
+    assert stuffed.status_code == 400 and "set-cookie" not in stuffed.headers
     # The refusals are counted by route, not per id a client makes up.
     metrics = httpx.get(
         f"{world.url}/metrics", headers={"authorization": f"Bearer {world.token}"}, verify=world.authority.tls
