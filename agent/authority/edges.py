@@ -202,16 +202,16 @@ def _view(
     sums: dict[str, dict[_Key, float]] = {}
     for name, promql in raw.items():
         pairs: dict[_Key, float] = {}
-        for key, value in _by(prom, promql, peer, at).items():
-            if not keep(key):
-                pairs[key[:2]] = pairs.get(key[:2], 0.0) + value
+        for (own, other, address), value in _by(prom, promql, peer, at).items():
+            if not keep((own, other, address)):
+                pairs[(own, other)] = pairs.get((own, other), 0.0) + value
         sums[name] = pairs
     hist: dict[_Key, dict[float, float]] = {}
     bucket_q = f"sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}]))"
-    for key, buckets in _buckets(prom, bucket_q, peer, at).items():
-        if keep(key):
+    for (own, other, address), buckets in _buckets(prom, bucket_q, peer, at).items():
+        if keep((own, other, address)):
             continue
-        into = hist.setdefault(key[:2], {})
+        into = hist.setdefault((own, other), {})
         for le, value in buckets.items():
             into[le] = into.get(le, 0.0) + value
     total, ok, opened, still_open = sums["total"], sums["ok"], sums["opened"], sums["open"]

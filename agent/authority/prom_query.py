@@ -14,6 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
@@ -109,7 +112,15 @@ def not_configured() -> PromUnavailable:
 
 def _number(text: Any) -> float:
     # Prometheus encodes sample values as strings: "1.5", "NaN", "+Inf".
+    if not isinstance(text, str):
+        raise TypeError(f"a sample value is {type(text).__name__}, not a string")
     return float(text)
+
+
+def _labels(metric: Any) -> Labels:
+    if not isinstance(metric, dict) or not all(isinstance(v, str) for v in metric.values()):
+        raise TypeError("a series' labels are not a map of strings")
+    return dict(metric)
 
 
 class PromClient:
@@ -118,6 +129,9 @@ class PromClient:
 
     def __init__(self, url: str, timeout_s: float = 5.0) -> None:
         self.url = check_url(url)
+        # httpx's timeout bounds each read, not the answer: a server (or proxy) trickling a byte
+        # at a time would hold the caller (a page render slot) forever; this bounds the whole
+        self.timeout_s = timeout_s
         self._http = httpx.Client(base_url=self.url, timeout=timeout_s, follow_redirects=False)
 
     def close(self) -> None:
@@ -132,11 +146,14 @@ class PromClient:
         self.close()
 
     def _get(self, path: str, params: dict[str, str]) -> Any:
+        deadline = time.monotonic() + self.timeout_s
         try:
             with self._http.stream("GET", path, params=params) as response:
                 body = bytearray()
                 for chunk in response.iter_bytes():
                     body += chunk
+                    if time.monotonic() > deadline:
+                        raise httpx.ReadTimeout(f"no whole answer within {self.timeout_s:g} s")
                     if len(body) > MAX_ANSWER_BYTES:
                         raise PromQueryError(
                             f"Prometheus at {self.url} answered more than {MAX_ANSWER_BYTES} bytes to {path}",
@@ -174,11 +191,25 @@ class PromClient:
         data = self._get("/api/v1/query", params)
         kind = data.get("resultType") if isinstance(data, dict) else None
         result = data.get("result") if isinstance(data, dict) else None
-        if kind == "vector" and isinstance(result, list):
-            return [(dict(item["metric"]), _number(item["value"][1])) for item in result]
-        if kind == "scalar" and isinstance(result, list):
-            return [({}, _number(result[1]))]
+        with self._parsing("/api/v1/query"):
+            if kind == "vector" and isinstance(result, list):
+                return [(_labels(item["metric"]), _number(item["value"][1])) for item in result]
+            if kind == "scalar" and isinstance(result, list):
+                return [({}, _number(result[1]))]
         raise PromQueryError(f"Prometheus answered a {kind} to an instant query: {promql!r}")
+
+    @contextmanager
+    def _parsing(self, path: str) -> Iterator[None]:
+        """A well-formed answer with malformed items (a missing field, a value that is not a
+        number) is a server we cannot read: PromUnavailable, as for any answer not its API (the
+        views then show the registry's facts), never a KeyError escaping to a 500."""
+        try:
+            yield
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise PromUnavailable(
+                f"Prometheus at {self.url} answered a malformed result to {path}: {type(e).__name__}: {e}",
+                "check the URL names Prometheus itself (not a proxy rewriting its answers)",
+            ) from None
 
     def query_range(self, promql: str, start: float, end: float, step_s: float) -> list[Series]:
         """A range query: (labels, [(time, value), ...]) per series."""
@@ -188,14 +219,18 @@ class PromClient:
         data = self._get("/api/v1/query_range", params)
         if not isinstance(data, dict) or data.get("resultType") != "matrix":
             raise PromQueryError(f"Prometheus did not answer a matrix to a range query: {promql!r}")
-        return [
-            (dict(item["metric"]), [(float(t), _number(v)) for t, v in item["values"]])
-            for item in data["result"]
-        ]
+        with self._parsing("/api/v1/query_range"):
+            return [
+                (_labels(item["metric"]), [(float(t), _number(v)) for t, v in item["values"]])
+                for item in data["result"]
+            ]
 
     def alerts(self) -> list[dict[str, Any]]:
         """The alerts Prometheus has pending or firing (/api/v1/alerts): labels, annotations,
         state, activeAt, value."""
         data = self._get("/api/v1/alerts", {})
         alerts = data.get("alerts") if isinstance(data, dict) else None
-        return list(alerts) if isinstance(alerts, list) else []
+        if not isinstance(alerts, list):
+            return []
+        # the callers read labels.get(...): only alerts shaped as Prometheus writes them
+        return [a for a in alerts if isinstance(a, dict) and isinstance(a.get("labels", {}), dict)]

@@ -150,3 +150,74 @@ def test_urls_that_name_no_prometheus_are_refused(url: str, tmp_path: Path) -> N
     with pytest.raises(PromUrlInvalid):
         PromClient(url)
     assert not (tmp_path / URL_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        [{"metric": {"host_id": "a"}}],  # no value
+        [{"value": [1.5, "1"]}],  # no labels
+        [{"metric": {"host_id": "a"}, "value": [1.5, "many"]}],  # not a number
+        [{"metric": {"host_id": "a"}, "value": [1.5, 2]}],  # a number, not the string Prometheus writes
+        [{"metric": {"host_id": 7}, "value": [1.5, "1"]}],
+        ["not an object"],
+    ],
+)
+def test_a_malformed_result_is_prometheus_unavailable_not_a_crash(
+    server: dict[str, tuple[int, bytes]], result: list[object]
+) -> None:
+    doc = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    server["/api/v1/query"] = (200, json.dumps(doc).encode())
+    matrix = {
+        "status": "success",
+        "data": {"resultType": "matrix", "result": [{"metric": {}, "values": [[1]]}]},
+    }
+    server["/api/v1/query_range"] = (200, json.dumps(matrix).encode())
+    with client(server) as prom:
+        with pytest.raises(PromUnavailable) as e:
+            prom.query("up")
+        assert "malformed result" in e.value.message and e.value.hint
+        with pytest.raises(PromUnavailable):
+            prom.query_range("up", 0, 1, 1)
+
+
+def test_alerts_not_shaped_as_prometheus_writes_them_are_left_out(
+    server: dict[str, tuple[int, bytes]],
+) -> None:
+    alerts = {"status": "success", "data": {"alerts": ["x", {"labels": "y"}, {"labels": {"alertname": "A"}}]}}
+    server["/api/v1/alerts"] = (200, json.dumps(alerts).encode())
+    with client(server) as prom:
+        assert prom.alerts() == [{"labels": {"alertname": "A"}}]
+
+
+def test_an_answer_trickling_in_is_cut_at_the_client_s_deadline() -> None:
+    """Every read gets a byte within httpx's per-read timeout, so only a deadline on the whole
+    answer stops it (the server would go on for 60 s)."""
+    stop = threading.Event()
+
+    class Trickle(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "600")
+            self.end_headers()
+            for _ in range(600):
+                if stop.wait(0.1):
+                    return
+                self.wfile.write(b" ")
+                self.wfile.flush()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        with PromClient(f"http://127.0.0.1:{httpd.server_address[1]}", timeout_s=1) as prom:
+            with pytest.raises(PromUnavailable) as e:
+                prom.query("up")
+            assert "no whole answer within 1 s" in e.value.message
+    finally:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
