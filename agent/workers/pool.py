@@ -167,6 +167,7 @@ class WorkerPool:
         # its queue for the replacement, but the kernel's hash would keep feeding it 1/N).
         self._steer_to = steer
         self._steered: list[int] | None = None
+        self._started = False  # steering starts once every first worker is up (no rules before)
         self.max_handshakes = max_handshakes  # agent-wide: each worker gets its share
         self.merger = merger
         self.slots = [Slot(i) for i in range(count)]
@@ -256,6 +257,8 @@ class WorkerPool:
                     "see the worker's log lines above; proxy.workers = 1 runs the proxy in the "
                     "agent's own process",
                 )
+        self._started = True
+        self._steer()  # a first worker that died at once is being replaced: steer around it
 
     async def _spawn(self, slot: Slot) -> None:
         pid, chan = await self.forker.spawn(slot.index)
@@ -324,7 +327,7 @@ class WorkerPool:
 
     def _steer(self) -> None:
         live = [s.index for s in self.slots if s.up]
-        if self._steer_to is None or self.stopping or live == self._steered:
+        if self._steer_to is None or not self._started or self.stopping or live == self._steered:
             return
         try:
             self._steer_to(live)

@@ -172,6 +172,7 @@ def test_kill_9_one_worker_is_replaced(mesh: Mesh) -> None:
     victim = before[0]
     assert victim["open"] > 0, before  # (10 connections over two workers: slot 0 almost surely has some)
 
+    offset = len(b.log.read_text())
     psutil.Process(victim["pid"]).kill()
     answers = [say(p, "two") for p in held]
     assert answers.count("echo two") == 10 - victim["open"], answers  # slot 1's connections live on
@@ -188,6 +189,10 @@ def test_kill_9_one_worker_is_replaced(mesh: Mesh) -> None:
     assert metric_sum(metrics, "meshagent_worker_lost_connections_total") == victim["open"]
     assert requests(mesh, 50) == 50
     assert admin(mesh, "b", "/ready").strip() == "ready"
+    # While slot 0 was down, new connections were steered to slot 1: the real daemon's kernel
+    # took the program (tests/daemon/test_workers_units.py proves where connections then go).
+    log = b.log.read_text()[offset:]
+    assert "event=workers.steered live=[1]" in log and "workers.steer_failed" not in log, log
     for p in held:
         assert p.stdin is not None
         p.stdin.close()
