@@ -1,10 +1,13 @@
 """`meshagent authority edges` and `meshagent authority slo ...`: dependencies from traffic
 and SLO rules (issue #20).
 
-Exit codes: 0; 5 (UNREACHABLE) when Prometheus is not configured or does not answer (`slo
-status` still prints the SLOs the registry holds, numbers shown as "-" / null, and says why on
-stderr; `edges` has nothing without Prometheus); 2 for a bad window or host reference.
-`slo rules` needs no Prometheus: it reads the registry only.
+Exit codes, one rule for the catalog's views when Prometheus is not configured, does not
+answer, or refuses a query: a view that still shows the registry's facts (`slo status`, as
+`catalog show`) exits 0, prints them with the numbers unknown ("-", null in JSON), and says why
+on stderr and in the JSON's `prometheus_error` (the message, a string: the same field and form
+as `catalog show --json` and GET /v1/catalog); `edges`, which has nothing else to show, exits 5
+(UNREACHABLE). 2 for a bad window or host reference. `slo rules` needs no Prometheus: it reads
+the registry only.
 """
 
 from __future__ import annotations
@@ -16,7 +19,13 @@ import click
 
 from agent.authority.edges import Edge, dns_identity, edges
 from agent.authority.host_meta import HostMeta
-from agent.authority.prom_query import PromClient, PromUnavailable, not_configured, resolve_url
+from agent.authority.prom_query import (
+    PromClient,
+    PromQueryError,
+    PromUnavailable,
+    not_configured,
+    resolve_url,
+)
 from agent.authority.slo import ALERTS, Budget, fleet_budgets, render_rules, rules
 from agent.authority.storage import HostRecord
 from agent.errors import MeshagentError
@@ -203,8 +212,11 @@ def register(authority: click.Group, catalog: click.Group) -> None:
     def status_cmd(directory: Path, prometheus_url: str | None, as_json: bool, host_ref: str | None) -> None:
         """Each SLO's error budget now: the SLI over its window, the budget left, the burn rate
         over 1 h and 6 h (1x spends the budget exactly over the window), the time left at the
-        1 h burn, and the burn-rate alerts Prometheus has firing. Without Prometheus the SLOs
-        are listed with no numbers and the command exits 5."""
+        1 h burn, and the burn-rate alerts Prometheus has firing. Without Prometheus (unset,
+        not answering, refusing) the SLOs are listed with no numbers, the reason goes to stderr,
+        and the command exits 0 (as `catalog show`: the registry's facts are shown)."""
+        from agent.authority.service_catalog import budget_doc  # the catalog's form of a budget
+
         auth = _open(directory)
         every = auth.registry.list_hosts()
         hosts = [_host(every, host_ref)] if host_ref else [h for h in every if not h.revoked]
@@ -212,7 +224,7 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         hosts = [h for h in hosts if metas.get(h.id, HostMeta()).slos]
         found: dict[str, list[Budget]] | None = None
         firing: set[tuple[str, str, str]] = set()
-        problem: PromUnavailable | None = None
+        problem: PromUnavailable | PromQueryError | None = None
         try:
             with _client(directory, prometheus_url) as prom:
                 found = fleet_budgets(prom, {h.id: metas[h.id] for h in hosts})
@@ -220,19 +232,20 @@ def register(authority: click.Group, catalog: click.Group) -> None:
                     labels = alert.get("labels", {})
                     if alert.get("state") == "firing" and labels.get("alertname") in ALERT_NAMES:
                         firing.add((labels.get("host_id", ""), labels.get("slo", ""), labels["alertname"]))
-        except PromUnavailable as e:
+        except (PromUnavailable, PromQueryError) as e:
             problem = e
+            found = None  # all or nothing: a half-read fleet would look like missing traffic
         if as_json:
             emit_json(
                 {
-                    "prometheus_error": problem.as_dict() if problem else None,
+                    "prometheus_error": problem.message if problem else None,
                     "hosts": [
                         {
                             "host_id": h.id,
                             "host": h.host_name,
                             "owner_team": metas[h.id].owner_team,
                             "budgets": [
-                                b.to_doc()
+                                budget_doc(b)
                                 for b in (
                                     found[h.id]
                                     if found is not None
@@ -265,4 +278,3 @@ def register(authority: click.Group, catalog: click.Group) -> None:
             click.echo("no SLOs set (meshagent authority host set HOST --slo availability=99.9)")
         if problem is not None:
             click.echo(error_text(problem), err=True)
-            click.get_current_context().exit(int(problem.exit_code))
