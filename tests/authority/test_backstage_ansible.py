@@ -57,7 +57,10 @@ FULL = {
     "meshagent_tier": 1,
     "meshagent_links": {
         "runbook": "https://wiki.example/billing",
-        "dashboard": "https://grafana.example/d/b",
+        # "=" in a URL's query and in a title (review L9: `--link TITLE=URL` splits at the first
+        # "=", so the role passes the links in a document, never as flags)
+        "dashboard": "https://grafana.example/d/b?orgId=1&var-host=billing-1",
+        "env=prod": "https://wiki.example/prod",
     },
     "meshagent_slos": ["availability=99.9", "latency=99:300ms,window=7d"],
 }
@@ -121,13 +124,11 @@ def check_token_command(rendered: dict[str, Any], directory: Path) -> None:
     assert rendered["managed"] is True
     assert rendered["token_argv"] == [
         MESHAGENT, "authority", "token", "create", "--dir", str(directory), "--identity", "shop/billing",
-        "--url", "https://authority.example:8443", "--ttl", "15m", "--json",
-        "--owner-team=payments", "--owner-contact=#payments-oncall",
-        "--description=Billing database <b>primary</b>", "--system=shop", "--tier=1",
-        "--link=dashboard=https://grafana.example/d/b", "--link=runbook=https://wiki.example/billing",
-        "--slo=availability=99.9", "--slo=latency=99:300ms,window=7d",
+        "--url", "https://authority.example:8443", "--ttl", "15m", "--json", "--from-file", "-",
     ]  # fmt: skip
-    proc = subprocess.run(rendered["token_argv"], capture_output=True, text=True, timeout=60)
+    # enroll.yml's stdin: the same document `host set --from-file -` reads
+    stdin = json.dumps(rendered["doc"])
+    proc = subprocess.run(rendered["token_argv"], input=stdin, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     meta = json.loads(proc.stdout)["meta"]
     assert (meta["owner_team"], meta["tier"], meta["description"]) == (
@@ -135,10 +136,7 @@ def check_token_command(rendered: dict[str, Any], directory: Path) -> None:
         "1",
         "Billing database <b>primary</b>",
     )
-    assert meta["links"] == [
-        {"title": "dashboard", "url": "https://grafana.example/d/b"},
-        {"title": "runbook", "url": "https://wiki.example/billing"},
-    ]
+    assert {link["title"]: link["url"] for link in meta["links"]} == FULL["meshagent_links"]
     assert [(s["kind"], s["objective"], s["window_days"]) for s in meta["slos"]] == [
         ("availability", 99.9, 28),
         ("latency", 99.0, 7),
