@@ -9,6 +9,16 @@ Prometheus scrapes them through the discovery endpoint, which adds `host_id` to 
   (all timed responses). The threshold is one of the histogram's bounds (host_meta checks it),
   so the ratio is exact, not interpolated.
 
+Where a budget's numbers come from (`Budget.source`): the rule file (`rules`) records, per SLO,
+the error ratio over 5m..3d and over the SLO's own window, and a marker
+(`meshagent_slo:objective{host_id, slo, spec}`) saying which SLO shape the records are for. When
+the marker for a host's SLO is present with the SLO's current shape, budgets read the recorded
+series ("rules": a few cheap instant queries whatever the window); otherwise (rules not loaded,
+or written before the SLO changed) the raw series ("raw": `rate(...[28d])` over every raw
+sample, slow for a big fleet). The recorded window ratio is Sloth's and Pyrra's way, weighted by
+traffic: the sum over the window of the recorded 5 m error rate over the sum of the 5 m request
+rate. It covers only the time since the rules were loaded (until a whole window has passed).
+
 Budget arithmetic (the SRE workbook's): the budget is the error ratio the objective allows,
 1 - objective. A burn rate is an error ratio divided by that budget (1 = spending the budget
 exactly over the SLO window). The rules (`rules`) are the workbook's multi-window, multi-burn-rate
@@ -31,6 +41,9 @@ from .storage import HostRecord
 # The recording rules' windows and what each is called in a rule name.
 WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
 RECORD: Final = "meshagent_slo:error_ratio:rate{window}"  # labels: host_id, slo
+ERRORS_5M: Final = "meshagent_slo:errors:rate5m"  # failing responses/s (labels: host_id, slo)
+REQUESTS_5M: Final = "meshagent_slo:requests:rate5m"  # all responses/s the SLO counts
+MARKER: Final = "meshagent_slo:objective"  # value: the objective; labels: host_id, slo, spec
 FAILURE: Final = 'classification="failure"'
 
 
@@ -63,6 +76,9 @@ class Budget:
     burn_1h: float | None
     burn_6h: float | None
     exhaustion_s: float | None  # at the current (1 h) burn; None when not burning
+    # "rules": read from the rule file's recorded series; "raw": computed from the agents'
+    # series (the rules are not loaded in that Prometheus, or predate the SLO's current shape)
+    source: str = "raw"
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -73,7 +89,16 @@ class Budget:
             "burn_1h": self.burn_1h,
             "burn_6h": self.burn_6h,
             "exhaustion_s": self.exhaustion_s,
+            "source": self.source,
         }
+
+
+def spec(slo: Slo) -> str:
+    """What the recorded ratios of `slo` depend on (not the objective: budgets apply it), as the
+    marker's `spec` label: records written for another shape are not this SLO's."""
+    port = "" if slo.port is None else str(slo.port)
+    threshold = "" if slo.threshold_ms is None else str(slo.threshold_ms)
+    return f"{slo.kind},{slo.direction},{port},{threshold},{slo.window_days}d"
 
 
 def quote(value: str) -> str:
@@ -92,14 +117,19 @@ def _selector(host_id: str | None, slo: Slo, *extra: str) -> str:
     return "{" + ",".join([*matchers, *extra]) + "}"
 
 
+def _le(slo: Slo) -> str:
+    """The latency threshold's bucket: le as the agent writes it ("300") and as Prometheus 3
+    normalizes it ("300.0")."""
+    return f'le=~"{slo.threshold_ms}(\\\\.0)?"'
+
+
 def error_ratio(host_id: str | None, slo: Slo, window: str) -> str:
     """PromQL: the SLO's error ratio on `host_id` over `window` (no result: no traffic). With
     host_id None, one sample per host (`by (host_id)`) for every host with traffic: the same SLO
     shape for the whole fleet in one query."""
     total_of = "sum" if host_id is not None else "sum by (host_id)"
     if slo.kind == "latency":
-        # le as the agent writes it ("300") and as Prometheus 3 normalizes it ("300.0").
-        le = f'le=~"{slo.threshold_ms}(\\\\.0)?"'
+        le = _le(slo)
         good = f"{total_of}(rate(response_latency_ms_bucket{_selector(host_id, slo, le)}[{window}]))"
         total = f"{total_of}(rate(response_latency_ms_count{_selector(host_id, slo)}[{window}]))"
         return f"1 - ({good} / {total})"
@@ -107,6 +137,18 @@ def error_ratio(host_id: str | None, slo: Slo, window: str) -> str:
     total = f"{total_of}(rate(response_total{_selector(host_id, slo)}[{window}]))"
     # No failure series at all is a ratio of 0, not no answer: `or 0 * total`.
     return f"({failed} or 0 * {total}) / {total}"
+
+
+def _rates(host_id: str, slo: Slo) -> tuple[str, str]:
+    """PromQL: the SLO's failing and total responses per second over 5 m on `host_id` (the
+    parts the window ratio is summed from)."""
+    if slo.kind == "latency":
+        le = _le(slo)
+        total = f"sum(rate(response_latency_ms_count{_selector(host_id, slo)}[5m]))"
+        good = f"sum(rate(response_latency_ms_bucket{_selector(host_id, slo, le)}[5m]))"
+        return f"{total} - {good}", total
+    total = f"sum(rate(response_total{_selector(host_id, slo)}[5m]))"
+    return f"sum(rate(response_total{_selector(host_id, slo, FAILURE)}[5m])) or 0 * {total}", total
 
 
 def error_budget(slo: Slo) -> float:
@@ -120,7 +162,12 @@ def _finite(samples: list[tuple[dict[str, str], float]]) -> float | None:
 
 
 def _budget(
-    host_id: str, slo: Slo, over_window: float | None, ratio_1h: float | None, ratio_6h: float | None
+    host_id: str,
+    slo: Slo,
+    over_window: float | None,
+    ratio_1h: float | None,
+    ratio_6h: float | None,
+    source: str = "raw",
 ) -> Budget:
     """The budget from the three error ratios (None: no traffic in that window)."""
     allowed = error_budget(slo)
@@ -134,17 +181,13 @@ def _budget(
         burn_1h=burn_1h,
         burn_6h=None if ratio_6h is None else ratio_6h / allowed,
         exhaustion_s=exhaustion_s(remaining, burn_1h, slo.window_days),
+        source=source,
     )
 
 
 def budget(prom: PromClient, host_id: str, slo: Slo) -> Budget:
-    """One SLO's budget now: three instant queries (SLO window, 1 h, 6 h)."""
-    at = time.time()  # the three windows end at the same instant
-    ratios = [
-        _finite(prom.query(error_ratio(host_id, slo, window), at))
-        for window in (f"{slo.window_days}d", "1h", "6h")
-    ]
-    return _budget(host_id, slo, *ratios)
+    """One SLO's budget now (the rules' records when loaded, else the raw series)."""
+    return budgets(prom, host_id, HostMeta(slos=(slo,)))[0]
 
 
 def exhaustion_s(remaining: float | None, burn: float | None, window_days: int) -> float | None:
@@ -159,33 +202,68 @@ def exhaustion_s(remaining: float | None, burn: float | None, window_days: int) 
 
 def budgets(prom: PromClient, host_id: str, meta: HostMeta) -> list[Budget]:
     """Every SLO of the host, in the order its metadata lists them."""
-    return [budget(prom, host_id, slo) for slo in meta.slos]
+    return _budgets_of(prom, {host_id: meta}, host_id)[host_id]
 
 
 def fleet_budgets(prom: PromClient, metas: Mapping[str, HostMeta]) -> dict[str, list[Budget]]:
-    """`budgets` for many hosts at once (the fleet list, `slo status`): one query per SLO shape
-    (kind, direction, port, threshold) and window for the whole fleet, instead of three per SLO
-    per host; a fleet whose hosts share a few SLO shapes costs a few queries."""
-    at = time.time()
-    answers: dict[tuple[Any, ...], dict[str, float]] = {}
+    """`budgets` for many hosts at once (the fleet list, `slo status`): the recorded series in
+    one query per record (the marker, 1 h, 6 h, each SLO window in use) for the whole fleet; the
+    SLOs without loaded rules in one query per SLO shape (kind, direction, port, threshold) and
+    window, instead of three per SLO per host."""
+    return _budgets_of(prom, metas, None)
 
-    def ratio(host_id: str, slo: Slo, window: str) -> float | None:
+
+def _budgets_of(
+    prom: PromClient, metas: Mapping[str, HostMeta], host_id: str | None
+) -> dict[str, list[Budget]]:
+    """Budgets of `metas`' hosts (`host_id`: the one host they are, which narrows the queries)."""
+    at = time.time()  # every window ends at the same instant
+    one = f"{{host_id={quote(host_id)}}}" if host_id is not None else ""
+    recorded: dict[str, dict[tuple[str, str], tuple[float, dict[str, str]]]] = {}
+
+    def record(name: str) -> dict[tuple[str, str], tuple[float, dict[str, str]]]:
+        if name not in recorded:
+            recorded[name] = {
+                (labels.get("host_id", ""), labels.get("slo", "")): (value, labels)
+                for labels, value in prom.query(name + one, at)
+            }
+        return recorded[name]
+
+    wanted = any(meta.slos for meta in metas.values())
+    markers = record(MARKER) if wanted else {}
+    raw: dict[tuple[Any, ...], dict[str, float]] = {}
+
+    def raw_ratio(hid: str, slo: Slo, window: str) -> float | None:
         key = (slo.kind, slo.direction, slo.port, slo.threshold_ms, window)
-        if key not in answers:
-            answers[key] = {
+        if key not in raw:
+            raw[key] = {
                 labels.get("host_id", ""): value
-                for labels, value in prom.query(error_ratio(None, slo, window), at)
+                for labels, value in prom.query(error_ratio(host_id, slo, window), at)
                 if math.isfinite(value)
             }
-        return answers[key].get(host_id)
+        return raw[key].get(hid) if host_id is None else _only(raw[key])
 
-    return {
-        host_id: [
-            _budget(host_id, slo, *(ratio(host_id, slo, w) for w in (f"{slo.window_days}d", "1h", "6h")))
-            for slo in meta.slos
-        ]
-        for host_id, meta in metas.items()
-    }
+    def rules_ratio(hid: str, slo: Slo, window: str) -> float | None:
+        found = record(RECORD.format(window=window)).get((hid, slo.name))
+        return found[0] if found is not None and math.isfinite(found[0]) else None
+
+    def one_budget(hid: str, slo: Slo) -> Budget:
+        days = f"{slo.window_days}d"
+        marker = markers.get((hid, slo.name))
+        if marker is not None and marker[1].get("spec") == spec(slo):
+            ratio, source = rules_ratio, "rules"
+        else:
+            ratio, source = raw_ratio, "raw"
+        return _budget(
+            hid, slo, ratio(hid, slo, days), ratio(hid, slo, "1h"), ratio(hid, slo, "6h"), source=source
+        )
+
+    return {hid: [one_budget(hid, slo) for slo in meta.slos] for hid, meta in metas.items()}
+
+
+def _only(answer: dict[str, float]) -> float | None:
+    """The value of a one-host query (no `by (host_id)`: its one sample has no labels)."""
+    return next(iter(answer.values()), None)
 
 
 def burn_history(
@@ -228,6 +306,22 @@ def _host_rules(host: HostRecord, meta: HostMeta) -> list[dict[str, Any]]:
                     "labels": dict(ids),
                 }
             )
+        # The SLO window's ratio from the 5 m rates (budgets read it: a 28-d rate() over raw
+        # samples is too slow for a fleet), and the marker saying these records are this SLO's.
+        errors, requests = _rates(host.id, slo)
+        match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)}" + "}"
+        days = f"{slo.window_days}d"
+        out += [
+            {"record": ERRORS_5M, "expr": errors, "labels": dict(ids)},
+            {"record": REQUESTS_5M, "expr": requests, "labels": dict(ids)},
+            {
+                "record": RECORD.format(window=days),
+                "expr": f"sum_over_time({ERRORS_5M}{match}[{days}])"
+                f" / sum_over_time({REQUESTS_5M}{match}[{days}])",
+                "labels": dict(ids),
+            },
+            {"record": MARKER, "expr": f"vector({slo.objective:g})", "labels": {**ids, "spec": spec(slo)}},
+        ]
         allowed = error_budget(slo)
         runbook = _runbook(meta)
         for alert in ALERTS:

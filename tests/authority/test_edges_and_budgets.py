@@ -40,7 +40,7 @@ from agent.authority.edges import Edge, WindowInvalid, dns_identity, edges, wind
 from agent.authority.host_meta import HostMeta, Slo
 from agent.authority.prom_query import PROMETHEUS_ENV, PromClient, PromUnavailable
 from agent.authority.service import Authority
-from agent.authority.slo import budgets, burn_history, fleet_budgets, rules
+from agent.authority.slo import MARKER, budgets, burn_history, fleet_budgets, rules
 from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
@@ -405,9 +405,31 @@ def test_an_identity_several_hosts_share_names_no_single_host(running: Running) 
     assert web_to_api.src_host == running.id("ha")
 
 
-def test_budgets_from_the_real_engine(running: Running) -> None:
-    hb = {b.slo.name: b for b in budgets(running.prom, running.id("hb"), META["hb"])}
+class WithoutRules(PromClient):
+    """A Prometheus where the rule file is not loaded: its marker series are not there."""
+
+    def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        return [] if promql.startswith(MARKER) else super().query(promql, at)
+
+
+@pytest.mark.parametrize("loaded", [True, False], ids=["recorded", "raw"])
+def test_budgets_from_the_real_engine(running: Running, loaded: bool) -> None:
+    """The same numbers from the rules' recorded series (the SLO window's ratio summed from the
+    5 m rates) and, where the rules are not loaded, from the raw series."""
+    with PromClient(running.url) if loaded else WithoutRules(running.url) as prom:
+        _budgets_are_the_traffic_s(prom, running, "rules" if loaded else "raw")
+
+
+def test_rules_written_for_another_slo_shape_are_not_read(running: Running) -> None:
+    weekly = dataclasses.replace(AVAIL, window_days=7)  # the loaded rules record 28 d
+    (now,) = budgets(running.prom, running.id("hb"), HostMeta(slos=(weekly,)))
+    assert now.source == "raw" and now.sli == pytest.approx(0.875, abs=1e-3)
+
+
+def _budgets_are_the_traffic_s(prom: PromClient, running: Running, source: str) -> None:
+    hb = {b.slo.name: b for b in budgets(prom, running.id("hb"), META["hb"])}
     assert list(hb) == ["availability", "fast", "under-50", "admin-port"]
+    assert {b.source for b in hb.values()} == {source}
     # hb serves 16 req/s, 2 of them failures: an error ratio of 0.125 against a 0.001 budget.
     a = hb["availability"]
     assert a.sli == pytest.approx(0.875, abs=1e-3)
@@ -426,29 +448,36 @@ def test_budgets_from_the_real_engine(running: Running) -> None:
 
     # ha: 0.05 % failures against 0.1 %: half the budget spent, burning at 0.5, so what is
     # left (half a 28-day budget) lasts 28 days more.
-    (ha,) = budgets(running.prom, running.id("ha"), META["ha"])
+    (ha,) = budgets(prom, running.id("ha"), META["ha"])
     assert ha.remaining == pytest.approx(0.5, abs=0.01)
     assert ha.burn_1h == pytest.approx(0.5, abs=0.01)
     assert ha.exhaustion_s == pytest.approx(28 * 86400, rel=0.03)
 
 
-class CountingClient(PromClient):
-    def __init__(self, url: str) -> None:
+class CountingClient(WithoutRules):
+    def __init__(self, url: str, loaded: bool) -> None:
         super().__init__(url)
         self.queries = 0
+        self.loaded = loaded
 
     def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
         self.queries += 1
-        return super().query(promql, at)
+        return PromClient.query(self, promql, at) if self.loaded else super().query(promql, at)
 
 
-def test_fleet_budgets_are_the_per_host_ones_in_a_query_per_slo_shape(running: Running) -> None:
+@pytest.mark.parametrize("loaded", [True, False], ids=["recorded", "raw"])
+def test_fleet_budgets_are_the_per_host_ones_in_a_few_queries(running: Running, loaded: bool) -> None:
     metas = {running.id(role): META[role] for role in ROLES}
-    with CountingClient(running.url) as prom:
+    with CountingClient(running.url, loaded) as prom:
         fleet = fleet_budgets(prom, metas)
-        # shapes: availability (all ports), availability port 9999, latency 100 ms, latency 50 ms;
-        # each over its SLO window, 1 h and 6 h; ha's availability SLO shares hb's queries
-        assert prom.queries == 4 * 3
+        if loaded:
+            # the marker, and the ratio records over 28 d, 1 h and 6 h: for the whole fleet
+            assert prom.queries == 4
+        else:
+            # the marker, then per shape (availability (all ports), availability port 9999,
+            # latency 100 ms, latency 50 ms) each over its SLO window, 1 h and 6 h; ha's
+            # availability SLO shares hb's queries
+            assert prom.queries == 1 + 4 * 3
     assert list(fleet) == list(metas) and fleet[running.id("hc")] == []
     for host_id, meta in metas.items():
         one = budgets(running.prom, host_id, meta)

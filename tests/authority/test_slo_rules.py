@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from agent.authority.host_meta import HostMeta, Slo
-from agent.authority.slo import ALERTS, WINDOWS, error_ratio, render_rules, rules
+from agent.authority.slo import ALERTS, WINDOWS, error_ratio, render_rules, rules, spec
 from agent.authority.storage import HostRecord
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (scripts/bootstrap)")
@@ -70,7 +70,8 @@ def test_the_rule_file_is_valid_and_complete(tmp_path: Path) -> None:
     checked = promtool("check", "rules", str(path))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     slos = 2 + 2 + 2
-    assert f"SUCCESS: {slos * (len(WINDOWS) + len(ALERTS))} rules found" in checked.stdout
+    # per SLO: the windows' ratios, the 5 m errors and requests, the SLO window's ratio, the marker
+    assert f"SUCCESS: {slos * (len(WINDOWS) + 4 + len(ALERTS))} rules found" in checked.stdout
     doc = yaml.safe_load(path.read_text())
     assert [g["name"] for g in doc["groups"]] == [
         "meshagent-slo-bad",
@@ -157,6 +158,27 @@ def test_fast_burn_fires_for_20_percent_failures_and_not_for_half_the_budget(tmp
                 ],
                 "promql_expr_test": [
                     {
+                        # the SLO window's ratio budgets read: the 5 m rates summed, traffic-weighted
+                        "expr": 'round(1e6 * meshagent_slo:error_ratio:rate28d{host_id="good"})',
+                        "eval_time": "65m",
+                        "exp_samples": [
+                            {"labels": f'{{host_id="good",slo="{s}"}}', "value": 500}
+                            for s in ("availability", "latency")
+                        ],
+                    },
+                    {
+                        "expr": 'meshagent_slo:objective{host_id="bad"}',
+                        "eval_time": "1m",
+                        "exp_samples": [
+                            {
+                                "labels": "meshagent_slo:objective"
+                                f'{{host_id="bad",slo="{s.name}",spec="{spec(s)}"}}',
+                                "value": 99.9,
+                            }
+                            for s in (AVAIL, LATENCY)
+                        ],
+                    },
+                    {
                         # in parts per million, rounded: the engine's float sums are not exact
                         "expr": 'round(1e6 * meshagent_slo:error_ratio:rate1h{host_id="good"})',
                         "eval_time": "65m",
@@ -167,7 +189,7 @@ def test_fast_burn_fires_for_20_percent_failures_and_not_for_half_the_budget(tmp
                             }
                             for s in ("availability", "latency")
                         ],
-                    }
+                    },
                 ],
             },
             {
