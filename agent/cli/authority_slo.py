@@ -26,7 +26,7 @@ from agent.authority.prom_query import (
     not_configured,
     resolve_url,
 )
-from agent.authority.slo import ALERTS, Budget, fleet_budgets, render_rules, rules
+from agent.authority.slo import ALERTS, Budget, fleet_budgets, never_firing, render_rules, rules
 from agent.authority.storage import HostRecord
 from agent.errors import MeshagentError
 from agent.fsutil import write_atomic
@@ -189,6 +189,8 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         metas = auth.registry.host_meta([h.id for h in hosts])
         pairs = [(h, metas.get(h.id, HostMeta())) for h in hosts]
         text = render_rules(pairs)
+        for warning in never_firing(pairs):  # also written as comments at the file's top
+            click.echo(printable(f"warning: {warning}"), err=True)
         if output is None:
             click.echo(text, nl=False)
             return

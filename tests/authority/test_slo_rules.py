@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
 from agent.authority.host_meta import HostMeta, Slo
+from agent.authority.service import Authority
 from agent.authority.slo import ALERTS, WINDOWS, error_ratio, render_rules, rules, spec
 from agent.authority.storage import HostRecord
+from agent.cli.main import cli as meshagent
+from agent.identity.pki import generate_key, make_csr
+from tests.support import init_authority
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (scripts/bootstrap)")
 
@@ -221,3 +226,42 @@ def _onset(host_id: str) -> list[dict[str, str]]:
         {"series": f'response_latency_ms_bucket{{{base},le="300"}}', "values": text(ok)},
         {"series": f"response_latency_ms_count{{{base}}}", "values": text(total)},
     ]
+
+
+def test_alerts_that_can_never_fire_are_warned_about_in_the_file_and_on_stderr(tmp_path: Path) -> None:
+    """An alert fires above factor x (1 - objective): at 90 % the fast burn's threshold is an
+    error ratio of 1.44, which not even 100 % failures reach."""
+    low = [
+        (host("low", "low-1"), HostMeta(slos=(Slo("loose", "availability", 90.0),))),
+        (host("lower", "lower-1"), HostMeta(slos=(Slo("looser", "availability", 60.0),))),
+        HOSTS[0],
+    ]
+    text = render_rules(low)
+    warnings = [line for line in text.splitlines() if line.startswith("# WARNING: ")]
+    assert len(warnings) == 2, warnings  # "bad" at 99.9 % can fire every alert
+    assert (
+        "low-1 (low) SLO 'loose' at 90%: can never fire: MeshagentSLOFastBurn (14.4x, needs > 93.06%)"
+        in (warnings[0])
+    )
+    assert "Medium" not in warnings[0]
+    for name in ("MeshagentSLOFastBurn", "MeshagentSLOMediumBurn", "MeshagentSLOSlowBurn"):
+        assert name in warnings[1]
+    assert "VerySlow" not in warnings[1]
+    path = tmp_path / "rules.yml"
+    path.write_text(text)
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    # the CLI says so on stderr, whether it prints the file or writes it
+    directory = tmp_path / "authority"
+    init_authority(directory)
+    authority = Authority.open(directory)
+    secret = authority.create_tokens("shop/low", "https://127.0.0.1:1", timedelta(minutes=5))[0].secret
+    enrolled = authority.enroll(secret, make_csr(generate_key()).decode(), "low-1", ["198.18.0.10"]).host
+    authority.registry.set_host_meta(enrolled.id, low[0][1], "cli:test")
+    authority.registry.close()
+    for extra in ([], ["--output", str(tmp_path / "out.yml")]):
+        result = CliRunner().invoke(meshagent, ["authority", "slo", "rules", "--dir", str(directory), *extra])
+        assert result.exit_code == 0, result.stderr
+        assert "warning: low-1" in result.stderr and "MeshagentSLOFastBurn" in result.stderr
+    assert "# WARNING: low-1" in (tmp_path / "out.yml").read_text()
