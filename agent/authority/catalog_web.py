@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import hmac
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from html import escape
 from pathlib import Path
@@ -77,10 +78,21 @@ def _token(directory: Path) -> str:
         return ""
 
 
-def session_value(token: str) -> str:
-    """The cookie's value: a MAC of the discovery token, so the cookie never holds the token and
-    is worthless once the token is rotated."""
-    return hmac.new(token.encode(), b"meshagent catalog session v1", hashlib.sha256).hexdigest()
+def session_value(token: str, expires: int) -> str:
+    """The cookie's value: when it ends and a MAC of that under the discovery token, so the
+    cookie never holds the token, is worthless once the token is rotated, and a copied cookie
+    stops working when it ends (the browser's Max-Age alone would not stop a copy)."""
+    mac = hmac.new(token.encode(), f"meshagent catalog session v2|{expires}".encode(), hashlib.sha256)
+    return f"{expires}.{mac.hexdigest()}"
+
+
+def session_is_valid(cookie: str, token: str, now: float) -> bool:
+    """Whether `cookie` is a session this token made that has not ended."""
+    expires_text, _, _ = cookie.partition(".")
+    if not token or not expires_text.isdigit() or len(expires_text) > 12:
+        return False
+    expires = int(expires_text)
+    return now < expires and hmac.compare_digest(cookie.encode(), session_value(token, expires).encode())
 
 
 def authorize(directory: Path, request: Request) -> None:
@@ -91,10 +103,10 @@ def authorize(directory: Path, request: Request) -> None:
     if header or not cookie:
         discovery.authorize(directory, header)  # (its refusals: discovery off, or wrong token)
         return
-    token = _token(directory)
-    if not token or not hmac.compare_digest(cookie.encode(), session_value(token).encode()):
+    if not session_is_valid(cookie, _token(directory), time.time()):
         raise RejectedError(
-            "the catalog's session has ended (the discovery token was rotated, or the cookie is not ours)",
+            "the catalog's session has ended (it is older than 12 hours, the discovery token was "
+            "rotated, or the cookie is not ours)",
             code="unauthenticated",
             hint="log in again with the token in the authority directory's prometheus-token file",
         )
@@ -645,7 +657,7 @@ class CatalogWeb:
         response = RedirectResponse(next_path, status_code=303, headers=SECURITY_HEADERS)
         response.set_cookie(
             COOKIE,
-            session_value(token),
+            session_value(token, int(time.time()) + COOKIE_MAX_AGE_S),
             max_age=COOKIE_MAX_AGE_S,
             path="/",
             secure=True,

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from agent.authority import catalog_web
 from agent.authority.catalog_web import RENDER_SLOTS
 from agent.authority.prom_query import PromClient, PromUnavailable, record_url
 from tests.authority.test_catalog_show import XSS_IMG, XSS_SCRIPT, Fleet, make_fleet
@@ -380,6 +381,23 @@ def test_the_login_cookie_and_the_headers(world: World) -> None:
     assert "'unsafe-inline'" not in page.headers["content-security-policy"]
     assert page.headers["x-content-type-options"] == "nosniff"
     assert page.headers["cache-control"] == "no-store"
+
+
+def test_a_session_ends_when_its_time_is_up_even_for_a_copied_cookie(world: World) -> None:
+    tls = world.authority.tls
+
+    def status(value: str) -> int:
+        cookie = {"cookie": f"{catalog_web.COOKIE}={value}"}
+        return httpx.get(f"{world.url}/catalog", headers=cookie, verify=tls, timeout=30).status_code
+
+    now = int(time.time())
+    assert status(catalog_web.session_value(world.token, now + 600)) == 200
+    # Made with the right token, but ended a second ago: the browser would have dropped it, a
+    # copy must not outlive it.
+    assert status(catalog_web.session_value(world.token, now - 1)) == 401
+    # A live session's end moved later by hand: its MAC no longer matches.
+    _, mac = catalog_web.session_value(world.token, now + 600).split(".")
+    assert status(f"{now + 10**6}.{mac}") == 401
 
 
 def _steady(doc: dict[str, Any]) -> dict[str, Any]:
