@@ -196,10 +196,13 @@ def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
     now = authority.clock()
     identity_of = _identity_of(authority)
     p = _Prom(prom)
+    # Edges first: the budgets read the SLO window (the slower queries), and the first
+    # Prometheus failure ends the view's queries.
+    found = _edges(p, authority, hosts)
     budgets = _fleet_budgets(p, {h.id: metas.get(h.id, HostMeta()) for h in hosts if not h.revoked})
+    latest = registry.latest_events([h.id for h in hosts])
     rows = []
     for host in hosts:
-        latest = registry.events(host.id, limit=1)
         rows.append(
             FleetRow(
                 host,
@@ -207,10 +210,9 @@ def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
                 health.stored_fleet_health(host, now, reports).state,
                 identity_of(host),
                 budgets.get(host.id, []),
-                latest[0] if latest else None,
+                latest.get(host.id),
             )
         )
-    found = _edges(p, authority, hosts)
     return FleetView(rows, found, p.error, graph_nodes(rows, found))
 
 
