@@ -212,9 +212,10 @@ class ProxySettings:
     handshake_timeout_s: float = 10.0
     """How long a TLS handshake may take."""
     max_handshakes: int = 128
-    """Inbound mTLS handshakes in progress at once (each holds ~130 KB of OpenSSL state until the
-    client finishes). More wait for a slot within handshake_timeout_s, up to 8 per slot; past
-    that a new connection is refused at once. Counted in /status under handshakes."""
+    """Inbound mTLS handshakes in progress at once, agent-wide (each holds ~130 KB of OpenSSL state
+    until the client finishes; with workers each gets an even share). More wait for a slot within
+    handshake_timeout_s, up to 8 per slot; past that a new connection is refused at once.
+    Counted in /status under handshakes (and per worker under workers[])."""
     detect_timeout_s: float = 1.0
     """How long an inbound client may stay silent before it counts as plaintext (server-speaks-first)."""
     skip_detect_ports: tuple[int, ...] = (25, 587, 3306)
@@ -230,10 +231,10 @@ class ProxySettings:
     keep-rules (fail closed: intercepted traffic fails until the agent is back)."""
     refresh_interval_s: float = 30.0
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
-    workers: int | str = 1
-    """Proxy processes: "auto" (one per CPU the agent may run on) or 1 to 64. 1 (the default for
-    now) runs the proxy inside the agent's own process; more fork workers that share the
-    listening ports (SO_REUSEPORT). A change needs a restart."""
+    workers: int | str = "auto"
+    """Proxy processes: "auto" (the default: one per CPU the agent may run on) or 1 to 64. 1 runs
+    the proxy inside the agent's own process (as "auto" does on a one-CPU host); more fork
+    workers that share the listening ports (SO_REUSEPORT). A change needs a restart."""
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""
