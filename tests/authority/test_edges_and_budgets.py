@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS
+from tests.authority.promserver import host_record, prometheus, wait_for
 from tests.support import free_port, init_authority
 
 pytestmark = pytest.mark.skipif(
@@ -61,19 +61,7 @@ def dns(name: str) -> str:
 
 def host(host_id: str, name: str, sa: str) -> HostRecord:
     """A host record outside any registry (for what the library does with several per identity)."""
-    now = datetime.now(UTC)
-    return HostRecord(
-        id=host_id,
-        identity=f"shop/{sa}",
-        host_name=name,
-        addresses=("198.18.0.1",),
-        serial="01",
-        not_after=now,
-        cert_pem="",
-        enrolled_at=now,
-        last_renewal=None,
-        revoked_at=None,
-    )
+    return host_record(host_id, name, f"shop/{sa}")
 
 
 # role -> (host name, service account): enrolled in a real registry, so the CLI sees them too
@@ -271,7 +259,6 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     d: Path = tmp_path_factory.mktemp("prometheus")
     hosts = enroll_fleet(d / "authority")
     exporter = Exporter()
-    (d / "rules.yml").write_text(yaml.safe_dump(rules([(h, META[role]) for role, h in hosts.items()])))
     jobs = [
         {
             "job_name": f"meshagent-{role}",
@@ -301,41 +288,16 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
             ],
         }
     )
-    config = {
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "rule_files": [str(d / "rules.yml")],
-        "scrape_configs": jobs,
-    }
-    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={d / 'prometheus.yml'}",
-            f"--storage.tsdb.path={d / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(d / "prometheus.log").open("wb"),
-    )
-    url = f"http://127.0.0.1:{port}"
-    prom = PromClient(url)
     try:
-        # Enough samples for a 10 s window that starts after the series began (12 scrapes).
-        scrapes = (
-            f'min(count_over_time(response_total{{host_id="{hosts["hb"].id}",client_id!=""}}[1m])) >= 12'
-        )
-        _wait(lambda: bool(prom.query(scrapes)), "12 scrapes of the exporter")
-        yield Running(prom, url, d / "authority", hosts)
+        with prometheus(d, jobs, rules=rules([(h, META[role]) for role, h in hosts.items()])) as url:
+            # Enough samples for a 10 s window that starts after the series began (12 scrapes).
+            scrapes = (
+                f'min(count_over_time(response_total{{host_id="{hosts["hb"].id}",client_id!=""}}[1m])) >= 12'
+            )
+            wait_for(url, scrapes, d)
+            with PromClient(url) as prom:
+                yield Running(prom, url, d / "authority", hosts)
     finally:
-        prom.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         exporter.close()
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +20,14 @@ from agent.authority.slo import ALERTS, WINDOWS, error_ratio, render_rules, rule
 from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
+from tests.authority.promserver import host_record
 from tests.support import init_authority
 
 pytestmark = pytest.mark.skipif(shutil.which("promtool") is None, reason="needs promtool (scripts/bootstrap)")
 
 
 def host(host_id: str, name: str) -> HostRecord:
-    now = datetime.now(UTC)
-    return HostRecord(
-        id=host_id,
-        identity=f"spiffe://cluster.local/ns/shop/sa/{host_id}",
-        host_name=name,
-        addresses=("198.18.0.1",),
-        serial="01",
-        not_after=now,
-        cert_pem="",
-        enrolled_at=now,
-        last_renewal=None,
-        revoked_at=None,
-    )
+    return host_record(host_id, name, f"shop/{host_id}")
 
 
 AVAIL = Slo("availability", "availability", 99.9)
