@@ -44,6 +44,7 @@ from agent.errors import ExitCode, MeshagentError
 from agent.identity.names import WorkloadIdentity
 
 from .prom_query import PromClient
+from .slo import quote
 from .storage import HostRecord
 
 
@@ -181,15 +182,17 @@ def _view(
     window: str,
     at: float,
     skip: Callable[[_AddrKey], bool] | None = None,
+    narrow: str = "",
 ) -> dict[_Key, _Seen]:
     """What one direction's series say per (host_id, peer identity) over `window`: responses,
     successes, p99, and TCP connections opened. A pair is seen if it had a response, opened a
     connection, or holds one open now (a quiet pool, or a protocol that is not HTTP). With `skip`,
     the series are read per destination address too, and those `skip` names are left out before
-    the pair is summed (its p99 from the summed buckets, as histogram_quantile computes it)."""
+    the pair is summed (its p99 from the summed buckets, as histogram_quantile computes it).
+    `narrow`: more matchers (`host_id="h-1"`), so one host's edges do not read the fleet's series."""
     # Only the meshed hosts' series (the discovery endpoint labels them host_id): the cluster's
     # own linkerd-proxies, scraped by the same Prometheus, write the same families without it.
-    sel = f'direction="{direction}",host_id!=""'
+    sel = f'direction="{direction}",host_id!=""' + (f",{narrow}" if narrow else "")
     leg = f'{sel},peer="{_LEG[direction]}"'
     by = f"host_id, {peer}" + (", target_ip" if skip is not None else "")
     raw = {
@@ -265,10 +268,25 @@ def edges(
     def to_a_host(key: _AddrKey) -> bool:
         return bool(key[1]) and (key[1], key[2]) in served
 
+    # One host's edges read only its own series and its callees' inbound series naming its
+    # identity (its calls to other hosts), not the fleet's.
+    inbound: dict[_Key, _Seen] = {}
+    outbound_narrow = ""
+    if host_id is None:
+        inbound = _view(prom, "inbound", "client_id", window, at)
+    else:
+        one = f"host_id={quote(host_id)}"
+        outbound_narrow = one
+        inbound = _view(prom, "inbound", "client_id", window, at, narrow=one)
+        mine = next((identity_of(h) for h in hosts if h.id == host_id), "")
+        if mine:
+            calls = _view(prom, "inbound", "client_id", window, at, narrow=f"client_id={quote(mine)}")
+            inbound.update(calls)
     found: list[Edge] = []
-    for (callee, client), view in _view(prom, "inbound", "client_id", window, at).items():
+    for (callee, client), view in inbound.items():
         found.append(edge(client, known.get(callee, ""), host_of(client), callee or None, view))
-    for (caller, server), view in _view(prom, "outbound", "server_id", window, at, to_a_host).items():
+    outbound = _view(prom, "outbound", "server_id", window, at, to_a_host, narrow=outbound_narrow)
+    for (caller, server), view in outbound.items():
         found.append(edge(known.get(caller, ""), server, caller or None, None, view))
     if host_id is not None:
         found = [e for e in found if host_id in (e.src_host, e.dst_host)]

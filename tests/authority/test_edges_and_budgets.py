@@ -355,6 +355,37 @@ def test_edges_of_one_host_are_those_into_or_out_of_it(running: Running) -> None
     assert all(isinstance(e, Edge) and running.id("ha") in (e.src_host, e.dst_host) for e in found)
 
 
+class Recording(PromClient):
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.asked: list[str] = []
+
+    def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
+        self.asked.append(promql)
+        return super().query(promql, at)
+
+
+@pytest.mark.parametrize("role", ["ha", "hb", "hc"])
+def test_one_host_s_edges_read_only_its_series_and_its_callees_views_of_it(
+    running: Running, role: str
+) -> None:
+    """A card's edges: the host's own series and its callees' inbound series naming its identity
+    (review L13: the whole fleet's series were read and filtered in Python), the same edges."""
+    hid, identity = running.id(role), dns(ROLES[role][1])
+    fleet = edges(running.prom, running.records, dns_identity(TD, MESH), window="1m")
+    with Recording(running.url) as prom:
+        mine = edges(prom, running.records, dns_identity(TD, MESH), window="1m", host_id=hid)
+    assert prom.asked and all(f'host_id="{hid}"' in q or f'client_id="{identity}"' in q for q in prom.asked)
+    want = [e for e in fleet if hid in (e.src_host, e.dst_host)]
+    assert [(e.src, e.dst, e.src_host, e.dst_host) for e in mine] == [
+        (e.src, e.dst, e.src_host, e.dst_host) for e in want
+    ]
+    for a, b in zip(mine, want, strict=True):
+        assert a.requests == pytest.approx(b.requests, rel=0.05) and a.connections == pytest.approx(
+            b.connections, rel=0.05
+        )
+
+
 def test_an_identity_several_hosts_share_names_no_single_host(running: Running) -> None:
     twin = host("hd", "web-2", "web")  # a second host of the web service account
     found = edges(running.prom, [*running.records, twin], dns_identity(TD, MESH), window="10s")
