@@ -33,6 +33,7 @@ attempt, and shows as one too (its caller's identity, if it had one, and no requ
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import time
@@ -228,6 +229,17 @@ def _view(
     return out
 
 
+def _address(text: str) -> str:
+    """An address as one text: IPv4-mapped IPv6 (a dual-stack socket's view) as IPv4, IPv6
+    compressed; anything else as given."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return text
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped if mapped is not None else ip)
+
+
 def edges(
     prom: PromClient,
     hosts: Sequence[HostRecord],
@@ -263,10 +275,10 @@ def edges(
     # (identity, address) of every live host: an outbound call there was counted by that host's
     # inbound view; a call to the same identity at another address went to an in-cluster pod
     # of the same service (a half-migrated one), which no agent of ours sees from the other side
-    served = {(identity_of(h), a) for h in hosts if not h.revoked for a in h.addresses}
+    served = {(identity_of(h), _address(a)) for h in hosts if not h.revoked for a in h.addresses}
 
     def to_a_host(key: _AddrKey) -> bool:
-        return bool(key[1]) and (key[1], key[2]) in served
+        return bool(key[1]) and (key[1], _address(key[2])) in served
 
     # One host's edges read only its own series and its callees' inbound series naming its
     # identity (its calls to other hosts), not the fleet's.

@@ -640,6 +640,13 @@ def test_a_dead_port_is_prometheus_unavailable_with_a_hint() -> None:
     assert "did not answer" in e.value.message and "--prometheus" in e.value.hint
 
 
+def test_a_host_s_address_is_matched_however_the_socket_wrote_it() -> None:
+    from agent.authority.edges import _address
+
+    assert _address("::ffff:198.18.0.10") == "198.18.0.10" == _address("198.18.0.10")
+    assert _address("2001:db8:0::1") == "2001:db8::1" and _address("not-an-ip") == "not-an-ip"
+
+
 def test_windows_are_prometheus_durations() -> None:
     assert window_seconds("5m") == 300 and window_seconds("1h") == 3600 and window_seconds("10s") == 10
     for bad in ("5", "0m", "5s", "8d", "1h30m", "5M", "-1m", "1e3s"):
