@@ -187,8 +187,9 @@ def _is(host: HostRecord, identity: str, host_id: str | None, edge_identity: str
     return host_id == host.id if host_id is not None else bool(identity) and edge_identity == identity
 
 
-def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
-    """Every host's row and the fleet's edges."""
+def fleet_view(authority: Authority, prom: PromClient | None, *, budgets: bool = True) -> FleetView:
+    """Every host's row and the fleet's edges (budgets=False: rows without budgets and no
+    budget query, for the Backstage export, which needs only the edges)."""
     registry = authority.registry
     hosts = registry.list_hosts()
     metas = registry.host_meta([h.id for h in hosts])
@@ -199,7 +200,11 @@ def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
     # Edges first: the budgets read the SLO window (the slower queries), and the first
     # Prometheus failure ends the view's queries.
     found = _edges(p, authority, hosts)
-    budgets = _fleet_budgets(p, {h.id: metas.get(h.id, HostMeta()) for h in hosts if not h.revoked})
+    found_budgets = (
+        _fleet_budgets(p, {h.id: metas.get(h.id, HostMeta()) for h in hosts if not h.revoked})
+        if budgets
+        else {}
+    )
     latest = registry.latest_events([h.id for h in hosts])
     rows = []
     for host in hosts:
@@ -209,7 +214,7 @@ def fleet_view(authority: Authority, prom: PromClient | None) -> FleetView:
                 metas.get(host.id, HostMeta()),
                 health.stored_fleet_health(host, now, reports).state,
                 identity_of(host),
-                budgets.get(host.id, []),
+                found_budgets.get(host.id, []),
                 latest.get(host.id),
             )
         )
@@ -269,6 +274,7 @@ def budget_doc(b: Budget) -> dict[str, Any]:
         "burn_6h": _float(b.burn_6h),
         "exhaustion_s": _float(b.exhaustion_s),
         "status": budget_status(b),
+        "source": b.source,  # "rules": the rule file's recorded series; "raw": the agents' series
     }
 
 

@@ -141,7 +141,7 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         url = resolve_url(directory, prometheus_url)
         prom = PromClient(url) if url else None
         try:
-            view = service_catalog.fleet_view(auth, prom)
+            view = service_catalog.fleet_view(auth, prom, budgets=False)
         finally:
             if prom is not None:
                 prom.close()

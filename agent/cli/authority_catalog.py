@@ -167,3 +167,5 @@ def register(authority: click.Group, catalog: click.Group) -> None:
             _print_fleet(doc)
         else:
             _print_card(doc)
+        if doc["prometheus_error"]:  # (the exit status stays 0: the registry's facts are shown)
+            click.echo(printable(f"edges and budgets unavailable: {doc['prometheus_error']}"), err=True)

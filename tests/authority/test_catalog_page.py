@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -23,11 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from agent.authority import catalog_web
 from agent.authority.catalog_web import RENDER_SLOTS
-from agent.authority.prom_query import PromClient, PromUnavailable, record_url
+from agent.authority.prom_query import record_url
+from tests.authority import promserver
 from tests.authority.test_catalog_show import XSS_IMG, XSS_SCRIPT, Fleet, make_fleet
 from tests.authority.test_edges_and_budgets import Flow, exposition
 from tests.support import AuthorityProcess, free_port, run_cli, running_authority
@@ -107,39 +106,12 @@ def prometheus(d: Path, fleet: Fleet) -> Iterator[str]:
         }
         for name in FLOWS
     ]
-    config = {"global": {"scrape_interval": "1s"}, "scrape_configs": jobs}
-    (d / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={d / 'prometheus.yml'}",
-            f"--storage.tsdb.path={d / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(d / "prometheus.log").open("wb"),
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        with PromClient(url) as prom:
-            deadline = time.monotonic() + 30
-            while True:  # a few scrapes of every series, so rates exist
-                with contextlib.suppress(PromUnavailable):
-                    got = prom.query("min(count_over_time(response_total[1m]))")
-                    if got and got[0][1] >= 4:
-                        break
-                assert time.monotonic() < deadline, (d / "prometheus.log").read_text()
-                time.sleep(0.2)
-        yield url
+        with promserver.prometheus(d, jobs) as url:
+            # a few scrapes of every series, so rates exist
+            promserver.wait_for(url, "min(count_over_time(response_total[1m])) >= 4", d)
+            yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
         exporter.close()
 
 
