@@ -1033,7 +1033,7 @@ class Controller:
             self.authority.set_policies(list(decided.to_set))
         for identity, port in decided.to_remove:
             with contextlib.suppress(MeshagentError):  # already gone (a hand `policy remove`)
-                self.authority.registry.remove_policy(identity, port)
+                self.authority.registry.remove_policy(identity, port, actor="controller")
             log.info("kube.policy_removed", identity=identity, port=port)
         self.counts["policy_set"] += len(decided.to_set)
         self.counts["policy_removed"] += len(decided.to_remove)
