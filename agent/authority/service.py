@@ -868,13 +868,17 @@ class Authority:
         )
 
     def _report_changed(self, changes: Sequence[ReportChange]) -> None:
-        """Log what changed in these reports (agent version, restart, Ready, probes): rare."""
+        """Log what changed in these reports (agent version, restart, Ready, probes): rare, but a
+        fleet-wide upgrade changes every host at once, so one transaction for the batch."""
+        found: list[tuple[str, str, str, str, datetime]] = []
         for change in changes:
             at = datetime.fromtimestamp(change.received_at, UTC)
             report = health.load_report(change.report)
             for kind, detail in health.state_changes(change.old_state, change.new_state, report):
-                self.registry.record_event(change.host_id, kind, detail, events.ACTOR_REPORT, at)
-                log.info("host.changed", host_id=change.host_id, kind=kind, detail=detail[:200])
+                found.append((change.host_id, kind, detail, events.ACTOR_REPORT, at))
+        self.registry.record_events(found)
+        for host_id, kind, detail, _, _ in found:
+            log.info("host.changed", host_id=host_id, kind=kind, detail=detail[:200])
 
     # --- the service catalog's metadata and change log (#20) --------------------------------
 

@@ -312,6 +312,8 @@ class Registry(Protocol):
 
     def record_event(self, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None: ...
 
+    def record_events(self, items: Sequence[tuple[str, str, str, str, datetime]]) -> None: ...
+
     def events(self, host_id: str | None = None, limit: int = ev.DEFAULT_LIMIT) -> list[Event]: ...
 
     def latest_events(self, host_ids: Sequence[str]) -> dict[str, Event]: ...
@@ -914,8 +916,16 @@ class SqlRegistry:
 
     def record_event(self, host_id: str, kind: str, detail: str, actor: str, at: datetime) -> None:
         """Add an event to `host_id`'s log (keeping its newest events.RETAINED_PER_HOST)."""
+        self.record_events([(host_id, kind, detail, actor, at)])
+
+    def record_events(self, items: Sequence[tuple[str, str, str, str, datetime]]) -> None:
+        """Add events ((host_id, kind, detail, actor, at) each) in one transaction: a batch of
+        reports can change thousands of hosts at once (a fleet-wide agent upgrade)."""
+        if not items:
+            return
         with self._transaction() as tx:
-            _add_event(tx, host_id, kind, detail, actor, at)
+            for host_id, kind, detail, actor, at in items:
+                _add_event(tx, host_id, kind, detail, actor, at)
 
     def events(self, host_id: str | None = None, limit: int = ev.DEFAULT_LIMIT) -> list[Event]:
         """The newest `limit` events (of `host_id`, or of every host), newest first: in the

@@ -360,6 +360,26 @@ def test_events_are_bounded_per_host(registry: Registry) -> None:
         registry.record_event(busy, "exploded", "", "report", NOW)
 
 
+def test_a_batch_of_events_is_one_transaction(registry: Registry) -> None:
+    """A batch of reports (a fleet-wide upgrade) logs its events together: all or none."""
+    _token(registry, "t1")
+    _token(registry, "t2")
+    a = _enroll(registry, "t1", key="k1", name="a")
+    b = _enroll(registry, "t2", key="k2", name="b")
+    batch = [
+        (a, "agent_version_changed", "1.0 -> 1.1", "report", NOW),
+        (b, "agent_version_changed", "1.0 -> 1.1", "report", NOW),
+    ]
+    with pytest.raises(ValueError, match="unknown event kind"):
+        registry.record_events([*batch, (b, "exploded", "", "report", NOW)])
+    assert [e.kind for e in registry.events(a)] == ["enrolled"]  # the valid ones were not kept
+    registry.record_events(batch)
+    assert [(e.host_id, e.kind) for e in registry.events(limit=2)] == [
+        (b, "agent_version_changed"),
+        (a, "agent_version_changed"),
+    ]
+
+
 def test_a_changed_report_state_is_seen_once_across_replicas(
     registry: Registry, backend: tuple[Path, str]
 ) -> None:
