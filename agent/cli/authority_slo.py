@@ -179,11 +179,14 @@ def register(authority: click.Group, catalog: click.Group) -> None:
     )
     def rules_cmd(directory: Path, output: Path | None) -> None:
         """Prometheus rules for every SLO of the enrolled, unrevoked hosts: recording rules
-        (meshagent_slo:error_ratio:rate5m ... rate3d) and the burn-rate alerts
+        (meshagent_slo:error_ratio:rate5m ... rate3d, and over the SLO's window, which budgets
+        read instead of the raw series once loaded) and the burn-rate alerts
         MeshagentSLOFastBurn (1h/5m at 14.4x, page), MeshagentSLOMediumBurn (6h/30m at 6x, page),
         MeshagentSLOSlowBurn (1d/2h at 3x, ticket), MeshagentSLOVerySlowBurn (3d/6h at 1x,
         ticket). Load the file with `rule_files:` and reload Prometheus; write it again after
-        changing SLOs (`authority host set --slo`)."""
+        changing SLOs (`authority host set --slo`). An SLO whose objective is too low for
+        an alert ever to fire (e.g. the fast burn at 93 % or less) is warned about on stderr
+        and in comments at the file's top."""
         auth = _open(directory)
         hosts = [h for h in auth.registry.list_hosts() if not h.revoked]
         metas = auth.registry.host_meta([h.id for h in hosts])
