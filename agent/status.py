@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from agent.health.report import build_report, error_line, host_addresses
+from agent.health.report import build_report, config_digest, error_line, host_addresses
 from agent.identity.certinfo import utcnow
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
@@ -162,4 +162,5 @@ def health_report(d: Daemon) -> dict[str, Any]:
         listeners=listeners(d),
         last_error="" if last is None else error_line(last),
         addresses=host_addresses(),
+        config_digest=config_digest(d.config),  # the config as last (re)loaded: SIGHUP moves it
     )

@@ -2,7 +2,7 @@
 
 Registry changes (enrolled, renewed, revoked, metadata_changed, and policy_changed for every
 unrevoked host of the identity whose policy changed) are recorded in the same transaction as the
-change; report-derived ones (agent_version_changed, restarted, probe flips,
+change; report-derived ones (agent_version_changed, restarted, config_changed, probe flips,
 Ready flips) when a host's health report differs from its previous one (service.record_report).
 The registry keeps the newest `RETAINED_PER_HOST` events of each host (older ones are deleted as
 new ones arrive), so the log stays bounded however long a host lives.

@@ -51,6 +51,7 @@ MAX_BACKEND = 32
 MAX_LISTENERS = 8
 MAX_LISTENER_NAME = 32
 MAX_LISTENER_ADDRESS = 64  # "[v6 address]:port"
+MAX_DIGEST = 64  # hex digits of config_digest (the agent sends 16)
 MAX_ADDRESSES = 64  # as many as enrollment takes (names.MAX_HOST_ADDRESSES)
 _SERIAL = re.compile(r"[0-9a-fA-F]{1,64}")
 _LISTENER_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
@@ -98,6 +99,7 @@ class HostReport:
     last_error: str = ""
     addresses: tuple[str, ...] = ()
     started_at: float | None = None  # since #20: when the agent process started (its clock)
+    config_digest: str | None = None  # since #20: the agent's effective config, hashed (hex)
 
     def to_doc(self) -> dict[str, Any]:
         """The report as the agent sent it (known fields only), for the stored row and --json."""
@@ -260,7 +262,20 @@ def parse_report(doc: Any) -> HostReport:
         last_error=_text(doc, "last_error", MAX_REASON) if "last_error" in doc else "",
         addresses=_addresses(doc),
         started_at=_time(doc, "started_at", nullable=True),
+        config_digest=_digest(doc),
     )
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _digest(doc: dict[str, Any]) -> str | None:
+    value = doc.get("config_digest")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_DIGEST or not _HEX.issuperset(value):
+        raise _bad(f"config_digest must be 1 to {MAX_DIGEST} lowercase hex digits")
+    return value
 
 
 def load_report(text: str) -> HostReport | None:
@@ -284,19 +299,22 @@ _STATE_ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 def report_state(report: HostReport) -> str:
     probes = sorted([p.port, p.kind, p.ok] for p in report.probes)
-    # [version, started_at, ready, probes]: a list, not an object (half the cost to encode).
-    return _STATE_ENCODER.encode([report.agent_version, report.started_at, report.ready, probes])
+    # [version, started_at, ready, probes, config_digest]: a list, not an object (half the cost
+    # to encode). States stored before config_digest existed have four items (read as None).
+    return _STATE_ENCODER.encode(
+        [report.agent_version, report.started_at, report.ready, probes, report.config_digest]
+    )
 
 
 def state_changes(old_state: str, new_state: str, report: HostReport | None) -> list[tuple[str, str]]:
     """(event kind, detail) for each difference between two `report_state`s, in a fixed order:
-    agent_version_changed, restarted, not_ready/ready, probe_failing/probe_recovered. `report`
-    (the new one, when it parses) gives the details: the reason, a probe's own words."""
+    agent_version_changed, restarted, config_changed, not_ready/ready,
+    probe_failing/probe_recovered. `report` (the new one, when it parses) gives the details: the
+    reason, a probe's own words."""
     try:
-        (old_version, old_start, old_ready, old_list), (version, start, ready, new_list) = (
-            json.loads(old_state),
-            json.loads(new_state),
-        )
+        old, new = json.loads(old_state), json.loads(new_state)
+        (old_version, old_start, old_ready, old_list), old_config = old[:4], _item(old, 4)
+        (version, start, ready, new_list), config = new[:4], _item(new, 4)
         old_probes = {(p[0], p[1]): bool(p[2]) for p in old_list}
         new_probes = {(p[0], p[1]): bool(p[2]) for p in new_list}
     except (ValueError, TypeError, KeyError, IndexError):
@@ -306,6 +324,10 @@ def state_changes(old_state: str, new_state: str, report: HostReport | None) -> 
         found.append(("agent_version_changed", f"{old_version} -> {version}"))
     if old_start is not None and start is not None and old_start != start:
         found.append(("restarted", f"agent started at {_at(start).isoformat(timespec='seconds')}"))
+    # Like restarted: only between two reports that both carry a digest (an older agent, or
+    # an upgrade to one that sends it, is not a config change).
+    if old_config is not None and config is not None and old_config != config:
+        found.append(("config_changed", f"config digest {old_config} -> {config}"))
     if old_ready != ready:
         reason = report.reason if report is not None else ""
         found.append(("ready", "") if ready else ("not_ready", reason))
@@ -318,6 +340,10 @@ def state_changes(old_state: str, new_state: str, report: HostReport | None) -> 
             )
             found.append(("probe_recovered" if ok else "probe_failing", words))
     return found
+
+
+def _item(state: list[Any], index: int) -> Any:
+    return state[index] if len(state) > index else None
 
 
 # --- the condition ---------------------------------------------------------------------------

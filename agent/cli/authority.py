@@ -1013,7 +1013,8 @@ def changes_cmd(host: str | None, limit: int, directory: Path, as_json: bool) ->
     Kinds: enrolled (actor token:ID, the join token's id), renewed (agent), revoked (cli:USER),
     metadata_changed (cli:USER: which fields), policy_changed (cli:USER or controller: for
     each host of the identity), and, from the agents' reports (actor report):
-    agent_version_changed, restarted, ready, not_ready, probe_failing, probe_recovered.
+    agent_version_changed, restarted, config_changed (old -> new digest), ready, not_ready,
+    probe_failing, probe_recovered.
     The newest 500 events of each host are kept.
     """
     load_authority(directory)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
+import json
 import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -19,6 +21,7 @@ from typing import Any
 import psutil
 
 from agent import __version__
+from agent.config import AgentConfig, describe
 from agent.errors import MeshagentError
 from agent.identity.names import MAX_HOST_ADDRESSES, InvalidName, validate_host_address
 from agent.logs import get_logger
@@ -41,6 +44,7 @@ def build_report(
     last_error: str = "",
     addresses: Sequence[str] = (),
     started_at: float | None = None,
+    config_digest: str | None = None,
 ) -> dict[str, Any]:
     """The report body (interfaces §5): the agent's own readiness (`meshagent status`'s
     not_ready_reasons, joined), when its directory was last refreshed (the authority's
@@ -48,8 +52,9 @@ def build_report(
     the certificate it serves with ({serial, not_after, renewal_error}), interception
     ({applied, backend}), its listeners, its last error and its addresses (the fleet's view,
     `authority hosts`); since #20 when the agent started (`started_at`, this process's start
-    unless given: the authority logs a restart when it moves). Optional keys are left out when
-    unknown: the authority takes reports without them (older agents)."""
+    unless given: the authority logs a restart when it moves) and a digest of its effective
+    configuration (`config_digest`: the authority logs config_changed when it moves). Optional
+    keys are left out when unknown: the authority takes reports without them (older agents)."""
     # A reason may carry a subprocess's multi-line stderr: the authority refuses control
     # characters, and one refused report would leave the host looking stale.
     reason = _one_line("; ".join(not_ready_reasons))
@@ -66,6 +71,8 @@ def build_report(
         "addresses": list(addresses)[:MAX_HOST_ADDRESSES],
         "started_at": process_started_at() if started_at is None else started_at,
     }
+    if config_digest is not None:
+        doc["config_digest"] = config_digest
     if certificate is not None:
         doc["certificate"] = {
             **certificate,
@@ -76,6 +83,19 @@ def build_report(
     if listeners is not None:
         doc["listeners"] = dict(listeners)
     return doc
+
+
+CONFIG_DIGEST_HEX = 16  # hex digits sent: enough to tell configs apart, too few to read anything
+
+
+def config_digest(config: AgentConfig) -> str:
+    """A short digest of the agent's effective configuration: sha256 over every setting's value
+    as `meshagent config show` prints it (so a proxy password is hashed as ***: the digest never
+    covers a secret), canonical JSON, first CONFIG_DIGEST_HEX hex digits. Where a value came from
+    (file, environment, default) is left out: the same values give the same digest."""
+    values = {row["key"]: row["value"] for row in describe(config)}
+    canonical = json.dumps(values, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:CONFIG_DIGEST_HEX]
 
 
 @functools.cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -28,7 +29,11 @@ _names = itertools.count()
 
 
 def _report(
-    version: str = "1.0", started: float = 1000.0, probe_ok: bool = True, detail: str = "ok"
+    version: str = "1.0",
+    started: float = 1000.0,
+    probe_ok: bool = True,
+    detail: str = "ok",
+    config: str | None = "00000000000000aa",
 ) -> dict[str, Any]:
     probes = [{"port": 8080, "kind": "http", "ok": probe_ok, "detail": detail, "since": 5.0}]
     return build_report(
@@ -38,6 +43,7 @@ def _report(
         probes=probes,
         agent_version=version,
         started_at=started,
+        config_digest=config,
     )
 
 
@@ -70,6 +76,7 @@ def test_each_change_is_logged_once_whichever_replica_takes_the_report(
         _report(),
         _report(version="1.1", started=2000.0),  # an upgrade: a new version and a restart
         _report(version="1.1", started=2000.0),
+        _report(version="1.1", started=2000.0, config="00000000000000bb"),  # SIGHUP, new config
     ]
     for i, doc in enumerate(steps):
         replica = (a, b)[i % 2]
@@ -79,6 +86,7 @@ def test_each_change_is_logged_once_whichever_replica_takes_the_report(
     at = [T0 + timedelta(seconds=30 * (i + 1)) for i in range(len(steps))]
     logged = [(e.kind, e.detail, e.actor, e.at) for e in b.registry.events(host.id)]
     assert logged[:-1] == [  # newest first; within one report in a fixed order (reversed here)
+        ("config_changed", "config digest 00000000000000aa -> 00000000000000bb", "report", at[7]),
         ("restarted", "agent started at 1970-01-01T00:33:20+00:00", "report", at[5]),
         ("agent_version_changed", "1.0 -> 1.1", "report", at[5]),
         ("probe_recovered", "http probe of port 8080: ok", "report", at[4]),
@@ -88,6 +96,47 @@ def test_each_change_is_logged_once_whichever_replica_takes_the_report(
     ]
     assert logged[-1][0] == "enrolled"
     assert a.registry.events(host.id) == b.registry.events(host.id)
+
+
+def test_a_change_is_logged_once_when_two_replicas_write_it_at_the_same_moment(
+    replicas: tuple[Authority, Authority],
+) -> None:
+    """Both replicas hold a report with the same new state and write their batches at once
+    (a Barrier before flush_reports): the stored rows are read locked (FOR UPDATE / BEGIN
+    IMMEDIATE), so one writer sees the change and the other sees it already stored. Without
+    the lock both read the old state and the change is logged twice (or a write fails)."""
+    a, b = replicas
+    token = a.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    host = a.enroll(token.secret, make_csr(generate_key()).decode(), "web-1", ["198.18.0.1"]).host
+    a.clock = lambda: T0  # type: ignore[method-assign]
+    a.record_report(host, _report())
+    a.registry.flush_reports()
+    rounds = 12  # one race can go either way by luck; twelve in a row without the lock do not
+    for r in range(rounds):
+        doc = _report(probe_ok=r % 2 == 1, detail=f"round {r}")
+        for i, replica in enumerate((a, b)):
+            replica.clock = lambda r=r, i=i: T0 + timedelta(seconds=10 * r + i + 1)  # type: ignore[misc]
+            replica.record_report(host, doc)
+        barrier = threading.Barrier(2)
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=_flush, args=(replica, barrier, errors)) for replica in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+    kinds = [e.kind for e in b.registry.events(host.id) if e.kind != "enrolled"]
+    # Each round flips the probe (and readiness): two events a round, once each.
+    assert sorted(kinds) == sorted(["probe_failing", "not_ready"] * 6 + ["probe_recovered", "ready"] * 6)
+    assert len(kinds) == 2 * rounds
+
+
+def _flush(replica: Authority, barrier: threading.Barrier, errors: list[BaseException]) -> None:
+    barrier.wait()
+    try:
+        replica.registry.flush_reports()
+    except BaseException as exc:  # reported by the test's assertion
+        errors.append(exc)
 
 
 def test_state_changes_between_two_reports() -> None:
@@ -106,6 +155,21 @@ def test_state_changes_between_two_reports() -> None:
     old_agent = parse_report({**_report(), "started_at": None})
     assert state_changes(report_state(old_agent), state(started=5.0), None) == []
     assert state_changes("not json", state(), None) == []
+    # The config digest: a change is logged; an agent without one (older) never counts as changed,
+    # nor does a state stored before the digest existed (four items).
+    assert state_changes(state(config="aa"), state(config="bb"), None) == [
+        ("config_changed", "config digest aa -> bb")
+    ]
+    assert state_changes(state(config=None), state(config="bb"), None) == []
+    assert state_changes(json.dumps(json.loads(state())[:4]), state(config="bb"), None) == []
+    assert state_changes(json.dumps(json.loads(state())[:4]), state(version="2"), None) == [
+        ("agent_version_changed", "1.0 -> 2")
+    ]
+    # A restart with another config: both.
+    assert [k for k, _ in state_changes(state(), state(started=9.0, config="cc"), None)] == [
+        "restarted",
+        "config_changed",
+    ]
 
 
 def test_the_agent_reports_when_its_process_started() -> None:
