@@ -599,6 +599,7 @@ def test_cli_slo_status_json_is_the_catalog_s_budget_document(running: Running) 
     assert [sorted(b) for b in budgets] == [sorted(b) for b in shown]
     assert [(b["slo"], b["status"]) for b in budgets] == [(b["slo"], b["status"]) for b in shown]
     assert budgets[0]["status"] == "exhausted" and "host_id" not in budgets[0]
+    assert {b["source"] for b in budgets} == {"rules"}  # the rule file is loaded there
 
 
 def test_cli_slo_status_shows_the_registry_when_prometheus_refuses_the_query(running: Running) -> None:
