@@ -129,8 +129,9 @@ class Mesh:
         return agent
 
 
-def serve_authority(m: Mesh, tmp_path: Path) -> None:
-    """`authority serve` in the mesh's `cl` host, once it answers (the lab ends it)."""
+def serve_authority(m: Mesh, tmp_path: Path, *args: str) -> None:
+    """`authority serve` (with `args`, e.g. "--prometheus", URL) in the mesh's `cl` host, once
+    it answers (the lab ends it)."""
     log = open(tmp_path / "authority.log", "a")  # noqa: SIM115 - lives as long as the process
     m.cl.popen(
         *MESHAGENT,
@@ -140,6 +141,7 @@ def serve_authority(m: Mesh, tmp_path: Path) -> None:
         str(m.authority_dir),
         "--listen",
         f"0.0.0.0:{AUTH_PORT}",
+        *args,
         stdout=log,
         stderr=log,
     )
