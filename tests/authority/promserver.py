@@ -12,10 +12,12 @@ and is stopped (terminated, killed after 10 s) when the block ends, whatever hap
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +108,31 @@ def host_record(
         last_renewal=None,
         revoked_at=revoked_at,
     )
+
+
+class Exporter:
+    """Agent-format series on loopback for Prometheus to scrape: GET /metrics/<name> answers
+    `series(name, seconds since the exporter started)`, so counters grow at the rates the test set."""
+
+    def __init__(self, series: Callable[[str, float], str]) -> None:
+        started = time.time()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                body = series(self.path.rsplit("/", 1)[-1], time.time() - started).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -61,38 +60,11 @@ FLOWS = {
 }
 
 
-class Exporter:
-    """/metrics/<host name>: each host's agent-format series, growing from the start."""
-
-    def __init__(self) -> None:
-        started = time.time()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                body = exposition(FLOWS.get(self.path.rsplit("/", 1)[-1], []), time.time() - started).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @contextlib.contextmanager
 def prometheus(d: Path, fleet: Fleet) -> Iterator[str]:
     """A Prometheus scraping the exporter every second, each host a target with the labels the
     authority's discovery gives it (host_id, host, identity, ...)."""
-    exporter = Exporter()
+    exporter = promserver.Exporter(lambda name, elapsed: exposition(FLOWS.get(name, []), elapsed))
     jobs = [
         {
             "job_name": f"meshagent-{name}",

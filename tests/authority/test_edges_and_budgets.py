@@ -23,12 +23,10 @@ import dataclasses
 import json
 import math
 import shutil
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -44,7 +42,7 @@ from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
 from agent.telemetry.proxy_metrics import LATENCY_BOUNDS_MS
-from tests.authority.promserver import host_record, prometheus, wait_for
+from tests.authority.promserver import Exporter, host_record, prometheus, wait_for
 from tests.support import free_port, init_authority
 
 pytestmark = pytest.mark.skipif(
@@ -178,36 +176,6 @@ def exposition(flows: list[Flow], elapsed: float) -> str:
     return "\n".join(lines + hist + tcp) + "\n"
 
 
-class Exporter:
-    """Serves /metrics/<host_id> on loopback; counters grow from the moment it starts."""
-
-    def __init__(self) -> None:
-        self.started = time.time()
-        exporter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                host_id = self.path.rsplit("/", 1)[-1]
-                body = exposition(FLOWS.get(host_id, []), time.time() - exporter.started).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @dataclass
 class Running:
     prom: PromClient
@@ -258,7 +226,7 @@ def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> No
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     d: Path = tmp_path_factory.mktemp("prometheus")
     hosts = enroll_fleet(d / "authority")
-    exporter = Exporter()
+    exporter = Exporter(lambda name, elapsed: exposition(FLOWS.get(name, []), elapsed))
     jobs = [
         {
             "job_name": f"meshagent-{role}",
