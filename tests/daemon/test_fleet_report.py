@@ -7,7 +7,8 @@ from pathlib import Path
 
 from agent.authority.health import load_report, stored_fleet_health
 from agent.authority.service import Authority
-from agent.health.report import host_addresses
+from agent.config import load_config
+from agent.health.report import config_digest, host_addresses
 from agent.identity.certinfo import utcnow
 from agent.identity.store import IdentityStore
 from tests.support import AuthorityProcess, run_cli
@@ -38,6 +39,7 @@ def test_the_heartbeat_carries_the_fleet_fields_and_a_revocation_reaches_the_age
         assert dict(report.listeners) == agent.status()["listeners"]
         assert {name for name, _ in report.listeners} == {"inbound", "outbound"}
         assert report.addresses == tuple(host_addresses())
+        assert report.config_digest == config_digest(load_config(tmp_path / "agent.toml", required=True))
 
         run_cli("authority", "revoke", host.id, "--dir", str(authority.directory), check=True)
         # The long poll is answered 403 host_revoked once the registry changes (about a second).
