@@ -407,9 +407,17 @@ def test_failures_fire_the_fast_burn_alert_and_spend_the_budget(world: World) ->
     assert 1 - ratio - 0.01 <= after["sli"] < 0.999, (after, failed, total)
     assert after["remaining"] < 0 < before["remaining"], after
     assert after["remaining"] == pytest.approx(1 - (1 - after["sli"]) / 0.001, abs=0.01), after
+    # The page says the same. (That time average still moves every evaluation while the
+    # failures are in the 5 m rates: the page's figures lie between the CLI's before and after.)
     sli, left = _page_budget(world, c)
-    assert _percent(sli) == pytest.approx(after["sli"], abs=0.005), (sli, after)
-    assert _percent(left) == pytest.approx(after["remaining"], rel=0.05), (left, after)
+    later = _budget(world.card("c"))
+
+    def between(value: float, key: str, slack: float) -> bool:
+        low, high = sorted((after[key], later[key]))
+        return low - slack <= value <= high + slack
+
+    assert between(_percent(sli), "sli", 0.00001), (sli, after, later)  # (printed to 0.001 %)
+    assert between(_percent(left), "remaining", 0.001), (left, after, later)  # (to 0.1 %)
 
 
 def test_changes_log_renewal_restart_and_revoke_newest_first(world: World) -> None:
