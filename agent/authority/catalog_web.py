@@ -89,7 +89,7 @@ def session_value(token: str, expires: int) -> str:
 def session_is_valid(cookie: str, token: str, now: float) -> bool:
     """Whether `cookie` is a session this token made that has not ended."""
     expires_text, _, _ = cookie.partition(".")
-    if not token or not expires_text.isdigit() or len(expires_text) > 12:
+    if not token or not (expires_text.isascii() and expires_text.isdigit()) or len(expires_text) > 12:
         return False
     expires = int(expires_text)
     return now < expires and hmac.compare_digest(cookie.encode(), session_value(token, expires).encode())
