@@ -68,11 +68,15 @@ class Listeners:
 
     slots: list[SlotSockets]
     listening: dict[str, Address] = field(default_factory=dict)
+    detach_unsupported: bool = False
+    """The kernel refused SO_DETACH_REUSEPORT_BPF (Linux < 5.3 answers ENOPROTOOPT): "every slot"
+    is then a program over all slots, never a detach."""
 
     def steer(self, live: Sequence[int]) -> None:
-        """New connections go to the `live` slots only (all slots: the kernel's own hash again).
-        A down slot's socket stays open (its queued connections wait for the replacement), but
-        gets no new ones meanwhile. Raises OSError if the kernel refuses the program."""
+        """New connections go to the `live` slots only (all slots: the kernel's own hash again,
+        or, where the kernel cannot detach a program, a random pick over all slots). A down
+        slot's socket stays open (its queued connections wait for the replacement), but gets no
+        new ones meanwhile. Raises OSError if the kernel refuses the program."""
         everyone = len(live) == len(self.slots) or not live  # none live: nowhere better to send
         program = None if everyone else _steering_program(live)
         for name in self.slots[0]:
@@ -80,11 +84,31 @@ class Listeners:
             # order its socket started listening (bind_listeners: slot order), and no socket
             # leaves a group while the agent runs, so the indices hold.
             for sock in self.slots[0][name]:
-                if program is None:
-                    with contextlib.suppress(OSError):  # ENOENT: no program attached
-                        sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
-                else:
+                if program is None and not self._detach(sock):
+                    program = _steering_program(range(len(self.slots)))
+                if program is not None:
                     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, program.raw)
+
+    def _detach(self, sock: socket.socket) -> bool:
+        """Detach the group's program: False when the kernel cannot (the program that excluded
+        a down slot would stay attached, and the slot's replacement would never get a new
+        connection: the caller attaches one over all slots instead)."""
+        if self.detach_unsupported:
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:  # no program attached: the kernel's hash already
+                return True
+            self.detach_unsupported = True
+            log.warning(
+                "workers.steer_detach_unsupported",
+                error=str(exc),
+                hint="this kernel cannot detach a reuseport program (Linux < 5.3): with every "
+                "worker up, new connections are spread at random over all of them instead",
+            )
+            return False
+        return True
 
     def close(self) -> None:
         for sockets in self.slots:

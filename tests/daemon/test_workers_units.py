@@ -8,11 +8,15 @@ no interception on loopback) is given by a fixed resolver, as in tests/proxy/tes
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import errno
 import functools
+import logging
 import os
 import pickle
 import signal
 import socket
+import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +37,7 @@ from agent.workers.control import Channel, ChannelError, WorkerGone
 from agent.workers.forker import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
+    SO_DETACH_REUSEPORT_BPF,
     Forker,
     Listeners,
     SlotSockets,
@@ -277,6 +282,86 @@ def test_steer_keeps_new_connections_off_a_down_slot() -> None:
             assert min(got[s] for s in (0, 1, 2)) > 30, got
     finally:
         listeners.close()
+
+
+# seccomp_data's offsets (linux/seccomp.h) and the setsockopt syscall's number per arch.
+_AUDIT_ARCH = {"x86_64": (0xC000003E, 54), "aarch64": (0xC00000B7, 208)}
+_RET_ERRNO, _RET_ALLOW = 0x00050000, 0x7FFF0000
+
+
+def _refuse_detach_as_linux_before_5_3() -> None:
+    """From now on this process's kernel answers SO_DETACH_REUSEPORT_BPF with ENOPROTOOPT, as
+    a kernel older than 5.3 does (a seccomp filter on setsockopt(SOL_SOCKET, 68)); every other
+    call is untouched. Irreversible: call it in a forked child only."""
+    arch, nr = _AUDIT_ARCH[os.uname().machine]
+    ld, jeq, ret = 0x20, 0x15, 0x06
+    code = [
+        (ld, 0, 0, 4), (jeq, 0, 7, arch),  # seccomp_data.arch
+        (ld, 0, 0, 0), (jeq, 0, 5, nr),  # .nr
+        (ld, 0, 0, 24), (jeq, 0, 3, socket.SOL_SOCKET),  # .args[1] (level)
+        (ld, 0, 0, 32), (jeq, 0, 1, SO_DETACH_REUSEPORT_BPF),  # .args[2] (optname)
+        (ret, 0, 0, _RET_ERRNO | errno.ENOPROTOOPT), (ret, 0, 0, _RET_ALLOW),
+    ]  # fmt: skip
+    filters = (ctypes.c_uint64 * len(code))(*(op | jt << 16 | jf << 24 | k << 32 for op, jt, jf, k in code))
+    prog = struct.pack("HxxxxxxP", len(code), ctypes.addressof(filters))
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
+    if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) or libc.prctl(
+        pr_set_seccomp, seccomp_mode_filter, ctypes.c_char_p(prog), 0, 0
+    ):
+        raise OSError(ctypes.get_errno(), "seccomp")
+
+
+def _steer_on_a_kernel_without_detach() -> None:
+    with socket.socket() as probe:  # the premise: the detach is refused as Linux 5.2 does
+        try:
+            probe.setsockopt(socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, 0)
+        except OSError as exc:
+            assert exc.errno == errno.ENOPROTOOPT, exc
+        else:
+            raise AssertionError("the detach was not refused")
+    events: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: events.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("meshagent.workers").addHandler(handler)
+    listeners = bind_listeners(LOOPBACK, 3, transparent=False)
+    try:
+        for direction in ("inbound", "outbound"):
+            port = listeners.listening[direction][1]
+            listeners.steer([1, 2])  # slot 0's worker died
+            assert _queued(listeners, direction, port, 100)[0] == 0
+            listeners.steer([0, 1, 2])  # and is back: it gets its share again
+            got = _queued(listeners, direction, port, 300)
+            assert min(got[s] for s in (0, 1, 2)) > 30, got
+    finally:
+        listeners.close()
+    assert listeners.detach_unsupported
+    assert events.count("workers.steer_detach_unsupported") == 1, events  # once, not per steer
+
+
+def test_steer_with_every_slot_up_reaches_every_slot_where_detach_is_refused() -> None:
+    """A kernel before 5.3 cannot detach a reuseport program: "every worker up" must still reach
+    the slot that was down (a program over all slots), not leave the one that excluded it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        outcome = b"ok"
+        try:
+            os.close(read_end)
+            _refuse_detach_as_linux_before_5_3()
+            _steer_on_a_kernel_without_detach()
+        except BaseException:
+            import traceback
+
+            outcome = traceback.format_exc().encode()
+        finally:
+            os.write(write_end, outcome)
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        outcome = pipe.read()
+    os.waitpid(pid, 0)
+    assert outcome == b"ok", outcome.decode()
 
 
 def test_forker_reports_exit_status_and_cpu() -> None:
