@@ -17,7 +17,9 @@ series ("rules": a few cheap instant queries whatever the window); otherwise (ru
 or written before the SLO changed) the raw series ("raw": `rate(...[28d])` over every raw
 sample, slow for a big fleet). The recorded window ratio is Sloth's and Pyrra's way, weighted by
 traffic: the sum over the window of the recorded 5 m error rate over the sum of the 5 m request
-rate. It covers only the time since the rules were loaded (until a whole window has passed).
+rate. It covers only the time since the rules for the SLO's current shape were loaded (until a
+whole window has passed): those records carry the shape (`spec`), so a changed port, direction,
+kind or threshold starts new series rather than summing the old shape's history.
 
 Budget arithmetic (the SRE workbook's): the budget is the error ratio the objective allows,
 1 - objective. A burn rate is an error ratio divided by that budget (1 = spending the budget
@@ -40,8 +42,9 @@ from .storage import HostRecord
 
 # The recording rules' windows and what each is called in a rule name.
 WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
-RECORD: Final = "meshagent_slo:error_ratio:rate{window}"  # labels: host_id, slo
-ERRORS_5M: Final = "meshagent_slo:errors:rate5m"  # failing responses/s (labels: host_id, slo)
+# labels: host_id, slo (and spec, for the SLO window's ratio: summed from the 5 m rates)
+RECORD: Final = "meshagent_slo:error_ratio:rate{window}"
+ERRORS_5M: Final = "meshagent_slo:errors:rate5m"  # failing responses/s (labels: host_id, slo, spec)
 REQUESTS_5M: Final = "meshagent_slo:requests:rate5m"  # all responses/s the SLO counts
 MARKER: Final = "meshagent_slo:objective"  # value: the objective; labels: host_id, slo, spec
 FAILURE: Final = 'classification="failure"'
@@ -219,12 +222,13 @@ def _budgets_of(
     """Budgets of `metas`' hosts (`host_id`: the one host they are, which narrows the queries)."""
     at = time.time()  # every window ends at the same instant
     one = f"{{host_id={quote(host_id)}}}" if host_id is not None else ""
-    recorded: dict[str, dict[tuple[str, str], tuple[float, dict[str, str]]]] = {}
+    # name -> (host_id, slo, spec) -> (value, labels); spec "" for the records without one
+    recorded: dict[str, dict[tuple[str, str, str], tuple[float, dict[str, str]]]] = {}
 
-    def record(name: str) -> dict[tuple[str, str], tuple[float, dict[str, str]]]:
+    def record(name: str) -> dict[tuple[str, str, str], tuple[float, dict[str, str]]]:
         if name not in recorded:
             recorded[name] = {
-                (labels.get("host_id", ""), labels.get("slo", "")): (value, labels)
+                (labels.get("host_id", ""), labels.get("slo", ""), labels.get("spec", "")): (value, labels)
                 for labels, value in prom.query(name + one, at)
             }
         return recorded[name]
@@ -244,13 +248,15 @@ def _budgets_of(
         return raw[key].get(hid) if host_id is None else _only(raw[key])
 
     def rules_ratio(hid: str, slo: Slo, window: str) -> float | None:
-        found = record(RECORD.format(window=window)).get((hid, slo.name))
+        # The SLO window (summed from the 5 m rates) is read for the SLO's current shape only;
+        # the other records are rate()s over the raw series, evaluated with the current rules.
+        shape = spec(slo) if window == f"{slo.window_days}d" else ""
+        found = record(RECORD.format(window=window)).get((hid, slo.name, shape))
         return found[0] if found is not None and math.isfinite(found[0]) else None
 
     def one_budget(hid: str, slo: Slo) -> Budget:
         days = f"{slo.window_days}d"
-        marker = markers.get((hid, slo.name))
-        if marker is not None and marker[1].get("spec") == spec(slo):
+        if (hid, slo.name, spec(slo)) in markers:
             ratio, source = rules_ratio, "rules"
         else:
             ratio, source = raw_ratio, "raw"
@@ -306,22 +312,26 @@ def _host_rules(host: HostRecord, meta: HostMeta) -> list[dict[str, Any]]:
                     "labels": dict(ids),
                 }
             )
-        # The SLO window's ratio from the 5 m rates (budgets read it: a 28-d rate() over raw
-        # samples is too slow for a fleet), and the marker saying these records are this SLO's.
-        errors, requests = _rates(host.id, slo)
-        match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)}" + "}"
         days = f"{slo.window_days}d"
+        shape = {**ids, "spec": spec(slo)}
+        # The SLO window's ratio from the 5 m rates (budgets read it: a 28-d rate() over raw
+        # samples is too slow for a fleet). Labelled with the shape, and summed over that
+        # shape's 5 m rates only: after a port/kind/threshold change the window starts anew
+        # instead of mixing the old selector's history into the new one's.
+        errors, requests = _rates(host.id, slo)
+        match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)},spec={quote(spec(slo))}" + "}"
         out += [
-            {"record": ERRORS_5M, "expr": errors, "labels": dict(ids)},
-            {"record": REQUESTS_5M, "expr": requests, "labels": dict(ids)},
+            {"record": ERRORS_5M, "expr": errors, "labels": dict(shape)},
+            {"record": REQUESTS_5M, "expr": requests, "labels": dict(shape)},
             {
                 "record": RECORD.format(window=days),
                 "expr": f"sum_over_time({ERRORS_5M}{match}[{days}])"
                 f" / sum_over_time({REQUESTS_5M}{match}[{days}])",
-                "labels": dict(ids),
+                "labels": dict(shape),
             },
-            {"record": MARKER, "expr": f"vector({slo.objective:g})", "labels": {**ids, "spec": spec(slo)}},
         ]
+        # the marker saying these records are this SLO's current shape
+        out.append({"record": MARKER, "expr": f"vector({slo.objective:g})", "labels": dict(shape)})
         allowed = error_budget(slo)
         runbook = _runbook(meta)
         for alert in ALERTS:

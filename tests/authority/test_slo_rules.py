@@ -16,7 +16,16 @@ from click.testing import CliRunner
 
 from agent.authority.host_meta import HostMeta, Slo
 from agent.authority.service import Authority
-from agent.authority.slo import ALERTS, WINDOWS, error_ratio, render_rules, rules, spec
+from agent.authority.slo import (
+    ALERTS,
+    ERRORS_5M,
+    REQUESTS_5M,
+    WINDOWS,
+    error_ratio,
+    render_rules,
+    rules,
+    spec,
+)
 from agent.authority.storage import HostRecord
 from agent.cli.main import cli as meshagent
 from agent.identity.pki import generate_key, make_csr
@@ -156,8 +165,8 @@ def test_fast_burn_fires_for_20_percent_failures_and_not_for_half_the_budget(tmp
                         "expr": 'round(1e6 * meshagent_slo:error_ratio:rate28d{host_id="good"})',
                         "eval_time": "65m",
                         "exp_samples": [
-                            {"labels": f'{{host_id="good",slo="{s}"}}', "value": 500}
-                            for s in ("availability", "latency")
+                            {"labels": f'{{host_id="good",slo="{s.name}",spec="{spec(s)}"}}', "value": 500}
+                            for s in (AVAIL, LATENCY)
                         ],
                     },
                     {
@@ -254,3 +263,61 @@ def test_alerts_that_can_never_fire_are_warned_about_in_the_file_and_on_stderr(t
         assert result.exit_code == 0, result.stderr
         assert "warning: low-1" in result.stderr and "MeshagentSLOFastBurn" in result.stderr
     assert "# WARNING: low-1" in (tmp_path / "out.yml").read_text()
+
+
+def _flat(
+    host_id: str, port: int, failing_per_min: float, from_min: int, to_min: int
+) -> list[dict[str, str]]:
+    """Inbound responses on one port, 600 a minute from `from_min` to `to_min` (none before)."""
+    base = f'direction="inbound",host_id="{host_id}",target_port="{port}",tls="true",client_id="c"'
+    before = f"_x{from_min} " if from_min else ""
+    grow = lambda per_min: f"{before}0+{per_min:g}x{to_min - from_min}"  # noqa: E731
+    return [
+        {
+            "series": f'response_total{{{base},classification="success"}}',
+            "values": grow(600 - failing_per_min),
+        },
+        {"series": f'response_total{{{base},classification="failure"}}', "values": grow(failing_per_min)},
+    ]
+
+
+def test_the_slo_window_sums_only_the_current_shape_s_history(tmp_path: Path) -> None:
+    """Review 20b M2: the service moves from port 9999 to 8080 and its SLO (same name) follows.
+    Shape A's rules recorded the 5 m rates for the first hour (50 % failures on 9999), then shape
+    B's rules run (8080, 1 % failures): B's SLO-window ratio, the one budgets read, is B's
+    traffic only (before the fix it summed both: ~26 %)."""
+    a = Slo("availability", "availability", 99.0, port=9999)
+    b = Slo("availability", "availability", 99.0, port=8080)
+    h = host("h", "h-1")
+    # shape A's recorded history, labelled as A's own rules label it, for the first hour
+    history = []
+    for r in rules([(h, HostMeta(slos=(a,)))])["groups"][0]["rules"]:
+        if r.get("record") in (ERRORS_5M, REQUESTS_5M):
+            per_s = 5 if r["record"] == ERRORS_5M else 10
+            labels = ",".join(f'{k}="{v}"' for k, v in r["labels"].items())
+            history.append({"series": f"{r['record']}{{{labels}}}", "values": f"{per_s}x60"})
+    assert len(history) == 2
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rules([(h, HostMeta(slos=(b,)))])))
+    test = {
+        "rule_files": ["rules.yml"],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": history + _flat("h", 9999, 300, 0, 60) + _flat("h", 8080, 6, 60, 120),
+                "promql_expr_test": [
+                    {
+                        "expr": 'round(1e6 * meshagent_slo:error_ratio:rate28d{host_id="h"})',
+                        "eval_time": "120m",
+                        # 1 % in parts per million; A's 50 % would pull it far up
+                        "exp_samples": [
+                            {"labels": f'{{host_id="h",slo="availability",spec="{spec(b)}"}}', "value": 10000}
+                        ],
+                    }
+                ],
+            }
+        ],
+    }
+    (tmp_path / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
+    ran = promtool("test", "rules", str(tmp_path / "test.yml"))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
