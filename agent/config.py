@@ -20,6 +20,7 @@ from typing import Any, get_type_hints
 from agent.errors import ConfigError
 from agent.health.probes import ProbeSpec, parse_probes
 from agent.identity.names import InvalidName, WorkloadIdentity, spiffe_pattern
+from agent.workers.cpus import auto_workers
 
 DEFAULT_CONFIG_FILE = Path("/etc/meshagent/agent.toml")
 
@@ -232,8 +233,9 @@ class ProxySettings:
     refresh_interval_s: float = 30.0
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
     workers: int | str = "auto"
-    """Proxy processes: "auto" (the default: one per CPU the agent may run on) or 1 to 64. 1 runs
-    the proxy inside the agent's own process (as "auto" does on a one-CPU host); more fork
+    """Proxy processes: "auto" (the default: one per CPU the agent may use: its affinity CPUs, or
+    its cgroup's CPU quota rounded up when that is fewer; at most 64) or 1 to 64. 1 runs
+    the proxy inside the agent's own process (as "auto" does with one CPU); more fork
     workers that share the listening ports (SO_REUSEPORT). A change needs a restart."""
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
@@ -275,10 +277,11 @@ class ProxySettings:
 
 def worker_count(proxy: ProxySettings) -> int:
     """How many proxy processes `proxy.workers` asks for: "auto" is one per CPU this process may
-    run on (its affinity mask, which a cgroup cpuset or taskset narrows), at most 64."""
+    use (its affinity mask, which a cgroup cpuset or taskset narrows, and fewer under a cgroup
+    CPU quota, rounded up), at most 64."""
     if isinstance(proxy.workers, int):
         return proxy.workers
-    return max(1, min(64, len(os.sched_getaffinity(0))))
+    return auto_workers()
 
 
 @dataclass(frozen=True)

@@ -5,4 +5,5 @@ sockets, a forker forks the workers, each worker runs the data plane on its slot
 - control.py: `Channel`, the framed request/notify channel to each worker.
 - worker.py: `main`, a worker's life.
 - pool.py: `WorkerPool`, the supervisor's side (the Proxy surface the daemon uses).
+- cpus.py: `auto_workers`, the CPUs the agent may use (affinity, cgroup CPU quota).
 """

@@ -8,6 +8,7 @@ no interception on loopback) is given by a fixed resolver, as in tests/proxy/tes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import functools
@@ -17,6 +18,9 @@ import pickle
 import signal
 import socket
 import struct
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,7 +29,7 @@ from typing import Any, cast
 import pytest
 import uvloop
 
-from agent.config import AgentConfig, IdentitySettings, ProxySettings
+from agent.config import AgentConfig, IdentitySettings, ProxySettings, worker_count
 from agent.errors import ListenError
 from agent.proxy.catalog import Catalog
 from agent.proxy.directory import Directory
@@ -34,6 +38,7 @@ from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.ticket_keys import ticket_key_name
 from agent.workers import worker
 from agent.workers.control import Channel, ChannelError, WorkerGone
+from agent.workers.cpus import auto_workers, cpu_quota
 from agent.workers.forker import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
@@ -525,3 +530,111 @@ def test_worker_ignores_sigint_sighup_and_drains_on_sigterm(tmp_path: Path) -> N
         assert _reap(forker) == 0
         listeners.close()
         app.close()
+
+
+# --- proxy.workers = "auto": the CPUs the agent may use ------------------------------------
+
+
+def _cgroup_tree(root: Path, files: dict[str, str], own: str) -> Path:
+    """`files` ({"system.slice/cpu.max": "..."}) under `root`, and a /proc/self/cgroup that
+    names `own` (the agent's cgroup lines) next to it."""
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text + "\n")
+    proc = root.parent / f"{root.name}.proc-cgroup"
+    proc.write_text(own + "\n")
+    return proc
+
+
+def test_cpu_quota_v2_cpu_max_own_and_ancestors(tmp_path: Path) -> None:
+    root = tmp_path / "cgroup"
+    own = "0::/system.slice/meshagent.service"
+    service = "system.slice/meshagent.service/cpu.max"
+    proc = _cgroup_tree(root, {service: "150000 100000", "system.slice/cpu.max": "max 100000"}, own)
+    assert cpu_quota(root, proc) == 2  # 1.5 CPUs, rounded up
+    (root / service).write_text("max 100000\n")
+    assert cpu_quota(root, proc) is None  # no quota anywhere: the affinity decides
+    (root / "system.slice/cpu.max").write_text("250000 100000\n")
+    assert cpu_quota(root, proc) == 3  # a slice's quota holds its services too
+    (root / service).write_text("50000 100000\n")
+    assert cpu_quota(root, proc) == 1  # the smallest applies; half a CPU is still one worker
+    (root / service).write_text("garbage\n")
+    assert cpu_quota(root, proc) == 3  # an unreadable file is no quota
+
+
+def test_cpu_quota_in_a_container_and_on_cgroup_v1(tmp_path: Path) -> None:
+    # A container's cgroup namespace-less view: /proc names the host's path, the mount is the
+    # container's own cgroup.
+    root = tmp_path / "container"
+    proc = _cgroup_tree(root, {"cpu.max": "400000 200000"}, "0::/kubepods/pod1/abc")
+    assert cpu_quota(root, proc) == 2
+    v1 = tmp_path / "v1"
+    proc = _cgroup_tree(
+        v1,
+        {
+            "cpu,cpuacct/system.slice/meshagent.service/cpu.cfs_quota_us": "300000",
+            "cpu,cpuacct/system.slice/meshagent.service/cpu.cfs_period_us": "100000",
+        },
+        "5:cpu,cpuacct:/system.slice/meshagent.service\n1:name=systemd:/system.slice\n0::/system.slice",
+    )
+    assert cpu_quota(v1, proc) == 3
+    (v1 / "cpu,cpuacct/system.slice/meshagent.service/cpu.cfs_quota_us").write_text("-1\n")
+    assert cpu_quota(v1, proc) is None
+    assert cpu_quota(tmp_path / "absent", tmp_path / "absent.proc") is None
+
+
+def test_auto_workers_is_the_affinity_under_a_quota_and_at_most_64(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    root = tmp_path / "cgroup"
+    proc = _cgroup_tree(root, {"cpu.max": "50000 100000"}, "0::/")
+    assert auto_workers(root, proc) == 1
+    (root / "cpu.max").write_text(f"{(cpus + 7) * 100000} 100000\n")
+    assert auto_workers(root, proc) == min(cpus, 64)  # a quota above the affinity changes nothing
+    (root / "cpu.max").write_text("max 100000\n")
+    assert auto_workers(root, proc) == min(cpus, 64)
+    assert worker_count(ProxySettings(workers=3)) == 3
+
+
+def _cpu_hierarchy() -> tuple[Path, str, str] | None:
+    """Where this machine's cpu controller is: (parent cgroup, quota file, quota for half a
+    CPU), cgroup v2 first."""
+    v2 = Path("/sys/fs/cgroup")
+    with contextlib.suppress(OSError):
+        if "cpu" in (v2 / "cgroup.subtree_control").read_text().split():
+            return v2, "cpu.max", "50000 100000"
+    v1 = Path("/sys/fs/cgroup/cpu")
+    if (v1 / "cpu.cfs_quota_us").exists() and (v1 / "cpu.cfs_period_us").read_text().strip() == "100000":
+        return v1, "cpu.cfs_quota_us", "50000"
+    return None
+
+
+def test_auto_workers_in_a_real_cgroup_with_half_a_cpu() -> None:
+    """A real agent process moved into a cgroup limited to half a CPU picks 1 worker, where its
+    affinity alone gives more."""
+    hierarchy = _cpu_hierarchy()
+    if hierarchy is None or os.geteuid() != 0:
+        pytest.skip("no writable cgroup cpu controller here")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: a quota cannot lower the count")
+    parent, quota_file, half = hierarchy
+    group = parent / f"meshagent-test-{os.getpid()}"
+    group.mkdir()
+    try:
+        (group / quota_file).write_text(half)
+        code = "import sys; sys.stdin.readline(); from agent.config import ProxySettings, worker_count; "
+        code += "print(worker_count(ProxySettings()))"
+        root = Path(__file__).resolve().parents[2]
+        with subprocess.Popen(
+            [sys.executable, "-c", code], cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        ) as child:
+            (group / "cgroup.procs").write_text(str(child.pid))
+            out, _ = child.communicate("moved\n", timeout=60)
+        assert child.returncode == 0
+        assert out.strip() == "1"
+    finally:
+        for _ in range(50):  # the exited child leaves the cgroup as it is reaped
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
