@@ -19,7 +19,8 @@ sample, slow for a big fleet). The recorded window ratio is Sloth's and Pyrra's 
 traffic: the sum over the window of the recorded 5 m error rate over the sum of the 5 m request
 rate. It covers only the time since the rules for the SLO's current shape were loaded (until a
 whole window has passed): those records carry the shape (`spec`), so a changed port, direction,
-kind or threshold starts new series rather than summing the old shape's history.
+kind or threshold starts new series rather than summing the old shape's history. A 1 d or 3 d
+SLO window is the `rate1d`/`rate3d` record itself (a rate() over the raw series).
 
 Budget arithmetic (the SRE workbook's): the budget is the error ratio the objective allows,
 1 - objective. A burn rate is an error ratio divided by that budget (1 = spending the budget
@@ -42,7 +43,7 @@ from .storage import HostRecord
 
 # The recording rules' windows and what each is called in a rule name.
 WINDOWS: Final = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
-# labels: host_id, slo (and spec, for the SLO window's ratio: summed from the 5 m rates)
+# labels: host_id, slo (and spec, for an SLO window not in WINDOWS: summed from the 5 m rates)
 RECORD: Final = "meshagent_slo:error_ratio:rate{window}"
 ERRORS_5M: Final = "meshagent_slo:errors:rate5m"  # failing responses/s (labels: host_id, slo, spec)
 REQUESTS_5M: Final = "meshagent_slo:requests:rate5m"  # all responses/s the SLO counts
@@ -248,9 +249,9 @@ def _budgets_of(
         return raw[key].get(hid) if host_id is None else _only(raw[key])
 
     def rules_ratio(hid: str, slo: Slo, window: str) -> float | None:
-        # The SLO window (summed from the 5 m rates) is read for the SLO's current shape only;
-        # the other records are rate()s over the raw series, evaluated with the current rules.
-        shape = spec(slo) if window == f"{slo.window_days}d" else ""
+        # A window summed from the 5 m rates is read for the SLO's current shape only; the
+        # WINDOWS records are rate()s over the raw series, evaluated with the current rules.
+        shape = "" if window in WINDOWS else spec(slo)
         found = record(RECORD.format(window=window)).get((hid, slo.name, shape))
         return found[0] if found is not None and math.isfinite(found[0]) else None
 
@@ -314,22 +315,23 @@ def _host_rules(host: HostRecord, meta: HostMeta) -> list[dict[str, Any]]:
             )
         days = f"{slo.window_days}d"
         shape = {**ids, "spec": spec(slo)}
-        # The SLO window's ratio from the 5 m rates (budgets read it: a 28-d rate() over raw
-        # samples is too slow for a fleet). Labelled with the shape, and summed over that
-        # shape's 5 m rates only: after a port/kind/threshold change the window starts anew
-        # instead of mixing the old selector's history into the new one's.
-        errors, requests = _rates(host.id, slo)
-        match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)},spec={quote(spec(slo))}" + "}"
-        out += [
-            {"record": ERRORS_5M, "expr": errors, "labels": dict(shape)},
-            {"record": REQUESTS_5M, "expr": requests, "labels": dict(shape)},
-            {
-                "record": RECORD.format(window=days),
-                "expr": f"sum_over_time({ERRORS_5M}{match}[{days}])"
-                f" / sum_over_time({REQUESTS_5M}{match}[{days}])",
-                "labels": dict(shape),
-            },
-        ]
+        if days not in WINDOWS:  # 1d, 3d: the record above is already the SLO window's ratio
+            # The SLO window's ratio from the 5 m rates (budgets read it: a 28-d rate() over raw
+            # samples is too slow for a fleet). Labelled with the shape, and summed over that
+            # shape's 5 m rates only: after a port/kind/threshold change the window starts anew
+            # instead of mixing the old selector's history into the new one's.
+            errors, requests = _rates(host.id, slo)
+            match = "{" + f"host_id={quote(host.id)},slo={quote(slo.name)},spec={quote(spec(slo))}" + "}"
+            out += [
+                {"record": ERRORS_5M, "expr": errors, "labels": dict(shape)},
+                {"record": REQUESTS_5M, "expr": requests, "labels": dict(shape)},
+                {
+                    "record": RECORD.format(window=days),
+                    "expr": f"sum_over_time({ERRORS_5M}{match}[{days}])"
+                    f" / sum_over_time({REQUESTS_5M}{match}[{days}])",
+                    "labels": dict(shape),
+                },
+            ]
         # the marker saying these records are this SLO's current shape
         out.append({"record": MARKER, "expr": f"vector({slo.objective:g})", "labels": dict(shape)})
         allowed = error_budget(slo)

@@ -321,3 +321,28 @@ def test_the_slo_window_sums_only_the_current_shape_s_history(tmp_path: Path) ->
     (tmp_path / "test.yml").write_text(yaml.safe_dump(test, sort_keys=False))
     ran = promtool("test", "rules", str(tmp_path / "test.yml"))
     assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_a_1d_or_3d_slo_window_is_recorded_once(tmp_path: Path) -> None:
+    """Review 20b L1: the 1d and 3d windows are already recorded for the alerts; an SLO with
+    such a window reads that record, not a second rule writing the same series."""
+    slos = (
+        Slo("day", "availability", 99.0, window_days=1),
+        Slo("days", "latency", 99.0, threshold_ms=300, window_days=3),
+    )
+    path = tmp_path / "rules.yml"
+    path.write_text(render_rules([(host("h", "h-1"), HostMeta(slos=slos))]))
+    checked = promtool("check", "rules", str(path))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "duplicate" not in (checked.stdout + checked.stderr).lower(), checked.stdout + checked.stderr
+    # one rule per recorded name and SLO (a spec label would not make a second rate1d another
+    # ratio: it is the same window over the same traffic, recorded twice)
+    recorded = [
+        (r["record"], r["labels"]["slo"])
+        for g in rules([(host("h", "h-1"), HostMeta(slos=slos))])["groups"]
+        for r in g["rules"]
+        if "record" in r
+    ]
+    assert len(recorded) == len(set(recorded)), recorded
+    # per SLO: the windows' ratios and the marker (no 5 m parts: nothing sums them)
+    assert f"SUCCESS: {2 * (len(WINDOWS) + 1 + len(ALERTS))} rules found" in checked.stdout
