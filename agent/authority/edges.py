@@ -195,12 +195,27 @@ def _view(
     # own linkerd-proxies, scraped by the same Prometheus, write the same families without it.
     sel = f'direction="{direction}",host_id!=""' + (f",{narrow}" if narrow else "")
     leg = f'{sel},peer="{_LEG[direction]}"'
-    by = f"host_id, {peer}" + (", target_ip" if skip is not None else "")
+
+    def summed(of: Callable[[str], str], matchers: str, extra: str = "") -> str:
+        """`sum by (host_id, peer)` of `of(matchers)`; with `skip`, by destination address too,
+        but only for destinations with an identity (the only ones `skip` can name): one sample
+        per host for all its calls outside the mesh, not one per address (S3, SaaS APIs:
+        thousands of addresses behind DNS would overflow the answer's bound)."""
+        if skip is None:
+            return f"sum by (host_id, {peer}{extra}) ({of(matchers)})"
+        with_id, without_id = of(matchers + f',{peer}!=""'), of(matchers + f',{peer}=""')
+        named = f"sum by (host_id, {peer}, target_ip{extra}) ({with_id})"
+        unnamed = f"sum by (host_id, {peer}{extra}) ({without_id})"
+        return f"{named} or {unnamed}"  # disjoint label sets: `or` keeps both
+
+    def increase(family: str) -> Callable[[str], str]:
+        return lambda m: f"increase({family}{{{m}}}[{window}])"
+
     raw = {
-        "total": f"sum by ({by}) (increase(response_total{{{sel}}}[{window}]))",
-        "ok": f'sum by ({by}) (increase(response_total{{{sel},classification="success"}}[{window}]))',
-        "opened": f"sum by ({by}) (increase(tcp_open_total{{{leg}}}[{window}]))",
-        "open": f"sum by ({by}) (tcp_open_connections{{{leg}}})",
+        "total": summed(increase("response_total"), sel),
+        "ok": summed(increase("response_total"), f'{sel},classification="success"'),
+        "opened": summed(increase("tcp_open_total"), leg),
+        "open": summed(lambda m: f"tcp_open_connections{{{m}}}", leg),
     }
     keep = skip or (lambda key: False)
     sums: dict[str, dict[_Key, float]] = {}
@@ -211,7 +226,7 @@ def _view(
                 pairs[(own, other)] = pairs.get((own, other), 0.0) + value
         sums[name] = pairs
     hist: dict[_Key, dict[float, float]] = {}
-    bucket_q = f"sum by ({by}, le) (rate(response_latency_ms_bucket{{{sel}}}[{window}]))"
+    bucket_q = summed(lambda m: f"rate(response_latency_ms_bucket{{{m}}}[{window}])", sel, ", le")
     for (own, other, address), buckets in _buckets(prom, bucket_q, peer, at).items():
         if keep((own, other, address)):
             continue

@@ -13,7 +13,7 @@ The traffic (requests/s):
     plain     -> api (hb)     2 (no TLS: no client_id), (4, 5] ms
     frontend  -> web (ha)     5, 0.05 % 5xx (frontend: an in-cluster identity, no host)
     web (ha)  -> pay          3, a third 5xx (pay: an in-cluster identity)
-    web (ha)  -> (no identity) 1
+    web (ha)  -> (no identity) 1, a quarter to each of four addresses
     an idle series (a caller gone quiet) that must not be an edge
 """
 
@@ -101,7 +101,8 @@ FLOWS: dict[str, list[Flow]] = {
         # the api's pods (its service half migrated: same identity as hb, another address)
         Flow("outbound", dns("api"), 2.0, fail=0.5, le=50),
         Flow("outbound", dns("pay"), 3.0, fail=1 / 3),
-        Flow("outbound", "", 1.0),
+        # outside the mesh, at four addresses (an API behind DNS): one edge, 1 req/s
+        *(Flow("outbound", "", 0.25, target=f"198.19.0.{i}") for i in range(1, 5)),
         Flow("outbound", dns("db"), 0.5, tcp_only=True, port=5432, target=HOST_IP),  # hc's inbound view
     ],
     "hb": [
@@ -327,10 +328,34 @@ class Recording(PromClient):
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.asked: list[str] = []
+        self.answers: list[list[tuple[dict[str, str], float]]] = []
 
     def query(self, promql: str, at: float | None = None) -> list[tuple[dict[str, str], float]]:
         self.asked.append(promql)
-        return super().query(promql, at)
+        answer = super().query(promql, at)
+        self.answers.append(answer)
+        return answer
+
+
+def test_calls_outside_the_mesh_are_one_sample_per_host_not_per_address(running: Running) -> None:
+    """Review 20b M6: the outbound view needs the address only for destinations with an identity
+    (a host's or a pod's); a host calling thousands of addresses outside the mesh must not make
+    the answer thousands of samples (over the bound, the page loses edges and budgets)."""
+    with Recording(running.url) as prom:
+        found = edges(prom, running.records, dns_identity(TD, MESH), window="10s")
+    outbound = [a for q, a in zip(prom.asked, prom.answers, strict=True) if 'direction="outbound"' in q]
+    assert len(outbound) == 5  # total, ok, opened, open, buckets
+    for answer in outbound:
+        unnamed = [labels for labels, _ in answer if not labels.get("server_id")]
+        assert all("target_ip" not in labels for labels in unnamed), unnamed
+    ha = running.id("ha")
+    total = outbound[0]
+    assert [v for labels, v in total if labels["host_id"] == ha and not labels.get("server_id")] == [
+        pytest.approx(10, rel=0.08)
+    ]
+    assert any("target_ip" in labels for labels, _ in total)  # calls to identities: by address
+    (out,) = [e for e in found if e.src_host == ha and e.dst == ""]
+    assert out.rps == pytest.approx(1.0, rel=0.08)
 
 
 @pytest.mark.parametrize("role", ["ha", "hb", "hc"])
