@@ -22,8 +22,10 @@ another is counted twice, once by each agent; an edge takes exactly one view:
 `src_host` / `dst_host` are the host ids: exact from `host_id` for the side whose view is taken,
 and resolved from the identity for the other side when exactly one enrolled host has it (an
 unrevoked one first: a re-enrolled host leaves a revoked record of the same identity; None when
-none or several do: the identity is still shown). Plain-text callers of a host are one edge
-per callee with src "" (their addresses are not labels, by design: unbounded cardinality).
+none or several do: the identity is still shown). One host's edges keep its calls seen only by
+identity (several hosts share it, src_host None), marked `by_identity`. Plain-text callers of
+a host are one edge per callee with src "" (their addresses are not labels, by design:
+unbounded cardinality).
 
 Traffic that is not HTTP (a database protocol, the app's own TLS) has no responses: such an edge
 comes from the TCP series (`tcp_open_total` over the window, `tcp_open_connections` now) with
@@ -33,6 +35,7 @@ attempt, and shows as one too (its caller's identity, if it had one, and no requ
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -60,6 +63,9 @@ class Edge:
     success_rate: float | None  # None: no responses in the window (not HTTP, or idle)
     p99_ms: float | None  # None: no response timed in the window
     connections: float = 0.0  # TCP connections opened over the window (HTTP or not)
+    # One host's edges only: the caller is that host by identity alone (src_host None: other
+    # hosts share the identity, so some of these calls may be theirs)
+    by_identity: bool = False
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -72,6 +78,7 @@ class Edge:
             "success_rate": self.success_rate,
             "p99_ms": self.p99_ms,
             "connections": self.connections,
+            "by_identity": self.by_identity,
         }
 
 
@@ -299,6 +306,7 @@ def edges(
     # identity (its calls to other hosts), not the fleet's.
     inbound: dict[_Key, _Seen] = {}
     outbound_narrow = ""
+    mine = ""
     if host_id is None:
         inbound = _view(prom, "inbound", "client_id", window, at)
     else:
@@ -316,5 +324,11 @@ def edges(
     for (caller, server), view in outbound.items():
         found.append(edge(known.get(caller, ""), server, caller or None, None, view))
     if host_id is not None:
-        found = [e for e in found if host_id in (e.src_host, e.dst_host)]
+        # A call the callee saw from this host's identity when other hosts share it (src_host
+        # None) is kept, marked: dropping it would hide the host's calls to other hosts.
+        found = [
+            e if host_id in (e.src_host, e.dst_host) else dataclasses.replace(e, by_identity=True)
+            for e in found
+            if host_id in (e.src_host, e.dst_host) or (e.src_host is None and bool(mine) and e.src == mine)
+        ]
     return sorted(found, key=lambda e: (e.src, e.dst, e.src_host or "", e.dst_host or ""))

@@ -70,7 +70,7 @@ def _percent(value: float | None, digits: int = 2) -> str | None:
 def _edges_table(found: list[Edge], names: dict[str, str]) -> str:
     rows = [
         (
-            _peer(e.src, e.src_host, names),
+            _peer(e.src, e.src_host, names) + ("*" if e.by_identity else ""),
             _peer(e.dst, e.dst_host, names),
             f"{e.rps:.2f}" if e.requests > 0 else None,  # "-": connections only (not HTTP)
             _percent(e.success_rate),
@@ -137,7 +137,8 @@ def register(authority: click.Group, catalog: click.Group) -> None:
 
         A call between two hosts is counted once, from the callee's inbound metrics; a call to
         anything else (an in-cluster identity, a destination without identity) from the
-        caller's outbound metrics. SRC "(no identity)": plain-text callers, not mTLS."""
+        caller's outbound metrics. SRC "(no identity)": plain-text callers, not mTLS; a SRC
+        marked "*" (HOST's calls when other hosts share its identity): by identity only."""
         auth = _open(directory)
         hosts = auth.registry.list_hosts()
         target = _host(hosts, host_ref) if host_ref else None
@@ -162,6 +163,8 @@ def register(authority: click.Group, catalog: click.Group) -> None:
             click.echo(f"no traffic in the last {window}")
             return
         click.echo(_edges_table(found, {h.id: h.host_name for h in hosts}))
+        if any(e.by_identity for e in found):
+            click.echo("* by identity: other hosts share it, so some of these calls may be theirs")
 
     @authority.group("slo")
     def slo_group() -> None:

@@ -391,6 +391,41 @@ def test_an_identity_several_hosts_share_names_no_single_host(running: Running) 
     assert web_to_api.src_host == running.id("ha")
 
 
+def test_one_host_s_calls_are_kept_when_other_hosts_share_its_identity(running: Running) -> None:
+    """Review 20b L3: a second host of web's identity makes web-1's calls to other hosts (their
+    inbound view: client_id = web, no single host) no host's; web-1's edges (and card) keep
+    them, marked as attributed by identity only."""
+    from agent.cli.authority_slo import _edges_table
+
+    twin = host("hd", "web-2", "web")
+    ha = running.id("ha")
+    found = edges(running.prom, [*running.records, twin], dns_identity(TD, MESH), window="10s", host_id=ha)
+    shared = [e for e in found if e.by_identity]
+    assert sorted((e.dst, running.role(e.dst_host)) for e in shared) == [
+        (dns("api"), "hb"),
+        (dns("db"), "hc"),
+    ]
+    assert all(e.src == dns("web") and e.src_host is None for e in shared)
+    web_to_api = next(e for e in shared if e.dst == dns("api"))
+    assert web_to_api.rps == pytest.approx(10, rel=0.08) and web_to_api.to_doc()["by_identity"] is True
+    # what its own views say stays its own, unmarked
+    assert sorted(
+        ((e.src, e.dst, running.role(e.dst_host)) for e in found if not e.by_identity), key=str
+    ) == sorted(
+        [
+            (dns("frontend"), dns("web"), "ha"),
+            (dns("web"), dns("api"), None),
+            (dns("web"), dns("pay"), None),
+            (dns("web"), "", None),
+        ],
+        key=str,
+    )
+    # without the twin, the same calls are web-1's by host id
+    alone = edges(running.prom, running.records, dns_identity(TD, MESH), window="10s", host_id=ha)
+    assert not any(e.by_identity for e in alone)
+    assert _edges_table([web_to_api], {}).splitlines()[1].startswith("shop/web* ")
+
+
 class WithoutRules(PromClient):
     """A Prometheus where the rule file is not loaded: its marker series are not there."""
 
