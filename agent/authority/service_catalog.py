@@ -258,6 +258,7 @@ def edge_doc(e: Edge) -> dict[str, Any]:
         "success_rate": _float(e.success_rate),
         "p99_ms": _float(e.p99_ms),
         "connections": _float(e.connections),
+        "by_identity": e.by_identity,  # a call another host saw from this host's shared identity
     }
 
 
