@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Final, Protocol, TypedDict
 
 from .metrics import Family, HistogramChild, join, labels
+from .route_metrics import RouteMetrics
 
 LATENCY_BOUNDS_MS: Final = (
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500,
@@ -312,6 +313,9 @@ class ProxyMetrics:
             "gauge",
             retain_idle_s=None,
         )
+        # Linkerd's outbound HTTP route families (issue #21): listed in families() so worker
+        # dumps, the supervisor's merge and StatWindow see them.
+        self.routes = RouteMetrics()
 
     def families(self) -> list[Family]:
         return [
@@ -333,6 +337,7 @@ class ProxyMetrics:
             self.tls_resumed,
             self.cert_expiry,
             self.control_cert_expiry,
+            *self.routes.families(),
         ]
 
     def connection(self, base: str) -> ConnMetrics:
