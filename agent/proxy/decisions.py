@@ -28,6 +28,8 @@ Outbound:
                                          -> Passthrough | Originate | Refuse
     route_service(route, picked, unmeshed), route_endpoint(route, port, unmeshed)
                                          -> Passthrough | Originate | Refuse
+    route_routed_endpoint(address, port, identity, server_name, header_port, unmeshed)
+                                         -> Passthrough | Originate | Refuse (an HTTP route's pick)
 
 A "direct" connection is one whose original destination is the inbound listener's own port: a
 linkerd2-proxy in opaque-transport mode dials it, negotiates ALPN `transport.l5d.io/v1` and
@@ -381,6 +383,26 @@ def route_endpoint(
 ) -> Passthrough | Originate | Refuse:
     """A connection straight to an endpoint's address (a pod IP) on target port `port`."""
     return _to_endpoint(route.endpoint, port, route.opaque, unmeshed)
+
+
+def route_routed_endpoint(
+    address: str,
+    port: int,
+    identity: str | None,
+    server_name: str | None,
+    header_port: int | None,
+    unmeshed: Literal["pass", "refuse"],
+) -> Passthrough | Originate | Refuse:
+    """An HTTP route's endpoint (routes.EndpointRef's fields): its server listens on `port`;
+    with `header_port` (its inbound proxy port) it is dialled there with a transport header
+    naming `port`. No identity: plaintext, unless refused."""
+    if identity is None or server_name is None:
+        if unmeshed == "refuse":
+            return Refuse("not_meshed")
+        return Passthrough((address, port), tls_connect(None))
+    if header_port is not None:
+        return Originate((address, header_port), server_name, identity, port)
+    return Originate((address, port), server_name, identity)
 
 
 def _to_endpoint(

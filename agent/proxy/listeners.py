@@ -20,7 +20,6 @@ The upstream sockets carry the proxy's SO_MARK so interception never captures th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
 import socket
@@ -63,13 +62,16 @@ from .decisions import (
 from .detect import NEED_DATA, Detected, Protocol, detect
 from .directory import Directory
 from .http1 import Accounting, new_accounting
+from .originate import Failed, originate
+from .originate import handshake as _handshake
+from .originate import tls_reason as _tls_reason
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .revocation import PeerConnection, PeerConnections, RevokedSet, cert_serial
 from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
-from .sessions import SessionCache, SessionKey
-from .tls import Credentials, peer_identity, verify_server_identity
-from .transport_header import ALPN, HeaderReader, HeaderRefused, TransportHeader, encode
+from .sessions import SessionCache
+from .tls import Credentials, peer_identity
+from .transport_header import HeaderReader, HeaderRefused, TransportHeader
 
 log = get_logger("meshagent.proxy")
 
@@ -1172,7 +1174,10 @@ async def _outbound(
     orig: Address,
     action: Passthrough | Originate | Refuse,
     pick: Pick | None = None,
+    early: bytes = b"",
 ) -> None:
+    """The L4 path: originate the upstream for `action` and pair the app with it. `early`: bytes
+    the app already sent (read by a routed destination's detection), written first."""
     dst = f"{orig[0]}:{orig[1]}"
     where = target(*orig)
     proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
@@ -1182,131 +1187,22 @@ async def _outbound(
         proxy.refuse("outbound", action.reason, dst=dst)
         app.close()
         return
-    if isinstance(action, Passthrough):
-        try:
-            upstream = await proxy.connect(action.target, Leg())
-        except (OSError, TimeoutError) as exc:
-            if pick is not None:
-                proxy.balancer.failed(pick)
-            proxy.stats.error("outbound_connect", dst=dst, reason=str(exc) or "timeout")
-            app.abort()
-            return
-        if pick is not None:
-            proxy.balancer.connected(pick)
-            upstream.on_closed = _released(proxy, pick)
-        proxy.observe(upstream, join(OUTBOUND_DST, where, action.tls_labels))
-        proxy.watch_http(app, upstream, join(OUTBOUND, where, action.tls_labels), None)
-        proxy.stats.opened["outbound:passthrough"] += 1
-        app.pair(upstream)
-        return
-    # An endpoint that expects the transport header: offer its ALPN, on its proxy port.
-    header = action.header_port is not None
-    context = proxy.credentials.client_opaque if header else proxy.credentials.client
-    key: SessionKey | None = None
-    session = None
-    if proxy.settings.tls_resumption:
-        key = (action.target[0], action.target[1], action.identity, action.header_port)
-        session = proxy.sessions.get(key, context)
-    tls = TlsLeg(context, server_side=False, server_hostname=action.server_name, session=session)
-    try:
-        await proxy.connect(action.target, tls)
-        if pick is not None:  # from here its close releases the pick
-            tls.on_closed = _released(proxy, pick)
-        failure = await _handshake(tls, proxy.settings.handshake_timeout_s)
-    except (OSError, TimeoutError) as exc:
-        failure = exc.with_traceback(None)
-    cert = tls.peer_cert if failure is None else None
-    wrong = verify_server_identity(cert, action.identity) if failure is None else None
-    serial = cert_serial(cert)
-    matched = None
-    if failure is None and wrong is None and proxy.revoked:
-        matched = proxy.revoked.match(action.identity, serial)  # (the server proved action.identity)
+    on_closed = _released(proxy, pick) if pick is not None else None
+    got = await originate(proxy, action, dst, on_closed=on_closed)
     if pick is not None:
         # A refused connect, a failed handshake, a wrong or revoked identity: this endpoint is
         # no good for now; the next connections go to the others while it backs off.
-        if failure is None and wrong is None and matched is None:
-            proxy.balancer.connected(pick)
-        else:
+        if isinstance(got, Failed):
             proxy.balancer.failed(pick)
-    if session is not None and key is not None and (failure or wrong or matched):
-        proxy.sessions.drop(key)  # not offered again: the next connection makes a full handshake
-    if failure is not None:
-        reason = _tls_reason(failure)
-        proxy.stats.error("outbound_tls", dst=dst, server_id=action.identity, reason=reason)
-        proxy.tls_failed("outbound", failure)
-        log.warning(
-            "tls.handshake_failed", direction="outbound", dst=dst, server_id=action.identity, reason=reason
-        )
-        tls.abort()
+        else:
+            proxy.balancer.connected(pick)
+    if isinstance(got, Failed):
         app.abort()
         return
-    if wrong is not None:
-        proxy.stats.error("outbound_identity", dst=dst, expected=action.identity, got=wrong)
-        log.warning("tls.wrong_identity", dst=dst, expected=action.identity, got=wrong)
-        tls.abort()
-        app.abort()
-        return
-    if matched is not None:
-        proxy.refuse_revoked("outbound", matched, server_id=action.identity, serial=serial or "", dst=dst)
-        tls.abort()
-        app.abort()
-        return
-    if action.header_port is not None:
-        if tls.sslobj.selected_alpn_protocol() != ALPN:
-            # It would read our header as the app's bytes: fail rather than corrupt the stream.
-            proxy.refuse("outbound", "transport_alpn_not_selected", dst=dst, server_id=action.identity)
-            tls.abort()
-            app.abort()
-            return
-        tls.send(encode(TransportHeader(port=action.header_port)))
-    if tls.sslobj.session_reused:
-        proxy.tls_resumed("outbound")
-    elif key is not None:  # verified and not revoked: its ticket may be kept
-        tls.on_ticket = _keep_session(proxy.sessions, key, context, cert)
-    server = peer_identity(cert)
-    tls_labels = action.tls_labels(server.label if server is not None else None)
-    proxy.observe(tls, join(OUTBOUND_DST, where, tls_labels))
-    proxy.watch_http(app, tls, join(OUTBOUND, where, tls_labels), None)
-    proxy.stats.opened["outbound:mtls_header" if header else "outbound:mtls"] += 1
-    if not tls.closed:  # (else nothing would ever take it out again)
-        label = server.label if server is not None else action.identity
-        proxy.peers.add(tls, PeerConnection("outbound", action.identity, serial, label, dst))
-    app.pair(tls)
-
-
-def _keep_session(
-    sessions: SessionCache, key: SessionKey, context: ssl.SSLContext, cert: dict[str, Any] | None
-) -> Callable[[ssl.SSLSession], None]:
-    """The capture a verified outbound leg calls once with its ticketed session."""
-    not_after: float
-    try:
-        not_after = ssl.cert_time_to_seconds((cert or {})["notAfter"])
-    except (KeyError, ValueError):
-        not_after = 0.0  # no date: never kept
-
-    def keep(session: ssl.SSLSession) -> None:
-        sessions.put(key, session, context, not_after)
-
-    return keep
-
-
-async def _handshake(tls: TlsLeg, deadline_s: float) -> BaseException | None:
-    """Wait for `tls`'s handshake: None when done, else why it failed (a value, no traceback)."""
-    if not tls.handshake_waiter.done():
-        # The leg fails itself at the deadline: one timer, no wait_for task or shield per connection.
-        timer = asyncio.get_running_loop().call_later(deadline_s, tls.time_out)
-        try:
-            await tls.handshake_waiter
-        finally:
-            timer.cancel()
-    return tls.handshake_error
-
-
-def _tls_reason(exc: BaseException) -> str:
-    """A short sentence for logs and status from an OpenSSL error or a timeout."""
-    if isinstance(exc, TimeoutError):
-        return "handshake timed out"
-    text = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-    with contextlib.suppress(Exception):
-        text = str(text).replace("_", " ").lower()
-    return str(text) or exc.__class__.__name__
+    upstream = got.leg
+    proxy.observe(upstream, join(OUTBOUND_DST, where, got.tls_labels))
+    proxy.watch_http(app, upstream, join(OUTBOUND, where, got.tls_labels), None, early)
+    proxy.stats.opened[f"outbound:{got.kind}"] += 1
+    if early:  # (already counted in app.rx): pairing replays them through the tap, then upstream
+        app.early.insert(0, early)
+    app.pair(upstream)
