@@ -183,6 +183,23 @@ CREATE TABLE host_events (
 CREATE INDEX host_events_by_host ON host_events (host_id, id)
 """
 
+# Traffic policy (#21): the operator's route objects (HTTPRoute, TrafficSplit, ServiceProfile,
+# Service) as validated at apply, one row each. Objects, not compiled policy: backends resolve
+# against hosts and Services that change, so the directory compiles them at render.
+_ROUTE_OBJECTS = """
+CREATE TABLE route_objects (
+    kind        TEXT NOT NULL,
+    namespace   TEXT NOT NULL,
+    name        TEXT NOT NULL,
+    api_version TEXT NOT NULL,
+    body        TEXT NOT NULL,          -- canonical JSON of the validated object (never status)
+    source      TEXT NOT NULL,          -- file | cluster
+    created_at  {time} NOT NULL,        -- creationTimestamp, else the first apply: precedence ties
+    applied_at  {time} NOT NULL,
+    PRIMARY KEY (kind, namespace, name)
+)
+"""
+
 SQLITE: tuple[Migration, ...] = (
     # Columns first: the baseline's indexes name columns an old file may lack.
     Migration(1, "baseline", _split(SQLITE_BASELINE), run=_sqlite_add_columns),
@@ -193,6 +210,7 @@ SQLITE: tuple[Migration, ...] = (
         "host_catalog",
         _split(_HOST_CATALOG.format(time="REAL", serial="INTEGER PRIMARY KEY AUTOINCREMENT")),
     ),
+    Migration(5, "route_objects", _split(_ROUTE_OBJECTS.format(time="REAL"))),
 )
 
 
@@ -327,6 +345,7 @@ POSTGRES: tuple[Migration, ...] = (
             "ALTER TABLE host_reports ADD COLUMN state TEXT",
         ),
     ),
+    Migration(5, "route_objects", _split(_ROUTE_OBJECTS.format(time="DOUBLE PRECISION"))),
 )
 
 

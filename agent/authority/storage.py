@@ -27,7 +27,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from agent.errors import ExitCode, MeshagentError, RejectedError
 from agent.logs import get_logger
@@ -36,6 +36,9 @@ from . import events as ev
 from .events import Event
 from .host_meta import HostMeta, MetaInvalid, loads_meta
 from .migrations import migrate_sqlite
+
+if TYPE_CHECKING:
+    from .kube_routes import RouteObject
 
 log = get_logger("meshagent.authority")
 
@@ -342,6 +345,12 @@ class Registry(Protocol):
     def remove_policy(self, identity: str, port: int, actor: str = "unknown") -> None: ...
 
     def policies(self, identity: str | None = None) -> list[PolicyRecord]: ...
+
+    def put_route_objects(self, objs: Sequence[RouteObject], replace_source: str | None = None) -> None: ...
+
+    def route_objects(self) -> list[RouteObject]: ...
+
+    def remove_route_object(self, kind: str, namespace: str, name: str) -> bool: ...
 
     def record_report(
         self, host_id: str, report_json: str, at: datetime | float, state: str | None = None
@@ -1068,6 +1077,111 @@ class SqlRegistry:
             PolicyRecord(r["identity"], r["port"], r["default_policy"], tuple(json.loads(r["allow"])))
             for r in rows
         ]
+
+    # --- route objects (#21, traffic policy) ---------------------------------------------
+
+    def put_route_objects(self, objs: Sequence[RouteObject], replace_source: str | None = None) -> None:
+        """Upsert `objs` in one transaction (all stored, or none). With `replace_source`, the
+        stored objects of that source not in `objs` are deleted too (the controller's "the
+        cluster wins"). An object without a creationTimestamp keeps the time it was first
+        applied (precedence ties). The version moves only when a row changed: a controller
+        putting the same objects on every resync wakes no long poll."""
+        now = time.time()
+        keys = {(o.kind, o.namespace, o.name) for o in objs}
+        with self._transaction() as tx:
+            stored = {
+                (r["kind"], r["namespace"], r["name"]): r for r in tx.all("SELECT * FROM route_objects", ())
+            }
+            rows, changed = [], False
+            for obj in objs:
+                body = _canonical(obj.body)
+                before = stored.get((obj.kind, obj.namespace, obj.name))
+                created = obj.created_at
+                if before is not None and not _has_creation_timestamp(obj.body):
+                    created = float(before["created_at"])
+                row = (obj.api_version, body, obj.source, created)
+                if before is None or row != (
+                    before["api_version"],
+                    before["body"],
+                    before["source"],
+                    float(before["created_at"]),
+                ):
+                    changed = True
+                rows.append(
+                    (obj.kind, obj.namespace, obj.name, obj.api_version, body, obj.source, created, now)
+                )
+            if rows:
+                tx.many(
+                    "INSERT INTO route_objects"
+                    " (kind, namespace, name, api_version, body, source, created_at, applied_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (kind, namespace, name) DO UPDATE SET api_version = excluded.api_version,"
+                    " body = excluded.body, source = excluded.source, created_at = excluded.created_at,"
+                    " applied_at = excluded.applied_at",
+                    rows,
+                )
+            gone = []
+            if replace_source is not None:
+                gone = [k for k, r in stored.items() if r["source"] == replace_source and k not in keys]
+            if gone:
+                tx.many("DELETE FROM route_objects WHERE kind = ? AND namespace = ? AND name = ?", gone)
+            if changed or gone:
+                tx.changed()
+
+    def route_objects(self) -> list[RouteObject]:
+        """Every stored route object, by (kind, namespace, name). A row whose body is not a JSON
+        object (written by hand) is left out and logged: one bad row must not hide the others."""
+        from .kube_routes import RouteObject  # (kube_routes reads the registry's records)
+
+        objects = []
+        for r in self._rows("SELECT * FROM route_objects ORDER BY kind, namespace, name"):
+            try:
+                body = json.loads(r["body"])
+            except ValueError:
+                body = None
+            if not isinstance(body, dict):
+                log.warning(
+                    "registry.route_object_unreadable",
+                    kind=r["kind"],
+                    namespace=r["namespace"],
+                    name=r["name"],
+                )
+                continue
+            objects.append(
+                RouteObject(
+                    kind=r["kind"],
+                    namespace=r["namespace"],
+                    name=r["name"],
+                    api_version=r["api_version"],
+                    body=body,
+                    source=r["source"],
+                    created_at=float(r["created_at"]),
+                )
+            )
+        return objects
+
+    def remove_route_object(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete one stored object; False when there was none (nothing changes then)."""
+        with self._transaction() as tx:
+            found = (
+                tx.run(
+                    "DELETE FROM route_objects WHERE kind = ? AND namespace = ? AND name = ?",
+                    (kind, namespace, name),
+                )
+                > 0
+            )
+            if found:
+                tx.changed()
+        return found
+
+
+def _canonical(body: Any) -> str:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _has_creation_timestamp(body: Any) -> bool:
+    metadata = body.get("metadata") if isinstance(body, dict) else None
+    return isinstance(metadata, dict) and bool(metadata.get("creationTimestamp"))
 
 
 _CHUNK = 500  # ids per IN (...) list: SQLite's default limit is 32,766 parameters

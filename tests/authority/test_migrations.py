@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from agent.authority.host_meta import HostMeta, parse_meta
-from agent.authority.migrations import SQLITE, migrate_sqlite
+from agent.authority.kube_routes import RouteObject
+from agent.authority.migrations import POSTGRES, SQLITE, migrate_sqlite
 from agent.authority.storage import NewHost, SqliteRegistry
 from tests.authority.test_registry_contract import _issued
 
@@ -49,6 +50,7 @@ def test_a_registry_from_before_migrations_opens_with_its_records(tmp_path: Path
         (2, "host_certificates"),
         (3, "registry_version"),
         (4, "host_catalog"),
+        (5, "route_objects"),
     ]
     assert migrate_sqlite(db) == []  # a second open applies nothing
     db.close()
@@ -113,3 +115,48 @@ def test_a_registry_of_migration_3_gains_metadata_and_events_losing_nothing(tmp_
     with sqlite3.connect(tmp_path / "registry-reports.db") as check:
         assert check.execute("SELECT received_at, state FROM host_reports").fetchall() == [(6.0, "s")]
         assert check.execute("PRAGMA user_version").fetchone()[0] == 2
+
+
+def test_both_dialects_number_their_migrations_alike_and_contiguously() -> None:
+    """A migration is appended with the next number on both lists (#20 took 4, #21 takes 5): two
+    branches both adding "4" would make one of them never run on a database that has the other."""
+    assert [m.version for m in SQLITE] == list(range(1, len(SQLITE) + 1))
+    assert [m.version for m in POSTGRES] == [m.version for m in SQLITE]
+    assert [m.name for m in POSTGRES][3:] == [m.name for m in SQLITE][3:]  # (3 differs by design)
+
+
+def test_a_registry_of_migration_4_gains_route_objects_losing_nothing(tmp_path: Path) -> None:
+    """#21's migration 5 on a registry #20 wrote: its hosts stay, the table is there and empty,
+    and a route object stored now reads back (and moves the version, as any operator write)."""
+    path = tmp_path / "registry.db"
+    db = sqlite3.connect(path, isolation_level=None)
+    assert migrate_sqlite(db, SQLITE[:4]) == [1, 2, 3, 4]
+    db.execute(
+        "INSERT INTO hosts (id, identity, host_name, addresses, serial, not_after, cert_pem, enrolled_at)"
+        " VALUES ('h-1', 'shop/web', 'web-1', '[\"198.18.0.1\"]', '0a', 1e10, 'PEM', 1.5)"
+    )
+    db.close()
+    registry = SqliteRegistry(path)
+    try:
+        assert [h.id for h in registry.list_hosts()] == ["h-1"]
+        assert registry.route_objects() == []
+        before = registry.data_version()
+        obj = RouteObject(
+            "TrafficSplit",
+            "shop",
+            "web-split",
+            "split.smi-spec.io/v1alpha2",
+            {
+                "kind": "TrafficSplit",
+                "spec": {"service": "web", "backends": [{"service": "web", "weight": 1}]},
+            },
+            "file",
+            10.0,
+        )
+        registry.put_route_objects([obj])
+        assert registry.route_objects() == [obj]
+        assert registry.data_version() != before
+    finally:
+        registry.close()
+    with sqlite3.connect(path) as check:
+        assert check.execute("SELECT max(version) FROM schema_migrations").fetchone() == (5,)

@@ -14,6 +14,7 @@ import pytest
 
 from agent.authority.events import RETAINED_PER_HOST
 from agent.authority.host_meta import HostMeta, parse_meta
+from agent.authority.kube_routes import RouteObject
 from agent.authority.registry import open_registry
 from agent.authority.storage import (
     Issued,
@@ -433,3 +434,90 @@ def test_a_policy_change_is_logged_for_each_host_of_the_identity(registry: Regis
         registry.set_policy(PolicyRecord("shop/web", 1, "deny", ()))
         registry.remove_policy("shop/web", 1)
     assert len(registry.events(web_1, limit=10_000)) == RETAINED_PER_HOST
+
+
+def _route(
+    kind: str, name: str, source: str = "file", created: float = 100.0, weight: int = 1, **metadata: object
+) -> RouteObject:
+    body = {
+        "apiVersion": "split.smi-spec.io/v1alpha2",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": "shop", **metadata},
+        "spec": {"service": "web", "backends": [{"service": "web", "weight": weight}]},
+    }
+    return RouteObject(kind, "shop", name, "split.smi-spec.io/v1alpha2", body, source, created)
+
+
+def test_route_objects_are_stored_listed_and_removed_each_write_moving_the_version(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    """#21: objects upserted by (kind, namespace, name), listed in that order with their body
+    as given; a write another replica makes moves this one's version (the hosts' directories
+    compile them); a write that changes nothing, or a removal of nothing, does not."""
+    other = open_registry(*backend)
+    try:
+        split, service = _route("TrafficSplit", "b-split"), _route("Service", "web", created=50.0)
+        seen = [registry.data_version()]
+
+        def moved() -> bool:
+            seen.append(registry.data_version())
+            return seen[-1] != seen[-2]
+
+        other.put_route_objects([split, service])
+        assert moved()
+        assert registry.route_objects() == [service, split]  # Service < TrafficSplit
+        assert other.route_objects() == [service, split]
+        other.put_route_objects([split])  # the same again: nothing to tell the hosts
+        assert not moved()
+        heavier = _route("TrafficSplit", "b-split", weight=3)
+        registry.put_route_objects([heavier])
+        assert moved()
+        assert other.route_objects() == [service, heavier]
+        assert other.remove_route_object("Service", "shop", "web") is True
+        assert moved()
+        assert other.remove_route_object("Service", "shop", "web") is False
+        assert (
+            registry.remove_route_object("HTTPRoute", "shop", "b-split") is False
+        )  # (kind is part of the key)
+        assert not moved()
+        assert registry.route_objects() == [heavier]
+    finally:
+        other.close()
+
+
+def test_route_objects_keep_their_first_apply_time_unless_the_object_says(registry: Registry) -> None:
+    """created_at orders routes of equal precedence: an object without a creationTimestamp keeps
+    the time it was first applied when applied again; one with a timestamp takes what it says."""
+    registry.put_route_objects([_route("TrafficSplit", "s", created=100.0)])
+    registry.put_route_objects([_route("TrafficSplit", "s", created=200.0, weight=2)])
+    [kept] = registry.route_objects()
+    assert (kept.created_at, kept.body["spec"]["backends"][0]["weight"]) == (100.0, 2)
+    stamped = _route("TrafficSplit", "s", created=300.0, creationTimestamp="2026-01-01T00:00:00Z")
+    registry.put_route_objects([stamped])
+    assert registry.route_objects() == [stamped]
+
+
+def test_replacing_a_source_deletes_only_its_objects_not_given(registry: Registry) -> None:
+    """The controller's "the cluster wins": a put with replace_source="cluster" leaves exactly
+    the cluster objects it names, and never touches the operator's file objects."""
+    mine = _route("TrafficSplit", "from-file")
+    old, kept = _route("TrafficSplit", "gone", "cluster"), _route("HTTPRoute", "kept", "cluster")
+    registry.put_route_objects([mine, old, kept])
+    before = registry.data_version()
+    fresh = _route("TrafficSplit", "new", "cluster")
+    registry.put_route_objects([kept, fresh], replace_source="cluster")
+    assert registry.route_objects() == [kept, mine, fresh]
+    assert registry.data_version() != before
+    registry.put_route_objects([], replace_source="cluster")  # the cluster has none left
+    assert registry.route_objects() == [mine]
+
+
+def test_a_route_object_that_cannot_be_stored_stores_nothing(registry: Registry) -> None:
+    """One transaction: a body that is not JSON (NaN) refuses the whole put, the objects before
+    it in the same call included, and the replaced source's rows stay."""
+    registry.put_route_objects([_route("TrafficSplit", "a", "cluster")])
+    before = (registry.route_objects(), registry.data_version())
+    bad = replace(_route("TrafficSplit", "z"), body={"spec": float("nan")})
+    with pytest.raises(ValueError):
+        registry.put_route_objects([_route("TrafficSplit", "b"), bad], replace_source="cluster")
+    assert (registry.route_objects(), registry.data_version()) == before

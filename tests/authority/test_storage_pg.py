@@ -17,6 +17,7 @@ import psycopg
 import pytest
 
 from agent.authority.host_meta import HostMeta, parse_meta
+from agent.authority.kube_routes import RouteObject
 from agent.authority.migrations import ADVISORY_LOCK_KEY, POSTGRES, VERSION_SLOTS, migrate_postgres
 from agent.authority.registry import DATABASE_ENV, open_registry, record, resolve
 from agent.authority.storage import Issued, NewHost, PolicyRecord, Registry, RegistryUnavailable
@@ -305,5 +306,42 @@ def test_a_database_of_migration_3_gains_metadata_and_events_losing_nothing(
         registry.set_host_meta(host.id, meta, "cli:test", NOW)
         assert registry.host_meta([host.id]) == {host.id: meta}
         assert [e.kind for e in registry.events(host.id)] == ["metadata_changed", "enrolled"]
+    finally:
+        registry.close()
+
+
+def test_a_database_of_migration_4_gains_route_objects_and_their_writes_move_slot_1(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    """#21's migration 5 on a database #20's replicas made: its hosts stay, route objects store
+    and read back, and every route write moves slot 1, the row a replica from before migration 3
+    reads alone (operator writes, as revocations and policies: a rolling upgrade's old replicas
+    still wake their long polls)."""
+    url = _database(pg_cluster)
+    with psycopg.connect(url, autocommit=True) as conn:
+        assert migrate_postgres(conn, POSTGRES[:4]) == [1, 2, 3, 4]
+        conn.execute(
+            "INSERT INTO tokens (hash, identity, created_at, expires_at) VALUES ('t1', 'shop/web', 1, 4e9)"
+        )
+
+    def slot_1() -> int:
+        with psycopg.connect(url, autocommit=True) as conn:
+            row = conn.execute("SELECT version FROM registry_version WHERE id = 1").fetchone()
+            assert row is not None
+            return int(row[0])
+
+    registry = open_registry(tmp_path, url)
+    try:
+        host = registry.enroll("t1", "key", NewHost("web", ()), NOW, _issued)
+        assert [h.id for h in registry.list_hosts()] == [host.id]
+        assert registry.route_objects() == []
+        body = {"kind": "HTTPRoute", "metadata": {"name": "r", "namespace": "shop"}, "spec": {"rules": []}}
+        obj = RouteObject("HTTPRoute", "shop", "r", "gateway.networking.k8s.io/v1", body, "file", 5.0)
+        before = slot_1()
+        registry.put_route_objects([obj])
+        assert registry.route_objects() == [obj]
+        assert slot_1() == before + 1
+        assert registry.remove_route_object("HTTPRoute", "shop", "r") is True
+        assert slot_1() == before + 2
     finally:
         registry.close()
