@@ -1,0 +1,343 @@
+"""The routed HTTP/2 path on loopback: an h2c client (httpx, grpcio) → H2Router → upstream
+servers (small `h2` servers written here, grpcio servers), real sockets, one process.
+
+The router is paired with the accepted app leg exactly as RoutedDetect hands it over; the
+upstream connections come from a plain-TCP connector here (the mTLS one through originate() is
+exercised in test_h2_router_mtls.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import threading
+from collections.abc import Awaitable, Callable, Hashable
+from concurrent import futures
+from typing import Any, ClassVar
+
+import grpc
+import httpx
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import ProtocolError
+
+from agent.proxy.h2_router import H2Router
+from agent.proxy.h2_upstream import ConnectFailed, H2Pool
+from agent.proxy.http_dispatch import RouterContext
+from agent.proxy.relay import Leg
+from agent.proxy.routed_detect import RoutedConn
+from agent.proxy.routes import (
+    MATCH_ALL,
+    NO_TIMEOUTS,
+    Backend,
+    BudgetSpec,
+    EndpointRef,
+    ParentPolicy,
+    Ref,
+    RetryPolicy,
+    RouteTable,
+    Rule,
+    Timeouts,
+)
+from agent.proxy.services import ServiceTable
+from agent.telemetry.route_metrics import RouteMetrics
+
+PARENT = Ref("", "Service", "shop", "web", 8080)
+ROUTE = Ref("", "default", "", "http")
+
+# --- upstream servers ---------------------------------------------------------------------------
+
+
+class H2Server:
+    """A small HTTP/2 server (prior knowledge): `/who` its name, `/status/N` an empty N, `/big/N`
+    N bytes, `/echo` the request body back once it ended, `/hang` never answers. With
+    `goaway_after`, it sends GOAWAY once that many responses went out on a connection."""
+
+    def __init__(self, name: str, goaway_after: int | None = None) -> None:
+        self.name = name
+        self.goaway_after = goaway_after
+        self.connections = 0
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> H2Server:
+        self.server = await asyncio.get_running_loop().create_server(
+            lambda: _H2ServerConn(self), "127.0.0.1", 0
+        )
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    def endpoint(self) -> EndpointRef:
+        return EndpointRef("127.0.0.1", self.port, None, None)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for conn in list(_H2ServerConn.live):
+                if conn.owner is self and conn.transport is not None:
+                    conn.transport.close()
+
+
+class _H2ServerConn(asyncio.Protocol):
+    live: ClassVar[set[_H2ServerConn]] = set()
+
+    def __init__(self, owner: H2Server) -> None:
+        self.owner = owner
+        self.h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.transport: asyncio.Transport | None = None
+        self.bodies: dict[int, bytearray] = {}
+        self.paths: dict[int, str] = {}
+        self.pending: dict[int, bytes] = {}
+        self.answered = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.connections += 1
+        _H2ServerConn.live.add(self)
+        self.h2.initiate_connection()
+        self._flush()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        _H2ServerConn.live.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except ProtocolError:
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, RequestReceived):
+                headers = dict(event.headers)
+                path = headers[b":path"].decode()
+                self.paths[event.stream_id] = path
+                self.bodies[event.stream_id] = bytearray()
+                self.owner.requests[path] += 1  # (its StreamEnded follows, if it ended)
+            elif isinstance(event, DataReceived):
+                self.bodies[event.stream_id] += event.data
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                self._answer(event.stream_id)
+            elif isinstance(event, WindowUpdated):
+                for sid in list(self.pending):
+                    self._send_body(sid)
+            elif isinstance(event, StreamReset):
+                self.pending.pop(event.stream_id, None)
+        self._flush()
+
+    def _answer(self, sid: int) -> None:
+        path = self.paths[sid]
+        if path == "/hang":
+            return
+        status, body = 200, b""
+        if path == "/who":
+            body = self.owner.name.encode()
+        elif path.startswith("/status/"):
+            status = int(path.rsplit("/", 1)[1])
+        elif path.startswith("/big/"):
+            body = bytes(i % 251 for i in range(int(path.rsplit("/", 1)[1])))
+        elif path == "/echo":
+            body = bytes(self.bodies[sid])
+        headers = [(b":status", str(status).encode()), (b"content-length", str(len(body)).encode())]
+        headers.append((b"x-backend", self.owner.name.encode()))
+        self.h2.send_headers(sid, headers, end_stream=not body)
+        if body:
+            self.pending[sid] = body
+            self._send_body(sid)
+        else:
+            self._answered()
+
+    def _send_body(self, sid: int) -> None:
+        body = self.pending[sid]
+        while body:
+            window = min(self.h2.local_flow_control_window(sid), self.h2.max_outbound_frame_size)
+            if window <= 0:
+                break
+            self.h2.send_data(sid, body[:window])
+            body = body[window:]
+        if body:
+            self.pending[sid] = body
+            return
+        del self.pending[sid]
+        self.h2.end_stream(sid)
+        self._answered()
+
+    def _answered(self) -> None:
+        self.answered += 1
+        if self.owner.goaway_after is not None and self.answered == self.owner.goaway_after:
+            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None:
+            self.transport.write(data)
+
+
+class GrpcServer:
+    """A grpcio server (no generated code): /demo.Echo/Say answers `name:request`; a request
+    b"fail" gets UNAVAILABLE (a trailers-only response), b"slow" sleeps 2 s first."""
+
+    def __init__(self, name: str, fail_first: int = 0) -> None:
+        self.name = name
+        self.calls = 0
+        self.fail_first = fail_first  # the first N calls fail UNAVAILABLE, whatever they ask
+        self.lock = threading.Lock()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        handler = grpc.unary_unary_rpc_method_handler(self._say)
+        self.server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler("demo.Echo", {"Say": handler})]
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _say(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        with self.lock:
+            self.calls += 1
+            fail = self.calls <= self.fail_first
+        if fail or request == b"fail":
+            context.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")
+        if request == b"slow":
+            context.add_callback(lambda: None)
+            threading.Event().wait(2.0)
+        return self.name.encode() + b":" + request
+
+    def endpoint(self) -> EndpointRef:
+        return EndpointRef("127.0.0.1", self.port, None, None)
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+# --- the router under test --------------------------------------------------------------------
+
+
+async def plain_connect(key: Hashable) -> Leg | ConnectFailed:
+    """The pool's connector in these tests: plain TCP to the endpoint (no mTLS)."""
+    assert isinstance(key, EndpointRef)
+    leg = Leg()
+    try:
+        await asyncio.get_running_loop().create_connection(lambda: leg, key.address, key.port)
+    except OSError as exc:
+        return ConnectFailed("connect", str(exc))
+    return leg
+
+
+def backend(name: str, weight: int, *endpoints: EndpointRef) -> Backend:
+    return Backend(Ref("", "Service", "shop", name, 8080), weight, None, tuple(endpoints))
+
+
+def policy(
+    *backends: Backend, timeouts: Timeouts = NO_TIMEOUTS, retry: RetryPolicy | None = None
+) -> ParentPolicy:
+    rule = Rule(ROUTE, tuple(backends), timeouts, retry)
+    return ParentPolicy(PARENT, BudgetSpec(), ("test",), (rule,), ((MATCH_ALL, rule),))
+
+
+class _App(Leg):
+    """The accepted app connection, handed to an H2Router as RoutedDetect does."""
+
+    def __init__(self, front: Front) -> None:
+        super().__init__()
+        self.front = front
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # reading paused until paired
+        front = self.front
+        conn = RoutedConn(None, front.ctx, front.policy, self, b"", ("198.18.0.10", 8080))  # type: ignore[arg-type]
+        router = H2Router(conn, pool=front.pool)
+        front.routers.append(router)
+        self.pair(router)
+
+
+class Front:
+    """A loopback listener whose connections are routed by `policy`."""
+
+    def __init__(self, ctx: Any, pol: ParentPolicy, pool: H2Pool) -> None:
+        self.ctx = ctx
+        self.policy = pol
+        self.pool = pool
+        self.routers: list[H2Router] = []
+        self.server: asyncio.AbstractServer | None = None
+        self.port = 0
+
+    async def start(self) -> Front:
+        self.server = await asyncio.get_running_loop().create_server(lambda: _App(self), "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        for router in self.routers:
+            router.close()
+        self.pool.close()
+        if self.server is not None:
+            self.server.close()
+
+
+def make_ctx(*policies: ParentPolicy) -> RouterContext:
+    return RouterContext(RouteTable(policies), ServiceTable.empty(), RouteMetrics(), rng=random.Random(7))
+
+
+async def routed(pol: ParentPolicy, pool: H2Pool | None = None) -> Front:
+    return await Front(make_ctx(pol), pol, pool or H2Pool(plain_connect)).start()
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    async def main() -> None:
+        await asyncio.wait_for(body(), 30)
+
+    asyncio.run(main())
+
+
+def h2_client(front: Front) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=front.url, http1=False, http2=True, timeout=10)
+
+
+def grpc_call(port: int, request: bytes, timeout: float = 10.0) -> tuple[grpc.StatusCode, bytes | str]:
+    """One unary call through the router (sync grpcio, run in a thread by the tests)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        try:
+            return grpc.StatusCode.OK, say(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return exc.code(), exc.details() or ""  # type: ignore[attr-defined]
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_one_connection_splits_its_streams_across_backends_by_weight() -> None:
+    async def body() -> None:
+        a, b = await H2Server("a").start(), await H2Server("b").start()
+        front = await routed(policy(backend("a", 80, a.endpoint()), backend("b", 20, b.endpoint())))
+        try:
+            async with h2_client(front) as client:
+                for _ in range(10):  # 400 requests, 40 at a time on the one connection
+                    got = await asyncio.gather(*(client.get("/who") for _ in range(40)))
+                    assert all(r.status_code == 200 and r.http_version == "HTTP/2" for r in got)
+            assert len(front.routers) == 1  # one app connection
+            total = a.requests["/who"] + b.requests["/who"]
+            assert total == 400
+            assert 0.70 <= a.requests["/who"] / total <= 0.90  # 80 %: sigma = 2 %
+            assert a.connections == 1 and b.connections == 1  # one upstream connection each
+        finally:
+            await front.stop()
+            await a.stop()
+            await b.stop()
+
+    run(body)
