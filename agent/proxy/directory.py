@@ -21,6 +21,7 @@ from agent.errors import ConfigError
 from .catalog import Catalog, CatalogEntry
 from .policy import DefaultPolicy, InboundPolicy, PortPolicy
 from .revocation import RevokedSet, parse_revoked
+from .routes import RouteTable, parse_routes
 from .services import ServiceTable, parse_services
 
 _SHOWN = 200  # characters of a rejected entry kept for logs and /status
@@ -30,7 +31,7 @@ _SHOWN = 200  # characters of a rejected entry kept for logs and /status
 class Rejected:
     """One entry of the authority's document that was left out, and why."""
 
-    where: str  # "catalog[3]", "policy.default", "policy.ports[5432]", "services[2].endpoints[0]", ...
+    where: str  # "catalog[3]", "policy.ports[5432]", "services[2].endpoints[0]", "routes[3].routes[0]", ...
     entry: str  # the entry as received (repr, cut to _SHOWN characters)
     reason: str
 
@@ -46,6 +47,8 @@ class Directory:
     services: ServiceTable = field(default_factory=ServiceTable.empty)
     # Peers the authority revoked: refused at the handshake, their open connections cut.
     revoked: RevokedSet = field(default_factory=RevokedSet.empty)
+    # Route policy per destination (design-21 §3.3); bad items are in `rejected`, never raised.
+    routes: RouteTable = field(default_factory=RouteTable.empty)
 
 
 def port_policy(doc: Any) -> PortPolicy:
@@ -73,6 +76,7 @@ def merge(
     rejected: list[Rejected] = []
     services = ServiceTable.empty()
     revoked = RevokedSet.empty()
+    routes = RouteTable.empty()
 
     def reject(where: str, doc: Any, reason: str) -> None:
         rejected.append(Rejected(where, _shown(doc), reason))
@@ -114,4 +118,6 @@ def merge(
                 reject(f"policy.ports[{port}]", doc, exc.message.rpartition(" is invalid: ")[2])
         services = parse_services(remote.get("services"), reject)
         revoked = parse_revoked(remote.get("revoked"), reject)
-    return Directory(Catalog(entries), InboundPolicy(default, ports), tuple(rejected), services, revoked)
+        routes = parse_routes(remote.get("routes"), reject, services)
+    policy_merged = InboundPolicy(default, ports)
+    return Directory(Catalog(entries), policy_merged, tuple(rejected), services, revoked, routes)

@@ -97,6 +97,7 @@ class ServiceTable:
                 for ip in svc.cluster_ips:
                     routes[(ip, port)] = ServicePort(svc, port, opaque, serving)
         self._routes = routes
+        self._by_name = {(svc.namespace, svc.name): svc for svc in self.services}
 
     @classmethod
     def empty(cls) -> ServiceTable:
@@ -107,6 +108,10 @@ class ServiceTable:
         if found is None and address.startswith("::ffff:") and "." in address:
             found = self._routes.get((address[7:], port))  # IPv4-mapped, as Catalog.lookup
         return found
+
+    def by_name(self, namespace: str, name: str) -> Service | None:
+        """The Service namespace/name (route parents and backends name Services so)."""
+        return self._by_name.get((namespace, name))
 
     def lookup(self, address: str, port: int) -> Service | None:
         """The Service whose cluster IP:port this is."""

@@ -1,0 +1,373 @@
+"""The attempt loop of a routed request, protocol-neutral (H1Router and H2Router both call
+`dispatch` with their own `Exchange`).
+
+Per request: pick a backend by weight among the available ones (Rule.pick), an endpoint by
+P2C/peak-EWMA (HttpBalancer), run one attempt under its deadlines, classify the outcome, and
+retry as Linkerd does (design-21 §4.7; linkerd2-proxy `linkerd/http/retry/src/lib.rs`): only
+eligible requests, only retryable outcomes, at most `limit` retries, each withdrawn from the
+parent's retry budget (tower's TpsBudget), with exponential backoff and jitter; every retry
+re-picks the backend and the endpoint. Non-retryable outcomes deposit.
+
+Timeouts are deadlines on the event loop's clock: the per-attempt header deadline is one
+`asyncio.timeout_at` (a single `loop.call_at` timer, re-armed per attempt), no polling. What
+happens after the response head was forwarded (the body's `request`/`response`/`idle`
+timeouts) is the Exchange's: it gets the request deadline with each attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+from agent.logs import get_logger
+from agent.telemetry.proxy_metrics import GRPC_FAILURES
+
+from .http_balance import EndpointPick, HttpBalancer, Outcome, endpoint_key
+from .retry_budget import RetryBudget
+from .routes import Backend, BudgetSpec, EndpointRef, ParentPolicy, Ref, RequestView, RouteTable, Rule
+from .services import ServiceTable
+
+log = get_logger("agent.proxy.http_dispatch")
+
+# Linkerd's error label values (linkerd/app/outbound/src/http/logical/policy/route/metrics/labels.rs).
+FAIL_FAST: Final = "FAIL_FAST"
+REQUEST_TIMEOUT: Final = "REQUEST_TIMEOUT"
+RESPONSE_HEADERS_TIMEOUT: Final = "RESPONSE_HEADERS_TIMEOUT"
+# Errors before a response head that a retry may cure (another endpoint, another connection).
+RETRYABLE_ERRORS: Final = frozenset(
+    {FAIL_FAST, RESPONSE_HEADERS_TIMEOUT, "REFUSED", "RESET", "GO_AWAY", "IO"}
+)
+GRPC_DEADLINE_EXCEEDED: Final = 4
+GRPC_UNAVAILABLE: Final = 14
+STATUS_SHOWN: Final = 100  # entries per /status list
+
+
+@dataclass
+class AttemptResult:
+    """How one attempt ended. A response head: `status` (and `grpc_status` when known from
+    trailers-only), `error` None. No head: `status` None and `error` a Linkerd label
+    ("IO", "RESET", "REFUSED", "GO_AWAY", ...); `connect_failed` when the upstream connection
+    or its TLS handshake failed (the endpoint sits out a back-off)."""
+
+    status: int | None
+    grpc_status: int | None
+    error: str | None  # Linkerd's error label value
+    upstream: Any  # protocol-specific handle (kept or discarded)
+    connect_failed: bool = False
+
+
+class Exchange(Protocol):
+    """One request as the router holds it (H1: the app connection's current request; H2: a stream)."""
+
+    view: RequestView
+
+    def retry_eligible(self) -> bool:
+        """Idempotent method (or gRPC on a rule with gRPC conditions), body fully received
+        and within the rule's `max_request_bytes`, no Expect/Upgrade. Called once, before the
+        first retry decision."""
+        ...
+
+    async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
+        """Send the request to `pick.endpoint`, return at the response head (held, not yet
+        relayed). `deadline`: the request's deadline (loop time; None: none), for the body
+        after `forward`. dispatch cancels this coroutine when the attempt's head deadline
+        passes: release (close) the upstream on CancelledError."""
+        ...
+
+    def forward(self, result: AttemptResult) -> None:
+        """Relay this response (head held by `attempt`, then its body) to the app."""
+        ...
+
+    def discard(self, result: AttemptResult) -> None:
+        """A retried attempt's response: drop it (drain a small body or close the upstream)."""
+        ...
+
+    def respond_error(self, status: int, grpc_status: int, error: str, message: str, close: bool) -> None:
+        """Answer with a synthesized error (H1: `status`; gRPC: 200 + `grpc_status`), headers
+        `l5d-proxy-error` and `meshagent-proxy-error` = `message`. `close` True: the app
+        connection must close; the Exchange may close anyway (request body not fully read)."""
+        ...
+
+
+class RouteMetricsLike(Protocol):
+    """What dispatch records (agent.telemetry.route_metrics.RouteMetrics)."""
+
+    def route(self, parent: Any, route: Any) -> Any: ...
+    def backend(self, parent: Any, route: Any, backend: Any) -> Any: ...
+    def balancer(self, parent: Any, backend: Any) -> Any: ...
+
+
+class RouterContext:
+    """What routed requests of one worker share: the balancer (EWMA, breakers, connect
+    back-off), the budgets per parent, the pools (E4/E5's), the metrics. One per Proxy for
+    its whole life; `apply` at each new directory keeps the state of what is still routed."""
+
+    def __init__(
+        self,
+        table: RouteTable,
+        services: ServiceTable,
+        metrics: RouteMetricsLike,
+        pools: Any = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        balancer: HttpBalancer | None = None,
+    ) -> None:
+        self.rng = rng if rng is not None else random.Random()  # noqa: S311 - load spreading, not secrets
+        self.clock = clock
+        self.metrics = metrics
+        self.pools = pools
+        self.balancer = balancer if balancer is not None else HttpBalancer(self.rng, clock)
+        self.budgets: dict[Ref, RetryBudget] = {}
+        self.table = RouteTable.empty()
+        self.services = ServiceTable.empty()
+        self._endpoints: dict[Ref, tuple[EndpointRef, ...]] = {}
+        self.apply(table, services)
+
+    def apply(self, table: RouteTable, services: ServiceTable) -> None:
+        """A new directory. Requests in flight keep their Rule; new ones use the new table."""
+        self.table, self.services = table, services
+        self._endpoints = {}
+        self.balancer.retain(table, services)
+        budgets: dict[Ref, RetryBudget] = {}
+        for policy in table.parents():
+            held = self.budgets.get(policy.parent)
+            budgets[policy.parent] = (
+                held
+                if held is not None and held.spec == policy.budget
+                else RetryBudget(policy.budget, self.clock)
+            )
+        self.budgets = budgets
+        for policy in table.parents():
+            for backend in {b.ref: b for rule in policy.rules for b in rule.backends}.values():
+                self.gauge(policy.parent, backend)
+
+    def endpoints(self, backend: Backend) -> tuple[EndpointRef, ...]:
+        if backend.endpoints is not None:
+            return backend.endpoints
+        found = self._endpoints.get(backend.ref)
+        if found is None:
+            found = self._endpoints[backend.ref] = backend.resolve(self.services)
+        return found
+
+    def budget(self, policy: ParentPolicy) -> RetryBudget:
+        found = self.budgets.get(policy.parent)
+        if found is None:  # a policy from before the last apply: a budget of its own
+            found = self.budgets[policy.parent] = RetryBudget(policy.budget or BudgetSpec(), self.clock)
+        return found
+
+    def gauge(self, parent: Ref, backend: Backend) -> None:
+        ready, pending = self.balancer.counts(backend, self.endpoints(backend))
+        self.metrics.balancer(parent, backend.ref).endpoints(ready, pending)
+
+    def rule_admitting(self, rule: Rule) -> int:
+        """Admitting endpoints over every backend of the rule (the last one is never shut)."""
+        return sum(self.balancer.admitting(b, self.endpoints(b)) for b in rule.backends if b.weight > 0)
+
+    def status(self) -> dict[str, Any]:
+        """For /status: parents, breakers not open, budgets (lists bounded)."""
+        breakers: list[dict[str, Any]] = []
+        now = self.clock()
+        for policy in self.table.parents():
+            for rule in policy.rules:
+                for backend in rule.backends:
+                    if backend.accrual is None:
+                        continue
+                    for ep in self.endpoints(backend):
+                        brk = self.balancer.breakers.get((endpoint_key(ep), backend.accrual))
+                        if brk is None or brk.state == "open":
+                            continue
+                        breakers.append(
+                            {
+                                "parent": policy.parent.key(),
+                                "backend": backend.ref.key(),
+                                "endpoint": f"{ep.address}:{ep.port}",
+                                "state": brk.state,
+                                "until": round(max(0.0, brk.until - now), 3),
+                            }
+                        )
+        budgets = [{"parent": ref.key(), "balance": round(b.balance(), 1)} for ref, b in self.budgets.items()]
+        return {
+            "parents": len(self.table.parents()),
+            "breakers": breakers[:STATUS_SHOWN],
+            "breakers_count": len(breakers),
+            "budgets": budgets[:STATUS_SHOWN],
+            "budgets_count": len(budgets),
+        }
+
+
+def backoff_s(
+    rule_retry_min: float, rule_retry_max: float, jitter: float, n: int, rng: random.Random
+) -> float:
+    """Linkerd's exp-backoff for retry n (1-based): min·2^(n-1) ≤ max, + min(rand·jitter·base, max - base)."""
+    base = min(rule_retry_max, rule_retry_min * 2.0 ** min(n - 1, 64))
+    if jitter == 0.0:
+        return base
+    return base + min(rng.random() * jitter * base, rule_retry_max - base)
+
+
+def _success(result: AttemptResult) -> bool:
+    """For the breaker and the retry counters: a response head below 500, not a gRPC failure."""
+    if result.status is None or result.status >= 500:
+        return False
+    return result.grpc_status is None or result.grpc_status not in GRPC_FAILURES
+
+
+def _retryable(rule: Rule, result: AttemptResult) -> bool:
+    retry = rule.retry
+    if retry is None:
+        return False
+    if result.status is None:
+        return result.connect_failed or result.error in RETRYABLE_ERRORS
+    if result.grpc_status is not None and result.grpc_status in retry.grpc:
+        return True
+    return retry.retryable_status(result.status)
+
+
+async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exchange) -> None:
+    """Route one request to the rule's backends, retrying as its policy says, and answer the app
+    (ex.forward or ex.respond_error, exactly once)."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    t = rule.timeouts
+    request_deadline = started + t.request_s if t.request_s is not None else None
+    retry = rule.retry
+    route = ctx.metrics.route(policy.parent, rule.route)
+    budget = ctx.budget(policy)
+    eligible: bool | None = None  # asked once, when first needed
+    limit = retry.limit if retry is not None else 0
+    retries = 0
+    while True:
+        last = retries >= limit  # the per-attempt header timeout is not applied to it (Linkerd)
+        result = await _attempt(ctx, policy, rule, ex, request_deadline, last)
+        retryable = _retryable(rule, result)
+        if retryable and eligible is None:
+            eligible = ex.retry_eligible()
+        if not retryable or not eligible:
+            budget.deposit()  # a live request (tower/Linkerd legacy placement)
+            if retries and _success(result):
+                route.retry_success()
+            break
+        if retries >= limit:
+            route.limit_exceeded()
+            break
+        if not budget.withdraw():
+            route.overflow()
+            break
+        retries += 1
+        if result.status is not None:
+            ex.discard(result)
+        assert retry is not None
+        delay = backoff_s(retry.backoff_min_s, retry.backoff_max_s, retry.jitter, retries, ctx.rng)
+        if request_deadline is not None and loop.time() + delay >= request_deadline:
+            await asyncio.sleep(max(0.0, request_deadline - loop.time()))
+            result = AttemptResult(None, None, REQUEST_TIMEOUT, None)
+            break
+        await asyncio.sleep(delay)
+        route.retry_request()
+    _answer(ex, route, result, loop.time() - started, t.request_s)
+
+
+async def _attempt(
+    ctx: RouterContext,
+    policy: ParentPolicy,
+    rule: Rule,
+    ex: Exchange,
+    request_deadline: float | None,
+    last: bool,
+) -> AttemptResult:
+    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded."""
+    backend = rule.pick(ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b)))
+    pick = None if backend is None else ctx.balancer.pick(backend, ctx.endpoints(backend))
+    if backend is None or pick is None:
+        return AttemptResult(None, None, FAIL_FAST, None)
+    loop = asyncio.get_running_loop()
+    t = rule.timeouts
+    now = loop.time()
+    deadline = request_deadline
+    header_timeout = False  # the deadline is the attempt's, not the request's
+    for timeout in (t.backend_request_s, None if last else t.attempt_s):
+        if timeout is not None and (deadline is None or now + timeout < deadline):
+            deadline, header_timeout = now + timeout, True
+    series = ctx.metrics.backend(policy.parent, rule.route, backend.ref)
+    series.request()
+    outcome: Outcome = "failure"
+    try:
+        if deadline is None:
+            result = await ex.attempt(pick, request_deadline)
+        else:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    result = await ex.attempt(pick, request_deadline)
+            except TimeoutError:
+                label = RESPONSE_HEADERS_TIMEOUT if header_timeout else REQUEST_TIMEOUT
+                result = AttemptResult(None, None, label, None)
+        outcome = "connect_failed" if result.connect_failed else "success" if _success(result) else "failure"
+    except asyncio.CancelledError:
+        ctx.balancer.finished(pick, "cancelled", 0)
+        raise
+    finally:
+        if not pick.done:
+            _finish(ctx, policy, rule, pick, outcome)
+    series.done(result.status, result.error, loop.time() - now)
+    return result
+
+
+def _finish(
+    ctx: RouterContext, policy: ParentPolicy, rule: Rule, pick: EndpointPick, outcome: Outcome
+) -> None:
+    backend = pick.backend
+    breaker_counts = backend.accrual is not None and outcome != "success"
+    admitting = ctx.rule_admitting(rule) if breaker_counts else 0
+    transition = ctx.balancer.finished(pick, outcome, admitting)
+    if transition is None and outcome != "connect_failed":
+        return
+    series = ctx.metrics.balancer(policy.parent, backend.ref)
+    if transition == "shut":
+        series.ejected()
+        log.info(
+            "http.breaker.shut",
+            parent=policy.parent.key(),
+            backend=backend.ref.key(),
+            endpoint=pick.endpoint.address,
+        )
+    elif transition == "kept":
+        series.kept_last()
+        log.warning(
+            "http.breaker.last_endpoint_kept",
+            parent=policy.parent.key(),
+            backend=backend.ref.key(),
+            endpoint=pick.endpoint.address,
+        )
+    ctx.gauge(policy.parent, backend)
+
+
+def _answer(
+    ex: Exchange, route: Any, result: AttemptResult, duration_s: float, request_s: float | None
+) -> None:
+    """Forward the last response, or synthesize the error (Linkerd's codes, design-21 §4.2)."""
+    if result.status is not None:
+        route.done(result.status, None, duration_s)
+        ex.forward(result)
+        return
+    error = result.error or "UNKNOWN"
+    route.done(None, error, duration_s)
+    if error == REQUEST_TIMEOUT:
+        ex.respond_error(
+            504, GRPC_DEADLINE_EXCEEDED, error, f"request timed out after {request_s or 0:g}s", False
+        )
+    elif error == RESPONSE_HEADERS_TIMEOUT:
+        ex.respond_error(504, GRPC_DEADLINE_EXCEEDED, error, "response headers timed out", False)
+    elif error == FAIL_FAST:
+        ex.respond_error(
+            503, GRPC_UNAVAILABLE, error, "no backend of this route is available (fail-fast)", False
+        )
+    elif result.connect_failed:
+        ex.respond_error(502, GRPC_UNAVAILABLE, error, "connection to the backend endpoint failed", False)
+    else:
+        ex.respond_error(
+            502, GRPC_UNAVAILABLE, error, f"the backend endpoint failed ({error.lower()})", False
+        )
