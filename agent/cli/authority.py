@@ -1490,7 +1490,7 @@ def policy_remove_cmd(directory: Path, identity: str, port: int | None) -> None:
 
 # The service catalog's commands (issue #20) live in modules of their own, which use the options
 # above: imported last for that reason.
-from . import authority_backstage, authority_catalog, authority_slo  # noqa: E402
+from . import authority_backstage, authority_catalog, authority_route, authority_slo  # noqa: E402
 
-for _module in (authority_slo, authority_catalog, authority_backstage):
+for _module in (authority_slo, authority_catalog, authority_backstage, authority_route):
     _module.register(authority, catalog_group)
