@@ -105,6 +105,49 @@ def discovery_check(state_dir: Path, now: float) -> CheckResult:
     return discovery_result(doc if isinstance(doc, dict) else None, now)
 
 
+def routes_result(status: Mapping[str, Any] | None) -> CheckResult:
+    """The traffic-policy line from the running agent's /status (None: no agent answering): a
+    warning when the directory carried route entries the agent left out (their destinations
+    then go on as plain TCP, or without that route)."""
+    name = "traffic policy"
+    if status is None:
+        return CheckResult(name, True, "the agent is not answering (see admin /ready)")
+    routes = status.get("routes")
+    if not isinstance(routes, Mapping):
+        return CheckResult(name, True, "not reported (an agent older than traffic policy)")
+    parents = routes.get("parents", 0)
+    count = routes.get("rejected_count", 0)
+    if not count:
+        return CheckResult(name, True, f"{parents} destination(s) with routes, no entry rejected")
+    first = (routes.get("rejected") or [{}])[0]
+    where, reason = first.get("where", "?"), first.get("reason", "?")
+    return CheckResult(
+        name,
+        True,
+        f"{count} route entr{'y' if count == 1 else 'ies'} of the directory rejected, e.g. {where}: {reason}",
+        "the authority served routes this agent cannot use (see `meshagent status --json` routes.rejected); "
+        "check the policies with `meshagent authority route show` and the agent's version",
+        warning=True,
+    )
+
+
+def admin_status(port: int) -> dict[str, Any] | None:
+    """The running agent's /status (None: not answering)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3)
+    try:
+        conn.request("GET", "/status")
+        response = conn.getresponse()
+        body = response.read()
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    doc = json.loads(body)
+    return doc if isinstance(doc, dict) else None
+
+
 def run_checks(config: AgentConfig) -> list[CheckResult]:
     store = IdentityStore(config.identity.state_dir)
     icfg = config.intercept
@@ -215,4 +258,13 @@ def run_checks(config: AgentConfig) -> list[CheckResult]:
         _check("ports 4143/4140/4191", ports),
         _check("admin /ready", admin),
         discovery_check(store.state_dir, time.time()),
+        _check_result("traffic policy", lambda: routes_result(admin_status(icfg.admin_port))),
     ]
+
+
+def _check_result(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
+    """A check that builds its own result (warnings included); a crash is reported, not raised."""
+    try:
+        return fn()
+    except Exception as exc:
+        return CheckResult(name, False, f"{exc.__class__.__name__}: {exc}", "")

@@ -65,6 +65,41 @@ def memory(d: Daemon) -> dict[str, Any]:
     return out
 
 
+ROUTES_LISTED = 100  # entries of each /status routes list (the count says how many in all)
+
+
+def _bounded(items: list[Any]) -> tuple[list[Any], int]:
+    return items[:ROUTES_LISTED], len(items)
+
+
+def routes_status(d: Daemon) -> dict[str, Any]:
+    """The traffic policy the proxy enforces (#21): parents, routed app connections, the route
+    entries of the directory left out (and why), breakers not admitting, retry budgets. From
+    the router's own `status()` when the proxy has one; else what the route table says."""
+    rejected = [r.to_dict() for r in d.state.rejected if r.where.startswith("routes")]
+    shown, count = _bounded(rejected)
+    out: dict[str, Any] = {
+        "parents": 0,
+        "connections": 0,
+        "rejected_count": count,
+        "rejected": shown,
+        "breakers": [],
+        "budgets": [],
+    }
+    proxy = d.proxy
+    router = getattr(proxy, "router", None)
+    table = getattr(proxy, "routes", None)
+    if router is not None and callable(getattr(router, "status", None)):
+        doc = router.status()
+        for name in ("breakers", "budgets"):
+            if isinstance(doc.get(name), list):
+                doc[name], doc[f"{name}_count"] = _bounded(doc[name])
+        out.update({k: v for k, v in doc.items() if k not in ("rejected", "rejected_count")})
+    elif table is not None and callable(getattr(table, "parents", None)):
+        out["parents"] = len(table.parents())
+    return out
+
+
 def daemon_status(d: Daemon) -> dict[str, Any]:
     """Everything the daemon knows, for `/status` and `meshagent status`."""
     ident = d.credentials.identity if d.credentials else None
@@ -103,6 +138,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "rejected": [r.to_dict() for r in d.state.rejected],
         },
         "services": 0 if proxy is None else len(proxy.services),
+        "routes": routes_status(d),
         # Peers the authority revoked, as this agent refuses them (the directory's `revoked`).
         "revoked_peers": None
         if proxy is None

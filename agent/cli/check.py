@@ -24,7 +24,8 @@ from .output import emit_json
 def check_cmd(config: Path | None, as_json: bool) -> None:
     """Check this host: privileges, netfilter backend and flavour, user, state directory, identity
     and expiry, authority reachable and clocks in sync, rules present, ports, admin /ready, cluster
-    discovery (a warning while the authority cannot reach the Kubernetes API).
+    discovery (a warning while the authority cannot reach the Kubernetes API), traffic policy (a
+    warning when the directory carried route entries the agent rejected).
 
     Each line passes, warns (yellow) or fails with a hint; exits 1 if any check fails.
     """

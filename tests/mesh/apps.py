@@ -122,3 +122,84 @@ http {{
         "nginx (linkerd peer tests)",
     )
     return root
+
+
+def nginx_policy(host: Host, workdir: Path, name: str, ports: tuple[int, ...]) -> Path:
+    """nginx for the traffic-policy proofs (#21), listening on every port of `ports`:
+    `/who` answers `name`, `/flaky` a 503 for 10 % of requests (random per request), `/down`
+    always 503, `/hang` holds the request 60 s, `/post` answers "posted". Every request is
+    logged to ROOT/access.log as `METHOD URI STATUS` (what the backend really received).
+    `nginx_fail_hard(host, root, True)` makes every request a 500 (a config reload: no
+    connection dropped); False recovers. Returns ROOT."""
+    root = workdir / f"nginx-policy-{name}"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "mode.conf").write_text("")
+    listen = " ".join(f"listen {port} reuseport;" for port in ports)
+    conf = root / "nginx.conf"
+    conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
+daemon off;
+user root;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log;
+events {{ worker_connections 1024; }}
+http {{
+  log_format m '$request_method $uri $status';
+  access_log {root}/access.log m;
+  client_body_temp_path {root}/body; proxy_temp_path {root}/proxy;
+  fastcgi_temp_path {root}/fcgi; uwsgi_temp_path {root}/uwsgi; scgi_temp_path {root}/scgi;
+  keepalive_requests 100000;
+  split_clients "${{request_id}}" $flaky {{ 10% fail; * ok; }}
+  server {{
+    {listen}
+    include {root}/mode.conf;
+    location = /who {{ return 200 "{name}\\n"; }}
+    location = /flaky {{ if ($flaky = fail) {{ return 503; }} return 200 "ok\\n"; }}
+    location = /down {{ return 503; }}
+    location = /hang {{ echo_sleep 60; echo late; }}
+    location = /post {{ return 200 "posted\\n"; }}
+  }}
+}}
+""")
+    host.popen("nginx", "-c", str(conf), "-p", str(root))
+    wait_for(
+        lambda: host.run("curl", "-sf", f"http://127.0.0.1:{ports[0]}/who", check=False).returncode == 0,
+        f"nginx ({name})",
+    )
+    return root
+
+
+def nginx_fail_hard(host: Host, root: Path, fail: bool) -> None:
+    """Every request answered 500 (True) or served again (False): `nginx -s reload`, which swaps
+    the config without dropping connections; returns once the new mode answers."""
+    (root / "mode.conf").write_text("return 500;\n" if fail else "")
+    host.run("nginx", "-c", str(root / "nginx.conf"), "-p", str(root), "-s", "reload")
+    want = "500" if fail else "200"
+    port = next(
+        int(p.split()[0]) for p in (root / "nginx.conf").read_text().split("listen ")[1:] if p[0].isdigit()
+    )
+    wait_for(
+        lambda: (
+            host.run(
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"http://127.0.0.1:{port}/who",
+                check=False,
+            ).stdout
+            == want
+        ),
+        f"nginx answering {want}",
+    )
+
+
+def access_log(root: Path) -> list[tuple[str, str, str]]:
+    """The (method, uri, status) of every request the backend received so far."""
+    path = root / "access.log"
+    if not path.exists():
+        return []
+    return [tuple(line.split()) for line in path.read_text().splitlines() if line]  # type: ignore[misc]

@@ -91,6 +91,7 @@ class Mesh:
         addresses: list[str],
         inbound_policy: str = "all-unauthenticated",
         extra_config: str = "",
+        token_args: tuple[str, ...] = (),
     ) -> Agent:
         token = self.cli(
             self.cl,
@@ -103,6 +104,7 @@ class Mesh:
             identity,
             "--url",
             f"https://{url_ip}:{AUTH_PORT}",
+            *token_args,  # e.g. --port http=8080 (the ports a TrafficSplit root of hosts uses)
         ).strip()
         state = self.tmp / f"state-{host.name}"
         self.cli(
