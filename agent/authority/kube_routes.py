@@ -659,7 +659,7 @@ def _backend_ref(doc: Any, ns: str, path: str) -> tuple[_Ref, int]:
     ref = _map(doc, path, required=True)
     if ref.get("filters"):
         raise _Refused(
-            f"{path}.filters",
+            f"{path}.filters:",
             "filters are not supported (meshagent would otherwise change requests silently)",
         )
     _only(ref, ("group", "kind", "namespace", "name", "port", "weight", "filters"), f"{path}.")
@@ -765,7 +765,7 @@ def _http_route(doc: Mapping[str, Any], group: str, ns: str, name: str) -> _Rout
         rule = _map(raw, path, required=True)
         if rule.get("filters"):
             raise _Refused(
-                f"{path}.filters",
+                f"{path}.filters:",
                 "filters are not supported (meshagent would otherwise change requests silently)",
             )
         if rule.get("sessionPersistence") is not None:
@@ -802,7 +802,7 @@ def _http_route(doc: Mapping[str, Any], group: str, ns: str, name: str) -> _Rout
             for j, b in enumerate(_list(rule.get("backendRefs"), f"{path}.backendRefs", 16))
         ]
         if backends and not any(w for _, w in backends):
-            raise _Refused(f"{path}.backendRefs", "every weight is 0: no request could be routed")
+            raise _Refused(f"{path}.backendRefs:", "every weight is 0: no request could be routed")
         timeouts = _map(rule.get("timeouts"), f"{path}.timeouts")
         _only(timeouts, ("request", "backendRequest"), f"{path}.timeouts.")
         request = (
@@ -865,7 +865,7 @@ def _traffic_split(doc: Mapping[str, Any], ns: str, name: str) -> _Split:
         weight = _int(backend["weight"], f"{where}.weight", 0, MAX_WEIGHT)
         backends.append((_name(backend.get("service"), f"{where}.service"), weight, where))
     if not any(w for _, w, _ in backends):
-        raise _Refused("spec.backends", "every weight is 0: no request could be routed")
+        raise _Refused("spec.backends:", "every weight is 0: no request could be routed")
     return _Split(ns, name, service, backends, ann)
 
 

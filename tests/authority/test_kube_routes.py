@@ -1,0 +1,600 @@
+"""kube_routes (issue #21): route objects validated at apply (every problem named by object
+and field, the whole file refused) and compiled into the directory's `routes` member. The
+fixture (tests/authority/fixtures/routes) is the wire contract the agent's parser is tested
+against (tests/proxy/test_routes*.py)."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.authority import kube_routes as kr
+from agent.authority.kube_routes import KnownRefs, RouteObject, RouteRefused
+from agent.authority.storage import HostRecord, Registration
+from agent.errors import ExitCode
+from agent.identity.delta import canonical_json
+
+FIXTURES = Path(__file__).parent / "fixtures" / "routes"
+NOW = 1765000000.0
+
+
+def fixture_known(path: Path = FIXTURES / "known.json") -> tuple[list[dict[str, Any]], list[HostRecord]]:
+    """The catalog entries and host records of known.json, as Authority.catalog renders them."""
+    doc = json.loads(path.read_text())
+    hosts, catalog = [], []
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    for h in doc["hosts"]:
+        ns, name = h["identity"].split("/")
+        ports = tuple((n, p, proto) for n, p, proto in h["ports"])
+        hosts.append(
+            HostRecord(h["id"], h["identity"], h["id"], tuple(h["addresses"]), "01", at, "", at, None, None,
+                       Registration(ports=ports))
+        )  # fmt: skip
+        for address in h["addresses"]:
+            catalog.append(
+                {
+                    "cidr": f"{address}/32",
+                    "ports": [],
+                    "identity": f"spiffe://{doc['trust_domain']}/ns/{ns}/sa/{name}",
+                    "server_name": f"{name}.{ns}.serviceaccount.identity.{doc['mesh']}.{doc['trust_domain']}",
+                    "source": f"host:{h['id']}",
+                }
+            )
+    return catalog, hosts
+
+
+def known() -> KnownRefs:
+    catalog, hosts = fixture_known()
+    return kr.known_refs(catalog, hosts)
+
+
+def parse(
+    text: str, refs: KnownRefs | None = None, stored: list[RouteObject] | None = None
+) -> list[RouteObject]:
+    return kr.parse_routes_file(textwrap.dedent(text), refs or known(), now=NOW, stored=stored or [])
+
+
+def problems(text: str, refs: KnownRefs | None = None, stored: list[RouteObject] | None = None) -> list[str]:
+    with pytest.raises(RouteRefused) as caught:
+        parse(text, refs, stored)
+    assert caught.value.exit_code == ExitCode.CONFIG
+    return list(caught.value.problems)
+
+
+def compile_all(
+    objects: list[RouteObject], refs: KnownRefs | None = None
+) -> tuple[list[dict[str, Any]], list[str]]:
+    skipped: list[str] = []
+    items = kr.compile_routes(objects, refs or known(), lambda o, r: skipped.append(f"{o.label}: {r}"))
+    return items, skipped
+
+
+# --- the fixture: the wire contract --------------------------------------------------------------
+
+
+def test_fixture_compiles_to_the_expected_wire_items() -> None:
+    notes: list[str] = []
+    objects = kr.parse_routes_file((FIXTURES / "routes.yaml").read_bytes(), known(), now=NOW, notes=notes)
+    items, skipped = compile_all(objects)
+    assert skipped == []
+    assert items == json.loads((FIXTURES / "expected.json").read_text())
+    # Service refs with no discovery behind them are pointed out, never refused.
+    assert "TrafficSplit shop/billing-canary: Service shop/billing-v2 (resolved by discovery" in "\n".join(
+        notes
+    )
+
+
+def test_compiled_member_is_the_same_bytes_whatever_the_order() -> None:
+    objects = kr.parse_routes_file((FIXTURES / "routes.yaml").read_bytes(), known(), now=NOW)
+    first = canonical_json(compile_all(objects)[0])
+    for seed in range(5):
+        shuffled = list(objects)
+        random.Random(seed).shuffle(shuffled)
+        assert canonical_json(compile_all(shuffled)[0]) == first
+
+
+def test_fixture_fields_mapped() -> None:
+    """Spot checks of the mapping in expected.json, so a regenerated fixture cannot drift."""
+    items = json.loads((FIXTURES / "expected.json").read_text())
+    by = {(i["parent"]["kind"], i["parent"]["name"], i["parent"]["port"]): i for i in items}
+    split = by[("Host", "billing", 8080)]
+    assert split["parent"]["addresses"] == ["198.18.2.2", "198.18.3.2"]  # sorted, both hosts
+    (default,) = split["routes"]
+    assert (default["group"], default["kind"], default["namespace"], default["name"]) == (
+        "",
+        "default",
+        "",
+        "http",
+    )
+    rule = default["rules"][0]
+    assert rule["matches"] == []
+    assert [b["weight"] for b in rule["backends"]] == [90, 10]
+    host = rule["backends"][0]
+    assert host["endpoints"][0] == {
+        "address": "198.18.2.2",
+        "port": 8080,
+        "identity": "spiffe://cluster.local/ns/shop/sa/billing",
+        "server_name": "billing.shop.serviceaccount.identity.linkerd.cluster.local",
+    }
+    assert "endpoints" not in rule["backends"][1]
+    # accrual annotation on the TrafficSplit (meshagent extension): Linkerd's defaults.
+    assert host["accrual"] == {
+        "max_failures": 7,
+        "min_penalty_ms": 1000,
+        "max_penalty_ms": 60000,
+        "jitter": 0.5,
+    }
+    assert (
+        rule["retry"]["http"] == [[502, 504]] and rule["retry"]["limit"] == 1
+    )  # gateway-error, default limit
+
+    orders = by[("Service", "orders", 8080)]
+    assert orders["budget"] == {"ratio": 0.1, "min_per_s": 5, "ttl_s": 20.0}  # the ServiceProfile
+    api, admin = orders["routes"]  # oldest first
+    assert (api["name"], admin["name"]) == ("orders-api", "orders-admin")
+    assert admin["group"] == "policy.linkerd.io"
+    api_rule = api["rules"][0]
+    assert api_rule["timeouts"] == {
+        "request_ms": 5000,  # rules[].timeouts.request (no route annotation)
+        "response_ms": 4000,  # timeout.linkerd.io/response on the route
+        "idle_ms": 30000,
+        "attempt_ms": None,
+        "backend_request_ms": 1000,
+    }
+    assert api_rule["retry"]["limit"] == 3 and api_rule["retry"]["http"] == [[502, 502], [503, 503]]
+    assert (api_rule["retry"]["backoff_min_ms"], api_rule["retry"]["backoff_max_ms"]) == (50, 500)
+    assert api_rule["backends"][1]["accrual"] == {  # the backend Service's annotations
+        "max_failures": 5,
+        "min_penalty_ms": 500,
+        "max_penalty_ms": 60000,
+        "jitter": 0.25,
+    }
+    assert api_rule["matches"][0]["headers"][0] == {"type": "Exact", "name": "x-canary", "value": "1"}
+    admin_rule = admin["rules"][0]
+    assert admin_rule["backends"] == [  # no backendRefs: the parent itself
+        {"weight": 1, "accrual": None, "ref": {"group": "", "kind": "Service", "namespace": "shop",
+                                                "name": "orders", "port": 8080, "section": ""}}
+    ]  # fmt: skip
+    assert admin_rule["retry"]["grpc"] == [4, 14] and admin_rule["retry"]["limit"] == 2
+    assert admin_rule["timeouts"]["attempt_ms"] == 300
+    assert admin_rule["timeouts"]["request_ms"] == 10000  # the Service's annotation: service-level default
+    # Service-level annotations, no route on 9090: Linkerd's default route.
+    assert by[("Service", "orders", 9090)]["routes"][0]["kind"] == "default"
+
+
+def test_stored_bodies_keep_only_what_is_read() -> None:
+    objects = kr.parse_routes_file((FIXTURES / "routes.yaml").read_bytes(), known(), now=NOW)
+    orders = next(o for o in objects if o.key == ("Service", "shop", "orders"))
+    assert orders.body == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": "orders",
+            "namespace": "shop",
+            "annotations": {"timeout.linkerd.io/request": "10s"},
+        },
+        "spec": {
+            "ports": [
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "admin", "port": 9090, "protocol": "TCP"},
+            ]
+        },
+    }
+    assert orders.created_at == NOW and orders.source == "file"
+    api = next(o for o in objects if o.name == "orders-api")
+    assert api.created_at == datetime(2026, 12, 1, tzinfo=UTC).timestamp()
+    assert api.body["metadata"]["creationTimestamp"] == "2026-12-01T00:00:00Z"
+
+
+# --- validation: the issue's four cases and design §3.4 ---------------------------------------
+
+SPLIT = """
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {namespace: shop, name: x}
+spec:
+  service: billing
+  backends: [{service: billing, weight: %s}, {service: billing, weight: %s}]
+"""
+
+ROUTE = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: shop, name: x%s}
+spec:
+  parentRefs: [{group: meshagent.io, kind: Host, name: billing, port: 8080}]
+  rules:
+    - %s
+"""
+
+
+def route(rule: str, annotations: str = "") -> str:
+    meta = f", annotations: {{{annotations}}}" if annotations else ""
+    return ROUTE % (meta, rule)
+
+
+CASES = [
+    # (the issue's four cases first)
+    (
+        "apiVersion: v1\nkind: Foo\nmetadata: {namespace: shop, name: x}\n",
+        'Foo shop/x: kind "Foo" is not a route object meshagent reads '
+        "(use HTTPRoute, TrafficSplit, ServiceProfile, Service)",
+    ),
+    (SPLIT % (0, 0), "TrafficSplit shop/x: spec.backends: every weight is 0: no request could be routed"),
+    (
+        route("{timeouts: {request: -5s}}"),
+        'HTTPRoute shop/x: spec.rules[0].timeouts.request "-5s" is not a Gateway API duration',
+    ),
+    (
+        route(
+            "{backendRefs: [{group: meshagent.io, kind: Host, name: billing, port: 8080}, "
+            "{name: ghost, port: 8080}]}"
+        ),
+        "HTTPRoute shop/x: spec.rules[0].backendRefs[1] Service shop/ghost is not in this file "
+        "and no enrolled host has identity shop/ghost",
+    ),
+    # the rest of §3.4
+    (
+        SPLIT.replace("v1alpha2", "v1alpha1") % (1, 1),
+        'apiVersion "split.smi-spec.io/v1alpha1" is not supported for TrafficSplit '
+        "(use split.smi-spec.io/v1alpha2)",
+    ),
+    (
+        ROUTE % ("", "{backendRefs: [{name: billing, kind: Host, group: meshagent.io, port: 8080}]}")
+        + "    - {backendRefs: [{name: billing, kind: Host, group: meshagent.io, port: 8080, weight: 0}]}\n",
+        "HTTPRoute shop/x: spec.rules[1].backendRefs: every weight is 0: no request could be routed",
+    ),
+    (SPLIT % ('"50%"', 1), "TrafficSplit shop/x: spec.backends[0].weight"),
+    (SPLIT % (1.5, 1), "TrafficSplit shop/x: spec.backends[0].weight"),
+    (
+        route("{}", '"timeout.linkerd.io/request": "-5s"'),
+        'HTTPRoute shop/x: metadata.annotations["timeout.linkerd.io/request"] "-5s": '
+        "duration value cannot be negative",
+    ),
+    (
+        route("{}", '"timeout.linkerd.io/idle": "1.5s"'),
+        'metadata.annotations["timeout.linkerd.io/idle"] "1.5s"',
+    ),
+    (route("{}", '"retry.linkerd.io/timeout": "5"'), 'metadata.annotations["retry.linkerd.io/timeout"] "5"'),
+    (
+        route("{timeouts: {request: 1s, backendRequest: 2s}}"),
+        "HTTPRoute shop/x: spec.rules[0].timeouts.backendRequest is longer than timeouts.request",
+    ),
+    (
+        route("{backendRefs: [{name: billing-v2}]}"),
+        "HTTPRoute shop/x: spec.rules[0].backendRefs[0].port is required for Service",
+    ),
+    (
+        route("{backendRefs: [{group: meshagent.io, kind: Host, name: ghost, port: 80}]}"),
+        "spec.rules[0].backendRefs[0] Host shop/ghost: no enrolled host has identity shop/ghost",
+    ),
+    (
+        ROUTE.replace("name: billing, port: 8080", "name: ghost, port: 8080") % ("", "{}"),
+        "HTTPRoute shop/x: spec.parentRefs[0] Host shop/ghost: no enrolled host has identity shop/ghost",
+    ),
+    (
+        ROUTE.replace(
+            "{group: meshagent.io, kind: Host, name: billing, port: 8080}",
+            "{kind: Service, group: '', name: web}",
+        )
+        % ("", "{}"),
+        "HTTPRoute shop/x: spec.parentRefs[0] Service shop/web is not in this file "
+        "and no enrolled host has identity",
+    ),
+    (
+        ROUTE.replace(
+            "{group: meshagent.io, kind: Host, name: billing, port: 8080}",
+            "{kind: Service, group: '', name: billing}",
+        )
+        % ("", "{}"),
+        "enrolled hosts have identity shop/billing: name them with group: meshagent.io, kind: Host",
+    ),
+    (
+        SPLIT.replace("service: billing\n", "service: ghost\n", 1) % (1, 1),
+        "TrafficSplit shop/x: spec.service Service shop/ghost",
+    ),
+    (
+        SPLIT % (1, "1}, {service: nope, weight: 1"),
+        "TrafficSplit shop/x: spec.backends[2].service Service shop/nope is not in this file",
+    ),
+    (
+        route("{matches: [{path: {value: /a//b}}]}"),
+        'spec.rules[0].matches[0].path.value "/a//b" is not a path',
+    ),
+    (
+        route("{matches: [{path: {value: api}}]}"),
+        'spec.rules[0].matches[0].path.value "api" must start with /',
+    ),
+    (route("{matches: [{path: {value: /a/.., type: Exact}}]}"), "spec.rules[0].matches[0].path.value"),
+    (route("{matches: [{path: {value: '/a', type: Glob}}]}"), 'spec.rules[0].matches[0].path.type "Glob"'),
+    (
+        route("{matches: [{headers: [{name: 'x y', value: '1'}]}]}"),
+        "spec.rules[0].matches[0].headers[0].name",
+    ),
+    (
+        route("{matches: [{queryParams: [{name: 'q', value: ''}]}]}"),
+        "spec.rules[0].matches[0].queryParams[0].value",
+    ),
+    (route("{matches: [{method: FETCH}]}"), 'spec.rules[0].matches[0].method "FETCH" is not one of GET'),
+    (
+        route("{matches: [{path: {type: RegularExpression, value: '/(a'}}]}"),
+        'spec.rules[0].matches[0].path.value "/(a" is not a regular expression',
+    ),
+    (
+        route("{filters: [{type: RequestHeaderModifier}]}"),
+        "spec.rules[0].filters: filters are not supported "
+        "(meshagent would otherwise change requests silently)",
+    ),
+    (
+        ROUTE.replace("spec:\n", "spec:\n  hostnames: [shop.example]\n") % ("", "{}"),
+        "HTTPRoute shop/x: spec.hostnames must be empty",
+    ),
+    (
+        ROUTE.replace("{group: meshagent.io, kind: Host, name: billing, port: 8080}", "{name: gw}")
+        % ("", "{}"),
+        'spec.parentRefs[0].kind "Gateway": Gateway parents are not supported',
+    ),
+    (
+        ROUTE.replace("name: billing, port: 8080", "name: billing, namespace: other, port: 8080")
+        % ("", "{}"),
+        'spec.parentRefs[0].namespace "other": a parent in another namespace makes a consumer route',
+    ),
+    (
+        ROUTE.replace("name: billing, port: 8080", "name: billing") % ("", "{}"),
+        "spec.parentRefs[0].port is required for Host",
+    ),
+    (ROUTE % ("", "{name: a}") + "    - {name: a}\n", 'spec.rules[1].name "a" is given to two rules'),
+    (route("{retry: {attempts: 0}}"), 'spec.rules[0].retry.attempts "0" must be a whole number from 1'),
+    (route("{retry: {codes: [600]}}"), "spec.rules[0].retry.codes[0]"),
+    (
+        route("{retry: {attempts: 2}}", '"retry.linkerd.io/limit": "2"'),
+        "spec.rules[0].retry and retry.linkerd.io annotations both given: use one",
+    ),
+    (
+        route("{}", '"retry.linkerd.io/http": "5xy"'),
+        'metadata.annotations["retry.linkerd.io/http"] "5xy" is not 5xx',
+    ),
+    (
+        route("{}", '"retry.linkerd.io/http": "600-700"'),
+        'metadata.annotations["retry.linkerd.io/http"] "600-700"',
+    ),
+    (route("{}", '"retry.linkerd.io/grpc": "oops"'), 'metadata.annotations["retry.linkerd.io/grpc"] "oops"'),
+    (
+        route("{}", '"balancer.linkerd.io/failure-accrual": "unified"'),
+        'metadata.annotations["balancer.linkerd.io/failure-accrual"] "unified" '
+        "is not supported (use consecutive)",
+    ),
+    (
+        route(
+            "{}",
+            '"balancer.linkerd.io/failure-accrual": consecutive, '
+            '"balancer.linkerd.io/failure-accrual-consecutive-min-penalty": 2m, '
+            '"balancer.linkerd.io/failure-accrual-consecutive-max-penalty": 1m',
+        ),
+        'failure-accrual-consecutive-min-penalty"] is above the max penalty',
+    ),
+    (
+        route(
+            "{}",
+            '"balancer.linkerd.io/failure-accrual": consecutive, '
+            '"balancer.linkerd.io/failure-accrual-consecutive-jitter-ratio": "101"',
+        ),
+        'failure-accrual-consecutive-jitter-ratio"] "101" is not a number from 0 to 100',
+    ),
+    (
+        route("{}", '"balancer.linkerd.io/failure-accrual-consecutive-max-failures": "3"'),
+        "has no effect without balancer.linkerd.io/failure-accrual: consecutive",
+    ),
+    (
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\nmetadata: {namespace: shop, name: billing}\n"
+        "spec: {retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}}\n",
+        'ServiceProfile shop/billing: metadata.name "billing" must be SERVICE.shop.svc.cluster.local',
+    ),
+    (
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n"
+        "metadata: {namespace: shop, name: billing.shop.svc.cluster.local}\nspec: {routes: []}\n",
+        "spec.routes is not read: meshagent reads a ServiceProfile's retryBudget only",
+    ),
+    (
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n"
+        "metadata: {namespace: shop, name: billing.shop.svc.cluster.local}\n"
+        "spec: {retryBudget: {retryRatio: 2000, minRetriesPerSecond: 10, ttl: 10s}}\n",
+        'spec.retryBudget.retryRatio "2000" must be a number from 0 to 1000',
+    ),
+    (
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n"
+        "metadata: {namespace: shop, name: billing.shop.svc.cluster.local}\n"
+        "spec: {retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 2m}}\n",
+        'spec.retryBudget.ttl "2m" must be from 1s to 60s',
+    ),
+    (
+        ROUTE.replace("port: 8080}", "port: 25}") % ("", "{}"),
+        "spec.parentRefs[0].port 25 is a skip-detect port",
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop, name: db}\n"
+        "spec: {ports: [{name: pg, port: 5432}]}\n"
+        "---\n"
+        + ROUTE.replace(
+            "{group: meshagent.io, kind: Host, name: billing, port: 8080}",
+            "{kind: Service, group: '', name: db, port: 5432}",
+        )
+        % ("", "{}"),
+        "spec.parentRefs[0].port 5432 is an opaque port of Service shop/db",
+    ),
+    (
+        SPLIT % (1, 1) + "---\n" + ROUTE.replace("name: x", "name: y") % ("", "{}"),
+        "Host shop/billing port 8080 already has",
+    ),
+    (route("{backendref: []}"), "spec.rules[0].backendref is not a field meshagent reads here"),
+    (
+        SPLIT.replace("spec:\n", "spec:\n  matches: []\n") % (1, 1),
+        "TrafficSplit shop/x: spec.matches is not a field",
+    ),
+    (
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {namespace: shop, name: g}\n",
+        'GRPCRoute shop/g: kind "GRPCRoute" is not read: use an HTTPRoute',
+    ),
+    (
+        ROUTE.replace("rules:\n    - %s\n", "rules: [%s]\n") % ("", ", ".join(["{}"] * 17)),
+        "spec.rules has 17 entries; at most 16",
+    ),
+    (SPLIT.replace("namespace: shop, ", "") % (1, 1), "metadata.namespace is required"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_refused_with_the_field_named(text: str, expected: str) -> None:
+    found = problems(text)
+    assert any(expected in p for p in found), found
+
+
+def test_a_file_is_refused_whole() -> None:
+    text = SPLIT % (90, 10) + "---\n" + route("{timeouts: {request: -5s}}")
+    found = problems(text)
+    assert len(found) == 1 and found[0].startswith("HTTPRoute shop/x: spec.rules[0].timeouts.request")
+
+
+def test_every_problem_is_listed() -> None:
+    text = SPLIT % (0, 0) + "---\n" + route("{timeouts: {request: -5s}}") + "---\napiVersion: v1\nkind: Foo\n"
+    found = problems(text)
+    assert len(found) == 3
+
+
+def test_yaml_aliases_and_garbage_refused() -> None:
+    assert "aliases are not accepted" in problems("a: &x 1\nb: *x\n")[0]
+    assert "not valid YAML" in problems("a: [\n")[0]
+
+
+def test_two_sources_checked_against_the_stored_objects() -> None:
+    stored = parse(SPLIT % (1, 1))
+    found = problems(ROUTE.replace("name: x", "name: y") % ("", "{}"), stored=stored)
+    assert found == [
+        "HTTPRoute shop/y: Host shop/billing port 8080 already has TrafficSplit shop/x: "
+        "a parent port takes HTTPRoutes or one TrafficSplit"
+    ]
+    # The same TrafficSplit applied again replaces itself: no conflict.
+    assert [o.label for o in parse(SPLIT % (2, 1), stored=stored)] == ["TrafficSplit shop/x"]
+
+
+def test_an_item_too_large_is_refused_at_apply() -> None:
+    matches = ", ".join(f"{{headers: [{{name: h{i}, value: {'v' * 700}}}]}}" for i in range(60))
+    text = route(f"{{matches: [{matches}]}}") + f"    - {{matches: [{matches}]}}\n"
+    found = problems(text)
+    assert any("item too large" in p for p in found), found
+
+
+def test_accepted_forms() -> None:
+    """What must not be refused: defaults, core group spelled "core", Service sectionName,
+    Linkerd's duration forms, a split root that names hosts with annotated ports."""
+    objects = parse(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {namespace: shop, name: web}
+        spec: {ports: [{name: http, port: 80}, {name: grpc, port: 9000}]}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1beta1
+        kind: HTTPRoute
+        metadata:
+          namespace: shop
+          name: web
+          annotations:
+            timeout.linkerd.io/request: "0"
+            retry.linkerd.io/limit: "0"
+            retry.linkerd.io/http: "503"
+        spec:
+          parentRefs: [{group: core, kind: Service, name: web, sectionName: grpc}]
+        ---
+        apiVersion: split.smi-spec.io/v1alpha2
+        kind: TrafficSplit
+        metadata: {namespace: shop, name: vm, annotations: {split.meshagent.io/ports: "9443"}}
+        spec: {service: orders-vm, backends: [{service: orders-vm, weight: 1}]}
+        """
+    )
+    items, skipped = compile_all(objects)
+    assert skipped == []
+    web = next(i for i in items if i["parent"]["name"] == "web")
+    assert web["parent"]["port"] == 9000
+    rule = web["routes"][0]["rules"][0]
+    assert rule["matches"] == [
+        {"path": {"type": "PathPrefix", "value": "/"}, "method": None, "headers": [], "query": []}
+    ]
+    assert rule["timeouts"]["request_ms"] is None  # "0": none
+    assert rule["retry"]["limit"] == 1 and rule["retry"]["http"] == [[503, 503]]  # limit 0 = unset = 1
+    vm = next(i for i in items if i["parent"]["name"] == "orders-vm")
+    assert vm["parent"] == {"group": "meshagent.io", "kind": "Host", "namespace": "shop", "name": "orders-vm",
+                            "port": 9443, "section": "", "addresses": ["198.18.4.2"]}  # fmt: skip
+
+
+def test_split_root_of_hosts_without_ports_is_refused_with_the_annotation_named() -> None:
+    text = SPLIT.replace("billing", "orders-vm") % (1, 1)
+    assert any('annotation split.meshagent.io/ports: "8080,8443"' in p for p in problems(text))
+
+
+def test_service_parent_without_port_attaches_to_every_http_port() -> None:
+    objects = parse(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata: {namespace: shop, name: web}
+        spec: {ports: [{name: http, port: 80}, {name: alt, port: 8080}, {name: db, port: 3306}]}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {namespace: shop, name: web}
+        spec: {parentRefs: [{group: "", kind: Service, name: web}]}
+        """
+    )
+    items, _ = compile_all(objects)
+    ports = [i["parent"]["port"] for i in items if i["parent"]["name"] == "web"]
+    assert ports == [80, 8080]  # 3306: opaque by Linkerd's default and skip-detect
+    # The parent itself as backend, on each port.
+    assert [i["routes"][0]["rules"][0]["backends"][0]["ref"]["port"] for i in items] == [80, 8080]
+
+
+# --- compile: stored objects that no longer resolve are skipped, never fatal -------------------
+
+
+def test_revoked_hosts_skip_the_objects_naming_them() -> None:
+    objects = kr.parse_routes_file((FIXTURES / "routes.yaml").read_bytes(), known(), now=NOW)
+    catalog, hosts = fixture_known()
+    catalog = [c for c in catalog if c["source"] != "host:h-orders-vm"]  # revoked: out of the catalog
+    items, skipped = compile_all(objects, kr.known_refs(catalog, hosts))
+    assert skipped == [
+        "HTTPRoute shop/orders-api: spec.rules[0].backendRefs[0] Host shop/orders-vm: "
+        "no enrolled host has identity shop/orders-vm"
+    ]
+    orders = next(i for i in items if (i["parent"]["name"], i["parent"]["port"]) == ("orders", 8080))
+    assert [r["name"] for r in orders["routes"]] == ["orders-admin"]
+    assert len(items) == 4
+
+
+def test_a_stored_body_that_no_longer_parses_is_skipped() -> None:
+    (good,) = parse(SPLIT % (1, 1))
+    bad = RouteObject("HTTPRoute", "shop", "hand", "gateway.networking.k8s.io/v1", {"spec": 5}, "file", 0.0)
+    items, skipped = compile_all([good, bad])
+    assert len(items) == 1 and skipped[0].startswith("HTTPRoute shop/hand: no longer valid")
+
+
+def test_known_refs_from_the_catalog() -> None:
+    catalog, hosts = fixture_known()
+    refs = kr.known_refs(
+        catalog,
+        hosts,
+        [{"namespace": "shop", "name": "web", "cluster_ips": ["198.19.0.1"],
+          "ports": [{"port": 80, "name": "http", "protocol": "TCP", "opaque": False},
+                    {"port": 5432, "name": "", "protocol": "TCP", "opaque": True}], "endpoints": []}],
+    )  # fmt: skip
+    billing = refs.hosts[("shop", "billing")]
+    assert billing.addresses == ("198.18.2.2", "198.18.3.2")
+    assert billing.identity == "spiffe://cluster.local/ns/shop/sa/billing"
+    assert billing.ports == (("http", 8080),)
+    web = refs.services[("shop", "web")]
+    assert web.discovered and web.opaque == frozenset({5432}) and web.ports == (("http", 80), ("", 5432))
