@@ -1177,6 +1177,124 @@ def run(args: argparse.Namespace, pinned: bool = False) -> dict[str, Any]:
     return result
 
 
+# --- traffic policy (#21): the cost of routes, --routes ---------------------------------------
+
+ROUTE_POLICY = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}, namespace: bench}}
+spec:
+  parentRefs: [{{group: meshagent.io, kind: Host, namespace: bench, name: server, port: {port}}}]
+  rules:
+  - backendRefs: [{{group: meshagent.io, kind: Host, namespace: bench, name: server, port: {port}}}]
+"""
+# Scenario -> the route objects it holds: none; one for another destination (b's port 9999:
+# the route table is non-empty, 198.18.3.2:8080 is not in it); one for this destination (a
+# default route, one backend: the same nginx through the HTTP path).
+ROUTE_SCENARIOS = {
+    "l4_no_routes": (),
+    "l4_routes_elsewhere": (("bench-other", 9999),),
+    "http_one_route": (("bench-other", 9999), ("bench-this", APP_PORT)),
+}
+
+
+def set_routes(s: Setup, objects: tuple[tuple[str, int], ...]) -> None:
+    """Make the authority hold exactly `objects` (route apply / remove, as an operator does)
+    and wait until a's agent holds the document with them."""
+    where = ["--dir", str(s.tmp / "authority")]
+    listed = json.loads(s.cl.run(*MESHAGENT, "authority", "route", "list", *where, "--json").stdout)
+    names = {o[0] for o in objects}
+    for item in listed if isinstance(listed, list) else listed.get("objects", []):
+        if item["kind"] == "HTTPRoute" and item["name"] not in names:
+            s.cl.run(*MESHAGENT, "authority", "route", "remove", "HTTPRoute", f"bench/{item['name']}", *where)
+    if objects:
+        path = s.tmp / "routes.yaml"
+        path.write_text("---".join(ROUTE_POLICY.format(name=n, port=p) for n, p in objects))
+        s.cl.run(*MESHAGENT, "authority", "route", "apply", *where, "-f", str(path))
+    cache = s.tmp / "state-a" / "host-config.json"
+
+    def held() -> bool:
+        try:
+            text = json.dumps(json.loads(cache.read_text()).get("routes", []))
+        except (OSError, ValueError):
+            return False
+        return all(f'"{n}"' in text for n in names) and not any(
+            f'"{n}"' in text for n in {"bench-other", "bench-this"} - names
+        )
+
+    wait_for(held, f"a's agent holding routes {sorted(names)}", timeout=30)
+
+
+def routes_run(args: argparse.Namespace) -> dict[str, Any]:
+    """Design §7: meshagent's L4 path with no routes, with routes for another destination, and
+    the HTTP path (one default route, one backend): requests/s (wrk, keep-alive) and p50/p99
+    at a fixed rate (bench.loadgen), each round in that order, medians; ratios to the first."""
+    env = environment()
+    env["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # at the start, as the rules ask
+    raw: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in ROUTE_SCENARIOS}
+    with lab_setup(args, pinned=False) as s:
+        target = s.targets["meshagent"]
+        neighbours = Neighbours(s)
+        check_small(s, target)
+        for r in range(args.rounds):
+            for name, objects in ROUTE_SCENARIOS.items():
+                set_routes(s, objects)
+                check_small(s, target)
+                wrk(s, target, 2, close=False)  # warm-up (pools, parsers)
+                for measure, fn in (
+                    ("rps", lambda: wrk(s, target, args.duration, close=False)),
+                    ("latency", lambda: latency(s, target, args.routes_rate, args.duration)),
+                ):
+                    got = measure_once(args, neighbours, fn)
+                    raw[name].setdefault(measure, []).append(got)
+                    log(f"round {r + 1} {measure:8} {name:20} {_brief(measure, got)}")
+        config_proxy = dict(s.agent_proxy)
+    table: dict[str, dict[str, float | None]] = {}
+    for name, runs in raw.items():
+        lat = runs.get("latency", [])
+        table[name] = {
+            "rps": _median(runs.get("rps", []), "rps"),
+            "cpu_us_per_req": _median(runs.get("rps", []), "proxy_cpu_us_per_req"),
+            "p50_ms": _median(lat, "p50_ms"),
+            "p99_ms": _median(lat, "p99_ms"),
+        }
+    base = table["l4_no_routes"]
+    ratios = {
+        name: {k: (round(v / base[k], 3) if v is not None and base[k] else None) for k, v in row.items()}
+        for name, row in table.items()
+    }
+    return {
+        "environment": env,
+        "config": {
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "rate": args.routes_rate,
+            "meshagent_proxy": config_proxy,
+        },
+        "table": table,
+        "ratios_to_l4_no_routes": ratios,
+        "raw": raw,
+    }
+
+
+def print_routes(result: dict[str, Any]) -> None:
+    cfg = result["config"]
+    print(
+        f"== traffic policy cost (meshagent {cfg['meshagent_proxy']}; {cfg['rounds']} round(s) of "
+        f"{cfg['duration_s']} s, latency at {cfg['rate']:g} req/s; load average at start "
+        f"{result['environment'].get('loadavg')})"
+    )
+    head = f"{'':22}{'req/s':>10}{'us/req':>9}{'p50 ms':>9}{'p99 ms':>9}   {'req/s÷L4':>9}{'p99÷L4':>8}"
+    print(head)
+    print("-" * len(head))
+    for name, row in result["table"].items():
+        r = result["ratios_to_l4_no_routes"][name]
+        print(
+            f"{name:22}{_fmt(row['rps']):>10}{_fmt(row['cpu_us_per_req']):>9}{_fmt(row['p50_ms']):>9}"
+            f"{_fmt(row['p99_ms']):>9}   {_fmt(r['rps'], ratio=True):>9}{_fmt(r['p99_ms'], ratio=True):>8}"
+        )
+
+
 def _pass_goals(result: dict[str, Any]) -> None:
     goals = result["goals"]
     resumed = result.get("resumed") or {}
@@ -1606,6 +1724,15 @@ def main() -> None:
         metavar="N",
         help="on/off pairs of the metrics-cost pass, at least (more pairs: a tighter median) [%(default)s]",
     )
+    parser.add_argument(
+        "--routes",
+        action="store_true",
+        help="only the traffic-policy scenarios (design-21 §7): L4 without routes, L4 with routes for "
+        "another destination, the HTTP path with one route; JSON to bench/results/dataplane-routes.json",
+    )
+    parser.add_argument(
+        "--routes-rate", type=float, default=300, help="requests/s of --routes' latency measure"
+    )
     args = parser.parse_args()
     if args.quick:
         args.duration, args.rounds, args.big_mib, args.bulk_runs = 3, 1, 64, 1
@@ -1636,6 +1763,15 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
 
+    if args.routes:
+        out = args.out if args.out != RESULTS / "dataplane.json" else RESULTS / "dataplane-routes.json"
+        try:
+            routes_result = routes_run(args)
+        except KeyboardInterrupt:
+            raise SystemExit(130) from None
+        out.write_text(json.dumps(routes_result, indent=2) + "\n")
+        print_routes(routes_result)
+        return
     try:
         result = run(args)
         if args.pin:
