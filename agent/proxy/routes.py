@@ -416,8 +416,21 @@ def _parent_item(item: Any, where: str, reject: Reject, services: ServiceTable) 
         if not addresses:
             raise _Bad(f"parent Service {parent.namespace}/{parent.name} is headless (no cluster IP)")
         if parent.port is None:
-            ports = tuple(sorted(p for p, opaque in svc.ports.items() if not opaque))
-        elif parent.port not in svc.ports:
+            # Every TCP, non-opaque port of the Service (GAMMA): one policy per port, each
+            # parsed on its own so a parent-as-backend rule gets that port.
+            out: list[ParentPolicy] = []
+            seen: set[tuple[str, str]] = set()
+
+            def once(w: str, d: Any, r: str) -> None:
+                if (w, r) not in seen:
+                    seen.add((w, r))
+                    reject(w, d, r)
+
+            for port in sorted(p for p, opaque in svc.ports.items() if not opaque):
+                one = {**obj, "parent": {**parent_doc, "port": port}}
+                out += _parent_item(one, where, once, services)
+            return out
+        if parent.port not in svc.ports:
             raise _Bad(f"parent Service {parent.namespace}/{parent.name} has no port {parent.port}")
         else:
             ports = (parent.port,)
