@@ -33,6 +33,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     InformationalResponseReceived,
     ResponseReceived,
     StreamEnded,
@@ -42,6 +43,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 
 from ..logs import get_logger
 from .relay import WRITE_HIGH_WATER, Leg
@@ -114,6 +116,22 @@ class _Out:
         self.ended = False
 
 
+class _DrainingH2(H2Connection):
+    """h2's connection, but a graceful GOAWAY (NO_ERROR) lets the streams up to its last stream
+    id finish, as RFC 9113 §6.8 says: h2 itself closes the connection state at any GOAWAY, so
+    the responses still coming would be protocol errors. New streams are never opened on it
+    (H2Upstream drains). A GOAWAY with an error code stays terminal."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
+        if frame.error_code != ErrorCodes.NO_ERROR:
+            return super()._receive_goaway_frame(frame)
+        event = ConnectionTerminated()
+        event.error_code = ErrorCodes.NO_ERROR
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        return [], [event]
+
+
 class H2Upstream(Leg):
     """One HTTP/2 client connection to one endpoint (see the module docstring)."""
 
@@ -133,7 +151,7 @@ class H2Upstream(Leg):
         self.output: list[bytes] = []
         self.idle_timer: asyncio.TimerHandle | None = None
         config = H2Configuration(client_side=True, header_encoding=None)
-        self.h2 = conn = H2Connection(config)
+        self.h2 = conn = _DrainingH2(config)
         conn.local_settings = Settings(
             client=True,
             initial_values={SettingCodes.ENABLE_PUSH: 0, SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST},

@@ -29,6 +29,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import ProtocolError
+from hyperframe.frame import GoAwayFrame
 
 from agent.proxy.h2_router import H2Router
 from agent.proxy.h2_upstream import ConnectFailed, H2Pool
@@ -41,7 +42,9 @@ from agent.proxy.routes import (
     Backend,
     BudgetSpec,
     EndpointRef,
+    Match,
     ParentPolicy,
+    PathMatch,
     Ref,
     RetryPolicy,
     RouteTable,
@@ -50,6 +53,7 @@ from agent.proxy.routes import (
 )
 from agent.proxy.services import ServiceTable
 from agent.telemetry.route_metrics import RouteMetrics
+from tests.support import metric_sum
 
 PARENT = Ref("", "Service", "shop", "web", 8080)
 ROUTE = Ref("", "default", "", "http")
@@ -62,9 +66,13 @@ class H2Server:
     N bytes, `/echo` the request body back once it ended, `/hang` never answers. With
     `goaway_after`, it sends GOAWAY once that many responses went out on a connection."""
 
-    def __init__(self, name: str, goaway_after: int | None = None) -> None:
+    def __init__(
+        self, name: str, goaway_after: int | None = None, refuse_first_connection: bool = False
+    ) -> None:
         self.name = name
         self.goaway_after = goaway_after
+        self.refuse_first_connection = refuse_first_connection  # GOAWAY(last 0) at its first request
+        self.goaway_once = False  # only the first connection sends its GOAWAY
         self.connections = 0
         self.requests: collections.Counter[str] = collections.Counter()
         self.server: asyncio.AbstractServer | None = None
@@ -99,10 +107,15 @@ class _H2ServerConn(asyncio.Protocol):
         self.paths: dict[int, str] = {}
         self.pending: dict[int, bytes] = {}
         self.answered = 0
+        self.number = 0
+        self.refusing = False
+        self.last: int | None = None  # a GOAWAY's last stream, once sent
+        self.done: set[int] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.owner.connections += 1
+        self.number = self.owner.connections
         _H2ServerConn.live.add(self)
         self.h2.initiate_connection()
         self._flush()
@@ -125,10 +138,13 @@ class _H2ServerConn(asyncio.Protocol):
                 self.paths[event.stream_id] = path
                 self.bodies[event.stream_id] = bytearray()
                 self.owner.requests[path] += 1  # (its StreamEnded follows, if it ended)
+                if self.owner.refuse_first_connection and self.owner.connections == 1:
+                    self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=0)
+                    self.refusing = True
             elif isinstance(event, DataReceived):
                 self.bodies[event.stream_id] += event.data
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif isinstance(event, StreamEnded):
+            elif isinstance(event, StreamEnded) and not self.refusing:
                 self._answer(event.stream_id)
             elif isinstance(event, WindowUpdated):
                 for sid in list(self.pending):
@@ -136,10 +152,11 @@ class _H2ServerConn(asyncio.Protocol):
             elif isinstance(event, StreamReset):
                 self.pending.pop(event.stream_id, None)
         self._flush()
+        self._drained()
 
     def _answer(self, sid: int) -> None:
         path = self.paths[sid]
-        if path == "/hang":
+        if path == "/hang" or (self.last is not None and sid > self.last):
             return
         status, body = 200, b""
         if path == "/who":
@@ -157,6 +174,7 @@ class _H2ServerConn(asyncio.Protocol):
             self.pending[sid] = body
             self._send_body(sid)
         else:
+            self.done.add(sid)
             self._answered()
 
     def _send_body(self, sid: int) -> None:
@@ -172,12 +190,27 @@ class _H2ServerConn(asyncio.Protocol):
             return
         del self.pending[sid]
         self.h2.end_stream(sid)
+        self.done.add(sid)
         self._answered()
 
     def _answered(self) -> None:
         self.answered += 1
-        if self.owner.goaway_after is not None and self.answered == self.owner.goaway_after:
-            self.h2.close_connection(ErrorCodes.NO_ERROR, last_stream_id=self.h2.highest_inbound_stream_id)
+        once = self.owner.goaway_once and self.number > 1
+        if self.owner.goaway_after is not None and self.answered == self.owner.goaway_after and not once:
+            # A graceful GOAWAY, written past h2's state machine (which would refuse to answer
+            # the streams it lets finish): streams up to `last` are answered, later ones ignored.
+            self.last = self.h2.highest_inbound_stream_id
+            self._flush()
+            frame = GoAwayFrame(0, last_stream_id=self.last, error_code=0)
+            if self.transport is not None:
+                self.transport.write(frame.serialize())
+
+    def _drained(self) -> None:
+        """After a GOAWAY: close once every stream up to its last one was answered."""
+        if self.last is not None and all(sid > self.last for sid in self.paths if sid not in self.done):
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
 
     def _flush(self) -> None:
         data = self.h2.data_to_send()
@@ -308,16 +341,6 @@ def h2_client(front: Front) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=front.url, http1=False, http2=True, timeout=10)
 
 
-def grpc_call(port: int, request: bytes, timeout: float = 10.0) -> tuple[grpc.StatusCode, bytes | str]:
-    """One unary call through the router (sync grpcio, run in a thread by the tests)."""
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        say = channel.unary_unary("/demo.Echo/Say")
-        try:
-            return grpc.StatusCode.OK, say(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            return exc.code(), exc.details() or ""  # type: ignore[attr-defined]
-
-
 # --- tests -------------------------------------------------------------------------------------
 
 
@@ -339,5 +362,196 @@ def test_one_connection_splits_its_streams_across_backends_by_weight() -> None:
             await front.stop()
             await a.stop()
             await b.stop()
+
+    run(body)
+
+
+async def grpc_in_thread(port: int, request: bytes) -> Any:
+    return await asyncio.to_thread(grpc_call_full, port, request, 10.0)
+
+
+def grpc_call_full(port: int, request: bytes, timeout: float) -> tuple[grpc.StatusCode, Any, dict[str, str]]:
+    """(code, reply or details, trailing metadata) of one unary call through the router."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        try:
+            return grpc.StatusCode.OK, say(request, timeout=timeout), {}
+        except grpc.RpcError as exc:
+            meta = {k: v for k, v in (exc.trailing_metadata() or ())}  # type: ignore[attr-defined]
+            return exc.code(), exc.details(), meta  # type: ignore[attr-defined]
+
+
+GRPC_RETRY = RetryPolicy(limit=1, http=(), grpc=frozenset({14}))
+
+
+def test_grpc_trailers_only_unavailable_is_retried_when_the_route_names_it() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1", fail_first=1)
+        front = await routed(policy(backend("g", 1, server.endpoint()), retry=GRPC_RETRY))
+        try:
+            code, reply, _meta = await grpc_in_thread(front.port, b"x")
+            assert (code, reply) == (grpc.StatusCode.OK, b"g1:x")
+            assert server.calls == 2  # the first answered UNAVAILABLE (trailers-only), retried
+            text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+            assert "outbound_http_route_retry_requests_total{" in text
+            assert metric_sum(text, "outbound_http_route_retry_requests_total") == 1
+            assert metric_sum(text, "outbound_http_route_retry_successes_total") == 1
+        finally:
+            await front.stop()
+            server.stop()
+
+    run(body)
+
+
+def test_grpc_unavailable_is_not_retried_without_grpc_conditions() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1", fail_first=1)
+        # A retry policy for HTTP statuses only: a gRPC call (a POST) is never eligible.
+        front = await routed(
+            policy(backend("g", 1, server.endpoint()), retry=RetryPolicy(1, ((500, 599),), frozenset()))
+        )
+        try:
+            code, details, _meta = await grpc_in_thread(front.port, b"x")
+            assert code == grpc.StatusCode.UNAVAILABLE and details == "down for maintenance"
+            assert server.calls == 1
+        finally:
+            await front.stop()
+            server.stop()
+
+    run(body)
+
+
+def test_grpc_request_timeout_is_deadline_exceeded_from_the_proxy() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1")
+        front = await routed(policy(backend("g", 1, server.endpoint()), timeouts=Timeouts(request_s=0.3)))
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            code, details, meta = await grpc_in_thread(front.port, b"slow")
+            took = loop.time() - started
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert details == "request timed out after 0.3s"
+            assert meta["l5d-proxy-error"] == meta["meshagent-proxy-error"] == details
+            assert took < 1.5  # the server sleeps 2 s: the proxy answered at its deadline
+            code, reply, _ = await grpc_in_thread(front.port, b"fast")  # the connection still serves
+            assert (code, reply) == (grpc.StatusCode.OK, b"g1:fast")
+        finally:
+            await front.stop()
+            server.stop()
+
+    run(body)
+
+
+def test_grpc_without_an_endpoint_is_unavailable_trailers_only() -> None:
+    async def body() -> None:
+        front = await routed(policy(backend("g", 1)))  # a backend with no endpoint: fail-fast
+        try:
+            code, details, meta = await grpc_in_thread(front.port, b"x")
+            assert code == grpc.StatusCode.UNAVAILABLE
+            assert "fail-fast" in details and meta["l5d-proxy-error"] == details
+        finally:
+            await front.stop()
+
+    run(body)
+
+
+def test_plain_h2_synthesized_errors_carry_the_mesh_headers() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(request_s=0.3)))
+        try:
+            async with h2_client(front) as client:
+                hung = await client.get("/hang")
+                assert hung.status_code == 504
+                assert hung.headers["l5d-proxy-error"] == "request timed out after 0.3s"
+                assert hung.headers["meshagent-proxy-error"] == hung.headers["l5d-proxy-error"]
+                ok = await client.get("/who")  # same connection: a 504 is not fatal
+                assert (ok.status_code, ok.text) == (200, "a")
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_no_route_is_404() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        rule = Rule(ROUTE, (backend("a", 1, a.endpoint()),), NO_TIMEOUTS, None)
+        only_api = Match(PathMatch("PathPrefix", "/api"), None, (), ())
+        pol = ParentPolicy(PARENT, BudgetSpec(), ("test",), (rule,), ((only_api, rule),))
+        front = await routed(pol)
+        try:
+            async with h2_client(front) as client:
+                miss = await client.get("/who")
+                assert miss.status_code == 404 and "l5d-proxy-error" in miss.headers
+                assert a.requests["/who"] == 0
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_bodies_larger_than_the_windows_flow_both_ways() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))
+        try:
+            async with h2_client(front) as client:
+                big = await client.get("/big/3000000")  # 3 MB down: 45 stream windows
+                assert big.content == bytes(i % 251 for i in range(3_000_000))
+                sent = bytes(range(256)) * 4096  # 1 MiB up, echoed back
+                echoed, echoed2 = await asyncio.gather(
+                    client.post("/echo", content=sent), client.post("/echo", content=sent[::-1])
+                )
+                assert echoed.content == sent and echoed2.content == sent[::-1]
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_goaway_from_upstream_drains_and_a_new_connection_serves_the_rest() -> None:
+    async def body() -> None:
+        a = await H2Server("a", goaway_after=1).start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))
+        try:
+            async with h2_client(front) as client:
+                for _ in range(3):
+                    r = await client.get("/who")
+                    assert (r.status_code, r.text) == (200, "a")
+            assert a.connections == 3  # one per GOAWAY, none of the requests failed
+            # Many streams in flight when the GOAWAY comes: those up to its last stream finish
+            # on the draining connection, the later ones (refused, unprocessed) go to a new one.
+            b = await H2Server("b", goaway_after=5).start()
+            b.goaway_once = True
+            front.policy = policy(backend("b", 1, b.endpoint()))
+            async with h2_client(front) as client:
+                got = await asyncio.gather(*(client.get("/who") for _ in range(40)))
+                assert [(r.status_code, r.text) for r in got] == [(200, "b")] * 40
+            assert b.connections <= 2  # (a second one only if streams came after the GOAWAY)
+            await b.stop()
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_streams_refused_by_a_goaway_go_to_a_new_connection_without_a_retry_policy() -> None:
+    async def body() -> None:
+        a = await H2Server("a", refuse_first_connection=True).start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))  # no retry policy
+        try:
+            async with h2_client(front) as client:
+                got = await asyncio.gather(*(client.get("/who") for _ in range(5)))
+                assert [r.status_code for r in got] == [200] * 5
+            assert a.connections == 2 and a.requests["/who"] >= 6  # refused unprocessed, then served
+        finally:
+            await front.stop()
+            await a.stop()
 
     run(body)
