@@ -1,0 +1,308 @@
+"""dispatch: the attempt loop against a fake Exchange and recording metrics (no sockets).
+Retries on retryable statuses, never for ineligible requests, the budget's overflow, the limit,
+per-attempt and request timeouts (Linkerd: the per-attempt one not on the last attempt),
+fail-fast, connect failures re-picking the endpoint, breakers through the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from agent.proxy.http_balance import EndpointPick
+from agent.proxy.http_dispatch import AttemptResult, RouterContext, dispatch
+from agent.proxy.routes import ParentPolicy, RequestView, parse_routes
+from agent.proxy.services import ServiceTable
+
+A, B = "198.18.2.2", "198.18.4.2"
+
+
+class Series:
+    def __init__(self, log: list[tuple[Any, ...]], name: str) -> None:
+        self.log, self.name = log, name
+
+    def __getattr__(self, method: str) -> Callable[..., None]:
+        return lambda *args: self.log.append((self.name, method, *args))
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.log: list[tuple[Any, ...]] = []
+
+    def route(self, parent: Any, route: Any) -> Series:
+        return Series(self.log, "route")
+
+    def backend(self, parent: Any, route: Any, backend: Any) -> Series:
+        return Series(self.log, f"backend:{backend.name}")
+
+    def balancer(self, parent: Any, backend: Any) -> Series:
+        return Series(self.log, f"balancer:{backend.name}")
+
+    def retry_buffer_full(self) -> None:
+        self.log.append(("retry_buffer_full",))
+
+    def count(self, name: str, method: str) -> int:
+        return sum(1 for e in self.log if e[0] == name and e[1] == method)
+
+    def calls(self, name: str, method: str) -> list[tuple[Any, ...]]:
+        return [e[2:] for e in self.log if e[0] == name and e[1] == method]
+
+
+Behaviour = Callable[[EndpointPick, int], Any]  # -> AttemptResult or "hang"
+
+
+class FakeExchange:
+    def __init__(self, behave: Behaviour, eligible: bool = True, method: bytes = b"GET") -> None:
+        self.view = RequestView(method, "/", "", "web", {})
+        self.behave, self.eligible = behave, eligible
+        self.attempts: list[str] = []
+        self.cancelled = 0
+        self.forwarded: list[AttemptResult] = []
+        self.discarded: list[AttemptResult] = []
+        self.errors: list[tuple[int, int, str, str, bool]] = []
+
+    def retry_eligible(self) -> bool:
+        return self.eligible
+
+    async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
+        self.attempts.append(pick.endpoint.address)
+        out = self.behave(pick, len(self.attempts))
+        if out == "hang":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        assert isinstance(out, AttemptResult)
+        return out
+
+    def forward(self, result: AttemptResult) -> None:
+        self.forwarded.append(result)
+
+    def discard(self, result: AttemptResult) -> None:
+        self.discarded.append(result)
+
+    def respond_error(self, status: int, grpc_status: int, error: str, message: str, close: bool) -> None:
+        self.errors.append((status, grpc_status, error, message, close))
+
+
+def ok(status: int = 200) -> AttemptResult:
+    return AttemptResult(status, None, None, object())
+
+
+def setup(
+    retry: dict[str, Any] | None = None,
+    timeouts: dict[str, Any] | None = None,
+    endpoints: tuple[str, ...] = (A,),
+    budget: dict[str, Any] | None = None,
+    accrual: dict[str, Any] | None = None,
+) -> tuple[RouterContext, ParentPolicy, Metrics]:
+    be: dict[str, Any] = {
+        "weight": 1,
+        "ref": {"group": "meshagent.io", "kind": "Host", "namespace": "shop", "name": "web", "port": 8080},
+        "endpoints": [{"address": a, "port": 8080} for a in endpoints],
+        "accrual": accrual,
+    }
+    rule: dict[str, Any] = {"backends": [be], "retry": retry, "timeouts": timeouts}
+    doc = [
+        {
+            "parent": {
+                "kind": "Host",
+                "namespace": "shop",
+                "name": "web",
+                "port": 8080,
+                "addresses": ["198.18.9.9"],
+            },
+            "budget": budget,
+            "routes": [{"group": "", "kind": "default", "namespace": "", "name": "http", "rules": [rule]}],
+        }
+    ]
+    rejected: list[Any] = []
+    table = parse_routes(doc, lambda *a: rejected.append(a), ServiceTable.empty())
+    assert not rejected, rejected
+    metrics = Metrics()
+    ctx = RouterContext(table, ServiceTable.empty(), metrics, rng=random.Random(4))
+    return ctx, table.parents()[0], metrics
+
+
+FAST = {"limit": 3, "backoff_min_ms": 1, "backoff_max_ms": 2}
+
+
+def run(ctx: RouterContext, policy: ParentPolicy, ex: FakeExchange) -> None:
+    asyncio.run(dispatch(ctx, policy, policy.rules[0], ex))
+
+
+def test_retries_a_503_then_forwards_the_success() -> None:
+    ctx, policy, m = setup(retry=FAST)
+    ex = FakeExchange(lambda pick, n: ok(503) if n == 1 else ok(200))
+    run(ctx, policy, ex)
+    assert [r.status for r in ex.forwarded] == [200] and [r.status for r in ex.discarded] == [503]
+    assert (m.count("route", "retry_request"), m.count("route", "retry_success")) == (1, 1)
+    assert m.count("backend:web", "request") == 2
+    assert [c[:2] for c in m.calls("backend:web", "done")] == [(503, None), (200, None)]
+    assert [c[:2] for c in m.calls("route", "done")] == [(200, None)]
+
+
+def test_post_is_never_retried_and_deposits() -> None:
+    ctx, policy, m = setup(retry=FAST, budget={"ratio": 1.0, "min_per_s": 0, "ttl_s": 10})
+    ex = FakeExchange(lambda pick, n: ok(503), eligible=False, method=b"POST")
+    run(ctx, policy, ex)
+    assert ex.attempts == [A] and [r.status for r in ex.forwarded] == [503]
+    assert m.count("route", "retry_request") == 0
+    assert ctx.budget(policy).balance() == 1.0  # its deposit
+
+
+def test_no_retry_policy_means_one_attempt() -> None:
+    ctx, policy, _m = setup()
+    ex = FakeExchange(lambda pick, n: ok(503))
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 1 and [r.status for r in ex.forwarded] == [503]
+
+
+def test_spent_budget_stops_retries_and_counts_overflow() -> None:
+    ctx, policy, m = setup(retry=FAST, budget={"ratio": 0.2, "min_per_s": 0, "ttl_s": 10})
+    failing = FakeExchange(lambda pick, n: ok(503))
+    run(ctx, policy, failing)
+    assert len(failing.attempts) == 1 and m.count("route", "overflow") == 1
+    assert [r.status for r in failing.forwarded] == [503]
+    for _ in range(10):  # ten live requests: 10 deposits = 2 retries at ratio 0.2
+        run(ctx, policy, FakeExchange(lambda pick, n: ok(200)))
+    failing = FakeExchange(lambda pick, n: ok(503))
+    run(ctx, policy, failing)
+    assert len(failing.attempts) == 3  # two retries, then the budget is spent
+    assert m.count("route", "retry_request") == 2 and m.count("route", "overflow") == 2
+    assert m.count("route", "limit_exceeded") == 0
+
+
+def test_limit_exceeded() -> None:
+    ctx, policy, m = setup(retry={**FAST, "limit": 2})
+    ex = FakeExchange(lambda pick, n: ok(500))
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 3 and [r.status for r in ex.forwarded] == [500]
+    assert len(ex.discarded) == 2
+    assert (m.count("route", "retry_request"), m.count("route", "limit_exceeded")) == (2, 1)
+    assert m.count("route", "retry_success") == 0
+
+
+def test_status_outside_the_ranges_is_not_retried() -> None:
+    ctx, policy, _m = setup(retry={**FAST, "http": [[502, 504]]})
+    ex = FakeExchange(lambda pick, n: ok(500))
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 1
+
+
+def test_grpc_status_retried_when_named() -> None:
+    ctx, policy, m = setup(retry={**FAST, "grpc": [14]})
+    ex = FakeExchange(
+        lambda pick, n: AttemptResult(200, 14, None, None) if n == 1 else AttemptResult(200, 0, None, None)
+    )
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 2 and ex.forwarded[0].grpc_status == 0
+    assert m.count("route", "retry_success") == 1
+
+
+def test_per_attempt_timeout_is_retried_and_the_attempt_cancelled() -> None:
+    ctx, policy, m = setup(retry=FAST, timeouts={"attempt_ms": 20})
+    ex = FakeExchange(lambda pick, n: "hang" if n == 1 else ok(200))
+    run(ctx, policy, ex)
+    assert ex.cancelled == 1 and [r.status for r in ex.forwarded] == [200]
+    assert [c[:2] for c in m.calls("backend:web", "done")] == [
+        (None, "RESPONSE_HEADERS_TIMEOUT"),
+        (200, None),
+    ]
+
+
+def test_request_timeout_answers_504() -> None:
+    ctx, policy, m = setup(timeouts={"request_ms": 30})
+    ex = FakeExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert ex.cancelled == 1 and not ex.forwarded
+    (status, grpc, error, _message, close) = ex.errors[0]
+    assert (status, grpc, error, close) == (504, 4, "REQUEST_TIMEOUT", False)
+    assert [c[:2] for c in m.calls("route", "done")] == [(None, "REQUEST_TIMEOUT")]
+
+
+def test_the_last_attempt_has_no_per_attempt_timeout() -> None:
+    # Linkerd (route/retry.rs): once retries are exhausted, only the request timeout applies.
+    ctx, policy, m = setup(retry={**FAST, "limit": 1}, timeouts={"attempt_ms": 10, "request_ms": 150})
+    ex = FakeExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 2 and ex.cancelled == 2
+    assert [c[1] for c in m.calls("backend:web", "done")] == ["RESPONSE_HEADERS_TIMEOUT", "REQUEST_TIMEOUT"]
+    assert ex.errors[0][:3] == (504, 4, "REQUEST_TIMEOUT")
+
+
+def test_backend_request_timeout_applies_to_every_attempt() -> None:
+    ctx, policy, _m = setup(timeouts={"backend_request_ms": 10})
+    ex = FakeExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert ex.errors[0][:3] == (504, 4, "RESPONSE_HEADERS_TIMEOUT")
+
+
+def test_no_endpoint_is_fail_fast_503() -> None:
+    ctx, policy, m = setup(retry=FAST, endpoints=())
+    ex = FakeExchange(lambda pick, n: ok(200))
+    run(ctx, policy, ex)
+    assert not ex.attempts and ex.errors[0][:3] == (503, 14, "FAIL_FAST")
+    assert m.count("route", "retry_request") == 3 and m.count("route", "limit_exceeded") == 1
+
+
+def test_connect_failure_retried_on_the_other_endpoint() -> None:
+    ctx, policy, _m = setup(retry=FAST, endpoints=(A, B))
+    refused = AttemptResult(None, None, "IO", None, connect_failed=True)
+    ex = FakeExchange(lambda pick, n: refused if pick.endpoint.address == A else ok(200))
+    for _ in range(5):
+        run(ctx, policy, ex)
+    # A failed once, then sat out its back-off: every later attempt went to B.
+    assert ex.attempts.count(A) == 1 and [r.status for r in ex.forwarded] == [200] * 5
+
+
+def test_connect_failure_without_retry_is_502() -> None:
+    ctx, policy, _m = setup()
+    ex = FakeExchange(lambda pick, n: AttemptResult(None, None, "IO", None, connect_failed=True))
+    run(ctx, policy, ex)
+    assert ex.errors[0][:3] == (502, 14, "IO")
+
+
+def test_breaker_ejects_then_keeps_the_last_endpoint() -> None:
+    accrual = {"max_failures": 1, "min_penalty_ms": 60000, "max_penalty_ms": 60000, "jitter": 0}
+    ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
+    ex = FakeExchange(lambda pick, n: ok(500))
+    for _ in range(4):
+        run(ctx, policy, ex)
+    assert m.count("balancer:web", "ejected") == 1
+    assert m.count("balancer:web", "kept_last") == 3  # the survivor keeps failing, never shut
+    survivor = ex.attempts[1]
+    assert ex.attempts[1:] == [survivor] * 3
+    assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)
+    assert [b["state"] for b in ctx.status()["breakers"]] == ["shut"]
+
+
+def test_cancelled_dispatch_releases_the_endpoint() -> None:
+    ctx, policy, _m = setup()
+    ex = FakeExchange(lambda pick, n: "hang")
+
+    async def main() -> None:
+        task = asyncio.create_task(dispatch(ctx, policy, policy.rules[0], ex))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert all(load.outstanding == 0 for load in ctx.balancer.loads.values())
+    assert not ex.forwarded and not ex.errors
+
+
+def test_apply_keeps_budgets_of_unchanged_parents() -> None:
+    ctx, policy, _m = setup(retry=FAST, budget={"ratio": 0.2, "min_per_s": 0, "ttl_s": 10})
+    for _ in range(5):
+        run(ctx, policy, FakeExchange(lambda pick, n: ok(200)))
+    held = ctx.budget(policy)
+    ctx.apply(ctx.table, ctx.services)
+    assert ctx.budget(policy) is held and held.balance() == 1.0
+    status = ctx.status()
+    assert status["parents"] == 1 and status["budgets"][0]["balance"] == 1.0
