@@ -454,6 +454,15 @@ OPENAPI: dict[str, Any] = {
                     },
                     "trust_bundle": {"type": "string", "description": "PEM, one or more roots"},
                     "discovery": {"$ref": "#/components/schemas/DiscoveryState"},
+                    "routes": {
+                        "type": "array",
+                        "description": "Traffic policy for outbound HTTP (#21): one item per parent port "
+                        "(a Service or the hosts of an identity) with its routes, compiled from the "
+                        "operator's HTTPRoute/TrafficSplit/ServiceProfile objects; the same for every "
+                        "host. Absent: keep the routes held (an authority from before #21, or discovery "
+                        "not answered yet); []: none. A change is sent whole in a delta's `set`.",
+                        "items": {"$ref": "#/components/schemas/RouteParent"},
+                    },
                     "revoked": {
                         "type": "array",
                         "description": "Revoked hosts whose certificates have not expired: agents refuse "
@@ -606,6 +615,118 @@ OPENAPI: dict[str, Any] = {
                         "type": "array",
                         "maxItems": 64,
                         "items": {"type": "string", "description": "IP address"},
+                    },
+                },
+            },
+            "RouteRef": {
+                "type": "object",
+                "description": "A policy object's or backend's reference (Linkerd's metric labels)",
+                "required": ["group", "kind", "namespace", "name"],
+                "properties": {
+                    "group": {
+                        "type": "string",
+                        "examples": ["", "meshagent.io", "gateway.networking.k8s.io"],
+                    },
+                    "kind": {"type": "string", "examples": ["Service", "Host", "HTTPRoute", "default"]},
+                    "namespace": {"type": "string"},
+                    "name": {"type": "string"},
+                    "port": {"type": ["integer", "null"], "minimum": 1, "maximum": 65535},
+                    "section": {"type": "string"},
+                },
+            },
+            "RouteParent": {
+                "type": "object",
+                "description": "The policy of one parent port: a Service (matched by its cluster IPs, "
+                "from `services`) or the enrolled hosts of an identity (matched by `addresses`)",
+                "required": ["parent", "budget", "sources", "routes"],
+                "properties": {
+                    "parent": {
+                        "allOf": [{"$ref": "#/components/schemas/RouteRef"}],
+                        "properties": {"addresses": {"type": "array", "items": {"type": "string"}}},
+                    },
+                    "budget": {
+                        "type": "object",
+                        "description": "retry budget per parent (ServiceProfile retryBudget)",
+                        "required": ["ratio", "min_per_s", "ttl_s"],
+                        "properties": {
+                            "ratio": {"type": "number", "minimum": 0},
+                            "min_per_s": {"type": "number", "minimum": 0},
+                            "ttl_s": {"type": "number", "exclusiveMinimum": 0},
+                        },
+                    },
+                    "sources": {"type": "array", "items": {"type": "string"}, "description": "Kind ns/name"},
+                    "routes": {
+                        "type": "array",
+                        "items": {
+                            "allOf": [{"$ref": "#/components/schemas/RouteRef"}],
+                            "required": ["rules"],
+                            "properties": {
+                                "created": {"type": "number", "description": "precedence ties, Unix time"},
+                                "rules": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/RouteRule"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+            "RouteRule": {
+                "type": "object",
+                "required": ["matches", "backends"],
+                "properties": {
+                    "matches": {
+                        "type": "array",
+                        "description": "any one matches (Gateway API precedence); empty: every request",
+                        "items": {
+                            "type": "object",
+                            "properties": {
+                                "path": {"type": ["object", "null"], "required": ["type", "value"]},
+                                "method": {"type": ["string", "null"], "description": "null: any"},
+                                "headers": {"type": "array", "items": {"type": "object"}},
+                                "query": {"type": "array", "items": {"type": "object"}},
+                            },
+                        },
+                    },
+                    "backends": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["weight", "ref"],
+                            "properties": {
+                                "weight": {"type": "integer", "minimum": 0},
+                                "ref": {"$ref": "#/components/schemas/RouteRef"},
+                                "endpoints": {
+                                    "type": "array",
+                                    "description": "Host backends only: the identity's unrevoked hosts "
+                                    "(Service backends take theirs from `services`)",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["address", "port", "identity", "server_name"],
+                                        "properties": {
+                                            "address": {"type": "string"},
+                                            "port": _PORT,
+                                            "identity": {"type": ["string", "null"]},
+                                            "server_name": {"type": ["string", "null"]},
+                                        },
+                                    },
+                                },
+                                "accrual": {
+                                    "type": ["object", "null"],
+                                    "description": "consecutive-failures breaker; null: off",
+                                },
+                            },
+                        },
+                    },
+                    "timeouts": {
+                        "type": ["object", "null"],
+                        "description": "request_ms, response_ms, idle_ms, attempt_ms, backend_request_ms "
+                        "(null: none)",
+                    },
+                    "retry": {
+                        "type": ["object", "null"],
+                        "description": "limit, http [[lo, hi]], grpc [codes], backoff_min_ms, "
+                        "backoff_max_ms, jitter, max_request_bytes; null: no retries",
                     },
                 },
             },

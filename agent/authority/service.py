@@ -41,13 +41,14 @@ from agent.identity.pki import (
     spki_pin,
     verify_possession,
 )
-from agent.logs import get_logger
+from agent.logs import Throttled, get_logger
 from agent.proxy.policy import DefaultPolicy
 
-from . import events, health, registry
+from . import events, health, kube_routes, registry
 from .ca import AuthorityMaterial, TrustBundleFile, load_authority
 from .delta import DeltaStore, SharedDelta
 from .host_meta import HostMeta
+from .kube_routes import RouteObject
 from .signing import issue_leaf, parse_csr, public_key_der
 from .storage import (
     HostRecord,
@@ -147,6 +148,10 @@ class _Shared:
     catalog_hash: Any  # sha256 fed with the document up to the catalog (its first key) included
     policies: dict[str, bytes]  # identity -> its policy's canonical JSON
     deflated: dict[int, bytes]  # id(part bytes) -> _deflated(part), filled on the first gzip ask
+    # The compiled `routes` member (#21) and its canonical JSON; None: compiling failed as a
+    # whole (a bug), the key is left out and hosts keep the routes they hold.
+    routes: list[dict[str, Any]] | None = None
+    routes_json: bytes | None = None
     # (services json, discovery json) -> the version of the shared parts with them (a hash of
     # megabytes: once per version, not per render)
     versions: dict[tuple[bytes | None, bytes | None], str] = dataclasses.field(default_factory=dict)
@@ -194,6 +199,9 @@ class Authority:
         self.clock = clock
         self.trust_bundle = TrustBundleFile(material.trust_bundle_file, material.trust_bundle)
         self._skipped: set[tuple[str, str]] = set()  # stored records left out of the catalog, logged
+        # Route objects that no longer compile: every new version compiles them again, the log
+        # says so once per object and reason per ROUTE_LOG_EVERY_S.
+        self._route_failures = Throttled(log, "routes.compile_failed", ROUTE_LOG_EVERY_S)
         # In-cluster Services from the controller's discovery (kube_discovery), in memory:
         # rebuilt from the watches after a restart. Serialized once per change, not per host.
         self._discovery_lock = threading.Lock()  # (set by the controller, read by requests)
@@ -639,8 +647,11 @@ class Authority:
         """What an enrolled host needs to route and authorize: the catalog, its own policy, the
         revoked peers and the in-cluster Services discovered (interfaces: /v1/host/config)."""
         doc = self._host_config_parts(host)
+        routes = doc.pop("routes")
         if self._services_known:
             doc["services"] = self.discovered()
+            if routes is not None:
+                doc["routes"] = routes
         state = self.discovery_state()
         if state is not None:
             doc["discovery"] = state
@@ -659,13 +670,61 @@ class Authority:
 
     def _host_config_parts(self, host: HostRecord) -> dict[str, Any]:
         hosts = self.registry.list_hosts()
+        catalog = self.catalog(hosts)
         return {
             "host_id": host.id,
-            "catalog": self.catalog(hosts),
+            "catalog": catalog,
             "policy": self._policy(host.identity),
             "revoked": self.revoked(hosts),
             "trust_bundle": self.trust_bundle.pem().decode(),
+            "routes": self._compile_routes(catalog, hosts),
         }
+
+    # --- traffic policy (#21) ----------------------------------------------------------------
+
+    def routes_member(self) -> list[dict[str, Any]]:
+        """The directory's `routes` member as served now (design §3.3): the stored route objects
+        compiled against the registry's hosts and the discovered Services, cached with the
+        shared parts (so every host, and every replica at the same state, gets the same bytes)."""
+        return list(self._shared_parts(self.version()).routes or ())
+
+    def _compile_routes(
+        self, catalog: Sequence[dict[str, Any]], hosts: Sequence[HostRecord]
+    ) -> list[dict[str, Any]] | None:
+        """The `routes` member from the stored objects; an object that no longer compiles (its
+        hosts revoked, a Service gone, a row edited by hand) is left out and logged. None only
+        when compiling fails as a whole (a bug): hosts then keep the routes they hold rather
+        than be told there are none."""
+        objects = self.registry.route_objects()
+        discovered = self.discovered()
+
+        def compiled(
+            chosen: Sequence[RouteObject], skip: Callable[[RouteObject, str], None] = self._route_skipped
+        ) -> list[dict[str, Any]]:
+            known = kube_routes.known_refs(catalog, hosts, discovered, chosen)
+            return kube_routes.compile_routes(chosen, known, skip)
+
+        try:
+            return compiled(objects)
+        except Exception as exc:  # a bug some object meets: find which, serve the others
+            log.error(
+                "routes.compile_error", objects=len(objects), error=f"{type(exc).__name__}: {exc}"[:300]
+            )
+        kept = []
+        for obj in objects:
+            try:
+                compiled([obj], lambda o, r: None)  # (alone, its references may not resolve)
+            except Exception as exc:
+                self._route_skipped(obj, f"compiling it failed: {type(exc).__name__}: {exc}")
+            else:
+                kept.append(obj)
+        try:
+            return compiled(kept)
+        except Exception:  # (objects failing only together: keep what the hosts hold)
+            return None
+
+    def _route_skipped(self, obj: RouteObject, reason: str) -> None:
+        self._route_failures.warning(f"{obj.label}\0{reason}", object=obj.label, reason=reason[:300])
 
     def _shared_parts(self, key: tuple[int, int, bytes]) -> _Shared:
         """The shared parts at `key`, read before them: data newer than its key is harmless (the
@@ -675,15 +734,26 @@ class Authority:
             if shared is not None and shared.key == key and (shared.until is None or now < shared.until):
                 return shared
             hosts = self.registry.list_hosts()
-            catalog = canonical_json(self.catalog(hosts))
+            catalog_doc = self.catalog(hosts)
+            catalog = canonical_json(catalog_doc)
             revoked = canonical_json(self.revoked(hosts, now))
+            routes = self._compile_routes(catalog_doc, hosts)
             listed = [h.not_after for h in hosts if h.revoked_at is not None and h.not_after > now]
             trust_bundle = canonical_json(key[2].decode())
             catalog_hash = hashlib.sha256()
             for piece in _object_of({"catalog": catalog})[:-1]:
                 catalog_hash.update(piece)
             self._shared = _Shared(
-                key, min(listed, default=None), catalog, revoked, trust_bundle, catalog_hash, {}, {}
+                key,
+                min(listed, default=None),
+                catalog,
+                revoked,
+                trust_bundle,
+                catalog_hash,
+                {},
+                {},
+                routes=routes,
+                routes_json=None if routes is None else canonical_json(routes),
             )
             return self._shared
 
@@ -720,6 +790,10 @@ class Authority:
         }
         if services is not None:
             parts["services"] = services
+            # Routes name Services: while discovery has not answered yet (services left out)
+            # they are left out too, and hosts keep the ones they hold.
+            if shared.routes_json is not None:
+                parts["routes"] = shared.routes_json
         if discovery is not None:
             parts["discovery"] = discovery
         # The catalog is the first key: the hash of the document up to it is taken once.
@@ -768,8 +842,9 @@ class Authority:
         """id() of each large shared part -> its deflate pieces, compressed once."""
         with self._shared_lock:
             if not shared.deflated:
-                for part in (shared.catalog, shared.revoked, shared.trust_bundle):
-                    shared.deflated[id(part)] = _deflated(part)
+                for part in (shared.catalog, shared.revoked, shared.trust_bundle, shared.routes_json):
+                    if part is not None:
+                        shared.deflated[id(part)] = _deflated(part)
             deflated = dict(shared.deflated)
             if services is not None:
                 if self._discovered_deflated is None or self._discovered_deflated[0] is not services:
@@ -889,6 +964,8 @@ class Authority:
         return self.registry.set_host_meta(ref, meta, actor, self.clock())
 
 
+# A route object that no longer compiles is logged again at most this often (per reason).
+ROUTE_LOG_EVERY_S = 300.0
 # A delta's pieces at least this large are deflated once for every host's gzip answer.
 _DEFLATE_ONCE_BYTES = 4096
 

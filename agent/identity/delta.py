@@ -7,7 +7,7 @@ Standard library only: the daemon imports it.
 The protocol (RFC 3229's negotiation, a resourceVersion-like base):
 
 - Every directory answer (200, 226, 304) names the version of the parts every host shares
-  (catalog, revoked, trust bundle, services, discovery) in `Meshagent-Directory-Version`: the
+  (catalog, revoked, trust bundle, services, discovery, routes) in `Meshagent-Directory-Version`: the
   hex sha256 of their canonical JSON. It is derived from content only, so every replica names
   the same registry state the same.
 - A client holding a document asks for a delta with `A-IM: meshagent-delta`, the document's
@@ -19,7 +19,7 @@ The protocol (RFC 3229's negotiation, a resourceVersion-like base):
 - The delta (canonical JSON): {"base": V0, "version": V1, "set": {member: value},
   "remove": [member], "splice": {member: [[at, count, [items]], ...]}}. `set` replaces members
   whole and always carries the host's own ones (host_id, policy, generated_at: small, so never
-  diffed); `splice` edits the list members (catalog, revoked, services) in order, each
+  diffed); `splice` edits the list members (catalog, revoked, services; not routes) in order, each
   `[at, count, items]` replacing list[at:at+count] by items in the list as the previous
   splices left it.
 - The client rebuilds the document, takes `digest` of it and compares with the new ETag: any
@@ -41,7 +41,10 @@ VERSION_HEADER = "meshagent-directory-version"  # every answer: the shared parts
 BASE_HEADER = "meshagent-delta-base"  # the request: the version of the document held
 # Members every host shares and that a delta may carry; the rest (host_id, policy,
 # generated_at) is the host's own and always sent whole.
-SHARED_MEMBERS = ("catalog", "discovery", "revoked", "services", "trust_bundle")
+SHARED_MEMBERS = ("catalog", "discovery", "revoked", "routes", "services", "trust_bundle")
+# The list members a delta splices. `routes` (#21) is a list but is never spliced: its change
+# is a whole-member `set`, which agents from before #21 apply (their `apply` refuses a splice
+# of a member not in their LIST_MEMBERS, and would fetch the whole document on every change).
 LIST_MEMBERS = frozenset({"catalog", "revoked", "services"})
 HOST_MEMBERS = ("generated_at", "host_id", "policy")
 _VERSION_CHARS = frozenset("0123456789abcdef")

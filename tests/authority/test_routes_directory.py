@@ -1,0 +1,264 @@
+"""The directory's `routes` member (#21, design §3.3/§3.5): route objects stored in the registry,
+compiled at render against the enrolled hosts and served to every host alike; a change is a
+whole-member `set` in a delta, which agents from before #21 apply as they are."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from agent.authority import kube_routes
+from agent.authority.kube_routes import RouteObject
+from agent.authority.openapi import OPENAPI
+from agent.authority.service import Authority, RenderedConfig
+from agent.authority.storage import HostRecord
+from agent.identity import delta as wire
+from agent.identity.pki import generate_key, make_csr
+from tests.support import init_authority
+
+NOW = datetime.now(UTC)  # (certificates are issued from it: a real time)
+SPLIT = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: shop, name: billing-canary, creationTimestamp: "2026-12-01T00:00:00Z"}
+spec:
+  parentRefs: [{group: meshagent.io, kind: Host, name: billing, port: 8080}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      backendRefs:
+        - {group: meshagent.io, kind: Host, name: billing-v1, port: 8080, weight: WEIGHT}
+        - {group: meshagent.io, kind: Host, name: billing-v2, port: 8080, weight: 10}
+"""
+
+
+def _enroll(authority: Authority, identity: str, name: str, address: str) -> HostRecord:
+    token = authority.create_tokens(identity, "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    return authority.enroll(token.secret, make_csr(generate_key()).decode(), name, [address]).host
+
+
+def _open(directory: Path) -> Authority:
+    authority = Authority.open(directory)
+    authority.clock = lambda: NOW  # generated_at equal across renders and instances
+    return authority
+
+
+class Fleet:
+    def __init__(self, tmp_path: Path) -> None:
+        self.directory = tmp_path / "authority"
+        init_authority(self.directory)
+        self.authority = _open(self.directory)
+        a = self.authority
+        self.client = _enroll(a, "shop/web", "web-1", "198.18.1.2")
+        self.parent = _enroll(a, "shop/billing", "billing-1", "198.18.2.2")
+        self.v1 = _enroll(a, "shop/billing-v1", "billing-v1", "198.18.3.2")
+        self.v2 = [_enroll(a, "shop/billing-v2", f"billing-v2-{i}", f"198.18.4.{i}") for i in (2, 3)]
+        # More of the fleet, so a change to one small member is a delta, not the whole document.
+        for i in range(12):
+            _enroll(a, "shop/other", f"other-{i}", f"198.18.5.{i + 2}")
+
+    def apply(self, weight: int = 90) -> list[RouteObject]:
+        """What `authority route apply -f` stores: the file validated against the registry."""
+        hosts = self.authority.registry.list_hosts()
+        known = kube_routes.known_refs(self.authority.catalog(hosts), hosts)
+        objects = kube_routes.parse_routes_file(SPLIT.replace("WEIGHT", str(weight)), known, now=1.0)
+        self.authority.registry.put_route_objects(objects)
+        return objects
+
+    def render(self, authority: Authority | None = None, base: str | None = None) -> RenderedConfig:
+        return (authority or self.authority).render_host_config(self.client, delta_base=base)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Fleet:
+    return Fleet(tmp_path)
+
+
+def _doc(rendered: RenderedConfig) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(rendered.body)
+    return doc
+
+
+def _backends(doc: dict[str, Any]) -> dict[str, tuple[int, list[str]]]:
+    [item] = doc["routes"]
+    [route] = item["routes"]
+    [rule] = route["rules"]
+    return {b["ref"]["name"]: (b["weight"], [e["address"] for e in b["endpoints"]]) for b in rule["backends"]}
+
+
+def test_applied_objects_are_served_to_every_host_alike_by_every_replica(fleet: Fleet) -> None:
+    assert _doc(fleet.render())["routes"] == []  # no policy: an empty member, not an absent one
+    fleet.apply()
+    other = _open(fleet.directory)  # a second authority on the same registry
+    try:
+        mine, theirs = fleet.render(), fleet.render(other)
+        assert (mine.body, mine.etag, mine.version) == (theirs.body, theirs.etag, theirs.version)
+        doc = _doc(mine)
+        [item] = doc["routes"]
+        assert item["parent"] == {
+            "group": "meshagent.io",
+            "kind": "Host",
+            "namespace": "shop",
+            "name": "billing",
+            "port": 8080,
+            "section": "",
+            "addresses": ["198.18.2.2"],
+        }
+        assert _backends(doc) == {
+            "billing-v1": (90, ["198.18.3.2"]),
+            "billing-v2": (10, ["198.18.4.2", "198.18.4.3"]),
+        }
+        [endpoint] = item["routes"][0]["rules"][0]["backends"][0]["endpoints"]
+        assert endpoint == {
+            "address": "198.18.3.2",
+            "port": 8080,
+            "identity": "spiffe://cluster.local/ns/shop/sa/billing-v1",
+            "server_name": "billing-v1.shop.serviceaccount.identity.linkerd.cluster.local",
+        }
+        # The same member in every host's document, as routes_member() gives it, and as the
+        # uncached host_config builds it.
+        assert (
+            fleet.authority.render_host_config(fleet.v1).body.count(wire.canonical_json(doc["routes"])) == 1
+        )
+        assert fleet.authority.routes_member() == doc["routes"] == other.routes_member()
+        assert fleet.authority.host_config(fleet.client)["routes"] == doc["routes"]
+        schema = {"$ref": "#/components/schemas/HostConfig", "components": OPENAPI["components"]}
+        jsonschema.validate(doc, schema)
+        # (and the wire items of rauth's fixture, which cover every field)
+        fixture = json.loads((Path(__file__).parent / "fixtures/routes/expected.json").read_text())
+        jsonschema.validate({**doc, "routes": fixture}, schema)
+    finally:
+        other.registry.close()
+
+
+# agent/identity/delta.py:apply as released before #21 (commit 3652aa0), verbatim but for its
+# names: what every agent in the field runs. Its LIST_MEMBERS has no `routes`.
+_LIST_MEMBERS_BEFORE_21 = frozenset({"catalog", "revoked", "services"})
+
+
+def _apply_before_21(held: dict[str, Any], delta: Any, base: str) -> dict[str, Any]:
+    if not isinstance(delta, dict) or delta.get("base") != base or not isinstance(delta.get("version"), str):
+        raise wire.DeltaError("the delta is not made for the document held")
+    sets, removes, splices = delta.get("set", {}), delta.get("remove", []), delta.get("splice", {})
+    if not (isinstance(sets, dict) and isinstance(removes, list) and isinstance(splices, dict)):
+        raise wire.DeltaError("the delta's set, remove or splice is malformed")
+    doc = dict(held)
+    for name in removes:
+        if not isinstance(name, str):
+            raise wire.DeltaError("the delta removes a member that is not a name")
+        doc.pop(name, None)
+    for name, ops in splices.items():
+        current = doc.get(name)
+        if name not in _LIST_MEMBERS_BEFORE_21 or not isinstance(current, list) or not isinstance(ops, list):
+            raise wire.DeltaError(f"the delta splices {name!r}, which is not a list held")
+        edited = list(current)
+        for op in ops:
+            if not (isinstance(op, list) and len(op) == 3 and isinstance(op[2], list)):
+                raise wire.DeltaError(f"a splice of {name!r} is malformed")
+            at, count, items = op
+            valid = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (at, count))
+            if not valid or at + count > len(edited):
+                raise wire.DeltaError(f"a splice of {name!r} is out of the list's range")
+            edited[at : at + count] = items
+        doc[name] = edited
+    doc.update(sets)
+    return doc
+
+
+def test_a_change_moves_the_etag_and_is_a_whole_member_set_old_agents_apply(fleet: Fleet) -> None:
+    fleet.apply(90)
+    held = fleet.render()
+    fleet.apply(50)
+    full = fleet.render()
+    assert full.etag != held.etag and full.version != held.version
+    assert _backends(_doc(full))["billing-v1"][0] == 50
+    made = fleet.render(base=held.version)
+    assert made.delta_base == held.version and made.etag == full.etag
+    delta = json.loads(made.body)
+    assert "routes" in delta["set"] and "routes" not in delta["splice"]
+    assert delta["set"]["routes"] == _doc(full)["routes"]
+    # An agent from before #21 rebuilds the new document and its ETag checks out.
+    rebuilt = _apply_before_21(_doc(held), delta, held.version)
+    assert f'"{wire.digest(rebuilt)}"' == full.etag
+    assert wire.apply(_doc(held), delta, held.version) == rebuilt  # (and today's agent alike)
+
+
+def test_a_revoked_backend_host_leaves_the_endpoints_and_a_revoked_parent_the_member(fleet: Fleet) -> None:
+    fleet.apply()
+    before = fleet.render()
+    fleet.authority.registry.revoke(fleet.v2[0].id, fleet.authority.clock())
+    after = fleet.render()
+    assert after.etag != before.etag
+    assert _backends(_doc(after))["billing-v2"] == (10, ["198.18.4.3"])
+    # The parent's only host revoked: the route no longer compiles, it is skipped (logged) and
+    # the document still serves, everything else in it.
+    fleet.authority.registry.revoke(fleet.parent.id, fleet.authority.clock())
+    doc = _doc(fleet.render())
+    assert doc["routes"] == [] and len(doc["catalog"]) == len(_doc(after)["catalog"]) - 1
+
+
+def _logged_keep(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    return [dict(r.__dict__["fields"]) for r in caplog.records if r.getMessage() == event]
+
+
+def _logged(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    found = _logged_keep(caplog, event)
+    caplog.clear()
+    return found
+
+
+def test_a_bad_stored_object_is_skipped_and_the_document_still_serves(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet.apply()
+    good = _doc(fleet.render())["routes"]
+    body = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute", "spec": "garbage"}
+    # A row edited by hand: its spec no longer reads.
+    bad = RouteObject("HTTPRoute", "shop", "broken", "gateway.networking.k8s.io/v1", body, "file", 2.0)
+    fleet.authority.registry.put_route_objects([bad])
+    rendered = fleet.render()
+    assert _doc(rendered)["routes"] == good
+    assert fleet.authority.routes_member() == good
+    [logged] = _logged(caplog, "routes.compile_failed")
+    assert logged["object"] == "HTTPRoute shop/broken" and "spec must be a mapping" in logged["reason"]
+    # Throttled: more versions (each compiles again) log it no more.
+    fleet.authority.registry.revoke(fleet.v2[0].id, fleet.authority.clock())
+    fleet.render()
+    assert _logged(caplog, "routes.compile_failed") == []
+
+
+def test_an_object_that_breaks_the_compiler_is_skipped_and_the_others_served(
+    fleet: Fleet, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug met by one object (compile_routes raising, not skipping) costs that object only."""
+    fleet.apply()
+    good = _doc(fleet.render())["routes"]
+    poison = RouteObject("TrafficSplit", "shop", "poison", "split.smi-spec.io/v1alpha2", {}, "file", 3.0)
+    fleet.authority.registry.put_route_objects([poison])
+    real = kube_routes.compile_routes
+
+    def buggy(objects: Any, known: Any, skip: Any, *args: Any) -> list[dict[str, Any]]:
+        if any(o.name == "poison" for o in objects):
+            raise RuntimeError("a bug")
+        return real(objects, known, skip, *args)
+
+    monkeypatch.setattr(kube_routes, "compile_routes", buggy)
+    assert _doc(fleet.render())["routes"] == good
+    assert len(_logged_keep(caplog, "routes.compile_error")) == 1
+    [skipped] = _logged(caplog, "routes.compile_failed")
+    assert skipped["object"] == "TrafficSplit shop/poison" and "RuntimeError: a bug" in skipped["reason"]
+
+
+def test_routes_wait_for_discovery_like_services(fleet: Fleet) -> None:
+    """Controller mode before discovery's first answer: no `services` and no `routes` (hosts keep
+    theirs: routes name Services); then both."""
+    fleet.apply()
+    fleet.authority.await_discovery()
+    doc = _doc(fleet.render())
+    assert "services" not in doc and "routes" not in doc
+    fleet.authority.set_discovered([])
+    assert len(_doc(fleet.render())["routes"]) == 1
