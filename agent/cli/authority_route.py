@@ -254,7 +254,15 @@ def register(authority: click.Group, catalog: click.Group) -> None:
     def route_group() -> None:
         """Outbound HTTP route policy (timeouts, retries, failure accrual, traffic split) the
         hosts apply to their calls to a Service or to other hosts: from Gateway API / Linkerd
-        HTTPRoutes, SMI TrafficSplits, ServiceProfile retry budgets and Service annotations."""
+        HTTPRoutes, SMI TrafficSplits, ServiceProfile retry budgets and Service annotations.
+
+        \b
+          meshagent authority route apply --dir DIR -f routes.yaml --dry-run
+          meshagent authority route apply --dir DIR -f routes.yaml
+          meshagent authority route list --dir DIR
+          meshagent authority route show --dir DIR Host/shop/billing:8080
+          meshagent authority route remove --dir DIR TrafficSplit shop/billing-canary
+        """
 
     cluster_domain_option = click.option(
         "--cluster-domain",
