@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from agent.logs import get_logger
+from agent.logs import Throttled, get_logger
 from agent.telemetry.proxy_metrics import GRPC_FAILURES
 
 from .http_balance import EndpointPick, HttpBalancer, Outcome, endpoint_key
@@ -31,7 +31,9 @@ from .retry_budget import RetryBudget
 from .routes import Backend, BudgetSpec, EndpointRef, ParentPolicy, Ref, RequestView, RouteTable, Rule
 from .services import ServiceTable
 
-log = get_logger("agent.proxy.http_dispatch")
+log = get_logger("meshagent.proxy.http_dispatch")
+# Every failure of a kept endpoint would log again: once per parent/backend per 10 s.
+_kept_log = Throttled(log, "http.breaker.last_endpoint_kept")
 
 # Linkerd's error label values (linkerd/app/outbound/src/http/logical/policy/route/metrics/labels.rs).
 FAIL_FAST: Final = "FAIL_FAST"
@@ -164,9 +166,19 @@ class RouterContext:
         ready, pending = self.balancer.counts(backend, self.endpoints(backend))
         self.metrics.balancer(parent, backend.ref).endpoints(ready, pending)
 
-    def rule_admitting(self, rule: Rule) -> int:
-        """Admitting endpoints over every backend of the rule (the last one is never shut)."""
-        return sum(self.balancer.admitting(b, self.endpoints(b)) for b in rule.backends if b.weight > 0)
+    def rule_admitting(self, rule: Rule, besides: EndpointPick | None = None) -> int:
+        """Admitting endpoints over every backend of the rule, leaving out `besides` (the
+        endpoint whose failure is being recorded: in probation it does not admit, yet it is
+        not one of the others)."""
+        count = 0
+        for b in rule.backends:
+            if b.weight <= 0:
+                continue
+            eps = self.endpoints(b)
+            if besides is not None and b is besides.backend:
+                eps = tuple(ep for ep in eps if ep != besides.endpoint)
+            count += self.balancer.admitting(b, eps)
+        return count
 
     def status(self) -> dict[str, Any]:
         """For /status: parents, breakers not open, budgets (lists bounded)."""
@@ -297,15 +309,21 @@ async def _attempt(
     series.request()
     outcome: Outcome = "failure"
     try:
-        if deadline is None:
-            result = await ex.attempt(pick, request_deadline)
-        else:
-            try:
+        try:
+            if deadline is None:
+                result = await ex.attempt(pick, request_deadline)
+            else:
                 async with asyncio.timeout_at(deadline):
                     result = await ex.attempt(pick, request_deadline)
-            except TimeoutError:
-                label = RESPONSE_HEADERS_TIMEOUT if header_timeout else REQUEST_TIMEOUT
-                result = AttemptResult(None, None, label, None)
+        except TimeoutError:
+            label = RESPONSE_HEADERS_TIMEOUT if header_timeout else REQUEST_TIMEOUT
+            result = AttemptResult(None, None, label, None)
+        except OSError as exc:  # the Exchange should map these itself; never let one escape
+            log.debug("http.attempt.io_error", endpoint=pick.endpoint.address, error=str(exc))
+            result = AttemptResult(None, None, "IO", None)
+        except Exception as exc:  # a bug in an Exchange: the request fails, the worker stays up
+            log.error("http.attempt.failed", endpoint=pick.endpoint.address, error=repr(exc))
+            result = AttemptResult(None, None, "UNKNOWN", None)
         outcome = "connect_failed" if result.connect_failed else "success" if _success(result) else "failure"
     except asyncio.CancelledError:
         ctx.balancer.finished(pick, "cancelled", 0)
@@ -322,7 +340,7 @@ def _finish(
 ) -> None:
     backend = pick.backend
     breaker_counts = backend.accrual is not None and outcome != "success"
-    admitting = ctx.rule_admitting(rule) if breaker_counts else 0
+    admitting = ctx.rule_admitting(rule, besides=pick) + 1 if breaker_counts else 0
     transition = ctx.balancer.finished(pick, outcome, admitting)
     if transition is None and outcome != "connect_failed":
         return
@@ -337,8 +355,8 @@ def _finish(
         )
     elif transition == "kept":
         series.kept_last()
-        log.warning(
-            "http.breaker.last_endpoint_kept",
+        _kept_log.warning(
+            f"{policy.parent.key()} {backend.ref.key()}",
             parent=policy.parent.key(),
             backend=backend.ref.key(),
             endpoint=pick.endpoint.address,

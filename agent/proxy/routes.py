@@ -270,12 +270,13 @@ class ParentPolicy:
     rules: tuple[Rule, ...] = ()
     candidates: tuple[tuple[Match, Rule], ...] = ()  # Gateway precedence, best first
     addresses: tuple[str, ...] = ()  # where the app dials it (with parent.port)
+    only: Rule | None = None  # the single rule when it matches every request (no work per request)
 
     def select(self, view: RequestView) -> Rule | None:
         """The rule of the best match (None: no rule matches; answer 404)."""
+        if self.only is not None:
+            return self.only
         cands = self.candidates
-        if len(cands) == 1 and cands[0][0] is MATCH_ALL:
-            return cands[0][1]  # a default route: no work
         parsed: list[Mapping[str, list[str]]] = []
 
         def query() -> Mapping[str, list[str]]:
@@ -470,6 +471,7 @@ def _parent_item(item: Any, where: str, reject: Reject, services: ServiceTable) 
         return []
     keyed.sort(key=lambda t: t[0])
     candidates = tuple((m, r) for _, m, r in keyed)
+    only = candidates[0][1] if len(candidates) == 1 and candidates[0][0] == MATCH_ALL else None
     # A parent with no port (Service: every non-opaque port) becomes one policy per port.
     return [
         ParentPolicy(
@@ -479,6 +481,7 @@ def _parent_item(item: Any, where: str, reject: Reject, services: ServiceTable) 
             tuple(rules),
             candidates,
             addresses,
+            only,
         )
         for port in ports
     ]

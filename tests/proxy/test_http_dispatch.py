@@ -306,3 +306,29 @@ def test_apply_keeps_budgets_of_unchanged_parents() -> None:
     assert ctx.budget(policy) is held and held.balance() == 1.0
     status = ctx.status()
     assert status["parents"] == 1 and status["budgets"][0]["balance"] == 1.0
+
+
+def test_failed_probe_is_shut_again_while_another_endpoint_admits() -> None:
+    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
+    ex = FakeExchange(lambda pick, n: ok(500) if pick.endpoint.address == A else ok(200))
+    while not ex.attempts or ex.attempts[-1] != A:
+        run(ctx, policy, ex)
+    assert m.count("balancer:web", "ejected") == 1
+    asyncio.run(asyncio.sleep(0.01))  # A's penalty (1 ms) is over: its next request is the probe
+    while ex.attempts.count(A) < 2:
+        run(ctx, policy, ex)
+    # The probe failed with B admitting: A is shut again, not "kept".
+    assert m.count("balancer:web", "ejected") == 2 and m.count("balancer:web", "kept_last") == 0
+
+
+def test_an_exchange_that_raises_fails_the_request_not_the_worker() -> None:
+    def boom(pick: EndpointPick, n: int) -> Any:
+        raise ConnectionResetError("reset by peer") if n == 1 else RuntimeError("bug")
+
+    ctx, policy, _m = setup(retry=FAST)
+    ex = FakeExchange(boom)
+    run(ctx, policy, ex)
+    # IO is retryable, the bug is not: two attempts, then 502 UNKNOWN
+    assert len(ex.attempts) == 2 and ex.errors[0][:3] == (502, 14, "UNKNOWN")
+    assert all(load.outstanding == 0 for load in ctx.balancer.loads.values())

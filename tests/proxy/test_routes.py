@@ -415,3 +415,11 @@ def test_labels() -> None:
     assert policy.rules[0].route.labels("route") == (
         'route_group="gateway.networking.k8s.io",route_kind="HTTPRoute",route_namespace="shop",route_name="r"'
     )
+
+
+def test_default_route_skips_matching_even_after_pickling() -> None:
+    policy = table(route("r", rule("all")))
+    assert policy.only is policy.rules[0]
+    copy = pickle.loads(pickle.dumps(policy))  # noqa: S301 - our own bytes
+    assert copy.only is copy.rules[0] and to(copy, req("/x", b"PATCH")) == "all"
+    assert table(route("r", rule("api", path("PathPrefix", "/api")))).only is None
