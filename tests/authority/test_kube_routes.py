@@ -598,3 +598,52 @@ def test_known_refs_from_the_catalog() -> None:
     assert billing.ports == (("http", 8080),)
     web = refs.services[("shop", "web")]
     assert web.discovered and web.opaque == frozenset({5432}) and web.ports == (("http", 80), ("", 5432))
+
+
+# --- contract with the agent: whatever compiles, the agent parses without rejection ---------
+
+ACCEPTED = [
+    (FIXTURES / "routes.yaml").read_text(),
+    SPLIT % (1, 0),
+    route("{matches: [{path: {type: Exact, value: /a}, method: GET}], timeouts: {request: 1h2m3s4ms}}"),
+    route(
+        "{retry: {codes: [500, 503], attempts: 5, backoff: 100ms}}",
+        '"balancer.linkerd.io/failure-accrual": consecutive, "timeout.linkerd.io/idle": "1d"',
+    ),
+    """
+    apiVersion: v1
+    kind: Service
+    metadata: {namespace: shop, name: web, annotations: {retry.linkerd.io/grpc: "unavailable,internal"}}
+    spec: {ports: [{name: http, port: 80}, {name: alt, port: 8080}]}
+    """,
+]
+
+
+@pytest.mark.parametrize("text", ACCEPTED, ids=[f"accepted{i}" for i in range(len(ACCEPTED))])
+def test_compiled_items_parse_on_the_agent(text: str) -> None:
+    from agent.proxy.routes import parse_routes
+    from agent.proxy.services import parse_services
+
+    items, skipped = compile_all(parse(text))
+    assert items and skipped == []
+    # The Services the items name, as discovery would serve them (one endpoint each).
+    ports: dict[tuple[str, str], set[int]] = {}
+    for item in items:
+        refs = [
+            item["parent"],
+            *(b["ref"] for r in item["routes"] for rule in r["rules"] for b in rule["backends"]),
+        ]
+        for ref in refs:
+            if ref["kind"] == "Service":
+                ports.setdefault((ref["namespace"], ref["name"]), set()).add(ref["port"])
+    docs = [
+        {"name": name, "namespace": ns, "cluster_ips": [f"198.19.0.{i + 1}"],
+         "ports": [{"port": p} for p in sorted(ps)],
+         "endpoints": [{"address": f"198.19.1.{i + 1}", "ports": {str(p): p for p in ps}}]}
+        for i, ((ns, name), ps) in enumerate(sorted(ports.items()))
+    ]  # fmt: skip
+    rejected: list[Any] = []
+    services = parse_services(docs, lambda *a: rejected.append(a))
+    table = parse_routes(items, lambda *a: rejected.append(a), services)
+    assert rejected == []
+    assert len(table.parents()) == len(items)
