@@ -5,6 +5,7 @@ whole-member `set` in a delta, which agents from before #21 apply as they are.""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from agent.authority.service import Authority, RenderedConfig
 from agent.authority.storage import HostRecord
 from agent.identity import delta as wire
 from agent.identity.pki import generate_key, make_csr
+from tests.pgcluster import PgCluster
 from tests.support import init_authority
 
 NOW = datetime.now(UTC)  # (certificates are issued from it: a real time)
@@ -41,17 +43,17 @@ def _enroll(authority: Authority, identity: str, name: str, address: str) -> Hos
     return authority.enroll(token.secret, make_csr(generate_key()).decode(), name, [address]).host
 
 
-def _open(directory: Path) -> Authority:
-    authority = Authority.open(directory)
+def _open(directory: Path, database: str | None = None) -> Authority:
+    authority = Authority.open(directory, database)
     authority.clock = lambda: NOW  # generated_at equal across renders and instances
     return authority
 
 
 class Fleet:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, database: str | None = None) -> None:
         self.directory = tmp_path / "authority"
         init_authority(self.directory)
-        self.authority = _open(self.directory)
+        self.authority = _open(self.directory, database)
         a = self.authority
         self.client = _enroll(a, "shop/web", "web-1", "198.18.1.2")
         self.parent = _enroll(a, "shop/billing", "billing-1", "198.18.2.2")
@@ -74,8 +76,10 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path: Path) -> Fleet:
-    return Fleet(tmp_path)
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    made = Fleet(tmp_path)
+    yield made
+    made.authority.registry.close()
 
 
 def _doc(rendered: RenderedConfig) -> dict[str, Any]:
@@ -262,3 +266,24 @@ def test_routes_wait_for_discovery_like_services(fleet: Fleet) -> None:
     assert "services" not in doc and "routes" not in doc
     fleet.authority.set_discovered([])
     assert len(_doc(fleet.render())["routes"]) == 1
+
+
+def test_two_replicas_on_postgresql_serve_the_same_routes_and_see_each_others_changes(
+    pg_cluster: PgCluster, tmp_path: Path
+) -> None:
+    url = pg_cluster.create_database("routes_directory")
+    fleet = Fleet(tmp_path, url)
+    replica = _open(fleet.directory, url)
+    try:
+        fleet.apply(90)
+        first = fleet.render()
+        assert (first.body, first.etag) == (fleet.render(replica).body, fleet.render(replica).etag)
+        fleet.apply(40)  # through the first replica: the second's version moves, it renders anew
+        mine, theirs = fleet.render(), fleet.render(replica)
+        assert (mine.body, mine.etag, mine.version) == (theirs.body, theirs.etag, theirs.version)
+        assert _backends(_doc(theirs))["billing-v1"][0] == 40 and theirs.etag != first.etag
+        assert replica.registry.remove_route_object("HTTPRoute", "shop", "billing-canary")
+        assert _doc(fleet.render())["routes"] == [] == replica.routes_member()
+    finally:
+        replica.registry.close()
+        fleet.authority.registry.close()
