@@ -51,9 +51,9 @@ from h2.settings import SettingCodes, Settings
 
 from ..logs import Throttled, get_logger
 from ..telemetry.metrics import join, labels
-from ..telemetry.proxy_metrics import target
+from ..telemetry.proxy_metrics import target, tls_connect
 from .decisions import Refuse, route_routed_endpoint
-from .h2_upstream import ConnectFailed, H2Pool, H2Upstream, Header
+from .h2_upstream import Connected, ConnectFailed, H2Pool, H2Upstream, Header
 from .http_dispatch import AttemptResult, dispatch
 from .orig_proto import FrameGuard
 from .originate import Failed, originate
@@ -75,6 +75,8 @@ IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"
 # Connection-specific fields (RFC 9113 §8.2.2) and our own error headers never go upstream.
 GRPC_TIMEOUT, GRPC_UNAVAILABLE, GRPC_UNKNOWN = 4, 14, 2
 OUTBOUND_DST: Final = labels(("direction", "outbound"), ("peer", "dst"))  # (listeners' own)
+OUTBOUND: Final = labels(("direction", "outbound"))
+NO_ENDPOINT: Final = tls_connect(None)  # a synthesized answer's labels: no endpoint answered
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,8 @@ def worker_pool(proxy: Proxy) -> H2Pool:
     return pool
 
 
-def proxy_connector(proxy: Proxy) -> Callable[[Hashable], Awaitable[Leg | ConnectFailed]]:
-    async def connect(key: Hashable) -> Leg | ConnectFailed:
+def proxy_connector(proxy: Proxy) -> Callable[[Hashable], Awaitable[Connected | ConnectFailed]]:
+    async def connect(key: Hashable) -> Connected | ConnectFailed:
         assert isinstance(key, EndpointRef)
         action = route_routed_endpoint(
             key.address,
@@ -114,7 +116,7 @@ def proxy_connector(proxy: Proxy) -> Callable[[Hashable], Awaitable[Leg | Connec
             return ConnectFailed(made.kind, made.reason)
         proxy.observe(made.leg, join(OUTBOUND_DST, where, made.tls_labels))
         proxy.stats.opened[f"outbound:h2_{made.kind}"] += 1
-        return made.leg
+        return Connected(made.leg, made.tls_labels)
 
     return connect
 
@@ -353,6 +355,10 @@ class _Exchange:
         self.retry_limit = MAX_BODY
         self.grpc_retry = False  # the rule retries gRPC codes: a gRPC call is eligible
         self.deadline: float | None = None  # the request's (loop time), for the body
+        self.answered = 0.0  # when the response head went to the app (latency)
+        self.complete = False  # the whole response went to the app
+        self.grpc_code: int | None = None  # the response's grpc-status (head or trailers)
+        self.tls_labels = ""  # the endpoint that answered (empty: the proxy did)
         self.timer: asyncio.TimerHandle | None = None
 
     # --- Exchange -----------------------------------------------------------------------------
@@ -470,7 +476,9 @@ class _Exchange:
             )
             return
         self.status = 200 if self.grpc else status
+        self.grpc_code = grpc_status if self.grpc else None
         self.responded = True
+        self.answered = time.monotonic()
         self.router.send_head(self, error_headers(self.grpc, status, grpc_status, message), end=True)
 
     # --- the app's request --------------------------------------------------------------------
@@ -509,7 +517,11 @@ class _Exchange:
         if self.responded or self.ended or attempt.head is None:
             return
         self.responded = True
+        self.answered = time.monotonic()
         self.status = http_status(attempt.head) or 0
+        self.tls_labels = attempt.conn.tls_labels
+        if self.grpc:
+            self.grpc_code = grpc_status(attempt.head)
         head = [(n, v) for n, v in attempt.head if n not in _DROP]
         self.router.send_head(self, head, end=attempt.ended and attempt.trailers is None and not attempt.held)
 
@@ -522,6 +534,8 @@ class _Exchange:
         self.router.pump(self)
 
     def relay_end(self, trailers: list[Header] | None) -> None:
+        if trailers and self.grpc:
+            self.grpc_code = grpc_status(trailers)
         self.out_end = True
         self.out_trailers = trailers
         self.router.pump(self)
@@ -566,8 +580,11 @@ class H2Router(Leg):
         on_refused: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
+        self.proxy = conn.proxy
         self.ctx = conn.ctx
         self.policy = conn.policy
+        self.target = target(*conn.orig)
+        self.http: dict[str, Any] = {}  # the per-request families per label set
         self.preread = conn.early  # (Leg.early is the relay's own)
         self.orig = conn.orig
         self.pool = pool if pool is not None else worker_pool(conn.proxy)
@@ -801,6 +818,7 @@ class H2Router(Leg):
 
     def _finish(self, ex: _Exchange) -> None:
         """The response went out whole: a request body still coming is not wanted."""
+        ex.complete = True
         if not ex.request_done:
             self._reset_id(ex.sid, ErrorCodes.NO_ERROR)
         ex.ended = True
@@ -812,6 +830,7 @@ class H2Router(Leg):
             ex.timer = None
         if self.streams.get(ex.sid) is ex:
             del self.streams[ex.sid]
+            self._count(ex)
         attempt = ex.current
         if attempt is not None and not attempt.ended:
             attempt.discard()
@@ -821,6 +840,24 @@ class H2Router(Leg):
             ex.unacked = 0
         if self.app_done and not self.streams:
             self._shutdown()
+
+    def _count(self, ex: _Exchange) -> None:
+        """The per-request families (request_total, response_total, response_latency_ms) count
+        routed streams as the L4 accounting does: target_addr the address the app dialled; a
+        stream reset or cut off before its response ended is status 0."""
+        proxy = self.proxy
+        metrics = proxy.metrics if proxy is not None else None
+        if metrics is None or not proxy.settings.http_accounting:
+            return
+        base = join(OUTBOUND, self.target, ex.tls_labels or NO_ENDPOINT)
+        http = self.http.get(base)
+        if http is None:
+            http = self.http[base] = metrics.http(base)
+        status = ex.status if ex.complete else 0
+        grpc = ex.grpc_code if ex.grpc else None
+        if ex.grpc and status and grpc is None:
+            grpc = GRPC_UNKNOWN  # a gRPC response without grpc-status (the L4 accounting's rule)
+        http.exchange(ex.view.method, status, (ex.answered or time.monotonic()) - ex.started, grpc)
 
     # --- the app connection -------------------------------------------------------------------
 

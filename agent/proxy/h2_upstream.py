@@ -136,10 +136,15 @@ class H2Upstream(Leg):
     """One HTTP/2 client connection to one endpoint (see the module docstring)."""
 
     def __init__(
-        self, key: Hashable, on_gone: Callable[[H2Upstream], None], max_streams: int = MAX_STREAMS
+        self,
+        key: Hashable,
+        on_gone: Callable[[H2Upstream], None],
+        max_streams: int = MAX_STREAMS,
+        tls_labels: str = "",
     ) -> None:
         super().__init__()
         self.key = key
+        self.tls_labels = tls_labels  # the endpoint's, for the per-request families
         self.on_gone = on_gone
         self.max_streams = max_streams
         self.transport = _Flow(self)  # type: ignore[assignment]
@@ -440,7 +445,15 @@ class H2Upstream(Leg):
         self.peer = self.forward = None
 
 
-Connector = Callable[[Hashable], Awaitable["Leg | ConnectFailed"]]
+@dataclass(frozen=True)
+class Connected:
+    """An upstream leg (handshake done, not yet paired) and its metric labels."""
+
+    leg: Leg
+    tls_labels: str = ""
+
+
+Connector = Callable[[Hashable], Awaitable["Connected | ConnectFailed"]]
 
 
 class H2Pool:
@@ -488,15 +501,15 @@ class H2Pool:
 
     async def _open(self, key: Hashable) -> H2Upstream | ConnectFailed:
         try:
-            leg = await self.connect(key)
+            made = await self.connect(key)
         except (OSError, TimeoutError) as exc:
             return ConnectFailed("connect", str(exc) or "timeout")
-        if isinstance(leg, ConnectFailed):
-            return leg
-        if leg.closed:
+        if isinstance(made, ConnectFailed):
+            return made
+        if made.leg.closed:
             return ConnectFailed("connect", "closed right after connecting")
-        conn = H2Upstream(key, self._gone, self.max_streams)
-        leg.pair(conn)
+        conn = H2Upstream(key, self._gone, self.max_streams, made.tls_labels)
+        made.leg.pair(conn)
         self.conns.setdefault(key, []).append(conn)
         self.opened += 1
         return conn

@@ -32,7 +32,7 @@ from h2.exceptions import ProtocolError
 from hyperframe.frame import GoAwayFrame
 
 from agent.proxy.h2_router import H2Router
-from agent.proxy.h2_upstream import ConnectFailed, H2Pool
+from agent.proxy.h2_upstream import Connected, ConnectFailed, H2Pool
 from agent.proxy.http_dispatch import RouterContext
 from agent.proxy.relay import Leg
 from agent.proxy.routed_detect import RoutedConn
@@ -256,7 +256,7 @@ class GrpcServer:
 # --- the router under test --------------------------------------------------------------------
 
 
-async def plain_connect(key: Hashable) -> Leg | ConnectFailed:
+async def plain_connect(key: Hashable) -> Connected | ConnectFailed:
     """The pool's connector in these tests: plain TCP to the endpoint (no mTLS)."""
     assert isinstance(key, EndpointRef)
     leg = Leg()
@@ -264,7 +264,7 @@ async def plain_connect(key: Hashable) -> Leg | ConnectFailed:
         await asyncio.get_running_loop().create_connection(lambda: leg, key.address, key.port)
     except OSError as exc:
         return ConnectFailed("connect", str(exc))
-    return leg
+    return Connected(leg)
 
 
 def backend(name: str, weight: int, *endpoints: EndpointRef) -> Backend:

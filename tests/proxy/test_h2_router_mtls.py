@@ -23,9 +23,10 @@ from agent.proxy.routed_detect import RoutedConn
 from agent.proxy.routes import EndpointRef, ParentPolicy, RouteTable
 from agent.proxy.services import ServiceTable
 from agent.proxy.tls import Credentials
+from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.route_metrics import RouteMetrics
 from tests.proxy.test_h2_router import GrpcServer, backend, policy
-from tests.support import issue_identity
+from tests.support import issue_identity, metric_sum
 
 TD = "cluster.local"
 WEB = f"spiffe://{TD}/ns/shop/sa/web"
@@ -82,12 +83,14 @@ def test_grpc_split_over_mtls_to_each_endpoints_identity(tmp_path: Path) -> None
                 await b.start()
                 proxies.append(b)
                 inbound.append(b.listening["inbound"][1])
+            metrics = ProxyMetrics()
             a = Proxy(
                 _settings(),
                 Credentials.load(IdentityStore(tmp_path / "a")),
                 InboundPolicy(),
                 Catalog([]),
                 lambda sock: ("127.0.0.1", 1),
+                metrics=metrics,
             )
             await a.start()
             proxies.append(a)
@@ -108,6 +111,14 @@ def test_grpc_split_over_mtls_to_each_endpoints_identity(tmp_path: Path) -> None
             pool = worker_pool(a)
             assert pool.status()["connections"] == 2  # one mTLS connection per endpoint
             assert a.stats.opened["outbound:h2_mtls"] == 2
+            # The per-request families count the routed calls as the L4 accounting would: the
+            # address the app dialled, the endpoint's identity, the gRPC status.
+            text = "\n".join(line for f in metrics.families() for line in f.render())
+            dialled = 'target_addr="198.18.0.10:8080"'
+            assert metric_sum(text, "request_total", 'direction="outbound"', dialled) == 40
+            ok = metric_sum(text, "response_total", dialled, 'classification="success"', 'grpc_status="0"')
+            assert ok == 40
+            assert 'server_id="db.shop.serviceaccount.identity.linkerd.cluster.local"' in text
 
             # An endpoint that must be web but proves db: refused at the handshake, so the call
             # fails UNAVAILABLE and nothing reaches its server.
