@@ -243,6 +243,17 @@ class ProxySettings:
     ticket_key_rotation_s: float = 3600.0
     """How often the key that encrypts session tickets is replaced (at least 60 s): a ticket
     resumes for at most this long. A renewal replaces it too."""
+    http_routes: bool = True
+    """Apply the authority's HTTP route policies (the directory's `routes`: splits, timeouts,
+    retries, circuit breaking) to outbound connections to their destinations. false: every
+    connection takes the L4 path (the kill switch); the policies are still received."""
+    http_pool_idle_s: float = 3.0
+    """How long an upstream HTTP/1 connection of the routed path is kept idle for the next request."""
+    http_pool_max_idle: int = 100
+    """Idle upstream HTTP/1 connections kept per endpoint (per worker); more are closed."""
+    http_retry_buffer_total: int = 32 * 1024 * 1024
+    """Bytes of request bodies held for retries at once, per worker; past it new requests are
+    not retried (each holds at most 64 KiB)."""
 
     def __post_init__(self) -> None:
         workers = self.workers
@@ -265,6 +276,16 @@ class ProxySettings:
         _float_range(self.drain_timeout_s, 0, 3600, "proxy.drain_timeout_s")
         _float_range(self.idle_timeout_s, 0, 7 * 86400, "proxy.idle_timeout_s")
         _float_range(self.refresh_interval_s, 1, 86400, "proxy.refresh_interval_s")
+        _float_range(self.http_pool_idle_s, 0, 3600, "proxy.http_pool_idle_s")
+        if not isinstance(self.http_routes, bool):
+            raise ConfigError(f"proxy.http_routes must be true or false, got {self.http_routes!r}")
+        for name, lo, hi in (
+            ("http_pool_max_idle", 0, 100000),
+            ("http_retry_buffer_total", 0, 1 << 34),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"proxy.{name} must be an integer between {lo} and {hi}, got {value!r}")
         if not 1 <= self.max_handshakes <= 100000:
             raise ConfigError(
                 f"proxy.max_handshakes must be between 1 and 100000, got {self.max_handshakes!r}"

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from agent.config import AgentConfig, load_config, worker_count
 from agent.errors import ConfigError, MeshagentError, StateError, listen_error
@@ -99,12 +99,18 @@ async def in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
     return await future
 
 
+# Members an authority may leave out to mean "keep what you have": `services` (its discovery has
+# not answered yet, just restarted), `routes` (a replica older than #21 during a rolling upgrade).
+CARRIED: Final = ("services", "routes")
+
+
 def carry_services(doc: dict[str, Any], last: dict[str, Any] | None) -> dict[str, Any]:
-    """`doc`, with the Services of `last` when it has none: an authority whose discovery has not
-    answered yet (just restarted) leaves them out, and the host keeps the ones it has."""
-    if "services" in doc or last is None:
+    """`doc`, with the Services and routes of `last` where it has none (see CARRIED); `[]` in
+    `doc` means none, and is kept."""
+    if last is None:
         return doc
-    return {**doc, "services": last.get("services", [])}
+    missing = {key: last.get(key, []) for key in CARRIED if key not in doc}
+    return {**doc, **missing} if missing else doc
 
 
 def newest(cached: dict[str, Any] | None, fetched: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -184,6 +190,10 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         idle_timeout_s=p.idle_timeout_s,
         max_handshakes=p.max_handshakes,
         tls_resumption=p.tls_resumption,
+        http_routes=p.http_routes,
+        http_pool_idle_s=p.http_pool_idle_s,
+        http_pool_max_idle=p.http_pool_max_idle,
+        http_retry_buffer_total=p.http_retry_buffer_total,
         direct=True,
         served_ports=served_ports(config),
     )

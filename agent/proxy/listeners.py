@@ -62,12 +62,15 @@ from .decisions import (
 from .detect import NEED_DATA, Detected, Protocol, detect
 from .directory import Directory
 from .http1 import Accounting, new_accounting
+from .http_dispatch import RouterContext
 from .originate import Failed, originate
 from .originate import handshake as _handshake
 from .originate import tls_reason as _tls_reason
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
 from .revocation import PeerConnection, PeerConnections, RevokedSet, cert_serial
+from .routed_detect import FallbackReason, RoutedConn, RoutedDetect, RouterFactory
+from .routes import ParentPolicy, RouteTable
 from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
 from .sessions import SessionCache
 from .tls import Credentials, peer_identity
@@ -110,6 +113,12 @@ class ListenerSettings:
     tls_resumption: bool = True
     """Outbound: offer a kept TLS session to a server seen before (proxy.tls_resumption; the
     server side is `Credentials.load(tickets=...)`)."""
+    http_routes: bool = True
+    """Route HTTP per request to destinations with a policy (the directory's `routes`); off:
+    every outbound connection takes the L4 path."""
+    http_pool_idle_s: float = 3.0
+    http_pool_max_idle: int = 100
+    http_retry_buffer_total: int = 32 * 1024 * 1024
 
 
 @dataclass
@@ -244,6 +253,11 @@ class Proxy:
         # `catalog` and `policy`); the balancer keeps per-endpoint state across refreshes.
         self.services = ServiceTable.empty()
         self.balancer = Balancer()
+        # HTTP route policies (issue #21): the destinations routed per request, and what their
+        # requests share (balancer, budgets, breakers), kept across directory changes. Empty:
+        # the outbound path does no lookup at all.
+        self.routes = RouteTable.empty()
+        self.router: RouterContext | None = None
         self.orig_dst = orig_dst
         # Revoked peers (the daemon calls set_revoked on each directory refresh), and each open
         # mTLS connection's peer so a revocation can find the ones to cut.
@@ -554,6 +568,21 @@ class Proxy:
         self.catalog, self.policy = directory.catalog, directory.policy
         self.services = directory.services
         self.set_revoked(directory.revoked)
+        self.apply_routes(directory.routes)
+
+    def apply_routes(self, table: RouteTable | None) -> None:
+        """Route HTTP per request to `table`'s destinations (None or proxy.http_routes off:
+        none). The router's state (EWMA, breakers, budgets) is kept for what is still routed."""
+        if table is None or not self.settings.http_routes:
+            table = RouteTable.empty()
+        if self.router is not None:
+            self.router.apply(table, self.services)
+        elif table:
+            from agent.telemetry.route_metrics import RouteMetrics
+
+            metrics = self.metrics.routes if self.metrics is not None else RouteMetrics()
+            self.router = RouterContext(table, self.services, metrics)
+        self.routes = table
 
     # --- revocation ----------------------------------------------------------------------
 
@@ -1138,24 +1167,84 @@ class _OutboundAccept(Leg):
             proxy.refuse("outbound", refused.reason)
             self.abort()
             return
-        unmeshed = proxy.settings.unmeshed_outbound
-        services = proxy.services
-        found = outbound_destination(orig, proxy.catalog, services)
-        pick: Pick | None = None
-        if isinstance(found, ServicePort):
-            pick = proxy.balancer.pick(services, found)
-            action = route_service(found, pick.endpoint if pick else None, unmeshed)
-        elif isinstance(found, EndpointPort):
-            action = route_endpoint(found, orig[1], unmeshed)
-        else:
-            if found is None and orig[0] in proxy.revoked.addresses:
-                # A revoked host (the authority took it out of the catalog): refused, not
-                # passed through as an unmeshed destination.
-                proxy.refuse_revoked("outbound", "address", dst=f"{orig[0]}:{orig[1]}")
-                self.abort()
+        routes = proxy.routes
+        if routes:  # (empty: no lookup at all, the L4 path as before #21)
+            policy = routes.lookup(*orig)
+            if policy is not None:
+                _routed(proxy, self, orig, policy)
                 return
-            action = route_outbound(orig, found, unmeshed)
-        proxy.spawn(_outbound(proxy, self, orig, action, pick), "outbound")
+        _l4(proxy, self, orig)
+
+
+def _l4(proxy: Proxy, app: Leg, orig: Address, early: bytes = b"") -> None:
+    """Today's outbound path: the destination's action (catalog, Service, endpoint), then
+    `_outbound` connects and pairs. `early`: bytes a routed destination's detection read."""
+    unmeshed = proxy.settings.unmeshed_outbound
+    services = proxy.services
+    found = outbound_destination(orig, proxy.catalog, services)
+    pick: Pick | None = None
+    if isinstance(found, ServicePort):
+        pick = proxy.balancer.pick(services, found)
+        action = route_service(found, pick.endpoint if pick else None, unmeshed)
+    elif isinstance(found, EndpointPort):
+        action = route_endpoint(found, orig[1], unmeshed)
+    else:
+        if found is None and orig[0] in proxy.revoked.addresses:
+            # A revoked host (the authority took it out of the catalog): refused, not
+            # passed through as an unmeshed destination.
+            proxy.refuse_revoked("outbound", "address", dst=f"{orig[0]}:{orig[1]}")
+            app.abort()
+            return
+        action = route_outbound(orig, found, unmeshed)
+    proxy.spawn(_outbound(proxy, app, orig, action, pick, early), "outbound")
+
+
+def _routed(proxy: Proxy, app: Leg, orig: Address, policy: ParentPolicy) -> None:
+    """A destination with an HTTP policy: detect what the app speaks, then route per request
+    (HTTP/1, HTTP/2) or carry on as L4 with the bytes read."""
+    ctx = proxy.router
+    if ctx is None:  # (apply builds it with the table: a table without it is a bug, not a drop)
+        _l4(proxy, app, orig)
+        return
+    metrics = proxy.metrics
+
+    def make_conn(early: bytes) -> RoutedConn:
+        return RoutedConn(proxy, ctx, policy, app, early, orig)
+
+    def fallback(reason: FallbackReason) -> None:
+        if metrics is not None:
+            metrics.routes.routed_fallback(reason)
+
+    detector = RoutedDetect(
+        make_conn,
+        _router_factories(),
+        lambda leg, early: _l4(proxy, leg, orig, early),
+        proxy.settings.detect_timeout_s,
+        fallback,
+    )
+    proxy.stats.opened["outbound:routed"] += 1
+    app.pair(detector)
+
+
+def _router_factories() -> dict[Protocol, RouterFactory]:
+    """The routers there are: H1Router, and H2Router once h2_router.py exists (until then an
+    HTTP/2 preface takes the L4 path)."""
+    global _FACTORIES
+    if _FACTORIES is None:
+        from .h1_router import H1Router
+
+        factories: dict[Protocol, RouterFactory] = {Protocol.HTTP1: H1Router}
+        try:
+            from .h2_router import H2Router  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            pass
+        else:
+            factories[Protocol.HTTP2] = H2Router
+        _FACTORIES = factories
+    return _FACTORIES
+
+
+_FACTORIES: dict[Protocol, RouterFactory] | None = None
 
 
 def _released(proxy: Proxy, pick: Pick) -> Callable[[Leg, BaseException | None], None]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from agent.logs import get_logger
 
@@ -30,10 +30,9 @@ from .detect import MAX_PEEK, NEED_DATA, Detected, Protocol, detect
 from .relay import Leg
 
 if TYPE_CHECKING:
+    from .http_dispatch import RouterContext
     from .listeners import Proxy
     from .routes import ParentPolicy
-
-RouterContext = Any  # http_dispatch.RouterContext (router's): typed here once it is committed
 
 log = get_logger("meshagent.proxy")
 

@@ -1,0 +1,165 @@
+"""The routed HTTP/1 path on loopback: app connection → Proxy (outbound listener, routed
+destination) → RoutedDetect → H1Router → dispatch → small HTTP/1 servers. Framing (HEAD, 204,
+chunked, close-delimited, pipelined, keep-alive reuse), synthesized errors, timeouts, retries."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from agent.proxy.routes import RetryPolicy, RouteTable, Timeouts
+from tests.proxy.test_h1_router_world import Client, World, policy, run
+from tests.support import metric_sum
+
+RETRY_5XX = RetryPolicy(
+    limit=2, http=((500, 599),), grpc=frozenset(), backoff_min_s=0.001, backoff_max_s=0.002
+)
+
+
+def test_framing_head_204_chunked_close_delimited_and_keep_alive_reuse(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        who = await client.request("GET", "/who")
+        assert (who.status, who.body, who.headers["x-server"]) == (200, b"a", "a")
+        head = await client.request("HEAD", "/who")  # the head alone, though content-length: 1
+        assert head.status == 200 and head.headers["content-length"] == "1" and head.body == b""
+        nobody = await client.request("GET", "/nobody")
+        assert nobody.status == 204
+        chunked = await client.request("GET", "/chunked")
+        assert chunked.body == b"hello world" and chunked.headers["transfer-encoding"] == "chunked"
+        again = await client.request("GET", "/who")  # the same app connection, still in sync
+        assert again.body == b"a"
+        # Every request of the keep-alive app connection went over one pooled upstream.
+        assert a.connections == 1
+        close = await client.request("GET", "/close")  # close-delimited: the app's connection ends
+        assert close.body == b"until the end" and close.headers.get("connection") == "close"
+        assert await client.closed()
+        client.close()
+        # A new app connection reuses the pooled upstream (the /close one was not returned).
+        second = await Client.open(world.port)
+        assert (await second.request("GET", "/who")).body == b"a"
+        assert a.connections == 2
+        second.close()
+
+    run(tmp_path, body)
+
+
+def test_pipelined_requests_answer_in_order(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        client.send(
+            b"GET /who HTTP/1.1\r\nhost: w\r\n\r\n"
+            b"POST /echo HTTP/1.1\r\nhost: w\r\ncontent-length: 5\r\n\r\nhello"
+            b"GET /status/201 HTTP/1.1\r\nhost: w\r\n\r\n"
+        )
+        first, second, third = (await client.response(), await client.response(), await client.response())
+        assert (first.body, second.body, third.status) == (b"a", b"hello", 201)
+        assert a.methods == [b"GET", b"POST", b"GET"]
+        client.close()
+
+    run(tmp_path, body)
+
+
+def test_bodies_stream_both_ways(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        big = await client.request("GET", "/big/3000000")
+        assert big.body == bytes(i % 251 for i in range(3_000_000))
+        sent = bytes(range(256)) * 4096  # 1 MiB up, echoed back
+        echoed = await client.request("POST", "/echo", sent)
+        assert echoed.body == sent
+        chunked = b"5\r\nhello\r\n3\r\nabc\r\n0\r\n\r\n"
+        client.send(b"PUT /echo HTTP/1.1\r\nhost: w\r\ntransfer-encoding: chunked\r\n\r\n" + chunked)
+        assert (await client.response()).body == b"helloabc"
+        client.close()
+
+    run(tmp_path, body)
+
+
+def test_no_endpoint_is_503_no_route_404_with_the_proxy_error_headers(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        gone = a.backend()
+        await world.proxy(RouteTable([policy(gone.__class__(gone.ref, 1, None, ()))]))
+        client = await Client.open(world.port)
+        resp = await client.request("GET", "/who")
+        assert resp.status == 503 and resp.body == b""
+        assert resp.headers["content-length"] == "0"
+        assert resp.headers["l5d-proxy-error"] == resp.headers["meshagent-proxy-error"]
+        assert "fail-fast" in resp.headers["l5d-proxy-error"]
+        # The connection stays usable after a synthesized answer.
+        assert (await client.request("GET", "/who")).status == 503
+        client.close()
+        assert a.requests["/who"] == 0
+
+    run(tmp_path, body)
+
+
+def test_hanging_upstream_times_out_with_504(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend(), timeouts=Timeouts(request_s=0.3))]))
+        client = await Client.open(world.port)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        resp = await client.request("GET", "/hang")
+        took = loop.time() - started
+        assert resp.status == 504 and "timed out" in resp.headers["l5d-proxy-error"]
+        assert 0.27 <= took < 1.5
+        assert (await client.request("GET", "/who")).body == b"a"  # and the connection goes on
+        client.close()
+
+    run(tmp_path, body)
+
+
+def test_get_is_retried_on_503_a_post_is_not(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a", fail_first=1)
+        proxy = await world.proxy(RouteTable([policy(a.backend(), retry=RETRY_5XX)]))
+        client = await Client.open(world.port)
+        got = await client.request("GET", "/who")
+        assert got.status == 200 and got.body == b"a"
+        assert a.requests["/who"] == 2  # the 503, then the retry
+        a.fail_first = 1
+        posted = await client.request("POST", "/echo", b"x")
+        assert posted.status == 503  # never retried: the app sees the failure
+        assert a.requests["/echo"] == 1
+        client.close()
+        assert proxy.metrics is not None
+        text = "\n".join(proxy.metrics.render(proxy.live_legs()))
+        assert metric_sum(text, "outbound_http_route_retry_requests_total") == 1
+        # The per-request families count routed requests too (target_addr the parent's).
+        assert (
+            metric_sum(text, "request_total", 'direction="outbound"', 'target_addr="198.18.0.10:8080"') == 2
+        )
+
+    run(tmp_path, body)
+
+
+def test_oversized_head_is_431_and_content_length_with_chunked_is_400(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        client.send(b"GET /who HTTP/1.1\r\nhost: w\r\nx-big: " + b"x" * 70000 + b"\r\n\r\n")
+        resp = await client.response()
+        assert resp.status == 431 and resp.headers["connection"] == "close"
+        assert await client.closed()
+        client.close()
+        client = await Client.open(world.port)
+        client.send(
+            b"POST /echo HTTP/1.1\r\nhost: w\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n"
+        )
+        resp = await client.response()
+        assert resp.status == 400 and resp.headers["connection"] == "close"
+        client.close()
+        assert a.requests["/echo"] == 0 and a.requests["/who"] == 0
+
+    run(tmp_path, body)
