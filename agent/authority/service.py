@@ -696,6 +696,8 @@ class Authority:
         when compiling fails as a whole (a bug): hosts then keep the routes they hold rather
         than be told there are none."""
         objects = self.registry.route_objects()
+        if not objects:  # (the usual case: no grouping of every host per version)
+            return []
         discovered = self.discovered()
 
         def compiled(
