@@ -29,22 +29,27 @@ from .services import BACKOFF_INITIAL_S, BACKOFF_MAX_S, ServiceTable
 DEFAULT_RTT_S: Final = 0.030  # linkerd2 policy-controller outbound.rs
 DECAY_S: Final = 10.0
 
-EndpointKey = tuple[str, int, str | None, int | None]
 Outcome = Literal["success", "failure", "connect_failed", "cancelled"]  # cancelled: no sample, no breaker
 Transition = Literal["shut", "open", "kept"]
 
 
-def endpoint_key(ep: EndpointRef) -> EndpointKey:
-    return (ep.address, ep.port, ep.identity, ep.header_port)
+def endpoint_key(ep: EndpointRef) -> str:
+    return ep.key
 
 
 @dataclass
 class _Load:
+    """One endpoint's state: its RTT estimate, requests outstanding, connect back-off, breaker."""
+
     rtt_s: float
     updated: float
     outstanding: int = 0
     connect_failures: int = 0
     retry_at: float = 0.0  # connect back-off until then
+    accrual: Accrual | None = None  # the accrual `breaker` runs with
+    breaker: Breaker | None = None
+    # The same endpoint in backends with another accrual (rare): a breaker per accrual.
+    others: dict[Accrual, Breaker] | None = None
 
 
 @dataclass(eq=False)
@@ -73,13 +78,12 @@ class HttpBalancer:
         self.decay_s = decay_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self.loads: dict[EndpointKey, _Load] = {}
-        self.breakers: dict[tuple[EndpointKey, Accrual], Breaker] = {}
+        self.loads: dict[str, _Load] = {}  # by EndpointRef.key
         self.seen: dict[Ref, tuple[EndpointRef, ...]] = {}  # last endpoints per backend (gauges)
 
     # --- load -------------------------------------------------------------------------------
 
-    def _load(self, key: EndpointKey) -> _Load:
+    def _load(self, key: str) -> _Load:
         load = self.loads.get(key)
         if load is None:
             load = self.loads[key] = _Load(self.default_rtt_s, self.clock())
@@ -87,13 +91,13 @@ class HttpBalancer:
 
     def estimate(self, ep: EndpointRef, now: float | None = None) -> float:
         """The RTT estimate now, decayed toward 0 since the last update (tower's `update(now, now)`)."""
-        load = self._load(endpoint_key(ep))
+        load = self._load(ep.key)
         now = self.clock() if now is None else now
         self._decay(load, now)
         return load.rtt_s
 
     def cost(self, ep: EndpointRef, now: float | None = None) -> float:
-        load = self._load(endpoint_key(ep))
+        load = self._load(ep.key)
         now = self.clock() if now is None else now
         self._decay(load, now)
         return load.rtt_s * (load.outstanding + 1)
@@ -114,13 +118,26 @@ class HttpBalancer:
 
     # --- breakers ---------------------------------------------------------------------------
 
-    def breaker(self, backend: Backend, ep: EndpointRef) -> Breaker | None:
-        if backend.accrual is None:
+    def breaker(self, backend: Backend, ep: EndpointRef, create: bool = True) -> Breaker | None:
+        """The endpoint's breaker under the backend's accrual (None: no accrual)."""
+        accrual = backend.accrual
+        if accrual is None:
             return None
-        key = (endpoint_key(ep), backend.accrual)
-        found = self.breakers.get(key)
-        if found is None:
-            found = self.breakers[key] = Breaker(backend.accrual, self.rng, self.clock)
+        load = self._load(ep.key) if create else self.loads.get(ep.key)
+        if load is None:
+            return None
+        if load.accrual is accrual or (load.breaker is not None and load.accrual == accrual):
+            return load.breaker
+        if load.breaker is None:
+            if not create:
+                return None
+            load.accrual, load.breaker = accrual, Breaker(accrual, self.rng, self.clock)
+            return load.breaker
+        if load.others is None:
+            load.others = {}
+        found = load.others.get(accrual)
+        if found is None and create:
+            found = load.others[accrual] = Breaker(accrual, self.rng, self.clock)
         return found
 
     def admits(self, backend: Backend, ep: EndpointRef) -> bool:
@@ -154,7 +171,7 @@ class HttpBalancer:
             return None
         now = self.clock()
         if len(endpoints) > 1:
-            ready = [ep for ep in endpoints if self._load(endpoint_key(ep)).retry_at <= now]
+            ready = [ep for ep in endpoints if self._load(ep.key).retry_at <= now]
             if ready:  # all in connect back-off: try them all the same
                 endpoints = ready
         if len(endpoints) == 1:
@@ -165,7 +182,7 @@ class HttpBalancer:
             b += b >= a  # two distinct endpoints
             ea, eb = endpoints[a], endpoints[b]
             chosen = ea if self.cost(ea, now) <= self.cost(eb, now) else eb
-        self._load(endpoint_key(chosen)).outstanding += 1
+        self._load(chosen.key).outstanding += 1
         brk = self.breaker(backend, chosen)
         if brk is not None:
             brk.sent()
@@ -179,24 +196,21 @@ class HttpBalancer:
             return None
         pick.done = True
         now = self.clock()
-        key = endpoint_key(pick.endpoint)
-        load = self.loads.get(key)
-        if load is not None:
-            if load.outstanding > 0:
-                load.outstanding -= 1
-            if outcome == "cancelled":
-                return None
-            if outcome == "connect_failed":
-                delay = min(self.backoff_max_s, self.backoff_initial_s * 2**load.connect_failures)
-                load.connect_failures = min(load.connect_failures + 1, 16)
-                load.retry_at = now + delay
-            else:
-                load.connect_failures, load.retry_at = 0, 0.0
-                self._observe(load, now, max(0.0, now - pick.sent_at))
-        accrual = pick.backend.accrual
-        if accrual is None:
+        load = self.loads.get(pick.endpoint.key)
+        if load is None:  # dropped by a new directory meanwhile
             return None
-        brk = self.breakers.get((key, accrual))
+        if load.outstanding > 0:
+            load.outstanding -= 1
+        if outcome == "cancelled":
+            return None
+        if outcome == "connect_failed":
+            delay = min(self.backoff_max_s, self.backoff_initial_s * 2**load.connect_failures)
+            load.connect_failures = min(load.connect_failures + 1, 16)
+            load.retry_at = now + delay
+        else:
+            load.connect_failures, load.retry_at = 0, 0.0
+            self._observe(load, now, max(0.0, now - pick.sent_at))
+        brk = self.breaker(pick.backend, pick.endpoint, create=False)
         if brk is None:
             return None
         return brk.record(outcome == "success", rule_admitting <= 1)
@@ -208,7 +222,7 @@ class HttpBalancer:
         now = self.clock()
         ready = 0
         for ep in eps:
-            load = self.loads.get(endpoint_key(ep))
+            load = self.loads.get(ep.key)
             if self.admits(backend, ep) and (load is None or load.retry_at <= now):
                 ready += 1
         return ready, len(eps) - ready
@@ -216,8 +230,7 @@ class HttpBalancer:
     def retain(self, table: RouteTable, services: ServiceTable) -> None:
         """A new directory: keep the state of endpoints (and breakers) still routed to, drop the
         rest. Requests in flight on dropped endpoints finish harmlessly."""
-        keep: set[EndpointKey] = set()
-        keep_breakers: set[tuple[EndpointKey, Accrual]] = set()
+        keep: dict[str, set[Accrual]] = {}
         seen: dict[Ref, tuple[EndpointRef, ...]] = {}
         for policy in table.parents():
             for rule in policy.rules:
@@ -225,10 +238,18 @@ class HttpBalancer:
                     eps = backend.resolve(services)
                     seen[backend.ref] = eps
                     for ep in eps:
-                        k = endpoint_key(ep)
-                        keep.add(k)
+                        accruals = keep.setdefault(ep.key, set())
                         if backend.accrual is not None:
-                            keep_breakers.add((k, backend.accrual))
-        self.loads = {k: v for k, v in self.loads.items() if k in keep}
-        self.breakers = {k: v for k, v in self.breakers.items() if k in keep_breakers}
+                            accruals.add(backend.accrual)
+        loads: dict[str, _Load] = {}
+        for key, load in self.loads.items():
+            kept = keep.get(key)
+            if kept is None:
+                continue
+            if load.accrual is not None and load.accrual not in kept:
+                load.accrual, load.breaker = None, None
+            if load.others:
+                load.others = {a: b for a, b in load.others.items() if a in kept} or None
+            loads[key] = load
+        self.loads = loads
         self.seen = seen

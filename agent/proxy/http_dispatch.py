@@ -26,7 +26,7 @@ from typing import Any, Final, Protocol
 from agent.logs import Throttled, get_logger
 from agent.telemetry.proxy_metrics import GRPC_FAILURES
 
-from .http_balance import EndpointPick, HttpBalancer, Outcome, endpoint_key
+from .http_balance import EndpointPick, HttpBalancer, Outcome
 from .retry_budget import RetryBudget
 from .routes import Backend, BudgetSpec, EndpointRef, ParentPolicy, Ref, RequestView, RouteTable, Rule
 from .services import ServiceTable
@@ -190,7 +190,7 @@ class RouterContext:
                     if backend.accrual is None:
                         continue
                     for ep in self.endpoints(backend):
-                        brk = self.balancer.breakers.get((endpoint_key(ep), backend.accrual))
+                        brk = self.balancer.breaker(backend, ep, create=False)
                         if brk is None or brk.state == "open":
                             continue
                         breakers.append(

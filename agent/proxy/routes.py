@@ -79,6 +79,12 @@ class EndpointRef:
     identity: str | None
     server_name: str | None
     header_port: int | None = None
+    # (address, port, identity, header port) as one string: balancer state is keyed by it, and
+    # a str caches its hash (a tuple or this dataclass would hash its fields on every lookup).
+    key: str = field(default="", init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.address}|{self.port}|{self.identity}|{self.header_port}")
 
 
 @dataclass(frozen=True)

@@ -153,7 +153,7 @@ def test_finished_twice_counts_once() -> None:
     assert p is not None
     bal.finished(p, "success", 1)
     bal.finished(p, "success", 1)
-    assert bal.loads[("198.18.2.2", 8080, None, None)].outstanding == 0
+    assert bal.loads[A.key].outstanding == 0
 
 
 def _table(weights: tuple[int, int], endpoints: list[str]) -> list[dict[str, object]]:
@@ -216,16 +216,29 @@ def test_retain_keeps_state_when_weights_move_and_drops_gone_endpoints() -> None
         ServiceTable.empty(),
     )
     new_v1 = backend(*v1.endpoints, accrual=v1.accrual)
-    assert bal.loads[("198.18.2.2", 8080, None, None)].outstanding == 1  # the request in flight still counts
+    assert bal.loads[A.key].outstanding == 1  # the request in flight still counts
     assert not bal.admits(new_v1, v1.endpoints[1])  # the breaker survived the new weights
     bal.retain(
         parse_routes(_table((50, 50), ["198.18.2.2"]), _no_reject, ServiceTable.empty()), ServiceTable.empty()
     )
-    assert ("198.18.4.2", 8080, None, None) not in bal.loads
-    assert not any(k[0][0] == "198.18.4.2" for k in bal.breakers)
+    assert C.key not in bal.loads  # its load and breaker are gone
     bal.finished(inflight, "success", 2)  # finishing after a refresh is harmless
-    assert bal.loads[("198.18.2.2", 8080, None, None)].outstanding == 0
+    assert bal.loads[A.key].outstanding == 0
 
 
 def _no_reject(where: str, doc: object, reason: str) -> None:
     raise AssertionError(f"{where}: {reason}")
+
+
+def test_one_endpoint_in_two_backends_with_different_accruals_has_two_breakers() -> None:
+    bal = HttpBalancer(random.Random(1), Clock())
+    strict = backend(A, accrual=Accrual(max_failures=1, jitter=0.0))
+    lenient = Backend(
+        Ref("", "Service", "shop", "web-v2", 8080), 1, Accrual(max_failures=3, jitter=0.0), (A,)
+    )
+    p = bal.pick(strict, [A])
+    assert p is not None and bal.finished(p, "failure", 2) == "shut"
+    assert not bal.admits(strict, A) and bal.admits(lenient, A)
+    q = bal.pick(lenient, [A])
+    assert q is not None and bal.finished(q, "failure", 2) is None  # 1 of 3
+    assert not bal.admits(strict, A)
