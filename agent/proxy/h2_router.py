@@ -93,7 +93,8 @@ def worker_pool(proxy: Proxy) -> H2Pool:
     originate(): mTLS to the endpoint's own identity, as the L4 path."""
     pool = _POOLS.get(proxy)
     if pool is None:
-        pool = _POOLS[proxy] = H2Pool(proxy_connector(proxy))
+        connect = proxy_connector(proxy)
+        pool = _POOLS[proxy] = H2Pool(connect, retry_total=proxy.settings.http_retry_buffer_total)
     return pool
 
 
@@ -423,6 +424,7 @@ class _Exchange:
             return
         attempt.forwarded = True
         self.current = attempt
+        self.unkeep()  # no attempt after this one
         if self.deadline is not None and not attempt.ended:
             loop = asyncio.get_running_loop()
             self.timer = loop.call_at(self.deadline, self._expired)
@@ -485,12 +487,16 @@ class _Exchange:
 
     def request_data(self, data: bytes, flow: int) -> None:
         if self.kept:
-            if self.body_size + len(data) <= self.retry_limit:
+            pool = self.router.pool
+            if self.body_size + len(data) > self.retry_limit:
+                self.unkeep()
+            elif pool.retry_held + len(data) > pool.retry_total:
+                self.unkeep()  # the worker's bound on bodies kept for retries
+                self.router.ctx.metrics.retry_buffer_full()
+            else:
                 self.body.append(data)
                 self.body_size += len(data)
-            else:
-                self.kept = False
-                self.body.clear()
+                pool.retry_held += len(data)
         self.unacked += flow
         attempt = self.current
         if attempt is not None and attempt.sid:
@@ -498,6 +504,14 @@ class _Exchange:
             self.body_sent(attempt)
         elif data:
             self.pending.append(data)  # acknowledged once an attempt took it
+
+    def unkeep(self) -> None:
+        """The body is no longer kept for a retry (too long, the worker's bound, the end)."""
+        if self.kept:
+            self.kept = False
+            self.router.pool.retry_held -= self.body_size
+            self.body.clear()
+            self.body_size = 0
 
     def request_end(self) -> None:
         self.request_done = True
@@ -546,6 +560,7 @@ class _Exchange:
     def cancel(self) -> None:
         """The app reset its stream or went away."""
         self.ended = True
+        self.unkeep()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -825,6 +840,7 @@ class H2Router(Leg):
         self._forget(ex)
 
     def _forget(self, ex: _Exchange) -> None:
+        ex.unkeep()
         if ex.timer is not None:
             ex.timer.cancel()
             ex.timer = None

@@ -459,9 +459,14 @@ Connector = Callable[[Hashable], Awaitable["Connected | ConnectFailed"]]
 class H2Pool:
     """HTTP/2 connections per endpoint key, shared by a worker's routed app connections."""
 
-    def __init__(self, connect: Connector, max_streams: int = MAX_STREAMS) -> None:
+    def __init__(
+        self, connect: Connector, max_streams: int = MAX_STREAMS, retry_total: int = 32 * 1024 * 1024
+    ) -> None:
         self.connect = connect
         self.max_streams = max_streams
+        # Request bodies the routers keep for retries, over all app connections of the worker.
+        self.retry_total = retry_total
+        self.retry_held = 0
         self.conns: dict[Hashable, list[H2Upstream]] = {}
         self.opening: dict[Hashable, asyncio.Future[H2Upstream | ConnectFailed]] = {}
         self.opened = 0  # connections opened so far (status, tests)
@@ -534,4 +539,5 @@ class H2Pool:
             "connections": len(live),
             "streams": sum(len(c.handlers) for c in live),
             "opened": self.opened,
+            "retry_held": self.retry_held,
         }

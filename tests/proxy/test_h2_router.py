@@ -158,6 +158,10 @@ class _H2ServerConn(asyncio.Protocol):
         path = self.paths[sid]
         if path == "/hang" or (self.last is not None and sid > self.last):
             return
+        if path == "/sleep":  # answered 0.3 s later
+            self.paths[sid] = "/who"
+            asyncio.get_running_loop().call_later(0.3, self._later, sid)
+            return
         status, body = 200, b""
         if path == "/who":
             body = self.owner.name.encode()
@@ -176,6 +180,11 @@ class _H2ServerConn(asyncio.Protocol):
         else:
             self.done.add(sid)
             self._answered()
+
+    def _later(self, sid: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._answer(sid)
+            self._flush()
 
     def _send_body(self, sid: int) -> None:
         body = self.pending[sid]
@@ -403,6 +412,24 @@ def test_grpc_trailers_only_unavailable_is_retried_when_the_route_names_it() -> 
     run(body)
 
 
+def test_grpc_bodies_past_the_workers_retry_buffer_are_not_retried() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1", fail_first=1)
+        pool = H2Pool(plain_connect, retry_total=4)  # smaller than any gRPC message
+        front = await routed(policy(backend("g", 1, server.endpoint()), retry=GRPC_RETRY), pool)
+        try:
+            code, _details, _meta = await grpc_in_thread(front.port, b"x")
+            assert code == grpc.StatusCode.UNAVAILABLE and server.calls == 1
+            text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+            assert "meshagent_http_retry_buffer_full_total 1" in text.splitlines()
+            assert pool.retry_held == 0
+        finally:
+            await front.stop()
+            server.stop()
+
+    run(body)
+
+
 def test_grpc_unavailable_is_not_retried_without_grpc_conditions() -> None:
     async def body() -> None:
         server = GrpcServer("g1", fail_first=1)
@@ -507,6 +534,7 @@ def test_bodies_larger_than_the_windows_flow_both_ways() -> None:
                     client.post("/echo", content=sent), client.post("/echo", content=sent[::-1])
                 )
                 assert echoed.content == sent and echoed2.content == sent[::-1]
+            assert front.pool.status()["retry_held"] == 0  # nothing kept once answered
         finally:
             await front.stop()
             await a.stop()
@@ -550,6 +578,23 @@ def test_streams_refused_by_a_goaway_go_to_a_new_connection_without_a_retry_poli
                 got = await asyncio.gather(*(client.get("/who") for _ in range(5)))
                 assert [r.status_code for r in got] == [200] * 5
             assert a.connections == 2 and a.requests["/who"] >= 6  # refused unprocessed, then served
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_a_full_upstream_connection_gets_a_second_one() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint())), H2Pool(plain_connect, max_streams=2))
+        try:
+            async with h2_client(front) as client:
+                got = await asyncio.gather(*(client.get("/sleep") for _ in range(6)))
+                assert [(r.status_code, r.text) for r in got] == [(200, "a")] * 6
+            assert a.connections == 3  # 2 streams each, all 6 in flight at once
+            assert front.pool.status()["opened"] == 3
         finally:
             await front.stop()
             await a.stop()
