@@ -332,3 +332,30 @@ def test_an_exchange_that_raises_fails_the_request_not_the_worker() -> None:
     # IO is retryable, the bug is not: two attempts, then 502 UNKNOWN
     assert len(ex.attempts) == 2 and ex.errors[0][:3] == (502, 14, "UNKNOWN")
     assert all(load.outstanding == 0 for load in ctx.balancer.loads.values())
+
+
+def test_with_the_real_route_metrics() -> None:
+    from agent.telemetry.route_metrics import RouteMetrics
+
+    ctx, policy, _m = setup(retry=FAST, timeouts={"request_ms": 5000})
+    metrics = RouteMetrics()
+    ctx.metrics = metrics
+    ctx.apply(ctx.table, ctx.services)
+    run(ctx, policy, FakeExchange(lambda pick, n: ok(503) if n == 1 else ok(200)))
+    text = "\n".join(line for family in metrics.families() for line in family.render())
+    parent = 'parent_group="",parent_kind="Host",parent_namespace="shop",parent_name="web",parent_port="8080"'
+    assert f"outbound_http_route_retry_requests_total{{{parent}" in text
+    retries = [
+        line for line in text.splitlines() if line.startswith("outbound_http_route_retry_requests_total{")
+    ]
+    assert len(retries) == 1 and retries[0].endswith(" 1")
+    statuses = [
+        line for line in text.splitlines() if line.startswith("outbound_http_route_backend_response_statuses")
+    ]
+    assert any('http_status="503"' in s for s in statuses) and any('http_status="200"' in s for s in statuses)
+    assert any(
+        line.startswith("outbound_http_balancer_endpoints{")
+        and 'endpoint_state="ready"' in line
+        and line.endswith(" 1")
+        for line in text.splitlines()
+    )
