@@ -116,6 +116,7 @@ _LINKERD_DURATION = re.compile(r"^([0-9]+)(ms|s|m|h|d)$")
 _GO_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _PATH_CHARS = re.compile(r"^(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|[%][0-9a-fA-F]{2})+$")
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 MAX_WEIGHT = 1_000_000
 
@@ -336,12 +337,21 @@ def _port(value: Any, path: str) -> int:
 
 
 def _name(value: Any, path: str) -> str:
+    """An object name: a DNS-1123 subdomain (Services, service accounts, routes)."""
+    if not isinstance(value, str):
+        raise _Refused(path, "is required" if value is None else "must be a string")
+    if len(value) > 253 or not _SUBDOMAIN.fullmatch(value):
+        raise _Refused(path, f"{_q(value)} is not a valid name (lowercase letters, digits, '-' and '.')")
+    return value
+
+
+def _namespace(value: Any, path: str) -> str:
     if not isinstance(value, str):
         raise _Refused(path, "must be a string")
     try:
         return validate_namespace(value)  # a DNS-1123 label
     except KubeObjectError:
-        raise _Refused(path, f"{_q(value)} is not a valid name") from None
+        raise _Refused(path, f"{_q(value)} is not a valid namespace") from None
 
 
 def _only(doc: Mapping[str, Any], allowed: Iterable[str], path: str) -> None:
@@ -434,7 +444,7 @@ def _annotations(raw: Mapping[str, Any]) -> _Annotations:
     def ann(key: str) -> str | None:
         value = raw.get(key)
         if value is not None and not isinstance(value, str):
-            raise _Refused(where.format(key), "must be a string")
+            raise _Refused(where.format(key), f'must be a string (quote it: "{value}")')
         return value
 
     def duration(key: str) -> int | None:
@@ -672,7 +682,7 @@ def _backend_ref(doc: Any, ns: str, path: str) -> tuple[_Ref, int]:
             f"{_q(f'{group}/{kind}')} is not a backend meshagent reads (Service, or meshagent.io Host)",
         )
     name = _name(ref.get("name"), f"{path}.name")
-    target_ns = _name(ref.get("namespace", ns), f"{path}.namespace")
+    target_ns = _namespace(ref.get("namespace", ns), f"{path}.namespace")
     if ref.get("port") is None:
         raise _Refused(f"{path}.port", f"is required for {kind}")
     port = _port(ref["port"], f"{path}.port")
@@ -1008,9 +1018,8 @@ def resolve(
                 raise _Refused(
                     "metadata.namespace", "is required (meshagent cannot know kubectl's current namespace)"
                 )
-            _name(ns, "metadata.namespace")
-            if kind != "ServiceProfile":
-                _name(name, "metadata.name")
+            _namespace(ns, "metadata.namespace")
+            _name(name, "metadata.name")
             if (kind, ns, name) in seen:
                 raise _Refused("metadata.name", "is given twice for this kind and namespace")
             seen.add((kind, ns, name))
@@ -1083,9 +1092,15 @@ def _check_refs(obj: RouteObject, parsed: object, known: KnownRefs, notes: list[
                 service_note(ref.namespace, ref.name)
         for rule in parsed.rules:
             for ref, _ in rule.backends:
-                if _lookup(ref.kind, ref.namespace, ref.name, known) is None:
+                found = _lookup(ref.kind, ref.namespace, ref.name, known)
+                if found is None:
                     raise _Refused(ref.path, _unknown(ref.kind, ref.namespace, ref.name, known))
-                if ref.kind == "Service":
+                if isinstance(found, ServiceInfo):
+                    if found.ports and ref.port not in {p for _, p in found.ports}:
+                        raise _Refused(
+                            f"{ref.path}.port",
+                            f"{ref.port} is not a TCP port of Service {ref.namespace}/{ref.name}",
+                        )
                     service_note(ref.namespace, ref.name)
     elif isinstance(parsed, _Split):
         ports = _split_ports(parsed, known)
@@ -1207,10 +1222,13 @@ def _check_together(
                 f"{at.label}: {kind} {ns}/{name} port {port} already has {others}: "
                 "a parent port takes HTTPRoutes or one TrafficSplit"
             )
+    # Anything else the compiler would leave out (an entry too large, say) is refused now;
+    # a conflict named above is not named twice.
+    named = {p.partition(":")[0] for p in problems}
     reasons: list[tuple[RouteObject, str]] = []
     compile_routes(everything, known, lambda o, r: reasons.append((o, r)), settings)
     for obj, reason in reasons:
-        if obj.key in new:
+        if obj.key in new and obj.label not in named:
             problems.append(f"{obj.label}: {reason}")
     return sorted(set(problems))
 

@@ -446,6 +446,19 @@ CASES = [
         "spec.rules has 17 entries; at most 16",
     ),
     (SPLIT.replace("namespace: shop, ", "") % (1, 1), "metadata.namespace is required"),
+    (
+        SPLIT.replace("name: x", "name: X") % (1, 1),
+        'TrafficSplit shop/X: metadata.name "X" is not a valid name',
+    ),
+    (
+        route("{}", '"retry.linkerd.io/limit": 3'),
+        'metadata.annotations["retry.linkerd.io/limit"] must be a string',
+    ),
+    (
+        "apiVersion: v1\nkind: Service\nmetadata: {namespace: shop, name: api}\n"
+        "spec: {ports: [{port: 80}]}\n---\n" + route("{backendRefs: [{name: api, port: 8080}]}"),
+        "spec.rules[0].backendRefs[0].port 8080 is not a TCP port of Service shop/api",
+    ),
 ]
 
 
@@ -477,6 +490,12 @@ def test_two_sources_checked_against_the_stored_objects() -> None:
     found = problems(ROUTE.replace("name: x", "name: y") % ("", "{}"), stored=stored)
     assert found == [
         "HTTPRoute shop/y: Host shop/billing port 8080 already has TrafficSplit shop/x: "
+        "a parent port takes HTTPRoutes or one TrafficSplit"
+    ]
+    # The other way round: a TrafficSplit onto a port HTTPRoutes hold, named once.
+    routes = parse(ROUTE.replace("name: x", "name: y") % ("", "{}"))
+    assert problems(SPLIT % (1, 1), stored=routes) == [
+        "TrafficSplit shop/x: Host shop/billing port 8080 already has HTTPRoute shop/y: "
         "a parent port takes HTTPRoutes or one TrafficSplit"
     ]
     # The same TrafficSplit applied again replaces itself: no conflict.
