@@ -45,7 +45,6 @@ RETRYABLE_ERRORS: Final = frozenset(
 )
 GRPC_DEADLINE_EXCEEDED: Final = 4
 GRPC_UNAVAILABLE: Final = 14
-STATUS_SHOWN: Final = 100  # entries per /status list
 
 
 @dataclass
@@ -128,6 +127,7 @@ class RouterContext:
         self.table = RouteTable.empty()
         self.services = ServiceTable.empty()
         self._endpoints: dict[Ref, tuple[EndpointRef, ...]] = {}
+        self.connections = 0  # routed app connections so far (the routers count them)
         self.apply(table, services)
 
     def apply(self, table: RouteTable, services: ServiceTable) -> None:
@@ -181,7 +181,7 @@ class RouterContext:
         return count
 
     def status(self) -> dict[str, Any]:
-        """For /status: parents, breakers not open, budgets (lists bounded)."""
+        """For /status: parents, routed app connections, breakers not open, budgets."""
         breakers: list[dict[str, Any]] = []
         now = self.clock()
         for policy in self.table.parents():
@@ -203,12 +203,12 @@ class RouterContext:
                             }
                         )
         budgets = [{"parent": ref.key(), "balance": round(b.balance(), 1)} for ref, b in self.budgets.items()]
+        # Whole lists: agent/status.py bounds them (and counts what it leaves out).
         return {
             "parents": len(self.table.parents()),
-            "breakers": breakers[:STATUS_SHOWN],
-            "breakers_count": len(breakers),
-            "budgets": budgets[:STATUS_SHOWN],
-            "budgets_count": len(budgets),
+            "connections": self.connections,
+            "breakers": breakers,
+            "budgets": budgets,
         }
 
 
