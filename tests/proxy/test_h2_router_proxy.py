@@ -1,0 +1,76 @@
+"""The routed HTTP/2 path through a real Proxy: the app's h2c connection to a routed parent
+address is accepted by the outbound listener, detected (the HTTP/2 preface) by RoutedDetect and
+handed to H2Router, whose streams go to grpcio and h2 servers (h1's loopback world, plain TCP
+endpoints)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import grpc
+import httpx
+
+from agent.proxy.h2_router import worker_pool
+from agent.proxy.routes import Backend, EndpointRef, Ref, RouteTable, Timeouts
+from tests.proxy.test_h1_router_world import World, policy, run
+from tests.proxy.test_h2_router import GrpcServer, H2Server
+from tests.support import metric_sum
+
+
+def _backend(name: str, weight: int, port: int) -> Backend:
+    endpoint = EndpointRef("127.0.0.1", port, None, None)
+    return Backend(Ref("", "Service", "shop", name, 8080), weight, None, (endpoint,))
+
+
+def _calls(port: int, n: int) -> list[bytes]:
+    """`n` unary calls in turn on one channel (one app connection)."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+        return [say(b"%d" % i, timeout=10) for i in range(n)]
+
+
+def test_grpc_through_the_outbound_listener_is_split_per_call(tmp_path: Path) -> None:
+    g1, g2 = GrpcServer("g1"), GrpcServer("g2")
+
+    async def body(world: World) -> None:
+        pol = policy(_backend("v1", 75, g1.port), _backend("v2", 25, g2.port))
+        a = await world.proxy(RouteTable([pol]))
+        replies = await asyncio.to_thread(_calls, world.port, 200)
+        assert len(replies) == 200
+        v1 = sum(r.startswith(b"g1:") for r in replies)
+        assert 130 <= v1 <= 170  # 75 %: sigma ~6
+        assert g1.calls + g2.calls == 200
+        assert a.stats.opened["outbound:routed"] == 1  # one app connection, routed
+        assert worker_pool(a).status()["connections"] == 2
+        assert a.metrics is not None
+        text = "\n".join(line for f in a.metrics.families() for line in f.render())
+        family = "outbound_http_route_backend_requests_total"
+        assert metric_sum(text, family, 'backend_name="v1"') == v1
+        assert metric_sum(text, family, 'backend_name="v2"') == 200 - v1
+        assert metric_sum(text, "request_total", 'target_addr="198.18.0.10:8080"') == 200
+
+    try:
+        run(tmp_path, body)
+    finally:
+        g1.stop()
+        g2.stop()
+
+
+def test_plain_h2_timeout_through_the_outbound_listener(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        h = await H2Server("h").start()
+        try:
+            pol = policy(_backend("h", 1, h.port), timeouts=Timeouts(request_s=0.2))
+            await world.proxy(RouteTable([pol]))
+            url = f"http://127.0.0.1:{world.port}"
+            async with httpx.AsyncClient(base_url=url, http1=False, http2=True, timeout=10) as client:
+                hung = await client.get("/hang")
+                assert hung.status_code == 504 and hung.http_version == "HTTP/2"
+                assert hung.headers["l5d-proxy-error"] == "request timed out after 0.2s"
+                ok = await client.get("/who")
+                assert (ok.status_code, ok.text) == (200, "h")
+        finally:
+            await h.stop()
+
+    run(tmp_path, body)
