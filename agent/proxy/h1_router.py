@@ -97,6 +97,11 @@ class _Worker:
         self.http: dict[str, Any] = {}  # per-request families' HttpMetrics per label set
         self.failed_log = Throttled(log, "http.upstream_failed")
 
+    def stop(self) -> None:
+        """The proxy stops: idle upstreams close now, busy ones when their response ended."""
+        self.pool.max_idle = 0
+        self.pool.close_all()
+
 
 _WORKERS: weakref.WeakKeyDictionary[Proxy, _Worker] = weakref.WeakKeyDictionary()
 
@@ -105,6 +110,7 @@ def worker_state(proxy: Proxy) -> _Worker:
     found = _WORKERS.get(proxy)
     if found is None:
         found = _WORKERS[proxy] = _Worker(proxy)
+        proxy.stop_hooks.append(found.stop)
     return found
 
 

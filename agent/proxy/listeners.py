@@ -258,6 +258,9 @@ class Proxy:
         # the outbound path does no lookup at all.
         self.routes = RouteTable.empty()
         self.router: RouterContext | None = None
+        # Called when the proxy stops accepting: the routers' pools close their idle upstream
+        # connections (else they would hold the drain until its timeout) and keep no more.
+        self.stop_hooks: list[Callable[[], None]] = []
         self.orig_dst = orig_dst
         # Revoked peers (the daemon calls set_revoked on each directory refresh), and each open
         # mTLS connection's peer so a revocation can find the ones to cut.
@@ -406,6 +409,11 @@ class Proxy:
         for server in self._servers:
             server.close()
         self.handshakes.close()
+        for hook in self.stop_hooks:
+            try:
+                hook()
+            except Exception as exc:  # a pool's trouble must not keep the proxy from stopping
+                log.warning("proxy.stop_hook_failed", error=repr(exc))
         if self._legs:
             self._drained.clear()
             waits = [asyncio.ensure_future(self._drained.wait())]

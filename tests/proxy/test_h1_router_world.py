@@ -158,10 +158,15 @@ class _ServerConn(asyncio.Protocol):
 
 
 def policy(
-    *backends: Backend, timeouts: Timeouts = NO_TIMEOUTS, retry: RetryPolicy | None = None
+    *backends: Backend,
+    timeouts: Timeouts = NO_TIMEOUTS,
+    retry: RetryPolicy | None = None,
+    at: tuple[str, int] = (PARENT_IP, 8080),
 ) -> ParentPolicy:
+    """One default rule over `backends`, for the parent dialled at `at`."""
     rule = Rule(ROUTE, tuple(backends), timeouts, retry)
-    return ParentPolicy(PARENT, BudgetSpec(), ("test",), (rule,), ((MATCH_ALL, rule),), (PARENT_IP,))
+    parent = Ref(PARENT.group, PARENT.kind, PARENT.namespace, PARENT.name, at[1])
+    return ParentPolicy(parent, BudgetSpec(), ("test",), (rule,), ((MATCH_ALL, rule),), (at[0],))
 
 
 class World:
@@ -175,13 +180,15 @@ class World:
         self.servers: list[HttpServer] = []
         self.a: Proxy | None = None
 
-    async def proxy(self, table: RouteTable, **settings: Any) -> Proxy:
+    async def proxy(
+        self, table: RouteTable, orig: tuple[str, int] = (PARENT_IP, 8080), **settings: Any
+    ) -> Proxy:
         a = Proxy(
             ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), **settings),
             Credentials.load(IdentityStore(self.tmp / "a")),
             InboundPolicy(),
             Catalog([]),
-            lambda sock: (PARENT_IP, 8080),
+            lambda sock: orig,
             ProxyMetrics(),
         )
         a.apply_routes(table)
