@@ -61,6 +61,11 @@ import sys, time
 from concurrent import futures
 import grpc
 
+NAME = sys.argv[2].encode() if len(sys.argv) > 2 else b""
+
+def who(request, context):
+    return NAME
+
 def say(request, context):
     if request == b"fail":
         context.abort(grpc.StatusCode.UNAVAILABLE, "down for maintenance")
@@ -70,7 +75,8 @@ def say(request, context):
 
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
 handler = grpc.unary_unary_rpc_method_handler(say)
-server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("demo.Echo", {"Say": handler})])
+methods = {"Say": handler, "Who": grpc.unary_unary_rpc_method_handler(who)}
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("demo.Echo", methods)])
 server.add_insecure_port("0.0.0.0:" + sys.argv[1])
 server.start()
 print("ready", flush=True)
@@ -78,10 +84,10 @@ server.wait_for_termination()
 """
 
 
-def grpc_echo(host: Host, port: int) -> None:
+def grpc_echo(host: Host, port: int, name: str = "") -> None:
     """A gRPC server (grpcio, no generated code): /demo.Echo/Say answers b"hi " + the request,
-    UNAVAILABLE for b"fail" and NOT_FOUND for b"missing"."""
-    proc = host.popen(sys.executable, "-c", GRPC_SERVER, str(port))
+    UNAVAILABLE for b"fail" and NOT_FOUND for b"missing"; /demo.Echo/Who answers `name`."""
+    proc = host.popen(sys.executable, "-c", GRPC_SERVER, str(port), name)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready", proc.stderr
 
 

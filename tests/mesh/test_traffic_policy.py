@@ -14,6 +14,7 @@ Parents (each test owns its own, so the tests do not share retry budgets or brea
 - web-v2:8081  HTTPRoute /flaky and /down retried, a ServiceProfile's retry budget (5)
 - web-v1:8081  HTTPRoute with failure accrual and retries (7, 8)
 - web-v1:8082  HTTPRoute web-v1 50 / web-v2 50 with failure accrual (8, variant)
+- web-v1:50051 HTTPRoute web-v1 90 / web-v2 10 for gRPC (grpc echo servers answering their name) (2)
 - :8083        no policy: L4 as before #21 (11)
 
 One module-scoped mesh; the tests that fail backends run last and recover them.
@@ -34,7 +35,7 @@ from typing import Any
 import pytest
 
 from agent.netlab import Host, Lab, netns_supported
-from tests.mesh.apps import access_log, nginx_fail_hard, nginx_policy
+from tests.mesh.apps import access_log, grpc_echo, nginx_fail_hard, nginx_policy
 from tests.mesh.conftest import AUTH_PORT, PY, Agent, Mesh, stop_agents, wait_for
 from tests.support import MESHAGENT, metric_sum
 
@@ -163,6 +164,20 @@ spec:
     - {{group: meshagent.io, kind: Host, namespace: shop, name: web-v2, port: 8082, weight: 50}}
 """
 
+GRPC_PORT = 50051
+GRPC_SPLIT = f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: web-grpc, namespace: shop}}
+spec:
+  parentRefs: [{HOST_V1 % GRPC_PORT}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /demo.Echo}}}}]
+    backendRefs:
+    - {{group: meshagent.io, kind: Host, namespace: shop, name: web-v1, port: {GRPC_PORT}, weight: 90}}
+    - {{group: meshagent.io, kind: Host, namespace: shop, name: web-v2, port: {GRPC_PORT}, weight: 10}}
+"""
+
 # Proof 10 needs a registry change to re-render (the shared parts are cached per version).
 EXTRA = f"""
 apiVersion: gateway.networking.k8s.io/v1
@@ -282,6 +297,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         )
         try:
             nginx = {name: nginx_policy(hosts[name], tmp, name, PORTS) for name in BACKENDS}
+            for name in BACKENDS:
+                grpc_echo(hosts[name], GRPC_PORT, name)
             with ThreadPoolExecutor(len(NET)) as pool:  # (each CLI run costs a Python start: at once)
                 enrolled = pool.map(
                     lambda name: mesh.enroll(
@@ -299,7 +316,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                     done.result()
             w = World(mesh, hosts, agents, nginx, garbage)
             # Every policy but the failure ones (applied by their tests), in one file.
-            w.apply(split(90, 10) + "---" + WEB_V2_ROUTES + "---" + EJECT, "policies")
+            w.apply(split(90, 10) + "---" + WEB_V2_ROUTES + "---" + EJECT + "---" + GRPC_SPLIT, "policies")
             w.wait_served("web-v1-halves", "the policies served to the client")
             yield w
         finally:
@@ -338,6 +355,17 @@ def test_split_90_10_over_10000_requests(world: World) -> None:
     assert mine and mine[0]["route"] == "[default]" and mine[0]["success_rate"] == 1.0, rows
     names = {r["backend"] for r in rows if r["parent"] == "Host shop/web-v1:8080" and r["backend"]}
     assert names == {"Host shop/web-v1:8080", "Host shop/web-v2:8080"}, rows
+
+
+def test_grpc_split_per_call_on_one_channel(world: World) -> None:
+    """Proof 2: an HTTPRoute splits gRPC calls 90/10 per call, all on one h2 connection."""
+    n = 2000
+    out = world.c.run(PY, "-m", "tests.mesh.tools.policy_grpc", IP["b1"], str(GRPC_PORT), str(n), "8")
+    got = json.loads(out.stdout)
+    print("grpc split:", got)
+    assert got["codes"] == {"OK": n}, got
+    assert 0.08 * n <= got["names"].get("b2", 0) <= 0.12 * n, got
+    assert set(got["names"]) <= {"b1", "b2", "b3"}, got
 
 
 def test_weights_move_without_a_dropped_request(world: World) -> None:
@@ -524,44 +552,42 @@ def test_destination_without_policy_stays_l4(world: World) -> None:
 
 
 def test_ejection_moves_traffic_and_recovers_post_never_retried(world: World) -> None:
-    """Proof 7: b3 (one of web-v1's two endpoints) fails hard: after at most 5 failures its
-    breaker shuts and every GET is answered by b1; POSTs are never retried (each reached a
-    backend once; the client saw b3's 500s); b3 serves again after the penalty."""
-    b3 = world.nginx["b3"]
+    """Proof 7: b3 (one of web-v1's two endpoints) fails hard: its breaker shuts after 5
+    consecutive failures (per worker process) and every GET is answered by b1; POSTs are never
+    retried (each reached a backend once; the client saw b3's 500s); b3 serves again after the
+    penalty. Loads run 8-16 requests at once: peak-EWMA P2C spreads by outstanding requests."""
+    b1, b3 = world.nginx["b1"], world.nginx["b3"]
+    p = parent("web-v1", 8081)
+    # Both endpoints serve first, so their latency estimates are both measured ones.
+    warm = world.load("b1", 8081, "/who", "--count", "400", "--concurrency", "16")
+    assert warm["statuses"] == {"200": 400} and set(warm["bodies"]) == {"b1", "b3"}, warm
     nginx_fail_hard(world.hosts["b3"], b3, True)
     try:
-        b3_before = len(access_log(b3))
-        b1_before = len(access_log(world.nginx["b1"]))
-        posts = world.load("b1", 8081, "/post", "--count", "20", "--method", "POST")
+        b3_before, b1_before = len(access_log(b3)), len(access_log(b1))
+        posts = world.load("b1", 8081, "/post", "--count", "100", "--method", "POST", "--concurrency", "8")
         print("posts:", posts)
         b3_posts = [s for m, u, s in access_log(b3)[b3_before:] if m == "POST"]
-        b1_posts = [s for m, u, s in access_log(world.nginx["b1"])[b1_before:] if m == "POST"]
-        assert len(b3_posts) + len(b1_posts) == 20, (b3_posts, b1_posts)  # each POST sent once
-        assert posts["statuses"].get("500", 0) == len(b3_posts), posts
-        gets = world.load("b1", 8081, "/who", "--count", "200", "--concurrency", "2")
+        b1_posts = [s for m, u, s in access_log(b1)[b1_before:] if m == "POST"]
+        assert len(b3_posts) + len(b1_posts) == 100, (b3_posts, b1_posts)  # each POST sent once
+        assert posts["statuses"].get("500", 0) == len(b3_posts) > 0, posts  # b3's 500s, as they were
+        gets = world.load("b1", 8081, "/who", "--count", "400", "--concurrency", "16")
         print("gets:", gets)
-        assert gets["statuses"] == {"200": 200} and set(gets["bodies"]) == {"b1"}, gets
-        # Shut by now: the next requests are b1's, but for a probe per penalty (1 s, 2 s, 4 s).
+        assert gets["statuses"] == {"200": 400} and set(gets["bodies"]) == {"b1"}, gets  # retried
+        text = world.metrics()
+        assert metric_sum(text, "meshagent_http_breaker_ejections_total", *p) >= 1
+        assert metric_sum(text, "outbound_http_balancer_endpoints", *p, 'endpoint_state="pending"') >= 1
+        # Shut: the next requests are b1's, but for a probe per worker and penalty (1 s, 2 s, 4 s).
         b3_seen = len(access_log(b3))
-        more = world.load("b1", 8081, "/who", "--count", "200", "--concurrency", "2")
-        assert more["statuses"] == {"200": 200} and set(more["bodies"]) == {"b1"}, more
-        assert len(access_log(b3)) - b3_seen <= 2, access_log(b3)[b3_seen:]
-        pending = 'endpoint_state="pending"'
-        gauge = metric_sum(
-            world.metrics(), "outbound_http_balancer_endpoints", *parent("web-v1", 8081), pending
-        )
-        assert gauge == 1
-        assert (
-            metric_sum(world.metrics(), "meshagent_http_breaker_ejections_total", *parent("web-v1", 8081))
-            >= 1
-        )
+        more = world.load("b1", 8081, "/who", "--count", "400", "--concurrency", "16")
+        assert more["statuses"] == {"200": 400} and set(more["bodies"]) == {"b1"}, more
+        assert len(access_log(b3)) - b3_seen <= 4, access_log(b3)[b3_seen:]
     finally:
         nginx_fail_hard(world.hosts["b3"], b3, False)
     # Recovery: within max-penalty (4 s) + a probe, b3 answers again.
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 12
     seen: Counter[str] = Counter()
     while time.monotonic() < deadline and not seen["b3"]:
-        seen.update(world.load("b1", 8081, "/who", "--count", "20")["bodies"])
+        seen.update(world.load("b1", 8081, "/who", "--count", "100", "--concurrency", "16")["bodies"])
         time.sleep(0.2)
     assert seen["b3"] > 0, seen
 
