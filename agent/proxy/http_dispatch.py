@@ -271,8 +271,8 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             route.overflow()
             break
         retries += 1
-        if result.status is not None:
-            ex.discard(result)
+        if result.status is not None or result.upstream is not None:
+            ex.discard(result)  # a response head, or an upstream left in a failed state
         assert retry is not None
         delay = backoff_s(retry.backoff_min_s, retry.backoff_max_s, retry.jitter, retries, ctx.rng)
         if request_deadline is not None and loop.time() + delay >= request_deadline:
