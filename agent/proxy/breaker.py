@@ -55,6 +55,12 @@ class Breaker:
         if self.state == "probation":
             self.probing = True
 
+    def abandoned(self) -> None:
+        """The request sent went away unanswered (the app left): in probation, the next
+        request may probe instead."""
+        if self.state == "probation":
+            self.probing = False
+
     def record(self, success: bool, last_admitting: bool) -> Literal["shut", "open", "kept"] | None:
         """A response was classified. Returns the transition it caused: "shut" (ejected),
         "open" (probe succeeded), "kept" (it would have shut but is the rule's last admitting

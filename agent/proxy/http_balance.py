@@ -202,6 +202,9 @@ class HttpBalancer:
         if load.outstanding > 0:
             load.outstanding -= 1
         if outcome == "cancelled":
+            brk = self.breaker(pick.backend, pick.endpoint, create=False)
+            if brk is not None:
+                brk.abandoned()  # a cancelled probe must not hold probation's only slot
             return None
         if outcome == "connect_failed":
             delay = min(self.backoff_max_s, self.backoff_initial_s * 2**load.connect_failures)

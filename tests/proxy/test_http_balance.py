@@ -242,3 +242,18 @@ def test_one_endpoint_in_two_backends_with_different_accruals_has_two_breakers()
     q = bal.pick(lenient, [A])
     assert q is not None and bal.finished(q, "failure", 2) is None  # 1 of 3
     assert not bal.admits(strict, A)
+
+
+def test_a_cancelled_probe_frees_the_probation_slot() -> None:
+    clock = Clock()
+    bal = HttpBalancer(random.Random(1), clock)
+    be = backend(A, B, accrual=Accrual(max_failures=1, min_penalty_s=1.0, max_penalty_s=1.0, jitter=0.0))
+    p = bal.pick(be, [A])
+    assert p is not None and bal.finished(p, "failure", 2) == "shut"
+    clock.now += 1.0
+    probe = bal.pick(be, [A])
+    assert probe is not None and not bal.admits(be, A)
+    bal.finished(probe, "cancelled", 2)
+    assert bal.admits(be, A)  # still in probation, free to probe again
+    again = bal.pick(be, [A])
+    assert again is not None and bal.finished(again, "success", 2) == "open"
