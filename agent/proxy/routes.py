@@ -344,7 +344,11 @@ class RouteTable:
 
 # --- precedence -------------------------------------------------------------------------------
 
-_PATH_RANK: Final = {"Exact": 2, "PathPrefix": 1, "RegularExpression": 0}
+# Gateway: Exact first, then PathPrefix by length; RegularExpression is implementation-specific.
+# Linkerd compares matched lengths, and a regex matches the whole path, so there a matching regex
+# beats every matching prefix: placing it between Exact and PathPrefix keeps that (and a regex
+# rule next to a catch-all "/" is not dead).
+_PATH_RANK: Final = {"Exact": 2, "RegularExpression": 1, "PathPrefix": 0}
 
 
 def precedence(

@@ -79,10 +79,17 @@ PRECEDENCE = [
         req("/api/v1/x"),
         "long",
     ),
+    # RegularExpression is implementation-specific: after Exact, before any PathPrefix (as in
+    # Linkerd, where a whole-path regex match outranks a prefix match by length).
     (
-        [("regex", path("RegularExpression", "/api/.*")), ("prefix", path("PathPrefix", "/"))],
+        [("regex", path("RegularExpression", "/api/.*")), ("prefix", path("PathPrefix", "/api/x"))],
+        req("/api/x/y"),
+        "regex",
+    ),
+    (
+        [("regex", path("RegularExpression", "/api/.*")), ("exact", path("Exact", "/api/x"))],
         req("/api/x"),
-        "prefix",
+        "exact",
     ),
     (
         [("path", path("PathPrefix", "/a")), ("method", {**path("PathPrefix", "/a"), "method": "GET"})],
