@@ -207,7 +207,10 @@ class KnownRefs:
         for obj in objects:
             if obj.kind != "Service":
                 continue
-            info = _service_info(obj.body)
+            try:
+                info = _service_info(obj.namespace, obj.name, obj.body)
+            except _BAD_STORED:
+                continue  # a stored body that no longer reads: compile_routes reports it
             old = services.get((obj.namespace, obj.name))
             if old is not None and old.discovered:
                 named = {p: n for n, p in info.ports}
@@ -292,6 +295,11 @@ class _Refused(Exception):
 
     def __init__(self, path: str, message: str) -> None:
         super().__init__(f"{path} {message}" if path else message)
+
+
+# What a stored body that no longer reads (a row written by hand, an older meshagent's) may
+# raise while compiled: that object is skipped, the document still rendered.
+_BAD_STORED = (_Refused, KeyError, TypeError, ValueError, AttributeError, IndexError)
 
 
 def _q(value: Any) -> str:
@@ -905,20 +913,21 @@ def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str) ->
     )
 
 
-def _service_info(body: Mapping[str, Any]) -> ServiceInfo:
-    """A Service object (as stored, or of a file: validated by _service_body)."""
-    meta = body.get("metadata") or {}
-    annotations = dict(meta.get("annotations") or {})
+def _service_info(namespace: str, name: str, body: Mapping[str, Any]) -> ServiceInfo:
+    """A Service object, as stored or of a file (_Refused if its body does not read)."""
+    meta = _map(body.get("metadata"), "metadata")
+    raw = _map(meta.get("annotations"), "metadata.annotations")
+    annotations = {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
     named: dict[str, int] = {}
     ports: list[tuple[str, int]] = []
-    for p in (body.get("spec") or {}).get("ports") or ():
+    for p in _service_spec(body)["ports"]:
         named.setdefault(p.get("name", ""), p["port"])
         if p.get("protocol", "TCP") == "TCP":
             ports.append((p.get("name", ""), p["port"]))
     opaque_text = annotations.get(OPAQUE_PORTS_ANNOTATION, LINKERD_DEFAULT_OPAQUE_PORTS)
     ranges, _ = parse_opaque_ports(opaque_text, named)
     opaque = frozenset(p for _, p in ports if any(lo <= p <= hi for lo, hi in ranges))
-    return ServiceInfo(meta["namespace"], meta["name"], tuple(ports), opaque, annotations, False)
+    return ServiceInfo(namespace, name, tuple(ports), opaque, annotations, False)
 
 
 def _service_spec(doc: Mapping[str, Any]) -> dict[str, Any]:
@@ -963,7 +972,7 @@ def _parsed(obj: RouteObject, domain: str) -> _Route | _Split | _Profile | Servi
         return _traffic_split(body, obj.namespace, obj.name)
     if obj.kind == "ServiceProfile":
         return _service_profile(body, obj.namespace, obj.name, domain)
-    return _service_info(body)
+    return _service_info(obj.namespace, obj.name, body)
 
 
 # --- apply ------------------------------------------------------------------------------------
@@ -1263,7 +1272,7 @@ def compile_routes(
     for obj in sorted(objects, key=lambda o: o.key):
         try:
             parsed = _parsed(obj, settings.cluster_domain)
-        except (_Refused, KeyError, TypeError, ValueError, AttributeError) as exc:
+        except _BAD_STORED as exc:
             skip(obj, f"no longer valid: {exc}")
             continue
         if isinstance(parsed, _Route):
@@ -1300,7 +1309,7 @@ def compile_routes(
             compiled = {
                 (id(ref), port): _compile_route(obj, route, ref, port, known) for ref, port in attached
             }
-        except _Refused as exc:
+        except _BAD_STORED as exc:
             skip(obj, str(exc))
             continue
         for ref, port in attached:
@@ -1316,7 +1325,7 @@ def compile_routes(
             ports = _split_ports(split, known)
             kind = "Service" if isinstance(root, ServiceInfo) else "Host"
             compiled_ports = {p: _compile_split(obj, split, root, p, known) for p in ports}
-        except _Refused as exc:
+        except _BAD_STORED as exc:
             skip(obj, str(exc))
             continue
         for port in ports:
@@ -1333,7 +1342,7 @@ def compile_routes(
         info = known.services[(obj.namespace, obj.name)]
         try:
             ann = _annotations(info.annotations)
-        except _Refused as exc:
+        except _BAD_STORED as exc:
             skip(obj, str(exc))
             continue
         if ann.retry is None and not ann.timeouts_given and ann.attempt_ms is None and ann.accrual is None:
