@@ -824,7 +824,9 @@ class Daemon:
             window = float(query.get("window", ["60"])[0])
         except ValueError:
             window = 60.0
-        return json_reply({"window_s": window, "rows": self.stat.query(window)})
+        return json_reply(
+            {"window_s": window, "rows": self.stat.query(window), "routes": self.stat.query_routes(window)}
+        )
 
     def status(self) -> dict[str, Any]:
         """The `/status` document (agent/status.py owns it)."""

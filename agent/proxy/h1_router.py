@@ -520,7 +520,10 @@ class _Attempt:
         self.held.clear()
         if self.complete:
             self.ex.response_done(self)
-        elif not self.failed:
+        elif self.failed:  # the upstream broke while its head was held
+            self.state = "done"
+            router.truncated("connection closed before the response ended")
+        else:
             router.downstream_flow()
 
     def discard(self) -> None:
@@ -884,6 +887,14 @@ class H1Router(Leg):
 
     def _begin(self, req: _Request) -> None:
         view = req.view()
+        # The policy as of now (a weight change reaches kept-alive connections at their next
+        # request); a destination no longer routed finishes this connection on the last one.
+        policy = self.proxy.routes.lookup(*self.orig)
+        if policy is not None:
+            self.policy = policy
+        ctx = self.proxy.router
+        if ctx is not None:
+            self.ctx = ctx
         rule = self.policy.select(view)
         if rule is None:
             self.active = req
@@ -942,7 +953,9 @@ class H1Router(Leg):
         if req.kept is not None:
             self.worker.retry_held -= req.kept_len
             req.kept, req.kept_len = None, 0
-        self._done_plain(req, close)
+        # Answered before its body ended (an early 413, a 504): the rest cannot be told from a
+        # next request without reading it all; the connection ends instead.
+        self._done_plain(req, close or not req.complete)
 
     def _done_plain(self, req: _Request, close: bool) -> None:
         self.active = None

@@ -194,11 +194,13 @@ class RoutedDetect(Leg):
             self.on_l4(app, early)
             return
         try:
-            router = factory(self.make_conn(early))
+            conn = self.make_conn(early)
+            router = factory(conn)
         except Exception as exc:  # a router that cannot start must not cost the connection
             log.warning("http.router_failed", protocol=protocol.value, error=repr(exc))
             self.on_l4(app, early)
             return
+        conn.ctx.connections += 1  # (/status routes.connections: routed app connections so far)
         app.pair(router)
 
 

@@ -27,6 +27,7 @@ from agent.proxy.directory import Directory
 from agent.proxy.listeners import Address, ProxyStats
 from agent.proxy.policy import InboundPolicy
 from agent.proxy.revocation import RevokedSet
+from agent.proxy.routes import RouteTable
 from agent.proxy.services import ServiceTable
 from agent.telemetry.process import tree_memory
 
@@ -177,6 +178,7 @@ class WorkerPool:
         self.policy: InboundPolicy = directory.policy
         self.services: ServiceTable = directory.services
         self.revoked: RevokedSet = directory.revoked
+        self.routes: RouteTable = directory.routes
         self._blob = pickle.dumps(directory, protocol=5)
         self.ticket_key: bytes | None = None
         self.log_settings: dict[str, str] = {}
@@ -237,6 +239,7 @@ class WorkerPool:
         """Route and authorize by `directory` from now on, in every worker."""
         self.catalog, self.policy = directory.catalog, directory.policy
         self.services, self.revoked = directory.services, directory.revoked
+        self.routes = directory.routes  # (/status: what the workers route; they hold the state)
         self._blob = pickle.dumps(directory, protocol=5)
         self.broadcast("directory", blob=self._blob)
 

@@ -163,3 +163,19 @@ def test_oversized_head_is_431_and_content_length_with_chunked_is_400(tmp_path: 
         assert a.requests["/echo"] == 0 and a.requests["/who"] == 0
 
     run(tmp_path, body)
+
+
+def test_a_new_table_reaches_a_kept_alive_connection_at_its_next_request(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a, b = await world.server("a"), await world.server("b")
+        proxy = await world.proxy(RouteTable([policy(a.backend(1), b.backend(0))]))
+        router = proxy.router
+        client = await Client.open(world.port)
+        assert [(await client.request("GET", "/who")).body for _ in range(3)] == [b"a"] * 3
+        proxy.apply_routes(RouteTable([policy(a.backend(0), b.backend(1))]))
+        assert proxy.router is router  # one context: its state kept
+        assert [(await client.request("GET", "/who")).body for _ in range(3)] == [b"b"] * 3
+        assert router is not None and router.connections == 1
+        client.close()
+
+    run(tmp_path, body)
