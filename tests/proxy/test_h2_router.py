@@ -600,3 +600,63 @@ def test_a_full_upstream_connection_gets_a_second_one() -> None:
             await a.stop()
 
     run(body)
+
+
+def test_a_reader_that_stops_stops_the_upstream_at_its_windows() -> None:
+    """Backpressure end to end: an app that does not acknowledge DATA gets one stream window's
+    worth; the upstream server is held at its own window (nothing piles up in the proxy), and
+    everything arrives once the app reads again."""
+
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))
+        size = 3_000_000
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+            client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+            client.initiate_connection()
+            sid = client.get_next_available_stream_id()
+            request = [(b":method", b"GET"), (b":path", b"/big/%d" % size)]
+            client.send_headers(
+                sid, [*request, (b":scheme", b"http"), (b":authority", b"web")], end_stream=True
+            )
+            writer.write(client.data_to_send())
+            got = bytearray()
+            unacked = 0
+            done = False
+
+            async def read(until: Callable[[], bool]) -> None:
+                nonlocal unacked, done
+                while not until():
+                    data = await asyncio.wait_for(reader.read(65536), 5)
+                    assert data, "the proxy closed the connection"
+                    for event in client.receive_data(data):
+                        if isinstance(event, DataReceived):
+                            got.extend(event.data)
+                            unacked += event.flow_controlled_length
+                        elif isinstance(event, StreamEnded):
+                            done = True
+                    writer.write(client.data_to_send())  # settings acks, never a window update
+
+            await read(lambda: len(got) >= 65535)  # our stream window: the most it may send
+            await asyncio.sleep(0.3)
+            assert len(got) == 65535
+            [conn] = [c for c in _H2ServerConn.live if c.owner is a]
+            held_back = len(conn.pending.get(1, b""))
+            assert held_back >= size - 3 * 65535  # the server waits at its window: ours, the proxy's
+
+            def enough() -> bool:
+                return done or unacked >= 32768
+
+            while not done:
+                client.acknowledge_received_data(unacked, sid)
+                unacked = 0
+                writer.write(client.data_to_send())
+                await read(enough)
+            assert bytes(got) == bytes(i % 251 for i in range(size))
+            writer.close()
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
