@@ -107,8 +107,20 @@ def _set(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
     return doc
 
 
+# Discovered Services the items may name (a Service parent or backend resolves through them).
+SERVICES = [
+    {"name": name, "namespace": "shop", "cluster_ips": [ip], "ports": [{"port": 8080}, {"port": 9090}],
+     "endpoints": [{"address": "10.0.0.5", "ports": {"8080": 8080, "9090": 9090}}]}
+    for name, ip in (("web", "10.96.0.10"), ("v2", "10.96.0.11"))
+]  # fmt: skip
+SERVICE_PARENT = {**VALID, "parent": {"group": "", "kind": "Service", "namespace": "shop", "name": "web"}}
+
+
+SERVICE_PATHS = _paths(SERVICE_PARENT)[1:]
+
+
 def _exercise(routes: Any) -> None:
-    directory = merge([], LOCAL, {"routes": routes})
+    directory = merge([], LOCAL, {"services": SERVICES, "routes": routes})
     table = pickle.loads(pickle.dumps(directory)).routes  # noqa: S301 - our own bytes
     rng = random.Random(0)
     for policy in table.parents():
@@ -136,3 +148,25 @@ def test_mutated_valid_item_never_raises(mutations: list[tuple[tuple[Any, ...], 
         except (KeyError, IndexError, TypeError):
             continue  # an earlier mutation removed the path
     _exercise([doc, VALID])
+
+
+@given(st.lists(st.tuples(st.sampled_from(SERVICE_PATHS), json_values), min_size=1, max_size=3))
+def test_mutated_service_parent_never_raises(mutations: list[tuple[tuple[Any, ...], Any]]) -> None:
+    doc = SERVICE_PARENT
+    for path, value in mutations:
+        try:
+            doc = _set(doc, path, value)
+        except (KeyError, IndexError, TypeError):
+            continue
+    _exercise([doc, SERVICE_PARENT])
+
+
+def test_the_unmutated_items_parse_without_rejection() -> None:
+    directory = merge([], LOCAL, {"services": SERVICES, "routes": [VALID, SERVICE_PARENT]})
+    assert directory.rejected == ()
+    # the port-less Service parent is one policy per port
+    assert {(p.parent.kind, p.parent.port) for p in directory.routes.parents()} == {
+        ("Host", 8080),
+        ("Service", 8080),
+        ("Service", 9090),
+    }
