@@ -346,13 +346,16 @@ def _finish(
         return
     series = ctx.metrics.balancer(policy.parent, backend.ref)
     if transition == "shut":
-        series.ejected()
-        log.info(
-            "http.breaker.shut",
-            parent=policy.parent.key(),
-            backend=backend.ref.key(),
-            endpoint=pick.endpoint.address,
-        )
+        brk = ctx.balancer.breaker(backend, pick.endpoint, create=False)
+        if brk is not None and brk.iterations == 1:  # open → shut; a failed probe is not a new ejection
+            series.ejected()
+            log.info(
+                "http.breaker.shut",
+                parent=policy.parent.key(),
+                backend=backend.ref.key(),
+                endpoint=pick.endpoint.address,
+                penalty_s=round(brk.until - ctx.clock(), 3),
+            )
     elif transition == "kept":
         series.kept_last()
         _kept_log.warning(

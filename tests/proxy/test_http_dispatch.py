@@ -318,8 +318,10 @@ def test_failed_probe_is_shut_again_while_another_endpoint_admits() -> None:
     asyncio.run(asyncio.sleep(0.01))  # A's penalty (1 ms) is over: its next request is the probe
     while ex.attempts.count(A) < 2:
         run(ctx, policy, ex)
-    # The probe failed with B admitting: A is shut again, not "kept".
-    assert m.count("balancer:web", "ejected") == 2 and m.count("balancer:web", "kept_last") == 0
+    # The probe failed with B admitting: A is shut again, not "kept" (and not a new ejection).
+    assert m.count("balancer:web", "ejected") == 1 and m.count("balancer:web", "kept_last") == 0
+    assert [b["state"] for b in ctx.status()["breakers"]] == ["shut"]
+    assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)
 
 
 def test_an_exchange_that_raises_fails_the_request_not_the_worker() -> None:
