@@ -1113,6 +1113,13 @@ def _check_refs(obj: RouteObject, parsed: object, known: KnownRefs, notes: list[
                     service_note(ref.namespace, ref.name)
     elif isinstance(parsed, _Split):
         ports = _split_ports(parsed, known)
+        if isinstance(_split_root(parsed, known), HostGroup):
+            note(
+                f"{obj.label}: spec.service {parsed.service}: no Service "
+                f"{parsed.namespace}/{parsed.service} is known, "
+                f"so the enrolled hosts of identity {parsed.namespace}/{parsed.service}, "
+                f"port(s) {','.join(map(str, ports))}"
+            )
         for backend, _, where in parsed.backends:
             found = _split_backend(parsed.namespace, backend, known)
             if found is None:

@@ -85,8 +85,12 @@ def test_fixture_compiles_to_the_expected_wire_items() -> None:
     assert skipped == []
     assert items == json.loads((FIXTURES / "expected.json").read_text())
     # Service refs with no discovery behind them are pointed out, never refused.
-    assert "TrafficSplit shop/billing-canary: Service shop/billing-v2 (resolved by discovery" in "\n".join(
-        notes
+    text = "\n".join(notes)
+    assert "TrafficSplit shop/billing-canary: Service shop/billing-v2 (resolved by discovery" in text
+    # A split root that is not a Service: the hosts of that identity, said so.
+    assert (
+        "TrafficSplit shop/billing-canary: spec.service billing: no Service shop/billing is known, "
+        "so the enrolled hosts of identity shop/billing, port(s) 8080" in notes
     )
 
 
