@@ -257,3 +257,21 @@ def test_a_cancelled_probe_frees_the_probation_slot() -> None:
     assert bal.admits(be, A)  # still in probation, free to probe again
     again = bal.pick(be, [A])
     assert again is not None and bal.finished(again, "success", 2) == "open"
+
+
+def test_split_90_10_over_10000_requests_through_pick_and_balancer() -> None:
+    table = parse_routes(_table((90, 10), ["198.18.2.2", "198.18.4.2"]), _no_reject, ServiceTable.empty())
+    rule = table.parents()[0].rules[0]
+    bal = HttpBalancer(random.Random(11), Clock())
+    rng = random.Random(12)
+    counts: dict[str, int] = {}
+    for _ in range(10_000):
+        be = rule.pick(rng, lambda b: bal.available(b, b.endpoints or ()))
+        assert be is not None and be.endpoints is not None
+        p = bal.pick(be, be.endpoints)
+        assert p is not None
+        bal.finished(p, "success", 3)
+        counts[p.endpoint.address] = counts.get(p.endpoint.address, 0) + 1
+    assert abs(counts["198.18.3.2"] / 10_000 - 0.10) < 0.01  # v2's share
+    # v1's two endpoints share its 90 % about evenly (P2C on equal load)
+    assert abs(counts["198.18.2.2"] - counts["198.18.4.2"]) < 0.1 * 9000
