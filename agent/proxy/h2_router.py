@@ -95,6 +95,7 @@ def worker_pool(proxy: Proxy) -> H2Pool:
     if pool is None:
         connect = proxy_connector(proxy)
         pool = _POOLS[proxy] = H2Pool(connect, retry_total=proxy.settings.http_retry_buffer_total)
+        proxy.stop_hooks.append(pool.drain)
     return pool
 
 

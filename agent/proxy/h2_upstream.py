@@ -222,6 +222,12 @@ class H2Upstream(Leg):
             self._flush()
             self._maybe_idle()
 
+    def drain(self) -> None:
+        """No new streams; close once the open ones ended."""
+        self.draining = True
+        if not self.handlers:
+            self.close()
+
     # --- the endpoint side (Leg API) ----------------------------------------------------------
 
     def sink(self) -> Callable[[bytes], object]:
@@ -530,6 +536,14 @@ class H2Pool:
         for conns in list(self.conns.values()):
             for conn in list(conns):
                 conn.close()
+        self.conns.clear()
+
+    def drain(self) -> None:
+        """The proxy is stopping: idle connections close now, busy ones once their streams
+        ended (none is handed out again), so they do not hold the proxy's drain."""
+        for conns in list(self.conns.values()):
+            for conn in list(conns):
+                conn.drain()
         self.conns.clear()
 
     def status(self) -> dict[str, int]:
