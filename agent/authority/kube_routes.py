@@ -222,9 +222,11 @@ class KnownRefs:
 
 @dataclass(frozen=True)
 class RouteSettings:
-    """What objects are read against: the cluster domain of ServiceProfile names."""
+    """What objects are read against: the cluster domain of ServiceProfile names (None: any
+    domain, as compile_routes reads stored objects: the name was checked at apply, against the
+    domain the operator gave then)."""
 
-    cluster_domain: str = "cluster.local"
+    cluster_domain: str | None = "cluster.local"
 
 
 def known_refs(
@@ -887,7 +889,7 @@ def _traffic_split(doc: Mapping[str, Any], ns: str, name: str) -> _Split:
     return _Split(ns, name, service, backends, ann)
 
 
-def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str) -> _Profile:
+def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str | None) -> _Profile:
     spec = _map(doc.get("spec"), "spec", required=True)
     other = sorted(k for k in spec if k != "retryBudget")
     if other:
@@ -896,9 +898,14 @@ def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str) ->
             "is not read: meshagent reads a ServiceProfile's retryBudget only "
             "(routes, retries and timeouts: use an HTTPRoute)",
         )
-    suffix = f".{ns}.svc.{domain}"
-    if not name.endswith(suffix) or "." in name.removesuffix(suffix):
-        raise _Refused("metadata.name", f"{_q(name)} must be SERVICE{suffix} (the Service it applies to)")
+    service, _, rest = name.partition(".")
+    want = f"{ns}.svc.{domain or 'DOMAIN'}"
+    if domain is not None:
+        ok = rest == want
+    else:
+        ok = rest.startswith(f"{ns}.svc.") and len(rest) > len(f"{ns}.svc.")
+    if not service or not ok:
+        raise _Refused("metadata.name", f"{_q(name)} must be SERVICE.{want} (the Service it applies to)")
     budget = _map(spec.get("retryBudget"), "spec.retryBudget", required=True)
     _only(budget, ("retryRatio", "minRetriesPerSecond", "ttl"), "spec.retryBudget.")
     ratio = budget.get("retryRatio")
@@ -908,9 +915,7 @@ def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str) ->
     ttl = _go_duration_ms(budget.get("ttl"), "spec.retryBudget.ttl")
     if not 1000 <= ttl <= 60_000:
         raise _Refused("spec.retryBudget.ttl", f"{_q(budget.get('ttl'))} must be from 1s to 60s")
-    return _Profile(
-        ns, name.removesuffix(suffix), {"ratio": float(ratio), "min_per_s": minimum, "ttl_s": ttl / 1000}
-    )
+    return _Profile(ns, service, {"ratio": float(ratio), "min_per_s": minimum, "ttl_s": ttl / 1000})
 
 
 def _service_info(namespace: str, name: str, body: Mapping[str, Any]) -> ServiceInfo:
@@ -963,7 +968,7 @@ def _created(meta: Mapping[str, Any], now: float) -> float:
         raise _Refused("metadata.creationTimestamp", f"{_q(stamp)} is not an RFC 3339 time") from None
 
 
-def _parsed(obj: RouteObject, domain: str) -> _Route | _Split | _Profile | ServiceInfo:
+def _parsed(obj: RouteObject, domain: str | None) -> _Route | _Split | _Profile | ServiceInfo:
     body = obj.body
     if obj.kind == "HTTPRoute":
         group = body["apiVersion"].rpartition("/")[0]
@@ -1270,7 +1275,7 @@ def compile_routes(
 ) -> list[dict[str, Any]]:
     """The directory's `routes` member (design §3.3), canonical order. An object that no
     longer compiles is left out via `skip(obj, reason)`, never breaking the document."""
-    settings = settings or RouteSettings()
+    settings = settings or RouteSettings(cluster_domain=None)
     known = known.with_objects(objects)
     budgets: dict[tuple[str, str], tuple[dict[str, Any], RouteObject]] = {}
     routes: list[tuple[RouteObject, _Route]] = []

@@ -706,3 +706,18 @@ def test_stored_bodies_that_do_not_read_never_break_the_document() -> None:
         canonical_json(items)
         skips += bool(skipped)
     assert skips > 100  # the junk does reach the compiler
+
+
+def test_service_profile_domain_checked_at_apply_any_at_render() -> None:
+    """The name is checked against --cluster-domain at apply; the authority (which has no such
+    setting) compiles what was stored, whatever the domain."""
+    text = (
+        "apiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n"
+        "metadata: {namespace: shop, name: billing.shop.svc.example.org}\n"
+        "spec: {retryBudget: {retryRatio: 0.5, minRetriesPerSecond: 1, ttl: 5s}}\n---\n" + SPLIT % (1, 1)
+    )
+    assert any("must be SERVICE.shop.svc.cluster.local" in p for p in problems(text))
+    objects = kr.parse_routes_file(text, known(), kr.RouteSettings("example.org"), now=NOW)
+    items, skipped = compile_all(objects)
+    assert skipped == [] and items[0]["budget"] == {"ratio": 0.5, "min_per_s": 1, "ttl_s": 5.0}
+    assert "ServiceProfile shop/billing.shop.svc.example.org" in items[0]["sources"]
