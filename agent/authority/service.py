@@ -707,11 +707,14 @@ class Authority:
             return kube_routes.compile_routes(chosen, known, skip)
 
         try:
-            return compiled(objects)
+            routes = compiled(objects)
         except Exception as exc:  # a bug some object meets: find which, serve the others
             log.error(
                 "routes.compile_error", objects=len(objects), error=f"{type(exc).__name__}: {exc}"[:300]
             )
+        else:
+            self._note_unresolved(routes, discovered)
+            return routes
         kept = []
         for obj in objects:
             try:
@@ -724,6 +727,37 @@ class Authority:
             return compiled(kept)
         except Exception:  # (objects failing only together: keep what the hosts hold)
             return None
+
+    def _note_unresolved(
+        self, routes: Sequence[dict[str, Any]], discovered: Sequence[dict[str, Any]]
+    ) -> None:
+        """Say once per process which Service parents and backends the hosts cannot resolve: they
+        take a Service's addresses and endpoints from `services`, which only discovery fills
+        (design §3.2's trap: file routes naming Services on an authority without --kubernetes)."""
+        served = {(d.get("namespace"), d.get("name")) for d in discovered}
+        for item in routes:
+            refs = [("parent", item["parent"])]
+            refs += [
+                ("backend", backend["ref"])
+                for route in item["routes"]
+                for rule in route["rules"]
+                for backend in rule["backends"]
+            ]
+            for role, ref in refs:
+                if ref["kind"] != "Service" or (ref["namespace"], ref["name"]) in served:
+                    continue
+                what = f"Service {ref['namespace']}/{ref['name']}"
+                if ("route-unresolved", what) in self._skipped:
+                    continue
+                self._skipped.add(("route-unresolved", what))
+                log.warning(
+                    f"routes.{role}_unresolved",
+                    service=what,
+                    sources=",".join(item["sources"]),
+                    reason="not among the discovered Services"
+                    if self._discovery_state is not None
+                    else "this authority discovers no Services (serve --kubernetes)",
+                )
 
     def _route_skipped(self, obj: RouteObject, reason: str) -> None:
         self._route_failures.warning(f"{obj.label}\0{reason}", object=obj.label, reason=reason[:300])

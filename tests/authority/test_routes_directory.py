@@ -4,6 +4,7 @@ whole-member `set` in a delta, which agents from before #21 apply as they are.""
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -287,3 +288,39 @@ def test_two_replicas_on_postgresql_serve_the_same_routes_and_see_each_others_ch
     finally:
         replica.registry.close()
         fleet.authority.registry.close()
+
+
+SERVICE_BACKEND = """
+apiVersion: v1
+kind: Service
+metadata: {namespace: shop, name: billing-v3}
+spec: {ports: [{name: http, port: 8080}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: shop, name: to-a-service}
+spec:
+  parentRefs: [{group: meshagent.io, kind: Host, name: billing, port: 8080}]
+  rules: [{backendRefs: [{name: billing-v3, port: 8080}]}]
+"""
+
+
+def test_service_refs_no_host_can_resolve_are_served_and_said_once(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Design §3.2's trap: without discovery hosts get no `services`, so a Service backend never
+    resolves there. The route is served as written (a later discovery resolves it) and the
+    authority says so once per Service, not once per version."""
+    hosts = fleet.authority.registry.list_hosts()
+    known = kube_routes.known_refs(fleet.authority.catalog(hosts), hosts)
+    fleet.authority.registry.put_route_objects(kube_routes.parse_routes_file(SERVICE_BACKEND, known, now=1.0))
+    rendered = fleet.authority.render_host_config(fleet.client, gzip=True)
+    assert rendered.gzip is not None and gzip.decompress(rendered.gzip) == rendered.body
+    [item] = _doc(rendered)["routes"]
+    assert item["routes"][0]["rules"][0]["backends"][0]["ref"]["name"] == "billing-v3"
+    [logged] = _logged(caplog, "routes.backend_unresolved")
+    assert logged["service"] == "Service shop/billing-v3" and "serve --kubernetes" in logged["reason"]
+    assert logged["sources"] == "HTTPRoute shop/to-a-service"
+    fleet.authority.registry.revoke(fleet.v2[0].id, fleet.authority.clock())  # a new version
+    fleet.render()
+    assert _logged(caplog, "routes.backend_unresolved") == []
