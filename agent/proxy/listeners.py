@@ -1215,6 +1215,7 @@ def _routed(proxy: Proxy, app: Leg, orig: Address, policy: ParentPolicy) -> None
         _l4(proxy, app, orig)
         return
     metrics = proxy.metrics
+    proxy.observe(app, join(OUTBOUND_SRC, target(*orig), LOOPBACK))
 
     def make_conn(early: bytes) -> RoutedConn:
         return RoutedConn(proxy, ctx, policy, app, early, orig)
@@ -1277,7 +1278,8 @@ async def _outbound(
     the app already sent (read by a routed destination's detection), written first."""
     dst = f"{orig[0]}:{orig[1]}"
     where = target(*orig)
-    proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
+    if app.metrics is None:  # (a routed destination's fallback: observed since its accept)
+        proxy.observe(app, join(OUTBOUND_SRC, where, LOOPBACK))
     if isinstance(action, Refuse):
         if pick is not None:
             proxy.balancer.released(pick)
