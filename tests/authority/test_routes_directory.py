@@ -4,6 +4,7 @@ whole-member `set` in a delta, which agents from before #21 apply as they are.""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from collections.abc import Iterator
@@ -11,14 +12,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 
 from agent.authority import kube_routes
+from agent.authority.api import create_app
 from agent.authority.kube_routes import RouteObject
 from agent.authority.openapi import OPENAPI
 from agent.authority.service import Authority, RenderedConfig
-from agent.authority.storage import HostRecord
+from agent.authority.storage import HostRecord, SqliteRegistry
 from agent.identity import delta as wire
 from agent.identity.pki import generate_key, make_csr
 from tests.pgcluster import PgCluster
@@ -324,3 +327,50 @@ def test_service_refs_no_host_can_resolve_are_served_and_said_once(
     fleet.authority.registry.revoke(fleet.v2[0].id, fleet.authority.clock())  # a new version
     fleet.render()
     assert _logged(caplog, "routes.backend_unresolved") == []
+
+
+def test_a_route_write_by_another_process_wakes_a_long_poll_with_a_delta(fleet: Fleet) -> None:
+    """What `route apply` does while `authority serve` runs: another registry connection on the
+    same file writes; the parked poll wakes and, asked for a delta, gets the routes as a `set`."""
+    app = create_app(fleet.authority)
+    token = fleet.authority.create_tokens("shop/web", "https://127.0.0.1:1", timedelta(minutes=5))[0]
+    enrolled = fleet.authority.enroll(
+        token.secret, make_csr(generate_key()).decode(), "web-2", ["198.18.1.3"]
+    )
+    bearer = {"authorization": f"Bearer {enrolled.api_token}"}
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="https://authority") as http:
+            first = await http.get("/v1/host/config", headers=bearer)
+            held = first.json()
+            version = first.headers[wire.VERSION_HEADER]
+            asked = {
+                **bearer,
+                "if-none-match": first.headers["etag"],
+                "a-im": wire.DELTA_IM,
+                wire.BASE_HEADER: version,
+            }
+            poll = asyncio.create_task(http.get("/v1/host/config?wait=50", headers=asked))
+            watch = app.app.state.directory_watch
+            for _ in range(1000):  # until it is parked (sequencing, not a timing)
+                if watch.waiting:
+                    break
+                await asyncio.sleep(0.01)
+            assert watch.waiting == 1
+            other = SqliteRegistry(fleet.directory / "registry.db")
+            try:
+                hosts = other.list_hosts()
+                known = kube_routes.known_refs(fleet.authority.catalog(hosts), hosts)
+                other.put_route_objects(kube_routes.parse_routes_file(SPLIT.replace("WEIGHT", "7"), known))
+            finally:
+                other.close()
+            answer = await asyncio.wait_for(poll, 20)
+            assert answer.status_code == 226
+            delta = answer.json()
+            assert "routes" in delta["set"] and "routes" not in delta["splice"]
+            doc = wire.apply(held, delta, version)
+            assert f'"{wire.digest(doc)}"' == answer.headers["etag"]
+            assert _backends(doc)["billing-v1"][0] == 7
+
+    asyncio.run(run())
