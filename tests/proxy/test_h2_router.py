@@ -23,6 +23,7 @@ from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
+    RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
     StreamReset,
@@ -73,6 +74,7 @@ class H2Server:
         self.goaway_after = goaway_after
         self.refuse_first_connection = refuse_first_connection  # GOAWAY(last 0) at its first request
         self.goaway_once = False  # only the first connection sends its GOAWAY
+        self.resets = 0  # RST_STREAMs received
         self.connections = 0
         self.requests: collections.Counter[str] = collections.Counter()
         self.server: asyncio.AbstractServer | None = None
@@ -151,6 +153,7 @@ class _H2ServerConn(asyncio.Protocol):
                     self._send_body(sid)
             elif isinstance(event, StreamReset):
                 self.pending.pop(event.stream_id, None)
+                self.owner.resets += 1
         self._flush()
         self._drained()
 
@@ -655,6 +658,98 @@ def test_a_reader_that_stops_stops_the_upstream_at_its_windows() -> None:
                 await read(enough)
             assert bytes(got) == bytes(i % 251 for i in range(size))
             writer.close()
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+async def eventually(cond: Callable[[], bool]) -> None:
+    """Wait for `cond` (what another connection does), 5 s at most."""
+    async with asyncio.timeout(5):
+        while not cond():  # noqa: ASYNC110 - a server's counters have no event to wait on
+            await asyncio.sleep(0.01)
+
+
+class RawClient:
+    """An h2 client on a raw socket, for what httpx will not do (resets, many streams, bad frames)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.h2.initiate_connection()
+        self.events: list[Any] = []
+        self.flush()
+
+    @classmethod
+    async def open(cls, port: int) -> RawClient:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    def get(self, path: bytes) -> int:
+        sid = self.h2.get_next_available_stream_id()
+        head = [(b":method", b"GET"), (b":path", path), (b":scheme", b"http"), (b":authority", b"web")]
+        self.h2.send_headers(sid, head, end_stream=True)
+        self.flush()
+        return sid
+
+    def flush(self) -> None:
+        self.writer.write(self.h2.data_to_send())
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        while not done():
+            data = await asyncio.wait_for(self.reader.read(65536), 5)
+            if not data:
+                return
+            self.events += self.h2.receive_data(data)
+            self.flush()
+
+    def resets(self) -> dict[int, int]:
+        return {e.stream_id: e.error_code for e in self.events if isinstance(e, StreamReset)}
+
+
+def test_streams_past_100_are_refused_and_an_app_reset_cancels_the_upstream_stream() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))
+        try:
+            client = await RawClient.open(front.port)
+            await client.until(lambda: any(isinstance(e, RemoteSettingsChanged) for e in client.events))
+            client.h2.remote_settings.max_concurrent_streams = 1000  # (h2 would not open a 101st)
+            client.h2.remote_settings.acknowledge()
+            sids = [client.get(b"/hang") for _ in range(101)]
+            await client.until(lambda: sids[-1] in client.resets())
+            assert client.resets() == {sids[-1]: ErrorCodes.REFUSED_STREAM}  # the 101st only
+            await eventually(lambda: a.requests["/hang"] == 100)
+            client.h2.reset_stream(sids[0], ErrorCodes.CANCEL)
+            client.flush()
+            await eventually(lambda: a.resets > 0)
+            await asyncio.sleep(0.05)
+            assert a.resets == 1  # the app's reset went upstream as one RST_STREAM
+            client.writer.close()
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_a_protocol_error_ends_that_connection_only() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint())))
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+            # The preface, then a DATA frame on stream 0 (a connection error) and a frame header
+            # announcing 16 MiB: the router answers GOAWAY and closes, nothing buffered.
+            writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            writer.write(b"\x00\x00\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xff\xff\x00\x00\x00\x00\x00\x01")
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert b"\x07\x00\x00\x00\x00\x00" in answer  # a GOAWAY frame (type 7, stream 0)
+            writer.close()
+            async with h2_client(front) as client:  # the next connection is served
+                ok = await client.get("/who")
+                assert (ok.status_code, ok.text) == (200, "a")
         finally:
             await front.stop()
             await a.stop()
