@@ -147,10 +147,16 @@ class HttpBalancer:
         return b is None or b.admits()
 
     def admitting(self, backend: Backend, endpoints: Sequence[EndpointRef]) -> int:
-        """How many of the backend's endpoints admit a request now."""
+        """How many of the backend's endpoints admit every request (breaker open or none).
+        An endpoint in probation admits one request at a time, so it does not count: were the
+        last open endpoint shut while another probes, requests meanwhile would find none."""
         if backend.accrual is None:
             return len(endpoints)
-        return sum(1 for ep in endpoints if self.admits(backend, ep))
+        count = 0
+        for ep in endpoints:
+            brk = self.breaker(backend, ep, create=False)
+            count += brk is None or brk.state == "open"
+        return count
 
     def available(self, backend: Backend, endpoints: Sequence[EndpointRef]) -> bool:
         """Any endpoint admitting? (Rule.pick's `available`.)"""

@@ -167,9 +167,8 @@ class RouterContext:
         self.metrics.balancer(parent, backend.ref).endpoints(ready, pending)
 
     def rule_admitting(self, rule: Rule, besides: EndpointPick | None = None) -> int:
-        """Admitting endpoints over every backend of the rule, leaving out `besides` (the
-        endpoint whose failure is being recorded: in probation it does not admit, yet it is
-        not one of the others)."""
+        """Endpoints admitting every request (breaker open) over every backend of the rule,
+        leaving out `besides` (the endpoint whose failure is being recorded)."""
         count = 0
         for b in rule.backends:
             if b.weight <= 0:

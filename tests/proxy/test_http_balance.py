@@ -130,7 +130,8 @@ def test_breaker_takes_endpoint_out_and_last_is_kept() -> None:
     assert bal.finished(q, "failure", 1) == "kept"  # the rule's last admitting endpoint
     assert bal.available(be, [A, B])
     clock.now += 1.0  # A's backoff over: probation, one request
-    assert bal.admitting(be, [A, B]) == 2
+    assert bal.admits(be, A) and bal.admits(be, B)
+    assert bal.admitting(be, [A, B]) == 1  # in probation A admits one request: not counted as open
     probe = bal.pick(be, [A])
     assert probe is not None and not bal.admits(be, A)
     assert bal.finished(probe, "success", 2) == "open"

@@ -361,3 +361,29 @@ def test_with_the_real_route_metrics() -> None:
         and line.endswith(" 1")
         for line in text.splitlines()
     )
+
+
+def test_the_last_open_endpoint_is_kept_while_the_other_is_in_probation() -> None:
+    # Both endpoints fail. A is shut; once its penalty is over it is in probation (one request
+    # at a time). B failing then must not be shut: requests arriving while A's probe is in
+    # flight would find no endpoint (503 FAIL_FAST) — B is kept instead.
+    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
+    ex = FakeExchange(lambda pick, n: ok(500))
+    run(ctx, policy, ex)
+    first = ex.attempts[0]
+    other = B if first == A else A
+    asyncio.run(asyncio.sleep(0.01))  # the first one's penalty is over: probation on next look
+    rule = policy.rules[0]
+    be = rule.backends[0]
+    assert ctx.balancer.admits(be, be.endpoints[0]) and ctx.balancer.admits(be, be.endpoints[1])
+    # the other endpoint fails now: it is the last open one
+    pick = ctx.balancer.pick(be, [ep for ep in be.endpoints if ep.address == other])
+    assert pick is not None
+    from agent.proxy.http_dispatch import _finish
+
+    _finish(ctx, policy, rule, pick, "failure")
+    assert m.count("balancer:web", "kept_last") == 1 and m.count("balancer:web", "ejected") == 1
+    for _ in range(10):
+        run(ctx, policy, ex)
+    assert not ex.errors  # never a 503: something always admits
