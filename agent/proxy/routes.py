@@ -33,6 +33,7 @@ from .services import Reject, ServiceTable
 
 MAX_WEIGHT: Final = 1_000_000  # Gateway's bound on backendRefs[].weight
 MAX_REGEX: Final = 1024  # characters of one regular expression (compiled once per directory)
+MAX_MILLIS: Final = 2**53  # any finite duration on the wire (floats are exact up to here)
 
 
 # --- model ------------------------------------------------------------------------------------
@@ -808,6 +809,8 @@ def _millis(value: Any, what: str) -> float | None:
     """Milliseconds on the wire (None/absent: unset) → seconds."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 86_400_000:
-        raise _Bad(f"{what} {value!r} must be milliseconds >= 0")
+    # Any duration the authority accepts (Gateway's up to 4 x 99999h, Linkerd's days) must
+    # parse here: a refusal would drop the whole rule on every agent.
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_MILLIS:
+        raise _Bad(f"{what} {value!r} must be a finite number of milliseconds >= 0")
     return float(value) / 1000.0

@@ -430,3 +430,27 @@ def test_default_route_skips_matching_even_after_pickling() -> None:
     copy = pickle.loads(pickle.dumps(policy))  # noqa: S301 - our own bytes
     assert copy.only is copy.rules[0] and to(copy, req("/x", b"PATCH")) == "all"
     assert table(route("r", rule("api", path("PathPrefix", "/api")))).only is None
+
+
+def test_the_longest_durations_the_authority_accepts_parse() -> None:
+    # Gateway's Duration grammar allows up to four 5-digit parts ("99999h99999m99999s99999ms");
+    # Linkerd's annotations allow days. None of them may make the agent drop the rule.
+    gateway_max = ((99999 * 60 + 99999) * 60 + 99999) * 1000 + 99999
+    linkerd_days = 10_000 * 86_400_000
+    doc = rule("b")
+    doc["timeouts"] = {"request_ms": gateway_max, "idle_ms": linkerd_days, "attempt_ms": 1}
+    doc["retry"] = {"limit": 1, "backoff_min_ms": 25, "backoff_max_ms": gateway_max}
+    doc["backends"][0]["accrual"] = {
+        "max_failures": 7,
+        "min_penalty_ms": 1000,
+        "max_penalty_ms": linkerd_days,
+    }
+    r = table(route("r", doc)).rules[0]
+    assert r.timeouts.request_s == gateway_max / 1000 and r.timeouts.idle_s == linkerd_days / 1000
+    rejected: list[Any] = []
+    for bad in (-1, float("inf"), float("nan"), 2**60):
+        bad_doc = rule("b")
+        bad_doc["timeouts"] = {"request_ms": bad}
+        item = {"parent": PARENT, "routes": [route("r", bad_doc)]}
+        parse_routes([item], lambda *a: rejected.append(a), ServiceTable.empty())
+        assert "finite number of milliseconds" in rejected[-3][2], (bad, rejected)
