@@ -143,3 +143,44 @@ def test_check_warns_on_rejected_route_entries() -> None:
     assert "2 route entries" in bad.detail and "routes[3]: no parent" in bad.detail
     assert "route show" in bad.hint
     assert not routes_result({"catalog": {}}).warning
+
+
+class _Router:
+    def status(self) -> dict[str, Any]:
+        breakers = [
+            {"parent": "p", "backend": "b", "endpoint": f"198.18.0.{i}:80", "state": "shut"}
+            for i in range(150)
+        ]
+        return {
+            "parents": 2,
+            "connections": 7,
+            "breakers": breakers,
+            "budgets": [{"parent": "p", "balance": 3.0}],
+        }
+
+
+class _Table:
+    def parents(self) -> tuple[int, ...]:
+        return (1, 2, 3)
+
+
+def test_status_routes_section() -> None:
+    from types import SimpleNamespace
+
+    from agent.proxy.directory import Rejected
+    from agent.status import routes_status
+
+    rejected = [Rejected("catalog[0]", "x", "bad"), Rejected("routes[4].routes[0]", "y", "no rules")]
+    d: Any = SimpleNamespace(
+        state=SimpleNamespace(rejected=rejected), proxy=SimpleNamespace(router=_Router())
+    )
+    doc = routes_status(d)
+    assert doc["parents"] == 2 and doc["connections"] == 7
+    assert doc["rejected_count"] == 1 and doc["rejected"][0]["where"] == "routes[4].routes[0]"
+    assert len(doc["breakers"]) == 100 and doc["breakers_count"] == 150  # bounded, counted
+    assert doc["budgets"] == [{"parent": "p", "balance": 3.0}]
+    # A worker pool: no router in this process, the table it broadcast.
+    d.proxy = SimpleNamespace(routes=_Table())
+    assert routes_status(d)["parents"] == 3
+    d.proxy = None
+    assert routes_status(d)["parents"] == 0
