@@ -1225,6 +1225,115 @@ def set_routes(s: Setup, objects: tuple[tuple[str, int], ...]) -> None:
     wait_for(held, f"a's agent holding routes {sorted(names)}", timeout=30)
 
 
+def _micro_doc() -> list[dict[str, Any]]:
+    """A parent with an HTTPRoute of three rules (Exact, PathPrefix + header, catch-all 90/10),
+    Host backends of two endpoints each: what one routed request is matched and picked against."""
+
+    def ref(name: str, port: int) -> dict[str, Any]:
+        return {
+            "group": "meshagent.io",
+            "kind": "Host",
+            "namespace": "shop",
+            "name": name,
+            "port": port,
+            "section": "",
+        }
+
+    def backend(name: str, weight: int, last: int) -> dict[str, Any]:
+        endpoints = [
+            {
+                "address": f"198.18.{last}.{i}",
+                "port": 8080,
+                "identity": f"spiffe://cluster.local/ns/shop/sa/{name}",
+                "server_name": f"{name}.shop.serviceaccount.identity.linkerd.cluster.local",
+            }
+            for i in (2, 3)
+        ]
+        return {"weight": weight, "ref": ref(name, 8080), "endpoints": endpoints, "accrual": None}
+
+    no_timeouts = {
+        "request_ms": None,
+        "response_ms": None,
+        "idle_ms": None,
+        "attempt_ms": None,
+        "backend_request_ms": None,
+    }
+    rules = [
+        {
+            "matches": [{"path": {"type": "Exact", "value": "/healthz"}}],
+            "backends": [backend("web-v1", 1, 2)],
+        },
+        {
+            "matches": [
+                {
+                    "path": {"type": "PathPrefix", "value": "/api"},
+                    "headers": [{"type": "Exact", "name": "x-canary", "value": "1"}],
+                }
+            ],
+            "backends": [backend("web-v2", 1, 3)],
+        },
+        {"matches": [], "backends": [backend("web-v1", 90, 2), backend("web-v2", 10, 3)]},
+    ]
+    for rule in rules:
+        rule.update(timeouts=no_timeouts, retry=None)
+    route = {
+        "group": "gateway.networking.k8s.io",
+        "kind": "HTTPRoute",
+        "namespace": "shop",
+        "name": "web",
+        "created": 0.0,
+        "rules": rules,
+    }
+    parent = {**ref("web-v1", 8080), "addresses": ["198.18.2.2", "198.18.2.3"]}
+    return [
+        {
+            "parent": parent,
+            "budget": {"ratio": 0.2, "min_per_s": 10, "ttl_s": 10},
+            "sources": [],
+            "routes": [route],
+        }
+    ]
+
+
+def routing_microbench(n: int = 100_000) -> dict[str, Any]:
+    """µs per request for the pure routing work (no I/O): RouteTable.lookup, ParentPolicy.select
+    (the catch-all rule: every candidate tried), Rule.pick over available backends, the P2C
+    pick and its `finished` — on a quiet core, one process."""
+    import random as _random
+
+    from agent.proxy.http_balance import HttpBalancer
+    from agent.proxy.routes import RequestView, parse_routes
+    from agent.proxy.services import ServiceTable
+
+    rejected: list[Any] = []
+    services = ServiceTable()
+    table = parse_routes(_micro_doc(), lambda w, d, r: rejected.append((w, r)), services)
+    if rejected:
+        raise BenchError(f"microbench routes rejected: {rejected}")
+    balancer = HttpBalancer(_random.Random(1))
+    rng = _random.Random(2)
+    view = RequestView(b"GET", "/products/42", "", "web", {"accept": "*/*", "user-agent": "bench"})
+
+    def one() -> None:
+        policy = table.lookup("198.18.2.2", 8080)
+        assert policy is not None
+        rule = policy.select(view)
+        assert rule is not None
+        backend = rule.pick(rng, lambda b: balancer.available(b, b.resolve(services)))
+        assert backend is not None
+        pick = balancer.pick(backend, backend.resolve(services))
+        assert pick is not None
+        balancer.finished(pick, "success", 2)
+
+    for _ in range(1000):
+        one()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        one()
+    us = (time.perf_counter() - t0) * 1e6 / n
+    return {"requests": n, "us_per_request": round(us, 2), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
 def routes_run(args: argparse.Namespace) -> dict[str, Any]:
     """Design §7: meshagent's L4 path with no routes, with routes for another destination, and
     the HTTP path (one default route, one backend): requests/s (wrk, keep-alive) and p50/p99
@@ -1232,6 +1341,8 @@ def routes_run(args: argparse.Namespace) -> dict[str, Any]:
     env = environment()
     env["loadavg"] = [round(x, 2) for x in os.getloadavg()]  # at the start, as the rules ask
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {name: {} for name in ROUTE_SCENARIOS}
+    micro = routing_microbench()
+    log(f"routing microbench (lookup + select + pick + P2C): {micro['us_per_request']} us/request")
     with lab_setup(args, pinned=False) as s:
         target = s.targets["meshagent"]
         neighbours = Neighbours(s)
@@ -1273,6 +1384,7 @@ def routes_run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "table": table,
         "ratios_to_l4_no_routes": ratios,
+        "routing_microbench": micro,
         "raw": raw,
     }
 
@@ -1293,6 +1405,9 @@ def print_routes(result: dict[str, Any]) -> None:
             f"{name:22}{_fmt(row['rps']):>10}{_fmt(row['cpu_us_per_req']):>9}{_fmt(row['p50_ms']):>9}"
             f"{_fmt(row['p99_ms']):>9}   {_fmt(r['rps'], ratio=True):>9}{_fmt(r['p99_ms'], ratio=True):>8}"
         )
+    micro = result.get("routing_microbench")
+    if micro:
+        print(f"routing work per request (lookup, select, pick, P2C; no I/O): {micro['us_per_request']} us")
 
 
 def _pass_goals(result: dict[str, Any]) -> None:
