@@ -54,6 +54,8 @@ MAX_HEAD: Final = 64 * 1024
 """Request head bound (431 past it); response heads are bounded the same (502)."""
 MAX_PENDING: Final = 64 * 1024
 """Request body bytes read ahead of the upstream before the app's reading pauses."""
+MAX_WAITING: Final = 16
+"""Pipelined requests parsed ahead of the current one before the app's reading pauses."""
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 # Hop-by-hop: this connection's business, never forwarded (the router speaks for each side).
 HOP: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection"})
@@ -349,6 +351,11 @@ class _Request:
         return b"0\r\n\r\n" if self.chunked else b""
 
 
+def unfinished(req: _Request) -> bool:
+    """A request whose body has not all been read (a bodyless one is whole at its head)."""
+    return req.has_body and not req.complete
+
+
 class _Attempt:
     """One attempt's response on one upstream: parsed, its head held until dispatch decides,
     then forwarded (re-framed) or dropped."""
@@ -642,8 +649,9 @@ class _Exchange:
         if self.current is not None:
             self._drop(self.current)
         self.router.answered(self, status)
-        self.router.respond(status, message, close or not self.req.complete)
-        self.router.exchange_done(self, close or not self.req.complete)
+        close = close or unfinished(self.req)
+        self.router.respond(status, message, close)
+        self.router.exchange_done(self, close)
 
     # the attempts' ends
 
@@ -670,7 +678,7 @@ class _Exchange:
 
     def response_done(self, attempt: _Attempt) -> None:
         router = self.router
-        router.end_body(attempt.chunked)
+        router.end_body(attempt.chunked and not attempt.bodyless)
         self.release(attempt)
         router.exchange_done(self, router.closing or not self.req.keep_alive)
 
@@ -769,16 +777,20 @@ class H1Router(Leg):
             self.send(chunk)
 
     def send_eof(self) -> None:
-        """The app finished writing: after the current response, the connection ends."""
+        """The app finished writing. As hyper's server (http1_half_close off, Linkerd's): a
+        request not yet answered is given up (a client that closed cannot be told from one
+        that half-closed, and the upstream might never answer); a response already under way
+        finishes, then the connection ends."""
         self.app_done = True
         if self.tunnel:
             return  # (the tunnel's pairing carries the app's EOF on)
-        req = self._request()
-        if req is not None and not req.complete:
-            self.abort()  # the body can never end
+        active = self.active
+        if isinstance(active, _Exchange) and active.final is not None and not self.waiting:
+            return  # the response streams; exchange_done then closes
+        if active is not None or self.waiting or (self.building is not None and not self.building.complete):
+            self.abort()
             return
-        if self.active is None and not self.waiting:
-            self._shutdown()
+        self._shutdown()
 
     def start(self) -> None:
         first, self.first = self.first, b""
@@ -840,7 +852,7 @@ class H1Router(Leg):
 
     def on_body(self, data: bytes) -> None:
         req = self.building
-        if req is None:
+        if req is None or self.closed:  # (the rest of a feed after the connection ended)
             return
         req.body.append(data)
         req.body_len += len(data)
@@ -871,7 +883,10 @@ class H1Router(Leg):
     # --- one request at a time -----------------------------------------------------------
 
     def _request(self) -> _Request | None:
-        active = self.active
+        return self._request_of(self.active)
+
+    @staticmethod
+    def _request_of(active: _Exchange | _Request | None) -> _Request | None:
         return active.req if isinstance(active, _Exchange) else active
 
     def _retry_limit(self) -> int:
@@ -899,7 +914,7 @@ class H1Router(Leg):
         if rule is None:
             self.active = req
             self._count(404)
-            close = not req.keep_alive or not req.complete  # (an unread body: not worth reading)
+            close = not req.keep_alive or unfinished(req)  # (an unread body: not worth reading)
             self.respond(404, "no route matches the request", close)
             self._done_plain(req, close)
             return
@@ -949,15 +964,18 @@ class H1Router(Leg):
             return
         if ex.deadline_timer is not None:
             ex.deadline_timer.cancel()
-        req = ex.req
+        # Answered before its body ended (an early 413, a 504): the rest cannot be told from a
+        # next request without reading it all; the connection ends instead.
+        self._done_plain(ex.req, close or unfinished(ex.req))
+
+    def _release_kept(self, req: _Request) -> None:
+        """The request's body copy for retries no longer counts against the worker's bound."""
         if req.kept is not None:
             self.worker.retry_held -= req.kept_len
             req.kept, req.kept_len = None, 0
-        # Answered before its body ended (an early 413, a 504): the rest cannot be told from a
-        # next request without reading it all; the connection ends instead.
-        self._done_plain(req, close or not req.complete)
 
     def _done_plain(self, req: _Request, close: bool) -> None:
+        self._release_kept(req)
         self.active = None
         if close or (self.app_done and not self.waiting):
             self._shutdown()
@@ -967,24 +985,28 @@ class H1Router(Leg):
         self._flow()
 
     def _flow(self) -> None:
-        """Read from the app only while the current request's body is wanted."""
+        """Read from the app unless its bytes would pile up: the current request's body ahead of
+        its upstream, or pipelined requests waiting their turn. Reading on while a response is
+        pending is how the app's close is seen (then the request is given up, as hyper does)."""
         if self.closed:
             return
         active = self.active
         want = True
-        if self.waiting:
+        if (
+            self.tunnel
+            or (active is not None and not isinstance(active, _Exchange))
+            or (
+                self.waiting
+                and (len(self.waiting) >= MAX_WAITING or sum(r.body_len for r in self.waiting) > MAX_PENDING)
+            )
+        ):
             want = False
         elif isinstance(active, _Exchange):
             req = active.req
             attempt = active.current
-            if (
-                req.complete
-                or req.body_len > MAX_PENDING
-                or (attempt is not None and not attempt.up.can_write)
-            ):
+            blocked = attempt is not None and not attempt.up.can_write
+            if not req.complete and (req.body_len > MAX_PENDING or blocked):
                 want = False
-        elif active is not None:
-            want = False
         if want != self.reading:
             self.reading = want
             transport = self.app.transport
@@ -1161,6 +1183,9 @@ class H1Router(Leg):
         self.closed = True
         active = self.active
         self.active = None
+        for req in (*self.waiting, self._request_of(active), self.building):
+            if req is not None:
+                self._release_kept(req)
         self.waiting.clear()
         if isinstance(active, _Exchange):
             if active.deadline_timer is not None:
@@ -1168,9 +1193,6 @@ class H1Router(Leg):
             for attempt in (active.current, active.final):
                 if attempt is not None and attempt.state != "done":
                     active._drop(attempt)
-            if active.req.kept is not None:
-                self.worker.retry_held -= active.req.kept_len
-                active.req.kept = None
         task = self.task
         if task is not None and not task.done():
             task.cancel()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.proxy.routes import RetryPolicy, RouteTable, Timeouts
+from agent.proxy.routes import BudgetSpec, RetryPolicy, RouteTable, Timeouts
 from tests.proxy.test_h1_router_world import Client, World, policy, run
 from tests.support import metric_sum
 
@@ -177,5 +177,62 @@ def test_a_new_table_reaches_a_kept_alive_connection_at_its_next_request(tmp_pat
         assert [(await client.request("GET", "/who")).body for _ in range(3)] == [b"b"] * 3
         assert router is not None and router.connections == 1
         client.close()
+
+    run(tmp_path, body)
+
+
+def test_head_and_304_with_chunked_heads_keep_the_app_connection_in_sync(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        head = await client.request("HEAD", "/chunked")
+        assert head.status == 200 and head.headers["transfer-encoding"] == "chunked"
+        assert (await client.request("GET", "/not-modified")).status == 304
+        # No stray chunk terminator after the bodyless answers: the next response parses.
+        assert (await client.request("GET", "/who")).body == b"a"
+        client.close()
+
+    run(tmp_path, body)
+
+
+def test_the_retry_buffer_is_released_whatever_ends_a_request(tmp_path: Path) -> None:
+    from agent.proxy.h1_router import worker_state
+    from agent.proxy.routes import MATCH_ALL, Match, ParentPolicy, PathMatch, Rule
+    from tests.proxy.test_h1_router_world import PARENT, PARENT_IP, ROUTE
+
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        rule = Rule(ROUTE, (a.backend(),), Timeouts(), RETRY_5XX)
+        only_echo = Match(PathMatch("PathPrefix", "/echo"), None, (), ())
+        assert MATCH_ALL is not only_echo
+        pol = ParentPolicy(PARENT, BudgetSpec(), ("t",), (rule,), ((only_echo, rule),), (PARENT_IP,))
+        proxy = await world.proxy(RouteTable([pol]))
+        worker = worker_state(proxy)
+        client = await Client.open(world.port)
+        assert (await client.request("PUT", "/echo", b"12345")).body == b"12345"
+        assert worker.retry_held == 0
+        missing = await client.request("GET", "/nomatch")  # bodyless: the connection goes on
+        assert missing.status == 404 and "connection" not in missing.headers
+        assert (await client.request("PUT", "/nomatch", b"12345")).status == 404  # with a body: closed
+        assert await client.closed()
+        client.close()
+        # Pipelined requests still waiting when the app goes away.
+        client = await Client.open(world.port)
+        client.send(
+            b"GET /echo/hang HTTP/1.1\r\nhost: w\r\n\r\n"
+            b"PUT /echo HTTP/1.1\r\nhost: w\r\ncontent-length: 3\r\n\r\nabc"
+        )
+        for _ in range(200):
+            if a.requests["/echo/hang"] and worker.retry_held == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.retry_held == 3  # the waiting PUT's body, kept for a retry
+        client.close()
+        for _ in range(200):
+            if worker.retry_held == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.retry_held == 0
 
     run(tmp_path, body)

@@ -132,13 +132,16 @@ class _ServerConn(asyncio.Protocol):
             self._send(int(path.split("/")[2]), b"", head)
         elif path == "/chunked":
             transport.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-            transport.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+            if not head:
+                transport.write(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        elif path == "/not-modified":
+            transport.write(b"HTTP/1.1 304 Not Modified\r\ntransfer-encoding: chunked\r\n\r\n")
         elif path == "/close":
             transport.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end")
             transport.close()
         elif path == "/nobody":
             transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
-        elif path == "/hang":
+        elif path.endswith("/hang"):
             pass
         elif path == "/echo":
             self._send(200, bytes(self.body), head)
