@@ -8,10 +8,13 @@ eligible requests, only retryable outcomes, at most `limit` retries, each withdr
 parent's retry budget (tower's TpsBudget), with exponential backoff and jitter; every retry
 re-picks the backend and the endpoint. Non-retryable outcomes deposit.
 
-Timeouts are deadlines on the event loop's clock: the per-attempt header deadline is one
-`asyncio.timeout_at` (a single `loop.call_at` timer, re-armed per attempt), no polling. What
-happens after the response head was forwarded (the body's `request`/`response`/`idle`
-timeouts) is the Exchange's: it gets the request deadline with each attempt.
+Timeouts are deadlines on the event loop's clock: the attempt's head deadline is one
+`asyncio.timeout_at` (a single `loop.call_at` timer, re-armed per attempt), no polling. Until
+the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, counted from the
+request head: the request's end is the Exchange's to know), per-attempt `attempt`/`backendRequest`
+(RESPONSE_HEADERS_TIMEOUT, retryable) and `idle` (IDLE_TIMEOUT: no byte flows while a head is
+awaited). After the head was forwarded the body is the Exchange's: it gets the request's limit
+with each attempt; the body's idleness is not timed.
 """
 
 from __future__ import annotations
@@ -28,7 +31,17 @@ from agent.telemetry.proxy_metrics import GRPC_FAILURES
 
 from .http_balance import EndpointPick, HttpBalancer, Outcome
 from .retry_budget import RetryBudget
-from .routes import Backend, BudgetSpec, EndpointRef, ParentPolicy, Ref, RequestView, RouteTable, Rule
+from .routes import (
+    Backend,
+    BudgetSpec,
+    EndpointRef,
+    ParentPolicy,
+    Ref,
+    RequestView,
+    RouteTable,
+    Rule,
+    Timeouts,
+)
 from .services import ServiceTable
 
 log = get_logger("meshagent.proxy.http_dispatch")
@@ -39,6 +52,14 @@ _kept_log = Throttled(log, "http.breaker.last_endpoint_kept")
 FAIL_FAST: Final = "FAIL_FAST"
 REQUEST_TIMEOUT: Final = "REQUEST_TIMEOUT"
 RESPONSE_HEADERS_TIMEOUT: Final = "RESPONSE_HEADERS_TIMEOUT"
+RESPONSE_STREAM_TIMEOUT: Final = "RESPONSE_STREAM_TIMEOUT"
+IDLE_TIMEOUT: Final = "IDLE_TIMEOUT"
+TIMEOUT_MESSAGES: Final = {
+    REQUEST_TIMEOUT: "request timed out",
+    RESPONSE_HEADERS_TIMEOUT: "response headers timed out",
+    RESPONSE_STREAM_TIMEOUT: "response timed out",
+    IDLE_TIMEOUT: "idle timeout: no response",
+}
 # Errors before a response head that a retry may cure (another endpoint, another connection).
 RETRYABLE_ERRORS: Final = frozenset(
     {FAIL_FAST, RESPONSE_HEADERS_TIMEOUT, "REFUSED", "RESET", "GO_AWAY", "IO"}
@@ -74,8 +95,9 @@ class Exchange(Protocol):
 
     async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
         """Send the request to `pick.endpoint`, return at the response head (held, not yet
-        relayed). `deadline`: the request's deadline (loop time; None: none), for the body
-        after `forward`. dispatch cancels this coroutine when the attempt's head deadline
+        relayed). `deadline`: the request's limit (loop time; None: none) — the earlier of
+        `timeouts.request` from the request head and `timeout.linkerd.io/response` — for the
+        body after `forward`. dispatch cancels this coroutine when the attempt's head deadline
         passes: release (close) the upstream on CancelledError."""
         ...
 
@@ -245,7 +267,12 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
     loop = asyncio.get_running_loop()
     started = loop.time()
     t = rule.timeouts
-    request_deadline = started + t.request_s if t.request_s is not None else None
+    # The request's limit: `request` from the head; `response` from the request's end, taken as
+    # its head here (the same for requests without a body; stricter for a long upload).
+    limit_at, limit_label = None, REQUEST_TIMEOUT
+    for timeout, label in ((t.request_s, REQUEST_TIMEOUT), (t.response_s, RESPONSE_STREAM_TIMEOUT)):
+        if timeout is not None and (limit_at is None or started + timeout < limit_at):
+            limit_at, limit_label = started + timeout, label
     retry = rule.retry
     route = ctx.metrics.route(policy.parent, rule.route)
     budget = ctx.budget(policy)
@@ -254,7 +281,7 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
     retries = 0
     while True:
         last = retries >= limit  # the per-attempt header timeout is not applied to it (Linkerd)
-        result = await _attempt(ctx, policy, rule, ex, request_deadline, last)
+        result = await _attempt(ctx, policy, rule, ex, (limit_at, limit_label), last)
         retryable = _retryable(rule, result)
         if retryable and eligible is None:
             eligible = ex.retry_eligible()
@@ -274,13 +301,13 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             ex.discard(result)  # a response head, or an upstream left in a failed state
         assert retry is not None
         delay = backoff_s(retry.backoff_min_s, retry.backoff_max_s, retry.jitter, retries, ctx.rng)
-        if request_deadline is not None and loop.time() + delay >= request_deadline:
-            await asyncio.sleep(max(0.0, request_deadline - loop.time()))
-            result = AttemptResult(None, None, REQUEST_TIMEOUT, None)
+        if limit_at is not None and loop.time() + delay >= limit_at:
+            await asyncio.sleep(max(0.0, limit_at - loop.time()))
+            result = AttemptResult(None, None, limit_label, None)
             break
         await asyncio.sleep(delay)
         route.retry_request()
-    _answer(ex, route, result, loop.time() - started, t.request_s)
+    _answer(ex, route, result, loop.time() - started, t)
 
 
 async def _attempt(
@@ -288,10 +315,11 @@ async def _attempt(
     policy: ParentPolicy,
     rule: Rule,
     ex: Exchange,
-    request_deadline: float | None,
+    limit: tuple[float | None, str],
     last: bool,
 ) -> AttemptResult:
-    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded."""
+    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded.
+    `limit`: the request's deadline and its error label."""
     backend = rule.pick(ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b)))
     pick = None if backend is None else ctx.balancer.pick(backend, ctx.endpoints(backend))
     if backend is None or pick is None:
@@ -299,11 +327,17 @@ async def _attempt(
     loop = asyncio.get_running_loop()
     t = rule.timeouts
     now = loop.time()
+    request_deadline, label = limit
     deadline = request_deadline
-    header_timeout = False  # the deadline is the attempt's, not the request's
-    for timeout in (t.backend_request_s, None if last else t.attempt_s):
+    # Until the head: the per-attempt timeouts (retryable), and `idle` (no byte flows while a
+    # head is awaited; the body's idleness is the Exchange's).
+    for timeout, what in (
+        (t.backend_request_s, RESPONSE_HEADERS_TIMEOUT),
+        (None if last else t.attempt_s, RESPONSE_HEADERS_TIMEOUT),
+        (t.idle_s, IDLE_TIMEOUT),
+    ):
         if timeout is not None and (deadline is None or now + timeout < deadline):
-            deadline, header_timeout = now + timeout, True
+            deadline, label = now + timeout, what
     series = ctx.metrics.backend(policy.parent, rule.route, backend.ref)
     series.request()
     outcome: Outcome = "failure"
@@ -315,7 +349,6 @@ async def _attempt(
                 async with asyncio.timeout_at(deadline):
                     result = await ex.attempt(pick, request_deadline)
         except TimeoutError:
-            label = RESPONSE_HEADERS_TIMEOUT if header_timeout else REQUEST_TIMEOUT
             result = AttemptResult(None, None, label, None)
         except OSError as exc:  # the Exchange should map these itself; never let one escape
             log.debug("http.attempt.io_error", endpoint=pick.endpoint.address, error=str(exc))
@@ -366,9 +399,7 @@ def _finish(
     ctx.gauge(policy.parent, backend)
 
 
-def _answer(
-    ex: Exchange, route: Any, result: AttemptResult, duration_s: float, request_s: float | None
-) -> None:
+def _answer(ex: Exchange, route: Any, result: AttemptResult, duration_s: float, t: Timeouts) -> None:
     """Forward the last response, or synthesize the error (Linkerd's codes, design-21 §4.2)."""
     if result.status is not None:
         route.done(result.status, None, duration_s)
@@ -376,12 +407,15 @@ def _answer(
         return
     error = result.error or "UNKNOWN"
     route.done(None, error, duration_s)
-    if error == REQUEST_TIMEOUT:
-        ex.respond_error(
-            504, GRPC_DEADLINE_EXCEEDED, error, f"request timed out after {request_s or 0:g}s", False
-        )
-    elif error == RESPONSE_HEADERS_TIMEOUT:
-        ex.respond_error(504, GRPC_DEADLINE_EXCEEDED, error, "response headers timed out", False)
+    timeout = TIMEOUT_MESSAGES.get(error)
+    if timeout is not None:
+        configured = {
+            REQUEST_TIMEOUT: t.request_s,
+            RESPONSE_STREAM_TIMEOUT: t.response_s,
+            IDLE_TIMEOUT: t.idle_s,
+        }.get(error)
+        message = timeout if configured is None else f"{timeout} after {configured:g}s"
+        ex.respond_error(504, GRPC_DEADLINE_EXCEEDED, error, message, False)
     elif error == FAIL_FAST:
         ex.respond_error(
             503, GRPC_UNAVAILABLE, error, "no backend of this route is available (fail-fast)", False

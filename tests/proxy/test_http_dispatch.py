@@ -387,3 +387,33 @@ def test_the_last_open_endpoint_is_kept_while_the_other_is_in_probation() -> Non
     for _ in range(10):
         run(ctx, policy, ex)
     assert not ex.errors  # never a 503: something always admits
+
+
+class DeadlineExchange(FakeExchange):
+    def __init__(self, behave: Behaviour) -> None:
+        super().__init__(behave)
+        self.deadlines: list[float | None] = []
+
+    async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
+        self.deadlines.append(deadline)
+        return await super().attempt(pick, deadline)
+
+
+def test_response_timeout_answers_504_and_is_not_retried() -> None:
+    ctx, policy, m = setup(retry=FAST, timeouts={"request_ms": 10_000, "response_ms": 30})
+    ex = DeadlineExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 1 and ex.errors[0][:3] == (504, 4, "RESPONSE_STREAM_TIMEOUT")
+    assert [c[:2] for c in m.calls("route", "done")] == [(None, "RESPONSE_STREAM_TIMEOUT")]
+    # the Exchange is handed the earlier limit (the response timeout), for the body
+    (deadline,) = ex.deadlines
+    assert deadline is not None and m.count("route", "retry_request") == 0
+
+
+def test_idle_timeout_while_waiting_for_the_head() -> None:
+    ctx, policy, m = setup(retry=FAST, timeouts={"idle_ms": 20})
+    ex = DeadlineExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert len(ex.attempts) == 1 and ex.errors[0][:3] == (504, 4, "IDLE_TIMEOUT")
+    assert ex.deadlines == [None]  # no request limit: the body is not timed
+    assert m.calls("backend:web", "done")[0][:2] == (None, "IDLE_TIMEOUT")
