@@ -317,9 +317,11 @@ class _Attempt:
     # --- decisions ----------------------------------------------------------------------------
 
     def discard(self) -> None:
+        held = sum(flow for _data, flow in self.held)
         self.held.clear()
         if self.sid:
             self.conn.cancel(self.sid)
+            self.conn.consumed(self.sid, held)  # (the connection's window, shared)
 
 
 def _grpc_or_unknown(headers: list[Header]) -> int:
@@ -346,6 +348,7 @@ class _Exchange:
         self.pending: list[bytes] = []  # DATA not yet given to an attempt
         self.unacked = 0  # the app's flow-controlled bytes taken, not yet acknowledged
         self.current: _Attempt | None = None  # the one sending the body / being relayed
+        self.source: _Attempt | None = None  # the forwarded one: `out`'s bytes are its
         self.attempts = 0
         self.responded = False  # a response head went to the app
         self.ended = False  # our side of the app stream is finished (or reset)
@@ -424,7 +427,7 @@ class _Exchange:
         if not isinstance(attempt, _Attempt) or self.ended:
             return
         attempt.forwarded = True
-        self.current = attempt
+        self.current = self.source = attempt
         self.unkeep()  # no attempt after this one
         if self.deadline is not None and not attempt.ended:
             loop = asyncio.get_running_loop()
@@ -454,7 +457,7 @@ class _Exchange:
             attempt.discard()
         message = "request timed out"
         if self.grpc and self.responded:
-            self.out.clear()
+            self.drop_out()
             self.out_end = True
             self.out_trailers = [
                 (b"grpc-status", str(GRPC_TIMEOUT).encode()),
@@ -542,8 +545,7 @@ class _Exchange:
 
     def relay_data(self, data: bytes, flow: int) -> None:
         if self.ended:
-            if self.current is not None and self.current.sid:
-                self.current.conn.consumed(self.current.sid, flow)
+            self._consumed(flow)
             return
         self.out.append((data, flow))
         self.router.pump(self)
@@ -554,6 +556,16 @@ class _Exchange:
         self.out_end = True
         self.out_trailers = trailers
         self.router.pump(self)
+
+    def _consumed(self, flow: int) -> None:
+        source = self.source
+        if flow and source is not None and source.sid:
+            source.conn.consumed(source.sid, flow)
+
+    def drop_out(self) -> None:
+        """Response DATA that will never go to the app: acknowledged upstream all the same."""
+        self._consumed(sum(flow for _data, flow in self.out))
+        self.out.clear()
 
     def relay_reset(self, error: str) -> None:
         self.router.reset(self, ErrorCodes.CANCEL if error == "CANCEL" else ErrorCodes.INTERNAL_ERROR)
@@ -568,6 +580,7 @@ class _Exchange:
         attempt, self.current = self.current, None
         if attempt is not None:
             attempt.discard()
+        self.drop_out()
         if self.task is not None and not self.task.done():
             self.task.cancel()
 
@@ -718,9 +731,10 @@ class H2Router(Leg):
                 for ex in list(self.streams.values()):
                     self.pump(ex)
         elif isinstance(event, StreamReset):
-            ex = self.streams.pop(event.stream_id, None)
+            ex = self.streams.get(event.stream_id)
             if ex is not None:
                 ex.cancel()
+                self._forget(ex)
         elif isinstance(event, TrailersReceived):
             pass  # request trailers: gRPC sends none; dropped (the StreamEnded that follows ends the body)
         elif isinstance(event, ConnectionTerminated):
@@ -790,7 +804,6 @@ class H2Router(Leg):
         if ex.ended:
             return
         out, h2conn = ex.out, self.h2
-        attempt = ex.current
         try:
             while out and self.writable:
                 window = h2conn.local_flow_control_window(ex.sid)
@@ -806,8 +819,7 @@ class H2Router(Leg):
                     out.popleft()
                 if data:
                     h2conn.send_data(ex.sid, data)
-                if flow and attempt is not None and attempt.sid:
-                    attempt.conn.consumed(attempt.sid, flow)
+                ex._consumed(flow)
         except ProtocolError:  # the app closed the stream meanwhile
             self.reset(ex, ErrorCodes.STREAM_CLOSED)
             return
@@ -851,6 +863,7 @@ class H2Router(Leg):
         attempt = ex.current
         if attempt is not None and not attempt.ended:
             attempt.discard()
+        ex.drop_out()
         if ex.unacked:
             with contextlib.suppress(ProtocolError, KeyError):
                 self.h2.acknowledge_received_data(ex.unacked, ex.sid)
@@ -933,6 +946,7 @@ class H2Router(Leg):
         streams, self.streams = self.streams, {}
         for ex in streams.values():
             ex.cancel()
+            self._count(ex)  # cut off: status 0
         for task in list(self.tasks):
             task.cancel()
         peer = self.peer

@@ -205,8 +205,10 @@ class H2Upstream(Leg):
         return out is not None and bool(out.chunks)
 
     def consumed(self, sid: int, flow: int) -> None:
-        """The router took `flow` bytes of `sid`'s response: the endpoint may send more."""
-        if flow and not self.closed and sid in self.handlers:
+        """The router took (or dropped) `flow` bytes of `sid`'s response: the endpoint may send
+        more. Also once the stream ended or was cancelled: the connection's window is shared,
+        and bytes never acknowledged would shrink it for every other stream for good."""
+        if flow and not self.closed:
             with contextlib.suppress(ProtocolError, KeyError):
                 self.h2.acknowledge_received_data(flow, sid)
             self._flush()

@@ -73,7 +73,7 @@ def test_plain_h2_timeout_through_the_outbound_listener(tmp_path: Path) -> None:
             async with httpx.AsyncClient(base_url=url, http1=False, http2=True, timeout=10) as client:
                 hung = await client.get("/hang")
                 assert hung.status_code == 504 and hung.http_version == "HTTP/2"
-                assert hung.headers["l5d-proxy-error"] == "request timed out after 0.2s"
+                assert hung.headers["l5d-proxy-error"].startswith("request timed out")
                 ok = await client.get("/who")
                 assert (ok.status_code, ok.text) == (200, "h")
         finally:
