@@ -57,7 +57,7 @@ from .h2_upstream import Connected, ConnectFailed, H2Pool, H2Upstream, Header
 from .http_dispatch import AttemptResult, dispatch
 from .orig_proto import FrameGuard
 from .originate import Failed, originate
-from .relay import WRITE_HIGH_WATER, Leg
+from .relay import Leg
 from .routes import EndpointRef, RequestView, Rule
 from .transport_header import SessionProtocol
 
@@ -922,9 +922,8 @@ class H2Router(Leg):
         if transport is None or transport.is_closing():
             return  # the app is gone (uvloop raises on a write to a closed transport)
         self.rx += len(data)  # what the app leg is sent: its tx
+        # Past the write high-water mark the transport calls pause_writing at once: writable goes False.
         self.forward(data)  # type: ignore[misc]
-        if transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
-            self.writable = False
 
     def _terminate(self, code: ErrorCodes) -> None:
         with contextlib.suppress(ProtocolError):

@@ -46,7 +46,7 @@ from h2.settings import SettingCodes, Settings
 from hyperframe.frame import Frame, GoAwayFrame
 
 from ..logs import get_logger
-from .relay import WRITE_HIGH_WATER, Leg
+from .relay import Leg
 
 log = get_logger("meshagent.proxy.h2_upstream")
 
@@ -405,9 +405,8 @@ class H2Upstream(Leg):
         if transport is None or transport.is_closing():
             return
         self.rx += len(data)  # what the endpoint's leg is sent: its tx
+        # Past the write high-water mark the transport calls pause_writing at once: writable goes False.
         self.forward(data)  # type: ignore[misc]
-        if transport.get_write_buffer_size() >= WRITE_HIGH_WATER:
-            self.writable = False  # (pause_writing will say so too; resume_writing undoes it)
 
     def _maybe_idle(self) -> None:
         if self.handlers or self.closed:
