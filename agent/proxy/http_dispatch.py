@@ -10,8 +10,8 @@ re-picks the backend and the endpoint. Non-retryable outcomes deposit.
 
 Timeouts are deadlines on the event loop's clock: the attempt's head deadline is one
 `asyncio.timeout_at` (a single `loop.call_at` timer, re-armed per attempt), no polling. Until
-the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, counted from the
-request head: the request's end is the Exchange's to know), per-attempt `attempt`/`backendRequest`
+the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, from the request's
+end when the Exchange reports it, else from its head), per-attempt `attempt`/`backendRequest`
 (RESPONSE_HEADERS_TIMEOUT, retryable) and `idle` (IDLE_TIMEOUT: no byte flows while a head is
 awaited). After the head was forwarded the body is the Exchange's: it gets the request's limit
 with each attempt; the body's idleness is not timed.
@@ -108,6 +108,11 @@ class Exchange(Protocol):
     def discard(self, result: AttemptResult) -> None:
         """A retried attempt's response: drop it (drain a small body or close the upstream)."""
         ...
+
+    # Optional (duck-typed, for `timeout.linkerd.io/response`, which counts from the request's
+    # end): `request_ended_at: float | None` (loop time the body ended; None while it uploads)
+    # and `on_request_end: Callable[[], None] | None`, which dispatch may set and the Exchange
+    # calls once when the body ends. Without them the response timeout counts from the head.
 
     def respond_error(self, status: int, grpc_status: int, error: str, message: str, close: bool) -> None:
         """Answer with a synthesized error (H1: `status`; gRPC: 200 + `grpc_status`), headers
@@ -233,6 +238,34 @@ class RouterContext:
         }
 
 
+class _Limit:
+    """The request's deadline (loop time) and its error label. `response` moves it earlier
+    when the request's body ends, re-arming the running attempt's timer (no polling)."""
+
+    __slots__ = ("at", "label", "response_s", "timer", "timer_label")
+
+    def __init__(self, request_at: float | None, response_s: float | None) -> None:
+        self.at, self.label = request_at, REQUEST_TIMEOUT
+        self.response_s = response_s
+        self.timer: asyncio.Timeout | None = None  # the attempt's, while one runs
+        self.timer_label = REQUEST_TIMEOUT
+
+    def move(self, at: float) -> None:
+        if self.at is None or at < self.at:
+            self.at, self.label = at, RESPONSE_STREAM_TIMEOUT
+            timer = self.timer
+            if timer is not None:
+                when = timer.when()
+                if when is None or at < when:
+                    timer.reschedule(at)
+                    self.timer_label = RESPONSE_STREAM_TIMEOUT
+
+    def request_ended(self) -> None:
+        """The Exchange's `on_request_end`: the body is complete, `response` starts now."""
+        if self.response_s is not None:
+            self.move(asyncio.get_running_loop().time() + self.response_s)
+
+
 def backoff_s(
     rule_retry_min: float, rule_retry_max: float, jitter: float, n: int, rng: random.Random
 ) -> float:
@@ -267,21 +300,27 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
     loop = asyncio.get_running_loop()
     started = loop.time()
     t = rule.timeouts
-    # The request's limit: `request` from the head; `response` from the request's end, taken as
-    # its head here (the same for requests without a body; stricter for a long upload).
-    limit_at, limit_label = None, REQUEST_TIMEOUT
-    for timeout, label in ((t.request_s, REQUEST_TIMEOUT), (t.response_s, RESPONSE_STREAM_TIMEOUT)):
-        if timeout is not None and (limit_at is None or started + timeout < limit_at):
-            limit_at, limit_label = started + timeout, label
+    limit = _Limit(None if t.request_s is None else started + t.request_s, t.response_s)
+    if t.response_s is not None:
+        # `response` counts from the request's end. An Exchange that tells when its body ended
+        # (`request_ended_at`, `on_request_end`) gets that; else it counts from the head.
+        if hasattr(ex, "on_request_end") and hasattr(ex, "request_ended_at"):
+            ended = ex.request_ended_at
+            if ended is None:
+                ex.on_request_end = limit.request_ended
+            else:
+                limit.move(ended + t.response_s)
+        else:
+            limit.move(started + t.response_s)
     retry = rule.retry
     route = ctx.metrics.route(policy.parent, rule.route)
     budget = ctx.budget(policy)
     eligible: bool | None = None  # asked once, when first needed
-    limit = retry.limit if retry is not None else 0
+    most = retry.limit if retry is not None else 0
     retries = 0
     while True:
-        last = retries >= limit  # the per-attempt header timeout is not applied to it (Linkerd)
-        result = await _attempt(ctx, policy, rule, ex, (limit_at, limit_label), last)
+        last = retries >= most  # the per-attempt header timeout is not applied to it (Linkerd)
+        result = await _attempt(ctx, policy, rule, ex, limit, last)
         retryable = _retryable(rule, result)
         if retryable and eligible is None:
             eligible = ex.retry_eligible()
@@ -290,7 +329,7 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             if retries and _success(result):
                 route.retry_success()
             break
-        if retries >= limit:
+        if retries >= most:
             route.limit_exceeded()
             break
         if not budget.withdraw():
@@ -301,9 +340,9 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             ex.discard(result)  # a response head, or an upstream left in a failed state
         assert retry is not None
         delay = backoff_s(retry.backoff_min_s, retry.backoff_max_s, retry.jitter, retries, ctx.rng)
-        if limit_at is not None and loop.time() + delay >= limit_at:
-            await asyncio.sleep(max(0.0, limit_at - loop.time()))
-            result = AttemptResult(None, None, limit_label, None)
+        if limit.at is not None and loop.time() + delay >= limit.at:
+            await asyncio.sleep(max(0.0, limit.at - loop.time()))
+            result = AttemptResult(None, None, limit.label, None)
             break
         await asyncio.sleep(delay)
         route.retry_request()
@@ -315,11 +354,10 @@ async def _attempt(
     policy: ParentPolicy,
     rule: Rule,
     ex: Exchange,
-    limit: tuple[float | None, str],
+    limit: _Limit,
     last: bool,
 ) -> AttemptResult:
-    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded.
-    `limit`: the request's deadline and its error label."""
+    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded."""
     backend = rule.pick(ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b)))
     pick = None if backend is None else ctx.balancer.pick(backend, ctx.endpoints(backend))
     if backend is None or pick is None:
@@ -327,8 +365,8 @@ async def _attempt(
     loop = asyncio.get_running_loop()
     t = rule.timeouts
     now = loop.time()
-    request_deadline, label = limit
-    deadline = request_deadline
+    request_deadline = deadline = limit.at
+    label = limit.label
     # Until the head: the per-attempt timeouts (retryable), and `idle` (no byte flows while a
     # head is awaited; the body's idleness is the Exchange's).
     for timeout, what in (
@@ -343,13 +381,11 @@ async def _attempt(
     outcome: Outcome = "failure"
     try:
         try:
-            if deadline is None:
+            async with asyncio.timeout_at(deadline) as timer:  # None: never, unless the limit moves
+                limit.timer, limit.timer_label = timer, label
                 result = await ex.attempt(pick, request_deadline)
-            else:
-                async with asyncio.timeout_at(deadline):
-                    result = await ex.attempt(pick, request_deadline)
         except TimeoutError:
-            result = AttemptResult(None, None, label, None)
+            result = AttemptResult(None, None, limit.timer_label, None)
         except OSError as exc:  # the Exchange should map these itself; never let one escape
             log.debug("http.attempt.io_error", endpoint=pick.endpoint.address, error=str(exc))
             result = AttemptResult(None, None, "IO", None)
@@ -361,6 +397,7 @@ async def _attempt(
         ctx.balancer.finished(pick, "cancelled", 0)
         raise
     finally:
+        limit.timer = None
         if not pick.done:
             _finish(ctx, policy, rule, pick, outcome)
     series.done(result.status, result.error, loop.time() - now)

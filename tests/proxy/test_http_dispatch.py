@@ -417,3 +417,48 @@ def test_idle_timeout_while_waiting_for_the_head() -> None:
     assert len(ex.attempts) == 1 and ex.errors[0][:3] == (504, 4, "IDLE_TIMEOUT")
     assert ex.deadlines == [None]  # no request limit: the body is not timed
     assert m.calls("backend:web", "done")[0][:2] == (None, "IDLE_TIMEOUT")
+
+
+class UploadExchange(FakeExchange):
+    """Reports its body's end (the optional hooks): the upload takes 60 ms, then the backend hangs."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda pick, n: "hang")
+        self.request_ended_at: float | None = None
+        self.on_request_end: Callable[[], None] | None = None
+        self.uploaded = False
+
+    async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
+        self.attempts.append(pick.endpoint.address)
+        await asyncio.sleep(0.06)  # the body still uploading
+        self.request_ended_at = asyncio.get_running_loop().time()
+        self.uploaded = True
+        if self.on_request_end is not None:
+            self.on_request_end()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("unreachable")
+
+
+def test_response_timeout_counts_from_the_request_end_when_the_exchange_says() -> None:
+    # Linkerd's `response` timeout starts when the request body ends: a 60 ms upload on a 30 ms
+    # response timeout is not cut while uploading; the hang after it is.
+    ctx, policy, _m = setup(timeouts={"response_ms": 30})
+    ex = UploadExchange()
+    run(ctx, policy, ex)
+    assert ex.uploaded and ex.cancelled == 1
+    assert ex.errors[0][:3] == (504, 4, "RESPONSE_STREAM_TIMEOUT")
+    # without the hooks the same timeout counts from the head and cuts the upload
+    plain = DeadlineExchange(lambda pick, n: "hang")
+    run(ctx, policy, plain)
+    assert plain.errors[0][:3] == (504, 4, "RESPONSE_STREAM_TIMEOUT")
+
+
+def test_request_timeout_still_bounds_an_upload() -> None:
+    ctx, policy, _m = setup(timeouts={"request_ms": 30, "response_ms": 10_000})
+    ex = UploadExchange()
+    run(ctx, policy, ex)
+    assert not ex.uploaded and ex.errors[0][:3] == (504, 4, "REQUEST_TIMEOUT")
