@@ -119,6 +119,12 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
 _SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _UNITS_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 MAX_WEIGHT = 1_000_000
+# The hosts' bounds (agent/proxy/routes.py): what apply accepts must parse on every agent, else
+# the entry is dropped there and its traffic silently stays L4.
+MAX_DURATION_MS = 86_400_000  # a day: any timeout, penalty or backoff
+MAX_REGEX = 1024  # characters of one regular expression
+MAX_FAILURES = 2**31
+MAX_MIN_RETRIES = 2**31 - 2
 
 
 class RouteRefused(MeshagentError):
@@ -378,7 +384,10 @@ def gateway_duration_ms(value: Any, path: str) -> int:
     """A Gateway API Duration (GEP-2257) in milliseconds; 0 = none."""
     if not isinstance(value, str) or not _GATEWAY_DURATION.match(value):
         raise _Refused(path, f"{_q(value)} is not a Gateway API duration (^([0-9]{{1,5}}(h|m|s|ms)){{1,4}}$)")
-    return sum(int(n) * _UNITS_MS[u] for n, u in _GATEWAY_DURATION_PART.findall(value))
+    ms = sum(int(n) * _UNITS_MS[u] for n, u in _GATEWAY_DURATION_PART.findall(value))
+    if ms > MAX_DURATION_MS:
+        raise _Refused(path, f"{_q(value)} is longer than a day (24h, the most the hosts take)")
+    return ms
 
 
 def linkerd_duration_ms(value: str) -> int:
@@ -392,7 +401,10 @@ def linkerd_duration_ms(value: str) -> int:
     found = _LINKERD_DURATION.match(value)
     if found is None:
         raise ValueError("is not a duration (an integer and a unit: ms, s, m, h or d; e.g. 500ms, 5s)")
-    return int(found.group(1)) * _UNITS_MS[found.group(2)]
+    ms = int(found.group(1)) * _UNITS_MS[found.group(2)]
+    if ms > MAX_DURATION_MS:
+        raise ValueError("is longer than a day (1d, the most the hosts take)")
+    return ms
 
 
 def _go_duration_ms(value: Any, path: str) -> float:
@@ -488,6 +500,10 @@ def _annotations(raw: Mapping[str, Any]) -> _Annotations:
         except ValueError as exc:
             raise _Refused(where.format(RETRY_GRPC), str(exc)) from None
         retry = {"limit": limit, "http": http, "grpc": grpc, **RETRY_DEFAULTS}
+    for key in (TIMEOUT_RESPONSE, TIMEOUT_IDLE):
+        # Linkerd's, but no host enforces them yet: refused rather than accepted and ignored.
+        if raw.get(key) is not None:
+            raise _Refused(where.format(key), "is not supported yet (use timeout.linkerd.io/request)")
     attempt = duration(RETRY_TIMEOUT)
     given = frozenset(k.rpartition("/")[2] for k in _TIMEOUT_ANNOTATIONS if raw.get(k) is not None)
     timeouts = [duration(k) for k in _TIMEOUT_ANNOTATIONS]
@@ -509,9 +525,10 @@ def _annotations(raw: Mapping[str, Any]) -> _Annotations:
         accrual = dict(DEFAULT_ACCRUAL)
         failures = ann(ACCRUAL_MAX_FAILURES)
         if failures is not None:
-            if not failures.strip().isdigit() or not 0 < int(failures) < 1 << 32:
+            if not failures.strip().isdigit() or not 0 < int(failures) <= MAX_FAILURES:
                 raise _Refused(
-                    where.format(ACCRUAL_MAX_FAILURES), f"{_q(failures)} is not a whole number above 0"
+                    where.format(ACCRUAL_MAX_FAILURES),
+                    f"{_q(failures)} is not a whole number from 1 to {MAX_FAILURES}",
                 )
             accrual["max_failures"] = int(failures)
         low, high = duration(ACCRUAL_MIN_PENALTY), duration(ACCRUAL_MAX_PENALTY)
@@ -723,9 +740,11 @@ def _path_match(doc: Any, path: str) -> dict[str, str]:
 
 
 def _regex(value: str, path: str) -> None:
+    if len(value) > MAX_REGEX:
+        raise _Refused(path, f"is a regular expression longer than {MAX_REGEX} characters")
     try:
         re.compile(value)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise _Refused(path, f"{_q(value)} is not a regular expression Python reads: {exc}") from None
 
 
@@ -862,6 +881,11 @@ def _gateway_retry(doc: Any, path: str) -> dict[str, Any]:
     }
     if retry.get("backoff") is not None:
         low = gateway_duration_ms(retry["backoff"], f"{path}.backoff")
+        if 10 * low > MAX_DURATION_MS:  # (its maximum is 10 times it)
+            raise _Refused(
+                f"{path}.backoff",
+                f"{_q(retry['backoff'])} is longer than 2h24m (its maximum, 10 times it, a day)",
+            )
         out["backoff_min_ms"] = low
         out["backoff_max_ms"] = max(10 * low, 250)
     return out
@@ -911,7 +935,9 @@ def _service_profile(doc: Mapping[str, Any], ns: str, name: str, domain: str | N
     ratio = budget.get("retryRatio")
     if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio <= 1000:
         raise _Refused("spec.retryBudget.retryRatio", f"{_q(ratio)} must be a number from 0 to 1000")
-    minimum = _int(budget.get("minRetriesPerSecond"), "spec.retryBudget.minRetriesPerSecond", 0, 2**31 - 1)
+    minimum = _int(
+        budget.get("minRetriesPerSecond"), "spec.retryBudget.minRetriesPerSecond", 0, MAX_MIN_RETRIES
+    )
     ttl = _go_duration_ms(budget.get("ttl"), "spec.retryBudget.ttl")
     if not 1000 <= ttl <= 60_000:
         raise _Refused("spec.retryBudget.ttl", f"{_q(budget.get('ttl'))} must be from 1s to 60s")

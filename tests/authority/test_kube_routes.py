@@ -134,9 +134,9 @@ def test_fixture_fields_mapped() -> None:
         "max_penalty_ms": 60000,
         "jitter": 0.5,
     }
-    assert (
-        rule["retry"]["http"] == [[502, 504]] and rule["retry"]["limit"] == 1
-    )  # gateway-error, default limit
+    assert rule["retry"]["http"] == [[502, 504]]  # gateway-error
+    assert rule["retry"]["limit"] == 1  # Linkerd's default limit
+    assert rule["timeouts"]["request_ms"] == 3000  # the TrafficSplit's own annotation
 
     orders = by[("Service", "orders", 8080)]
     assert orders["budget"] == {"ratio": 0.1, "min_per_s": 5, "ttl_s": 20.0}  # the ServiceProfile
@@ -145,9 +145,9 @@ def test_fixture_fields_mapped() -> None:
     assert admin["group"] == "policy.linkerd.io"
     api_rule = api["rules"][0]
     assert api_rule["timeouts"] == {
-        "request_ms": 5000,  # rules[].timeouts.request (no route annotation)
-        "response_ms": 4000,  # timeout.linkerd.io/response on the route
-        "idle_ms": 30000,
+        "request_ms": 5000,  # rules[].timeouts.request, over the Service's annotation (10s)
+        "response_ms": None,  # (timeout.linkerd.io/response and /idle: refused at apply for now)
+        "idle_ms": None,
         "attempt_ms": None,
         "backend_request_ms": 1000,
     }
@@ -262,8 +262,8 @@ CASES = [
         "duration value cannot be negative",
     ),
     (
-        route("{}", '"timeout.linkerd.io/idle": "1.5s"'),
-        'metadata.annotations["timeout.linkerd.io/idle"] "1.5s"',
+        route("{}", '"timeout.linkerd.io/request": "1.5s"'),
+        'metadata.annotations["timeout.linkerd.io/request"] "1.5s"',
     ),
     (route("{}", '"retry.linkerd.io/timeout": "5"'), 'metadata.annotations["retry.linkerd.io/timeout"] "5"'),
     (
@@ -454,6 +454,31 @@ CASES = [
         SPLIT.replace("name: x", "name: X") % (1, 1),
         'TrafficSplit shop/X: metadata.name "X" is not a valid name',
     ),
+    # what the hosts do not enforce, or could not parse, is refused (never accepted and ignored)
+    (
+        route("{}", '"timeout.linkerd.io/response": 2s'),
+        'metadata.annotations["timeout.linkerd.io/response"] is not supported yet '
+        "(use timeout.linkerd.io/request)",
+    ),
+    (
+        route("{}", '"timeout.linkerd.io/idle": 2s'),
+        'metadata.annotations["timeout.linkerd.io/idle"] is not supported',
+    ),
+    (route("{}", '"timeout.linkerd.io/request": 2d'), '"2d": is longer than a day'),
+    (route("{timeouts: {request: 48h}}"), 'spec.rules[0].timeouts.request "48h" is longer than a day'),
+    (route("{retry: {backoff: 3h}}"), 'spec.rules[0].retry.backoff "3h" is longer than 2h24m'),
+    (
+        route(
+            "{}",
+            '"balancer.linkerd.io/failure-accrual": consecutive, '
+            '"balancer.linkerd.io/failure-accrual-consecutive-max-penalty": 2d',
+        ),
+        'failure-accrual-consecutive-max-penalty"] "2d": is longer than a day',
+    ),
+    (
+        route("{matches: [{headers: [{type: RegularExpression, name: x, value: '%s'}]}]}" % ("a" * 1025)),
+        "spec.rules[0].matches[0].headers[0].value is a regular expression longer than 1024 characters",
+    ),
     (
         route("{}", '"retry.linkerd.io/limit": 3'),
         'metadata.annotations["retry.linkerd.io/limit"] must be a string',
@@ -631,7 +656,7 @@ ACCEPTED = [
     route("{matches: [{path: {type: Exact, value: /a}, method: GET}], timeouts: {request: 1h2m3s4ms}}"),
     route(
         "{retry: {codes: [500, 503], attempts: 5, backoff: 100ms}}",
-        '"balancer.linkerd.io/failure-accrual": consecutive, "timeout.linkerd.io/idle": "1d"',
+        '"balancer.linkerd.io/failure-accrual": consecutive, "timeout.linkerd.io/request": "1d"',
     ),
     """
     apiVersion: v1
@@ -639,6 +664,29 @@ ACCEPTED = [
     metadata: {namespace: shop, name: web, annotations: {retry.linkerd.io/grpc: "unavailable,internal"}}
     spec: {ports: [{name: http, port: 80}, {name: alt, port: 8080}]}
     """,
+    # the largest value of each grammar must still parse on the hosts
+    route(
+        "{matches: [{path: {type: RegularExpression, value: '/" + "a" * 1023 + "'},"
+        " headers: [{type: RegularExpression, name: x, value: '" + "b" * 1024 + "'}]}],"
+        " backendRefs: [{group: meshagent.io, kind: Host, name: billing, port: 65535, weight: 1000000}],"
+        " timeouts: {request: 24h, backendRequest: 24h},"
+        " retry: {codes: [599], attempts: 65535, backoff: 2h24m}}"
+    ),
+    route(
+        "{}",
+        '"balancer.linkerd.io/failure-accrual": consecutive, '
+        '"balancer.linkerd.io/failure-accrual-consecutive-max-failures": "2147483648", '
+        '"balancer.linkerd.io/failure-accrual-consecutive-min-penalty": 1d, '
+        '"balancer.linkerd.io/failure-accrual-consecutive-max-penalty": 1d, '
+        '"balancer.linkerd.io/failure-accrual-consecutive-jitter-ratio": "100", '
+        '"retry.linkerd.io/timeout": 1d, "retry.linkerd.io/limit": "65535", '
+        '"timeout.linkerd.io/request": 1d, '
+        '"retry.linkerd.io/http": "100-599", "retry.linkerd.io/grpc": "cancelled,deadline-exceeded,internal,'
+        'resource-exhausted,unavailable"',
+    )
+    + "---\napiVersion: linkerd.io/v1alpha2\nkind: ServiceProfile\n"
+    "metadata: {namespace: shop, name: billing.shop.svc.cluster.local}\n"
+    "spec: {retryBudget: {retryRatio: 1000, minRetriesPerSecond: 2147483646, ttl: 60s}}\n",
 ]
 
 

@@ -112,7 +112,7 @@ def test_dry_run_prints_the_table_and_stores_nothing(authority_dir: Path) -> Non
         "RETRY",
         "SOURCE",
     ]
-    row = "Host shop/billing 8080 [default] * billing=90,Service billing-v2=10 - 1x 502-504"
+    row = "Host shop/billing 8080 [default] * billing=90,Service billing-v2=10 3s 1x 502-504"
     row += " TrafficSplit shop/billing-canary"
     assert any(line.split() == row.split(" ") for line in lines), proc.stdout
     assert "would store 2 HTTPRoute, 3 Service, 1 ServiceProfile, 1 TrafficSplit" in proc.stderr
