@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ DEFAULT_WINDOW: Final = 65535
 MAX_HEADER_LIST: Final = 64 * 1024
 MAX_STREAMS: Final = 100  # per connection, whatever the server allows (and before its SETTINGS)
 IDLE_S: Final = 60.0  # a connection without streams this long is closed
+OPEN_TRIES: Final = 4  # connections opened for one stream that others filled up first, at most
 
 
 class StreamHandler(Protocol):
@@ -475,7 +477,7 @@ class H2Pool:
         self.retry_total = retry_total
         self.retry_held = 0
         self.conns: dict[Hashable, list[H2Upstream]] = {}
-        self.opening: dict[Hashable, asyncio.Future[H2Upstream | ConnectFailed]] = {}
+        self.opening: dict[Hashable, asyncio.Task[H2Upstream | ConnectFailed]] = {}
         self.opened = 0  # connections opened so far (status, tests)
 
     def connection(self, key: Hashable) -> H2Upstream | None:
@@ -486,30 +488,27 @@ class H2Pool:
         return None
 
     async def get(self, key: Hashable) -> H2Upstream | ConnectFailed:
-        """A connection with room for a stream: an existing one, else a new one (one connect
-        per endpoint at a time; a new one is opened again if the shared one filled up)."""
-        while True:
+        """A connection with room for a stream: an existing one, else a new one. One connect per
+        endpoint at a time, shared by the requests waiting for it and running as its own task:
+        a waiter that gives up (its deadline, its app) never cancels the others' connect."""
+        for _ in range(OPEN_TRIES):
             conn = self.connection(key)
             if conn is not None:
                 return conn
-            pending = self.opening.get(key)
-            if pending is None:
-                pending = asyncio.get_running_loop().create_future()
-                self.opening[key] = pending
-                try:
-                    result = await self._open(key)
-                finally:
-                    del self.opening[key]
-                if not pending.done():
-                    pending.set_result(result)
-                if isinstance(result, ConnectFailed) or result.has_room():
-                    return result
-                continue
-            result = await asyncio.shield(pending)
-            if isinstance(result, ConnectFailed):
+            task = self.opening.get(key)
+            if task is None or task.done():
+                task = asyncio.get_running_loop().create_task(self._open(key), name="h2-upstream-connect")
+                self.opening[key] = task
+                task.add_done_callback(functools.partial(self._opened, key))
+            result = await asyncio.shield(task)
+            if isinstance(result, ConnectFailed) or result.has_room():
                 return result
-            if result.has_room():
-                return result
+            # Filled up by the other waiters already: look again, open another.
+        return ConnectFailed("connect", "no connection with room for a stream")
+
+    def _opened(self, key: Hashable, task: asyncio.Task[H2Upstream | ConnectFailed]) -> None:
+        if self.opening.get(key) is task:
+            del self.opening[key]
 
     async def _open(self, key: Hashable) -> H2Upstream | ConnectFailed:
         try:

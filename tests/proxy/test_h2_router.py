@@ -782,3 +782,35 @@ def test_discarded_and_dropped_response_bytes_give_the_shared_window_back() -> N
             await a.stop()
 
     run(body)
+
+
+def test_a_request_giving_up_does_not_cancel_the_connect_others_wait_for() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+
+        async def slow_connect(key: Hashable) -> Connected | ConnectFailed:
+            await asyncio.sleep(0.3)
+            return await plain_connect(key)
+
+        backends = (backend("a", 1, a.endpoint()),)
+        short = Rule(ROUTE, backends, Timeouts(backend_request_s=0.1), None)
+        rest = Rule(ROUTE, backends, NO_TIMEOUTS, None)
+        exact = Match(PathMatch("Exact", "/short"), None, (), ())
+        pol = ParentPolicy(
+            PARENT, BudgetSpec(), ("test",), (short, rest), ((exact, short), (MATCH_ALL, rest))
+        )
+        front = await routed(pol, H2Pool(slow_connect))
+        try:
+            async with h2_client(front) as client:
+                first = asyncio.ensure_future(client.get("/short"))  # opens the connect, gives up
+                await asyncio.sleep(0.05)
+                second = asyncio.ensure_future(client.get("/who"))  # waits for the same connect
+                gave_up, served = await asyncio.gather(first, second)
+                assert gave_up.status_code == 504
+                assert (served.status_code, served.text) == (200, "a")
+            assert a.connections == 1
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
