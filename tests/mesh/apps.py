@@ -7,6 +7,7 @@ import pwd
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from agent.demo.apps import nginx as nginx  # re-exported for the tests
@@ -204,8 +205,20 @@ def nginx_fail_hard(host: Host, root: Path, fail: bool) -> None:
 
 
 def access_log(root: Path) -> list[tuple[str, str, str]]:
-    """The (method, uri, status) of every request the backend received so far."""
+    """The (method, uri, status) of every request the backend received so far. nginx logs a
+    request after its response is sent, so a client may have its answer a moment before the
+    line is written: read until two reads 0.2 s apart agree."""
     path = root / "access.log"
-    if not path.exists():
-        return []
-    return [tuple(line.split()) for line in path.read_text().splitlines() if line]  # type: ignore[misc]
+
+    def read() -> list[tuple[str, str, str]]:
+        if not path.exists():
+            return []
+        return [tuple(line.split()) for line in path.read_text().splitlines() if line]  # type: ignore[misc]
+
+    lines = read()
+    while True:
+        time.sleep(0.2)
+        again = read()
+        if again == lines:
+            return lines
+        lines = again

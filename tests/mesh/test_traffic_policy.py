@@ -568,7 +568,7 @@ def test_ejection_moves_traffic_and_recovers_post_never_retried(world: World) ->
         print("posts:", posts)
         b3_posts = [s for m, u, s in access_log(b3)[b3_before:] if m == "POST"]
         b1_posts = [s for m, u, s in access_log(b1)[b1_before:] if m == "POST"]
-        assert len(b3_posts) + len(b1_posts) == 100, (b3_posts, b1_posts)  # each POST sent once
+        assert len(b3_posts) + len(b1_posts) == 100, (posts, b3_posts, b1_posts)  # each POST sent once
         assert posts["statuses"].get("500", 0) == len(b3_posts) > 0, posts  # b3's 500s, as they were
         gets = world.load("b1", 8081, "/who", "--count", "400", "--concurrency", "16")
         print("gets:", gets)
