@@ -236,3 +236,18 @@ def test_the_retry_buffer_is_released_whatever_ends_a_request(tmp_path: Path) ->
         assert worker.retry_held == 0
 
     run(tmp_path, body)
+
+
+def test_an_upstream_that_closes_after_n_requests_costs_no_request(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a", max_requests=3)  # nginx's keepalive_requests: then close
+        await world.proxy(RouteTable([policy(a.backend())]))
+        clients = [await Client.open(world.port) for _ in range(4)]
+        for _ in range(5):
+            answers = await asyncio.gather(*(c.request("GET", "/who") for c in clients))
+            assert [r.status for r in answers] == [200] * 4
+        assert a.requests["/who"] == 20 and a.connections >= 7
+        for c in clients:
+            c.close()
+
+    run(tmp_path, body)

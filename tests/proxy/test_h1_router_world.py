@@ -47,9 +47,12 @@ class HttpServer:
 
     live: ClassVar[set[_ServerConn]] = set()
 
-    def __init__(self, name: str, fail_first: int = 0) -> None:
+    def __init__(self, name: str, fail_first: int = 0, max_requests: int = 0) -> None:
         self.name = name
         self.fail_first = fail_first
+        self.max_requests = (
+            max_requests  # per connection, then `connection: close` (nginx's keepalive_requests)
+        )
         self.requests: collections.Counter[str] = collections.Counter()
         self.methods: list[bytes] = []
         self.connections = 0
@@ -86,6 +89,7 @@ class _ServerConn(asyncio.Protocol):
         self.url = b""
         self.body = bytearray()
         self.headers: list[tuple[bytes, bytes]] = []
+        self.served = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -152,12 +156,16 @@ class _ServerConn(asyncio.Protocol):
 
     def _send(self, status: int, body: bytes, head: bool) -> None:
         assert self.transport is not None
+        self.served += 1
+        last = self.owner.max_requests and self.served >= self.owner.max_requests
         self.transport.write(
-            b"HTTP/1.1 %d X\r\ncontent-length: %d\r\nx-server: %s\r\n\r\n"
-            % (status, len(body), self.owner.name.encode())
+            b"HTTP/1.1 %d X\r\ncontent-length: %d\r\nx-server: %s\r\n%s\r\n"
+            % (status, len(body), self.owner.name.encode(), b"connection: close\r\n" if last else b"")
         )
         if not head:
             self.transport.write(body)
+        if last:
+            self.transport.close()
 
 
 def policy(
@@ -214,8 +222,8 @@ class World:
         self.proxies.append(b)
         return b
 
-    async def server(self, name: str, fail_first: int = 0) -> HttpServer:
-        s = await HttpServer(name, fail_first).start()
+    async def server(self, name: str, fail_first: int = 0, max_requests: int = 0) -> HttpServer:
+        s = await HttpServer(name, fail_first, max_requests).start()
         self.servers.append(s)
         return s
 
