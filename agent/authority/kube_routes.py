@@ -569,8 +569,19 @@ def _annotations(raw: Mapping[str, Any]) -> _Annotations:
     )
 
 
+_READ_PREFIXES = ("retry.linkerd.io/", "timeout.linkerd.io/", "balancer.linkerd.io/", "split.meshagent.io/")
+
+
 def _kept_annotations(meta: Mapping[str, Any]) -> dict[str, str]:
+    """The annotations meshagent reads; a key under their prefixes that is none of them (a
+    typo: `retry.linkerd.io/limt`) is refused, never kept without effect."""
     raw = _map(meta.get("annotations"), "metadata.annotations")
+    for key in sorted(k for k in raw if isinstance(k, str)):
+        if key.startswith(_READ_PREFIXES) and key not in KEPT_ANNOTATIONS:
+            known = ", ".join(sorted(k for k in KEPT_ANNOTATIONS if k.startswith(key.partition("/")[0])))
+            raise _Refused(
+                f'metadata.annotations["{key}"]', f"is not an annotation meshagent reads (known: {known})"
+            )
     return {k: v for k, v in sorted(raw.items()) if k in KEPT_ANNOTATIONS}
 
 

@@ -454,6 +454,15 @@ CASES = [
         SPLIT.replace("name: x", "name: X") % (1, 1),
         'TrafficSplit shop/X: metadata.name "X" is not a valid name',
     ),
+    (
+        route("{}", '"retry.linkerd.io/limt": "3"'),
+        'metadata.annotations["retry.linkerd.io/limt"] is not an annotation meshagent reads (known: '
+        "retry.linkerd.io/grpc, retry.linkerd.io/http, retry.linkerd.io/limit, retry.linkerd.io/timeout)",
+    ),
+    (
+        SPLIT.replace("name: x}", "name: x, annotations: {timeout.linkerd.io/reqeust: 2s}}") % (1, 1),
+        'TrafficSplit shop/x: metadata.annotations["timeout.linkerd.io/reqeust"] is not an annotation',
+    ),
     # what the hosts do not enforce, or could not parse, is refused (never accepted and ignored)
     (
         route("{}", '"timeout.linkerd.io/response": 2s'),
