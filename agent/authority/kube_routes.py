@@ -39,7 +39,6 @@ from agent.authority.storage import HostRecord
 from agent.errors import ExitCode, MeshagentError
 
 ROUTE_KINDS = ("HTTPRoute", "TrafficSplit", "ServiceProfile", "Service")
-SOURCES = ("file", "cluster")
 MAX_PROBLEMS_SHOWN = 50
 MAX_ITEM_BYTES = 64 << 10  # one parent item of the wire member
 MAX_MEMBER_BYTES = 1 << 20  # the whole `routes` member
@@ -1333,7 +1332,9 @@ def compile_routes(
         else:
             services.append(obj)
 
-    # parent key -> (parent wire, [(route wire, object)], source kind)
+    # (kind, ns, name, port) -> {"parent": wire, "routes": [wire], "objects": [its sources]}.
+    # HTTPRoutes first, then TrafficSplits where no route is, then Services' default routes:
+    # apply refuses two sources on one port; stored rows that still clash resolve this way.
     items: dict[tuple[str, str, str, int], dict[str, Any]] = {}
 
     def item(kind: str, ns: str, name: str, port: int) -> dict[str, Any]:
@@ -1363,9 +1364,6 @@ def compile_routes(
             continue
         for ref, port in attached:
             entry = item(ref.kind, ref.namespace, ref.name, port)
-            if any(o.kind == "TrafficSplit" for o in entry["objects"]):
-                skip(obj, f"{ref.kind} {ref.namespace}/{ref.name} port {port} has a TrafficSplit")
-                continue
             entry["routes"].append(compiled[(id(ref), port)])
             entry["objects"].append(obj)
     for obj, split in splits:

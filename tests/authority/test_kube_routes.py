@@ -778,3 +778,13 @@ def test_service_profile_domain_checked_at_apply_any_at_render() -> None:
     items, skipped = compile_all(objects)
     assert skipped == [] and items[0]["budget"] == {"ratio": 0.5, "min_per_s": 1, "ttl_s": 5.0}
     assert "ServiceProfile shop/billing.shop.svc.example.org" in items[0]["sources"]
+
+
+def test_stored_rows_that_clash_resolve_to_the_routes() -> None:
+    """Apply refuses a TrafficSplit and an HTTPRoute on one parent port; rows that clash anyway
+    (written by hand, or by two versions) serve the HTTPRoute and skip the split, saying why."""
+    (split,) = parse(SPLIT % (1, 1))
+    (http,) = parse(ROUTE.replace("name: x", "name: y") % ("", "{}"))
+    items, skipped = compile_all([split, http])
+    assert [r["name"] for i in items for r in i["routes"]] == ["y"]
+    assert skipped == ["TrafficSplit shop/x: Host shop/billing port 8080 already has HTTPRoute shop/y"]
