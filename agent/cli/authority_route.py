@@ -375,8 +375,8 @@ def register(authority: click.Group, catalog: click.Group) -> None:
         """What the hosts are served for PARENT: [Service/|Host/]NAMESPACE/NAME[:PORT].
 
         \b
-          meshagent authority route show --dir DIR Host/shop/billing:8080   # the wire item, JSON
-          meshagent authority route show --dir DIR shop/orders --json       # every port, a list
+          meshagent authority route show --dir DIR Host/shop/billing:8080   # a table, then the wire item
+          meshagent authority route show --dir DIR shop/orders --json       # the wire items, every port
         Service backends show "(resolved by discovery)": the hosts take their endpoints from
         the Services `serve --kubernetes` discovers; without discovery they never resolve.
         """
