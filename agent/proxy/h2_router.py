@@ -54,11 +54,11 @@ from ..telemetry.metrics import join, labels
 from ..telemetry.proxy_metrics import target, tls_connect
 from .decisions import Refuse, route_routed_endpoint
 from .h2_upstream import Connected, ConnectFailed, H2Pool, H2Upstream, Header
-from .http_dispatch import AttemptResult, dispatch
+from .http_dispatch import AttemptResult, RouterContext, dispatch
 from .orig_proto import FrameGuard
 from .originate import Failed, originate
 from .relay import Leg
-from .routes import EndpointRef, RequestView, Rule
+from .routes import EndpointRef, ParentPolicy, RequestView, Rule
 from .transport_header import SessionProtocol
 
 if TYPE_CHECKING:
@@ -360,6 +360,10 @@ class _Exchange:
         self.retry_limit = MAX_BODY
         self.grpc_retry = False  # the rule retries gRPC codes: a gRPC call is eligible
         self.deadline: float | None = None  # the request's (loop time), for the body
+        self.response_s: float | None = None  # the rule's `response` timeout (from the body's end)
+        # dispatch's optional hooks (the response timeout counts from the request's end):
+        self.request_ended_at: float | None = asyncio.get_running_loop().time() if ended else None
+        self.on_request_end: Callable[[], None] | None = None
         self.answered = 0.0  # when the response head went to the app (latency)
         self.complete = False  # the whole response went to the app
         self.grpc_code: int | None = None  # the response's grpc-status (head or trailers)
@@ -429,9 +433,8 @@ class _Exchange:
         attempt.forwarded = True
         self.current = self.source = attempt
         self.unkeep()  # no attempt after this one
-        if self.deadline is not None and not attempt.ended:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_at(self.deadline, self._expired)
+        if not attempt.ended:
+            self._arm_body_timer()
         self.relay_head(attempt)
         for data, flow in attempt.held:
             self.relay_data(data, flow)
@@ -445,6 +448,21 @@ class _Exchange:
         attempt = result.upstream
         if isinstance(attempt, _Attempt):
             self._drop(attempt)
+
+    def _arm_body_timer(self) -> None:
+        """The response body's deadline: the request's limit, or `response` after the request's
+        end if that comes first."""
+        at = self.deadline
+        if self.response_s is not None and self.request_ended_at is not None:
+            end = self.request_ended_at + self.response_s
+            at = end if at is None else min(at, end)
+        if at is None or self.ended:
+            return
+        if self.timer is not None:
+            if self.timer.when() <= at:
+                return
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_at(at, self._expired)
 
     def _expired(self) -> None:
         """The request's deadline passed mid-response: gRPC gets DEADLINE_EXCEEDED trailers,
@@ -519,6 +537,11 @@ class _Exchange:
 
     def request_end(self) -> None:
         self.request_done = True
+        self.request_ended_at = asyncio.get_running_loop().time()
+        if self.on_request_end is not None:
+            self.on_request_end()
+        if self.source is not None and self.response_s is not None:
+            self._arm_body_timer()  # a response already streaming: `response` starts now
         attempt = self.current
         if attempt is not None and attempt.sid:
             attempt.conn.send_body(attempt.sid, b"", True)
@@ -753,25 +776,41 @@ class H2Router(Leg):
         ex = _Exchange(self, sid, headers, view, ended)
         self.streams[sid] = ex
         self.requests += 1
+        self._current_policy()
         rule = self.policy.select(view)
         if rule is None:
             ex.respond_error(404, GRPC_UNKNOWN, "NO_ROUTE", "no route matches the request", False)
             return
         self._start(ex, rule)
 
+    def _current_policy(self) -> None:
+        """Each stream uses the proxy's policy of now (a long-lived gRPC channel sees weights
+        move, backends go, routes change); a destination that lost its policy keeps the one it
+        was accepted with (the connection is routed: it cannot turn L4 midway)."""
+        proxy = self.proxy
+        if proxy is None:
+            return
+        found = proxy.routes.lookup(*self.orig)
+        if found is not None:
+            self.policy = found
+        if proxy.router is not None:
+            self.ctx = proxy.router
+
     def _start(self, ex: _Exchange, rule: Rule) -> None:
+        ex.response_s = rule.timeouts.response_s
         retry = rule.retry
         if retry is not None:
             ex.retry_limit = retry.max_request_bytes
             ex.grpc_retry = ex.grpc and bool(retry.grpc)
-        task = asyncio.get_running_loop().create_task(self._dispatch(ex, rule), name="h2-route")
+        run = self._dispatch(self.ctx, self.policy, ex, rule)
+        task = asyncio.get_running_loop().create_task(run, name="h2-route")
         ex.task = task
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _dispatch(self, ex: _Exchange, rule: Rule) -> None:
+    async def _dispatch(self, ctx: RouterContext, policy: ParentPolicy, ex: _Exchange, rule: Rule) -> None:
         try:
-            await dispatch(self.ctx, self.policy, rule, ex)
+            await dispatch(ctx, policy, rule, ex)
         except asyncio.CancelledError:
             return
         except Exception as exc:  # a bug answers this request, never the connection's others

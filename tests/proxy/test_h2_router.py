@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import grpc
 import httpx
+import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
@@ -160,6 +161,9 @@ class _H2ServerConn(asyncio.Protocol):
     def _answer(self, sid: int) -> None:
         path = self.paths[sid]
         if path == "/hang" or (self.last is not None and sid > self.last):
+            return
+        if path == "/stall":  # a head, then nothing
+            self.h2.send_headers(sid, [(b":status", b"200")])
             return
         if path == "/sleep":  # answered 0.3 s later
             self.paths[sid] = "/who"
@@ -809,6 +813,29 @@ def test_a_request_giving_up_does_not_cancel_the_connect_others_wait_for() -> No
                 assert gave_up.status_code == 504
                 assert (served.status_code, served.text) == (200, "a")
             assert a.connections == 1
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(response_s=0.3)))
+        try:
+            async with h2_client(front) as client:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+                with pytest.raises(httpx.RemoteProtocolError):  # the stream is reset mid-body
+                    async with client.stream("GET", "/stall") as stalled:
+                        assert stalled.status_code == 200  # the head came through
+                        await stalled.aread()
+                assert 0.25 <= loop.time() - started < 1.5
+                await eventually(lambda: a.resets == 1)  # the upstream stream was cancelled too
+                ok = await client.get("/who")  # the connection still serves
+                assert (ok.status_code, ok.text) == (200, "a")
         finally:
             await front.stop()
             await a.stop()

@@ -80,3 +80,24 @@ def test_plain_h2_timeout_through_the_outbound_listener(tmp_path: Path) -> None:
             await h.stop()
 
     run(tmp_path, body)
+
+
+def test_an_open_h2_connection_follows_a_new_policy(tmp_path: Path) -> None:
+    """A long-lived connection (a gRPC channel) is not pinned to the policy it was accepted
+    with: each stream looks the destination up again."""
+
+    async def body(world: World) -> None:
+        a_srv, b_srv = await H2Server("a").start(), await H2Server("b").start()
+        try:
+            a = await world.proxy(RouteTable([policy(_backend("a", 1, a_srv.port))]))
+            url = f"http://127.0.0.1:{world.port}"
+            async with httpx.AsyncClient(base_url=url, http1=False, http2=True, timeout=10) as client:
+                assert (await client.get("/who")).text == "a"
+                a.apply_routes(RouteTable([policy(_backend("b", 1, b_srv.port))]))
+                assert (await client.get("/who")).text == "b"  # the same connection
+            assert a.stats.opened["outbound:routed"] == 1
+        finally:
+            await a_srv.stop()
+            await b_srv.stop()
+
+    run(tmp_path, body)
