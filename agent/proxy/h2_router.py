@@ -72,7 +72,6 @@ SLICE: Final = 4096  # app bytes per h2.receive_data: bounds the streams one rea
 DEFAULT_WINDOW: Final = 65535
 MAX_BODY: Final = 64 * 1024  # a request body kept for a retry, at most (Linkerd's max_request_bytes)
 IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-# Connection-specific fields (RFC 9113 §8.2.2) and our own error headers never go upstream.
 GRPC_TIMEOUT, GRPC_UNAVAILABLE, GRPC_UNKNOWN = 4, 14, 2
 OUTBOUND_DST: Final = labels(("direction", "outbound"), ("peer", "dst"))  # (listeners' own)
 OUTBOUND: Final = labels(("direction", "outbound"))
@@ -452,19 +451,20 @@ class _Exchange:
     def _arm_body_timer(self) -> None:
         """The response body's deadline: the request's limit, or `response` after the request's
         end if that comes first."""
-        at = self.deadline
+        at, message = self.deadline, "request timed out"
         if self.response_s is not None and self.request_ended_at is not None:
             end = self.request_ended_at + self.response_s
-            at = end if at is None else min(at, end)
+            if at is None or end < at:
+                at, message = end, "response timed out"
         if at is None or self.ended:
             return
         if self.timer is not None:
             if self.timer.when() <= at:
                 return
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_at(at, self._expired)
+        self.timer = asyncio.get_running_loop().call_at(at, self._expired, message)
 
-    def _expired(self) -> None:
+    def _expired(self, message: str) -> None:
         """The request's deadline passed mid-response: gRPC gets DEADLINE_EXCEEDED trailers,
         plain HTTP/2 a reset stream (its head is gone); the upstream stream is cancelled."""
         self.timer = None
@@ -473,7 +473,6 @@ class _Exchange:
         attempt, self.current = self.current, None
         if attempt is not None:
             attempt.discard()
-        message = "request timed out"
         if self.grpc and self.responded:
             self.drop_out()
             self.out_end = True
@@ -608,6 +607,7 @@ class _Exchange:
             self.task.cancel()
 
 
+# Connection-specific fields (RFC 9113 §8.2.2): h2 refuses them; never relayed either way.
 _DROP: Final = frozenset(
     {
         b"connection",
@@ -615,8 +615,6 @@ _DROP: Final = frozenset(
         b"proxy-connection",
         b"transfer-encoding",
         b"upgrade",
-        b"l5d-proxy-error",
-        b"meshagent-proxy-error",
     }
 )
 

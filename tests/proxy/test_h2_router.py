@@ -246,10 +246,11 @@ class GrpcServer:
         self.fail_first = fail_first  # the first N calls fail UNAVAILABLE, whatever they ask
         self.lock = threading.Lock()
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-        handler = grpc.unary_unary_rpc_method_handler(self._say)
-        self.server.add_generic_rpc_handlers(
-            [grpc.method_handlers_generic_handler("demo.Echo", {"Say": handler})]
-        )
+        methods = {
+            "Say": grpc.unary_unary_rpc_method_handler(self._say),
+            "Stream": grpc.unary_stream_rpc_method_handler(self._stream),
+        }
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("demo.Echo", methods)])
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
@@ -263,6 +264,12 @@ class GrpcServer:
             context.add_callback(lambda: None)
             threading.Event().wait(2.0)
         return self.name.encode() + b":" + request
+
+    def _stream(self, request: bytes, context: grpc.ServicerContext) -> Any:
+        """One message at once, the next after 2 s."""
+        yield self.name.encode()
+        threading.Event().wait(2.0)
+        yield b"late"
 
     def endpoint(self) -> EndpointRef:
         return EndpointRef("127.0.0.1", self.port, None, None)
@@ -839,5 +846,34 @@ def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() 
         finally:
             await front.stop()
             await a.stop()
+
+    run(body)
+
+
+def _stream_call(port: int) -> tuple[list[bytes], grpc.StatusCode, str, dict[str, str]]:
+    got: list[bytes] = []
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        call = channel.unary_stream("/demo.Echo/Stream")(b"", timeout=10)
+        try:
+            for message in call:
+                got.append(message)
+        except grpc.RpcError as exc:
+            meta = {k: v for k, v in (exc.trailing_metadata() or ())}  # type: ignore[attr-defined]
+            return got, exc.code(), exc.details(), meta  # type: ignore[attr-defined]
+    return got, grpc.StatusCode.OK, "", {}
+
+
+def test_a_streaming_grpc_response_past_the_deadline_ends_with_deadline_exceeded_trailers() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1")
+        front = await routed(policy(backend("g", 1, server.endpoint()), timeouts=Timeouts(request_s=0.4)))
+        try:
+            got, code, details, meta = await asyncio.to_thread(_stream_call, front.port)
+            assert got == [b"g1"]  # the first message came through, the late one never
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "request timed out"
+            assert meta["l5d-proxy-error"] == "request timed out"
+        finally:
+            await front.stop()
+            server.stop()
 
     run(body)
