@@ -8,6 +8,7 @@ protocol half of http_dispatch's attempt loop): its head is matched against the 
 (`ParentPolicy.select`), `dispatch` picks a backend by weight and an endpoint by load, and each
 attempt is a stream on an `H2Upstream` connection to that endpoint, shared by every app
 connection of the worker. So one app connection's requests split across backends by weight.
+Each stream looks the destination's policy up again: a long-lived channel follows new weights.
 
 gRPC (request content-type `application/grpc...`): the attempt's outcome carries `grpc-status`
 from a trailers-only response head, or from trailers that came in the same read as the head,
@@ -19,8 +20,12 @@ for no route) with the two error headers.
 
 Flow control both ways, without buffers growing: the app's DATA is acknowledged once the
 upstream stream took it (its window and socket allowed); the upstream's DATA once it went to the
-app (its stream window and socket allowed). The request body is kept (for a retry) only while
-it fits the rule's `max_request_bytes`; a longer one streams and is never retried.
+app (its stream window and socket allowed); bytes that never reach the app are acknowledged
+all the same, since the upstream connection's window is shared. The request body is kept (for a
+retry) only while it fits the rule's `max_request_bytes` and the worker's retry buffer; a longer
+one streams and is never retried. After the head, the request's limit (and the response timeout
+from the request's end) still holds: gRPC then ends with DEADLINE_EXCEEDED trailers, plain
+HTTP/2 with RST_STREAM(CANCEL).
 """
 
 from __future__ import annotations
