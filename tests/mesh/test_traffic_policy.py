@@ -607,9 +607,11 @@ def test_last_endpoint_is_kept_and_a_dead_backend_gives_its_share(world: World) 
         assert (
             metric_sum(text, "meshagent_http_breaker_last_endpoint_kept_total", *parent("web-v1", 8081)) > 0
         )
-        halves = world.load("b1", 8082, "/who", "--count", "100")  # breakers shut both web-v1 endpoints
+        # Breakers shut both web-v1 endpoints, in each worker process (16 connections: both get
+        # some; each worker has its own breakers, as each Linkerd proxy has).
+        halves = world.load("b1", 8082, "/who", "--count", "400", "--concurrency", "16")
         print("halves, warming:", halves)
-        halves = world.load("b1", 8082, "/who", "--count", "100")
+        halves = world.load("b1", 8082, "/who", "--count", "100", "--concurrency", "16")
         print("halves:", halves)
         assert halves["statuses"] == {"200": 100} and halves["bodies"] == {"b2": 100}, halves
     finally:
