@@ -476,7 +476,7 @@ def test_grpc_request_timeout_is_deadline_exceeded_from_the_proxy() -> None:
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED
             assert details.startswith("request timed out")  # (the wording is dispatch's)
             assert meta["l5d-proxy-error"] == meta["meshagent-proxy-error"] == details
-            assert took < 1.5  # the server sleeps 2 s: the proxy answered at its deadline
+            assert took >= 0.25  # not before the deadline (the answer is the proxy's: its headers)
             code, reply, _ = await grpc_in_thread(front.port, b"fast")  # the connection still serves
             assert (code, reply) == (grpc.StatusCode.OK, b"g1:fast")
         finally:
@@ -839,7 +839,7 @@ def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() 
                     async with client.stream("GET", "/stall") as stalled:
                         assert stalled.status_code == 200  # the head came through
                         await stalled.aread()
-                assert 0.25 <= loop.time() - started < 1.5
+                assert loop.time() - started >= 0.25  # (uncut, it would stall to httpx's ReadTimeout)
                 await eventually(lambda: a.resets == 1)  # the upstream stream was cancelled too
                 ok = await client.get("/who")  # the connection still serves
                 assert (ok.status_code, ok.text) == (200, "a")

