@@ -35,7 +35,7 @@ import contextlib
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -103,9 +103,8 @@ def worker_pool(proxy: Proxy) -> H2Pool:
     return pool
 
 
-def proxy_connector(proxy: Proxy) -> Callable[[Hashable], Awaitable[Connected | ConnectFailed]]:
-    async def connect(key: Hashable) -> Connected | ConnectFailed:
-        assert isinstance(key, EndpointRef)
+def proxy_connector(proxy: Proxy) -> Callable[[EndpointRef], Awaitable[Connected | ConnectFailed]]:
+    async def connect(key: EndpointRef) -> Connected | ConnectFailed:
         action = route_routed_endpoint(
             key.address,
             key.port,

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import functools
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -48,6 +48,7 @@ from hyperframe.frame import Frame, GoAwayFrame
 
 from ..logs import get_logger
 from .relay import Leg
+from .routes import EndpointRef
 
 log = get_logger("meshagent.proxy.h2_upstream")
 
@@ -139,7 +140,7 @@ class H2Upstream(Leg):
 
     def __init__(
         self,
-        key: Hashable,
+        key: str,
         on_gone: Callable[[H2Upstream], None],
         max_streams: int = MAX_STREAMS,
         tls_labels: str = "",
@@ -462,11 +463,12 @@ class Connected:
     tls_labels: str = ""
 
 
-Connector = Callable[[Hashable], Awaitable["Connected | ConnectFailed"]]
+Connector = Callable[[EndpointRef], Awaitable["Connected | ConnectFailed"]]
 
 
 class H2Pool:
-    """HTTP/2 connections per endpoint key, shared by a worker's routed app connections."""
+    """HTTP/2 connections per endpoint, shared by a worker's routed app connections. Keyed by
+    `EndpointRef.key` (a str, its hash cached: one lookup per stream)."""
 
     def __init__(
         self, connect: Connector, max_streams: int = MAX_STREAMS, retry_total: int = 32 * 1024 * 1024
@@ -476,28 +478,30 @@ class H2Pool:
         # Request bodies the routers keep for retries, over all app connections of the worker.
         self.retry_total = retry_total
         self.retry_held = 0
-        self.conns: dict[Hashable, list[H2Upstream]] = {}
-        self.opening: dict[Hashable, asyncio.Task[H2Upstream | ConnectFailed]] = {}
+        self.conns: dict[str, list[H2Upstream]] = {}
+        self.opening: dict[str, asyncio.Task[H2Upstream | ConnectFailed]] = {}
         self.opened = 0  # connections opened so far (status, tests)
 
-    def connection(self, key: Hashable) -> H2Upstream | None:
-        """A live connection to `key` with room for one more stream, if any (no await)."""
-        for conn in self.conns.get(key, ()):
+    def connection(self, endpoint: EndpointRef) -> H2Upstream | None:
+        """A live connection to `endpoint` with room for one more stream, if any (no await)."""
+        for conn in self.conns.get(endpoint.key, ()):
             if conn.has_room():
                 return conn
         return None
 
-    async def get(self, key: Hashable) -> H2Upstream | ConnectFailed:
+    async def get(self, endpoint: EndpointRef) -> H2Upstream | ConnectFailed:
         """A connection with room for a stream: an existing one, else a new one. One connect per
         endpoint at a time, shared by the requests waiting for it and running as its own task:
         a waiter that gives up (its deadline, its app) never cancels the others' connect."""
         for _ in range(OPEN_TRIES):
-            conn = self.connection(key)
+            conn = self.connection(endpoint)
             if conn is not None:
                 return conn
+            key = endpoint.key
             task = self.opening.get(key)
             if task is None or task.done():
-                task = asyncio.get_running_loop().create_task(self._open(key), name="h2-upstream-connect")
+                opening = self._open(endpoint)
+                task = asyncio.get_running_loop().create_task(opening, name="h2-upstream-connect")
                 self.opening[key] = task
                 task.add_done_callback(functools.partial(self._opened, key))
             result = await asyncio.shield(task)
@@ -506,22 +510,22 @@ class H2Pool:
             # Filled up by the other waiters already: look again, open another.
         return ConnectFailed("connect", "no connection with room for a stream")
 
-    def _opened(self, key: Hashable, task: asyncio.Task[H2Upstream | ConnectFailed]) -> None:
+    def _opened(self, key: str, task: asyncio.Task[H2Upstream | ConnectFailed]) -> None:
         if self.opening.get(key) is task:
             del self.opening[key]
 
-    async def _open(self, key: Hashable) -> H2Upstream | ConnectFailed:
+    async def _open(self, endpoint: EndpointRef) -> H2Upstream | ConnectFailed:
         try:
-            made = await self.connect(key)
+            made = await self.connect(endpoint)
         except (OSError, TimeoutError) as exc:
             return ConnectFailed("connect", str(exc) or "timeout")
         if isinstance(made, ConnectFailed):
             return made
         if made.leg.closed:
             return ConnectFailed("connect", "closed right after connecting")
-        conn = H2Upstream(key, self._gone, self.max_streams, made.tls_labels)
+        conn = H2Upstream(endpoint.key, self._gone, self.max_streams, made.tls_labels)
         made.leg.pair(conn)
-        self.conns.setdefault(key, []).append(conn)
+        self.conns.setdefault(endpoint.key, []).append(conn)
         self.opened += 1
         return conn
 

@@ -12,7 +12,7 @@ import asyncio
 import collections
 import random
 import threading
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable
 from concurrent import futures
 from typing import Any, ClassVar
 
@@ -281,9 +281,8 @@ class GrpcServer:
 # --- the router under test --------------------------------------------------------------------
 
 
-async def plain_connect(key: Hashable) -> Connected | ConnectFailed:
+async def plain_connect(key: EndpointRef) -> Connected | ConnectFailed:
     """The pool's connector in these tests: plain TCP to the endpoint (no mTLS)."""
-    assert isinstance(key, EndpointRef)
     leg = Leg()
     try:
         await asyncio.get_running_loop().create_connection(lambda: leg, key.address, key.port)
@@ -799,7 +798,7 @@ def test_a_request_giving_up_does_not_cancel_the_connect_others_wait_for() -> No
     async def body() -> None:
         a = await H2Server("a").start()
 
-        async def slow_connect(key: Hashable) -> Connected | ConnectFailed:
+        async def slow_connect(key: EndpointRef) -> Connected | ConnectFailed:
             await asyncio.sleep(0.3)
             return await plain_connect(key)
 
