@@ -7,15 +7,17 @@ Streams belong to handlers (one per routed attempt, h2_router.py) that get the r
 
 `H2Pool` keeps the connections per endpoint: a stream goes on the first connection with room
 (the server's SETTINGS_MAX_CONCURRENT_STREAMS, at most `max_streams`), a new connection is
-opened when all are full; concurrent openers of one endpoint share one connect. A GOAWAY puts a
-connection in drain (no new streams; streams past its last-stream-id are refused, which is
-retryable); the next request opens its replacement.
+opened when all are full; concurrent openers of one endpoint share one connect (a task of its
+own: a request that gives up never cancels it for the others). A GOAWAY puts a connection in
+drain (no new streams; streams up to its last-stream-id finish, later ones are refused
+unprocessed); the next request opens its replacement. A connection without streams for 60 s is
+closed; at Proxy.stop the pool drains (idle ones close at once).
 
 Flow control both ways, no buffer grows: request DATA is queued per stream and sent as the
 endpoint's window allows (the router acknowledges the app's DATA once it left the queue), and
 response DATA is acknowledged to the endpoint only once the router consumed it (`consumed`). The
 connection-level window is as large as all stream windows together, so a slow app stream holds
-its own window, never its neighbours'.
+its own window, never its neighbours'; response bytes the router drops are acknowledged too.
 """
 
 from __future__ import annotations
