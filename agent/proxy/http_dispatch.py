@@ -113,6 +113,10 @@ class Exchange(Protocol):
     # end): `request_ended_at: float | None` (loop time the body ended; None while it uploads)
     # and `on_request_end: Callable[[], None] | None`, which dispatch may set and the Exchange
     # calls once when the body ends. Without them the response timeout counts from the head.
+    # And `on_response_end: Callable[[str | None], None] | None`: dispatch sets it before
+    # `forward`; call it once when the relayed response ended (None) or broke after its head
+    # (a Linkerd error label: "RESET", "IO", a timeout's). Without it the route and backend
+    # series are recorded at the head.
 
     def respond_error(self, status: int, grpc_status: int, error: str, message: str, close: bool) -> None:
         """Answer with a synthesized error (H1: `status`; gRPC: 200 + `grpc_status`), headers
@@ -320,7 +324,7 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
     retries = 0
     while True:
         last = retries >= most  # the per-attempt header timeout is not applied to it (Linkerd)
-        result = await _attempt(ctx, policy, rule, ex, limit, last)
+        result, record = await _attempt(ctx, policy, rule, ex, limit, last)
         retryable = _retryable(rule, result)
         if retryable and eligible is None:
             eligible = ex.retry_eligible()
@@ -336,6 +340,9 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             route.overflow()
             break
         retries += 1
+        if record is not None:
+            record(None)
+            record = None
         if result.status is not None or result.upstream is not None:
             ex.discard(result)  # a response head, or an upstream left in a failed state
         assert retry is not None
@@ -346,6 +353,14 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
             break
         await asyncio.sleep(delay)
         route.retry_request()
+    if result.status is not None and hasattr(ex, "on_response_end"):
+        # Linkerd's durations run to the response's end, and a response broken after its head
+        # is counted with the error: the Exchange calls this when it ends (once).
+        ex.on_response_end = _ended(loop, route, result.status, started, record)
+        ex.forward(result)
+        return
+    if record is not None:
+        record(None)
     _answer(ex, route, result, loop.time() - started, t)
 
 
@@ -356,12 +371,13 @@ async def _attempt(
     ex: Exchange,
     limit: _Limit,
     last: bool,
-) -> AttemptResult:
-    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded."""
+) -> tuple[AttemptResult, Callable[[str | None], None] | None]:
+    """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded.
+    With a response head, also the function that records the backend series when it ends."""
     backend = rule.pick(ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b)))
     pick = None if backend is None else ctx.balancer.pick(backend, ctx.endpoints(backend))
     if backend is None or pick is None:
-        return AttemptResult(None, None, FAIL_FAST, None)
+        return AttemptResult(None, None, FAIL_FAST, None), None
     loop = asyncio.get_running_loop()
     t = rule.timeouts
     now = loop.time()
@@ -400,8 +416,15 @@ async def _attempt(
         limit.timer = None
         if not pick.done:
             _finish(ctx, policy, rule, pick, outcome)
-    series.done(result.status, result.error, loop.time() - now)
-    return result
+    if result.status is None:
+        series.done(None, result.error, loop.time() - now)
+        return result, None
+
+    def record(error: str | None) -> None:
+        """The response ended (`error`: how it broke after its head, else None)."""
+        series.done(result.status, error, loop.time() - now)
+
+    return result, record
 
 
 def _finish(
@@ -434,6 +457,27 @@ def _finish(
             endpoint=pick.endpoint.address,
         )
     ctx.gauge(policy.parent, backend)
+
+
+def _ended(
+    loop: asyncio.AbstractEventLoop,
+    route: Any,
+    status: int,
+    started: float,
+    record: Callable[[str | None], None] | None,
+) -> Callable[[str | None], None]:
+    done = False
+
+    def ended(error: str | None = None) -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        route.done(status, error, loop.time() - started)
+        if record is not None:
+            record(error)
+
+    return ended
 
 
 def _answer(ex: Exchange, route: Any, result: AttemptResult, duration_s: float, t: Timeouts) -> None:

@@ -463,3 +463,33 @@ def test_request_timeout_still_bounds_an_upload() -> None:
     ex = UploadExchange()
     run(ctx, policy, ex)
     assert not ex.uploaded and ex.errors[0][:3] == (504, 4, "REQUEST_TIMEOUT")
+
+
+class EndingExchange(FakeExchange):
+    """Reports its response's end (the optional `on_response_end` hook)."""
+
+    def __init__(self, behave: Behaviour) -> None:
+        super().__init__(behave)
+        self.on_response_end: Callable[[str | None], None] | None = None
+
+
+def test_metrics_recorded_at_the_response_end_when_the_exchange_reports_it() -> None:
+    ctx, policy, m = setup(retry=FAST)
+    ex = EndingExchange(lambda pick, n: ok(503) if n == 1 else ok(200))
+    run(ctx, policy, ex)
+    # forwarded, not yet ended: the retried attempt is recorded, the final one waits
+    assert [c[:2] for c in m.calls("backend:web", "done")] == [(503, None)]
+    assert m.calls("route", "done") == []
+    assert ex.on_response_end is not None
+    ex.on_response_end("RESET")  # the body broke after the head
+    ex.on_response_end(None)  # a second call changes nothing
+    assert [c[:2] for c in m.calls("route", "done")] == [(200, "RESET")]
+    assert [c[:2] for c in m.calls("backend:web", "done")] == [(503, None), (200, "RESET")]
+
+
+def test_synthesized_errors_are_recorded_at_once_even_with_the_hook() -> None:
+    ctx, policy, m = setup(timeouts={"request_ms": 20})
+    ex = EndingExchange(lambda pick, n: "hang")
+    run(ctx, policy, ex)
+    assert ex.on_response_end is None and ex.errors[0][:3] == (504, 4, "REQUEST_TIMEOUT")
+    assert [c[:2] for c in m.calls("route", "done")] == [(None, "REQUEST_TIMEOUT")]
