@@ -285,6 +285,7 @@ class _Request:
         "body_len",
         "chunked",
         "complete",
+        "ended",
         "expect",
         "has_body",
         "head_size",
@@ -316,6 +317,7 @@ class _Request:
         self.kept_len = 0
         self.complete = False
         self.started = 0.0
+        self.ended = 0.0  # when its body ended (the response timeout's start)
 
     def view(self) -> RequestView:
         path, _, query = self.url.partition(b"?")
@@ -553,6 +555,8 @@ class _Exchange:
         self.final: _Attempt | None = None
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.server_label = ""
+        self.moved = -1  # bytes relayed either way when the idle timer last looked
+        self.moved_at = time.monotonic()
         self.sent = False  # an attempt wrote (part of) the body: a next one starts from the kept copy
 
     def retry_eligible(self) -> bool:
@@ -878,6 +882,7 @@ class H1Router(Leg):
         if req is None:
             return
         req.complete = True
+        req.ended = time.monotonic()
         self._body_arrived(req)
 
     # --- one request at a time -----------------------------------------------------------
@@ -940,21 +945,46 @@ class H1Router(Leg):
         if not ex.answered:
             self.abort()
             return
-        deadline = ex.rule.timeouts.request_s
         final = ex.final
-        if deadline is not None and final is not None and final.state == "forward" and self.active is ex:
-            # The body is still streaming: the request timeout ends it (the head is out: cut).
-            remaining = deadline - (time.monotonic() - ex.req.started)
+        if final is not None and final.state == "forward" and self.active is ex:
+            self._body_timer(ex)
+
+    def _body_timer(self, ex: _Exchange) -> None:
+        """The response body streams: the request timeout (all of it), the response timeout
+        (from the request's end) and the idle timeout (no byte either way) end it with a cut, as
+        the head is out. One timer, re-armed (design §4.6)."""
+        if self.active is not ex or self.closed:
+            return
+        t = ex.rule.timeouts
+        now = time.monotonic()
+        req = ex.req
+        hard = [req.started + t.request_s] if t.request_s is not None else []
+        if t.response_s is not None:
+            hard.append((req.ended or now) + t.response_s)
+        reason = "request" if t.request_s is not None and now >= req.started + t.request_s else "response"
+        if hard and now >= min(hard):
+            self._body_timeout(ex, reason)
+            return
+        at = min(hard) if hard else None
+        if t.idle_s is not None:
+            moved = self.rx + self.app.rx
+            if moved != ex.moved:
+                ex.moved, ex.moved_at = moved, now
+            elif now - ex.moved_at >= t.idle_s:
+                self._body_timeout(ex, "idle")
+                return
+            idle_at = ex.moved_at + t.idle_s
+            at = idle_at if at is None else min(at, idle_at)
+        if at is not None:
             ex.deadline_timer = asyncio.get_running_loop().call_later(
-                max(0.0, remaining), self._body_timeout, ex
+                max(0.0, at - now), self._body_timer, ex
             )
 
-    def _body_timeout(self, ex: _Exchange) -> None:
-        if self.active is ex and not self.closed:
-            log.info("http.response_timed_out", dst=f"{self.orig[0]}:{self.orig[1]}")
-            if ex.final is not None:
-                ex._drop(ex.final)
-            self.abort()
+    def _body_timeout(self, ex: _Exchange, which: str) -> None:
+        log.info("http.response_timed_out", dst=f"{self.orig[0]}:{self.orig[1]}", timeout=which)
+        if ex.final is not None:
+            ex._drop(ex.final)
+        self.abort()
 
     def answered(self, ex: _Exchange, status: int) -> None:
         self._count(status, ex.server_label)

@@ -251,3 +251,20 @@ def test_an_upstream_that_closes_after_n_requests_costs_no_request(tmp_path: Pat
             c.close()
 
     run(tmp_path, body)
+
+
+def test_a_stalled_response_body_is_cut_by_the_idle_timeout(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend(), timeouts=Timeouts(idle_s=0.3))]))
+        client = await Client.open(world.port)
+        client.send(b"GET /stall HTTP/1.1\r\nhost: w\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and await client.reader.readexactly(3) == b"abc"
+        assert await client.closed()  # cut: the app sees a short body, never a silent hang
+        assert 0.27 <= loop.time() - started < 2.0
+        client.close()
+
+    run(tmp_path, body)

@@ -143,6 +143,8 @@ class _ServerConn(asyncio.Protocol):
         elif path == "/close":
             transport.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end")
             transport.close()
+        elif path == "/stall":  # the head and 3 of 100 bytes, then nothing
+            transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nabc")
         elif path == "/nobody":
             transport.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         elif path.endswith("/hang"):
