@@ -367,6 +367,8 @@ class _Exchange:
         # dispatch's optional hooks (the response timeout counts from the request's end):
         self.request_ended_at: float | None = asyncio.get_running_loop().time() if ended else None
         self.on_request_end: Callable[[], None] | None = None
+        # ...and `on_response_end` (set before forward): the relayed response's end, or its error.
+        self.on_response_end: Callable[[str | None], None] | None = None
         self.answered = 0.0  # when the response head went to the app (latency)
         self.complete = False  # the whole response went to the app
         self.grpc_code: int | None = None  # the response's grpc-status (head or trailers)
@@ -458,7 +460,7 @@ class _Exchange:
         at, message = self.deadline, "request timed out"
         if self.response_s is not None and self.request_ended_at is not None:
             end = self.request_ended_at + self.response_s
-            if at is None or end < at:
+            if at is None or end <= at:  # (dispatch's limit may be this one already)
                 at, message = end, "response timed out"
         if at is None or self.ended:
             return
@@ -468,12 +470,21 @@ class _Exchange:
             self.timer.cancel()
         self.timer = asyncio.get_running_loop().call_at(at, self._expired, message)
 
+    def response_ended(self, error: str | None) -> None:
+        """Tell dispatch (once) how the forwarded response ended: None cleanly, else the label."""
+        hook, self.on_response_end = self.on_response_end, None
+        if hook is not None:
+            hook(error)
+
     def _expired(self, message: str) -> None:
         """The request's deadline passed mid-response: gRPC gets DEADLINE_EXCEEDED trailers,
         plain HTTP/2 a reset stream (its head is gone); the upstream stream is cancelled."""
         self.timer = None
         if self.ended:
             return
+        self.response_ended(
+            "RESPONSE_STREAM_TIMEOUT" if message.startswith("response") else "REQUEST_TIMEOUT"
+        )
         attempt, self.current = self.current, None
         if attempt is not None:
             attempt.discard()
@@ -594,6 +605,7 @@ class _Exchange:
         self.out.clear()
 
     def relay_reset(self, error: str) -> None:
+        self.response_ended(error)
         self.router.reset(self, ErrorCodes.CANCEL if error == "CANCEL" else ErrorCodes.INTERNAL_ERROR)
 
     def cancel(self) -> None:
@@ -888,12 +900,14 @@ class H2Router(Leg):
     def _finish(self, ex: _Exchange) -> None:
         """The response went out whole: a request body still coming is not wanted."""
         ex.complete = True
+        ex.response_ended(None)
         if not ex.request_done:
             self._reset_id(ex.sid, ErrorCodes.NO_ERROR)
         ex.ended = True
         self._forget(ex)
 
     def _forget(self, ex: _Exchange) -> None:
+        ex.response_ended(None if ex.complete else "CANCEL")  # (if nothing said otherwise first)
         ex.unkeep()
         if ex.timer is not None:
             ex.timer.cancel()

@@ -840,6 +840,9 @@ def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() 
                         await stalled.aread()
                 assert loop.time() - started >= 0.25  # (uncut, it would stall to httpx's ReadTimeout)
                 await eventually(lambda: a.resets == 1)  # the upstream stream was cancelled too
+                text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+                family = "outbound_http_route_request_statuses_total"
+                assert metric_sum(text, family, 'error="RESPONSE_STREAM_TIMEOUT"') == 1  # at its end
                 ok = await client.get("/who")  # the connection still serves
                 assert (ok.status_code, ok.text) == (200, "a")
         finally:
@@ -870,6 +873,9 @@ def test_a_streaming_grpc_response_past_the_deadline_ends_with_deadline_exceeded
             got, code, details, meta = await asyncio.to_thread(_stream_call, front.port)
             assert got == [b"g1"]  # the first message came through, the late one never
             assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "request timed out"
+            text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+            family = "outbound_http_route_request_statuses_total"
+            assert metric_sum(text, family, 'error="REQUEST_TIMEOUT"') == 1
             assert meta["l5d-proxy-error"] == "request timed out"
         finally:
             await front.stop()
