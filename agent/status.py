@@ -89,14 +89,34 @@ def routes_status(d: Daemon) -> dict[str, Any]:
     proxy = d.proxy
     router = getattr(proxy, "router", None)
     table = getattr(proxy, "routes", None)
+    doc: dict[str, Any] | None = None
     if router is not None and callable(getattr(router, "status", None)):
         doc = router.status()
+    elif isinstance(proxy, WorkerPool):
+        doc = _workers_routes(proxy)
+    if table is not None and callable(getattr(table, "parents", None)):
+        out["parents"] = len(table.parents())
+    if doc is not None:
         for name in ("breakers", "budgets"):
             if isinstance(doc.get(name), list):
                 doc[name], doc[f"{name}_count"] = _bounded(doc[name])
         out.update({k: v for k, v in doc.items() if k not in ("rejected", "rejected_count")})
-    elif table is not None and callable(getattr(table, "parents", None)):
-        out["parents"] = len(table.parents())
+    return out
+
+
+def _workers_routes(pool: WorkerPool) -> dict[str, Any] | None:
+    """Each worker's `router.status()` (from its last status snapshot) as one: connections
+    summed, breakers and budgets listed with the worker they are in (each worker has its own,
+    as each Linkerd proxy has). None while no worker reports one."""
+    found = [(slot.index, slot.status.get("routes")) for slot in pool.slots]
+    reported = [(i, doc) for i, doc in found if isinstance(doc, dict)]
+    if not reported:
+        return None
+    out: dict[str, Any] = {"connections": 0, "breakers": [], "budgets": []}
+    for index, doc in reported:
+        out["connections"] += int(doc.get("connections", 0))
+        for name in ("breakers", "budgets"):
+            out[name].extend({**entry, "worker": index} for entry in doc.get(name) or [])
     return out
 
 

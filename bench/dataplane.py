@@ -724,6 +724,9 @@ def wrk(s: Setup, target: Target, duration: int, close: bool) -> dict[str, Any]:
     non2xx = _WRK_NON2XX.search(text)
     errors = (sum(int(x) for x in sock.groups()) if sock else 0) + (int(non2xx.group(1)) if non2xx else 0)
     result: dict[str, Any] = {"rps": float(rps.group(1)), "requests": requests, "errors": errors}
+    if errors:  # which: wrk's socket errors (connect, read, write, timeout) or non-2xx answers
+        result["socket_errors"] = [int(x) for x in sock.groups()] if sock else [0, 0, 0, 0]
+        result["non2xx"] = int(non2xx.group(1)) if non2xx else 0
     if target.procs:
         result["proxy_cpu_s"] = round(cpu, 3)
         result["proxy_cpu_s_top_processes"] = round(cpu_tops, 3)  # the rest: children (workers)

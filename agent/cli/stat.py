@@ -132,6 +132,7 @@ def _routes(doc: dict[str, Any], window: int, as_json: bool) -> None:
             [
                 "SERVICE",
                 "ROUTE",
+                "TYPE",
                 "BACKEND",
                 "SUCCESS",
                 "RPS",
@@ -145,6 +146,7 @@ def _routes(doc: dict[str, Any], window: int, as_json: bool) -> None:
                 (
                     r["parent"] if r["backend"] is None else "",
                     r["route"] if r["backend"] is None else "",
+                    r["type"] if r["backend"] is None else "",
                     "" if r["backend"] is None else f"└─► {r['backend']}",
                     _pct(r["success_rate"]),
                     f"{r['rps']:.1f}",

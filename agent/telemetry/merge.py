@@ -6,7 +6,9 @@ The supervisor's `MetricsMerger` writes the sum into the supervisor's own `Proxy
 
 - counters and histograms: `target[key] = retired[key] + Σ live workers' last[key]`, bucket by
   bucket with sum and count;
-- gauges: `Σ live workers' last[key]` (a dead worker's open connections are gone with it).
+- gauges: `Σ live workers' last[key]` (a dead worker's open connections are gone with it), or
+  the highest for a family with `merge = "max"` (a figure each worker has whole, such as the
+  endpoints of a balancer: every worker balances over the same endpoints);
 
 A counter a worker stops reporting (its idle sweep dropped it, or a reply was lost and it later
 vanished), a counter that went down (dropped and re-created between two dumps) and every counter
@@ -138,11 +140,17 @@ class MetricsMerger:
             if family.kind != "gauge":
                 for key, s in self.retired.get(name, {}).items():
                     totals[key] = _copy(s)
+            highest = getattr(family, "merge", "sum") == "max"  # a per-proxy figure, not a count
             for samples in self.last.values():
                 for key, s in samples.get(name, {}).items():
                     live.add(key)
                     acc = totals.get(key)
-                    totals[key] = _copy(s) if acc is None else _add(acc, s)
+                    if acc is None:
+                        totals[key] = _copy(s)
+                    elif highest:
+                        acc[1] = max(acc[1], s[1])
+                    else:
+                        totals[key] = _add(acc, s)
             if family.kind == "gauge":
                 for key in [k for k in family.children if k not in totals]:
                     del family.children[key]

@@ -117,7 +117,10 @@ def status_labels(http_status: int | None, error: str | None) -> str:
 
 
 class FloatLeFamily(Family):
-    """A Family whose histogram bounds render as Rust's f64 Display does (`"1.0"`, `"0.05"`)."""
+    """A Family whose histogram bounds render as Rust's f64 Display does (`"1.0"`, `"0.05"`).
+    `merge`: how MetricsMerger combines the workers' gauges ("sum", or "max")."""
+
+    merge = "sum"
 
     def render(self, live: Callable[[str], float] | None = None) -> Iterator[str]:
         if self.kind != "histogram":
@@ -284,6 +287,9 @@ class RouteMetrics:
             RETRY_OVERFLOW, "Retryable requests not sent due to circuit breakers.", "counter"
         )
         self.balancer_endpoints = f(BALANCER_ENDPOINTS, "The number of endpoints in a balancer.", "gauge")
+        # Every worker balances over the same endpoints: merged by max, not summed (an endpoint
+        # shut in any worker reads pending), so the value is Linkerd's per-proxy count.
+        self.balancer_endpoints.merge = "max"
         self.ejections = f(
             EJECTIONS, "Endpoints a failure-accrual breaker took out of rotation (open to shut)", "counter"
         )

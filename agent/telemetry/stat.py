@@ -222,7 +222,7 @@ def _add_latency(snap: Snapshot, key: str, counts: list[int]) -> None:
 
 # viz/cmd/stat-outbound.go: a timeout is one of these errors; failure = 5xx or any error.
 TIMEOUT_ERRORS = frozenset({"RESPONSE_HEADERS_TIMEOUT", "REQUEST_TIMEOUT"})
-RouteKey = tuple[str, ...]  # (parent, route) or (parent, route, backend), display names
+RouteKey = tuple[str, ...]  # (parent, route type, route) or (parent, route type, route, backend)
 
 
 def ref_name(labels: dict[str, str], scope: str) -> str:
@@ -238,9 +238,7 @@ def route_name(labels: dict[str, str]) -> str:
     """viz shows the default route (TrafficSplit or Service-level policy) as `[default]`."""
     if labels.get("route_kind") == "default":
         return "[default]"
-    return (
-        f"{labels.get('route_kind', '')} {labels.get('route_namespace', '')}/{labels.get('route_name', '')}"
-    )
+    return f"{labels.get('route_namespace', '')}/{labels.get('route_name', '')}"
 
 
 @dataclass
@@ -297,7 +295,7 @@ def route_snapshot(families: dict[str, dict[str, Any]]) -> RouteSnapshot:
     out: RouteSnapshot = {}
 
     def totals(labels: dict[str, str], backend: bool) -> RouteTotals:
-        key: RouteKey = (ref_name(labels, "parent"), route_name(labels))
+        key: RouteKey = (ref_name(labels, "parent"), labels.get("route_kind", ""), route_name(labels))
         if backend:
             key = (*key, ref_name(labels, "backend"))
         found = out.get(key)
@@ -325,21 +323,22 @@ def route_rows(now: RouteSnapshot, start: RouteSnapshot, elapsed: float) -> list
     from .route_metrics import REQUEST_BUCKETS, RESPONSE_BUCKETS
 
     rows: list[dict[str, Any]] = []
-    routes = sorted(k for k in now if len(k) == 2)
+    routes = sorted(k for k in now if len(k) == 3)
     for route in routes:
-        backends = sorted(k for k in now if len(k) == 3 and k[:2] == route)
+        backends = sorted(k for k in now if len(k) == 4 and k[:3] == route)
         for key in (route, *backends):
             d = now[key].minus(start.get(key))
             total = d.success + d.failure
-            bounds = tuple(1000 * b for b in (REQUEST_BUCKETS if len(key) == 2 else RESPONSE_BUCKETS))
+            bounds = tuple(1000 * b for b in (REQUEST_BUCKETS if len(key) == 3 else RESPONSE_BUCKETS))
             counts = d.buckets or []
             p50, p95, p99 = (quantile(q, counts, bounds) for q in (0.5, 0.95, 0.99))
             attempts = total + d.retries
             rows.append(
                 {
                     "parent": key[0],
-                    "route": key[1],
-                    "backend": key[2] if len(key) == 3 else None,
+                    "route": key[2],
+                    "type": key[1],  # route_kind: HTTPRoute, or default (viz's TYPE column)
+                    "backend": key[3] if len(key) == 4 else None,
                     "requests": int(total),
                     "success_rate": None if total == 0 else d.success / total,
                     "rps": total / elapsed,
@@ -347,7 +346,7 @@ def route_rows(now: RouteSnapshot, start: RouteSnapshot, elapsed: float) -> list
                     "latency_p95_ms": p95,
                     "latency_p99_ms": p99,
                     "timeouts": None if total == 0 else d.timeouts / total,
-                    "retries": None if len(key) == 3 or attempts == 0 else d.retries / attempts,
+                    "retries": None if len(key) == 4 or attempts == 0 else d.retries / attempts,
                     "window_s": round(elapsed, 1),
                 }
             )

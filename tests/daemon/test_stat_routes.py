@@ -61,11 +61,11 @@ def test_route_rows_as_viz_stat_outbound() -> None:
             series.done(status, None, 0.02)
     rm.route(PARENT, ROUTE).done(200, None, 0.2)
     rows = window.query_routes(10)
-    assert [(r["parent"], r["route"], r["backend"]) for r in rows] == [
-        ("Host shop/web-v1:8080", "HTTPRoute shop/api", None),
-        ("Host shop/web-v1:8080", "[default]", None),
-        ("Host shop/web-v1:8080", "[default]", "Host shop/web-v1:8080"),
-        ("Host shop/web-v1:8080", "[default]", "Host shop/web-v2:8080"),
+    assert [(r["parent"], r["type"], r["route"], r["backend"]) for r in rows] == [
+        ("Host shop/web-v1:8080", "HTTPRoute", "shop/api", None),
+        ("Host shop/web-v1:8080", "default", "[default]", None),
+        ("Host shop/web-v1:8080", "default", "[default]", "Host shop/web-v1:8080"),
+        ("Host shop/web-v1:8080", "default", "[default]", "Host shop/web-v2:8080"),
     ]
     default, v1, v2 = rows[1], rows[2], rows[3]
     assert default["requests"] == 20
@@ -115,10 +115,10 @@ def test_cli_table_and_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert table.exit_code == 0, table.output
     lines = table.output.splitlines()
     assert lines[0].split() == [
-        "SERVICE", "ROUTE", "BACKEND", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99",
+        "SERVICE", "ROUTE", "TYPE", "BACKEND", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99",
         "TIMEOUTS", "RETRIES",
     ]  # fmt: skip
-    assert lines[1].split()[:4] == ["Host", "shop/web-v1:8080", "[default]", "100.00%"]
+    assert lines[1].split()[:5] == ["Host", "shop/web-v1:8080", "[default]", "default", "100.00%"]
     assert "└─► Host shop/web-v2:8080" in lines[2]
     as_json = _run(monkeypatch, reply, "--json")
     assert json.loads(as_json.output)["rows"] == reply["routes"]

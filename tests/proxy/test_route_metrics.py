@@ -208,3 +208,24 @@ def test_render_worker_shows_route_families() -> None:
     assert samples(x for x in text if "outbound_http_route" in x) == samples(
         x for x in route_lines(w) if "outbound_http_route" in x
     )
+
+
+def test_balancer_gauge_merges_by_max_over_workers() -> None:
+    """Every worker balances over the same endpoints: the merged gauge is Linkerd's per-proxy
+    count (an endpoint shut in any worker reads pending), not a sum; counters still add."""
+    a, b = ProxyMetrics(), ProxyMetrics()
+    a.routes.balancer(PARENT, V1).endpoints(2, 0)
+    b.routes.balancer(PARENT, V1).endpoints(1, 1)
+    b.routes.balancer(PARENT, V1).ejected()
+    a.routes.balancer(PARENT, V1).ejected()
+    target = ProxyMetrics()
+    merger = MetricsMerger(target)
+    merger.update(0, a.dump(()))
+    merger.update(1, b.dump(()))
+    got = samples(route_lines(target))
+    state = f"outbound_http_balancer_endpoints{{{P},{V1_LABELS},endpoint_state="
+    assert got[state + '"ready"}'] == 2
+    assert got[state + '"pending"}'] == 1
+    assert got[f"meshagent_http_breaker_ejections_total{{{P},{V1_LABELS}}}"] == 2
+    merger.worker_gone(1)  # the shut view goes with its worker
+    assert samples(route_lines(target))[state + '"pending"}'] == 0
