@@ -67,6 +67,11 @@ REASONS: Final = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
 }
+TIMEOUT_LABELS: Final = {
+    "request": "REQUEST_TIMEOUT",
+    "response": "RESPONSE_STREAM_TIMEOUT",
+    "idle": "IDLE_TIMEOUT",
+}
 OUTBOUND: Final = labels(("direction", "outbound"))
 OUTBOUND_DST: Final = labels(("direction", "outbound"), ("peer", "dst"))
 NO_ENDPOINT: Final = tls_connect(None)  # a synthesized answer's labels: no endpoint answered
@@ -555,6 +560,11 @@ class _Exchange:
         self.final: _Attempt | None = None
         self.deadline_timer: asyncio.TimerHandle | None = None
         self.server_label = ""
+        # http_dispatch's optional hooks: the response timeout counts from the body's end, and the
+        # route's durations run to the response's end (Linkerd's).
+        self.request_ended_at: float | None = asyncio.get_running_loop().time() if req.complete else None
+        self.on_request_end: Callable[[], None] | None = None
+        self.on_response_end: Callable[[str | None], None] | None = None
         self.moved = -1  # bytes relayed either way when the idle timer last looked
         self.moved_at = time.monotonic()
         self.sent = False  # an attempt wrote (part of) the body: a next one starts from the kept copy
@@ -680,7 +690,14 @@ class _Exchange:
         else:
             pool.discard(up.key, up)
 
+    def ended(self, error: str | None) -> None:
+        """The relayed response ended (None) or broke after its head (a Linkerd error label)."""
+        done, self.on_response_end = self.on_response_end, None
+        if done is not None:
+            done(error)
+
     def response_done(self, attempt: _Attempt) -> None:
+        self.ended(None)
         router = self.router
         router.end_body(attempt.chunked and not attempt.bodyless)
         self.release(attempt)
@@ -883,6 +900,11 @@ class H1Router(Leg):
             return
         req.complete = True
         req.ended = time.monotonic()
+        active = self.active
+        if isinstance(active, _Exchange) and active.req is req:
+            active.request_ended_at = asyncio.get_running_loop().time()
+            if active.on_request_end is not None:
+                active.on_request_end()
         self._body_arrived(req)
 
     # --- one request at a time -----------------------------------------------------------
@@ -981,6 +1003,7 @@ class H1Router(Leg):
             )
 
     def _body_timeout(self, ex: _Exchange, which: str) -> None:
+        ex.ended(TIMEOUT_LABELS[which])
         log.info("http.response_timed_out", dst=f"{self.orig[0]}:{self.orig[1]}", timeout=which)
         if ex.final is not None:
             ex._drop(ex.final)
@@ -1074,7 +1097,8 @@ class H1Router(Leg):
 
     def write_head(self, attempt: _Attempt) -> None:
         req = self._request()
-        close = req is None or not req.keep_alive or self.app_done
+        # (a request body not all read: the connection ends after this response; say so)
+        close = req is None or not req.keep_alive or self.app_done or unfinished(req)
         if not attempt.length and not attempt.chunked and not attempt.bodyless:
             close = True  # close-delimited: the app learns the end from the close
         version = req.version if req is not None else b"1.1"
@@ -1107,6 +1131,9 @@ class H1Router(Leg):
     def truncated(self, why: str) -> None:
         """The upstream broke off a response whose head is out: the app must see a broken
         connection, not a shorter body."""
+        active = self.active
+        if isinstance(active, _Exchange):
+            active.ended("IO")
         self.worker.failed_log.warning("truncated", dst=f"{self.orig[0]}:{self.orig[1]}", reason=why)
         self.abort()
 
@@ -1218,6 +1245,7 @@ class H1Router(Leg):
                 self._release_kept(req)
         self.waiting.clear()
         if isinstance(active, _Exchange):
+            active.ended("CANCEL")  # (a no-op unless a relayed response was cut short)
             if active.deadline_timer is not None:
                 active.deadline_timer.cancel()
             for attempt in (active.current, active.final):
