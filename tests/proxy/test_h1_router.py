@@ -268,3 +268,33 @@ def test_a_stalled_response_body_is_cut_by_the_idle_timeout(tmp_path: Path) -> N
         client.close()
 
     run(tmp_path, body)
+
+
+def test_an_answer_before_the_request_body_ended_says_connection_close(tmp_path: Path) -> None:
+    from agent.proxy.routes import Backend, EndpointRef, Ref
+
+    async def body(world: World) -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")  # as nginx's `return 500;`: the body unread
+            writer.write(b"HTTP/1.1 500 Oops\r\ncontent-length: 5\r\nconnection: close\r\n\r\nerror")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        ref = Ref("", "Service", "shop", "x", 8080)
+        await world.proxy(
+            RouteTable([policy(Backend(ref, 1, None, (EndpointRef("127.0.0.1", port, None, None),)))])
+        )
+        client = await Client.open(world.port)
+        client.send(b"POST /post HTTP/1.1\r\nhost: w\r\ncontent-length: 16\r\n\r\n")  # the body later
+        resp = await client.response()
+        assert resp.status == 500 and resp.body == b"error"
+        # The proxy will not read the rest of this request: the app is told not to reuse it.
+        assert resp.headers["connection"] == "close"
+        client.send(b"0123456789abcdef")
+        assert await client.closed()
+        client.close()
+        server.close()
+
+    run(tmp_path, body)
