@@ -186,6 +186,9 @@ CREATE INDEX host_events_by_host ON host_events (host_id, id)
 # Traffic policy (#21): the operator's route objects (HTTPRoute, TrafficSplit, ServiceProfile,
 # Service) as validated at apply, one row each. Objects, not compiled policy: backends resolve
 # against hosts and Services that change, so the directory compiles them at render.
+# `route_policy`: when an object was first stored. Until then the directory leaves `routes` out,
+# so its bytes (and ETag) are a pre-#21 replica's during a rolling upgrade; from then on `[]`
+# means "no policy" (an absent key would let hosts keep routes the operator removed).
 _ROUTE_OBJECTS = """
 CREATE TABLE route_objects (
     kind        TEXT NOT NULL,
@@ -197,6 +200,10 @@ CREATE TABLE route_objects (
     created_at  {time} NOT NULL,        -- creationTimestamp, else the first apply: precedence ties
     applied_at  {time} NOT NULL,
     PRIMARY KEY (kind, namespace, name)
+);
+CREATE TABLE route_policy (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    since       {time} NOT NULL
 )
 """
 

@@ -685,19 +685,22 @@ class Authority:
     def routes_member(self) -> list[dict[str, Any]]:
         """The directory's `routes` member as served now (design §3.3): the stored route objects
         compiled against the registry's hosts and the discovered Services, cached with the
-        shared parts (so every host, and every replica at the same state, gets the same bytes)."""
+        shared parts (so every host, and every replica at the same state, gets the same bytes).
+        [] also when the key is left out (no route object ever stored)."""
         return list(self._shared_parts(self.version()).routes or ())
 
     def _compile_routes(
         self, catalog: Sequence[dict[str, Any]], hosts: Sequence[HostRecord]
     ) -> list[dict[str, Any]] | None:
         """The `routes` member from the stored objects; an object that no longer compiles (its
-        hosts revoked, a Service gone, a row edited by hand) is left out and logged. None only
-        when compiling fails as a whole (a bug): hosts then keep the routes they hold rather
-        than be told there are none."""
+        hosts revoked, a Service gone, a row edited by hand) is left out and logged. None (the
+        key left out, hosts keep what they hold): no route object was ever stored, or compiling
+        fails as a whole (a bug: better than telling hosts there are none)."""
         objects = self.registry.route_objects()
-        if not objects:  # (the usual case: no grouping of every host per version)
-            return []
+        if not objects:  # (no grouping of every host per version)
+            # Never any: no key, so a document is byte for byte a pre-#21 replica's (a rolling
+            # upgrade: agents alternating replicas would otherwise never see the same ETag).
+            return None if self.registry.route_policy_since() is None else []
         discovered = self.discovered()
 
         def compiled(

@@ -350,6 +350,8 @@ class Registry(Protocol):
 
     def route_objects(self) -> list[RouteObject]: ...
 
+    def route_policy_since(self) -> float | None: ...
+
     def remove_route_object(self, kind: str, namespace: str, name: str) -> bool: ...
 
     def record_report(
@@ -1111,6 +1113,9 @@ class SqlRegistry:
                     (obj.kind, obj.namespace, obj.name, obj.api_version, body, obj.source, created, now)
                 )
             if rows:
+                tx.run(
+                    "INSERT INTO route_policy (id, since) VALUES (1, ?) ON CONFLICT (id) DO NOTHING", (now,)
+                )
                 tx.many(
                     "INSERT INTO route_objects"
                     " (kind, namespace, name, api_version, body, source, created_at, applied_at)"
@@ -1159,6 +1164,12 @@ class SqlRegistry:
                 )
             )
         return objects
+
+    def route_policy_since(self) -> float | None:
+        """When a route object was first stored (Unix time), None if never: until then the
+        directory leaves `routes` out, as an authority from before #21 does."""
+        row = self._row("SELECT since FROM route_policy WHERE id = 1")
+        return None if row is None else float(row["since"])
 
     def remove_route_object(self, kind: str, namespace: str, name: str) -> bool:
         """Delete one stored object; False when there was none (nothing changes then)."""

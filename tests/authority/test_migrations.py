@@ -139,7 +139,7 @@ def test_a_registry_of_migration_4_gains_route_objects_losing_nothing(tmp_path: 
     registry = SqliteRegistry(path)
     try:
         assert [h.id for h in registry.list_hosts()] == ["h-1"]
-        assert registry.route_objects() == []
+        assert registry.route_objects() == [] and registry.route_policy_since() is None
         before = registry.data_version()
         obj = RouteObject(
             "TrafficSplit",
@@ -154,7 +154,7 @@ def test_a_registry_of_migration_4_gains_route_objects_losing_nothing(tmp_path: 
             10.0,
         )
         registry.put_route_objects([obj])
-        assert registry.route_objects() == [obj]
+        assert registry.route_objects() == [obj] and registry.route_policy_since() is not None
         assert registry.data_version() != before
     finally:
         registry.close()

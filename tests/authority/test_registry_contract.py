@@ -485,6 +485,26 @@ def test_route_objects_are_stored_listed_and_removed_each_write_moving_the_versi
         other.close()
 
 
+def test_the_first_route_object_stored_is_remembered_after_the_last_is_removed(
+    registry: Registry, backend: tuple[Path, str]
+) -> None:
+    """route_policy_since: None until an object is stored (putting none does not count), then
+    kept for good, seen by every replica (the directory serves `routes` from then on)."""
+    assert registry.route_policy_since() is None
+    registry.put_route_objects([], replace_source="cluster")
+    assert registry.route_policy_since() is None
+    registry.put_route_objects([_route("TrafficSplit", "s")])
+    since = registry.route_policy_since()
+    assert since is not None
+    assert registry.remove_route_object("TrafficSplit", "shop", "s")
+    registry.put_route_objects([_route("TrafficSplit", "t")])
+    other = open_registry(*backend)
+    try:
+        assert other.route_policy_since() == since
+    finally:
+        other.close()
+
+
 def test_route_objects_keep_their_first_apply_time_unless_the_object_says(registry: Registry) -> None:
     """created_at orders routes of equal precedence: an object without a creationTimestamp keeps
     the time it was first applied when applied again; one with a timestamp takes what it says."""

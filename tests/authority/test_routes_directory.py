@@ -98,8 +98,24 @@ def _backends(doc: dict[str, Any]) -> dict[str, tuple[int, list[str]]]:
     return {b["ref"]["name"]: (b["weight"], [e["address"] for e in b["endpoints"]]) for b in rule["backends"]}
 
 
+def test_no_routes_key_until_the_first_object_then_an_empty_list_means_none(fleet: Fleet) -> None:
+    """Until an operator applies a route the document is byte for byte what an authority from
+    before #21 serves (a rolling upgrade's replicas agree on ETag and version); once applied,
+    removing every object serves `[]` (none), never an absent key (hosts would keep them)."""
+    before = fleet.render()
+    assert "routes" not in _doc(before) and fleet.authority.routes_member() == []
+    shared = {k: wire.canonical_json(v) for k, v in _doc(before).items() if k in wire.SHARED_MEMBERS}
+    assert before.version == wire.version_of(shared)  # (what a pre-#21 replica names it)
+    assert before.etag == f'"{wire.digest(_doc(before))}"'
+    fleet.authority.registry.put_route_objects([])  # (a controller with nothing in the cluster)
+    assert fleet.render().etag == before.etag
+    [obj] = fleet.apply()
+    assert len(_doc(fleet.render())["routes"]) == 1
+    assert fleet.authority.registry.remove_route_object(obj.kind, obj.namespace, obj.name)
+    assert _doc(fleet.render())["routes"] == []
+
+
 def test_applied_objects_are_served_to_every_host_alike_by_every_replica(fleet: Fleet) -> None:
-    assert _doc(fleet.render())["routes"] == []  # no policy: an empty member, not an absent one
     fleet.apply()
     other = _open(fleet.directory)  # a second authority on the same registry
     try:
