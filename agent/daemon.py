@@ -102,6 +102,8 @@ async def in_daemon_thread(fn: Callable[..., _T], *args: Any) -> _T:
 # Members an authority may leave out to mean "keep what you have": `services` (its discovery has
 # not answered yet, just restarted), `routes` (a replica older than #21 during a rolling upgrade).
 CARRIED: Final = ("services", "routes")
+# The least time between two directory requests that both returned a changed document.
+CHANGED_FLOOR_S: Final = 1.0
 
 
 def carry_services(doc: dict[str, Any], last: dict[str, Any] | None) -> dict[str, Any]:
@@ -397,6 +399,7 @@ class Daemon:
         wait_s = min(interval, LONG_POLL_MAX_S)
         etag: str | None = None
         base: tuple[float, float] | None = None  # (the document's generated_at, monotonic then)
+        last_changed = -CHANGED_FLOOR_S  # monotonic time of the last changed document
         while not self.stop_event.is_set():
             assert self.credentials is not None and self.proxy is not None
             pause = 0.0
@@ -426,6 +429,13 @@ class Daemon:
                     await asyncio.to_thread(self._write_cache, doc)
                     etag = fetch.etag
                     pause = poll_pause(fetch, interval)
+                    now = time.monotonic()
+                    if now - last_changed < CHANGED_FLOOR_S:
+                        # Changed twice within a second: replicas that disagree (a rolling upgrade:
+                        # one serves `routes`, one does not) would be long-polled in a tight loop,
+                        # each answering "changed". A single change is applied at once.
+                        pause = max(pause, CHANGED_FLOOR_S)
+                    last_changed = now
                     self.tasks.ok("directory-refresh")
                     self.reporter.poke()
                     log.debug(
