@@ -259,6 +259,8 @@ class Worker:
                 listening=dict(proxy.listening),
                 server_sessions=None if server is None else server.session_stats()["number"],
                 session_cache=len(proxy.sessions),
+                # The routed HTTP path's state lives in each worker: status.py merges them.
+                routes=proxy.router.status() if proxy.router is not None else None,
             )
         return {"metrics": metrics, "status": status}
 
