@@ -64,6 +64,7 @@ TIMEOUT_MESSAGES: Final = {
 RETRYABLE_ERRORS: Final = frozenset(
     {FAIL_FAST, RESPONSE_HEADERS_TIMEOUT, "REFUSED", "RESET", "GO_AWAY", "IO"}
 )
+RECONNECTS: Final = 2  # other endpoints tried after a failed connect, before the retry policy
 GRPC_DEADLINE_EXCEEDED: Final = 4
 GRPC_UNAVAILABLE: Final = 14
 
@@ -325,6 +326,13 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
     while True:
         last = retries >= most  # the per-attempt header timeout is not applied to it (Linkerd)
         result, record = await _attempt(ctx, policy, rule, ex, limit, last)
+        # Nothing was sent when the connection failed: another endpoint (the failed one now sits
+        # out its back-off) is tried for any method, not as a retry and without the budget.
+        # Linkerd never sends to an endpoint that is not connected.
+        for _ in range(RECONNECTS):
+            if not result.connect_failed or (limit.at is not None and loop.time() >= limit.at):
+                break
+            result, record = await _attempt(ctx, policy, rule, ex, limit, last)
         retryable = _retryable(rule, result)
         if retryable and eligible is None:
             eligible = ex.retry_eligible()

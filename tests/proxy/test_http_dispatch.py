@@ -266,6 +266,20 @@ def test_connect_failure_without_retry_is_502() -> None:
     ex = FakeExchange(lambda pick, n: AttemptResult(None, None, "IO", None, connect_failed=True))
     run(ctx, policy, ex)
     assert ex.errors[0][:3] == (502, 14, "IO")
+    assert len(ex.attempts) == 3  # the one endpoint, tried again twice (its back-off: all are)
+
+
+def test_connect_failure_goes_to_another_endpoint_even_for_a_post() -> None:
+    # Nothing was sent: a POST (never retried) still reaches the endpoint that connects,
+    # without a retry counted or the budget touched.
+    ctx, policy, m = setup(endpoints=(A, B), budget={"ratio": 0.2, "min_per_s": 0, "ttl_s": 10})
+    refused = AttemptResult(None, None, "IO", None, connect_failed=True)
+    for _ in range(20):
+        ex = FakeExchange(lambda pick, n: refused if pick.endpoint.address == A else ok(200), eligible=False)
+        run(ctx, policy, ex)
+        assert [r.status for r in ex.forwarded] == [200] and not ex.errors
+    assert m.count("route", "retry_request") == 0
+    assert ctx.budget(policy).balance() == 4.0  # 20 deposits, nothing withdrawn
 
 
 def test_breaker_ejects_then_keeps_the_last_endpoint() -> None:
