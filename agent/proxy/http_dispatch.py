@@ -211,6 +211,10 @@ class RouterContext:
             count += self.balancer.admitting(b, eps)
         return count
 
+    def connectable(self, rule: Rule) -> bool:
+        """Is an endpoint of the rule admitting and out of connect back-off?"""
+        return any(self.balancer.counts(b, self.endpoints(b))[0] for b in rule.backends if b.weight > 0)
+
     def status(self) -> dict[str, Any]:
         """For /status: parents, routed app connections, breakers not open, budgets."""
         breakers: list[dict[str, Any]] = []
@@ -332,6 +336,8 @@ async def dispatch(ctx: RouterContext, policy: ParentPolicy, rule: Rule, ex: Exc
         for _ in range(RECONNECTS):
             if not result.connect_failed or (limit.at is not None and loop.time() >= limit.at):
                 break
+            if not ctx.connectable(rule):
+                break  # every endpoint is in back-off: no other to try (a dead one is not redialled)
             result, record = await _attempt(ctx, policy, rule, ex, limit, last)
         retryable = _retryable(rule, result)
         if retryable and eligible is None:

@@ -266,7 +266,7 @@ def test_connect_failure_without_retry_is_502() -> None:
     ex = FakeExchange(lambda pick, n: AttemptResult(None, None, "IO", None, connect_failed=True))
     run(ctx, policy, ex)
     assert ex.errors[0][:3] == (502, 14, "IO")
-    assert len(ex.attempts) == 3  # the one endpoint, tried again twice (its back-off: all are)
+    assert len(ex.attempts) == 1  # the only endpoint is in back-off now: not redialled at once
 
 
 def test_connect_failure_goes_to_another_endpoint_even_for_a_post() -> None:
