@@ -514,6 +514,13 @@ def test_bad_served_policy_does_not_take_the_agent_down(world: World) -> None:
         for index in (valid + 1, valid + 2):  # after the valid items, EXTRA's parent included
             assert any(w.startswith(f"routes[{index}]") for w in where), where
         assert world.c.run("curl", "-sf", "http://127.0.0.1:4191/ready", check=False).returncode == 0
+        # `meshagent check` warns about it (a warning: the rest of the policy applies).
+        config = str(world.agents["c"].config)
+        out = world.c.run(*MESHAGENT, "check", "--json", "--config", config, check=False).stdout
+        line = next(c for c in json.loads(out)["checks"] if c["name"] == "traffic policy")
+        assert (
+            line["ok"] and line["warning"] and "route entries of the directory rejected" in line["detail"]
+        ), line
         # The valid policies still route: the split answers from both identities.
         got = world.load("b1", 8080, "/who", "--count", "300", "--concurrency", "4")
         assert got["statuses"] == {"200": 300} and got["bodies"].get("b2", 0) > 0, got
