@@ -23,9 +23,9 @@ upstream stream took it (its window and socket allowed); the upstream's DATA onc
 app (its stream window and socket allowed); bytes that never reach the app are acknowledged
 all the same, since the upstream connection's window is shared. The request body is kept (for a
 retry) only while it fits the rule's `max_request_bytes` and the worker's retry buffer; a longer
-one streams and is never retried. After the head, the request's limit (and the response timeout
-from the request's end) still holds: gRPC then ends with DEADLINE_EXCEEDED trailers, plain
-HTTP/2 with RST_STREAM(CANCEL).
+one streams and is never retried. After the head, the request's limit, the response timeout
+(from the request's end) and the idle timeout (no DATA either way) still hold, on one timer per
+stream: gRPC then ends with DEADLINE_EXCEEDED trailers, plain HTTP/2 with RST_STREAM(CANCEL).
 """
 
 from __future__ import annotations
@@ -364,6 +364,10 @@ class _Exchange:
         self.grpc_retry = False  # the rule retries gRPC codes: a gRPC call is eligible
         self.deadline: float | None = None  # the request's (loop time), for the body
         self.response_s: float | None = None  # the rule's `response` timeout (from the body's end)
+        self.idle_s: float | None = None  # the rule's `idle` timeout (no DATA either way)
+        self.moved_at = 0.0  # loop time of the last DATA either way, once forwarded (idle)
+        self.hard_at: float | None = None  # the body's deadline (request or response timeout)
+        self.hard_message = "request timed out"
         # dispatch's optional hooks (the response timeout counts from the request's end):
         self.request_ended_at: float | None = asyncio.get_running_loop().time() if ended else None
         self.on_request_end: Callable[[], None] | None = None
@@ -439,6 +443,7 @@ class _Exchange:
         self.current = self.source = attempt
         self.unkeep()  # no attempt after this one
         if not attempt.ended:
+            self.moved_at = asyncio.get_running_loop().time()  # the head moved
             self._arm_body_timer()
         self.relay_head(attempt)
         for data, flow in attempt.held:
@@ -456,19 +461,45 @@ class _Exchange:
 
     def _arm_body_timer(self) -> None:
         """The response body's deadline: the request's limit, or `response` after the request's
-        end if that comes first."""
+        end if that comes first; and `idle` after the last DATA either way."""
         at, message = self.deadline, "request timed out"
         if self.response_s is not None and self.request_ended_at is not None:
             end = self.request_ended_at + self.response_s
             if at is None or end <= at:  # (dispatch's limit may be this one already)
                 at, message = end, "response timed out"
+        self.hard_at, self.hard_message = at, message
+        self._rearm()
+
+    def _rearm(self) -> None:
+        """One timer at the earliest of the deadline and the idle limit. DATA only stamps
+        `moved_at`; the timer, when it fires early, moves itself to the new idle limit."""
+        at = self.hard_at
+        if self.idle_s is not None:
+            idle_at = self.moved_at + self.idle_s
+            if at is None or idle_at < at:
+                at = idle_at
         if at is None or self.ended:
             return
         if self.timer is not None:
             if self.timer.when() <= at:
-                return
+                return  # fires first, then re-arms
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_at(at, self._expired, message)
+        self.timer = asyncio.get_running_loop().call_at(at, self._timer_fired)
+
+    def _timer_fired(self) -> None:
+        self.timer = None
+        if self.ended:
+            return
+        now = asyncio.get_running_loop().time() + 0.001  # (call_at may run a hair early)
+        if self.hard_at is not None and now >= self.hard_at:
+            message = self.hard_message
+            self._expired(
+                message, "RESPONSE_STREAM_TIMEOUT" if message.startswith("response") else "REQUEST_TIMEOUT"
+            )
+        elif self.idle_s is not None and now >= self.moved_at + self.idle_s:
+            self._expired("idle timed out", "IDLE_TIMEOUT")
+        else:
+            self._rearm()
 
     def response_ended(self, error: str | None) -> None:
         """Tell dispatch (once) how the forwarded response ended: None cleanly, else the label."""
@@ -476,15 +507,10 @@ class _Exchange:
         if hook is not None:
             hook(error)
 
-    def _expired(self, message: str) -> None:
-        """The request's deadline passed mid-response: gRPC gets DEADLINE_EXCEEDED trailers,
-        plain HTTP/2 a reset stream (its head is gone); the upstream stream is cancelled."""
-        self.timer = None
-        if self.ended:
-            return
-        self.response_ended(
-            "RESPONSE_STREAM_TIMEOUT" if message.startswith("response") else "REQUEST_TIMEOUT"
-        )
+    def _expired(self, message: str, error: str) -> None:
+        """A timeout passed mid-response: gRPC gets DEADLINE_EXCEEDED trailers, plain HTTP/2 a
+        reset stream (its head is gone); the upstream stream is cancelled."""
+        self.response_ended(error)
         attempt, self.current = self.current, None
         if attempt is not None:
             attempt.discard()
@@ -534,6 +560,7 @@ class _Exchange:
                 self.body_size += len(data)
                 pool.retry_held += len(data)
         self.unacked += flow
+        self.moved_at = asyncio.get_running_loop().time()
         attempt = self.current
         if attempt is not None and attempt.sid:
             attempt.conn.send_body(attempt.sid, data, False)
@@ -584,6 +611,7 @@ class _Exchange:
         if self.ended:
             self._consumed(flow)
             return
+        self.moved_at = asyncio.get_running_loop().time()
         self.out.append((data, flow))
         self.router.pump(self)
 
@@ -812,6 +840,7 @@ class H2Router(Leg):
 
     def _start(self, ex: _Exchange, rule: Rule) -> None:
         ex.response_s = rule.timeouts.response_s
+        ex.idle_s = rule.timeouts.idle_s
         retry = rule.retry
         if retry is not None:
             ex.retry_limit = retry.max_request_bytes

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import threading
 from collections.abc import Awaitable, Callable
@@ -165,6 +166,11 @@ class _H2ServerConn(asyncio.Protocol):
         if path == "/stall":  # a head, then nothing
             self.h2.send_headers(sid, [(b":status", b"200")])
             return
+        if path == "/drip":  # a head, a byte every 0.1 s five times, then nothing
+            self.h2.send_headers(sid, [(b":status", b"200")])
+            for i in range(5):
+                asyncio.get_running_loop().call_later(0.1 * (i + 1), self._drip, sid)
+            return
         if path == "/sleep":  # answered 0.3 s later
             self.paths[sid] = "/who"
             asyncio.get_running_loop().call_later(0.3, self._later, sid)
@@ -189,6 +195,12 @@ class _H2ServerConn(asyncio.Protocol):
         else:
             self.done.add(sid)
             self._answered()
+
+    def _drip(self, sid: int) -> None:
+        if self.transport is not None and not self.transport.is_closing() and sid not in self.done:
+            with contextlib.suppress(ProtocolError):  # (the stream may be reset meanwhile)
+                self.h2.send_data(sid, b"d")
+            self._flush()
 
     def _later(self, sid: int) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -852,6 +864,32 @@ def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() 
     run(body)
 
 
+def test_a_response_body_that_goes_quiet_is_cut_at_the_idle_timeout() -> None:
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(idle_s=0.3)))
+        try:
+            async with h2_client(front) as client:
+                got = bytearray()
+                with pytest.raises(httpx.RemoteProtocolError):  # reset once the bytes stop
+                    async with client.stream("GET", "/drip") as dripping:
+                        assert dripping.status_code == 200
+                        async for chunk in dripping.aiter_raw():
+                            got += chunk
+                assert bytes(got) == b"ddddd"  # 0.5 s of bytes 0.1 s apart: never idle meanwhile
+                await eventually(lambda: a.resets == 1)  # the upstream stream was cancelled too
+                text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+                family = "outbound_http_route_request_statuses_total"
+                assert metric_sum(text, family, 'error="IDLE_TIMEOUT"') == 1
+                ok = await client.get("/who")  # the connection still serves
+                assert (ok.status_code, ok.text) == (200, "a")
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
 def _stream_call(port: int) -> tuple[list[bytes], grpc.StatusCode, str, dict[str, str]]:
     got: list[bytes] = []
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -877,6 +915,25 @@ def test_a_streaming_grpc_response_past_the_deadline_ends_with_deadline_exceeded
             family = "outbound_http_route_request_statuses_total"
             assert metric_sum(text, family, 'error="REQUEST_TIMEOUT"') == 1
             assert meta["l5d-proxy-error"] == "request timed out"
+        finally:
+            await front.stop()
+            server.stop()
+
+    run(body)
+
+
+def test_a_streaming_grpc_response_that_goes_quiet_ends_with_deadline_exceeded_trailers() -> None:
+    async def body() -> None:
+        server = GrpcServer("g1")
+        front = await routed(policy(backend("g", 1, server.endpoint()), timeouts=Timeouts(idle_s=0.4)))
+        try:
+            got, code, details, meta = await asyncio.to_thread(_stream_call, front.port)
+            assert got == [b"g1"]  # the first message came through; the next comes 2 s later
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED and details == "idle timed out"
+            assert meta["l5d-proxy-error"] == "idle timed out"
+            text = "\n".join(line for f in front.ctx.metrics.families() for line in f.render())
+            family = "outbound_http_route_request_statuses_total"
+            assert metric_sum(text, family, 'error="IDLE_TIMEOUT"') == 1
         finally:
             await front.stop()
             server.stop()
