@@ -298,3 +298,45 @@ def test_an_answer_before_the_request_body_ended_says_connection_close(tmp_path:
         server.close()
 
     run(tmp_path, body)
+
+
+def _route_errors(world: World) -> str:
+    proxy = world.a
+    assert proxy is not None and proxy.metrics is not None
+    return "\n".join(proxy.metrics.render(proxy.live_legs()))
+
+
+def test_an_upstream_that_never_answers_is_504_at_the_idle_timeout(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend(), timeouts=Timeouts(idle_s=0.3))]))
+        client = await Client.open(world.port)
+        resp = await client.request("GET", "/hang")
+        assert resp.status == 504 and resp.headers["l5d-proxy-error"].startswith("idle timeout")
+        assert resp.headers["meshagent-proxy-error"] == resp.headers["l5d-proxy-error"]
+        text = _route_errors(world)
+        family = "outbound_http_route_request_statuses_total"
+        assert metric_sum(text, family, 'error="IDLE_TIMEOUT"') == 1
+        assert (await client.request("GET", "/who")).body == b"a"  # the connection goes on
+        client.close()
+
+    run(tmp_path, body)
+
+
+def test_the_response_timeout_is_504_before_the_head_and_a_cut_after_it(tmp_path: Path) -> None:
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend(), timeouts=Timeouts(response_s=0.3))]))
+        client = await Client.open(world.port)
+        resp = await client.request("GET", "/hang")  # no head: the proxy answers
+        assert resp.status == 504 and resp.headers["l5d-proxy-error"].startswith("response timed out")
+        family = "outbound_http_route_request_statuses_total"
+        assert metric_sum(_route_errors(world), family, 'error="RESPONSE_STREAM_TIMEOUT"') == 1
+        client.send(b"GET /stall HTTP/1.1\r\nhost: w\r\n\r\n")  # a head, 3 bytes of 100, then nothing
+        head = await client.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and await client.reader.readexactly(3) == b"abc"
+        assert await client.closed()  # cut: a short body, never a silent hang
+        assert metric_sum(_route_errors(world), family, 'error="RESPONSE_STREAM_TIMEOUT"') == 2
+        client.close()
+
+    run(tmp_path, body)
