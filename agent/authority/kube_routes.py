@@ -499,10 +499,6 @@ def _annotations(raw: Mapping[str, Any]) -> _Annotations:
         except ValueError as exc:
             raise _Refused(where.format(RETRY_GRPC), str(exc)) from None
         retry = {"limit": limit, "http": http, "grpc": grpc, **RETRY_DEFAULTS}
-    for key in (TIMEOUT_RESPONSE, TIMEOUT_IDLE):
-        # Linkerd's, but no host enforces them yet: refused rather than accepted and ignored.
-        if raw.get(key) is not None:
-            raise _Refused(where.format(key), "is not supported yet (use timeout.linkerd.io/request)")
     attempt = duration(RETRY_TIMEOUT)
     given = frozenset(k.rpartition("/")[2] for k in _TIMEOUT_ANNOTATIONS if raw.get(k) is not None)
     timeouts = [duration(k) for k in _TIMEOUT_ANNOTATIONS]

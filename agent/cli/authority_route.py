@@ -48,7 +48,7 @@ Read (one or many YAML documents, or a List; `kubectl get ... -o yaml` output wo
   ServiceProfile  linkerd.io/v1alpha2, spec.retryBudget only (NAME.NS.svc.cluster.local)
   Service         v1: makes the Service known (ports, port names, opaque ports) and
                   carries Linkerd's annotations: retry.linkerd.io/{http,grpc,limit,timeout},
-                  timeout.linkerd.io/request (response, idle: not yet),
+                  timeout.linkerd.io/{request,response,idle},
                   balancer.linkerd.io/failure-accrual: consecutive (+ its parameters).
                   The same annotations on an HTTPRoute or TrafficSplit apply to it.
 \b

@@ -146,7 +146,7 @@ def test_fixture_fields_mapped() -> None:
     api_rule = api["rules"][0]
     assert api_rule["timeouts"] == {
         "request_ms": 5000,  # rules[].timeouts.request, over the Service's annotation (10s)
-        "response_ms": None,  # (timeout.linkerd.io/response and /idle: refused at apply for now)
+        "response_ms": None,  # (no timeout.linkerd.io/response or /idle on this route or Service)
         "idle_ms": None,
         "attempt_ms": None,
         "backend_request_ms": 1000,
@@ -463,15 +463,14 @@ CASES = [
         SPLIT.replace("name: x}", "name: x, annotations: {timeout.linkerd.io/reqeust: 2s}}") % (1, 1),
         'TrafficSplit shop/x: metadata.annotations["timeout.linkerd.io/reqeust"] is not an annotation',
     ),
-    # what the hosts do not enforce, or could not parse, is refused (never accepted and ignored)
+    # what the hosts could not parse is refused (never accepted and ignored)
     (
-        route("{}", '"timeout.linkerd.io/response": 2s'),
-        'metadata.annotations["timeout.linkerd.io/response"] is not supported yet '
-        "(use timeout.linkerd.io/request)",
+        route("{}", '"timeout.linkerd.io/response": 1.5s'),
+        'metadata.annotations["timeout.linkerd.io/response"] "1.5s": is not a duration',
     ),
     (
-        route("{}", '"timeout.linkerd.io/idle": 2s'),
-        'metadata.annotations["timeout.linkerd.io/idle"] is not supported',
+        route("{}", '"timeout.linkerd.io/idle": "-1s"'),
+        'metadata.annotations["timeout.linkerd.io/idle"] "-1s": duration value cannot be negative',
     ),
     (route("{}", '"timeout.linkerd.io/request": 2d'), '"2d": is longer than a day'),
     (route("{timeouts: {request: 48h}}"), 'spec.rules[0].timeouts.request "48h" is longer than a day'),
@@ -588,6 +587,61 @@ def test_accepted_forms() -> None:
     vm = next(i for i in items if i["parent"]["name"] == "orders-vm")
     assert vm["parent"] == {"group": "meshagent.io", "kind": "Host", "namespace": "shop", "name": "orders-vm",
                             "port": 9443, "section": "", "addresses": ["198.18.4.2"]}  # fmt: skip
+
+
+def test_response_and_idle_timeouts_compile_and_reach_the_agent() -> None:
+    """Linkerd's timeout.linkerd.io/response and /idle: the route's own annotations, else the
+    Service's (service-level defaults); "0" is none. The agent reads them into Rule.timeouts."""
+    from agent.proxy.routes import parse_routes
+    from agent.proxy.services import parse_services
+
+    objects = parse(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata:
+          namespace: shop
+          name: web
+          annotations: {timeout.linkerd.io/response: 3s, timeout.linkerd.io/idle: 1m}
+        spec: {ports: [{name: http, port: 80}, {name: grpc, port: 9000}]}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          namespace: shop
+          name: web-http
+          annotations: {timeout.linkerd.io/response: 2s, timeout.linkerd.io/idle: 500ms}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          namespace: shop
+          name: web-grpc
+          annotations: {timeout.linkerd.io/idle: "0"}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 9000}]
+        """
+    )
+    items, skipped = compile_all(objects)
+    assert skipped == []
+    by_port = {i["parent"]["port"]: i["routes"][0]["rules"][0]["timeouts"] for i in items}
+    assert (by_port[80]["response_ms"], by_port[80]["idle_ms"]) == (2000, 500)  # the route's own
+    assert (by_port[9000]["response_ms"], by_port[9000]["idle_ms"]) == (3000, None)  # Service's; "0": none
+    docs = [
+        {"name": "web", "namespace": "shop", "cluster_ips": ["198.19.0.1"],
+         "ports": [{"port": 80}, {"port": 9000}],
+         "endpoints": [{"address": "198.19.1.1", "ports": {"80": 80, "9000": 9000}}]}
+    ]  # fmt: skip
+    rejected: list[Any] = []
+    table = parse_routes(
+        items, lambda *a: rejected.append(a), parse_services(docs, lambda *a: rejected.append(a))
+    )
+    assert rejected == []
+    got = {p.parent.port: p.rules[0].timeouts for p in table.parents()}
+    assert (got[80].response_s, got[80].idle_s) == (2.0, 0.5)
+    assert (got[9000].response_s, got[9000].idle_s) == (3.0, None)
 
 
 def test_split_root_of_hosts_without_ports_is_refused_with_the_annotation_named() -> None:
