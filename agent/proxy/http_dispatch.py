@@ -14,7 +14,8 @@ the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, from
 end when the Exchange reports it, else from its head), per-attempt `attempt`/`backendRequest`
 (RESPONSE_HEADERS_TIMEOUT, retryable) and `idle` (IDLE_TIMEOUT: no byte flows while a head is
 awaited). After the head was forwarded the body is the Exchange's: it gets the request's limit
-with each attempt; the body's idleness is not timed.
+with each attempt, and H1Router and H2Router also cut a body past the `response` timeout (from
+the request's end) or silent for `idle`.
 """
 
 from __future__ import annotations
