@@ -1,0 +1,329 @@
+"""Issue #21's headline case over real sockets: the monolith on a VM (an enrolled meshagent.io
+Host) and its replacement in the cluster (a Service whose endpoints, with their pod identities,
+come from discovery) share one TrafficSplit 90/10, each upstream mTLS to its own identity.
+
+Everything between the operator's YAML and the routed request is the real code: a real
+Authority (registry, enrollment, certificates) validates and stores the TrafficSplit exactly as
+`meshagent authority route apply` does (kube_routes.known_refs + parse_routes_file), discovery's
+`services` are built from Kubernetes objects by kube_discovery.build_services and handed to the
+Authority (set_discovered, as `serve --kubernetes` does), the host's directory is the document
+render_host_config serves, parsed by the agent's merge() and applied with Proxy.apply. The app's
+connections go through a real Proxy's outbound listener to the inbound listeners of real
+proxies holding the monolith's host certificate and the pods' certificates.
+
+The one liberty: enrollment refuses loopback addresses, and a loopback test cannot own
+198.18.21.x, so the served document's *endpoint* addresses are translated 198.18.21.N ->
+127.0.21.N before the agent reads it (a NAT in front of the listeners; the parent address the
+app dials stays 198.18.21.1)."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from agent.authority import kube_discovery, kube_routes
+from agent.authority.service import Authority
+from agent.authority.storage import HostRecord, Registration
+from agent.identity.pki import generate_key, load_certs, make_csr
+from agent.identity.store import IdentityStore
+from agent.proxy.catalog import Catalog
+from agent.proxy.directory import Directory, merge
+from agent.proxy.listeners import ListenerSettings, Proxy
+from agent.proxy.policy import InboundPolicy
+from agent.proxy.tls import Credentials
+from agent.telemetry.proxy_metrics import ProxyMetrics
+from tests.proxy.test_h1_router_world import Client, HttpServer
+from tests.support import init_authority, issue_identity
+
+TD = "cluster.local"
+MONOLITH = "198.18.21.1"  # the VM's enrolled address: the parent the app dials
+PODS = {"billing-v2-a": "198.18.21.2", "billing-v2-b": "198.18.21.3", "billing-v2-c": "198.18.21.4"}
+CLUSTER_IP = "198.19.21.10"
+V2_ID = f"spiffe://{TD}/ns/shop/sa/billing-v2"
+MONOLITH_ID = f"spiffe://{TD}/ns/shop/sa/billing"
+
+SPLIT = """
+apiVersion: split.smi-spec.io/v1alpha2
+kind: TrafficSplit
+metadata: {namespace: shop, name: billing-canary}
+spec:
+  service: billing            # no Service billing: the enrolled hosts of identity shop/billing
+  backends: [{service: billing, weight: 90}, {service: billing-v2, weight: 10}]
+---
+apiVersion: v1
+kind: Service                 # makes billing-v2 known (its ports); its endpoints come from discovery
+metadata: {namespace: shop, name: billing-v2}
+spec: {ports: [{name: http, port: PORT}]}
+"""
+
+
+def loopback(address: str) -> str:
+    """198.18.21.N -> 127.0.21.N (see the module doc)."""
+    assert address.startswith("198.18.21."), address
+    return "127.0.21." + address.rpartition(".")[2]
+
+
+def free_port() -> int:
+    """A port free on every address of the world (the monolith and the pods all listen on it,
+    as a VM's app and a pod's container would on 8080)."""
+    for _ in range(50):
+        probe = socket.socket()
+        probe.bind(("127.0.21.1", 0))
+        port: int = probe.getsockname()[1]
+        held = [probe]
+        try:
+            for n in (2, 3, 4):
+                s = socket.socket()
+                held.append(s)
+                s.bind((f"127.0.21.{n}", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in held:
+                s.close()
+    raise AssertionError("no common free port")
+
+
+def enroll(
+    authority: Authority, identity: str, name: str, address: str, state: Path, port: int
+) -> HostRecord:
+    """`token create --port http=PORT` then enrollment with `--address`, the key kept in `state`
+    (the host's identity store: its proxy serves with that certificate)."""
+    registration = Registration(ports=(("http", port, "TCP"),))
+    token = authority.create_tokens(
+        identity, "https://127.0.0.1:1", timedelta(minutes=5), registration=registration
+    )[0]
+    key = generate_key()
+    result = authority.enroll(token.secret, make_csr(key).decode(), name, [address])
+    IdentityStore(state).save(key, load_certs(result.chain_pem), load_certs(result.trust_bundle_pem))
+    return result.host
+
+
+def discovered(port: int, pods: dict[str, str], sa: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """What `serve --kubernetes` serves for Service shop/billing-v2 (targetPort `port`) whose
+    EndpointSlice lists `pods` (name -> address), meshed pods of service account billing-v2."""
+    service = {
+        "metadata": {"name": "billing-v2", "namespace": "shop", "annotations": {}},
+        "spec": {
+            "type": "ClusterIP",
+            "clusterIPs": [CLUSTER_IP],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}],
+        },
+    }
+    eslice = {
+        "metadata": {
+            "name": "billing-v2-xyz",
+            "namespace": "shop",
+            "labels": {"kubernetes.io/service-name": "billing-v2"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [address],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "name": name},
+            }
+            for name, address in pods.items()
+        ],
+    }
+    pod_objects = [
+        {
+            "metadata": {
+                "name": name,
+                "namespace": "shop",
+                "labels": {"linkerd.io/control-plane-ns": "linkerd"},
+            },
+            "spec": {
+                "serviceAccountName": (sa or {}).get(name, "billing-v2"),
+                "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": port}]}],
+            },
+        }
+        for name in pods
+    ]
+    built = kube_discovery.build_services([service], [eslice], pod_objects, [], [], TD)
+    assert built.skipped == [], built.skipped
+    return built.services
+
+
+class Headline:
+    """The authority, the fleet's proxies and the apps of one headline world."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.port = free_port()
+        init_authority(tmp / "authority")
+        self.authority = Authority.open(tmp / "authority")
+        self.web = enroll(self.authority, "shop/web", "web-1", "198.18.21.9", tmp / "web", self.port)
+        enroll(self.authority, "shop/billing", "billing-vm", MONOLITH, tmp / "billing", self.port)
+        issue_identity(tmp / "authority", "shop/billing-v2", tmp / "billing-v2")  # the pods' SA
+        issue_identity(tmp / "authority", "shop/impostor", tmp / "impostor")
+        self.apps: dict[str, HttpServer] = {}
+        self.proxies: list[Proxy] = []
+        self.a: Proxy | None = None
+
+    def apply_routes(self) -> None:
+        """`meshagent authority route apply -f` (no discovery: the file's Service makes
+        billing-v2 known), stored in the registry."""
+        hosts = self.authority.registry.list_hosts()
+        known = kube_routes.known_refs(self.authority.catalog(hosts), hosts)
+        notes: list[str] = []
+        text = SPLIT.replace("PORT", str(self.port))
+        objects = kube_routes.parse_routes_file(text, known, now=1.0, notes=notes)
+        assert any("resolved by discovery" in n for n in notes), notes
+        self.authority.registry.put_route_objects(objects)
+
+    def directory(self) -> tuple[Directory, dict[str, Any]]:
+        """The web host's directory as served, its endpoint addresses translated (module doc),
+        merged by the agent's own code."""
+        doc: dict[str, Any] = json.loads(self.authority.render_host_config(self.web).body)
+        for service in doc.get("services") or ():
+            for ep in service["endpoints"]:
+                ep["address"] = loopback(ep["address"])
+        for item in doc.get("routes") or ():
+            for route in item["routes"]:
+                for rule in route["rules"]:
+                    for backend in rule["backends"]:
+                        for ep in backend.get("endpoints") or ():
+                            ep["address"] = loopback(ep["address"])
+        directory = merge([], InboundPolicy(), doc)
+        assert directory.rejected == (), directory.rejected
+        return directory, doc
+
+    async def inbound(self, name: str, identity_dir: str, served: str) -> HttpServer:
+        """App `name` behind an inbound proxy with the certificate in `identity_dir`, listening
+        at the served address's loopback twin, port `self.port`."""
+        app = await HttpServer(name).start()
+        self.apps[name] = app
+        proxy = Proxy(
+            ListenerSettings(inbound=(loopback(served), self.port), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(self.tmp / identity_dir)),
+            InboundPolicy(),
+            Catalog([]),
+            lambda sock: ("127.0.0.1", app.port),
+        )
+        await proxy.start()
+        self.proxies.append(proxy)
+        return app
+
+    async def agent(self, directory: Directory) -> Proxy:
+        """The web host's proxy: its app's connections to the monolith's address are routed."""
+        a = Proxy(
+            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0)),
+            Credentials.load(IdentityStore(self.tmp / "web")),
+            InboundPolicy(),
+            Catalog([]),
+            lambda sock: (MONOLITH, self.port),
+            ProxyMetrics(),
+        )
+        a.apply(directory)
+        await a.start()
+        self.proxies.append(a)
+        self.a = a
+        return a
+
+    @property
+    def outbound(self) -> int:
+        assert self.a is not None
+        return self.a.listening["outbound"][1]
+
+    async def load(self, total: int, clients: int = 8) -> collections.Counter[tuple[int, str]]:
+        """`total` GETs over `clients` keep-alive app connections: (status, answering app)."""
+        seen: collections.Counter[tuple[int, str]] = collections.Counter()
+
+        async def one(n: int) -> None:
+            client = await Client.open(self.outbound)
+            for _ in range(n):
+                resp = await client.request("GET", "/who")
+                seen[(resp.status, resp.body.decode() or resp.headers.get("l5d-proxy-error", "?"))] += 1
+                if resp.headers.get("connection") == "close":
+                    client.close()
+                    client = await Client.open(self.outbound)
+            client.close()
+
+        await asyncio.gather(*(one(total // clients) for _ in range(clients)))
+        return seen
+
+    async def stop(self) -> None:
+        for app in self.apps.values():
+            await app.stop()
+        for p in self.proxies:
+            await p.stop(0.2)
+        self.authority.registry.close()
+
+
+def run(tmp: Path, body: Any, timeout: float = 60) -> None:
+    async def main() -> None:
+        world = Headline(tmp)
+        try:
+            await asyncio.wait_for(body(world), timeout)
+        finally:
+            await world.stop()
+
+    asyncio.run(main())
+
+
+def within(count: int, total: int, share: float, tolerance: float = 0.03) -> bool:
+    return abs(count / total - share) <= tolerance
+
+
+def test_the_monolith_and_its_cluster_replacement_share_90_10_each_over_mtls_to_its_identity(
+    tmp_path: Path,
+) -> None:
+    async def body(w: Headline) -> None:
+        w.authority.set_discovered(
+            discovered(w.port, {"billing-v2-a": PODS["billing-v2-a"], "billing-v2-b": PODS["billing-v2-b"]})
+        )
+        w.apply_routes()
+        directory, doc = w.directory()
+        # The served item: one Host parent (the monolith's address), a Host backend with its
+        # rendered endpoint, a Service backend by name (its endpoints: the services member).
+        [item] = doc["routes"]
+        assert item["parent"]["kind"] == "Host" and item["parent"]["addresses"] == [MONOLITH]
+        [rule] = item["routes"][0]["rules"]
+        host, service = rule["backends"]
+        assert (host["weight"], host["ref"]["kind"]) == (90, "Host")
+        assert [(e["address"], e["identity"]) for e in host["endpoints"]] == [("127.0.21.1", MONOLITH_ID)]
+        assert (service["weight"], service["ref"]["kind"], service.get("endpoints")) == (10, "Service", None)
+        [svc] = doc["services"]
+        assert sorted((e["address"], e["identity"]) for e in svc["endpoints"]) == [
+            ("127.0.21.2", V2_ID),
+            ("127.0.21.3", V2_ID),
+        ]
+        monolith = await w.inbound("monolith", "billing", MONOLITH)
+        pod_a = await w.inbound("pod-a", "billing-v2", PODS["billing-v2-a"])
+        pod_b = await w.inbound("pod-b", "billing-v2", PODS["billing-v2-b"])
+        a = await w.agent(directory)
+
+        seen = await w.load(2000)
+        total = sum(seen.values())
+        assert total == 2000 and all(status == 200 for status, _ in seen), seen
+        by_app = {name: n for (_, name), n in seen.items()}
+        assert within(by_app["monolith"], total, 0.9), by_app
+        v2 = by_app.get("pod-a", 0) + by_app.get("pod-b", 0)
+        assert within(v2, total, 0.1), by_app
+        assert by_app["pod-a"] > 0 and by_app["pod-b"] > 0  # P2C spreads over both pods
+        # What the apps saw agrees with what the client was answered.
+        assert (monolith.requests["/who"], pod_a.requests["/who"], pod_b.requests["/who"]) == (
+            by_app["monolith"],
+            by_app["pod-a"],
+            by_app["pod-b"],
+        )
+        # Each upstream is mTLS, pooled, to that endpoint's own identity.
+        assert (
+            a.stats.opened["outbound:http1_mtls"]
+            == monolith.connections + pod_a.connections + pod_b.connections
+        )
+        proven = {(c.remote.rpartition(":")[0], c.spiffe_id) for c in a.peers._open.values()}
+        assert proven == {("127.0.21.1", MONOLITH_ID), ("127.0.21.2", V2_ID), ("127.0.21.3", V2_ID)}
+        print(
+            f"HEADLINE share: monolith={by_app['monolith']} pod-a={by_app['pod-a']} pod-b={by_app['pod-b']}"
+        )
+
+    run(tmp_path, body)
