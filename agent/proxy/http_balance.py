@@ -167,6 +167,19 @@ class HttpBalancer:
             return True
         return any(self.admits(backend, ep) for ep in endpoints)
 
+    def ready(self, backend: Backend, endpoints: Sequence[EndpointRef]) -> bool:
+        """Available, with an admitting endpoint out of connect back-off: Linkerd's ready
+        endpoint. Rule.pick tries this first, so a backend whose every endpoint failed to
+        connect gives its share to the others (RandomAvailable) instead of being redialled."""
+        if not self.available(backend, endpoints):
+            return False
+        now, loads = self.clock(), self.loads
+        for ep in endpoints:
+            load = loads.get(ep.key)
+            if (load is None or load.retry_at <= now) and self.admits(backend, ep):
+                return True
+        return False
+
     # --- picking ----------------------------------------------------------------------------
 
     def pick(self, backend: Backend, endpoints: Sequence[EndpointRef]) -> EndpointPick | None:

@@ -389,7 +389,11 @@ async def _attempt(
 ) -> tuple[AttemptResult, Callable[[str | None], None] | None]:
     """One attempt: backend, endpoint, the request under its head deadline, the outcome recorded.
     With a response head, also the function that records the backend series when it ends."""
-    backend = rule.pick(ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b)))
+    # A backend whose endpoints all sit out a connect back-off is skipped while another is
+    # ready; with none ready, every available one is tried anyway (as the L4 balancer does).
+    backend = rule.pick(ctx.rng, lambda b: ctx.balancer.ready(b, ctx.endpoints(b))) or rule.pick(
+        ctx.rng, lambda b: ctx.balancer.available(b, ctx.endpoints(b))
+    )
     pick = None if backend is None else ctx.balancer.pick(backend, ctx.endpoints(backend))
     if backend is None or pick is None:
         return AttemptResult(None, None, FAIL_FAST, None), None

@@ -21,10 +21,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import random
 import socket
+import ssl
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from agent.authority import kube_discovery, kube_routes
 from agent.authority.service import Authority
@@ -33,11 +37,16 @@ from agent.identity.pki import generate_key, load_certs, make_csr
 from agent.identity.store import IdentityStore
 from agent.proxy.catalog import Catalog
 from agent.proxy.directory import Directory, merge
+from agent.proxy.http_dispatch import AttemptResult, RouterContext, dispatch
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import InboundPolicy
+from agent.proxy.routes import parse_routes
+from agent.proxy.services import ServiceTable
 from agent.proxy.tls import Credentials
 from agent.telemetry.proxy_metrics import ProxyMetrics
-from tests.proxy.test_h1_router_world import Client, HttpServer
+from agent.telemetry.route_metrics import RouteMetrics
+from tests.proxy.test_h1_router_world import Client, HttpServer, _ServerConn
+from tests.proxy.test_http_dispatch import FakeExchange, ok
 from tests.support import init_authority, issue_identity
 
 TD = "cluster.local"
@@ -212,6 +221,23 @@ class Headline:
         self.proxies.append(proxy)
         return app
 
+    async def impostor(self, name: str, served: str) -> HttpServer:
+        """App `name` serving HTTP/1 over TLS itself at the served address's loopback twin with
+        a valid mesh certificate of identity shop/impostor, whatever name the client asks for
+        (SNI) and whoever it is: the handshake completes, so only the agent's own check of the
+        identity it proved can keep requests from it."""
+        app = HttpServer(name)
+        store = IdentityStore(self.tmp / "impostor")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(store.cert_file, store.key_file)
+        context.load_verify_locations(store.bundle_file)
+        context.verify_mode = ssl.CERT_OPTIONAL
+        app.server = await asyncio.get_running_loop().create_server(
+            lambda: _ServerConn(app), loopback(served), self.port, ssl=context
+        )
+        self.apps[name] = app
+        return app
+
     async def agent(self, directory: Directory) -> Proxy:
         """The web host's proxy: its app's connections to the monolith's address are routed."""
         a = Proxy(
@@ -327,3 +353,154 @@ def test_the_monolith_and_its_cluster_replacement_share_90_10_each_over_mtls_to_
         )
 
     run(tmp_path, body)
+
+
+async def up(w: Headline, pods: dict[str, str], apps: dict[str, str]) -> Proxy:
+    """Discovery serves `pods` (name -> address); the split applied; `apps` (app name -> the
+    identity store its inbound proxy serves with) started at the pods' addresses; the agent."""
+    w.authority.set_discovered(discovered(w.port, pods))
+    w.apply_routes()
+    await w.inbound("monolith", "billing", MONOLITH)
+    for (name, address), store in zip(pods.items(), apps.values(), strict=True):
+        if store == "impostor":
+            await w.impostor(name, address)
+        else:
+            await w.inbound(name, store, address)
+    directory, _ = w.directory()
+    return await w.agent(directory)
+
+
+def test_a_pod_removed_from_discovery_gives_its_share_to_the_other_without_a_failed_request(
+    tmp_path: Path,
+) -> None:
+    async def body(w: Headline) -> None:
+        pods = {"billing-v2-a": PODS["billing-v2-a"], "billing-v2-b": PODS["billing-v2-b"]}
+        a = await up(w, pods, {"a": "billing-v2", "b": "billing-v2"})
+        pod_b = w.apps["billing-v2-b"]
+        load = asyncio.ensure_future(w.load(2000))
+        while sum(app.requests["/who"] for app in w.apps.values()) < 600:  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+        # The pod leaves its EndpointSlice: discovery's next `services`, the next directory.
+        w.authority.set_discovered(discovered(w.port, {"billing-v2-a": PODS["billing-v2-a"]}))
+        directory, doc = w.directory()
+        assert [e["address"] for e in doc["services"][0]["endpoints"]] == ["127.0.21.2"]
+        a.apply(directory)
+        at_apply = pod_b.requests["/who"]
+        seen = await load
+        assert set(seen) <= {(200, "billing-v2-a"), (200, "billing-v2-b"), (200, "monolith")}, seen
+        assert sum(seen.values()) == 2000
+        # Only requests already dispatched to it at the apply (at most one per app connection).
+        assert pod_b.requests["/who"] - at_apply <= 8
+        before_b = pod_b.requests["/who"]
+        # The pod is gone now (scaled down): its pooled connections are never used again.
+        await w.proxies[2].stop(0.2)
+        seen = await w.load(1000)
+        total = sum(seen.values())
+        assert set(seen) <= {(200, "billing-v2-a"), (200, "monolith")} and total == 1000, seen
+        assert within(seen[(200, "billing-v2-a")], total, 0.1), seen
+        assert pod_b.requests["/who"] == before_b
+        print(f"HEADLINE removal: phase1={dict(seen)} b_at_apply={at_apply} b_after={before_b}")
+
+    run(tmp_path, body)
+
+
+def refused_for_identity(a: Proxy) -> int:
+    """How many upstream handshakes the agent refused because the peer proved another
+    identity than the endpoint's (every outbound TLS failure must be that one)."""
+    errors = [e for e in a.stats.last_errors if e["kind"] == "outbound_tls"]
+    assert errors and all(
+        e["dst"].startswith("127.0.21.4:")
+        and e["server_id"] == V2_ID
+        and "not valid for 'billing-v2.shop.serviceaccount.identity.linkerd.cluster.local'" in e["reason"]
+        for e in errors
+    ), errors
+    return a.stats.failures["outbound_tls"]
+
+
+def test_an_endpoint_proving_another_identity_is_never_reached(tmp_path: Path) -> None:
+    """Discovery says pod c runs as shop/billing-v2; what answers at its address proves
+    shop/impostor (a valid mesh certificate of another identity, any SNI accepted). The agent
+    refuses it after the handshake and never sends it a request: the Service's share goes to
+    the pod that proves the right identity, and no request fails."""
+
+    async def body(w: Headline) -> None:
+        pods = {"billing-v2-a": PODS["billing-v2-a"], "billing-v2-c": PODS["billing-v2-c"]}
+        a = await up(w, pods, {"a": "billing-v2", "c": "impostor"})
+        seen = await w.load(1000)
+        impostor = w.apps["billing-v2-c"]
+        assert impostor.requests == collections.Counter() and impostor.connections == 0
+        assert set(seen) == {(200, "monolith"), (200, "billing-v2-a")}, seen
+        assert within(seen[(200, "billing-v2-a")], 1000, 0.1), seen
+        refused = refused_for_identity(a)
+        proven = {c.spiffe_id for c in a.peers._open.values()}
+        assert proven == {MONOLITH_ID, V2_ID}
+        print(f"HEADLINE impostor beside a pod: {dict(seen)} handshakes refused={refused}")
+
+    run(tmp_path, body)
+
+
+def test_a_service_whose_only_endpoint_proves_another_identity_gives_its_share_away(
+    tmp_path: Path,
+) -> None:
+    """The canary's only endpoint proves the wrong identity: never a request to it; its 10 %
+    goes to the monolith (Linkerd's RandomAvailable), not one request fails, and the refused
+    endpoint is redialled only when its back-off ends (at most one dial per app connection
+    before the first refusal, then one per back-off: 1 s, 2 s, 4 s ...)."""
+
+    async def body(w: Headline) -> None:
+        a = await up(w, {"billing-v2-c": PODS["billing-v2-c"]}, {"c": "impostor"})
+        seen = await w.load(1000)
+        impostor = w.apps["billing-v2-c"]
+        assert impostor.requests == collections.Counter() and impostor.connections == 0
+        assert seen == {(200, "monolith"): 1000}, seen
+        refused = refused_for_identity(a)
+        assert refused <= 16, refused  # (before the fix: one dial per draw of the canary, ~100)
+        print(f"HEADLINE impostor alone: {dict(seen)} handshakes refused={refused}")
+
+    run(tmp_path, body)
+
+
+def test_a_backend_whose_every_endpoint_sits_out_a_connect_back_off_gives_its_share_away() -> None:
+    """What the impostor tests found: a backend whose only endpoint failed to connect (here: the
+    canary's pods, unreachable) was still drawn for its 10 %, its endpoint redialled on each draw
+    despite the back-off, and a request whose redraws landed on it again failed 502. Linkerd's
+    RandomAvailable skips a backend with no ready endpoint: its share goes to the others until
+    the back-off ends (a rule with nothing else still tries it, as the L4 balancer does)."""
+    now = [1000.0]
+    canary = {
+        "weight": 10,
+        "ref": {"group": "", "kind": "Service", "namespace": "shop", "name": "billing-v2", "port": 8080},
+        "endpoints": [{"address": "198.18.21.2", "port": 8080}],
+    }
+    monolith = {
+        "weight": 90,
+        "ref": {
+            "group": "meshagent.io",
+            "kind": "Host",
+            "namespace": "shop",
+            "name": "billing",
+            "port": 8080,
+        },
+        "endpoints": [{"address": "198.18.21.1", "port": 8080}],
+    }
+    route = {"group": "", "kind": "default", "namespace": "", "name": "http"}
+    parent = {"kind": "Host", "namespace": "shop", "name": "billing", "port": 8080, "addresses": [MONOLITH]}
+    doc = [{"parent": parent, "routes": [{**route, "rules": [{"backends": [canary, monolith]}]}]}]
+    table = parse_routes(doc, lambda *a: pytest.fail(str(a)), ServiceTable.empty())
+    ctx = RouterContext(
+        table, ServiceTable.empty(), RouteMetrics(), rng=random.Random(21), clock=lambda: now[0]
+    )
+    [policy] = table.parents()
+    refused = AttemptResult(None, None, "IO", None, connect_failed=True)
+    ex = FakeExchange(lambda pick, n: refused if pick.endpoint.address == "198.18.21.2" else ok(200))
+
+    async def requests(n: int) -> None:
+        for _ in range(n):
+            await dispatch(ctx, policy, policy.rules[0], ex)
+
+    asyncio.run(requests(500))
+    assert ex.errors == [] and len(ex.forwarded) == 500
+    assert ex.attempts.count("198.18.21.2") == 1  # dialled once, then its share went to the monolith
+    now[0] += 1.5  # the back-off (1 s) over: the canary is drawn, and dialled, again
+    asyncio.run(requests(200))
+    assert ex.attempts.count("198.18.21.2") == 2 and ex.errors == []
