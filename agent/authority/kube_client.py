@@ -145,6 +145,24 @@ TCP_ROUTE = Resource(
 POLICY_RESOURCES = (
     SERVER, AUTHORIZATION_POLICY, MESHTLS_AUTHENTICATION, NETWORK_AUTHENTICATION, TRAFFIC_TARGET, TCP_ROUTE,
 )  # fmt: skip
+# Route CRDs (#21, `serve --routes-from-cluster`): read only, never their status.
+HTTP_ROUTE = Resource(
+    "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute",
+    crd="httproutes.gateway.networking.k8s.io (the Gateway API CRDs, standard channel, v1)",
+)  # fmt: skip
+LINKERD_HTTP_ROUTE = Resource(
+    "policy.linkerd.io", "v1beta3", "httproutes", "HTTPRoute",
+    crd=f"httproutes.policy.linkerd.io ({_LINKERD_CRDS}, a release serving v1beta3)",
+)  # fmt: skip
+TRAFFIC_SPLIT = Resource(
+    "split.smi-spec.io", "v1alpha2", "trafficsplits", "TrafficSplit",
+    crd="trafficsplits.split.smi-spec.io (the SMI CRDs, split v1alpha2; Linkerd's linkerd-smi extension)",
+)  # fmt: skip
+SERVICE_PROFILE = Resource(
+    "linkerd.io", "v1alpha2", "serviceprofiles", "ServiceProfile",
+    crd=f"serviceprofiles.linkerd.io ({_LINKERD_CRDS})",
+)  # fmt: skip
+ROUTE_RESOURCES = (HTTP_ROUTE, LINKERD_HTTP_ROUTE, TRAFFIC_SPLIT, SERVICE_PROFILE)
 BY_KIND = {
     r.kind: r for r in (SERVICE, POD, NAMESPACE, ENDPOINT_SLICE, LEASE, EXTERNAL_WORKLOAD, WORKLOAD_ENTRY)
 }

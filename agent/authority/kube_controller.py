@@ -22,6 +22,14 @@ Three concurrent parts inside the authority's event loop:
   (cluster wins): records they no longer yield are removed, hand-written ones replaced. A set of
   objects meshagent cannot honour exactly is refused whole (`kube.policy_refused`, each object
   and field; `status()["policy"]["refused"]`) and the stored policy stays as it was.
+- **Routes** (the Lease holder, with `routes=True`; issue #21): list + watch Gateway API and
+  Linkerd HTTPRoutes, SMI TrafficSplits and Linkerd ServiceProfiles, and read the Services
+  (discovery's, else its own watch); the objects that can reach hosts (`route_scope`) go through
+  `kube_routes.resolve` exactly as `route apply -f` reads a file, and are stored with source
+  "cluster": rows the cluster no longer has are deleted, `route apply` rows stay (a cluster
+  object of the same kind and name replaces one: cluster wins). A refused set keeps the stored
+  objects (`kube.routes_refused`, `status()["routes"]["refused"]`). Route `status` is never
+  written (Linkerd's policy controller owns it).
 
 The API server going away is expected: the last listed objects (and so the last discovered
 catalog) are kept, `kube.unreachable` is logged once per outage, watches resume from their last
@@ -47,7 +55,7 @@ from agent.errors import MeshagentError
 from agent.identity.names import WorkloadIdentity
 from agent.logs import get_logger
 
-from . import kube_export
+from . import kube_export, kube_routes
 from .kube_lease import (
     CreateLease,
     ElectionState,
@@ -91,6 +99,7 @@ from .kube_reconcile import (
     describe,
     reconcile,
 )
+from .kube_routes import RouteObject, RouteRefused, RouteSettings, known_refs
 from .storage import HostRecord, PolicyRecord
 
 if TYPE_CHECKING:
@@ -136,6 +145,10 @@ class ControllerSettings:
     # stored policy, hand-written records included).
     policy: bool = False
     policy_default: str | None = None  # Linkerd's proxy.defaultInboundPolicy; None: hosts' own
+    # Traffic policy (#21) from the cluster's route objects (opt-in: they then replace the
+    # stored objects of source "cluster"; `route apply` ones stay).
+    routes: bool = False
+    cluster_domain: str = "cluster.local"  # ServiceProfile names: SERVICE.NS.svc.<this>
 
     def __post_init__(self) -> None:
         validate_authority_name(self.authority_name)
@@ -492,6 +505,122 @@ class PolicyPlan:
     problems: tuple[str, ...] = ()
 
 
+# --- routes from the cluster's objects (pure) ------------------------------------------------
+
+# Service annotations that make a Service a route input on its own (Linkerd's default route:
+# retries, timeouts, failure accrual on every port).
+_ROUTE_ANNOTATION_PREFIXES = ("retry.linkerd.io/", "timeout.linkerd.io/", "balancer.linkerd.io/")
+
+
+def _list_of(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _route_refs(
+    route: Mapping[str, Any],
+) -> tuple[bool, set[tuple[str, str]], set[tuple[str, str]]]:
+    """An HTTPRoute's reach: whether a parent is a Service or a meshagent Host (GAMMA), the
+    (namespace, name) of its parents and of the Services it names (parents and backends).
+    Loose on purpose: resolve names every malformed field."""
+    ns = _key(route)[0]
+    spec = _spec(route)
+    attached, parents, services = False, set(), set()
+    for raw in _list_of(spec.get("parentRefs")):
+        ref = _ref(raw)
+        group = str(ref.get("group", "gateway.networking.k8s.io"))
+        group = "" if group == "core" else group
+        kind = str(ref.get("kind", "Gateway"))
+        where = (str(ref.get("namespace") or ns), str(ref.get("name")))
+        if (group, kind) == ("", "Service"):
+            attached = True
+            parents.add(where)
+            services.add(where)
+        elif (group, kind) == ("meshagent.io", "Host"):
+            attached = True
+            parents.add(where)
+    for rule in _list_of(spec.get("rules")):
+        for raw in _list_of(_ref(rule).get("backendRefs")):
+            ref = _ref(raw)
+            group = str(ref.get("group") or "")
+            if group in ("", "core") and ref.get("kind", "Service") == "Service":
+                services.add((str(ref.get("namespace") or ns), str(ref.get("name"))))
+    return attached, parents, services
+
+
+def route_scope(
+    objects: Mapping[str, Sequence[KubeObject]], services: Sequence[KubeObject]
+) -> list[KubeObject]:
+    """The route objects that can reach meshagent's hosts, for `kube_routes.resolve`:
+    HTTPRoutes with a Service (or meshagent.io Host) parent (GAMMA; one whose parents are all
+    Gateways is ingress, not the hosts' business), every TrafficSplit, the ServiceProfiles of
+    those parents (their retry budget; a ServiceProfile of any other Service changes nothing
+    served), and the Services they name or that carry Linkerd's retry/timeout/accrual
+    annotations (Linkerd's default route). `objects` by resource (any keys; kinds read from
+    the objects), `services` the cluster's Services."""
+    routes, splits, profiles = [], [], []
+    parents: set[tuple[str, str]] = set()
+    named: set[tuple[str, str]] = set()
+    for listed in objects.values():
+        for obj in listed:
+            kind = obj.get("kind")
+            if kind == "HTTPRoute":
+                attached, its_parents, its_services = _route_refs(obj)
+                if attached:
+                    routes.append(obj)
+                    parents |= its_parents
+                    named |= its_services
+            elif kind == "TrafficSplit":
+                splits.append(obj)
+                ns, spec = _key(obj)[0], _spec(obj)
+                root = (ns, str(spec.get("service")))
+                parents.add(root)
+                named.add(root)
+                for backend in _list_of(spec.get("backends")):
+                    named.add((ns, str(_ref(backend).get("service"))))
+            elif kind == "ServiceProfile":
+                profiles.append(obj)
+    chosen_services = []
+    for svc in services:
+        annotations = _meta(svc).get("annotations")
+        annotated = isinstance(annotations, dict) and any(
+            isinstance(k, str) and k.startswith(_ROUTE_ANNOTATION_PREFIXES) for k in annotations
+        )
+        if _key(svc) in named or annotated:
+            chosen_services.append(svc)
+            parents.add(_key(svc))
+    chosen_profiles = [p for p in profiles if (_key(p)[0], _key(p)[1].partition(".")[0]) in parents]
+
+    def order(obj: KubeObject) -> tuple[str, str, str, str]:
+        return (str(obj.get("kind")), str(obj.get("apiVersion")), *_key(obj))
+
+    return sorted([*routes, *splits, *chosen_profiles, *chosen_services], key=order)
+
+
+def route_diff(desired: Sequence[RouteObject], stored: Sequence[RouteObject]) -> tuple[bool, int]:
+    """Whether the stored objects differ from `desired` (the cluster's, all of source
+    "cluster"), and how many stored cluster objects it no longer has (deleted by the write).
+    Objects of other sources are compared only where the cluster has their namesake."""
+
+    def row(o: RouteObject) -> tuple[str, dict[str, Any], str, float]:
+        return o.api_version, o.body, o.source, o.created_at
+
+    want = {o.key: row(o) for o in desired}
+    have = {o.key: row(o) for o in stored if o.source == "cluster" or o.key in want}
+    return want != have, sum(1 for k in have if k not in want)
+
+
+@dataclass(frozen=True)
+class RoutePlan:
+    """One route pass's decision: the cluster's objects as stored, whether that is a write and
+    how many stored cluster objects it deletes; or the problems that refuse the set."""
+
+    desired: tuple[RouteObject, ...] = ()
+    write: bool = False
+    removed: int = 0
+    objects: int = 0
+    problems: tuple[str, ...] = ()
+
+
 class Controller:
     """The controller; `run(stop)` until `stop` is set. `status()` for `check` and `hosts`."""
 
@@ -523,6 +652,12 @@ class Controller:
         self._policy_records: int | None = None  # stored from the cluster at the last pass
         self._policy_at: float | None = None
         self._policy_dirty = True
+        self._route_informers: dict[str, Informer] = {}  # by resource (plural.group)
+        self._route_services: Informer | None = None  # our own Service watch, without discovery
+        self._routes_refused: tuple[str, ...] = ()
+        self._route_objects: int | None = None  # stored from the cluster at the last pass
+        self._routes_at: float | None = None
+        self._routes_dirty = True
         self._pass_backoff: dict[str, Backoff] = {}
 
     # --- status ---------------------------------------------------------------------------
@@ -554,6 +689,14 @@ class Controller:
                 "refused": list(self._policy_refused),
                 "missing": sorted(k for k, i in self._policy_informers.items() if i.missing),
                 "updated_at": self._policy_at,
+            },
+            "routes": {
+                "enabled": self.settings.routes,
+                "synced": self._routes_synced(),
+                "objects": self._route_objects,
+                "refused": list(self._routes_refused),
+                "missing": sorted(k for k, i in self._route_informers.items() if i.missing),
+                "updated_at": self._routes_at,
             },
             "discovery": {
                 "enabled": self.settings.discovery,
@@ -725,6 +868,9 @@ class Controller:
                 asyncio.create_task(i.run(), name=f"kube-policy-{k}")
                 for k, i in self._policy_informers.items()
             ]
+        routes_version: int | None = None
+        if self.settings.routes:
+            tasks += self._start_routes(client)
         loop = asyncio.get_running_loop()
         next_resync = loop.time() + self.settings.resync_interval_s
         last: tuple[int, int] | None = None  # the registry as of the last pass
@@ -751,7 +897,8 @@ class Controller:
                 policy = bool(self._policy_informers) and all(
                     i.synced for i in self._policy_informers.values()
                 )
-                if not (registration or policy):
+                routes = self._routes_synced()
+                if not (registration or policy or routes):
                     continue
                 try:
                     # A pass costs ~0.2 ms per host: skip it when neither the cluster (no event),
@@ -771,6 +918,15 @@ class Controller:
                                 self._pass_failed("policy", exc)
                             else:
                                 self._pass_ok("policy")
+                        if routes and (self._routes_dirty or now_print[0] != routes_version):
+                            self._routes_dirty, routes_version = False, now_print[0]
+                            try:
+                                await self.sync_routes()
+                            except Exception as exc:  # the registration pass still runs
+                                self._routes_dirty = True
+                                self._pass_failed("routes", exc)
+                            else:
+                                self._pass_ok("routes")
                         if registration:
                             await self.reconcile_once(client)
                     self._pass_ok("registration")
@@ -782,6 +938,7 @@ class Controller:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self._policy_informers = {}
+            self._route_informers, self._route_services = {}, None
 
     def _pass_failed(self, what: str, exc: BaseException) -> float:
         """Log and count a pass that raised (a bug or an unexpected object); the seconds to
@@ -1042,6 +1199,109 @@ class Controller:
             records=len(decided.desired), objects=decided.objects,
         )  # fmt: skip
 
+    # --- routes (the Lease holder) ----------------------------------------------------------
+
+    def _routes_changed(self) -> None:
+        self._routes_dirty = True
+        self._wake.set()
+
+    def _start_routes(self, client: KubeClient) -> list[asyncio.Task[None]]:
+        """The route informers (CRDs optional: absent is "none of that kind"), and a Service
+        watch of our own unless discovery already keeps every Service."""
+        from .kube_client import ROUTE_RESOURCES, SERVICE
+
+        def informer(res: Resource, optional: bool) -> Informer:
+            return Informer(
+                client, res, self.settings, self.api, self._routes_changed, optional=optional,
+                resync_s=self.settings.resync_interval_s,
+            )  # fmt: skip
+
+        self._route_informers = {res.qualified: informer(res, True) for res in ROUTE_RESOURCES}
+        tasks = [
+            asyncio.create_task(i.run(), name=f"kube-routes-{k}") for k, i in self._route_informers.items()
+        ]
+        if not self.settings.discovery:
+            self._route_services = informer(SERVICE, False)
+            self._route_services.source = "routes:services"  # (discovery's is watch:services)
+            tasks.append(asyncio.create_task(self._route_services.run(), name="kube-routes-services"))
+        return tasks
+
+    def _services_informer(self) -> Informer | None:
+        return self._discovery.get("Service") if self.settings.discovery else self._route_services
+
+    def _routes_synced(self) -> bool:
+        services = self._services_informer()
+        return (
+            bool(self._route_informers)
+            and services is not None
+            and services.synced
+            and all(i.synced for i in self._route_informers.values())
+        )
+
+    def plan_routes(
+        self, objects: Mapping[str, Sequence[KubeObject]], services: Sequence[KubeObject]
+    ) -> RoutePlan:
+        """The cluster's route objects read exactly as `route apply -f` reads a file
+        (kube_routes.resolve, source "cluster", checked together with the other sources'
+        stored objects), and whether the registry needs a write for them."""
+        authority = self.authority
+        hosts = authority.registry.list_hosts()
+        stored = authority.registry.route_objects()
+        others = [o for o in stored if o.source != "cluster"]
+        docs = route_scope(objects, services)
+        known = known_refs(authority.catalog(hosts), hosts, authority.discovered(), others)
+        try:
+            desired = kube_routes.resolve(
+                docs, known, RouteSettings(cluster_domain=self.settings.cluster_domain),
+                authority.clock().timestamp(), source="cluster", stored=others,
+            )  # fmt: skip
+        except RouteRefused as exc:
+            return RoutePlan(objects=len(docs), problems=exc.problems)
+        write, removed = route_diff(desired, stored)
+        return RoutePlan(tuple(desired), write, removed, len(docs))
+
+    async def sync_routes(self) -> RoutePlan:
+        """One route pass: plan off the loop, then (still the Lease holder) store the cluster's
+        objects, or keep the stored ones and report the refusal."""
+        services = self._services_informer()
+        objects = {k: list(i.objects.values()) for k, i in self._route_informers.items()}
+        listed = list(services.objects.values()) if services is not None else []
+        decided = await asyncio.to_thread(self.plan_routes, objects, listed)
+        if not decided.problems and decided.write:
+            if not self.leading():
+                return decided
+            try:
+                await asyncio.to_thread(self._write_routes, decided)
+            except MeshagentError as exc:  # the registry refused the write: nothing was stored
+                decided = RoutePlan(objects=decided.objects, problems=(f"{exc.message} ({exc.hint})",))
+        self._routes_at = time.time()
+        if decided.problems:
+            if decided.problems != self._routes_refused:
+                self.counts["routes_refused"] += 1
+                for problem in decided.problems:
+                    what, _, detail = problem.partition(": ")
+                    log.warning(
+                        "kube.routes_refused", object=what if detail else "", problem=detail or problem,
+                        kept="the stored route objects, unchanged", hint="fix the object named, or delete it",
+                    )  # fmt: skip
+            self._routes_refused = decided.problems
+            return decided
+        if self._routes_refused:
+            log.info("kube.routes_accepted", objects=decided.objects)
+            self._routes_refused = ()
+        self._route_objects = len(decided.desired)
+        return decided
+
+    def _write_routes(self, decided: RoutePlan) -> None:
+        # One transaction: the cluster's objects upserted, its rows no longer there deleted;
+        # `route apply` rows (source "file") are left.
+        self.authority.registry.put_route_objects(list(decided.desired), replace_source="cluster")
+        self.counts["routes_written"] += 1
+        log.info(
+            "kube.routes_applied", objects=len(decided.desired), removed=decided.removed,
+            read=decided.objects,
+        )  # fmt: skip
+
     # --- discovery (every replica, read-only) ---------------------------------------------
 
     async def _discover(self, client: KubeClient) -> None:
@@ -1077,6 +1337,8 @@ class Controller:
                         await asyncio.sleep(self._pass_failed("discovery", exc))
                     else:
                         self._pass_ok("discovery")
+                        if self._route_informers:  # Services moved: route inputs
+                            self._routes_changed()
         finally:
             for task in tasks:
                 task.cancel()

@@ -317,6 +317,15 @@ def init_cmd(
     help="With --policy-from-cluster: the default for a port no Server covers (Linkerd's "
     "proxy.defaultInboundPolicy) [default: the agents' own].",
 )
+@click.option(
+    "--routes-from-cluster",
+    is_flag=True,
+    help="With --kubernetes: the hosts' outbound HTTP traffic policy also comes from the cluster's "
+    "HTTPRoutes (gateway.networking.k8s.io v1, policy.linkerd.io v1beta3), SMI TrafficSplits, "
+    "ServiceProfiles (retry budget) and Services, as `route apply -f` reads them; `route apply` "
+    "objects stay; a set that cannot be honoured keeps the stored objects (logged, and in "
+    "/v1/kubernetes/status).",
+)
 @prometheus_option
 def serve_cmd(
     directory: Path,
@@ -334,6 +343,7 @@ def serve_cmd(
     lease_namespace: str,
     policy_from_cluster: bool,
     policy_default: str | None,
+    routes_from_cluster: bool,
     prometheus_url: str | None,
 ) -> None:
     """Serve the HTTPS API hosts enroll and renew with (runs until SIGTERM).
@@ -382,10 +392,12 @@ def serve_cmd(
             services=tuple(ServiceRequest.parse(text) for text in services),
             policy=policy_from_cluster,
             policy_default=policy_default,
+            routes=routes_from_cluster,
         )
-    elif services or policy_from_cluster:
+    elif services or policy_from_cluster or routes_from_cluster:
         raise click.UsageError(
-            "--service and --policy-from-cluster apply to the controller: add --kubernetes"
+            "--service, --policy-from-cluster and --routes-from-cluster apply to the controller: "
+            "add --kubernetes"
         )
     if policy_default and not policy_from_cluster:
         raise click.UsageError("--policy-default goes with --policy-from-cluster")

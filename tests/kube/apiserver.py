@@ -98,6 +98,12 @@ RESOURCES: tuple[ResourceType, ...] = (
     ),
     ResourceType("access.smi-spec.io", "v1alpha3", "traffictargets", "TrafficTarget", True, False, True),
     ResourceType("specs.smi-spec.io", "v1alpha4", "tcproutes", "TCPRoute", True, False, True),
+    # Route CRDs (#21): both HTTPRoutes have a status subresource, TrafficSplit and ServiceProfile
+    # none. Two kinds are named HTTPRoute: name them `httproutes.<group>` to tell them apart.
+    ResourceType("gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute", True, True, True),
+    ResourceType("policy.linkerd.io", "v1beta3", "httproutes", "HTTPRoute", True, True, True),
+    ResourceType("split.smi-spec.io", "v1alpha2", "trafficsplits", "TrafficSplit", True, False, True),
+    ResourceType("linkerd.io", "v1alpha2", "serviceprofiles", "ServiceProfile", True, False, True),
 )
 
 
@@ -440,7 +446,7 @@ def resource_for(api_version: str, kind: str) -> ResourceType:
 
 def resource_named(kind: str) -> ResourceType:
     for rt in RESOURCES:
-        if kind in (rt.kind, rt.plural):
+        if kind in (rt.kind, rt.plural, rt.qualified):
             return rt
     raise ValueError(f"the test API server does not serve {kind}")
 
@@ -532,7 +538,9 @@ class _Server:
             if headers.get("authorization") != f"Bearer {self.token}":
                 raise ApiFailure(401, "Unauthorized", "Unauthorized")
             route = _route(url.path)
-            if route.rt.kind in self.store.absent:  # as the real server without the CRD
+            if (
+                route.rt.kind in self.store.absent or route.rt.qualified in self.store.absent
+            ):  # as the real server without the CRD
                 raise ApiFailure(404, "NotFound", "the server could not find the requested resource")
             if method == "GET" and route.name is None and query.get("watch") in ("true", "1"):
                 self.log.append(Request(method, url.path, query, body, 200))
@@ -911,8 +919,8 @@ def start_apiserver(
 ) -> ApiServerHandle:
     """Starts the test stand-in on host:port (0: a free port), loads `objects` (as put()) and
     writes a kubeconfig for it. `require_namespaces`: creating in a missing namespace is 404, as
-    the NamespaceLifecycle admission plugin does. `absent`: kinds served as if their CRD were not
-    installed (404 on every path)."""
+    the NamespaceLifecycle admission plugin does. `absent`: kinds (or `plural.group`) served as if
+    their CRD were not installed (404 on every path)."""
     store = Store()
     store.require_namespaces = require_namespaces
     store.absent = frozenset(absent)

@@ -1,0 +1,387 @@
+"""Traffic policy from the cluster's own route objects in controller mode (issue #21,
+`serve --kubernetes --routes-from-cluster`): Gateway API / Linkerd HTTPRoutes, SMI TrafficSplits,
+ServiceProfiles (their retry budget) and the Services they name put into the API are stored with
+source "cluster", exactly as `meshagent authority route apply -f` reads the same objects, and
+served in the directory's `routes` member; edits and deletions follow; `route apply` rows stay;
+a set that cannot be honoured leaves the stored objects as they were and says why; a route CRD
+that is not installed is "none of that kind".
+
+A real Authority, the controller's real client and tests/kube/apiserver.py: a TEST STAND-IN for
+the Kubernetes API server (not one; nothing here ran against a real cluster). Every wait is a
+bounded poll for a state, never an assertion on how long something took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from agent.authority.kube_controller import route_diff, route_scope
+from agent.authority.kube_objects import WorkloadPort
+from agent.authority.kube_routes import RouteObject
+from agent.authority.service import Authority
+from agent.cli.authority import authority as authority_cli
+from agent.logs import _FIELDS as FIELDS
+from tests.authority.test_kube_controller import Running, settings, until
+from tests.authority.test_kube_controller_policy import enroll
+from tests.kube.apiserver import ApiServerHandle, start_apiserver
+from tests.support import init_authority
+
+HTTP = (WorkloadPort("http", 8080),)
+GATEWAY_V1 = "gateway.networking.k8s.io/v1"
+
+
+@pytest.fixture(scope="module")
+def initialised(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("authority-template")
+    init_authority(directory)
+    return directory
+
+
+@pytest.fixture
+def authority(initialised: Path, tmp_path: Path) -> Authority:
+    directory = tmp_path / "authority"
+    shutil.copytree(initialised, directory)
+    made = Authority.open(directory)
+    for identity, name, address in (
+        ("shop/billing", "billing-1", "198.18.0.5"),
+        ("shop/billing-v1", "billing-v1", "198.18.0.6"),
+        ("shop/billing-v2", "billing-v2", "198.18.0.7"),
+        ("shop/web", "web-1", "198.18.0.8"),
+    ):
+        enroll(made, identity, name, address, {"app": name}, HTTP)
+    return made
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiServerHandle]:
+    with start_apiserver(tmp_path / "kubeconfig") as handle:
+        yield handle
+
+
+def host_ref(name: str, weight: int | None = None) -> dict[str, Any]:
+    ref: dict[str, Any] = {"group": "meshagent.io", "kind": "Host", "name": name, "port": 8080}
+    return ref if weight is None else ref | {"weight": weight}
+
+
+def canary(v1: int = 90, v2: int = 10, api_version: str = GATEWAY_V1) -> dict[str, Any]:
+    return {
+        "apiVersion": api_version, "kind": "HTTPRoute",
+        "metadata": {"namespace": "shop", "name": "billing-canary"},
+        "spec": {
+            "parentRefs": [host_ref("billing")],
+            "rules": [{
+                "matches": [{"path": {"type": "PathPrefix", "value": "/api"}}],
+                "backendRefs": [host_ref("billing-v1", v1), host_ref("billing-v2", v2)],
+            }],
+        },
+    }  # fmt: skip
+
+
+def service(name: str, namespace: str = "shop", **annotations: str) -> dict[str, Any]:
+    meta: dict[str, Any] = {"namespace": namespace, "name": name}
+    if annotations:
+        meta["annotations"] = annotations
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta,
+        "spec": {"clusterIP": "198.19.0.10", "selector": {"app": name},
+                 "ports": [{"name": "http", "port": 8080, "targetPort": 8080, "protocol": "TCP"}]},
+    }  # fmt: skip
+
+
+def ledger_split(v1: int = 90, v2: int = 10) -> dict[str, Any]:
+    return {
+        "apiVersion": "split.smi-spec.io/v1alpha2", "kind": "TrafficSplit",
+        "metadata": {"namespace": "shop", "name": "ledger-split"},
+        "spec": {"service": "ledger", "backends": [{"service": "ledger", "weight": v1},
+                                                   {"service": "ledger-v2", "weight": v2}]},
+    }  # fmt: skip
+
+
+LEDGER_PROFILE: dict[str, Any] = {
+    "apiVersion": "linkerd.io/v1alpha2", "kind": "ServiceProfile",
+    "metadata": {"namespace": "shop", "name": "ledger.shop.svc.cluster.local"},
+    "spec": {"retryBudget": {"retryRatio": 0.1, "minRetriesPerSecond": 5, "ttl": "20s"}},
+}  # fmt: skip
+
+# The pods' business: never read, even though meshagent could not honour them.
+INGRESS_ROUTE: dict[str, Any] = {
+    "apiVersion": GATEWAY_V1, "kind": "HTTPRoute",
+    "metadata": {"namespace": "web", "name": "ingress"},
+    "spec": {"parentRefs": [{"name": "public-gateway"}],
+             "rules": [{"filters": [{"type": "RequestHeaderModifier"}],
+                        "backendRefs": [{"name": "frontend", "port": 80}]}]},
+}  # fmt: skip
+PODS_PROFILE: dict[str, Any] = {
+    "apiVersion": "linkerd.io/v1alpha2", "kind": "ServiceProfile",
+    "metadata": {"namespace": "web", "name": "frontend.web.svc.cluster.local"},
+    "spec": {"routes": [{"name": "GET /", "condition": {"method": "GET", "pathRegex": "/"},
+                         "isRetryable": True}]},
+}  # fmt: skip
+
+FILE_ROUTE = """\
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {namespace: shop, name: web-by-hand}
+spec:
+  parentRefs: [{group: meshagent.io, kind: Host, name: web, port: 8080}]
+  rules:
+    - backendRefs: [{group: meshagent.io, kind: Host, name: web, port: 8080}]
+      timeouts: {request: 5s}
+"""
+
+
+def apply_by_hand(authority: Authority, tmp_path: Path) -> None:
+    """`meshagent authority route apply --dir DIR -f FILE`, the real command, in-process."""
+    path = tmp_path / "by-hand.yaml"
+    path.write_text(FILE_ROUTE)
+    args = ["route", "apply", "--dir", str(authority.material.directory), "-f", str(path)]
+    result = CliRunner().invoke(authority_cli, args)
+    assert result.exit_code == 0, result.output
+
+
+def rows(authority: Authority) -> dict[tuple[str, str, str], str]:
+    """The stored route objects: key -> source."""
+    return {o.key: o.source for o in authority.registry.route_objects()}
+
+
+def served(authority: Authority) -> dict[tuple[str, str, int], list[list[tuple[str, int]]]]:
+    """The directory's `routes` member as served: parent (kind, name, port) -> each route's
+    first rule's backends (name, weight)."""
+    out = {}
+    for item in authority.routes_member():
+        parent = item["parent"]
+        out[(parent["kind"], parent["name"], parent["port"])] = [
+            [(b["ref"]["name"], b["weight"]) for b in route["rules"][0]["backends"]]
+            for route in item["routes"]
+        ]
+    return out
+
+
+def budget(authority: Authority, kind: str, name: str) -> Any:
+    item = next(
+        i for i in authority.routes_member() if (i["parent"]["kind"], i["parent"]["name"]) == (kind, name)
+    )
+    return item.get("budget")
+
+
+def routes_settings(api: ApiServerHandle, **kw: Any) -> Any:
+    return settings(api, routes=True, **kw)
+
+
+CLUSTER_ROWS = {
+    ("HTTPRoute", "shop", "billing-canary"): "cluster",
+    ("TrafficSplit", "shop", "ledger-split"): "cluster",
+    ("ServiceProfile", "shop", "ledger.shop.svc.cluster.local"): "cluster",
+    ("Service", "shop", "ledger"): "cluster",
+    ("Service", "shop", "ledger-v2"): "cluster",
+}
+BY_HAND = {("HTTPRoute", "shop", "web-by-hand"): "file"}
+
+
+def test_cluster_route_objects_are_stored_and_served_and_follow_edits_and_deletes(
+    authority: Authority, api: ApiServerHandle, tmp_path: Path
+) -> None:
+    """An HTTPRoute, a TrafficSplit with its Services and a ServiceProfile put into the API are
+    stored with source "cluster" and served in `routes`; objects of the pods (a Gateway's
+    route, a ServiceProfile of another Service, an unnamed Service) are not read; a weight edit
+    and a delete follow; the `route apply` row stays throughout; the routes' status is never
+    written."""
+    apply_by_hand(authority, tmp_path)
+    for doc in (canary(), ledger_split(), LEDGER_PROFILE, service("ledger"), service("ledger-v2"),
+                service("unrelated"), INGRESS_ROUTE, PODS_PROFILE):  # fmt: skip
+        api.put(doc)
+
+    async def scenario() -> None:
+        c = Running(authority, routes_settings(api))
+        try:
+            await until(
+                "the cluster's routes stored", lambda: c.controller.status()["routes"]["objects"] == 5
+            )
+            assert rows(authority) == CLUSTER_ROWS | BY_HAND
+            status = c.controller.status()["routes"]
+            assert status | {"updated_at": None} == {
+                "enabled": True, "synced": True, "objects": 5, "refused": [], "missing": [],
+                "updated_at": None,
+            }  # fmt: skip
+            member = served(authority)
+            assert member[("Host", "billing", 8080)] == [[("billing-v1", 90), ("billing-v2", 10)]]
+            assert member[("Service", "ledger", 8080)] == [[("ledger", 90), ("ledger-v2", 10)]]
+            assert ("Host", "web", 8080) in member  # the file's
+            assert budget(authority, "Service", "ledger") == {"ratio": 0.1, "min_per_s": 5, "ttl_s": 20.0}
+            # A pass with nothing new writes nothing.
+            written = c.controller.counts["routes_written"]
+            again = await c.controller.sync_routes()
+            assert (again.write, again.removed, c.controller.counts["routes_written"]) == (False, 0, written)
+
+            route = api.get("HTTPRoute", "billing-canary", "shop")
+            assert route is not None
+            route["spec"]["rules"][0]["backendRefs"] = canary(50, 50)["spec"]["rules"][0]["backendRefs"]
+            api.put(route)
+            await until(
+                "the new weights served",
+                lambda: (
+                    served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 50), ("billing-v2", 50)]]
+                ),
+            )
+            api.put(ledger_split(0, 1))
+            await until(
+                "the split's new weights served",
+                lambda: served(authority)[("Service", "ledger", 8080)] == [[("ledger", 0), ("ledger-v2", 1)]],
+            )
+            api.delete("TrafficSplit", "ledger-split", "shop")
+            # Its Services and ServiceProfile name nothing routed any more: their rows go too.
+            await until(
+                "the split's rows deleted",
+                lambda: rows(authority) == {("HTTPRoute", "shop", "billing-canary"): "cluster"} | BY_HAND,
+            )
+            assert ("Service", "ledger", 8080) not in served(authority)
+            api.delete("HTTPRoute", "billing-canary", "shop")
+            await until("every cluster row deleted", lambda: rows(authority) == BY_HAND)
+            assert list(served(authority)) == [("Host", "web", 8080)]
+            assert c.controller.status()["routes"]["objects"] == 0
+        finally:
+            await c.close()
+        # Read, never written: no write of any kind to a route resource (status included).
+        for plural in ("httproutes", "trafficsplits", "serviceprofiles"):
+            assert [r for r in api.requests(path_contains=f"/{plural}") if r.method != "GET"] == []
+
+    asyncio.run(scenario())
+
+
+def test_a_set_that_cannot_be_honoured_keeps_the_stored_objects_and_is_reported(
+    authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Linkerd HTTPRoute with a filter refuses the whole set: the stored rows and the served
+    `routes` stay as they were (an edit made meanwhile waits too), the refusal names the object
+    and field (status and log); deleting it applies the set again."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    api.put(canary())
+
+    async def scenario() -> None:
+        c = Running(authority, routes_settings(api))
+        try:
+            await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
+            before_rows = authority.registry.route_objects()
+            before = served(authority)
+            bad = canary(api_version="policy.linkerd.io/v1beta3")
+            bad["metadata"]["name"] = "billing-headers"
+            bad["spec"]["parentRefs"] = [host_ref("billing-v1")]
+            bad["spec"]["rules"][0]["filters"] = [{"type": "RequestHeaderModifier"}]
+            api.put(bad)
+            api.put(canary(1, 1))  # a good edit in the same set: waits with it
+            await until("refused", lambda: c.controller.status()["routes"]["refused"] != [])
+            refused = c.controller.status()["routes"]["refused"]
+            assert any(
+                p.startswith("HTTPRoute shop/billing-headers: spec.rules[0].filters") for p in refused
+            ), refused
+            assert authority.registry.route_objects() == before_rows
+            assert served(authority) == before
+            logged = [
+                getattr(r, FIELDS, {}) for r in caplog.records if r.getMessage() == "kube.routes_refused"
+            ]
+            assert logged and logged[0]["object"] == "HTTPRoute shop/billing-headers", logged
+            assert logged[0]["kept"] == "the stored route objects, unchanged"
+
+            api.delete("httproutes.policy.linkerd.io", "billing-headers", "shop")
+            await until("accepted", lambda: c.controller.status()["routes"]["refused"] == [])
+            await until(
+                "the waiting edit applied",
+                lambda: (
+                    served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 1), ("billing-v2", 1)]]
+                ),
+            )
+            assert [r.getMessage() for r in caplog.records].count("kube.routes_accepted") == 1
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_missing_route_crds_are_none_of_that_kind(
+    authority: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only the Gateway API's HTTPRoute is installed: its route is stored; the other three are
+    listed as missing in the status, logged once each however often they are tried again, and
+    are no error."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    absent = ("httproutes.policy.linkerd.io", "TrafficSplit", "ServiceProfile")
+    with start_apiserver(tmp_path / "kubeconfig", absent=absent) as api:
+        api.put(canary())
+
+        async def scenario() -> None:
+            c = Running(authority, routes_settings(api))
+            try:
+                await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
+                await until("tried again", lambda: len(api.requests("GET", "/trafficsplits")) >= 3)
+                status = c.controller.status()
+                assert status["routes"]["missing"] == [
+                    "httproutes.policy.linkerd.io", "serviceprofiles.linkerd.io",
+                    "trafficsplits.split.smi-spec.io",
+                ]  # fmt: skip
+                assert status["routes"]["refused"] == [] and status["errors"] == {}
+                missing = [str(getattr(r, FIELDS, {}).get("resource")) for r in caplog.records
+                           if r.getMessage() == "kube.crd_missing"]  # fmt: skip
+                assert sorted(missing) == status["routes"]["missing"]
+                assert rows(authority) == {("HTTPRoute", "shop", "billing-canary"): "cluster"}
+            finally:
+                await c.close()
+
+        asyncio.run(scenario())
+
+
+# --- the pure parts -----------------------------------------------------------------------------
+
+
+def test_route_scope_keeps_what_can_reach_hosts() -> None:
+    """GAMMA routes (Service or Host parents), every TrafficSplit, the ServiceProfiles of their
+    parents and the Services they name or that carry Linkerd's route annotations; not a
+    Gateway's route, another Service's ServiceProfile or a plain Service."""
+    gamma = copy.deepcopy(canary())
+    gamma["metadata"]["name"] = "orders"
+    gamma["spec"]["parentRefs"] = [{"group": "", "kind": "Service", "name": "orders", "port": 8080}]
+    gamma["spec"]["rules"][0]["backendRefs"] = [{"name": "orders-v2", "port": 8080}]
+    orders_profile = copy.deepcopy(LEDGER_PROFILE)
+    orders_profile["metadata"]["name"] = "orders.shop.svc.cluster.local"
+    objects = {
+        "httproutes": [canary(), gamma, INGRESS_ROUTE],
+        "trafficsplits": [ledger_split()],
+        "serviceprofiles": [LEDGER_PROFILE, orders_profile, PODS_PROFILE],
+    }
+    services = [service(n) for n in ("orders", "orders-v2", "ledger", "ledger-v2", "unrelated")]
+    services.append(service("timed", **{"timeout.linkerd.io/request": "5s"}))
+    services.append(service("frontend", "web"))
+    chosen = {
+        (o["kind"], o["metadata"]["namespace"], o["metadata"]["name"]) for o in route_scope(objects, services)
+    }
+    assert chosen == {
+        ("HTTPRoute", "shop", "billing-canary"), ("HTTPRoute", "shop", "orders"),
+        ("TrafficSplit", "shop", "ledger-split"),
+        ("ServiceProfile", "shop", "ledger.shop.svc.cluster.local"),
+        ("ServiceProfile", "shop", "orders.shop.svc.cluster.local"),
+        ("Service", "shop", "orders"), ("Service", "shop", "orders-v2"), ("Service", "shop", "ledger"),
+        ("Service", "shop", "ledger-v2"), ("Service", "shop", "timed"),
+    }  # fmt: skip
+
+
+def _obj(name: str, source: str, weight: int = 1) -> RouteObject:
+    body = {"apiVersion": GATEWAY_V1, "kind": "HTTPRoute", "metadata": {"name": name}, "spec": {"w": weight}}
+    return RouteObject("HTTPRoute", "shop", name, GATEWAY_V1, body, source, 1.0)
+
+
+def test_route_diff_compares_cluster_rows_and_namesakes_only() -> None:
+    stored = [_obj("a", "cluster"), _obj("b", "cluster"), _obj("f", "file")]
+    assert route_diff([_obj("a", "cluster"), _obj("b", "cluster")], stored) == (False, 0)
+    assert route_diff([_obj("a", "cluster", 2), _obj("b", "cluster")], stored) == (True, 0)
+    assert route_diff([_obj("a", "cluster")], stored) == (True, 1)
+    assert route_diff([], [_obj("f", "file")]) == (False, 0)
+    # The cluster's namesake of a file row: written (the row becomes the cluster's).
+    assert route_diff([_obj("a", "cluster"), _obj("b", "cluster"), _obj("f", "cluster")], stored) == (True, 0)
