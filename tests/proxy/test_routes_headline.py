@@ -24,10 +24,12 @@ import json
 import random
 import socket
 import ssl
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from agent.authority import kube_discovery, kube_routes
@@ -46,6 +48,7 @@ from agent.proxy.tls import Credentials
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.route_metrics import RouteMetrics
 from tests.proxy.test_h1_router_world import Client, HttpServer, _ServerConn
+from tests.proxy.test_h2_router import GrpcServer
 from tests.proxy.test_http_dispatch import FakeExchange, ok
 from tests.support import init_authority, issue_identity
 
@@ -504,3 +507,74 @@ def test_a_backend_whose_every_endpoint_sits_out_a_connect_back_off_gives_its_sh
     now[0] += 1.5  # the back-off (1 s) over: the canary is drawn, and dialled, again
     asyncio.run(requests(200))
     assert ex.attempts.count("198.18.21.2") == 2 and ex.errors == []
+
+
+def _grpc_calls(port: int, threads: int, each: int) -> collections.Counter[tuple[str, str]]:
+    """`threads` x `each` unary calls sharing ONE channel (one HTTP/2 app connection): (status
+    code name, the answering server)."""
+    seen: collections.Counter[tuple[str, str]] = collections.Counter()
+    lock = threading.Lock()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        say = channel.unary_unary("/demo.Echo/Say")
+
+        def run(n: int) -> None:
+            for i in range(n):
+                try:
+                    key = ("OK", say(b"%d" % i, timeout=10).partition(b":")[0].decode())
+                except grpc.RpcError as exc:
+                    key = (exc.code().name, exc.details())  # type: ignore[attr-defined]
+                with lock:
+                    seen[key] += 1
+
+        workers = [threading.Thread(target=run, args=(each,)) for _ in range(threads)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    return seen
+
+
+def test_grpc_calls_on_one_connection_are_split_90_10_each_over_mtls_to_its_identity(tmp_path: Path) -> None:
+    servers = {name: GrpcServer(name) for name in ("monolith", "pod-a", "pod-b")}
+
+    async def body(w: Headline) -> None:
+        pods = {"billing-v2-a": PODS["billing-v2-a"], "billing-v2-b": PODS["billing-v2-b"]}
+        w.authority.set_discovered(discovered(w.port, pods))
+        w.apply_routes()
+        for name, store, served in (
+            ("monolith", "billing", MONOLITH),
+            ("pod-a", "billing-v2", PODS["billing-v2-a"]),
+            ("pod-b", "billing-v2", PODS["billing-v2-b"]),
+        ):
+            port = servers[name].port
+            proxy = Proxy(
+                ListenerSettings(inbound=(loopback(served), w.port), outbound=("127.0.0.1", 0)),
+                Credentials.load(IdentityStore(w.tmp / store)),
+                InboundPolicy(),
+                Catalog([]),
+                lambda sock, port=port: ("127.0.0.1", port),  # type: ignore[misc]
+            )
+            await proxy.start()
+            w.proxies.append(proxy)
+        directory, _ = w.directory()
+        a = await w.agent(directory)
+        seen = await asyncio.to_thread(_grpc_calls, w.outbound, 4, 500)
+        total = sum(seen.values())
+        assert total == 2000 and {code for code, _ in seen} == {"OK"}, seen
+        by = {name: n for (_, name), n in seen.items()}
+        assert within(by["monolith"], total, 0.9) and within(
+            by.get("pod-a", 0) + by.get("pod-b", 0), total, 0.1
+        )
+        assert by["pod-a"] > 0 and by["pod-b"] > 0, by
+        assert {name: s.calls for name, s in servers.items()} == by
+        assert a.stats.opened["outbound:routed"] == 1  # all 2,000 calls on one app connection
+        proven = {(c.remote.rpartition(":")[0], c.spiffe_id) for c in a.peers._open.values()}
+        assert proven == {("127.0.21.1", MONOLITH_ID), ("127.0.21.2", V2_ID), ("127.0.21.3", V2_ID)}
+        assert a.stats.opened["outbound:h2_mtls"] == 3  # one pooled h2 connection per endpoint
+        print(f"HEADLINE grpc share: {by} opened={dict(a.stats.opened)}")
+
+    try:
+        run(tmp_path, body)
+    finally:
+        for s in servers.values():
+            s.stop()
