@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from agent.authority.kube_controller import route_diff, route_scope
+from agent.authority.kube_controller import RoutePlan, route_diff, route_scope
 from agent.authority.kube_objects import WorkloadPort
 from agent.authority.kube_routes import RouteObject
 from agent.authority.service import Authority
@@ -37,6 +37,7 @@ from tests.support import init_authority
 
 HTTP = (WorkloadPort("http", 8080),)
 GATEWAY_V1 = "gateway.networking.k8s.io/v1"
+LINKERD_V1BETA3 = "policy.linkerd.io/v1beta3"
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +265,7 @@ def test_a_set_that_cannot_be_honoured_keeps_the_stored_objects_and_is_reported(
     `routes` stay as they were (an edit made meanwhile waits too), the refusal names the object
     and field (status and log); deleting it applies the set again."""
     caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
-    api.put(canary())
+    api.put(canary(api_version=LINKERD_V1BETA3))
 
     async def scenario() -> None:
         c = Running(authority, routes_settings(api))
@@ -272,13 +273,23 @@ def test_a_set_that_cannot_be_honoured_keeps_the_stored_objects_and_is_reported(
             await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
             before_rows = authority.registry.route_objects()
             before = served(authority)
-            bad = canary(api_version="policy.linkerd.io/v1beta3")
+            bad = canary(api_version=LINKERD_V1BETA3)
             bad["metadata"]["name"] = "billing-headers"
             bad["spec"]["parentRefs"] = [host_ref("billing-v1")]
             bad["spec"]["rules"][0]["filters"] = [{"type": "RequestHeaderModifier"}]
             api.put(bad)
-            api.put(canary(1, 1))  # a good edit in the same set: waits with it
+            # A good edit in the same set waits with it (one watch: seen after the bad one).
+            api.put(canary(1, 1, api_version=LINKERD_V1BETA3))
             await until("refused", lambda: c.controller.status()["routes"]["refused"] != [])
+            linkerd_routes = c.controller._route_informers["httproutes.policy.linkerd.io"].objects
+            await until(
+                "the edit seen",
+                lambda: (
+                    linkerd_routes[("shop", "billing-canary")]["spec"]["rules"][0]["backendRefs"][0]["weight"]
+                    == 1
+                ),
+            )
+            assert (await c.controller.sync_routes()).problems
             refused = c.controller.status()["routes"]["refused"]
             assert any(
                 p.startswith("HTTPRoute shop/billing-headers: spec.rules[0].filters") for p in refused
@@ -336,6 +347,52 @@ def test_missing_route_crds_are_none_of_that_kind(
                 await c.close()
 
         asyncio.run(scenario())
+
+
+def test_with_discovery_the_services_are_discovery_s_and_their_edits_follow(
+    authority: Authority, api: ApiServerHandle
+) -> None:
+    """With discovery on (serve's default) the route pass reads discovery's Services: a
+    TrafficSplit and its Services are stored, and a Service's Linkerd annotation added later
+    reaches the stored Service and the served route's timeouts."""
+    for doc in (ledger_split(), service("ledger"), service("ledger-v2")):
+        api.put(doc)
+
+    def ledger_row() -> dict[str, Any]:
+        row = next(o for o in authority.registry.route_objects() if o.key == ("Service", "shop", "ledger"))
+        return row.body
+
+    async def scenario() -> None:
+        c = Running(authority, routes_settings(api, discovery=True))
+        plans: list[RoutePlan] = []
+        sync = c.controller.sync_routes
+
+        async def recorded() -> RoutePlan:  # (installed before the controller's task first runs)
+            plan = await sync()
+            plans.append(plan)
+            return plan
+
+        c.controller.sync_routes = recorded  # type: ignore[method-assign]
+        try:
+            await until("the split stored", lambda: c.controller.status()["routes"]["objects"] == 3)
+            assert "annotations" not in ledger_row()["metadata"]
+            # The pass our own write causes (the registry's version moved) is over: only the
+            # Service's edit can cause the next one.
+            await until("a pass after the write", lambda: any(p.write for p in plans) and not plans[-1].write)
+            ledger = api.get("Service", "ledger", "shop")
+            assert ledger is not None
+            ledger["metadata"]["annotations"] = {"timeout.linkerd.io/request": "7s"}
+            api.put(ledger)
+            await until(
+                "the annotation stored",
+                lambda: ledger_row()["metadata"].get("annotations") == {"timeout.linkerd.io/request": "7s"},
+            )
+            [item] = [i for i in authority.routes_member() if i["parent"]["name"] == "ledger"]
+            assert item["routes"][0]["rules"][0]["timeouts"]["request_ms"] == 7000
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
 
 
 # --- the pure parts -----------------------------------------------------------------------------
