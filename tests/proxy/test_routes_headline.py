@@ -50,7 +50,7 @@ from agent.telemetry.route_metrics import RouteMetrics
 from tests.proxy.test_h1_router_world import Client, HttpServer, _ServerConn
 from tests.proxy.test_h2_router import GrpcServer
 from tests.proxy.test_http_dispatch import FakeExchange, ok
-from tests.support import init_authority, issue_identity
+from tests.support import init_authority, issue_identity, metric_sum
 
 TD = "cluster.local"
 MONOLITH = "198.18.21.1"  # the VM's enrolled address: the parent the app dials
@@ -351,6 +351,15 @@ def test_the_monolith_and_its_cluster_replacement_share_90_10_each_over_mtls_to_
         )
         proven = {(c.remote.rpartition(":")[0], c.spiffe_id) for c in a.peers._open.values()}
         assert proven == {("127.0.21.1", MONOLITH_ID), ("127.0.21.2", V2_ID), ("127.0.21.3", V2_ID)}
+        # The per-request families say the same: the address the app dialled, the identity of
+        # the endpoint that answered (what `meshagent stat` and Linkerd's dashboards read).
+        assert a.metrics is not None
+        text = "\n".join(line for f in a.metrics.families() for line in f.render())
+        dialled = f'target_addr="{MONOLITH}:{w.port}"'
+        for sa, count in (("billing", by_app["monolith"]), ("billing-v2", v2)):
+            server = f'server_id="{sa}.shop.serviceaccount.identity.linkerd.cluster.local"'
+            parts = ('direction="outbound"', dialled, 'tls="true"', server, 'status_code="200"')
+            assert metric_sum(text, "response_total", *parts) == count, (sa, count)
         print(
             f"HEADLINE share: monolith={by_app['monolith']} pod-a={by_app['pod-a']} pod-b={by_app['pod-b']}"
         )
