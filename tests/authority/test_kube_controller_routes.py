@@ -442,3 +442,10 @@ def test_route_diff_compares_cluster_rows_and_namesakes_only() -> None:
     assert route_diff([], [_obj("f", "file")]) == (False, 0)
     # The cluster's namesake of a file row: written (the row becomes the cluster's).
     assert route_diff([_obj("a", "cluster"), _obj("b", "cluster"), _obj("f", "cluster")], stored) == (True, 0)
+
+
+def test_serve_refuses_routes_from_cluster_without_kubernetes(tmp_path: Path) -> None:
+    args = ["serve", "--dir", str(tmp_path / "none"), "--routes-from-cluster"]
+    result = CliRunner().invoke(authority_cli, args)
+    assert result.exit_code == 2, result.output
+    assert "--routes-from-cluster apply to the controller: add --kubernetes" in result.output
