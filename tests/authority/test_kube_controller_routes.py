@@ -26,7 +26,7 @@ from click.testing import CliRunner
 
 from agent.authority.kube_controller import RoutePlan, route_diff, route_scope
 from agent.authority.kube_objects import WorkloadPort
-from agent.authority.kube_routes import RouteObject
+from agent.authority.kube_routes import KnownRefs, RouteObject, ServiceInfo, resolve
 from agent.authority.service import Authority
 from agent.cli.authority import authority as authority_cli
 from agent.logs import _FIELDS as FIELDS
@@ -449,3 +449,44 @@ def test_serve_refuses_routes_from_cluster_without_kubernetes(tmp_path: Path) ->
     result = CliRunner().invoke(authority_cli, args)
     assert result.exit_code == 2, result.output
     assert "--routes-from-cluster apply to the controller: add --kubernetes" in result.output
+
+
+def test_an_object_as_the_api_returns_it_is_read_and_its_status_never_kept() -> None:
+    """What a real API server returns (CRD defaults filled in, uid, managedFields, a status the
+    policy controller writes) reads as the object does, and a status change alone changes no
+    stored row (so Linkerd's status writes make no registry write)."""
+    known = KnownRefs(
+        services={
+            ("shop", n): ServiceInfo("shop", n, (("http", 8080),), frozenset(), {}, True)
+            for n in ("orders", "orders-v2")
+        }
+    )
+
+    def returned(status: str) -> dict[str, Any]:
+        return {
+            "apiVersion": GATEWAY_V1, "kind": "HTTPRoute",
+            "metadata": {"namespace": "shop", "name": "orders", "uid": "u-1", "resourceVersion": "5",
+                         "generation": 1, "creationTimestamp": "2026-12-01T00:00:00Z",
+                         "managedFields": [{"manager": "kubectl"}],
+                         "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "orders", "port": 8080}],
+                "rules": [{
+                    "matches": [{"path": {"type": "PathPrefix", "value": "/"},
+                                 "headers": [{"type": "Exact", "name": "x", "value": "1"}]}],
+                    "backendRefs": [{"group": "", "kind": "Service", "name": "orders-v2", "port": 8080,
+                                     "weight": 1}],
+                }],
+            },
+            "status": {"parents": [{"parentRef": {"name": "orders"},
+                                    "controllerName": "linkerd.io/policy-controller",
+                                    "conditions": [{"type": "Accepted", "status": status}]}]},
+        }  # fmt: skip
+
+    [first] = resolve(route_scope({"httproutes": [returned("True")]}, []), known, source="cluster")
+    [again] = resolve(route_scope({"httproutes": [returned("False")]}, []), known, source="cluster")
+    assert set(first.body) == {"apiVersion", "kind", "metadata", "spec"}
+    assert first.body["metadata"] == {
+        "name": "orders", "namespace": "shop", "creationTimestamp": "2026-12-01T00:00:00Z"
+    }  # fmt: skip
+    assert (first.source, route_diff([again], [first])) == ("cluster", (False, 0))
