@@ -658,6 +658,7 @@ class Controller:
         self._route_objects: int | None = None  # stored from the cluster at the last pass
         self._routes_at: float | None = None
         self._routes_dirty = True
+        self._route_services_seen: int | None = None  # discovery's Services, as last compared
         self._pass_backoff: dict[str, Backoff] = {}
 
     # --- status ---------------------------------------------------------------------------
@@ -1226,6 +1227,17 @@ class Controller:
             tasks.append(asyncio.create_task(self._route_services.run(), name="kube-routes-services"))
         return tasks
 
+    def _route_services_moved(self) -> None:
+        """After discovery published: a route pass if a Service changed (route inputs), not on
+        every endpoint or pod change."""
+        services = self._discovery.get("Service")
+        if not self._route_informers or services is None:
+            return
+        seen = hash(frozenset((k, str(_meta(o).get("resourceVersion"))) for k, o in services.objects.items()))
+        if seen != self._route_services_seen:
+            self._route_services_seen = seen
+            self._routes_changed()
+
     def _services_informer(self) -> Informer | None:
         return self._discovery.get("Service") if self.settings.discovery else self._route_services
 
@@ -1337,8 +1349,7 @@ class Controller:
                         await asyncio.sleep(self._pass_failed("discovery", exc))
                     else:
                         self._pass_ok("discovery")
-                        if self._route_informers:  # Services moved: route inputs
-                            self._routes_changed()
+                        self._route_services_moved()
         finally:
             for task in tasks:
                 task.cancel()

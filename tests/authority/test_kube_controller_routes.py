@@ -490,3 +490,37 @@ def test_an_object_as_the_api_returns_it_is_read_and_its_status_never_kept() -> 
         "name": "orders", "namespace": "shop", "creationTimestamp": "2026-12-01T00:00:00Z"
     }  # fmt: skip
     assert (first.source, route_diff([again], [first])) == ("cluster", (False, 0))
+
+
+def test_a_replica_that_does_not_hold_the_lease_reads_and_writes_no_routes(
+    authority: Authority, api: ApiServerHandle
+) -> None:
+    """Another replica holds the Lease: this one lists no route object and stores nothing;
+    once the Lease is free it takes it and stores the cluster's routes."""
+    api.put(canary())
+    api.put({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"namespace": "meshagent", "name": "meshagent-authority-default"},
+        "spec": {"holderIdentity": "replica-b", "leaseDurationSeconds": 3600,
+                 "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 0},
+    })  # fmt: skip
+
+    async def scenario() -> None:
+        c = Running(authority, routes_settings(api))
+        try:
+            await until("standing by", lambda: c.controller.holder == "replica-b")
+            await until("a second election round", lambda: len(api.requests("GET", "/leases/")) >= 2)
+            assert not c.controller.leading()
+            assert api.requests(path_contains="/httproutes") == []
+            assert rows(authority) == {}
+            assert c.controller.status()["routes"]["synced"] is False
+            api.delete("Lease", "meshagent-authority-default", "meshagent")
+            await until(
+                "leading and stored",
+                lambda: rows(authority) == {("HTTPRoute", "shop", "billing-canary"): "cluster"},
+            )
+            assert c.controller.leading()
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
