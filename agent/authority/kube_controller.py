@@ -148,7 +148,9 @@ class ControllerSettings:
     # Traffic policy (#21) from the cluster's route objects (opt-in: they then replace the
     # stored objects of source "cluster"; `route apply` ones stay).
     routes: bool = False
-    cluster_domain: str = "cluster.local"  # ServiceProfile names: SERVICE.NS.svc.<this>
+    # ServiceProfile names are SERVICE.NS.svc.DOMAIN; None: any DOMAIN (the API holds one
+    # cluster's objects, whatever its domain: a wrong guess would refuse every ServiceProfile).
+    cluster_domain: str | None = None
 
     def __post_init__(self) -> None:
         validate_authority_name(self.authority_name)

@@ -107,9 +107,10 @@ def ledger_split(v1: int = 90, v2: int = 10) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# (A cluster whose domain is not cluster.local: the controller takes the cluster's own.)
 LEDGER_PROFILE: dict[str, Any] = {
     "apiVersion": "linkerd.io/v1alpha2", "kind": "ServiceProfile",
-    "metadata": {"namespace": "shop", "name": "ledger.shop.svc.cluster.local"},
+    "metadata": {"namespace": "shop", "name": "ledger.shop.svc.k8s.example"},
     "spec": {"retryBudget": {"retryRatio": 0.1, "minRetriesPerSecond": 5, "ttl": "20s"}},
 }  # fmt: skip
 
@@ -181,7 +182,7 @@ def routes_settings(api: ApiServerHandle, **kw: Any) -> Any:
 CLUSTER_ROWS = {
     ("HTTPRoute", "shop", "billing-canary"): "cluster",
     ("TrafficSplit", "shop", "ledger-split"): "cluster",
-    ("ServiceProfile", "shop", "ledger.shop.svc.cluster.local"): "cluster",
+    ("ServiceProfile", "shop", "ledger.shop.svc.k8s.example"): "cluster",
     ("Service", "shop", "ledger"): "cluster",
     ("Service", "shop", "ledger-v2"): "cluster",
 }
@@ -422,7 +423,7 @@ def test_route_scope_keeps_what_can_reach_hosts() -> None:
     assert chosen == {
         ("HTTPRoute", "shop", "billing-canary"), ("HTTPRoute", "shop", "orders"),
         ("TrafficSplit", "shop", "ledger-split"),
-        ("ServiceProfile", "shop", "ledger.shop.svc.cluster.local"),
+        ("ServiceProfile", "shop", "ledger.shop.svc.k8s.example"),
         ("ServiceProfile", "shop", "orders.shop.svc.cluster.local"),
         ("Service", "shop", "orders"), ("Service", "shop", "orders-v2"), ("Service", "shop", "ledger"),
         ("Service", "shop", "ledger-v2"), ("Service", "shop", "timed"),
