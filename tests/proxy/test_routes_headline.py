@@ -299,6 +299,7 @@ def run(tmp: Path, body: Any, timeout: float = 60) -> None:
 
 
 def within(count: int, total: int, share: float, tolerance: float = 0.03) -> bool:
+    """`count` of `total` is `share` ± `tolerance` (±3 % at 2,000 and 10 %: 4.5 sigma)."""
     return abs(count / total - share) <= tolerance
 
 
@@ -409,9 +410,9 @@ def test_a_pod_removed_from_discovery_gives_its_share_to_the_other_without_a_fai
         seen = await w.load(1000)
         total = sum(seen.values())
         assert set(seen) <= {(200, "billing-v2-a"), (200, "monolith")} and total == 1000, seen
-        assert within(seen[(200, "billing-v2-a")], total, 0.1), seen
+        assert within(seen[(200, "billing-v2-a")], total, 0.1, 0.04), seen  # (sigma 0.95 % at 1,000)
         assert pod_b.requests["/who"] == before_b
-        print(f"HEADLINE removal: phase1={dict(seen)} b_at_apply={at_apply} b_after={before_b}")
+        print(f"HEADLINE removal: after={dict(seen)} b_at_apply={at_apply} b_after={before_b}")
 
     run(tmp_path, body)
 
@@ -442,7 +443,7 @@ def test_an_endpoint_proving_another_identity_is_never_reached(tmp_path: Path) -
         impostor = w.apps["billing-v2-c"]
         assert impostor.requests == collections.Counter() and impostor.connections == 0
         assert set(seen) == {(200, "monolith"), (200, "billing-v2-a")}, seen
-        assert within(seen[(200, "billing-v2-a")], 1000, 0.1), seen
+        assert within(seen[(200, "billing-v2-a")], 1000, 0.1, 0.04), seen  # (sigma 0.95 % at 1,000)
         refused = refused_for_identity(a)
         proven = {c.spiffe_id for c in a.peers._open.values()}
         assert proven == {MONOLITH_ID, V2_ID}
