@@ -6,8 +6,10 @@ Everything between the operator's YAML and the routed request is the real code: 
 Authority (registry, enrollment, certificates) validates and stores the TrafficSplit exactly as
 `meshagent authority route apply` does (kube_routes.known_refs + parse_routes_file), discovery's
 `services` are built from Kubernetes objects by kube_discovery.build_services and handed to the
-Authority (set_discovered, as `serve --kubernetes` does), the host's directory is the document
-render_host_config serves, parsed by the agent's merge() and applied with Proxy.apply. The app's
+Authority (set_discovered, as `serve --kubernetes` does; one test runs the controller itself,
+list+watch against tests/kube/apiserver.py, a TEST STAND-IN for the API server), the host's
+directory is the document render_host_config serves, parsed by the agent's merge() and applied
+with Proxy.apply. The app's
 connections go through a real Proxy's outbound listener to the inbound listeners of real
 proxies holding the monolith's host certificate and the pods' certificates.
 
@@ -47,6 +49,8 @@ from agent.proxy.services import ServiceTable
 from agent.proxy.tls import Credentials
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.route_metrics import RouteMetrics
+from tests.authority.test_kube_controller import Running, settings, until
+from tests.kube.apiserver import start_apiserver
 from tests.proxy.test_h1_router_world import Client, HttpServer, _ServerConn
 from tests.proxy.test_h2_router import GrpcServer
 from tests.proxy.test_http_dispatch import FakeExchange, ok
@@ -117,18 +121,26 @@ def enroll(
     return result.host
 
 
-def discovered(port: int, pods: dict[str, str], sa: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """What `serve --kubernetes` serves for Service shop/billing-v2 (targetPort `port`) whose
-    EndpointSlice lists `pods` (name -> address), meshed pods of service account billing-v2."""
+def cluster_objects(port: int, pods: dict[str, str]) -> list[dict[str, Any]]:
+    """Service shop/billing-v2 (cluster IP, targetPort `port`), its EndpointSlice listing `pods`
+    (name -> address, ready) and the pods (meshed, service account billing-v2), as the
+    cluster's own controllers write them."""
+    meshed = {"linkerd.io/control-plane-ns": "linkerd"}
     service = {
-        "metadata": {"name": "billing-v2", "namespace": "shop", "annotations": {}},
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "billing-v2", "namespace": "shop"},
         "spec": {
             "type": "ClusterIP",
+            "clusterIP": CLUSTER_IP,
             "clusterIPs": [CLUSTER_IP],
+            "selector": {"app": "billing-v2"},
             "ports": [{"name": "http", "port": port, "protocol": "TCP", "targetPort": port}],
         },
     }
     eslice = {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
         "metadata": {
             "name": "billing-v2-xyz",
             "namespace": "shop",
@@ -140,25 +152,30 @@ def discovered(port: int, pods: dict[str, str], sa: dict[str, str] | None = None
             {
                 "addresses": [address],
                 "conditions": {"ready": True},
-                "targetRef": {"kind": "Pod", "name": name},
+                "targetRef": {"kind": "Pod", "name": name, "namespace": "shop"},
             }
             for name, address in pods.items()
         ],
     }
     pod_objects = [
         {
-            "metadata": {
-                "name": name,
-                "namespace": "shop",
-                "labels": {"linkerd.io/control-plane-ns": "linkerd"},
-            },
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": "shop", "labels": {"app": "billing-v2", **meshed}},
             "spec": {
-                "serviceAccountName": (sa or {}).get(name, "billing-v2"),
+                "serviceAccountName": "billing-v2",
                 "containers": [{"name": "app", "ports": [{"name": "http", "containerPort": port}]}],
             },
+            "status": {"podIP": address, "phase": "Running"},
         }
-        for name in pods
+        for name, address in pods.items()
     ]
+    return [service, eslice, *pod_objects]
+
+
+def discovered(port: int, pods: dict[str, str]) -> list[dict[str, Any]]:
+    """What `serve --kubernetes` serves for those objects (the controller's own function)."""
+    service, eslice, *pod_objects = cluster_objects(port, pods)
     built = kube_discovery.build_services([service], [eslice], pod_objects, [], [], TD)
     assert built.skipped == [], built.skipped
     return built.services
@@ -588,3 +605,64 @@ def test_grpc_calls_on_one_connection_are_split_90_10_each_over_mtls_to_its_iden
     finally:
         for s in servers.values():
             s.stop()
+
+
+def test_the_controller_discovers_the_pods_from_the_api_and_a_pod_leaving_its_slice_moves_its_share(
+    tmp_path: Path,
+) -> None:
+    """The Service's endpoints as `serve --kubernetes` finds them: the controller's list+watch
+    of Services, EndpointSlices and Pods (against tests/kube/apiserver.py, a TEST STAND-IN for
+    the Kubernetes API server) feeds the Authority; the EndpointSlice controller then marks pod
+    b not ready while 2,000 requests flow, and the next directory moves its share to pod a."""
+
+    def served(w: Headline) -> dict[str, str]:
+        return {
+            e["address"]: e["identity"]
+            for s in w.authority.discovered()
+            if s["name"] == "billing-v2"
+            for e in s["endpoints"]
+        }
+
+    async def body(w: Headline) -> None:
+        with start_apiserver(w.tmp / "kubeconfig") as api:
+            controller = Running(w.authority, settings(api, discovery=True))
+            try:
+                pods = {"billing-v2-a": PODS["billing-v2-a"], "billing-v2-b": PODS["billing-v2-b"]}
+                for obj in cluster_objects(w.port, pods):
+                    api.put(obj)
+                both = {PODS["billing-v2-a"]: V2_ID, PODS["billing-v2-b"]: V2_ID}
+                await until("both pods discovered with their identity", lambda: served(w) == both)
+                w.apply_routes()
+                await w.inbound("monolith", "billing", MONOLITH)
+                pod_a = await w.inbound("pod-a", "billing-v2", PODS["billing-v2-a"])
+                pod_b = await w.inbound("pod-b", "billing-v2", PODS["billing-v2-b"])
+                directory, _ = w.directory()
+                a = await w.agent(directory)
+
+                load = asyncio.ensure_future(w.load(2000))
+                while sum(app.requests["/who"] for app in w.apps.values()) < 600:  # noqa: ASYNC110
+                    await asyncio.sleep(0.005)
+                eps = api.get("EndpointSlice", "billing-v2-xyz", namespace="shop")
+                assert eps is not None
+                eps["endpoints"][1]["conditions"] = {"ready": False}
+                api.put(eps)
+                await until("pod b out of the Service", lambda: served(w) == {PODS["billing-v2-a"]: V2_ID})
+                directory, _ = w.directory()
+                a.apply(directory)
+                at_apply = pod_b.requests["/who"]
+                seen = await load
+                total = sum(seen.values())
+                assert total == 2000 and {status for status, _ in seen} == {200}, seen
+                by = {name: n for (_, name), n in seen.items()}
+                assert within(by["monolith"], total, 0.9), by
+                assert pod_b.requests["/who"] - at_apply <= 8
+                after_b, after_a = pod_b.requests["/who"], pod_a.requests["/who"]
+                more = await w.load(1000)
+                assert set(more) <= {(200, "monolith"), (200, "pod-a")}, more
+                assert within(more[(200, "pod-a")], 1000, 0.1, 0.04), more
+                assert pod_b.requests["/who"] == after_b and pod_a.requests["/who"] > after_a
+                print(f"HEADLINE controller: {by} then {dict(more)} b_at_apply={at_apply} b_after={after_b}")
+            finally:
+                await controller.close()
+
+    run(tmp_path, body)
