@@ -9,9 +9,9 @@ Authority (registry, enrollment, certificates) validates and stores the TrafficS
 Authority (set_discovered, as `serve --kubernetes` does; one test runs the controller itself,
 list+watch against tests/kube/apiserver.py, a TEST STAND-IN for the API server), the host's
 directory is the document render_host_config serves, parsed by the agent's merge() and applied
-with Proxy.apply. The app's
-connections go through a real Proxy's outbound listener to the inbound listeners of real
-proxies holding the monolith's host certificate and the pods' certificates.
+with Proxy.apply. The app's connections go through a real Proxy's outbound listener to the
+inbound listeners of real proxies holding the monolith's host certificate and the pods'
+certificates.
 
 The one liberty: enrollment refuses loopback addresses, and a loopback test cannot own
 198.18.21.x, so the served document's *endpoint* addresses are translated 198.18.21.N ->
