@@ -62,6 +62,7 @@ PODS = {"billing-v2-a": "198.18.21.2", "billing-v2-b": "198.18.21.3", "billing-v
 CLUSTER_IP = "198.19.21.10"
 V2_ID = f"spiffe://{TD}/ns/shop/sa/billing-v2"
 MONOLITH_ID = f"spiffe://{TD}/ns/shop/sa/billing"
+WEB_ID = f"spiffe://{TD}/ns/shop/sa/web"
 
 SPLIT = """
 apiVersion: split.smi-spec.io/v1alpha2
@@ -369,6 +370,9 @@ def test_the_monolith_and_its_cluster_replacement_share_90_10_each_over_mtls_to_
         )
         proven = {(c.remote.rpartition(":")[0], c.spiffe_id) for c in a.peers._open.values()}
         assert proven == {("127.0.21.1", MONOLITH_ID), ("127.0.21.2", V2_ID), ("127.0.21.3", V2_ID)}
+        # ... and each upstream's server side saw the client's own identity.
+        for upstream in w.proxies[:3]:
+            assert {c.spiffe_id for c in upstream.peers._open.values()} == {WEB_ID}
         # The per-request families say the same: the address the app dialled, the identity of
         # the endpoint that answered (what `meshagent stat` and Linkerd's dashboards read).
         assert a.metrics is not None
