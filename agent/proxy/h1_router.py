@@ -1201,7 +1201,10 @@ class H1Router(Leg):
             self._shutdown()
             return
         made = await originate_endpoint(self.proxy, pick.endpoint)
-        ctx.balancer.finished(pick, "connect_failed" if isinstance(made, Failed) else "success", 1)
+        if ctx.balancer.finished(pick, "connect_failed" if isinstance(made, Failed) else "success", 1) or (
+            isinstance(made, Failed)
+        ):  # a back-off began or ended: the gauge follows the balancer's counts
+            ctx.gauge(self.policy.parent, pick.backend)
         if isinstance(made, Failed):
             self._count(502)
             self.respond(502, "connection to the backend endpoint failed", True)

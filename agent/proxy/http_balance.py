@@ -30,7 +30,8 @@ DEFAULT_RTT_S: Final = 0.030  # linkerd2 policy-controller outbound.rs
 DECAY_S: Final = 10.0
 
 Outcome = Literal["success", "failure", "connect_failed", "cancelled"]  # cancelled: no sample, no breaker
-Transition = Literal["shut", "open", "kept"]
+# "recovered": an endpoint in connect back-off answered (ready again; the gauge follows).
+Transition = Literal["shut", "open", "kept", "recovered"]
 
 
 def endpoint_key(ep: EndpointRef) -> str:
@@ -210,7 +211,8 @@ class HttpBalancer:
     def finished(self, pick: EndpointPick, outcome: Outcome, rule_admitting: int) -> Transition | None:
         """The attempt ended (once per pick; later calls do nothing). `rule_admitting`: the
         admitting endpoints of the whole rule, this one included (1: it is the last, never shut).
-        Returns the breaker's transition, if any."""
+        Returns the breaker's transition, if any, else "recovered" when the endpoint was in
+        connect back-off (its ready/pending count changed: refresh the gauge)."""
         if pick.done:
             return None
         pick.done = True
@@ -225,17 +227,18 @@ class HttpBalancer:
             if brk is not None:
                 brk.abandoned()  # a cancelled probe must not hold probation's only slot
             return None
+        recovered = False
         if outcome == "connect_failed":
             delay = min(self.backoff_max_s, self.backoff_initial_s * 2**load.connect_failures)
             load.connect_failures = min(load.connect_failures + 1, 16)
             load.retry_at = now + delay
         else:
+            recovered = load.connect_failures > 0
             load.connect_failures, load.retry_at = 0, 0.0
             self._observe(load, now, max(0.0, now - pick.sent_at))
         brk = self.breaker(pick.backend, pick.endpoint, create=False)
-        if brk is None:
-            return None
-        return brk.record(outcome == "success", rule_admitting <= 1)
+        transition = None if brk is None else brk.record(outcome == "success", rule_admitting <= 1)
+        return "recovered" if transition is None and recovered else transition
 
     def counts(self, backend: Backend, endpoints: Sequence[EndpointRef] | None = None) -> tuple[int, int]:
         """(ready, pending) for `outbound_http_balancer_endpoints`: shut breakers and connect

@@ -339,6 +339,40 @@ def test_failed_probe_is_shut_again_while_another_endpoint_admits() -> None:
     assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)
 
 
+def test_balancer_gauge_follows_an_endpoint_back_from_connect_back_off() -> None:
+    ctx, policy, m = setup(endpoints=(A, B))
+    clock = [1000.0]
+    ctx.balancer.clock = lambda: clock[0]
+    refused = AttemptResult(None, None, "IO", None, connect_failed=True)
+    up = [False]
+    ex = FakeExchange(lambda pick, n: ok(200) if up[0] or pick.endpoint.address == B else refused)
+    while A not in ex.attempts:
+        run(ctx, policy, ex)
+    assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)  # A sits out its back-off
+    clock[0] += 60  # the back-off is over; A connects and answers now
+    up[0] = True
+    while ex.attempts.count(A) < 2:
+        run(ctx, policy, ex)
+    assert ctx.balancer.counts(policy.rules[0].backends[0]) == (2, 0)
+    assert m.calls("balancer:web", "endpoints")[-1] == (2, 0)
+
+
+def test_balancer_gauge_follows_a_breaker_shut_then_open_again() -> None:
+    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
+    healthy = [False]
+    ex = FakeExchange(lambda pick, n: ok(200) if healthy[0] or pick.endpoint.address == B else ok(500))
+    while A not in ex.attempts:
+        run(ctx, policy, ex)
+    assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)  # A shut
+    asyncio.run(asyncio.sleep(0.01))  # its penalty is over: the next request to A is the probe
+    healthy[0] = True
+    while ex.attempts.count(A) < 2:
+        run(ctx, policy, ex)
+    assert [b["state"] for b in ctx.status()["breakers"]] == []  # open again
+    assert m.calls("balancer:web", "endpoints")[-1] == (2, 0)
+
+
 def test_an_exchange_that_raises_fails_the_request_not_the_worker() -> None:
     def boom(pick: EndpointPick, n: int) -> Any:
         raise ConnectionResetError("reset by peer") if n == 1 else RuntimeError("bug")
