@@ -80,6 +80,8 @@ class Resource:
     kind: str
     namespaced: bool = True
     crd: str | None = None  # the CRD that defines it, for "install it" hints
+    # Older versions read when `version` is not served (404): a CRD from before that version.
+    fallback_versions: tuple[str, ...] = ()
 
     @property
     def api_version(self) -> str:
@@ -149,6 +151,7 @@ POLICY_RESOURCES = (
 HTTP_ROUTE = Resource(
     "gateway.networking.k8s.io", "v1", "httproutes", "HTTPRoute",
     crd="httproutes.gateway.networking.k8s.io (the Gateway API CRDs, standard channel, v1)",
+    fallback_versions=("v1beta1",),  # Gateway API before v1.0 (Linkerd 2.14's bundled CRD)
 )  # fmt: skip
 LINKERD_HTTP_ROUTE = Resource(
     "policy.linkerd.io", "v1beta3", "httproutes", "HTTPRoute",

@@ -46,7 +46,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -284,6 +284,8 @@ class Informer:
         self._missing_logged = False
         self._malformed_logged = False
         self._failed: str | None = None  # the last unexpected failure, logged once
+        self._primary = res
+        self._fallbacks_logged: set[str] = set()
 
     @property
     def missing(self) -> bool:
@@ -331,6 +333,9 @@ class Informer:
                     continue
                 rv = None
                 if exc.status == 404 and self.optional:
+                    if self._older_version():
+                        continue
+                    self.res = self._primary  # (tried again from the newest version)
                     self._missing(exc)
                     await asyncio.sleep(self.settings.backoff_max_s)
                     continue
@@ -389,6 +394,21 @@ class Informer:
         else:
             return
         self.on_change()
+
+    def _older_version(self) -> bool:
+        """After a 404: read the next older version the CRD may serve instead, if any."""
+        versions = (self._primary.version, *self._primary.fallback_versions)
+        at = versions.index(self.res.version)
+        if at + 1 >= len(versions):
+            return False
+        self.res = replace(self._primary, version=versions[at + 1])
+        if self.res.version not in self._fallbacks_logged:
+            self._fallbacks_logged.add(self.res.version)
+            log.info(
+                "kube.crd_version_fallback", resource=self.res.qualified, unserved=versions[at],
+                version=self.res.version,
+            )  # fmt: skip
+        return True
 
     def _missing(self, exc: Exception) -> None:
         if not self._missing_logged:
@@ -549,8 +569,42 @@ def _route_refs(
     return attached, parents, services
 
 
+def _unimplemented(route: Mapping[str, Any]) -> str | None:
+    """Why meshagent leaves an attached HTTPRoute out (None: it reads it). These are ordinary
+    in Linkerd clusters; refusing them would block every other route (review21b C1)."""
+    ns = _key(route)[0]
+    spec = _spec(route)
+    gateway = False
+    for raw in _list_of(spec.get("parentRefs")):
+        ref = _ref(raw)
+        group = str(ref.get("group", "gateway.networking.k8s.io"))
+        group = "" if group == "core" else group
+        kind = str(ref.get("kind", "Gateway"))
+        if (group, kind) in (("", "Service"), ("meshagent.io", "Host")):
+            if str(ref.get("namespace") or ns) != ns:
+                # One `routes` member is served to every host: a route for one namespace's
+                # clients cannot be honoured per client.
+                return (
+                    "consumer route: a parent in another namespace (applies only to that namespace's clients)"
+                )
+        else:
+            gateway = True
+    if gateway:
+        return "a Gateway parent next to a Service or Host parent"
+    if spec.get("hostnames"):
+        return "hostnames are not implemented"
+    for rule in _list_of(spec.get("rules")):
+        if _ref(rule).get("filters") or any(
+            _ref(b).get("filters") for b in _list_of(_ref(rule).get("backendRefs"))
+        ):
+            return "filters are not implemented"
+    return None
+
+
 def route_scope(
-    objects: Mapping[str, Sequence[KubeObject]], services: Sequence[KubeObject]
+    objects: Mapping[str, Sequence[KubeObject]],
+    services: Sequence[KubeObject],
+    skipped: list[tuple[str, str]] | None = None,
 ) -> list[KubeObject]:
     """The route objects that can reach meshagent's hosts, for `kube_routes.resolve`:
     HTTPRoutes with a Service (or meshagent.io Host) parent (GAMMA; one whose parents are all
@@ -558,19 +612,22 @@ def route_scope(
     those parents (their retry budget; a ServiceProfile of any other Service changes nothing
     served), and the Services they name or that carry Linkerd's retry/timeout/accrual
     annotations (Linkerd's default route). `objects` by resource (any keys; kinds read from
-    the objects), `services` the cluster's Services."""
+    the objects), `services` the cluster's Services. Attached HTTPRoutes meshagent does not
+    implement (consumer routes, filters, hostnames, a Gateway parent too) and a
+    policy.linkerd.io HTTPRoute shadowed by a gateway.networking.k8s.io one of the same
+    namespace/name (one stored row per kind/namespace/name) are left out: `skipped` gets
+    (label, reason) for each."""
     routes, splits, profiles = [], [], []
     parents: set[tuple[str, str]] = set()
     named: set[tuple[str, str]] = set()
+    attached_routes = []
     for listed in objects.values():
         for obj in listed:
             kind = obj.get("kind")
             if kind == "HTTPRoute":
                 attached, its_parents, its_services = _route_refs(obj)
                 if attached:
-                    routes.append(obj)
-                    parents |= its_parents
-                    named |= its_services
+                    attached_routes.append((obj, its_parents, its_services))
             elif kind == "TrafficSplit":
                 splits.append(obj)
                 ns, spec = _key(obj)[0], _spec(obj)
@@ -581,6 +638,27 @@ def route_scope(
                     named.add((ns, str(_ref(backend).get("service"))))
             elif kind == "ServiceProfile":
                 profiles.append(obj)
+    gateway_names = {
+        _key(o)
+        for o, _, _ in attached_routes
+        if str(o.get("apiVersion", "")).startswith("gateway.networking.k8s.io/")
+    }
+    for obj, its_parents, its_services in attached_routes:
+        reason = _unimplemented(obj)
+        if (
+            reason is None
+            and _key(obj) in gateway_names
+            and not str(obj.get("apiVersion", "")).startswith("gateway.networking.k8s.io/")
+        ):
+            reason = "shadowed by the gateway.networking.k8s.io HTTPRoute of the same namespace/name"
+        if reason is not None:
+            if skipped is not None:
+                ns, name = _key(obj)
+                skipped.append((f"HTTPRoute {ns}/{name} ({obj.get('apiVersion')})", reason))
+            continue
+        routes.append(obj)
+        parents |= its_parents
+        named |= its_services
     chosen_services = []
     for svc in services:
         annotations = _meta(svc).get("annotations")
@@ -614,13 +692,23 @@ def route_diff(desired: Sequence[RouteObject], stored: Sequence[RouteObject]) ->
 @dataclass(frozen=True)
 class RoutePlan:
     """One route pass's decision: the cluster's objects as stored, whether that is a write and
-    how many stored cluster objects it deletes; or the problems that refuse the set."""
+    how many stored cluster objects it deletes. `problems`: the objects refused (each keeps
+    its stored row, if it had one; the rest is written), or, with `whole`, the problems that
+    refuse the whole set (nothing written). `skipped`: (label, reason) of the objects left out
+    as not implemented (route_scope)."""
 
     desired: tuple[RouteObject, ...] = ()
     write: bool = False
     removed: int = 0
     objects: int = 0
     problems: tuple[str, ...] = ()
+    skipped: tuple[tuple[str, str], ...] = ()
+    whole: bool = False
+
+
+def _doc_label(doc: KubeObject) -> str:
+    meta = _meta(doc)
+    return f"{doc.get('kind')} {meta.get('namespace')}/{meta.get('name')}"
 
 
 class Controller:
@@ -657,6 +745,8 @@ class Controller:
         self._route_informers: dict[str, Informer] = {}  # by resource (plural.group)
         self._route_services: Informer | None = None  # our own Service watch, without discovery
         self._routes_refused: tuple[str, ...] = ()
+        self._routes_skipped: tuple[str, ...] = ()
+        self._routes_skipped_logged: set[tuple[str, str]] = set()
         self._route_objects: int | None = None  # stored from the cluster at the last pass
         self._routes_at: float | None = None
         self._routes_dirty = True
@@ -698,6 +788,7 @@ class Controller:
                 "synced": self._routes_synced(),
                 "objects": self._route_objects,
                 "refused": list(self._routes_refused),
+                "skipped": list(self._routes_skipped),
                 "missing": sorted(k for k, i in self._route_informers.items() if i.missing),
                 "updated_at": self._routes_at,
             },
@@ -1257,54 +1348,95 @@ class Controller:
     ) -> RoutePlan:
         """The cluster's route objects read exactly as `route apply -f` reads a file
         (kube_routes.resolve, source "cluster", checked together with the other sources'
-        stored objects), and whether the registry needs a write for them."""
+        stored objects), and whether the registry needs a write for them. An object refused
+        is left out and keeps its stored row (if any); the rest is resolved again without it.
+        A problem that names no object of the set refuses the whole set."""
         authority = self.authority
         hosts = authority.registry.list_hosts()
         stored = authority.registry.route_objects()
         others = [o for o in stored if o.source != "cluster"]
-        docs = route_scope(objects, services)
+        stored_cluster = {o.key: o for o in stored if o.source == "cluster"}
+        skipped: list[tuple[str, str]] = []
+        docs = route_scope(objects, services, skipped)
         known = known_refs(authority.catalog(hosts), hosts, authority.discovered(), others)
-        try:
-            desired = kube_routes.resolve(
-                docs, known, RouteSettings(cluster_domain=self.settings.cluster_domain),
-                authority.clock().timestamp(), source="cluster", stored=others,
-            )  # fmt: skip
-        except RouteRefused as exc:
-            return RoutePlan(objects=len(docs), problems=exc.problems)
+        settings = RouteSettings(cluster_domain=self.settings.cluster_domain)
+        refused: list[str] = []
+        kept: list[RouteObject] = []  # the stored rows of refused objects
+        remaining = list(docs)
+        while True:
+            try:
+                desired = kube_routes.resolve(
+                    remaining, known, settings,
+                    authority.clock().timestamp(), source="cluster", stored=others + kept,
+                )  # fmt: skip
+                break
+            except RouteRefused as exc:
+                labels = {_doc_label(d) for d in remaining}
+                named = {p.partition(": ")[0] for p in exc.problems}
+                if not named <= labels:  # a problem of no one object: the whole set waits
+                    return RoutePlan(
+                        objects=len(docs), problems=exc.problems, skipped=tuple(skipped), whole=True
+                    )
+                refused.extend(exc.problems)
+                for doc in [d for d in remaining if _doc_label(d) in named]:
+                    remaining.remove(doc)
+                    row = stored_cluster.get((str(doc.get("kind")), *_key(doc)))
+                    if row is not None:
+                        kept.append(row)
+        desired = [*desired, *kept]
         write, removed = route_diff(desired, stored)
-        return RoutePlan(tuple(desired), write, removed, len(docs))
+        return RoutePlan(tuple(desired), write, removed, len(docs), tuple(sorted(refused)), tuple(skipped))
 
     async def sync_routes(self) -> RoutePlan:
         """One route pass: plan off the loop, then (still the Lease holder) store the cluster's
-        objects, or keep the stored ones and report the refusal."""
+        objects but those refused, or keep the stored ones and report a whole refusal."""
         services = self._services_informer()
         objects = {k: list(i.objects.values()) for k, i in self._route_informers.items()}
         listed = list(services.objects.values()) if services is not None else []
         decided = await asyncio.to_thread(self.plan_routes, objects, listed)
-        if not decided.problems and decided.write:
+        self._note_skipped(decided.skipped)
+        if not decided.whole and decided.write:
             if not self.leading():
                 return decided
             try:
                 await asyncio.to_thread(self._write_routes, decided)
             except MeshagentError as exc:  # the registry refused the write: nothing was stored
-                decided = RoutePlan(objects=decided.objects, problems=(f"{exc.message} ({exc.hint})",))
+                decided = RoutePlan(
+                    objects=decided.objects, problems=(f"{exc.message} ({exc.hint})",),
+                    skipped=decided.skipped, whole=True,
+                )  # fmt: skip
         self._routes_at = time.time()
-        if decided.problems:
-            if decided.problems != self._routes_refused:
+        if decided.problems != self._routes_refused:
+            if decided.problems:
                 self.counts["routes_refused"] += 1
-                for problem in decided.problems:
-                    what, _, detail = problem.partition(": ")
-                    log.warning(
-                        "kube.routes_refused", object=what if detail else "", problem=detail or problem,
-                        kept="the stored route objects, unchanged", hint="fix the object named, or delete it",
-                    )  # fmt: skip
+            for problem in decided.problems:
+                if problem in self._routes_refused:
+                    continue
+                what, _, detail = problem.partition(": ")
+                kept = "the stored route objects, unchanged" if decided.whole else "its stored row, if any"
+                log.warning(
+                    "kube.routes_refused", object=what if detail else "", problem=detail or problem,
+                    kept=kept, hint="fix the object named, or delete it",
+                )  # fmt: skip
+            if not decided.problems:
+                log.info("kube.routes_accepted", objects=decided.objects)
             self._routes_refused = decided.problems
-            return decided
-        if self._routes_refused:
-            log.info("kube.routes_accepted", objects=decided.objects)
-            self._routes_refused = ()
-        self._route_objects = len(decided.desired)
+        if not decided.whole:
+            self._route_objects = len(decided.desired)
         return decided
+
+    def _note_skipped(self, skipped: Sequence[tuple[str, str]]) -> None:
+        """Log each object left out once per reason; the status lists the current ones."""
+        for label, reason in skipped:
+            if (label, reason) not in self._routes_skipped_logged:
+                self._routes_skipped_logged.add((label, reason))
+                what, _, version = label.partition(" (")
+                kind, _, name = what.partition(" ")
+                log.info(
+                    "kube.route_skipped", kind=kind, name=name, api_version=version.rstrip(")"),
+                    reason=reason,
+                )  # fmt: skip
+        self._routes_skipped = tuple(f"{label}: {reason}" for label, reason in skipped)
 
     def _write_routes(self, decided: RoutePlan) -> None:
         # One transaction: the cluster's objects upserted, its rows no longer there deleted;

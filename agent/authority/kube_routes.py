@@ -1450,24 +1450,34 @@ def _default_route(created: float, rule: dict[str, Any]) -> dict[str, Any]:
 
 
 def _timeouts(
-    ann: _Annotations, request: int | None, backend_request: int | None, service: _Annotations | None
+    ann: _Annotations,
+    request: int | None,
+    backend_request: int | None,
+    service: _Annotations | None,
+    own_retry: bool = False,
 ) -> dict[str, Any]:
-    """Linkerd's precedence: the route's annotation, then the rule's field, then the Service's
-    annotation (service-level defaults)."""
+    """Linkerd's precedence (policy-controller outbound http.rs): the route's timeout
+    annotations, the rule's `timeouts.request` filling in request; only if that gives none at
+    all, the Service's timeout annotations as a whole set (never merged key by key). Likewise
+    `retry.linkerd.io/timeout` is the Service's only when the rule has no retry of its own
+    (`own_retry`: a retry.linkerd.io/* annotation on the route or the rule's `retry`)."""
     svc = service or _Annotations()
-
-    def pick(name: str, mine: int | None, theirs: int | None, rule: int | None = None) -> int | None:
-        if name in ann.timeouts_given:
-            return mine
-        if rule is not None:
-            return rule or None
-        return theirs if name in svc.timeouts_given else None
-
+    if ann.timeouts_given or request:
+        given = ann.timeouts_given
+        timeouts = (
+            ann.request_ms if "request" in given else (request or None),
+            ann.response_ms if "response" in given else None,
+            ann.idle_ms if "idle" in given else None,
+        )
+    else:
+        timeouts = (svc.request_ms, svc.response_ms, svc.idle_ms)
+    own = ann.retry is not None or own_retry
+    attempt = ann.attempt_ms if own else svc.attempt_ms
     return {
-        "request_ms": pick("request", ann.request_ms, svc.request_ms, request),
-        "response_ms": pick("response", ann.response_ms, svc.response_ms),
-        "idle_ms": pick("idle", ann.idle_ms, svc.idle_ms),
-        "attempt_ms": ann.attempt_ms if ann.attempt_ms is not None else svc.attempt_ms,
+        "request_ms": timeouts[0],
+        "response_ms": timeouts[1],
+        "idle_ms": timeouts[2],
+        "attempt_ms": attempt,
         "backend_request_ms": backend_request,
     }
 
@@ -1511,7 +1521,9 @@ def _compile_route(
             {
                 "matches": rule.matches,
                 "backends": wires,
-                "timeouts": _timeouts(route.ann, rule.request_ms, rule.backend_request_ms, svc),
+                "timeouts": _timeouts(
+                    route.ann, rule.request_ms, rule.backend_request_ms, svc, rule.retry is not None
+                ),
                 "retry": retry,
             }
         )

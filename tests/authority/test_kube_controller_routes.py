@@ -211,7 +211,7 @@ def test_cluster_route_objects_are_stored_and_served_and_follow_edits_and_delete
             assert rows(authority) == CLUSTER_ROWS | BY_HAND
             status = c.controller.status()["routes"]
             assert status | {"updated_at": None} == {
-                "enabled": True, "synced": True, "objects": 5, "refused": [], "missing": [],
+                "enabled": True, "synced": True, "objects": 5, "refused": [], "skipped": [], "missing": [],
                 "updated_at": None,
             }  # fmt: skip
             member = served(authority)
@@ -259,12 +259,17 @@ def test_cluster_route_objects_are_stored_and_served_and_follow_edits_and_delete
     asyncio.run(scenario())
 
 
-def test_a_set_that_cannot_be_honoured_keeps_the_stored_objects_and_is_reported(
+def logged(caplog: pytest.LogCaptureFixture, event: str) -> list[dict[str, Any]]:
+    return [getattr(r, FIELDS, {}) for r in caplog.records if r.getMessage() == event]
+
+
+def test_a_refused_object_keeps_its_stored_row_and_the_rest_applies(
     authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A Linkerd HTTPRoute with a filter refuses the whole set: the stored rows and the served
-    `routes` stay as they were (an edit made meanwhile waits too), the refusal names the object
-    and field (status and log); deleting it applies the set again."""
+    """An object that cannot be honoured (a Host parent or backend no enrolled host has) is
+    refused alone: it keeps its stored row if it had one (served as before), every other
+    object of the set applies (an edit made meanwhile too); the refusal names the object
+    (status and one log line); fixing or deleting it applies it."""
     caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
     api.put(canary(api_version=LINKERD_V1BETA3))
 
@@ -272,50 +277,133 @@ def test_a_set_that_cannot_be_honoured_keeps_the_stored_objects_and_is_reported(
         c = Running(authority, routes_settings(api))
         try:
             await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
-            before_rows = authority.registry.route_objects()
-            before = served(authority)
-            bad = canary(api_version=LINKERD_V1BETA3)
-            bad["metadata"]["name"] = "billing-headers"
-            bad["spec"]["parentRefs"] = [host_ref("billing-v1")]
-            bad["spec"]["rules"][0]["filters"] = [{"type": "RequestHeaderModifier"}]
-            api.put(bad)
-            # A good edit in the same set waits with it (one watch: seen after the bad one).
-            api.put(canary(1, 1, api_version=LINKERD_V1BETA3))
-            await until("refused", lambda: c.controller.status()["routes"]["refused"] != [])
-            linkerd_routes = c.controller._route_informers["httproutes.policy.linkerd.io"].objects
+            orphan = canary(api_version=LINKERD_V1BETA3)
+            orphan["metadata"]["name"] = "billing-orphan"
+            orphan["spec"]["parentRefs"] = [host_ref("nobody")]
+            api.put(orphan)
+            api.put(canary(1, 1, api_version=LINKERD_V1BETA3))  # an edit of another object
             await until(
-                "the edit seen",
+                "the edit applied next to the refused object",
                 lambda: (
-                    linkerd_routes[("shop", "billing-canary")]["spec"]["rules"][0]["backendRefs"][0]["weight"]
-                    == 1
+                    served(authority).get(("Host", "billing", 8080))
+                    == [[("billing-v1", 1), ("billing-v2", 1)]]
                 ),
             )
-            assert (await c.controller.sync_routes()).problems
+            await until("refused", lambda: c.controller.status()["routes"]["refused"] != [])
             refused = c.controller.status()["routes"]["refused"]
-            assert any(
-                p.startswith("HTTPRoute shop/billing-headers: spec.rules[0].filters") for p in refused
-            ), refused
-            assert authority.registry.route_objects() == before_rows
-            assert served(authority) == before
-            logged = [
-                getattr(r, FIELDS, {}) for r in caplog.records if r.getMessage() == "kube.routes_refused"
-            ]
-            assert logged and logged[0]["object"] == "HTTPRoute shop/billing-headers", logged
-            assert logged[0]["kept"] == "the stored route objects, unchanged"
+            assert [p.partition(": ")[0] for p in refused] == ["HTTPRoute shop/billing-orphan"], refused
+            assert rows(authority) == {("HTTPRoute", "shop", "billing-canary"): "cluster"}
 
-            api.delete("httproutes.policy.linkerd.io", "billing-headers", "shop")
+            # The stored object made unhonourable: its row (1:1) stays and is served.
+            before_rows = authority.registry.route_objects()
+            bad = canary(api_version=LINKERD_V1BETA3)
+            bad["spec"]["rules"][0]["backendRefs"][1] = host_ref("nobody", 10)
+            api.put(bad)
+            await until("both refused", lambda: len(c.controller.status()["routes"]["refused"]) == 2)
+            assert (await c.controller.sync_routes()).problems  # (one more pass: logged once each)
+            assert authority.registry.route_objects() == before_rows
+            assert served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 1), ("billing-v2", 1)]]
+            lines = logged(caplog, "kube.routes_refused")
+            assert sorted(line["object"] for line in lines) == [
+                "HTTPRoute shop/billing-canary", "HTTPRoute shop/billing-orphan",
+            ], lines  # fmt: skip
+            assert lines[0]["kept"] == "its stored row, if any"
+
+            api.delete("httproutes.policy.linkerd.io", "billing-orphan", "shop")
+            api.put(canary(api_version=LINKERD_V1BETA3))
             await until("accepted", lambda: c.controller.status()["routes"]["refused"] == [])
             await until(
-                "the waiting edit applied",
+                "the fixed object applied",
                 lambda: (
-                    served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 1), ("billing-v2", 1)]]
+                    served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 90), ("billing-v2", 10)]]
                 ),
             )
-            assert [r.getMessage() for r in caplog.records].count("kube.routes_accepted") == 1
+            assert len(logged(caplog, "kube.routes_accepted")) == 1
         finally:
             await c.close()
 
     asyncio.run(scenario())
+
+
+def test_routes_meshagent_does_not_implement_are_skipped_not_refused(
+    authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ordinary objects of a Linkerd cluster meshagent cannot honour do not block the others:
+    a route with a filter, a consumer route (its Service parent in another namespace) and a
+    policy.linkerd.io HTTPRoute with the namespace/name of a Gateway API one are left out,
+    listed under `routes.skipped` and logged once each (kube.route_skipped); the rest is stored."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    filtered = canary(api_version=LINKERD_V1BETA3)
+    filtered["metadata"]["name"] = "billing-headers"
+    filtered["spec"]["parentRefs"] = [host_ref("billing-v1")]
+    filtered["spec"]["rules"][0]["filters"] = [{"type": "RequestHeaderModifier"}]
+    consumer = canary()
+    consumer["metadata"] = {"namespace": "web", "name": "billing-for-web"}
+    consumer["spec"]["parentRefs"] = [
+        {"group": "", "kind": "Service", "namespace": "shop", "name": "billing"}
+    ]
+    for doc in (canary(), canary(1, 1, api_version=LINKERD_V1BETA3), filtered, consumer):
+        api.put(doc)
+
+    async def scenario() -> None:
+        c = Running(authority, routes_settings(api))
+        try:
+            await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
+            await until("skipped", lambda: len(c.controller.status()["routes"]["skipped"]) == 3)
+            await c.controller.sync_routes()  # one more pass: still logged once each
+            status = c.controller.status()["routes"]
+            assert status["refused"] == []
+            assert sorted(s.partition(": ")[0] for s in status["skipped"]) == [
+                f"HTTPRoute shop/billing-canary ({LINKERD_V1BETA3})",
+                f"HTTPRoute shop/billing-headers ({LINKERD_V1BETA3})",
+                f"HTTPRoute web/billing-for-web ({GATEWAY_V1})",
+            ], status  # fmt: skip
+            [row] = authority.registry.route_objects()
+            assert (row.key, row.api_version) == (("HTTPRoute", "shop", "billing-canary"), GATEWAY_V1)
+            assert served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 90), ("billing-v2", 10)]]
+            lines = logged(caplog, "kube.route_skipped")
+            assert sorted(line["name"] for line in lines) == [
+                "shop/billing-canary", "shop/billing-headers", "web/billing-for-web",
+            ], lines  # fmt: skip
+            reasons = {line["name"]: line["reason"] for line in lines}
+            assert reasons["shop/billing-headers"] == "filters are not implemented"
+            assert reasons["web/billing-for-web"].startswith("consumer route")
+            assert reasons["shop/billing-canary"].startswith("shadowed by the gateway.networking.k8s.io")
+            assert all(line["kind"] == "HTTPRoute" for line in lines)
+        finally:
+            await c.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_gateway_crd_serving_only_v1beta1_is_read_at_v1beta1(
+    authority: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Gateway API before v1.0: the v1 list is 404, so the informer reads v1beta1 (logged
+    once) and the route is stored with that apiVersion; the kind is not "missing"."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    with start_apiserver(tmp_path / "kubeconfig", absent=("httproutes.gateway.networking.k8s.io/v1",)) as api:
+        api.put(canary(api_version="gateway.networking.k8s.io/v1beta1"))
+
+        async def scenario() -> None:
+            c = Running(authority, routes_settings(api))
+            try:
+                await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
+                [row] = authority.registry.route_objects()
+                assert row.api_version == "gateway.networking.k8s.io/v1beta1"
+                assert (
+                    "httproutes.gateway.networking.k8s.io" not in c.controller.status()["routes"]["missing"]
+                )
+                assert served(authority)[("Host", "billing", 8080)] == [
+                    [("billing-v1", 90), ("billing-v2", 10)]
+                ]
+                [line] = logged(caplog, "kube.crd_version_fallback")
+                assert (line["unserved"], line["version"]) == ("v1", "v1beta1")
+                assert not [x for x in logged(caplog, "kube.crd_missing") if "gateway" in str(x["resource"])]
+            finally:
+                await c.close()
+
+        asyncio.run(scenario())
 
 
 def test_missing_route_crds_are_none_of_that_kind(

@@ -591,7 +591,8 @@ def test_accepted_forms() -> None:
 
 def test_response_and_idle_timeouts_compile_and_reach_the_agent() -> None:
     """Linkerd's timeout.linkerd.io/response and /idle: the route's own annotations, else the
-    Service's (service-level defaults); "0" is none. The agent reads them into Rule.timeouts."""
+    Service's (service-level defaults); "0" is none, but still the route's own set (the
+    Service's set then applies not at all). The agent reads them into Rule.timeouts."""
     from agent.proxy.routes import parse_routes
     from agent.proxy.services import parse_services
 
@@ -628,7 +629,7 @@ def test_response_and_idle_timeouts_compile_and_reach_the_agent() -> None:
     assert skipped == []
     by_port = {i["parent"]["port"]: i["routes"][0]["rules"][0]["timeouts"] for i in items}
     assert (by_port[80]["response_ms"], by_port[80]["idle_ms"]) == (2000, 500)  # the route's own
-    assert (by_port[9000]["response_ms"], by_port[9000]["idle_ms"]) == (3000, None)  # Service's; "0": none
+    assert (by_port[9000]["response_ms"], by_port[9000]["idle_ms"]) == (None, None)  # the route's set
     docs = [
         {"name": "web", "namespace": "shop", "cluster_ips": ["198.19.0.1"],
          "ports": [{"port": 80}, {"port": 9000}],
@@ -641,7 +642,67 @@ def test_response_and_idle_timeouts_compile_and_reach_the_agent() -> None:
     assert rejected == []
     got = {p.parent.port: p.rules[0].timeouts for p in table.parents()}
     assert (got[80].response_s, got[80].idle_s) == (2.0, 0.5)
-    assert (got[9000].response_s, got[9000].idle_s) == (3.0, None)
+    assert (got[9000].response_s, got[9000].idle_s) == (None, None)
+
+
+def test_route_timeout_or_retry_annotations_replace_the_services_whole_set() -> None:
+    """Linkerd (policy-controller outbound http.rs): a rule whose route carries any
+    timeout.linkerd.io/* (or whose `timeouts.request` is set) takes none of the Service's
+    timeouts; a route with any retry.linkerd.io/* takes none of the Service's retry settings,
+    `retry.linkerd.io/timeout` included. A route with neither takes the Service's sets whole."""
+    objects = parse(
+        """
+        apiVersion: v1
+        kind: Service
+        metadata:
+          namespace: shop
+          name: web
+          annotations:
+            timeout.linkerd.io/request: 10s
+            timeout.linkerd.io/idle: 1s
+            retry.linkerd.io/http: 5xx
+            retry.linkerd.io/limit: "3"
+            retry.linkerd.io/timeout: 400ms
+        spec: {ports: [{name: http, port: 80}, {name: grpc, port: 9000}, {name: admin, port: 9990}]}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata:
+          namespace: shop
+          name: export
+          annotations: {timeout.linkerd.io/request: 5m, retry.linkerd.io/http: gateway-error}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {namespace: shop, name: plain}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 9000}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {namespace: shop, name: ruled}
+        spec:
+          parentRefs: [{group: "", kind: Service, name: web, port: 9990}]
+          rules: [{timeouts: {request: 2s}}]
+        """
+    )
+    items, skipped = compile_all(objects)
+    assert skipped == []
+    rules = {i["parent"]["port"]: i["routes"][0]["rules"][0] for i in items}
+    export, plain, ruled = rules[80], rules[9000], rules[9990]
+    # The route's request only: not the Service's idle 1s (an export quiet for 1 s is not cut).
+    assert (export["timeouts"]["request_ms"], export["timeouts"]["idle_ms"]) == (300_000, None)
+    # The route's retry (limit 1, gateway-error), and no attempt timeout from the Service.
+    assert export["retry"]["limit"] == 1 and export["retry"]["http"] == [[502, 504]]
+    assert export["timeouts"]["attempt_ms"] is None
+    # No annotations on the route: the Service's sets, whole.
+    assert (plain["timeouts"]["request_ms"], plain["timeouts"]["idle_ms"]) == (10_000, 1000)
+    assert plain["retry"]["limit"] == 3 and plain["timeouts"]["attempt_ms"] == 400
+    # The rule's timeouts.request is a timeout of the route's own: the Service's idle is not taken.
+    assert (ruled["timeouts"]["request_ms"], ruled["timeouts"]["idle_ms"]) == (2000, None)
+    assert ruled["retry"]["limit"] == 3  # (no retry on the route: the Service's retry set)
 
 
 def test_split_root_of_hosts_without_ports_is_refused_with_the_annotation_named() -> None:

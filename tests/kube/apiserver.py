@@ -104,6 +104,10 @@ RESOURCES: tuple[ResourceType, ...] = (
     ResourceType("policy.linkerd.io", "v1beta3", "httproutes", "HTTPRoute", True, True, True),
     ResourceType("split.smi-spec.io", "v1alpha2", "trafficsplits", "TrafficSplit", True, False, True),
     ResourceType("linkerd.io", "v1alpha2", "serviceprofiles", "ServiceProfile", True, False, True),
+    # Gateway API before v1.0 (a CRD serving v1beta1 only: start_apiserver's `absent` names
+    # "httproutes.gateway.networking.k8s.io/v1"). Kept apart from v1's objects (the real server
+    # converts between versions; the tests use one or the other).
+    ResourceType("gateway.networking.k8s.io", "v1beta1", "httproutes", "HTTPRoute", True, True, True),
 )
 
 
@@ -539,8 +543,10 @@ class _Server:
                 raise ApiFailure(401, "Unauthorized", "Unauthorized")
             route = _route(url.path)
             if (
-                route.rt.kind in self.store.absent or route.rt.qualified in self.store.absent
-            ):  # as the real server without the CRD
+                route.rt.kind in self.store.absent
+                or route.rt.qualified in self.store.absent
+                or f"{route.rt.qualified}/{route.rt.version}" in self.store.absent
+            ):  # as the real server without the CRD (or a CRD not serving that version)
                 raise ApiFailure(404, "NotFound", "the server could not find the requested resource")
             if method == "GET" and route.name is None and query.get("watch") in ("true", "1"):
                 self.log.append(Request(method, url.path, query, body, 200))
@@ -920,7 +926,7 @@ def start_apiserver(
     """Starts the test stand-in on host:port (0: a free port), loads `objects` (as put()) and
     writes a kubeconfig for it. `require_namespaces`: creating in a missing namespace is 404, as
     the NamespaceLifecycle admission plugin does. `absent`: kinds (or `plural.group`) served as if
-    their CRD were not installed (404 on every path)."""
+    their CRD were not installed (404 on every path); `plural.group/version`: that version only."""
     store = Store()
     store.require_namespaces = require_namespaces
     store.absent = frozenset(absent)
