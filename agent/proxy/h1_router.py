@@ -663,7 +663,7 @@ class _Exchange:
         if self.current is not None:
             self._drop(self.current)
         self.router.answered(self, status)
-        close = close or unfinished(self.req)
+        close = close or unfinished(self.req) or self.router.unrouted
         self.router.respond(status, message, close)
         self.router.exchange_done(self, close)
 
@@ -760,6 +760,7 @@ class H1Router(Leg):
         self.can_write_app = True
         self.app_done = False  # the app finished writing
         self.closing = False  # close once the current response is out
+        self.unrouted = False  # the policy was removed: this request is the connection's last
         self.tunnel = False
         self.tunnel_bytes: list[bytes] = []
         self.reading = True
@@ -934,6 +935,8 @@ class H1Router(Leg):
         policy = self.proxy.routes.lookup(*self.orig)
         if policy is not None:
             self.policy = policy
+        else:  # answered by the old policy with `connection: close`: the app's next one goes L4
+            self.unrouted = True
         ctx = self.proxy.router
         if ctx is not None:
             self.ctx = ctx
@@ -941,7 +944,7 @@ class H1Router(Leg):
         if rule is None:
             self.active = req
             self._count(404)
-            close = not req.keep_alive or unfinished(req)  # (an unread body: not worth reading)
+            close = not req.keep_alive or unfinished(req) or self.unrouted  # (unread body: not worth reading)
             self.respond(404, "no route matches the request", close)
             self._done_plain(req, close)
             return
@@ -1098,7 +1101,7 @@ class H1Router(Leg):
     def write_head(self, attempt: _Attempt) -> None:
         req = self._request()
         # (a request body not all read: the connection ends after this response; say so)
-        close = req is None or not req.keep_alive or self.app_done or unfinished(req)
+        close = req is None or not req.keep_alive or self.app_done or unfinished(req) or self.unrouted
         if not attempt.length and not attempt.chunked and not attempt.bodyless:
             close = True  # close-delimited: the app learns the end from the close
         version = req.version if req is not None else b"1.1"

@@ -8,7 +8,9 @@ protocol half of http_dispatch's attempt loop): its head is matched against the 
 (`ParentPolicy.select`), `dispatch` picks a backend by weight and an endpoint by load, and each
 attempt is a stream on an `H2Upstream` connection to that endpoint, shared by every app
 connection of the worker. So one app connection's requests split across backends by weight.
-Each stream looks the destination's policy up again: a long-lived channel follows new weights.
+Each stream looks the destination's policy up again: a long-lived channel follows new weights;
+a removed policy serves that stream and sends GOAWAY(NO_ERROR) naming it last, so the client's
+next streams open a new connection, which takes the L4 path.
 
 gRPC (request content-type `application/grpc...`): the attempt's outcome carries `grpc-status`
 from a trailers-only response head, or from trailers that came in the same read as the head,
@@ -53,6 +55,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 
 from ..logs import Throttled, get_logger
 from ..telemetry.metrics import join, labels
@@ -691,6 +694,7 @@ class H2Router(Leg):
         self.app_done = False
         self.output: list[bytes] = []
         self.requests = 0
+        self.goaway: int | None = None  # the last stream of our GOAWAY (the policy was removed)
         self.log = Throttled(log, "h2_router.refused")
         self.guard = FrameGuard()
         config = H2Configuration(client_side=False, header_encoding=None)
@@ -809,6 +813,9 @@ class H2Router(Leg):
     def _request(self, event: RequestReceived) -> None:
         sid = event.stream_id
         ended = event.stream_ended is not None
+        if self.goaway is not None and sid > self.goaway:  # sent before our GOAWAY reached it
+            self._reset_id(sid, ErrorCodes.REFUSED_STREAM)  # unprocessed: the client retries it
+            return
         if len(self.streams) >= self.settings.max_streams:
             self._reset_id(sid, ErrorCodes.REFUSED_STREAM)
             self._refused("h2_refused_stream", stream=sid)
@@ -818,25 +825,42 @@ class H2Router(Leg):
         ex = _Exchange(self, sid, headers, view, ended)
         self.streams[sid] = ex
         self.requests += 1
-        self._current_policy()
+        if not self._current_policy():
+            self._go_away(sid)
         rule = self.policy.select(view)
         if rule is None:
             ex.respond_error(404, GRPC_UNKNOWN, "NO_ROUTE", "no route matches the request", False)
             return
         self._start(ex, rule)
 
-    def _current_policy(self) -> None:
+    def _current_policy(self) -> bool:
         """Each stream uses the proxy's policy of now (a long-lived gRPC channel sees weights
-        move, backends go, routes change); a destination that lost its policy keeps the one it
-        was accepted with (the connection is routed: it cannot turn L4 midway)."""
+        move, backends go, routes change). False: the destination lost its policy; the stream
+        keeps the one the connection had (a routed connection cannot turn L4 midway)."""
         proxy = self.proxy
         if proxy is None:
-            return
+            return True
         found = proxy.routes.lookup(*self.orig)
         if found is not None:
             self.policy = found
         if proxy.router is not None:
             self.ctx = proxy.router
+        return found is not None
+
+    def _go_away(self, last: int) -> None:
+        """The policy was removed: GOAWAY(NO_ERROR, `last`) so the client's next streams open a
+        new connection (L4 then); the streams up to `last` finish here. Written as a frame of
+        our own: h2's `close_connection` would refuse to send anything after it."""
+        if self.goaway is not None:
+            return
+        self.goaway = last
+        log.info("h2_router.policy_removed", dst=f"{self.orig[0]}:{self.orig[1]}", last_stream=last)
+        self.flush()  # what h2 holds goes first
+        frame = GoAwayFrame(stream_id=0, last_stream_id=last, error_code=ErrorCodes.NO_ERROR).serialize()
+        if self.forward is None:
+            self.output.append(frame)
+        elif not self.closed:
+            self._write(frame)
 
     def _start(self, ex: _Exchange, rule: Rule) -> None:
         ex.response_s = rule.timeouts.response_s

@@ -181,6 +181,26 @@ def test_a_new_table_reaches_a_kept_alive_connection_at_its_next_request(tmp_pat
     run(tmp_path, body)
 
 
+def test_a_removed_policy_answers_a_kept_alive_connection_once_more_then_closes_it(tmp_path: Path) -> None:
+    """The route object removed: the request in hand is answered as before, with `connection:
+    close`, so the app's next connection to the destination takes the L4 path."""
+
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        proxy = await world.proxy(RouteTable([policy(a.backend())]))
+        client = await Client.open(world.port)
+        first = await client.request("GET", "/who")
+        assert first.body == b"a" and "connection" not in first.headers
+        proxy.apply_routes(RouteTable())
+        last = await client.request("GET", "/who")
+        assert (last.status, last.body, last.headers.get("connection")) == (200, b"a", "close")
+        assert await client.closed()
+        assert a.requests["/who"] == 2
+        client.close()
+
+    run(tmp_path, body)
+
+
 def test_head_and_304_with_chunked_heads_keep_the_app_connection_in_sync(tmp_path: Path) -> None:
     async def body(world: World) -> None:
         a = await world.server("a")

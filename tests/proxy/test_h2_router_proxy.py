@@ -10,11 +10,15 @@ from pathlib import Path
 
 import grpc
 import httpx
+from h2.config import H2Configuration
+from h2.errors import ErrorCodes
+from h2.events import ConnectionTerminated, DataReceived, StreamEnded
 
 from agent.proxy.h2_router import worker_pool
+from agent.proxy.h2_upstream import _DrainingH2
 from agent.proxy.routes import Backend, EndpointRef, Ref, RouteTable, Timeouts
 from tests.proxy.test_h1_router_world import World, policy, run
-from tests.proxy.test_h2_router import GrpcServer, H2Server
+from tests.proxy.test_h2_router import GrpcServer, H2Server, RawClient, eventually
 from tests.support import metric_sum
 
 
@@ -101,5 +105,52 @@ def test_an_open_h2_connection_follows_a_new_policy(tmp_path: Path) -> None:
         finally:
             await a_srv.stop()
             await b_srv.stop()
+
+    run(tmp_path, body)
+
+
+class _DrainingClient(RawClient):
+    """A client that lets streams up to a graceful GOAWAY's last one finish (RFC 9113 §6.8;
+    h2's own connection would call their frames protocol errors), as gRPC's clients do."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = _DrainingH2(H2Configuration(client_side=True, header_encoding=None))
+        self.h2.initiate_connection()
+        self.events = []
+        self.flush()
+
+
+def test_a_removed_policy_sends_goaway_and_finishes_the_streams_in_flight(tmp_path: Path) -> None:
+    """The route object removed: the next stream is served as before and a GOAWAY(NO_ERROR)
+    names it last, so the client's next streams open a new connection (L4 then); a stream in
+    flight finishes, one sent past the GOAWAY is refused (unprocessed: the client retries it)."""
+
+    async def body(world: World) -> None:
+        a_srv = await H2Server("a").start()
+        try:
+            a = await world.proxy(RouteTable([policy(_backend("a", 1, a_srv.port))]))
+            client = await _DrainingClient.open(world.port)
+            writer = client.writer
+            ended = lambda: {e.stream_id for e in client.events if isinstance(e, StreamEnded)}  # noqa: E731
+            first = client.get(b"/who")
+            await client.until(lambda: first in ended())
+            slow = client.get(b"/sleep")  # in flight when the policy goes
+            await eventually(lambda: a_srv.requests["/sleep"] == 1)
+            a.apply_routes(RouteTable())
+            last, past = client.get(b"/who"), client.get(b"/who")  # past: sent before the GOAWAY came
+            await client.until(lambda: {slow, last} <= ended() and past in client.resets())
+            goaway = [e for e in client.events if isinstance(e, ConnectionTerminated)]
+            assert [(g.error_code, g.last_stream_id) for g in goaway] == [(ErrorCodes.NO_ERROR, last)]
+            assert client.resets() == {past: ErrorCodes.REFUSED_STREAM}
+            bodies: dict[int, bytes] = {}
+            for e in client.events:
+                if isinstance(e, DataReceived):
+                    bodies[e.stream_id] = bodies.get(e.stream_id, b"") + bytes(e.data)
+            assert bodies[first] == bodies[last] == b"a" and slow in bodies
+            assert a_srv.requests["/who"] == 2
+            writer.close()
+        finally:
+            await a_srv.stop()
 
     run(tmp_path, body)
