@@ -813,6 +813,8 @@ class Controller:
             flavor=self.settings.flavor, authority=self.settings.authority_name,
             lease=f"{self.lease_config.namespace}/{self.lease_config.name}",
         )  # fmt: skip
+        if not self.settings.routes:
+            self._note_cluster_rows_kept()
         tasks = [asyncio.create_task(self._elect(client), name="kube-election")]
         if self.settings.discovery:
             tasks.append(asyncio.create_task(self._discover(client), name="kube-discovery"))
@@ -834,6 +836,18 @@ class Controller:
                     await self._release(client)
             await client.close()
             log.info("kube.controller_stopped", actions=dict(self.counts))
+
+    def _note_cluster_rows_kept(self) -> None:
+        """Without --routes-from-cluster nothing deletes the rows an earlier run stored from
+        the cluster: they stay served as they are (said once, so an operator can remove them)."""
+        kept = [o for o in self.authority.registry.route_objects() if o.source == "cluster"]
+        if kept:
+            log.warning(
+                "kube.cluster_routes_kept", rows=len(kept),
+                objects=", ".join(o.label for o in kept[:10]) + (" ..." if len(kept) > 10 else ""),
+                hint="served as stored until removed: `meshagent authority route list` (SOURCE cluster), "
+                "`meshagent authority route remove KIND NAMESPACE/NAME`; or serve with --routes-from-cluster",
+            )  # fmt: skip
 
     # --- election -------------------------------------------------------------------------
 

@@ -406,6 +406,46 @@ def test_a_gateway_crd_serving_only_v1beta1_is_read_at_v1beta1(
         asyncio.run(scenario())
 
 
+def test_without_routes_from_cluster_the_cluster_rows_stay_served_and_are_named(
+    authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """Serving without --routes-from-cluster deletes nothing: the rows an earlier run stored
+    from the cluster stay served (a warning names them once at start), `route list` shows
+    their source and `route remove` removes them."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    api.put(canary())
+
+    async def first() -> None:
+        c = Running(authority, routes_settings(api))
+        try:
+            await until("applied", lambda: c.controller.status()["routes"]["objects"] == 1)
+        finally:
+            await c.close()
+
+    async def second() -> None:
+        api.delete("httproutes.gateway.networking.k8s.io", "billing-canary", "shop")  # not read now
+        c = Running(authority, settings(api))
+        try:
+            await until("warned", lambda: bool(logged(caplog, "kube.cluster_routes_kept")))
+        finally:
+            await c.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+    [line] = logged(caplog, "kube.cluster_routes_kept")
+    assert (line["rows"], line["objects"]) == (1, "HTTPRoute shop/billing-canary")
+    assert rows(authority) == {("HTTPRoute", "shop", "billing-canary"): "cluster"}
+    assert served(authority)[("Host", "billing", 8080)] == [[("billing-v1", 90), ("billing-v2", 10)]]
+    directory = str(authority.material.directory)
+    listed = CliRunner().invoke(authority_cli, ["route", "list", "--dir", directory])
+    assert listed.exit_code == 0 and "cluster" in listed.output.splitlines()[-1], listed.output
+    gone = CliRunner().invoke(
+        authority_cli, ["route", "remove", "--dir", directory, "HTTPRoute", "shop/billing-canary"]
+    )
+    assert gone.exit_code == 0, gone.output
+    assert rows(authority) == {}
+
+
 def test_missing_route_crds_are_none_of_that_kind(
     authority: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
