@@ -565,6 +565,7 @@ class _Exchange:
         self.request_ended_at: float | None = asyncio.get_running_loop().time() if req.complete else None
         self.on_request_end: Callable[[], None] | None = None
         self.on_response_end: Callable[[str | None], None] | None = None
+        self.request_moved_at: float | None = None  # loop time the body last came (dispatch's idle)
         self.moved = -1  # bytes relayed either way when the idle timer last looked
         self.moved_at = time.monotonic()
         self.sent = False  # an attempt wrote (part of) the body: a next one starts from the kept copy
@@ -926,6 +927,7 @@ class H1Router(Leg):
     def _body_arrived(self, req: _Request) -> None:
         active = self.active
         if isinstance(active, _Exchange) and active.req is req:
+            active.request_moved_at = asyncio.get_running_loop().time()
             active.send_body()
 
     def _begin(self, req: _Request) -> None:

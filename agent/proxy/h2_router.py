@@ -369,6 +369,7 @@ class _Exchange:
         self.response_s: float | None = None  # the rule's `response` timeout (from the body's end)
         self.idle_s: float | None = None  # the rule's `idle` timeout (no DATA either way)
         self.moved_at = 0.0  # loop time of the last DATA either way, once forwarded (idle)
+        self.request_moved_at: float | None = None  # the app's last DATA (dispatch's idle)
         self.hard_at: float | None = None  # the body's deadline (request or response timeout)
         self.hard_message = "request timed out"
         # dispatch's optional hooks (the response timeout counts from the request's end):
@@ -563,7 +564,7 @@ class _Exchange:
                 self.body_size += len(data)
                 pool.retry_held += len(data)
         self.unacked += flow
-        self.moved_at = asyncio.get_running_loop().time()
+        self.request_moved_at = self.moved_at = asyncio.get_running_loop().time()
         attempt = self.current
         if attempt is not None and attempt.sid:
             attempt.conn.send_body(attempt.sid, data, False)

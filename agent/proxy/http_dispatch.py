@@ -9,11 +9,12 @@ parent's retry budget (tower's TpsBudget), with exponential backoff and jitter; 
 re-picks the backend and the endpoint. Non-retryable outcomes deposit.
 
 Timeouts are deadlines on the event loop's clock: the attempt's head deadline is one
-`asyncio.timeout_at` (a single `loop.call_at` timer, re-armed per attempt), no polling. Until
-the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, from the request's
-end when the Exchange reports it, else from its head), per-attempt `attempt`/`backendRequest`
-(RESPONSE_HEADERS_TIMEOUT, retryable) and `idle` (IDLE_TIMEOUT: no byte flows while a head is
-awaited). After the head was forwarded the body is the Exchange's: it gets the request's limit
+`loop.call_at` timer (re-armed per attempt, and lazily once the request body moved), no
+polling. Until the head: `request` (REQUEST_TIMEOUT), `response` (RESPONSE_STREAM_TIMEOUT, from
+the request's end when the Exchange reports it, else from its head), per-attempt
+`attempt`/`backendRequest` (RESPONSE_HEADERS_TIMEOUT, retryable) and `idle` (IDLE_TIMEOUT: no
+byte either way while a head is awaited, from the attempt's start or the request body's last
+progress). After the head was forwarded the body is the Exchange's: it gets the request's limit
 with each attempt, and H1Router and H2Router also cut a body past the `response` timeout (from
 the request's end) or silent for `idle`.
 """
@@ -111,6 +112,9 @@ class Exchange(Protocol):
         """A retried attempt's response: drop it (drain a small body or close the upstream)."""
         ...
 
+    # Optional (duck-typed, for `timeout.linkerd.io/idle` until the head): `request_moved_at:
+    # float | None`, the loop time the app's request body last moved; without it idle counts
+    # from the attempt's start.
     # Optional (duck-typed, for `timeout.linkerd.io/response`, which counts from the request's
     # end): `request_ended_at: float | None` (loop time the body ended; None while it uploads)
     # and `on_request_end: Callable[[], None] | None`, which dispatch may set and the Exchange
@@ -249,26 +253,99 @@ class RouterContext:
 
 
 class _Limit:
-    """The request's deadline (loop time) and its error label. `response` moves it earlier
-    when the request's body ends, re-arming the running attempt's timer (no polling)."""
+    """The request's deadline (loop time) and its error label, and the running attempt's one
+    timer. `response` moves the deadline earlier when the request's body ends; `idle` (until
+    the head) runs from the attempt's start or the request body's last progress, whichever is
+    later: the body only stamps the Exchange's `request_moved_at`, and the timer, when it fires
+    before the idle limit it was armed for moved, re-arms itself (no polling, no per-chunk work)."""
 
-    __slots__ = ("at", "label", "response_s", "timer", "timer_label")
+    __slots__ = (
+        "armed_at",
+        "at",
+        "ex",
+        "handle",
+        "hard_at",
+        "hard_label",
+        "idle_s",
+        "label",
+        "response_s",
+        "since",
+        "timer",
+        "timer_label",
+    )
 
     def __init__(self, request_at: float | None, response_s: float | None) -> None:
         self.at, self.label = request_at, REQUEST_TIMEOUT
         self.response_s = response_s
-        self.timer: asyncio.Timeout | None = None  # the attempt's, while one runs
+        # The running attempt's (None between attempts): its cancel scope, the one loop timer,
+        # its hard deadline (request/response/per-attempt) and its idle limit.
+        self.timer: asyncio.Timeout | None = None
+        self.handle: asyncio.TimerHandle | None = None
+        self.armed_at = 0.0
+        self.hard_at: float | None = None
+        self.hard_label = REQUEST_TIMEOUT
+        self.idle_s: float | None = None
+        self.since = 0.0
+        self.ex: Any = None
         self.timer_label = REQUEST_TIMEOUT
+
+    def start(
+        self, timer: asyncio.Timeout, hard_at: float | None, hard_label: str, idle_s: float | None, ex: Any
+    ) -> None:
+        """An attempt begins under `timer` (a scope that expires only when this says so)."""
+        self.timer, self.hard_at, self.hard_label, self.idle_s, self.ex = (
+            timer,
+            hard_at,
+            hard_label,
+            idle_s,
+            ex,
+        )
+        self.since = asyncio.get_running_loop().time()
+        self._arm()
+
+    def stop(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.timer = self.handle = self.ex = None
+
+    def _idle_at(self) -> float | None:
+        if self.idle_s is None:
+            return None
+        moved: float | None = getattr(self.ex, "request_moved_at", None)
+        return (self.since if moved is None or moved < self.since else moved) + self.idle_s
+
+    def _arm(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        at, idle_at = self.hard_at, self._idle_at()
+        if idle_at is not None and (at is None or idle_at < at):
+            at = idle_at
+        if at is not None:
+            self.armed_at = at
+            self.handle = asyncio.get_running_loop().call_at(at, self._fired)
+
+    def _fired(self) -> None:
+        self.handle = None
+        timer = self.timer
+        if timer is None:
+            return
+        idle_at = self._idle_at()
+        if self.hard_at is not None and self.hard_at <= self.armed_at:
+            self.timer_label = self.hard_label
+        elif idle_at is not None and idle_at <= self.armed_at:
+            self.timer_label = IDLE_TIMEOUT
+        else:  # the request body moved since: the idle limit is later now
+            self._arm()
+            return
+        timer.reschedule(asyncio.get_running_loop().time())  # the attempt is cancelled: TimeoutError
 
     def move(self, at: float) -> None:
         if self.at is None or at < self.at:
             self.at, self.label = at, RESPONSE_STREAM_TIMEOUT
-            timer = self.timer
-            if timer is not None:
-                when = timer.when()
-                if when is None or at < when:
-                    timer.reschedule(at)
-                    self.timer_label = RESPONSE_STREAM_TIMEOUT
+            if self.timer is not None and (self.hard_at is None or at < self.hard_at):
+                self.hard_at, self.hard_label = at, RESPONSE_STREAM_TIMEOUT
+                self._arm()
 
     def request_ended(self) -> None:
         """The Exchange's `on_request_end`: the body is complete, `response` starts now."""
@@ -402,22 +479,18 @@ async def _attempt(
     now = loop.time()
     request_deadline = deadline = limit.at
     label = limit.label
-    # Until the head: the per-attempt timeouts (retryable), and `idle` (no byte flows while a
-    # head is awaited; the body's idleness is the Exchange's).
-    for timeout, what in (
-        (t.backend_request_s, RESPONSE_HEADERS_TIMEOUT),
-        (None if last else t.attempt_s, RESPONSE_HEADERS_TIMEOUT),
-        (t.idle_s, IDLE_TIMEOUT),
-    ):
+    # Until the head: the per-attempt timeouts (retryable), and `idle` (no byte either way: the
+    # request body's progress re-arms it; after the head the body's idleness is the Exchange's).
+    for timeout in (t.backend_request_s, None if last else t.attempt_s):
         if timeout is not None and (deadline is None or now + timeout < deadline):
-            deadline, label = now + timeout, what
+            deadline, label = now + timeout, RESPONSE_HEADERS_TIMEOUT
     series = ctx.metrics.backend(policy.parent, rule.route, backend.ref)
     series.request()
     outcome: Outcome = "failure"
     try:
         try:
-            async with asyncio.timeout_at(deadline) as timer:  # None: never, unless the limit moves
-                limit.timer, limit.timer_label = timer, label
+            async with asyncio.timeout_at(None) as timer:  # expired by limit's timer only
+                limit.start(timer, deadline, label, t.idle_s, ex)
                 result = await ex.attempt(pick, request_deadline)
         except TimeoutError:
             result = AttemptResult(None, None, limit.timer_label, None)
@@ -432,7 +505,7 @@ async def _attempt(
         ctx.balancer.finished(pick, "cancelled", 0)
         raise
     finally:
-        limit.timer = None
+        limit.stop()
         if not pick.done:
             _finish(ctx, policy, rule, pick, outcome)
     if result.status is None:

@@ -326,6 +326,26 @@ def _route_errors(world: World) -> str:
     return "\n".join(proxy.metrics.render(proxy.live_legs()))
 
 
+def test_an_upload_that_keeps_moving_is_not_idle_before_the_head(tmp_path: Path) -> None:
+    """Idle is "no byte either way": a body arriving 0.1 s apart for 1.5 s, under a 1 s idle,
+    is answered (the server answers once it has the body whole)."""
+
+    async def body(world: World) -> None:
+        a = await world.server("a")
+        await world.proxy(RouteTable([policy(a.backend(), timeouts=Timeouts(idle_s=1.0))]))
+        client = await Client.open(world.port)
+        client.send(b"PUT /echo HTTP/1.1\r\nhost: web\r\ncontent-length: 15\r\n\r\n")
+        for _ in range(15):
+            await asyncio.sleep(0.1)
+            client.send(b"x")
+        resp = await client.response()
+        assert (resp.status, resp.body) == (200, b"x" * 15)
+        assert "IDLE_TIMEOUT" not in _route_errors(world)
+        client.close()
+
+    run(tmp_path, body)
+
+
 def test_an_upstream_that_never_answers_is_504_at_the_idle_timeout(tmp_path: Path) -> None:
     async def body(world: World) -> None:
         a = await world.server("a")

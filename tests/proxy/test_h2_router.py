@@ -13,7 +13,7 @@ import collections
 import contextlib
 import random
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent import futures
 from typing import Any, ClassVar
 
@@ -883,6 +883,30 @@ def test_a_response_body_that_goes_quiet_is_cut_at_the_idle_timeout() -> None:
                 assert metric_sum(text, family, 'error="IDLE_TIMEOUT"') == 1
                 ok = await client.get("/who")  # the connection still serves
                 assert (ok.status_code, ok.text) == (200, "a")
+        finally:
+            await front.stop()
+            await a.stop()
+
+    run(body)
+
+
+def test_an_upload_that_keeps_moving_is_not_idle_before_the_head() -> None:
+    """Idle is "no DATA either way": request DATA 0.1 s apart for 1.5 s, under a 1 s idle, is
+    answered (the server answers once the body ended)."""
+
+    async def body() -> None:
+        a = await H2Server("a").start()
+        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(idle_s=1.0)))
+
+        async def dripping() -> AsyncIterator[bytes]:
+            for _ in range(15):
+                await asyncio.sleep(0.1)
+                yield b"x"
+
+        try:
+            async with h2_client(front) as client:
+                echoed = await client.post("/echo", content=dripping())
+                assert (echoed.status_code, echoed.content) == (200, b"x" * 15)
         finally:
             await front.stop()
             await a.stop()

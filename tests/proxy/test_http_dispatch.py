@@ -468,6 +468,43 @@ def test_idle_timeout_while_waiting_for_the_head() -> None:
     assert m.calls("backend:web", "done")[0][:2] == (None, "IDLE_TIMEOUT")
 
 
+class MovingExchange(FakeExchange):
+    """Stamps `request_moved_at` (its body arriving) 10 ms apart for 100 ms, then stops."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda pick, n: "hang")
+        self.request_moved_at: float | None = None
+        self.last_move = 0.0
+
+    async def attempt(self, pick: EndpointPick, deadline: float | None) -> AttemptResult:
+        loop = asyncio.get_running_loop()
+
+        async def body() -> None:
+            for _ in range(10):
+                await asyncio.sleep(0.01)
+                self.request_moved_at = self.last_move = loop.time()
+
+        mover = asyncio.create_task(body())
+        try:
+            return await super().attempt(pick, deadline)
+        finally:
+            mover.cancel()
+
+
+def test_idle_before_the_head_counts_from_the_request_bodys_last_progress() -> None:
+    ctx, policy, _m = setup(timeouts={"idle_ms": 300})
+    ex = MovingExchange()
+    ended: list[float] = []
+
+    async def main() -> None:
+        await dispatch(ctx, policy, policy.rules[0], ex)
+        ended.append(asyncio.get_running_loop().time())
+
+    asyncio.run(main())
+    assert ex.errors[0][:3] == (504, 4, "IDLE_TIMEOUT")
+    assert ex.last_move > 0 and ended[0] >= ex.last_move + 0.3  # not 300 ms from the start
+
+
 class UploadExchange(FakeExchange):
     """Reports its body's end (the optional hooks): the upload takes 60 ms, then the backend hangs."""
 
