@@ -867,7 +867,7 @@ def test_a_response_that_stalls_after_its_head_is_cut_at_the_response_timeout() 
 def test_a_response_body_that_goes_quiet_is_cut_at_the_idle_timeout() -> None:
     async def body() -> None:
         a = await H2Server("a").start()
-        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(idle_s=0.3)))
+        front = await routed(policy(backend("a", 1, a.endpoint()), timeouts=Timeouts(idle_s=1.0)))
         try:
             async with h2_client(front) as client:
                 got = bytearray()
@@ -949,7 +949,7 @@ def test_a_streaming_grpc_response_past_the_deadline_ends_with_deadline_exceeded
 def test_a_streaming_grpc_response_that_goes_quiet_ends_with_deadline_exceeded_trailers() -> None:
     async def body() -> None:
         server = GrpcServer("g1")
-        front = await routed(policy(backend("g", 1, server.endpoint()), timeouts=Timeouts(idle_s=0.4)))
+        front = await routed(policy(backend("g", 1, server.endpoint()), timeouts=Timeouts(idle_s=1.0)))
         try:
             got, code, details, meta = await asyncio.to_thread(_stream_call, front.port)
             assert got == [b"g1"]  # the first message came through; the next comes 2 s later

@@ -58,8 +58,8 @@ def test_grpc_through_the_outbound_listener_is_split_per_call(tmp_path: Path) ->
         # Stopping: the idle pooled upstreams close at once, they do not hold the drain.
         loop = asyncio.get_running_loop()
         started = loop.time()
-        await a.stop(5.0)
-        assert loop.time() - started < 4.5  # not the 5 s drain: nothing held it
+        await a.stop(30.0)
+        assert loop.time() - started < 20  # not the 30 s drain: nothing held it
         assert worker_pool(a).status()["connections"] == 0 and a.open_legs == 0
 
     try:
