@@ -558,6 +558,60 @@ def test_route_scope_keeps_what_can_reach_hosts() -> None:
     }  # fmt: skip
 
 
+def test_route_scope_skips_what_meshagent_does_not_implement_with_the_reason() -> None:
+    """Attached HTTPRoutes left out with a reason (never refused): a consumer route, filters on
+    a rule or a backend, hostnames, a Gateway parent next to a Service parent, and the
+    policy.linkerd.io namesake of a Gateway API route; the Services only they name are not read."""
+
+    def route(name: str, api_version: str = GATEWAY_V1, **spec: Any) -> dict[str, Any]:
+        doc = copy.deepcopy(canary(api_version=api_version))
+        doc["metadata"]["name"] = name
+        doc["spec"]["parentRefs"] = [{"group": "", "kind": "Service", "name": name, "port": 8080}]
+        doc["spec"]["rules"][0]["backendRefs"] = [{"name": f"{name}-v2", "port": 8080}]
+        doc["spec"].update(spec)
+        return doc
+
+    consumer = route("consumer")
+    consumer["metadata"]["namespace"] = "web"
+    consumer["spec"]["parentRefs"][0]["namespace"] = "shop"
+    backend_filter = route("backend-filter")
+    backend_filter["spec"]["rules"][0]["backendRefs"][0]["filters"] = [{"type": "RequestHeaderModifier"}]
+    rule_filter = route("rule-filter")
+    rule_filter["spec"]["rules"][0]["filters"] = [{"type": "RequestRedirect"}]
+    both = route("both")
+    both["spec"]["parentRefs"].append({"name": "public-gateway"})
+    objects = {
+        "gateway": [
+            route("kept"),
+            consumer,
+            backend_filter,
+            rule_filter,
+            both,
+            route("named", hostnames=["a.example"]),
+        ],
+        "linkerd": [route("kept", LINKERD_V1BETA3)],
+    }
+    services = [service(f"{n}{v}") for n in ("kept", "consumer", "both") for v in ("", "-v2")]
+    skipped: list[tuple[str, str]] = []
+    chosen = {
+        (o["kind"], o["metadata"]["name"], o["apiVersion"]) for o in route_scope(objects, services, skipped)
+    }
+    assert chosen == {
+        ("HTTPRoute", "kept", GATEWAY_V1), ("Service", "kept", "v1"), ("Service", "kept-v2", "v1"),
+    }  # fmt: skip
+    reasons = {label.partition(" (")[0]: reason.partition(":")[0] for label, reason in skipped}
+    assert reasons == {
+        "HTTPRoute web/consumer": "consumer route",
+        "HTTPRoute shop/backend-filter": "filters are not implemented",
+        "HTTPRoute shop/rule-filter": "filters are not implemented",
+        "HTTPRoute shop/both": "a Gateway parent next to a Service or Host parent",
+        "HTTPRoute shop/named": "hostnames are not implemented",
+        "HTTPRoute shop/kept": "shadowed by the gateway.networking.k8s.io HTTPRoute of the same "
+        "namespace/name",
+    }  # fmt: skip
+    assert len(skipped) == 6
+
+
 def _obj(name: str, source: str, weight: int = 1) -> RouteObject:
     body = {"apiVersion": GATEWAY_V1, "kind": "HTTPRoute", "metadata": {"name": name}, "spec": {"w": weight}}
     return RouteObject("HTTPRoute", "shop", name, GATEWAY_V1, body, source, 1.0)
