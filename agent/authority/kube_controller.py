@@ -27,8 +27,11 @@ Three concurrent parts inside the authority's event loop:
   (discovery's, else its own watch); the objects that can reach hosts (`route_scope`) go through
   `kube_routes.resolve` exactly as `route apply -f` reads a file, and are stored with source
   "cluster": rows the cluster no longer has are deleted, `route apply` rows stay (a cluster
-  object of the same kind and name replaces one: cluster wins). A refused set keeps the stored
-  objects (`kube.routes_refused`, `status()["routes"]["refused"]`). Route `status` is never
+  object of the same kind and name replaces one: cluster wins). A refused object keeps its
+  stored row and the rest applies (`kube.routes_refused`, `status()["routes"]["refused"]`);
+  HTTPRoutes meshagent does not implement are skipped (`kube.route_skipped`,
+  `status()["routes"]["skipped"]`); without `routes` the stored cluster rows stay (named once,
+  `kube.cluster_routes_kept`). Route `status` is never
   written (Linkerd's policy controller owns it).
 
 The API server going away is expected: the last listed objects (and so the last discovered
