@@ -406,6 +406,36 @@ def test_a_gateway_crd_serving_only_v1beta1_is_read_at_v1beta1(
         asyncio.run(scenario())
 
 
+def test_a_gateway_crd_serving_neither_version_is_missing_and_tried_again_from_v1(
+    authority: Authority, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No Gateway HTTPRoute CRD at all: v1 then v1beta1 are 404, the kind is "missing" (logged
+    once), and the next try starts from v1 again."""
+    caplog.set_level(logging.INFO, logger="meshagent.authority.kube")
+    with start_apiserver(tmp_path / "kubeconfig", absent=("httproutes.gateway.networking.k8s.io",)) as api:
+
+        async def scenario() -> None:
+            c = Running(authority, routes_settings(api))
+            try:
+                await until(
+                    "missing",
+                    lambda: (
+                        "httproutes.gateway.networking.k8s.io" in c.controller.status()["routes"]["missing"]
+                    ),
+                )
+                await until(
+                    "tried again", lambda: len(api.requests("GET", "/gateway.networking.k8s.io/v1/")) >= 2
+                )
+                assert api.requests("GET", "/gateway.networking.k8s.io/v1beta1/")
+                missing = [x for x in logged(caplog, "kube.crd_missing") if "gateway" in str(x["resource"])]
+                assert len(missing) == 1
+                assert len(logged(caplog, "kube.crd_version_fallback")) == 1
+            finally:
+                await c.close()
+
+        asyncio.run(scenario())
+
+
 def test_without_routes_from_cluster_the_cluster_rows_stay_served_and_are_named(
     authority: Authority, api: ApiServerHandle, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
