@@ -90,10 +90,10 @@ _CLUSTER_HINT = (
 )
 
 
-class KubePolicyError(MeshagentError):
-    """The objects were refused, all of them: `problems` names every object and field at fault."""
+class ObjectsRefused(MeshagentError):
+    """Cluster objects refused, all of them: `problems` names every object and field at fault
+    (the shape shared by `policy apply` and `route apply`)."""
 
-    code = "kube_policy_refused"
     exit_code = ExitCode.CONFIG  # the file given is at fault, as with a bad config
 
     def __init__(self, problems: Sequence[str]) -> None:
@@ -105,6 +105,12 @@ class KubePolicyError(MeshagentError):
             "fix the objects named and apply the whole file again",
         )
         self.problems = tuple(problems)
+
+
+class KubePolicyError(ObjectsRefused):
+    """The policy objects were refused, all of them."""
+
+    code = "kube_policy_refused"
 
 
 @dataclass(frozen=True)

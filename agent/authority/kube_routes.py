@@ -34,12 +34,10 @@ from agent.authority.kube_discovery import (
     parse_opaque_ports,
 )
 from agent.authority.kube_objects import KubeObjectError, validate_namespace
-from agent.authority.kube_policy import KubePolicyError, load_documents
+from agent.authority.kube_policy import KubePolicyError, ObjectsRefused, load_documents
 from agent.authority.storage import HostRecord
-from agent.errors import ExitCode, MeshagentError
 
 ROUTE_KINDS = ("HTTPRoute", "TrafficSplit", "ServiceProfile", "Service")
-MAX_PROBLEMS_SHOWN = 50
 MAX_ITEM_BYTES = 64 << 10  # one parent item of the wire member
 MAX_MEMBER_BYTES = 1 << 20  # the whole `routes` member
 # meshagent's default skip_detect_ports (config.py): the agent never sees HTTP there.
@@ -126,21 +124,10 @@ MAX_FAILURES = 2**31
 MAX_MIN_RETRIES = 2**31 - 2
 
 
-class RouteRefused(MeshagentError):
+class RouteRefused(ObjectsRefused):
     """The route objects were refused, all of them: `problems` names every object and field."""
 
     code = "route_refused"
-    exit_code = ExitCode.CONFIG  # the file given is at fault, as with a bad config
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        shown = list(problems[:MAX_PROBLEMS_SHOWN])
-        if len(problems) > len(shown):
-            shown.append(f"... and {len(problems) - len(shown)} more")
-        super().__init__(
-            f"{len(problems)} problem(s); nothing was applied:\n  " + "\n  ".join(shown),
-            "fix the objects named and apply the whole file again",
-        )
-        self.problems = tuple(problems)
 
 
 @dataclass(frozen=True)
