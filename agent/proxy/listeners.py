@@ -1236,20 +1236,14 @@ def _routed(proxy: Proxy, app: Leg, orig: Address, policy: ParentPolicy) -> None
 
 
 def _router_factories() -> dict[Protocol, RouterFactory]:
-    """The routers there are: H1Router, and H2Router once h2_router.py exists (until then an
-    HTTP/2 preface takes the L4 path)."""
+    """The routers per detected protocol (imported on first use: a proxy without routes never
+    loads them)."""
     global _FACTORIES
     if _FACTORIES is None:
         from .h1_router import H1Router
+        from .h2_router import H2Router
 
-        factories: dict[Protocol, RouterFactory] = {Protocol.HTTP1: H1Router}
-        try:
-            from .h2_router import H2Router  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            pass
-        else:
-            factories[Protocol.HTTP2] = H2Router
-        _FACTORIES = factories
+        _FACTORIES = {Protocol.HTTP1: H1Router, Protocol.HTTP2: H2Router}
     return _FACTORIES
 
 
