@@ -22,6 +22,8 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
+from .session_offer import KeptSession
+
 READ_SIZE = 16 * 1024  # one TLS record at most: a larger buffer is an mmap+munmap per read (glibc threshold)
 WRITE_HIGH_WATER = 512 * 1024
 # Reads of a client leg that look for the server's session ticket (TLS 1.3 sends it right after
@@ -217,14 +219,14 @@ class TlsLeg(Leg):
         server_side: bool,
         server_hostname: str | None = None,
         on_closed: Callable[[Leg, BaseException | None], None] | None = None,
-        session: ssl.SSLSession | None = None,
+        session: KeptSession | None = None,
     ) -> None:
         super().__init__(on_closed)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(
-            self.incoming, self.outgoing, server_side, server_hostname, session=session
-        )
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        if session is not None:
+            session.offer(self.sslobj)  # (not wrap_bio's session=: it copies at ~370 µs)
         # Client side, set once the server's identity was checked: called once with the session
         # when the server's ticket has arrived (post-handshake, read with the first records).
         self.on_ticket: Callable[[ssl.SSLSession], object] | None = None

@@ -3,7 +3,8 @@
 An entry is stored only once the server proved the expected identity and is not revoked
 (listeners.py sets the capture after those checks), so a resumed connection starts from a
 verified peer. The key is what the connection was made for: (address, port, expected SPIFFE ID,
-transport-header port); the value the session, the client context it belongs to (OpenSSL
+transport-header port); the value the session (a private copy, offered without CPython's
+costly one: session_offer.py), the client context it belongs to (OpenSSL
 refuses a session from another context), and when it stops being offered: the server
 certificate's notAfter or the ticket's lifetime, whichever comes first.
 
@@ -19,6 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Final
 
+from .session_offer import KeptSession
+
 MAX_SESSIONS: Final = 1024  # ~3 KB each (the ticket and the server's certificate)
 
 SessionKey = tuple[str, int, str, int | None]  # (ip, port, expected SPIFFE ID, header port)
@@ -26,7 +29,7 @@ SessionKey = tuple[str, int, str, int | None]  # (ip, port, expected SPIFFE ID, 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
-    session: ssl.SSLSession
+    session: KeptSession
     context: ssl.SSLContext
     not_after: float  # time.time()
 
@@ -41,9 +44,7 @@ class SessionCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(
-        self, key: SessionKey, context: ssl.SSLContext, now: float | None = None
-    ) -> ssl.SSLSession | None:
+    def get(self, key: SessionKey, context: ssl.SSLContext, now: float | None = None) -> KeptSession | None:
         """The session to offer for `key` with `context`, or None (none, expired, or made
         with another context: dropped)."""
         entry = self._entries.get(key)
@@ -70,7 +71,7 @@ class SessionCache:
         not_after = min(cert_not_after, start + hint)
         if not_after <= start:
             return
-        self._entries[key] = _Entry(session, context, not_after)
+        self._entries[key] = _Entry(KeptSession(session, context), context, not_after)
         self._entries.move_to_end(key)
         if len(self._entries) > self.limit:
             self._entries.popitem(last=False)
