@@ -12,8 +12,18 @@ _PROC = psutil.Process(os.getpid())
 _trim: list[Callable[[int], int] | None] = []  # malloc_trim, once looked up (None: not glibc)
 
 
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
 def rss_bytes() -> int:
-    return int(_PROC.memory_info().rss)
+    """This process's resident set size, from /proc/self/statm: the calling process's own even
+    in a worker (`_PROC` was made before the fork and names the supervisor), and no psutil code
+    touched (pages a worker would copy)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return int(psutil.Process().memory_info().rss)
 
 
 def return_free_memory() -> bool:
@@ -36,6 +46,23 @@ def return_free_memory() -> bool:
     return True
 
 
+def own_memory() -> tuple[int, int]:
+    """This process's (PSS, RSS) in bytes from /proc/self/smaps_rollup, without psutil: a
+    worker reports its own memory this way (psutil's code and objects are pages a worker would
+    otherwise copy from the shared image). (0, 0) where the file cannot be read."""
+    pss = rss = 0
+    try:
+        with open("/proc/self/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    pss = int(line.split()[1]) * 1024
+                elif line.startswith(b"Rss:"):
+                    rss = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return 0, 0
+    return pss, rss
+
+
 class TreeMemory(NamedTuple):
     pss: int  # Σ proportional set size: shared pages counted once, as cgroup memory.current does
     rss: int  # Σ resident set size: pages shared by forked workers counted in each
@@ -44,9 +71,9 @@ class TreeMemory(NamedTuple):
 def tree_memory(pids: Iterable[int]) -> TreeMemory:
     """Σ PSS and Σ RSS over exactly these processes (one gone meanwhile counts 0). PSS reads
     /proc/PID/smaps_rollup (about a millisecond for the agent); where it cannot be read, that
-    process's RSS stands in for its PSS."""
+    process's RSS stands in for its PSS. A pid given twice counts once."""
     pss = rss = 0
-    for pid in pids:
+    for pid in dict.fromkeys(pids):
         try:
             p = _PROC if pid == _PROC.pid else psutil.Process(pid)
             try:
@@ -62,7 +89,7 @@ def tree_memory(pids: Iterable[int]) -> TreeMemory:
 
 
 def _others(pids: Iterable[int]) -> tuple[float, int]:
-    """CPU seconds and open fds of the agent's other processes (forker, workers)."""
+    """CPU seconds and open fds of the agent's other processes (its workers)."""
     cpu_s, fds = 0.0, 0
     for pid in pids:
         if pid == _PROC.pid:
@@ -80,7 +107,7 @@ def _others(pids: Iterable[int]) -> tuple[float, int]:
 
 def render_process(pids: Iterable[int] = (), dead_cpu_s: float = 0.0) -> Iterator[str]:
     """Prometheus' process metrics for the agent's whole process tree: this process plus `pids`
-    (the forker and live workers). CPU seconds and open fds are summed, with `dead_cpu_s` (the
+    (the live workers). CPU seconds and open fds are summed, with `dead_cpu_s` (the
     CPU of exited workers, from their rusage) added so the counter never goes down; resident
     and virtual memory, fd limit and start time are this process's own. The tree's memory is
     `meshagent_memory_bytes{kind="pss_total"|"rss_total"}`."""
