@@ -63,7 +63,7 @@ from agent.workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from agent.dns.service import DnsService
-    from agent.workers.forker import Forker, Listeners
+    from agent.workers.forker import Listeners, Spawner
 
 log = get_logger("meshagent.daemon")
 
@@ -251,12 +251,14 @@ def _lookup_user(name: str) -> int:
 
 @dataclass
 class Workers:
-    """`proxy.workers` > 1: the listening sockets and the forker, made before any thread or loop
-    (see `run_daemon`)."""
+    """`proxy.workers` > 1: the listening sockets and the first workers, made before any thread
+    or loop (see `run_daemon`)."""
 
     count: int
     listeners: Listeners
-    forker: Forker
+    forker: Spawner
+    """Starts the workers and replacements (named for the pool's `forker`; no helper process:
+    its `pid` is this process's)."""
 
 
 class Daemon:
@@ -592,7 +594,7 @@ class Daemon:
         return 0
 
     async def _start_workers(self, directory: Directory) -> None:
-        """Fork every worker (through the forker) and wait until each listens."""
+        """Hand every worker (forked at start) its state and wait until each listens."""
         assert self.workers is not None
         w = self.workers
         pool = self.proxy = WorkerPool(
@@ -807,9 +809,7 @@ class Daemon:
         if self.dns is not None:
             lines.extend(self.dns.metrics())
         lines.extend(pool.metrics_lines())
-        lines.extend(
-            render_process([*pool.pids(), self.workers.forker.pid] if self.workers else (), pool.dead_cpu_s)
-        )
+        lines.extend(render_process(pool.pids(), pool.dead_cpu_s))
         return _prometheus(lines)
 
     def not_ready(self) -> list[str]:
@@ -879,26 +879,26 @@ def _early_signal(sig: int, _frame: object) -> None:
 
 
 def start_workers(config: AgentConfig, count: int) -> Workers:
-    """Bind every slot's listening sockets and fork the forker, while this process has one
-    thread and no loop (a fork with threads or a loop about inherits their locks and epoll).
+    """Bind every slot's listening sockets and fork the first workers, while this process has
+    one thread and no loop (a fork with threads or a loop about inherits their locks and epoll).
     A busy port fails here, as the inline proxy's start would (listen_error)."""
     # Imported only with workers, and before the fork: every worker shares these pages.
     from agent.workers import worker
-    from agent.workers.forker import bind_listeners, start_forker
+    from agent.workers.forker import bind_listeners, fork_workers
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401 - the workers' loop: imported once here, shared by every child
 
-    raise_nofile_limit()  # inherited by the forker and every worker
+    raise_nofile_limit()  # inherited by every worker
     settings = listener_settings(config)
     listeners = bind_listeners(settings, count, settings.transparent)
     # OpenSSL fills its provider and algorithm caches on a first load: filled here, once, they
     # are shared by every worker (~2 MB less each). A missing identity fails later, as inline.
     with contextlib.suppress(MeshagentError, OSError, ValueError):
         Credentials.load(IdentityStore(config.identity.state_dir))
-    # (start_forker freezes the collector's objects so the children's pages stay shared.)
-    forker = start_forker(listeners, functools.partial(worker.main, config))
-    return Workers(count, listeners, forker)
+    # (fork_workers freezes the collector's objects so the pages stay shared.)
+    spawner = fork_workers(listeners, functools.partial(worker.main, config), count)
+    return Workers(count, listeners, spawner)
 
 
 def run_daemon(config: AgentConfig) -> int:
@@ -906,7 +906,7 @@ def run_daemon(config: AgentConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _early_signal)
     count = worker_count(config.proxy)
-    # 1: the proxy runs in this process (no forker, no worker).
+    # 1: the proxy runs in this process (no worker process).
     workers = start_workers(config, count) if count > 1 else None
     try:
         import uvloop

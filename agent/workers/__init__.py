@@ -1,7 +1,10 @@
 """Proxy workers, one per core (issue #19): the supervisor keeps the state and the listening
-sockets, a forker forks the workers, each worker runs the data plane on its slot's sockets.
+sockets and forks the first workers at start; each worker runs the data plane on its slot's
+sockets.
 
-- forker.py: `bind_listeners` (SO_REUSEPORT sockets per slot), `start_forker` / `Forker`.
+- forker.py: `bind_listeners` (SO_REUSEPORT sockets per slot), `fork_workers` / `Spawner`
+  (the first workers forked at start, replacements started as new interpreters, exits reaped).
+- fresh.py: a replacement's entry point (`python -m agent.workers.fresh`).
 - control.py: `Channel`, the framed request/notify channel to each worker.
 - worker.py: `main`, a worker's life.
 - pool.py: `WorkerPool`, the supervisor's side (the Proxy surface the daemon uses).

@@ -1,20 +1,16 @@
-"""The listening sockets of every worker slot, and the forker that forks the workers.
+"""The listening sockets of every worker slot, and how the workers are started.
 
 `bind_listeners` binds, once and before anything else runs, one SO_REUSEPORT socket per slot,
 direction and address family, all on the same port: the kernel hashes each SYN to one socket of
 the group, and each socket has its own accept queue. The supervisor keeps every socket open for
 its whole life (closing one would reset its queue), so a killed worker's queued connections
-wait for its replacement, which is forked onto the same sockets.
+wait for its replacement, which is started on the same sockets.
 
-`start_forker` forks, before any thread or event loop exists, a single-threaded blocking process
-(the forker). It forks every worker, the first ones and the replacements: forking from the
-supervisor later would copy locks held by its threads and its loop's epoll instance. The
-supervisor talks to it over a SOCK_SEQPACKET socketpair:
-
-    supervisor -> forker   ("spawn", seq, slot) with the worker's control socket attached
-    forker -> supervisor   ("spawned", seq, pid) | ("spawn_failed", seq, error)
-                           ("exit", pid, status, cpu_s)   os.wait4's status and rusage
-EOF on that socket ends the forker (its workers then see EOF on their own channels).
+`fork_workers` forks the first worker of every slot from the agent's own process, before any
+thread or event loop exists: the workers and the supervisor share the pages of that image (the
+supervisor has no helper process beside it). `Spawner` hands those workers to the pool, starts
+replacements as new interpreters (the supervisor runs threads by then: no fork from it), and
+reaps every worker (pidfd; os.wait4's status and CPU seconds).
 """
 
 from __future__ import annotations
@@ -26,13 +22,14 @@ import errno
 import gc
 import os
 import pickle
-import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from agent.errors import ListenError, MeshagentError, listen_error
 from agent.logs import get_logger
@@ -58,8 +55,9 @@ SlotSockets = dict[str, list[socket.socket]]
 (what `Proxy.start(sockets=...)` takes)."""
 
 WorkerMain = Callable[[int, SlotSockets, socket.socket], object]
-"""What the forker runs in a new worker: `(slot, sockets, control socket)`; it must not
-return (`worker.main` ends in `os._exit`), and a return or exception exits 1."""
+"""What runs in a new worker: `(slot, sockets, control socket)`; it must not return
+(`worker.main` ends in `os._exit`), and a return or exception exits 1. Picklable: a replacement
+unpickles it in a new interpreter (`functools.partial(worker.main, config)` is)."""
 
 
 @dataclass
@@ -216,11 +214,12 @@ def _bind_error(name: str, address: Address, transparent: bool, exc: OSError) ->
     return listen_error(f"{name} proxy", f"intercept.{name}_port", host, address[1], exc)
 
 
-# --- the forker process --------------------------------------------------------------------
+# --- starting workers ------------------------------------------------------------------------
 
 
 class ForkerGone(MeshagentError):
-    """The forker process is gone: no worker can be forked any more."""
+    """No worker can be started any more (kept for the pool's `forker_gone`; the spawner
+    itself never goes away: a replacement is a new process, not a fork of a helper)."""
 
     code = "forker_gone"
 
@@ -238,202 +237,59 @@ def describe_exit(status: int) -> str:
     return f"status {status}"
 
 
-class Forker:
-    """The supervisor's handle on the forker. Use it from the supervisor's event loop."""
+def fork_workers(listeners: Listeners, main: WorkerMain, count: int) -> Spawner:
+    """Fork the first `count` workers (slots 0..count-1) from this process, as it is now. Call
+    before any thread or event loop exists: a fork copies no lock a thread holds, no epoll.
 
-    def __init__(self, pid: int, sock: socket.socket) -> None:
-        self.pid = pid
-        self._sock = sock
-        self.on_exit: Callable[[int, int, float], None] = lambda _pid, _status, _cpu: None
-        """Called as `on_exit(pid, status, cpu_s)` when a worker exits (wait status, user +
-        system CPU seconds from its rusage)."""
-        self.on_gone: Callable[[], None] = lambda: None
-        """Called once if the forker itself goes away while the supervisor runs."""
-        self._seq = 0
-        self._waiting: dict[int, asyncio.Future[int]] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._gone = False
-        self._closing = False
-
-    @property
-    def alive(self) -> bool:
-        return not self._gone
-
-    async def spawn(self, slot: int) -> tuple[int, Channel]:
-        """Fork a worker for `slot`: returns its pid and the supervisor's end of its control
-        channel. Raises ForkerGone, or MeshagentError when the fork failed (EAGAIN, ENOMEM)."""
-        self._start_reader()
-        if self._gone:
-            raise ForkerGone("the forker process is gone", "restart the agent")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._seq += 1
-        seq = self._seq
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting[seq] = future
-        try:
-            try:
-                socket.send_fds(self._sock, [pickle.dumps(("spawn", seq, slot))], [theirs.fileno()])
-            except OSError as exc:
-                raise ForkerGone(f"the forker process is gone ({exc})", "restart the agent") from None
-            finally:
-                theirs.close()
-            pid = await future
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            self._waiting.pop(seq, None)
-        return pid, await Channel.open(ours, name=f"worker-{slot}")
-
-    def close(self) -> None:
-        """End the forker (EOF on its socket). Running workers are not touched."""
-        self._closing = True
-        if self._reader is None or self._reader.done():
-            self._sock.close()
-            return
-        # The reader is waiting on the socket: shut it down (the forker reads EOF now, the
-        # reader reads EOF next and closes it) rather than close an fd the loop still polls.
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-
-    def _start_reader(self) -> None:
-        if self._reader is None:
-            self._sock.setblocking(False)
-            self._reader = asyncio.get_running_loop().create_task(self._read(), name="forker-reader")
-
-    async def _read(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                data = await loop.sock_recv(self._sock, 65536)
-                if not data:
-                    break
-                self._message(pickle.loads(data))  # noqa: S301 - our own process
-        except OSError as exc:
-            log.error("forker.channel_failed", error=str(exc))
-        self._gone = True
-        self._sock.close()
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(ForkerGone("the forker process is gone", "restart the agent"))
-        if not self._closing:
-            log.error("forker.gone", pid=self.pid, hint="no worker can be replaced: restart the agent")
-            self.on_gone()
-
-    def _message(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "exit":
-            _, pid, status, cpu_s = message
-            self.on_exit(pid, status, cpu_s)
-            return
-        future = self._waiting.get(message[1])
-        if future is None or future.done():
-            return
-        if kind == "spawned":
-            future.set_result(message[2])
-        else:
-            future.set_exception(
-                MeshagentError(
-                    f"cannot fork a proxy worker: {message[2]}",
-                    "the host is out of processes or memory; the slot is retried",
-                    code="worker_fork_failed",
-                )
-            )
-
-
-def start_forker(listeners: Listeners, main: WorkerMain) -> Forker:
-    """Fork the forker. Call before any thread or event loop exists: the forker and every
-    worker are copies of this process as it is now. `main` runs in each worker (the agent passes
-    `functools.partial(worker.main, config)`)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # Objects that exist now stay out of the collector's reach in every child: a collection
-    # would touch (and so copy) every page they live on. The Python docs' advice for fork.
-    gc.collect()
+    Each worker shares every page of this process's image until one of them writes it (CPython
+    writes an object's reference count whenever it touches it), so the agent pays one copy per
+    process that touches a page. The collector's objects are frozen here and stay frozen in
+    this process (the supervisor) too: a full collection would write every object's header
+    and so copy every page that holds one. `main` must be picklable (a replacement runs it in
+    a new interpreter: see `Spawner`)."""
+    gc.collect()  # (before the freeze: nothing collectable is kept out of reach for good)
     gc.freeze()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
+    first: dict[int, tuple[int, socket.socket]] = {}
+    try:
+        for slot in range(count):
+            pid = os.fork()
+            if pid == 0:
+                _first_worker(slot, pairs, listeners, main)  # never returns
+            first[slot] = (pid, pairs[slot][0])
+            pairs[slot][1].close()
+    except BaseException:
+        for pid, _ in first.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for ours, theirs in pairs:
             ours.close()
-            _forker(theirs, listeners, main)
-            code = 0
-        except BaseException:  # never return into the supervisor's code
-            code = 1
-        finally:
-            os._exit(code)
-    gc.unfreeze()
-    theirs.close()
-    log.debug("forker.started", pid=pid)
-    return Forker(pid, ours)
+            theirs.close()
+        raise
+    log.debug("workers.forked", pids=[pid for pid, _ in first.values()])
+    return Spawner(listeners, main, first)
 
 
-def _forker(sock: socket.socket, listeners: Listeners, main: WorkerMain) -> None:
-    """The forker's loop: fork on request, report every child's exit; return on EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C signals the whole group
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    signal.signal(signal.SIGCHLD, lambda _sig, _frame: None)  # only to wake poll (wakeup fd)
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    poller.register(wake_r, select.POLLIN)
-    while True:
-        for fd, _events in poller.poll():
-            if fd == wake_r:
-                while True:
-                    try:
-                        if not os.read(wake_r, 512):
-                            break
-                    except BlockingIOError:
-                        break
-                continue
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4)
-            except OSError:
-                return
-            if not data:
-                return
-            _, seq, slot = pickle.loads(data)  # noqa: S301 - our own process
-            if not fds:
-                continue
-            try:
-                pid = _fork_worker(slot, fds[0], (sock, wake_r, wake_w), listeners, main)
-            except OSError as exc:
-                sock.send(pickle.dumps(("spawn_failed", seq, str(exc))))
-            else:
-                sock.send(pickle.dumps(("spawned", seq, pid)))
-            finally:
-                for fd_ in fds:
-                    os.close(fd_)
-        _reap(sock)
-
-
-def _fork_worker(
+def _first_worker(
     slot: int,
-    control_fd: int,
-    forker_fds: tuple[socket.socket, int, int],
+    pairs: list[tuple[socket.socket, socket.socket]],
     listeners: Listeners,
     main: WorkerMain,
-) -> int:
-    pid = os.fork()
-    if pid:
-        return pid
+) -> NoReturn:
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        sock, wake_r, wake_w = forker_fds
-        sock.close()
-        os.close(wake_r)
-        os.close(wake_w)
-        for other, sockets in enumerate(listeners.slots):
-            if other != slot:  # a worker holds only its own slot's sockets
-                for group in sockets.values():
-                    for s in group:
-                        s.close()
-        main(slot, listeners.slots[slot], socket.socket(fileno=control_fd))
-    except BaseException:  # a worker never returns into the forker's loop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # (worker.main sets these too; a signal
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # between the fork and it is handled alike)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # A worker holds only its own end of its own channel: a copy of the supervisor's end
+        # (or another worker's) would keep that channel open after the supervisor died.
+        for i, (ours, theirs) in enumerate(pairs):
+            ours.close()
+            if i != slot:
+                theirs.close()
+        _close_other_slots(listeners, slot)
+        main(slot, listeners.slots[slot], pairs[slot][1])
+    except BaseException:  # a worker never returns into the supervisor's code
         import traceback
 
         traceback.print_exc()
@@ -441,15 +297,161 @@ def _fork_worker(
         os._exit(code)
 
 
-def _reap(sock: socket.socket) -> None:
-    while True:
+def _close_other_slots(listeners: Listeners, slot: int) -> None:
+    for other, sockets in enumerate(listeners.slots):
+        if other != slot:  # a worker holds only its own slot's sockets
+            for group in sockets.values():
+                for s in group:
+                    s.close()
+
+
+class Spawner:
+    """Starts workers for the supervisor and reports their exits. Use it from the supervisor's
+    event loop.
+
+    The first worker of each slot was forked at start (`fork_workers`). A replacement cannot
+    be forked from the supervisor, which runs threads by then (a fork would copy a lock one of
+    them holds), so it is a new interpreter: `python -m agent.workers.fresh`, given its slot's
+    listening sockets, its control socket and the pickled `main`. It shares no Python page with
+    the others (it imports the proxy on its own: ~15-20 MB more than a forked worker, for as
+    long as it runs). A slot that never dies costs nothing of it; keeping a second pre-fork
+    image around for replacements (a "forker") cost ~6 MB on every agent, always."""
+
+    def __init__(
+        self, listeners: Listeners, main: WorkerMain, first: dict[int, tuple[int, socket.socket]]
+    ) -> None:
+        self.pid = os.getpid()  # the process workers come from: this one (status sums it once)
+        self._listeners = listeners
+        self._main = main
+        self._first = first
+        self.on_exit: Callable[[int, int, float], None] = lambda _pid, _status, _cpu: None
+        """Called as `on_exit(pid, status, cpu_s)` when a worker exits (wait status, user +
+        system CPU seconds from its rusage)."""
+        self.on_gone: Callable[[], None] = lambda: None  # (never called: see ForkerGone)
+        self._reapers: set[asyncio.Task[None]] = set()
+        self._processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.replaced = 0  # replacements started as new interpreters
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    async def spawn(self, slot: int) -> tuple[int, Channel]:
+        """Start a worker for `slot`: the one forked at start if it is still unused, else a new
+        interpreter. Returns its pid and the supervisor's end of its control channel. Raises
+        MeshagentError when the process cannot be started (EAGAIN, ENOMEM, no interpreter)."""
+        if slot in self._first:
+            pid, ours = self._first.pop(slot)
+        else:
+            pid, ours = await self._exec(slot)
+        self._reap_later(pid)
         try:
-            pid, status, usage = os.wait4(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
+            return pid, await Channel.open(ours, name=f"worker-{slot}")
+        except BaseException:
+            ours.close()
+            raise
+
+    async def _exec(self, slot: int) -> tuple[int, socket.socket]:
+        sockets = self._listeners.slots[slot]
+        layout = {name: [s.fileno() for s in group] for name, group in sockets.items()}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        spec_r, spec_w = os.pipe()
+        payload = pickle.dumps((self._main, slot, layout, theirs.fileno()), protocol=5)
         try:
-            sock.send(pickle.dumps(("exit", pid, status, usage.ru_utime + usage.ru_stime)))
-        except OSError:
-            return  # the supervisor is gone; the loop sees the EOF next
+            try:
+                proc = _start_fresh(spec_r, [theirs.fileno(), *(fd for fds in layout.values() for fd in fds)])
+            except OSError as exc:
+                raise MeshagentError(
+                    f"cannot start a proxy worker: {exc}",
+                    "the host is out of processes or memory; the slot is retried",
+                    code="worker_fork_failed",
+                ) from None
+            finally:
+                os.close(spec_r)
+                theirs.close()
+            # Reaped by `_reap` (os.wait4, for the CPU seconds): keeping the Popen referenced
+            # keeps subprocess's own cleanup from reaping it first (and losing its status).
+            self._processes[proc.pid] = proc
+            await asyncio.to_thread(_write_all, spec_w, payload)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(spec_w)
+        self.replaced += 1
+        log.info("worker.exec", worker=slot, pid=proc.pid, hint="a replacement is a new interpreter")
+        return proc.pid, ours
+
+    def _reap_later(self, pid: int) -> None:
+        task = asyncio.get_running_loop().create_task(self._reap(pid), name=f"reap-{pid}")
+        self._reapers.add(task)
+        task.add_done_callback(self._reapers.discard)
+
+    async def _reap(self, pid: int) -> None:
+        """Wait for `pid` to exit (its pidfd turns readable; without pidfds, Linux < 5.3, poll
+        every 0.2 s), reap it and report it."""
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd: int | None = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            pidfd = None
+        try:
+            while True:
+                try:
+                    exited = _try_reap(pid)
+                except ChildProcessError:
+                    return  # (reaped elsewhere: nothing to report)
+                if exited is not None:
+                    proc = self._processes.pop(pid, None)
+                    if proc is not None:
+                        proc.returncode = exited[0]  # (its own cleanup has nothing left to do)
+                    self.on_exit(pid, *exited)
+                    return
+                if pidfd is None:
+                    await asyncio.sleep(0.2)
+                    continue
+                readable: asyncio.Future[None] = loop.create_future()
+
+                def wake(f: asyncio.Future[None] = readable) -> None:
+                    if not f.done():
+                        f.set_result(None)
+
+                loop.add_reader(pidfd, wake)
+                try:
+                    await readable
+                finally:
+                    loop.remove_reader(pidfd)
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def close(self) -> None:
+        """Nothing more is started. Running workers are not touched (their exits are still
+        reaped and reported while the loop runs)."""
+        for pid, ours in self._first.values():  # forked at start, never handed to the pool
+            ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self._first.clear()
+
+
+def _start_fresh(spec_fd: int, fds: list[int]) -> subprocess.Popen[bytes]:
+    """`python -m agent.workers.fresh SPEC_FD` with `fds` and the spec pipe inherited. Popen is
+    a fork-exec that is safe with threads running; no other fd of the supervisor is inherited."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.workers.fresh", str(spec_fd)], pass_fds=[spec_fd, *fds]
+    )
+
+
+def _try_reap(pid: int) -> tuple[int, float] | None:
+    """`pid`'s (wait status, user + system CPU seconds) if it has exited (and reaps it), else
+    None. Never blocks. Raises ChildProcessError if it is no child (any more)."""
+    got, status, usage = os.wait4(pid, os.WNOHANG)
+    return (status, usage.ru_utime + usage.ru_stime) if got else None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]

@@ -2,7 +2,8 @@
 
 The daemon holds a `WorkerPool` where it would hold a `Proxy` (agent/status.py reads the same
 surface: `listening`, `catalog`, `services`, `revoked`, `stats`, `handshakes`, `open_connections`).
-The pool forks each slot through the forker (agent/workers/forker.py), hands it the directory, the
+The pool takes each slot's worker from the spawner (agent/workers/forker.py: forked at start,
+replacements as new interpreters), hands it the directory, the
 ticket key and the log settings (`init`), broadcasts every later change, pulls metrics and status
 (`snapshot`), pings every second and replaces a worker that died or stopped answering.
 """
@@ -35,7 +36,7 @@ log = get_logger("meshagent.workers")
 
 PING_INTERVAL_S = 1.0
 HUNG_AFTER_S = 10.0  # a worker silent this long (stopped, spinning) is killed and replaced
-DOWN_NOT_READY_S = 5.0  # a slot down this long makes /ready say so (a respawn takes ~0.2 s)
+DOWN_NOT_READY_S = 5.0  # a slot down this long makes /ready say so (a respawn takes ~0.5 s)
 SNAPSHOT_TIMEOUT_S = 1.0
 INIT_TIMEOUT_S = 15.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
@@ -60,7 +61,7 @@ class ChannelLike(Protocol):
 
 
 class ForkerLike(Protocol):
-    """What the pool needs of agent/workers/forker.Forker."""
+    """What the pool needs of agent/workers/forker.Spawner."""
 
     on_exit: Callable[[int, int, float], None]
     on_gone: Callable[[], None]
@@ -326,7 +327,7 @@ class WorkerPool:
             hint="its open connections were reset; the slot is forked again on the same sockets",
         )
         slot.ping, slot.status = {}, {}
-        if pid in self._exits:  # the forker's report came first
+        if pid in self._exits:  # the exit report came first
             self._respawn_later(slot, *self._exits.pop(pid))
 
     def _steer(self) -> None:
@@ -346,7 +347,7 @@ class WorkerPool:
         self.forker_gone = True  # (the forker logged it) /ready says so: no worker can be replaced
 
     def _exited(self, pid: int, status: int, cpu_s: float) -> None:
-        """The forker reaped `pid` (every worker's exit, expected or not)."""
+        """The spawner reaped `pid` (every worker's exit, expected or not)."""
         self.dead_cpu_s += max(0.0, cpu_s)
         slot = next((s for s in self.slots if s.pid == pid), None)
         if slot is None or self.stopping:
@@ -392,7 +393,7 @@ class WorkerPool:
         self.stopping = True
         for task in list(self._respawns):
             task.cancel()
-        self.forker.close()  # the forker exits: nothing is forked any more
+        self.forker.close()  # nothing is started any more
         self.broadcast("drain", timeout_s=drain_timeout_s)
         waits = [s.watch for s in self.slots if s.watch is not None and not s.watch.done()]
         cutter: asyncio.Task[None] | None = None

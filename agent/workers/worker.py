@@ -1,6 +1,6 @@
 """One proxy worker: the data plane on its slot's SO_REUSEPORT sockets, driven by the supervisor.
 
-A worker is forked by the forker (agent/workers/forker.py) and builds its own uvloop loop (an
+A worker is forked by the agent at start (agent/workers/forker.py) and builds its own uvloop loop (an
 inherited loop cannot survive a fork). It accepts nothing before the supervisor's `init`: the
 kernel queues its slot's connections meanwhile. Then it loads its own `Credentials` (the same
 files as the supervisor), starts a `Proxy` on the given sockets, and applies what the supervisor
@@ -32,7 +32,7 @@ from agent.proxy import http1
 from agent.proxy.listeners import INBOUND_SRC, OUTBOUND_DST, Proxy
 from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.tls import Credentials
-from agent.telemetry.process import rss_bytes, tree_memory
+from agent.telemetry.process import own_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.workers.control import Channel
 
@@ -162,9 +162,9 @@ class Worker:
         if logs is not None:
             configure_logs(logs["level"], logs["format"], self.slot)
         # Every worker seals tickets with the supervisor's key: a ticket resumes on any worker.
-        self.credentials = await asyncio.to_thread(
-            Credentials.load, self.store, ticket_key, self.config.proxy.tls_resumption
-        )
+        # On the loop, not in a thread: nothing else runs before init, and a thread (with its
+        # stack, its malloc arena and the executor's pages it touches) would stay for good.
+        self.credentials = Credentials.load(self.store, ticket_key, self.config.proxy.tls_resumption)
         if self._later_key is not None:  # broadcast while the files loaded: newer than init's
             self.credentials.rotate_ticket_key(self.store, self._later_key)
         d = self._later_directory or _directory(directory)
@@ -235,12 +235,13 @@ class Worker:
         metrics = None
         if self.metrics is not None and proxy is not None:
             metrics = self.metrics.dump(proxy.live_legs())
+        pss, rss = own_memory()
         status: dict[str, Any] = {
             "pid": os.getpid(),
             "serial": self._serial(),
             "ticket_key_name": self.ticket_key_name,
-            "rss_mb": round(rss_bytes() / 2**20, 1),
-            "pss_mb": round(tree_memory([os.getpid()]).pss / 2**20, 1),
+            "rss_mb": round(rss / 2**20, 1),
+            "pss_mb": round(pss / 2**20, 1),
             "memory": dict(self.memory),
             "http_accounting_stopped": dict(http1.STOPPED),
         }
@@ -274,7 +275,8 @@ class Worker:
 def main(
     config: AgentConfig, slot: int, sockets: SlotSockets, chan: socket.socket, orig_dst: OrigDst | None = None
 ) -> NoReturn:
-    """A worker's whole life, in the process the forker just forked; ends in `os._exit`.
+    """A worker's whole life, in the process just forked (or started: agent/workers/fresh.py);
+    ends in `os._exit`.
     `orig_dst` replaces SO_ORIGINAL_DST (loopback tests, where nothing is intercepted)."""
     code = 1
     try:

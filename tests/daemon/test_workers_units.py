@@ -1,5 +1,6 @@
 """The parts of `proxy.workers` > 1 that need no network namespace: the control channel, the
-SO_REUSEPORT listeners, the forker, and a real worker draining on loopback.
+SO_REUSEPORT listeners, starting workers (forked at start, replaced by a new interpreter), and a
+real worker draining on loopback.
 
 Workers here are real forked processes on real loopback sockets; only SO_ORIGINAL_DST (there is
 no interception on loopback) is given by a fixed resolver, as in tests/proxy/test_mtls_loopback.py.
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, cast
 
+import psutil
 import pytest
 import uvloop
 
@@ -43,12 +45,12 @@ from agent.workers.forker import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
     SO_DETACH_REUSEPORT_BPF,
-    Forker,
     Listeners,
     SlotSockets,
+    Spawner,
     bind_listeners,
     describe_exit,
-    start_forker,
+    fork_workers,
 )
 from tests.support import issue_identity
 
@@ -98,10 +100,14 @@ def _read_greeting(s: socket.socket) -> tuple[int, int]:
     return int(slot), int(pid)
 
 
-def _reap(forker: Forker) -> int:
-    forker.close()
-    _pid, status = os.waitpid(forker.pid, 0)
-    return status
+def _reap(spawner: Spawner, *pids: int) -> None:
+    """Nothing more is started; every worker still running is killed and reaped (none left)."""
+    spawner.close()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 # --- the control channel ---------------------------------------------------------------------
@@ -208,18 +214,20 @@ def test_bind_listeners_transparent_needs_cap_net_admin() -> None:
     assert err.value.code == "transparent_not_permitted"
 
 
-# --- the forker ------------------------------------------------------------------------------
+# --- starting workers ------------------------------------------------------------------------
 
 
 def test_reuseport_spreads_and_a_killed_slot_keeps_its_queue() -> None:
     listeners = bind_listeners(LOOPBACK, 2, transparent=False)
-    forker = start_forker(listeners, _hello_worker)
+    spawner = fork_workers(listeners, _hello_worker, 2)
     port = listeners.listening["inbound"][1]
+    started: list[int] = []
 
     async def body() -> None:
         exits: asyncio.Queue[int] = asyncio.Queue()
-        forker.on_exit = lambda pid, _status, _cpu: exits.put_nowait(pid)
-        workers = [await forker.spawn(slot) for slot in (0, 1)]
+        spawner.on_exit = lambda pid, _status, _cpu: exits.put_nowait(pid)
+        workers = [await spawner.spawn(slot) for slot in (0, 1)]
+        started.extend(pid for pid, _chan in workers)
         pids = {slot: pid for slot, (pid, _chan) in enumerate(workers)}
         for slot, (pid, chan) in enumerate(workers):
             assert await chan.request("ping") == {"slot": slot, "pid": pid, "op": "ping"}
@@ -233,7 +241,8 @@ def test_reuseport_spreads_and_a_killed_slot_keeps_its_queue() -> None:
         os.kill(pids[0], signal.SIGKILL)
         with pytest.raises(WorkerGone):
             await workers[0][1].request("ping")
-        new_pid, _chan = await forker.spawn(0)  # on the same socket: the queue is still there
+        new_pid, _chan = await spawner.spawn(0)  # on the same socket: the queue is still there
+        started.append(new_pid)
         answers = []
         for s in held:
             with s:
@@ -246,7 +255,33 @@ def test_reuseport_spreads_and_a_killed_slot_keeps_its_queue() -> None:
     try:
         run(body)
     finally:
-        assert _reap(forker) == 0
+        _reap(spawner, *started)
+        listeners.close()
+
+
+def test_each_worker_holds_only_its_own_channel() -> None:
+    """Worker 1 is forked after worker 0's channel exists: it must not keep a copy of the
+    supervisor's end, or worker 0 would never see EOF when the supervisor closes (or dies)."""
+    listeners = bind_listeners(LOOPBACK, 2, transparent=False)
+    spawner = fork_workers(listeners, _hello_worker, 2)
+    started: list[int] = []
+
+    async def body() -> None:
+        exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        spawner.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
+        (pid0, chan0), (pid1, chan1) = [await spawner.spawn(slot) for slot in (0, 1)]
+        started.extend((pid0, pid1))
+        chan0.close()
+        exited, status = await exits.get()
+        assert exited == pid0 and describe_exit(status) == "exit 0"
+        assert (await chan1.request("ping"))["pid"] == pid1  # the other worker is untouched
+        chan1.close()
+        assert (await exits.get()) == (pid1, 0)
+
+    try:
+        run(body)
+    finally:
+        _reap(spawner, *started)
         listeners.close()
 
 
@@ -369,14 +404,16 @@ def test_steer_with_every_slot_up_reaches_every_slot_where_detach_is_refused() -
     assert outcome == b"ok", outcome.decode()
 
 
-def test_forker_reports_exit_status_and_cpu() -> None:
+def test_spawner_reports_exit_status_and_cpu_and_replaces_with_a_new_interpreter() -> None:
     listeners = bind_listeners(LOOPBACK, 1, transparent=False)
-    forker = start_forker(listeners, _hello_worker)
+    spawner = fork_workers(listeners, _hello_worker, 1)
+    started: list[int] = []
 
     async def body() -> None:
         reported: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
-        forker.on_exit = lambda pid, status, cpu: reported.put_nowait((pid, status, cpu))
-        pid, chan = await forker.spawn(0)
+        spawner.on_exit = lambda pid, status, cpu: reported.put_nowait((pid, status, cpu))
+        pid, chan = await spawner.spawn(0)
+        started.append(pid)
         os.kill(pid, signal.SIGKILL)
         exited, status, cpu_s = await reported.get()
         assert exited == pid
@@ -385,26 +422,31 @@ def test_forker_reports_exit_status_and_cpu() -> None:
         assert cpu_s >= 0
         await chan.wait_closed()
 
+        # The replacement is a new interpreter on the same socket, run by the same `main`.
+        pid, chan = await spawner.spawn(0)
+        started.append(pid)
+        assert "agent.workers.fresh" in psutil.Process(pid).cmdline()
+        assert await chan.request("ping", timeout=30) == {"slot": 0, "pid": pid, "op": "ping"}
+        assert _greeting(listeners.listening["inbound"][1]) == (0, pid)
         # A worker whose channel closes exits by itself: exit 0.
-        pid, chan = await forker.spawn(0)
         chan.close()
         exited, status, _cpu = await reported.get()
         assert exited == pid and describe_exit(status) == "exit 0"
-        assert forker.alive
+        assert spawner.alive and spawner.replaced == 1
 
     try:
         run(body)
     finally:
-        assert describe_exit(_reap(forker)) == "exit 0"  # EOF on the forker's channel ends it
+        _reap(spawner, *started)
         listeners.close()
 
 
 # --- a real worker ---------------------------------------------------------------------------
 
 
-def _real_worker(tmp_path: Path) -> tuple[Listeners, Forker, socket.socket, int]:
-    """A forker for one real worker (identity shop/db, a long drain) in front of a listening
-    app socket: (listeners, forker, app, the worker's inbound port)."""
+def _real_worker(tmp_path: Path) -> tuple[Listeners, Spawner, socket.socket, int]:
+    """One real worker forked at once (identity shop/db, a long drain) in front of a listening
+    app socket: (listeners, spawner, app, the worker's inbound port)."""
     issue_identity(tmp_path / "authority", "shop/db", tmp_path / "b")
     config = AgentConfig(
         identity=IdentitySettings(state_dir=tmp_path / "b"),
@@ -416,21 +458,23 @@ def _real_worker(tmp_path: Path) -> tuple[Listeners, Forker, socket.socket, int]
     app.listen()
     app_port = app.getsockname()[1]
     main = functools.partial(worker.main, config, orig_dst=lambda _sock: ("127.0.0.1", app_port))
-    forker = start_forker(listeners, main)
+    spawner = fork_workers(listeners, main, 1)
     port = listeners.listening["inbound"][1]
-    return listeners, forker, app, port
+    return listeners, spawner, app, port
 
 
 def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
     """EOF on the control channel (the supervisor is gone) drains: the worker accepts nothing
     more, but a relayed connection goes on until it ends, and only then does the worker exit."""
-    listeners, forker, app, port = _real_worker(tmp_path)
+    listeners, spawner, app, port = _real_worker(tmp_path)
+    started: list[int] = []
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
         exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-        forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
-        pid, chan = await forker.spawn(0)
+        spawner.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
+        pid, chan = await spawner.spawn(0)
+        started.append(pid)
         deny = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.DENY)))
         permissive = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
         key, next_key = os.urandom(80), os.urandom(80)
@@ -487,7 +531,7 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
     try:
         run(body, timeout=60)
     finally:
-        assert _reap(forker) == 0
+        _reap(spawner, *started)
         listeners.close()
         app.close()
 
@@ -495,13 +539,15 @@ def test_worker_drains_on_control_eof(tmp_path: Path) -> None:
 def test_worker_ignores_sigint_sighup_and_drains_on_sigterm(tmp_path: Path) -> None:
     """Ctrl-C and SIGHUP reach the whole process group: a worker ignores both. SIGTERM sent to
     a worker drains it (a relayed connection keeps going); a second SIGTERM cuts the drain."""
-    listeners, forker, app, port = _real_worker(tmp_path)
+    listeners, spawner, app, port = _real_worker(tmp_path)
+    started: list[int] = []
 
     async def body() -> None:
         loop = asyncio.get_running_loop()
         exits: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-        forker.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
-        pid, chan = await forker.spawn(0)
+        spawner.on_exit = lambda pid, status, _cpu: exits.put_nowait((pid, status))
+        pid, chan = await spawner.spawn(0)
+        started.append(pid)
         directory = Directory(Catalog([]), InboundPolicy(PortPolicy(DefaultPolicy.ALL_UNAUTHENTICATED)))
         await chan.request("init", timeout=20, directory=pickle.dumps(directory), ticket_key=None)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -527,7 +573,7 @@ def test_worker_ignores_sigint_sighup_and_drains_on_sigterm(tmp_path: Path) -> N
     try:
         run(body, timeout=60)
     finally:
-        assert _reap(forker) == 0
+        _reap(spawner, *started)
         listeners.close()
         app.close()
 
