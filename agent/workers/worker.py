@@ -32,7 +32,7 @@ from agent.proxy import http1
 from agent.proxy.listeners import INBOUND_SRC, OUTBOUND_DST, Proxy
 from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.tls import Credentials
-from agent.telemetry.process import own_memory
+from agent.telemetry.process import own_memory, return_free_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.workers.control import Channel
 
@@ -178,6 +178,7 @@ class Worker:
         self.proxy = proxy
         await proxy.start(sockets=self.sockets)
         self._spawn(self._return_memory(), "memory-return")
+        return_free_memory()  # what init allocated and freed: its free pages go back (~0.5 MB)
         self._ready.set()
         log.info("worker.ready", pid=os.getpid(), serial=self.credentials.identity.summary.serial)
         return {"pid": os.getpid(), "listening": dict(proxy.listening)}
