@@ -60,7 +60,7 @@ def memory(d: Daemon) -> dict[str, Any]:
     Σ RSS over the agent's processes."""
     out: dict[str, Any] = {"rss_mb": round(rss_bytes() / 2**20, 1), **d.state.memory}
     if isinstance(d.proxy, WorkerPool) and d.workers is not None:
-        tree = tree_memory([os.getpid(), d.workers.forker.pid, *d.proxy.pids()])
+        tree = tree_memory([os.getpid(), *d.proxy.pids()])
         out.update(pss_total_mb=round(tree.pss / 2**20, 1), rss_total_mb=round(tree.rss / 2**20, 1))
     return out
 

@@ -345,17 +345,17 @@ def test_idle_memory_by_workers(mesh: Mesh) -> None:
         time.sleep(1.0)
         assert b.proc is not None
         main = psutil.Process(b.proc.pid)
-        # The agent, its forker and workers (forked copies: the same command line), not a
-        # short-lived helper it runs (nft, conntrack) that a scan might catch.
+        # The agent and its workers (forked copies: the same command line), not a short-lived
+        # helper it runs (nft, conntrack) that a scan might catch.
         procs = [p for p in (main, *main.children(recursive=True)) if p.cmdline() == main.cmdline()]
-        assert len(procs) == (1 if workers == 1 else workers + 2), procs
+        assert len(procs) == (1 if workers == 1 else workers + 1), procs
         pss[workers] = sum(p.memory_full_info().pss for p in procs) / 2**20
         assert b.stop() == 0
     print("idle Σ PSS (MB) by workers:", {k: round(v, 1) for k, v in pss.items()})
     assert pss[1] < 40  # inline: the goal
     assert (pss[4] - pss[2]) / 2 < 15  # each worker past the second: the goal (measured ~8-10)
-    # Leaving inline mode costs a forker and a supervisor that keeps its own imports and state
-    # beside two workers: measured ~29 MB (the design's estimate was ~12).
+    # Leaving inline mode costs a supervisor beside the workers (no forker since #19's memory
+    # work): see the README's Workers section for the measured step.
     assert pss[2] - pss[1] < 40
 
 
