@@ -34,6 +34,7 @@ from typing import Any, Final, NoReturn
 from agent.errors import ListenError, MeshagentError, listen_error
 from agent.logs import get_logger
 from agent.proxy.listeners import ListenerSettings
+from agent.telemetry.process import return_free_memory
 from agent.workers.control import Channel
 
 log = get_logger("meshagent.workers")
@@ -249,6 +250,10 @@ def fork_workers(listeners: Listeners, main: WorkerMain, count: int) -> Spawner:
     a new interpreter: see `Spawner`)."""
     gc.collect()  # (before the freeze: nothing collectable is kept out of reach for good)
     gc.freeze()
+    # Free heap pages that stay resident would be shared, then copied by each process that
+    # allocates into them; given back now, each process's allocations take fresh pages instead
+    # (measured: Σ PSS with 2 workers 41.3-41.5 -> 40.2 MB).
+    return_free_memory()
     pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(count)]
     first: dict[int, tuple[int, socket.socket]] = {}
     try:
