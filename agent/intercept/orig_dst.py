@@ -14,12 +14,12 @@ its own listener (via="socket" and port == its own port) instead of looping to i
 
 from __future__ import annotations
 
+import _socket
 import errno
-import ipaddress
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
@@ -52,16 +52,29 @@ def _v6(raw: bytes) -> tuple[str, int]:
 
 
 def _unmapped(host: str) -> str:
-    ip = ipaddress.ip_address(host.split("%")[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    """A local address as conntrack knows it: an IPv4-mapped IPv6 address in its IPv4 form, and
+    without a %zone (string work only: this runs for every accepted connection)."""
+    host = host.partition("%")[0]
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
 
 
-def original_dst(sock: socket.socket) -> OriginalDst:
-    """The destination the client asked for, for an accepted TCP socket."""
+def original_dst(sock: Any) -> OriginalDst:
+    """The destination the client asked for, for an accepted TCP socket (a socket, or the
+    event loop's stand-in for one: anything with `fileno()` and `family`)."""
+    # One bare socket object on the same descriptor for both calls, detached after: uvloop's
+    # stand-in makes (and detaches) a full Python socket for each call it forwards.
+    fd = _socket.socket(sock.family, socket.SOCK_STREAM, 0, sock.fileno())
+    try:
+        return _ask(fd)
+    finally:
+        fd.detach()  # the descriptor is the caller's: never closed here
+
+
+def _ask(sock: _socket.socket) -> OriginalDst:
     local = sock.getsockname()
-    host = _unmapped(local[0])
+    host, port = _unmapped(local[0]), int(local[1])
     try:
         if sock.family == socket.AF_INET or ":" not in host:
             raw = sock.getsockopt(SOL_IP, SO_ORIGINAL_DST, _SOCKADDR_IN.size)
@@ -72,7 +85,7 @@ def original_dst(sock: socket.socket) -> OriginalDst:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
-        return OriginalDst(host, int(local[1]), "socket")
-    if (orig_host, orig_port) == (host, int(local[1])):
-        return OriginalDst(host, int(local[1]), "socket")
+        return OriginalDst(host, port, "socket")
+    if orig_host == host and orig_port == port:
+        return OriginalDst(host, port, "socket")
     return OriginalDst(orig_host, orig_port, "nat")
