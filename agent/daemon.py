@@ -39,13 +39,11 @@ from agent.identity.transport import resolve_proxy
 from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
 from agent.intercept.authority import enrolled as enrolled_authority
 from agent.intercept.conntrack import clear_stale
-from agent.intercept.orig_dst import original_dst
 from agent.intercept.plan import Plan, build_plan
 from agent.logs import configure, get_logger
 from agent.proxy.catalog import CatalogEntry
-from agent.proxy.decisions import ServedPorts
 from agent.proxy.directory import Directory, Rejected, merge
-from agent.proxy.listeners import ListenerSettings, Proxy
+from agent.proxy.listeners import Proxy
 from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.ticket_keys import new_ticket_key
@@ -60,6 +58,7 @@ from agent.telemetry.process import render_process, return_free_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.telemetry.stat import StatWindow
 from agent.workers.pool import WorkerPool
+from agent.workers.settings import listener_settings, orig_dst
 
 if TYPE_CHECKING:
     from agent.dns.service import DnsService
@@ -173,55 +172,6 @@ def local_directory(config: AgentConfig) -> tuple[list[CatalogEntry], InboundPol
     default = PortPolicy(DefaultPolicy(config.inbound.default_policy))
     ports = {p.port: PortPolicy(DefaultPolicy(p.policy), p.allow) for p in config.inbound.ports}
     return entries, InboundPolicy(default, ports)
-
-
-def listener_settings(config: AgentConfig) -> ListenerSettings:
-    p, i = config.proxy, config.intercept
-    return ListenerSettings(
-        inbound=(p.listen, i.inbound_port),
-        outbound=(p.listen, i.outbound_port),
-        mark=i.proxy_mark,
-        # TPROXY hands a captured connection only to a socket with IP_TRANSPARENT.
-        transparent=i.inbound_mode == "tproxy",
-        connect_timeout_s=p.connect_timeout_s,
-        handshake_timeout_s=p.handshake_timeout_s,
-        detect_timeout_s=p.detect_timeout_s,
-        skip_detect_ports=frozenset(p.skip_detect_ports),
-        unmeshed_outbound="refuse" if p.unmeshed_outbound == "refuse" else "pass",
-        http_accounting=config.telemetry.metrics and config.telemetry.http_accounting,
-        idle_timeout_s=p.idle_timeout_s,
-        max_handshakes=p.max_handshakes,
-        tls_resumption=p.tls_resumption,
-        http_routes=p.http_routes,
-        http_pool_idle_s=p.http_pool_idle_s,
-        http_pool_max_idle=p.http_pool_max_idle,
-        http_retry_buffer_total=p.http_retry_buffer_total,
-        direct=True,
-        served_ports=served_ports(config),
-    )
-
-
-def served_ports(config: AgentConfig) -> ServedPorts:
-    """The app ports a transport header may name: those interception captures inbound
-    (intercept.inbound_ports, all when empty), without the skipped ones, SSH unless captured,
-    and never the proxy's own listeners or the admin port."""
-    i = config.intercept
-    excluded = [
-        *_ranges(i.inbound_skip_ports),
-        *((p, p) for p in (i.inbound_port, i.outbound_port, i.admin_port)),
-    ]
-    if not i.capture_ssh:
-        excluded += _ranges(i.ssh_ports)
-    return ServedPorts(tuple(_ranges(i.inbound_ports)), tuple(excluded))
-
-
-def _ranges(specs: tuple[int | str, ...]) -> list[tuple[int, int]]:
-    """Validated port specs (8080 or "8000-8100") as (first, last) ranges."""
-    out = []
-    for spec in specs:
-        lo, _, hi = str(spec).partition("-")
-        out.append((int(lo), int(hi or lo)))
-    return out
 
 
 def raise_nofile_limit() -> int:
@@ -506,7 +456,7 @@ class Daemon:
                 self.credentials,
                 directory.policy,
                 directory.catalog,
-                lambda sock: _orig_dst(sock),
+                lambda sock: orig_dst(sock),
                 self.metrics,
             )
             # Peers revoked in the cache are refused before the first fetch (a restart while cut off).
@@ -865,11 +815,6 @@ class Daemon:
 
 def _prometheus(lines: Iterable[str]) -> Reply:
     return Reply(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
-
-
-def _orig_dst(sock: Any) -> tuple[str, int]:
-    dst = original_dst(sock)
-    return dst.host, dst.port
 
 
 # SIGTERM/SIGINT that arrive after run_daemon starts but before the loop's handlers exist.

@@ -444,10 +444,14 @@ class Spawner:
 def _start_fresh(spec_fd: int, fds: list[int]) -> subprocess.Popen[bytes]:
     """`python -m agent.workers.fresh SPEC_FD` with `fds` and the spec pipe inherited. Popen is
     a fork-exec that is safe with threads running; no other fd of the supervisor is inherited."""
-    # -P: the agent's working directory is not put on sys.path (a checkout there named `agent`
-    # must not replace the installed code); the environment (PYTHONPATH) is the agent's.
+    # The same code as the supervisor's: its sys.path[0] (the directory `python -m` started in,
+    # or the `meshagent` script's) first, not the working directory (-P); PYTHONPATH after it.
+    env = dict(os.environ)
+    first = os.path.abspath(sys.path[0]) if sys.path else ""
+    if first:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (first, env.get("PYTHONPATH", "")) if p)
     return subprocess.Popen(
-        [sys.executable, "-P", "-m", "agent.workers.fresh", str(spec_fd)], pass_fds=[spec_fd, *fds]
+        [sys.executable, "-P", "-m", "agent.workers.fresh", str(spec_fd)], pass_fds=[spec_fd, *fds], env=env
     )
 
 

@@ -35,6 +35,7 @@ from agent.proxy.tls import Credentials
 from agent.telemetry.process import own_memory, return_free_memory
 from agent.telemetry.proxy_metrics import ProxyMetrics
 from agent.workers.control import Channel
+from agent.workers.settings import listener_settings, orig_dst
 
 if TYPE_CHECKING:
     from agent.config import AgentConfig
@@ -156,8 +157,6 @@ class Worker:
         raise ValueError(f"unknown op {op!r}")
 
     async def _init(self, directory: Any, ticket_key: bytes | None = None, **more: Any) -> dict[str, Any]:
-        from agent.daemon import _orig_dst, listener_settings  # the daemon imports the pool
-
         logs = more.get("log")
         if logs is not None:
             configure_logs(logs["level"], logs["format"], self.slot)
@@ -172,7 +171,7 @@ class Worker:
         if more.get("max_handshakes"):  # this worker's share of the agent-wide limit
             settings = dataclasses.replace(settings, max_handshakes=int(more["max_handshakes"]))
         proxy = Proxy(
-            settings, self.credentials, d.policy, d.catalog, self.orig_dst or _orig_dst, self.metrics
+            settings, self.credentials, d.policy, d.catalog, self.orig_dst or orig_dst, self.metrics
         )
         proxy.apply(d)
         self.proxy = proxy
