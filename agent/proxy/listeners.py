@@ -23,7 +23,6 @@ import asyncio
 import errno
 import os
 import socket
-import ssl
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -66,14 +65,15 @@ from .http_dispatch import RouterContext
 from .originate import Failed, originate
 from .originate import handshake as _handshake
 from .originate import tls_reason as _tls_reason
+from .peer_certs import PeerCert, PeerCertCache
 from .policy import InboundPolicy
 from .relay import Leg, TlsLeg
-from .revocation import PeerConnection, PeerConnections, RevokedSet, cert_serial
+from .revocation import PeerConnection, PeerConnections, RevokedSet
 from .routed_detect import FallbackReason, RoutedConn, RoutedDetect, RouterFactory
 from .routes import ParentPolicy, RouteTable
 from .services import Balancer, EndpointPort, Pick, ServicePort, ServiceTable
 from .sessions import SessionCache
-from .tls import Credentials, peer_identity
+from .tls import Credentials
 from .transport_header import HeaderReader, HeaderRefused, TransportHeader
 
 log = get_logger("meshagent.proxy")
@@ -269,6 +269,8 @@ class Proxy:
         # Outbound TLS sessions for resumption (only verified, unrevoked servers'): emptied when
         # the revoked set or our credentials change.
         self.sessions = SessionCache()
+        # Verified peer certificates' facts (identity, serial, notAfter), read once per certificate.
+        self.peer_certs = PeerCertCache()
         self.revoked_log = Throttled(log, "connection.revoked")
         self.stats = ProxyStats()
         self._servers: list[asyncio.AbstractServer] = []
@@ -876,21 +878,12 @@ def _denied(proxy: Proxy, key: str) -> None:
         proxy.metrics.authz_deny.child(key).value += 1
 
 
-def _expired(cert: dict[str, Any] | None) -> bool:
-    """Whether a (resumed session's) peer certificate is past its notAfter, or says no date."""
-    try:
-        return ssl.cert_time_to_seconds((cert or {})["notAfter"]) <= time.time()
-    except (KeyError, ValueError):
-        return True
-
-
-def _client(cert: dict[str, Any] | None) -> Client:
-    peer = peer_identity(cert)
+def _client(cert: PeerCert) -> Client:
+    peer = cert.identity
     if peer is None:
         return Client(None, None)
     # Linkerd's identity controller issues the DNS SAN alone: such a client may upgrade HTTP/1.
-    has_uri = any(kind == "URI" for kind, _ in (cert or {}).get("subjectAltName", ()))
-    return Client(peer.spiffe_id, peer.label, may_upgrade=not has_uri)
+    return Client(peer.spiffe_id, peer.label, may_upgrade=not cert.has_uri)
 
 
 async def _inbound_mtls(
@@ -908,13 +901,13 @@ async def _inbound_mtls(
         tls.abort()
         return
     ctx = proxy.inbound_context()
-    cert = tls.peer_cert
+    cert = proxy.peer_certs.lookup(tls.sslobj)
     client = _client(cert)
-    serial = cert_serial(cert)
+    serial = cert.serial
     resumed = tls.sslobj.session_reused
     # OpenSSL does not re-check the certificate a resumed session carries: its expiry is ours
-    # to check (identity and revocation are checked as on a full handshake).
-    if resumed and _expired(cert):
+    # to check, against the clock now (identity and revocation are checked as on a full handshake).
+    if resumed and cert.expired(time.time()):
         proxy.refuse(
             "inbound",
             "resumed_identity_expired",

@@ -14,15 +14,16 @@ import contextlib
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from agent.logs import get_logger
 
 from .decisions import Originate, Passthrough
+from .peer_certs import NO_CERT
 from .relay import Leg, TlsLeg
-from .revocation import PeerConnection, cert_serial
+from .revocation import PeerConnection
 from .sessions import SessionCache, SessionKey
-from .tls import peer_identity, verify_server_identity
+from .tls import wrong_server
 from .transport_header import ALPN, SessionProtocol, TransportHeader, encode
 
 if TYPE_CHECKING:
@@ -93,9 +94,9 @@ async def originate(
         failure = await handshake(tls, proxy.settings.handshake_timeout_s)
     except (OSError, TimeoutError) as exc:
         failure = exc.with_traceback(None)
-    cert = tls.peer_cert if failure is None else None
-    wrong = verify_server_identity(cert, action.identity) if failure is None else None
-    serial = cert_serial(cert)
+    cert = proxy.peer_certs.lookup(tls.sslobj) if failure is None else NO_CERT
+    wrong = wrong_server(cert.identity, action.identity) if failure is None else None
+    serial = cert.serial
     matched = None
     if failure is None and wrong is None and proxy.revoked:
         matched = proxy.revoked.match(action.identity, serial)  # (the server proved action.identity)
@@ -130,8 +131,8 @@ async def originate(
     if tls.sslobj.session_reused:
         proxy.tls_resumed("outbound")
     elif key is not None:  # verified and not revoked: its ticket may be kept
-        tls.on_ticket = _keep_session(proxy.sessions, key, context, cert)
-    server = peer_identity(cert)
+        tls.on_ticket = _keep_session(proxy.sessions, key, context, cert.not_after)
+    server = cert.identity
     server_label = server.label if server is not None else None
     if not tls.closed:  # (else nothing would ever take it out again)
         label = server_label if server_label is not None else action.identity
@@ -141,17 +142,13 @@ async def originate(
 
 
 def _keep_session(
-    sessions: SessionCache, key: SessionKey, context: ssl.SSLContext, cert: dict[str, Any] | None
+    sessions: SessionCache, key: SessionKey, context: ssl.SSLContext, cert_not_after: float
 ) -> Callable[[ssl.SSLSession], None]:
-    """The capture a verified outbound leg calls once with its ticketed session."""
-    not_after: float
-    try:
-        not_after = ssl.cert_time_to_seconds((cert or {})["notAfter"])
-    except (KeyError, ValueError):
-        not_after = 0.0  # no date: never kept
+    """The capture a verified outbound leg calls once with its ticketed session (kept until
+    `cert_not_after` at the latest: 0.0, a certificate without a date, is never kept)."""
 
     def keep(session: ssl.SSLSession) -> None:
-        sessions.put(key, session, context, not_after)
+        sessions.put(key, session, context, cert_not_after)
 
     return keep
 

@@ -157,7 +157,11 @@ def verify_server_identity(cert: dict[str, Any] | None, expected_spiffe_id: str)
     either SAN form (a Linkerd pod has only the DNS SAN), else a short reason."""
     if not cert:
         return "no certificate"
-    peer = peer_identity(cert)
+    return wrong_server(peer_identity(cert), expected_spiffe_id)
+
+
+def wrong_server(peer: PeerIdentity | None, expected_spiffe_id: str) -> str | None:
+    """`verify_server_identity` from the identity the certificate proves (peer_certs.py)."""
     if peer is None:
         return "no single mesh identity in the certificate"
     if peer.spiffe_id != expected_spiffe_id:
