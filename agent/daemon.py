@@ -857,8 +857,14 @@ def run_daemon(config: AgentConfig) -> int:
     # 1: the proxy runs in this process (no worker process).
     workers = start_workers(config, count) if count > 1 else None
     try:
-        import uvloop
+        try:
+            import uvloop
 
-        return uvloop.run(Daemon(config, workers).run())
-    except ImportError:
-        return asyncio.run(Daemon(config, workers).run())
+            return uvloop.run(Daemon(config, workers).run())
+        except ImportError:
+            return asyncio.run(Daemon(config, workers).run())
+    finally:
+        if workers is not None:
+            # A start that failed before the pool took the workers forked at start (no
+            # identity, a busy admin port): they end now, silently, not after this exits.
+            workers.forker.close()

@@ -435,9 +435,9 @@ class Spawner:
         """Nothing more is started. Running workers are not touched (their exits are still
         reaped and reported while the loop runs)."""
         for pid, ours in self._first.values():  # forked at start, never handed to the pool
-            ours.close()
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)  # (before the close: an EOF would have it log, drain)
+            ours.close()
         self._first.clear()
 
 
