@@ -316,6 +316,7 @@ class Proxy:
         self._peak_legs = 0  # most legs open at once since take_peak(): see the memory task
         self._context: InboundContext | None = None
         self._context_listeners = 0  # how many listeners the cached context knew
+        self._context_workload: object = None  # the identity it was built for (compared by `is`)
 
     def inbound_context(self) -> InboundContext:
         """What inbound decisions read, rebuilt when the policy or the identity is replaced
@@ -326,10 +327,11 @@ class Proxy:
         if (
             ctx is None
             or ctx.policy is not self.policy
-            or ctx.our_name != workload.dns_name
+            or self._context_workload is not workload  # (dns_name would format a string per call)
             or self._context_listeners != len(self.listening)
         ):
             self._context_listeners = len(self.listening)
+            self._context_workload = workload
             own = tuple((port, port) for _, port in self.listening.values())
             served = self.settings.served_ports
             ctx = self._context = InboundContext(
