@@ -75,7 +75,7 @@ _socket_layout: bool | None = None  # checked on the first offer
 
 class KeptSession:
     """A verified server's session, kept for resumption. `private` is its own SSL_SESSION copy
-    (0: the standard path, offering `session` through CPython)."""
+    (0: not made); `session` is offered through CPython whenever the copy cannot be."""
 
     __slots__ = ("context", "private", "session", "ticket_lifetime_hint", "timeout")
 
@@ -84,7 +84,7 @@ class KeptSession:
         self.ticket_lifetime_hint = session.ticket_lifetime_hint
         self.timeout = session.timeout
         self.private = _private_copy(session, context)
-        self.session: ssl.SSLSession | None = None if self.private else session
+        self.session = session  # CPython's way, when the private copy cannot be offered
 
     def __del__(self) -> None:
         if self.private and _LIB is not None:
@@ -95,8 +95,7 @@ class KeptSession:
         """Make `sslobj` (a client of `context`, before its handshake) offer this session."""
         if self.private and _offer_private(sslobj, self.private, self.context):
             return
-        if self.session is not None:
-            sslobj.session = self.session  # CPython's own way (the costly copy)
+        sslobj.session = self.session  # CPython's own way (the costly copy)
 
 
 def _private_copy(session: ssl.SSLSession, context: ssl.SSLContext) -> int:

@@ -50,6 +50,7 @@ def _connect(
     server: ssl.SSLContext,
     session: ssl.SSLSession | None = None,
     kept: KeptSession | None = None,
+    read_ticket: bool = True,
 ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A full (or resumed: `session` offered by CPython, `kept` as the proxy offers it) handshake
     between the two contexts, then one record from the server, which brings the client its ticket."""
@@ -71,6 +72,8 @@ def _connect(
         if all(done):
             break
     assert all(done), "the handshake did not finish"
+    if not read_ticket:  # the connection ends here: its session is still the one offered
+        return c, s
     s.write(b"x")
     ci.write(so.read())
     assert c.read(1) == b"x"
@@ -222,12 +225,30 @@ def test_a_kept_session_resumes_after_its_connection_ended_without_close_notify(
     del c, s  # the first connection ends without close_notify
     gc.collect()
     for _ in range(3):
-        c, s = _connect(client, server, kept=kept)
+        # Each ends before the server's new ticket arrives (which would replace the session the
+        # connection holds): had the offer handed over the kept session itself, this end would
+        # mark it not resumable and the next round would make a full handshake.
+        c, s = _connect(client, server, kept=kept, read_ticket=False)
         assert c.session_reused and s.session_reused
         assert peer_identity(s.getpeercert()) == peer_identity(_connect(client, server)[1].getpeercert())
         del c, s
         gc.collect()
     assert session_offer.fast() is True
+
+
+def test_a_private_copy_that_cannot_be_offered_falls_back_to_cpython(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session layout that checks out with a socket layout that does not: CPython's copy."""
+    a, b = _identities(tmp_path)
+    client, server = client_context(a), server_context(b)
+    c, _ = _connect(client, server)
+    assert c.session is not None
+    kept = KeptSession(c.session, client)
+    assert kept.private
+    monkeypatch.setattr(session_offer, "_socket_layout", False)  # as a failed socket check leaves it
+    c2, s2 = _connect(client, server, kept=kept)
+    assert c2.session_reused and s2.session_reused
 
 
 def test_a_session_from_another_context_is_offered_the_standard_way(tmp_path: Path) -> None:
