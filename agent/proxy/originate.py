@@ -22,6 +22,7 @@ from .decisions import Originate, Passthrough
 from .peer_certs import NO_CERT
 from .relay import Leg, TlsLeg
 from .revocation import PeerConnection
+from .session_offer import KeptSession
 from .sessions import SessionCache, SessionKey
 from .tls import wrong_server
 from .transport_header import ALPN, SessionProtocol, TransportHeader, encode
@@ -143,11 +144,11 @@ async def originate(
 
 def _keep_session(
     sessions: SessionCache, key: SessionKey, context: ssl.SSLContext, cert_not_after: float
-) -> Callable[[ssl.SSLSession], None]:
+) -> Callable[[KeptSession], None]:
     """The capture a verified outbound leg calls once with its ticketed session (kept until
     `cert_not_after` at the latest: 0.0, a certificate without a date, is never kept)."""
 
-    def keep(session: ssl.SSLSession) -> None:
+    def keep(session: KeptSession) -> None:
         sessions.put(key, session, context, cert_not_after)
 
     return keep

@@ -22,7 +22,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
-from .session_offer import KeptSession
+from .session_offer import KeptSession, ticketed
 
 READ_SIZE = 16 * 1024  # one TLS record at most: a larger buffer is an mmap+munmap per read (glibc threshold)
 WRITE_HIGH_WATER = 512 * 1024
@@ -229,7 +229,7 @@ class TlsLeg(Leg):
             session.offer(self.sslobj)  # (not wrap_bio's session=: it copies at ~370 µs)
         # Client side, set once the server's identity was checked: called once with the session
         # when the server's ticket has arrived (post-handshake, read with the first records).
-        self.on_ticket: Callable[[ssl.SSLSession], object] | None = None
+        self.on_ticket: Callable[[KeptSession], object] | None = None
         self.ticket_reads = TICKET_READS
         self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_error: BaseException | None = None
@@ -344,11 +344,11 @@ class TlsLeg(Leg):
             self._take_ticket()
 
     def _take_ticket(self) -> None:
-        session = self.sslobj.session
-        if session is not None and session.has_ticket:
+        kept = ticketed(self.sslobj)
+        if kept is not None:
             on_ticket, self.on_ticket = self.on_ticket, None
             if on_ticket is not None:
-                on_ticket(session)
+                on_ticket(kept)
             return
         self.ticket_reads -= 1
         if self.ticket_reads <= 0:  # a server that sends no ticket: stop looking

@@ -55,6 +55,16 @@ class _LibSsl:
         self.set_session = lib.SSL_set_session
         self.set_session.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
         self.set_session.restype = ctypes.c_int
+        self.get0_session = lib.SSL_get_session  # (SSL_get0_session is a macro for it: no reference taken)
+        self.get0_session.argtypes, self.get0_session.restype = [ctypes.c_void_p], ctypes.c_void_p
+        self.session_has_ticket = lib.SSL_SESSION_has_ticket
+        self.session_has_ticket.argtypes = [ctypes.c_void_p]
+        self.session_has_ticket.restype = ctypes.c_int
+        self.session_lifetime_hint = lib.SSL_SESSION_get_ticket_lifetime_hint
+        self.session_lifetime_hint.argtypes = [ctypes.c_void_p]
+        self.session_lifetime_hint.restype = ctypes.c_ulong
+        self.session_timeout = lib.SSL_SESSION_get_timeout
+        self.session_timeout.argtypes, self.session_timeout.restype = [ctypes.c_void_p], ctypes.c_long
 
 
 def _word(address: int) -> int:
@@ -75,7 +85,8 @@ _socket_layout: bool | None = None  # checked on the first offer
 
 class KeptSession:
     """A verified server's session, kept for resumption. `private` is its own SSL_SESSION copy
-    (0: not made); `session` is offered through CPython whenever the copy cannot be."""
+    (0: not made); `session`, when there is one, is offered through CPython whenever the copy
+    cannot be."""
 
     __slots__ = ("context", "private", "session", "ticket_lifetime_hint", "timeout")
 
@@ -84,7 +95,20 @@ class KeptSession:
         self.ticket_lifetime_hint = session.ticket_lifetime_hint
         self.timeout = session.timeout
         self.private = _private_copy(session, context)
-        self.session = session  # CPython's way, when the private copy cannot be offered
+        self.session: ssl.SSLSession | None = session  # CPython's way, when the copy cannot be offered
+
+    @classmethod
+    def _copied(cls, pointer: int, context: ssl.SSLContext) -> KeptSession | None:
+        """Kept from a connection's own SSL_SESSION (no CPython object: see `ticketed`)."""
+        assert _LIB is not None
+        private = int(_LIB.session_dup(pointer) or 0)
+        if not private:
+            return None
+        kept = cls.__new__(cls)
+        kept.context, kept.private, kept.session = context, private, None
+        kept.ticket_lifetime_hint = int(_LIB.session_lifetime_hint(private))
+        kept.timeout = int(_LIB.session_timeout(private))
+        return kept
 
     def __del__(self) -> None:
         if self.private and _LIB is not None:
@@ -95,7 +119,8 @@ class KeptSession:
         """Make `sslobj` (a client of `context`, before its handshake) offer this session."""
         if self.private and _offer_private(sslobj, self.private, self.context):
             return
-        sslobj.session = self.session  # CPython's own way (the costly copy)
+        if self.session is not None:
+            sslobj.session = self.session  # CPython's own way (the costly copy)
 
 
 def _private_copy(session: ssl.SSLSession, context: ssl.SSLContext) -> int:
@@ -111,20 +136,29 @@ def _private_copy(session: ssl.SSLSession, context: ssl.SSLContext) -> int:
     return int(_LIB.session_dup(pointer) or 0)
 
 
-def _offer_private(sslobj: ssl.SSLObject, private: int, context: ssl.SSLContext) -> bool:
-    """SSL_set_session(sslobj's SSL, a copy of `private`); False when not possible."""
+def _ssl_pointer(sslobj: ssl.SSLObject, context: ssl.SSLContext) -> int:
+    """`sslobj`'s SSL * when its layout checks out (made by `context`), else 0."""
     global _socket_layout
-    assert _LIB is not None
+    if _LIB is None or _socket_layout is False:
+        return 0
     sslsocket = sslobj._sslobj  # type: ignore[attr-defined]
     if _word(id(sslsocket) + _SOCKET_CTX) != id(context):  # (a word inside the object: safe to read)
-        return False
+        return 0
     ssl_ptr = _word(id(sslsocket) + _SOCKET_SSL)
     if _socket_layout is None:  # once: the SSL's SSL_CTX is the context's
         _socket_layout = bool(ssl_ptr) and _LIB.get_ssl_ctx(ssl_ptr) == _word(id(context) + _CONTEXT_CTX)
         if not _socket_layout:
             log.info("tls.session_offer_standard", reason="SSL_get_SSL_CTX does not match the context")
-    if not _socket_layout or not ssl_ptr:
+            return 0
+    return ssl_ptr
+
+
+def _offer_private(sslobj: ssl.SSLObject, private: int, context: ssl.SSLContext) -> bool:
+    """SSL_set_session(sslobj's SSL, a copy of `private`); False when not possible."""
+    ssl_ptr = _ssl_pointer(sslobj, context)
+    if not ssl_ptr:
         return False
+    assert _LIB is not None
     copy = _LIB.session_dup(private)  # this connection's own: its end cannot mark the kept one
     if not copy:
         return False
@@ -132,6 +166,23 @@ def _offer_private(sslobj: ssl.SSLObject, private: int, context: ssl.SSLContext)
         return bool(_LIB.set_session(ssl_ptr, copy))  # (takes its own reference)
     finally:
         _LIB.session_free(copy)
+
+
+def ticketed(sslobj: ssl.SSLObject) -> KeptSession | None:
+    """The client connection's session, kept, once the server's ticket has arrived (None before,
+    and when the server sends none). Read through its SSL_SESSION: CPython's `sslobj.session`
+    getter copies by encoding and decoding too (~190 µs), and a connection may look after each of
+    its first reads."""
+    context = sslobj.context
+    ssl_ptr = _ssl_pointer(sslobj, context)
+    if not ssl_ptr:
+        session = sslobj.session  # CPython's way
+        return KeptSession(session, context) if session is not None and session.has_ticket else None
+    assert _LIB is not None
+    pointer = _LIB.get0_session(ssl_ptr)
+    if not pointer or not _LIB.session_has_ticket(pointer):
+        return None
+    return KeptSession._copied(pointer, context)
 
 
 def fast() -> bool | None:

@@ -59,19 +59,19 @@ class SessionCache:
     def put(
         self,
         key: SessionKey,
-        session: ssl.SSLSession,
+        session: KeptSession,
         context: ssl.SSLContext,
         cert_not_after: float,
         now: float | None = None,
     ) -> None:
-        """Keep `session` (it carries a ticket) until the server certificate or the ticket
-        expires."""
+        """Keep `session` (it carries a ticket; `context` made it) until the server certificate
+        or the ticket expires."""
         start = time.time() if now is None else now
         hint = session.ticket_lifetime_hint or session.timeout
         not_after = min(cert_not_after, start + hint)
         if not_after <= start:
             return
-        self._entries[key] = _Entry(KeptSession(session, context), context, not_after)
+        self._entries[key] = _Entry(session, context, not_after)
         self._entries.move_to_end(key)
         if len(self._entries) > self.limit:
             self._entries.popitem(last=False)

@@ -198,7 +198,7 @@ def test_session_cache_is_bounded_and_bound_to_its_context(tmp_path: Path) -> No
     cache = SessionCache(limit=3)
     now = time.time()
     for i in range(5):
-        cache.put(("198.18.0.1", i, DB, None), session, client, now + 60, now=now)
+        cache.put(("198.18.0.1", i, DB, None), KeptSession(session, client), client, now + 60, now=now)
     assert len(cache) == 3
     assert cache.get(("198.18.0.1", 0, DB, None), client, now=now) is None  # least recent: gone
     kept = cache.get(("198.18.0.1", 4, DB, None), client, now=now)
@@ -207,7 +207,8 @@ def test_session_cache_is_bounded_and_bound_to_its_context(tmp_path: Path) -> No
     assert cache.get(("198.18.0.1", 3, DB, None), client_context(a), now=now) is None
     assert cache.get(("198.18.0.1", 2, DB, None), client, now=now + 61) is None
     assert len(cache) == 1
-    cache.put(("198.18.0.1", 9, DB, None), session, client, now - 1, now=now)  # an expired cert
+    expired_cert = now - 1
+    cache.put(("198.18.0.1", 9, DB, None), KeptSession(session, client), client, expired_cert, now=now)
     assert len(cache) == 1
 
 
@@ -249,6 +250,33 @@ def test_a_private_copy_that_cannot_be_offered_falls_back_to_cpython(
     monkeypatch.setattr(session_offer, "_socket_layout", False)  # as a failed socket check leaves it
     c2, s2 = _connect(client, server, kept=kept)
     assert c2.session_reused and s2.session_reused
+
+
+def test_a_ticketed_session_is_kept_from_the_connection_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ticketed` finds the server's ticket without CPython's getter (which copies by encoding
+    and decoding): None before the ticket arrives and from a server that sends none; the kept
+    copy resumes. With the layout check failed, CPython's getter gives the same answer."""
+    a, b = _identities(tmp_path)
+    client, server = client_context(a), server_context(b)
+    early, _ = _connect(client, server, read_ticket=False)
+    assert session_offer.ticketed(early) is None  # the ticket has not been read yet
+    silent, _ = _connect(client, server_context(b, tickets=False))
+    assert session_offer.ticketed(silent) is None
+    c, _ = _connect(client, server)
+    kept = session_offer.ticketed(c)
+    assert kept is not None and kept.private and kept.session is None and kept.context is client
+    assert kept.ticket_lifetime_hint > 0
+    del c
+    gc.collect()
+    c2, s2 = _connect(client, server, kept=kept)
+    assert c2.session_reused and s2.session_reused
+    monkeypatch.setattr(session_offer, "_socket_layout", False)
+    standard = session_offer.ticketed(c2)
+    assert standard is not None and standard.session is not None
+    c3, s3 = _connect(client, server, kept=standard)
+    assert c3.session_reused and s3.session_reused
 
 
 def test_a_session_from_another_context_is_offered_the_standard_way(tmp_path: Path) -> None:
