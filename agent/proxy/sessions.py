@@ -22,7 +22,7 @@ from typing import Final
 
 from .session_offer import KeptSession
 
-MAX_SESSIONS: Final = 1024  # ~3 KB each (the ticket and the server's certificate)
+MAX_SESSIONS: Final = 1024  # ~7 KB each (measured: 1,024 add 6.9 MB of RSS), so ~7 MB per worker at most
 
 SessionKey = tuple[str, int, str, int | None]  # (ip, port, expected SPIFFE ID, header port)
 
