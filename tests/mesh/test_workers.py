@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -266,15 +267,18 @@ def test_rotation_reaches_every_worker_without_dropping(tmp_path: Path) -> None:
         assert len(keys) == 1 and "" not in keys  # one ticket key: a ticket resumes on any worker
         loop = mesh.cl.popen(PY, str(LOOP), "198.18.2.2", "8080", "30", "0.1", "5")
         wait_for(lambda: status(mesh, "b")["identity"]["serial"] != first, "the agent renewed", b, timeout=30)
-        renewed = status(mesh, "b")["identity"]["serial"]
-        wait_for(
-            lambda: {w["serial"] for w in status(mesh, "b")["workers"]} == {renewed},
-            "every worker on the new certificate",
-            b,
-            timeout=5,
-        )
+        # The authority backdates certificates by 60 s, so a "30 s" one renews again within
+        # 0.4-7.5 s: compare the workers with the agent's serial of the same moment.
+        seen: list[dict[str, Any]] = []
+
+        def workers_on_agents_serial() -> bool:
+            now = status(mesh, "b")
+            seen[:] = [now]
+            return {w["serial"] for w in now["workers"]} == {now["identity"]["serial"]} != {first}
+
+        wait_for(workers_on_agents_serial, "every worker on the agent's new certificate", b, timeout=5)
         assert "tls.reloaded" in b.log.read_text()
-        renewed_keys = {w["ticket_key_name"] for w in status(mesh, "b")["workers"]}
+        renewed_keys = {w["ticket_key_name"] for w in seen[0]["workers"]}
         assert len(renewed_keys) == 1 and renewed_keys != keys  # a renewal replaces the ticket key
         out, _ = loop.communicate(timeout=60)
         lines = out.splitlines()
