@@ -224,7 +224,11 @@ class TlsLeg(Leg):
         super().__init__(on_closed)
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, server_hostname)
+        # An ASCII name as bytes: CPython then skips its idna codec (~3 µs per connection).
+        hostname: str | bytes | None = server_hostname
+        if server_hostname and server_hostname.isascii():
+            hostname = server_hostname.encode()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side, hostname)
         if session is not None:
             session.offer(self.sslobj)  # (not wrap_bio's session=: it copies at ~370 µs)
         # Client side, set once the server's identity was checked: called once with the session
