@@ -77,9 +77,10 @@ class PeerCertCache:
 
     def lookup(self, sslobj: ssl.SSLObject) -> PeerCert:
         """The facts of the certificate `sslobj`'s peer presented (its handshake is done and
-        verified), NO_CERT when it presented none."""
+        verified), NO_CERT when it presented none or the connection's context verifies no peer
+        (its certificate proves nothing there, even one another connection verified)."""
         der = sslobj.getpeercert(binary_form=True)
-        if not der:
+        if not der or sslobj.context.verify_mode == ssl.CERT_NONE:
             return NO_CERT
         entries = self._entries
         facts = entries.get(der)

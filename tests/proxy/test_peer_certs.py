@@ -130,6 +130,12 @@ def test_a_context_that_does_not_verify_never_fills_the_cache(tmp_path: Path) ->
     assert client_side.getpeercert(binary_form=True)  # the server did present one
     assert cache.lookup(client_side) == NO_CERT
     assert len(cache) == 0
+    # Nor is it served what another connection verified: the same server certificate, once
+    # verified and cached, still proves nothing on a connection that verifies no peer.
+    verified, _s2 = _handshake(client_context(stores["web"]), server_context(stores["db"]))
+    assert cache.lookup(verified).identity is not None and len(cache) == 1
+    assert verified.getpeercert(binary_form=True) == client_side.getpeercert(binary_form=True)
+    assert cache.lookup(client_side) is NO_CERT
     # A server that asks for no client certificate: none to read.
     plain = server_context(stores["db"])
     plain.verify_mode = ssl.CERT_NONE
