@@ -3,6 +3,7 @@
     backend = detect_backend(settings.backend)
     state = apply_plan(plan, backend)        # atomic, idempotent; twice = once
     ...
+    stop_capture()                           # at stop: no new capture, drains keep their NAT
     remove_all()                             # every backend, no config needed
 
 `apply_plan` also removes leftovers of ours from the *other* backends (a host that switched
@@ -21,10 +22,10 @@ from typing import Any, Protocol
 
 from agent.logs import get_logger
 
-from . import conntrack, dns_rules, iptables, netlink
+from . import conntrack, dns_rules, iptables, netlink, render_nft
 from .errors import InterceptError
 from .nft import NftBackend
-from .plan import Plan
+from .plan import NFT_TABLE, Plan
 from .tools import Step, run, which
 
 log = get_logger("meshagent.intercept")
@@ -241,6 +242,67 @@ def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
         touched.append(f"nft ({dns_rules.FAMILY} {dns_rules.TABLE})")
     routes = netlink.remove_routes()
     log.info("intercept.removed", backends=",".join(touched) or "-", routes=routes)
+    return RemovedState(tuple(touched), routes, tuple(ran))
+
+
+HOLD_COMMENT = "meshagent draining: nothing captured; keeps redirected connections translated"
+
+
+def hold_text(present: Sequence[str]) -> str:
+    """`nft -f` input that replaces our table (in each family of `present`) with one that
+    captures nothing but keeps the kernel translating connections already redirected.
+
+    Deleting our table can unregister the namespace's conntrack and NAT hooks (ours are often
+    the only nat chains and ct expressions there): packets of a redirected connection then go
+    untranslated (the app's port answers with a reset, the proxy's replies leave from its own
+    port) and conntrack stops following those flows, so their entries stay ESTABLISHED with no
+    socket behind them. A later connection that reuses such a 4-tuple is not redirected and the
+    guard refuses it. One empty nat base chain and one ct expression keep both hook sets."""
+    if not present:
+        return ""
+    tables = "".join(
+        f"table {family} {NFT_TABLE} {{\n"
+        f'\tcomment "{HOLD_COMMENT}"\n'
+        "\tchain prerouting_nat {\n"
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
+        '\t\tct state established counter comment "meshagent: keeps conntrack on while draining"\n'
+        "\t}\n"
+        "\tchain output_nat {\n"
+        "\t\ttype nat hook output priority -100; policy accept;\n"
+        "\t}\n"
+        "}\n"
+        for family in present
+    )
+    return render_nft.prelude(tuple(present)) + tables
+
+
+def stop_capture(backends: Sequence[Backend] | None = None) -> RemovedState:
+    """At stop, before the proxy drains: capture nothing new, keep what was redirected working.
+
+    nft: our table is replaced by the holding one (`hold_text`) in one transaction; other
+    backends, the DNS redirect and policy routes are removed as `remove_all` does. Call
+    `remove_all` once the drain is over: it deletes the holding table too."""
+    touched: list[str] = []
+    ran: list[Step] = []
+    for backend in backends if backends is not None else available_backends():
+        if isinstance(backend, NftBackend):
+            text = hold_text(backend.present())
+            steps = [
+                Step((backend.nft, "-f", "-"), text, f"hold nftables table {NFT_TABLE} for the drain (nft)")
+            ]
+            steps = steps if text else []
+        else:
+            steps = backend.steps(None)
+        if steps:
+            backend.run(steps)
+            ran += steps
+            touched.append(backend.name)
+    dns = dns_rules.remove_steps() if backends is None else []
+    for step in dns:
+        run(step)
+    ran += dns
+    routes = netlink.remove_routes()
+    log.info("intercept.capture_stopped", backends=",".join(touched) or "-", routes=routes)
     return RemovedState(tuple(touched), routes, tuple(ran))
 
 
