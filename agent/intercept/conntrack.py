@@ -210,7 +210,9 @@ def local_addresses() -> frozenset[Address]:
     return frozenset(found)
 
 
-def _flows(family: Family) -> Iterator[tuple[Flow, Any]]:
+def _flows(family: Family) -> Iterator[tuple[Flow, tuple[Any, int | None]]]:
+    """Each TCP entry as a `Flow`, with what deletes exactly that entry: its original tuple and
+    its conntrack id."""
     from pyroute2.conntrack import Conntrack, NFCTAttrTuple
 
     with Conntrack(nfgen_family=_AF[family]) as ct:
@@ -228,7 +230,7 @@ def _flows(family: Family) -> Iterator[tuple[Flow, Any]]:
                 zone=int(entry.zone or 0),
                 state=entry.protoinfo.state_name() if entry.protoinfo is not None else "",
             )
-            yield flow, orig
+            yield flow, (orig, entry.id)
 
 
 @dataclass(frozen=True)
@@ -278,23 +280,27 @@ def sweep(plan: Plan, budget_s: float = BUDGET_S) -> Cleared:
     deleted: list[str] = []
     partial = False
 
-    def judge(ct: Any, chunk: dict[Flow, Any]) -> None:
+    def judge(ct: Any, chunk: dict[Flow, tuple[Any, int | None]]) -> None:
         sockets = local_sockets()  # after the chunk's dump: a listed entry's socket exists by now
         for flow in stale(plan, chunk, local, sockets):
+            orig, ctid = chunk[flow]
             try:
-                ct.delete(chunk[flow])
-            except Exception as exc:  # gone meanwhile (ENOENT) is fine: that is the goal
+                # By id too: the tuple alone would delete whatever entry holds it now, e.g. a new,
+                # redirected connection that reopened the tuple since the dump (its NAT would go).
+                ct.entry("del", tuple_orig=orig, id=ctid)
+            except Exception as exc:  # gone or replaced meanwhile (ENOENT): nothing of ours to do
                 if getattr(exc, "code", None) != 2:
                     raise
+                continue
             deleted.append(str(flow))
 
     try:
         local = local_addresses()
         for family in plan.families:
             with Conntrack(nfgen_family=_AF[family]) as ct:
-                chunk: dict[Flow, Any] = {}
-                for flow, orig in _flows(family):
-                    chunk[flow] = orig
+                chunk: dict[Flow, tuple[Any, int | None]] = {}
+                for flow, handle in _flows(family):
+                    chunk[flow] = handle
                     if len(chunk) >= CHUNK:
                         judge(ct, chunk)
                         chunk = {}
