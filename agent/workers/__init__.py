@@ -4,7 +4,7 @@ sockets.
 
 - forker.py: `bind_listeners` (SO_REUSEPORT sockets per slot), `fork_workers` / `Spawner`
   (the first workers forked at start, replacements started as new interpreters, exits reaped).
-- fresh.py: a replacement's entry point (`python -m agent.workers.fresh`).
+- fresh.py: a replacement's entry point (a new interpreter, started by `Spawner`).
 - control.py: `Channel`, the framed request/notify channel to each worker.
 - worker.py: `main`, a worker's life.
 - pool.py: `WorkerPool`, the supervisor's side (the Proxy surface the daemon uses).

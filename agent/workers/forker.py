@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import gc
 import os
 import pickle
@@ -225,8 +226,14 @@ class ForkerGone(MeshagentError):
     code = "forker_gone"
 
 
+UNKNOWN_STATUS: Final = -1
+"""The wait status `Spawner.on_exit` reports for a worker that something else reaped first."""
+
+
 def describe_exit(status: int) -> str:
     """A wait status as people read it: "exit 0", "killed by SIGKILL"."""
+    if status == UNKNOWN_STATUS:
+        return "exit not known (reaped elsewhere)"
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         try:
@@ -316,12 +323,12 @@ class Spawner:
 
     The first worker of each slot was forked at start (`fork_workers`). A replacement cannot
     be forked from the supervisor, which runs threads by then (a fork would copy a lock one of
-    them holds), so it is a new interpreter: `python -m agent.workers.fresh`, given its slot's
-    listening sockets, its control socket and the pickled `main`. It shares no Python page with
-    the others (it imports the proxy on its own: ~18 MB PSS idle, where a forked worker holds
-    ~6.5 MB of its own, for as long as it runs). A slot that never dies costs nothing of it;
-    keeping a second pre-fork image around for replacements (the "forker" of earlier releases)
-    cost ~6 MB on every agent, always."""
+    them holds), so it is a new interpreter (agent/workers/fresh.py, with the supervisor's
+    interpreter flags), given its slot's listening sockets, its control socket and the pickled
+    `main`. It shares no Python page with the others (it imports the proxy on its own: ~18 MB
+    PSS idle, where a forked worker holds ~6.5 MB of its own, for as long as it runs). A slot
+    that never dies costs nothing of it; keeping a second pre-fork image around for
+    replacements (the "forker" of earlier releases) cost ~6 MB on every agent, always."""
 
     def __init__(
         self, listeners: Listeners, main: WorkerMain, first: dict[int, tuple[int, socket.socket]]
@@ -332,7 +339,8 @@ class Spawner:
         self._first = first
         self.on_exit: Callable[[int, int, float], None] = lambda _pid, _status, _cpu: None
         """Called as `on_exit(pid, status, cpu_s)` when a worker exits (wait status, user +
-        system CPU seconds from its rusage)."""
+        system CPU seconds from its rusage; UNKNOWN_STATUS and 0.0 if something else reaped
+        it first)."""
         self.on_gone: Callable[[], None] = lambda: None  # (never called: see ForkerGone)
         self._reapers: set[asyncio.Task[None]] = set()
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -345,11 +353,12 @@ class Spawner:
     async def spawn(self, slot: int) -> tuple[int, Channel]:
         """Start a worker for `slot`: the one forked at start if it is still unused, else a new
         interpreter. Returns its pid and the supervisor's end of its control channel. Raises
-        MeshagentError when the process cannot be started (EAGAIN, ENOMEM, no interpreter)."""
+        MeshagentError when the process cannot be started (EAGAIN, ENOMEM, no interpreter) or
+        exits before it has its spec."""
         if slot in self._first:
             pid, ours = self._first.pop(slot)
         else:
-            pid, ours = await self._exec(slot)
+            pid, ours = self._exec(slot)
         self._reap_later(pid)
         try:
             return pid, await Channel.open(ours, name=f"worker-{slot}")
@@ -357,14 +366,19 @@ class Spawner:
             ours.close()
             raise
 
-    async def _exec(self, slot: int) -> tuple[int, socket.socket]:
+    def _exec(self, slot: int) -> tuple[int, socket.socket]:
+        """Start a replacement and hand it its spec. No await in here: nothing can cancel it
+        halfway, and no other thread touches the spec pipe."""
         sockets = self._listeners.slots[slot]
         layout = {name: [s.fileno() for s in group] for name, group in sockets.items()}
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        spec_r, spec_w = os.pipe()
-        payload = pickle.dumps((self._main, slot, layout, theirs.fileno()), protocol=5)
+        pipe: list[int] = []  # the spec pipe's ends still open here
         proc: subprocess.Popen[bytes] | None = None
         try:
+            payload = pickle.dumps((self._main, slot, layout, theirs.fileno()), protocol=5)
+            pipe.extend(os.pipe())
+            spec_r, spec_w = pipe
+            _room_for(spec_w, len(payload))
             try:
                 proc = _start_fresh(spec_r, [theirs.fileno(), *(fd for fds in layout.values() for fd in fds)])
             except OSError as exc:
@@ -373,23 +387,33 @@ class Spawner:
                     "the host is out of processes or memory; the slot is retried",
                     code="worker_fork_failed",
                 ) from None
-            finally:
-                os.close(spec_r)
-                theirs.close()
             # Reaped by `_reap` (os.wait4, for the CPU seconds): keeping the Popen referenced
             # keeps subprocess's own cleanup from reaping it first (and losing its status).
             self._processes[proc.pid] = proc
-            await asyncio.to_thread(_write_all, spec_w, payload)
+            os.close(pipe.pop(0))  # (ours closed: a replacement that died makes the write EPIPE)
+            theirs.close()
+            try:
+                # On the loop: the pipe holds the whole spec (_room_for), so this never blocks.
+                _write_all(spec_w, payload)
+            except OSError as exc:
+                raise MeshagentError(
+                    f"a new proxy worker exited before it got its spec ({exc})",
+                    "its own error is in the agent's log just before this line; the slot is retried",
+                    code="worker_exited_at_start",
+                ) from None
         except BaseException:
             ours.close()
             if proc is not None:  # started, but it will never get its spec: end and reap it
+                # os.kill, not proc.kill(): Popen.send_signal polls first, which would reap a
+                # child that already died, and `_reap` would then never see its exit.
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                    os.kill(proc.pid, signal.SIGKILL)
                 self._reap_later(proc.pid)
             raise
         finally:
-            with contextlib.suppress(OSError):
-                os.close(spec_w)
+            theirs.close()
+            for fd in pipe:
+                os.close(fd)
         self.replaced += 1
         log.info("worker.exec", worker=slot, pid=proc.pid, hint="a replacement is a new interpreter")
         return proc.pid, ours
@@ -411,8 +435,11 @@ class Spawner:
             while True:
                 try:
                     exited = _try_reap(pid)
-                except ChildProcessError:
-                    return  # (reaped elsewhere: nothing to report)
+                except ChildProcessError:  # reaped elsewhere: report what is known of it
+                    proc = self._processes.pop(pid, None)
+                    code = proc.returncode if proc is not None else None
+                    self.on_exit(pid, UNKNOWN_STATUS if code is None else _wait_status(code), 0.0)
+                    return
                 if exited is not None:
                     proc = self._processes.pop(pid, None)
                     if proc is not None:
@@ -439,26 +466,43 @@ class Spawner:
 
     def close(self) -> None:
         """Nothing more is started. Running workers are not touched (their exits are still
-        reaped and reported while the loop runs)."""
-        for pid, ours in self._first.values():  # forked at start, never handed to the pool
+        reaped and reported while the loop runs); the first workers never handed out are
+        killed and reaped (no zombie while this process lives)."""
+        for pid, ours in self._first.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # (before the close: an EOF would have it log, drain)
             ours.close()
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)  # (at once: SIGKILL ends even a stopped process)
         self._first.clear()
 
 
+# A replacement's `-c` program: the supervisor's sys.path[0] first (argv[1], "" for none), then
+# what the same interpreter flags give. -P keeps the working directory off sys.path (a
+# checkout there named `agent` must not replace the installed code); an argument, not
+# PYTHONPATH, so that -E/-I (which ignore the environment) start the same code.
+_BOOTSTRAP: Final = (
+    "import sys\nif sys.argv[1]: sys.path.insert(0, sys.argv[1])\n"
+    "from agent.workers.fresh import run\nrun(int(sys.argv[2]))"
+)
+
+
+def fresh_argv(spec_fd: int) -> list[str]:
+    """The command line of a replacement worker: this interpreter with this process's
+    interpreter flags (-I/-E/-s/-O/-X/-W, as multiprocessing's spawn passes them), running
+    agent/workers/fresh.py on the spec in `spec_fd`."""
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    if "-P" not in flags and "-I" not in flags:
+        flags.append("-P")
+    # sys.path[0] is the script's directory or the working directory, unless -P/-I left it out.
+    first = os.path.abspath(sys.path[0]) if sys.path and not sys.flags.safe_path else ""
+    return [sys.executable, *flags, "-c", _BOOTSTRAP, first, str(spec_fd)]
+
+
 def _start_fresh(spec_fd: int, fds: list[int]) -> subprocess.Popen[bytes]:
-    """`python -m agent.workers.fresh SPEC_FD` with `fds` and the spec pipe inherited. Popen is
-    a fork-exec that is safe with threads running; no other fd of the supervisor is inherited."""
-    # The same code as the supervisor's: its sys.path[0] (the directory `python -m` started in,
-    # or the `meshagent` script's) first, not the working directory (-P); PYTHONPATH after it.
-    env = dict(os.environ)
-    first = os.path.abspath(sys.path[0]) if sys.path else ""
-    if first:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (first, env.get("PYTHONPATH", "")) if p)
-    return subprocess.Popen(
-        [sys.executable, "-P", "-m", "agent.workers.fresh", str(spec_fd)], pass_fds=[spec_fd, *fds], env=env
-    )
+    """A replacement worker (`fresh_argv`) with `fds` and the spec pipe inherited. Popen is a
+    fork-exec that is safe with threads running; no other fd of the supervisor is inherited."""
+    return subprocess.Popen(fresh_argv(spec_fd), pass_fds=[spec_fd, *fds])
 
 
 def _try_reap(pid: int) -> tuple[int, float] | None:
@@ -466,6 +510,26 @@ def _try_reap(pid: int) -> tuple[int, float] | None:
     None. Never blocks. Raises ChildProcessError if it is no child (any more)."""
     got, status, usage = os.wait4(pid, os.WNOHANG)
     return (status, usage.ru_utime + usage.ru_stime) if got else None
+
+
+def _wait_status(returncode: int) -> int:
+    """The wait status behind a Popen's returncode (-N: killed by signal N)."""
+    return -returncode if returncode < 0 else returncode << 8
+
+
+def _room_for(fd: int, size: int) -> None:
+    """Make the pipe `fd` writes to hold `size` bytes with nobody reading (~2 KB, where a pipe
+    holds 64 KiB: only a far larger spec grows it), and make a write to it never block."""
+    os.set_blocking(fd, False)
+    if size > fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ):
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+        except OSError as exc:
+            raise MeshagentError(
+                f"a proxy worker's spec ({size} bytes) does not fit a pipe: {exc}",
+                "see /proc/sys/fs/pipe-max-size",
+                code="worker_spec_too_large",
+            ) from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

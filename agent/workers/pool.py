@@ -81,6 +81,8 @@ class MergerLike(Protocol):
 
 def describe_exit(status: int) -> str:
     """`os.waitstatus` as a person reads it: "exit 0", "killed by SIGKILL"."""
+    if status == -1:  # forker.UNKNOWN_STATUS (not imported: the inline proxy never loads forker)
+        return "exit not known (reaped elsewhere)"
     if os.WIFSIGNALED(status):
         try:
             name = signal.Signals(os.WTERMSIG(status)).name
@@ -324,7 +326,7 @@ class WorkerPool:
             pid=pid,
             open_inbound=opened.get("inbound", 0),
             open_outbound=opened.get("outbound", 0),
-            hint="its open connections were reset; the slot is forked again on the same sockets",
+            hint="its open connections were reset; a new worker takes the slot on the same sockets",
         )
         slot.ping, slot.status = {}, {}
         if pid in self._exits:  # the exit report came first

@@ -9,10 +9,12 @@ no interception on loopback) is given by a fixed resolver, as in tests/proxy/tes
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import errno
 import functools
+import json
 import logging
 import os
 import pickle
@@ -32,19 +34,20 @@ import pytest
 import uvloop
 
 from agent.config import AgentConfig, IdentitySettings, ProxySettings, worker_count
-from agent.errors import ListenError
+from agent.errors import ListenError, MeshagentError
 from agent.proxy.catalog import Catalog
 from agent.proxy.directory import Directory
 from agent.proxy.listeners import ListenerSettings
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.ticket_keys import ticket_key_name
-from agent.workers import worker
+from agent.workers import forker, worker
 from agent.workers.control import Channel, ChannelError, WorkerGone
 from agent.workers.cpus import auto_workers, cpu_quota
 from agent.workers.forker import (
     IP_TRANSPARENT,
     IPV6_TRANSPARENT,
     SO_DETACH_REUSEPORT_BPF,
+    UNKNOWN_STATUS,
     Listeners,
     SlotSockets,
     Spawner,
@@ -425,7 +428,7 @@ def test_spawner_reports_exit_status_and_cpu_and_replaces_with_a_new_interpreter
         # The replacement is a new interpreter on the same socket, run by the same `main`.
         pid, chan = await spawner.spawn(0)
         started.append(pid)
-        assert "agent.workers.fresh" in psutil.Process(pid).cmdline()
+        assert any("agent.workers.fresh" in arg for arg in psutil.Process(pid).cmdline())
         assert await chan.request("ping", timeout=30) == {"slot": 0, "pid": pid, "op": "ping"}
         assert _greeting(listeners.listening["inbound"][1]) == (0, pid)
         # A worker whose channel closes exits by itself: exit 0.
@@ -439,6 +442,219 @@ def test_spawner_reports_exit_status_and_cpu_and_replaces_with_a_new_interpreter
     finally:
         _reap(spawner, *started)
         listeners.close()
+
+
+def _exits_at_once(spec_fd: int, fds: list[int]) -> subprocess.Popen[bytes]:
+    """Stands in for forker._start_fresh: a "replacement" that exits 0 at once, returned only
+    once it has exited (a zombie, not reaped), so the spec write finds no reader."""
+    proc = subprocess.Popen(["true"], pass_fds=[spec_fd, *fds])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline, "the stand-in did not exit"
+        time.sleep(0.01)
+    return proc
+
+
+def test_a_replacement_dead_before_its_spec_is_reaped_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its spec cannot be written (EPIPE): spawn fails with why, and the process is still reaped
+    and reported with its own exit status (its CPU counts, the pool keeps no Popen of it)."""
+    monkeypatch.setattr(forker, "_start_fresh", _exits_at_once)
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    spawner = Spawner(listeners, _hello_worker, {})  # no first worker: spawn starts a replacement
+    exited: list[int] = []
+
+    async def body() -> None:
+        fds = len(os.listdir("/proc/self/fd"))
+        reported: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        spawner.on_exit = lambda pid, status, _cpu: reported.put_nowait((pid, status))
+        with pytest.raises(MeshagentError) as failed:
+            await spawner.spawn(0)
+        assert failed.value.code == "worker_exited_at_start"
+        pid, status = await asyncio.wait_for(reported.get(), 10)
+        exited.append(pid)
+        assert describe_exit(status) == "exit 0"  # its own status: nothing reaped it before
+        assert not spawner._processes and spawner.replaced == 0
+        assert len(os.listdir("/proc/self/fd")) == fds  # the channel and spec pipe closed
+
+    try:
+        run(body)
+        with pytest.raises(ChildProcessError):  # reaped
+            os.waitpid(exited[0], os.WNOHANG)
+    finally:
+        spawner.close()
+        listeners.close()
+
+
+def test_a_worker_reaped_elsewhere_is_still_reported() -> None:
+    """A replacement's Popen that reaped its process itself, and a worker some other code
+    waited for: each exit is still reported (the pool replaces a slot only on that report), with
+    the status the Popen kept, else UNKNOWN_STATUS, and the Popen is dropped."""
+    ours, theirs = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(3)
+    theirs.close()
+    os.waitpid(pid, 0)  # "elsewhere"
+    proc = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    proc.wait()  # what Popen.kill() (it polls first) did to a replacement that had died
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    spawner = Spawner(listeners, _hello_worker, {0: (pid, ours)})
+
+    async def body() -> None:
+        reported: asyncio.Queue[tuple[int, int, float]] = asyncio.Queue()
+        spawner.on_exit = lambda pid, status, cpu: reported.put_nowait((pid, status, cpu))
+        _, chan = await spawner.spawn(0)
+        assert await asyncio.wait_for(reported.get(), 10) == (pid, UNKNOWN_STATUS, 0.0)
+        assert describe_exit(UNKNOWN_STATUS) == "exit not known (reaped elsewhere)"
+        chan.close()
+
+        spawner._processes[proc.pid] = proc  # as _exec keeps it
+        spawner._reap_later(proc.pid)
+        exited, status, _cpu = await asyncio.wait_for(reported.get(), 10)
+        assert exited == proc.pid and describe_exit(status) == "killed by SIGKILL"
+        assert not spawner._processes
+
+    try:
+        run(body)
+    finally:
+        spawner.close()
+        listeners.close()
+
+
+class _NoThreads(concurrent.futures.ThreadPoolExecutor):
+    def submit(self, *_args: Any, **_kwargs: Any) -> concurrent.futures.Future[Any]:
+        raise AssertionError("the spawner handed work to a thread")
+
+
+def _ballast_worker(ballast: bytes, slot: int, sockets: SlotSockets, chan: socket.socket) -> None:
+    _hello_worker(slot, sockets, chan)
+
+
+def test_a_replacements_spec_is_written_on_the_loop_even_past_a_pipes_size() -> None:
+    """The spec goes into the pipe from the loop itself (no thread writes to an fd the loop
+    closes on cancellation), and a spec larger than a pipe's default 64 KiB still arrives."""
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    spawner = Spawner(listeners, functools.partial(_ballast_worker, os.urandom(300_000)), {})
+    started: list[int] = []
+
+    async def body() -> None:
+        asyncio.get_running_loop().set_default_executor(_NoThreads())
+        pid, chan = await spawner.spawn(0)
+        started.append(pid)
+        assert await chan.request("ping", timeout=30) == {"slot": 0, "pid": pid, "op": "ping"}
+        chan.close()
+
+    try:
+        run(body)
+    finally:
+        _reap(spawner, *started)
+        listeners.close()
+
+
+def test_close_kills_and_reaps_the_first_workers_never_handed_out() -> None:
+    listeners = bind_listeners(LOOPBACK, 3, transparent=False)
+    before = {p.pid for p in psutil.Process().children()}
+    spawner = fork_workers(listeners, _hello_worker, 3)
+    forked = {p.pid for p in psutil.Process().children()} - before
+    started: list[int] = []
+
+    async def body() -> None:
+        pid, chan = await spawner.spawn(1)
+        started.append(pid)
+        assert await chan.request("ping") == {"slot": 1, "pid": pid, "op": "ping"}
+
+    try:
+        run(body)
+        assert len(forked) == 3 and started[0] in forked
+        spawner.close()
+        for pid in forked - set(started):
+            with pytest.raises(ChildProcessError):  # killed and reaped: no zombie left
+                os.waitpid(pid, os.WNOHANG)
+    finally:
+        _reap(spawner, *started)
+        listeners.close()
+
+
+_FLAGS = (
+    "debug",
+    "optimize",
+    "dont_write_bytecode",
+    "no_user_site",
+    "no_site",
+    "ignore_environment",
+    "verbose",
+    "bytes_warning",
+    "quiet",
+    "isolated",
+    "dev_mode",
+    "utf8_mode",
+    "warn_default_encoding",
+)
+
+
+def _facts_worker(slot: int, sockets: SlotSockets, chan: socket.socket) -> None:
+    """A stand-in worker that answers any request with how its interpreter runs and whether
+    its inherited sockets would pass to a process it ran; exits on EOF of its channel."""
+    held = [*(s for group in sockets.values() for s in group), chan]
+    facts = {
+        "flags": {name: getattr(sys.flags, name) for name in _FLAGS},
+        "warnoptions": sys.warnoptions,
+        "xoptions": {k: str(v) for k, v in sys._xoptions.items()},
+        "path": [os.path.abspath(p) for p in sys.path],
+        "inheritable": [s.get_inheritable() for s in held],
+    }
+
+    async def main() -> None:
+        control = await Channel.open(chan, lambda _op, _a: facts)
+        await control.wait_closed()
+
+    asyncio.run(main())
+    os._exit(0)
+
+
+def _supervise_forked_then_replacement() -> None:
+    """Run as a supervisor with interpreter flags: print the facts of its worker forked at
+    start, then of a replacement, as JSON."""
+    listeners = bind_listeners(LOOPBACK, 1, transparent=False)
+    spawner = fork_workers(listeners, _facts_worker, 1)
+    facts: list[Any] = []
+
+    async def body() -> None:
+        reported: asyncio.Queue[int] = asyncio.Queue()
+        spawner.on_exit = lambda pid, _status, _cpu: reported.put_nowait(pid)
+        for _ in range(2):  # the worker forked at start, then a new interpreter
+            pid, chan = await spawner.spawn(0)
+            facts.append(await chan.request("facts", timeout=30))
+            chan.close()
+            if await reported.get() != pid:
+                raise RuntimeError("another exit reported")
+
+    run(body, timeout=60)
+    listeners.close()
+    print(json.dumps(facts))
+
+
+def test_a_replacement_runs_with_the_supervisors_interpreter_flags_and_keeps_no_fd_inheritable() -> None:
+    """-s -E -O -X utf8 -W: a replacement runs as the worker forked at start does (same flags,
+    warning and -X options, same sys.path: the working directory the supervisor started in,
+    though -E ignores PYTHONPATH), and its inherited sockets are close-on-exec again."""
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "-s", "-E", "-O", "-X", "utf8", "-W", "ignore::ResourceWarning", "-c",
+         "from tests.daemon.test_workers_units import _supervise_forked_then_replacement as s; s()"],
+        cwd=repo, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    forked, replacement = json.loads(proc.stdout.splitlines()[-1])
+    assert forked["flags"]["no_user_site"] == forked["flags"]["ignore_environment"] == 1
+    assert forked["flags"]["optimize"] == 1 and forked["xoptions"] == {"utf8": "True"}
+    assert forked["warnoptions"] == ["ignore::ResourceWarning"]
+    assert forked["path"][0] == str(repo)
+    assert replacement["flags"] == forked["flags"]
+    assert replacement["warnoptions"] == forked["warnoptions"]
+    assert replacement["xoptions"] == forked["xoptions"]
+    assert replacement["path"] == forked["path"]
+    assert forked["inheritable"] == replacement["inheritable"] == [False, False, False]
 
 
 # --- a real worker ---------------------------------------------------------------------------
