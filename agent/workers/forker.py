@@ -219,13 +219,6 @@ def _bind_error(name: str, address: Address, transparent: bool, exc: OSError) ->
 # --- starting workers ------------------------------------------------------------------------
 
 
-class ForkerGone(MeshagentError):
-    """No worker can be started any more (kept for the pool's `forker_gone`; the spawner
-    itself never goes away: a replacement is a new process, not a fork of a helper)."""
-
-    code = "forker_gone"
-
-
 UNKNOWN_STATUS: Final = -1
 """The wait status `Spawner.on_exit` reports for a worker that something else reaped first."""
 
@@ -341,14 +334,9 @@ class Spawner:
         """Called as `on_exit(pid, status, cpu_s)` when a worker exits (wait status, user +
         system CPU seconds from its rusage; UNKNOWN_STATUS and 0.0 if something else reaped
         it first)."""
-        self.on_gone: Callable[[], None] = lambda: None  # (never called: see ForkerGone)
         self._reapers: set[asyncio.Task[None]] = set()
         self._processes: dict[int, subprocess.Popen[bytes]] = {}
         self.replaced = 0  # replacements started as new interpreters
-
-    @property
-    def alive(self) -> bool:
-        return True
 
     async def spawn(self, slot: int) -> tuple[int, Channel]:
         """Start a worker for `slot`: the one forked at start if it is still unused, else a new

@@ -64,7 +64,6 @@ class ForkerLike(Protocol):
     """What the pool needs of agent/workers/forker.Spawner."""
 
     on_exit: Callable[[int, int, float], None]
-    on_gone: Callable[[], None]
 
     async def spawn(self, slot: int) -> tuple[int, ChannelLike]: ...
 
@@ -196,9 +195,7 @@ class WorkerPool:
         self.on_change = on_exit
         self._respawns: set[asyncio.Task[None]] = set()
         self._exits: dict[int, tuple[int, float]] = {}  # pid -> (status, cpu_s) reported early
-        self.forker_gone = False
         forker.on_exit = self._exited
-        forker.on_gone = self._forker_gone
 
     def handshake_limit(self, slot: int) -> int:
         """The inbound handshakes worker `slot` may hold at once (its share of the agent's)."""
@@ -344,9 +341,6 @@ class WorkerPool:
             self._steered = live
             if len(live) < len(self.slots):
                 log.info("workers.steered", live=live, hint="new connections avoid the down workers' sockets")
-
-    def _forker_gone(self) -> None:
-        self.forker_gone = True  # (the forker logged it) /ready says so: no worker can be replaced
 
     def _exited(self, pid: int, status: int, cpu_s: float) -> None:
         """The spawner reaped `pid` (every worker's exit, expected or not)."""
@@ -506,8 +500,6 @@ class WorkerPool:
     def not_ready(self) -> list[str]:
         now = time.monotonic()
         out = []
-        if self.forker_gone and not self.stopping:
-            out.append("proxy: the forker process is gone, no worker can be replaced (restart the agent)")
         for slot in self.slots:
             if slot.down_since is not None and now - slot.down_since >= DOWN_NOT_READY_S:
                 out.append(

@@ -49,7 +49,6 @@ class ScriptedForker:
     def __init__(self, on_init: dict[int, Any] | None = None) -> None:
         self.on_init = on_init or {}
         self.on_exit: Any = None
-        self.on_gone: Any = None
         self.channels: list[ScriptedChannel] = []
 
     async def spawn(self, slot: int) -> tuple[int, ScriptedChannel]:
