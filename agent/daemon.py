@@ -36,7 +36,7 @@ from agent.identity.renew import run_renewal
 from agent.identity.rotation import Rotator
 from agent.identity.store import IdentityInfo, IdentityStore
 from agent.identity.transport import resolve_proxy
-from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all
+from agent.intercept.apply import AppliedState, apply_plan, detect_backend, remove_all, stop_capture
 from agent.intercept.authority import enrolled as enrolled_authority
 from agent.intercept.conntrack import clear_stale
 from agent.intercept.plan import Plan, build_plan
@@ -537,9 +537,12 @@ class Daemon:
         log.info("daemon.stopping", on_stop=self.config.proxy.on_stop)
         if self.dns is not None:  # DNS fails open first, whatever on_stop says
             await self.dns.stop()
-        if intercept.enabled and self.config.proxy.on_stop == "remove-rules":
-            await asyncio.to_thread(remove_all)
+        remove = intercept.enabled and self.config.proxy.on_stop == "remove-rules"
+        if remove:  # nothing new is captured; redirected connections keep their NAT while they drain
+            await asyncio.to_thread(stop_capture)
         await self._stop_proxy(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
+        if remove:
+            await asyncio.to_thread(remove_all)
         if self.admin is not None:
             self.admin.close()
         await self.tasks.stop()

@@ -35,7 +35,7 @@ nbthread 1, meshagent 1 worker)": every process of host a on CPU 0 and of b on C
 Measures (each target in turn, the order rotating per round; with --rounds N the median):
 - requests/s: `wrk -t1 -c50 -dD` on keep-alive connections, GET /small.txt; plus the CPU
   seconds the two proxies' process trees used meanwhile (psutil: every thread, and for
-  meshagent the forker and workers too), per request.
+  meshagent the supervisor and its workers too), per request.
 - new TLS connections/s (cps): the same with `-H "Connection: close"` (one request per
   connection, so one full TLS 1.3 handshake per request through both hops).
 - failed: wrk's socket errors + non-2xx responses, over the rps and cps runs.
@@ -45,7 +45,7 @@ Measures (each target in turn, the order rotating per round; with --rounds N the
 - memory: Σ PSS (shared pages counted once, as the cgroup does) and Σ RSS over each proxy's
   process tree, idle after start (before any connection), then with 1,000 open keep-alive
   connections through it (bench.loadgen hold; still before any load), and idle again after
-  all the load. meshagent: the `meshagent run` process and its forker and workers.
+  all the load. meshagent: the `meshagent run` process (the supervisor) and its workers.
 Passes after the main measures (meshagent's daemons restarted for each; not with --pin):
 - cps_resumed: new connections/s with resumption as each ships it: meshagent's defaults
   against a second haproxy pair with its defaults (tickets and session cache on); b's
@@ -197,7 +197,7 @@ def _process(popen: subprocess.Popen[str]) -> psutil.Process:
 
 
 def tree(procs: list[psutil.Process]) -> list[psutil.Process]:
-    """The processes and all their descendants (meshagent's workers are its forker's children)."""
+    """The processes and all their descendants (meshagent's workers are the supervisor's children)."""
     out: list[psutil.Process] = []
     for proc in procs:
         out.append(proc)
@@ -207,8 +207,8 @@ def tree(procs: list[psutil.Process]) -> list[psutil.Process]:
 
 
 def memory_mb(procs: list[psutil.Process]) -> tuple[float, float]:
-    """Σ PSS and Σ RSS of the process trees, MB: PSS counts pages the workers share with their
-    forker once (as the cgroup's memory.current does), RSS counts them in every process."""
+    """Σ PSS and Σ RSS of the process trees, MB: PSS counts pages the workers share with the
+    supervisor once (as the cgroup's memory.current does), RSS counts them in every process."""
     got = tree_memory(p.pid for p in tree(procs))
     return round(got.pss / 2**20, 1), round(got.rss / 2**20, 1)
 
@@ -1035,9 +1035,9 @@ def _at_most(procs: list[psutil.Process], n: int) -> bool:
 
 
 def settle(procs: list[psutil.Process], workers: int) -> None:
-    """Idle means the supervisor, and with workers the forker and each worker: wait (10 s at
+    """Idle means the supervisor, and with workers each worker: wait (10 s at
     most) for short-lived helpers (the conntrack cleanup child of a rules apply, a renewal)."""
-    expected = 1 if workers == 1 else workers + 2
+    expected = 1 if workers == 1 else workers + 1
     with contextlib.suppress(BenchError):
         wait_for(partial(_at_most, procs, expected), "the helpers to end", timeout=10)
 
