@@ -22,6 +22,7 @@ from agent.identity.store import IdentityStore
 from agent.proxy.peer_certs import NO_CERT, PeerCertCache, read_facts
 from agent.proxy.revocation import RevokedSet, normal_serial
 from agent.proxy.tls import Credentials, client_context, server_context
+from tests.proxy.memory_tls import handshake
 from tests.proxy.test_mtls_loopback import DB, DB_NAME, WEB, World, echo_server, request, run
 from tests.support import issue_identity
 
@@ -30,24 +31,7 @@ API = "spiffe://cluster.local/ns/shop/sa/api"
 
 def _handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A full TLS 1.3 handshake over memory BIOs: (client side, server side)."""
-    ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    hostname = DB_NAME if client.check_hostname else None
-    c = client.wrap_bio(ci, co, server_side=False, server_hostname=hostname)
-    s = server.wrap_bio(si, so, server_side=True)
-    done = [False, False]
-    for _ in range(10):
-        for i, (obj, out, into) in enumerate(((c, co, si), (s, so, ci))):
-            if not done[i]:
-                try:
-                    obj.do_handshake()
-                    done[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            into.write(out.read())
-        if all(done):
-            break
-    assert all(done), "the handshake did not finish"
-    return c, s
+    return handshake(client, server, DB_NAME if client.check_hostname else None)
 
 
 def _stores(tmp: Path, *names: str) -> dict[str, IdentityStore]:

@@ -33,6 +33,7 @@ from agent.proxy.tls import Credentials, client_context, client_opaque_context, 
 from agent.proxy.transport_header import ALPN
 from agent.telemetry.metrics import labels
 from agent.telemetry.proxy_metrics import ProxyMetrics
+from tests.proxy.memory_tls import handshake
 from tests.proxy.test_mtls_loopback import DB, DB_NAME, WEB, World, echo_server, request, run
 from tests.support import issue_identity
 
@@ -53,31 +54,8 @@ def _connect(
     read_ticket: bool = True,
 ) -> tuple[ssl.SSLObject, ssl.SSLObject]:
     """A full (or resumed: `session` offered by CPython, `kept` as the proxy offers it) handshake
-    between the two contexts, then one record from the server, which brings the client its ticket."""
-    ci, co, si, so = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    c = client.wrap_bio(ci, co, server_side=False, server_hostname=DB_NAME, session=session)
-    if kept is not None:
-        kept.offer(c)
-    s = server.wrap_bio(si, so, server_side=True)
-    done = [False, False]
-    for _ in range(10):
-        for i, (obj, out, into) in enumerate(((c, co, si), (s, so, ci))):
-            if not done[i]:
-                try:
-                    obj.do_handshake()
-                    done[i] = True
-                except ssl.SSLWantReadError:
-                    pass
-            into.write(out.read())
-        if all(done):
-            break
-    assert all(done), "the handshake did not finish"
-    if not read_ticket:  # the connection ends here: its session is still the one offered
-        return c, s
-    s.write(b"x")
-    ci.write(so.read())
-    assert c.read(1) == b"x"
-    return c, s
+    to DB, then (`read_ticket`) one record from the server, which brings the client its ticket."""
+    return handshake(client, server, DB_NAME, session, kept, read_ticket)
 
 
 def test_stateless_tickets_keep_no_server_cache(tmp_path: Path) -> None:
