@@ -15,7 +15,7 @@ would run, for `--dry-run`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -225,10 +225,18 @@ def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
     Needs no config: ours are found by chain prefix, comment, table name and route protocol.
     Removing when nothing is there changes nothing.
     """
+    return _take_down(backends, lambda backend: backend.steps(None), "intercept.removed")
+
+
+def _take_down(
+    backends: Sequence[Backend] | None, steps_of: Callable[[Backend], list[Step]], event: str
+) -> RemovedState:
+    """Run `steps_of(backend)` on every backend, then remove the DNS redirect (when every backend
+    is asked for) and our policy routes; log `event`."""
     touched: list[str] = []
     ran: list[Step] = []
     for backend in backends if backends is not None else available_backends():
-        steps = backend.steps(None)
+        steps = steps_of(backend)
         if steps:
             backend.run(steps)
             ran += steps
@@ -241,7 +249,7 @@ def remove_all(backends: Sequence[Backend] | None = None) -> RemovedState:
         ran += dns
         touched.append(f"nft ({dns_rules.FAMILY} {dns_rules.TABLE})")
     routes = netlink.remove_routes()
-    log.info("intercept.removed", backends=",".join(touched) or "-", routes=routes)
+    log.info(event, backends=",".join(touched) or "-", routes=routes)
     return RemovedState(tuple(touched), routes, tuple(ran))
 
 
@@ -282,28 +290,16 @@ def stop_capture(backends: Sequence[Backend] | None = None) -> RemovedState:
     nft: our table is replaced by the holding one (`hold_text`) in one transaction; other
     backends, the DNS redirect and policy routes are removed as `remove_all` does. Call
     `remove_all` once the drain is over: it deletes the holding table too."""
-    touched: list[str] = []
-    ran: list[Step] = []
-    for backend in backends if backends is not None else available_backends():
-        if isinstance(backend, NftBackend):
-            text = hold_text(backend.present())
-            steps = [
-                Step((backend.nft, "-f", "-"), text, f"hold nftables table {NFT_TABLE} for the drain (nft)")
-            ]
-            steps = steps if text else []
-        else:
-            steps = backend.steps(None)
-        if steps:
-            backend.run(steps)
-            ran += steps
-            touched.append(backend.name)
-    dns = dns_rules.remove_steps() if backends is None else []
-    for step in dns:
-        run(step)
-    ran += dns
-    routes = netlink.remove_routes()
-    log.info("intercept.capture_stopped", backends=",".join(touched) or "-", routes=routes)
-    return RemovedState(tuple(touched), routes, tuple(ran))
+    return _take_down(backends, _hold_steps, "intercept.capture_stopped")
+
+
+def _hold_steps(backend: Backend) -> list[Step]:
+    if not isinstance(backend, NftBackend):
+        return backend.steps(None)
+    text = hold_text(backend.present())
+    if not text:
+        return []
+    return [Step((backend.nft, "-f", "-"), text, f"hold nftables table {NFT_TABLE} for the drain (nft)")]
 
 
 def status() -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from agent.intercept.apply import HOLD_COMMENT
 from tests.mesh.conftest import PY, Agent, Mesh, wait_for
 from tests.support import MESHAGENT
 
@@ -199,8 +200,9 @@ sys.stdin.readline()
 
 
 def test_signals_while_draining(mesh: Mesh) -> None:
-    """SIGTERM with a connection open: rules go, the drain waits for it; a SIGHUP then is
-    ignored (no rules come back); a second SIGTERM cuts the drain short: exit 0 at once."""
+    """SIGTERM with a connection open: capture stops, the drain waits for it; a SIGHUP then is
+    ignored (no capture comes back); a second SIGTERM cuts the drain short: exit 0 at once, the
+    holding table gone too."""
     mesh.b.popen(PY, "-c", HOLD_OPEN_SERVER)
     b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.2.2"])
     out = open(b.log, "a")  # noqa: SIM115 - lives as long as the process
@@ -214,7 +216,15 @@ def test_signals_while_draining(mesh: Mesh) -> None:
         wait_for(lambda: "inbound:plaintext" in json.dumps(status(mesh)["connections"]), "relayed", b)
         b.proc.terminate()
         wait_for(lambda: "daemon.stopping" in b.log.read_text(), "stopping", b)
-        wait_for(lambda: "meshagent" not in mesh.b.run("nft", "list", "ruleset").stdout, "rules removed")
+
+        # Capture stops at once; the holding table (no redirect) keeps the open connection's NAT
+        # until the drain ends, and goes with it.
+        def capture_stopped() -> bool:
+            ruleset = mesh.b.run("nft", "list", "ruleset").stdout
+            rules = ruleset.replace(HOLD_COMMENT, "")  # (its comment says "redirected")
+            return HOLD_COMMENT in ruleset and "redirect" not in rules and "reject" not in rules
+
+        wait_for(capture_stopped, "capture stopped")
         b.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload.ignored" in b.log.read_text(), "SIGHUP ignored while stopping")
         assert b.proc.poll() is None  # still draining: the connection is open
