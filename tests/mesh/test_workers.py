@@ -17,6 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
+from agent.intercept.apply import HOLD_COMMENT
 from agent.netlab import netns_supported
 from tests.mesh.conftest import PY, Agent, Mesh, build_mesh, wait_for
 from tests.support import MESHAGENT, metric_samples, metric_sum
@@ -218,14 +219,19 @@ def test_sigterm_drains_every_worker(mesh: Mesh) -> None:
     assert {w["pid"] for w in workers} <= set(tree)
 
     b.proc.send_signal(signal.SIGTERM)
-    wait_for(lambda: "meshagent" not in mesh.b.run("nft", "list", "ruleset").stdout, "rules removed")
+    # Capture stops at once; the holding table (no redirect) keeps the open connections' NAT.
+    wait_for(lambda: "intercept.capture_stopped" in b.log.read_text(), "capture stopped", b)
+    ruleset = mesh.b.run("nft", "list", "ruleset").stdout
+    assert HOLD_COMMENT in ruleset and "redirect" not in ruleset.replace(HOLD_COMMENT, "")
     time.sleep(1.0)
     assert b.proc.poll() is None  # draining: the connections are still open
     assert all(psutil.pid_exists(w["pid"]) for w in workers)  # each worker waits for its own
     b.proc.send_signal(signal.SIGTERM)  # a second one cuts the drain short, in every worker
     assert b.proc.wait(timeout=10) == 0
     log = b.log.read_text()
-    assert log.index("intercept.removed") < log.index("workers.stopped")
+    stopped, drained = log.index("intercept.capture_stopped"), log.index("workers.stopped")
+    assert stopped < drained < log.index("intercept.removed")
+    assert "meshagent" not in mesh.b.run("nft", "list", "ruleset").stdout  # the holding table too
     assert "killed=0" in log  # every worker exited by itself
     assert log.count("event=proxy.stopped") == 2
     for p in held:
