@@ -540,9 +540,11 @@ class Daemon:
         remove = intercept.enabled and self.config.proxy.on_stop == "remove-rules"
         if remove:  # nothing new is captured; redirected connections keep their NAT while they drain
             await asyncio.to_thread(stop_capture)
-        await self._stop_proxy(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
-        if remove:
-            await asyncio.to_thread(remove_all)
+        try:
+            await self._stop_proxy(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
+        finally:
+            if remove:  # (also when the drain failed: no holding table left behind)
+                await asyncio.to_thread(remove_all)
         if self.admin is not None:
             self.admin.close()
         await self.tasks.stop()
