@@ -10,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from agent.authority.ca import load_authority
-from agent.authority.signing import issue_leaf, parse_csr
-from agent.identity.names import WorkloadIdentity
-from agent.identity.pki import generate_key, make_csr
 from agent.identity.store import IdentityStore
 from agent.proxy.peer_certs import NO_CERT, PeerCertCache, read_facts
 from agent.proxy.revocation import RevokedSet, normal_serial
 from agent.proxy.tls import Credentials, client_context, server_context
 from tests.proxy.memory_tls import handshake
 from tests.proxy.test_mtls_loopback import DB, DB_NAME, WEB, World, echo_server, request, run
+from tests.proxy.test_resumption import _short_lived
 from tests.support import issue_identity
 
 API = "spiffe://cluster.local/ns/shop/sa/api"
@@ -126,18 +122,6 @@ def test_a_context_that_does_not_verify_never_fills_the_cache(tmp_path: Path) ->
     _c, server_side = _handshake(client_context(stores["web"]), plain)
     assert cache.lookup(server_side) is NO_CERT
     assert read_facts(None) is NO_CERT and NO_CERT.expired(time.time())
-
-
-def _short_lived(tmp: Path, name: str, identity: str, lifetime_s: int) -> IdentityStore:
-    """An identity from the World's authority whose certificate lives `lifetime_s` seconds."""
-    material = load_authority(tmp / "authority")
-    key = generate_key()
-    csr = parse_csr(make_csr(key).decode())
-    workload = WorkloadIdentity.parse_short(identity, material.settings.trust_domain)
-    leaf = issue_leaf(material, workload, csr, datetime.now(UTC), timedelta(seconds=lifetime_s))
-    store = IdentityStore(tmp / name)
-    store.save(key, [leaf, *material.chain_tail], list(material.trust_bundle))
-    return store
 
 
 def test_an_expired_certificate_is_refused_although_its_facts_are_cached(tmp_path: Path) -> None:
