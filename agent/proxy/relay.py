@@ -238,10 +238,6 @@ class TlsLeg(Leg):
         self.handshake_waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.handshake_error: BaseException | None = None
 
-    @property
-    def peer_cert(self) -> dict[str, Any] | None:
-        return self.sslobj.getpeercert()
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
