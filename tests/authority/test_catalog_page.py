@@ -153,8 +153,21 @@ def _log_in(driver: Any, world: World) -> None:
     assert all("401" in e["message"] for e in _severe(driver))
     driver.find_element(By.ID, "token").send_keys(world.token)
     driver.find_element(By.CSS_SELECTOR, "form[action='/catalog/login'] button").click()
-    driver.find_element(By.ID, "hosts")  # (selenium waits for the navigation's load)
+    _wait_for(driver, "hosts")
     assert driver.current_url == f"{world.url}/catalog"
+
+
+def _wait_for(driver: Any, element_id: str) -> None:
+    """After a click that navigates: the POST, a redirect and the load can outlast the click on a
+    loaded 2-core machine, so wait for the next page's element, not chromedriver's heuristics."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    try:
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, element_id))
+    except TimeoutException:
+        pytest.fail(f"no #{element_id} after 30 s: at {driver.current_url}\n{driver.page_source[:2000]}")
 
 
 def _shot(driver: Any, name: str) -> None:
@@ -221,6 +234,7 @@ def test_a_host_page_shows_its_card_budget_edges_and_changes(world: World, brows
     web_id = world.fleet.ids["web-1"]
     browser.get(f"{world.url}/catalog")
     browser.find_element(By.LINK_TEXT, "web-1").click()
+    _wait_for(browser, "owner")
     assert browser.current_url == f"{world.url}/catalog/hosts/{web_id}"
     assert browser.find_element(By.ID, "owner").text == "team-web"
     assert browser.find_element(By.ID, "contact").text == "web-oncall@example.com"
