@@ -185,7 +185,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
         if isinstance(proxy, WorkerPool)
         else dict(HTTP_ACCOUNTING_STOPPED),
         "last_errors": last_errors(d),
-        # proxy.workers > 1: each worker process (1: the proxy runs in this process, no list).
+        # Each worker process (proxy.workers = 0: the proxy runs in this process, no list).
         "workers": proxy.worker_status() if isinstance(proxy, WorkerPool) else [],
     }
 

@@ -1037,7 +1037,7 @@ def _at_most(procs: list[psutil.Process], n: int) -> bool:
 def settle(procs: list[psutil.Process], workers: int) -> None:
     """Idle means the supervisor, and with workers each worker: wait (10 s at
     most) for short-lived helpers (the conntrack cleanup child of a rules apply, a renewal)."""
-    expected = 1 if workers == 1 else workers + 1
+    expected = 1 if workers == 0 else workers + 1
     with contextlib.suppress(BenchError):
         wait_for(partial(_at_most, procs, expected), "the helpers to end", timeout=10)
 

@@ -258,7 +258,7 @@ class WorkerPool:
                     raise result
                 raise WorkerDown(
                     f"a proxy worker did not start: {result!r}",
-                    "see the worker's log lines above; proxy.workers = 1 runs the proxy in the "
+                    "see the worker's log lines above; proxy.workers = 0 runs the proxy in the "
                     "agent's own process",
                 )
         self._started = True

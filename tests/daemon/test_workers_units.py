@@ -857,6 +857,18 @@ def test_auto_workers_is_the_affinity_under_a_quota_and_at_most_64(tmp_path: Pat
     assert worker_count(ProxySettings(workers=3)) == 3
 
 
+@pytest.mark.parametrize(("given", "count"), [(0, 0), ("0", 0), (1, 1), ("64", 64)])
+def test_proxy_workers_zero_is_the_inline_proxy_and_64_the_most(given: int | str, count: int) -> None:
+    assert worker_count(ProxySettings(workers=given)) == count
+
+
+@pytest.mark.parametrize("given", [-1, 65, "two", True, 1.5])
+def test_proxy_workers_out_of_range_says_what_is_allowed(given: object) -> None:
+    with pytest.raises(MeshagentError) as refused:
+        ProxySettings(workers=given)  # type: ignore[arg-type]
+    assert "between 0 and 64" in refused.value.message and "workers = 0" in (refused.value.hint or "")
+
+
 def _cpu_hierarchy() -> tuple[Path, str, str] | None:
     """Where this machine's cpu controller is: (parent cgroup, quota file, quota for half a
     CPU), cgroup v2 first."""

@@ -342,12 +342,12 @@ def test_hung_worker_is_replaced_and_watchdog_continues(mesh: Mesh, tmp_path: Pa
 
 def test_idle_memory_by_workers(mesh: Mesh) -> None:
     """Σ PSS over the agent's processes (shared pages once, as the cgroup counts) when idle,
-    after a few requests, with 1, 2 and 4 workers."""
+    after a few requests, with the inline proxy (0) and 1, 2 and 4 workers."""
     apps(mesh)
     b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.3.2", "198.18.2.2"])
     pss: dict[int, float] = {}
     base = b.config.read_text()
-    for workers in (1, 2, 4):
+    for workers in (0, 1, 2, 4):
         b.config.write_text(base.replace("[proxy]\n", f"[proxy]\nworkers = {workers}\n", 1))
         b.log.write_text("")  # start() waits for this run's daemon.ready
         b.start()
@@ -358,15 +358,15 @@ def test_idle_memory_by_workers(mesh: Mesh) -> None:
         # The agent and its workers (forked copies: the same command line), not a short-lived
         # helper it runs (nft, conntrack) that a scan might catch.
         procs = [p for p in (main, *main.children(recursive=True)) if p.cmdline() == main.cmdline()]
-        assert len(procs) == (1 if workers == 1 else workers + 1), procs
+        assert len(procs) == (1 if workers == 0 else workers + 1), procs
+        ready = [line for line in b.log.read_text().splitlines() if "event=daemon.ready" in line]
+        assert len(ready) == 1 and f" workers={workers}" in ready[0], ready  # says how it runs
         pss[workers] = sum(p.memory_full_info().pss for p in procs) / 2**20
         assert b.stop() == 0
     print("idle Σ PSS (MB) by workers:", {k: round(v, 1) for k, v in pss.items()})
-    assert pss[1] < 40  # inline: the goal
-    assert (pss[4] - pss[2]) / 2 < 15  # each worker past the second: the goal (measured ~8-10)
-    # Leaving inline mode costs a supervisor beside the workers (no forker since #19's memory
-    # work): see the README's Workers section for the measured step.
-    assert pss[2] - pss[1] < 40
+    assert pss[0] < 40 and pss[1] < 40  # inline and one worker: the goal
+    assert pss[2] - pss[1] < 15  # the first extra worker: the goal (measured ~7)
+    assert (pss[4] - pss[2]) / 2 < 15  # each worker past the second (measured ~6.5)
 
 
 def test_tproxy_with_workers(mesh: Mesh) -> None:
