@@ -1431,7 +1431,7 @@ def _pass_goals(result: dict[str, Any]) -> None:
     if "1" in mem:
         goals["pss_idle_mb_1_worker"] = _goal(mem["1"]["pss_b_mb"], "<", 40.0)
         for w, m in mem.items():
-            if w != "1":
+            if int(w) > 1:  # (0 is the inline proxy: no worker to count)
                 per = round((m["pss_b_mb"] - mem["1"]["pss_b_mb"]) / (int(w) - 1), 1)
                 goals[f"pss_mb_per_extra_worker_{w}"] = _goal(per, "<", 15.0)
 
@@ -1783,9 +1783,10 @@ def main() -> None:
     parser.add_argument(
         "--memory-workers",
         type=lambda v: [int(x) for x in v.split(",") if x],
-        default=[1, 2, 4],
+        default=[0, 1, 2, 4],
         metavar="N,N",
-        help="the memory pass: b's idle Σ PSS with these worker counts ('' skips) [1,2,4]",
+        help="the memory pass: b's idle Σ PSS with these worker counts (0: the inline proxy; '' skips) "
+        "[0,1,2,4]",
     )
     parser.add_argument(
         "--wait-quiet",
