@@ -13,20 +13,29 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
+from functools import lru_cache
 from typing import Any, Final
 
 RETAIN_IDLE_S: Final = 600.0
+
+# Label strings are built for every connection from the same few parts (direction, peer
+# identity, target, tls state): each distinct one is built once and the same str object is
+# handed out again, so a child lookup hashes and compares it at no cost. Bounded (least recently
+# used go first): destinations and peers that come and go cannot grow it.
+LABEL_CACHE_SIZE: Final = 1024
 
 
 def escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def labels(*pairs: tuple[str, str]) -> str:
     """`labels(("a", "1"), ("b", "x"))` -> `a="1",b="x"` (the form children are keyed by)."""
     return ",".join(f'{k}="{escape(v)}"' for k, v in pairs)
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def join(*parts: str) -> str:
     return ",".join(p for p in parts if p)
 

@@ -19,9 +19,10 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
+from functools import lru_cache
 from typing import Any, Final, Protocol, TypedDict
 
-from .metrics import Family, HistogramChild, join, labels
+from .metrics import LABEL_CACHE_SIZE, Family, HistogramChild, join, labels
 from .route_metrics import RouteMetrics
 
 LATENCY_BOUNDS_MS: Final = (
@@ -67,11 +68,13 @@ class LiveLeg(Protocol):
     def accounting(self) -> Any: ...
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)  # the same few per connection: see metrics.labels
 def target(host: str, port: int) -> str:
     addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return labels(("target_addr", addr), ("target_ip", host), ("target_port", str(port)))
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None, reason: str = "") -> str:
     """Server-side `tls` labels (inbound accepted connections, inbound HTTP). `reason`: why there
     is no TLS, when it is not the remote's choice (`port_skipped`: detection is off there)."""
@@ -84,6 +87,7 @@ def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None, reason
     return labels(("tls", "no_identity"), ("no_tls_reason", reason or "no_tls_from_remote"))
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def tls_connect(server_id: str | None) -> str:
     """Client-side `tls` labels (outbound connections to destinations, outbound HTTP)."""
     if server_id:
@@ -91,6 +95,7 @@ def tls_connect(server_id: str | None) -> str:
     return labels(("tls", "no_identity"), ("no_tls_reason", "not_provided_by_service_discovery"))
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def server_labels(port: int, policy_name: str) -> str:
     """linkerd's `srv_*` labels on inbound series: a port's policy is a default Server."""
     server = (("srv_group", ""), ("srv_kind", "default"), ("srv_name", policy_name))
@@ -101,6 +106,7 @@ def server_labels(port: int, policy_name: str) -> str:
 DEFAULT_ROUTE = labels(("route_group", ""), ("route_kind", "default"), ("route_name", "default"))
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def authz_labels(rule: str, default_policy: bool) -> str:
     """linkerd's `authz_*` labels: a default policy (`authz_kind="default"`) or the allow-list
     entry that admitted the client (`authz_kind="allowlist"`, named by its pattern)."""
@@ -108,6 +114,7 @@ def authz_labels(rule: str, default_policy: bool) -> str:
     return labels(("authz_group", ""), ("authz_kind", kind), ("authz_name", rule))
 
 
+@lru_cache(maxsize=LABEL_CACHE_SIZE)
 def dst_labels(spiffe_id: str) -> str:
     """linkerd's `dst_namespace` / `dst_serviceaccount` on outbound series, from the identity the
     catalog expects at the destination (`spiffe://TD/ns/NS/sa/NAME`); "" if it has another shape."""
