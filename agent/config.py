@@ -234,11 +234,11 @@ class ProxySettings:
     """How often the catalog and policy are fetched from the authority (cached on disk)."""
     workers: int | str = "auto"
     """Proxy worker processes: "auto" (the default: one per CPU the agent may use: its affinity
-    CPUs, or its cgroup's CPU quota rounded up when that is fewer; at most 64) or 1 to 64. The
+    CPUs, or its cgroup's CPU quota rounded up when that is fewer; at most 64) or 0 to 64. The
     workers share the listening ports (SO_REUSEPORT) under the agent's own process, which keeps
     the identity, the rules and the admin server and replaces a worker that dies; so a one-CPU
     host runs as a sixteen-CPU one does. 0 runs the proxy inside the agent's own process
-    instead: ~9 MB less, but a proxy crash is the whole agent's. A change needs a restart."""
+    instead: ~12 MB less, but a proxy crash is the whole agent's. A change needs a restart."""
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""

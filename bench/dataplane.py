@@ -29,7 +29,7 @@ Session resumption is off everywhere in the main table (haproxy `no-ssl-reuse`,
 `no-tls-tickets`, no session cache; stunnel `sessionResume = no`; meshagent
 `proxy.tls_resumption = false`), so every new connection is a full handshake. `--pin` then
 runs the old setup in a second lab as an extra table, "pinned: one core per host (haproxy
-nbthread 1, meshagent 1 worker)": every process of host a on CPU 0 and of b on CPU 1
+nbthread 1, meshagent inline: one process)": every process of host a on CPU 0 and of b on CPU 1
 (taskset), two one-core machines.
 
 Measures (each target in turn, the order rotating per round; with --rounds N the median):
@@ -52,7 +52,7 @@ Passes after the main measures (meshagent's daemons restarted for each; not with
   meshagent_tls_resumed_total afterwards proves resumption happened.
 - scaling: meshagent alone with 1 and 2 workers: req/s and CPU us per request, conn/s and
   CPU us per connection.
-- memory: b's idle Σ PSS (and Σ RSS) with 1, 2 and 4 workers.
+- memory: b's idle Σ PSS (and Σ RSS) with the inline proxy (0) and 1, 2 and 4 workers.
 - churn (--churn N): N new connections with resumption on; b's Σ PSS before and after (goal:
   < 10 MB growth once memory-return ran) and both hosts' /status session figures.
 - metrics cost: requests/s with metrics on and off (--no-metrics-cost skips it).
@@ -119,7 +119,7 @@ TARGETS = ("direct", "haproxy", "stunnel", "meshagent")
 PROXIES = TARGETS[1:]
 WRK_CONNECTIONS = 50
 LATENCY_CONNECTIONS = 10
-PINNED_TITLE = "pinned: one core per host (haproxy nbthread 1, meshagent 1 worker)"
+PINNED_TITLE = "pinned: one core per host (haproxy nbthread 1, meshagent inline: one process)"
 
 
 class BenchError(Exception):
@@ -664,7 +664,8 @@ def lab_setup(args: argparse.Namespace, pinned: bool) -> Iterator[Setup]:
         s = Setup(lab, tmp, cl, a, b, pin=pinned)
         # cps compares full handshakes: meshagent's resumption off here, as haproxy's is; the
         # cps_resumed pass turns it back on (its default).
-        s.agent_proxy = {"workers": "1" if pinned else toml_value(args.workers), "tls_resumption": "false"}
+        # Pinned is the earlier setup: one process per host (the inline proxy, proxy.workers = 0).
+        s.agent_proxy = {"workers": "0" if pinned else toml_value(args.workers), "tls_resumption": "false"}
         threads = 1 if pinned else args.haproxy_threads
         try:
             log(f"namespaces {', '.join(h.ns for h in lab.hosts)}; nginx with a {args.big_mib} MiB file")
@@ -1048,7 +1049,7 @@ def workers_of(s: Setup) -> int:
 
 
 def memory_pass(s: Setup, args: argparse.Namespace) -> dict[str, Any]:
-    """b's idle Σ PSS (and Σ RSS) right after a start with 1, 2 and 4 workers."""
+    """b's idle Σ PSS (and Σ RSS) right after a start with each of `--memory-workers` (0: inline)."""
     out: dict[str, Any] = {}
     for workers in args.memory_workers:
         try:

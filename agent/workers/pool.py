@@ -1,4 +1,4 @@
-"""The supervisor's side of `proxy.workers` > 1: N worker processes that look like one `Proxy`.
+"""The supervisor's side of `proxy.workers` >= 1: N worker processes that look like one `Proxy`.
 
 The daemon holds a `WorkerPool` where it would hold a `Proxy` (agent/status.py reads the same
 surface: `listening`, `catalog`, `services`, `revoked`, `stats`, `handshakes`, `open_connections`).
