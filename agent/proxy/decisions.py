@@ -212,7 +212,7 @@ def route_detected(
     port = orig[1]
     decision = ctx.policy.authorize(port, None)
     if detected.protocol is Protocol.TLS:
-        tls_labels = tls_accept(None, False, detected.sni)
+        tls_labels = tls_accept(None, False, opaque=True)
     else:
         skipped = port in ctx.skip_detect_ports
         tls_labels = tls_accept(None, False, reason="port_skipped" if skipped else "")

@@ -134,13 +134,16 @@ class Family:
         for key, c in self.children.items():
             braces = "{" + key + "}" if key else ""
             if isinstance(c, HistogramChild):
+                # (Not `join`: its cache is for the per-connection label sets; a scrape's one-off
+                # bucket labels would push those out.)
+                bucket = self.name + "_bucket{" + (key + "," if key else "")
                 cumulative = 0
                 for bound, count in zip(c.bounds, c.counts, strict=False):
                     cumulative += count
                     le = 'le="' + fmt(bound) + '"'
-                    yield f"{self.name}_bucket{{{join(key, le)}}} {cumulative}"
+                    yield f"{bucket}{le}}} {cumulative}"
                 inf = 'le="+Inf"'
-                yield f"{self.name}_bucket{{{join(key, inf)}}} {c.count}"
+                yield f"{bucket}{inf}}} {c.count}"
                 yield f"{self.name}_count{braces} {c.count}"
                 yield f"{self.name}_sum{braces} {fmt(c.sum)}"
             else:

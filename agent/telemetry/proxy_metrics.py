@@ -75,12 +75,14 @@ def target(host: str, port: int) -> str:
 
 
 @lru_cache(maxsize=LABEL_CACHE_SIZE)
-def tls_accept(client_id: str | None, mtls: bool, sni: str | None = None, reason: str = "") -> str:
-    """Server-side `tls` labels (inbound accepted connections, inbound HTTP). `reason`: why there
-    is no TLS, when it is not the remote's choice (`port_skipped`: detection is off there)."""
+def tls_accept(client_id: str | None, mtls: bool, opaque: bool = False, reason: str = "") -> str:
+    """Server-side `tls` labels (inbound accepted connections, inbound HTTP). `opaque`: the app's
+    own TLS (a ClientHello naming another server); `reason`: why there is no TLS, when it is not
+    the remote's choice (`port_skipped`: detection is off there). Cached: every argument is one
+    the agent chose or verified (never the remote's SNI: a cache would keep each one alive)."""
     if mtls:
         return labels(("tls", "true"), ("client_id", client_id or ""))
-    if sni is not None:
+    if opaque:
         # The app's own TLS, passed through. linkerd adds `sni`: left out, as `authority` is,
         # because any client can put anything there and every value would be a new series.
         return labels(("tls", "opaque"))

@@ -131,13 +131,14 @@ class FloatLeFamily(Family):
         yield f"# TYPE {self.name} {self.kind}"
         for key, c in self.children.items():
             braces = "{" + key + "}" if key else ""
+            bucket = self.name + "_bucket{" + (key + "," if key else "")  # (not the cached `join`)
             cumulative = 0
             for bound, count in zip(c.bounds, c.counts, strict=False):
                 cumulative += count
                 le = 'le="' + repr(float(bound)) + '"'
-                yield f"{self.name}_bucket{{{join(key, le)}}} {cumulative}"
+                yield f"{bucket}{le}}} {cumulative}"
             inf = 'le="+Inf"'
-            yield f"{self.name}_bucket{{{join(key, inf)}}} {c.count}"
+            yield f"{bucket}{inf}}} {c.count}"
             yield f"{self.name}_count{braces} {c.count}"
             yield f"{self.name}_sum{braces} {fmt(c.sum)}"
 

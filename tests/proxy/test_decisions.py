@@ -473,3 +473,18 @@ def test_route_endpoint(orig: tuple[str, int], unmeshed: Literal["pass", "refuse
     route = SERVICES.route(*orig)
     assert isinstance(route, EndpointPort)
     assert route_endpoint(route, orig[1], unmeshed) == expected
+
+
+def test_a_remote_sni_is_never_kept_by_the_label_caches() -> None:
+    """Any client can name anything (up to ~16 KB) in its ClientHello: the memoized label
+    builders must not take it as a key, or each one would stay alive after its connection."""
+    from agent.telemetry import metrics, proxy_metrics
+
+    cached = (proxy_metrics.tls_accept, metrics.labels, metrics.join)
+    before = [c.cache_info().currsize for c in cached]
+    for i in range(2000):
+        sni = f"{i}.".ljust(4000, "x") + ".example"
+        action = route_detected(ctx(), (HOST, 8080), Detected(Protocol.TLS, sni))
+        assert isinstance(action, Admit) and action.tls_labels == 'tls="opaque"'
+    grown = [c.cache_info().currsize - n for c, n in zip(cached, before, strict=True)]
+    assert all(g <= 2 for g in grown), grown  # (the opaque label set itself, once)

@@ -43,3 +43,16 @@ def test_connections_with_the_same_labels_share_one_child() -> None:
         'target_ip="10.0.0.9",target_port="80",errno=""} 2'
     ) in text
     assert 'tcp_read_bytes_total{direction="inbound",peer="src",target_addr="10.0.0.9:80",' in text
+
+
+def test_a_scrape_leaves_the_label_caches_as_they_were() -> None:
+    """Exposition builds each histogram bucket's labels once per scrape: through the cache, a
+    scrape would fill it with one-off strings and push out the per-connection label sets."""
+    m = ProxyMetrics()
+    for i in range(40):
+        dst = join(labels(("direction", "outbound")), target(f"10.2.0.{i}", 80), tls_connect(None))
+        m.connection(dst).closed(1, 1, "")
+    sizes = [c.cache_info().currsize for c in (labels, join, target)]
+    text = "\n".join(m.render([]))
+    assert 'le="+Inf"' in text and 'target_ip="10.2.0.39"' in text
+    assert [c.cache_info().currsize for c in (labels, join, target)] == sizes

@@ -168,7 +168,7 @@ def test_linkerd_latency_buckets() -> None:
 
 
 def test_linkerd_tls_and_destination_labels() -> None:
-    assert pmod.tls_accept(None, False, sni="shop.example") == 'tls="opaque"'  # sni: unbounded
+    assert pmod.tls_accept(None, False, opaque=True) == 'tls="opaque"'  # no sni label: unbounded
     assert pmod.tls_accept(None, False, reason="port_skipped") == (
         'tls="no_identity",no_tls_reason="port_skipped"'
     )
