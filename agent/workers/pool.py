@@ -38,7 +38,11 @@ PING_INTERVAL_S = 1.0
 HUNG_AFTER_S = 10.0  # a worker silent this long (stopped, spinning) is killed and replaced
 DOWN_NOT_READY_S = 5.0  # a slot down this long makes /ready say so (a respawn takes ~0.5 s)
 SNAPSHOT_TIMEOUT_S = 1.0
-INIT_TIMEOUT_S = 15.0
+INIT_TIMEOUT_S = 15.0  # a first worker: forked from the loaded image, it only builds its proxy
+# A replacement is a new interpreter that imports everything first: 2-13 s measured on a one-CPU
+# TCG VM. A deadline it misses kills it and tries again, and with one worker that is the host's
+# whole data plane: give it room.
+REPLACEMENT_INIT_TIMEOUT_S = 60.0
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 10.0
 EARLY_DEATH_S = 10.0  # dying within this of its start doubles the next respawn's delay
 STOP_GRACE_S = 5.0  # past the drain: SIGKILL whatever has not exited
@@ -272,7 +276,7 @@ class WorkerPool:
         try:
             reply = await chan.request(
                 "init",
-                timeout=INIT_TIMEOUT_S,
+                timeout=REPLACEMENT_INIT_TIMEOUT_S if self._started else INIT_TIMEOUT_S,
                 directory=sent[0],
                 ticket_key=sent[1],
                 log=sent[2],

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from agent.workers.control import WorkerGone
-from agent.workers.pool import WorkerPool, handshake_share
+from agent.workers.pool import INIT_TIMEOUT_S, REPLACEMENT_INIT_TIMEOUT_S, WorkerPool, handshake_share
 
 DIRECTORY = SimpleNamespace(catalog=None, policy=None, services=None, revoked=None)
 
@@ -24,12 +24,13 @@ class ScriptedChannel:
         self.pid, self.on_init = pid, on_init
         self.ops: list[str] = []
         self.init_args: dict[str, Any] = {}
+        self.init_timeout: float | None = None
         self._closed = asyncio.get_running_loop().create_future()
 
     async def request(self, op: str, timeout: float = 5.0, **args: Any) -> Any:  # noqa: ASYNC109 - the real signature
         self.ops.append(op)
         if op == "init":
-            self.init_args = args
+            self.init_args, self.init_timeout = args, timeout
         if op == "init" and self.on_init is not None:
             await self.on_init(self)
         return {}
@@ -91,6 +92,10 @@ def test_a_worker_dying_in_init_is_replaced_once() -> None:
     assert [c.pid for c in forker.channels] == [1001, 1002, 1003]  # no second copy of 1002's slot
     assert [s.pid for s in pool.up_slots()] == [1003]
     assert pool.slots[0].restarts == 2
+    # A first worker is a fork of the loaded image; a replacement is a new interpreter that
+    # imports everything first (seconds on a slow one-CPU host): it gets a longer init deadline.
+    timeouts = [c.init_timeout for c in forker.channels]
+    assert timeouts == [INIT_TIMEOUT_S, REPLACEMENT_INIT_TIMEOUT_S, REPLACEMENT_INIT_TIMEOUT_S]
 
 
 def test_a_renewal_during_a_workers_init_reaches_it_after() -> None:
