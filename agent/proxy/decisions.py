@@ -212,7 +212,9 @@ def route_detected(
     port = orig[1]
     decision = ctx.policy.authorize(port, None)
     if detected.protocol is Protocol.TLS:
-        tls_labels = tls_accept(None, False, opaque=True)
+        # Opaque: the app's own TLS to a server it names. A ClientHello naming none (a client
+        # dialling an address) or too big to read stays no_identity, as before the cache.
+        tls_labels = tls_accept(None, False, opaque=detected.sni is not None)
     else:
         skipped = port in ctx.skip_detect_ports
         tls_labels = tls_accept(None, False, reason="port_skipped" if skipped else "")

@@ -276,7 +276,7 @@ class WorkerPool:
         try:
             reply = await chan.request(
                 "init",
-                timeout=REPLACEMENT_INIT_TIMEOUT_S if self._started else INIT_TIMEOUT_S,
+                timeout=REPLACEMENT_INIT_TIMEOUT_S if slot.restarts else INIT_TIMEOUT_S,
                 directory=sent[0],
                 ticket_key=sent[1],
                 log=sent[2],

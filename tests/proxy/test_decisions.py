@@ -126,6 +126,7 @@ def test_direct_port_takes_only_mtls_for_us(detected: Detected, reason: str) -> 
     [
         (8080, Detected(Protocol.HTTP1), True, "unauthenticated_allowed", 'tls="no_identity"'),
         (8080, Detected(Protocol.TLS, "app.example.com"), True, "unauthenticated_allowed", 'tls="opaque"'),
+        (8080, Detected(Protocol.TLS, None), True, "unauthenticated_allowed", 'tls="no_identity"'),  # no SNI
         (3306, Detected(Protocol.OPAQUE), True, "unauthenticated_allowed", 'no_tls_reason="port_skipped"'),
         (6379, Detected(Protocol.OPAQUE), False, "unauthenticated", 'no_tls_reason="no_tls_from_remote"'),
         (5432, Detected(Protocol.OPAQUE), False, "denied", 'tls="no_identity"'),
