@@ -1615,9 +1615,17 @@ def environment() -> dict[str, Any]:
     commit = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10
     ).stdout.strip()
+    # The daemons run this checkout's agent/ (unless --agent-src): say whether it matched the commit.
+    changed = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--", "agent"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout.splitlines()
     return {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "commit": commit,
+        "agent_uncommitted": changed,
         "kernel": platform.release(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
