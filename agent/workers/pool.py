@@ -31,6 +31,7 @@ from agent.proxy.revocation import RevokedSet
 from agent.proxy.routes import RouteTable
 from agent.proxy.services import ServiceTable
 from agent.telemetry.process import tree_memory
+from agent.workers.forker import describe_exit
 
 log = get_logger("meshagent.workers")
 
@@ -80,21 +81,6 @@ class MergerLike(Protocol):
     def update(self, slot: int, dump: Any) -> None: ...
 
     def worker_gone(self, slot: int) -> None: ...
-
-
-def describe_exit(status: int) -> str:
-    """`os.waitstatus` as a person reads it: "exit 0", "killed by SIGKILL"."""
-    if status == -1:  # forker.UNKNOWN_STATUS (not imported: the inline proxy never loads forker)
-        return "exit not known (reaped elsewhere)"
-    if os.WIFSIGNALED(status):
-        try:
-            name = signal.Signals(os.WTERMSIG(status)).name
-        except ValueError:
-            name = str(os.WTERMSIG(status))
-        return f"killed by {name}"
-    if os.WIFEXITED(status):
-        return f"exit {os.WEXITSTATUS(status)}"
-    return f"status {status}"
 
 
 @dataclass
