@@ -287,13 +287,17 @@ def hold_text(present: Sequence[str]) -> str:
 def stop_capture(backends: Sequence[Backend] | None = None) -> RemovedState:
     """At stop, before the proxy drains: capture nothing new, keep what was redirected working.
 
-    nft: our table is replaced by the holding one (`hold_text`) in one transaction; other
-    backends, the DNS redirect and policy routes are removed as `remove_all` does. Call
-    `remove_all` once the drain is over: it deletes the holding table too."""
+    nft: our table is replaced by the holding one (`hold_text`) in one transaction; iptables:
+    our rules are replaced by one holding conntrack rule in one `--noflush` restore per family
+    (`render_iptables.hold`). The DNS redirect and policy routes are removed as `remove_all`
+    does: tproxy's drains need no route, since TPROXY only took connections to this host's own
+    addresses. Call `remove_all` once the drain is over: it deletes what holds too."""
     return _take_down(backends, _hold_steps, "intercept.capture_stopped")
 
 
 def _hold_steps(backend: Backend) -> list[Step]:
+    if isinstance(backend, iptables.IptablesBackend):
+        return backend.hold_steps()
     if not isinstance(backend, NftBackend):
         return backend.steps(None)
     text = hold_text(backend.present())

@@ -111,6 +111,21 @@ class IptablesBackend:
                 steps.append(Step(nftobjects.tidy_argv(fam, table, objects), "", what))
         return steps
 
+    def hold_steps(self) -> list[Step]:
+        """What a stopping agent runs (`apply.stop_capture`): nothing captured any more, but
+        connections already redirected keep their NAT (`render_iptables.hold`). Nothing is
+        tidied here: `steps(None)` deletes what we created once the drain is over."""
+        steps = []
+        for fam in (4, 6):
+            family: Family = 4 if fam == 4 else 6
+            if family not in self.tools.restore:
+                continue
+            text = render_iptables.hold(self.save(family), family)
+            if text:
+                what = f"hold IPv{family} rules for the drain ({self.name})"
+                steps.append(Step((self.tools.restore[family], "-w", "--noflush"), text, what))
+        return steps
+
     def _created(self, plan: Plan | None, saved: str, family: Family) -> dict[str, list[str]]:
         """Tables and built-in chains that applying `plan` creates (iptables-nft only: legacy
         tables and their chains always exist once the kernel module is in)."""

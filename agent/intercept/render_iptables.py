@@ -1,6 +1,6 @@
 """Plan -> `iptables-restore` / `ip6tables-restore` text (the same text for nft and legacy flavours).
 
-Two pure functions:
+Pure functions:
 
 - `render(plan, family)`: the plan's own rules, as a fresh table section each (what `show` prints
   and what the golden files hold);
@@ -8,7 +8,9 @@ Two pure functions:
   (`saved`, from `iptables-save`) into "current minus ours plus the plan" in one commit per
   table. Our built-in-chain jumps are deleted with the very lines `iptables-save` printed, our
   chains are declared (which creates or flushes them), stale ones deleted, then the plan's rules
-  appended. `plan=None` is `remove`. Nothing that is not ours is named, so nothing else changes.
+  appended. `plan=None` is `remove`. Nothing that is not ours is named, so nothing else changes;
+- `hold(saved, family)`: what a stopping agent runs while it drains (nothing captured, the
+  connections already redirected keep their NAT), until `transaction(None, ...)` removes it.
 """
 
 from __future__ import annotations
@@ -236,6 +238,38 @@ def to_tidy(plan: Plan | None, saved: str, family: Family) -> dict[str, list[str
     active = plan if plan is not None and family in plan.families else None
     wanted = active.tables() if active else []
     return {table: objs for table, objs in made(saved).items() if table not in wanted}
+
+
+HOLD_COMMENT = f"{COMMENT_PREFIX}: draining: nothing captured; keeps conntrack on"
+
+
+def hold(saved: str, family: Family) -> str:
+    """`--noflush` input for a stopping agent: ours removed as by `transaction(None, ...)`, except
+    the marker chains (the later remove still tidies what we created), plus, where we had rules
+    in a nat built-in chain, one `conntrack` rule there. "" when nothing of ours is there.
+
+    Removing our rules takes the last conntrack users (REDIRECT, `-m conntrack`) out of the
+    namespace: the kernel unregisters conntrack's hooks, and NAT without conntrack no longer
+    translates the connections already redirected (the app's port answers them with a reset).
+    The rule keeps one user (nat sees only a flow's first packet, so it never matches); keeping
+    the nat chains without it was measured to reset those connections all the same."""
+    have = owned(saved)
+    out: list[str] = []
+    for table in [t for t in TABLE_ORDER if t in have]:
+        current = have[table]
+        stale = [c for c in current.chains if not c.startswith(MADE_PREFIX)]
+        out.append(f"*{table}")
+        out += [f":{chain} - [0:0]" for chain in current.chains]
+        out += ["-D" + line[2:] for line in [*current.builtin_rules, *current.foreign_refs]]
+        out += [f"-X {chain}" for chain in stale]
+        if table == "nat" and current.builtin_rules:
+            # in a built-in chain we already use: one we would create could not be tidied later
+            chain = current.builtin_rules[0].split()[1]
+            out.append(
+                f'-A {chain} -p tcp -m conntrack --ctstate ESTABLISHED -m comment --comment "{HOLD_COMMENT}"'
+            )
+        out.append("COMMIT")
+    return "\n".join(out) + "\n" if out else ""
 
 
 def transaction(

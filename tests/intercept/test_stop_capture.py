@@ -1,18 +1,22 @@
 """`stop_capture`: at stop nothing new is captured, but a connection already redirected keeps its
 NAT while the proxy drains (deleting our nft table there reset it: the namespace lost its
-conntrack and NAT hooks). The namespace test runs `nft` only inside a namespace of its own."""
+conntrack and NAT hooks; removing our iptables rules did the same, in both flavours and, for
+outbound connections, in tproxy mode too). The namespace tests run `nft` and `iptables` only
+inside namespaces of their own."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from agent.intercept import render_iptables
 from agent.intercept.apply import HOLD_COMMENT, hold_text
 from agent.netlab import Host, Lab, netns_supported
 
@@ -29,6 +33,56 @@ def test_hold_text_replaces_each_present_table_with_one_that_captures_nothing() 
     assert "redirect" not in rules and "tproxy" not in rules and "reject" not in rules
     assert hold_text([]) == ""
     assert hold_text(["ip", "ip6"]).count("type nat hook prerouting") == 2
+
+
+SAVED = """*nat
+:PREROUTING ACCEPT [0:0]
+:MESHAGENT_INBOUND - [0:0]
+:MESHAGENT_MADE_TABLE - [0:0]
+-A PREROUTING -p tcp -m comment --comment "meshagent: inbound capture" -j MESHAGENT_INBOUND
+-A PREROUTING -p tcp -j THEIRS
+-A MESHAGENT_INBOUND -p tcp -m comment --comment "meshagent: capture" -j REDIRECT --to-ports 4143
+COMMIT
+*filter
+:INPUT ACCEPT [0:0]
+:MESHAGENT_INBOUND_GUARD - [0:0]
+-A INPUT -p tcp -m comment --comment "meshagent: inbound guard" -j MESHAGENT_INBOUND_GUARD
+COMMIT
+"""
+
+
+HOLD_RULE = (
+    "-A PREROUTING -p tcp -m conntrack --ctstate ESTABLISHED "
+    f'-m comment --comment "{render_iptables.HOLD_COMMENT}"'
+)
+
+
+def test_iptables_hold_removes_capture_keeps_markers_and_adds_one_conntrack_rule() -> None:
+    text = render_iptables.hold(SAVED, 4)
+    nat, filt = text.split("COMMIT\n")[:2]
+    assert (
+        '-D PREROUTING -p tcp -m comment --comment "meshagent: inbound capture" -j MESHAGENT_INBOUND' in nat
+    )
+    assert "-X MESHAGENT_INBOUND\n" in nat
+    assert "-X MESHAGENT_MADE_TABLE" not in nat  # the later remove still tidies what we created
+    assert "THEIRS" not in text and "REDIRECT" not in text
+    assert HOLD_RULE in nat.splitlines() and nat.count("-A ") == 1
+    assert "-X MESHAGENT_INBOUND_GUARD" in filt and "-A " not in filt
+    # tproxy mode: our only nat built-in chain is OUTPUT; a PREROUTING we created could not be tidied
+    tproxy = SAVED.replace("-A PREROUTING -p tcp -m comment", "-A OUTPUT -p tcp -m comment")
+    assert "\n-A OUTPUT -p tcp -m conntrack --ctstate ESTABLISHED" in render_iptables.hold(tproxy, 4)
+    assert render_iptables.hold("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", 4) == ""
+
+
+def test_iptables_hold_twice_is_once_and_remove_takes_the_hold_and_the_markers() -> None:
+    held = (  # what iptables-save prints after the hold above
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:MESHAGENT_MADE_TABLE - [0:0]\n-A PREROUTING -p tcp -j THEIRS\n"
+        f"{HOLD_RULE}\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
+    )
+    again = render_iptables.hold(held, 4)
+    assert ("-D" + HOLD_RULE[2:]) in again and again.count(HOLD_RULE) == 1
+    removed = render_iptables.transaction(None, held, 4)
+    assert ("-D" + HOLD_RULE[2:]) in removed and "-X MESHAGENT_MADE_TABLE" in removed and "-A " not in removed
 
 
 ECHO = """
@@ -96,3 +150,122 @@ def test_a_redirected_connection_survives_stop_capture_then_remove_all_removes_t
     assert "meshagent" not in b.run("nft", "list", "tables").stdout
     client.stdin.close()
     client.wait(10)
+
+
+# ---- every backend and inbound mode, with the real plan -------------------------------------
+
+BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
+TOOL = {"nft": "nft", "iptables-nft": "iptables-nft-restore", "iptables-legacy": "iptables-legacy-restore"}
+SERVERS = """
+import socket, sys, threading
+def serve(family, port, name, transparent):
+    s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if transparent:  # TPROXY hands connections only to a transparent socket (as the agent's)
+        s.setsockopt(*((socket.IPPROTO_IPV6, 75) if family == socket.AF_INET6 else (socket.SOL_IP, 19)), 1)
+    s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port)); s.listen(16)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=echo, args=(c, name), daemon=True).start()
+def echo(c, name):
+    while (d := c.recv(100)):
+        c.sendall(name.encode() + b":" + d)
+for family in (socket.AF_INET, socket.AF_INET6):
+    for port, name, transparent in ((8080, "app", False), (4143, "inbound", sys.argv[1] == "tproxy"),
+                                    (4140, "outbound", False)):
+        threading.Thread(target=serve, args=(family, port, name, transparent), daemon=True).start()
+print("ready", flush=True)
+threading.Event().wait()
+"""
+ONCE = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 8080), timeout=5)
+c.sendall(b"new"); print(c.recv(100).decode() or "closed")
+"""
+LIBRARY = """
+import json, sys
+from agent.config import InterceptSettings
+from agent.intercept import apply
+from agent.intercept.plan import build_plan
+if sys.argv[1] == "apply":
+    settings = InterceptSettings(backend=sys.argv[2], inbound_mode=sys.argv[3], proxy_user=4190)
+    apply.apply_plan(build_plan(settings), apply.get_backend(sys.argv[2]))
+else:
+    getattr(apply, sys.argv[1])()
+print(json.dumps(apply.status()))
+"""
+
+
+def _library(host: Host, *args: str) -> dict[str, object]:
+    out = host.run(sys.executable, "-c", LIBRARY, *args, env={"PYTHONPATH": str(REPO)}).stdout
+    doc: dict[str, object] = json.loads(out.strip().splitlines()[-1])
+    return doc
+
+
+def _talker(host: Host, to: str) -> Callable[[str], str]:
+    """A connection from `host` to to:8080, kept open: say(word) sends it and returns the reply."""
+    client = host.popen(
+        sys.executable, "-c", CLIENT, to, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert client.stdin is not None and client.stdout is not None
+    stdin, stdout = client.stdin, client.stdout
+
+    def say(word: str) -> str:
+        stdin.write(word + "\n")
+        stdin.flush()
+        return stdout.readline().strip()
+
+    return say
+
+
+@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_new(
+    hosts: tuple[Host, Host], backend: str, mode: str
+) -> None:
+    """The real plan on b; a connection from a to b's app and one from b to a's app are captured
+    by b's "proxy"; after `stop_capture` both keep working while new connections reach the apps
+    themselves; after `remove_all` nothing of ours is left (rules, tables, policy routes)."""
+    a, b = hosts
+    if not shutil.which(TOOL[backend]):
+        pytest.skip(f"{TOOL[backend]} is not installed")
+    applied = _library(b, "apply", backend, mode)
+    assert applied["applied"] and bool(applied["routes"]) == (mode == "tproxy")
+    for host, host_mode in ((a, "redirect"), (b, mode)):  # a has no rules: its "proxy" never answers
+        servers = host.popen(sys.executable, "-c", SERVERS, host_mode)
+        assert servers.stdout is not None and servers.stdout.readline().strip() == "ready"
+    # one connection each way per family: a -> b's app (inbound), b -> a's app (outbound)
+    talkers = {
+        f"IPv{f} {way}": _talker(src, dst.ip(f))
+        for f in (4, 6)
+        for way, src, dst in (("in", a, b), ("out", b, a))
+    }
+
+    def all_say(word: str) -> dict[str, str]:
+        return {name: say(word) for name, say in talkers.items()}
+
+    def expect(word: str) -> dict[str, str]:
+        return {name: f"{name.split()[1]}bound:{word}" for name in talkers}
+
+    assert all_say("one") == expect("one")  # captured
+    held = _library(b, "stop_capture")
+    # tproxy: no policy route is left, and the draining connection needs none: TPROXY only took
+    # connections to this host's own addresses, whose packets route locally and find the
+    # accepted socket by their 4-tuple
+    assert held["routes"] == []
+    assert all_say("two") == expect("two"), f"a draining connection broke; b holds {held}"
+    rules = json.dumps(held["backends"])
+    assert "draining" in rules
+    assert not any(word in rules for word in ("REDIRECT", "TPROXY", "redirect to", "tproxy to"))
+    new = {
+        f"IPv{f} {way}": src.run(sys.executable, "-c", ONCE, dst.ip(f), check=False).stdout.strip()
+        for f in (4, 6)
+        for way, src, dst in (("in", a, b), ("out", b, a))
+    }
+    assert set(new.values()) == {"app:new"}, f"a connection opened while draining was captured: {new}"
+    assert all_say("three") == expect("three")
+    removed = _library(b, "remove_all")
+    assert removed == {"backends": {}, "routes": [], "applied": False, "dns": None}
+    if backend != "iptables-legacy":  # (legacy tables cannot be deleted) what we created is gone too
+        assert b.run("nft", "list", "tables").stdout.strip() == ""
