@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -223,6 +224,7 @@ def test_sigterm_drains_every_worker(mesh: Mesh) -> None:
     wait_for(lambda: "intercept.capture_stopped" in b.log.read_text(), "capture stopped", b)
     ruleset = mesh.b.run("nft", "list", "ruleset").stdout
     assert HOLD_COMMENT in ruleset and "redirect" not in ruleset.replace(HOLD_COMMENT, "")
+    assert all(say(p, "two") == "echo two" for p in held)  # still relayed while draining
     time.sleep(1.0)
     assert b.proc.poll() is None  # draining: the connections are still open
     assert all(psutil.pid_exists(w["pid"]) for w in workers)  # each worker waits for its own
@@ -240,6 +242,43 @@ def test_sigterm_drains_every_worker(mesh: Mesh) -> None:
         p.wait(timeout=10)
     alive = [pid for pid in tree if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert not alive
+
+
+@pytest.mark.parametrize("backend", ["iptables-nft", "iptables-legacy"])
+def test_sigterm_with_an_iptables_backend_keeps_draining_connections(mesh: Mesh, backend: str) -> None:
+    """The daemon's stop with an iptables backend (tests/intercept/test_stop_capture.py proves the
+    hold itself on every backend and mode): SIGTERM takes the capture down at once, the held
+    connections keep being relayed through the drain, and at exit nothing of ours is left."""
+    save = f"{backend}-save"
+    if shutil.which(save) is None:
+        pytest.skip(f"{save} is not installed")
+    apps(mesh)
+    b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.3.2", "198.18.2.2"])
+    config = b.config.read_text().replace("drain_timeout_s = 2.0", "drain_timeout_s = 60.0")
+    b.config.write_text(config.replace("[intercept]\n", f'[intercept]\nbackend = "{backend}"\n', 1))
+    with_workers(b, 1).start()
+    assert b.proc is not None
+    assert "REDIRECT" in mesh.b.run(save).stdout  # this backend captures
+    held = held_echo(mesh, 4)
+    assert all(say(p, "one") == "echo one" for p in held)
+    wait_for(lambda: sum(w["open"] for w in status(mesh, "b")["workers"]) == 4, "pings see 4 open", b)
+
+    b.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "intercept.capture_stopped" in b.log.read_text(), "capture stopped", b)
+    rules = mesh.b.run(save).stdout
+    assert "draining" in rules and "REDIRECT" not in rules, rules
+    # Removing the rules outright reset every one of these (they were conntrack's last users).
+    assert all(say(p, "two") == "echo two" for p in held)
+    assert b.proc.poll() is None  # draining: the connections are still open
+    b.proc.send_signal(signal.SIGTERM)  # a second one cuts the drain short
+    assert b.proc.wait(timeout=10) == 0
+    log = b.log.read_text()
+    assert log.index("intercept.capture_stopped") < log.index("intercept.removed")
+    assert "meshagent" not in mesh.b.run(save).stdout  # the holding rule went with the rest
+    for p in held:
+        assert p.stdin is not None
+        p.stdin.close()
+        p.wait(timeout=10)
 
 
 def test_sighup_reaches_every_worker(mesh: Mesh) -> None:
