@@ -538,9 +538,9 @@ class Daemon:
         if self.dns is not None:  # DNS fails open first, whatever on_stop says
             await self.dns.stop()
         remove = intercept.enabled and self.config.proxy.on_stop == "remove-rules"
-        if remove:  # nothing new is captured; redirected connections keep their NAT while they drain
-            await asyncio.to_thread(stop_capture)
         try:
+            if remove:  # nothing new is captured; redirected connections keep their NAT while they drain
+                await asyncio.to_thread(stop_capture)
             await self._stop_proxy(self.config.proxy.drain_timeout_s, cut=self.drain_cut)
         finally:
             if remove:  # (also when the drain failed: no holding table left behind)

@@ -291,8 +291,20 @@ def stop_capture(backends: Sequence[Backend] | None = None) -> RemovedState:
     our rules are replaced by one holding conntrack rule in one `--noflush` restore per family
     (`render_iptables.hold`). The DNS redirect and policy routes are removed as `remove_all`
     does: tproxy's drains need no route, since TPROXY only took connections to this host's own
-    addresses. Call `remove_all` once the drain is over: it deletes what holds too."""
-    return _take_down(backends, _hold_steps, "intercept.capture_stopped")
+    addresses. Call `remove_all` once the drain is over: it deletes what holds too.
+
+    A hold that fails (another tool changed a rule between our save and restore, say) would leave
+    that backend's full capture pointing at a proxy about to exit: everything is removed at once
+    instead, as `remove-rules` promises (the draining connections lose their NAT)."""
+    try:
+        return _take_down(backends, _hold_steps, "intercept.capture_stopped")
+    except InterceptError as exc:
+        log.error(
+            "intercept.hold_failed",
+            error=exc.message,
+            hint="removing every rule now: connections still draining may be reset",
+        )
+        return remove_all(backends)
 
 
 def _hold_steps(backend: Backend) -> list[Step]:

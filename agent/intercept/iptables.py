@@ -120,7 +120,7 @@ class IptablesBackend:
             family: Family = 4 if fam == 4 else 6
             if family not in self.tools.restore:
                 continue
-            text = render_iptables.hold(self.save(family), family)
+            text = render_iptables.hold(self.save(family))
             if text:
                 what = f"hold IPv{family} rules for the drain ({self.name})"
                 steps.append(Step((self.tools.restore[family], "-w", "--noflush"), text, what))

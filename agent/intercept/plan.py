@@ -623,6 +623,9 @@ def build_plan(
             "skip local ports",
             Exclusion("inbound", "ports", _join(ports), "intercept.inbound_skip_ports"),
         )
+    # LocalDst: only connections to this host's own addresses. apply.stop_capture relies on it:
+    # a tproxy connection's packets then route locally without our mark and policy route, so the
+    # drain needs neither.
     in_match: list[Match] = [Syn(), LocalDst()]
     if settings.inbound_ports:
         in_match.append(DstPorts(_ports(settings.inbound_ports)))

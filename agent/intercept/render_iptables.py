@@ -243,25 +243,26 @@ def to_tidy(plan: Plan | None, saved: str, family: Family) -> dict[str, list[str
 HOLD_COMMENT = f"{COMMENT_PREFIX}: draining: nothing captured; keeps conntrack on"
 
 
-def hold(saved: str, family: Family) -> str:
+def hold(saved: str) -> str:
     """`--noflush` input for a stopping agent: ours removed as by `transaction(None, ...)`, except
     the marker chains (the later remove still tidies what we created), plus, where we had rules
-    in a nat built-in chain, one `conntrack` rule there. "" when nothing of ours is there.
+    in a nat built-in chain, one `conntrack` rule there. "" when nothing of ours needs holding.
 
-    Removing our rules takes the last conntrack users (REDIRECT, `-m conntrack`) out of the
+    Removing our rules can take the last conntrack users (REDIRECT, `-m conntrack`) out of the
     namespace: the kernel unregisters conntrack's hooks, and NAT without conntrack no longer
     translates the connections already redirected (the app's port answers them with a reset).
-    The rule keeps one user (nat sees only a flow's first packet, so it never matches); keeping
-    the nat chains without it was measured to reset those connections all the same."""
+    The rule keeps one user and changes no packet: it has no target, and nat sees only a flow's
+    first packet, never an ESTABLISHED one. Keeping the nat chains without it was measured to
+    reset those connections all the same. (The same text for both families.)"""
     have = owned(saved)
     out: list[str] = []
     for table in [t for t in TABLE_ORDER if t in have]:
         current = have[table]
         stale = [c for c in current.chains if not c.startswith(MADE_PREFIX)]
+        if not (stale or current.builtin_rules or current.foreign_refs):
+            continue  # only markers: nothing captures here, and remove tidies them later
         out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in current.chains]
-        out += ["-D" + line[2:] for line in [*current.builtin_rules, *current.foreign_refs]]
-        out += [f"-X {chain}" for chain in stale]
+        out += _removal_lines(current, current.chains, stale)
         if table == "nat" and current.builtin_rules:
             # in a built-in chain we already use: one we would create could not be tidied later
             chain = current.builtin_rules[0].split()[1]
@@ -270,6 +271,15 @@ def hold(saved: str, family: Family) -> str:
             )
         out.append("COMMIT")
     return "\n".join(out) + "\n" if out else ""
+
+
+def _removal_lines(current: OwnedTable, declared: Sequence[str], stale: Sequence[str]) -> list[str]:
+    """Declare (create or flush) `declared`, delete our built-in-chain rules and others' jumps
+    into our chains (with the very lines `iptables-save` printed), then delete `stale` chains."""
+    out = [f":{chain} - [0:0]" for chain in declared]
+    out += ["-D" + line[2:] for line in [*current.builtin_rules, *current.foreign_refs]]
+    out += [f"-X {chain}" for chain in stale]
+    return out
 
 
 def transaction(
@@ -296,9 +306,7 @@ def transaction(
             chains = [*chains, *markers]
         stale = [c for c in current.chains if c not in chains]
         out.append(f"*{table}")
-        out += [f":{chain} - [0:0]" for chain in [*chains, *stale]]
-        out += ["-D" + line[2:] for line in [*current.builtin_rules, *current.foreign_refs]]
-        out += [f"-X {chain}" for chain in stale]
+        out += _removal_lines(current, [*chains, *stale], stale)
         if active is not None:
             for rule in _table_rules(active, table, family):
                 out += rule_lines(rule)

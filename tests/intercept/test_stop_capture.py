@@ -13,11 +13,15 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from agent.intercept import render_iptables
+from agent.intercept import apply, netlink, render_iptables
 from agent.intercept.apply import HOLD_COMMENT, hold_text
+from agent.intercept.errors import InterceptError
+from agent.intercept.plan import Plan
+from agent.intercept.tools import Step
 from agent.netlab import Host, Lab, netns_supported
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +62,7 @@ HOLD_RULE = (
 
 
 def test_iptables_hold_removes_capture_keeps_markers_and_adds_one_conntrack_rule() -> None:
-    text = render_iptables.hold(SAVED, 4)
+    text = render_iptables.hold(SAVED)
     nat, filt = text.split("COMMIT\n")[:2]
     assert (
         '-D PREROUTING -p tcp -m comment --comment "meshagent: inbound capture" -j MESHAGENT_INBOUND' in nat
@@ -70,8 +74,11 @@ def test_iptables_hold_removes_capture_keeps_markers_and_adds_one_conntrack_rule
     assert "-X MESHAGENT_INBOUND_GUARD" in filt and "-A " not in filt
     # tproxy mode: our only nat built-in chain is OUTPUT; a PREROUTING we created could not be tidied
     tproxy = SAVED.replace("-A PREROUTING -p tcp -m comment", "-A OUTPUT -p tcp -m comment")
-    assert "\n-A OUTPUT -p tcp -m conntrack --ctstate ESTABLISHED" in render_iptables.hold(tproxy, 4)
-    assert render_iptables.hold("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", 4) == ""
+    assert "\n-A OUTPUT -p tcp -m conntrack --ctstate ESTABLISHED" in render_iptables.hold(tproxy)
+    assert render_iptables.hold("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n") == ""
+    # only markers left (a remove cut short): nothing to hold, no restore run for nothing
+    markers_only = "*nat\n:PREROUTING ACCEPT [0:0]\n:MESHAGENT_MADE_TABLE - [0:0]\nCOMMIT\n"
+    assert render_iptables.hold(markers_only) == ""
 
 
 def test_iptables_hold_twice_is_once_and_remove_takes_the_hold_and_the_markers() -> None:
@@ -79,7 +86,7 @@ def test_iptables_hold_twice_is_once_and_remove_takes_the_hold_and_the_markers()
         "*nat\n:PREROUTING ACCEPT [0:0]\n:MESHAGENT_MADE_TABLE - [0:0]\n-A PREROUTING -p tcp -j THEIRS\n"
         f"{HOLD_RULE}\nCOMMIT\n*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
     )
-    again = render_iptables.hold(held, 4)
+    again = render_iptables.hold(held)
     assert ("-D" + HOLD_RULE[2:]) in again and again.count(HOLD_RULE) == 1
     removed = render_iptables.transaction(None, held, 4)
     assert ("-D" + HOLD_RULE[2:]) in removed and "-X MESHAGENT_MADE_TABLE" in removed and "-A " not in removed
@@ -158,23 +165,26 @@ BACKENDS = ("nft", "iptables-nft", "iptables-legacy")
 TOOL = {"nft": "nft", "iptables-nft": "iptables-nft-restore", "iptables-legacy": "iptables-legacy-restore"}
 SERVERS = """
 import socket, sys, threading
-def serve(family, port, name, transparent):
+def listen(family, port, transparent):
     s = socket.socket(family); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     if transparent:  # TPROXY hands connections only to a transparent socket (as the agent's)
         s.setsockopt(*((socket.IPPROTO_IPV6, 75) if family == socket.AF_INET6 else (socket.SOL_IP, 19)), 1)
     s.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", port)); s.listen(16)
+    return s
+def serve(s, name):
     while True:
         c, _ = s.accept()
         threading.Thread(target=echo, args=(c, name), daemon=True).start()
 def echo(c, name):
     while (d := c.recv(100)):
         c.sendall(name.encode() + b":" + d)
-for family in (socket.AF_INET, socket.AF_INET6):
+for family in (socket.AF_INET, socket.AF_INET6):  # all bound and listening before "ready"
     for port, name, transparent in ((8080, "app", False), (4143, "inbound", sys.argv[1] == "tproxy"),
                                     (4140, "outbound", False)):
-        threading.Thread(target=serve, args=(family, port, name, transparent), daemon=True).start()
+        s = listen(family, port, transparent)
+        threading.Thread(target=serve, args=(s, name), daemon=True).start()
 print("ready", flush=True)
 threading.Event().wait()
 """
@@ -203,6 +213,14 @@ def _library(host: Host, *args: str) -> dict[str, object]:
     return doc
 
 
+def _ruleset(host: Host, backend: str) -> str:
+    """Every rule `host`'s kernel holds for `backend`, bodies included, both families."""
+    if backend == "nft":
+        return str(host.run("nft", "list", "ruleset").stdout)
+    save = TOOL[backend].replace("-restore", "-save")
+    return "".join(str(host.run(tool).stdout) for tool in (save, save.replace("iptables", "ip6tables")))
+
+
 def _talker(host: Host, to: str) -> Callable[[str], str]:
     """A connection from `host` to to:8080, kept open: say(word) sends it and returns the reply."""
     client = host.popen(
@@ -228,8 +246,9 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
     by b's "proxy"; after `stop_capture` both keep working while new connections reach the apps
     themselves; after `remove_all` nothing of ours is left (rules, tables, policy routes)."""
     a, b = hosts
-    if not shutil.which(TOOL[backend]):
-        pytest.skip(f"{TOOL[backend]} is not installed")
+    for tool in (TOOL[backend], TOOL[backend].replace("iptables", "ip6tables")):  # (both families)
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
     applied = _library(b, "apply", backend, mode)
     assert applied["applied"] and bool(applied["routes"]) == (mode == "tproxy")
     for host, host_mode in ((a, "redirect"), (b, mode)):  # a has no rules: its "proxy" never answers
@@ -255,9 +274,9 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
     # accepted socket by their 4-tuple
     assert held["routes"] == []
     assert all_say("two") == expect("two"), f"a draining connection broke; b holds {held}"
-    rules = json.dumps(held["backends"])
-    assert "draining" in rules
-    assert not any(word in rules for word in ("REDIRECT", "TPROXY", "redirect to", "tproxy to"))
+    rules = _ruleset(b, backend)  # rule bodies: status() names only chains and jumps
+    assert "draining" in rules and "draining" in json.dumps(held["backends"])
+    assert not any(word in rules for word in ("REDIRECT", "TPROXY", "redirect to", "tproxy to")), rules
     new = {
         f"IPv{f} {way}": src.run(sys.executable, "-c", ONCE, dst.ip(f), check=False).stdout.strip()
         for f in (4, 6)
@@ -269,3 +288,37 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
     assert removed == {"backends": {}, "routes": [], "applied": False, "dns": None}
     if backend != "iptables-legacy":  # (legacy tables cannot be deleted) what we created is gone too
         assert b.run("nft", "list", "tables").stdout.strip() == ""
+
+
+class _HoldFailsBackend:
+    """A backend whose first transaction (the hold) fails and whose next ones succeed."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+        self.fail_next = True
+
+    def render(self, plan: Plan) -> str:
+        return ""
+
+    def steps(self, plan: Plan | None) -> list[Step]:
+        return [Step(("true",), "", "remove our rules")]
+
+    def run(self, steps: list[Step]) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise InterceptError("restore failed: a rule changed under us", "")
+        self.ran += [step.what for step in steps]
+
+    def owned(self) -> dict[str, Any]:
+        return {}
+
+
+def test_a_failed_hold_removes_everything_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hold that fails would leave full capture pointing at a proxy about to exit (refused
+    connections for as long as nobody removes it): `stop_capture` removes everything instead."""
+    monkeypatch.setattr(netlink, "remove_routes", lambda: 0)  # (the test's own namespace is not ours)
+    backend = _HoldFailsBackend()
+    state = apply.stop_capture([backend])
+    assert backend.ran == ["remove our rules"] and state.backends == ("flaky",)

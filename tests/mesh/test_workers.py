@@ -249,24 +249,29 @@ def test_sigterm_with_an_iptables_backend_keeps_draining_connections(mesh: Mesh,
     """The daemon's stop with an iptables backend (tests/intercept/test_stop_capture.py proves the
     hold itself on every backend and mode): SIGTERM takes the capture down at once, the held
     connections keep being relayed through the drain, and at exit nothing of ours is left."""
-    save = f"{backend}-save"
-    if shutil.which(save) is None:
-        pytest.skip(f"{save} is not installed")
+    saves = (f"{backend}-save", f"{backend.replace('iptables', 'ip6tables')}-save")  # (IPv6 is on)
+    for tool in saves:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+
+    def rules() -> str:
+        return "".join(str(mesh.b.run(tool).stdout) for tool in saves)
+
     apps(mesh)
     b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.3.2", "198.18.2.2"])
     config = b.config.read_text().replace("drain_timeout_s = 2.0", "drain_timeout_s = 60.0")
     b.config.write_text(config.replace("[intercept]\n", f'[intercept]\nbackend = "{backend}"\n', 1))
     with_workers(b, 1).start()
     assert b.proc is not None
-    assert "REDIRECT" in mesh.b.run(save).stdout  # this backend captures
+    assert rules().count("REDIRECT") >= 2  # this backend captures, both families
     held = held_echo(mesh, 4)
     assert all(say(p, "one") == "echo one" for p in held)
     wait_for(lambda: sum(w["open"] for w in status(mesh, "b")["workers"]) == 4, "pings see 4 open", b)
 
     b.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "intercept.capture_stopped" in b.log.read_text(), "capture stopped", b)
-    rules = mesh.b.run(save).stdout
-    assert "draining" in rules and "REDIRECT" not in rules, rules
+    held_rules = rules()
+    assert held_rules.count("draining") == 2 and "REDIRECT" not in held_rules, held_rules
     # Removing the rules outright reset every one of these (they were conntrack's last users).
     assert all(say(p, "two") == "echo two" for p in held)
     assert b.proc.poll() is None  # draining: the connections are still open
@@ -274,7 +279,7 @@ def test_sigterm_with_an_iptables_backend_keeps_draining_connections(mesh: Mesh,
     assert b.proc.wait(timeout=10) == 0
     log = b.log.read_text()
     assert log.index("intercept.capture_stopped") < log.index("intercept.removed")
-    assert "meshagent" not in mesh.b.run(save).stdout  # the holding rule went with the rest
+    assert "meshagent" not in rules().lower()  # the holding rules went with the rest, chains too
     for p in held:
         assert p.stdin is not None
         p.stdin.close()
