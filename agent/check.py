@@ -211,6 +211,15 @@ def run_checks(config: AgentConfig) -> list[CheckResult]:
         if not icfg.enabled:
             return True, "interception disabled in the config", ""
         applied = doc["applied"]
+        if not applied and doc.get("holding"):
+            held = ", ".join(doc["holding"])
+            return (
+                False,
+                f"capture stopped: only a stopping agent's hold is left in {held} "
+                "(draining, or a drain cut short)",
+                "wait for the agent to finish stopping, or run `meshagent intercept remove`; "
+                "then start it: systemctl start meshagent",
+            )
         where = ", ".join(doc["backends"]) or "nowhere"
         return applied, f"rules present in {where}", "start the agent: systemctl start meshagent"
 

@@ -106,7 +106,13 @@ def show_cmd(config: Path | None, backend: str | None, as_json: bool) -> None:
     if routes:
         click.echo("\npolicy routing (netlink):\n" + "\n".join(routes))
     if now is not None:
-        state = "applied (" + ", ".join(now["backends"]) + ")" if now["applied"] else "not applied"
+        if now["applied"]:
+            state = "applied (" + ", ".join(now["backends"]) + ")"
+        elif now.get("holding"):
+            held = ", ".join(now["holding"])
+            state = f"not applied: a stopping agent's hold ({held}), nothing captured"
+        else:
+            state = "not applied"
         click.echo(f"\nnow: {state}")
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from agent.logs import get_logger
 
-from . import conntrack, dns_rules, iptables, netlink, render_nft
+from . import conntrack, dns_rules, iptables, netlink, render_iptables, render_nft
 from .errors import InterceptError
 from .nft import NftBackend
 from .plan import NFT_TABLE, Plan
@@ -320,10 +320,26 @@ def _hold_steps(backend: Backend) -> list[Step]:
 
 def status() -> dict[str, Any]:
     """What of ours the kernel holds now, per backend, plus our policy routes and the DNS
-    redirect (`dns`: None when absent; not counted in `applied`, which is about TCP capture)."""
+    redirect (`dns`: None when absent; not counted in `applied`, which is about TCP capture).
+    `holding`: backends where only a stopping agent's hold is left (draining, or a drain cut
+    short): it captures nothing, so it does not count as `applied`."""
     doc: dict[str, Any] = {}
     for backend in available_backends():
         owned = backend.owned()
         if owned:
             doc[backend.name] = owned
-    return {"backends": doc, "routes": netlink.current(), "applied": bool(doc), "dns": dns_rules.owned()}
+    holding = sorted(name for name, owned in doc.items() if is_hold(owned))
+    return {
+        "backends": doc,
+        "routes": netlink.current(),
+        "applied": len(holding) < len(doc),
+        "holding": holding,
+        "dns": dns_rules.owned(),
+    }
+
+
+def is_hold(owned: Any) -> bool:
+    """Whether one backend's `owned()` is a stopping agent's hold: the nft holding table, or the
+    iptables holding rule (a hold replaces every capture rule, so its comment means no capture)."""
+    text = repr(owned)
+    return HOLD_COMMENT in text or render_iptables.HOLD_COMMENT in text

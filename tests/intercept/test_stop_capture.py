@@ -251,6 +251,7 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
             pytest.skip(f"{tool} is not installed")
     applied = _library(b, "apply", backend, mode)
     assert applied["applied"] and bool(applied["routes"]) == (mode == "tproxy")
+    assert applied["holding"] == []
     for host, host_mode in ((a, "redirect"), (b, mode)):  # a has no rules: its "proxy" never answers
         servers = host.popen(sys.executable, "-c", SERVERS, host_mode)
         assert servers.stdout is not None and servers.stdout.readline().strip() == "ready"
@@ -275,7 +276,7 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
     assert held["routes"] == []
     assert all_say("two") == expect("two"), f"a draining connection broke; b holds {held}"
     rules = _ruleset(b, backend)  # rule bodies: status() names only chains and jumps
-    assert "draining" in rules and "draining" in json.dumps(held["backends"])
+    assert "draining" in rules and held["holding"] == [backend] and held["applied"] is False
     assert not any(word in rules for word in ("REDIRECT", "TPROXY", "redirect to", "tproxy to")), rules
     new = {
         f"IPv{f} {way}": src.run(sys.executable, "-c", ONCE, dst.ip(f), check=False).stdout.strip()
@@ -285,7 +286,7 @@ def test_every_backend_and_mode_keeps_draining_connections_and_captures_nothing_
     assert set(new.values()) == {"app:new"}, f"a connection opened while draining was captured: {new}"
     assert all_say("three") == expect("three")
     removed = _library(b, "remove_all")
-    assert removed == {"backends": {}, "routes": [], "applied": False, "dns": None}
+    assert removed == {"backends": {}, "routes": [], "applied": False, "holding": [], "dns": None}
     if backend != "iptables-legacy":  # (legacy tables cannot be deleted) what we created is gone too
         assert b.run("nft", "list", "tables").stdout.strip() == ""
 
@@ -322,3 +323,12 @@ def test_a_failed_hold_removes_everything_at_once(monkeypatch: pytest.MonkeyPatc
     backend = _HoldFailsBackend()
     state = apply.stop_capture([backend])
     assert backend.ran == ["remove our rules"] and state.backends == ("flaky",)
+
+
+def test_status_tells_a_hold_from_capture() -> None:
+    """`status()` counts a hold as not applied (it captures nothing): `meshagent check` fails on
+    a drain cut short instead of reporting rules present."""
+    capture = {"ipv4": {"nat": {"chains": ["MESHAGENT_INBOUND"], "jumps": [SAVED.splitlines()[4]]}}}
+    held = {"ipv4": {"nat": {"chains": ["MESHAGENT_MADE_TABLE"], "jumps": [HOLD_RULE]}}}
+    assert apply.is_hold(held) and not apply.is_hold(capture)
+    assert apply.is_hold({"ip meshagent": hold_text(["ip"])}) and not apply.is_hold({"ip meshagent": CAPTURE})
