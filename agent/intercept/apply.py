@@ -253,7 +253,7 @@ def _take_down(
     return RemovedState(tuple(touched), routes, tuple(ran))
 
 
-HOLD_COMMENT = "meshagent draining: nothing captured; keeps redirected connections translated"
+NFT_HOLD_COMMENT = "meshagent draining: nothing captured; keeps redirected connections translated"
 
 
 def hold_text(present: Sequence[str]) -> str:
@@ -270,7 +270,7 @@ def hold_text(present: Sequence[str]) -> str:
         return ""
     tables = "".join(
         f"table {family} {NFT_TABLE} {{\n"
-        f'\tcomment "{HOLD_COMMENT}"\n'
+        f'\tcomment "{NFT_HOLD_COMMENT}"\n'
         "\tchain prerouting_nat {\n"
         "\t\ttype nat hook prerouting priority dstnat; policy accept;\n"
         '\t\tct state established counter comment "meshagent: keeps conntrack on while draining"\n'
@@ -342,4 +342,4 @@ def is_hold(owned: Any) -> bool:
     """Whether one backend's `owned()` is a stopping agent's hold: the nft holding table, or the
     iptables holding rule (a hold replaces every capture rule, so its comment means no capture)."""
     text = repr(owned)
-    return HOLD_COMMENT in text or render_iptables.HOLD_COMMENT in text
+    return NFT_HOLD_COMMENT in text or render_iptables.HOLD_COMMENT in text

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from agent.intercept import apply, netlink, render_iptables
-from agent.intercept.apply import HOLD_COMMENT, hold_text
+from agent.intercept.apply import NFT_HOLD_COMMENT, hold_text
 from agent.intercept.errors import InterceptError
 from agent.intercept.plan import Plan
 from agent.intercept.tools import Step
@@ -30,10 +30,10 @@ REPO = Path(__file__).resolve().parents[2]
 def test_hold_text_replaces_each_present_table_with_one_that_captures_nothing() -> None:
     text = hold_text(["inet"])
     assert text.startswith("table inet meshagent\ndelete table inet meshagent\n")
-    assert HOLD_COMMENT in text
+    assert NFT_HOLD_COMMENT in text
     assert "type nat hook prerouting" in text and "type nat hook output" in text
     assert "ct state established" in text  # the ct expression that keeps conntrack's hooks
-    rules = text.replace(HOLD_COMMENT, "")
+    rules = text.replace(NFT_HOLD_COMMENT, "")
     assert "redirect" not in rules and "tproxy" not in rules and "reject" not in rules
     assert hold_text([]) == ""
     assert hold_text(["ip", "ip6"]).count("type nat hook prerouting") == 2

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent.intercept.apply import HOLD_COMMENT
+from agent.intercept.apply import NFT_HOLD_COMMENT
 from tests.mesh.conftest import PY, Agent, Mesh, wait_for
 from tests.support import MESHAGENT
 
@@ -221,8 +221,8 @@ def test_signals_while_draining(mesh: Mesh) -> None:
         # until the drain ends, and goes with it.
         def capture_stopped() -> bool:
             ruleset = mesh.b.run("nft", "list", "ruleset").stdout
-            rules = ruleset.replace(HOLD_COMMENT, "")  # (its comment says "redirected")
-            return HOLD_COMMENT in ruleset and "redirect" not in rules and "reject" not in rules
+            rules = ruleset.replace(NFT_HOLD_COMMENT, "")  # (its comment says "redirected")
+            return NFT_HOLD_COMMENT in ruleset and "redirect" not in rules and "reject" not in rules
 
         wait_for(capture_stopped, "capture stopped")
         b.proc.send_signal(signal.SIGHUP)

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from agent.intercept.apply import HOLD_COMMENT
+from agent.intercept.apply import NFT_HOLD_COMMENT
 from agent.netlab import netns_supported
 from tests.mesh.conftest import PY, Agent, Mesh, build_mesh, wait_for
 from tests.support import MESHAGENT, metric_samples, metric_sum
@@ -223,7 +223,7 @@ def test_sigterm_drains_every_worker(mesh: Mesh) -> None:
     # Capture stops at once; the holding table (no redirect) keeps the open connections' NAT.
     wait_for(lambda: "intercept.capture_stopped" in b.log.read_text(), "capture stopped", b)
     ruleset = mesh.b.run("nft", "list", "ruleset").stdout
-    assert HOLD_COMMENT in ruleset and "redirect" not in ruleset.replace(HOLD_COMMENT, "")
+    assert NFT_HOLD_COMMENT in ruleset and "redirect" not in ruleset.replace(NFT_HOLD_COMMENT, "")
     assert all(say(p, "two") == "echo two" for p in held)  # still relayed while draining
     time.sleep(1.0)
     assert b.proc.poll() is None  # draining: the connections are still open
