@@ -21,6 +21,7 @@ import pytest
 from agent.intercept.apply import NFT_HOLD_COMMENT
 from agent.netlab import netns_supported
 from tests.mesh.conftest import PY, Agent, Mesh, build_mesh, wait_for
+from tests.netns.intercept_support import require_backend
 from tests.support import MESHAGENT, metric_samples, metric_sum
 
 pytestmark = pytest.mark.netns
@@ -253,6 +254,7 @@ def test_sigterm_with_an_iptables_backend_keeps_draining_connections(mesh: Mesh,
     for tool in saves:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
+    require_backend(mesh.b, backend)  # (a kernel without legacy iptables skips it)
 
     def rules() -> str:
         return "".join(str(mesh.b.run(tool).stdout) for tool in saves)
