@@ -9,7 +9,7 @@ Pure functions:
   table. Our built-in-chain jumps are deleted with the very lines `iptables-save` printed, our
   chains are declared (which creates or flushes them), stale ones deleted, then the plan's rules
   appended. `plan=None` is `remove`. Nothing that is not ours is named, so nothing else changes;
-- `hold(saved, family)`: what a stopping agent runs while it drains (nothing captured, the
+- `hold(saved)`: what a stopping agent runs while it drains (nothing captured, the
   connections already redirected keep their NAT), until `transaction(None, ...)` removes it.
 """
 
