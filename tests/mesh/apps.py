@@ -177,10 +177,19 @@ http {{
     return root
 
 
+def _nginx_workers(root: Path) -> set[int]:
+    """The pids of the nginx master's children (its workers), by the master's pid file."""
+    master = (root / "nginx.pid").read_text().strip()
+    return {int(pid) for pid in Path(f"/proc/{master}/task/{master}/children").read_text().split()}
+
+
 def nginx_fail_hard(host: Host, root: Path, fail: bool) -> None:
     """Every request answered 500 (True) or served again (False): `nginx -s reload`, which swaps
-    the config without dropping connections; returns once the new mode answers."""
+    the config without dropping connections; returns once the new mode answers and every worker
+    of the old config has exited. Until then an old worker still answers the proxy's pooled
+    keep-alive connections in the old mode: a new connection answering is not enough."""
     (root / "mode.conf").write_text("return 500;\n" if fail else "")
+    old_workers = _nginx_workers(root)
     host.run("nginx", "-c", str(root / "nginx.conf"), "-p", str(root), "-s", "reload")
     want = "500" if fail else "200"
     port = next(
@@ -188,7 +197,8 @@ def nginx_fail_hard(host: Host, root: Path, fail: bool) -> None:
     )
     wait_for(
         lambda: (
-            host.run(
+            not old_workers & _nginx_workers(root)
+            and host.run(
                 "curl",
                 "-s",
                 "-o",
