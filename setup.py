@@ -1,7 +1,9 @@
-"""Builds the compiled HTTP/1 accounting (agent/proxy/http1_framer.pyx); everything else is in
-pyproject.toml. The extension is optional: without Cython or a C compiler the build goes on
-without it and the agent counts requests with the pure-Python accounting (agent/proxy/http1.py),
-which costs more CPU per request (README, "Benchmarks")."""
+"""Builds the compiled HTTP/1 accounting (agent/proxy/http1_framer.pyx) and the compiled relay
+(agent/proxy/native_relay.pyx, which also needs OpenSSL's headers); everything else is in
+pyproject.toml. Both are optional: without Cython, a C compiler or the headers the build goes on
+without them, and the agent counts requests with the pure-Python accounting (agent/proxy/http1.py)
+and relays in Python (agent/proxy/relay.py), which costs more CPU per request (README,
+"Benchmarks")."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # a compiler, but the build failed (no Python headers, say)
-            self.warn(f"meshagent: {ext.name} not built ({exc}); using the Python accounting")
+            self.warn(f"meshagent: {ext.name} not built ({exc}); using its Python counterpart")
 
 
 def extensions() -> list[Extension]:
@@ -31,7 +33,15 @@ def extensions() -> list[Extension]:
     except ImportError:
         return []
     return cythonize(
-        [Extension("agent.proxy.http1_framer", ["agent/proxy/http1_framer.pyx"])],
+        [
+            Extension("agent.proxy.http1_framer", ["agent/proxy/http1_framer.pyx"]),
+            # Links the libssl CPython's _ssl uses (the system's); the relay checks it at attach.
+            Extension(
+                "agent.proxy.native_relay",
+                ["agent/proxy/native_relay.pyx"],
+                libraries=["ssl", "crypto"],
+            ),
+        ],
         quiet=True,
     )
 

@@ -242,6 +242,10 @@ class ProxySettings:
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""
+    native_relay: bool = False
+    """Relay an L4 mTLS connection's bytes in compiled code once it is paired (the TLS session
+    driven through OpenSSL directly, no Python per chunk); false: the Python relay. Either way
+    the same bytes, counts, taps and ends."""
     ticket_key_rotation_s: float = 3600.0
     """How often the key that encrypts session tickets is replaced (at least 60 s): a ticket
     resumes for at most this long. A renewal replaces it too."""

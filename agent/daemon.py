@@ -46,6 +46,7 @@ from agent.proxy.directory import Directory, Rejected, merge
 from agent.proxy.listeners import Proxy
 from agent.proxy.memory_return import return_memory_after_peaks
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
+from agent.proxy.relay import relay_implementation
 from agent.proxy.ticket_keys import new_ticket_key
 from agent.proxy.tls import Credentials
 from agent.sdnotify import notify, watchdog_interval_s
@@ -528,6 +529,7 @@ class Daemon:
             inbound=self.proxy.listening.get("inbound"),
             outbound=self.proxy.listening.get("outbound"),
             http_accounting=self._http_accounting(),
+            relay=relay_implementation(self.config.proxy.native_relay),
             nofile=nofile,
             workers=0 if self.workers is None else self.workers.count,
         )

@@ -14,6 +14,7 @@ from agent.health.report import build_report, config_digest, error_line, host_ad
 from agent.identity.certinfo import utcnow
 from agent.proxy.http1 import IMPLEMENTATION as HTTP1_IMPLEMENTATION
 from agent.proxy.http1 import STOPPED as HTTP_ACCOUNTING_STOPPED
+from agent.proxy.relay import relay_implementation
 from agent.telemetry.process import rss_bytes, tree_memory
 from agent.workers.pool import WorkerPool
 
@@ -44,6 +45,11 @@ def http_accounting(d: Daemon) -> str:
     """off, or which implementation counts requests: compiled, or python (not built)."""
     t = d.config.telemetry
     return HTTP1_IMPLEMENTATION if t.metrics and t.http_accounting else "off"
+
+
+def relay(d: Daemon) -> str:
+    """Which relay carries L4 mTLS connections' bytes: native, python, or python (not built)."""
+    return relay_implementation(d.config.proxy.native_relay)
 
 
 def listeners(d: Daemon) -> dict[str, str]:
@@ -181,6 +187,7 @@ def daemon_status(d: Daemon) -> dict[str, Any]:
             "failures": {} if proxy is None else dict(proxy.stats.failures),
         },
         "http_accounting": http_accounting(d),
+        "relay": relay(d),
         "http_accounting_stopped": proxy.http_accounting_stopped
         if isinstance(proxy, WorkerPool)
         else dict(HTTP_ACCOUNTING_STOPPED),

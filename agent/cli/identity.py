@@ -260,6 +260,8 @@ def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
         )
     if "http_accounting" in doc:  # off, compiled, or python (the extension was not built)
         lines.append(f"http counting {doc['http_accounting']}")
+    if "relay" in doc:  # native, python, or python (native not built)
+        lines.append(f"relay         {doc['relay']}")
     for error in (doc.get("last_errors") or [])[-3:]:
         lines.append(f"last error    {printable(error)}")
     return lines

@@ -67,7 +67,7 @@ from .originate import handshake as _handshake
 from .originate import tls_reason as _tls_reason
 from .peer_certs import PeerCert, PeerCertCache
 from .policy import InboundPolicy
-from .relay import Leg, TlsLeg
+from .relay import Leg, TlsLeg, relay_pair
 from .revocation import PeerConnection, PeerConnections, RevokedSet
 from .routed_detect import FallbackReason, RoutedConn, RoutedDetect, RouterFactory
 from .routes import ParentPolicy, RouteTable
@@ -113,6 +113,8 @@ class ListenerSettings:
     tls_resumption: bool = True
     """Outbound: offer a kept TLS session to a server seen before (proxy.tls_resumption; the
     server side is `Credentials.load(tickets=...)`)."""
+    native_relay: bool = False
+    """Relay paired plaintext/TLS legs in compiled code (relay.relay_pair, native_relay.pyx)."""
     http_routes: bool = True
     """Route HTTP per request to destinations with a policy (the directory's `routes`); off:
     every outbound connection takes the L4 path."""
@@ -1158,7 +1160,7 @@ async def _to_app(proxy: Proxy, client: Leg, admitted: Admit, early: bytes = b""
     if early:
         upstream.send(early)
         client.rx += len(early)
-    client.pair(upstream)
+    relay_pair(client, upstream, proxy.settings.native_relay)
 
 
 def _audited(proxy: Proxy, admitted: Admit) -> None:
@@ -1321,4 +1323,4 @@ async def _outbound(
     proxy.stats.opened[f"outbound:{got.kind}"] += 1
     if early:  # (already counted in app.rx): pairing replays them through the tap, then upstream
         app.early.insert(0, early)
-    app.pair(upstream)
+    relay_pair(app, upstream, proxy.settings.native_relay)

@@ -46,6 +46,7 @@ class Leg(asyncio.Protocol):
         "early",
         "forward",
         "metrics",
+        "native",
         "on_closed",
         "peer",
         "read_eof",
@@ -72,6 +73,8 @@ class Leg(asyncio.Protocol):
         self.metrics: Any = None
         self.tap: Callable[[bytes], object] | None = None
         self.accounting: Any = None
+        # The compiled relay running this leg's bytes since pairing (native_relay.NativePair).
+        self.native: Any = None
 
     @property
     def tx(self) -> int:
@@ -110,6 +113,8 @@ class Leg(asyncio.Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self.closed = True
+        if self.native is not None:  # the compiled relay stops, and knows the socket's error
+            exc = self.native.lost(self, exc)
         peer = self.peer
         if peer is not None:
             self.tx_settled = peer.rx
@@ -123,7 +128,7 @@ class Leg(asyncio.Protocol):
             self.on_closed(self, exc)
         # Undo the pair's reference cycle (and the taps' closures) now: left to the cyclic
         # collector, closed connections' TLS state piled up to ~80 MB under connection churn.
-        self.peer = self.forward = self.tap = self.accounting = self.metrics = None
+        self.peer = self.forward = self.tap = self.accounting = self.metrics = self.native = None
         self.early.clear()
 
     def tap_failed(self, exc: Exception) -> None:
@@ -396,3 +401,46 @@ class TlsLeg(Leg):
         with contextlib.suppress(ssl.SSLError):  # WantRead: close_notify sent, read side stays open
             self.sslobj.unwrap()
         self._flush()
+
+
+def relay_pair(a: Leg, b: Leg, native: bool) -> None:
+    """Pair `a` and `b`. With `native` (proxy.native_relay), a plaintext leg and a TLS leg are
+    relayed by the compiled relay (native_relay.pyx) when it is built and can take them; any
+    other pair, or one it cannot take, relays in Python (`Leg.pair`)."""
+    if native and _native is not None:
+        plain, tls = (b, a) if type(a) is TlsLeg else (a, b)
+        if type(tls) is TlsLeg and _plain_relay(plain) and plain.transport and tls.transport:
+            relay = _native.attach(plain, tls)
+            if relay is not None:
+                a.peer, b.peer = b, a
+                plain.native = tls.native = relay
+                relay.start()
+                return
+    a.pair(b)
+
+
+def _plain_relay(leg: Leg) -> bool:
+    """A plaintext leg whose bytes are Leg's to relay: not TLS, and no subclass's own data path
+    (a router's, a detector's): an accepting leg that only overrides connection_made is one."""
+    cls = type(leg)
+    return (
+        not isinstance(leg, TlsLeg)
+        and cls.data_received is Leg.data_received
+        and cls.eof_received is Leg.eof_received
+        and cls.connection_lost is Leg.connection_lost
+        and cls.sink is Leg.sink
+    )
+
+
+try:  # built by setup.py with the HTTP accounting; without a compiler, every pair is Python's
+    from . import native_relay as _native
+except ImportError:  # pragma: no cover - the build always makes it where the tests run
+    _native = None  # type: ignore[assignment]
+
+
+def relay_implementation(native: bool) -> str:
+    """What relays L4 mTLS connections with `proxy.native_relay` = `native`: "native",
+    "python", or "python (native not built)" when it was asked for but the extension is missing."""
+    if not native:
+        return "python"
+    return "native" if _native is not None else "python (native not built)"

@@ -32,6 +32,7 @@ def listener_settings(config: AgentConfig) -> ListenerSettings:
         idle_timeout_s=p.idle_timeout_s,
         max_handshakes=p.max_handshakes,
         tls_resumption=p.tls_resumption,
+        native_relay=p.native_relay,
         http_routes=p.http_routes,
         http_pool_idle_s=p.http_pool_idle_s,
         http_pool_max_idle=p.http_pool_max_idle,

@@ -22,6 +22,7 @@ from agent.proxy.catalog import Catalog, CatalogEntry
 from agent.proxy.listeners import ListenerSettings, Proxy
 from agent.proxy.policy import DefaultPolicy, InboundPolicy, PortPolicy
 from agent.proxy.tls import Credentials
+from agent.telemetry.proxy_metrics import ProxyMetrics
 from tests.support import issue_identity
 
 TD = "cluster.local"
@@ -62,7 +63,11 @@ class World:
         detect_timeout_s: float = 1.0,
         max_handshakes: int = 128,
         handshake_timeout_s: float = 10.0,
+        native_relay: bool | None = None,
+        metrics_b: ProxyMetrics | None = None,
     ) -> tuple[Proxy, Proxy]:
+        """A and B; `native_relay` None: the setting's default; `metrics_b`: B's metrics."""
+        native = ListenerSettings.native_relay if native_relay is None else native_relay
         b = Proxy(
             ListenerSettings(
                 inbound=("127.0.0.1", 0),
@@ -71,11 +76,13 @@ class World:
                 detect_timeout_s=detect_timeout_s,
                 max_handshakes=max_handshakes,
                 handshake_timeout_s=handshake_timeout_s,
+                native_relay=native,
             ),
             Credentials.load(IdentityStore(self.tmp / "b")),
             policy or InboundPolicy(),
             Catalog([]),
             lambda sock: ("127.0.0.1", app_port),
+            metrics=metrics_b,
         )
         await b.start()
         b_in = b.listening["inbound"][1]
@@ -93,7 +100,10 @@ class World:
         )
         a = Proxy(
             ListenerSettings(
-                inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), idle_timeout_s=idle_timeout_s
+                inbound=("127.0.0.1", 0),
+                outbound=("127.0.0.1", 0),
+                idle_timeout_s=idle_timeout_s,
+                native_relay=native,
             ),
             Credentials.load(IdentityStore(self.tmp / "a")),
             InboundPolicy(),
