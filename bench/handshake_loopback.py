@@ -7,6 +7,7 @@ Each connection: connect to A's outbound port, send 5 bytes, half-close, read th
 
     flock /tmp/meshagent-bench.lock .venv/bin/python -m bench.handshake_loopback -n 400 -c 1
     ... --resume            # proxy.tls_resumption = true (default: every handshake full)
+    ... --native            # proxy.native_relay = true (default: the Python relay)
     ... --profile out.prof  # cProfile of the proxies' loop (inflates the CPU figure)
 """
 
@@ -25,7 +26,7 @@ import psutil
 import uvloop
 
 
-def _proxies(tmp: str, app_port: int, resume: bool, profile: str, conn: Connection) -> None:
+def _proxies(tmp: str, app_port: int, resume: bool, native: bool, profile: str, conn: Connection) -> None:
     from agent.identity.store import IdentityStore
     from agent.proxy.catalog import Catalog, CatalogEntry
     from agent.proxy.listeners import ListenerSettings, Proxy
@@ -35,7 +36,12 @@ def _proxies(tmp: str, app_port: int, resume: bool, profile: str, conn: Connecti
     async def main() -> None:
         root = Path(tmp)
         b = Proxy(
-            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), tls_resumption=resume),
+            ListenerSettings(
+                inbound=("127.0.0.1", 0),
+                outbound=("127.0.0.1", 0),
+                tls_resumption=resume,
+                native_relay=native,
+            ),
             Credentials.load(IdentityStore(root / "b"), tickets=resume),
             InboundPolicy(),
             Catalog([]),
@@ -50,7 +56,12 @@ def _proxies(tmp: str, app_port: int, resume: bool, profile: str, conn: Connecti
             "server_name": "db.shop.serviceaccount.identity.linkerd.cluster.local",
         }
         a = Proxy(
-            ListenerSettings(inbound=("127.0.0.1", 0), outbound=("127.0.0.1", 0), tls_resumption=resume),
+            ListenerSettings(
+                inbound=("127.0.0.1", 0),
+                outbound=("127.0.0.1", 0),
+                tls_resumption=resume,
+                native_relay=native,
+            ),
             Credentials.load(IdentityStore(root / "a"), tickets=resume),
             InboundPolicy(),
             Catalog([CatalogEntry.from_doc(doc)]),
@@ -107,6 +118,7 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=400, help="connections measured")
     ap.add_argument("-c", type=int, default=1, help="concurrent connections")
     ap.add_argument("--resume", action="store_true", help="TLS resumption on")
+    ap.add_argument("--native", action="store_true", help="the compiled relay (proxy.native_relay) on")
     ap.add_argument("--profile", default="", help="write a cProfile of the proxies here")
     args = ap.parse_args()
 
@@ -125,7 +137,7 @@ def main() -> None:
             issue_identity(Path(tmp) / "authority", "shop/db", Path(tmp) / "b")
             ours, theirs = mp.Pipe()
             child = mp.get_context("fork").Process(
-                target=_proxies, args=(tmp, app_port, args.resume, args.profile, theirs)
+                target=_proxies, args=(tmp, app_port, args.resume, args.native, args.profile, theirs)
             )
             child.start()
             loop = asyncio.get_running_loop()
@@ -142,7 +154,7 @@ def main() -> None:
             child.join(10)
             app.close()
             print(
-                f"connections {ok}/{args.n} concurrency {args.c} resume {args.resume}: "
+                f"connections {ok}/{args.n} concurrency {args.c} resume {args.resume} native {args.native}: "
                 f"proxies' CPU {(sum(c1) - sum(c0)) / args.n * 1e6:,.0f} us per connection (a+b; "
                 f"user {(c1[0] - c0[0]) / args.n * 1e6:,.0f}, system {(c1[1] - c0[1]) / args.n * 1e6:,.0f}), "
                 f"{args.n / (t1 - t0):,.0f} conn/s, load average {load:.1f}"
