@@ -324,13 +324,14 @@ def test_apply_keeps_budgets_of_unchanged_parents() -> None:
 
 
 def test_failed_probe_is_shut_again_while_another_endpoint_admits() -> None:
-    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    # A penalty of 200 ms, not 1: a loaded machine lets 1 ms pass before the "still shut" checks.
+    accrual = {"max_failures": 1, "min_penalty_ms": 200, "max_penalty_ms": 200, "jitter": 0}
     ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
     ex = FakeExchange(lambda pick, n: ok(500) if pick.endpoint.address == A else ok(200))
     while not ex.attempts or ex.attempts[-1] != A:
         run(ctx, policy, ex)
     assert m.count("balancer:web", "ejected") == 1
-    asyncio.run(asyncio.sleep(0.01))  # A's penalty (1 ms) is over: its next request is the probe
+    asyncio.run(asyncio.sleep(0.3))  # A's penalty (200 ms) is over: its next request is the probe
     while ex.attempts.count(A) < 2:
         run(ctx, policy, ex)
     # The probe failed with B admitting: A is shut again, not "kept" (and not a new ejection).
@@ -358,14 +359,15 @@ def test_balancer_gauge_follows_an_endpoint_back_from_connect_back_off() -> None
 
 
 def test_balancer_gauge_follows_a_breaker_shut_then_open_again() -> None:
-    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    # A penalty of 200 ms, not 1: a loaded machine lets 1 ms pass before the "still shut" checks.
+    accrual = {"max_failures": 1, "min_penalty_ms": 200, "max_penalty_ms": 200, "jitter": 0}
     ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
     healthy = [False]
     ex = FakeExchange(lambda pick, n: ok(200) if healthy[0] or pick.endpoint.address == B else ok(500))
     while A not in ex.attempts:
         run(ctx, policy, ex)
     assert m.calls("balancer:web", "endpoints")[-1] == (1, 1)  # A shut
-    asyncio.run(asyncio.sleep(0.01))  # its penalty is over: the next request to A is the probe
+    asyncio.run(asyncio.sleep(0.3))  # its penalty is over: the next request to A is the probe
     healthy[0] = True
     while ex.attempts.count(A) < 2:
         run(ctx, policy, ex)
@@ -416,13 +418,14 @@ def test_the_last_open_endpoint_is_kept_while_the_other_is_in_probation() -> Non
     # Both endpoints fail. A is shut; once its penalty is over it is in probation (one request
     # at a time). B failing then must not be shut: requests arriving while A's probe is in
     # flight would find no endpoint (503 FAIL_FAST) — B is kept instead.
-    accrual = {"max_failures": 1, "min_penalty_ms": 1, "max_penalty_ms": 1, "jitter": 0}
+    # A penalty of 200 ms, not 1: a loaded machine lets 1 ms pass before the "still shut" checks.
+    accrual = {"max_failures": 1, "min_penalty_ms": 200, "max_penalty_ms": 200, "jitter": 0}
     ctx, policy, m = setup(endpoints=(A, B), accrual=accrual)
     ex = FakeExchange(lambda pick, n: ok(500))
     run(ctx, policy, ex)
     first = ex.attempts[0]
     other = B if first == A else A
-    asyncio.run(asyncio.sleep(0.01))  # the first one's penalty is over: probation on next look
+    asyncio.run(asyncio.sleep(0.3))  # the first one's penalty is over: probation on next look
     rule = policy.rules[0]
     be = rule.backends[0]
     assert ctx.balancer.admits(be, be.endpoints[0]) and ctx.balancer.admits(be, be.endpoints[1])
