@@ -69,14 +69,15 @@ cdef extern from "<openssl/err.h>":
 
 
 cdef enum:
-    READ_SIZE = 16384  # one TLS record's plaintext at most: what relay.py reads per chunk
-    SCRATCH = 65536  # one socket read of records, or the records' plaintext, or their ciphertext
+    RECORD = 16384  # one TLS record's plaintext at most
+    SCRATCH = 65536  # one socket read: the app's bytes, or the peer's records
+    OUT = SCRATCH + 4096  # one read's worth of plaintext, or of records (4 x 22 bytes of framing)
 
 
 # One loop per thread and no thread releases the GIL here: a chunk is done with these before
 # the next callback runs, so two buffers serve every pair.
 cdef char _in[SCRATCH]
-cdef char _out[SCRATCH]
+cdef char _out[OUT]
 
 
 cdef struct Held:
@@ -134,6 +135,8 @@ cdef class NativePair:
     cdef Held to_tls
     cdef bint plain_reading, tls_reading, plain_writing, tls_writing
     cdef bint fin_to_plain  # a FIN is owed to the app once `to_plain` drains
+    cdef bint plain_ended, tls_ended  # the legs' read_eof, kept here too (read per chunk)
+    cdef bint wants_ticket  # the TLS leg's on_ticket is set: look after each read
     cdef readonly bint done
     cdef object errors  # leg -> the OSError its transport would have reported
 
@@ -186,8 +189,8 @@ cdef class NativePair:
         """Read a side while it has not ended and what it feeds is not backed up; write a side
         while something waits for it."""
         self._watch(
-            not self.plain.read_eof and self.to_tls.size == 0,
-            not self.tls.read_eof and self.to_plain.size == 0,
+            not self.plain_ended and self.to_tls.size == 0,
+            not self.tls_ended and self.to_plain.size == 0,
             self.to_plain.size != 0,
             self.to_tls.size != 0,
         )
@@ -195,7 +198,7 @@ cdef class NativePair:
     # --- the two directions ----------------------------------------------------------------
 
     def _on_plain(self) -> None:
-        cdef Py_ssize_t n = read(self.plain_fd, _in, READ_SIZE)
+        cdef Py_ssize_t n = read(self.plain_fd, _in, SCRATCH)
         if n > 0:
             self._from_plain(_in, n, True)
         elif n == 0:
@@ -229,7 +232,7 @@ cdef class NativePair:
         cdef int k
         cdef Py_ssize_t w
         while True:
-            k = BIO_read(self.wbio, _out, SCRATCH)
+            k = BIO_read(self.wbio, _out, OUT)
             if k <= 0:
                 break
             if self.to_tls.size:
@@ -255,7 +258,7 @@ cdef class NativePair:
             # TlsLeg: a ragged EOF).
             BIO_ctrl(self.rbio, BIO_C_SET_BUF_MEM_EOF_RETURN, 0, NULL)
             self._decrypt()
-            if not self.done and not self.tls.read_eof:
+            if not self.done and not self.tls_ended:
                 self._tls_ended()
         elif errno != EAGAIN and errno != EINTR:
             self._fail(self.tls, errno)
@@ -268,10 +271,10 @@ cdef class NativePair:
         cdef bint ended = False
         while True:
             ERR_clear_error()
-            k = SSL_read(self.ssl, _out + total, READ_SIZE)
+            k = SSL_read(self.ssl, _out + total, RECORD)
             if k > 0:
                 total += k
-                if total > SCRATCH - READ_SIZE:
+                if total > OUT - RECORD:
                     self._to_plain(_out, total, True)
                     total = 0
                     if self.done:
@@ -292,9 +295,11 @@ cdef class NativePair:
             self._send_records()
             if self.done:
                 return
-        tls = self.tls
-        if tls.on_ticket is not None:
-            tls._take_ticket()
+        if self.wants_ticket:
+            tls = self.tls
+            if tls.on_ticket is not None:
+                tls._take_ticket()
+            self.wants_ticket = tls.on_ticket is not None
         if ended:
             self._tls_ended()
         else:
@@ -361,7 +366,7 @@ cdef class NativePair:
     cdef void _plain_ended(self):
         """The app finished writing: a close_notify to the peer, which may still answer."""
         plain, tls = self.plain, self.tls
-        plain.read_eof = True
+        plain.read_eof = self.plain_ended = True
         if not tls.write_eof_sent:
             tls.write_eof_sent = True
             ERR_clear_error()
@@ -374,7 +379,7 @@ cdef class NativePair:
 
     cdef void _tls_ended(self):
         """The peer finished writing: a FIN to the app once what it sent is written."""
-        self.tls.read_eof = True
+        self.tls.read_eof = self.tls_ended = True
         if self.to_plain.size:
             self.fin_to_plain = True
         else:
@@ -390,7 +395,7 @@ cdef class NativePair:
             shutdown(self.plain_fd, SHUT_WR)
 
     cdef void _maybe_finish(self):
-        if (not self.done and self.plain.read_eof and self.tls.read_eof
+        if (not self.done and self.plain_ended and self.tls_ended
                 and self.to_plain.size == 0 and self.to_tls.size == 0):
             self._end()
             self.plain.close()
@@ -452,6 +457,10 @@ cdef class NativePair:
         tls.early.clear()
         if BIO_ctrl_pending(self.rbio) or SSL_pending(self.ssl):
             self._decrypt()
+            if self.done:
+                return
+        if plain.read_eof:  # the app finished writing before pairing (a request, then EOF)
+            self._plain_ended()
         else:
             self._rewatch()
 
@@ -466,7 +475,7 @@ def attach(plain: object, tls: object) -> NativePair | None:
     cdef BIO* wbio
     if plain.transport.get_write_buffer_size() or tls.transport.get_write_buffer_size():
         return None
-    if plain.read_eof or tls.read_eof:
+    if tls.read_eof:  # (the peer's end before pairing: rare, left to the Python relay)
         return None
     ssl = <SSL*>_field(tls.raw, HEADER + sizeof(void*))  # PySSLSocket: header, Socket, ssl
     rbio = <BIO*>_field(tls.incoming, HEADER)  # PySSLMemoryBIO: header, bio
@@ -483,6 +492,7 @@ def attach(plain: object, tls: object) -> NativePair | None:
     pair.plain, pair.tls = plain, tls
     pair.keep = (tls.raw, tls.incoming, tls.outgoing)
     pair.errors = {}
+    pair.wants_ticket = tls.on_ticket is not None
     pair.plain_fd = os.dup(plain_sock.fileno())
     pair.tls_fd = os.dup(tls_sock.fileno())
     plain.transport.pause_reading()  # from now on the transports only close the sockets

@@ -126,8 +126,9 @@ def test_a_slow_reader_gets_every_byte_while_the_relay_holds_one_read_at_most(tm
             most_held = max(most_held, *(r.held for r in relays))
             await asyncio.sleep(0.001)  # slow: the relays must stop reading, not buffer
         assert digest.digest() == hashlib.sha256(blob).digest()
-        # A read is 64 KiB of records or their plaintext: more held is buffering without bound.
-        assert most_held <= 64 * 1024, most_held
+        # A read is 64 KiB of records or their plaintext, plus a record begun in an earlier read
+        # and the records' framing: past that the relay would be buffering without bound.
+        assert most_held <= 96 * 1024, most_held
         sock.close()
         server.close()
 
