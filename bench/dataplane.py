@@ -665,7 +665,11 @@ def lab_setup(args: argparse.Namespace, pinned: bool) -> Iterator[Setup]:
         # cps compares full handshakes: meshagent's resumption off here, as haproxy's is; the
         # cps_resumed pass turns it back on (its default).
         # Pinned is the earlier setup: one process per host (the inline proxy, proxy.workers = 0).
-        s.agent_proxy = {"workers": "0" if pinned else toml_value(args.workers), "tls_resumption": "false"}
+        s.agent_proxy = {
+            "workers": "0" if pinned else toml_value(args.workers),
+            "tls_resumption": "false",
+            **dict(kv.split("=", 1) for kv in args.agent_proxy),
+        }
         threads = 1 if pinned else args.haproxy_threads
         try:
             log(f"namespaces {', '.join(h.ns for h in lab.hosts)}; nginx with a {args.big_mib} MiB file")
@@ -1772,6 +1776,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--workers", default="auto", help="meshagent's proxy.workers for the main table [%(default)s]"
+    )
+    parser.add_argument(
+        "--agent-proxy",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more [proxy] key for both agents (a TOML value), e.g. native_relay=true; repeatable",
     )
     parser.add_argument(
         "--pin",
