@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from agent.cli.identity import daemon_lines
-from agent.config import AgentConfig, IdentitySettings
+from agent.config import AgentConfig, IdentitySettings, ProxySettings
 from agent.daemon import Daemon
 from agent.errors import StateError
 
@@ -173,3 +173,13 @@ def test_status_says_how_the_authority_is_reached(tmp_path: Path) -> None:
     assert proxy == [f"proxy         authority {shown}"]
     direct = daemon_lines(Daemon(AgentConfig(identity=IdentitySettings(state_dir=tmp_path))).status())
     assert [line for line in direct if line.startswith("proxy ")] == ["proxy         authority direct"]
+
+
+def test_status_says_which_relay_carries_l4_connections(tmp_path: Path) -> None:
+    """`proxy.native_relay` on: the compiled relay (built where the tests run); off: Python's."""
+    for native, shown in ((True, "native"), (False, "python")):
+        proxy = ProxySettings(native_relay=native)
+        config = AgentConfig(identity=IdentitySettings(state_dir=tmp_path), proxy=proxy)
+        status = Daemon(config).status()
+        assert status["relay"] == shown
+        assert f"relay         {shown}" in daemon_lines(status)
