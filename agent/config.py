@@ -242,7 +242,7 @@ class ProxySettings:
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""
-    native_relay: bool = False
+    native_relay: bool = True
     """Relay an L4 mTLS connection's bytes in compiled code once it is paired (the TLS session
     driven through OpenSSL directly, no Python per chunk); false: the Python relay. Either way
     the same bytes, counts, taps and ends."""

@@ -113,7 +113,7 @@ class ListenerSettings:
     tls_resumption: bool = True
     """Outbound: offer a kept TLS session to a server seen before (proxy.tls_resumption; the
     server side is `Credentials.load(tickets=...)`)."""
-    native_relay: bool = False
+    native_relay: bool = True
     """Relay paired plaintext/TLS legs in compiled code (relay.relay_pair, native_relay.pyx)."""
     http_routes: bool = True
     """Route HTTP per request to destinations with a policy (the directory's `routes`); off:
