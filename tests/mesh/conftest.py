@@ -20,7 +20,7 @@ from subprocess import Popen
 import pytest
 
 from agent.netlab import Host, Lab, netns_supported
-from tests.support import MESHAGENT
+from tests.support import MESHAGENT, metric_sum
 
 AUTH_PORT = 8443
 
@@ -57,6 +57,25 @@ def wait_for(check: object, what: str, agent: Agent | None = None, timeout: floa
             raise AssertionError(f"{what}: agent exited {agent.proc.returncode}:\n{agent.log.read_text()}")
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}" + (f":\n{agent.log.read_text()}" if agent else ""))
+
+
+def fresh_metrics(
+    host: Host, url: str = "http://127.0.0.1:4191/metrics", agent: Agent | None = None, timeout: float = 20
+) -> str:
+    """An agent's /metrics from a pull that every worker answered (no
+    `meshagent_worker_snapshot_stale` 1; the inline proxy has no pull). A worker late for the
+    supervisor's 1 s pull is served from its previous dump, which an exact count cannot trust.
+    A worker answers its control frames in order, so such a pull also proves every worker applied
+    what the supervisor broadcast before it (a reload's or refresh's directory: no reply awaited)."""
+    text: list[str] = []
+
+    def complete() -> bool:
+        out = host.run("curl", "-sf", "--max-time", "10", url, check=False)
+        text[:] = [out.stdout]
+        return out.returncode == 0 and metric_sum(out.stdout, "meshagent_worker_snapshot_stale") == 0
+
+    wait_for(complete, f"{host.name}: a /metrics every worker answered", agent, timeout)
+    return text[0]
 
 
 @dataclass
