@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.mesh.conftest import PY, Mesh, wait_for
+from tests.mesh.conftest import PY, Mesh, fresh_metrics, wait_for
 
 pytestmark = pytest.mark.netns
 
@@ -84,6 +84,7 @@ def test_sighup_reloads_policy_without_dropping_connections(mesh: Mesh) -> None:
     assert b.proc is not None
     b.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "reload.done" in b.log.read_text(), "reload", b)
+    fresh_metrics(mesh.b, agent=b)  # every worker applied the new policy (it is sent, no reply awaited)
 
     assert mesh.cl.run("curl", "-sS", "--max-time", "5", url, check=False).returncode != 0  # strict now
     keepalive.stdin.write("\n")
