@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -97,6 +96,7 @@ ECHO = """
 import socket
 s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 4143)); s.listen(5)
+print("ready", flush=True)
 c, _ = s.accept()
 while (d := c.recv(100)):
     c.sendall(b"echo:" + d)
@@ -137,8 +137,8 @@ def test_a_redirected_connection_survives_stop_capture_then_remove_all_removes_t
 ) -> None:
     a, b = hosts
     b.run("nft", "-f", "-", input=CAPTURE)  # b is the only user of conntrack and NAT there
-    b.popen(sys.executable, "-c", ECHO)
-    time.sleep(0.3)
+    echo = b.popen(sys.executable, "-c", ECHO)
+    assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"  # listening
     client = a.popen(
         sys.executable, "-c", CLIENT, b.addr4[0], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
