@@ -36,6 +36,11 @@ from posix.unistd cimport close, read, write
 
 import asyncio
 import os
+import sys
+
+# The offsets below are CPython 3.11's _ssl structs (PySSLSocket: header, Socket, ssl;
+# PySSLMemoryBIO: header, bio); another version relays in Python until they are checked there.
+_LAYOUT_KNOWN = sys.version_info[:2] == (3, 11)
 
 
 cdef extern from "<sys/socket.h>":
@@ -54,6 +59,7 @@ cdef extern from "<openssl/ssl.h>":
     int SSL_pending(const SSL* ssl)
     BIO* SSL_get_rbio(const SSL* ssl)
     BIO* SSL_get_wbio(const SSL* ssl)
+    void* SSL_get_ex_data(const SSL* ssl, int idx)
     int SSL_ERROR_WANT_READ
     int SSL_ERROR_ZERO_RETURN
 
@@ -197,7 +203,45 @@ cdef class NativePair:
 
     # --- the two directions ----------------------------------------------------------------
 
+    # Every entry from the loop fails closed: an exception (a tap's, say) would otherwise leave
+    # the readers registered with a chunk lost, and the next one relayed: a hole in the stream.
+
     def _on_plain(self) -> None:
+        try:
+            self._read_plain()
+        except Exception as exc:
+            self._crashed(self.plain, exc)
+
+    def _on_tls(self) -> None:
+        try:
+            self._read_tls()
+        except Exception as exc:
+            self._crashed(self.tls, exc)
+
+    def _on_plain_writable(self) -> None:
+        try:
+            self._plain_writable()
+        except Exception as exc:
+            self._crashed(self.plain, exc)
+
+    def _on_tls_writable(self) -> None:
+        try:
+            self._tls_writable()
+        except Exception as exc:
+            self._crashed(self.tls, exc)
+
+    cdef void _crashed(self, object leg, object exc):
+        """A callback raised: report it as the loop reports a callback's error, abort `leg`."""
+        self.loop.call_exception_handler(
+            {"message": "native relay: a callback failed; the connection is aborted", "exception": exc}
+        )
+        try:
+            self._fail(leg, 0)
+        except Exception:
+            self._end()
+            leg.abort()
+
+    cdef void _read_plain(self):
         cdef Py_ssize_t n = read(self.plain_fd, _in, SCRATCH)
         if n > 0:
             self._from_plain(_in, n, True)
@@ -248,7 +292,7 @@ cdef class NativePair:
                 held_add(&self.to_tls, _out + w, k - w)
         self._rewatch()
 
-    def _on_tls(self) -> None:
+    cdef void _read_tls(self):
         cdef Py_ssize_t n = read(self.tls_fd, _in, SCRATCH)
         if n > 0:
             BIO_write(self.rbio, _in, <int>n)
@@ -334,14 +378,14 @@ cdef class NativePair:
 
     # --- draining what was held ------------------------------------------------------------
 
-    def _on_plain_writable(self) -> None:
+    cdef void _plain_writable(self):
         if self._drain(&self.to_plain, self.plain_fd, self.plain) and self.fin_to_plain:
             self._fin_plain()
         if not self.done:
             self._rewatch()
             self._maybe_finish()
 
-    def _on_tls_writable(self) -> None:
+    cdef void _tls_writable(self):
         self._drain(&self.to_tls, self.tls_fd, self.tls)
         if not self.done:
             self._rewatch()
@@ -404,14 +448,12 @@ cdef class NativePair:
     cdef void _fail(self, object leg, int code):
         """`leg`'s socket failed (`code` its errno; 0: a TLS error, which reports none): abort
         it and close the other."""
-        cdef Held held
         if self.done:
             return
         if code:
             self.errors[leg] = OSError(code, os.strerror(code))
         other = self.tls if leg is self.plain else self.plain
-        held = self.to_plain if other is self.plain else self.to_tls
-        rest = PyBytes_FromStringAndSize(held.data + held.start, held.size) if held.size else None
+        rest = self._held_for(other)
         self._end()
         leg.abort()
         if rest is not None:  # the other side still gets what it was owed, then its end
@@ -430,7 +472,29 @@ cdef class NativePair:
         to about one read."""
         return self.to_plain.size + self.to_tls.size
 
+    cdef object _held_for(self, object leg):
+        """The bytes held for `leg`'s socket, as bytes (None: nothing held)."""
+        cdef Held* held = &self.to_plain if leg is self.plain else &self.to_tls
+        if held.size == 0:
+            return None
+        return PyBytes_FromStringAndSize(held.data + held.start, held.size)
+
     # --- the legs' side --------------------------------------------------------------------
+
+    def stop(self, leg: object, graceful: bool) -> None:
+        """The proxy closes (`graceful`) or aborts `leg`: stop relaying now, before its transport
+        acts (a revoked side gets no further byte). What is held for a side closed gracefully,
+        and for the other side, goes to its transport, which sends it before it closes."""
+        if self.done:
+            return
+        other = self.tls if leg is self.plain else self.plain
+        for_leg = self._held_for(leg) if graceful else None
+        for_other = self._held_for(other)
+        self._end()
+        if for_leg is not None:
+            leg.transport.write(for_leg)
+        if for_other is not None:
+            other.transport.write(for_other)
 
     def lost(self, leg: object, exc: object) -> object:
         """`leg`'s transport closed (by us, by the proxy, or by its socket's error): stop, and
@@ -444,6 +508,12 @@ cdef class NativePair:
     def start(self) -> None:
         """Relay what the legs already hold (bytes read before pairing, records that came with
         the handshake's last flight), then watch both sockets."""
+        try:
+            self._start()
+        except Exception as exc:
+            self._crashed(self.plain, exc)
+
+    cdef void _start(self):
         plain, tls = self.plain, self.tls
         for chunk in plain.early:
             self._from_plain(chunk, len(chunk), False)
@@ -477,10 +547,14 @@ def attach(plain: object, tls: object) -> NativePair | None:
         return None
     if tls.read_eof:  # (the peer's end before pairing: rare, left to the Python relay)
         return None
+    if not _LAYOUT_KNOWN:
+        return None
     ssl = <SSL*>_field(tls.raw, HEADER + sizeof(void*))  # PySSLSocket: header, Socket, ssl
     rbio = <BIO*>_field(tls.incoming, HEADER)  # PySSLMemoryBIO: header, bio
     wbio = <BIO*>_field(tls.outgoing, HEADER)
     if ssl == NULL or SSL_get_rbio(ssl) != rbio or SSL_get_wbio(ssl) != wbio:
+        return None
+    if SSL_get_ex_data(ssl, 0) != <void*>tls.raw:  # CPython's SSL_set_app_data(ssl, self)
         return None
     plain_sock = plain.transport.get_extra_info("socket")
     tls_sock = tls.transport.get_extra_info("socket")
@@ -493,8 +567,11 @@ def attach(plain: object, tls: object) -> NativePair | None:
     pair.keep = (tls.raw, tls.incoming, tls.outgoing)
     pair.errors = {}
     pair.wants_ticket = tls.on_ticket is not None
-    pair.plain_fd = os.dup(plain_sock.fileno())
-    pair.tls_fd = os.dup(tls_sock.fileno())
+    try:
+        pair.plain_fd = os.dup(plain_sock.fileno())
+        pair.tls_fd = os.dup(tls_sock.fileno())
+    except OSError:  # out of descriptors: the Python relay needs none more (dealloc closes one)
+        return None
     plain.transport.pause_reading()  # from now on the transports only close the sockets
     tls.transport.pause_reading()
     return pair

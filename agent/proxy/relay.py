@@ -166,10 +166,14 @@ class Leg(asyncio.Protocol):
             self.transport.write_eof()
 
     def close(self) -> None:
+        if self.native is not None:  # the compiled relay stops first and hands over what it held
+            self.native.stop(self, True)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()  # flushes what is buffered, then closes
 
     def abort(self) -> None:
+        if self.native is not None:  # no byte relayed after this
+            self.native.stop(self, False)
         if self.transport is not None:
             self.transport.abort()
 

@@ -212,3 +212,92 @@ def test_the_idle_sweep_closes_a_native_connection_and_no_descriptor_is_left(tmp
         server.close()
 
     run(tmp_path, body, on_uvloop=True)
+
+
+def test_a_failing_tap_aborts_the_connection_and_relays_nothing_after_it(tmp_path: Path) -> None:
+    """A tap that raises (no accounting to decide what that means) ends the connection, as a
+    Python leg's callback error does: never a chunk dropped and the next one relayed."""
+
+    async def body(world: World) -> None:
+        received = bytearray()
+        ended = asyncio.get_running_loop().create_future()
+
+        async def app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                received.extend(data)
+            ended.set_result(None)
+            writer.close()
+
+        server = await asyncio.start_server(app, "127.0.0.1", 0)
+        a, _b = await world.start(server.sockets[0].getsockname()[1], native_relay=True)
+        errors: list[dict[str, object]] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        _reader, writer = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        writer.write(b"one|")
+        await until(lambda: bytes(received) == b"one|", "the first chunk at the app")
+        (relay,) = natives(a)
+
+        def broken(data: bytes) -> None:
+            raise RuntimeError("a parser bug")
+
+        relay.plain.tap = broken
+        writer.write(b"two|")
+        await asyncio.wait_for(ended, 5)  # the app's connection ended
+        writer.write(b"three|")
+        await asyncio.sleep(0.2)
+        assert bytes(received) == b"one|"
+        assert relay.done
+        assert any(isinstance(e.get("exception"), RuntimeError) for e in errors), errors
+        writer.close()
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
+
+
+def test_out_of_descriptors_the_connection_is_relayed_in_python(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compiled relay needs two more descriptors per connection; when dup fails, the legs
+    are paired in Python (which needs none) and the connection works."""
+
+    class NoDup:
+        @staticmethod
+        def dup(fd: int) -> int:
+            raise OSError(24, "Too many open files")
+
+        strerror = staticmethod(os.strerror)
+
+    monkeypatch.setattr(native_relay, "os", NoDup)
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port, native_relay=True)
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        writer.write(b"hello")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 5) == b"echo:hello"
+        assert natives(a, b) == []
+        writer.close()
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
+
+
+def test_abort_stops_the_compiled_relay_at_once(tmp_path: Path) -> None:
+    """An abort (a revocation's cut, the drain's end) stops the relay before the transport goes:
+    nothing is read or written for the pair after it, not even in the same loop iteration."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port, native_relay=True)
+        reader, writer = await asyncio.open_connection("127.0.0.1", a.listening["outbound"][1])
+        writer.write(b"hello")
+        await until(lambda: len(natives(a, b)) == 2, "both relays")
+        relay = natives(b)[0]
+        relay.tls.abort()
+        assert relay.done  # at once, not when connection_lost runs
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        server.close()
+
+    run(tmp_path, body, on_uvloop=True)
