@@ -401,7 +401,7 @@ cdef class NativePair:
         held.start += w
         held.size -= w
         if held.size == 0:
-            held.start = 0
+            held_free(held)  # a burst's buffer is not kept for the connection's life
             return True
         return False
 
