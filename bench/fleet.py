@@ -504,14 +504,16 @@ HEADER = (
 
 
 def stop_on_signals() -> None:
-    """SIGTERM and SIGHUP (`timeout`, a closed terminal, a CI job cancelled) unwind like Ctrl-C:
-    the context managers stop the replicas, haproxy, PostgreSQL and the shards. Without this,
-    Python dies at once on SIGTERM and everything it started keeps running."""
+    """SIGINT, SIGTERM and SIGHUP (Ctrl-C, `timeout`, a closed terminal, a CI job cancelled)
+    unwind: the context managers stop the replicas, haproxy, PostgreSQL and the shards. Without
+    this, Python dies at once on SIGTERM and everything it started keeps running; and asyncio's
+    own SIGINT handling only cancels the running task, which a cleanup path can absorb: a run
+    once went on after a SIGINT, its processes with it."""
 
     def unwind(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)
 
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, unwind)
 
 
