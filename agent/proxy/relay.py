@@ -11,6 +11,10 @@ beyond the chunk itself: pairing binds each leg's `forward` to the other side's 
 transport's own for a plaintext side), and a leg's written bytes are its peer's read bytes, so
 only reads are counted. Backpressure: when one leg's transport buffer passes its high-water
 mark, the other leg stops reading until it drains.
+
+An L4 mTLS connection's plaintext and TLS legs are normally handed to the compiled relay once
+paired (`relay_pair`, native_relay.pyx, `proxy.native_relay`); these legs still set it up, end it
+and carry every other pair (routers, detectors, passthrough), and are its fallback.
 """
 
 from __future__ import annotations
