@@ -24,14 +24,14 @@ What it keeps of the legs' behaviour:
 
 The `SSL*` and the memory BIOs come out of CPython's `_ssl` objects (their layout, not an API),
 so `attach` checks them against each other first (the SSL's read and write BIOs must be the two
-MemoryBIOs' own); on a mismatch it returns None and the legs relay in Python as before.
+MemoryBIOs' own, and its app data the _ssl object itself, as CPython sets it) and takes nothing on
+a Python other than 3.11; on a mismatch it returns None and the legs relay in Python as before.
 """
 
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy, memmove
-from libc.stdint cimport uintptr_t
 from posix.unistd cimport close, read, write
 
 import asyncio
