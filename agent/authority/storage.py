@@ -1327,6 +1327,30 @@ class _SqliteTx:
             self.bumped = True
 
 
+SQLITE_BUSY_WAIT_S = 30.0
+
+
+def _open_wal(path: Path) -> sqlite3.Connection:
+    """A connection to `path` in WAL mode that waits up to SQLITE_BUSY_WAIT_S for other openers.
+
+    Switching the journal mode can answer SQLITE_BUSY at once, without calling the busy handler
+    (while another connection runs WAL recovery, or the last one closing checkpoints and removes
+    the WAL): replicas starting together on one file saw "database is locked" here. The mode is
+    persistent, so retrying until it is set is safe."""
+    db = sqlite3.connect(path, timeout=SQLITE_BUSY_WAIT_S, isolation_level=None, check_same_thread=False)
+    db.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_WAIT_S * 1000)}")
+    deadline = time.monotonic() + SQLITE_BUSY_WAIT_S
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return db
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                db.close()
+                raise
+            time.sleep(0.05)
+
+
 class SqliteRegistry(SqlRegistry):
     """The registry in one SQLite file (WAL: readers never block the writer)."""
 
@@ -1336,11 +1360,9 @@ class SqliteRegistry(SqlRegistry):
         # transaction begun on one thread must not interleave with another thread's statements
         # ("cannot start a transaction within a transaction"). Reentrant: callbacks run inside.
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._db = _open_wal(path)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
-        self._db.execute("PRAGMA busy_timeout=30000")
         migrate_sqlite(self._db)
         self._watch = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
         self._watch_lock = threading.Lock()
@@ -1378,10 +1400,8 @@ class SqliteRegistry(SqlRegistry):
         """The agents' health reports, in a file of their own beside the registry: a report
         every interval from every host must not take the registry's write lock."""
         path = self.path.with_name(self.path.stem + "-reports" + self.path.suffix)
-        db = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
+        db = _open_wal(path)
         db.execute("PRAGMA synchronous=NORMAL")  # a lost report is resent within an interval
-        db.execute("PRAGMA busy_timeout=30000")
         if db.execute("PRAGMA user_version").fetchone()[0] < REPORTS_VERSION:
             db.execute("BEGIN IMMEDIATE")  # (two openers may race: the second finds it done)
             try:
