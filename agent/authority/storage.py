@@ -1364,7 +1364,9 @@ class SqliteRegistry(SqlRegistry):
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
         migrate_sqlite(self._db)
-        self._watch = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._watch = sqlite3.connect(
+            path, timeout=SQLITE_BUSY_WAIT_S, isolation_level=None, check_same_thread=False
+        )
         self._watch_lock = threading.Lock()
         self._reports = self._open_reports()
         self._reports_lock = threading.Lock()
