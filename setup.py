@@ -41,6 +41,11 @@ def extensions() -> list[Extension]:
                 ["agent/proxy/native_relay.pyx"],
                 libraries=["ssl", "crypto"],
             ),
+            Extension(
+                "agent.proxy.verify_cache",
+                ["agent/proxy/verify_cache.pyx"],
+                libraries=["ssl", "crypto"],
+            ),
         ],
         quiet=True,
     )

@@ -30,6 +30,11 @@ from .transport_header import ALPN
 
 log = get_logger("meshagent.proxy.tls")
 
+try:  # compiled by setup.py with the relay; without it every handshake verifies the chain in full
+    from . import verify_cache as _verify_cache
+except ImportError:  # pragma: no cover - the build always makes it where the tests run
+    _verify_cache = None  # type: ignore[assignment]
+
 
 def _base(purpose: ssl.Purpose, store: IdentityStore) -> ssl.SSLContext:
     ctx = ssl.SSLContext(
@@ -42,6 +47,8 @@ def _base(purpose: ssl.Purpose, store: IdentityStore) -> ssl.SSLContext:
     ctx.load_cert_chain(gen / "cert.pem", gen / "key.pem")
     ctx.load_verify_locations(cafile=gen / "bundle.pem")
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if _verify_cache is not None:  # a peer's chain seen before is not verified again (#19)
+        _verify_cache.install(ctx)
     return ctx
 
 
