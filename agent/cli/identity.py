@@ -246,7 +246,9 @@ def daemon_lines(doc: dict[str, Any] | None) -> list[str]:
             f"handshakes    {shakes.get('active', 0)} in progress (limit {shakes.get('limit', '-')}), "
             f"{shakes.get('waiting', 0)} waiting; queued {shakes.get('queued', 0)}, "
             f"refused {shakes.get('refused_over_limit', 0)}, "
-            f"timed out waiting {shakes.get('timed_out_waiting', 0)}"
+            f"timed out waiting {shakes.get('timed_out_waiting', 0)}; "
+            f"peer chains verified {shakes.get('chains_verified', 0)}, "
+            f"from cache {shakes.get('chains_cached', 0)}"
         )
     lines.append(
         f"connections   {conns.get('open', 0)} open; refused {sum((conns.get('refused') or {}).values())}; "

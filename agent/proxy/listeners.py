@@ -158,10 +158,13 @@ class HandshakeGate:
     bounded (`WAITERS_PER_SLOT` per slot); a connection that finds it full is refused at once.
     """
 
-    def __init__(self, limit: int, counts: Counter[str]) -> None:
+    def __init__(
+        self, limit: int, counts: Counter[str], chain_checks: Callable[[], dict[str, int]] = dict
+    ) -> None:
         self.limit = limit
         self.active = 0
         self.counts = counts
+        self.chain_checks = chain_checks  # the TLS contexts' verification caches (tls.py)
         self.waiting: deque[_InboundDetect] = deque()
         self.closed = False
 
@@ -198,7 +201,8 @@ class HandshakeGate:
 
     def status(self) -> dict[str, int]:
         waiting = sum(1 for w in self.waiting if w.waiting)
-        return {"limit": self.limit, "active": self.active, "waiting": waiting, **self.counts}
+        counts = {**self.counts, **self.chain_checks()}
+        return {"limit": self.limit, "active": self.active, "waiting": waiting, **counts}
 
 
 def _set_mark(sock: socket.socket, mark: int) -> None:
@@ -309,7 +313,9 @@ class Proxy:
         self._legs: set[Leg] = set()
         self._drained = asyncio.Event()  # set when the last connection closes
         self.listening: dict[str, Address] = {}
-        self.handshakes = HandshakeGate(settings.max_handshakes, self.stats.handshakes)
+        self.handshakes = HandshakeGate(
+            settings.max_handshakes, self.stats.handshakes, lambda: self.credentials.chain_checks()
+        )
         # Refusals and failed handshakes are a client's to cause: each counted, logged throttled.
         self.refusal_log = Throttled(log, "connection.refused")
         self.handshake_log = Throttled(log, "tls.handshake_failed")

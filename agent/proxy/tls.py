@@ -18,7 +18,8 @@ certificate from Linkerd's identity controller has only the DNS SAN), mapped one
 from __future__ import annotations
 
 import ssl
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.identity.names import DEFAULT_MESH, SPIFFE_SCHEME, InvalidName, WorkloadIdentity
@@ -186,6 +187,7 @@ class Credentials:
     client_opaque: ssl.SSLContext  # offers ALPN transport.l5d.io/v1
     ticket_key: bytes | None = None  # None: the server context's own random key
     tickets: bool = True  # proxy.tls_resumption, server side
+    retired_checks: Counter[str] = field(default_factory=Counter)  # replaced contexts' chain checks
 
     @classmethod
     def load(cls, store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True) -> Credentials:
@@ -202,6 +204,18 @@ class Credentials:
     @property
     def ticket_key_name(self) -> str:
         return ticket_key_name(self.ticket_key)
+
+    def chain_checks(self) -> dict[str, int]:
+        """Peer chains verified in full (`chains_verified`) and answered from the contexts'
+        verification caches (`chains_cached`), since start: /status `handshakes`."""
+        total = Counter(self.retired_checks)
+        for ctx in (self.server, self.client, self.client_opaque):
+            total.update(_checks(ctx))
+        return dict(total)
+
+    def _retire(self, *contexts: ssl.SSLContext) -> None:
+        for ctx in contexts:
+            self.retired_checks.update(_checks(ctx))
 
     def reload(self, store: IdentityStore, identity: IdentityInfo, ticket_key: bytes | None = None) -> None:
         """Swap in contexts for a renewed identity, after checking it is still us. Loading the
@@ -226,6 +240,7 @@ class Credentials:
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.reload_refused", reason=str(exc))
             return
+        self._retire(self.server, self.client, self.client_opaque)
         self.identity, self.server, self.client, self.client_opaque = identity, server, client, client_opaque
         self.ticket_key = key
         log.info(
@@ -244,8 +259,18 @@ class Credentials:
             log.info("tls.ticket_key_rotated", key=ticket_key_name(key))
             return
         try:
-            self.server = server_context(store, key, self.tickets)
+            server = server_context(store, key, self.tickets)
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.ticket_key_rotation_failed", reason=str(exc))
             return
+        self._retire(self.server)
+        self.server = server
         log.info("tls.ticket_key_rotated", key=ticket_key_name(key), shared=False)
+
+
+def _checks(ctx: ssl.SSLContext) -> dict[str, int]:
+    cache = _verify_cache.cache_of(ctx) if _verify_cache is not None else None
+    if cache is None:
+        return {}
+    got = cache.stats()
+    return {"chains_verified": got["misses"] + got["bypassed"], "chains_cached": got["hits"]}

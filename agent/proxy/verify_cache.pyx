@@ -12,7 +12,7 @@ same chain from memory.
 What a verification's answer depends on, and so what the key holds (SHA-256 over all of it):
 - every certificate the peer sent, in order, as DER (the leaf first): one byte different is
   another chain;
-- the name checked against the leaf (`check_hostname`'s host, or IP address), its host flags,
+- the names checked against the leaf (`check_hostname`'s host, an IP address, an e-mail), the host flags,
   the verification flags, depth and security level, and whether this end is the server (client
   certificates and server certificates are checked for different purposes);
 - the trust store: the cache belongs to one `SSL_CTX`, and meshagent builds new contexts when
@@ -25,7 +25,7 @@ What is not skipped: parsing the certificates and the CertificateVerify signatur
 the peer holds the leaf's key on this connection. Revocation is meshagent's own check after the
 handshake (listeners.py), as before.
 
-The cache is a fixed table (`SLOTS` entries of 48 bytes, direct-mapped by the key; a newer
+The cache is a fixed table (`SLOTS` = 1,024 entries of 40 bytes, ~41 KB per context, direct-mapped by the key; a newer
 chain replaces an older one in its slot), guarded by a mutex: OpenSSL calls the verification
 from `do_handshake`, which CPython runs without the GIL.
 """
@@ -72,6 +72,7 @@ cdef extern from "<openssl/x509.h>" nogil:
     void* X509_STORE_CTX_get_ex_data(const X509_STORE_CTX* ctx, int idx)
     char* X509_VERIFY_PARAM_get0_host(X509_VERIFY_PARAM* param, int idx)
     char* X509_VERIFY_PARAM_get1_ip_asc(X509_VERIFY_PARAM* param)
+    char* X509_VERIFY_PARAM_get0_email(X509_VERIFY_PARAM* param)
     unsigned long X509_VERIFY_PARAM_get_flags(const X509_VERIFY_PARAM* param)
     unsigned int X509_VERIFY_PARAM_get_hostflags(const X509_VERIFY_PARAM* param)
     int X509_VERIFY_PARAM_get_depth(const X509_VERIFY_PARAM* param)
@@ -164,7 +165,8 @@ cdef int _keyed(Table* t, X509_STORE_CTX* sctx, unsigned char* key) noexcept nog
     cdef unsigned char* out
     cdef X509* x
     cdef char* ip
-    cdef int i, n, ok
+    cdef char* host
+    cdef int i, n, ok, length
     cdef unsigned int size = 0
     cdef EVP_MD_CTX* md
     if param == NULL or leaf == NULL or ssl == NULL:
@@ -182,8 +184,14 @@ cdef int _keyed(Table* t, X509_STORE_CTX* sctx, unsigned char* key) noexcept nog
     facts[3] = <unsigned long>SSL_is_server(ssl)
     facts[4] = <unsigned long>X509_VERIFY_PARAM_get_auth_level(param)
     ok = ok and EVP_DigestUpdate(md, facts, sizeof(facts))
-    ok = ok and _update_str(md, X509_VERIFY_PARAM_get0_host(param, 0))
-    ok = ok and _update_str(md, X509_VERIFY_PARAM_get0_host(param, 1))
+    i = 0
+    while ok:  # every name the leaf may match (CPython sets one), then the end of the list
+        host = X509_VERIFY_PARAM_get0_host(param, i)
+        ok = _update_str(md, host)
+        if host == NULL:
+            break
+        i += 1
+    ok = ok and _update_str(md, X509_VERIFY_PARAM_get0_email(param))
     if ok:
         # No IP to check is the usual case, and OpenSSL queues an error for it: the next
         # caller of the queue (CPython's read) would take it for its own, so it goes.
@@ -197,14 +205,12 @@ cdef int _keyed(Table* t, X509_STORE_CTX* sctx, unsigned char* key) noexcept nog
     i = -1
     while ok and i < n:
         x = leaf if i < 0 else <X509*>OPENSSL_sk_value(sent, i)
-        size = i2d_X509(x, NULL)
-        if size <= 0 or size > DER_MAX:
+        length = i2d_X509(x, NULL)
+        if length <= 0 or length > DER_MAX:
             ok = 0
             break
         out = der
-        ok = i2d_X509(x, &out) == <int>size and EVP_DigestUpdate(md, der, size) and EVP_DigestUpdate(
-            md, &size, sizeof(size)
-        )
+        ok = i2d_X509(x, &out) == length and EVP_DigestUpdate(md, der, length)
         i += 1
     ok = ok and EVP_DigestFinal_ex(md, key, &size) and size == KEY
     EVP_MD_CTX_free(md)

@@ -67,6 +67,14 @@ def render_agent(status: dict[str, Any]) -> Iterator[str]:
                 for o in ("queued", "refused_over_limit", "timed_out_waiting", "left_waiting")
             ],
         )
+        yield from _family(
+            "meshagent_tls_chain_verifications_total",
+            "counter",
+            "Peer certificate chains checked in full handshakes, both directions: verified in "
+            "full, or answered from the TLS contexts' verification caches (a chain verified "
+            "before, until its earliest notAfter).",
+            [(labels(("result", r)), float(shakes.get(f"chains_{r}", 0))) for r in ("verified", "cached")],
+        )
     admin: dict[str, Any] = status.get("admin") or {}
     if admin:
         yield from _family(

@@ -183,3 +183,17 @@ def test_status_says_which_relay_carries_l4_connections(tmp_path: Path) -> None:
         status = Daemon(config).status()
         assert status["relay"] == shown
         assert f"relay         {shown}" in daemon_lines(status)
+
+
+def test_chain_verifications_show_in_stat_and_metrics() -> None:
+    """/status `handshakes` carries the verification caches' counts (tls.py chain_checks):
+    `meshagent stat` says them and /metrics exports them as one counter family."""
+    from agent.telemetry.agent_metrics import render_agent
+
+    status = {"handshakes": {"limit": 4, "active": 0, "chains_verified": 2, "chains_cached": 5}}
+    line = next(line for line in daemon_lines(status) if line.startswith("handshakes"))
+    assert line.endswith("peer chains verified 2, from cache 5"), line
+    body = "\n".join(render_agent(status))
+    assert "# TYPE meshagent_tls_chain_verifications_total counter" in body
+    assert 'meshagent_tls_chain_verifications_total{result="verified"} 2' in body
+    assert 'meshagent_tls_chain_verifications_total{result="cached"} 5' in body

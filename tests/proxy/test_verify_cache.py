@@ -1,8 +1,9 @@
 """The certificate-chain verification cache (agent/proxy/verify_cache.pyx, issue #19).
 
-Real OpenSSL handshakes between contexts over memory BIOs: a chain seen before is answered from
-the cache, and nothing the cache remembers lets through what a full verification would refuse
-(another name, another authority's look-alike chain, an expired leaf).
+Real OpenSSL handshakes between contexts over memory BIOs, and through a real proxy pair on
+loopback: a chain seen before is answered from the cache, and nothing the cache remembers lets
+through what a full verification would refuse (another name, another authority's look-alike
+chain, an expired leaf).
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from agent.identity.store import IdentityStore
 from agent.proxy import verify_cache
+from agent.proxy.listeners import ListenerSettings
 from agent.proxy.tls import Credentials
 from tests.proxy.memory_tls import handshake
-from tests.proxy.test_mtls_loopback import DB_NAME
+from tests.proxy.test_mtls_loopback import DB_NAME, World, echo_server, request, run
 from tests.proxy.test_resumption import _identities
 
 SERVER = "db.shop.example"
@@ -185,3 +188,28 @@ def test_the_proxys_contexts_cache_and_a_new_bundle_starts_empty(tmp_path: Path)
     assert db.server is not old
     handshake(web.client, db.server, DB_NAME)
     assert _stats(db.server)["misses"] == 1 and _stats(db.server)["hits"] == 0
+
+
+def test_a_proxy_pair_counts_chains_verified_and_cached_on_both_ends(tmp_path: Path) -> None:
+    """Through a real proxy pair with resumption off: the first connection verifies each end's
+    peer chain in full, the next ones are answered from the caches; /status `handshakes` counts
+    both, across a renewal (the replaced contexts' counts are kept)."""
+
+    async def body(world: World) -> None:
+        server, app_port = await echo_server()
+        a, b = await world.start(app_port)
+        a.settings = ListenerSettings(**{**a.settings.__dict__, "tls_resumption": False})
+        port = a.listening["outbound"][1]
+        for i in range(4):
+            assert await request(port, f"req-{i}".encode()) == f"echo:req-{i}".encode()
+        for proxy in (a, b):
+            got = proxy.handshakes.status()
+            assert (got["chains_verified"], got["chains_cached"]) == (1, 3), got
+        store = IdentityStore(tmp_path / "b")
+        b.credentials.reload(store, store.load_info())
+        assert await request(port, b"after") == b"echo:after"
+        got = b.handshakes.status()
+        assert (got["chains_verified"], got["chains_cached"]) == (2, 3), got
+        server.close()
+
+    run(tmp_path, body)
