@@ -1,9 +1,10 @@
-"""Builds the compiled HTTP/1 accounting (agent/proxy/http1_framer.pyx) and the compiled relay
-(agent/proxy/native_relay.pyx, which also needs OpenSSL's headers); everything else is in
-pyproject.toml. Both are optional: without Cython, a C compiler or the headers the build goes on
-without them, and the agent counts requests with the pure-Python accounting (agent/proxy/http1.py)
-and relays in Python (agent/proxy/relay.py), which costs more CPU per request (README,
-"Benchmarks")."""
+"""Builds the compiled HTTP/1 accounting (agent/proxy/http1_framer.pyx), the compiled relay
+(agent/proxy/native_relay.pyx) and the certificate-chain verification cache
+(agent/proxy/verify_cache.pyx; both need OpenSSL's headers); everything else is in
+pyproject.toml. All are optional: without Cython, a C compiler or the headers the build goes on
+without them, and the agent counts requests with the pure-Python accounting (agent/proxy/http1.py),
+relays in Python (agent/proxy/relay.py) and verifies every peer chain in full, which costs more
+CPU per request and per new connection (README, "Benchmarks")."""
 
 from __future__ import annotations
 
