@@ -242,6 +242,11 @@ class ProxySettings:
     tls_resumption: bool = True
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""
+    tls_verify_cache: bool = True
+    """Remember peer certificate chains verified in full handshakes (per TLS context, until the
+    chain's earliest notAfter) and answer the same chain from memory; false: OpenSSL verifies
+    every chain in full. Identity, policy, revocation and the proof of the key are checked on
+    every connection either way. A change needs a restart."""
     native_relay: bool = True
     """Relay an L4 mTLS connection's bytes in compiled code once it is paired (the TLS session
     driven through OpenSSL directly, no Python per chunk); false: the Python relay. Either way

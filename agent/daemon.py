@@ -443,8 +443,13 @@ class Daemon:
         nofile = raise_nofile_limit()
         # Session tickets are sealed with our own key (every worker's, with workers), replaced
         # every proxy.ticket_key_rotation_s and at each renewal: a ticket lives one period at most.
+        proxy_config = self.config.proxy
         self.credentials = await asyncio.to_thread(
-            Credentials.load, self.store, new_ticket_key(), self.config.proxy.tls_resumption
+            Credentials.load,
+            self.store,
+            new_ticket_key(),
+            proxy_config.tls_resumption,
+            proxy_config.tls_verify_cache,
         )
         cached = self._last_doc = self._cached_directory_doc()
         directory = self._directory(cached)

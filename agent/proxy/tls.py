@@ -18,6 +18,7 @@ certificate from Linkerd's identity controller has only the DNS SAN), mapped one
 from __future__ import annotations
 
 import ssl
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ except ImportError:  # pragma: no cover - the build always makes it where the te
     _verify_cache = None  # type: ignore[assignment]
 
 
-def _base(purpose: ssl.Purpose, store: IdentityStore) -> ssl.SSLContext:
+def _base(purpose: ssl.Purpose, store: IdentityStore, verify_cache: bool = True) -> ssl.SSLContext:
     ctx = ssl.SSLContext(
         ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
     )
@@ -48,13 +49,13 @@ def _base(purpose: ssl.Purpose, store: IdentityStore) -> ssl.SSLContext:
     ctx.load_cert_chain(gen / "cert.pem", gen / "key.pem")
     ctx.load_verify_locations(cafile=gen / "bundle.pem")
     ctx.verify_mode = ssl.CERT_REQUIRED
-    if _verify_cache is not None:  # a peer's chain seen before is not verified again (#19)
+    if verify_cache and _verify_cache is not None:  # a chain seen before is not verified again
         _verify_cache.install(ctx)
     return ctx
 
 
 def server_context(
-    store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True
+    store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True, verify_cache: bool = True
 ) -> ssl.SSLContext:
     """Terminates mTLS from mesh peers: a client certificate chaining to the bundle is required.
 
@@ -63,8 +64,11 @@ def server_context(
     the certificate exchange. Stateless: the server keeps no session cache (with OP_NO_TICKET,
     TLS 1.3 tickets are stateful and the cache held 150 MB under churn). A resumed session
     carries the client's certificate: identity, revocation and expiry are checked as on a full
-    handshake (listeners.py). Off: no ticket, no cache, every handshake full."""
-    ctx = _base(ssl.Purpose.CLIENT_AUTH, store)
+    handshake (listeners.py). Off: no ticket, no cache, every handshake full.
+
+    `verify_cache` (proxy.tls_verify_cache): client chains verified before are answered from
+    the context's verification cache (verify_cache.pyx)."""
+    ctx = _base(ssl.Purpose.CLIENT_AUTH, store, verify_cache)
     if tickets:
         ctx.num_tickets = 1
         if ticket_key is not None:
@@ -77,17 +81,18 @@ def server_context(
     return ctx
 
 
-def client_context(store: IdentityStore) -> ssl.SSLContext:
-    """Originates mTLS: presents our certificate, verifies the server's chain and DNS name."""
-    ctx = _base(ssl.Purpose.SERVER_AUTH, store)
+def client_context(store: IdentityStore, verify_cache: bool = True) -> ssl.SSLContext:
+    """Originates mTLS: presents our certificate, verifies the server's chain and DNS name
+    (`verify_cache`: as `server_context`'s)."""
+    ctx = _base(ssl.Purpose.SERVER_AUTH, store, verify_cache)
     ctx.check_hostname = True  # against server_hostname = the expected identity's DNS name
     return ctx
 
 
-def client_opaque_context(store: IdentityStore) -> ssl.SSLContext:
+def client_opaque_context(store: IdentityStore, verify_cache: bool = True) -> ssl.SSLContext:
     """`client_context` offering the ALPN transport.l5d.io/v1, for an endpoint that expects
     Linkerd's transport header (its proxy port)."""
-    ctx = client_context(store)
+    ctx = client_context(store, verify_cache)
     ctx.set_alpn_protocols([ALPN])
     return ctx
 
@@ -187,18 +192,28 @@ class Credentials:
     client_opaque: ssl.SSLContext  # offers ALPN transport.l5d.io/v1
     ticket_key: bytes | None = None  # None: the server context's own random key
     tickets: bool = True  # proxy.tls_resumption, server side
+    verify_cache: bool = True  # proxy.tls_verify_cache
     retired_checks: Counter[str] = field(default_factory=Counter)  # replaced contexts' chain checks
+    # Reloads run in a thread: the swap and the retired counts change together, under the lock.
+    swap_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def load(cls, store: IdentityStore, ticket_key: bytes | None = None, tickets: bool = True) -> Credentials:
+    def load(
+        cls,
+        store: IdentityStore,
+        ticket_key: bytes | None = None,
+        tickets: bool = True,
+        verify_cache: bool = True,
+    ) -> Credentials:
         identity = store.load_info()
         return cls(
             identity,
-            server_context(store, ticket_key, tickets),
-            client_context(store),
-            client_opaque_context(store),
+            server_context(store, ticket_key, tickets, verify_cache),
+            client_context(store, verify_cache),
+            client_opaque_context(store, verify_cache),
             ticket_key,
             tickets,
+            verify_cache,
         )
 
     @property
@@ -208,12 +223,14 @@ class Credentials:
     def chain_checks(self) -> dict[str, int]:
         """Peer chains verified in full (`chains_verified`) and answered from the contexts'
         verification caches (`chains_cached`), since start: /status `handshakes`."""
-        total = Counter(self.retired_checks)
-        for ctx in (self.server, self.client, self.client_opaque):
-            total.update(_checks(ctx))
+        with self.swap_lock:
+            total = Counter(self.retired_checks)
+            for ctx in (self.server, self.client, self.client_opaque):
+                total.update(_checks(ctx))
         return dict(total)
 
     def _retire(self, *contexts: ssl.SSLContext) -> None:
+        """(Under `swap_lock`, with the swap of these contexts.)"""
         for ctx in contexts:
             self.retired_checks.update(_checks(ctx))
 
@@ -235,13 +252,16 @@ class Credentials:
             return
         key = ticket_key if ticket_key is not None else (new_ticket_key() if self.ticket_key else None)
         try:
-            server, client = server_context(store, key, self.tickets), client_context(store)
-            client_opaque = client_opaque_context(store)
+            server = server_context(store, key, self.tickets, self.verify_cache)
+            client = client_context(store, self.verify_cache)
+            client_opaque = client_opaque_context(store, self.verify_cache)
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.reload_refused", reason=str(exc))
             return
-        self._retire(self.server, self.client, self.client_opaque)
-        self.identity, self.server, self.client, self.client_opaque = identity, server, client, client_opaque
+        with self.swap_lock:
+            self._retire(self.server, self.client, self.client_opaque)
+            self.identity, self.server, self.client = identity, server, client
+            self.client_opaque = client_opaque
         self.ticket_key = key
         log.info(
             "tls.reloaded", serial=identity.summary.serial, not_after=identity.summary.not_after.isoformat()
@@ -259,12 +279,13 @@ class Credentials:
             log.info("tls.ticket_key_rotated", key=ticket_key_name(key))
             return
         try:
-            server = server_context(store, key, self.tickets)
+            server = server_context(store, key, self.tickets, self.verify_cache)
         except (OSError, ssl.SSLError) as exc:
             log.error("tls.ticket_key_rotation_failed", reason=str(exc))
             return
-        self._retire(self.server)
-        self.server = server
+        with self.swap_lock:
+            self._retire(self.server)
+            self.server = server
         log.info("tls.ticket_key_rotated", key=ticket_key_name(key), shared=False)
 
 

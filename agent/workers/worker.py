@@ -163,7 +163,10 @@ class Worker:
         # Every worker seals tickets with the supervisor's key: a ticket resumes on any worker.
         # On the loop, not in a thread: nothing else runs before init, and a thread (with its
         # stack, its malloc arena and the executor's pages it touches) would stay for good.
-        self.credentials = Credentials.load(self.store, ticket_key, self.config.proxy.tls_resumption)
+        proxy_config = self.config.proxy
+        self.credentials = Credentials.load(
+            self.store, ticket_key, proxy_config.tls_resumption, proxy_config.tls_verify_cache
+        )
         if self._later_key is not None:  # broadcast while the files loaded: newer than init's
             self.credentials.rotate_ticket_key(self.store, self._later_key)
         d = self._later_directory or _directory(directory)

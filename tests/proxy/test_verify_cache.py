@@ -213,3 +213,17 @@ def test_a_proxy_pair_counts_chains_verified_and_cached_on_both_ends(tmp_path: P
         server.close()
 
     run(tmp_path, body)
+
+
+def test_the_switch_off_verifies_every_chain_in_full(tmp_path: Path) -> None:
+    """proxy.tls_verify_cache = false: no context gets a cache, and no count is reported."""
+    a, b = _identities(tmp_path)
+    web = Credentials.load(a, tickets=False, verify_cache=False)
+    db = Credentials.load(b, tickets=False, verify_cache=False)
+    for ctx in (web.client, web.client_opaque, web.server, db.server):
+        assert verify_cache.cache_of(ctx) is None
+    for _ in range(2):
+        handshake(web.client, db.server, DB_NAME)
+    db.reload(b, b.load_info())
+    assert verify_cache.cache_of(db.server) is None
+    assert web.chain_checks() == db.chain_checks() == {}
