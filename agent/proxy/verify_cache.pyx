@@ -17,17 +17,18 @@ What a verification's answer depends on, and so what the key holds (SHA-256 over
   certificates and server certificates are checked for different purposes);
 - the trust store: the cache belongs to one `SSL_CTX`, and meshagent builds new contexts when
   the bundle changes (tls.py), so a new bundle starts with an empty cache.
-A cached answer lasts until the earliest `notAfter` in the chain that was verified (the trust
-anchor's included); after it, the chain is verified again (and fails). Failures are never
+A cached answer holds while the clock is inside the verified chain's validity (the trust anchor's
+included): from its latest `notBefore` to its earliest `notAfter`; outside it, the chain is
+verified again (and fails). Failures are never
 cached. Contexts with a fixed verification time or CRL checks bypass the cache.
 
 What is not skipped: parsing the certificates and the CertificateVerify signature, which proves
 the peer holds the leaf's key on this connection. Revocation is meshagent's own check after the
 handshake (listeners.py), as before.
 
-The cache is a fixed table (`SLOTS` = 1,024 entries of 40 bytes, ~41 KB per context, direct-mapped by the key; a newer
-chain replaces an older one in its slot), guarded by a mutex: OpenSSL calls the verification
-from `do_handshake`, which CPython runs without the GIL.
+The cache is a fixed table (`SLOTS` = 1,024 entries of 48 bytes, ~49 KB per context,
+direct-mapped by the key; a newer chain replaces an older one in its slot), guarded by a mutex:
+OpenSSL calls the verification from `do_handshake`, which CPython runs without the GIL.
 """
 
 from libc.stdlib cimport free, malloc
@@ -77,6 +78,7 @@ cdef extern from "<openssl/x509.h>" nogil:
     unsigned int X509_VERIFY_PARAM_get_hostflags(const X509_VERIFY_PARAM* param)
     int X509_VERIFY_PARAM_get_depth(const X509_VERIFY_PARAM* param)
     int X509_VERIFY_PARAM_get_auth_level(const X509_VERIFY_PARAM* param)
+    const ASN1_TIME* X509_get0_notBefore(const X509* x)
     const ASN1_TIME* X509_get0_notAfter(const X509* x)
     int i2d_X509(const X509* x, unsigned char** out)
     unsigned long X509_V_FLAG_USE_CHECK_TIME
@@ -131,7 +133,8 @@ cdef enum:
 
 cdef struct Entry:
     unsigned char key[KEY]
-    time_t expires  # 0: empty
+    time_t since  # the chain's latest notBefore
+    time_t expires  # its earliest notAfter; 0: empty
 
 
 cdef struct Table:
@@ -217,20 +220,29 @@ cdef int _keyed(Table* t, X509_STORE_CTX* sctx, unsigned char* key) noexcept nog
     return ok
 
 
-cdef time_t _good_until(X509_STORE_CTX* sctx, time_t now) noexcept nogil:
-    """The earliest notAfter of the chain just verified (its anchor included); 0: unknown."""
+cdef int _window(X509_STORE_CTX* sctx, time_t now, time_t* since, time_t* until) noexcept nogil:
+    """When the chain just verified (its anchor included) is valid: from its latest notBefore
+    to its earliest notAfter. 0: unknown (then nothing is cached)."""
     cdef OPENSSL_STACK* chain = X509_STORE_CTX_get0_chain(sctx)
+    cdef X509* x
     cdef int i, days, secs
-    cdef time_t until = 0, t
+    cdef time_t t
+    since[0] = until[0] = 0
     if chain == NULL or OPENSSL_sk_num(chain) == 0:
         return 0
     for i in range(OPENSSL_sk_num(chain)):
-        if not ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(<X509*>OPENSSL_sk_value(chain, i))):
+        x = <X509*>OPENSSL_sk_value(chain, i)
+        if not ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notBefore(x)):
             return 0
         t = now + <time_t>days * 86400 + secs
-        if until == 0 or t < until:
-            until = t
-    return until
+        if i == 0 or t > since[0]:
+            since[0] = t
+        if not ASN1_TIME_diff(&days, &secs, NULL, X509_get0_notAfter(x)):
+            return 0
+        t = now + <time_t>days * 86400 + secs
+        if i == 0 or t < until[0]:
+            until[0] = t
+    return 1
 
 
 cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
@@ -239,7 +251,7 @@ cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
     cdef Table* t = <Table*>arg
     cdef unsigned char key[KEY]
     cdef Entry* slot
-    cdef time_t now, until
+    cdef time_t now, since, until
     cdef int hit, ok
     if not _keyed(t, sctx, key):
         pthread_mutex_lock(&t.lock)
@@ -249,7 +261,8 @@ cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
     now = time(NULL)
     slot = &t.entries[(<unsigned int*>key)[0] & (SLOTS - 1)]
     pthread_mutex_lock(&t.lock)
-    hit = slot.expires > now and memcmp(slot.key, key, KEY) == 0
+    # (A clock set back before a notBefore misses, and OpenSSL refuses the chain as it would.)
+    hit = slot.since <= now < slot.expires and memcmp(slot.key, key, KEY) == 0
     if hit:
         t.hits += 1
     else:
@@ -259,10 +272,10 @@ cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
         return 1  # the store context's error stays X509_V_OK, as after a verification
     ok = X509_verify_cert(sctx)
     if ok == 1:
-        until = _good_until(sctx, now)
-        if until > now:
+        if _window(sctx, now, &since, &until) and since <= now < until:
             pthread_mutex_lock(&t.lock)
             memcpy(slot.key, key, KEY)
+            slot.since = since
             slot.expires = until
             pthread_mutex_unlock(&t.lock)
     return ok
