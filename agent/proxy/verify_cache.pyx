@@ -252,6 +252,7 @@ cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
     cdef unsigned char key[KEY]
     cdef Entry* slot
     cdef time_t now, since, until
+    cdef unsigned int index
     cdef int hit, ok
     if not _keyed(t, sctx, key):
         pthread_mutex_lock(&t.lock)
@@ -259,7 +260,8 @@ cdef int _verify(X509_STORE_CTX* sctx, void* arg) noexcept nogil:
         pthread_mutex_unlock(&t.lock)
         return X509_verify_cert(sctx)
     now = time(NULL)
-    slot = &t.entries[(<unsigned int*>key)[0] & (SLOTS - 1)]
+    memcpy(&index, key, sizeof(index))  # the key's first bytes pick the slot
+    slot = &t.entries[index & (SLOTS - 1)]
     pthread_mutex_lock(&t.lock)
     # (A clock set back before a notBefore misses, and OpenSSL refuses the chain as it would.)
     hit = slot.since <= now < slot.expires and memcmp(slot.key, key, KEY) == 0
@@ -307,19 +309,14 @@ cdef class VerifyCache:
         """hits, misses (verified in full), bypassed (not cacheable), entries (slots in use)."""
         cdef int i, used = 0
         cdef time_t now = time(NULL)
-        pthread_mutex_lock(&self.table.lock)
+        cdef unsigned long long hits, misses, bypassed
+        pthread_mutex_lock(&self.table.lock)  # (copied out: no Python object made under it)
         for i in range(SLOTS):
             if self.table.entries[i].expires > now:
                 used += 1
-        got = {
-            "hits": self.table.hits,
-            "misses": self.table.misses,
-            "bypassed": self.table.bypassed,
-            "entries": used,
-            "slots": SLOTS,
-        }
+        hits, misses, bypassed = self.table.hits, self.table.misses, self.table.bypassed
         pthread_mutex_unlock(&self.table.lock)
-        return got
+        return {"hits": hits, "misses": misses, "bypassed": bypassed, "entries": used, "slots": SLOTS}
 
 
 cdef inline SSL_CTX* _ctx_of(object ctx):
