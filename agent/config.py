@@ -243,8 +243,8 @@ class ProxySettings:
     """Resume TLS sessions (stateless tickets inbound, a bounded session cache outbound): a
     returning peer skips the full handshake. false: every connection does a full handshake."""
     tls_verify_cache: bool = True
-    """Remember peer certificate chains verified in full handshakes (per TLS context, until the
-    chain's earliest notAfter) and answer the same chain from memory; false: OpenSSL verifies
+    """Remember peer certificate chains verified in full handshakes (per TLS context, while the
+    clock is inside the chain's validity) and answer the same chain from memory; false: OpenSSL verifies
     every chain in full. Identity, policy, revocation and the proof of the key are checked on
     every connection either way. A change needs a restart."""
     native_relay: bool = True
