@@ -460,3 +460,29 @@ def test_tproxy_with_workers(mesh: Mesh) -> None:
         for w in (0, 1)
     ]
     assert sum(meshed) == 40 and all(n > 0 for n in meshed), meshed
+
+
+def test_workers_answer_a_repeated_peer_chain_from_their_verification_caches(mesh: Mesh) -> None:
+    """Real agents, 2 workers on b, a's resumption off (every connection a full handshake): each
+    worker verifies the peer's chain once and answers the rest from its cache, on both ends, and
+    /status sums the workers' counts (#19's verification cache, proxy.tls_verify_cache on by
+    default)."""
+    apps(mesh)
+    a = mesh.enroll(mesh.a, "shop/web", "198.18.1.1", ["198.18.3.1"])
+    b = mesh.enroll(mesh.b, "shop/legacy", "198.18.2.1", ["198.18.3.2", "198.18.2.2"])
+    a.config.write_text(a.config.read_text().replace("[proxy]\n", "[proxy]\ntls_resumption = false\n", 1))
+    with_workers(b, 2).start()
+    a.start()
+    wait_for(lambda: (a.state / "host-config.json").exists(), "a's catalog", a)
+    got = mesh.a.run(PY, "-c", REQUESTS, "198.18.3.2", "8080", "40").stdout
+    assert int(got) == 40, b.log.read_text()[-3000:]
+
+    def checks(host_name: str) -> tuple[int, int, int]:
+        doc = status(mesh, host_name)
+        shakes, workers = doc["handshakes"], len(doc.get("workers") or [1])
+        return shakes.get("chains_verified", 0), shakes.get("chains_cached", 0), workers
+
+    for name, agent in (("b", b), ("a", a)):
+        wait_for(lambda n=name: sum(checks(n)[:2]) == 40, f"{name}: 40 chain checks reported", agent)
+        verified, cached, workers = checks(name)
+        assert 1 <= verified <= workers and cached == 40 - verified, (name, verified, cached, workers)
