@@ -79,27 +79,29 @@ def _ctx_pointer(lib: _OpenSSL, ctx: ssl.SSLContext) -> int | None:
     return ptr
 
 
-def set_ticket_key(ctx: ssl.SSLContext, key: bytes) -> bool:
-    """Make `ctx` seal and open tickets with `key` (only it: tickets under an older key get a
-    full handshake). False, with the context's own key kept, when it cannot be done here."""
+def ssl_ctx_pointer(ctx: ssl.SSLContext) -> tuple[int | None, str]:
+    """The `SSL_CTX*` inside CPython's `ctx`, checked against what OpenSSL reports for it
+    (`_ctx_pointer`); or None and why not. Also the verification cache's (verify_cache.pyx)."""
     global _openssl
     if not isinstance(ctx, ssl.SSLContext):  # the pointer read assumes _ssl._SSLContext's layout
         raise TypeError(f"not an SSLContext: {type(ctx).__name__}")
+    if platform.python_implementation() != "CPython":
+        return None, "not CPython"
+    try:
+        if _openssl is None:
+            _openssl = _OpenSSL()
+        ptr = _ctx_pointer(_openssl, ctx)
+    except (OSError, AttributeError) as exc:  # no libssl symbols reachable
+        return None, str(exc) or exc.__class__.__name__
+    return ptr, "" if ptr is not None else "SSLContext layout not recognized"
+
+
+def set_ticket_key(ctx: ssl.SSLContext, key: bytes) -> bool:
+    """Make `ctx` seal and open tickets with `key` (only it: tickets under an older key get a
+    full handshake). False, with the context's own key kept, when it cannot be done here."""
     if len(key) != TICKET_KEY_BYTES:
         raise ValueError(f"a ticket key is {TICKET_KEY_BYTES} bytes, not {len(key)}")
-    reason = ""
-    ptr = None
-    if platform.python_implementation() != "CPython":
-        reason = "not CPython"
-    else:
-        try:
-            if _openssl is None:
-                _openssl = _OpenSSL()
-            ptr = _ctx_pointer(_openssl, ctx)
-            if ptr is None:
-                reason = "SSLContext layout not recognized"
-        except (OSError, AttributeError) as exc:  # no libssl symbols reachable
-            reason = str(exc) or exc.__class__.__name__
+    ptr, reason = ssl_ctx_pointer(ctx)
     if ptr is not None and _openssl is not None:
         buf = ctypes.create_string_buffer(key, TICKET_KEY_BYTES)
         if _openssl.ctrl(ptr, _SET_TICKET_KEYS, TICKET_KEY_BYTES, buf) == 1:

@@ -31,15 +31,14 @@ direct-mapped by the key; a newer chain replaces an older one in its slot), guar
 OpenSSL calls the verification from `do_handshake`, which CPython runs without the GIL.
 """
 
+from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcmp, memcpy, memset, strlen
 from libc.time cimport time, time_t
 
 import ssl
-import sys
 
-# PySSLContext keeps its SSL_CTX* right after the object header (CPython 3.8 to 3.13).
-_LAYOUT_KNOWN = (3, 8) <= sys.version_info[:2] <= (3, 13)
+from .ticket_keys import ssl_ctx_pointer
 
 
 cdef extern from "<pthread.h>" nogil:
@@ -120,7 +119,6 @@ cdef extern from "<openssl/ssl.h>" nogil:
     ctypedef int (*verify_fn)(X509_STORE_CTX* ctx, void* arg) noexcept nogil
     void SSL_CTX_set_cert_verify_callback(SSL_CTX* ctx, verify_fn cb, void* arg)
     int SSL_CTX_get_verify_mode(const SSL_CTX* ctx)
-    unsigned long SSL_CTX_get_options(const SSL_CTX* ctx)
     int SSL_get_ex_data_X509_STORE_CTX_idx()
     int SSL_is_server(const SSL* s)
 
@@ -319,11 +317,6 @@ cdef class VerifyCache:
         return {"hits": hits, "misses": misses, "bypassed": bypassed, "entries": used, "slots": SLOTS}
 
 
-cdef inline SSL_CTX* _ctx_of(object ctx):
-    # PySSLContext: PyObject_HEAD, then SSL_CTX* ctx.
-    return (<SSL_CTX**>(<char*><void*>ctx + sizeof(Py_ssize_t) + sizeof(void*)))[0]
-
-
 ATTRIBUTE = "_meshagent_verify_cache"
 
 
@@ -333,16 +326,16 @@ def install(ctx: ssl.SSLContext) -> VerifyCache | None:
     first handshake; once per context."""
     cdef SSL_CTX* raw
     cdef VerifyCache cache
-    if not _LAYOUT_KNOWN or not isinstance(ctx, ssl.SSLContext):
+    if not isinstance(ctx, ssl.SSLContext):
         return None
     existing = getattr(ctx, ATTRIBUTE, None)
     if existing is not None:
         return existing
-    raw = _ctx_of(ctx)
-    # The pointer is the context's if OpenSSL reports the settings Python reports for it.
-    if raw == NULL or SSL_CTX_get_verify_mode(raw) != _openssl_verify_mode(ctx.verify_mode):
+    ptr, _ = ssl_ctx_pointer(ctx)  # the layout check ticket_keys.py makes (options, read and written)
+    if ptr is None:
         return None
-    if SSL_CTX_get_options(raw) != <unsigned long>ctx.options:
+    raw = <SSL_CTX*><uintptr_t>ptr
+    if SSL_CTX_get_verify_mode(raw) != _openssl_verify_mode(ctx.verify_mode):  # and one more look
         return None
     cache = VerifyCache()
     setattr(ctx, ATTRIBUTE, cache)  # the context keeps the table its callback points into
