@@ -201,18 +201,21 @@ cdef int _keyed(Table* t, X509_STORE_CTX* sctx, unsigned char* key) noexcept nog
         ERR_pop_to_mark()
         ok = _update_str(md, ip)
         OPENSSL_free(ip)
-    # The leaf, then every certificate the peer sent (OpenSSL passes them leaf first).
+    # The leaf, then every other certificate the peer sent (OpenSSL's list starts with the
+    # leaf itself: hashed once).
     n = OPENSSL_sk_num(sent) if sent != NULL else 0
     i = -1
     while ok and i < n:
         x = leaf if i < 0 else <X509*>OPENSSL_sk_value(sent, i)
+        i += 1
+        if i > 0 and x == leaf:
+            continue
         length = i2d_X509(x, NULL)
         if length <= 0 or length > DER_MAX:
             ok = 0
             break
         out = der
         ok = i2d_X509(x, &out) == length and EVP_DigestUpdate(md, der, length)
-        i += 1
     ok = ok and EVP_DigestFinal_ex(md, key, &size) and size == KEY
     EVP_MD_CTX_free(md)
     return ok

@@ -170,9 +170,10 @@ def test_a_cached_chain_is_verified_again_once_its_leaf_expires(tmp_path: Path) 
     assert (got["hits"], got["entries"]) == (1, 0), got
 
 
-def test_the_proxys_contexts_cache_and_a_new_bundle_starts_empty(tmp_path: Path) -> None:
-    """Credentials' server and client contexts carry the cache; a reload builds new contexts,
-    whose caches start empty (a chain is verified against the new bundle before it is cached)."""
+def test_the_proxys_contexts_cache_and_a_reload_starts_empty(tmp_path: Path) -> None:
+    """Credentials' server and client contexts carry the cache; a reload (a renewal, a new
+    bundle) builds new contexts, whose caches start empty: a chain is verified against what the
+    new contexts trust before it is cached."""
     a, b = _identities(tmp_path)
     web, db = Credentials.load(a, tickets=False), Credentials.load(b, tickets=False)
     for ctx in (web.client, web.client_opaque, db.server):
